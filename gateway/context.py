@@ -1,0 +1,27 @@
+"""The running gateway's shared parts, handed to every door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.settings import Settings
+from store.blobs import FileBlobStore
+from store.db import Database
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    db: Database
+    blobs: FileBlobStore
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> Gateway:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.database_url)
+        if migrate:
+            db.upgrade()
+        return cls(settings=settings, db=db, blobs=FileBlobStore(settings.blob_dir))
+
+    def close(self) -> None:
+        self.db.dispose()

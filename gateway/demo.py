@@ -1,0 +1,82 @@
+"""Synthetic demo data for `make run`: patients, encounters, consents and photos.
+
+All people are invented; NHS numbers are from the 999 range that is never issued.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from sqlalchemy import select
+
+from gateway.context import Gateway
+from store import audit
+from store.models import Consent, Encounter, Patient, PatientIdentifier
+
+NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+DEMO_MRN_SYSTEM = "https://fhir.demo-trust.nhs.uk/Id/mrn"
+DEMO_ODS = "RDEMO"
+
+# (nhs number, mrn, family, given, birth date, sex, consent level or None, specialty of current encounter)
+DEMO_PATIENTS = [
+    ("9990000018", "D100001", "Okafor", "Grace", date(1956, 3, 14), "F", "publication", "330"),
+    ("9990000026", "D100002", "Nowak", "Tomasz", date(1983, 11, 2), "M", "teaching", "160"),
+    ("9990000034", "D100003", "Ó Súilleabháin", "Siobhán", date(2015, 6, 30), "F", "record", "420"),
+    ("9990000042", "D100004", "Patel", "Arjun", date(1971, 1, 9), "M", "record", "100"),
+    ("9990000050", "D100005", "Evans", "Rhiannon", date(1990, 8, 21), "F", None, "161"),
+]
+
+
+def seed_demo(gw: Gateway, force: bool = False) -> str:
+    now = datetime.now(timezone.utc)
+    with gw.db.write() as session:
+        exists = session.execute(
+            select(PatientIdentifier.id).where(PatientIdentifier.system == NHS_SYSTEM, PatientIdentifier.value == DEMO_PATIENTS[0][0])
+        ).first()
+        if exists and not force:
+            return "demo data already present (use --force to add photos again)"
+        patients: list[Patient] = []
+        for nhs, mrn, family, given, born, sex, consent_level, specialty in DEMO_PATIENTS:
+            patient = session.execute(
+                select(Patient).join(PatientIdentifier).where(PatientIdentifier.system == NHS_SYSTEM, PatientIdentifier.value == nhs)
+            ).scalar_one_or_none()
+            if patient is None:
+                patient = Patient(family_name=family, given_names=given, birth_date=born, sex=sex, nhs_number_status="01")
+                patient.identifiers = [
+                    PatientIdentifier(system=NHS_SYSTEM, value=nhs, type_code="NH", assigner="NHS"),
+                    PatientIdentifier(system=DEMO_MRN_SYSTEM, value=mrn, type_code="MR", assigner=DEMO_ODS),
+                ]
+                session.add(patient)
+                session.flush()
+                session.add(
+                    Encounter(
+                        patient_id=patient.id, visit_system=DEMO_ODS, visit_number=f"V{mrn}", class_code="AMB",
+                        status="in-progress", location="Outpatients", specialty=specialty,
+                        attending_id="C1234567", attending_name="Dr Demo", admitted_at=now - timedelta(days=1),
+                    )
+                )
+                if consent_level:
+                    session.add(
+                        Consent(
+                            patient_id=patient.id, level=consent_level, given_by="parent" if born.year > 2010 else "patient",
+                            captured_by="demo", consent_date=now.date(), scope="patient",
+                        )
+                    )
+                audit.append(
+                    session,
+                    audit.AuditEntry(
+                        type_code=audit.PATIENT_RECORD, action="C", agent_who="clinphoto-demo", agent_role="system",
+                        patient_id=patient.id, entities=[{"type": "patient", "id": patient.id}], detail={"source": "demo"},
+                    ),
+                )
+            patients.append(patient)
+    photos = _seed_photos(gw, patients)
+    return f"demo data: {len(patients)} patients, {photos} photos"
+
+
+def _seed_photos(gw: Gateway, patients: list[Patient]) -> int:
+    try:
+        from gateway.ingest.demo_photos import seed_demo_photos
+    except ImportError:  # the ingest pipeline lands with the photo-ingest issue
+        return 0
+    return seed_demo_photos(gw, patients)

@@ -1,0 +1,189 @@
+"""Settings of identity and the access policy (settings.auth, settings.policy).
+
+Every knob is documented in its Field description; `clinphoto policy explain`
+and the settings reference print these texts. The rules themselves live in
+gateway/policy.py; this module only holds what a hospital may tune.
+
+Roles and what they may see (defaults; see PolicySettings):
+
+- clinician: purposes TREAT, ETREAT (break-glass), TRAIN. Sees N photos of a
+  patient when one of their specialties matches the photo's specialty or the
+  specialty of the patient's current encounter; R photos only of their own
+  specialty (photo specialty); V only as uploader or when named on the photo's
+  access list. Break-glass (ETREAT + reason) lifts the specialty rule and
+  permits R.
+- medical-illustration: purposes TREAT, TRAIN, HRESCH, PUBLISH. Sees N and R
+  photos of every specialty; V only as uploader or named on the access list.
+  The only role given originals by default.
+- educator: purpose TRAIN. N photos under teaching consent.
+- researcher: purpose HRESCH. N photos under teaching consent.
+- integration-engineer, admin: no clinical images (no purposes); they run the
+  gateway, its audit and its configuration.
+- system: a DICOM peer. Its purpose, sensitivities and specialties come from
+  its entry in auth.dicom_peers.
+
+Every role also needs a consent that fits the purpose (TREAT/ETREAT: any
+consent recorded for the photo, a withdrawn one still counting for photos
+taken before the withdrawal; TRAIN/HRESCH: an active teaching or publication
+consent not given as a best-interests decision; PUBLISH: an active publication
+consent not given as a best-interests decision) and a SMART scope that grants
+reading Media.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+PURPOSES = ("TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH")
+ROLES = ("clinician", "medical-illustration", "integration-engineer", "admin", "educator", "researcher", "system")
+SENSITIVITIES = ("N", "R", "V")
+
+Purpose = Literal["TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH"]
+Sensitivity = Literal["N", "R", "V"]
+
+
+def _default_role_purposes() -> dict[str, list[str]]:
+    return {
+        "clinician": ["TREAT", "ETREAT", "TRAIN"],
+        "medical-illustration": ["TREAT", "TRAIN", "HRESCH", "PUBLISH"],
+        "educator": ["TRAIN"],
+        "researcher": ["HRESCH"],
+        "integration-engineer": [],
+        "admin": [],
+        "system": list(PURPOSES),
+    }
+
+
+def _default_role_sensitivities() -> dict[str, list[str]]:
+    return {
+        "clinician": ["N", "R"],
+        "medical-illustration": ["N", "R"],
+        "educator": ["N"],
+        "researcher": ["N"],
+        "integration-engineer": [],
+        "admin": [],
+        "system": ["N"],
+    }
+
+
+class DicomPeer(BaseModel):
+    """A DICOM application entity allowed to associate with us, and the identity it acts as."""
+
+    ae_title: str = Field(..., min_length=1, max_length=16, description="The peer's calling AE title (exact, case-sensitive, as DICOM compares).")
+    hosts: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Addresses the peer may connect from: IP addresses, CIDR networks (10.1.2.0/24) or host names (resolved when checked). A known AE title from any other address is rejected.",
+    )
+    port: int | None = Field(None, ge=1, le=65535, description="The peer's own DICOM port, where C-MOVE sends to it; empty if it is never a move destination.")
+    purpose_of_use: Purpose = Field("TREAT", description="Purpose of use of everything this peer asks for (HL7 v3 ActReason, or PUBLISH).")
+    sensitivities: list[Literal["N", "R"]] = Field(
+        default_factory=lambda: ["N"],
+        description="Sensitivities of photos the peer may query and retrieve. V photos are never sent to a peer unless its AE title is on the photo's access list.",
+    )
+    specialties: list[str] = Field(
+        default_factory=list,
+        description="NHS Treatment Function codes the peer may see photos of (specialty rule as for clinicians); empty means every specialty.",
+    )
+    allow: list[Literal["echo", "store", "find", "get", "move"]] = Field(
+        default_factory=lambda: ["echo", "store", "find", "get", "move"],
+        description="DIMSE services the peer may use.",
+    )
+    name: str | None = Field(None, description="Display name for the audit trail (e.g. 'Main PACS').")
+
+
+class AuthSettings(BaseModel):
+    mode: Literal["dev", "jwt", "api-key"] = Field(
+        "dev",
+        description="dev: tokens signed with a local key kept in DATA_DIR (`clinphoto token` prints one); jwt: tokens from the configured issuer (JWKS URL or PEM key); api-key: static keys from `api_keys` (tests and bootstrap only; every key acts as medical-illustration).",
+    )
+    issuer: str | None = Field(None, description="Expected `iss` claim of tokens in jwt mode; empty accepts any issuer (not recommended).")
+    audience: str | None = Field(None, description="Expected `aud` claim; empty means tokens must carry no audience check.")
+    jwks_url: str | None = Field(None, description="JWKS URL of the issuer (keys picked by `kid`, cached). Used in jwt mode when set.")
+    public_key_pem: str | None = Field(None, description="PEM public key of the issuer (RSA for RS256, EC P-256 for ES256), inline. Alternative to jwks_url.")
+    public_key_file: Path | None = Field(None, description="File holding the issuer's PEM public key. Alternative to public_key_pem.")
+    algorithms: list[Literal["RS256", "ES256"]] = Field(default_factory=lambda: ["RS256", "ES256"], description="Signature algorithms accepted; nothing else (never none or HS*).")
+    leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat.")
+    jwks_cache_seconds: int = Field(300, ge=0, description="How long keys fetched from jwks_url are reused before fetching again.")
+    realm: str = Field("clinphoto", description="Realm named in WWW-Authenticate.")
+
+    # claim names: identity providers spell them differently
+    role_claim: str = Field("role", description="Claim holding the role (one of clinician, medical-illustration, integration-engineer, admin, educator, researcher); a list takes its first known role.")
+    name_claim: str = Field("name", description="Claim holding the display name.")
+    specialties_claim: str = Field("specialties", description="Claim holding the NHS Treatment Function codes of the user (list or space-separated string).")
+    scope_claim: str = Field("scope", description="Claim holding SMART v2 scopes (space-separated string or list).")
+    patient_claim: str = Field("patient", description="Claim naming the patient in context (clinphoto patient id) for patient/ scopes.")
+    purpose_claim: str = Field("purpose_of_use", description="Claim with a default purpose of use; the X-Purpose-Of-Use header overrides it.")
+    default_scopes: list[str] = Field(
+        default_factory=lambda: ["user/*.cruds"],
+        description="Scopes assumed when a token carries none (identity providers that issue no SMART scopes). Set to [] to require explicit scopes.",
+    )
+
+    # dev mode
+    dev_key_file: Path | None = Field(None, description="Dev-mode signing key (EC P-256 PEM); default DATA_DIR/auth/dev-signing-key.pem, made on first use with mode 0600.")
+    dev_issuer: str = Field("clinphoto-dev", description="`iss` of dev-mode tokens.")
+    dev_token_minutes: int = Field(12 * 60, ge=1, description="Lifetime of tokens printed by `clinphoto token`.")
+
+    dicom_peers: list[DicomPeer] = Field(
+        default_factory=list,
+        description="DICOM peers allowed to associate. An unknown calling AE title, or a known one from another address, is rejected at association.",
+    )
+
+    @field_validator("dicom_peers")
+    @classmethod
+    def _unique_peers(cls, peers: list[DicomPeer]) -> list[DicomPeer]:
+        seen: set[str] = set()
+        for peer in peers:
+            if peer.ae_title in seen:
+                raise ValueError(f"AE title {peer.ae_title!r} is listed twice")
+            seen.add(peer.ae_title)
+        return peers
+
+
+class PolicySettings(BaseModel):
+    specialty_match: Literal["photo-or-encounter", "photo-only"] = Field(
+        "photo-or-encounter",
+        description="A clinician sees a normal (N) photo when one of their specialties matches the photo's specialty, or (photo-or-encounter) the specialty of one of the patient's current encounters (status in-progress, not discharged). R photos always need the photo's own specialty.",
+    )
+    treat_without_consent: bool = Field(
+        False,
+        description="Clinical exemption: TREAT and ETREAT need no recorded consent (e.g. a trust that treats photos as part of the record under implied consent). Teaching, research and publication always need consent.",
+    )
+    role_purposes: dict[str, list[Purpose]] = Field(
+        default_factory=_default_role_purposes,
+        description="Purposes of use each role may act under. A role not listed may use none, so sees nothing.",
+    )
+    role_sensitivities: dict[str, list[Literal["N", "R"]]] = Field(
+        default_factory=_default_role_sensitivities,
+        description="Sensitivities each role may see (N normal, R restricted). V photos are seen only by their uploader and the people on their access list, whatever the role.",
+    )
+    specialty_rule_roles: list[str] = Field(
+        default_factory=lambda: ["clinician"],
+        description="Roles bound by the specialty (need-to-know) rule. DICOM peers with specialties are bound too.",
+    )
+    break_glass_roles: list[str] = Field(
+        default_factory=lambda: ["clinician"],
+        description="Roles that may break the glass (purpose ETREAT with an X-Break-Glass reason): lifts the specialty rule and permits R photos.",
+    )
+    break_glass_allows_very_restricted: bool = Field(
+        False, description="Break-glass also opens V (very restricted) photos. Off: V stays limited to the uploader and the access list."
+    )
+    original_roles: list[str] = Field(
+        default_factory=lambda: ["medical-illustration"],
+        description="Roles given the original as received (with its EXIF, possibly location). Others get the derived renditions only.",
+    )
+    visible_statuses: list[str] = Field(
+        default_factory=lambda: ["active"],
+        description="Photo statuses any exit may show; quarantined and entered-in-error photos are hidden.",
+    )
+
+    @field_validator("role_purposes", "role_sensitivities")
+    @classmethod
+    def _known_roles(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
+        return value

@@ -1,0 +1,93 @@
+"""One process, every door: HTTP (uvicorn), MLLP and DICOM in one asyncio loop.
+
+SIGTERM/SIGINT stop the doors from accepting, let in-flight work finish, then close
+the database. Nothing is half-written: every write is one transaction and every
+blob is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.context import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class Listener(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class HttpListener:
+    name = "http"
+
+    def __init__(self, gw: Gateway) -> None:
+        s = gw.settings
+        config = uvicorn.Config(
+            create_app(gw), host=s.http_host, port=s.http_port, log_config=None, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=30,
+        )
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # serve() owns the signals
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.02)
+        log.info("HTTP listening on http://%s:%s", self._server.config.host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (differs from the setting when that is 0)."""
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task:
+            await self._task
+
+
+def build_listeners(gw: Gateway) -> list[Listener]:
+    wanted = set(gw.settings.listeners)
+    listeners: list[Listener] = []
+    if "http" in wanted:
+        listeners.append(HttpListener(gw))
+    # -- listeners: one block each (keep this marker) --
+    return listeners
+
+
+async def serve(gw: Gateway) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    listeners = build_listeners(gw)
+    started: list[Listener] = []
+    try:
+        for listener in listeners:
+            await listener.start()
+            started.append(listener)
+        log.info("clinphoto ready: %s", ", ".join(l.name for l in started))
+        await stop.wait()
+        log.info("shutting down: finishing in-flight work")
+    finally:
+        for listener in reversed(started):
+            try:
+                await listener.stop()
+            except Exception:
+                log.exception("error while stopping %s", listener.name)
+        gw.close()
+        log.info("stopped")

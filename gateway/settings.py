@@ -1,0 +1,107 @@
+"""Gateway settings: defaults < YAML file named by CLINPHOTO_CONFIG < CLINPHOTO_* environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from gateway.hl7.config import Hl7Settings
+from gateway.ingest.config import IngestSettings
+from gateway.policy_config import AuthSettings, PolicySettings
+from store.db import DatabaseUrlError, check_url
+
+ENV_PREFIX = "CLINPHOTO_"
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(Path("./var"), description="Where the embedded database, blobs and dev keys live.")
+    database_url: str = Field("", description="SQLAlchemy URL; default a SQLite file in DATA_DIR. PostgreSQL: postgresql+psycopg://user:pw@host/db")
+    blob_dir: Path | None = Field(None, description="Blob store folder; default DATA_DIR/blobs.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API (REST, FHIR, DICOMweb, viewer) listens on.")
+    http_port: int = Field(8080, ge=0, le=65535)
+    mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM DIMSE listener port.")
+    ae_title: str = Field("CLINPHOTO", min_length=1, max_length=16, description="Our DICOM AE title.")
+    uid_root: str = Field("2.25", description="Root for DICOM UIDs we make; 2.25 means UUID-derived UIDs.")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> subject id, for auth mode api-key.")
+    listeners: list[str] = Field(
+        default_factory=lambda: ["http", "mllp", "dicom"], description="Which doors `clinphoto serve` opens."
+    )
+
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value:
+            try:
+                check_url(value)
+            except DatabaseUrlError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_uid_root(cls, value: str) -> str:
+        parts = value.split(".")
+        if not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts) or len(value) > 40:
+            raise ValueError("must be a dotted-number DICOM UID root of at most 40 characters, e.g. 1.2.826.0.1.3680043.10.xxx")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'clinphoto.db').resolve()}"
+        if self.blob_dir is None:
+            self.blob_dir = self.data_dir / "blobs"
+        return self
+
+
+def _setting_name(loc: tuple) -> str:
+    return ENV_PREFIX + "__".join(str(part) for part in loc if not isinstance(part, int)).upper()
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from file and environment; a bad value raises SettingsError with one line naming it."""
+    config_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(f"{ENV_PREFIX}CONFIG: no such file: {config_file}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SettingsError(f"invalid setting {_setting_name(first['loc'])}: {message}{more}") from None
+    except Exception as exc:  # e.g. a YAML syntax error in the config file
+        raise SettingsError(f"cannot read settings: {' '.join(str(exc).split())}") from None

@@ -1,0 +1,286 @@
+"""Tables of the clinphoto store.
+
+Protocol-free: HL7, DICOM and FHIR modules translate to and from these rows.
+Times are stored as timezone-aware UTC; codes are the plain strings of the
+code systems named beside each column.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family_name: Mapped[str | None] = mapped_column(String(200))
+    given_names: Mapped[str | None] = mapped_column(String(200))
+    name_prefix: Mapped[str | None] = mapped_column(String(50))
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    # administrative sex as in HL7 table 0001 / FHIR: M F O U (A N stored as given)
+    sex: Mapped[str | None] = mapped_column(String(1))
+    deceased_at: Mapped[datetime | None]
+    # PID-32 NHS number verification status (e.g. 01 verified, NSTS01..08)
+    nhs_number_status: Mapped[str | None] = mapped_column(String(20))
+    # set when this record was merged (A40) into a survivor; never deleted
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"))
+    merged_at: Mapped[datetime | None]
+    # event time (EVN-2 / MSH-7) of the last demographic change applied: an
+    # older message must not overwrite newer demographics
+    last_event_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    identifiers: Mapped[list[PatientIdentifier]] = relationship(
+        back_populates="patient", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (Index("ix_patients_merged_into", "merged_into_id"),)
+
+
+class PatientIdentifier(Base):
+    __tablename__ = "patient_identifiers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    # a URI such as https://fhir.nhs.uk/Id/nhs-number, or a local MRN system
+    system: Mapped[str] = mapped_column(String(200))
+    value: Mapped[str] = mapped_column(String(100))
+    # HL7 table 0203 identifier type: NH, MR, ...
+    type_code: Mapped[str | None] = mapped_column(String(10))
+    # assigning authority (e.g. the trust's ODS code), used as DICOM IssuerOfPatientID
+    assigner: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="identifiers")
+
+    __table_args__ = (UniqueConstraint("system", "value", name="uq_identifier_system_value"),)
+
+
+class Encounter(Base):
+    __tablename__ = "encounters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    # PV1-19 visit number; unique within its system (the sending trust)
+    visit_system: Mapped[str] = mapped_column(String(200), default="")
+    visit_number: Mapped[str | None] = mapped_column(String(100))
+    # HL7 v3 ActCode: IMP inpatient, AMB outpatient, EMER emergency, ...
+    class_code: Mapped[str | None] = mapped_column(String(10))
+    # FHIR Encounter.status: planned, in-progress, finished, cancelled
+    status: Mapped[str] = mapped_column(String(20), default="in-progress")
+    location: Mapped[str | None] = mapped_column(String(200))
+    # NHS Treatment Function code (e.g. 330 Dermatology)
+    specialty: Mapped[str | None] = mapped_column(String(10))
+    attending_id: Mapped[str | None] = mapped_column(String(100))
+    attending_name: Mapped[str | None] = mapped_column(String(200))
+    admitted_at: Mapped[datetime | None]
+    discharged_at: Mapped[datetime | None]
+    last_event_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("visit_system", "visit_number", name="uq_encounter_visit"),
+        Index("ix_encounters_patient_admitted", "patient_id", "admitted_at"),
+    )
+
+
+class Consent(Base):
+    __tablename__ = "consents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    # record < teaching < publication (IMI levels 1-3)
+    level: Mapped[str] = mapped_column(String(20))
+    # patient, parent, best-interests
+    given_by: Mapped[str] = mapped_column(String(20))
+    captured_by: Mapped[str | None] = mapped_column(String(200))
+    consent_date: Mapped[date | None] = mapped_column(Date)
+    # active or withdrawn
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    withdrawn_at: Mapped[datetime | None]
+    # patient (all photos), encounter (one episode) or photos (only assets linked to it)
+    scope: Mapped[str] = mapped_column(String(20), default="patient")
+    encounter_id: Mapped[int | None] = mapped_column(ForeignKey("encounters.id"))
+    # for publication consent: the specific use consented to
+    purpose_note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Asset(Base):
+    """One clinical photograph, stored once, with everything derived from it."""
+
+    __tablename__ = "assets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
+    encounter_id: Mapped[int | None] = mapped_column(ForeignKey("encounters.id"))
+    consent_id: Mapped[str | None] = mapped_column(ForeignKey("consents.id"))
+
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="1.2.840.10008.5.1.4.1.1.77.1.4")
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+
+    # the original as received (sealed evidence; may be dropped by setting)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    media_type: Mapped[str] = mapped_column(String(100))
+    original_kept: Mapped[bool] = mapped_column(Boolean, default=True)
+    original_filename: Mapped[str | None] = mapped_column(String(255))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    # derived objects (blob hashes), all free of location and owner metadata
+    dicom_sha256: Mapped[str | None] = mapped_column(String(64))
+    dicom_size: Mapped[int | None] = mapped_column(BigInteger)
+    dicom_transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    preview_sha256: Mapped[str | None] = mapped_column(String(64))
+    thumbnail_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    taken_at: Mapped[datetime | None]
+    # SNOMED CT body structure and laterality (left, right, both)
+    body_site_code: Mapped[str | None] = mapped_column(String(20))
+    body_site_display: Mapped[str | None] = mapped_column(String(200))
+    laterality: Mapped[str | None] = mapped_column(String(10))
+    view: Mapped[str | None] = mapped_column(String(100))
+    # NHS Treatment Function code
+    specialty: Mapped[str | None] = mapped_column(String(10))
+    # HL7 v3 confidentiality: N normal, R restricted, V very restricted
+    sensitivity: Mapped[str] = mapped_column(String(1), default="N")
+    photographer: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    # upload, import, dimse, stow, demo
+    source: Mapped[str] = mapped_column(String(20))
+    # subject (user id or AE title) that stored it
+    uploaded_by: Mapped[str | None] = mapped_column(String(200))
+    # active, quarantined, entered-in-error
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        # one stored copy per patient and content: a repeat upload finds this row
+        UniqueConstraint("patient_id", "sha256", name="uq_asset_patient_content"),
+        Index("ix_assets_patient_taken", "patient_id", "taken_at"),
+        Index("ix_assets_study", "study_uid"),
+        Index("ix_assets_series", "series_uid"),
+        Index("ix_assets_encounter", "encounter_id"),
+        Index("ix_assets_consent", "consent_id"),
+        Index("ix_assets_created", "created_at"),
+    )
+
+
+class AssetAccess(Base):
+    """Named people allowed to see a very restricted (V) photo."""
+
+    __tablename__ = "asset_access"
+
+    asset_id: Mapped[str] = mapped_column(ForeignKey("assets.id"), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(200), primary_key=True)
+    granted_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """Replay protection for uploads: the same key from the same caller gets the first answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    caller: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained audit record (FHIR AuditEvent / IHE BALP fields)."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    recorded_at: Mapped[datetime]
+    # AuditEvent.type (DICOM DCM code, e.g. 110110 Patient Record, or rest) and subtype
+    type_code: Mapped[str] = mapped_column(String(50))
+    subtype: Mapped[str | None] = mapped_column(String(50))
+    # C R U D E
+    action: Mapped[str] = mapped_column(String(1))
+    # 0 success, 4 minor failure, 8 serious failure, 12 major failure
+    outcome: Mapped[str] = mapped_column(String(2))
+    outcome_desc: Mapped[str | None] = mapped_column(Text)
+    agent_who: Mapped[str | None] = mapped_column(String(200))
+    agent_role: Mapped[str | None] = mapped_column(String(100))
+    agent_network: Mapped[str | None] = mapped_column(String(200))
+    purpose_of_use: Mapped[str | None] = mapped_column(String(20))
+    patient_id: Mapped[int | None] = mapped_column(Integer)
+    # [{"type": "asset"|"patient"|"query"|"hl7-message"|..., "id": ..., "role": ..., "query": ...}]
+    entities: Mapped[list] = mapped_column(JSON, default=list)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_audit_patient", "patient_id", "seq"),
+        Index("ix_audit_recorded", "recorded_at"),
+    )
+
+
+class Hl7Message(Base):
+    """Every HL7 v2 message received, kept raw with what was done with it."""
+
+    __tablename__ = "hl7_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sending_application: Mapped[str] = mapped_column(String(200), default="")
+    sending_facility: Mapped[str] = mapped_column(String(200), default="")
+    control_id: Mapped[str] = mapped_column(String(200))
+    message_type: Mapped[str | None] = mapped_column(String(10))
+    trigger_event: Mapped[str | None] = mapped_column(String(10))
+    event_time: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    peer: Mapped[str | None] = mapped_column(String(200))
+    # applied, ignored, error, rejected
+    status: Mapped[str] = mapped_column(String(20))
+    ack: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error: Mapped[str | None] = mapped_column(Text)
+    patient_id: Mapped[int | None] = mapped_column(Integer)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        UniqueConstraint("sending_application", "sending_facility", "control_id", name="uq_hl7_sender_control"),
+        Index("ix_hl7_status", "status"),
+    )

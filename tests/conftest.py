@@ -1,0 +1,95 @@
+"""Shared fixtures: every store-touching test runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from gateway.context import Gateway
+from gateway.settings import Settings
+from store.blobs import FileBlobStore
+from store.db import Database
+
+PG_ENV = "CLINPHOTO_TEST_POSTGRES_URL"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def postgres_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if IN_CI:
+            pytest.fail(f"{PG_ENV} is not set: CI must run the PostgreSQL leg (.ci/run starts PostgreSQL)")
+        pytest.skip(f"PostgreSQL leg skipped: set {PG_ENV}=postgresql+psycopg://user:pw@127.0.0.1/db to run it")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+class _PgSchema:
+    """A throw-away schema per test, so tests (and parallel runs) never see each other's rows."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.name = url, f"t_{uuid.uuid4().hex[:16]}"
+        self._admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with self._admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{self.name}"'))
+
+    def drop(self) -> None:
+        with self._admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{self.name}" CASCADE'))
+        self._admin.dispose()
+
+
+@pytest.fixture
+def database_url(backend, tmp_path) -> str:
+    """URL of a fresh empty database of the chosen backend (on PostgreSQL, a schema of its own)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'clinphoto.db'}"
+        return
+    schema = _PgSchema(postgres_url())
+    try:
+        # search_path in the URL, so a subprocess given the URL sees the same schema
+        yield f"{schema.url}{'&' if '?' in schema.url else '?'}options=-csearch_path%3D{schema.name}"
+    finally:
+        schema.drop()
+
+
+@pytest.fixture
+def db(database_url) -> Database:
+    database = Database(database_url)
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def blobs(tmp_path) -> FileBlobStore:
+    return FileBlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def settings(tmp_path, database_url) -> Settings:
+    return Settings(
+        data_dir=tmp_path, database_url=database_url, blob_dir=tmp_path / "blobs",
+        http_port=0, mllp_port=0, dicom_port=0,
+    )
+
+
+@pytest.fixture
+def gw(settings, db, blobs) -> Gateway:
+    return Gateway(settings=settings, db=db, blobs=blobs)
+
+
+def pytest_report_header(config) -> list[str]:
+    url = os.environ.get(PG_ENV)
+    return [f"PostgreSQL leg: {'on' if url else 'off (set ' + PG_ENV + ')'}"]
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
