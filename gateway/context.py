@@ -21,7 +21,10 @@ class Gateway:
         db = Database(settings.database_url)
         if migrate:
             db.upgrade()
-        return cls(settings=settings, db=db, blobs=FileBlobStore(settings.blob_dir))
+        blobs = FileBlobStore(settings.blob_dir)
+        # a writer killed mid-write leaves a temp file, never a partial blob: tidy it
+        blobs.remove_stale_temp_files()
+        return cls(settings=settings, db=db, blobs=blobs)
 
     def close(self) -> None:
         self.db.dispose()

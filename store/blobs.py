@@ -67,9 +67,9 @@ class _VerifyingReader:
 
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
-        if data:
-            self._hash.update(data)
-        elif self._hash.hexdigest() != self._expected:
+        self._hash.update(data)
+        at_end = not data or n is None or n < 0
+        if at_end and self._hash.hexdigest() != self._expected:
             raise BlobCorrupt(f"blob {self._expected} does not match its hash")
         return data
 
@@ -106,7 +106,8 @@ class FileBlobStore:
     def put_stream(self, chunks: Iterable[bytes]) -> BlobRef:
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="incoming-")
+        # the writer's pid in the name tells a live writer's temp file from a dead one's
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=f"incoming-{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
@@ -180,12 +181,32 @@ class FileBlobStore:
                         yield BlobInfo(entry.name, st.st_size, st.st_mtime)
 
     def stale_temp_files(self) -> list[Path]:
-        """Temp files left by a writer that died mid-write; never visible as blobs."""
-        return sorted(self._tmp.iterdir())
+        """Temp files left by a writer that died mid-write; they were never visible as blobs."""
+        return sorted(p for p in self._tmp.iterdir() if p.name.startswith("incoming-") and not _writer_alive(p.name))
+
+    def remove_stale_temp_files(self) -> int:
+        stale = self.stale_temp_files()
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def ping(self) -> None:
         probe = tempfile.NamedTemporaryFile(dir=self._tmp, prefix="ping-")
         probe.close()
+
+
+def _writer_alive(temp_name: str) -> bool:
+    try:
+        pid = int(temp_name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

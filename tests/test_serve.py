@@ -1,0 +1,124 @@
+"""`clinphoto serve` as a real process: health, readiness, clean shutdown, bad settings."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gateway_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_") or k == "CLINPHOTO_TEST_POSTGRES_URL"}
+    env.update(
+        CLINPHOTO_DATA_DIR=str(tmp_path / "var"), CLINPHOTO_HTTP_PORT=str(free_port()),
+        CLINPHOTO_MLLP_PORT=str(free_port()), CLINPHOTO_DICOM_PORT=str(free_port()),
+    )
+    env.update(extra)
+    return env
+
+
+def wait_healthy(base: str, proc, timeout=20.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("gateway did not answer /healthz in time")
+
+
+def test_serve_health_ready_and_graceful_stop(tmp_path):
+    env = gateway_env(tmp_path, CLINPHOTO_LOG_FORMAT="json")
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    try:
+        assert wait_healthy(base, proc) < 20
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    log_lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+    assert any(line["message"] == "stopped" for line in log_lines)
+    assert all({"time", "level", "name", "message"} <= set(line) for line in log_lines)
+
+
+def test_readyz_503_when_blob_store_unreachable(tmp_path):
+    env = gateway_env(tmp_path)
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    try:
+        wait_healthy(base, proc)
+        blob_tmp = tmp_path / "var" / "blobs" / "tmp"
+        blob_tmp.rename(tmp_path / "moved")
+        blob_tmp.write_text("not a folder any more")
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503 and "blobs" in ready.json()["failing"]
+        assert httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("CLINPHOTO_DATABASE_URL", "nonsense", "invalid setting CLINPHOTO_DATABASE_URL"),
+        ("CLINPHOTO_HTTP_PORT", "eighty", "invalid setting CLINPHOTO_HTTP_PORT"),
+        ("CLINPHOTO_UID_ROOT", "1.2.abc", "invalid setting CLINPHOTO_UID_ROOT"),
+        ("CLINPHOTO_CONFIG", "/nonexistent/clinphoto.yaml", "CLINPHOTO_CONFIG: no such file"),
+    ],
+)
+def test_bad_setting_fails_at_once_with_one_line(tmp_path, name, value, expected):
+    env = gateway_env(tmp_path, **{name: value})
+    start = time.monotonic()
+    result = subprocess.run([*CLI, "serve"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 10
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_yaml_config_file_and_env_precedence(tmp_path):
+    from gateway.settings import load_settings
+
+    cfg = tmp_path / "clinphoto.yaml"
+    cfg.write_text("http_port: 9001\nae_title: FROMFILE\npolicy:\n  specialty_match: photo-only\n")
+    os.environ["CLINPHOTO_CONFIG"] = str(cfg)
+    os.environ["CLINPHOTO_AE_TITLE"] = "FROMENV"
+    try:
+        s = load_settings()
+    finally:
+        del os.environ["CLINPHOTO_CONFIG"], os.environ["CLINPHOTO_AE_TITLE"]
+    assert (s.http_port, s.ae_title, s.policy.specialty_match) == (9001, "FROMENV", "photo-only")
+
+
+def test_yaml_config_unknown_key_named(tmp_path):
+    from gateway.settings import SettingsError, load_settings
+
+    cfg = tmp_path / "clinphoto.yaml"
+    cfg.write_text("htp_port: 9001\n")
+    os.environ["CLINPHOTO_CONFIG"] = str(cfg)
+    try:
+        with pytest.raises(SettingsError, match="CLINPHOTO_HTP_PORT"):
+            load_settings()
+    finally:
+        del os.environ["CLINPHOTO_CONFIG"]
