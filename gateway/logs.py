@@ -20,4 +20,5 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level)
     # uvicorn's access log prints query strings, which may carry patient identifiers
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -122,3 +122,26 @@ def test_yaml_config_unknown_key_named(tmp_path):
             load_settings()
     finally:
         del os.environ["CLINPHOTO_CONFIG"]
+
+
+def test_make_run_answers_healthz_within_20s(tmp_path):
+    """The README's first command: demo data, then the gateway, healthy within 20 s."""
+    env = gateway_env(tmp_path)
+    proc = subprocess.Popen(["make", "--no-print-directory", "run"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < 20:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("make run did not answer /healthz within 20 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    output = proc.stdout.read().decode()
+    assert "demo data: 5 patients" in output
