@@ -27,6 +27,19 @@ def postgres_url() -> str:
     return url
 
 
+def require_tool(name: str, package: str) -> str:
+    """Path of an external tool; skipped with the reason locally, a failure under CI (.ci/run installs it)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed: apt-get install {package}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request) -> str:
     return request.param
