@@ -1,10 +1,43 @@
-"""Who is calling. (API-key version; the governance issue replaces the insides with JWTs.)"""
+"""Who is calling: OAuth2 bearer JWTs (RS256/ES256) -> Subject, and DICOM peers -> Subject.
+
+Modes (settings.auth.mode):
+- dev: tokens signed with an EC P-256 key kept in DATA_DIR/auth (made on first
+  use); `clinphoto token` prints one.
+- jwt: tokens from the hospital's issuer, verified with its JWKS URL or PEM key.
+- api-key: static keys from settings.api_keys (bootstrap and tests only).
+
+The purpose of use comes from the X-Purpose-Of-Use header, else the token's
+purpose claim, else TREAT; X-Break-Glass carries a break-glass reason. A
+malformed request (unknown purpose, ETREAT without a reason, break-glass
+without ETREAT or by a role not allowed to) is refused here, and the refusal is
+audited; everything else is the policy's business (gateway/policy.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.policy_config import ROLES, AuthSettings, DicomPeer
+
+log = logging.getLogger(__name__)
+TOKEN_ROLES = tuple(r for r in ROLES if r != "system")  # "system" is reserved for DICOM peers
+PURPOSE_HEADER = "x-purpose-of-use"
+BREAK_GLASS_HEADER = "x-break-glass"
 
 
 @dataclass(frozen=True)
@@ -19,13 +52,371 @@ class Subject:
     break_glass_reason: str | None = None
     network_address: str | None = None
     extra: dict = field(default_factory=dict)
+    # sensitivities this subject may see instead of its role's (DICOM peers); None: the role's
+    sensitivities: tuple[str, ...] | None = None
 
 
-def require_subject(request: Request) -> Subject:
+class AuthError(Exception):
+    """A token was missing or did not verify; the message says why (safe to show the caller)."""
+
+
+# ---------------------------------------------------------------------------
+# Dev-mode signing key
+
+
+def dev_key_path(settings) -> Path:
+    return settings.auth.dev_key_file or (Path(settings.data_dir) / "auth" / "dev-signing-key.pem")
+
+
+_dev_key_lock = threading.Lock()
+
+
+def dev_private_key(settings) -> ec.EllipticCurvePrivateKey:
+    """The dev signing key, made on first use (0600, written atomically so two processes agree on one key)."""
+    path = dev_key_path(settings)
+    with _dev_key_lock:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            key = ec.generate_private_key(ec.SECP256R1())
+            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process made the key first: keep theirs
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def mint_dev_token(
+    settings,
+    *,
+    sub: str,
+    role: str,
+    name: str | None = None,
+    specialties: tuple[str, ...] | list[str] = (),
+    scopes: tuple[str, ...] | list[str] | None = None,
+    patient: str | None = None,
+    purpose: str | None = None,
+    minutes: int | None = None,
+) -> str:
+    """A dev-mode token (ES256, signed with the local key)."""
+    if settings.auth.mode != "dev":
+        raise AuthError(f"tokens can only be minted in dev mode (auth mode is {settings.auth.mode})")
+    if role not in TOKEN_ROLES:
+        raise AuthError(f"unknown role {role!r}; roles are {', '.join(TOKEN_ROLES)}")
+    a = settings.auth
+    now = datetime.now(timezone.utc)
+    claims = {
+        "iss": a.dev_issuer,
+        "sub": sub,
+        "iat": now,
+        "nbf": now,
+        "exp": now + timedelta(minutes=minutes or a.dev_token_minutes),
+        a.role_claim: role,
+        a.specialties_claim: list(specialties),
+        a.scope_claim: " ".join(scopes if scopes is not None else ("user/*.cruds",)),
+    }
+    if a.audience:
+        claims["aud"] = a.audience
+    if name:
+        claims[a.name_claim] = name
+    if patient:
+        claims[a.patient_claim] = patient
+    if purpose:
+        claims[a.purpose_claim] = purpose
+    return jwt.encode(claims, dev_private_key(settings), algorithm="ES256", headers={"kid": "clinphoto-dev"})
+
+
+# ---------------------------------------------------------------------------
+# Verification
+
+
+class TokenVerifier:
+    """Verifies bearer tokens for one set of settings; keys are loaded once (JWKS keys cached)."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.auth: AuthSettings = settings.auth
+        self._static_key = None
+        self._jwks: jwt.PyJWKClient | None = None
+        a = self.auth
+        if a.mode == "dev":
+            log.warning("auth mode dev: tokens are signed with the local key in %s; use auth mode jwt in production", dev_key_path(settings))
+            self._static_key = dev_private_key(settings).public_key()
+            self.algorithms = ["ES256"]
+            self.issuer = a.dev_issuer
+        elif a.mode == "jwt":
+            self.algorithms = list(a.algorithms)
+            self.issuer = a.issuer
+            if a.jwks_url:
+                self._jwks = jwt.PyJWKClient(a.jwks_url, cache_keys=True, lifespan=max(a.jwks_cache_seconds, 1), timeout=10)
+            elif a.public_key_pem or a.public_key_file:
+                pem = a.public_key_pem.encode() if a.public_key_pem else Path(a.public_key_file).read_bytes()
+                self._static_key = serialization.load_pem_public_key(pem)
+                # one key, one family: RS256 for RSA, ES256 for EC (a mismatched token is refused up front)
+                family = "ES256" if isinstance(self._static_key, ec.EllipticCurvePublicKey) else "RS256"
+                self.algorithms = [alg for alg in self.algorithms if alg == family]
+                if not self.algorithms:
+                    raise AuthError(f"the issuer's key needs {family}, which auth.algorithms does not allow")
+            else:
+                raise AuthError("auth mode jwt needs auth.jwks_url, auth.public_key_pem or auth.public_key_file")
+        else:
+            self.algorithms, self.issuer = [], None
+
+    def _key(self, token: str):
+        if self._jwks is not None:
+            try:
+                if "kid" not in jwt.get_unverified_header(token):
+                    # issuers with a single key often leave kid out
+                    keys = self._jwks.get_signing_keys()
+                    if len(keys) != 1:
+                        raise AuthError("the token names no key (kid) and the issuer has several") from None
+                    return keys[0].key
+                return self._jwks.get_signing_key_from_jwt(token).key
+            except jwt.PyJWKClientError as exc:
+                raise AuthError(f"no key of the issuer verifies this token ({exc})") from None
+        return self._static_key
+
+    def verify(self, token: str, network_address: str | None = None) -> Subject:
+        a = self.auth
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("the bearer token is not a JWT") from None
+        if header.get("alg") not in self.algorithms:
+            raise AuthError(f"token algorithm {header.get('alg')!r} is not accepted (accepted: {', '.join(self.algorithms)})")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key(token),
+                algorithms=self.algorithms,
+                issuer=self.issuer,
+                audience=a.audience,
+                leeway=a.leeway_seconds,
+                options={"require": ["exp", "sub"], "verify_aud": bool(a.audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("the token has expired") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("the token is from another issuer") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("the token is for another audience") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("the token signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"the token is not valid: {exc}") from None
+        except (TypeError, ValueError):  # a key of another family than the token's algorithm (JWKS)
+            raise AuthError("the token's algorithm does not fit the issuer's key") from None
+        return subject_from_claims(claims, a, network_address)
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def subject_from_claims(claims: dict, a: AuthSettings, network_address: str | None = None) -> Subject:
+    roles = _as_list(claims.get(a.role_claim))
+    role = next((r for r in roles if r in TOKEN_ROLES), None)
+    if role is None:
+        raise AuthError(f"the token names no known role in claim {a.role_claim!r} (roles: {', '.join(TOKEN_ROLES)})")
+    scopes = _as_list(claims[a.scope_claim]) if a.scope_claim in claims else list(a.default_scopes)
+    purpose = claims.get(a.purpose_claim)
+    return Subject(
+        sub=str(claims["sub"]),
+        role=role,
+        name=claims.get(a.name_claim),
+        specialties=tuple(_as_list(claims.get(a.specialties_claim))),
+        scopes=tuple(scopes),
+        patient=str(claims[a.patient_claim]) if claims.get(a.patient_claim) is not None else None,
+        purpose_of_use=str(purpose).upper() if purpose else "TREAT",
+        network_address=network_address,
+    )
+
+
+# ---------------------------------------------------------------------------
+# FastAPI dependency
+
+
+def _challenge(realm: str, error: str | None = None, description: str | None = None) -> dict[str, str]:
+    value = f'Bearer realm="{realm}"'
+    if error:
+        value += f', error="{error}"'
+    if description:
+        value += ', error_description="' + description.replace('"', "'") + '"'
+    return {"WWW-Authenticate": value}
+
+
+def verifier_for(app_state, settings) -> TokenVerifier:
+    verifier = getattr(app_state, "clinphoto_token_verifier", None)
+    if verifier is None or verifier.settings is not settings or verifier.auth is not settings.auth:
+        verifier = TokenVerifier(settings)
+        app_state.clinphoto_token_verifier = verifier
+    return verifier
+
+
+def authenticate(request: Request) -> Subject:
+    """The token's subject, or 401 with WWW-Authenticate (RFC 6750)."""
     gw = request.app.state.gw
+    settings = gw.settings
+    realm = settings.auth.realm
+    address = request.client.host if request.client else None
     header = request.headers.get("authorization", "")
-    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else request.headers.get("x-api-key")
-    sub = gw.settings.api_keys.get(key or "")
-    if not sub:
-        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": 'Bearer realm="clinphoto"'})
-    return Subject(sub=sub, role="medical-illustration", network_address=request.client.host if request.client else None)
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if settings.auth.mode == "api-key":
+        key = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+        sub = settings.api_keys.get(key or "")
+        if not sub:
+            raise HTTPException(401, "a valid API key is required", headers=_challenge(realm, "invalid_token" if key else None))
+        return Subject(sub=sub, role="medical-illustration", scopes=("user/*.cruds",), network_address=address)
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPException(401, "a bearer token is required (Authorization: Bearer <JWT>)", headers=_challenge(realm))
+    try:
+        return verifier_for(request.app.state, settings).verify(token, address)
+    except AuthError as exc:
+        from gateway import access_audit
+
+        access_audit.record_auth_failure(gw, network=address, reason=str(exc), what=f"{request.method} {request.url.path}")
+        raise HTTPException(401, str(exc), headers=_challenge(realm, "invalid_token", str(exc))) from None
+
+
+def with_request_purpose(subject: Subject, request: Request) -> Subject:
+    purpose = request.headers.get(PURPOSE_HEADER)
+    reason = request.headers.get(BREAK_GLASS_HEADER)
+    changes = {}
+    if purpose is not None and purpose.strip():
+        changes["purpose_of_use"] = purpose.strip().upper()
+    if reason is not None:
+        changes["break_glass_reason"] = reason.strip() or ""
+    return replace(subject, **changes) if changes else subject
+
+
+# Declares the bearer scheme in the OpenAPI document (the docs' Authorize button); checking is ours.
+_bearer_scheme = HTTPBearer(auto_error=False, bearerFormat="JWT", description="OAuth2 access token (JWT, RS256/ES256); dev mode: `clinphoto token`")
+
+
+def require_subject(request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None) -> Subject:
+    """FastAPI dependency: the authenticated caller with the request's purpose of use and break-glass reason."""
+    from gateway import access_audit
+    from gateway.policy import resolve
+
+    subject = with_request_purpose(authenticate(request), request)
+    gw = request.app.state.gw
+    ctx = resolve(subject, gw.settings.policy)
+    if ctx.refusal and ctx.refusal_kind == "request":
+        access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}")
+        raise HTTPException(ctx.refusal_status, ctx.refusal)
+    return subject
+
+
+def require_scope(subject: Subject, resource: str, perm: str, realm: str = "clinphoto") -> None:
+    """403 insufficient_scope unless a SMART scope grants `perm` (c r u d s) on `resource`."""
+    from gateway.policy import scope_allows
+
+    if not scope_allows(subject.scopes, resource, perm):
+        raise HTTPException(
+            403,
+            f"the token's scopes do not allow '{perm}' on {resource}",
+            headers=_challenge(realm, "insufficient_scope", f"needs a scope granting {resource}.{perm}"),
+        )
+
+
+# ---------------------------------------------------------------------------
+# DICOM peers: identities from settings, checked at association
+
+# A-ASSOCIATE-RJ reasons (PS3.8 7.1.1.9, source 1 service user)
+REJECT_NO_REASON = 0x01
+REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+REJECT_CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+class DicomPeerRejected(Exception):
+    """Association refused; `reason` is the A-ASSOCIATE-RJ reason code for a service-user rejection."""
+
+    def __init__(self, message: str, reason: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_host_cache: dict[str, tuple[float, set[str]]] = {}
+
+
+def _resolve_host(name: str) -> set[str]:
+    cached = _host_cache.get(name)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        found = set()
+    _host_cache[name] = (time.monotonic() + 60, found)
+    return found
+
+
+def address_matches(address: str, hosts: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for entry in hosts:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+            continue
+        except ValueError:
+            pass  # a host name
+        if str(ip) in _resolve_host(entry):
+            return True
+    return False
+
+
+def find_dicom_peer(settings, calling_ae: str) -> DicomPeer | None:
+    calling_ae = calling_ae.strip()
+    return next((p for p in settings.auth.dicom_peers if p.ae_title == calling_ae), None)
+
+
+def authenticate_dicom_peer(settings, calling_ae: str, address: str, called_ae: str | None = None) -> Subject:
+    """The Subject a DICOM association acts as; raises DicomPeerRejected for an unknown AE or a wrong host."""
+    calling_ae = (calling_ae or "").strip()
+    if called_ae is not None and called_ae.strip() != settings.ae_title:
+        raise DicomPeerRejected(f"called AE title {called_ae.strip()!r} is not ours ({settings.ae_title})", REJECT_CALLED_AE_NOT_RECOGNISED)
+    peer = find_dicom_peer(settings, calling_ae)
+    if peer is None:
+        raise DicomPeerRejected(f"calling AE title {calling_ae!r} is not a configured peer", REJECT_CALLING_AE_NOT_RECOGNISED)
+    if not address_matches(address, peer.hosts):
+        raise DicomPeerRejected(f"AE {calling_ae} may not connect from {address}", REJECT_CALLING_AE_NOT_RECOGNISED)
+    return peer_subject(peer, address)
+
+
+def peer_subject(peer: DicomPeer, address: str | None) -> Subject:
+    return Subject(
+        sub=peer.ae_title,
+        role="system",
+        name=peer.name or peer.ae_title,
+        specialties=tuple(peer.specialties),
+        scopes=("system/*.cruds",),
+        purpose_of_use=peer.purpose_of_use,
+        network_address=address,
+        sensitivities=tuple(peer.sensitivities),
+        extra={"ae_title": peer.ae_title, "allow": list(peer.allow)},
+    )
+
+
+def peer_allows(subject: Subject, service: str) -> bool:
+    """May this DICOM peer use the service (echo, store, find, get, move)?"""
+    return service in subject.extra.get("allow", ())

@@ -136,6 +136,10 @@ def audit_verify() -> None:
 
 
 # -- sub-commands of other modules: one line each (keep this marker) --
+app.command("import")(__import__("gateway.ingest.cli", fromlist=["import_command"]).import_command)
+__import__("gateway.auth_cli", fromlist=["register"]).register(app)
+app.add_typer(__import__("gateway.hl7.cli", fromlist=["app"]).app, name="hl7")
+app.add_typer(__import__("mapping.cli", fromlist=["app"]).app, name="mapping")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -101,7 +101,7 @@ class AuthSettings(BaseModel):
         description="dev: tokens signed with a local key kept in DATA_DIR (`clinphoto token` prints one); jwt: tokens from the configured issuer (JWKS URL or PEM key); api-key: static keys from `api_keys` (tests and bootstrap only; every key acts as medical-illustration).",
     )
     issuer: str | None = Field(None, description="Expected `iss` claim of tokens in jwt mode; empty accepts any issuer (not recommended).")
-    audience: str | None = Field(None, description="Expected `aud` claim; empty means tokens must carry no audience check.")
+    audience: str | None = Field(None, description="Expected `aud` claim; empty: the audience is not checked.")
     jwks_url: str | None = Field(None, description="JWKS URL of the issuer (keys picked by `kid`, cached). Used in jwt mode when set.")
     public_key_pem: str | None = Field(None, description="PEM public key of the issuer (RSA for RS256, EC P-256 for ES256), inline. Alternative to jwks_url.")
     public_key_file: Path | None = Field(None, description="File holding the issuer's PEM public key. Alternative to public_key_pem.")
@@ -174,6 +174,10 @@ class PolicySettings(BaseModel):
     original_roles: list[str] = Field(
         default_factory=lambda: ["medical-illustration"],
         description="Roles given the original as received (with its EXIF, possibly location). Others get the derived renditions only.",
+    )
+    consent_roles: list[str] = Field(
+        default_factory=lambda: ["clinician", "medical-illustration"],
+        description="Roles that may record, withdraw and read consent records (/api/v1/consents).",
     )
     visible_statuses: list[str] = Field(
         default_factory=lambda: ["active"],

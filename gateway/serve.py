@@ -66,6 +66,10 @@ def build_listeners(gw: Gateway) -> list[Listener]:
     if "http" in wanted:
         listeners.append(HttpListener(gw))
     # -- listeners: one block each (keep this marker) --
+    if "mllp" in wanted:
+        from gateway.hl7.listener import MllpListener
+
+        listeners.append(MllpListener.from_gateway(gw))
     return listeners
 
 

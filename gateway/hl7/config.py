@@ -9,6 +9,9 @@ from pydantic import BaseModel, Field
 
 
 class Hl7Settings(BaseModel):
+    host: str | None = Field(
+        None, description="Address the MLLP listener binds; default the HTTP address (use 0.0.0.0 for a PAS on another host)."
+    )
     mapping_file: Path | None = Field(
         None, description="Mapping YAML for incoming ADT; default the NHS England mapping shipped in mapping/default.yaml."
     )

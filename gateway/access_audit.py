@@ -1,0 +1,171 @@
+"""Access audit: every read, search, retrieve, upload, export and denial goes into the hash-chained trail.
+
+The doors call these helpers; they build store.audit entries the same way for
+every protocol (IHE BALP shapes):
+- a search is action E with the query as an entity and one record per patient
+  returned (one record without a patient when nothing was found);
+- a read/retrieve is action R with the photo as an entity;
+- a denial is recorded with outcome 4 and the reasons, but the caller is only
+  told "not found";
+- a break-glass access adds a Security Alert (110113) and an Emergency
+  Override Started (110127) record carrying the reason.
+
+The source is the caller's IP address, or "AE@address" for DICOM peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from sqlalchemy.orm import Session
+
+from store import audit
+from store.audit import AuditEntry
+
+DENIED = audit.MINOR_FAILURE
+
+
+def source_of(subject) -> str | None:
+    ae = (subject.extra or {}).get("ae_title") if subject is not None else None
+    address = getattr(subject, "network_address", None)
+    if ae:
+        return f"{ae}@{address}" if address else ae
+    return address
+
+
+def make_entry(ctx, *, type_code: str, action: str, subtype: str | None = None, outcome: str = audit.SUCCESS,
+           outcome_desc: str | None = None, patient_id: int | None = None, entities: list[dict] | None = None,
+           detail: dict | None = None) -> AuditEntry:
+    s = ctx.subject
+    detail = dict(detail or {})
+    if ctx.break_glass_reason:
+        detail["break_glass_reason"] = ctx.break_glass_reason
+    if getattr(s, "name", None):
+        detail.setdefault("agent_name", s.name)
+    return AuditEntry(
+        type_code=type_code,
+        action=action,
+        subtype=subtype,
+        outcome=outcome,
+        outcome_desc=outcome_desc,
+        agent_who=s.sub,
+        agent_role=s.role,
+        agent_network=source_of(s),
+        purpose_of_use=ctx.purpose,
+        patient_id=patient_id,
+        entities=entities or [],
+        detail=detail,
+    )
+
+
+def break_glass_entries(ctx, what: str, patient_ids: Iterable[int] = ()) -> list[AuditEntry]:
+    """Security Alert + Emergency Override Started for an access under break-glass."""
+    if not ctx.breaking_glass:
+        return []
+    patients = sorted({p for p in patient_ids if p is not None})
+    entities = [{"type": "patient", "id": p} for p in patients] + [{"type": "request", "id": what}]
+    desc = f"break-glass by {ctx.subject.sub}: {ctx.break_glass_reason}"
+    return [
+        make_entry(ctx, type_code=audit.SECURITY_ALERT, action="E", subtype="emergency-override", outcome_desc=desc, entities=entities,
+               patient_id=patients[0] if len(patients) == 1 else None),
+        make_entry(ctx, type_code=audit.EMERGENCY_OVERRIDE, action="E", subtype="started", outcome_desc=desc, entities=entities,
+               patient_id=patients[0] if len(patients) == 1 else None),
+    ]
+
+
+def search_entries(ctx, *, query: str, results: Mapping[int, Sequence[str]], type_code: str = audit.REST,
+                   subtype: str = "search", channel: str = "rest") -> list[AuditEntry]:
+    """One record per patient in the results (IHE BALP), listing the photos returned of that patient."""
+    query_entity = {"type": "query", "query": query, "channel": channel}
+    if not results:
+        entries = [make_entry(ctx, type_code=type_code, action="E", subtype=subtype, entities=[query_entity],
+                          detail={"returned": 0})]
+    else:
+        entries = [
+            make_entry(
+                ctx, type_code=type_code, action="E", subtype=subtype, patient_id=patient_id,
+                entities=[query_entity, {"type": "patient", "id": patient_id}]
+                + [{"type": "asset", "id": a, "role": "returned"} for a in asset_ids],
+                detail={"returned": len(asset_ids)},
+            )
+            for patient_id, asset_ids in sorted(results.items())
+        ]
+    return entries + break_glass_entries(ctx, query, results.keys())
+
+
+def read_entries(ctx, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (),
+                 what: str = "read", type_code: str = audit.REST, detail: dict | None = None) -> list[AuditEntry]:
+    """A read or retrieve of one photo; a denial keeps its reasons here (the caller only sees 404)."""
+    detail = dict(detail or {})
+    if not permitted:
+        detail["reasons"] = list(reasons)
+    entries = [
+        make_entry(
+            ctx, type_code=type_code, action="R", subtype=what,
+            outcome=audit.SUCCESS if permitted else DENIED,
+            outcome_desc=None if permitted else "denied: " + "; ".join([r for r in reasons if "DENIED" in r] or list(reasons)),
+            patient_id=patient_id,
+            entities=[{"type": "asset", "id": asset_id, "role": what}] + ([{"type": "patient", "id": patient_id}] if patient_id else []),
+            detail=detail,
+        )
+    ]
+    return entries + (break_glass_entries(ctx, f"{what} {asset_id}", [patient_id]) if permitted else [])
+
+
+def import_entries(ctx, *, asset_id: str, patient_id: int, channel: str, detail: dict | None = None) -> list[AuditEntry]:
+    """A photo stored (upload, C-STORE, STOW-RS)."""
+    return [make_entry(ctx, type_code=audit.IMPORT, action="C", subtype=channel, patient_id=patient_id,
+                   entities=[{"type": "asset", "id": asset_id, "role": "stored"}, {"type": "patient", "id": patient_id}],
+                   detail=detail)]
+
+
+def export_entries(ctx, *, results: Mapping[int, Sequence[str]], destination: str, channel: str) -> list[AuditEntry]:
+    """Photos sent out (C-MOVE/C-GET, exports): one record per patient."""
+    entries = [
+        make_entry(ctx, type_code=audit.EXPORT, action="R", subtype=channel, patient_id=patient_id,
+               entities=[{"type": "patient", "id": patient_id}, {"type": "destination", "id": destination}]
+               + [{"type": "asset", "id": a, "role": "exported"} for a in asset_ids],
+               detail={"count": len(asset_ids)})
+        for patient_id, asset_ids in sorted(results.items())
+    ]
+    return entries + break_glass_entries(ctx, f"export to {destination}", results.keys())
+
+
+def refusal_entries(ctx, what: str) -> list[AuditEntry]:
+    """A request refused as a whole (bad purpose, break-glass without reason or by a role not allowed)."""
+    type_code = audit.SECURITY_ALERT if (ctx.break_glass_reason or ctx.purpose == "ETREAT") else audit.REST
+    return [make_entry(ctx, type_code=type_code, action="E", subtype="refused", outcome=DENIED,
+                   outcome_desc=ctx.refusal, entities=[{"type": "request", "id": what}])]
+
+
+# -- writing ------------------------------------------------------------------
+
+
+def append(session: Session, entries: Sequence[AuditEntry]) -> None:
+    """Inside the caller's write transaction (commits with the change it records)."""
+    audit.append_many(session, entries)
+
+
+def write(gw, entries: Sequence[AuditEntry]) -> None:
+    """In a transaction of its own, committed before the caller answers."""
+    if entries:
+        with gw.db.write() as session:
+            audit.append_many(session, entries)
+
+
+def record_search(gw, ctx, *, query: str, results: Mapping[int, Sequence[str]], **kw) -> None:
+    write(gw, search_entries(ctx, query=query, results=results, **kw))
+
+
+def record_read(gw, ctx, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (), **kw) -> None:
+    write(gw, read_entries(ctx, asset_id=asset_id, patient_id=patient_id, permitted=permitted, reasons=reasons, **kw))
+
+
+def record_refusal(gw, ctx, what: str) -> None:
+    write(gw, refusal_entries(ctx, what))
+
+
+def record_auth_failure(gw, *, network: str | None, reason: str, what: str) -> None:
+    """A bearer token that did not verify (User Authentication, failure): who is unknown, where from is not."""
+    write(gw, [AuditEntry(type_code=audit.LOGIN, action="E", subtype="token", outcome=DENIED, outcome_desc=reason,
+                          agent_network=network, entities=[{"type": "request", "id": what}])])

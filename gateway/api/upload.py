@@ -1,0 +1,310 @@
+"""POST /api/v1/photos: the capture-app upload door. Translates HTTP <-> the ingest pipeline.
+
+multipart/form-data with one or more parts named `files` and one JSON part named
+`metadata`. The body is parsed as it arrives: each file part is streamed to a
+spool file (hashed on the way) and cut off as soon as it passes the size limit,
+so a 200 MiB upload never sits in memory whole.
+
+201: photos stored; 200: all of them were already stored (same content for this
+patient, or a replay of the same Idempotency-Key); 413/415/422 with
+{"error": code, "message": ..., "item"/"filename"/"field"} and nothing stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
+from starlette.concurrency import run_in_threadpool
+
+from gateway.auth import Subject, require_scope, require_subject
+from gateway.ingest import errors
+from gateway.ingest.errors import IngestRejected
+from gateway.ingest.limits import mib
+from gateway.ingest.metadata import parse_metadata
+from gateway.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest
+
+router = APIRouter(prefix="/api/v1", tags=["photos"])
+
+STATUS = {
+    errors.UNSUPPORTED_TYPE: 415,
+    errors.TOO_LARGE: 413,
+    errors.CORRUPT: 422,
+    errors.TOO_MANY_PIXELS: 422,
+    errors.NOT_FAITHFUL: 422,
+    errors.BAD_METADATA: 422,
+    errors.UNKNOWN_PATIENT: 422,
+    errors.UNKNOWN_ENCOUNTER: 422,
+    errors.UNKNOWN_CONSENT: 422,
+    errors.IDEMPOTENCY_CONFLICT: 422,
+    errors.NO_FILES: 422,
+    errors.DUPLICATE_INSTANCE: 409,
+}
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
+    body = {"error": code, "message": message}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status)
+
+
+def _rejection(exc: IngestRejected) -> JSONResponse:
+    body = exc.to_dict()
+    return _error(STATUS.get(exc.code, 422), body.pop("code"), body.pop("message"), **body)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    path: Path | None = None
+    file: object = None
+    digest: object = None
+    size: int = 0
+    data: bytearray = field(default_factory=bytearray)
+
+
+class _Form:
+    """Push-parser callbacks: file parts go to spool files, the metadata part to a small buffer."""
+
+    def __init__(self, spool: Path, max_bytes: int, max_files: int) -> None:
+        self.spool, self.max_bytes, self.max_files = spool, max_bytes, max_files
+        self.parts: list[_Part] = []
+        self.current: _Part | None = None
+        self._header_name = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self.error: IngestRejected | None = None
+
+    # python-multipart callbacks
+    def on_part_begin(self) -> None:
+        self.current = _Part()
+        self._headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_name.strip().lower()] = self._header_value.strip()
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        part = self.current
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        if part.name not in ("files", "metadata"):
+            raise _Stop(IngestRejected(
+                errors.BAD_METADATA, f"unknown form part {part.name!r}: send image parts named 'files' and one 'metadata' part",
+                field=part.name,
+            ))
+        filename = options.get(b"filename")
+        part.filename = os.path.basename(filename.decode("utf-8", "replace").replace("\\", "/")) if filename is not None else None
+        if part.name == "files":
+            if sum(1 for p in self.parts if p.name == "files") >= self.max_files:
+                raise _Stop(IngestRejected(errors.BAD_METADATA, f"too many files: at most {self.max_files} per upload", field="files"))
+            fd, name = tempfile.mkstemp(prefix="upload-", dir=self.spool)
+            part.path = Path(name)
+            part.file = os.fdopen(fd, "wb")
+            part.digest = hashlib.sha256()
+        self.parts.append(part)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.current
+        chunk = data[start:end]
+        part.size += len(chunk)
+        if part.file is not None:
+            if part.size > self.max_bytes:
+                raise _Stop(IngestRejected(
+                    errors.TOO_LARGE, f"file too large: over the {mib(self.max_bytes)} limit",
+                    item=sum(1 for p in self.parts if p.name == "files") - 1, filename=part.filename,
+                ))
+            part.digest.update(chunk)
+            part.file.write(chunk)
+        else:
+            if part.size > MAX_METADATA_BYTES:
+                raise _Stop(IngestRejected(errors.BAD_METADATA, f"form field {part.name!r} is too large", field=part.name))
+            part.data += chunk
+
+    def on_part_end(self) -> None:
+        if self.current is not None and self.current.file is not None:
+            self.current.file.close()
+            self.current.file = None
+        self.current = None
+
+    def cleanup(self) -> None:
+        for part in self.parts:
+            if part.file is not None:
+                part.file.close()
+            if part.path is not None:
+                part.path.unlink(missing_ok=True)
+
+
+class _Stop(Exception):
+    def __init__(self, rejection: IngestRejected) -> None:
+        self.rejection = rejection
+
+
+def _may_upload(subject: Subject, roles: list[str]) -> str | None:
+    if subject.role not in roles:
+        return f"role {subject.role!r} may not upload photos (allowed: {', '.join(roles)})"
+    return None
+
+
+def _links(result: IngestResult) -> list[dict]:
+    photos = []
+    for p in result.photos:
+        item = {
+            "assetId": p.asset_id,
+            "mediaId": p.asset_id,
+            "status": p.status,
+            "filename": p.filename,
+            "sha256": p.sha256,
+            "mediaType": p.media_type,
+            "width": p.width,
+            "height": p.height,
+            "studyInstanceUid": p.study_uid,
+            "seriesInstanceUid": p.series_uid,
+            "sopInstanceUid": p.sop_instance_uid,
+            "transferSyntaxUid": p.transfer_syntax,
+            "quarantined": p.quarantined,
+            "links": {
+                "self": f"/api/v1/photos/{p.asset_id}",
+                "preview": f"/api/v1/photos/{p.asset_id}/image?rendition=preview",
+                "thumbnail": f"/api/v1/photos/{p.asset_id}/image?rendition=thumbnail",
+                "fhirMedia": f"/fhir/Media/{p.asset_id}",
+                "dicomweb": f"/dicomweb/studies/{p.study_uid}/series/{p.series_uid}/instances/{p.sop_instance_uid}",
+            },
+        }
+        photos.append(item)
+    return photos
+
+
+_METADATA_EXAMPLE = {
+    "patient": "https://fhir.nhs.uk/Id/nhs-number|9449305552",
+    "encounter": "V100",
+    "bodySite": {"code": "368209003", "laterality": "right"},
+    "view": "lateral",
+    "specialty": "330",
+    "sensitivity": "N",
+    "consent": {"level": "record", "givenBy": "patient", "capturedBy": "Nurse A", "date": "2024-03-05"},
+    "photographer": "A Jones",
+    "device": "Ward 7 iPhone",
+    "takenAt": "2024-03-05T14:22:31Z",
+    "description": "Wound, day 5",
+}
+
+_OPENAPI = {
+    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
+                    "description": "A repeat with the same key (and the same request) returns the first answer with 200."}],
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files", "metadata"],
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "JPEG, PNG, HEIC/HEIF or 8-bit RGB TIFF; the type is read from the content"},
+                    "metadata": {"type": "string", "description": "JSON object; keys: " + ", ".join(_METADATA_EXAMPLE) + ", consentId",
+                                 "example": json.dumps(_METADATA_EXAMPLE)},
+                },
+            },
+        }},
+    },
+}
+
+
+@router.post(
+    "/photos",
+    status_code=201,
+    summary="Upload photos (multipart: files + metadata)",
+    openapi_extra=_OPENAPI,
+    responses={
+        200: {"description": "Already stored (same content for this patient, or a replayed Idempotency-Key)"},
+        201: {"description": "Stored: asset and Media ids, Study/Series/SOP Instance UIDs, links"},
+        403: {"description": "Role or scopes do not allow uploads"},
+        413: {"description": "A file is over the size limit"},
+        415: {"description": "Not an accepted image type (sniffed from content), or not multipart/form-data"},
+        422: {"description": "Corrupt/truncated, over the pixel limit, not representable faithfully, bad metadata, unknown patient/encounter/consent"},
+    },
+)
+async def upload_photos(request: Request, subject: Subject = Depends(require_subject)) -> JSONResponse:
+    gw = request.app.state.gw
+    settings = gw.settings.ingest
+    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address, purpose_of_use=subject.purpose_of_use)
+    refusal = _may_upload(subject, settings.upload_roles)
+    if refusal:
+        await _audit_refused(gw, actor, IngestRejected("forbidden", refusal))
+        return _error(403, "forbidden", refusal)
+    require_scope(subject, "Media", "c")  # SMART scopes only narrow: e.g. user/Media.c
+    ctype, options = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in options:
+        return _error(415, "unsupported-media-type", "send multipart/form-data with parts 'files' and 'metadata'")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_files * settings.max_bytes + MAX_METADATA_BYTES * 4:
+        return _error(413, errors.TOO_LARGE, f"request too large: at most {settings.max_files} files of {mib(settings.max_bytes)}")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200):
+        return _error(422, errors.BAD_METADATA, "Idempotency-Key must be 1-200 characters", field="Idempotency-Key")
+
+    spool = settings.spool_dir or (gw.settings.data_dir / "spool")
+    spool.mkdir(parents=True, exist_ok=True)
+    form = _Form(spool, settings.max_bytes, settings.max_files)
+    parser = MultipartParser(options[b"boundary"], callbacks={
+        "on_part_begin": form.on_part_begin, "on_part_data": form.on_part_data, "on_part_end": form.on_part_end,
+        "on_header_field": form.on_header_field, "on_header_value": form.on_header_value,
+        "on_header_end": form.on_header_end, "on_headers_finished": form.on_headers_finished,
+    })
+    try:
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+            if form.current is not None or not form.parts:
+                raise MultipartParseError("the body ends before the closing boundary")
+        except _Stop as stop:
+            await _audit_refused(gw, actor, stop.rejection)
+            return _rejection(stop.rejection)
+        except (MultipartParseError, ClientDisconnect) as exc:
+            return _error(400, "bad-request", f"malformed or interrupted multipart body: {exc or type(exc).__name__}")
+        meta_parts = [p for p in form.parts if p.name == "metadata"]
+        files = [p for p in form.parts if p.name == "files"]
+        unknown = sorted({p.name for p in form.parts if p.name not in ("metadata", "files")})
+        try:
+            if unknown:
+                raise IngestRejected(errors.BAD_METADATA, f"unknown form part(s) {', '.join(map(repr, unknown))}: send 'files' and 'metadata'", field=",".join(unknown))
+            if len(meta_parts) != 1:
+                raise IngestRejected(errors.BAD_METADATA, "exactly one 'metadata' part (JSON) is required", field="metadata")
+            if not files:
+                raise IngestRejected(errors.NO_FILES, "no 'files' part: attach at least one image", field="files")
+            meta = parse_metadata(bytes(meta_parts[0].data))
+        except IngestRejected as exc:
+            await _audit_refused(gw, actor, exc)
+            return _rejection(exc)
+        uploads = [Upload(path=p.path, filename=p.filename, sha256=p.digest.hexdigest()) for p in files]
+        try:
+            result = await run_in_threadpool(ingest, gw, uploads, meta, actor, source="upload", idempotency_key=key)
+        except IngestRejected as exc:  # already audited by the pipeline
+            return _rejection(exc)
+    finally:
+        form.cleanup()
+    body = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": _links(result)}
+    return JSONResponse(body, status_code=201 if result.created else 200)
+
+
+async def _audit_refused(gw, actor: Actor, exc: IngestRejected) -> None:
+    await run_in_threadpool(audit_refusal, gw, actor, exc, None, "upload")

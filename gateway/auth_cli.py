@@ -1,0 +1,132 @@
+"""`clinphoto token` (dev-mode tokens) and `clinphoto policy explain` (a decision and why)."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated
+
+import typer
+
+policy_app = typer.Typer(help="Access policy.", no_args_is_help=True)
+
+
+def token(
+    sub: Annotated[str, typer.Option("--sub", help="Subject (user id).")],
+    role: Annotated[str, typer.Option("--role", help="clinician, medical-illustration, integration-engineer, admin, educator or researcher.")],
+    specialty: Annotated[list[str], typer.Option("--specialty", help="NHS Treatment Function code; repeat for several.")] = [],  # noqa: B006
+    scope: Annotated[list[str], typer.Option("--scope", help="SMART v2 scope, e.g. user/Media.rs; repeat for several. Default user/*.cruds.")] = [],  # noqa: B006
+    patient: Annotated[str | None, typer.Option("--patient", help="Patient in context (clinphoto patient id) for patient/ scopes.")] = None,
+    purpose: Annotated[str | None, typer.Option("--purpose", help="Default purpose of use carried in the token (TREAT, TRAIN, ...).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Display name.")] = None,
+    minutes: Annotated[int | None, typer.Option("--minutes", min=1, help="Lifetime; default auth.dev_token_minutes.")] = None,
+) -> None:
+    """Print a dev-mode bearer token (auth mode dev only)."""
+    from gateway.auth import AuthError, mint_dev_token
+    from gateway.cli import console, settings_or_exit
+
+    settings = settings_or_exit()
+    try:
+        text = mint_dev_token(
+            settings, sub=sub, role=role, name=name, specialties=specialty, scopes=scope or None,
+            patient=patient, purpose=purpose.upper() if purpose else None, minutes=minutes,
+        )
+    except AuthError as exc:
+        console.print(f"clinphoto: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2)
+    print(text)
+
+
+@policy_app.command("explain")
+def explain(
+    asset: Annotated[str, typer.Option("--asset", help="Photo id.")],
+    sub: Annotated[str, typer.Option("--sub", help="Subject (user id, or AE title with --peer).")] = "",
+    role: Annotated[str, typer.Option("--role", help="Role of the subject.")] = "clinician",
+    specialty: Annotated[list[str], typer.Option("--specialty", help="NHS Treatment Function code; repeat for several.")] = [],  # noqa: B006
+    purpose: Annotated[str, typer.Option("--purpose", help="TREAT, ETREAT, TRAIN, HRESCH or PUBLISH.")] = "TREAT",
+    break_glass: Annotated[str | None, typer.Option("--break-glass", help="Break-glass reason (with --purpose ETREAT).")] = None,
+    scope: Annotated[list[str], typer.Option("--scope", help="SMART scopes; default user/Media.rs.")] = [],  # noqa: B006
+    patient: Annotated[str | None, typer.Option("--patient", help="Patient in context for patient/ scopes.")] = None,
+    peer: Annotated[bool, typer.Option("--peer", help="Explain for the configured DICOM peer whose AE title is --sub.")] = False,
+) -> None:
+    """Print the decision on one photo for a subject and purpose, rule by rule. Exit 0 permit, 1 deny."""
+    from gateway.auth import Subject, find_dicom_peer, peer_subject
+    from gateway.cli import console, open_gateway, out
+    from gateway.policy import decide, resolve
+    from gateway import access_audit
+    from store.models import Asset
+
+    gw = open_gateway()
+    try:
+        if peer:
+            found = find_dicom_peer(gw.settings, sub)
+            if found is None:
+                console.print(f"clinphoto: no DICOM peer with AE title {sub!r} in auth.dicom_peers", markup=False)
+                raise typer.Exit(2)
+            subject = peer_subject(found, None)
+        else:
+            if not sub:
+                console.print("clinphoto: --sub is required", markup=False)
+                raise typer.Exit(2)
+            subject = Subject(sub=sub, role=role, specialties=tuple(specialty), scopes=tuple(scope or ["user/Media.rs"]),
+                              patient=patient, purpose_of_use=purpose.upper(), break_glass_reason=break_glass)
+        policy = gw.settings.policy
+        with gw.db.read() as session:
+            decision = decide(session, subject, asset, settings=policy)
+            row = session.get(Asset, asset)
+            summary = (
+                f"photo {row.id}: patient {row.patient_id}, specialty {row.specialty or '-'}, sensitivity {row.sensitivity}, "
+                f"status {row.status}, uploaded by {row.uploaded_by or '-'}" if row is not None else f"photo {asset}: no such photo"
+            )
+            patient_id = row.patient_id if row is not None else None
+        ctx = resolve(subject, policy)
+        entry = access_audit.read_entries(ctx, asset_id=asset, patient_id=patient_id, permitted=decision.permit,
+                                          reasons=decision.reasons, what="policy-explain", detail={"operator": getpass.getuser()})
+        access_audit.write(gw, entry[:1])  # the explanation itself, not a break-glass access
+    finally:
+        gw.close()
+    out.print(summary, markup=False, highlight=False)
+    out.print(f"subject {subject.sub} ({subject.role}; specialties {', '.join(subject.specialties) or '-'}), purpose {decision.purpose}"
+              + (f", break-glass: {subject.break_glass_reason}" if subject.break_glass_reason else ""), markup=False, highlight=False)
+    out.print("PERMIT" if decision.permit else "DENY", markup=False, highlight=False)
+    for reason in decision.reasons:
+        out.print(f"  - {reason}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if decision.permit else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("token")(token)
+    app.add_typer(policy_app, name="policy")
+
+
+def settings_yaml(settings) -> str:
+    """The auth: and policy: sections as commented YAML: every knob, its description and its current value."""
+    import textwrap
+
+    import yaml
+
+    lines: list[str] = []
+    for section in ("auth", "policy"):
+        model = getattr(settings, section)
+        lines.append(f"{section}:")
+        for name, info in type(model).model_fields.items():
+            for text in textwrap.wrap(info.description or "", 96):
+                lines.append(f"  # {text}")
+            if name == "dicom_peers":
+                from gateway.policy_config import DicomPeer
+
+                lines.append("  # Each peer:")
+                for peer_field, peer_info in DicomPeer.model_fields.items():
+                    lines.append(f"  #   {peer_field}: {peer_info.description}")
+            value = model.model_dump(mode="json")[name]
+            dumped = yaml.safe_dump({name: value}, default_flow_style=False, sort_keys=False).rstrip().splitlines()
+            lines.extend("  " + line for line in dumped)
+            lines.append("")
+    return "\n".join(lines)
+
+
+@policy_app.command("settings")
+def show_settings() -> None:
+    """Print the auth and policy settings in force, every knob documented (a starting CLINPHOTO_CONFIG file)."""
+    from gateway.cli import settings_or_exit
+
+    print(settings_yaml(settings_or_exit()))

@@ -1,0 +1,129 @@
+"""Consent records (protocol-free): record, withdraw, list. Every change is audited in the same transaction.
+
+Levels follow the Institute of Medical Illustrators: record < teaching <
+publication. A best-interests decision (adult lacking capacity) covers the
+record only, so it can only be recorded at level 'record'. Publication consent
+names the specific use (purpose_note). Withdrawal takes effect at once for
+teaching and publication; the photos stay in the record for care (see
+gateway/policy.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store import audit
+from store.audit import AuditEntry
+from store.models import Asset, Consent, Encounter, Patient
+from store.patients import survivor
+
+LEVELS = ("record", "teaching", "publication")
+GIVEN_BY = ("patient", "parent", "best-interests")
+SCOPES = ("patient", "encounter", "photos")
+
+
+class ConsentError(ValueError):
+    """The consent cannot be recorded or changed as asked; the message says why."""
+
+
+def _audit(session: Session, consent: Consent, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
+    audit.append(session, AuditEntry(
+        type_code=audit.PATIENT_RECORD, action=action, subtype="consent", agent_who=actor, agent_role=role,
+        agent_network=network, patient_id=consent.patient_id,
+        entities=[{"type": "consent", "id": consent.id}, {"type": "patient", "id": consent.patient_id}],
+        detail={"level": consent.level, "status": consent.status, "scope": consent.scope, **detail},
+    ))
+
+
+def record_consent(
+    session: Session,
+    *,
+    patient_id: int,
+    level: str,
+    given_by: str,
+    captured_by: str,
+    consent_date: date | None = None,
+    scope: str = "patient",
+    encounter_id: int | None = None,
+    asset_ids: Sequence[str] = (),
+    purpose_note: str | None = None,
+    actor: str | None = None,
+    actor_role: str | None = None,
+    actor_network: str | None = None,
+) -> Consent:
+    """Record a consent inside the caller's write transaction; scope 'photos' links the given photos to it."""
+    if level not in LEVELS:
+        raise ConsentError(f"unknown consent level {level!r}; use one of {', '.join(LEVELS)}")
+    if given_by not in GIVEN_BY:
+        raise ConsentError(f"unknown given_by {given_by!r}; use one of {', '.join(GIVEN_BY)}")
+    if scope not in SCOPES:
+        raise ConsentError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+    if given_by == "best-interests" and level != "record":
+        raise ConsentError("a best-interests decision covers the record only: level must be 'record'")
+    if level == "publication" and not (purpose_note or "").strip():
+        raise ConsentError("publication consent must name the specific use (purpose_note)")
+    if not (captured_by or "").strip():
+        raise ConsentError("captured_by is required")
+    patient = session.get(Patient, patient_id)
+    if patient is None:
+        raise ConsentError(f"no patient {patient_id}")
+    patient = survivor(session, patient)
+    if scope == "encounter":
+        encounter = session.get(Encounter, encounter_id) if encounter_id is not None else None
+        if encounter is None or encounter.patient_id != patient.id:
+            raise ConsentError("scope 'encounter' needs an encounter of this patient (encounter_id)")
+    elif encounter_id is not None:
+        raise ConsentError(f"encounter_id is only for scope 'encounter', not {scope!r}")
+    assets: list[Asset] = []
+    if scope == "photos":
+        if not asset_ids:
+            raise ConsentError("scope 'photos' needs the photos it covers (asset_ids)")
+        assets = list(session.scalars(select(Asset).where(Asset.id.in_(list(asset_ids)))))
+        missing = set(asset_ids) - {a.id for a in assets}
+        foreign = [a.id for a in assets if a.patient_id != patient.id]
+        if missing or foreign:
+            raise ConsentError(f"photos not of this patient: {', '.join(sorted(missing | set(foreign)))}")
+    elif asset_ids:
+        raise ConsentError(f"asset_ids are only for scope 'photos', not {scope!r}")
+    consent = Consent(
+        patient_id=patient.id, level=level, given_by=given_by, captured_by=captured_by.strip(),
+        consent_date=consent_date or datetime.now(timezone.utc).date(), status="active", scope=scope,
+        encounter_id=encounter_id, purpose_note=(purpose_note or "").strip() or None,
+    )
+    session.add(consent)
+    session.flush()
+    for asset in assets:
+        asset.consent_id = consent.id
+    session.flush()
+    _audit(session, consent, "C", actor or captured_by, actor_role, actor_network,
+           {"assets": [a.id for a in assets], "given_by": given_by, "captured_by": consent.captured_by})
+    return consent
+
+
+def withdraw_consent(
+    session: Session, consent_id: str, *, withdrawn_by: str, when: datetime | None = None,
+    actor_role: str | None = None, actor_network: str | None = None,
+) -> Consent:
+    """Withdraw a consent at once (teaching and publication use end now; care use of existing photos stays)."""
+    consent = session.get(Consent, consent_id, with_for_update=True)
+    if consent is None:
+        raise ConsentError(f"no consent {consent_id}")
+    if consent.status == "withdrawn":
+        raise ConsentError(f"consent {consent_id} was already withdrawn")
+    consent.status = "withdrawn"
+    consent.withdrawn_at = when or datetime.now(timezone.utc)
+    session.flush()
+    _audit(session, consent, "U", withdrawn_by, actor_role, actor_network, {"withdrawn_at": consent.withdrawn_at.isoformat()})
+    return consent
+
+
+def list_consents(session: Session, patient_id: int, *, include_withdrawn: bool = True) -> list[Consent]:
+    """A patient's consents, newest first (the patient as found, i.e. the survivor of any merge)."""
+    query = select(Consent).where(Consent.patient_id == patient_id)
+    if not include_withdrawn:
+        query = query.where(Consent.status == "active")
+    return list(session.scalars(query.order_by(Consent.created_at.desc(), Consent.id)))

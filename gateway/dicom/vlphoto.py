@@ -1,0 +1,357 @@
+"""Build a DICOM VL Photographic Image (PS3.3 A.32.4) Part 10 file from plain inputs.
+
+Knows DICOM, not our database: the pipeline hands in dataclasses. An encapsulated
+JPEG is streamed into Pixel Data from byte ranges of its source (never joined into
+one big bytes object), so a 200 MiB photo costs no more memory than a small one.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import BinaryIO
+
+from PIL import Image
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from gateway.dicom.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
+
+VL_PHOTOGRAPHIC_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
+SCT = "SCT"
+# SNOMED CT laterality qualifiers used as Anatomic Region Modifiers
+LATERALITY_CODES = {
+    "right": ("24028007", "Right"),
+    "left": ("7771000", "Left"),
+    "both": ("51440002", "Right and left"),
+}
+_DICOM_LATERALITY = {"right": "R", "left": "L"}
+
+
+@dataclass
+class PatientInfo:
+    patient_id: str = ""
+    issuer: str = ""
+    family: str | None = None
+    given: str | None = None
+    prefix: str | None = None
+    birth_date: date | None = None
+    sex: str | None = None  # M F O (anything else is written empty)
+    other_ids: list[tuple[str, str]] = field(default_factory=list)  # (id, issuer)
+
+
+@dataclass
+class StudyInfo:
+    uid: str
+    started: datetime | None = None
+    study_id: str = ""
+    accession: str = ""
+    referring_physician: str = ""
+    description: str = "Clinical photography"
+
+
+@dataclass
+class SeriesInfo:
+    uid: str
+    number: int | None = None
+    description: str | None = None
+    operator: str | None = None  # photographer
+
+
+@dataclass
+class BodySite:
+    code: str
+    meaning: str
+    laterality: str | None = None  # left, right, both
+
+
+@dataclass
+class Equipment:
+    manufacturer: str | None = None
+    model: str | None = None
+    software: str | None = None
+    institution: str | None = None
+
+
+@dataclass
+class ImageInfo:
+    sop_instance_uid: str
+    instance_number: int | None = 1
+    taken_at: datetime | None = None
+    comments: str | None = None
+    derived: bool = False
+    derivation: str | None = None
+
+
+@dataclass
+class EncapsulatedJpeg:
+    """A baseline JPEG to wrap as it is: byte ranges of `source` form the stream."""
+
+    source: object  # bytes or a FileView (anything sliceable)
+    ranges: list[tuple[int, int]]
+    width: int
+    height: int
+    samples: int
+    photometric: str
+    # the whole history of lossy steps, oldest first: [(method, ratio)]
+    lossy: list[tuple[str, float]] = field(default_factory=list)
+    icc_profile: bytes | None = None
+
+    @property
+    def length(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        for a, b in self.ranges:
+            for at in range(a, b, size):
+                yield self.source[at : min(at + size, b)]
+
+
+@dataclass
+class NativePixels:
+    """Decoded 8-bit pixels (mode RGB or L), stored uncompressed (lossless)."""
+
+    image: Image.Image
+    lossy: list[tuple[str, float]] = field(default_factory=list)
+    icc_profile: bytes | None = None
+
+
+def _pn(family: str | None, given: str | None, prefix: str | None = None) -> str:
+    parts = [family or "", given or "", "", prefix or ""]
+    return "^".join(parts).rstrip("^")
+
+
+def _is_ascii(*values: object) -> bool:
+    return all(v is None or str(v).isascii() for v in values)
+
+
+def _da(moment: date | datetime | None) -> str:
+    return moment.strftime("%Y%m%d") if moment else ""
+
+
+def _tm(moment: datetime | None) -> str:
+    if not moment:
+        return ""
+    return moment.strftime("%H%M%S") + (f".{moment.microsecond:06d}" if moment.microsecond else "")
+
+
+def _dt(moment: datetime | None) -> str:
+    if not moment:
+        return ""
+    text = moment.strftime("%Y%m%d%H%M%S") + (f".{moment.microsecond:06d}" if moment.microsecond else "")
+    if moment.tzinfo is not None:
+        text += moment.strftime("%z")
+    return text
+
+
+def _ds(value: float) -> str:
+    text = f"{value:.2f}"
+    return text[:16]
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning[:64]
+    return item
+
+
+def _lo(text: str | None) -> str:
+    return (text or "").replace("\\", "/")[:64]
+
+
+def build_dataset(
+    *,
+    pixels: EncapsulatedJpeg | NativePixels,
+    patient: PatientInfo,
+    study: StudyInfo,
+    series: SeriesInfo,
+    image: ImageInfo,
+    equipment: Equipment | None = None,
+    body_site: BodySite | None = None,
+    uid_root: str = "2.25",
+    now: datetime | None = None,
+) -> Dataset:
+    """Every attribute but Pixel Data (added by write_part10)."""
+    now = now or datetime.now(timezone.utc).astimezone()
+    equipment = equipment or Equipment()
+    ds = Dataset()
+
+    names = (patient.family, patient.given, patient.prefix, series.operator, study.referring_physician)
+    texts = (image.comments, series.description, equipment.manufacturer, equipment.model, equipment.institution,
+             study.description, image.derivation, body_site.meaning if body_site else None)
+    if not _is_ascii(*names, *texts):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+
+    # SOP Common
+    ds.SOPClassUID = VL_PHOTOGRAPHIC_IMAGE
+    ds.SOPInstanceUID = image.sop_instance_uid
+    ds.InstanceCreationDate = _da(now)
+    ds.InstanceCreationTime = _tm(now)
+    ds.InstanceCreatorUID = implementation_class_uid(uid_root)
+
+    # Patient
+    ds.PatientName = _pn(patient.family, patient.given, patient.prefix)
+    ds.PatientID = _lo(patient.patient_id)
+    if patient.issuer:
+        ds.IssuerOfPatientID = _lo(patient.issuer)
+    ds.PatientBirthDate = _da(patient.birth_date)
+    ds.PatientSex = patient.sex if patient.sex in ("M", "F", "O") else ""
+    if patient.other_ids:
+        others = []
+        for value, issuer in patient.other_ids:
+            item = Dataset()
+            item.PatientID = _lo(value)
+            item.IssuerOfPatientID = _lo(issuer)
+            item.TypeOfPatientID = "TEXT"
+            others.append(item)
+        ds.OtherPatientIDsSequence = others
+
+    # General Study
+    started = study.started or image.taken_at or now
+    ds.StudyInstanceUID = study.uid
+    ds.StudyDate = _da(started)
+    ds.StudyTime = _tm(started)
+    ds.ReferringPhysicianName = study.referring_physician or ""
+    ds.StudyID = _lo(study.study_id)[:16]
+    ds.AccessionNumber = _lo(study.accession)[:16]
+    if study.description:
+        ds.StudyDescription = _lo(study.description)
+
+    # General Series
+    ds.Modality = "XC"
+    ds.SeriesInstanceUID = series.uid
+    ds.SeriesNumber = series.number if series.number is not None else ""
+    # Type 2C: present (empty when not one side), since photographed parts are often paired
+    ds.Laterality = _DICOM_LATERALITY.get(body_site.laterality, "") if body_site else ""
+    if series.description:
+        ds.SeriesDescription = _lo(series.description)
+    if series.operator:
+        ds.OperatorsName = series.operator
+
+    # General Equipment (manufacturer and model from EXIF; never serial numbers)
+    ds.Manufacturer = _lo(equipment.manufacturer)
+    if equipment.model:
+        ds.ManufacturerModelName = _lo(equipment.model)
+    if equipment.software:
+        ds.SoftwareVersions = _lo(equipment.software)
+    if equipment.institution:
+        ds.InstitutionName = _lo(equipment.institution)
+
+    # General Acquisition
+    if image.taken_at:
+        ds.AcquisitionDateTime = _dt(image.taken_at)
+
+    # General Image + VL Image
+    content = image.taken_at or now
+    ds.InstanceNumber = image.instance_number if image.instance_number is not None else ""
+    ds.PatientOrientation = ""
+    ds.ContentDate = _da(content)
+    ds.ContentTime = _tm(content)
+    ds.ImageType = ["DERIVED" if image.derived else "ORIGINAL", "PRIMARY"]
+    if image.derivation:
+        ds.DerivationDescription = image.derivation[:1024]
+    if image.comments:
+        ds.ImageComments = image.comments[:10240]
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "YES"
+    if pixels.lossy:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = [_ds(r) for _, r in pixels.lossy]
+        ds.LossyImageCompressionMethod = [m for m, _ in pixels.lossy]
+    else:
+        ds.LossyImageCompression = "00"
+
+    # Acquisition Context (Type 2: nothing structured to say)
+    ds.AcquisitionContextSequence = []
+
+    if body_site:
+        region = _code(body_site.code, SCT, body_site.meaning)
+        if body_site.laterality in LATERALITY_CODES:
+            code, meaning = LATERALITY_CODES[body_site.laterality]
+            region.AnatomicRegionModifierSequence = [_code(code, SCT, meaning)]
+        ds.AnatomicRegionSequence = [region]
+
+    # Image Pixel
+    if isinstance(pixels, EncapsulatedJpeg):
+        samples, photometric, rows, cols = pixels.samples, pixels.photometric, pixels.height, pixels.width
+    else:
+        samples = 3 if pixels.image.mode == "RGB" else 1
+        photometric = "RGB" if samples == 3 else "MONOCHROME2"
+        cols, rows = pixels.image.size
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    if pixels.icc_profile:
+        ds.ICCProfile = pixels.icc_profile
+    return ds
+
+
+def _file_meta(ds: Dataset, transfer_syntax: str, uid_root: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = implementation_class_uid(uid_root)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _encapsulated_pixel_data(chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
+    # (7FE0,0010) OB, undefined length; empty Basic Offset Table; one fragment (padded even); delimiter
+    padded = length + (length & 1)
+    yield struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+    yield struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+    yield struct.pack("<HHI", 0xFFFE, 0xE000, padded)
+    written = 0
+    for chunk in chunks:
+        written += len(chunk)
+        yield chunk
+    if written != length:
+        raise ValueError(f"JPEG stream length changed while writing ({written} != {length})")
+    if padded != length:
+        yield b"\x00"
+    yield struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def part10_chunks(ds: Dataset, pixels: EncapsulatedJpeg | NativePixels, uid_root: str = "2.25") -> tuple[str, Iterator[bytes]]:
+    """The Part 10 file as a stream of chunks (for a blob store's put_stream) and its transfer syntax UID."""
+    ts = JPEGBaseline8Bit if isinstance(pixels, EncapsulatedJpeg) else ExplicitVRLittleEndian
+    ds.file_meta = _file_meta(ds, ts, uid_root)
+    head = io.BytesIO()
+    dcmwrite(head, ds, enforce_file_format=True)
+
+    def chunks() -> Iterator[bytes]:
+        yield head.getvalue()
+        # Pixel Data is the last element (7FE0 sorts after every attribute we set)
+        if isinstance(pixels, EncapsulatedJpeg):
+            yield from _encapsulated_pixel_data(pixels.chunks(), pixels.length)
+            return
+        data = pixels.image.tobytes()
+        pad = len(data) & 1
+        yield struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, len(data) + pad)  # OB, explicit length
+        yield data
+        if pad:
+            yield b"\x00"
+
+    return ts, chunks()
+
+
+def write_part10(out: BinaryIO, ds: Dataset, pixels: EncapsulatedJpeg | NativePixels, uid_root: str = "2.25") -> str:
+    """Write the Part 10 file; returns its transfer syntax UID."""
+    ts, chunks = part10_chunks(ds, pixels, uid_root)
+    for chunk in chunks:
+        out.write(chunk)
+    return ts

@@ -1,0 +1,137 @@
+"""ACK messages per HL7 v2 chapter 2 (original and enhanced mode)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from gateway.hl7.escape import escape, printable
+from gateway.hl7.parse import Encoding, Message, parse_path
+
+# HL7 table 0357 texts
+ERROR_TEXTS = {
+    "0": "Message accepted",
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "202": "Unsupported processing id",
+    "203": "Unsupported version id",
+    "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
+    "206": "Application record locked",
+    "207": "Application internal error",
+}
+
+_counter = itertools.count(1)
+_prefix = f"{os.getpid() % 10000:04d}"
+
+
+@dataclass
+class AckError:
+    code: str  # table 0357
+    text: str
+    location: str | None = None  # e.g. PID-3(2).1, MSH-12
+    severity: str = "E"  # table 0516: E, F, I, W
+
+
+def new_control_id() -> str:
+    # unique per process and time; <= 20 characters (ST length of MSH-10 before v2.5)
+    return f"C{int(time.time() * 1000) % 10**11:011d}{_prefix}{next(_counter) % 10000:04d}"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in v.split("."))
+    except ValueError:
+        return (2, 5)
+
+
+def _erl(location: str | None, enc: Encoding) -> str:
+    """Table 0357 location as ERL: segment^sequence^field^repetition^component^subcomponent."""
+    if not location:
+        return ""
+    try:
+        seg, fld, rep, comp, sub = parse_path(location.split(" ")[0])
+    except ValueError:
+        try:
+            seg, fld, rep, comp, sub = parse_path(location.split(" ")[0] + "-0")
+        except ValueError:
+            return ""
+    c = enc.comp
+    parts = [seg, "1", str(fld) if fld else "", str(rep) if fld else "", str(comp) if "." in location else "",
+             str(sub) if location.count(".") > 1 else ""]
+    return c.join(parts).rstrip(c)
+
+
+def header_fields(msg: Message | None, raw: bytes | None) -> dict[str, str]:
+    """MSH fields to echo, from a parsed message or best effort from raw bytes whose MSH did not parse."""
+    if msg is not None:
+        h = msg.msh
+        return {f"MSH-{n}": h.raw(n) for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": msg.trigger_event}
+    out = {f"MSH-{n}": "" for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": ""}
+    if raw and raw.startswith(b"MSH|"):
+        first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+        fields = first.split("|")
+        for n in (3, 4, 5, 6, 10, 11, 12):
+            if len(fields) > n - 1:
+                # only plain text goes back: the encoding characters themselves are unknown
+                out[f"MSH-{n}"] = printable("".join(ch for ch in fields[n - 1] if ch not in "^~\\&"))[:200]
+    return out
+
+
+def build_ack(
+    msg: Message | None,
+    code: str,
+    errors: list[AckError] | None = None,
+    *,
+    raw: bytes | None = None,
+    application: str = "CLINPHOTO",
+    facility: str = "",
+    text: str | None = None,
+) -> bytes:
+    """The ACK for msg (or for raw bytes whose MSH could not be read): MSH, MSA and one ERR per error."""
+    enc = msg.enc if msg is not None else Encoding()
+    f, c = enc.field, enc.comp
+    h = header_fields(msg, raw)
+    version = h["MSH-12"].split(c)[0] if h["MSH-12"] else "2.5"
+    vt = _version_tuple(version)
+    event = h["event"]
+    msg_type = f"ACK{c}{event}{c}ACK" if event and vt >= (2, 3, 1) else (f"ACK{c}{event}" if event else "ACK")
+    now = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+    msh = [
+        "MSH", enc.comp + enc.rep + enc.esc + enc.sub,
+        escape(application, *_delims(enc)), facility and escape(facility, *_delims(enc)) or h["MSH-6"],
+        h["MSH-3"], h["MSH-4"], now, "", msg_type, new_control_id(), h["MSH-11"] or "P", h["MSH-12"] or "2.5",
+    ]
+    if msg is not None and msg.declared_charset:
+        msh += ["", "", "", "", "", msg.msh.raw(18)]
+    errors = errors or []
+    if text is None and errors:
+        text = errors[0].text
+    msa = ["MSA", code, h["MSH-10"], escape(printable(text or ""), *_delims(enc))[:80] if text else ""]
+    segments = [f.join(msh), f.join(msa).rstrip(f)]
+    for e in errors:
+        code_text = ERROR_TEXTS.get(e.code, "")
+        s = enc.sub
+        erl = _erl(e.location, enc)
+        err1 = ""
+        if vt < (2, 7):
+            # ERR-1 (ELD) for v2.1-2.6 receivers: segment^sequence^field^code&text&HL70357
+            loc = erl.split(c)
+            err1 = c.join([loc[0] if loc else "", loc[1] if len(loc) > 1 else "", loc[2] if len(loc) > 2 else "",
+                           s.join([e.code, code_text, "HL70357"])])
+        err = ["ERR", err1, erl, c.join([e.code, code_text, "HL70357"]), e.severity, "", "", "",
+               escape(printable(e.text), *_delims(enc))]
+        segments.append(f.join(err))
+    codec = msg.codec if msg is not None else "utf-8"
+    return ("\r".join(segments) + "\r").encode(codec, errors="replace")
+
+
+def _delims(enc: Encoding) -> tuple[str, str, str, str, str]:
+    return enc.field, enc.comp, enc.rep, enc.esc, enc.sub

@@ -1,0 +1,61 @@
+"""The HL7 message store: every message raw, with what was done with it and the ACK sent.
+
+Plain SQL through patient_index.Sql: this runs once or twice for every message on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.patient_index import Sql
+from store.models import Hl7Message
+
+T = Hl7Message.__table__
+
+
+@dataclass
+class StoredAck:
+    id: int
+    status: str
+    ack: bytes | None
+
+
+def find_duplicate(session: Session, app: str, facility: str, control_id: str) -> StoredAck | None:
+    row = Sql.of(session).one(
+        "SELECT id, status, ack FROM hl7_messages WHERE sending_application = ? AND sending_facility = ? AND control_id = ?",
+        (app[:200], facility[:200], control_id[:200]))
+    return StoredAck(row[0], row[1], bytes(row[2]) if row[2] is not None else None) if row else None
+
+
+def insert(session: Session, *, raw: bytes, app: str, facility: str, control_id: str, message_type: str | None,
+           trigger_event: str | None, event_time: datetime | None, peer: str | None, status: str,
+           ack: bytes | None, error: str | None, patient_id: int | None) -> int:
+    sql = Sql.of(session)
+    return sql.insert(
+        "INSERT INTO hl7_messages (sending_application, sending_facility, control_id, message_type, trigger_event, "
+        "event_time, received_at, peer, status, ack, error, patient_id, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (app[:200], facility[:200], control_id[:200], (message_type or None) and message_type[:10],
+         (trigger_event or None) and trigger_event[:10], sql.dt(event_time), sql.dt(datetime.now(timezone.utc)),
+         peer, status, ack, error, patient_id, raw))
+
+
+def record_outcome(session: Session, message_id: int, *, status: str, ack: bytes | None, error: str | None,
+                   patient_id: int | None) -> None:
+    """After a reprocess: the new status and ACK replace the old (a repeat then gets the new ACK)."""
+    Sql.of(session).run("UPDATE hl7_messages SET status = ?, ack = ?, error = ?, patient_id = ? WHERE id = ?",
+                        (status, ack, error, patient_id, message_id))
+
+
+def get(session: Session, message_id: int):
+    return session.execute(select(T).where(T.c.id == message_id)).first()
+
+
+def ids_with_status(session: Session, status: str, limit: int | None = None) -> list[int]:
+    q = select(T.c.id).where(T.c.status == status).order_by(T.c.id)
+    if limit:
+        q = q.limit(limit)
+    return list(session.execute(q).scalars())

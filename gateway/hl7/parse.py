@@ -1,0 +1,274 @@
+"""Small HL7 v2 tokenizer for the hot path.
+
+Hand-written because building hl7apy's object tree costs ~15 ms per message;
+this splits segments on CR, fields on MSH-1, and repetitions / components /
+subcomponents on MSH-2, lazily, and decodes escapes only when a value is read.
+tests/test_hl7_parse.py checks it against hl7apy with hypothesis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gateway.hl7.escape import unescape
+
+# HL7 table 0211 -> Python codec
+CHARSETS = {
+    "": None,
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
+}
+
+_SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}\Z")
+_LINE_BREAKS = re.compile(r"\r\n|\n|\r")
+
+
+class Hl7Error(Exception):
+    """A message fault with its HL7 table 0357 code and location (e.g. 'PID-3')."""
+
+    def __init__(self, code: str, text: str, location: str | None = None, *, reject: bool = False) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.location = location
+        # True: AR / CR (MSH, version, type); False: AE / CE
+        self.reject = reject
+
+
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    field: str = "|"
+    comp: str = "^"
+    rep: str = "~"
+    esc: str = "\\"
+    sub: str = "&"
+
+    @property
+    def chars(self) -> str:
+        return self.comp + self.rep + self.esc + self.sub
+
+
+def _first_segment_fields(raw: bytes) -> tuple[str, list[bytes]]:
+    start = raw.find(b"MSH")
+    if start != 0:
+        raise Hl7Error("100", "message does not start with an MSH segment", "MSH", reject=True)
+    if len(raw) < 8:
+        raise Hl7Error("101", "MSH segment is too short", "MSH-2", reject=True)
+    sep = raw[3:4]
+    end = len(raw)
+    for term in (b"\r", b"\n"):
+        k = raw.find(term)
+        if 0 <= k < end:
+            end = k
+    return sep.decode("latin-1"), raw[:end].split(sep)
+
+
+def detect_charset(raw: bytes, default: str = "utf-8") -> tuple[str, str | None]:
+    """(codec, MSH-18 as sent) for raw message bytes."""
+    _sep, parts = _first_segment_fields(raw)
+    declared = None
+    if len(parts) > 17:
+        first = parts[17]
+        for rep_char in (b"~",):
+            first = first.split(rep_char, 1)[0]
+        declared = first.decode("latin-1").strip()
+    if not declared:
+        return default, declared
+    codec = CHARSETS.get(declared.upper())
+    if codec is None:
+        raise Hl7Error("103", f"character set {declared!r} in MSH-18 is not supported", "MSH-18", reject=True)
+    return codec, declared
+
+
+class Segment:
+    """One segment; fields[n] is field n (for MSH, fields[1] is MSH-1 itself)."""
+
+    __slots__ = ("name", "fields", "msg", "_reps")
+
+    def __init__(self, name: str, fields: list[str], msg: "Message") -> None:
+        self.name = name
+        self.fields = fields
+        self.msg = msg
+        self._reps: list[list[str] | None] = [None] * len(fields)
+
+    def raw(self, n: int) -> str:
+        f = self.fields
+        return f[n] if n < len(f) else ""
+
+    def repetitions(self, n: int) -> list[str]:
+        cache = self._reps
+        if n >= len(cache):
+            return []
+        reps = cache[n]
+        if reps is None:
+            v = self.fields[n]
+            if not v:
+                reps = []
+            elif n <= 2 and self.name == "MSH":
+                reps = [v]  # MSH-1 and MSH-2 hold the delimiters themselves
+            else:
+                reps = v.split(self.msg.enc.rep)
+            cache[n] = reps
+        return reps
+
+    def get(self, n: int, comp: int = 1, sub: int = 1, rep: int = 1, *, decode: bool = True) -> str:
+        """Field n, repetition rep, component comp, subcomponent sub (all 1-based), escapes decoded."""
+        if self.name == "MSH" and n <= 2:
+            return self.raw(n) if comp == 1 and sub == 1 and rep == 1 else ""
+        reps = self.repetitions(n)
+        if rep > len(reps):
+            return ""
+        value = component(reps[rep - 1], comp, sub, self.msg.enc)
+        return self.msg.decode(value) if decode else value
+
+    def __repr__(self) -> str:  # never prints patient data
+        return f"<Segment {self.name} ({len(self.fields) - 1} fields)>"
+
+
+def component(rep_value: str, comp: int, sub: int, enc: Encoding) -> str:
+    comps = rep_value.split(enc.comp)
+    if comp > len(comps):
+        return ""
+    subs = comps[comp - 1].split(enc.sub)
+    if sub > len(subs):
+        return ""
+    return subs[sub - 1]
+
+
+class Message:
+    __slots__ = ("raw", "text", "enc", "codec", "declared_charset", "segments", "fault", "_by_name")
+
+    def __init__(self, raw: bytes, text: str, enc: Encoding, codec: str, declared: str | None,
+                 segments: list[Segment], fault: Hl7Error | None) -> None:
+        self.raw = raw
+        self.text = text
+        self.enc = enc
+        self.codec = codec
+        self.declared_charset = declared
+        self.segments = segments
+        # a fault found while tokenizing past the MSH (bad charset bytes, a malformed segment): AE
+        self.fault = fault
+        by_name: dict[str, list[Segment]] = {}
+        for s in segments:
+            by_name.setdefault(s.name, []).append(s)
+        self._by_name = by_name
+
+    @property
+    def msh(self) -> Segment:
+        return self.segments[0]
+
+    def segment(self, name: str, index: int = 0) -> Segment | None:
+        found = self._by_name.get(name)
+        if not found or index >= len(found):
+            return None
+        return found[index]
+
+    def all(self, name: str) -> list[Segment]:
+        return self._by_name.get(name, [])
+
+    def decode(self, value: str) -> str:
+        e = self.enc
+        return unescape(value, e.field, e.comp, e.rep, e.esc, e.sub, self.codec)
+
+    def get(self, path: str) -> str:
+        """Value at a path such as 'PID-5.1', 'PID-3(2).4', 'MSH-9.2' (first occurrence of the segment)."""
+        seg, field, rep, comp, sub = parse_path(path)
+        s = self.segment(seg)
+        if s is None:
+            return ""
+        return s.get(field, comp, sub, rep)
+
+    # header fields used by every handler
+    @property
+    def control_id(self) -> str:
+        return self.msh.get(10)
+
+    @property
+    def message_type(self) -> str:
+        return self.msh.get(9, 1)
+
+    @property
+    def trigger_event(self) -> str:
+        return self.msh.get(9, 2)
+
+    @property
+    def version(self) -> str:
+        return self.msh.get(12, 1)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.message_type}^{self.trigger_event} id={self.control_id!r} segments={len(self.segments)}>"
+
+
+_PATH = re.compile(r"([A-Z][A-Z0-9]{2})-(\d+)(?:\((\d+)\))?(?:\.(\d+))?(?:\.(\d+))?\Z")
+
+
+@lru_cache(maxsize=4096)
+def parse_path(path: str) -> tuple[str, int, int, int, int]:
+    """'PID-3(2).4.1' -> ('PID', 3, 2, 4, 1)."""
+    m = _PATH.match(path)
+    if not m:
+        raise ValueError(f"not an HL7 field path: {path!r} (expected e.g. PID-5.1 or PID-3(2).4)")
+    seg, field, rep, comp, sub = m.groups()
+    return seg, int(field), int(rep or 1), int(comp or 1), int(sub or 1)
+
+
+def parse(raw: bytes, default_charset: str = "utf-8") -> Message:
+    """Tokenize one HL7 v2 message (the bytes inside an MLLP frame).
+
+    Raises Hl7Error(reject=True) when the MSH cannot be read.
+    """
+    raw = raw.lstrip(b"\r\n\t ")
+    sep, _parts = _first_segment_fields(raw)
+    if sep in ("\r", "\n") or sep.isalnum() or sep.isspace() or ord(sep) > 127:
+        raise Hl7Error("102", f"MSH-1 field separator {sep!r} is not usable", "MSH-1", reject=True)
+    enc_field = _parts[1].decode("latin-1") if len(_parts) > 1 else ""
+    if len(enc_field) not in (4, 5):
+        raise Hl7Error("102", "MSH-2 must hold 4 encoding characters (component, repetition, escape, subcomponent)",
+                       "MSH-2", reject=True)
+    chars = enc_field[:4]
+    if len(set(chars + sep)) != 5 or any(c.isalnum() or c.isspace() or ord(c) > 127 for c in chars):
+        raise Hl7Error("102", "MSH-2 encoding characters must be 4 distinct punctuation characters differing from MSH-1",
+                       "MSH-2", reject=True)
+    enc = Encoding(sep, chars[0], chars[1], chars[2], chars[3])
+    codec, declared = detect_charset(raw, default_charset)
+    fault = None
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        fault = Hl7Error("102", f"bytes at offset {exc.start} are not valid {declared or codec}", "MSH-18")
+        text = raw.decode(codec, errors="replace")
+    segments: list[Segment] = []
+    for line in _LINE_BREAKS.split(text):
+        if not line:
+            continue
+        name = line[:3]
+        if not _SEGMENT_NAME.match(name) or (len(line) > 3 and line[3] != sep):
+            if segments and line.strip() == "":
+                continue
+            where = f"segment {len(segments) + 1}"
+            if not segments:
+                raise Hl7Error("100", "the MSH segment is malformed", "MSH", reject=True)
+            if fault is None:
+                fault = Hl7Error("100", f"{where} does not start with a segment name and field separator", where)
+            continue
+        fields = line.split(sep)
+        if name == "MSH":
+            fields.insert(1, sep)
+        segments.append(Segment(name, fields, None))  # type: ignore[arg-type]
+    msg = Message(raw, text, enc, codec, declared, segments, fault)
+    for s in segments:
+        s.msg = msg
+    return msg

@@ -1,0 +1,227 @@
+"""From raw message bytes to a stored message, an applied change and the ACK to send.
+
+`prepare` is pure (tokenize, check the header, map); `apply` runs inside the
+group-commit transaction: duplicate check, the change inside a SAVEPOINT (so one
+bad message never spoils its batch), the stored message row, the ACK.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from gateway.hl7 import message_store
+from gateway.hl7.ack import AckError, build_ack, header_fields
+from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
+from gateway.hl7.config import Hl7Settings
+from gateway.hl7.parse import Hl7Error, Message, parse
+from gateway.patient_index import Actor, PatientIndex, PatientIndexError
+from mapping.engine import Mapper, MappingFault
+from store.audit import AuditEntry
+
+log = logging.getLogger("clinphoto.hl7")
+
+
+@dataclass
+class Prepared:
+    raw: bytes
+    peer: str | None
+    msg: Message | None = None
+    app: str = ""
+    facility: str = ""
+    control_id: str = ""
+    message_type: str = ""
+    event: str = ""
+    event_time: datetime | None = None
+    reject: AckError | None = None  # AR / CR: header, version or type problem
+    error: AckError | None = None  # AE / CE: understood, cannot be applied
+    ignore: bool = False  # a type we do not handle, accepted without change
+    mapped: MappedAdt | None = None
+
+
+@dataclass
+class Result:
+    ack: bytes | None  # None: the sender asked for no accept ACK (enhanced mode NE/ER/SU)
+    status: str
+    message_id: int | None = None
+    patient_id: int | None = None
+    duplicate: bool = False
+    audit: list[AuditEntry] = field(default_factory=list)
+    code: str = "AA"
+
+
+class Processor:
+    def __init__(self, settings: Hl7Settings, mapper: Mapper) -> None:
+        self.settings = settings
+        self.mapper = mapper
+
+    # -- outside the transaction ------------------------------------------------------
+
+    def prepare(self, raw: bytes, peer: str | None = None) -> Prepared:
+        p = Prepared(raw=raw, peer=peer)
+        try:
+            msg = parse(raw, self.settings.default_charset)
+        except Hl7Error as exc:
+            h = header_fields(None, raw)
+            p.app, p.facility = h["MSH-3"], h["MSH-4"]
+            p.reject = AckError(exc.code, exc.text, exc.location)
+            return p
+        p.msg = msg
+        h = msg.msh
+        p.app, p.facility, p.control_id = h.raw(3), h.raw(4), h.get(10).strip()
+        p.message_type = msg.message_type.strip()
+        p.event = (msg.trigger_event or (msg.segment("EVN").get(1) if msg.segment("EVN") else "")).strip()
+        try:
+            p.event_time = self.mapper.event_time(msg)
+        except MappingFault:
+            p.event_time = None
+        if not p.control_id:
+            p.reject = AckError("101", "MSH-10 message control id is empty", "MSH-10")
+        elif not p.message_type:
+            p.reject = AckError("101", "MSH-9 message type is empty", "MSH-9")
+        elif msg.version not in self.settings.supported_versions:
+            p.reject = AckError("203", f"HL7 version {msg.version!r} in MSH-12 is not supported", "MSH-12")
+        if p.reject:
+            return p
+        handler_known = p.message_type == "ADT" and p.event in HANDLERS
+        if not handler_known:
+            action = (self.settings.type_actions.get(f"{p.message_type}^{p.event}")
+                      or self.settings.type_actions.get(p.message_type) or self.settings.unknown_action)
+            if action == "reject":
+                code, where = ("201", "MSH-9.2") if p.message_type == "ADT" else ("200", "MSH-9.1")
+                p.reject = AckError(code, f"message type {p.message_type}^{p.event} is not accepted here", where)
+            else:
+                p.ignore = True
+            return p
+        if msg.fault is not None:
+            p.error = AckError(msg.fault.code, msg.fault.text, msg.fault.location)
+            return p
+        if self.settings.strict_validation:
+            fault = strict_check(msg)
+            if fault:
+                p.error = fault
+                return p
+        try:
+            patients = self.mapper.patients(msg)
+            if p.event in MERGE_EVENTS and not msg.segment("MRG"):
+                raise MappingFault("100", f"{p.event} needs an MRG segment after the PID", "MRG")
+            encounter = self.mapper.encounter(msg) if p.event not in MERGE_EVENTS else None
+            if p.event_time is None and (msg.get("EVN-2") or msg.get("MSH-7")):
+                self.mapper.event_time(msg)  # raises the date error with its location
+            p.mapped = MappedAdt(p.event, patients, encounter, p.event_time)
+        except MappingFault as exc:
+            p.error = AckError(exc.code, exc.text, exc.location)
+        return p
+
+    # -- inside the group-commit transaction ----------------------------------------------
+
+    def apply(self, session: Session, p: Prepared) -> Result:
+        control_id = p.control_id
+        if p.msg is not None and control_id:
+            dup = message_store.find_duplicate(session, p.app, p.facility, control_id)
+            if dup is not None:
+                log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
+                return Result(ack=dup.ack, status=dup.status, message_id=dup.id, duplicate=True)
+        else:
+            control_id = f"unparsed-{uuid.uuid4().hex}"
+        status, code, errors, text, patient_id, audit = self._outcome(session, p)
+        ack = self._ack(p, code, errors, text)
+        error_text = "; ".join(f"{e.code} {e.location or ''}: {e.text}" for e in errors) or (f"note: {text}" if text else None)
+        mid = message_store.insert(
+            session, raw=p.raw, app=p.app, facility=p.facility, control_id=control_id, message_type=p.message_type,
+            trigger_event=p.event, event_time=p.event_time, peer=p.peer, status=status, ack=ack, error=error_text,
+            patient_id=patient_id)
+        if status in ("error", "rejected"):
+            log.warning("HL7 message %s (%s^%s) from %s %s: %s", p.control_id or "?", p.message_type, p.event,
+                        p.app, status, "; ".join(f"{e.code} at {e.location}" for e in errors))
+        return Result(ack=ack, status=status, message_id=mid, patient_id=patient_id, audit=audit, code=code)
+
+    def reapply(self, session: Session, message_id: int) -> Result:
+        """Apply a stored message again (after a mapping fix); its row gets the new status and ACK."""
+        row = message_store.get(session, message_id)
+        if row is None:
+            raise LookupError(f"no stored HL7 message with id {message_id}")
+        p = self.prepare(bytes(row.raw), row.peer)
+        status, code, errors, text, patient_id, audit = self._outcome(session, p)
+        ack = self._ack(p, code, errors, text)
+        error_text = "; ".join(f"{e.code} {e.location or ''}: {e.text}" for e in errors) or (f"note: {text}" if text else None)
+        message_store.record_outcome(session, message_id, status=status, ack=ack, error=error_text, patient_id=patient_id)
+        return Result(ack=ack, status=status, message_id=message_id, patient_id=patient_id, audit=audit, code=code)
+
+    def _outcome_without_store(self, p: Prepared):
+        """What can be known without the database (the mapping bench)."""
+        if p.reject or p.error or p.ignore:
+            return self._outcome(None, p)  # type: ignore[arg-type]
+        return "would apply", "AA", [], "not applied: mapping test", None, []
+
+    def _outcome(self, session: Session, p: Prepared):
+        if p.reject:
+            return "rejected", "AR", [p.reject], None, None, []
+        if p.error:
+            return "error", "AE", [p.error], None, None, []
+        if p.ignore:
+            return "ignored", "AA", [], "message type not processed here; stored", None, []
+        actor = Actor(who=_plain(p.app) or "hl7", network=p.peer,
+                      reference={"type": "hl7-message", "id": f"{_plain(p.app)}/{_plain(p.facility)}/{p.control_id}"})
+        index = PatientIndex(session, actor, self.settings.merged_policy)
+        savepoint = index.sql.savepoint()
+        try:
+            out = HANDLERS[p.event](index, p.mapped)
+            index.sql.release(savepoint)
+        except PatientIndexError as exc:
+            index.sql.rollback_to(savepoint)
+            return "error", "AE", [AckError(exc.code, exc.text, exc.location)], None, None, []
+        except Exception as exc:  # a bug or a database constraint: this message only (its savepoint is undone)
+            index.sql.rollback_to(savepoint)
+            # the exception text may quote identifiers (e.g. a PostgreSQL key DETAIL): type only above DEBUG
+            log.error("HL7 message %s could not be applied: %s", p.control_id, type(exc).__name__)
+            log.debug("HL7 message %s failure", p.control_id, exc_info=True)
+            text = f"application internal error ({type(exc).__name__}); stored for reprocessing"
+            return "error", "AE", [AckError("207", text, None)], None, None, []
+        text = "; ".join(out.notes) or None
+        return "applied", "AA", [], text, out.patient_id, one_entry_per_patient(out.audit)
+
+    def _ack(self, p: Prepared, code: str, errors: list[AckError], text: str | None) -> bytes | None:
+        s = self.settings
+        msg = p.msg
+        if msg is not None and (msg.msh.get(15) or msg.msh.get(16)):
+            # enhanced mode: an accept acknowledgement, sent as MSH-15 asks (AL, NE, ER, SU)
+            code = {"AA": "CA", "AE": "CE", "AR": "CR"}[code]
+            wanted = msg.msh.get(15).strip() or "AL"
+            if wanted == "NE" or (wanted == "ER" and code == "CA") or (wanted == "SU" and code != "CA"):
+                return None
+        return build_ack(msg, code, errors, raw=p.raw, application=s.receiving_application,
+                         facility=s.receiving_facility, text=text)
+
+
+def one_entry_per_patient(entries: list[AuditEntry]) -> list[AuditEntry]:
+    """One audit record per patient per message (e.g. demographics + encounter): the same facts, fewer rows."""
+    by_patient: dict[int | None, AuditEntry] = {}
+    for e in entries:
+        first = by_patient.get(e.patient_id)
+        if first is None:
+            by_patient[e.patient_id] = e
+            continue
+        first.subtype = f"{first.subtype}+{e.subtype}"
+        first.detail = {**first.detail, (e.subtype or "change"): e.detail}
+    return list(by_patient.values())
+
+
+def _plain(hd: str) -> str:
+    return hd.split("^")[0][:100]
+
+
+def strict_check(msg: Message) -> AckError | None:
+    """Full structural validation with hl7apy (optional: ~15 ms per message)."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    try:
+        parse_message(msg.text.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    except Exception as exc:  # hl7apy raises many types; any means "not valid"
+        return AckError("102", f"strict validation failed: {' '.join(str(exc).split())[:200]}", None)
+    return None

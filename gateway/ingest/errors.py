@@ -1,0 +1,48 @@
+"""Why the pipeline refused something: a stable code plus a message naming the cause.
+
+Protocol-free: each door maps the code to its own form (HTTP status, DIMSE status,
+a row in the import's rejected.csv).
+"""
+
+from __future__ import annotations
+
+# codes
+UNSUPPORTED_TYPE = "unsupported-type"  # not an image format we accept (sniffed from content)
+CORRUPT = "corrupt"  # truncated or damaged image data
+TOO_MANY_PIXELS = "too-many-pixels"  # over the pixel limit (from the header, before decoding)
+TOO_LARGE = "too-large"  # over the byte limit
+NOT_FAITHFUL = "not-faithful"  # cannot be represented truthfully as a VL Photographic Image
+BAD_METADATA = "bad-metadata"  # a metadata key or value is wrong
+UNKNOWN_PATIENT = "unknown-patient"
+UNKNOWN_ENCOUNTER = "unknown-encounter"
+UNKNOWN_CONSENT = "unknown-consent"
+IDEMPOTENCY_CONFLICT = "idempotency-conflict"  # key reused for a different request
+NO_FILES = "no-files"
+DUPLICATE_INSTANCE = "duplicate-instance"  # a DICOM door sent a known SOP Instance UID with other content
+
+
+class IngestRejected(Exception):
+    """Refused input; nothing was stored."""
+
+    def __init__(self, code: str, message: str, *, item: int | None = None, filename: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.item = item
+        self.filename = filename
+        self.field = field
+
+    def to_dict(self) -> dict:
+        out = {"code": self.code, "message": self.message}
+        if self.item is not None:
+            out["item"] = self.item
+        if self.filename:
+            out["filename"] = self.filename
+        if self.field:
+            out["field"] = self.field
+        return out
+
+    def for_item(self, index: int, filename: str | None) -> IngestRejected:
+        self.item = index
+        self.filename = filename
+        return self

@@ -1,0 +1,214 @@
+"""Bulk import of a legacy archive: a folder of photos plus a CSV manifest, through the same pipeline.
+
+Manifest columns (header row; only `file` and `patient` are required):
+
+    file, patient, encounter, bodySite, laterality, bodySiteDisplay, view, specialty, sensitivity,
+    consentId, consentLevel, consentGivenBy, consentCapturedBy, consentDate,
+    photographer, device, takenAt, description, session
+
+`file` is relative to DIR (paths leaving DIR are refused). Photos of one patient
+and encounter in one manifest form one series (or name a `session`).
+
+Resumable: every stored row is appended to a state file (JSON lines, fsynced), and
+a re-run skips those rows; anything refused is tried again. Content already stored
+for the patient is reported as existing, never stored twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.ingest.errors import IngestRejected
+from gateway.ingest.metadata import parse_metadata
+from gateway.ingest.pipeline import Actor, Upload, ingest
+
+REQUIRED = ("file", "patient")
+KNOWN = (
+    "file", "patient", "encounter", "bodySite", "laterality", "bodySiteDisplay", "view", "specialty", "sensitivity",
+    "consentId", "consentLevel", "consentGivenBy", "consentCapturedBy", "consentDate", "photographer", "device",
+    "takenAt", "description", "session",
+)
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (missing file, missing columns, unknown columns)."""
+
+
+@dataclass
+class Row:
+    number: int  # 1-based data row number (header excluded)
+    values: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return f"{self.number}:{self.values.get('file', '')}"
+
+
+@dataclass
+class ImportSummary:
+    total: int = 0
+    imported: int = 0
+    existing: int = 0
+    rejected: int = 0
+    resumed: int = 0  # skipped: stored by an earlier run
+    seconds: float = 0.0
+    rejected_csv: Path | None = None
+    rejections: list[tuple[Row, str, str]] = field(default_factory=list)  # (row, code, message)
+
+
+def read_manifest(path: Path) -> list[Row]:
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise ManifestError(f"manifest {path.name} lacks column(s) {', '.join(missing)} (header: {', '.join(header) or 'none'})")
+        unknown = [c for c in header if c not in KNOWN]
+        if unknown:
+            raise ManifestError(f"manifest {path.name} has unknown column(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}")
+        rows = []
+        for number, raw in enumerate(reader, start=1):
+            values = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            if any(values.values()):
+                rows.append(Row(number, values))
+        return rows
+
+
+def row_metadata(row: Row) -> dict:
+    v = row.values
+    meta: dict = {"patient": v.get("patient", "")}
+    for column, key in (("encounter", "encounter"), ("view", "view"), ("specialty", "specialty"), ("sensitivity", "sensitivity"),
+                        ("consentId", "consentId"), ("photographer", "photographer"), ("device", "device"),
+                        ("takenAt", "takenAt"), ("description", "description")):
+        if v.get(column):
+            meta[key] = v[column]
+    if v.get("bodySite"):
+        site = {"code": v["bodySite"]}
+        if v.get("laterality"):
+            site["laterality"] = v["laterality"]
+        if v.get("bodySiteDisplay"):
+            site["display"] = v["bodySiteDisplay"]
+        meta["bodySite"] = site
+    if v.get("consentLevel") or v.get("consentGivenBy"):
+        consent = {"level": v.get("consentLevel", ""), "givenBy": v.get("consentGivenBy", "")}
+        if v.get("consentCapturedBy"):
+            consent["capturedBy"] = v["consentCapturedBy"]
+        if v.get("consentDate"):
+            consent["date"] = v["consentDate"]
+        meta["consent"] = consent
+    return meta
+
+
+class StateFile:
+    """Rows already stored, one JSON line each; appended and fsynced after every commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: set[str] = set()
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    self.done.add(json.loads(line)["row"])
+                except (ValueError, KeyError):
+                    continue  # a torn last line from a crash: that row is simply tried again
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, row: Row, asset_ids: list[str], status: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"row": row.key, "assets": asset_ids, "status": status}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(row.key)
+
+
+def default_state_path(data_dir: Path, folder: Path, manifest: Path) -> Path:
+    ident = hashlib.sha256(f"{folder.resolve()}|{manifest.resolve()}".encode()).hexdigest()[:16]
+    return data_dir / "imports" / f"{manifest.stem}-{ident}.jsonl"
+
+
+def _inside(folder: Path, relative: str) -> Path | None:
+    candidate = (folder / relative).resolve()
+    try:
+        candidate.relative_to(folder.resolve())
+    except ValueError:
+        return None
+    return candidate
+
+
+def run_import(
+    gw,
+    folder: Path,
+    manifest: Path,
+    actor: Actor,
+    *,
+    state_path: Path | None = None,
+    rejected_csv: Path | None = None,
+    on_progress: Callable[[Row, str], None] | None = None,
+) -> ImportSummary:
+    started = time.monotonic()
+    rows = read_manifest(manifest)
+    state = StateFile(state_path or default_state_path(gw.settings.data_dir, folder, manifest))
+    summary = ImportSummary(total=len(rows))
+    for row in rows:
+        if row.key in state.done:
+            summary.resumed += 1
+            if on_progress:
+                on_progress(row, "resumed")
+            continue
+        outcome = _import_row(gw, folder, manifest, row, actor, state, summary)
+        if on_progress:
+            on_progress(row, outcome)
+    summary.seconds = time.monotonic() - started
+    if summary.rejections:
+        target = rejected_csv or manifest.with_name(f"{manifest.stem}.rejected.csv")
+        write_rejected(target, summary.rejections)
+        summary.rejected_csv = target
+    return summary
+
+
+def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state: StateFile, summary: ImportSummary) -> str:
+    relative = row.values.get("file", "")
+    path = _inside(folder, relative) if relative else None
+    try:
+        if not relative:
+            raise IngestRejected("bad-manifest", "empty 'file' column")
+        if path is None:
+            raise IngestRejected("bad-manifest", f"{relative!r} is outside the import folder")
+        if not path.is_file():
+            raise IngestRejected("missing-file", f"no such file: {relative}")
+        meta = parse_metadata(row_metadata(row))
+        session = row.values.get("session") or f"import|{manifest.name}|{meta.patient}|{meta.encounter or ''}"
+        result = ingest(gw, [Upload(path, filename=relative)], meta, actor, source="import", session_key=session)
+    except IngestRejected as exc:
+        summary.rejected += 1
+        summary.rejections.append((row, exc.code, exc.message))
+        return "rejected"
+    status = result.photos[0].status
+    state.record(row, [p.asset_id for p in result.photos], status)
+    if status == "created":
+        summary.imported += 1
+    else:
+        summary.existing += 1
+    return status
+
+
+def write_rejected(path: Path, rejections: list[tuple[Row, str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "file", "patient", "code", "reason"])
+        for row, code, message in rejections:
+            writer.writerow([row.number, row.values.get("file", ""), row.values.get("patient", ""), code, message])
+
+
+def iter_rows(path: Path) -> Iterator[Row]:
+    yield from read_manifest(path)

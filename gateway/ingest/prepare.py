@@ -1,0 +1,347 @@
+"""One file in, everything derived out — no database, no protocol.
+
+Checks (type from content, byte and pixel limits from headers, decodability),
+reads the allow-listed EXIF facts, and decides how the pixels go into DICOM:
+
+- upright baseline JPEG, chroma-subsampled or grey: encapsulated as it is, minus
+  metadata segments (no decode, no re-encode);
+- progressive or EXIF-rotated JPEG: jpegtran re-codes it without loss (entropy
+  re-coding, -perfect rotation); when a rotation cannot be lossless (partial edge
+  blocks) it is decoded, turned and encoded once, marked DERIVED with the history;
+- 4:4:4 or RGB-coded JPEG: see IngestSettings.jpeg_444;
+- PNG and uncompressed/lossless TIFF: stored losslessly (uncompressed);
+- HEIC/HEIF and JPEG-compressed TIFF: encoded once as baseline JPEG, both lossy
+  steps recorded in LossyImageCompressionMethod/Ratio.
+
+Refused, with a reason: CMYK/YCCK (no faithful DICOM colour model without a
+colour-managed conversion the clinician has not seen), more than 8 bits per
+sample (VL Photographic holds 8), transparency, multi-page TIFF, arithmetic /
+lossless / hierarchical JPEG processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from gateway.dicom.vlphoto import EncapsulatedJpeg, NativePixels
+from gateway.ingest import jpeg, limits
+from gateway.ingest.config import IngestSettings
+from gateway.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
+from gateway.ingest.exif import ExifFacts, read_facts, upright, upright_size
+from gateway.ingest.renditions import Renditions, from_image
+from gateway.ingest.sniff import HEAD_BYTES, sniff
+
+try:  # HEIC/HEIF support registers itself with Pillow
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - a declared dependency
+    pillow_heif = None
+
+JPEG_METHOD = "ISO_10918_1"
+HEVC_METHOD = "ISO_23008_2"
+
+
+@dataclass
+class Prepared:
+    path: Path
+    sha256: str
+    size: int
+    kind: str
+    media_type: str
+    width: int  # upright
+    height: int
+    facts: ExifFacts
+    pixels: EncapsulatedJpeg | NativePixels
+    derived: bool
+    derivation: str | None
+    renditions: Renditions
+    _closers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        """Release files, temp files and decoded pixels (the object is spent afterwards)."""
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception:
+                pass
+        self._closers.clear()
+        if isinstance(self.pixels, NativePixels):
+            self.pixels.image = None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_image(path: Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise limits.refuse_unfaithful(str(exc)) from None
+        except Exception as exc:
+            raise IngestRejected(CORRUPT, f"corrupt or truncated image: {exc}") from None
+
+
+def _load(image: Image.Image, what: str) -> None:
+    try:
+        image.load()
+    except Exception as exc:
+        raise IngestRejected(CORRUPT, f"corrupt or truncated {what}: {exc}") from None
+
+
+def _ratio(width: int, height: int, samples: int, compressed: int) -> float:
+    return (width * height * samples) / max(compressed, 1)
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    # 4:2:0 so the result is YBR_FULL_422, the form the VL Image IOD requires for JPEG
+    image.save(out, "JPEG", quality=quality, subsampling=2 if image.mode == "RGB" else 0, progressive=False)
+    return out.getvalue()
+
+
+def _encapsulate(buf, info: jpeg.JpegInfo, lossy: list[tuple[str, float]]) -> EncapsulatedJpeg:
+    ranges = jpeg.clean_ranges(info)
+    return EncapsulatedJpeg(
+        source=buf, ranges=ranges, width=info.width, height=info.height, samples=len(info.components),
+        photometric=info.photometric, lossy=lossy, icc_profile=info.icc_profile,
+    )
+
+
+def _native(image: Image.Image, lossy: list[tuple[str, float]], icc: bytes | None) -> NativePixels:
+    mode = "L" if image.mode in ("L", "1") else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    return NativePixels(image=image, lossy=lossy, icc_profile=icc)
+
+
+def _check_opaque(image: Image.Image) -> Image.Image:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            raise IngestRejected(
+                NOT_FAITHFUL, "image has transparent pixels: DICOM VL Photographic has no alpha channel; flatten it first"
+            )
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    return image
+
+
+def prepare(path: Path, settings: IngestSettings, *, sha256: str | None = None, tmp_dir: Path | None = None) -> Prepared:
+    """Check and derive; raises IngestRejected with nothing left behind."""
+    size = path.stat().st_size
+    limits.check_size(size, settings.max_bytes)
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    sniffed = sniff(head)
+    digest = sha256 or sha256_of(path)
+    closers: list = []
+    try:
+        if sniffed.kind == "jpeg":
+            result = _prepare_jpeg(path, size, settings, closers, tmp_dir)
+        else:
+            result = _prepare_other(path, sniffed.kind, head, settings, closers)
+    except BaseException:
+        for closer in reversed(closers):
+            try:
+                closer()
+            except Exception:
+                pass
+        raise
+    pixels, facts, width, height, derived, derivation, rends = result
+    return Prepared(
+        path=path, sha256=digest, size=size, kind=sniffed.kind, media_type=sniffed.media_type, width=width, height=height,
+        facts=facts, pixels=pixels, derived=derived, derivation=derivation, renditions=rends, _closers=closers,
+    )
+
+
+def _map(path: Path, closers: list) -> jpeg.FileView:
+    view = jpeg.FileView(path)
+    closers.append(view.close)
+    return view
+
+
+def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list, tmp_dir: Path | None):
+    buf = _map(path, closers)
+    try:
+        info = jpeg.parse(buf, find_end=False)
+    except jpeg.JpegError as exc:
+        raise IngestRejected(CORRUPT, str(exc)) from None
+    limits.check_pixels(info.width, info.height, settings.max_pixels)
+    model = info.colour_model
+    if model in ("CMYK", "YCCK"):
+        raise IngestRejected(
+            NOT_FAITHFUL,
+            f"{model} JPEG refused: DICOM VL Photographic images are RGB/YCbCr, and converting print (CMYK) colours "
+            "to screen colours would change what the photo shows; export it as an sRGB JPEG",
+        )
+    if model not in ("GRAY", "YCbCr", "RGB"):
+        raise IngestRejected(NOT_FAITHFUL, f"JPEG with {model} refused: not a photographic colour model")
+    if info.precision != 8:
+        raise IngestRejected(NOT_FAITHFUL, f"{info.precision}-bit JPEG refused: VL Photographic images hold 8 bits per sample")
+    if info.sof not in (0xC0, 0xC1, 0xC2):
+        raise IngestRejected(UNSUPPORTED_TYPE, f"unsupported JPEG process ({info.process}): use baseline or progressive JPEG")
+    try:
+        info.eoi_end = jpeg.find_eoi(buf, info)
+    except jpeg.JpegError as exc:
+        raise IngestRejected(CORRUPT, str(exc)) from None
+
+    image = _open_image(path)
+    closers.append(image.close)
+    facts = read_facts(image)
+    orientation = facts.orientation
+    width, height = upright_size(info.width, info.height, orientation)
+    original_ratio = _ratio(info.width, info.height, len(info.components), info.eoi_end)
+
+    # renditions first: the draft-mode decode also proves the entropy-coded data decodes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rends = from_image(
+                image, orientation, preview=settings.preview_size, thumbnail=settings.thumbnail_size,
+                quality=settings.rendition_quality, min_fraction=settings.preview_min_fraction,
+            )
+    except IngestRejected:
+        raise
+    except Exception as exc:
+        raise IngestRejected(CORRUPT, f"corrupt or truncated JPEG: {exc}") from None
+
+    derived, derivation = False, None
+    src_buf, src_info, src_path = buf, info, path
+    if not info.baseline or orientation != 1:
+        try:
+            recoded = jpeg.recode_to_temp(path, orientation, tmp_dir)
+            closers.append(lambda p=recoded: p.unlink(missing_ok=True))
+            src_buf, src_path = _map(recoded, closers), recoded
+            src_info = jpeg.parse(src_buf)
+            if not src_info.baseline:
+                raise jpeg.LosslessNotPossible("jpegtran did not produce a baseline JPEG")
+            steps = []
+            if info.progressive:
+                steps.append("progressive JPEG re-coded as baseline without loss (jpegtran)")
+            if orientation != 1:
+                steps.append(f"EXIF orientation {orientation} applied without loss (jpegtran -perfect)")
+            derivation = "; ".join(steps) or None
+        except jpeg.LosslessNotPossible:
+            # partial edge blocks: turn the decoded pixels and encode once
+            full = _open_image(path)
+            closers.append(full.close)
+            _load(full, "JPEG")
+            turned = upright(full.convert("L" if model == "GRAY" else "RGB"), orientation)
+            encoded = _encode_jpeg(turned, settings.encode_quality)
+            src_buf = encoded
+            src_info = jpeg.parse(encoded)
+            derived = True
+            derivation = (
+                f"EXIF orientation {orientation} applied to the decoded image (size not a multiple of the JPEG block, "
+                f"so not possible without loss) and encoded once as baseline JPEG, quality {settings.encode_quality}"
+            )
+            new_ratio = _ratio(src_info.width, src_info.height, len(src_info.components), len(encoded))
+            return (
+                _encapsulate(src_buf, src_info, [(JPEG_METHOD, original_ratio), (JPEG_METHOD, new_ratio)]),
+                facts, width, height, derived, derivation, rends,
+            )
+        except jpeg.JpegError as exc:
+            raise IngestRejected(CORRUPT, str(exc)) from None
+
+    if src_info.colour_model == "GRAY" or src_info.subsampled or settings.jpeg_444 == "wrap":
+        return _encapsulate(src_buf, src_info, [(JPEG_METHOD, original_ratio)]), facts, width, height, derived, derivation, rends
+
+    # 4:4:4 YCbCr or RGB-coded: keep the decoded pixels losslessly (see IngestSettings.jpeg_444)
+    full = _open_image(src_path)
+    closers.append(full.close)
+    _load(full, "JPEG")
+    note = f"{src_info.subsampling_label if src_info.colour_model == 'YCbCr' else 'RGB-coded'} JPEG decoded and stored without further loss"
+    derivation = f"{derivation}; {note}" if derivation else note
+    return _native(full, [(JPEG_METHOD, original_ratio)], src_info.icc_profile), facts, width, height, derived, derivation, rends
+
+
+def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings, closers: list):
+    if kind == "png":
+        header = limits.png_header(head)
+        limits.check_pixels(header.width, header.height, settings.max_pixels)
+        if head[24] == 16:
+            raise IngestRejected(
+                NOT_FAITHFUL,
+                "16-bit PNG refused: VL Photographic images hold 8 bits per sample and reducing the depth would discard "
+                "data; export the photo as an 8-bit PNG or JPEG",
+            )
+    else:
+        header = limits.tiff_or_heif_header(path)
+        limits.check_pixels(header.width, header.height, settings.max_pixels)
+
+    image = _open_image(path)
+    closers.append(image.close)
+    facts = read_facts(image)
+    lossy: list[tuple[str, float]] = []
+    derivation = None
+    if kind == "tiff":
+        if getattr(image, "n_frames", 1) > 1:
+            raise IngestRejected(NOT_FAITHFUL, "multi-page TIFF refused: send one photo per file")
+        bits = image.tag_v2.get(258, (8,)) if hasattr(image, "tag_v2") else (8,)
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if any(b > 8 for b in bits):
+            # Pillow would quietly drop the low byte of a 48-bit RGB TIFF; refuse instead
+            raise IngestRejected(
+                NOT_FAITHFUL,
+                f"{max(bits)}-bit TIFF refused: VL Photographic images hold 8 bits per sample and reducing the depth "
+                "would discard data; export the photo as an 8-bit TIFF or JPEG",
+            )
+        if image.mode in ("CMYK",):
+            raise IngestRejected(NOT_FAITHFUL, "CMYK TIFF refused: export the photo as 8-bit RGB")
+        if image.mode not in ("RGB", "L", "RGBA", "P", "1"):
+            raise IngestRejected(
+                NOT_FAITHFUL, f"TIFF with pixel mode {image.mode} refused: only 8-bit RGB (or grey) TIFF is accepted"
+            )
+    if kind == "heif":
+        bit_depth = image.info.get("bit_depth", 8)
+        if image.mode not in ("RGB", "RGBA", "L"):
+            raise IngestRejected(NOT_FAITHFUL, f"HEIF with pixel mode {image.mode} refused")
+    if kind == "png" and image.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):
+        raise IngestRejected(NOT_FAITHFUL, f"PNG with pixel mode {image.mode} refused: only 8-bit colour or grey PNG is accepted")
+    icc = image.info.get("icc_profile") or None
+    _load(image, {"png": "PNG", "tiff": "TIFF", "heif": "HEIC/HEIF"}[kind])
+    image = _check_opaque(image)
+    if image.mode == "1":
+        image = image.convert("L")
+    orientation = facts.orientation
+    turned = upright(image, orientation)
+    width, height = turned.size
+    samples = 1 if turned.mode == "L" else 3
+    rends = from_image(
+        turned, 1, preview=settings.preview_size, thumbnail=settings.thumbnail_size, quality=settings.rendition_quality
+    )
+
+    tiff_jpeg = kind == "tiff" and str(image.info.get("compression", "")).lower() in ("jpeg", "tiff_jpeg")
+    if kind == "heif" or tiff_jpeg:
+        source_method = HEVC_METHOD if kind == "heif" else JPEG_METHOD
+        lossy.append((source_method, _ratio(width, height, samples, os.path.getsize(path))))
+        encoded = _encode_jpeg(turned, settings.encode_quality)
+        info = jpeg.parse(encoded)
+        lossy.append((JPEG_METHOD, _ratio(width, height, samples, len(encoded))))
+        what = "HEIC/HEIF (HEVC)" if kind == "heif" else "JPEG-compressed TIFF"
+        depth = f", {bit_depth}-bit reduced to 8-bit" if kind == "heif" and bit_depth > 8 else ""
+        derivation = f"decoded from {what}{depth} and encoded once as baseline JPEG, quality {settings.encode_quality}"
+        if orientation != 1:
+            derivation += f"; EXIF orientation {orientation} applied"
+        pixels = _encapsulate(encoded, info, lossy)
+        pixels.icc_profile = icc
+        return pixels, facts, width, height, True, derivation, rends
+    if orientation != 1:
+        derivation = f"EXIF orientation {orientation} applied (lossless)"
+    return _native(turned, lossy, icc), facts, width, height, False, derivation, rends

@@ -1,0 +1,460 @@
+"""The patient index: register, update, merge and re-identify patients and encounters.
+
+Protocol-free: HL7 (and anything else) hands in plain dataclasses. Runs inside the
+caller's write transaction and returns the audit entries for the caller to append
+in that same transaction. SQLAlchemy Core statements, because this is on the
+ADT hot path (thousands of messages a second) and the ORM unit of work costs
+several times more per row: statements go straight to the DB-API cursor of the
+session's connection (same transaction), see `Sql`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import date, datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from store import audit
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()  # "not sent": keep what is stored (None means "clear it")
+
+
+@dataclass
+class IdentifierData:
+    system: str
+    value: str
+    type_code: str | None = None
+    assigner: str | None = None
+    # where it came from, for error messages (e.g. 'PID-3(2)')
+    location: str | None = None
+
+
+@dataclass
+class PatientData:
+    identifiers: list[IdentifierData] = field(default_factory=list)
+    family_name: Any = UNSET
+    given_names: Any = UNSET
+    name_prefix: Any = UNSET
+    birth_date: Any = UNSET
+    sex: Any = UNSET
+    deceased_at: Any = UNSET
+    nhs_number_status: Any = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        return {name: v for name in _PATIENT_FIELDS if (v := getattr(self, name)) is not UNSET}
+
+
+@dataclass
+class EncounterData:
+    visit_number: str | None = None
+    visit_system: str = ""
+    class_code: Any = UNSET
+    status: Any = UNSET
+    location: Any = UNSET
+    specialty: Any = UNSET
+    attending_id: Any = UNSET
+    attending_name: Any = UNSET
+    admitted_at: Any = UNSET
+    discharged_at: Any = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        return {name: v for name in _ENCOUNTER_FIELDS if (v := getattr(self, name)) is not UNSET}
+
+
+_PATIENT_FIELDS = tuple(f.name for f in fields(PatientData) if f.name != "identifiers")
+_ENCOUNTER_FIELDS = tuple(f.name for f in fields(EncounterData) if f.name not in ("visit_number", "visit_system"))
+
+
+class PatientIndexError(Exception):
+    """Understood but cannot be applied; code from HL7 table 0357 (the caller's protocol may reuse it)."""
+
+    def __init__(self, code: str, text: str, location: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.location = location
+
+
+@dataclass
+class Outcome:
+    patient_id: int | None = None
+    encounter_id: int | None = None
+    notes: list[str] = field(default_factory=list)
+    audit: list[audit.AuditEntry] = field(default_factory=list)
+    changed: bool = False
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; all stored times are UTC
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+MergedPolicy = Literal["reject", "survivor"]
+
+
+@dataclass
+class Actor:
+    """Who is changing the index (for the audit record)."""
+
+    who: str
+    role: str = "hl7-sender"
+    network: str | None = None
+    reference: dict | None = None  # e.g. {"type": "hl7-message", "id": "SENDER/123"}
+
+
+class Sql:
+    """Plain SQL on the session's own DB-API connection (inside its transaction).
+
+    Hand-written because SQLAlchemy's statement compilation and execution
+    context cost ~100 us per statement, which alone would cap ADT at a few
+    hundred messages a second; the raw cursor costs ~10 us. Statements use `?`;
+    `%s` is substituted for psycopg. Times are written the way SQLAlchemy
+    stores them on each backend so ORM reads see the same values.
+    """
+
+    def __init__(self, session: Session) -> None:
+        conn = session.connection()
+        self.pg = conn.dialect.name == "postgresql"
+        self.cur = conn.connection.dbapi_connection.cursor()
+        self._sp = 0
+        self._dt_in: datetime | None = None
+        self._dt_out: str | None = None
+
+    @classmethod
+    def of(cls, session: Session) -> Sql:
+        sql = session.info.get("clinphoto_sql")
+        if sql is None or sql.cur.connection is None:
+            sql = session.info["clinphoto_sql"] = cls(session)
+        return sql
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.pg else sql
+
+    def run(self, sql: str, params: tuple | list = ()) -> int:
+        self.cur.execute(self._q(sql), params)
+        return self.cur.rowcount
+
+    def one(self, sql: str, params: tuple | list = ()):
+        self.cur.execute(self._q(sql), params)
+        return self.cur.fetchone()
+
+    def all(self, sql: str, params: tuple | list = ()) -> list:
+        self.cur.execute(self._q(sql), params)
+        return self.cur.fetchall()
+
+    def insert(self, sql: str, params: tuple | list = ()) -> int:
+        if self.pg:
+            self.cur.execute(self._q(sql) + " RETURNING id", params)
+            return self.cur.fetchone()[0]
+        self.cur.execute(sql, params)
+        return self.cur.lastrowid
+
+    def dt(self, value: datetime | None):
+        if value is None or self.pg:
+            return value
+        if value is self._dt_in:  # the same "now" is written to several columns
+            return self._dt_out
+        self._dt_in, self._dt_out = value, self._dt_text(value)
+        return self._dt_out
+
+    @staticmethod
+    def _dt_text(value: datetime) -> str:
+        if value.tzinfo is not None and value.utcoffset():
+            value = value.astimezone(timezone.utc)
+        # SQLAlchemy's SQLite DATETIME text form (what the ORM reads back)
+        return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
+            value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
+
+    def value(self, value):
+        if isinstance(value, datetime):
+            return self.dt(value)
+        if isinstance(value, date) and not self.pg:
+            return value.isoformat()
+        return value
+
+    @staticmethod
+    def read_dt(value) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return utc(value)
+
+    def savepoint(self) -> str:
+        self._sp += 1
+        name = f"cp{self._sp}"
+        self.cur.execute(f"SAVEPOINT {name}")
+        return name
+
+    def release(self, name: str) -> None:
+        self.cur.execute(f"RELEASE SAVEPOINT {name}")
+
+    def rollback_to(self, name: str) -> None:
+        self.cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
+        self.cur.execute(f"RELEASE SAVEPOINT {name}")
+
+
+class PatientIndex:
+    def __init__(self, session: Session, actor: Actor, merged_policy: MergedPolicy = "reject") -> None:
+        self.s = session
+        self.sql = Sql.of(session)
+        self.actor = actor
+        self.merged_policy = merged_policy
+        self._last_known: set = set()
+
+    # -- look-ups ---------------------------------------------------------
+
+    def _hits(self, identifiers: list[IdentifierData]) -> list[tuple]:
+        """(system, value, patient_id, merged_into_id) of stored identifiers among these."""
+        if not identifiers:
+            return []
+        cond = " OR ".join(["(i.system = ? AND i.value = ?)"] * len(identifiers))
+        params = [x for i in identifiers for x in (i.system, i.value)]
+        return self.sql.all(
+            "SELECT i.system, i.value, i.patient_id, p.merged_into_id FROM patient_identifiers i "
+            f"JOIN patients p ON p.id = i.patient_id WHERE {cond}", params)
+
+    def _survivor_id(self, patient_id: int) -> int:
+        current = patient_id
+        for _ in range(33):
+            row = self.sql.one("SELECT merged_into_id FROM patients WHERE id = ?", (current,))
+            if row is None or row[0] is None:
+                return current
+            current = row[0]
+        raise PatientIndexError("207", f"patient {patient_id} has a merge cycle")
+
+    def resolve(self, identifiers: list[IdentifierData]) -> int | None:
+        """The live patient these identifiers name, applying the merged-identifier policy."""
+        hits = self._hits(identifiers)
+        # identifiers already stored (on this patient or a record merged into it): never inserted again
+        self._last_known = {(h[0], h[1]) for h in hits}
+        if not hits:
+            return None
+        direct = {h[2] for h in hits if h[3] is None}
+        merged = [h for h in hits if h[3] is not None]
+        if len(direct) > 1:
+            raise PatientIndexError(
+                "205", "the identifiers in the message belong to different patients (merge them first)",
+                self._location_of(identifiers, hits[0]))
+        survivors = {self._survivor_id(h[2]) for h in merged}
+        if merged and not direct:
+            if self.merged_policy == "reject":
+                raise PatientIndexError(
+                    "204", "the identifier belongs to a patient record that has been merged into another; "
+                    "send messages for the surviving patient", self._location_of(identifiers, merged[0]))
+            if len(survivors) > 1:
+                raise PatientIndexError("205", "the identifiers resolve to different surviving patients")
+            return survivors.pop()
+        pid = direct.pop()
+        if survivors - {pid}:
+            raise PatientIndexError(
+                "205", "the identifiers belong to different patients (one was merged elsewhere)",
+                self._location_of(identifiers, merged[0]))
+        return pid
+
+    @staticmethod
+    def _location_of(identifiers: list[IdentifierData], hit: tuple) -> str | None:
+        for i in identifiers:
+            if i.system == hit[0] and i.value == hit[1]:
+                return i.location
+        return None
+
+    # -- patients -----------------------------------------------------------
+
+    def _audit(self, action: str, patient_id: int, subtype: str | None, detail: dict) -> audit.AuditEntry:
+        entities = [{"type": "patient", "id": patient_id, "role": "patient"}]
+        if self.actor.reference:
+            entities.append(dict(self.actor.reference))
+        return audit.AuditEntry(
+            type_code=audit.PATIENT_RECORD, action=action, subtype=subtype, agent_who=self.actor.who,
+            agent_role=self.actor.role, agent_network=self.actor.network, patient_id=patient_id,
+            entities=entities, detail=detail,
+        )
+
+    def _insert(self, table: str, values: dict) -> int:
+        cols = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        return self.sql.insert(f"INSERT INTO {table} ({cols}) VALUES ({marks})",
+                               [self.sql.value(v) for v in values.values()])
+
+    def _update(self, table: str, row_id: int, values: dict) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.sql.run(f"UPDATE {table} SET {sets} WHERE id = ?", [*(self.sql.value(v) for v in values.values()), row_id])
+
+    def upsert_patient(self, data: PatientData, event_time: datetime | None, *, create: bool = True) -> Outcome:
+        if not data.identifiers:
+            raise PatientIndexError("101", "no usable patient identifier")
+        event_time = utc(event_time)
+        out = Outcome()
+        pid = self.resolve(data.identifiers)
+        changes = data.changes()
+        now = datetime.now(timezone.utc)
+        if pid is None:
+            if not create:
+                raise PatientIndexError("204", "no patient with these identifiers is known",
+                                        data.identifiers[0].location)
+            pid = self._insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
+            self._add_identifiers(pid, data.identifiers, set())
+            out.patient_id, out.changed = pid, True
+            out.audit.append(self._audit("C", pid, "register", {"fields": sorted(changes)}))
+            return out
+        out.patient_id = pid
+        last = Sql.read_dt(self.sql.one("SELECT last_event_at FROM patients WHERE id = ?", (pid,))[0])
+        added = self._add_identifiers(pid, data.identifiers, self._last_known)
+        if last is not None and event_time is not None and event_time < last:
+            out.notes.append("older than the last update applied to this patient: demographics kept")
+            if added:
+                out.changed = True
+                out.audit.append(self._audit("U", pid, "identifiers", {"added": added}))
+            return out
+        values = dict(changes)
+        if event_time is not None:
+            values["last_event_at"] = event_time
+        values["updated_at"] = now
+        self._update("patients", pid, values)
+        out.changed = True
+        out.audit.append(self._audit("U", pid, "update", {"fields": sorted(changes), "identifiers_added": added}))
+        return out
+
+    def _add_identifiers(self, pid: int, identifiers: list[IdentifierData], known: set) -> list[str]:
+        added = []
+        seen = set(known)
+        now = self.sql.dt(datetime.now(timezone.utc))
+        for i in identifiers:
+            if (i.system, i.value) in seen:
+                continue
+            seen.add((i.system, i.value))
+            self.sql.run("INSERT INTO patient_identifiers (patient_id, system, value, type_code, assigner, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (pid, i.system, i.value, i.type_code, i.assigner, now))
+            added.append(i.system)
+        return added
+
+    # -- encounters ---------------------------------------------------------
+
+    def upsert_encounter(self, patient_id: int, data: EncounterData, event_time: datetime | None,
+                         *, require_existing: bool = False) -> Outcome:
+        out = Outcome(patient_id=patient_id)
+        if not data.visit_number:
+            if require_existing:
+                raise PatientIndexError("101", "the visit number is missing", "PV1-19")
+            out.notes.append("no visit number: encounter not recorded")
+            return out
+        event_time = utc(event_time)
+        now = datetime.now(timezone.utc)
+        row = self.sql.one("SELECT id, patient_id, last_event_at FROM encounters WHERE visit_system = ? AND visit_number = ?",
+                           (data.visit_system, data.visit_number))
+        changes = data.changes()
+        if row is None:
+            if require_existing:
+                raise PatientIndexError("204", "no encounter with this visit number is known", "PV1-19")
+            eid = self._insert("encounters", {
+                "patient_id": patient_id, "visit_system": data.visit_system, "visit_number": data.visit_number,
+                "status": "in-progress", **changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
+            out.encounter_id, out.changed = eid, True
+            out.audit.append(self._audit("C", patient_id, "encounter", {"encounter_id": eid, "fields": sorted(changes)}))
+            return out
+        eid, owner, last = row[0], row[1], Sql.read_dt(row[2])
+        out.encounter_id = eid
+        if owner != patient_id and self._survivor_id(owner) != patient_id:
+            raise PatientIndexError("205", "this visit number belongs to another patient", "PV1-19")
+        if last is not None and event_time is not None and event_time < last:
+            out.notes.append("older than the last update applied to this encounter: encounter kept")
+            return out
+        values = dict(changes)
+        values["patient_id"] = patient_id
+        values["updated_at"] = now
+        if event_time is not None:
+            values["last_event_at"] = event_time
+        self._update("encounters", eid, values)
+        out.changed = True
+        out.audit.append(self._audit("U", patient_id, "encounter", {"encounter_id": eid, "fields": sorted(changes)}))
+        return out
+
+    # -- merge and identifier change ------------------------------------------
+
+    def merge(self, survivor: PatientData, merged: list[IdentifierData], event_time: datetime | None) -> Outcome:
+        """Merge the patient named by `merged` into the patient named by `survivor` (A40)."""
+        if not merged:
+            raise PatientIndexError("101", "the identifier of the patient to merge is missing", "MRG-1")
+        surv_out = self.upsert_patient(survivor, event_time)
+        sid = surv_out.patient_id
+        out = Outcome(patient_id=sid, notes=list(surv_out.notes), audit=list(surv_out.audit), changed=True)
+        hits = self._hits(merged)
+        now = datetime.now(timezone.utc)
+        if not hits:
+            # Unknown prior patient: keep its identifier on a merged placeholder so look-ups reach the survivor.
+            mid = self._insert("patients", {"merged_into_id": sid, "merged_at": now, "last_event_at": utc(event_time),
+                                            "created_at": now, "updated_at": now})
+            self._add_identifiers(mid, merged, set())
+            out.notes.append("the merged patient was not known: its identifier now resolves to the survivor")
+            out.audit.append(self._audit("U", sid, "merge", {"merged_patient_id": mid, "placeholder": True}))
+            return out
+        for mid in sorted({h[2] for h in hits}):
+            if mid == sid:
+                raise PatientIndexError("205", "a patient cannot be merged into itself", "MRG-1")
+            current = self.sql.one("SELECT merged_into_id FROM patients WHERE id = ?", (mid,))[0]
+            if current is not None:
+                if self._survivor_id(mid) == sid:
+                    out.notes.append("already merged into this patient")
+                    continue
+                raise PatientIndexError("205", "the patient in MRG-1 was already merged into another patient", "MRG-1")
+            moved = self._move_records(mid, sid)
+            self._update("patients", mid, {"merged_into_id": sid, "merged_at": now, "updated_at": now})
+            # keep chains one hop long, so look-ups stay cheap
+            self.sql.run("UPDATE patients SET merged_into_id = ?, updated_at = ? WHERE merged_into_id = ?",
+                         (sid, self.sql.dt(now), mid))
+            out.audit.append(self._audit("U", sid, "merge", {"merged_patient_id": mid, **moved}))
+            out.audit.append(self._audit("U", mid, "merged-into", {"survivor_patient_id": sid}))
+        return out
+
+    def _move_records(self, src: int, dst: int) -> dict:
+        enc = self.sql.run("UPDATE encounters SET patient_id = ? WHERE patient_id = ?", (dst, src))
+        con = self.sql.run("UPDATE consents SET patient_id = ? WHERE patient_id = ?", (dst, src))
+        # the same photo already filed under the survivor stays on the merged record (unique per patient)
+        ast = self.sql.run("UPDATE assets SET patient_id = ? WHERE patient_id = ? AND sha256 NOT IN "
+                           "(SELECT sha256 FROM assets WHERE patient_id = ?)", (dst, src, dst))
+        return {"encounters_moved": enc, "consents_moved": con, "assets_moved": ast}
+
+    def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:
+        """Replace an identifier (MRG-1) by the one of the same system in the new list (A47)."""
+        if not old:
+            raise PatientIndexError("101", "the incorrect identifier is missing", "MRG-1")
+        out = Outcome()
+        for o in old:
+            repl = next((n for n in new if n.system == o.system), None)
+            if repl is None:
+                raise PatientIndexError("101", "PID-3 has no identifier of the same kind as MRG-1", "PID-3")
+            row = self.sql.one("SELECT id, patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
+                               (o.system, o.value))
+            taken = self.sql.one("SELECT patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
+                                 (repl.system, repl.value))
+            if row is None:
+                if taken is not None:
+                    out.patient_id = self._survivor_id(taken[0])
+                    out.notes.append("identifier already changed")
+                    continue
+                raise PatientIndexError("204", "no patient has the identifier in MRG-1", o.location or "MRG-1")
+            pid = self._survivor_id(row[1])
+            if taken is not None:
+                raise PatientIndexError("205", "the new identifier already belongs to a patient", repl.location or "PID-3")
+            self.sql.run("UPDATE patient_identifiers SET value = ?, type_code = ?, assigner = ? WHERE id = ?",
+                         (repl.value, repl.type_code, repl.assigner, row[0]))
+            out.patient_id, out.changed = pid, True
+            out.audit.append(self._audit("U", pid, "identifier-change", {"system": o.system}))
+        return out

@@ -1,0 +1,590 @@
+"""Who may see which photo, for what purpose: one set of rules, read two ways.
+
+Each rule is a small predicate tree (the Pred classes below). `sql()` compiles
+a tree into a WHERE expression over Asset, using correlated EXISTS for
+consents, encounters and the access list so rows are never multiplied and
+paging and counts stay right. `test()` evaluates the same tree on one photo's
+facts loaded from the store, which gives the per-photo decision and its
+reasons. The subject, purpose and settings are folded into constants when the
+tree is built, so the SQL only carries what depends on the row.
+
+Every exit (REST, FHIR, C-FIND/C-GET/C-MOVE, QIDO/WADO, viewer, exports) calls
+`visible_assets_filter(...)` inside its query, or `decide(...)` for one photo.
+
+The predicates never use NOT, so SQL NULL (an unknown column) behaves exactly
+like False in both readings. Do not negate the filter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, or_, select, true
+from sqlalchemy.orm import Session
+
+from gateway.policy_config import PURPOSES, PolicySettings
+from store.models import Asset, AssetAccess, Consent, Encounter
+
+# consent levels (IMI 1-3) that each purpose needs
+CARE_PURPOSES = frozenset({"TREAT", "ETREAT"})
+LEVELS_FOR_PURPOSE = {
+    "TREAT": frozenset({"record", "teaching", "publication"}),
+    "ETREAT": frozenset({"record", "teaching", "publication"}),
+    "TRAIN": frozenset({"teaching", "publication"}),
+    "HRESCH": frozenset({"teaching", "publication"}),
+    "PUBLISH": frozenset({"publication"}),
+}
+BEST_INTERESTS = "best-interests"
+CURRENT_ENCOUNTER_STATUS = "in-progress"
+MAX_REASON = 1000  # a break-glass reason is a sentence, not a document (it is copied into audit records)
+# FHIR resource types whose read scope covers photos
+PHOTO_RESOURCES = frozenset({"Media", "ImagingStudy", "DocumentReference", "Binary", "*"})
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+# ---------------------------------------------------------------------------
+# Facts about one photo, as the per-photo reading needs them
+
+
+@dataclass
+class AssetFacts:
+    asset: Any  # an Asset row, or anything with the same attributes
+    consents: list[Any] = field(default_factory=list)  # consents of its patient, plus the one it links to
+    encounters: list[Any] = field(default_factory=list)  # encounters of its patient
+    access: set[str] = field(default_factory=set)  # subjects on its access list
+
+
+def load_facts(session: Session, asset: Asset) -> AssetFacts:
+    consents = session.execute(
+        select(Consent).where(or_(Consent.patient_id == asset.patient_id, Consent.id == asset.consent_id))
+    ).scalars().all()
+    encounters = session.execute(select(Encounter).where(Encounter.patient_id == asset.patient_id)).scalars().all()
+    access = set(session.execute(select(AssetAccess.subject).where(AssetAccess.asset_id == asset.id)).scalars())
+    return AssetFacts(asset=asset, consents=list(consents), encounters=list(encounters), access=access)
+
+
+# ---------------------------------------------------------------------------
+# Predicates: each class holds its SQL and its Python reading side by side
+
+
+class Pred:
+    def sql(self, a) -> ColumnElement[bool]:  # a: Asset or an alias of it
+        raise NotImplementedError
+
+    def test(self, facts: AssetFacts) -> bool:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Const(Pred):
+    value: bool
+
+    def sql(self, a):
+        return true() if self.value else false()
+
+    def test(self, facts):
+        return self.value
+
+
+TRUE, FALSE = Const(True), Const(False)
+
+
+@dataclass(frozen=True)
+class AssetIn(Pred):
+    """The photo's column is one of the values (NULL is never in)."""
+
+    column: str
+    values: frozenset
+
+    def sql(self, a):
+        col = getattr(a, self.column)
+        values = sorted(self.values)
+        return col == values[0] if len(values) == 1 else col.in_(values)
+
+    def test(self, facts):
+        value = getattr(facts.asset, self.column)
+        return value is not None and value in self.values
+
+
+@dataclass(frozen=True)
+class AllOf(Pred):
+    parts: tuple[Pred, ...]
+
+    def sql(self, a):
+        return and_(*(p.sql(a) for p in self.parts))
+
+    def test(self, facts):
+        return all(p.test(facts) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class AnyOf(Pred):
+    parts: tuple[Pred, ...]
+
+    def sql(self, a):
+        return or_(*(p.sql(a) for p in self.parts))
+
+    def test(self, facts):
+        return any(p.test(facts) for p in self.parts)
+
+
+def asset_in(column: str, values: Iterable) -> Pred:
+    values = frozenset(v for v in values if v is not None)
+    return AssetIn(column, values) if values else FALSE
+
+
+def all_of(*parts: Pred) -> Pred:
+    if any(p == FALSE for p in parts):
+        return FALSE
+    kept = tuple(p for p in parts if p != TRUE)
+    return TRUE if not kept else kept[0] if len(kept) == 1 else AllOf(kept)
+
+
+def any_of(*parts: Pred) -> Pred:
+    if any(p == TRUE for p in parts):
+        return TRUE
+    kept = tuple(p for p in parts if p != FALSE)
+    return FALSE if not kept else kept[0] if len(kept) == 1 else AnyOf(kept)
+
+
+@dataclass(frozen=True)
+class ConsentCovers(Pred):
+    """A consent of a fitting level applies to the photo.
+
+    A consent applies when the photo links to it, or it is of the photo's
+    patient with scope 'patient', or with scope 'encounter' naming the photo's
+    encounter. For care (TREAT/ETREAT) a withdrawn consent still covers photos
+    stored before the withdrawal: withdrawal ends secondary use, not the
+    record. For secondary use it must be active and not a best-interests
+    decision (that covers the record only).
+    """
+
+    levels: frozenset
+    care: bool
+
+    def sql(self, a):
+        c = Consent
+        applies = or_(
+            c.id == a.consent_id,
+            and_(
+                c.patient_id == a.patient_id,
+                or_(c.scope == "patient", and_(c.scope == "encounter", c.encounter_id == a.encounter_id)),
+            ),
+        )
+        if self.care:
+            standing = or_(c.status == "active", and_(c.status == "withdrawn", c.withdrawn_at > a.created_at))
+        else:
+            standing = and_(c.status == "active", c.given_by != BEST_INTERESTS)
+        return select(c.id).where(applies, c.level.in_(sorted(self.levels)), standing).exists()
+
+    def applies(self, consent, asset) -> bool:
+        if asset.consent_id is not None and consent.id == asset.consent_id:
+            return True
+        if consent.patient_id != asset.patient_id:
+            return False
+        if consent.scope == "patient":
+            return True
+        return consent.scope == "encounter" and consent.encounter_id is not None and consent.encounter_id == asset.encounter_id
+
+    def stands(self, consent, asset) -> bool:
+        if self.care:
+            if consent.status == "active":
+                return True
+            withdrawn_at, created_at = utc(consent.withdrawn_at), utc(asset.created_at)
+            return consent.status == "withdrawn" and withdrawn_at is not None and created_at is not None and withdrawn_at > created_at
+        return consent.status == "active" and consent.given_by is not None and consent.given_by != BEST_INTERESTS
+
+    def covering(self, facts: AssetFacts) -> list:
+        return [
+            c for c in facts.consents
+            if self.applies(c, facts.asset) and c.level in self.levels and self.stands(c, facts.asset)
+        ]
+
+    def test(self, facts):
+        return bool(self.covering(facts))
+
+
+@dataclass(frozen=True)
+class CurrentEncounterIn(Pred):
+    """The photo's patient has a current encounter (in progress, not discharged) in one of the specialties."""
+
+    specialties: frozenset
+    now: datetime
+
+    def sql(self, a):
+        e = Encounter
+        return select(e.id).where(
+            e.patient_id == a.patient_id,
+            e.specialty.in_(sorted(self.specialties)),
+            e.status == CURRENT_ENCOUNTER_STATUS,
+            or_(e.discharged_at.is_(None), e.discharged_at > self.now),
+        ).exists()
+
+    def test(self, facts):
+        now = utc(self.now)
+        return any(
+            e.patient_id == facts.asset.patient_id
+            and e.specialty is not None
+            and e.specialty in self.specialties
+            and e.status == CURRENT_ENCOUNTER_STATUS
+            and (e.discharged_at is None or utc(e.discharged_at) > now)
+            for e in facts.encounters
+        )
+
+
+@dataclass(frozen=True)
+class OnAccessList(Pred):
+    subject: str
+
+    def sql(self, a):
+        return select(AssetAccess.asset_id).where(AssetAccess.asset_id == a.id, AssetAccess.subject == self.subject).exists()
+
+    def test(self, facts):
+        return self.subject in facts.access
+
+
+# ---------------------------------------------------------------------------
+# The request: subject + purpose + break-glass, resolved once
+
+
+class PolicyRefusal(Exception):
+    """The request itself is refused (e.g. ETREAT without a break-glass reason); `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class AccessContext:
+    subject: Any  # gateway.auth.Subject
+    purpose: str
+    break_glass_reason: str | None
+    breaking_glass: bool  # a valid break-glass: ETREAT, a reason, a role allowed to
+    refusal: str | None  # why the request as a whole cannot see anything
+    refusal_status: int
+    refusal_kind: str | None  # "request" or "role"
+    now: datetime
+    interaction: str | None = None  # "read" or "search": which SMART permission the scopes must grant; None: either
+
+
+def resolve(subject, settings: PolicySettings, purpose: str | None = None, break_glass: str | None = None,
+            now: datetime | None = None, interaction: str | None = None) -> AccessContext:
+    purpose = (purpose or getattr(subject, "purpose_of_use", None) or "TREAT").strip().upper()
+    reason = (break_glass if break_glass is not None else getattr(subject, "break_glass_reason", None)) or ""
+    reason = reason.strip() or None
+    now = utc(now) if now is not None else datetime.now(timezone.utc)
+    # "request": the request is malformed or a break-glass is not allowed (refused at the door, audited);
+    # "role": the role may not act for this purpose (nothing is visible).
+    refusal, status, kind = None, 403, None
+    allowed = settings.role_purposes.get(subject.role, [])
+    if purpose not in PURPOSES:
+        refusal, status, kind = f"unknown purpose of use {purpose!r}; use one of {', '.join(PURPOSES)}", 400, "request"
+    elif reason is not None and len(reason) > MAX_REASON:
+        refusal, status, kind = f"the break-glass reason is longer than {MAX_REASON} characters", 400, "request"
+    elif purpose == "ETREAT" and reason is None:
+        refusal, kind = "purpose ETREAT is break-glass and needs a reason (X-Break-Glass header)", "request"
+    elif reason is not None and purpose != "ETREAT":
+        refusal, status, kind = f"break-glass is only allowed with purpose ETREAT, not {purpose}", 400, "request"
+    elif reason is not None and subject.role not in settings.break_glass_roles:
+        refusal, kind = f"role {subject.role} may not break the glass", "request"
+    elif purpose not in allowed:
+        refusal, kind = f"role {subject.role} may not act for purpose {purpose}" + (
+            f" (allowed: {', '.join(allowed)})" if allowed else " (this role sees no clinical photos)"
+        ), "role"
+    return AccessContext(
+        subject=subject,
+        purpose=purpose,
+        break_glass_reason=reason,
+        breaking_glass=refusal is None and reason is not None,
+        refusal=refusal,
+        refusal_status=status,
+        refusal_kind=kind,
+        now=now,
+        interaction=interaction,
+    )
+
+
+def check_request(ctx: AccessContext) -> None:
+    """Raise PolicyRefusal when the request as a whole is refused (the HTTP doors answer it)."""
+    if ctx.refusal:
+        raise PolicyRefusal(ctx.refusal, ctx.refusal_status)
+
+
+# ---------------------------------------------------------------------------
+# SMART v2 scopes: they only narrow what the policy allows
+
+_SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z]+|\*)\.([cruds]+|read|write|\*)(\?.*)?$")
+
+
+@dataclass(frozen=True)
+class ScopeGrant:
+    any_patient: bool  # a user/ or system/ scope grants reading photos
+    patient_only: bool  # only patient/ scopes do (then the token's patient bounds everything)
+
+
+def read_grant(scopes: Sequence[str], interaction: str | None = None) -> ScopeGrant:
+    """Which patients the scopes let the caller read photos of. interaction 'read' needs r, 'search' needs s
+    (SMART v2); None accepts either. v1 `read` and `*` grant both."""
+    letters = {"read": "r", "search": "s"}.get(interaction or "", "rs")
+    any_patient = patient_only = False
+    for scope in scopes:
+        match = _SCOPE.match(scope.strip())
+        if not match:
+            continue
+        context, resource, perms, _query = match.groups()
+        if resource not in PHOTO_RESOURCES:
+            continue
+        if not (perms in ("read", "*") or (perms != "write" and any(letter in perms for letter in letters))):
+            continue
+        if context == "patient":
+            patient_only = True
+        else:
+            any_patient = True
+    return ScopeGrant(any_patient=any_patient, patient_only=patient_only and not any_patient)
+
+
+def scope_context(scopes: Sequence[str], resource: str, perm: str) -> str | None:
+    """'any' when a user/ or system/ scope grants `perm` (one of c r u d s) on `resource`,
+    'patient' when only patient/ scopes do (the token's patient bounds it), None when none does."""
+    found = None
+    for scope in scopes:
+        match = _SCOPE.match(scope.strip())
+        if not match:
+            continue
+        context, res, perms, _query = match.groups()
+        if res not in (resource, "*"):
+            continue
+        if perms == "*" or perm in perms.replace("read", "rs").replace("write", "cud"):
+            if context != "patient":
+                return "any"
+            found = "patient"
+    return found
+
+
+def scope_allows(scopes: Sequence[str], resource: str, perm: str) -> bool:
+    """Does any scope grant `perm` (one of c r u d s) on `resource`? (e.g. uploads check ('Media', 'c'))."""
+    return scope_context(scopes, resource, perm) is not None
+
+
+# ---------------------------------------------------------------------------
+# The rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pred: Pred
+    ok: str
+    denied: str
+
+
+def _patient_pk(patient: str | None) -> int | None:
+    if patient is None:
+        return None
+    text = str(patient).strip().removeprefix("Patient/")
+    return int(text) if text.isdigit() else None
+
+
+def build_rules(ctx: AccessContext, settings: PolicySettings) -> list[Rule]:
+    s = ctx.subject
+    rules: list[Rule] = []
+
+    # 1. the request itself (purpose allowed for the role, break-glass well-formed)
+    rules.append(Rule("purpose", FALSE if ctx.refusal else TRUE, f"role {s.role} may act for {ctx.purpose}", ctx.refusal or ""))
+
+    # 2. only photos in a visible status
+    rules.append(
+        Rule(
+            "status",
+            asset_in("status", settings.visible_statuses),
+            "the photo is in a visible status",
+            f"the photo's status is not one of {', '.join(settings.visible_statuses)}",
+        )
+    )
+
+    # 3. SMART scopes narrow
+    grant = read_grant(s.scopes or (), ctx.interaction)
+    patient = _patient_pk(s.patient)
+    if grant.any_patient:
+        rules.append(Rule("scope", TRUE, "a user/ or system/ scope grants reading photos", ""))
+    elif grant.patient_only and patient is not None:
+        rules.append(Rule("scope", asset_in("patient_id", [patient]), f"patient/ scope, photo of the patient in context ({patient})", f"patient/ scope allows only patient {patient}"))
+    elif grant.patient_only:
+        rules.append(Rule("scope", FALSE, "", "patient/ scope without a patient in the token"))
+    else:
+        what = {"read": "reading", "search": "searching"}.get(ctx.interaction or "", "reading")
+        rules.append(Rule("scope", FALSE, "", f"no SMART scope grants {what} photos (Media)"))
+
+    # 4. consent fitting the purpose
+    levels = LEVELS_FOR_PURPOSE.get(ctx.purpose, frozenset())
+    care = ctx.purpose in CARE_PURPOSES
+    if care and settings.treat_without_consent:
+        rules.append(Rule("consent", TRUE, "clinical exemption: care needs no recorded consent (treat_without_consent)", ""))
+    else:
+        need = "/".join(sorted(levels)) or "none"
+        rules.append(
+            Rule(
+                "consent",
+                ConsentCovers(levels, care) if levels else FALSE,
+                f"a consent ({need}) covers the photo for {ctx.purpose}",
+                (
+                    "no consent covers the photo for care (a withdrawn consent covers only photos stored before its withdrawal)"
+                    if care
+                    else f"no active {need} consent (not a best-interests decision) covers the photo for {ctx.purpose}"
+                ),
+            )
+        )
+
+    # 5. sensitivity by role; V only the uploader and the access list
+    own = getattr(s, "sensitivities", None)
+    visible = set(own if own is not None else settings.role_sensitivities.get(s.role, []))
+    if ctx.breaking_glass:
+        visible |= {"N", "R"}
+    sensitivity_parts = [asset_in("sensitivity", visible & {"N", "R"})]
+    if ctx.breaking_glass and settings.break_glass_allows_very_restricted:
+        sensitivity_parts.append(asset_in("sensitivity", ["V"]))
+        v_text = "V opened by break-glass"
+    else:
+        sensitivity_parts.append(
+            all_of(asset_in("sensitivity", ["V"]), any_of(asset_in("uploaded_by", [s.sub]), OnAccessList(s.sub)))
+        )
+        v_text = "V only for its uploader and the people on its access list"
+    rules.append(
+        Rule(
+            "sensitivity",
+            any_of(*sensitivity_parts),
+            f"sensitivity allowed (role {s.role} sees {'/'.join(sorted(visible)) or 'no N/R'}; {v_text})",
+            f"sensitivity not allowed (role {s.role} sees {'/'.join(sorted(visible)) or 'no N/R'}; {v_text})",
+        )
+    )
+
+    # 6. need to know: the specialty rule
+    bound = s.role in settings.specialty_rule_roles or (s.role == "system" and bool(s.specialties))
+    if not bound:
+        rules.append(Rule("specialty", TRUE, f"role {s.role} is not bound by the specialty rule", ""))
+    elif ctx.breaking_glass:
+        rules.append(Rule("specialty", TRUE, f"break-glass lifts the specialty rule (reason: {ctx.break_glass_reason})", ""))
+    else:
+        specs = frozenset(s.specialties)
+        branches = [asset_in("sensitivity", ["V"]), asset_in("specialty", specs)]
+        by_encounter = settings.specialty_match == "photo-or-encounter"
+        if by_encounter and specs:
+            branches.append(all_of(asset_in("sensitivity", ["N"]), CurrentEncounterIn(specs, ctx.now)))
+        mine = ", ".join(sorted(specs)) or "none"
+        rules.append(
+            Rule(
+                "specialty",
+                any_of(*branches),
+                f"specialty matches (yours: {mine})",
+                "no specialty match: the photo's specialty"
+                + (" (or, for N photos, a current encounter's specialty)" if by_encounter else "")
+                + f" is not one of yours ({mine})",
+            )
+        )
+    return rules
+
+
+# ---------------------------------------------------------------------------
+# The two readings
+
+
+def visible_assets_filter(
+    subject,
+    *,
+    settings: PolicySettings,
+    purpose: str | None = None,
+    break_glass: str | None = None,
+    now: datetime | None = None,
+    interaction: str | None = None,
+    asset=Asset,
+) -> ColumnElement[bool]:
+    """WHERE clause for `select(Asset)` (or an alias passed as `asset`) keeping only photos the subject may see.
+
+    interaction: "search" (lists, C-FIND, QIDO) or "read" (one photo, retrieve) picks the SMART permission
+    the scopes must grant; None accepts either."""
+    ctx = resolve(subject, settings, purpose, break_glass, now, interaction)
+    return filter_for(ctx, settings, asset)
+
+
+def filter_for(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
+    return all_of(*(r.pred for r in build_rules(ctx, settings))).sql(asset)
+
+
+@dataclass
+class Decision:
+    permit: bool
+    reasons: list[str]
+    denied_by: list[str]
+    purpose: str
+    break_glass: bool
+
+    def __bool__(self) -> bool:
+        return self.permit
+
+
+def decide_facts(ctx: AccessContext, settings: PolicySettings, facts: AssetFacts) -> Decision:
+    reasons, denied_by = [], []
+    for rule in build_rules(ctx, settings):
+        if rule.pred.test(facts):
+            text = rule.ok
+            if isinstance(rule.pred, ConsentCovers):
+                ids = ", ".join(f"{c.id} ({c.level}, {c.status})" for c in rule.pred.covering(facts))
+                text += f": {ids}"
+            reasons.append(f"{rule.name}: {text}")
+        else:
+            denied_by.append(rule.name)
+            reasons.append(f"{rule.name}: DENIED - {rule.denied}")
+    return Decision(permit=not denied_by, reasons=reasons, denied_by=denied_by, purpose=ctx.purpose, break_glass=ctx.breaking_glass)
+
+
+def decide(
+    session: Session,
+    subject,
+    asset: Asset | str,
+    *,
+    settings: PolicySettings,
+    purpose: str | None = None,
+    break_glass: str | None = None,
+    now: datetime | None = None,
+    interaction: str | None = None,
+) -> Decision:
+    """The decision on one photo with the reason of every rule. An unknown id is denied like a hidden photo."""
+    return decide_in(session, resolve(subject, settings, purpose, break_glass, now, interaction), settings, asset)
+
+
+def decide_in(session: Session, ctx: AccessContext, settings: PolicySettings, asset: Asset | str) -> Decision:
+    """decide() for an already resolved request."""
+    if isinstance(asset, str):
+        row = session.get(Asset, asset)
+        if row is None:
+            return Decision(False, [f"photo {asset}: no such photo"], ["exists"], ctx.purpose, ctx.breaking_glass)
+        asset = row
+    return decide_facts(ctx, settings, load_facts(session, asset))
+
+
+def may_see_original(subject, settings: PolicySettings) -> bool:
+    return subject.role in settings.original_roles
+
+
+_LEVEL_RANK = {"record": 1, "teaching": 2, "publication": 3}
+
+
+def consent_summary(asset, consents: Iterable) -> dict | None:
+    """The strongest consent applying to a photo, for display: {level, status, id}; active ones first."""
+    probe = ConsentCovers(frozenset(_LEVEL_RANK), care=True)
+    applying = [c for c in consents if probe.applies(c, asset)]
+    if not applying:
+        return None
+    best = max(applying, key=lambda c: (c.status == "active", _LEVEL_RANK.get(c.level, 0)))
+    return {"id": best.id, "level": best.level, "status": best.status, "given_by": best.given_by}

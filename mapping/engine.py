@@ -1,0 +1,267 @@
+"""Apply a mapping to a tokenized HL7 message: plain patient / encounter data for the patient index."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from gateway.hl7.parse import Message, Segment, component, parse_path
+from gateway.patient_index import UNSET, EncounterData, IdentifierData, PatientData
+from mapping import nhs
+from mapping.schema import _PLACEHOLDER, FieldSpec, IdentifierRule, Mapping
+
+HL7_NULL = '""'
+
+# column sizes of store/models.py: a longer value is an AE naming the field, on every backend
+LIMITS = {
+    "family_name": 200, "given_names": 200, "name_prefix": 50, "sex": 1, "nhs_number_status": 20,
+    "visit_number": 100, "visit_system": 200, "class_code": 10, "location": 200, "specialty": 10,
+    "attending_id": 100, "attending_name": 200,
+}
+
+
+class MappingFault(Exception):
+    """The message is understood but cannot be mapped; code from HL7 table 0357."""
+
+    def __init__(self, code: str, text: str, location: str | None) -> None:
+        super().__init__(text)
+        self.code, self.text, self.location = code, text, location
+
+
+@dataclass
+class MappedPatient:
+    patient: PatientData
+    # MRG-1 identifiers (A40/A47/A34/A35): the record being merged or re-identified
+    prior: list[IdentifierData] = field(default_factory=list)
+
+
+_DTM = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?([+-]\d{4})?\Z")
+
+
+def parse_dtm(value: str, zone: ZoneInfo) -> datetime:
+    """HL7 DTM/TS (YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]); no offset means the mapping's zone."""
+    m = _DTM.match(value.strip())
+    if not m:
+        raise ValueError(value)
+    y, mo, d, h, mi, s, frac, off = m.groups()
+    micro = int((frac or "0").ljust(6, "0")[:6])
+    dt = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0), micro)
+    if off:
+        sign = 1 if off[0] == "+" else -1
+        delta = timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
+        if delta > timedelta(hours=14):
+            raise ValueError(value)
+        dt = dt.replace(tzinfo=timezone(sign * delta))
+    else:
+        dt = dt.replace(tzinfo=zone)
+    return dt.astimezone(timezone.utc)
+
+
+def parse_date(value: str) -> date:
+    v = value.strip()
+    if len(v) < 8 or not v[:8].isdigit():
+        raise ValueError(value)
+    return date(int(v[:4]), int(v[4:6]), int(v[6:8]))
+
+
+class Mapper:
+    def __init__(self, mapping: Mapping, variables: dict[str, str] | None = None) -> None:
+        self.m = mapping
+        self.zone = ZoneInfo(mapping.timezone)
+        self.variables = dict(variables or {})
+        self.variables.setdefault("mrn_system", "https://clinphoto.local/Id/mrn/{authority}")
+
+    # -- values ---------------------------------------------------------------
+
+    def _get(self, msg: Message, path: str, seg: Segment | None) -> tuple[str, str]:
+        """(decoded value, location) for a path; seg replaces the first segment of its name (A40 groups)."""
+        name, fld, rep, comp, sub = parse_path(path)
+        s = seg if seg is not None and seg.name == name else msg.segment(name)
+        if s is None:
+            return "", path
+        if fld <= 2 and name == "MSH":
+            return s.get(fld, comp, sub, rep), path
+        reps = s.repetitions(fld)
+        if rep > len(reps):
+            return "", path
+        value = reps[rep - 1]
+        if comp != 1 or sub != 1 or msg.enc.comp in value or msg.enc.sub in value:
+            value = component(value, comp, sub, msg.enc)
+        return (msg.decode(value) if msg.enc.esc in value else value), path
+
+    def _template(self, msg: Message, text: str, seg: Segment | None, extra: dict[str, str] | None = None) -> str:
+        def sub(m: re.Match) -> str:
+            key = m.group(1)
+            if extra and key in extra:
+                return extra[key]
+            if key in self.variables:
+                return self.variables[key]
+            return self._get(msg, key, seg)[0]
+
+        return _PLACEHOLDER.sub(sub, text)
+
+    def value(self, msg: Message, spec: FieldSpec, seg: Segment | None = None, target: str | None = None):
+        """UNSET when not sent, None for the HL7 null, else the converted value."""
+        value = self._value(msg, spec, seg)
+        limit = spec.max_length or LIMITS.get(target or "")
+        if limit and isinstance(value, str) and len(value) > limit:
+            raise MappingFault("102", f"{spec.location} is longer than {limit} characters", spec.location)
+        return value
+
+    def _value(self, msg: Message, spec: FieldSpec, seg: Segment | None = None):
+        if spec.template is not None:
+            raw, loc = self._template(msg, spec.template, seg), spec.template
+        elif spec.join is not None:
+            parts = [self._get(msg, p, seg)[0] for p in spec.join]
+            if all(p == HL7_NULL for p in parts if p) and any(parts):
+                return None
+            raw, loc = spec.sep.join(p for p in parts if p and p != HL7_NULL), spec.join[0]
+        else:
+            raw, loc = self._get(msg, spec.field, seg)
+        if raw == HL7_NULL:
+            return None
+        raw = raw.strip()
+        if not raw:
+            if spec.required:
+                raise MappingFault("101", f"{loc} is required but empty", loc)
+            return UNSET
+        if spec.table:
+            table = self.m.tables[spec.table]
+            if raw in table:
+                raw = table[raw]
+            elif spec.unmapped == "error":
+                raise MappingFault("103", f"{loc}: code {raw!r} is not in table {spec.table}", loc)
+            elif spec.unmapped == "drop":
+                return UNSET
+        if spec.type == "date":
+            try:
+                return parse_date(raw)
+            except ValueError:
+                raise MappingFault("102", f"{loc} is not a valid date (expected YYYYMMDD)", loc) from None
+        if spec.type == "datetime":
+            try:
+                return parse_dtm(raw, self.zone)
+            except ValueError:
+                raise MappingFault("102", f"{loc} is not a valid HL7 date/time (expected YYYYMMDDHHMMSS[+ZZZZ])", loc) from None
+        return raw
+
+    # -- identifiers ------------------------------------------------------------
+
+    def identifiers(self, msg: Message, path: str, seg: Segment | None = None) -> list[IdentifierData]:
+        name, fld, _rep, _c, _s = parse_path(path)
+        s = seg if seg is not None and seg.name == name else msg.segment(name)
+        if s is None:
+            return []
+        out: list[IdentifierData] = []
+        for r, rep in enumerate(s.repetitions(fld), start=1):
+            ident = self._identifier(msg, s, fld, r, f"{name}-{fld}({r})" if r > 1 else f"{name}-{fld}")
+            if ident is not None and all((i.system, i.value) != (ident.system, ident.value) for i in out):
+                out.append(ident)
+        return out
+
+    def _identifier(self, msg: Message, s: Segment, fld: int, r: int, loc: str) -> IdentifierData | None:
+        value = s.get(fld, 1, 1, r).strip()
+        if not value or value == HL7_NULL:
+            return None
+        authority = s.get(fld, 4, 1, r).strip()
+        type_code = s.get(fld, 5, 1, r).strip()
+        for rule in self.m.identifiers:
+            if not self._matches(rule, type_code, authority):
+                continue
+            if rule.require_authority and not authority:
+                continue
+            if rule.check == "nhs-number":
+                value = nhs.normalise(value)
+                reason = nhs.invalid_reason(value)
+                if reason:
+                    if rule.invalid == "skip":
+                        return None
+                    raise MappingFault("102", f"{loc}.1: invalid NHS number: {reason}", f"{loc}.1")
+            system = self._template(msg, self._template(msg, rule.system, s, {"authority": authority}), s,
+                                    {"authority": authority})
+            if not system:
+                continue
+            if len(value) > 100:
+                raise MappingFault("102", f"{loc}.1: identifier longer than 100 characters", f"{loc}.1")
+            return IdentifierData(system=system, value=value, type_code=type_code or None,
+                                  assigner=authority or None, location=loc)
+        return None
+
+    @staticmethod
+    def _matches(rule: IdentifierRule, type_code: str, authority: str) -> bool:
+        w = rule.when
+        if w.type is not None and type_code not in w.type:
+            return False
+        if w.authority is not None and authority not in w.authority:
+            return False
+        return True
+
+    # -- whole message -------------------------------------------------------------
+
+    def patient(self, msg: Message, pid: Segment | None = None) -> PatientData:
+        pid = pid or msg.segment("PID")
+        if pid is None:
+            raise MappingFault("100", "the message has no PID segment", "PID")
+        idents: list[IdentifierData] = []
+        for path in self.m.identifier_fields:
+            idents.extend(i for i in self.identifiers(msg, path, pid) if all((i.system, i.value) != (j.system, j.value) for j in idents))
+        if not idents:
+            fields = ", ".join(self.m.identifier_fields)
+            raise MappingFault("101", f"no usable patient identifier in {fields} under mapping {self.m.name!r}",
+                               self.m.identifier_fields[0])
+        data = PatientData(identifiers=idents)
+        for name in type(self.m.patient).model_fields:
+            spec = getattr(self.m.patient, name)
+            if spec is not None:
+                setattr(data, name, self.value(msg, spec, pid, name))
+        return data
+
+    def patients(self, msg: Message) -> list[MappedPatient]:
+        """Each PID with the MRG that follows it (A40 may carry several pairs)."""
+        out = []
+        segs = msg.segments
+        for i, s in enumerate(segs):
+            if s.name != "PID":
+                continue
+            mrg = None
+            for t in segs[i + 1:]:
+                if t.name == "PID":
+                    break
+                if t.name == "MRG":
+                    mrg = t
+                    break
+            prior = self.identifiers(msg, "MRG-1", mrg) if mrg is not None else []
+            out.append(MappedPatient(self.patient(msg, s), prior))
+        if not out:
+            raise MappingFault("100", "the message has no PID segment", "PID")
+        return out
+
+    def encounter(self, msg: Message) -> EncounterData | None:
+        if self.m.encounter is None or msg.segment("PV1") is None:
+            return None
+        em = self.m.encounter
+        number = self.value(msg, em.visit_number, None, "visit_number")
+        data = EncounterData(visit_number=number or None)
+        if em.visit_system is not None:
+            system = self.value(msg, em.visit_system, None, "visit_system")
+            data.visit_system = system or ""
+        for name in type(em).model_fields:
+            if name in ("visit_number", "visit_system"):
+                continue
+            spec = getattr(em, name)
+            if spec is not None:
+                setattr(data, name, self.value(msg, spec, None, name))
+        return data
+
+    def event_time(self, msg: Message) -> datetime | None:
+        """EVN-2, else MSH-7."""
+        for path in ("EVN-2", "MSH-7"):
+            raw = msg.get(path).strip()
+            if raw:
+                try:
+                    return parse_dtm(raw, self.zone)
+                except ValueError:
+                    raise MappingFault("102", f"{path} is not a valid HL7 date/time", path) from None
+        return None

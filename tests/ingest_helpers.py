@@ -1,0 +1,71 @@
+"""Shared helpers for the photo-ingest tests: fixtures on disk, patients in the store, DICOM tool runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+from store.models import Consent, Encounter, Patient, PatientIdentifier
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fixtures" / "photos"))
+
+import make as photo_fixtures  # noqa: E402,F401  (fixtures/photos/make.py, used by the test modules)
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+MRN = "https://fhir.test-trust.nhs.uk/Id/mrn"
+
+
+def add_patient(gw, nhs: str = "9449305552", mrn: str = "M100", family: str = "Ó Súilleabháin", given: str = "Siobhán",
+                visit: str | None = "V100", specialty: str = "330") -> dict:
+    with gw.db.write() as session:
+        patient = Patient(family_name=family, given_names=given, birth_date=date(1980, 2, 3), sex="F")
+        patient.identifiers = [
+            PatientIdentifier(system=NHS, value=nhs, type_code="NH", assigner="NHS"),
+            PatientIdentifier(system=MRN, value=mrn, type_code="MR", assigner="RXX"),
+        ]
+        session.add(patient)
+        session.flush()
+        encounter_id = None
+        if visit:
+            enc = Encounter(patient_id=patient.id, visit_system="RXX", visit_number=visit, class_code="AMB", specialty=specialty)
+            session.add(enc)
+            session.flush()
+            encounter_id = enc.id
+        consent = Consent(patient_id=patient.id, level="record", given_by="patient")
+        session.add(consent)
+        session.flush()
+        return {"id": patient.id, "nhs": nhs, "mrn": mrn, "encounter_id": encounter_id, "visit": visit, "consent_id": consent.id}
+
+
+def dicom_tools_check(path: Path) -> str:
+    """dciodvfy (zero errors), dcmdump and dcmj2pnm on one file; returns dcmdump's text."""
+    verify = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    report = verify.stdout + verify.stderr
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    assert not errors, f"dciodvfy errors for {path.name}:\n{report}"
+    dump = subprocess.run(["dcmdump", "-M", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    out = path.with_suffix(".pnm-check.png")
+    render = subprocess.run(["dcmj2pnm", "+on", str(path), str(out)], capture_output=True, text=True, timeout=60)
+    assert render.returncode == 0 and out.stat().st_size > 0, render.stderr
+    out.unlink()
+    return dump.stdout
+
+
+def assert_stored_dicom_valid(gw, tmp_path: Path) -> int:
+    """Run the DICOM tools on every DICOM object the store holds; returns how many were checked."""
+    from sqlalchemy import select
+
+    from store.models import Asset
+
+    with gw.db.read() as session:
+        shas = sorted(set(session.execute(select(Asset.dicom_sha256).where(Asset.dicom_sha256.is_not(None))).scalars()))
+    for sha in shas:
+        path = tmp_path / f"check-{sha[:12]}.dcm"
+        path.write_bytes(gw.blobs.read_bytes(sha))
+        dicom_tools_check(path)
+        path.unlink()
+    return len(shas)

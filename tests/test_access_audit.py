@@ -1,0 +1,99 @@
+"""Access audit helpers (IHE BALP shapes) and `clinphoto policy explain`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from gateway import access_audit
+from gateway.auth import Subject
+from gateway.policy import resolve
+from store import audit
+from store.models import AuditEvent
+from tests.access_matrix import USERS, build_access_matrix
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rows(gw) -> list[AuditEvent]:
+    with gw.db.read() as session:
+        found = list(session.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+        assert audit.verify(session).ok
+        session.expunge_all()
+    return found
+
+
+def test_search_read_export_import_and_refusal_entries(gw):
+    policy = gw.settings.policy
+    peer = Subject(sub="PACS1", role="system", scopes=("system/*.rs",), network_address="10.0.0.9", extra={"ae_title": "PACS1"})
+    ctx = resolve(peer, policy)
+    access_audit.write(gw, access_audit.search_entries(ctx, query="C-FIND PatientID=123", results={7: ["a1", "a2"], 3: ["b1"]},
+                                                       type_code=audit.QUERY, subtype="C-FIND", channel="dimse"))
+    access_audit.write(gw, access_audit.export_entries(ctx, results={7: ["a1"]}, destination="PACS1", channel="C-MOVE"))
+    access_audit.write(gw, access_audit.import_entries(ctx, asset_id="a9", patient_id=7, channel="C-STORE"))
+    clin = Subject(sub="dr.ed", role="clinician", specialties=("180",), scopes=("user/Media.rs",), network_address="10.0.0.1")
+    access_audit.record_refusal(gw, resolve(clin, policy, purpose="ETREAT"), "GET /api/v1/photos")
+    access_audit.record_read(gw, resolve(clin, policy), asset_id="a1", patient_id=7, permitted=False,
+                             reasons=["purpose: role clinician may act for TREAT", "specialty: DENIED - no specialty match"])
+    found = rows(gw)
+    searches = [e for e in found if e.subtype == "C-FIND"]
+    # one record per patient returned, each naming the query, the patient and that patient's photos
+    assert [(e.patient_id, [x["id"] for x in e.entities if x["type"] == "asset"]) for e in searches] == [(3, ["b1"]), (7, ["a1", "a2"])]
+    assert all(e.type_code == audit.QUERY and e.action == "E" and e.agent_network == "PACS1@10.0.0.9" for e in searches)
+    assert all(e.entities[0] == {"type": "query", "query": "C-FIND PatientID=123", "channel": "dimse"} for e in searches)
+    export = next(e for e in found if e.type_code == audit.EXPORT)
+    assert export.patient_id == 7 and {"type": "destination", "id": "PACS1"} in export.entities
+    imported = next(e for e in found if e.type_code == audit.IMPORT)
+    assert imported.action == "C" and imported.subtype == "C-STORE"
+    refusal = next(e for e in found if e.subtype == "refused")
+    assert refusal.type_code == audit.SECURITY_ALERT and refusal.outcome == audit.MINOR_FAILURE and "reason" in refusal.outcome_desc
+    denied = found[-1]
+    assert denied.outcome == audit.MINOR_FAILURE and denied.outcome_desc == "denied: specialty: DENIED - no specialty match"
+    assert denied.detail["reasons"][1].startswith("specialty: DENIED")
+
+
+def test_break_glass_adds_alert_and_override_records(gw):
+    clin = Subject(sub="dr.ed", role="clinician", specialties=("180",), scopes=("user/Media.rs",), network_address="10.0.0.1", name="Dr Ed")
+    ctx = resolve(clin, gw.settings.policy, purpose="ETREAT", break_glass="anaphylaxis, no history available")
+    assert ctx.breaking_glass
+    access_audit.record_read(gw, ctx, asset_id="a1", patient_id=5, permitted=True)
+    found = rows(gw)
+    assert [e.type_code for e in found] == [audit.REST, audit.SECURITY_ALERT, audit.EMERGENCY_OVERRIDE]
+    for e in found:
+        assert e.purpose_of_use == "ETREAT" and e.detail["break_glass_reason"] == "anaphylaxis, no history available"
+        assert e.patient_id == 5 and e.agent_who == "dr.ed" and e.detail["agent_name"] == "Dr Ed"
+    # an empty search under break-glass still raises the alert
+    access_audit.record_search(gw, ctx, query="patient=x|1", results={})
+    assert [e.type_code for e in rows(gw)[3:]] == [audit.REST, audit.SECURITY_ALERT, audit.EMERGENCY_OVERRIDE]
+
+
+def run_cli(gw, *args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
+    env.update(CLINPHOTO_DATA_DIR=str(gw.settings.data_dir), CLINPHOTO_DATABASE_URL=gw.settings.database_url)
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_policy_explain_prints_the_decision_and_why(gw):
+    world = build_access_matrix(gw, with_blobs=False)
+    r_derm = world.asset_ids["PA-03"]  # R, dermatology
+    permit = run_cli(gw, "policy", "explain", "--sub", "dr.derm", "--role", "clinician", "--specialty", "330", "--purpose", "TREAT", "--asset", r_derm)
+    assert permit.returncode == 0, permit.stderr
+    assert "PERMIT" in permit.stdout and "sensitivity R" in permit.stdout and "consent: a consent" in permit.stdout
+    deny = run_cli(gw, "policy", "explain", "--sub", "dr.plastics", "--role", "clinician", "--specialty", "160", "--asset", r_derm)
+    assert deny.returncode == 1 and "DENY" in deny.stdout
+    assert "specialty: DENIED - no specialty match" in deny.stdout
+    teach = run_cli(gw, "policy", "explain", "--sub", "ed.teacher", "--role", "educator", "--purpose", "TRAIN", "--asset", world.asset_ids["PB-01"])
+    assert teach.returncode == 1 and "consent: DENIED" in teach.stdout and "sensitivity: sensitivity allowed" in teach.stdout
+    glass = run_cli(gw, "policy", "explain", "--sub", "dr.ed", "--role", "clinician", "--specialty", "180", "--purpose", "ETREAT", "--asset", r_derm)
+    assert glass.returncode == 1 and "needs a reason" in glass.stdout
+    glass = run_cli(gw, "policy", "explain", "--sub", "dr.ed", "--role", "clinician", "--specialty", "180", "--purpose", "ETREAT",
+                    "--break-glass", "resus", "--asset", r_derm)
+    assert glass.returncode == 0 and "break-glass lifts the specialty rule" in glass.stdout
+    explained = [e for e in rows(gw) if e.subtype == "policy-explain"]
+    assert len(explained) == 5 and {e.outcome for e in explained} == {audit.SUCCESS, audit.MINOR_FAILURE}
+    assert all(e.type_code == audit.REST for e in explained)
+    assert len(USERS) >= 10

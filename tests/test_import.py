@@ -1,0 +1,141 @@
+"""`clinphoto import DIR --manifest`: legacy archive import, resumable, with a rejected-rows CSV."""
+
+from __future__ import annotations
+
+import shutil
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.ingest.importer import ManifestError, read_manifest, run_import
+from gateway.ingest.pipeline import Actor
+from store.models import Asset, AuditEvent
+from tests.ingest_helpers import assert_stored_dicom_valid, add_patient, photo_fixtures
+
+REPO = Path(__file__).resolve().parent.parent
+ACTOR = Actor(who="cli:tester", role="importer", network="local")
+
+
+
+@pytest.fixture(autouse=True)
+def _every_stored_dicom_object_is_valid(request, tmp_path):
+    """After each test that used a store: dciodvfy, dcmdump and dcmj2pnm on every DICOM object it made."""
+    gw = request.getfixturevalue("gw") if "gw" in request.fixturenames else None  # set up first, torn down after us
+    yield
+    if gw is not None and shutil.which("dciodvfy"):
+        assert_stored_dicom_valid(gw, tmp_path)
+
+
+@pytest.fixture
+def archive(tmp_path):
+    folder = tmp_path / "archive"
+    fx = photo_fixtures.make_all(folder / "photos")
+    return folder, fx
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    columns = sorted({k for r in rows for k in r}, key=lambda c: ["file", "patient"].index(c) if c in ("file", "patient") else 2)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def standard_rows(patient):
+    good = ["baseline_420.jpg", "progressive.jpg", "rgb.png", "photo.heic", "orient_3.jpg"]
+    rows = [{"file": f"photos/{n}", "patient": f"nhs|{patient['nhs']}", "encounter": patient["visit"], "bodySite": "85562004",
+             "laterality": "left", "sensitivity": "N"} for n in good]
+    rows += [
+        {"file": "photos/truncated.jpg", "patient": f"nhs|{patient['nhs']}"},
+        {"file": "photos/html.jpg", "patient": f"nhs|{patient['nhs']}"},
+        {"file": "photos/baseline_422.jpg", "patient": "nhs|9999999999"},
+        {"file": "photos/missing.jpg", "patient": f"nhs|{patient['nhs']}"},
+        {"file": "../../etc/passwd", "patient": f"nhs|{patient['nhs']}"},
+        {"file": "photos/gray.jpg", "patient": f"nhs|{patient['nhs']}", "sensitivity": "Z"},
+    ]
+    return rows
+
+
+def count_assets(gw) -> int:
+    with gw.db.read() as s:
+        return s.scalar(select(func.count()).select_from(Asset))
+
+
+def test_import_summary_rejected_csv_and_resume(gw, archive, tmp_path):
+    folder, _ = archive
+    patient = add_patient(gw)
+    manifest = write_manifest(folder / "manifest.csv", standard_rows(patient))
+    seen = []
+
+    def stop_after_two(row, outcome):
+        seen.append(outcome)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # the operator pressed Ctrl-C
+
+    with pytest.raises(KeyboardInterrupt):
+        run_import(gw, folder, manifest, ACTOR, on_progress=stop_after_two)
+    assert count_assets(gw) == 2
+
+    summary = run_import(gw, folder, manifest, ACTOR)
+    assert (summary.total, summary.resumed, summary.imported, summary.rejected) == (11, 2, 3, 6)
+    assert count_assets(gw) == 5
+    with open(summary.rejected_csv, newline="") as f:
+        rejected = {r["file"]: r for r in csv.DictReader(f)}
+    assert rejected["photos/truncated.jpg"]["code"] == "corrupt"
+    assert rejected["photos/html.jpg"]["code"] == "unsupported-type"
+    assert rejected["photos/baseline_422.jpg"]["code"] == "unknown-patient" and "9999999999" in rejected["photos/baseline_422.jpg"]["reason"]
+    assert rejected["photos/missing.jpg"]["code"] == "missing-file"
+    assert "outside the import folder" in rejected["../../etc/passwd"]["reason"]
+    assert "sensitivity" in rejected["photos/gray.jpg"]["reason"]
+
+    with gw.db.read() as s:
+        assets = s.execute(select(Asset)).scalars().all()
+        assert {a.source for a in assets} == {"import"}
+        assert len({a.series_uid for a in assets}) == 1  # one series per patient+encounter in a manifest
+        assert sorted(a.instance_number for a in assets) == [1, 2, 3, 4, 5]
+        assert {a.laterality for a in assets} == {"left"}
+        imports = s.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.type_code == "110107", AuditEvent.outcome == "0"))
+        assert imports == 5
+
+    again = run_import(gw, folder, manifest, ACTOR)
+    assert again.resumed == 5 and again.imported == 0 and count_assets(gw) == 5
+
+
+def test_manifest_problems_are_reported(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("filename,who\nx.jpg,nhs|1\n")
+    with pytest.raises(ManifestError, match="lacks column"):
+        read_manifest(bad)
+    bad.write_text("file,patient,colour\nx.jpg,nhs|1,red\n")
+    with pytest.raises(ManifestError, match="unknown column"):
+        read_manifest(bad)
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_cli_import_as_a_real_process(gw, archive, database_url, tmp_path):
+    folder, _ = archive
+    patient = add_patient(gw)
+    rows = standard_rows(patient)[:2] + [{"file": "photos/html.jpg", "patient": f"nhs|{patient['nhs']}"}]
+    manifest = write_manifest(folder / "manifest.csv", rows)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_") or k == "CLINPHOTO_TEST_POSTGRES_URL"}
+    env.update(CLINPHOTO_DATA_DIR=str(gw.settings.data_dir), CLINPHOTO_DATABASE_URL=database_url,
+               CLINPHOTO_BLOB_DIR=str(gw.settings.blob_dir), COLUMNS="120")
+    rejected = tmp_path / "rejected.csv"
+    cmd = [sys.executable, "-m", "gateway.cli", "import", str(folder), "--manifest", str(manifest), "--rejected", str(rejected)]
+    first = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1, first.stderr  # one row rejected
+    assert "imported" in first.stdout and "rejected" in first.stdout
+    assert rejected.exists() and "unsupported-type" in rejected.read_text()
+    assert count_assets(gw) == 2
+    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert re.search(r"resumed \(done earlier\)\s*\S\s*2", second.stdout), second.stdout
+    assert count_assets(gw) == 2

@@ -1,0 +1,348 @@
+"""The MLLP listener over real sockets on 127.0.0.1, with a raw-socket client and python-hl7's mllp_send."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.hl7.config import Hl7Settings
+from gateway.hl7.listener import MllpListener
+from gateway.hl7.mllp import START, FrameTooLarge, MllpDecoder, frame
+from gateway.hl7.parse import parse
+from store.models import Hl7Message, Patient
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7"
+MLLP_SEND = Path(sys.executable).with_name("mllp_send")
+
+
+def adt(cid: str, nhs: str = "9449305552", extra: str = "") -> bytes:
+    return (f"MSH|^~\\&|PAS|RX1|CLINPHOTO|RX1|20240301101500||ADT^A28^ADT_A05|{cid}|P|2.4\r"
+            f"EVN|A28|20240301101500\rPID|1||{nhs}^^^NHS^NH~M{cid}^^^RX1^MR||SMITH{extra}^ANN||19800101|F\r").encode()
+
+
+# -- framing ------------------------------------------------------------------------------
+
+
+def test_decoder_split_and_concatenated_frames():
+    d = MllpDecoder()
+    whole = frame(b"ONE") + frame(b"TWO") + frame(b"THREE")
+    out = []
+    for i in range(len(whole)):  # one byte per read, END split across reads too
+        msgs, dropped, truncated = d.feed(whole[i:i + 1])
+        out += msgs
+        assert dropped == 0 and truncated == 0
+    assert out == [b"ONE", b"TWO", b"THREE"]
+    assert d.feed(whole) == ([b"ONE", b"TWO", b"THREE"], 0, 0)
+
+
+def test_decoder_drops_bytes_outside_frames_and_truncated_frames():
+    d = MllpDecoder()
+    assert d.feed(b"noise\r\n" + frame(b"A") + b"xx") == ([b"A"], 9, 0)
+    # a frame that never ended, then a new one: the partial one is dropped, never delivered
+    assert d.feed(START + b"PARTIAL" + frame(b"B")) == ([b"B"], 0, 1)
+    assert d.feed(b"\x1c\x0d") == ([], 2, 0)
+
+
+def test_decoder_frame_limit():
+    d = MllpDecoder(max_frame=1000)
+    d.feed(START + b"x" * 900)
+    with pytest.raises(FrameTooLarge):
+        d.feed(b"x" * 200)
+    d = MllpDecoder(max_frame=1000)
+    with pytest.raises(FrameTooLarge):
+        d.feed(frame(b"y" * 1001))
+
+
+# -- a listener on a real socket --------------------------------------------------------------
+
+
+@contextmanager
+def running(db, **settings):
+    """The listener in its own event loop thread, as `clinphoto serve` runs it."""
+    loop = asyncio.new_event_loop()
+    listener = MllpListener(db, Hl7Settings(**settings), "127.0.0.1", 0)
+    started = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(listener.start())
+        started.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(10)
+    try:
+        yield listener
+    finally:
+        asyncio.run_coroutine_threadsafe(listener.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
+
+
+class Client:
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = MllpDecoder()
+        self.pending: list[bytes] = []
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.pending += self.decoder.feed(data)[0]
+        return self.pending.pop(0)
+
+    def call(self, message: bytes) -> bytes:
+        self.send_raw(frame(message))
+        return self.recv()
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:  # closed with our bytes unread
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def msa(ack: bytes) -> tuple[str, str]:
+    m = parse(ack).segment("MSA")
+    return m.get(1), m.get(2)
+
+
+def count(db, model=Hl7Message) -> int:
+    with db.read() as s:
+        return s.execute(select(func.count()).select_from(model)).scalar()
+
+
+def test_raw_socket_round_trip_and_nodelay(db):
+    with running(db) as listener:
+        c = Client(listener.port)
+        assert msa(c.call(adt("1"))) == ("AA", "1")
+        # several frames in one write, and one frame split over writes
+        c.send_raw(frame(adt("2")) + frame(adt("3")))
+        assert [msa(c.recv()) for _ in range(2)] == [("AA", "2"), ("AA", "3")]
+        f = frame(adt("4"))
+        c.send_raw(f[:10])
+        time.sleep(0.05)
+        c.send_raw(f[10:-1])
+        time.sleep(0.05)
+        c.send_raw(f[-1:])
+        assert msa(c.recv()) == ("AA", "4")
+        c.close()
+    assert count(db) == 4 and count(db, Patient) == 1
+
+
+def test_mllp_send_as_independent_client(db, tmp_path):
+    framed = tmp_path / "framed.mllp"  # mllp_send's plain mode reads MLLP-framed messages
+    framed.write_bytes(frame((FIX / "adt_a01_admit.hl7").read_bytes()))
+    with running(db) as listener:
+        res = subprocess.run([str(MLLP_SEND), "--port", str(listener.port), "--file", str(framed),
+                              "127.0.0.1"], capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert b"MSA|AA|A01-0001" in res.stdout
+        loose = tmp_path / "loose.hl7"
+        loose.write_bytes((FIX / "adt_a08_update.hl7").read_bytes().replace(b"\r", b"\r\n"))
+        res = subprocess.run([str(MLLP_SEND), "--loose", "--port", str(listener.port), "--file", str(loose),
+                              "127.0.0.1"], capture_output=True, timeout=60)
+        assert res.returncode == 0 and b"MSA|AA|A08-0001" in res.stdout, res.stdout + res.stderr
+    assert count(db) == 2
+
+
+def test_many_concurrent_connections(db):
+    with running(db) as listener:
+        errors = []
+
+        def worker(n):
+            try:
+                c = Client(listener.port)
+                for i in range(20):
+                    code, cid = msa(c.call(adt(f"{n}-{i}", extra=str(n))))
+                    assert (code, cid) == ("AA", f"{n}-{i}")
+                c.close()
+            except Exception as exc:  # collected and reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+    assert count(db) == 240
+
+
+def test_bytes_outside_frames_are_ignored_and_logged(db, caplog):
+    with caplog.at_level(logging.WARNING, logger="clinphoto.hl7.mllp"):
+        with running(db) as listener:
+            c = Client(listener.port)
+            c.send_raw(b"GET / HTTP/1.0\r\n\r\n" + frame(adt("1")))
+            assert msa(c.recv()) == ("AA", "1")
+            c.close()
+    assert any("outside a frame ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_frame_size_limit_closes_the_connection(db, caplog):
+    with caplog.at_level(logging.WARNING, logger="clinphoto.hl7.mllp"):
+        with running(db, max_frame_bytes=64 * 1024) as listener:
+            c = Client(listener.port)
+            try:
+                c.send_raw(START + b"MSH|" + b"x" * (200 * 1024))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert c.closed()
+            # the listener is still serving others
+            c2 = Client(listener.port)
+            assert msa(c2.call(adt("2"))) == ("AA", "2")
+            c2.close()
+    assert any("larger than 65536 bytes" in r.getMessage() for r in caplog.records)
+    assert count(db) == 1
+
+
+def test_idle_timeout_closes_the_connection(db):
+    with running(db, idle_timeout=0.3) as listener:
+        c = Client(listener.port)
+        time.sleep(0.8)
+        assert c.closed()
+
+
+def test_allow_list(db):
+    with running(db, allowed_sources=["10.0.0.0/8"]) as listener:
+        c = Client(listener.port)
+        c.send_raw(frame(adt("1")))
+        assert c.closed()
+    assert count(db) == 0
+    with running(db, allowed_sources=["127.0.0.0/8", "::1"]) as listener:
+        c = Client(listener.port)
+        assert msa(c.call(adt("1"))) == ("AA", "1")
+        c.close()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_tls(db, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    with running(db, tls_cert=cert, tls_key=key) as listener:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(frame(adt("T1")))
+                d = MllpDecoder()
+                msgs = []
+                while not msgs:
+                    msgs = d.feed(s.recv(65536))[0]
+                assert msa(msgs[0]) == ("AA", "T1")
+        # plain text on the TLS port gets nothing and does not hurt the listener
+        c = Client(listener.port)
+        c.send_raw(frame(adt("PLAIN")))
+        assert c.closed()
+    assert count(db) == 1
+
+
+# -- malformed input: never a crash, never an AA ----------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [
+    b"PID|1||9449305552^^^NHS^NH\r",  # no MSH
+    b"MSH|^^^^|PAS|RX1\r",  # odd encoding characters
+    b"MSH|\r",
+    b"MSH|^~\\&|PAS|RX1|CP|RX1|2024||ADT^A01|X|P|2.4|||||GBR|KOI8\r",
+    b"\x00\xff\xfe",
+    b"",
+])
+def test_malformed_messages_get_ar_not_aa(db, payload):
+    with running(db) as listener:
+        c = Client(listener.port)
+        code, _ = msa(c.call(payload))
+        assert code == "AR"
+        assert msa(c.call(adt("after")))[0] == "AA"
+        c.close()
+
+
+def test_truncated_frame_then_disconnect(db):
+    with running(db) as listener:
+        c = Client(listener.port)
+        c.send_raw(START + adt("TRUNC")[:40])
+        c.close()
+        c = Client(listener.port)
+        assert msa(c.call(adt("2"))) == ("AA", "2")
+        c.close()
+    with db.read() as s:
+        assert s.execute(select(Hl7Message.control_id)).scalars().all() == ["2"]
+
+
+def test_100kb_fields(db):
+    with running(db) as listener:
+        c = Client(listener.port)
+        big = "A" * 100_000
+        ack = c.call(adt("BIG", extra=big))
+        assert msa(ack)[0] == "AE"  # a 100 KB family name cannot be stored in a 200-character column
+        zsegment = adt("BIGZ") + f"ZXX|{big}\r".encode()
+        assert msa(c.call(zsegment))[0] == "AA"  # a large Z segment is kept raw, not in a column
+        c.close()
+    with db.read() as s:
+        assert len(s.execute(select(Hl7Message.raw).where(Hl7Message.control_id == "BIGZ")).scalar_one()) > 100_000
+
+
+def test_random_byte_strings_never_crash_and_never_get_aa(db):
+    rng = random.Random(1234)
+    alphabet = bytes(range(256))
+    acks = 0
+    with running(db) as listener:
+        c = Client(listener.port, timeout=30)
+        for i in range(10_000):
+            n = rng.randint(0, 60)
+            junk = bytes(rng.choice(alphabet) for _ in range(n)).replace(START, b"").replace(b"\x1c", b"")
+            if i % 2:
+                junk = b"MSH|^~\\&|" + junk  # looks like a header, then garbage
+            c.send_raw(frame(junk))
+            code = msa(c.recv())[0]
+            assert code in ("AR", "AE"), junk
+            acks += 1
+        # raw junk outside frames, too
+        c.send_raw(bytes(rng.choice(alphabet) for _ in range(5000)).replace(START, b""))
+        c.close()
+        c = Client(listener.port)
+        assert msa(c.call(adt("alive")))[0] == "AA"
+        c.close()
+    assert acks == 10_000
+    assert count(db, Patient) == 1
+
+
+def test_stop_finishes_in_flight_work(db):
+    with running(db) as listener:
+        c = Client(listener.port)
+        for i in range(50):
+            c.send_raw(frame(adt(f"S{i}")))
+        acks = [msa(c.recv()) for _ in range(50)]
+        c.close()
+    assert all(a[0] == "AA" for a in acks)
+    assert count(db) == 50

@@ -1,0 +1,95 @@
+"""Consent over REST, and its effect on what each caller sees through the photos door (withdrawal at once)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from store.models import AuditEvent
+from tests.auth_helpers import auth_headers
+from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
+from tests.test_policy import add_asset, add_patient
+from store.models import PatientIdentifier
+
+SYSTEM = "https://trust.example.nhs.uk/Id/mrn"
+
+
+def seed(gw):
+    with gw.db.write() as session:
+        patient = add_patient(session)
+        session.add(PatientIdentifier(patient_id=patient.id, system=SYSTEM, value="M1"))
+        photo = add_asset(session, patient, specialty="330")
+        intimate = add_asset(session, patient, specialty="330", sensitivity="R")
+    return patient.id, photo.id, intimate.id
+
+
+def test_consent_recorded_and_withdrawn_over_rest_changes_visibility_at_once(gw, api):  # noqa: F811
+    pid, photo, intimate = seed(gw)
+    derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
+    teacher = auth_headers(gw, role="educator", sub="ed.teacher", purpose="TRAIN")
+    listing = {"patient": f"{SYSTEM}|M1"}
+    assert api.get("/api/v1/photos", params=listing, headers=derm).json()["total"] == 0  # no consent yet
+
+    r = api.post("/api/v1/consents", json={"patient": f"{SYSTEM}|M1", "level": "teaching", "given_by": "patient"}, headers=derm)
+    assert r.status_code == 201, r.text
+    consent = r.json()
+    assert consent["captured_by"] == "dr.derm" and consent["status"] == "active" and consent["patient"] == pid
+    assert {i["id"] for i in api.get("/api/v1/photos", params=listing, headers=derm).json()["items"]} == {photo, intimate}
+    assert {i["id"] for i in api.get("/api/v1/photos", params=listing, headers=teacher).json()["items"]} == {photo}
+    assert api.get(f"/api/v1/photos/{photo}", headers=teacher).json()["consent"]["level"] == "teaching"
+
+    r = api.post(f"/api/v1/consents/{consent['id']}/withdraw", headers=derm)
+    assert r.status_code == 200 and r.json()["status"] == "withdrawn" and r.json()["withdrawn_at"].endswith("Z")
+    assert api.get("/api/v1/photos", params=listing, headers=teacher).json()["total"] == 0
+    assert api.get(f"/api/v1/photos/{photo}", headers=teacher).status_code == 404
+    assert api.get("/api/v1/photos", params=listing, headers=derm).json()["total"] == 2  # still there for care
+    again = api.post(f"/api/v1/consents/{consent['id']}/withdraw", headers=derm)
+    assert again.status_code == 409 and "already withdrawn" in again.json()["detail"]
+
+    listed = api.get("/api/v1/consents", params=listing, headers=derm).json()
+    assert listed["total"] == 1 and listed["items"][0]["status"] == "withdrawn"
+    with gw.db.read() as session:
+        actions = [(e.action, e.agent_who) for e in session.scalars(select(AuditEvent).where(AuditEvent.subtype == "consent").order_by(AuditEvent.seq))]
+    assert actions == [("C", "dr.derm"), ("U", "dr.derm"), ("R", "dr.derm")]
+
+
+def test_photo_scoped_consent_only_for_photos_the_caller_sees(gw, api):  # noqa: F811
+    pid, photo, intimate = seed(gw)
+    plastics = auth_headers(gw, role="clinician", sub="dr.plastics", specialties=["160"])
+    derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
+    body = {"patient": f"{SYSTEM}|M1", "level": "record", "given_by": "patient", "scope": "photos", "photos": [intimate]}
+    r = api.post("/api/v1/consents", json=body, headers=plastics)
+    assert r.status_code == 404 and r.json()["detail"] == f"photo not found: {intimate}"
+    # the photo is not visible before the consent exists either (no consent): the caller must see it first
+    r = api.post("/api/v1/consents", json=body, headers=derm)
+    assert r.status_code == 404
+    with gw.db.write() as session:
+        from gateway.consents import record_consent
+
+        record_consent(session, patient_id=pid, level="record", given_by="patient", captured_by="mi", scope="photos", asset_ids=[photo])
+    r = api.post("/api/v1/consents", json={**body, "photos": [photo], "level": "publication", "purpose_note": "BJD case report"}, headers=derm)
+    assert r.status_code == 201, r.text
+
+
+def test_consent_requests_are_checked(gw, api):  # noqa: F811
+    seed(gw)
+    derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
+    base = {"patient": f"{SYSTEM}|M1", "level": "record", "given_by": "patient"}
+    cases = [
+        (derm, {**base, "level": "teaching", "given_by": "best-interests"}, 400, "record only"),
+        (derm, {**base, "level": "publication"}, 400, "specific use"),
+        (derm, {**base, "level": "gold"}, 422, None),
+        (derm, {**base, "colour": "blue"}, 422, None),
+        (derm, {**base, "patient": "M1"}, 400, "system|value"),
+        (derm, {**base, "patient": f"{SYSTEM}|NOPE"}, 404, "patient not found"),
+        (auth_headers(gw, role="educator", sub="ed", purpose="TRAIN"), base, 403, "may not handle consent"),
+        (auth_headers(gw, role="clinician", sub="dr.derm", scopes="user/Media.rs"), base, 403, "scopes"),
+        (auth_headers(gw, role="clinician", sub="dr.derm", scopes="patient/Consent.cru", patient=999), base, 403, "another patient"),
+        ({}, base, 401, None),
+    ]
+    for headers, body, status, message in cases:
+        r = api.post("/api/v1/consents", json=body, headers=headers)
+        assert r.status_code == status, (body, r.text)
+        if message:
+            assert message in r.json()["detail"]
+    assert api.get("/api/v1/consents", params={"patient": f"{SYSTEM}|M1"}, headers=derm).json()["total"] == 0
+    assert api.post("/api/v1/consents/nope/withdraw", headers=derm).status_code == 404
