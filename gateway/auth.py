@@ -60,6 +60,10 @@ class AuthError(Exception):
     """A token was missing or did not verify; the message says why (safe to show the caller)."""
 
 
+class AuthUnavailable(AuthError):
+    """We cannot check tokens right now (bad auth settings, issuer's JWKS unreachable): 503, not the caller's fault."""
+
+
 # ---------------------------------------------------------------------------
 # Dev-mode signing key
 
@@ -164,9 +168,9 @@ class TokenVerifier:
                 family = "ES256" if isinstance(self._static_key, ec.EllipticCurvePublicKey) else "RS256"
                 self.algorithms = [alg for alg in self.algorithms if alg == family]
                 if not self.algorithms:
-                    raise AuthError(f"the issuer's key needs {family}, which auth.algorithms does not allow")
+                    raise AuthUnavailable(f"the issuer's key needs {family}, which auth.algorithms does not allow")
             else:
-                raise AuthError("auth mode jwt needs auth.jwks_url, auth.public_key_pem or auth.public_key_file")
+                raise AuthUnavailable("auth mode jwt needs auth.jwks_url, auth.public_key_pem or auth.public_key_file")
         else:
             self.algorithms, self.issuer = [], None
 
@@ -180,6 +184,8 @@ class TokenVerifier:
                         raise AuthError("the token names no key (kid) and the issuer has several") from None
                     return keys[0].key
                 return self._jwks.get_signing_key_from_jwt(token).key
+            except jwt.PyJWKClientConnectionError as exc:
+                raise AuthUnavailable(f"the issuer's keys cannot be fetched ({exc})") from None
             except jwt.PyJWKClientError as exc:
                 raise AuthError(f"no key of the issuer verifies this token ({exc})") from None
         return self._static_key
@@ -286,6 +292,9 @@ def authenticate(request: Request) -> Subject:
         raise HTTPException(401, "a bearer token is required (Authorization: Bearer <JWT>)", headers=_challenge(realm))
     try:
         return verifier_for(request.app.state, settings).verify(token, address)
+    except AuthUnavailable as exc:
+        log.error("cannot check bearer tokens: %s", exc)
+        raise HTTPException(503, f"authentication is unavailable: {exc}") from None
     except AuthError as exc:
         from gateway import access_audit
 

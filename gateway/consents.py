@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from store import audit
 from store.audit import AuditEntry
-from store.models import Asset, Consent, Encounter, Patient
+from store.models import Asset, AssetAccess, Consent, Encounter, Patient
 from store.patients import survivor
 
 LEVELS = ("record", "teaching", "publication")
@@ -127,3 +127,72 @@ def list_consents(session: Session, patient_id: int, *, include_withdrawn: bool 
     if not include_withdrawn:
         query = query.where(Consent.status == "active")
     return list(session.scalars(query.order_by(Consent.created_at.desc(), Consent.id)))
+
+
+# ---------------------------------------------------------------------------
+# Who else may see a photo: its access list (for V photos) and its sensitivity.
+# Kept beside consent because both are governance records set by medical
+# illustration staff, and both are audited the same way.
+
+SENSITIVITIES = ("N", "R", "V")
+
+
+def _audit_asset(session: Session, asset: Asset, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
+    audit.append(session, AuditEntry(
+        type_code=audit.PATIENT_RECORD, action=action, subtype="access-list" if "subject" in detail else "sensitivity",
+        agent_who=actor, agent_role=role, agent_network=network, patient_id=asset.patient_id,
+        entities=[{"type": "asset", "id": asset.id}, {"type": "patient", "id": asset.patient_id}], detail=detail,
+    ))
+
+
+def _asset(session: Session, asset_id: str) -> Asset:
+    asset = session.get(Asset, asset_id, with_for_update=True)
+    if asset is None:
+        raise ConsentError(f"no photo {asset_id}")
+    return asset
+
+
+def access_list(session: Session, asset_id: str) -> list[AssetAccess]:
+    return list(session.scalars(select(AssetAccess).where(AssetAccess.asset_id == asset_id).order_by(AssetAccess.subject)))
+
+
+def grant_access(session: Session, asset_id: str, subject: str, *, granted_by: str, actor_role: str | None = None,
+                 actor_network: str | None = None) -> bool:
+    """Name a person (or a DICOM peer's AE title) on the photo's access list; False if already there."""
+    subject = (subject or "").strip()
+    if not subject or len(subject) > 200:
+        raise ConsentError("the subject to grant must be 1-200 characters")
+    asset = _asset(session, asset_id)
+    if session.get(AssetAccess, (asset.id, subject)) is not None:
+        return False
+    session.add(AssetAccess(asset_id=asset.id, subject=subject, granted_by=granted_by))
+    session.flush()
+    _audit_asset(session, asset, "C", granted_by, actor_role, actor_network, {"subject": subject, "change": "granted"})
+    return True
+
+
+def revoke_access(session: Session, asset_id: str, subject: str, *, revoked_by: str, actor_role: str | None = None,
+                  actor_network: str | None = None) -> bool:
+    """Take a person off the photo's access list at once; False if they were not on it."""
+    asset = _asset(session, asset_id)
+    row = session.get(AssetAccess, (asset.id, subject))
+    if row is None:
+        return False
+    session.delete(row)
+    session.flush()
+    _audit_asset(session, asset, "D", revoked_by, actor_role, actor_network, {"subject": subject, "change": "revoked"})
+    return True
+
+
+def set_sensitivity(session: Session, asset_id: str, sensitivity: str, *, changed_by: str, actor_role: str | None = None,
+                    actor_network: str | None = None) -> Asset:
+    """Reclassify a photo (N normal, R restricted, V very restricted); effective for every exit at once."""
+    if sensitivity not in SENSITIVITIES:
+        raise ConsentError(f"unknown sensitivity {sensitivity!r}; use N, R or V")
+    asset = _asset(session, asset_id)
+    before = asset.sensitivity
+    if before != sensitivity:
+        asset.sensitivity = sensitivity
+        session.flush()
+        _audit_asset(session, asset, "U", changed_by, actor_role, actor_network, {"from": before, "to": sensitivity})
+    return asset

@@ -22,6 +22,10 @@ Roles and what they may see (defaults; see PolicySettings):
 - system: a DICOM peer. Its purpose, sensitivities and specialties come from
   its entry in auth.dicom_peers.
 
+Medical illustration staff (governance_roles) set a photo's sensitivity and
+its access list; clinicians and medical illustration (consent_roles) record
+and withdraw consent.
+
 Every role also needs a consent that fits the purpose (TREAT/ETREAT: any
 consent recorded for the photo, a withdrawn one still counting for photos
 taken before the withdrawal; TRAIN/HRESCH: an active teaching or publication
@@ -178,6 +182,10 @@ class PolicySettings(BaseModel):
     consent_roles: list[str] = Field(
         default_factory=lambda: ["clinician", "medical-illustration"],
         description="Roles that may record, withdraw and read consent records (/api/v1/consents).",
+    )
+    governance_roles: list[str] = Field(
+        default_factory=lambda: ["medical-illustration"],
+        description="Roles that may set a photo's sensitivity and its access list (who may see a V photo).",
     )
     visible_statuses: list[str] = Field(
         default_factory=lambda: ["active"],

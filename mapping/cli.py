@@ -89,9 +89,7 @@ def test(
         finally:
             gw.close()
     else:
-        status, code, errors, text, _pid, _audit = processor._outcome_without_store(p)
-        report["status"] = status
-        ack = processor._ack(p, code, errors, text)
+        report["status"], ack = processor.dry_run(p)
     typer.echo(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     typer.echo("ACK it would send:" if ack else "no ACK would be sent (enhanced mode, as MSH-15 asks)")
     if ack:

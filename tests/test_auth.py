@@ -156,8 +156,26 @@ def test_algorithm_confusion_and_none_are_refused(tmp_path, rsa_key):
 
 
 def test_jwt_mode_needs_a_key(tmp_path):
-    with pytest.raises(AuthError, match="jwks_url"):
+    from gateway.auth import AuthUnavailable
+
+    with pytest.raises(AuthUnavailable, match="jwks_url"):
         TokenVerifier(make_settings(tmp_path, mode="jwt"))
+
+
+def test_unreachable_issuer_is_503_not_401(gw, rsa_key):
+    import socket
+
+    from tests.test_photos_api import live_server
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    gw.settings.auth = AuthSettings(mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto",
+                                    jwks_url=f"http://127.0.0.1:{dead}/jwks.json")
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    with live_server(gw) as api:
+        r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 503 and "keys cannot be fetched" in r.json()["detail"]
 
 
 @pytest.fixture

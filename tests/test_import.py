@@ -139,3 +139,15 @@ def test_cli_import_as_a_real_process(gw, archive, database_url, tmp_path):
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert re.search(r"resumed \(done earlier\)\s*\S\s*2", second.stdout), second.stdout
     assert count_assets(gw) == 2
+
+
+def test_parallel_import_gives_the_same_result(gw, archive):
+    folder, _ = archive
+    patient = add_patient(gw)
+    manifest = write_manifest(folder / "manifest.csv", standard_rows(patient))
+    summary = run_import(gw, folder, manifest, ACTOR, workers=3)
+    assert (summary.imported, summary.rejected) == (5, 6)
+    assert [r[0].number for r in summary.rejections] == [6, 7, 8, 9, 10, 11]
+    with gw.db.read() as s:
+        numbers = sorted(s.execute(select(Asset.instance_number)).scalars())
+    assert numbers == [1, 2, 3, 4, 5]  # manifest rows number the instances, whatever finished first

@@ -109,3 +109,13 @@ def test_exif_facts_are_read(fx):
         assert p.facts.taken_at.isoformat() == "2024-03-05T14:22:31+01:00"
     finally:
         p.close()
+
+
+def test_without_jpegtran_a_progressive_jpeg_is_encoded_once_and_says_so(fx, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # jpegtran cannot be found
+    p = prepare(fx["progressive.jpg"], IngestSettings())
+    try:
+        assert p.derived and "jpegtran (libjpeg-turbo-progs) is not installed" in p.derivation
+        assert [m for m, _ in p.pixels.lossy] == ["ISO_10918_1", "ISO_10918_1"]
+    finally:
+        p.close()

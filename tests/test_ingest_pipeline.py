@@ -82,7 +82,8 @@ def test_ingest_stores_original_dicom_renditions_and_audit(gw, fx, tmp_path):
         data = gw.blobs.read_bytes(sha)
         assert b"Exif" not in data and b"SERIAL" not in data and b"Leeds" not in data and b"MPF-TRAILER" not in data
     assert [e.action for e in events] == ["C"] and events[0].outcome == "0"
-    assert events[0].entities[1]["id"] == asset.id and events[0].patient_id == patient["id"]
+    assert events[0].entities[0] == {"type": "asset", "id": asset.id, "role": "stored", "sop_instance_uid": asset.sop_instance_uid, "study_uid": asset.study_uid}
+    assert events[0].patient_id == patient["id"] and events[0].subtype == "upload"
     dcm = tmp_path / "stored.dcm"
     dcm.write_bytes(gw.blobs.read_bytes(asset.dicom_sha256))
     dump = dicom_tools_check(dcm)
@@ -248,3 +249,19 @@ def test_failed_ingest_never_deletes_a_blob_another_ingest_holds(gw):
     other = lonely.put_bytes(b"only mine")
     lonely.remove_unreferenced()
     assert not gw.blobs.exists(other)
+
+
+def test_uids_under_the_configured_root(gw, fx, tmp_path):
+    import pydicom
+
+    gw.settings.uid_root = "1.2.826.0.1.3680043.10.999"
+    patient = add_patient(gw, visit=None)
+    photo = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient), ACTOR).photos[0]
+    for uid in (photo.study_uid, photo.series_uid, photo.sop_instance_uid):
+        assert uid.startswith("1.2.826.0.1.3680043.10.999.") and len(uid) <= 64
+    asset = load(gw, Asset, photo.asset_id)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(gw.blobs.read_bytes(asset.dicom_sha256))
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.ImplementationClassUID.startswith("1.2.826.0.1.3680043.10.999.")
+    assert ds.SOPInstanceUID == photo.sop_instance_uid and ds.StudyInstanceUID == photo.study_uid

@@ -175,3 +175,19 @@ def test_uids_under_configured_root():
     uid = new_uid("1.2.826.0.1.3680043.10.999")
     assert uid.startswith("1.2.826.0.1.3680043.10.999.") and is_valid_uid(uid) and len(uid) <= 64
     assert stable_uid("2.25", "study", "x") == stable_uid("2.25", "study", "x") != stable_uid("2.25", "study", "y")
+
+
+def test_icc_profile_travels_into_dicom_even_through_jpegtran(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    upright = photo_fixtures.quadrant_image(96, 64)
+    for name, kw in (("icc.jpg", {}), ("icc_prog.jpg", {"progressive": True})):
+        src = tmp_path / name
+        upright.save(src, "JPEG", quality=90, icc_profile=srgb, **kw)
+        dcm = build(src, tmp_path)
+        dicom_tools_check(dcm)
+        ds = pydicom.dcmread(dcm)
+        assert ds.ICCProfile == srgb
+        frame = b"".join(pydicom.encaps.generate_fragments(ds.PixelData))
+        assert b"ICC_PROFILE" not in frame

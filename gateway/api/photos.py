@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, or_, select
 
 from gateway import access_audit
-from gateway.auth import Subject, require_subject
+from gateway.auth import Subject, require_scope, require_subject
+from gateway.consents import ConsentError, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.policy import (
     AccessContext,
     PolicyRefusal,
@@ -30,6 +32,7 @@ from gateway.policy import (
     resolve,
     utc,
 )
+from store import audit
 from store.models import Asset, Consent
 from store.patients import find_patient
 
@@ -222,3 +225,83 @@ def photo_image(
         content_disposition_type="inline",
         headers={"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"},
     )
+
+
+# -- governance: sensitivity and access list (medical illustration staff) --------------------------
+
+
+class SensitivityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sensitivity: Literal["N", "R", "V"]
+
+
+def _governor(request: Request, subject: Subject) -> None:
+    policy = request.app.state.gw.settings.policy
+    if subject.role not in policy.governance_roles:
+        raise HTTPException(403, f"only roles {', '.join(policy.governance_roles) or 'none'} may change who sees a photo")
+    require_scope(subject, "Media", "u", request.app.state.gw.settings.auth.realm)
+
+
+def _governance(call):
+    try:
+        return call()
+    except ConsentError as exc:
+        if str(exc).startswith("no photo"):
+            raise HTTPException(404, NOT_FOUND) from None
+        raise HTTPException(400, str(exc)) from None
+
+
+def _access_json(rows) -> dict:
+    return {"subjects": [{"subject": r.subject, "granted_by": r.granted_by, "granted_at": _iso(r.created_at)} for r in rows]}
+
+
+@router.get("/{photo_id}/access")
+def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
+    """Who is named on the photo's access list (medical illustration staff)."""
+    _governor(request, subject)
+    gw = request.app.state.gw
+    with gw.db.read() as session:
+        row = session.get(Asset, photo_id)
+        if row is None:
+            raise HTTPException(404, NOT_FOUND)
+        patient_id, body = row.patient_id, _access_json(access_list(session, photo_id))
+    ctx = resolve(subject, gw.settings.policy)
+    access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="access-list",
+                                                    patient_id=patient_id, entities=[{"type": "asset", "id": photo_id}])])
+    return body
+
+
+@router.put("/{photo_id}/access/{grantee}")
+def grant(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> JSONResponse:
+    """Name a person (user id, or a DICOM peer's AE title) on the photo's access list."""
+    _governor(request, subject)
+    gw = request.app.state.gw
+    with gw.db.write() as session:
+        added = _governance(lambda: grant_access(session, photo_id, grantee, granted_by=subject.sub, actor_role=subject.role,
+                                                 actor_network=access_audit.source_of(subject)))
+        body = _access_json(access_list(session, photo_id))
+    return JSONResponse(body, status_code=201 if added else 200)
+
+
+@router.delete("/{photo_id}/access/{grantee}", status_code=204)
+def revoke(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> Response:
+    """Take a person off the photo's access list (effective at once on every exit)."""
+    _governor(request, subject)
+    gw = request.app.state.gw
+    with gw.db.write() as session:
+        removed = _governance(lambda: revoke_access(session, photo_id, grantee, revoked_by=subject.sub, actor_role=subject.role,
+                                                    actor_network=access_audit.source_of(subject)))
+    if not removed:
+        raise HTTPException(404, f"{grantee} is not on this photo's access list")
+    return Response(status_code=204)
+
+
+@router.put("/{photo_id}/sensitivity")
+def reclassify(request: Request, photo_id: str, body: SensitivityIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
+    """Set the photo's sensitivity (N, R or V)."""
+    _governor(request, subject)
+    gw = request.app.state.gw
+    with gw.db.write() as session:
+        asset = _governance(lambda: set_sensitivity(session, photo_id, body.sensitivity, changed_by=subject.sub,
+                                                    actor_role=subject.role, actor_network=access_audit.source_of(subject)))
+        return {"id": asset.id, "sensitivity": asset.sensitivity}

@@ -245,7 +245,8 @@ _OPENAPI = {
 async def upload_photos(request: Request, subject: Subject = Depends(require_subject)) -> JSONResponse:
     gw = request.app.state.gw
     settings = gw.settings.ingest
-    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address, purpose_of_use=subject.purpose_of_use)
+    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address,
+                  purpose_of_use=subject.purpose_of_use, name=subject.name)
     refusal = _may_upload(subject, settings.upload_roles)
     if refusal:
         await _audit_refused(gw, actor, IngestRejected("forbidden", refusal))

@@ -63,22 +63,31 @@ class GroupCommitter:
         return self._commit(batch)
 
     def _run(self) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             item = self._queue.get()
             if item is _STOP:
                 return
             items = [item]
-            stopping = False
-            while len(items) < self.batch_max:
+
+            def late_joiner():
+                # a message that arrived while this batch was being applied joins its commit
+                nonlocal stopping
+                if stopping or len(items) >= self.batch_max:
+                    return None
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    return None
                 if nxt is _STOP:
                     stopping = True
-                    break
+                    return None
                 items.append(nxt)
-            results = self._commit([p for p, _loop, _fut in items])
+                return nxt[0]
+
+            while len(items) < self.batch_max and late_joiner() is not None:
+                pass
+            results = self._commit([p for p, _loop, _done in items], more=late_joiner)
             # one wake-up per event loop, not one per message
             by_loop: dict = {}
             for (_p, loop, done), result in zip(items, results):
@@ -88,13 +97,16 @@ class GroupCommitter:
                     loop.call_soon_threadsafe(_deliver, pairs)
                 except RuntimeError:  # that event loop has closed: its connections are gone
                     log.warning("%d HL7 result(s) committed for a closed connection", len(pairs))
-            if stopping:
-                return
 
-    def _commit(self, batch: list[Prepared]) -> list[Result]:
+    def _commit(self, batch: list[Prepared], more: Callable[[], Prepared | None] | None = None) -> list[Result]:
+        batch = list(batch)
         try:
             with self.db.write() as session:
                 results = [self.processor.apply(session, p) for p in batch]
+                if more is not None:
+                    while (late := more()) is not None:
+                        batch.append(late)
+                        results.append(self.processor.apply(session, late))
                 audit.append_many(session, [a for r in results for a in r.audit])
             self.batches += 1
             self.messages += len(batch)

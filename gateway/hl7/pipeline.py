@@ -152,11 +152,13 @@ class Processor:
         message_store.record_outcome(session, message_id, status=status, ack=ack, error=error_text, patient_id=patient_id)
         return Result(ack=ack, status=status, message_id=message_id, patient_id=patient_id, audit=audit, code=code)
 
-    def _outcome_without_store(self, p: Prepared):
-        """What can be known without the database (the mapping bench)."""
+    def dry_run(self, p: Prepared) -> tuple[str, bytes | None]:
+        """(status, ACK) as far as they can be known without the database (the mapping bench)."""
         if p.reject or p.error or p.ignore:
-            return self._outcome(None, p)  # type: ignore[arg-type]
-        return "would apply", "AA", [], "not applied: mapping test", None, []
+            status, code, errors, text, _pid, _audit = self._outcome(None, p)  # type: ignore[arg-type]
+        else:
+            status, code, errors, text = "would apply", "AA", [], "not applied: mapping test"
+        return status, self._ack(p, code, errors, text)
 
     def _outcome(self, session: Session, p: Prepared):
         if p.reject:

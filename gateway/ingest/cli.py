@@ -21,6 +21,7 @@ def import_command(
     rejected: Annotated[Path | None, typer.Option("--rejected", help="Where to write the CSV of rejected rows (default: next to the manifest).")] = None,
     state: Annotated[Path | None, typer.Option("--state", help="Resume file (default: DATA_DIR/imports/<manifest>-<id>.jsonl).")] = None,
     as_user: Annotated[str | None, typer.Option("--as", help="Who the audit trail names as importer (default: the OS user).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=16, help="Photos processed at once (decoding uses a core each).")] = 2,
 ) -> None:
     """Import a legacy photo archive through the ingest pipeline; re-run to resume."""
     from gateway.cli import open_gateway
@@ -45,7 +46,8 @@ def import_command(
                 counts[outcome] = counts.get(outcome, 0) + 1
                 progress.update(task, advance=1, counts=" ".join(f"{k} {v}" for k, v in counts.items() if v))
 
-            summary = run_import(gw, folder, manifest, actor, state_path=state, rejected_csv=rejected, on_progress=tick)
+            summary = run_import(gw, folder, manifest, actor, state_path=state, rejected_csv=rejected, on_progress=tick,
+                                 workers=workers)
     finally:
         gw.close()
     table = Table(title=f"import of {manifest.name}", show_header=False)

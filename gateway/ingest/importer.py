@@ -20,8 +20,10 @@ import csv
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +116,7 @@ class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: set[str] = set()
+        self._lock = threading.Lock()
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -123,11 +126,12 @@ class StateFile:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(self, row: Row, asset_ids: list[str], status: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"row": row.key, "assets": asset_ids, "status": status}) + "\n")
+        line = json.dumps({"row": row.key, "assets": asset_ids, "status": status}) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.done.add(row.key)
+            self.done.add(row.key)
 
 
 def default_state_path(data_dir: Path, folder: Path, manifest: Path) -> Path:
@@ -153,29 +157,62 @@ def run_import(
     state_path: Path | None = None,
     rejected_csv: Path | None = None,
     on_progress: Callable[[Row, str], None] | None = None,
+    workers: int = 1,
 ) -> ImportSummary:
     started = time.monotonic()
     rows = read_manifest(manifest)
     state = StateFile(state_path or default_state_path(gw.settings.data_dir, folder, manifest))
     summary = ImportSummary(total=len(rows))
+    todo = []
     for row in rows:
         if row.key in state.done:
             summary.resumed += 1
             if on_progress:
                 on_progress(row, "resumed")
-            continue
-        outcome = _import_row(gw, folder, manifest, row, actor, state, summary)
-        if on_progress:
-            on_progress(row, outcome)
+        else:
+            todo.append(row)
+    lock = threading.Lock()
+
+    def one(row: Row) -> str:
+        return _import_row(gw, folder, manifest, row, actor, state, summary, lock)
+
+    if workers <= 1:
+        for row in todo:
+            outcome = one(row)
+            if on_progress:
+                on_progress(row, outcome)
+    else:
+        # photos are independent; the store serialises the commits. Bounded in flight, so a
+        # Ctrl-C stops after the rows already started and nothing else is queued.
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="import")
+        pending: dict = {}
+        queue = iter(todo)
+        try:
+            for row in queue:
+                pending[pool.submit(one, row)] = row
+                if len(pending) >= workers * 2:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        outcome = future.result()
+                        if on_progress:
+                            on_progress(pending.pop(future), outcome)
+            for future in list(pending):
+                outcome = future.result()
+                if on_progress:
+                    on_progress(pending.pop(future), outcome)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.monotonic() - started
     if summary.rejections:
+        summary.rejections.sort(key=lambda r: r[0].number)
         target = rejected_csv or manifest.with_name(f"{manifest.stem}.rejected.csv")
         write_rejected(target, summary.rejections)
         summary.rejected_csv = target
     return summary
 
 
-def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state: StateFile, summary: ImportSummary) -> str:
+def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state: StateFile, summary: ImportSummary,
+                lock: threading.Lock) -> str:
     relative = row.values.get("file", "")
     path = _inside(folder, relative) if relative else None
     try:
@@ -187,17 +224,20 @@ def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state:
             raise IngestRejected("missing-file", f"no such file: {relative}")
         meta = parse_metadata(row_metadata(row))
         session = row.values.get("session") or f"import|{manifest.name}|{meta.patient}|{meta.encounter or ''}"
-        result = ingest(gw, [Upload(path, filename=relative)], meta, actor, source="import", session_key=session)
+        upload = Upload(path, filename=relative, instance_number=row.number)
+        result = ingest(gw, [upload], meta, actor, source="import", session_key=session)
     except IngestRejected as exc:
-        summary.rejected += 1
-        summary.rejections.append((row, exc.code, exc.message))
+        with lock:
+            summary.rejected += 1
+            summary.rejections.append((row, exc.code, exc.message))
         return "rejected"
     status = result.photos[0].status
     state.record(row, [p.asset_id for p in result.photos], status)
-    if status == "created":
-        summary.imported += 1
-    else:
-        summary.existing += 1
+    with lock:
+        if status == "created":
+            summary.imported += 1
+        else:
+            summary.existing += 1
     return status
 
 

@@ -367,7 +367,10 @@ def recode(src: Path, dst: Path, orientation: int = 1) -> None:
     if orientation in ORIENTATION_TRANSFORMS:
         args += ["-perfect", *ORIENTATION_TRANSFORMS[orientation]]
     args += ["-outfile", os.fspath(dst), os.fspath(src)]
-    proc = subprocess.run(args, capture_output=True, timeout=300)
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=300)
+    except FileNotFoundError:
+        raise LosslessNotPossible("jpegtran (libjpeg-turbo-progs) is not installed") from None
     if proc.returncode != 0 or not dst.exists() or dst.stat().st_size == 0:
         message = proc.stderr.decode("utf-8", "replace").strip()
         if "not perfect" in message:

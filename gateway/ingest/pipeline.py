@@ -59,14 +59,19 @@ class Upload:
     sha256: str | None = None
     # DICOM doors (C-STORE, STOW-RS) keep the sender's instance UID; other doors get one made
     sop_instance_uid: str | None = None
+    # a door that numbers its own photos (the importer: manifest row); else next in the series
+    instance_number: int | None = None
 
 
 @dataclass
 class Actor:
+    """Who stores the photos, as the audit trail names them."""
+
     who: str
     role: str | None = None
     network: str | None = None
     purpose_of_use: str | None = "TREAT"
+    name: str | None = None
 
 
 @dataclass
@@ -320,7 +325,7 @@ def audit_refusal(gw, actor: Actor, exc: IngestRejected, patient_id: int | None,
     try:
         with gw.db.write() as session:
             audit.append(session, audit.AuditEntry(
-                type_code=audit.IMPORT, action="C", outcome=outcome, outcome_desc=exc.message[:1000],
+                type_code=audit.IMPORT, action="C", subtype=source, outcome=outcome, outcome_desc=exc.message[:1000],
                 agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
                 purpose_of_use=actor.purpose_of_use, patient_id=patient_id,
                 entities=[{"type": "patient", "id": patient_id}] if patient_id else [],
@@ -476,7 +481,8 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
         sop_uid = item.sop_instance_uid or stable_uid(root, "instance", session_key, meta.patient, item.sha256)
         if settings.keep_originals:
             writer.put_path(item.path, item.sha256)
-        dicom_sha, dicom_size, ts = _write_dicom(gw, p, ctx, meta, sop_uid, series_uid, instance, writer)
+        number = item.instance_number or instance
+        dicom_sha, dicom_size, ts = _write_dicom(gw, p, ctx, meta, sop_uid, series_uid, number, writer)
         preview_sha = writer.put_bytes(p.renditions.preview)
         thumb_sha = writer.put_bytes(p.renditions.thumbnail)
         rows.append(Asset(
@@ -484,7 +490,7 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
             encounter_id=ctx.encounter_id,
             consent_id=ctx.consent_id,
             study_uid=ctx.study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-            sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=instance,
+            sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=number,
             sha256=item.sha256, size=p.size, media_type=p.media_type, original_kept=settings.keep_originals,
             original_filename=(item.filename or None) and item.filename[-255:], width=p.width, height=p.height,
             dicom_sha256=dicom_sha, dicom_size=dicom_size, dicom_transfer_syntax=ts,
@@ -504,7 +510,8 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
             series_uid=series_uid, sop_instance_uid=sop_uid, width=p.width, height=p.height,
             filename=item.filename, transfer_syntax=ts, quarantined=ctx.patient_id is None,
         )
-        instance += 1
+        if item.instance_number is None:
+            instance += 1
         p.close()
 
     # one transaction: consent, assets, audit, idempotency record
@@ -540,16 +547,19 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
                 else:  # the same file twice in one request: one asset
                     photos[index] = _as_existing(by_sha[item.sha256], item.filename)
         audit.append_many(session, [
+            # same shape as gateway.access_audit.import_entries (IHE BALP), with the DICOM UIDs added
             audit.AuditEntry(
-                type_code=audit.IMPORT, action="C", outcome=audit.SUCCESS,
+                type_code=audit.IMPORT, action="C", subtype=source, outcome=audit.SUCCESS,
                 agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
                 purpose_of_use=actor.purpose_of_use, patient_id=patient_id,
                 entities=[
+                    {"type": "asset", "id": row.id, "role": "stored", "sop_instance_uid": row.sop_instance_uid,
+                     "study_uid": row.study_uid},
                     {"type": "patient", "id": patient_id},
-                    {"type": "asset", "id": row.id, "sop_instance_uid": row.sop_instance_uid, "study_uid": row.study_uid},
                 ],
                 detail={"source": source, "sha256": row.sha256, "media_type": row.media_type,
-                        "filename": row.original_filename, "consent_id": row.consent_id, "status": row.status},
+                        "filename": row.original_filename, "consent_id": row.consent_id, "status": row.status,
+                        **({"agent_name": actor.name} if actor.name else {})},
             )
             for row in rows
         ])

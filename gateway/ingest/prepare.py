@@ -229,6 +229,7 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
             closers.append(lambda p=recoded: p.unlink(missing_ok=True))
             src_buf, src_path = _map(recoded, closers), recoded
             src_info = jpeg.parse(src_buf)
+            src_info.icc_profile = info.icc_profile  # jpegtran -copy none dropped it; DICOM carries it
             if not src_info.baseline:
                 raise jpeg.LosslessNotPossible("jpegtran did not produce a baseline JPEG")
             steps = []
@@ -237,8 +238,8 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
             if orientation != 1:
                 steps.append(f"EXIF orientation {orientation} applied without loss (jpegtran -perfect)")
             derivation = "; ".join(steps) or None
-        except jpeg.LosslessNotPossible:
-            # partial edge blocks: turn the decoded pixels and encode once
+        except jpeg.LosslessNotPossible as why:
+            # partial edge blocks (or no jpegtran): turn the decoded pixels and encode once
             full = _open_image(path)
             closers.append(full.close)
             _load(full, "JPEG")
@@ -246,10 +247,15 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
             encoded = _encode_jpeg(turned, settings.encode_quality)
             src_buf = encoded
             src_info = jpeg.parse(encoded)
+            src_info.icc_profile = info.icc_profile
             derived = True
+            steps = ["progressive JPEG decoded"] if info.progressive else ["JPEG decoded"]
+            if orientation != 1:
+                steps.append(f"EXIF orientation {orientation} applied")
+            reason = "image size not a multiple of the JPEG block" if "not perfect" in str(why) else str(why)
             derivation = (
-                f"EXIF orientation {orientation} applied to the decoded image (size not a multiple of the JPEG block, "
-                f"so not possible without loss) and encoded once as baseline JPEG, quality {settings.encode_quality}"
+                f"{', '.join(steps)} and encoded once as baseline JPEG, quality {settings.encode_quality} "
+                f"(a lossless transform was not possible: {reason})"
             )
             new_ratio = _ratio(src_info.width, src_info.height, len(src_info.components), len(encoded))
             return (
