@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from gateway.api import consents, photos, upload
 from gateway.context import Gateway
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     # -- routers: one line each (keep this marker) --
-    from gateway.api.upload import router as upload_router; app.include_router(upload_router)  # noqa: E702
-    from gateway.api.photos import router as photos_router; app.include_router(photos_router)  # noqa: E702
-    from gateway.api.consents import router as consents_router; app.include_router(consents_router)  # noqa: E702
+    app.include_router(upload.router)
+    app.include_router(photos.router)
+    app.include_router(consents.router)
     return app

@@ -10,6 +10,7 @@ from datetime import date, datetime, timedelta, timezone
 from sqlalchemy import select
 
 from gateway.context import Gateway
+from gateway.ingest.demo_photos import seed_demo_photos
 from store import audit
 from store.models import Consent, Encounter, Patient, PatientIdentifier
 
@@ -70,13 +71,5 @@ def seed_demo(gw: Gateway, force: bool = False) -> str:
                     ),
                 )
             patients.append(patient)
-    photos = _seed_photos(gw, patients)
+    photos = seed_demo_photos(gw, patients)
     return f"demo data: {len(patients)} patients, {photos} photos"
-
-
-def _seed_photos(gw: Gateway, patients: list[Patient]) -> int:
-    try:
-        from gateway.ingest.demo_photos import seed_demo_photos
-    except ImportError:  # the ingest pipeline lands with the photo-ingest issue
-        return 0
-    return seed_demo_photos(gw, patients)
