@@ -49,6 +49,7 @@ def open_gateway(migrate: bool = True):
 def serve() -> None:
     """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
     from gateway.logs import configure_logging
+    from gateway.serve import StartupError
     from gateway.serve import serve as run
 
     settings = settings_or_exit()
@@ -56,8 +57,8 @@ def serve() -> None:
     gw = open_gateway()
     try:
         asyncio.run(run(gw))
-    except OSError as exc:
-        console.print(f"clinphoto: cannot start: {exc}", markup=False, highlight=False)
+    except StartupError as exc:
+        console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

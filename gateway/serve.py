@@ -20,6 +20,10 @@ from gateway.context import Gateway
 log = logging.getLogger(__name__)
 
 
+class StartupError(RuntimeError):
+    """A door could not open (port taken, bad mapping file, bad TLS files...); one line says which and why."""
+
+
 class Listener(Protocol):
     name: str
 
@@ -78,11 +82,17 @@ async def serve(gw: Gateway) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    listeners = build_listeners(gw)
     started: list[Listener] = []
     try:
+        try:
+            listeners = build_listeners(gw)
+        except Exception as exc:
+            raise StartupError(" ".join(str(exc).split())) from exc
         for listener in listeners:
-            await listener.start()
+            try:
+                await listener.start()
+            except Exception as exc:
+                raise StartupError(f"{listener.name}: {' '.join(str(exc).split())}") from exc
             started.append(listener)
         log.info("clinphoto ready: %s", ", ".join(l.name for l in started))
         await stop.wait()

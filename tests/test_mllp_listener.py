@@ -191,6 +191,8 @@ def test_many_concurrent_connections(db):
         for t in threads:
             t.join(60)
         assert not errors
+        # messages from different connections shared commits
+        assert listener.committer.messages == 240 and listener.committer.batches < 240
     assert count(db) == 240
 
 

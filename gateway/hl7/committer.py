@@ -33,6 +33,8 @@ class GroupCommitter:
         self.batch_max = batch_max
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # held while a transaction is open, by the writer thread or by commit_if_idle
+        self._busy = threading.Lock()
         self.batches = 0
         self.messages = 0
 
@@ -57,6 +59,19 @@ class GroupCommitter:
     def submit_nowait(self, prepared: Prepared, loop: asyncio.AbstractEventLoop, done: Callable[[Result], None]) -> None:
         """Queue a message; `done(result)` is called in `loop` after the commit (callbacks keep queue order)."""
         self._queue.put((prepared, loop, done))
+
+    def commit_if_idle(self, prepared: Prepared) -> Result | None:
+        """Commit one message in the caller's thread when nothing else is queued or being written.
+
+        A lone message (one connection, nothing in flight) then skips two thread hand-offs; under
+        load the writer thread and its group commits take over. None: busy, queue it instead.
+        """
+        if not self._queue.empty() or not self._busy.acquire(blocking=False):
+            return None
+        try:
+            return self._commit([prepared])[0]
+        finally:
+            self._busy.release()
 
     def apply_now(self, batch: list[Prepared]) -> list[Result]:
         """Apply and commit synchronously (tests, reprocessing)."""
@@ -87,7 +102,8 @@ class GroupCommitter:
 
             while len(items) < self.batch_max and late_joiner() is not None:
                 pass
-            results = self._commit([p for p, _loop, _done in items], more=late_joiner)
+            with self._busy:
+                results = self._commit([p for p, _loop, _done in items], more=late_joiner)
             # one wake-up per event loop, not one per message
             by_loop: dict = {}
             for (_p, loop, done), result in zip(items, results):

@@ -4,6 +4,8 @@ An asyncio Protocol rather than streams: at thousands of messages a second the
 per-read Task and timeout that StreamReader + wait_for cost is measurable. Each
 connection's messages go to the committer in arrival order and their ACKs come
 back in that order; the idle timeout is one periodic sweep, not a timer per read.
+With a single connection open, a message is committed in the loop's own thread
+(see MllpConnection.data_received); with several, the writer thread groups them.
 """
 
 from __future__ import annotations
@@ -107,9 +109,18 @@ class MllpConnection(asyncio.Protocol):
             log.warning("MLLP from %s: %d unterminated frame(s) dropped (a new frame started)", self.peer, truncated)
         listener = self.listener
         loop = listener.loop
-        for raw in messages:
+        prepared = [listener.prepare(raw, self.peer) for raw in messages]
+        if len(prepared) == 1 and len(listener.connections) == 1 and self.in_flight == 0:
+            # the gateway's only connection (a single PAS feed): commit here rather than hand the
+            # message to the writer thread and back; with more connections the group commits win
+            result = listener.committer.commit_if_idle(prepared[0])
+            if result is not None:
+                self.in_flight += 1
+                self._answered(result)
+                return
+        for p in prepared:
             self.in_flight += 1
-            listener.committer.submit_nowait(listener.prepare(raw, self.peer), loop, self._answered)
+            listener.committer.submit_nowait(p, loop, self._answered)
         if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
             self.transport.pause_reading()
