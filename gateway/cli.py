@@ -12,7 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from gateway import auth_cli
+from gateway.hl7 import cli as hl7_cli
+from gateway.ingest import cli as ingest_cli
 from gateway.settings import Settings, SettingsError, load_settings
+from mapping import cli as mapping_cli
 
 app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -137,10 +141,10 @@ def audit_verify() -> None:
 
 
 # -- sub-commands of other modules: one line each (keep this marker) --
-app.command("import")(__import__("gateway.ingest.cli", fromlist=["import_command"]).import_command)
-__import__("gateway.auth_cli", fromlist=["register"]).register(app)
-app.add_typer(__import__("gateway.hl7.cli", fromlist=["app"]).app, name="hl7")
-app.add_typer(__import__("mapping.cli", fromlist=["app"]).app, name="mapping")
+app.command("import")(ingest_cli.import_command)
+auth_cli.register(app)
+app.add_typer(hl7_cli.app, name="hl7")
+app.add_typer(mapping_cli.app, name="mapping")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -185,8 +185,7 @@ def _links(result: IngestResult) -> list[dict]:
                 "self": f"/api/v1/photos/{p.asset_id}",
                 "preview": f"/api/v1/photos/{p.asset_id}/image?rendition=preview",
                 "thumbnail": f"/api/v1/photos/{p.asset_id}/image?rendition=thumbnail",
-                "fhirMedia": f"/fhir/Media/{p.asset_id}",
-                "dicomweb": f"/dicomweb/studies/{p.study_uid}/series/{p.series_uid}/instances/{p.sop_instance_uid}",
+                # FHIR Media and DICOMweb links join here when those doors open
             },
         }
         photos.append(item)
