@@ -15,7 +15,7 @@ from rich.console import Console
 from gateway import auth_cli
 from gateway.hl7 import cli as hl7_cli
 from gateway.ingest import cli as ingest_cli
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings, unknown_env_names
 from mapping import cli as mapping_cli
 
 app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -32,10 +32,13 @@ out = Console()
 
 def settings_or_exit() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         console.print(f"clinphoto: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    for name in unknown_env_names():
+        console.print(f"clinphoto: warning: {name} is not a setting (misspelt?); ignored", markup=False, highlight=False, soft_wrap=True)
+    return settings
 
 
 def open_gateway(migrate: bool = True):
@@ -45,7 +48,7 @@ def open_gateway(migrate: bool = True):
     try:
         return Gateway.open(settings, migrate=migrate)
     except Exception as exc:
-        console.print(f"clinphoto: cannot open the store at {settings.database_url.split('@')[-1]}: {' '.join(str(exc).split())[:300]}", markup=False, highlight=False)
+        console.print(f"clinphoto: cannot open the store at {settings.database_url.split('@')[-1]}: {' '.join(str(exc).split())[:300]}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 

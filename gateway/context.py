@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.settings import Settings
+from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
 
@@ -18,7 +19,7 @@ class Gateway:
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, audit_key=load_or_create_key(settings.audit_key_file))
         if migrate:
             db.upgrade()
         blobs = FileBlobStore(settings.blob_dir)

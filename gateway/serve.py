@@ -16,6 +16,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.context import Gateway
+from gateway.dicom.listener import DicomListener
+from gateway.hl7.listener import MllpListener
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,9 @@ def build_listeners(gw: Gateway) -> list[Listener]:
         listeners.append(HttpListener(gw))
     # -- listeners: one block each (keep this marker) --
     if "mllp" in wanted:
-        from gateway.hl7.listener import MllpListener
-
         listeners.append(MllpListener.from_gateway(gw))
+    if "dicom" in wanted:
+        listeners.append(DicomListener(gw))
     return listeners
 
 

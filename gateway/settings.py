@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./var"), description="Where the embedded database, blobs and dev keys live.")
     database_url: str = Field("", description="SQLAlchemy URL; default a SQLite file in DATA_DIR. PostgreSQL: postgresql+psycopg://user:pw@host/db")
     blob_dir: Path | None = Field(None, description="Blob store folder; default DATA_DIR/blobs.")
+    audit_key_file: Path | None = Field(
+        None, description="HMAC key of the audit hash chain; default DATA_DIR/audit.key, made on first start. Keep it outside the database and back it up."
+    )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API (REST, FHIR, DICOMweb, viewer) listens on.")
     http_port: int = Field(8080, ge=0, le=65535)
     mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
@@ -84,11 +87,30 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'clinphoto.db').resolve()}"
         if self.blob_dir is None:
             self.blob_dir = self.data_dir / "blobs"
+        if self.audit_key_file is None:
+            self.audit_key_file = self.data_dir / "audit.key"
         return self
 
 
 def _setting_name(loc: tuple) -> str:
     return ENV_PREFIX + "__".join(str(part) for part in loc if not isinstance(part, int)).upper()
+
+
+# CLINPHOTO_* variables that are not settings but are read elsewhere
+_OTHER_VARIABLES = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TEST_POSTGRES_URL"}
+
+
+def unknown_env_names() -> list[str]:
+    """CLINPHOTO_* environment variables that name no setting: usually a typo worth a warning."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = []
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name in _OTHER_VARIABLES:
+            continue
+        top = name.split("__", 1)[0]
+        if top not in known:
+            unknown.append(name)
+    return unknown
 
 
 def load_settings(**overrides) -> Settings:

@@ -50,6 +50,12 @@ class BlobStore(Protocol):
     def open(self, sha256: str, verify: bool = False) -> BinaryIO: ...
     def exists(self, sha256: str) -> bool: ...
     def size(self, sha256: str) -> int: ...
+    def mtime(self, sha256: str) -> float:
+        try:
+            return self.path(sha256).stat().st_mtime
+        except FileNotFoundError as exc:
+            raise BlobNotFound(sha256) from exc
+
     def delete(self, sha256: str) -> None: ...
     def iter_blobs(self) -> Iterator[BlobInfo]: ...
     def ping(self) -> None: ...
@@ -120,6 +126,8 @@ class FileBlobStore:
             final = self.path(ref.sha256)
             if final.exists():
                 os.unlink(tmp_name)  # same content already stored
+                # fresh mtime: `store gc` spares young blobs, and a new row is about to refer to this one
+                os.utime(final)
                 return ref
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_name, final)
@@ -156,6 +164,12 @@ class FileBlobStore:
         except FileNotFoundError as exc:
             raise BlobNotFound(sha256) from exc
 
+    def mtime(self, sha256: str) -> float:
+        try:
+            return self.path(sha256).stat().st_mtime
+        except FileNotFoundError as exc:
+            raise BlobNotFound(sha256) from exc
+
     def delete(self, sha256: str) -> None:
         try:
             self.path(sha256).unlink()
@@ -171,12 +185,15 @@ class FileBlobStore:
         return digest.hexdigest() == sha256
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
+        # anything that is not a fan-out folder or a digest-named file (e.g. .DS_Store) is not ours
         for first in sorted(self.root.iterdir()):
             if first.name == "tmp" or not first.is_dir():
                 continue
             for second in sorted(first.iterdir()):
+                if not second.is_dir():
+                    continue
                 for entry in os.scandir(second):
-                    if _is_hex_digest(entry.name):
+                    if _is_hex_digest(entry.name) and entry.is_file():
                         st = entry.stat()
                         yield BlobInfo(entry.name, st.st_size, st.st_mtime)
 

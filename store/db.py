@@ -36,7 +36,7 @@ def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
@@ -69,15 +69,18 @@ def _postgres_session_settings(dbapi_connection, _record) -> None:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, audit_key: bytes | None = None) -> None:
         self.url = url
+        # the audit trail's HMAC key; sessions carry it so store.audit can append and verify
+        self.audit_key = audit_key
         self.dialect = check_url(url)
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(url)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # hide_parameters: error texts must not quote patient identifiers into the logs
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
             event.listen(self.engine, "connect", _postgres_session_settings)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={"audit_key": audit_key})
 
     @contextmanager
     def read(self) -> Iterator[Session]:

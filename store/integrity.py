@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select, union
 from sqlalchemy.orm import Session
 
-from store.blobs import FileBlobStore
+from store.blobs import BlobNotFound, FileBlobStore
 from store.db import Database
 from store.models import Asset
 
@@ -77,11 +77,21 @@ def collect_garbage(db: Database, blobs: FileBlobStore, older_than: timedelta, n
     candidates = [info for info in blobs.iter_blobs() if info.mtime < cutoff]
     with db.read() as session:
         wanted = referenced_hashes(session)
-    removed = [info.sha256 for info in candidates if info.sha256 not in wanted]
+    orphans = [info.sha256 for info in candidates if info.sha256 not in wanted]
     stale = [p for p in blobs.stale_temp_files() if p.stat().st_mtime < cutoff]
-    if not dry_run:
-        for sha in removed:
-            blobs.delete(sha)
-        for path in stale:
-            path.unlink(missing_ok=True)
+    if dry_run:
+        return orphans + [p.name for p in stale]
+    removed = []
+    for sha in orphans:
+        # a writer that stored this content again since the listing refreshed its mtime
+        # (its row may commit any moment): look again just before deleting
+        try:
+            if blobs.mtime(sha) >= cutoff:
+                continue
+        except BlobNotFound:
+            continue
+        blobs.delete(sha)
+        removed.append(sha)
+    for path in stale:
+        path.unlink(missing_ok=True)
     return removed + [p.name for p in stale]

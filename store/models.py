@@ -147,6 +147,8 @@ class Asset(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
     encounter_id: Mapped[int | None] = mapped_column(ForeignKey("encounters.id"))
+    # the consent captured with the photo at upload (informational); what covers the photo
+    # is in consent_assets (and patient/encounter-scoped consents), see gateway/policy.py
     consent_id: Mapped[str | None] = mapped_column(ForeignKey("consents.id"))
 
     study_uid: Mapped[str] = mapped_column(String(64))
@@ -204,6 +206,21 @@ class Asset(Base):
     )
 
 
+class ConsentAsset(Base):
+    """Which photos a photo-scoped consent covers. A link table, not Asset.consent_id, because
+    one photo may carry several consents (e.g. record and publication) and recording one must
+    not take away another's cover. Asset.consent_id stays as the consent captured at upload."""
+
+    __tablename__ = "consent_assets"
+
+    consent_id: Mapped[str] = mapped_column(ForeignKey("consents.id"), primary_key=True)
+    asset_id: Mapped[str] = mapped_column(ForeignKey("assets.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # the policy's correlated EXISTS looks links up by photo
+    __table_args__ = (Index("ix_consent_assets_asset", "asset_id"),)
+
+
 class AssetAccess(Base):
     """Named people allowed to see a very restricted (V) photo."""
 
@@ -257,6 +274,19 @@ class AuditEvent(Base):
         Index("ix_audit_patient", "patient_id", "seq"),
         Index("ix_audit_recorded", "recorded_at"),
     )
+
+
+class AuditHead(Base):
+    """The chain's last (seq, hash), keyed-hashed: deleting records from the end of the
+    chain must also rewrite this row, which needs the audit key. One row, id 1; appenders
+    lock it, so the chain never forks."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
+    hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Hl7Message(Base):

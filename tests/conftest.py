@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 
 from gateway.context import Gateway
 from gateway.settings import Settings
+from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
 
@@ -75,8 +76,14 @@ def database_url(backend, tmp_path) -> str:
 
 
 @pytest.fixture
-def db(database_url) -> Database:
-    database = Database(database_url)
+def audit_key(tmp_path) -> bytes:
+    """The same key file the `settings` fixture names, so CLI runs on tmp_path verify the chain."""
+    return load_or_create_key(tmp_path / "audit.key")
+
+
+@pytest.fixture
+def db(database_url, audit_key) -> Database:
+    database = Database(database_url, audit_key=audit_key)
     database.upgrade()
     yield database
     database.dispose()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from store import audit
-from store.models import AuditEvent
+from store.models import AuditEvent, AuditHead
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,18 +82,70 @@ def test_insert_detected(db):
     assert not report.ok and report.first_bad_seq == 6
 
 
-def test_insert_with_recomputed_own_hash_detected(db):
-    """A forger who hashes the inserted record correctly still breaks the next link."""
+def test_insert_with_recomputed_hashes_detected(db):
+    """A forger who re-chains an appended record without the audit key is caught at that record."""
     _fill(db)
     with db.write() as s:
         s.execute(update(AuditEvent).where(AuditEvent.seq == 10).values(seq=11))
         prev = s.execute(select(AuditEvent.hash).where(AuditEvent.seq == 9)).scalar_one()
         forged = AuditEvent(seq=10, recorded_at=s.get(AuditEvent, 9).recorded_at, type_code=audit.QUERY, action="E",
                             outcome="0", agent_who="forger", entities=[], detail={}, prev_hash=prev)
-        forged.hash = audit.record_hash(forged, prev)
+        forged.hash = audit.record_hash(forged, prev, b"a guessed key, not the real one")
         s.add(forged)
     report = _verify(db)
-    assert not report.ok and report.first_bad_seq == 11
+    assert not report.ok and report.first_bad_seq == 10
+
+
+def test_rewritten_chain_detected(db):
+    """Editing records and recomputing every hash (plain SHA-256 or any other key) does not verify."""
+    _fill(db)
+    with db.write() as s:
+        rows = s.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars().all()
+        prev = audit.GENESIS_HASH
+        for row in rows:
+            if row.seq >= 4:
+                row.agent_who = "rewritten"
+            row.prev_hash = prev
+            row.hash = prev = audit.record_hash(row, prev, b"not the audit key")
+    report = _verify(db)
+    assert not report.ok and report.first_bad_seq == 1
+
+
+def test_tail_deletion_detected(db):
+    _fill(db)
+    with db.write() as s:
+        s.execute(AuditEvent.__table__.delete().where(AuditEvent.seq >= 7))
+    report = _verify(db)
+    assert not report.ok and report.first_bad_seq == 7 and "cut off" in report.reason
+
+
+def test_tail_deletion_with_head_rewound_detected(db):
+    _fill(db)
+    with db.write() as s:
+        last = s.get(AuditEvent, 6)
+        s.execute(AuditEvent.__table__.delete().where(AuditEvent.seq >= 7))
+        s.execute(update(AuditHead).values(seq=6, hash=last.hash))
+    report = _verify(db)
+    assert not report.ok and "head" in report.reason
+
+
+def test_whole_chain_deleted_detected(db):
+    _fill(db)
+    with db.write() as s:
+        s.execute(AuditEvent.__table__.delete())
+    report = _verify(db)
+    assert not report.ok and report.first_bad_seq == 1
+
+
+def test_wrong_key_cannot_verify(db, database_url):
+    from store.db import Database
+
+    _fill(db, 3)
+    other = Database(database_url, audit_key=b"0123456789abcdef0123456789abcdef-other")
+    with other.read() as s:
+        report = audit.verify(s)
+    other.dispose()
+    assert not report.ok and report.first_bad_seq == 1
 
 
 def test_reorder_detected(db):
@@ -129,18 +181,18 @@ APPENDER = r"""
 import sys
 from store import audit
 from store.db import Database
-db = Database(sys.argv[1])
+db = Database(sys.argv[1], audit_key=audit.load_or_create_key(sys.argv[2]))
 for i in range(int(sys.argv[3])):
     with db.write() as s:
         audit.append(s, audit.AuditEntry(type_code=audit.QUERY, action="E", agent_who=sys.argv[4], detail={"i": i}))
 """
 
 
-def test_concurrent_processes_keep_one_chain(db):
+def test_concurrent_processes_keep_one_chain(db, tmp_path):
     """Two processes appending at once (on PostgreSQL, and on SQLite) never fork the chain."""
     n = 150
     procs = [
-        subprocess.Popen([sys.executable, "-c", APPENDER, db.url, "", str(n), who], cwd=REPO)
+        subprocess.Popen([sys.executable, "-c", APPENDER, db.url, str(tmp_path / "audit.key"), str(n), who], cwd=REPO)
         for who in ("writer-a", "writer-b")
     ]
     assert [p.wait(timeout=240) for p in procs] == [0, 0]

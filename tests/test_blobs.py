@@ -126,3 +126,36 @@ def test_store_cli_check_and_gc(gw, tmp_path):
     assert again.returncode == 0, again.stdout
     bad = run("store", "gc", "--older-than", "soon")
     assert bad.returncode != 0
+
+
+def test_storing_existing_content_again_makes_it_young(blobs):
+    ref = blobs.put_bytes(b"old orphan")
+    old = time.time() - 72 * 3600
+    os.utime(blobs.path(ref.sha256), (old, old))
+    blobs.put_bytes(b"old orphan")  # a new upload of the same content; its row is about to commit
+    assert blobs.mtime(ref.sha256) > time.time() - 60
+
+
+def test_gc_spares_a_blob_stored_again_between_listing_and_delete(gw):
+    """The race: gc lists an old orphan, a writer stores the same content, gc must not delete it."""
+    import datetime
+
+    ref = gw.blobs.put_bytes(b"content")
+    old = time.time() - 72 * 3600
+    os.utime(gw.blobs.path(ref.sha256), (old, old))
+    real_iter = gw.blobs.iter_blobs
+
+    def listing_then_writer_stores_again():
+        yield from list(real_iter())
+        gw.blobs.put_bytes(b"content")
+
+    gw.blobs.iter_blobs = listing_then_writer_stores_again
+    removed = collect_garbage(gw.db, gw.blobs, older_than=datetime.timedelta(hours=24), now=time.time())
+    assert removed == [] and gw.blobs.exists(ref.sha256)
+
+
+def test_stray_files_do_not_break_listing(blobs):
+    ref = blobs.put_bytes(b"x")
+    (blobs.root / ref.sha256[:2] / ".DS_Store").write_bytes(b"finder")
+    (blobs.root / "README").write_text("not a blob")
+    assert [i.sha256 for i in blobs.iter_blobs()] == [ref.sha256]

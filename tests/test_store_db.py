@@ -65,3 +65,40 @@ def test_find_patient_follows_merges(db):
         assert patient_lookup.find_patient(s, "mrn", "nobody") is None
         ids = [i.value for i in patient_lookup.identifiers_of(s, survivor.id)]
         assert ids == ["9990000026", "OLD1"]
+
+
+def test_models_and_migrations_agree(db):
+    """Autogenerate finds nothing to do: the migration creates exactly what the models say."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from store.models import Base
+
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_concurrent_first_starts_migrate_once(database_url, tmp_path):
+    """Several processes starting on a fresh database at once all succeed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, CLINPHOTO_DATABASE_URL=database_url, CLINPHOTO_DATA_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outcomes = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
+    assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+    assert current(Database(database_url)) == "0001"
+
+
+def test_unknown_setting_names_are_reported(monkeypatch):
+    from gateway.settings import unknown_env_names
+
+    monkeypatch.setenv("CLINPHOTO_HTTP_PROT", "9000")
+    monkeypatch.setenv("CLINPHOTO_POLICY__SPECIALTY_MATCH", "photo-only")
+    monkeypatch.setenv("CLINPHOTO_CONFIG", "/x.yaml")
+    assert unknown_env_names() == ["CLINPHOTO_HTTP_PROT"]

@@ -1,0 +1,91 @@
+"""The DICOM door: association control by configured peers, C-ECHO.
+
+Each association is checked against `auth.dicom_peers` (calling AE title and
+source address) before anything is negotiated; an unknown AE title or a known
+one from the wrong host gets A-ASSOCIATE-RJ, and the refusal is audited. The
+query/retrieve/store services bind further handlers here, each a translation
+onto the core services under the subject the peer acts as.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from gateway.auth import DicomPeerRejected, authenticate_dicom_peer, peer_allows
+from gateway.context import Gateway
+from store import audit
+
+log = logging.getLogger("clinphoto.dicom")
+
+REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+
+
+class DicomListener:
+    name = "dicom"
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.ae = AE(ae_title=gw.settings.ae_title)
+        self.ae.add_supported_context(Verification)
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def _on_connection(self, event) -> None:
+        # Nagle's algorithm otherwise holds every DIMSE response ~40 ms (see peers-measured.md)
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        address = assoc.requestor.address
+        try:
+            subject = authenticate_dicom_peer(self.gw.settings, request.calling_ae_title, address, request.called_ae_title)
+        except DicomPeerRejected as refused:
+            log.warning("DICOM association from %s refused: %s", address, refused)
+            self._audit_refusal(request.calling_ae_title, address, str(refused))
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, refused.reason)
+            # as pynetdicom's own rejections do: kill() lets the DUL send the A-ASSOCIATE-RJ before the socket closes
+            assoc.kill()
+            return
+        assoc.clinphoto_subject = subject  # handlers of later services act as this subject
+
+    def _audit_refusal(self, calling_ae: str, address: str, reason: str) -> None:
+        entry = audit.AuditEntry(
+            type_code=audit.SECURITY_ALERT, subtype="association-rejected", action="E", outcome=audit.SERIOUS_FAILURE,
+            outcome_desc=reason[:500], agent_who=(calling_ae or "").strip()[:200] or None, agent_role="dicom-peer",
+            agent_network=address, entities=[{"type": "dicom-association", "called_ae": self.gw.settings.ae_title}],
+        )
+        with self.gw.db.write() as session:
+            audit.append(session, entry)
+
+    def _on_echo(self, event) -> int:
+        subject = getattr(event.assoc, "clinphoto_subject", None)
+        if subject is None or not peer_allows(subject, "echo"):
+            return 0x0124  # Refused: Not Authorized
+        return 0x0000
+
+    async def start(self) -> None:
+        s = self.gw.settings
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+        ]
+        self._server = await asyncio.to_thread(
+            self.ae.start_server, (s.http_host, s.dicom_port), block=False, evt_handlers=handlers
+        )
+        log.info("DICOM listening on %s:%s as %s", s.http_host, self.port, s.ae_title)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            # shutdown() waits for the open associations to finish their work
+            await asyncio.to_thread(self._server.shutdown)
+            self._server = None
