@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import Protocol
 
 import uvicorn
@@ -47,13 +48,24 @@ class HttpListener:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve())
+        # We bind the socket ourselves: a bind error is then an OSError we report in one
+        # line, where uvicorn would call sys.exit() from inside the event loop.
+        config = self._server.config
+        sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.host, config.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+        sock.set_inheritable(True)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # raises the bind error
+                self._task.result()
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.02)
-        log.info("HTTP listening on http://%s:%s", self._server.config.host, self.port)
+        log.info("HTTP listening on http://%s:%s", config.host, self.port)
 
     @property
     def port(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -124,6 +125,23 @@ def load_settings(**overrides) -> Settings:
         first = exc.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SettingsError(f"invalid setting {_setting_name(first['loc'])}: {message}{more}") from None
-    except Exception as exc:  # e.g. a YAML syntax error in the config file
-        raise SettingsError(f"cannot read settings: {' '.join(str(exc).split())}") from None
+        raise SettingsError(f"invalid setting {_describe_location(first['loc'], config_file)}: {message}{more}") from None
+    except Exception as exc:  # a YAML syntax error, or a nested value in the environment that is not JSON
+        text = " ".join(str(exc).split())
+        nested = re.search(r'field "(\w+)" from source "EnvSettingsSource"', text)
+        if nested:
+            names = [n for n in os.environ if n.startswith(f"{ENV_PREFIX}{nested.group(1).upper()}")]
+            raise SettingsError(
+                f"invalid setting {', '.join(names) or ENV_PREFIX + nested.group(1).upper()}: not valid JSON; "
+                f"lists and maps in the environment are JSON, e.g. '[\"10.0.0.0/8\"]'"
+            ) from None
+        raise SettingsError(f"cannot read settings: {text}") from None
+
+
+def _describe_location(loc: tuple, config_file: str | None) -> str:
+    """The variable's name, or the key in the YAML file when the value came from there."""
+    env_name = _setting_name(loc)
+    if config_file and env_name not in os.environ and not any(n.startswith(env_name + "__") for n in os.environ):
+        key = ".".join(str(part) for part in loc)
+        return f"{key} (in {config_file})"
+    return env_name

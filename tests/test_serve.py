@@ -118,10 +118,29 @@ def test_yaml_config_unknown_key_named(tmp_path):
     cfg.write_text("htp_port: 9001\n")
     os.environ["CLINPHOTO_CONFIG"] = str(cfg)
     try:
-        with pytest.raises(SettingsError, match="CLINPHOTO_HTP_PORT"):
+        with pytest.raises(SettingsError, match=r"invalid setting htp_port \(in .*clinphoto.yaml\)"):
             load_settings()
     finally:
         del os.environ["CLINPHOTO_CONFIG"]
+
+
+def test_nested_env_value_not_json_named(monkeypatch):
+    from gateway.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("CLINPHOTO_HL7__ALLOWED_SOURCES", "10.0.0.0/8")
+    with pytest.raises(SettingsError, match="CLINPHOTO_HL7__ALLOWED_SOURCES: not valid JSON"):
+        load_settings()
+
+
+def test_http_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = gateway_env(tmp_path, CLINPHOTO_HTTP_PORT=str(taken.getsockname()[1]))
+        result = subprocess.run([*CLI, "serve"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "clinphoto: cannot start http: cannot listen on 127.0.0.1" in result.stderr
 
 
 def test_make_run_answers_healthz_within_20s(tmp_path):
