@@ -164,3 +164,54 @@ def test_make_run_answers_healthz_within_20s(tmp_path):
         proc.wait(timeout=30)
     output = proc.stdout.read().decode()
     assert "demo data: 5 patients" in output
+
+
+def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):
+    """Graceful shutdown: a photo being uploaded when SIGTERM arrives is stored and acknowledged, then the process exits 0."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    env = gateway_env(tmp_path)
+    subprocess.run([*CLI, "demo"], env=env, cwd=REPO, check=True, capture_output=True)
+    token = subprocess.run([*CLI, "token", "--sub", "mi.one", "--role", "medical-illustration"], env=env, cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    wait_healthy(base, proc)
+    jpeg = io.BytesIO()
+    Image.effect_mandelbrot((1200, 900), (-2, -1.5, 1, 1.5), 60).convert("RGB").save(jpeg, "JPEG", quality=90)
+    boundary = "clinphotoboundary"
+    metadata = json.dumps({"patient": "https://fhir.nhs.uk/Id/nhs-number|9990000026", "specialty": "160",
+                           "consent": {"level": "record", "givenBy": "patient", "capturedBy": "mi.one", "date": "2026-11-26"}})
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{metadata}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slow.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    half = len(body) // 2
+    sent_half = threading.Event()
+
+    def slow_body():
+        yield body[:half]
+        sent_half.set()
+        time.sleep(1.0)  # SIGTERM lands here, mid-request
+        yield body[half:]
+
+    result = {}
+
+    def upload():
+        result["response"] = httpx.post(f"{base}/api/v1/photos", content=slow_body(), timeout=30, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert sent_half.wait(10)
+    proc.send_signal(signal.SIGTERM)
+    uploader.join(30)
+    assert proc.wait(timeout=30) == 0
+    assert result["response"].status_code == 201, result["response"].text
+    # what was acknowledged is there after the restart, and the store is consistent
+    check = subprocess.run([*CLI, "store", "check"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    audit_ok = subprocess.run([*CLI, "audit", "verify"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert audit_ok.returncode == 0, audit_ok.stdout
