@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from gateway.context import Gateway
 from gateway.ingest.demo_photos import seed_demo_photos
+from mapping.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
 from store import audit
 from store.models import Consent, Encounter, Patient, PatientIdentifier
 
-NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 DEMO_MRN_SYSTEM = "https://fhir.demo-trust.nhs.uk/Id/mrn"
 DEMO_ODS = "RDEMO"
 
