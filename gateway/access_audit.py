@@ -1,7 +1,8 @@
 """Access audit: every read, search, retrieve, upload, export and denial goes into the hash-chained trail.
 
 The doors call these helpers; they build store.audit entries the same way for
-every protocol (IHE BALP shapes):
+every protocol (IHE BALP shapes); stored photos are recorded by the ingest
+pipeline itself (gateway/ingest/pipeline.py), in the transaction that stores them:
 - a search is action E with the query as an entity and one record per patient
   returned (one record without a patient when nothing was found);
 - a read/retrieve is action R with the photo as an entity;
@@ -16,13 +17,57 @@ The source is the caller's IP address, or "AE@address" for DICOM peers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
+from sqlalchemy import String
 from sqlalchemy.orm import Session
 
 from store import audit
 from store.audit import AuditEntry
+from store.models import AuditEvent
 
 DENIED = audit.MINOR_FAILURE
+
+# widths of the audit table's short text columns: a caller-supplied value (purpose header, token sub)
+# longer than its column must be cut to fit, or PostgreSQL refuses the insert and the denial goes unrecorded
+_WIDTHS = {
+    column.name: column.type.length
+    for column in AuditEvent.__table__.columns
+    if isinstance(column.type, String) and column.type.length and column.name in AuditEntry.__dataclass_fields__
+}
+_TEXT_FIELDS = tuple(_WIDTHS) + ("outcome_desc",)
+
+
+def _clean(value):
+    """NUL cannot be stored in PostgreSQL text (nor inside its JSON): replace it, recursively."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def fit(entry: AuditEntry) -> AuditEntry:
+    """The entry with every text value storable in its column: NUL replaced, over-long values cut (marked with an ellipsis)."""
+    changes = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(entry, name)
+        if not isinstance(value, str):
+            continue
+        clean = _clean(value)
+        width = _WIDTHS.get(name)
+        if width and len(clean) > width:
+            clean = clean[: width - 1] + "\u2026"
+        if clean != value:
+            changes[name] = clean
+    entities, detail = _clean(list(entry.entities)), _clean(dict(entry.detail))
+    if entities != entry.entities:
+        changes["entities"] = entities
+    if detail != entry.detail:
+        changes["detail"] = detail
+    return replace(entry, **changes) if changes else entry
 
 
 def source_of(subject) -> str | None:
@@ -99,24 +144,26 @@ def read_entries(ctx, *, asset_id: str, patient_id: int | None, permitted: bool,
     detail = dict(detail or {})
     if not permitted:
         detail["reasons"] = list(reasons)
+    entities = [{"type": "asset", "id": asset_id, "role": what}] + ([{"type": "patient", "id": patient_id}] if patient_id else [])
+    outcome_desc = None if permitted else "denied: " + "; ".join([r for r in reasons if "DENIED" in r] or list(reasons))
     entries = [
         make_entry(
             ctx, type_code=type_code, action="R", subtype=what,
             outcome=audit.SUCCESS if permitted else DENIED,
-            outcome_desc=None if permitted else "denied: " + "; ".join([r for r in reasons if "DENIED" in r] or list(reasons)),
+            outcome_desc=outcome_desc,
             patient_id=patient_id,
-            entities=[{"type": "asset", "id": asset_id, "role": what}] + ([{"type": "patient", "id": patient_id}] if patient_id else []),
+            entities=entities,
             detail=detail,
         )
     ]
-    return entries + (break_glass_entries(ctx, f"{what} {asset_id}", [patient_id]) if permitted else [])
-
-
-def import_entries(ctx, *, asset_id: str, patient_id: int, channel: str, detail: dict | None = None) -> list[AuditEntry]:
-    """A photo stored (upload, C-STORE, STOW-RS)."""
-    return [make_entry(ctx, type_code=audit.IMPORT, action="C", subtype=channel, patient_id=patient_id,
-                   entities=[{"type": "asset", "id": asset_id, "role": "stored"}, {"type": "patient", "id": patient_id}],
-                   detail=detail)]
+    if permitted:
+        return entries + break_glass_entries(ctx, f"{what} {asset_id}", [patient_id])
+    if ctx.breaking_glass:
+        # a break-glass that still did not open the photo (e.g. V): someone reached for it in an emergency
+        entries.append(make_entry(ctx, type_code=audit.SECURITY_ALERT, action="E", subtype="emergency-override-denied",
+                                  outcome=DENIED, outcome_desc=f"break-glass by {ctx.subject.sub} denied: {outcome_desc}",
+                                  patient_id=patient_id, entities=entities))
+    return entries
 
 
 def export_entries(ctx, *, results: Mapping[int, Sequence[str]], destination: str, channel: str) -> list[AuditEntry]:
@@ -131,11 +178,14 @@ def export_entries(ctx, *, results: Mapping[int, Sequence[str]], destination: st
     return entries + break_glass_entries(ctx, f"export to {destination}", results.keys())
 
 
-def refusal_entries(ctx, what: str) -> list[AuditEntry]:
-    """A request refused as a whole (bad purpose, break-glass without reason or by a role not allowed)."""
+def refusal_entries(ctx, what: str, *, reason: str | None = None, patient_id: int | None = None,
+                    entities: Sequence[dict] = ()) -> list[AuditEntry]:
+    """A request refused (bad purpose, break-glass without reason or by a role not allowed, a role or
+    scope that may not use the door); reason defaults to the policy's refusal."""
     type_code = audit.SECURITY_ALERT if (ctx.break_glass_reason or ctx.purpose == "ETREAT") else audit.REST
     return [make_entry(ctx, type_code=type_code, action="E", subtype="refused", outcome=DENIED,
-                   outcome_desc=ctx.refusal, entities=[{"type": "request", "id": what}])]
+                   outcome_desc=reason or ctx.refusal, patient_id=patient_id,
+                   entities=[{"type": "request", "id": what}, *entities])]
 
 
 # -- writing ------------------------------------------------------------------
@@ -143,14 +193,14 @@ def refusal_entries(ctx, what: str) -> list[AuditEntry]:
 
 def append(session: Session, entries: Sequence[AuditEntry]) -> None:
     """Inside the caller's write transaction (commits with the change it records)."""
-    audit.append_many(session, entries)
+    audit.append_many(session, [fit(e) for e in entries])
 
 
 def write(gw, entries: Sequence[AuditEntry]) -> None:
     """In a transaction of its own, committed before the caller answers."""
     if entries:
         with gw.db.write() as session:
-            audit.append_many(session, entries)
+            append(session, entries)
 
 
 def record_search(gw, ctx, *, query: str, results: Mapping[int, Sequence[str]], **kw) -> None:
@@ -161,8 +211,8 @@ def record_read(gw, ctx, *, asset_id: str, patient_id: int | None, permitted: bo
     write(gw, read_entries(ctx, asset_id=asset_id, patient_id=patient_id, permitted=permitted, reasons=reasons, **kw))
 
 
-def record_refusal(gw, ctx, what: str) -> None:
-    write(gw, refusal_entries(ctx, what))
+def record_refusal(gw, ctx, what: str, **kw) -> None:
+    write(gw, refusal_entries(ctx, what, **kw))
 
 
 def record_auth_failure(gw, *, network: str | None, reason: str, what: str) -> None:

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Annotated
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -162,8 +163,15 @@ class TokenVerifier:
             if a.jwks_url:
                 self._jwks = jwt.PyJWKClient(a.jwks_url, cache_keys=True, lifespan=max(a.jwks_cache_seconds, 1), timeout=10)
             elif a.public_key_pem or a.public_key_file:
-                pem = a.public_key_pem.encode() if a.public_key_pem else Path(a.public_key_file).read_bytes()
-                self._static_key = serialization.load_pem_public_key(pem)
+                where = "auth.public_key_pem" if a.public_key_pem else f"auth.public_key_file ({a.public_key_file})"
+                try:
+                    pem = a.public_key_pem.encode() if a.public_key_pem else Path(a.public_key_file).read_bytes()
+                    self._static_key = serialization.load_pem_public_key(pem)
+                except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                    # one line: serve turns it into "clinphoto: cannot start ..."
+                    raise AuthUnavailable(f"{where} is not a readable PEM public key: {' '.join(str(exc).split())[:200]}") from None
+                if not isinstance(self._static_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+                    raise AuthUnavailable(f"{where} must be an RSA or EC P-256 public key")
                 # one key, one family: RS256 for RSA, ES256 for EC (a mismatched token is refused up front)
                 family = "ES256" if isinstance(self._static_key, ec.EllipticCurvePublicKey) else "RS256"
                 self.algorithms = [alg for alg in self.algorithms if alg == family]
@@ -173,6 +181,16 @@ class TokenVerifier:
                 raise AuthUnavailable("auth mode jwt needs auth.jwks_url, auth.public_key_pem or auth.public_key_file")
         else:
             self.algorithms, self.issuer = [], None
+
+    def ping(self) -> None:
+        """Readiness: raise AuthUnavailable when tokens cannot be checked now (the issuer's JWKS cannot be
+        fetched or holds no signing key). Keys are cached, so a ready probe does not hit the issuer each time."""
+        if self._jwks is None:
+            return
+        try:
+            self._jwks.get_signing_keys()
+        except jwt.PyJWKClientError as exc:  # includes PyJWKClientConnectionError
+            raise AuthUnavailable(f"the issuer's keys cannot be fetched ({exc})") from None
 
     def _key(self, token: str):
         if self._jwks is not None:
@@ -233,7 +251,19 @@ def _as_list(value) -> list[str]:
     return [str(value)]
 
 
+MAX_SUB = 200  # the width of every column that records a subject (audit agent, uploader, access list)
+
+
 def subject_from_claims(claims: dict, a: AuthSettings, network_address: str | None = None) -> Subject:
+    sub = str(claims["sub"])
+    # refused here rather than cut later: two long subs sharing a prefix would become one person on the trail
+    if not sub.strip() or len(sub) > MAX_SUB:
+        raise AuthError(f"the token's sub must be 1-{MAX_SUB} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in sub):
+        raise AuthError("the token's sub contains control characters")
+    if sub.lower().startswith("ae:"):
+        # reserved for DICOM peers on access lists (ae:AETITLE): a user must never match a peer's entry
+        raise AuthError("the token's sub may not start with 'ae:' (reserved for DICOM peers)")
     roles = _as_list(claims.get(a.role_claim))
     role = next((r for r in roles if r in TOKEN_ROLES), None)
     if role is None:
@@ -241,7 +271,7 @@ def subject_from_claims(claims: dict, a: AuthSettings, network_address: str | No
     scopes = _as_list(claims[a.scope_claim]) if a.scope_claim in claims else list(a.default_scopes)
     purpose = claims.get(a.purpose_claim)
     return Subject(
-        sub=str(claims["sub"]),
+        sub=sub,
         role=role,
         name=claims.get(a.name_claim),
         specialties=tuple(_as_list(claims.get(a.specialties_claim))),

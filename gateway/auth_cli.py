@@ -51,8 +51,10 @@ def explain(
     """Print the decision on one photo for a subject and purpose, rule by rule. Exit 0 permit, 1 deny."""
     from gateway.auth import Subject, find_dicom_peer, peer_subject
     from gateway.cli import console, open_gateway, out
-    from gateway.policy import decide, resolve
     from gateway import access_audit
+    from gateway.policy import decide
+    from store import audit
+    from store.audit import AuditEntry
     from store.models import Asset
 
     gw = open_gateway()
@@ -78,10 +80,18 @@ def explain(
                 f"status {row.status}, uploaded by {row.uploaded_by or '-'}" if row is not None else f"photo {asset}: no such photo"
             )
             patient_id = row.patient_id if row is not None else None
-        ctx = resolve(subject, policy)
-        entry = access_audit.read_entries(ctx, asset_id=asset, patient_id=patient_id, permitted=decision.permit,
-                                          reasons=decision.reasons, what="policy-explain", detail={"operator": getpass.getuser()})
-        access_audit.write(gw, entry[:1])  # the explanation itself, not a break-glass access
+        # The record is of the operator explaining, not of the explained person reading: they did not
+        # see the photo, so the trail must not say they did (Application Activity, action E).
+        access_audit.write(gw, [AuditEntry(
+            type_code=audit.APPLICATION_ACTIVITY, action="E", subtype="policy-explain", outcome=audit.SUCCESS,
+            agent_who=_operator(), agent_role="operator", agent_network="local", patient_id=patient_id,
+            entities=[
+                {"type": "subject", "id": subject.sub, "role": subject.role, "specialties": list(subject.specialties)},
+                {"type": "asset", "id": asset},
+            ] + ([{"type": "patient", "id": patient_id}] if patient_id is not None else []),
+            detail={"decision": "permit" if decision.permit else "deny", "purpose": decision.purpose,
+                    "denied_by": decision.denied_by, "break_glass": bool(subject.break_glass_reason)},
+        )])
     finally:
         gw.close()
     out.print(summary, markup=False, highlight=False)
@@ -91,6 +101,16 @@ def explain(
     for reason in decision.reasons:
         out.print(f"  - {reason}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if decision.permit else 1)
+
+
+def _operator() -> str:
+    """The OS account running the command (who asked for the explanation)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        import os
+
+        return f"uid:{os.getuid()}"
 
 
 def register(app: typer.Typer) -> None:

@@ -16,9 +16,10 @@ from datetime import date, datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gateway import access_audit
 from store import audit
 from store.audit import AuditEntry
-from store.models import Asset, AssetAccess, Consent, Encounter, Patient
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
 from store.patients import survivor
 
 LEVELS = ("record", "teaching", "publication")
@@ -30,13 +31,21 @@ class ConsentError(ValueError):
     """The consent cannot be recorded or changed as asked; the message says why."""
 
 
+class ConsentNotFound(ConsentError):
+    """No consent with that id."""
+
+
+class PhotoNotFound(ConsentError):
+    """No photo with that id (the doors answer 404 as for a hidden photo)."""
+
+
 def _audit(session: Session, consent: Consent, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
-    audit.append(session, AuditEntry(
+    access_audit.append(session, [AuditEntry(
         type_code=audit.PATIENT_RECORD, action=action, subtype="consent", agent_who=actor, agent_role=role,
         agent_network=network, patient_id=consent.patient_id,
         entities=[{"type": "consent", "id": consent.id}, {"type": "patient", "id": consent.patient_id}],
         detail={"level": consent.level, "status": consent.status, "scope": consent.scope, **detail},
-    ))
+    )])
 
 
 def record_consent(
@@ -82,7 +91,8 @@ def record_consent(
     if scope == "photos":
         if not asset_ids:
             raise ConsentError("scope 'photos' needs the photos it covers (asset_ids)")
-        assets = list(session.scalars(select(Asset).where(Asset.id.in_(list(asset_ids)))))
+        asset_ids = list(dict.fromkeys(asset_ids))  # a photo named twice is linked once
+        assets = list(session.scalars(select(Asset).where(Asset.id.in_(asset_ids))))
         missing = set(asset_ids) - {a.id for a in assets}
         foreign = [a.id for a in assets if a.patient_id != patient.id]
         if missing or foreign:
@@ -96,8 +106,9 @@ def record_consent(
     )
     session.add(consent)
     session.flush()
-    for asset in assets:
-        asset.consent_id = consent.id
+    # a link row per photo: the photo keeps the cover of any consent it already had
+    # (Asset.consent_id is the consent captured at upload and is not overwritten)
+    session.add_all([ConsentAsset(consent_id=consent.id, asset_id=asset.id) for asset in assets])
     session.flush()
     _audit(session, consent, "C", actor or captured_by, actor_role, actor_network,
            {"assets": [a.id for a in assets], "given_by": given_by, "captured_by": consent.captured_by})
@@ -111,7 +122,7 @@ def withdraw_consent(
     """Withdraw a consent at once (teaching and publication use end now; care use of existing photos stays)."""
     consent = session.get(Consent, consent_id, with_for_update=True)
     if consent is None:
-        raise ConsentError(f"no consent {consent_id}")
+        raise ConsentNotFound(f"no consent {consent_id}")
     if consent.status == "withdrawn":
         raise ConsentError(f"consent {consent_id} was already withdrawn")
     consent.status = "withdrawn"
@@ -138,17 +149,17 @@ SENSITIVITIES = ("N", "R", "V")
 
 
 def _audit_asset(session: Session, asset: Asset, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
-    audit.append(session, AuditEntry(
+    access_audit.append(session, [AuditEntry(
         type_code=audit.PATIENT_RECORD, action=action, subtype="access-list" if "subject" in detail else "sensitivity",
         agent_who=actor, agent_role=role, agent_network=network, patient_id=asset.patient_id,
         entities=[{"type": "asset", "id": asset.id}, {"type": "patient", "id": asset.patient_id}], detail=detail,
-    ))
+    )])
 
 
 def _asset(session: Session, asset_id: str) -> Asset:
     asset = session.get(Asset, asset_id, with_for_update=True)
     if asset is None:
-        raise ConsentError(f"no photo {asset_id}")
+        raise PhotoNotFound(f"no photo {asset_id}")
     return asset
 
 
@@ -158,7 +169,7 @@ def access_list(session: Session, asset_id: str) -> list[AssetAccess]:
 
 def grant_access(session: Session, asset_id: str, subject: str, *, granted_by: str, actor_role: str | None = None,
                  actor_network: str | None = None) -> bool:
-    """Name a person (or a DICOM peer's AE title) on the photo's access list; False if already there."""
+    """Name a person (user sub), or a DICOM peer as ae:AETITLE, on the photo's access list; False if already there."""
     subject = (subject or "").strip()
     if not subject or len(subject) > 200:
         raise ConsentError("the subject to grant must be 1-200 characters")

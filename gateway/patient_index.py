@@ -175,13 +175,15 @@ class Sql:
 
     @staticmethod
     def _dt_text(value: datetime) -> str:
-        if value.tzinfo is not None and value.utcoffset():
+        if value.tzinfo is not None and value.tzinfo is not timezone.utc and value.utcoffset():
             value = value.astimezone(timezone.utc)
         # SQLAlchemy's SQLite DATETIME text form (what the ORM reads back)
         return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
             value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
 
     def value(self, value):
+        if value is None or type(value) is str:  # most columns: no conversion, no isinstance chain
+            return value
         if isinstance(value, datetime):
             return self.dt(value)
         if isinstance(value, date) and not self.pg:
@@ -210,6 +212,21 @@ class Sql:
         self.cur.execute(f"RELEASE SAVEPOINT {name}")
 
 
+_HITS_SQL: dict[int, str] = {}
+
+
+def _hits_sql(n: int) -> str:
+    sql = _HITS_SQL.get(n)
+    if sql is None:
+        cond = " OR ".join(["(i.system = ? AND i.value = ?)"] * n)
+        # last_event_at too: an update needs it, and one statement fewer per message counts on the hot path
+        sql = ("SELECT i.system, i.value, i.patient_id, p.merged_into_id, p.last_event_at "
+               f"FROM patient_identifiers i JOIN patients p ON p.id = i.patient_id WHERE {cond}")
+        if n <= 8:  # the usual counts only: a feed sending thousands of repetitions must not grow the cache
+            _HITS_SQL[n] = sql
+    return sql
+
+
 class PatientIndex:
     def __init__(self, session: Session, actor: Actor, merged_policy: MergedPolicy = "reject") -> None:
         self.s = session
@@ -217,18 +234,16 @@ class PatientIndex:
         self.actor = actor
         self.merged_policy = merged_policy
         self._last_known: set = set()
+        self._last_event: dict[int, Any] = {}  # patient id -> last_event_at, as read by the last resolve()
 
     # -- look-ups ---------------------------------------------------------
 
     def _hits(self, identifiers: list[IdentifierData]) -> list[tuple]:
-        """(system, value, patient_id, merged_into_id) of stored identifiers among these."""
+        """(system, value, patient_id, merged_into_id, last_event_at) of stored identifiers among these."""
         if not identifiers:
             return []
-        cond = " OR ".join(["(i.system = ? AND i.value = ?)"] * len(identifiers))
         params = [x for i in identifiers for x in (i.system, i.value)]
-        return self.sql.all(
-            "SELECT i.system, i.value, i.patient_id, p.merged_into_id FROM patient_identifiers i "
-            f"JOIN patients p ON p.id = i.patient_id WHERE {cond}", params)
+        return self.sql.all(_hits_sql(len(identifiers)), params)
 
     def _survivor_id(self, patient_id: int) -> int:
         current = patient_id
@@ -244,6 +259,7 @@ class PatientIndex:
         hits = self._hits(identifiers)
         # identifiers already stored (on this patient or a record merged into it): never inserted again
         self._last_known = {(h[0], h[1]) for h in hits}
+        self._last_event = {h[2]: h[4] for h in hits}
         if not hits:
             return None
         direct = {h[2] for h in hits if h[3] is None}
@@ -315,7 +331,10 @@ class PatientIndex:
             out.audit.append(self._audit("C", pid, "register", {"fields": sorted(changes)}))
             return out
         out.patient_id = pid
-        last = Sql.read_dt(self.sql.one("SELECT last_event_at FROM patients WHERE id = ?", (pid,))[0])
+        if pid in self._last_event:
+            last = Sql.read_dt(self._last_event[pid])
+        else:  # resolved through a merge: the survivor's row was not among the hits
+            last = Sql.read_dt(self.sql.one("SELECT last_event_at FROM patients WHERE id = ?", (pid,))[0])
         added = self._add_identifiers(pid, data.identifiers, self._last_known)
         if last is not None and event_time is not None and event_time < last:
             out.notes.append("older than the last update applied to this patient: demographics kept")
@@ -335,11 +354,13 @@ class PatientIndex:
     def _add_identifiers(self, pid: int, identifiers: list[IdentifierData], known: set) -> list[str]:
         added = []
         seen = set(known)
-        now = self.sql.dt(datetime.now(timezone.utc))
+        now = None  # only when something is inserted: an update of a known patient usually adds nothing
         for i in identifiers:
             if (i.system, i.value) in seen:
                 continue
             seen.add((i.system, i.value))
+            if now is None:
+                now = self.sql.dt(datetime.now(timezone.utc))
             self.sql.run("INSERT INTO patient_identifiers (patient_id, system, value, type_code, assigner, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (pid, i.system, i.value, i.type_code, i.assigner, now))
             added.append(i.system)

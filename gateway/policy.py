@@ -27,7 +27,7 @@ from sqlalchemy import ColumnElement, and_, false, or_, select, true
 from sqlalchemy.orm import Session
 
 from gateway.policy_config import PURPOSES, PolicySettings
-from store.models import Asset, AssetAccess, Consent, Encounter
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter
 
 # consent levels (IMI 1-3) that each purpose needs
 CARE_PURPOSES = frozenset({"TREAT", "ETREAT"})
@@ -40,9 +40,11 @@ LEVELS_FOR_PURPOSE = {
 }
 BEST_INTERESTS = "best-interests"
 CURRENT_ENCOUNTER_STATUS = "in-progress"
+AE_PREFIX = "ae:"  # DICOM peers are named on access lists as ae:AETITLE, so an AE title never matches a user's sub
 MAX_REASON = 1000  # a break-glass reason is a sentence, not a document (it is copied into audit records)
-# FHIR resource types whose read scope covers photos
-PHOTO_RESOURCES = frozenset({"Media", "ImagingStudy", "DocumentReference", "Binary", "*"})
+# The FHIR resource type whose scopes cover photos on this exit (Media, or the wildcard *). Scopes on
+# DocumentReference, Binary or ImagingStudy are for the exits that serve those types, not for this one.
+PHOTO_RESOURCE = "Media"
 
 
 def utc(moment: datetime | None) -> datetime | None:
@@ -59,18 +61,33 @@ def utc(moment: datetime | None) -> datetime | None:
 @dataclass
 class AssetFacts:
     asset: Any  # an Asset row, or anything with the same attributes
-    consents: list[Any] = field(default_factory=list)  # consents of its patient, plus the one it links to
+    consents: list[Any] = field(default_factory=list)  # consents of its patient, plus the ones linked to it
     encounters: list[Any] = field(default_factory=list)  # encounters of its patient
     access: set[str] = field(default_factory=set)  # subjects on its access list
+    linked: set[str] = field(default_factory=set)  # ids of consents linked to it (consent_assets)
+
+
+def linked_consents(session: Session, asset_ids: Iterable[str]) -> dict[str, set[str]]:
+    """asset id -> ids of the consents linked to it in consent_assets."""
+    ids = sorted(set(asset_ids))
+    found: dict[str, set[str]] = {a: set() for a in ids}
+    if ids:
+        for consent_id, asset_id in session.execute(
+            select(ConsentAsset.consent_id, ConsentAsset.asset_id).where(ConsentAsset.asset_id.in_(ids))
+        ):
+            found[asset_id].add(consent_id)
+    return found
 
 
 def load_facts(session: Session, asset: Asset) -> AssetFacts:
-    consents = session.execute(
-        select(Consent).where(or_(Consent.patient_id == asset.patient_id, Consent.id == asset.consent_id))
-    ).scalars().all()
+    linked = linked_consents(session, [asset.id])[asset.id]
+    cond = Consent.patient_id == asset.patient_id
+    if linked:
+        cond = or_(cond, Consent.id.in_(sorted(linked)))
+    consents = session.execute(select(Consent).where(cond)).scalars().all()
     encounters = session.execute(select(Encounter).where(Encounter.patient_id == asset.patient_id)).scalars().all()
     access = set(session.execute(select(AssetAccess.subject).where(AssetAccess.asset_id == asset.id)).scalars())
-    return AssetFacts(asset=asset, consents=list(consents), encounters=list(encounters), access=access)
+    return AssetFacts(asset=asset, consents=list(consents), encounters=list(encounters), access=access, linked=linked)
 
 
 # ---------------------------------------------------------------------------
@@ -161,11 +178,13 @@ def any_of(*parts: Pred) -> Pred:
 class ConsentCovers(Pred):
     """A consent of a fitting level applies to the photo.
 
-    A consent applies when the photo links to it, or it is of the photo's
-    patient with scope 'patient', or with scope 'encounter' naming the photo's
-    encounter. For care (TREAT/ETREAT) a withdrawn consent still covers photos
-    stored before the withdrawal: withdrawal ends secondary use, not the
-    record. For secondary use it must be active and not a best-interests
+    A consent applies when it is linked to the photo in consent_assets (a
+    photo-scoped consent, or the one captured with the photo at upload), or it
+    is of the photo's patient with scope 'patient', or with scope 'encounter'
+    naming the photo's encounter. A photo may carry several linked consents;
+    each covers it on its own. For care (TREAT/ETREAT) a withdrawn consent
+    still covers photos stored before the withdrawal: withdrawal ends
+    secondary use, not the record. For secondary use it must be active and not a best-interests
     decision (that covers the record only).
     """
 
@@ -174,8 +193,15 @@ class ConsentCovers(Pred):
 
     def sql(self, a):
         c = Consent
+        # correlate_except: nested two levels deep, the photo (outer query) would not be auto-correlated
+        linked = (
+            select(ConsentAsset.consent_id)
+            .where(ConsentAsset.consent_id == c.id, ConsentAsset.asset_id == a.id)
+            .correlate_except(ConsentAsset)
+            .exists()
+        )
         applies = or_(
-            c.id == a.consent_id,
+            linked,
             and_(
                 c.patient_id == a.patient_id,
                 or_(c.scope == "patient", and_(c.scope == "encounter", c.encounter_id == a.encounter_id)),
@@ -187,8 +213,9 @@ class ConsentCovers(Pred):
             standing = and_(c.status == "active", c.given_by != BEST_INTERESTS)
         return select(c.id).where(applies, c.level.in_(sorted(self.levels)), standing).exists()
 
-    def applies(self, consent, asset) -> bool:
-        if asset.consent_id is not None and consent.id == asset.consent_id:
+    @staticmethod
+    def applies(consent, asset, linked: set[str]) -> bool:
+        if consent.id in linked:
             return True
         if consent.patient_id != asset.patient_id:
             return False
@@ -207,7 +234,7 @@ class ConsentCovers(Pred):
     def covering(self, facts: AssetFacts) -> list:
         return [
             c for c in facts.consents
-            if self.applies(c, facts.asset) and c.level in self.levels and self.stands(c, facts.asset)
+            if self.applies(c, facts.asset, facts.linked) and c.level in self.levels and self.stands(c, facts.asset)
         ]
 
     def test(self, facts):
@@ -325,6 +352,43 @@ def check_request(ctx: AccessContext) -> None:
 # SMART v2 scopes: they only narrow what the policy allows
 
 _SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z]+|\*)\.([cruds]+|read|write|\*)(\?.*)?$")
+_V1_PERMS = {"read": "rs", "write": "cud", "*": "cruds"}
+
+
+@dataclass(frozen=True)
+class Scope:
+    context: str  # patient, user or system
+    resource: str  # a FHIR resource type or *
+    perms: frozenset  # SMART v2 letters c r u d s
+
+
+def parse_scope(text: str) -> Scope | None:
+    """One SMART scope, or None when it grants nothing here.
+
+    A scope with a query part (`user/Media.rs?security-label=N`) is skipped: we do not enforce
+    those finer-grained limits, and SMART v2 lets a server ignore such a scope only by granting
+    less, never by treating it as the wider scope without the query."""
+    match = _SCOPE.match(text.strip())
+    if not match:
+        return None
+    context, resource, perms, query = match.groups()
+    if query is not None:
+        return None
+    return Scope(context, resource, frozenset(_V1_PERMS.get(perms, perms)))
+
+
+def scope_context(scopes: Sequence[str], resource: str, perm: str) -> str | None:
+    """'any' when a user/ or system/ scope grants `perm` (one of c r u d s) on `resource`,
+    'patient' when only patient/ scopes do (the token's patient bounds it), None when none does."""
+    found = None
+    for text in scopes:
+        scope = parse_scope(text)
+        if scope is None or scope.resource not in (resource, "*") or perm not in scope.perms:
+            continue
+        if scope.context != "patient":
+            return "any"
+        found = "patient"
+    return found
 
 
 @dataclass(frozen=True)
@@ -334,42 +398,12 @@ class ScopeGrant:
 
 
 def read_grant(scopes: Sequence[str], interaction: str | None = None) -> ScopeGrant:
-    """Which patients the scopes let the caller read photos of. interaction 'read' needs r, 'search' needs s
-    (SMART v2); None accepts either. v1 `read` and `*` grant both."""
+    """Which patients the scopes let the caller read photos (Media) of. interaction 'read' needs r,
+    'search' needs s (SMART v2); None accepts either. v1 `read` and `*` grant both."""
     letters = {"read": "r", "search": "s"}.get(interaction or "", "rs")
-    any_patient = patient_only = False
-    for scope in scopes:
-        match = _SCOPE.match(scope.strip())
-        if not match:
-            continue
-        context, resource, perms, _query = match.groups()
-        if resource not in PHOTO_RESOURCES:
-            continue
-        if not (perms in ("read", "*") or (perms != "write" and any(letter in perms for letter in letters))):
-            continue
-        if context == "patient":
-            patient_only = True
-        else:
-            any_patient = True
-    return ScopeGrant(any_patient=any_patient, patient_only=patient_only and not any_patient)
-
-
-def scope_context(scopes: Sequence[str], resource: str, perm: str) -> str | None:
-    """'any' when a user/ or system/ scope grants `perm` (one of c r u d s) on `resource`,
-    'patient' when only patient/ scopes do (the token's patient bounds it), None when none does."""
-    found = None
-    for scope in scopes:
-        match = _SCOPE.match(scope.strip())
-        if not match:
-            continue
-        context, res, perms, _query = match.groups()
-        if res not in (resource, "*"):
-            continue
-        if perms == "*" or perm in perms.replace("read", "rs").replace("write", "cud"):
-            if context != "patient":
-                return "any"
-            found = "patient"
-    return found
+    contexts = {scope_context(scopes, PHOTO_RESOURCE, letter) for letter in letters}
+    any_patient = "any" in contexts
+    return ScopeGrant(any_patient=any_patient, patient_only="patient" in contexts and not any_patient)
 
 
 def scope_allows(scopes: Sequence[str], resource: str, perm: str) -> bool:
@@ -387,6 +421,11 @@ class Rule:
     pred: Pred
     ok: str
     denied: str
+
+
+def access_list_name(subject) -> str:
+    """How the subject is named on access lists: a user by their sub, a DICOM peer as ae:AETITLE."""
+    return f"{AE_PREFIX}{subject.sub}" if subject.role == "system" else subject.sub
 
 
 def _patient_pk(patient: str | None) -> int | None:
@@ -452,12 +491,13 @@ def build_rules(ctx: AccessContext, settings: PolicySettings) -> list[Rule]:
     if ctx.breaking_glass:
         visible |= {"N", "R"}
     sensitivity_parts = [asset_in("sensitivity", visible & {"N", "R"})]
+    listed_as = access_list_name(s)
     if ctx.breaking_glass and settings.break_glass_allows_very_restricted:
         sensitivity_parts.append(asset_in("sensitivity", ["V"]))
         v_text = "V opened by break-glass"
     else:
         sensitivity_parts.append(
-            all_of(asset_in("sensitivity", ["V"]), any_of(asset_in("uploaded_by", [s.sub]), OnAccessList(s.sub)))
+            all_of(asset_in("sensitivity", ["V"]), any_of(asset_in("uploaded_by", [s.sub]), OnAccessList(listed_as)))
         )
         v_text = "V only for its uploader and the people on its access list"
     rules.append(
@@ -517,8 +557,16 @@ def visible_assets_filter(
     return filter_for(ctx, settings, asset)
 
 
-def filter_for(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
-    return all_of(*(r.pred for r in build_rules(ctx, settings))).sql(asset)
+def filter_for(ctx: AccessContext, settings: PolicySettings, asset=Asset, *, skip: Iterable[str] = ()) -> ColumnElement[bool]:
+    """The rules as one WHERE clause; `skip` leaves out rules by name (see filter_except_consent)."""
+    skip = frozenset(skip)
+    return all_of(*(r.pred for r in build_rules(ctx, settings) if r.name not in skip)).sql(asset)
+
+
+def filter_except_consent(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
+    """Every rule but the consent rule: which photos the caller could see once a consent covers them.
+    Recording a photo-scoped consent needs this, since a photo without consent is hidden by the consent rule."""
+    return filter_for(ctx, settings, asset, skip=("consent",))
 
 
 @dataclass
@@ -580,10 +628,10 @@ def may_see_original(subject, settings: PolicySettings) -> bool:
 _LEVEL_RANK = {"record": 1, "teaching": 2, "publication": 3}
 
 
-def consent_summary(asset, consents: Iterable) -> dict | None:
-    """The strongest consent applying to a photo, for display: {level, status, id}; active ones first."""
-    probe = ConsentCovers(frozenset(_LEVEL_RANK), care=True)
-    applying = [c for c in consents if probe.applies(c, asset)]
+def consent_summary(asset, consents: Iterable, linked: set[str] = frozenset()) -> dict | None:
+    """The strongest consent applying to a photo, for display: {level, status, id}; active ones first.
+    linked: ids of the consents linked to the photo (linked_consents())."""
+    applying = [c for c in consents if ConsentCovers.applies(c, asset, set(linked))]
     if not applying:
         return None
     best = max(applying, key=lambda c: (c.status == "active", _LEVEL_RANK.get(c.level, 0)))

@@ -39,7 +39,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 PURPOSES = ("TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH")
 ROLES = ("clinician", "medical-illustration", "integration-engineer", "admin", "educator", "researcher", "system")
@@ -86,7 +86,7 @@ class DicomPeer(BaseModel):
     purpose_of_use: Purpose = Field("TREAT", description="Purpose of use of everything this peer asks for (HL7 v3 ActReason, or PUBLISH).")
     sensitivities: list[Literal["N", "R"]] = Field(
         default_factory=lambda: ["N"],
-        description="Sensitivities of photos the peer may query and retrieve. V photos are never sent to a peer unless its AE title is on the photo's access list.",
+        description="Sensitivities of photos the peer may query and retrieve. V photos are never sent to a peer unless it is on the photo's access list, named ae:AETITLE (e.g. ae:PACS1).",
     )
     specialties: list[str] = Field(
         default_factory=list,
@@ -104,9 +104,9 @@ class AuthSettings(BaseModel):
         "dev",
         description="dev: tokens signed with a local key kept in DATA_DIR (`clinphoto token` prints one); jwt: tokens from the configured issuer (JWKS URL or PEM key); api-key: static keys from `api_keys` (tests and bootstrap only; every key acts as medical-illustration).",
     )
-    issuer: str | None = Field(None, description="Expected `iss` claim of tokens in jwt mode; empty accepts any issuer (not recommended).")
-    audience: str | None = Field(None, description="Expected `aud` claim; empty: the audience is not checked.")
-    jwks_url: str | None = Field(None, description="JWKS URL of the issuer (keys picked by `kid`, cached). Used in jwt mode when set.")
+    issuer: str | None = Field(None, description="Expected `iss` claim of tokens; required in jwt mode (start-up fails without it).")
+    audience: str | None = Field(None, description="Expected `aud` claim; required in jwt mode (start-up fails without it).")
+    jwks_url: str | None = Field(None, description="JWKS URL of the issuer (keys picked by `kid`, cached). jwt mode needs this or a PEM key; /readyz fails while it cannot be fetched.")
     public_key_pem: str | None = Field(None, description="PEM public key of the issuer (RSA for RS256, EC P-256 for ES256), inline. Alternative to jwks_url.")
     public_key_file: Path | None = Field(None, description="File holding the issuer's PEM public key. Alternative to public_key_pem.")
     algorithms: list[Literal["RS256", "ES256"]] = Field(default_factory=lambda: ["RS256", "ES256"], description="Signature algorithms accepted; nothing else (never none or HS*).")
@@ -135,6 +135,21 @@ class AuthSettings(BaseModel):
         default_factory=list,
         description="DICOM peers allowed to associate. An unknown calling AE title, or a known one from another address, is rejected at association.",
     )
+
+    @model_validator(mode="after")
+    def _jwt_mode_complete(self) -> AuthSettings:
+        # a half-configured jwt mode must stop start-up, not answer 503 to every call once running
+        if self.mode == "jwt":
+            missing = []
+            if not (self.jwks_url or self.public_key_pem or self.public_key_file):
+                missing.append("a key source (auth.jwks_url, auth.public_key_pem or auth.public_key_file)")
+            if not self.issuer:
+                missing.append("auth.issuer")
+            if not self.audience:
+                missing.append("auth.audience")
+            if missing:
+                raise ValueError("auth mode jwt needs " + ", ".join(missing))
+        return self
 
     @field_validator("dicom_peers")
     @classmethod

@@ -25,8 +25,14 @@ def _load(path: Path | None):
 
 @app.command("check")
 def check(mapping_file: Annotated[Path, typer.Argument(help="Mapping YAML to validate.")]) -> None:
-    """Validate a mapping file; errors name the file, line and key."""
-    m = _load(mapping_file)
+    """Validate a mapping file; every error is listed with its file, line and key."""
+    try:
+        m = load_mapping(mapping_file)
+    except MappingFileError as exc:
+        typer.echo(f"invalid mapping: {len(exc.problems)} error(s)", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem.where()}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"{mapping_file}: mapping {m.name!r} is valid "
                f"({len(m.identifiers)} identifier rule(s), {len(m.tables)} table(s))")
 
@@ -84,14 +90,24 @@ def test(
         try:
             with gw.db.read() as session:  # rolled back at exit: nothing is committed
                 result = processor.apply(session, p)
-            report["status"] = result.status
-            ack = result.ack
         finally:
             gw.close()
+        ack = result.ack
+        ok = result.status in ("applied", "ignored")
+        if result.duplicate:
+            # the store already holds this sender + control id: a resend gets the stored ACK, nothing applied
+            report["status"] = f"duplicate of stored message {result.message_id} ({result.status}): not applied again"
+        else:
+            # the transaction was rolled back: say what would happen, never that it did
+            report["status"] = f"would be {result.status}"
+        report["committed"] = False
     else:
         report["status"], ack = processor.dry_run(p)
+        ok = report["status"] in ("would be applied", "would be ignored")
     typer.echo(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    if database:
+        typer.echo("nothing was committed: the database transaction was rolled back")
     typer.echo("ACK it would send:" if ack else "no ACK would be sent (enhanced mode, as MSH-15 asks)")
     if ack:
         typer.echo(ack.decode("utf-8", errors="replace").replace("\r", "\n"))
-    raise typer.Exit(0 if report["status"] in ("applied", "ignored", "would apply") else 1)
+    raise typer.Exit(0 if ok else 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -20,6 +21,29 @@ LIMITS = {
     "visit_number": 100, "visit_system": 200, "class_code": 10, "location": 200, "specialty": 10,
     "attending_id": 100, "attending_name": 200,
 }
+
+
+def _field_getter(path: str) -> Callable[[Message, Segment | None], str]:
+    """Mapper._get for one path, parsed once: the decoded value ("" when absent)."""
+    name, fld, rep, comp, sub = parse_path(path)
+    whole = comp == 1 and sub == 1
+
+    def get(msg: Message, seg: Segment | None) -> str:
+        s = seg if seg is not None and seg.name == name else msg.segment(name)
+        if s is None:
+            return ""
+        if fld <= 2 and name == "MSH":
+            return s.get(fld, comp, sub, rep)
+        reps = s.repetitions(fld)
+        if rep > len(reps):
+            return ""
+        value = reps[rep - 1]
+        enc = msg.enc
+        if not whole or enc.comp in value or enc.sub in value:
+            value = component(value, comp, sub, enc)
+        return msg.decode(value) if enc.esc in value else value
+
+    return get
 
 
 class MappingFault(Exception):
@@ -72,6 +96,18 @@ class Mapper:
         self.zone = ZoneInfo(mapping.timezone)
         self.variables = dict(variables or {})
         self.variables.setdefault("mrn_system", "https://clinphoto.local/Id/mrn/{authority}")
+        # each field spec compiled once into a function: the mapping runs ~15 lookups per ADT message
+        self._compiled: dict[int, Callable] = {}
+        self._patient_fields = [(name, self._compile(spec, name)) for name in type(mapping.patient).model_fields
+                                if (spec := getattr(mapping.patient, name)) is not None]
+        # identifier systems built only from {authority} and variables depend on CX.4 alone: memoised
+        from_message = [k for t in (*(r.system for r in mapping.identifiers), *self.variables.values())
+                        for k in _PLACEHOLDER.findall(t) if k != "authority" and k not in self.variables]
+        self._systems: dict[tuple[int, str], str] | None = None if from_message else {}
+        em = mapping.encounter
+        self._encounter_fields = [] if em is None else [
+            (name, self._compile(spec, name)) for name in type(em).model_fields
+            if name not in ("visit_number", "visit_system") and (spec := getattr(em, name)) is not None]
 
     # -- values ---------------------------------------------------------------
 
@@ -92,6 +128,9 @@ class Mapper:
         return (msg.decode(value) if msg.enc.esc in value else value), path
 
     def _template(self, msg: Message, text: str, seg: Segment | None, extra: dict[str, str] | None = None) -> str:
+        if "{" not in text:  # most systems are plain URIs: no regex pass
+            return text
+
         def sub(m: re.Match) -> str:
             key = m.group(1)
             if extra and key in extra:
@@ -104,11 +143,89 @@ class Mapper:
 
     def value(self, msg: Message, spec: FieldSpec, seg: Segment | None = None, target: str | None = None):
         """UNSET when not sent, None for the HL7 null, else the converted value."""
-        value = self._value(msg, spec, seg)
+        fn = self._compiled.get(id(spec))
+        if fn is None or fn.spec is not spec or fn.target != target:  # type: ignore[attr-defined]
+            fn = self._compile(spec, target)
+        return fn(msg, seg)
+
+    def _template_source(self, text: str) -> Callable[[Message, Segment | None], str]:
+        """`_template` for one text, split once into literal text, variables and field getters."""
+        pieces: list = []
+        pos = 0
+        for m in _PLACEHOLDER.finditer(text):
+            pieces.append(text[pos:m.start()])
+            key = m.group(1)
+            if key in self.variables:
+                pieces.append(self.variables[key])
+            else:
+                try:
+                    pieces.append(_field_getter(key))
+                except ValueError:  # e.g. {authority} outside an identifier rule: fail per message, as _template does
+                    pieces.append(lambda msg, seg, key=key: self._get(msg, key, seg)[0])
+            pos = m.end()
+        pieces.append(text[pos:])
+        if all(isinstance(p, str) for p in pieces):
+            constant = "".join(pieces)
+            return lambda msg, seg: constant
+        return lambda msg, seg: "".join(p if isinstance(p, str) else p(msg, seg) for p in pieces)
+
+    def _compile(self, spec: FieldSpec, target: str | None) -> Callable:
+        """A function (msg, seg) -> value doing what `_value` and the length check do, with the path parsed once."""
         limit = spec.max_length or LIMITS.get(target or "")
-        if limit and isinstance(value, str) and len(value) > limit:
-            raise MappingFault("102", f"{spec.location} is longer than {limit} characters", spec.location)
-        return value
+        where = spec.location
+        if spec.template is not None:
+            source, loc = self._template_source(spec.template), spec.template
+        elif spec.join is not None:
+            getters, sep, loc = [_field_getter(p) for p in spec.join], spec.sep, spec.join[0]
+
+            def source(msg: Message, seg: Segment | None):
+                parts = [g(msg, seg) for g in getters]
+                if any(parts) and all(p == HL7_NULL for p in parts if p):
+                    return HL7_NULL  # every part sent as the HL7 null: clear the value
+                return sep.join(p for p in parts if p and p != HL7_NULL)
+        else:
+            source, loc = _field_getter(spec.field), spec.field
+        required, table_name, unmapped, kind = spec.required, spec.table, spec.unmapped, spec.type
+        table = self.m.tables[table_name] if table_name else None
+        zone = self.zone
+
+        def fn(msg: Message, seg: Segment | None):
+            raw = source(msg, seg)
+            if raw == HL7_NULL:
+                return None
+            else:
+                raw = raw.strip()
+                if not raw:
+                    if required:
+                        raise MappingFault("101", f"{loc} is required but empty", loc)
+                    return UNSET
+                if table is not None:
+                    if raw in table:
+                        raw = table[raw]
+                    elif unmapped == "error":
+                        raise MappingFault("103", f"{loc}: code {raw!r} is not in table {table_name}", loc)
+                    elif unmapped == "drop":
+                        return UNSET
+                if kind == "date":
+                    try:
+                        value = parse_date(raw)
+                    except ValueError:
+                        raise MappingFault("102", f"{loc} is not a valid date (expected YYYYMMDD)", loc) from None
+                elif kind == "datetime":
+                    try:
+                        value = parse_dtm(raw, zone)
+                    except ValueError:
+                        raise MappingFault("102", f"{loc} is not a valid HL7 date/time (expected YYYYMMDDHHMMSS[+ZZZZ])",
+                                           loc) from None
+                else:
+                    value = raw
+            if limit and isinstance(value, str) and len(value) > limit:
+                raise MappingFault("102", f"{where} is longer than {limit} characters", where)
+            return value
+
+        fn.target, fn.spec = target, spec  # type: ignore[attr-defined]  # keeps spec alive: its id stays unique
+        self._compiled[id(spec)] = fn
+        return fn
 
     def _value(self, msg: Message, spec: FieldSpec, seg: Segment | None = None):
         if spec.template is not None:
@@ -162,12 +279,19 @@ class Mapper:
         return out
 
     def _identifier(self, msg: Message, s: Segment, fld: int, r: int, loc: str) -> IdentifierData | None:
-        value = s.get(fld, 1, 1, r).strip()
+        # CX.1, CX.4 and CX.5 from one split of the repetition (what s.get(fld, n, 1, r) returns for each)
+        enc = msg.enc
+        comps = s.repetitions(fld)[r - 1].split(enc.comp)
+        cx = [c.split(enc.sub, 1)[0] if enc.sub in c else c for c in comps[:5]]
+        cx += [""] * (5 - len(cx))
+        if enc.esc in comps[0] or (len(comps) > 3 and (enc.esc in comps[3] or (len(comps) > 4 and enc.esc in comps[4]))):
+            cx = [msg.decode(c) for c in cx]
+        value = cx[0].strip()
         if not value or value == HL7_NULL:
             return None
-        authority = s.get(fld, 4, 1, r).strip()
-        type_code = s.get(fld, 5, 1, r).strip()
-        for rule in self.m.identifiers:
+        authority = cx[3].strip()
+        type_code = cx[4].strip()
+        for n, rule in enumerate(self.m.identifiers):
             if not self._matches(rule, type_code, authority):
                 continue
             if rule.require_authority and not authority:
@@ -179,8 +303,13 @@ class Mapper:
                     if rule.invalid == "skip":
                         return None
                     raise MappingFault("102", f"{loc}.1: invalid NHS number: {reason}", f"{loc}.1")
-            system = self._template(msg, self._template(msg, rule.system, s, {"authority": authority}), s,
-                                    {"authority": authority})
+            systems = self._systems if "{" not in authority and len(authority) <= 64 else None
+            system = systems.get((n, authority)) if systems is not None else None
+            if system is None:
+                system = self._template(msg, self._template(msg, rule.system, s, {"authority": authority}), s,
+                                        {"authority": authority})
+                if systems is not None and len(systems) < 4096:  # bounded: authorities come from the feed
+                    systems[(n, authority)] = system
             if not system:
                 continue
             if len(value) > 100:
@@ -212,10 +341,8 @@ class Mapper:
             raise MappingFault("101", f"no usable patient identifier in {fields} under mapping {self.m.name!r}",
                                self.m.identifier_fields[0])
         data = PatientData(identifiers=idents)
-        for name in type(self.m.patient).model_fields:
-            spec = getattr(self.m.patient, name)
-            if spec is not None:
-                setattr(data, name, self.value(msg, spec, pid, name))
+        for name, fn in self._patient_fields:
+            setattr(data, name, fn(msg, pid))
         return data
 
     def patients(self, msg: Message) -> list[MappedPatient]:
@@ -247,12 +374,8 @@ class Mapper:
         if em.visit_system is not None:
             system = self.value(msg, em.visit_system, None, "visit_system")
             data.visit_system = system or ""
-        for name in type(em).model_fields:
-            if name in ("visit_number", "visit_system"):
-                continue
-            spec = getattr(em, name)
-            if spec is not None:
-                setattr(data, name, self.value(msg, spec, None, name))
+        for name, fn in self._encounter_fields:
+            setattr(data, name, fn(msg, None))
         return data
 
     def event_time(self, msg: Message) -> datetime | None:

@@ -33,6 +33,7 @@ def invalid_reason(value: str) -> str | None:
     v = normalise(value)
     if len(v) != 10 or not v.isascii() or not v.isdigit():
         return "an NHS number has exactly 10 digits"
-    if not is_valid(v):
+    expected = check_digit(v[:9])  # the format is checked above: only the check digit is left
+    if expected is None or expected != int(v[9]):
         return "the NHS number's modulus-11 check digit does not match"
     return None

@@ -20,10 +20,19 @@ TEMPLATE_VARIABLES = {"authority", "mrn_system"}
 
 
 class MappingFileError(ValueError):
-    def __init__(self, file: str, line: int | None, key: str, message: str) -> None:
+    """The first problem of a mapping file; `problems` holds every one (itself first), for `mapping check`."""
+
+    def __init__(self, file: str, line: int | None, key: str, message: str,
+                 more: list[MappingFileError] | None = None) -> None:
         self.file, self.line, self.key, self.message = file, line, key, message
-        where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.problems: list[MappingFileError] = [self, *(more or [])]
+        extra = f" (and {len(more)} more)" if more else ""
+        super().__init__(self.where() + extra)
+
+    def where(self) -> str:
+        """This one problem as FILE:LINE: KEY: MESSAGE."""
+        place = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{place}: {self.key}: {self.message}" if self.key else f"{place}: {self.message}"
 
 
 def _check_path(value: str) -> str:
@@ -246,20 +255,32 @@ def load_mapping_text(text: str, file: str = "<mapping>") -> Mapping:
         raise MappingFileError(file, mark.line + 1 if mark else None, "", f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise MappingFileError(file, 1, "", "a mapping file is a YAML mapping with name, identifiers, patient, encounter, tables")
+    problems: list[tuple[tuple, str]] = []
+    mapping = None
     try:
         mapping = Mapping.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise MappingFileError(file, _line_of(node, loc), _key(loc), msg + more) from None
-    for loc, table in mapping.table_refs():
-        if table not in mapping.tables:
-            have = ", ".join(sorted(mapping.tables)) or "none"
-            raise MappingFileError(file, _line_of(node, loc), _key(loc), f"no table {table!r} under tables (have: {have})")
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append((loc, msg))
+    # table references from the YAML itself, so they are reported even when other keys are invalid
+    tables = data.get("tables") if isinstance(data.get("tables"), dict) else {}
+    have = ", ".join(sorted(str(t) for t in tables)) or "none"
+    for section in ("patient", "encounter"):
+        specs = data.get(section)
+        if not isinstance(specs, dict):
+            continue
+        for name, spec in specs.items():
+            if isinstance(spec, dict) and isinstance(spec.get("table"), str) and spec["table"] not in tables:
+                problems.append(((section, name, "table"), f"no table {spec['table']!r} under tables (have: {have})"))
+    if problems:
+        errors = [MappingFileError(file, _line_of(node, loc), _key(loc), msg) for loc, msg in problems]
+        errors.sort(key=lambda e: e.line or 0)  # file order, as an editor shows them
+        first = errors[0]
+        raise MappingFileError(first.file, first.line, first.key, first.message, errors[1:]) from None
     return mapping
 
 

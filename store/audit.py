@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from psycopg.types.json import Json
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.models import AuditEvent, AuditHead
@@ -145,58 +144,99 @@ def _head_mac(key: bytes, seq: int, last_hash: str) -> str:
     return hmac.new(key, f"head:{seq}:{last_hash}".encode(), hashlib.sha256).hexdigest()
 
 
-def _locked_head(session: Session) -> tuple[int, str]:
-    """(seq, hash) of the chain's end, with the head row locked until commit so appenders queue.
+_INSERT_COLUMNS = (
+    "seq", "recorded_at", "type_code", "subtype", "action", "outcome", "outcome_desc", "agent_who", "agent_role",
+    "agent_network", "purpose_of_use", "patient_id", "entities", "detail", "prev_hash", "hash",
+)
 
-    PostgreSQL: FOR UPDATE on the head row. SQLite: the write transaction began IMMEDIATE
-    and already holds the database's write lock."""
-    query = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == _HEAD_ID).with_for_update()
-    head = session.execute(query).first()
-    if head is None:
-        dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(
-            dialect_insert(AuditHead).values(id=_HEAD_ID, seq=0, hash=GENESIS_HASH, mac="").on_conflict_do_nothing()
-        )
-        head = session.execute(query).first()
-    return head.seq, head.hash
+
+# Audit must never fail because a caller's value is odd: texts are cut to their column's
+# width and NUL (which PostgreSQL text refuses) is replaced, before hashing.
+_TEXT_LIMITS = {
+    column.name: getattr(column.type, "length", None)
+    for column in AuditEvent.__table__.columns
+    if column.name in ("type_code", "subtype", "action", "outcome", "outcome_desc", "agent_who", "agent_role", "agent_network", "purpose_of_use")
+}
+
+
+def _clean_text(value, limit: int | None):
+    if value is None:
+        return None
+    value = str(value).replace("\x00", "\ufffd")
+    return value[:limit] if limit else value
+
+
+def _json_safe(value):
+    # round-trip once so what is hashed is exactly what verify() reads back (NUL made visible)
+    return json.loads(json.dumps(value, default=str).replace("\\u0000", "\\ufffd"))
+
+
+def _sqlite_time(moment: datetime) -> str:
+    # SQLAlchemy's SQLite DATETIME text form (what the ORM and verify() read back), in UTC
+    if moment.tzinfo is not None and moment.utcoffset():
+        moment = moment.astimezone(timezone.utc)
+    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
+        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
 def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     """Append records to the chain in the caller's transaction; returns their sequence numbers.
 
-    A Core insert rather than ORM objects: this runs on every HL7 message and
-    every access, and the ORM unit of work tripled its cost."""
+    Plain DB-API statements on the session's own connection (same transaction): this runs on
+    every HL7 message and every access, and three ORM-executed Core statements cost ~0.6 ms
+    a call, about half of an ADT message's whole CPU budget; the cursor costs ~0.05 ms.
+    The head row is locked until commit so appenders queue: FOR UPDATE on PostgreSQL; on
+    SQLite the write transaction began IMMEDIATE and already holds the database's write lock."""
     entries = list(entries)
     if not entries:
         return []
     key = _key(session)
-    seq, prev = _locked_head(session)
+    conn = session.connection()
+    pg = conn.dialect.name == "postgresql"
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        return _append_rows(cur, pg, key, entries)
+    finally:
+        cur.close()
+
+
+def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> list[int]:
+    mark = "%s" if pg else "?"
+    cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = {mark}" + (" FOR UPDATE" if pg else ""), (_HEAD_ID,))
+    head = cur.fetchone()
+    if head is None:
+        cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, 0, {mark}, '') ON CONFLICT DO NOTHING",
+                    (_HEAD_ID, GENESIS_HASH))
+        cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = {mark}" + (" FOR UPDATE" if pg else ""), (_HEAD_ID,))
+        head = cur.fetchone()
+    seq, prev = head
     now = datetime.now(timezone.utc)
-    rows = []
+    rows, seqs = [], []
     for entry in entries:
         seq += 1
-        row = {
+        row = {name: _clean_text(getattr(entry, name), limit) for name, limit in _TEXT_LIMITS.items()}
+        row.update({
             "seq": seq,
             "recorded_at": entry.recorded_at or now,
-            "type_code": entry.type_code,
-            "subtype": entry.subtype,
-            "action": entry.action,
-            "outcome": entry.outcome,
-            "outcome_desc": entry.outcome_desc,
-            "agent_who": entry.agent_who,
-            "agent_role": entry.agent_role,
-            "agent_network": entry.agent_network,
-            "purpose_of_use": entry.purpose_of_use,
             "patient_id": entry.patient_id,
-            "entities": list(entry.entities),
-            "detail": dict(entry.detail),
+            "entities": _json_safe(list(entry.entities)),
+            "detail": _json_safe(dict(entry.detail)),
             "prev_hash": prev,
-        }
+        })
         row["hash"] = prev = _hash_fields(row, prev, key)
-        rows.append(row)
-    session.execute(insert(AuditEvent.__table__), rows)
-    session.execute(update(AuditHead).where(AuditHead.id == _HEAD_ID).values(seq=seq, hash=prev, mac=_head_mac(key, seq, prev)))
-    return [row["seq"] for row in rows]
+        values = [row[c] for c in _INSERT_COLUMNS]
+        if pg:
+            values[12], values[13] = Json(values[12]), Json(values[13])
+        else:
+            values[1] = _sqlite_time(values[1])
+            values[12], values[13] = json.dumps(values[12], default=str), json.dumps(values[13], default=str)
+        rows.append(values)
+        seqs.append(seq)
+    cur.executemany(f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})",
+                    rows)
+    cur.execute(f"UPDATE audit_head SET seq = {mark}, hash = {mark}, mac = {mark} WHERE id = {mark}",
+                (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
+    return seqs
 
 
 def append(session: Session, entry: AuditEntry) -> int:

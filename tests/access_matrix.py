@@ -1,4 +1,4 @@
-"""The access matrix: 19 callers x 41 photos with the expected visibility of each pair.
+"""The access matrix: 21 callers x 42 photos with the expected visibility of each pair.
 
 Every exit (REST photos API, FHIR, C-FIND/C-GET/C-MOVE, QIDO/WADO, viewer,
 exports) runs this same matrix through its own path and must find zero
@@ -27,17 +27,21 @@ documents the role defaults), independently of gateway/policy.py:
     It lifts the specialty rule and permits R photos, never V.
  4. SMART scopes narrow: a user/ or system/ scope reading Media (or *) allows
     every patient; a patient/ scope only the patient in the token; no such
-    scope, nothing.
- 5. Consent that applies to a photo: the one the photo links to, one of its
-    patient with scope 'patient', or with scope 'encounter' for the photo's
-    encounter. Care (TREAT/ETREAT) needs any applying consent; a withdrawn one
+    scope, nothing. Scopes on other types (DocumentReference, Binary,
+    ImagingStudy) grant no photos here, and a scope with a query part
+    (`?security-label=N`) grants nothing, since it may only narrow.
+ 5. Consent that applies to a photo: every consent linked to the photo (the
+    one captured with it and any photo-scoped consent naming it; a photo may
+    have several), one of its patient with scope 'patient', or with scope
+    'encounter' for the photo's encounter. Care (TREAT/ETREAT) needs any applying consent; a withdrawn one
     still counts for photos stored before the withdrawal. Teaching and research
     need an active teaching or publication consent; publication needs an active
     publication consent; a best-interests decision only ever counts for care.
  6. Sensitivity: N for clinicians, medical illustration, educators and
     researchers; R for medical illustration and for clinicians of the photo's
     own specialty; V only for the uploader and the people on its access list.
-    A DICOM peer sees the sensitivities it is configured for (V as for people).
+    A DICOM peer sees the sensitivities it is configured for (V as for people,
+    named on the access list as ae:AETITLE).
  7. Specialty (clinicians, and peers configured with specialties): the photo's
     specialty is one of theirs, or, for an N photo, the patient has a current
     (in-progress, not discharged) encounter in one of their specialties.
@@ -55,7 +59,7 @@ from PIL import Image
 
 from gateway.auth import Subject
 from gateway.policy_config import DicomPeer
-from store.models import Asset, AssetAccess, Consent, Encounter, Patient, PatientIdentifier
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient, PatientIdentifier
 
 MRN_SYSTEM = "https://trust.example.nhs.uk/Id/mrn"
 MRN_ASSIGNER = "RXX"
@@ -111,7 +115,8 @@ class Photo:
     sensitivity: str
     specialty: str | None
     encounter: str | None = None
-    consent: str | None = None  # linked consent (Asset.consent_id)
+    consent: str | None = None  # consent captured with the photo (Asset.consent_id), linked in consent_assets
+    also_linked: tuple[str, ...] = ()  # further photo-scoped consents naming it (consent_assets only)
     uploaded_by: str | None = "mi.jones"
     access: tuple[str, ...] = ()
     status: str = "active"
@@ -133,7 +138,8 @@ PHOTOS = [
     Photo("PB-02", "PB", "N", "330"),
     Photo("PB-03", "PB", "R", "160", encounter="PB-plas"),
     Photo("PB-04", "PB", "N", "160", age_days=2),
-    Photo("PB-05", "PB", "V", "160", uploaded_by="dr.plastics", access=("dr.derm",)),
+    # "PACS_DERM" without the ae: prefix is a user's name, not the peer's: it must not open the photo to the peer
+    Photo("PB-05", "PB", "V", "160", uploaded_by="dr.plastics", access=("dr.derm", "PACS_DERM")),
     Photo("PB-06", "PB", "N", "100"),
     Photo("PB-07", "PB", "N", None),
     Photo("PB-08", "PB", "N", "160", status="entered-in-error"),
@@ -148,7 +154,7 @@ PHOTOS = [
     Photo("PD-01", "PD", "N", "161", encounter="PD-burns"),
     Photo("PD-02", "PD", "R", "161", encounter="PD-burns"),
     Photo("PD-03", "PD", "N", "330"),
-    Photo("PD-04", "PD", "V", "161", uploaded_by="dr.burns", access=("dr.named", "ed.teacher")),
+    Photo("PD-04", "PD", "V", "161", uploaded_by="dr.burns", access=("dr.named", "ed.teacher", "ae:PACS_ALL")),
     Photo("PE-01", "PE", "N", "330", consent="PE-pub"),
     Photo("PE-02", "PE", "N", "330", consent="PE-rec"),
     Photo("PE-03", "PE", "N", "330"),
@@ -156,6 +162,8 @@ PHOTOS = [
     Photo("PE-05", "PE", "N", "330", consent="PE-teach-wd", age_days=30),
     Photo("PE-06", "PE", "N", "330", consent="PE-teach-wd", age_days=2),
     Photo("PE-07", "PE", "V", "330", consent="PE-pub", uploaded_by="mi.pub", access=("ed.teacher", "res.smith")),
+    # captured with record consent, later also named by the publication consent: both cover it
+    Photo("PE-08", "PE", "N", "330", consent="PE-rec", also_linked=("PE-pub",)),
     Photo("PF-01", "PF", "N", "330", age_days=30),
     Photo("PF-02", "PF", "N", "330", age_days=2),
     Photo("PF-03", "PF", "R", "160", age_days=30),
@@ -197,6 +205,9 @@ USERS = [
     User("engineer", "int.eng", "integration-engineer"),
     User("admin", "root", "admin"),
     User("educator-treat", "ed.teacher", "educator"),
+    # scopes that must not widen access: a query part we do not enforce, and other resource types
+    User("derm-label-scope", "dr.derm", "clinician", ("330",), scopes=("user/Media.rs?security-label=N", "user/Patient.rs")),
+    User("derm-other-types", "dr.derm", "clinician", ("330",), scopes=("user/DocumentReference.rs", "user/Binary.r", "user/ImagingStudy.rs")),
 ]
 
 # DICOM peers (role system): subject = AE title
@@ -220,7 +231,8 @@ ROLE_PURPOSES = {
 def _consent_counts(user: User, photo: Photo, consent_key: str, consent: dict) -> bool:
     patient = PATIENTS[photo.patient]
     applies = (
-        photo.consent == consent_key
+        consent_key == photo.consent
+        or consent_key in photo.also_linked
         or (consent_key in patient["consents"] and consent["scope"] == "patient")
         or (consent_key in patient["consents"] and consent["scope"] == "encounter" and photo.encounter is not None
             and consent.get("encounter") == photo.encounter)
@@ -259,7 +271,7 @@ def expected_visible(user: User, photo: Photo) -> bool:
     if user.break_glass and not breaking:
         return False
     # scopes
-    media_scopes = [s for s in user.scopes if s.split("/")[1].split(".")[0] in ("Media", "*")]
+    media_scopes = [s for s in user.scopes if "?" not in s and s.split("/")[1].split(".")[0] in ("Media", "*")]
     if not media_scopes:
         return False
     if not any(s.startswith(("user/", "system/")) for s in media_scopes) and photo.patient != user.patient:
@@ -269,7 +281,9 @@ def expected_visible(user: User, photo: Photo) -> bool:
         return False
     # sensitivity
     if photo.sensitivity == "V":
-        if user.sub != photo.uploaded_by and user.sub not in photo.access:
+        # peers are named on access lists as ae:AETITLE
+        listed_as = f"ae:{user.sub}" if user.role == "system" else user.sub
+        if user.sub != photo.uploaded_by and listed_as not in photo.access:
             return False
     elif photo.sensitivity == "R":
         if user.role == "system":
@@ -416,6 +430,8 @@ def build_access_matrix(gw, *, with_blobs: bool = True) -> MatrixWorld:
             session.flush()
             world.asset_ids[photo.key] = asset.id
             world.asset_keys[asset.id] = photo.key
+            for ckey in ((photo.consent,) if photo.consent else ()) + photo.also_linked:
+                session.add(ConsentAsset(consent_id=consent_ids[ckey], asset_id=asset.id))
             for subject in photo.access:
                 session.add(AssetAccess(asset_id=asset.id, subject=subject, granted_by="mi.jones"))
         session.flush()

@@ -200,3 +200,19 @@ def test_concurrent_processes_keep_one_chain(db, tmp_path):
     assert report.ok and report.checked == 2 * n
     with db.read() as s:
         assert s.execute(select(func.count(func.distinct(AuditEvent.prev_hash)))).scalar() == 2 * n
+
+
+def test_odd_values_are_recorded_and_verify(db):
+    """NUL bytes (refused by PostgreSQL text) and over-long texts never make an audit write fail."""
+    with db.write() as s:
+        audit.append(s, audit.AuditEntry(
+            type_code=audit.REST, action="E", outcome=audit.MINOR_FAILURE, agent_who="x" * 500 + "\x00",
+            purpose_of_use="NOT-A-PURPOSE-" * 5, outcome_desc="bad\x00input",
+            entities=[{"type": "query", "query": "patient=a\x00|b"}], detail={"when": __import__("datetime").date(2026, 1, 1)},
+        ))
+    report = _verify(db)
+    assert report.ok and report.checked == 1
+    with db.read() as s:
+        row = s.get(AuditEvent, 1)
+        assert len(row.agent_who) == 200 and "\x00" not in row.outcome_desc
+        assert row.entities == [{"type": "query", "query": "patient=a\ufffd|b"}] and row.detail == {"when": "2026-01-01"}

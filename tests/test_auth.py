@@ -72,7 +72,7 @@ def test_dev_key_is_private_persistent_and_tokens_round_trip(tmp_path):
 
 def test_dev_tokens_cannot_be_minted_outside_dev_mode_or_for_unknown_roles(tmp_path):
     with pytest.raises(AuthError, match="dev mode"):
-        mint_dev_token(make_settings(tmp_path, mode="jwt", public_key_pem="x"), sub="a", role="clinician")
+        mint_dev_token(make_settings(tmp_path, mode="jwt", public_key_pem="x", issuer="https://idp", audience="clinphoto"), sub="a", role="clinician")
     for role in ("surgeon", "system"):
         with pytest.raises(AuthError, match="unknown role"):
             mint_dev_token(make_settings(tmp_path), sub="a", role=role)
@@ -155,11 +155,16 @@ def test_algorithm_confusion_and_none_are_refused(tmp_path, rsa_key):
         verifier.verify("abc.def")
 
 
-def test_jwt_mode_needs_a_key(tmp_path):
-    from gateway.auth import AuthUnavailable
+def test_jwt_mode_needs_a_key_an_issuer_and_an_audience(tmp_path):
+    from pydantic import ValidationError
 
-    with pytest.raises(AuthUnavailable, match="jwks_url"):
-        TokenVerifier(make_settings(tmp_path, mode="jwt"))
+    with pytest.raises(ValidationError, match="jwks_url"):
+        make_settings(tmp_path, mode="jwt", issuer="https://idp", audience="clinphoto")
+    with pytest.raises(ValidationError, match="auth.issuer"):
+        make_settings(tmp_path, mode="jwt", jwks_url="https://idp/jwks", audience="clinphoto")
+    with pytest.raises(ValidationError, match="auth.audience"):
+        make_settings(tmp_path, mode="jwt", jwks_url="https://idp/jwks", issuer="https://idp")
+    make_settings(tmp_path, mode="jwt", jwks_url="https://idp/jwks", issuer="https://idp", audience="clinphoto")
 
 
 def test_unreachable_issuer_is_503_not_401(gw, rsa_key):
@@ -259,7 +264,13 @@ def test_issuer_tokens_work_through_the_http_door(gw, rsa_key):
     (["user/Media.write"], False, False),
     (["user/Patient.rs"], False, False),
     (["openid", "fhirUser", "launch/patient"], False, False),
-    (["user/Media.rs?category=photo"], True, False),
+    # a query part narrows in ways we do not enforce: the scope is skipped (grants less, never more)
+    (["user/Media.rs?category=photo"], False, False),
+    (["user/Media.rs?security-label=N", "patient/Media.rs"], False, True),
+    (["system/*.rs?_security=N"], False, False),
+    # other resource types grant no photos on this exit
+    (["user/DocumentReference.rs"], False, False),
+    (["user/Binary.r", "user/ImagingStudy.rs"], False, False),
     ([], False, False),
 ])
 def test_read_grant_from_smart_scopes(scopes, any_patient, patient_only):

@@ -35,10 +35,10 @@ def fixed_mapping(tmp_path: Path) -> Path:
     return path
 
 
-def cli(settings_env: dict, *args: str) -> subprocess.CompletedProcess:
+def cli(settings_env: dict, *args: str, command: str = "reprocess") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
     env.update(settings_env)
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "hl7", "reprocess", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "hl7", command, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -50,14 +50,17 @@ def test_reprocess_by_status_and_by_id(db, database_url, tmp_path):
     first_ack = results[0].ack
     env = {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}
 
-    # still the old mapping: stays an error
+    # still the old mapping: stays an error; the line says which message, the change and why
     res = cli(env, str(results[0].message_id))
     assert res.returncode == 0 and "error (AE)" in res.stdout, res.stderr
+    assert (f"message {results[0].message_id}: control id PI-1, ADT^A28: error -> error (AE): "
+            "101 PID-3: no usable patient identifier") in res.stdout
 
     env["CLINPHOTO_HL7__MAPPING_FILE"] = str(fixed_mapping(tmp_path))
     res = cli(env, "--status", "error")
     assert res.returncode == 0, res.stderr
     assert "reprocessed 2 message(s): 2 applied" in res.stdout
+    assert f"message {results[1].message_id}: control id PI-2, ADT^A28: error -> applied (AA)\n" in res.stdout
     with db.read() as s:
         assert find_patient(s, MRN_SYSTEM, "H1").family_name == "FIRST"
         assert find_patient(s, MRN_SYSTEM, "H2").family_name == "SECOND"
@@ -72,3 +75,34 @@ def test_reprocess_by_status_and_by_id(db, database_url, tmp_path):
     assert res.returncode == 1 and "no stored HL7 message" in res.stderr
     res = cli(env)
     assert res.returncode == 2
+
+
+def test_list_stored_messages_without_patient_data(db, database_url, tmp_path):
+    processor = build_processor(Hl7Settings())
+    committer = GroupCommitter(db, processor)
+    fixtures = ROOT / "fixtures" / "hl7"
+    raws = [(fixtures / "adt_a01_admit.hl7").read_bytes(), *PI_TYPED, b"MSH|^~\\&|PAS|RX1|CP|RX1|x||ADT^A01|R-1|P|9.9\r"]
+    results = committer.apply_now([processor.prepare(raw) for raw in raws])
+    assert [r.status for r in results] == ["applied", "error", "error", "rejected"]
+    env = {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}
+
+    res = cli(env, command="list")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["ID", "RECEIVED", "(UTC)", "SENDER", "CONTROL", "ID", "TYPE", "STATUS", "ERROR"]
+    body = lines[1:]
+    assert [line.split()[0] for line in body] == [str(r.message_id) for r in reversed(results)]  # newest first
+    a01 = body[-1]
+    assert "PAS/RX1" in a01 and "A01-0001" in a01 and "ADT^A01" in a01 and "applied" in a01
+    assert "ADT^A28" in body[1] and "error" in body[1] and "101 PID-3: no usable patient identifier" in body[1]
+    assert "rejected" in body[0] and "203 MSH-12" in body[0]
+    # an operator list: no names or NHS numbers (the fixture's patient is SMITH, 9449305552)
+    assert "SMITH" not in res.stdout and "9449305552" not in res.stdout and "FIRST" not in res.stdout
+
+    res = cli(env, "--status", "error", "--limit", "1", command="list")
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()[1:]] == [str(results[2].message_id)]
+    res = cli(env, "--status", "ignored", command="list")
+    assert res.returncode == 0 and "no stored messages with status ignored" in res.stdout
+    res = cli(env, "--status", "eror", command="list")
+    assert res.returncode == 2 and "must be one of" in res.stderr

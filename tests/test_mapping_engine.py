@@ -155,6 +155,22 @@ def test_cli_mapping_check(tmp_path):
     assert f"{bad}:5: patient.birth_date.type" in res.stderr
 
 
+def test_cli_mapping_check_lists_every_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nidentifiers:\n  - system: s\n    when: {typ: [NH]}\npatient:\n"
+                   "  birth_date: {field: PID-7, type: dat}\n  sex: {field: PID-8, table: sexes}\n  family_name: PID5\n")
+    res = run_cli("mapping", "check", str(bad))
+    assert res.returncode == 2
+    assert "4 error(s)" in res.stderr and "more)" not in res.stderr
+    for where in (f"{bad}:4: identifiers[0].when.typ: unknown key", f"{bad}:6: patient.birth_date.type:",
+                  f"{bad}:7: patient.sex.table: no table 'sexes'", f"{bad}:8: patient.family_name.field:"):
+        assert where in res.stderr, res.stderr
+    # loading elsewhere (e.g. at start-up) still gives one line: the first error and how many more
+    with pytest.raises(MappingFileError) as err:
+        load_mapping(bad)
+    assert str(err.value).startswith(f"{bad}:4: identifiers[0].when.typ: unknown key (and 3 more)")
+
+
 def test_cli_mapping_test_prints_patient_encounter_and_ack(tmp_path):
     res = run_cli("mapping", "test", str(FIX / "hl7" / "adt_a01_admit.hl7"), "--mapping", str(DEFAULT_MAPPING),
                   env_extra={"CLINPHOTO_DATA_DIR": str(tmp_path)})
@@ -174,8 +190,39 @@ def test_cli_mapping_test_against_database_rolls_back(tmp_path):
     res = run_cli("mapping", "test", str(FIX / "hl7" / "adt_a40_merge.hl7"), "--database", env_extra=env)
     assert res.returncode == 0, res.stderr
     assert "MSA|AA|A40-0001" in res.stdout
+    # it says what would happen, not that it happened
+    assert '"status": "would be applied"' in res.stdout and '"committed": false' in res.stdout
+    assert '"status": "applied"' not in res.stdout
+    assert "nothing was committed" in res.stdout
     import sqlite3
 
     con = sqlite3.connect(tmp_path / "clinphoto.db")
     assert con.execute("SELECT count(*) FROM patients").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM hl7_messages").fetchone()[0] == 0
+
+
+def test_compiled_field_specs_agree_with_the_generic_path():
+    """The mapper compiles each field spec once (hot path); it must give what `_value` gives, faults included."""
+    def outcome(fn):
+        try:
+            return fn()
+        except MappingFault as exc:
+            return ("fault", exc.code, exc.location)
+
+    extra = [msg("PID|1||9449305552^^^NHS^NH||SM\\T\\ITH^ANN^\"\"||\"\"|Q", "PV1|1|I|\"\"^\"\"|||||||XYZ"),
+             msg("PID|1||9449305552^^^NHS^NH||X||1980-13-45", "PV1|1|O|W1^^3||||||||||||||||||||||||||||||||||||||||||bad")]
+    for mapping_file in (DEFAULT_MAPPING, FIX / "mappings" / "us-mrn.yaml"):
+        m = Mapper(load_mapping(mapping_file))
+        for raw in [f.read_bytes() for f in sorted((FIX / "hl7").glob("*.hl7"))] + extra:
+            message = parse(raw)
+            for section, seg in (("patient", message.segment("PID")), ("encounter", None)):
+                model = getattr(m.m, section)
+                if model is None:
+                    continue
+                for name in type(model).model_fields:
+                    spec = getattr(model, name)
+                    if spec is None:
+                        continue
+                    compiled = outcome(lambda: m.value(message, spec, seg, name))
+                    generic = outcome(lambda: m._value(message, spec, seg))
+                    assert compiled == generic, (mapping_file.name, name, compiled, generic)

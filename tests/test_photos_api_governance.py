@@ -68,3 +68,71 @@ def test_only_governance_roles_with_update_scope_may_change_visibility(gw, api):
     assert api.put("/api/v1/photos/" + "0" * 32 + "/access/dr.x", headers=mi).json() == {"detail": "photo not found"}
     assert api.get("/api/v1/photos/" + "0" * 32 + "/access", headers=mi).status_code == 404
     assert api.put(f"/api/v1/photos/{photo}/access/dr.x").status_code == 401
+
+
+def test_governance_refusals_are_audited(gw, api):  # noqa: F811
+    world = build_access_matrix(gw, with_blobs=False)
+    photo = world.asset_ids["PA-05"]
+    derm = world.headers(gw, user("derm"))
+    read_only = auth_headers(gw, role="medical-illustration", sub="mi.jones", scopes="user/Media.rs")
+    assert api.put(f"/api/v1/photos/{photo}/access/dr.x", headers=derm).status_code == 403
+    assert api.get(f"/api/v1/photos/{photo}/access", headers=derm).status_code == 403
+    assert api.put(f"/api/v1/photos/{photo}/sensitivity", json={"sensitivity": "N"}, headers=read_only).status_code == 403
+    refusals = audit_events(gw, AuditEvent.subtype == "refused")
+    assert [(e.agent_who, e.outcome) for e in refusals] == [("dr.derm", audit.MINOR_FAILURE)] * 2 + [("mi.jones", audit.MINOR_FAILURE)]
+    assert "may change who sees" in refusals[0].outcome_desc and "scopes" in refusals[2].outcome_desc
+    assert refusals[0].entities[0]["id"] == f"PUT /api/v1/photos/{photo}/access/dr.x"
+
+
+def test_access_list_does_not_reveal_whether_a_photo_exists(gw, api):  # noqa: F811
+    world = build_access_matrix(gw, with_blobs=False)
+    mi = auth_headers(gw, role="medical-illustration", sub="mi.jones")
+    held = world.asset_ids["PA-07"]  # quarantined: no exit shows it
+    other_patient = auth_headers(gw, role="medical-illustration", sub="mi.jones", scopes="patient/Media.cruds",
+                                 patient=world.patient_ids["PB"])
+    missing = "0" * 32
+    for headers, photo in ((mi, held), (other_patient, world.asset_ids["PA-01"])):
+        for method, path in (("GET", "/access"), ("PUT", "/access/dr.x"), ("DELETE", "/access/dr.x")):
+            hidden = api.request(method, f"/api/v1/photos/{photo}{path}", headers=headers)
+            absent = api.request(method, f"/api/v1/photos/{missing}{path}", headers=headers)
+            assert hidden.status_code == absent.status_code == 404 and hidden.content == absent.content == b'{"detail":"photo not found"}'
+        hidden = api.put(f"/api/v1/photos/{photo}/sensitivity", json={"sensitivity": "V"}, headers=headers)
+        assert hidden.status_code == 404 and hidden.json() == {"detail": "photo not found"}
+    with gw.db.read() as session:
+        from store.models import Asset, AssetAccess
+        from sqlalchemy import select
+
+        assert session.get(Asset, held).sensitivity == "N" and not session.scalars(select(AssetAccess).where(AssetAccess.subject == "dr.x")).all()
+    denials = audit_events(gw, AuditEvent.subtype == "refused")
+    assert len(denials) == 2 * 7 and all(e.outcome == audit.MINOR_FAILURE for e in denials)
+    assert {e.patient_id for e in denials} == {world.patient_ids["PA"], None}
+    # a photo the patient/ scope covers is managed as before
+    assert api.get(f"/api/v1/photos/{world.asset_ids['PB-05']}/access", headers=other_patient).status_code == 200
+
+
+def test_granting_oneself_a_very_restricted_photo_raises_an_alert(gw, api):  # noqa: F811
+    world = build_access_matrix(gw, with_blobs=False)
+    mi = auth_headers(gw, role="medical-illustration", sub="mi.jones")
+    v_photo, n_photo = world.asset_ids["PA-05"], world.asset_ids["PA-01"]
+    assert api.put(f"/api/v1/photos/{n_photo}/access/mi.jones", headers=mi).status_code == 201  # N: no alert
+    assert api.put(f"/api/v1/photos/{v_photo}/access/dr.other", headers=mi).status_code == 201  # someone else: no alert
+    assert not audit_events(gw, AuditEvent.type_code == audit.SECURITY_ALERT)
+    assert api.put(f"/api/v1/photos/{v_photo}/access/mi.jones", headers=mi).status_code == 201
+    [alert] = audit_events(gw, AuditEvent.type_code == audit.SECURITY_ALERT)
+    assert alert.agent_who == "mi.jones" and alert.subtype == "self-grant" and alert.patient_id == world.patient_ids["PA"]
+    assert {"type": "asset", "id": v_photo} in alert.entities
+    assert api.put(f"/api/v1/photos/{v_photo}/access/mi.jones", headers=mi).status_code == 200  # already there: no new alert
+    assert len(audit_events(gw, AuditEvent.type_code == audit.SECURITY_ALERT)) == 1
+
+
+def test_denied_break_glass_read_raises_a_security_alert(gw, api):  # noqa: F811
+    world = build_access_matrix(gw, with_blobs=False)
+    ed = user("ed-breakglass")
+    v_photo = world.asset_ids["PA-05"]  # V: break-glass never opens it by default
+    assert api.get(f"/api/v1/photos/{v_photo}", headers=world.headers(gw, ed)).status_code == 404
+    [alert] = audit_events(gw, AuditEvent.type_code == audit.SECURITY_ALERT)
+    assert alert.outcome == audit.MINOR_FAILURE and alert.agent_who == "dr.ed" and alert.patient_id == world.patient_ids["PA"]
+    assert alert.detail["break_glass_reason"] == ed.break_glass and "sensitivity" in alert.outcome_desc
+    # a denied read without break-glass raises none
+    assert api.get(f"/api/v1/photos/{v_photo}", headers=world.headers(gw, user("plastics"))).status_code == 404
+    assert len(audit_events(gw, AuditEvent.type_code == audit.SECURITY_ALERT)) == 1

@@ -59,13 +59,12 @@ def test_photo_scoped_consent_only_for_photos_the_caller_sees(gw, api):  # noqa:
     body = {"patient": f"{SYSTEM}|M1", "level": "record", "given_by": "patient", "scope": "photos", "photos": [intimate]}
     r = api.post("/api/v1/consents", json=body, headers=plastics)
     assert r.status_code == 404 and r.json()["detail"] == f"photo not found: {intimate}"
-    # the photo is not visible before the consent exists either (no consent): the caller must see it first
+    # the photo has no consent yet, so the consent rule hides it; every other rule lets dr.derm see it,
+    # and this consent is what will cover it
+    assert api.get(f"/api/v1/photos/{intimate}", headers=derm).status_code == 404
     r = api.post("/api/v1/consents", json=body, headers=derm)
-    assert r.status_code == 404
-    with gw.db.write() as session:
-        from gateway.consents import record_consent
-
-        record_consent(session, patient_id=pid, level="record", given_by="patient", captured_by="mi", scope="photos", asset_ids=[photo])
+    assert r.status_code == 201, r.text
+    assert api.get(f"/api/v1/photos/{intimate}", headers=derm).status_code == 200
     r = api.post("/api/v1/consents", json={**body, "photos": [photo], "level": "publication", "purpose_note": "BJD case report"}, headers=derm)
     assert r.status_code == 201, r.text
 
@@ -93,3 +92,48 @@ def test_consent_requests_are_checked(gw, api):  # noqa: F811
             assert message in r.json()["detail"]
     assert api.get("/api/v1/consents", params={"patient": f"{SYSTEM}|M1"}, headers=derm).json()["total"] == 0
     assert api.post("/api/v1/consents/nope/withdraw", headers=derm).status_code == 404
+
+
+def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
+    """A caller who may not handle consent learns nothing: a known and an unknown patient (or consent) get the same 403."""
+    from store import audit
+    from tests.test_photos_api import audit_events
+
+    pid, _photo, _intimate = seed(gw)
+    with gw.db.write() as session:
+        from gateway.consents import record_consent
+
+        consent = record_consent(session, patient_id=pid, level="record", given_by="patient", captured_by="mi").id
+    base = {"level": "record", "given_by": "patient"}
+    callers = [
+        auth_headers(gw, role="researcher", sub="res.smith", purpose="HRESCH"),
+        auth_headers(gw, role="admin", sub="root"),
+        auth_headers(gw, role="clinician", sub="dr.derm", scopes="user/Media.rs"),  # right role, no Consent scope
+        auth_headers(gw, role="clinician", sub="dr.derm", scopes="patient/Consent.cru", patient=999),  # another patient
+    ]
+    for headers in callers:
+        answers = [
+            api.post("/api/v1/consents", json={**base, "patient": f"{SYSTEM}|M1"}, headers=headers),
+            api.post("/api/v1/consents", json={**base, "patient": f"{SYSTEM}|NOPE"}, headers=headers),
+            api.get("/api/v1/consents", params={"patient": f"{SYSTEM}|M1"}, headers=headers),
+            api.get("/api/v1/consents", params={"patient": f"{SYSTEM}|NOPE"}, headers=headers),
+        ]
+        assert [r.status_code for r in answers] == [403] * 4, [r.text for r in answers]
+        assert answers[0].json() == answers[1].json() and answers[2].json() == answers[3].json()
+        known = api.post(f"/api/v1/consents/{consent}/withdraw", headers=headers)
+        unknown = api.post("/api/v1/consents/" + "0" * 32 + "/withdraw", headers=headers)
+        assert known.status_code == unknown.status_code == 403 and known.json() == unknown.json()
+    refusals = audit_events(gw, AuditEvent.subtype == "refused")
+    assert len(refusals) == 6 * len(callers)
+    assert all(e.outcome == audit.MINOR_FAILURE and e.outcome_desc for e in refusals)
+    assert {e.agent_who for e in refusals} == {"res.smith", "root", "dr.derm"}
+    with gw.db.read() as session:
+        from gateway.consents import list_consents
+
+        assert [c.status for c in list_consents(session, pid)] == ["active"]  # nothing was withdrawn
+    # a hidden photo named in a photo-scoped consent is a denial on the trail too
+    plastics = auth_headers(gw, role="clinician", sub="dr.plastics", specialties=["160"])
+    r = api.post("/api/v1/consents", json={**base, "patient": f"{SYSTEM}|M1", "scope": "photos", "photos": [_intimate]}, headers=plastics)
+    assert r.status_code == 404
+    last = audit_events(gw, AuditEvent.subtype == "refused")[-1]
+    assert last.agent_who == "dr.plastics" and {"type": "asset", "id": _intimate} in last.entities and last.patient_id == pid

@@ -94,3 +94,15 @@ def test_dicom_peers_from_settings_see_their_part_of_the_matrix(gw):
     assert not problems, "\n".join(problems)
     with pytest.raises(DicomPeerRejected):
         authenticate_dicom_peer(gw.settings, PEERS[0].sub, "127.0.0.2")
+
+
+def test_peers_are_named_on_access_lists_with_the_ae_prefix(gw):
+    """ae:PACS_ALL on a V photo opens it to that peer; a bare PACS_DERM entry is a user's name and opens nothing to the peer."""
+    world = build_access_matrix(gw, with_blobs=False)
+    pacs_all, pacs_derm = (next(p for p in PEERS if p.key == k) for k in ("pacs-all", "pacs-derm"))
+    assert "PD-04" in world.visible_keys(pacs_all) and "PB-05" not in world.visible_keys(pacs_derm)
+    with gw.db.read() as session:
+        for peer, key, want in ((pacs_all, "PD-04", True), (pacs_derm, "PB-05", False)):
+            subject = world.subject(peer)
+            got = session.scalars(select(Asset.id).where(Asset.id == world.asset_ids[key], visible_assets_filter(subject, settings=gw.settings.policy))).all()
+            assert bool(got) == want == decide(session, subject, world.asset_ids[key], settings=gw.settings.policy).permit

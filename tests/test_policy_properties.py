@@ -16,11 +16,12 @@ from sqlalchemy import func, select
 from gateway.auth import Subject
 from gateway.policy import decide, visible_assets_filter
 from gateway.policy_config import PURPOSES, ROLES, PolicySettings
-from store.models import Asset, AssetAccess, Consent, Encounter, Patient
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 SPECIALTIES = ["100", "160", "330", "420"]
 SUBS = ["alice", "bob", "carol", "PACS1"]
+ACCESS_NAMES = SUBS + ["ae:PACS1"]  # a peer is named on access lists as ae:AETITLE
 
 offset = st.sampled_from([-30, -2, -1, 1, 2, 30]).map(lambda d: T0 + timedelta(days=d))
 maybe = lambda s: st.one_of(st.none(), s)  # noqa: E731
@@ -54,7 +55,8 @@ world_st = st.fixed_dictionaries({
     "encounters": st.lists(encounter_st, max_size=4),
     "consents": st.lists(consent_st, min_size=1, max_size=5),
     "assets": st.lists(asset_st, min_size=1, max_size=7),
-    "access": st.lists(st.tuples(st.integers(0, 6), st.sampled_from(SUBS)), max_size=4),
+    "access": st.lists(st.tuples(st.integers(0, 6), st.sampled_from(ACCESS_NAMES)), max_size=4),
+    "links": st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), max_size=4),
 })
 subject_st = st.builds(
     lambda role, sub, specs, scopes, patient, sens: Subject(
@@ -65,7 +67,8 @@ subject_st = st.builds(
     sub=st.sampled_from(SUBS),
     specs=st.lists(st.sampled_from(SPECIALTIES), max_size=2, unique=True),
     scopes=st.sampled_from([["user/Media.rs"]] * 6 + [["system/*.rs"], ["patient/Media.rs"], ["patient/Media.rs"], ["user/Patient.rs"], [],
-                            ["user/Media.c"], ["user/*.read"], ["user/Media.r"], ["user/Media.s", "patient/Media.r"]]),
+                            ["user/Media.c"], ["user/*.read"], ["user/Media.r"], ["user/Media.s", "patient/Media.r"],
+                            ["user/Media.rs?security-label=N"], ["user/DocumentReference.rs", "user/Binary.r"]]),
     patient=st.sampled_from([None, "P0", "P1", "P9"]),
     sens=st.sampled_from([None, ("N",), ("N", "R")]),
 )
@@ -116,6 +119,12 @@ def build_world(session, world) -> tuple[list[Patient], list[Asset]]:
             uploaded_by=a["uploaded_by"], status=a["status"], created_at=a["created_at"],
         ))
     session.add_all(assets)
+    session.flush()
+    # the consent captured with a photo covers it through consent_assets (as the upload pipeline writes it),
+    # plus random extra links: a photo may carry several consents
+    links = {(a.consent_id, a.id) for a in assets if a.consent_id}
+    links |= {(consents[c].id, assets[i].id) for i, c in world.get("links", []) if i < len(assets) and c < len(consents)}
+    session.add_all([ConsentAsset(consent_id=c, asset_id=a) for c, a in links])
     session.flush()
     grants = {(assets[i].id, sub) for i, sub in world["access"] if i < len(assets)}
     session.add_all([AssetAccess(asset_id=a, subject=s) for a, s in grants])
@@ -184,7 +193,7 @@ patient_consent_st = consent_st.map(lambda c: {**c, "scope": "patient", "status"
         "encounters": st.lists(encounter_st, max_size=4),
         "consents": st.lists(st.one_of(patient_consent_st, consent_st), min_size=2, max_size=5),
         "assets": st.lists(asset_st, min_size=2, max_size=7),
-        "access": st.lists(st.tuples(st.integers(0, 6), st.sampled_from(SUBS)), max_size=4),
+        "access": st.lists(st.tuples(st.integers(0, 6), st.sampled_from(ACCESS_NAMES)), max_size=4),
     }),
     caller=looking_caller(),
     policy=policy_st,

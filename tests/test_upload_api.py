@@ -172,6 +172,21 @@ def test_authentication_and_role_are_required(client, gw, fx):
     assert asset_count(gw) == 0
 
 
+def test_refusals_are_audited(client, gw, fx):
+    patient = add_patient(gw)
+    read_only = auth_headers(gw, role="clinician", sub="dr.reader", specialties=["330"], scopes="user/Media.rs")
+    parts = [("files", ("a.jpg", fx["baseline_420.jpg"].read_bytes())), ("metadata", (None, json.dumps({"patient": f"nhs|{patient['nhs']}"})))]
+    r = client.post("/api/v1/photos", files=parts, headers=read_only)
+    assert r.status_code == 403 and 'error="insufficient_scope"' in r.headers["www-authenticate"]
+    gw.settings.ingest.upload_roles = ["nobody"]
+    assert post(client, gw, [fx["baseline_420.jpg"]], {"patient": f"nhs|{patient['nhs']}"}).status_code == 403
+    with gw.db.read() as session:
+        refused = session.scalars(select(AuditEvent).where(AuditEvent.outcome == "4").order_by(AuditEvent.seq)).all()
+        assert [(e.agent_who, e.detail["code"]) for e in refused] == [("dr.reader", "forbidden"), ("dr.jones", "forbidden")]
+        assert "scopes" in refused[0].outcome_desc
+    assert asset_count(gw) == 0
+
+
 def test_not_multipart_is_415(client, gw):
     r = client.post("/api/v1/photos", content=b"{}", headers={**auth_headers(gw), "Content-Type": "application/json"})
     assert r.status_code == 415

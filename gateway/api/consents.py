@@ -4,8 +4,13 @@ POST /api/v1/consents                      record (patient, level, given_by, sco
 POST /api/v1/consents/{id}/withdraw        withdraw at once
 GET  /api/v1/consents?patient=system|value a patient's consents, newest first
 
-Only roles in policy.consent_roles, with a SMART scope on Consent. Photos named
-in a photo-scoped consent must be visible to the caller (else "photo not found").
+Only roles in policy.consent_roles, with a SMART scope on Consent; role and
+scope are checked before anything is looked up, and every refusal is audited.
+Photos named in a photo-scoped consent must be visible to the caller by every
+rule except the consent rule (else "photo not found").
+
+Refusals are audited in a transaction of their own, so lookups that may refuse
+run in a read transaction before the write one (SQLite has one writer).
 """
 
 from __future__ import annotations
@@ -14,32 +19,35 @@ from datetime import date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from gateway import access_audit
+from gateway.api.params import no_nul, parse_patient
 from gateway.auth import Subject, require_subject
-from gateway.consents import ConsentError, list_consents, record_consent, withdraw_consent
-from gateway.policy import filter_for, resolve, scope_context, utc
+from gateway.consents import ConsentError, ConsentNotFound, list_consents, record_consent, withdraw_consent
+from gateway.policy import AccessContext, filter_except_consent, resolve, scope_context, utc
 from store import audit
 from store.models import Asset, Consent
 from store.patients import find_patient
 
 router = APIRouter(prefix="/api/v1/consents", tags=["consents"])
 
+Text = Annotated[str, AfterValidator(no_nul)]
+
 
 class ConsentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    patient: str = Field(..., description="The patient, as identifier system|value")
+    patient: Text = Field(..., description="The patient, as identifier system|value")
     level: Literal["record", "teaching", "publication"]
     given_by: Literal["patient", "parent", "best-interests"]
-    captured_by: str | None = Field(None, max_length=200, description="Who took the consent; default the caller")
+    captured_by: Text | None = Field(None, max_length=200, description="Who took the consent; default the caller")
     consent_date: date | None = None
     scope: Literal["patient", "encounter", "photos"] = "patient"
-    encounter_id: int | None = None
-    photos: list[str] = Field(default_factory=list, max_length=500)
-    purpose_note: str | None = Field(None, max_length=4000, description="For publication: the specific use consented to")
+    encounter_id: int | None = Field(None, ge=1, le=2**31 - 1)
+    photos: list[Annotated[Text, Field(max_length=32)]] = Field(default_factory=list, max_length=500)
+    purpose_note: Text | None = Field(None, max_length=4000, description="For publication: the specific use consented to")
 
 
 def consent_json(c: Consent) -> dict:
@@ -51,44 +59,69 @@ def consent_json(c: Consent) -> dict:
     }
 
 
-def _allowed(request: Request, subject: Subject, perm: str, patient_id: int | None = None) -> None:
-    policy = request.app.state.gw.settings.policy
-    if subject.role not in policy.consent_roles:
-        raise HTTPException(403, f"role {subject.role} may not handle consent records")
+def _refuse(request: Request, ctx: AccessContext, status: int, message: str, headers: dict | None = None,
+            patient_id: int | None = None) -> HTTPException:
+    """Audit the refusal, and give the exception to raise."""
+    access_audit.record_refusal(request.app.state.gw, ctx, f"{request.method} {request.url.path}", reason=message, patient_id=patient_id)
+    return HTTPException(status, message, headers=headers)
+
+
+def _allowed(request: Request, ctx: AccessContext, perm: str) -> str:
+    """Role and scope, checked before anything is looked up (so a refusal reveals nothing about the
+    patient or consent named); returns the scope's context, 'any' or 'patient'."""
+    subject = ctx.subject
+    gw = request.app.state.gw
+    if subject.role not in gw.settings.policy.consent_roles:
+        raise _refuse(request, ctx, 403, f"role {subject.role} may not handle consent records")
     context = scope_context(subject.scopes, "Consent", perm)
     if context is None:
-        realm = request.app.state.gw.settings.auth.realm
-        raise HTTPException(403, f"the token's scopes do not allow '{perm}' on Consent",
-                            headers={"WWW-Authenticate": f'Bearer realm="{realm}", error="insufficient_scope"'})
-    if context == "patient" and patient_id is not None and str(patient_id) != str(subject.patient or "").removeprefix("Patient/"):
-        raise HTTPException(403, "the token's patient/ scope is for another patient")
+        realm = gw.settings.auth.realm
+        raise _refuse(request, ctx, 403, f"the token's scopes do not allow '{perm}' on Consent",
+                      headers={"WWW-Authenticate": f'Bearer realm="{realm}", error="insufficient_scope"'})
+    return context
 
 
-def _patient(session, text: str):
-    system, sep, value = text.partition("|")
-    if not sep or not system.strip() or not value.strip():
-        raise HTTPException(400, "patient must be system|value, e.g. https://fhir.nhs.uk/Id/nhs-number|9449305552")
-    found = find_patient(session, system.strip(), value.strip())
-    if found is None:
+def _in_context(request: Request, ctx: AccessContext, context: str, patient_id: int | None) -> None:
+    """A patient/ scope covers only the token's patient; an unknown patient is 'another patient' too."""
+    token_patient = str(ctx.subject.patient or "").removeprefix("Patient/")
+    if context == "patient" and (patient_id is None or str(patient_id) != token_patient):
+        raise _refuse(request, ctx, 403, "the token's patient/ scope is for another patient", patient_id=patient_id)
+
+
+def _patient_id(request: Request, ctx: AccessContext, context: str, text: str) -> int:
+    """The patient named system|value, within the token's patient/ scope; 404 if unknown."""
+    system, value = parse_patient(text)
+    with request.app.state.gw.db.read() as session:
+        found = find_patient(session, system, value)
+        patient_id = found.id if found is not None else None
+    _in_context(request, ctx, context, patient_id)  # outside the read transaction: a refusal writes its audit record
+    if patient_id is None:
         raise HTTPException(404, "patient not found")
-    return found
+    return patient_id
 
 
 @router.post("", status_code=201)
 def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     gw = request.app.state.gw
     ctx = resolve(subject, gw.settings.policy, interaction="read")
-    with gw.db.write() as session:
-        patient = _patient(session, body.patient)
-        _allowed(request, subject, "c", patient.id)
+    context = _allowed(request, ctx, "c")
+    patient_id = _patient_id(request, ctx, context, body.patient)
+    hidden = []
+    with gw.db.read() as session:
         if body.photos:
-            seen = set(session.scalars(select(Asset.id).where(Asset.id.in_(body.photos), filter_for(ctx, gw.settings.policy))))
+            # the photos must be ones the caller could see, by every rule but the consent rule: a photo
+            # without consent yet is hidden by that rule, and this consent is what will cover it
+            where = filter_except_consent(ctx, gw.settings.policy)
+            seen = set(session.scalars(select(Asset.id).where(Asset.id.in_(body.photos), where)))
             hidden = [p for p in body.photos if p not in seen]
-            if hidden:
-                raise HTTPException(404, f"photo not found: {hidden[0]}")
+    if hidden:
+        access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}", reason=f"photo not visible to the caller: {hidden[0]}",
+                                    patient_id=patient_id, entities=[{"type": "asset", "id": p} for p in hidden])
+        raise HTTPException(404, f"photo not found: {hidden[0]}")
+    with gw.db.write() as session:
         try:
             consent = record_consent(
-                session, patient_id=patient.id, level=body.level, given_by=body.given_by,
+                session, patient_id=patient_id, level=body.level, given_by=body.given_by,
                 captured_by=body.captured_by or subject.sub, consent_date=body.consent_date, scope=body.scope,
                 encounter_id=body.encounter_id, asset_ids=body.photos, purpose_note=body.purpose_note,
                 actor=subject.sub, actor_role=subject.role, actor_network=access_audit.source_of(subject),
@@ -101,14 +134,22 @@ def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depend
 @router.post("/{consent_id}/withdraw")
 def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     gw = request.app.state.gw
+    ctx = resolve(subject, gw.settings.policy)
+    context = _allowed(request, ctx, "u")
+    with gw.db.read() as session:
+        consent = session.get(Consent, consent_id) if len(consent_id) <= 32 else None
+        owner = consent.patient_id if consent is not None else None
+    if context == "patient":
+        # before "not found", so a patient/ token learns nothing of other patients' consents
+        _in_context(request, ctx, context, owner)
+    if consent is None:
+        raise HTTPException(404, "consent not found")
     with gw.db.write() as session:
-        consent = session.get(Consent, consent_id)
-        if consent is None:
-            raise HTTPException(404, "consent not found")
-        _allowed(request, subject, "u", consent.patient_id)
         try:
             consent = withdraw_consent(session, consent_id, withdrawn_by=subject.sub, actor_role=subject.role,
                                        actor_network=access_audit.source_of(subject))
+        except ConsentNotFound:
+            raise HTTPException(404, "consent not found") from None
         except ConsentError as exc:
             raise HTTPException(409, str(exc)) from None
         return consent_json(consent)
@@ -119,9 +160,9 @@ def read(request: Request, subject: Annotated[Subject, Depends(require_subject)]
          patient: Annotated[str, Query(description="The patient, as identifier system|value")]) -> dict:
     gw = request.app.state.gw
     ctx = resolve(subject, gw.settings.policy)
+    context = _allowed(request, ctx, "r")
+    patient_id = _patient_id(request, ctx, context, patient)
     with gw.db.read() as session:
-        patient_id = _patient(session, patient).id
-        _allowed(request, subject, "r", patient_id)
         items = [consent_json(c) for c in list_consents(session, patient_id)]
     entry = access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="consent", patient_id=patient_id,
                                     entities=[{"type": "patient", "id": patient_id}] + [{"type": "consent", "id": c["id"]} for c in items])

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, or_, select
 
 from gateway import access_audit
+from gateway.api.params import parse_patient
 from gateway.auth import Subject, require_scope, require_subject
-from gateway.consents import ConsentError, access_list, grant_access, revoke_access, set_sensitivity
+from gateway.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.policy import (
     AccessContext,
     PolicyRefusal,
@@ -28,6 +29,7 @@ from gateway.policy import (
     consent_summary,
     decide_in,
     filter_for,
+    linked_consents,
     may_see_original,
     resolve,
     utc,
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/photos", tags=["photos"])
 
 MAX_LIMIT = 200
+MAX_OFFSET = 1_000_000  # far beyond any patient's photos; bounds the SQL OFFSET (an int64 on PostgreSQL)
 NOT_FOUND = "photo not found"
 
 
@@ -52,13 +55,6 @@ def _context(request: Request, subject: Subject, interaction: str) -> AccessCont
         access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}")
         raise HTTPException(exc.status, str(exc)) from None
     return ctx
-
-
-def _parse_patient(text: str) -> tuple[str, str]:
-    system, sep, value = text.partition("|")
-    if not sep or not system.strip() or not value.strip():
-        raise HTTPException(400, "patient must be system|value, e.g. https://fhir.nhs.uk/Id/nhs-number|9449305552")
-    return system.strip(), value.strip()
 
 
 def _newest_first():
@@ -84,7 +80,7 @@ def _iso(moment) -> str | None:
     return utc(moment).isoformat().replace("+00:00", "Z") if moment is not None else None
 
 
-def photo_json(asset: Asset, consents: list, original: bool) -> dict:
+def photo_json(asset: Asset, consents: list, original: bool, linked: set[str] = frozenset()) -> dict:
     return {
         "id": asset.id,
         "patient": asset.patient_id,
@@ -97,7 +93,7 @@ def photo_json(asset: Asset, consents: list, original: bool) -> dict:
         "view": asset.view,
         "specialty": asset.specialty,
         "sensitivity": asset.sensitivity,
-        "consent": consent_summary(asset, consents),
+        "consent": consent_summary(asset, consents, linked),
         "taken_at": _iso(asset.taken_at),
         "stored_at": _iso(asset.created_at),
         "media_type": asset.media_type,
@@ -109,15 +105,17 @@ def photo_json(asset: Asset, consents: list, original: bool) -> dict:
     }
 
 
-def _consents_for(session, assets: list[Asset]) -> list:
+def _consents_for(session, assets: list[Asset]) -> tuple[list, dict[str, set[str]]]:
+    """The consents that may apply to the photos, and each photo's linked consent ids."""
     if not assets:
-        return []
+        return [], {}
+    links = linked_consents(session, [a.id for a in assets])
     patients = {a.patient_id for a in assets}
-    linked = {a.consent_id for a in assets if a.consent_id}
+    linked = set().union(*links.values())
     cond = Consent.patient_id.in_(patients)
     if linked:
-        cond = or_(cond, Consent.id.in_(linked))
-    return list(session.scalars(select(Consent).where(cond)))
+        cond = or_(cond, Consent.id.in_(sorted(linked)))
+    return list(session.scalars(select(Consent).where(cond))), links
 
 
 @router.get("")
@@ -128,12 +126,12 @@ def list_photos(
     site: Annotated[str | None, Query(max_length=20, description="Only photos of this body site (SNOMED CT code), for comparison")] = None,
     laterality: Annotated[Literal["left", "right", "both"] | None, Query(description="Only photos of this side")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict:
     """The photos of a patient the caller may see, newest first."""
     if patient is None:
         raise HTTPException(400, "the patient parameter is required: patient=system|value")
-    system, value = _parse_patient(patient)
+    system, value = parse_patient(patient)
     ctx = _context(request, subject, "search")
     gw = request.app.state.gw
     where = filter_for(ctx, gw.settings.policy)
@@ -141,7 +139,7 @@ def list_photos(
         found = find_patient(session, system, value)
         if found is None:
             # unknown and hidden look the same: an empty page
-            total, assets, consents = 0, [], []
+            total, assets, consents, links = 0, [], [], {}
         else:
             scope = [Asset.patient_id == found.id, where]
             if site:
@@ -150,10 +148,10 @@ def list_photos(
                 scope.append(Asset.laterality == laterality)
             total = session.scalar(select(func.count()).select_from(Asset).where(*scope))
             assets = list(session.scalars(select(Asset).where(*scope).order_by(*_newest_first()).limit(limit).offset(offset)))
-            consents = _consents_for(session, assets)
+            consents, links = _consents_for(session, assets)
         session.expunge_all()  # keep the loaded rows usable after the read transaction ends
     original = may_see_original(subject, gw.settings.policy)
-    items = [photo_json(a, consents, original) for a in assets]
+    items = [photo_json(a, consents, original, links.get(a.id, set())) for a in assets]
     results = {found.id: [a.id for a in assets]} if found is not None and assets else {}
     access_audit.record_search(gw, ctx, query=f"{request.url.path}?{request.url.query}", results=results)
     links = {"self": f"/api/v1/photos?{request.url.query}"}
@@ -162,7 +160,7 @@ def list_photos(
     return {"total": total, "offset": offset, "limit": limit, "items": items, "links": links}
 
 
-def _visible_asset(request: Request, ctx: AccessContext, photo_id: str, what: str) -> tuple[Asset, list]:
+def _visible_asset(request: Request, ctx: AccessContext, photo_id: str, what: str) -> tuple[Asset, tuple]:
     """The photo if the caller may see it (policy inside the query); else audit the denial and 404."""
     gw = request.app.state.gw
     policy = gw.settings.policy
@@ -184,9 +182,9 @@ def read_photo(request: Request, photo_id: str, subject: Annotated[Subject, Depe
     """One photo's details, if the caller may see it."""
     ctx = _context(request, subject, "read")
     gw = request.app.state.gw
-    asset, consents = _visible_asset(request, ctx, photo_id, "read")
+    asset, (consents, links) = _visible_asset(request, ctx, photo_id, "read")
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="read")
-    return photo_json(asset, consents, may_see_original(subject, gw.settings.policy))
+    return photo_json(asset, consents, may_see_original(subject, gw.settings.policy), links.get(asset.id, set()))
 
 
 @router.get("/{photo_id}/image")
@@ -235,37 +233,74 @@ class SensitivityIn(BaseModel):
     sensitivity: Literal["N", "R", "V"]
 
 
-def _governor(request: Request, subject: Subject) -> None:
-    policy = request.app.state.gw.settings.policy
+def _governor(request: Request, subject: Subject) -> AccessContext:
+    """Medical illustration staff with an update scope on Media; every refusal is audited."""
+    gw = request.app.state.gw
+    policy = gw.settings.policy
+    ctx = resolve(subject, policy)
+    what = f"{request.method} {request.url.path}"
     if subject.role not in policy.governance_roles:
-        raise HTTPException(403, f"only roles {', '.join(policy.governance_roles) or 'none'} may change who sees a photo")
-    require_scope(subject, "Media", "u", request.app.state.gw.settings.auth.realm)
-
-
-def _governance(call):
+        message = f"only roles {', '.join(policy.governance_roles) or 'none'} may change who sees a photo"
+        access_audit.record_refusal(gw, ctx, what, reason=message)
+        raise HTTPException(403, message)
     try:
-        return call()
-    except ConsentError as exc:
-        if str(exc).startswith("no photo"):
-            raise HTTPException(404, NOT_FOUND) from None
-        raise HTTPException(400, str(exc)) from None
+        require_scope(subject, "Media", "u", gw.settings.auth.realm)
+    except HTTPException as exc:
+        access_audit.record_refusal(gw, ctx, what, reason=str(exc.detail))
+        raise
+    return ctx
+
+
+def _governed_asset(request: Request, ctx: AccessContext, session, photo_id: str, *, lock: bool = False) -> Asset:
+    """The photo, if it exists and the governance caller may manage it: every rule but consent and
+    sensitivity (staff manage V photos they cannot see). Hidden and missing give the same 404, audited."""
+    gw = request.app.state.gw
+    query = select(Asset).where(Asset.id == photo_id, filter_for(ctx, gw.settings.policy, skip=("consent", "sensitivity")))
+    asset = session.scalars(query.with_for_update() if lock else query).first()
+    if asset is None:
+        row = session.get(Asset, photo_id)
+        access_audit.append(session, access_audit.refusal_entries(
+            ctx, f"{request.method} {request.url.path}", reason="governance: photo not found or not manageable by the caller",
+            patient_id=row.patient_id if row is not None else None, entities=[{"type": "asset", "id": photo_id}],
+        ))
+        raise _NotFoundAfterAudit()
+    return asset
+
+
+class _NotFoundAfterAudit(Exception):
+    """Raised inside a write transaction after its denial record was added: the block commits, then 404."""
 
 
 def _access_json(rows) -> dict:
     return {"subjects": [{"subject": r.subject, "granted_by": r.granted_by, "granted_at": _iso(r.created_at)} for r in rows]}
 
 
+def _governance_write(request: Request, ctx: AccessContext, photo_id: str, change):
+    """Run change(session, asset) in one write transaction; a hidden or missing photo is a 404
+    whose denial record still commits; a refused change is a 400."""
+    gw = request.app.state.gw
+    try:
+        with gw.db.write() as session:
+            try:
+                asset = _governed_asset(request, ctx, session, photo_id, lock=True)
+            except _NotFoundAfterAudit:
+                return None
+            return change(session, asset)
+    except PhotoNotFound:
+        raise HTTPException(404, NOT_FOUND) from None
+    except ConsentError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 @router.get("/{photo_id}/access")
 def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """Who is named on the photo's access list (medical illustration staff)."""
-    _governor(request, subject)
+    ctx = _governor(request, subject)
     gw = request.app.state.gw
-    with gw.db.read() as session:
-        row = session.get(Asset, photo_id)
-        if row is None:
-            raise HTTPException(404, NOT_FOUND)
-        patient_id, body = row.patient_id, _access_json(access_list(session, photo_id))
-    ctx = resolve(subject, gw.settings.policy)
+    found = _governance_write(request, ctx, photo_id, lambda session, asset: (asset.patient_id, _access_json(access_list(session, asset.id))))
+    if found is None:
+        raise HTTPException(404, NOT_FOUND)
+    patient_id, body = found
     access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="access-list",
                                                     patient_id=patient_id, entities=[{"type": "asset", "id": photo_id}])])
     return body
@@ -273,25 +308,37 @@ def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject,
 
 @router.put("/{photo_id}/access/{grantee}")
 def grant(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> JSONResponse:
-    """Name a person (user id, or a DICOM peer's AE title) on the photo's access list."""
-    _governor(request, subject)
-    gw = request.app.state.gw
-    with gw.db.write() as session:
-        added = _governance(lambda: grant_access(session, photo_id, grantee, granted_by=subject.sub, actor_role=subject.role,
-                                                 actor_network=access_audit.source_of(subject)))
-        body = _access_json(access_list(session, photo_id))
+    """Name a person (user id, or a DICOM peer as ae:AETITLE) on the photo's access list."""
+    ctx = _governor(request, subject)
+
+    def change(session, asset):
+        added = grant_access(session, asset.id, grantee, granted_by=subject.sub, actor_role=subject.role,
+                             actor_network=access_audit.source_of(subject))
+        if added and asset.sensitivity == "V" and grantee.strip() == subject.sub:
+            # staff opening a very restricted photo to themselves: legitimate at times, always worth a look
+            access_audit.append(session, [access_audit.make_entry(
+                ctx, type_code=audit.SECURITY_ALERT, action="E", subtype="self-grant",
+                outcome_desc=f"{subject.sub} put themselves on the access list of a very restricted (V) photo",
+                patient_id=asset.patient_id, entities=[{"type": "asset", "id": asset.id}, {"type": "patient", "id": asset.patient_id}],
+            )])
+        return added, _access_json(access_list(session, asset.id))
+
+    found = _governance_write(request, ctx, photo_id, change)
+    if found is None:
+        raise HTTPException(404, NOT_FOUND)
+    added, body = found
     return JSONResponse(body, status_code=201 if added else 200)
 
 
 @router.delete("/{photo_id}/access/{grantee}", status_code=204)
 def revoke(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> Response:
     """Take a person off the photo's access list (effective at once on every exit)."""
-    _governor(request, subject)
-    gw = request.app.state.gw
-    with gw.db.write() as session:
-        removed = _governance(lambda: revoke_access(session, photo_id, grantee, revoked_by=subject.sub, actor_role=subject.role,
-                                                    actor_network=access_audit.source_of(subject)))
-    if not removed:
+    ctx = _governor(request, subject)
+    found = _governance_write(request, ctx, photo_id, lambda session, asset: (revoke_access(
+        session, asset.id, grantee, revoked_by=subject.sub, actor_role=subject.role, actor_network=access_audit.source_of(subject)),))
+    if found is None:
+        raise HTTPException(404, NOT_FOUND)
+    if not found[0]:
         raise HTTPException(404, f"{grantee} is not on this photo's access list")
     return Response(status_code=204)
 
@@ -299,9 +346,14 @@ def revoke(request: Request, photo_id: str, grantee: str, subject: Annotated[Sub
 @router.put("/{photo_id}/sensitivity")
 def reclassify(request: Request, photo_id: str, body: SensitivityIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """Set the photo's sensitivity (N, R or V)."""
-    _governor(request, subject)
-    gw = request.app.state.gw
-    with gw.db.write() as session:
-        asset = _governance(lambda: set_sensitivity(session, photo_id, body.sensitivity, changed_by=subject.sub,
-                                                    actor_role=subject.role, actor_network=access_audit.source_of(subject)))
+    ctx = _governor(request, subject)
+
+    def change(session, asset):
+        asset = set_sensitivity(session, asset.id, body.sensitivity, changed_by=subject.sub,
+                                actor_role=subject.role, actor_network=access_audit.source_of(subject))
         return {"id": asset.id, "sensitivity": asset.sensitivity}
+
+    found = _governance_write(request, ctx, photo_id, change)
+    if found is None:
+        raise HTTPException(404, NOT_FOUND)
+    return found

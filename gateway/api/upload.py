@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
@@ -112,7 +112,8 @@ class _Form:
                 field=part.name,
             ))
         filename = options.get(b"filename")
-        part.filename = os.path.basename(filename.decode("utf-8", "replace").replace("\\", "/")) if filename is not None else None
+        # NUL cannot be stored (PostgreSQL text) and never belongs in a file name
+        part.filename = os.path.basename(filename.decode("utf-8", "replace").replace("\\", "/")).replace("\x00", "") if filename is not None else None
         if part.name == "files":
             if sum(1 for p in self.parts if p.name == "files") >= self.max_files:
                 raise _Stop(IngestRejected(errors.BAD_METADATA, f"too many files: at most {self.max_files} per upload", field="files"))
@@ -250,7 +251,11 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     if refusal:
         await _audit_refused(gw, actor, IngestRejected("forbidden", refusal))
         return _error(403, "forbidden", refusal)
-    require_scope(subject, "Media", "c")  # SMART scopes only narrow: e.g. user/Media.c
+    try:
+        require_scope(subject, "Media", "c", gw.settings.auth.realm)  # SMART scopes only narrow: e.g. user/Media.c
+    except HTTPException as exc:
+        await _audit_refused(gw, actor, IngestRejected("forbidden", str(exc.detail)))  # every refusal is on the trail
+        raise
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in options:
         return _error(415, "unsupported-media-type", "send multipart/form-data with parts 'files' and 'metadata'")

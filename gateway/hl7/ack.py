@@ -6,7 +6,6 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from gateway.hl7.escape import escape, printable
 from gateway.hl7.parse import Encoding, Message, parse_path
@@ -38,6 +37,18 @@ class AckError:
     text: str
     location: str | None = None  # e.g. PID-3(2).1, MSH-12
     severity: str = "E"  # table 0516: E, F, I, W
+
+
+_stamp = [-1, ""]
+
+
+def _timestamp() -> str:
+    """MSH-7 of our ACKs, formatted once per second (strftime per message was a measurable share of an ACK)."""
+    now = int(time.time())
+    if now != _stamp[0]:
+        _stamp[1] = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(now))
+        _stamp[0] = now
+    return _stamp[1]
 
 
 def new_control_id() -> str:
@@ -103,7 +114,7 @@ def build_ack(
     vt = _version_tuple(version)
     event = h["event"]
     msg_type = f"ACK{c}{event}{c}ACK" if event and vt >= (2, 3, 1) else (f"ACK{c}{event}" if event else "ACK")
-    now = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+    now = _timestamp()
     msh = [
         "MSH", enc.comp + enc.rep + enc.esc + enc.sub,
         escape(application, *_delims(enc)), facility and escape(facility, *_delims(enc)) or h["MSH-6"],

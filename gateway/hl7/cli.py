@@ -8,10 +8,53 @@ import typer
 
 app = typer.Typer(help="HL7 v2 message store.", no_args_is_help=True)
 
+STATUSES = ("applied", "ignored", "error", "rejected")
+
+
+def _one_line(text: str | None) -> str:
+    from gateway.hl7.escape import printable
+
+    return printable(" ".join((text or "").split()))
+
+
+@app.command("list")
+def list_command(
+    status: Annotated[str | None, typer.Option("--status", help="Only messages with this status: "
+                                               + ", ".join(STATUSES) + ".")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many, newest first.")] = 50,
+) -> None:
+    """List stored messages (newest first): id, received, sender, control id, type^event, status, error.
+
+    The ids are what `clinphoto hl7 reprocess ID` takes. Patient data (names, NHS numbers) is not shown:
+    the raw messages stay in the store.
+    """
+    from gateway.cli import open_gateway
+    from gateway.hl7 import message_store
+
+    if status is not None and status not in STATUSES:
+        typer.echo(f"--status must be one of {', '.join(STATUSES)}", err=True)
+        raise typer.Exit(2)
+    gw = open_gateway()
+    try:
+        with gw.db.read() as session:
+            rows = message_store.list_messages(session, status, limit)
+    finally:
+        gw.close()
+    if not rows:
+        typer.echo(f"no stored messages{' with status ' + status if status else ''}")
+        return
+    header = ("ID", "RECEIVED (UTC)", "SENDER", "CONTROL ID", "TYPE", "STATUS", "ERROR")
+    lines = [(str(r.id), r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else "-",
+              _one_line(r.sender), _one_line(r.control_id), r.type_event or "-", r.status, _one_line(r.error))
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
+    for line in [header, *lines]:
+        typer.echo(("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths)) + "  " + line[-1]).rstrip())
+
 
 @app.command("reprocess")
 def reprocess(
-    message_id: Annotated[int | None, typer.Argument(help="Id of one stored message.")] = None,
+    message_id: Annotated[int | None, typer.Argument(help="Id of one stored message (see `clinphoto hl7 list`).")] = None,
     status: Annotated[str | None, typer.Option("--status", help="Every stored message with this status, e.g. error.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many (oldest first).")] = None,
 ) -> None:
@@ -35,6 +78,7 @@ def reprocess(
         counts: dict[str, int] = {}
         for mid in ids:
             with gw.db.write() as session:
+                info = message_store.summary(session, mid)
                 try:
                     result = processor.reapply(session, mid)
                 except LookupError as exc:
@@ -42,7 +86,11 @@ def reprocess(
                     raise typer.Exit(1)
                 audit.append_many(session, result.audit)
             counts[result.status] = counts.get(result.status, 0) + 1
-            typer.echo(f"message {mid}: {result.status} ({result.code})")
+            line = (f"message {mid}: control id {_one_line(info.control_id)}, {info.type_event or '-'}: "
+                    f"{result.previous_status} -> {result.status} ({result.code})")
+            if result.status != "applied" and result.error:
+                line += f": {_one_line(result.error)}"
+            typer.echo(line)
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing to do"
         typer.echo(f"reprocessed {len(ids)} message(s): {summary}")
     finally:

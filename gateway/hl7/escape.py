@@ -62,6 +62,9 @@ def escape(value: str, field: str = "|", comp: str = "^", rep: str = "~", esc: s
     """Escape delimiters in free text (ACK texts, messages we build)."""
     if not value:
         return value
+    if (field not in value and comp not in value and rep not in value and esc not in value and sub not in value
+            and "\r" not in value and "\n" not in value):
+        return value  # the usual case (an application name, a short note): no per-character pass
     out = []
     table = {field: "F", comp: "S", rep: "R", esc: "E", sub: "T"}
     for ch in value:

@@ -59,3 +59,41 @@ def ids_with_status(session: Session, status: str, limit: int | None = None) -> 
     if limit:
         q = q.limit(limit)
     return list(session.execute(q).scalars())
+
+
+@dataclass
+class Summary:
+    """What an operator sees of a stored message: no raw content, so no patient names or numbers."""
+
+    id: int
+    received_at: datetime | None
+    sender: str
+    control_id: str
+    type_event: str
+    status: str
+    error: str | None
+
+
+_SUMMARY_COLUMNS = (T.c.id, T.c.received_at, T.c.sending_application, T.c.sending_facility, T.c.control_id,
+                    T.c.message_type, T.c.trigger_event, T.c.status, T.c.error)
+
+
+def _summary(row) -> Summary:
+    app, facility = row.sending_application or "", row.sending_facility or ""
+    return Summary(
+        id=row.id, received_at=row.received_at, sender=f"{app}/{facility}" if facility else app,
+        control_id=row.control_id, type_event=f"{row.message_type or ''}^{row.trigger_event or ''}".strip("^"),
+        status=row.status, error=row.error)
+
+
+def summary(session: Session, message_id: int) -> Summary | None:
+    row = session.execute(select(*_SUMMARY_COLUMNS).where(T.c.id == message_id)).first()
+    return _summary(row) if row is not None else None
+
+
+def list_messages(session: Session, status: str | None = None, limit: int = 50) -> list[Summary]:
+    """The most recent stored messages (newest first), optionally of one status."""
+    q = select(*_SUMMARY_COLUMNS).order_by(T.c.id.desc()).limit(limit)
+    if status:
+        q = q.where(T.c.status == status)
+    return [_summary(r) for r in session.execute(q)]

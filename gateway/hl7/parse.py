@@ -33,6 +33,17 @@ CHARSETS = {
 }
 
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}\Z")
+_NAMES_SEEN: set[str] = set()  # valid names met so far: a set lookup instead of a regex per segment
+
+
+def _segment_name(name: str) -> bool:
+    if name in _NAMES_SEEN:
+        return True
+    if not _SEGMENT_NAME.match(name):
+        return False
+    if len(_NAMES_SEEN) < 2048:  # bounded: random input must not grow it for ever
+        _NAMES_SEEN.add(name)
+    return True
 _LINE_BREAKS = re.compile(r"\r\n|\n|\r")
 
 
@@ -76,9 +87,10 @@ def _first_segment_fields(raw: bytes) -> tuple[str, list[bytes]]:
     return sep.decode("latin-1"), raw[:end].split(sep)
 
 
-def detect_charset(raw: bytes, default: str = "utf-8") -> tuple[str, str | None]:
-    """(codec, MSH-18 as sent) for raw message bytes."""
-    _sep, parts = _first_segment_fields(raw)
+def detect_charset(raw: bytes, default: str = "utf-8", parts: list[bytes] | None = None) -> tuple[str, str | None]:
+    """(codec, MSH-18 as sent) for raw message bytes (parts: the MSH fields, when already split)."""
+    if parts is None:
+        _sep, parts = _first_segment_fields(raw)
     declared = None
     if len(parts) > 17:
         first = parts[17]
@@ -243,7 +255,7 @@ def parse(raw: bytes, default_charset: str = "utf-8") -> Message:
         raise Hl7Error("102", "MSH-2 encoding characters must be 4 distinct punctuation characters differing from MSH-1",
                        "MSH-2", reject=True)
     enc = Encoding(sep, chars[0], chars[1], chars[2], chars[3])
-    codec, declared = detect_charset(raw, default_charset)
+    codec, declared = detect_charset(raw, default_charset, _parts)
     fault = None
     try:
         text = raw.decode(codec)
@@ -251,11 +263,13 @@ def parse(raw: bytes, default_charset: str = "utf-8") -> Message:
         fault = Hl7Error("102", f"bytes at offset {exc.start} are not valid {declared or codec}", "MSH-18")
         text = raw.decode(codec, errors="replace")
     segments: list[Segment] = []
-    for line in _LINE_BREAKS.split(text):
+    # CR is the segment terminator; only a message with newlines needs the regex split
+    lines = text.split("\r") if "\n" not in text else _LINE_BREAKS.split(text)
+    for line in lines:
         if not line:
             continue
         name = line[:3]
-        if not _SEGMENT_NAME.match(name) or (len(line) > 3 and line[3] != sep):
+        if not _segment_name(name) or (len(line) > 3 and line[3] != sep):
             if segments and line.strip() == "":
                 continue
             where = f"segment {len(segments) + 1}"

@@ -52,6 +52,8 @@ class Result:
     duplicate: bool = False
     audit: list[AuditEntry] = field(default_factory=list)
     code: str = "AA"
+    error: str | None = None  # the stored error text (or note)
+    previous_status: str | None = None  # reprocessing: the status before
 
 
 class Processor:
@@ -138,7 +140,8 @@ class Processor:
         if status in ("error", "rejected"):
             log.warning("HL7 message %s (%s^%s) from %s %s: %s", p.control_id or "?", p.message_type, p.event,
                         p.app, status, "; ".join(f"{e.code} at {e.location}" for e in errors))
-        return Result(ack=ack, status=status, message_id=mid, patient_id=patient_id, audit=audit, code=code)
+        return Result(ack=ack, status=status, message_id=mid, patient_id=patient_id, audit=audit, code=code,
+                      error=error_text)
 
     def reapply(self, session: Session, message_id: int) -> Result:
         """Apply a stored message again (after a mapping fix); its row gets the new status and ACK."""
@@ -150,15 +153,16 @@ class Processor:
         ack = self._ack(p, code, errors, text)
         error_text = "; ".join(f"{e.code} {e.location or ''}: {e.text}" for e in errors) or (f"note: {text}" if text else None)
         message_store.record_outcome(session, message_id, status=status, ack=ack, error=error_text, patient_id=patient_id)
-        return Result(ack=ack, status=status, message_id=message_id, patient_id=patient_id, audit=audit, code=code)
+        return Result(ack=ack, status=status, message_id=message_id, patient_id=patient_id, audit=audit, code=code,
+                      error=error_text, previous_status=row.status)
 
     def dry_run(self, p: Prepared) -> tuple[str, bytes | None]:
         """(status, ACK) as far as they can be known without the database (the mapping bench)."""
         if p.reject or p.error or p.ignore:
             status, code, errors, text, _pid, _audit = self._outcome(None, p)  # type: ignore[arg-type]
         else:
-            status, code, errors, text = "would apply", "AA", [], "not applied: mapping test"
-        return status, self._ack(p, code, errors, text)
+            status, code, errors, text = "applied", "AA", [], "not applied: mapping test"
+        return f"would be {status}", self._ack(p, code, errors, text)
 
     def _outcome(self, session: Session, p: Prepared):
         if p.reject:

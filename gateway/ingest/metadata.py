@@ -125,6 +125,21 @@ def _where(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p not in ("function-after",)) or "metadata"
 
 
+def _nul_key(value, where: str = "") -> str | None:
+    """The first key (dotted) whose name or text value holds a NUL byte, or None."""
+    if isinstance(value, str):
+        return (where or "metadata") if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            return path
+        found = _nul_key(item, path)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_metadata(raw: str | bytes | dict) -> PhotoMetadata:
     """Validate; a bad key or value raises IngestRejected(BAD_METADATA) naming every problem."""
     if isinstance(raw, (str, bytes)):
@@ -134,6 +149,10 @@ def parse_metadata(raw: str | bytes | dict) -> PhotoMetadata:
             raise IngestRejected(BAD_METADATA, f"metadata is not valid JSON: {exc}", field="metadata") from None
     if not isinstance(raw, dict):
         raise IngestRejected(BAD_METADATA, "metadata must be a JSON object", field="metadata")
+    nul = _nul_key(raw)
+    if nul is not None:
+        # PostgreSQL text cannot hold NUL: refused here, naming the key, rather than failing at the insert
+        raise IngestRejected(BAD_METADATA, f"invalid metadata: {nul!r} must not contain NUL bytes", field=nul)
     try:
         return PhotoMetadata.model_validate(raw)
     except ValidationError as exc:

@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from gateway.access_audit import fit
 from gateway.dicom import vlphoto
 from gateway.dicom.uids import stable_uid
 from gateway.ingest.errors import (
@@ -41,7 +42,7 @@ from gateway.ingest.errors import (
 from gateway.ingest.metadata import NHS_SYSTEM, PhotoMetadata
 from gateway.ingest.prepare import Prepared, prepare, sha256_of
 from store import audit
-from store.models import Asset, Consent, Encounter, IdempotencyKey, Patient, PatientIdentifier
+from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient, PatientIdentifier
 from store.patients import find_patient, identifiers_of, survivor
 
 log = logging.getLogger(__name__)
@@ -324,13 +325,14 @@ def _write_dicom(gw, prepared: Prepared, ctx: _Context, meta: PhotoMetadata, sop
 def audit_refusal(gw, actor: Actor, exc: IngestRejected, patient_id: int | None, source: str, outcome: str = audit.MINOR_FAILURE) -> None:
     try:
         with gw.db.write() as session:
-            audit.append(session, audit.AuditEntry(
+            # fit: the refusal must be recordable whatever the caller sent (long values, NUL bytes)
+            audit.append(session, fit(audit.AuditEntry(
                 type_code=audit.IMPORT, action="C", subtype=source, outcome=outcome, outcome_desc=exc.message[:1000],
                 agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
                 purpose_of_use=actor.purpose_of_use, patient_id=patient_id,
                 entities=[{"type": "patient", "id": patient_id}] if patient_id else [],
                 detail={"source": source, "code": exc.code, "item": exc.item, "filename": exc.filename},
-            ))
+            )))
     except Exception:  # the refusal itself must still reach the caller
         log.exception("could not audit a refused upload")
 
@@ -536,6 +538,10 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
             row.consent_id = consent_id
         session.add_all(rows)
         session.flush()
+        # the consent captured with the photos covers them through consent_assets, the same
+        # link the consent API writes (Asset.consent_id only records which consent came along)
+        session.add_all([ConsentAsset(consent_id=row.consent_id, asset_id=row.id) for row in rows if row.consent_id])
+        session.flush()
         by_sha = {row.sha256: row for row in rows}
         for photo in photos:
             if photo is not None:
@@ -547,7 +553,7 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
                 else:  # the same file twice in one request: one asset
                     photos[index] = _as_existing(by_sha[item.sha256], item.filename)
         audit.append_many(session, [
-            # same shape as gateway.access_audit.import_entries (IHE BALP), with the DICOM UIDs added
+            # IHE BALP import (110107): the photo and its patient as entities, with the DICOM UIDs added
             audit.AuditEntry(
                 type_code=audit.IMPORT, action="C", subtype=source, outcome=audit.SUCCESS,
                 agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
