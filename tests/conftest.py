@@ -113,3 +113,25 @@ def pytest_report_header(config) -> list[str]:
 
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture
+def validate_stored_dicom(request, tmp_path):
+    """After the test: dciodvfy (zero errors), dcmdump and dcmj2pnm on every DICOM object its store holds."""
+    gw = request.getfixturevalue("gw") if "gw" in request.fixturenames else None  # set up first, torn down after us
+    if gw is not None:
+        for tool, package in (("dciodvfy", "dicom3tools"), ("dcmdump", "dcmtk"), ("dcmj2pnm", "dcmtk")):
+            require_tool(tool, package)
+    yield
+    if gw is not None:
+        from tests.ingest_helpers import assert_stored_dicom_valid
+
+        assert_stored_dicom_valid(gw, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """The generated photo fixtures (fixtures/photos/make.py), once per test module."""
+    from tests.ingest_helpers import photo_fixtures
+
+    return photo_fixtures.make_all(tmp_path_factory.mktemp("photos"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from store.blobs import BlobCorrupt, BlobNotFound, FileBlobStore
+from store.blobs import BlobCorrupt, BlobNotFound
 from store.integrity import check_store, collect_garbage
 from store.models import Asset, Patient
 

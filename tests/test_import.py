@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import csv
 import os
@@ -17,20 +16,14 @@ from sqlalchemy import func, select
 from gateway.ingest.importer import ManifestError, read_manifest, run_import
 from gateway.ingest.pipeline import Actor
 from store.models import Asset, AuditEvent
-from tests.ingest_helpers import assert_stored_dicom_valid, add_patient, photo_fixtures
+from tests.ingest_helpers import add_patient, photo_fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 ACTOR = Actor(who="cli:tester", role="importer", network="local")
 
 
 
-@pytest.fixture(autouse=True)
-def _every_stored_dicom_object_is_valid(request, tmp_path):
-    """After each test that used a store: dciodvfy, dcmdump and dcmj2pnm on every DICOM object it made."""
-    gw = request.getfixturevalue("gw") if "gw" in request.fixturenames else None  # set up first, torn down after us
-    yield
-    if gw is not None and shutil.which("dciodvfy"):
-        assert_stored_dicom_valid(gw, tmp_path)
+pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
 
 
 @pytest.fixture

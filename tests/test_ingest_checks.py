@@ -12,12 +12,7 @@ from gateway.ingest.config import IngestSettings
 from gateway.ingest.errors import IngestRejected
 from gateway.ingest.prepare import prepare
 from gateway.ingest.sniff import sniff
-from tests.ingest_helpers import photo_fixtures
 
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return photo_fixtures.make_all(tmp_path_factory.mktemp("photos"))
 
 
 def refused(path, settings=None) -> IngestRejected:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 from sqlalchemy import func, select
@@ -13,24 +12,14 @@ from gateway.ingest.metadata import parse_metadata
 from gateway.ingest.pipeline import Actor, Upload, ingest
 from store import audit
 from store.models import Asset, AuditEvent, Consent, Patient
-from tests.ingest_helpers import assert_stored_dicom_valid, NHS, add_patient, dicom_tools_check, photo_fixtures
+from tests.ingest_helpers import NHS, add_patient, dicom_tools_check
 
 ACTOR = Actor(who="dr.jones", role="clinician", network="127.0.0.1")
 
 
 
-@pytest.fixture(autouse=True)
-def _every_stored_dicom_object_is_valid(request, tmp_path):
-    """After each test that used a store: dciodvfy, dcmdump and dcmj2pnm on every DICOM object it made."""
-    gw = request.getfixturevalue("gw") if "gw" in request.fixturenames else None  # set up first, torn down after us
-    yield
-    if gw is not None and shutil.which("dciodvfy"):
-        assert_stored_dicom_valid(gw, tmp_path)
+pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
 
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return photo_fixtures.make_all(tmp_path_factory.mktemp("photos"))
 
 
 def meta(patient, **extra):

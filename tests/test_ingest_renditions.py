@@ -14,10 +14,6 @@ from gateway.ingest.renditions import fit, from_image
 from tests.ingest_helpers import photo_fixtures
 
 
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return photo_fixtures.make_all(tmp_path_factory.mktemp("photos"))
-
 
 def near(a, b, tol=45) -> bool:
     return all(abs(x - y) < tol for x, y in zip(a, b))

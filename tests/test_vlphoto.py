@@ -22,10 +22,6 @@ ACCEPTED = [
 ] + [f"orient_{n}.jpg" for n in range(1, 9)]
 
 
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return photo_fixtures.make_all(tmp_path_factory.mktemp("photos"))
-
 
 @pytest.fixture(autouse=True)
 def _tools():
