@@ -621,6 +621,17 @@ def decide_in(session: Session, ctx: AccessContext, settings: PolicySettings, as
     return decide_facts(ctx, settings, load_facts(session, asset))
 
 
+def uncovered_for_care(session: Session, settings: PolicySettings, asset_ids: Iterable[str]) -> set[str]:
+    """Photos that no consent covers for care (the same consent rule as every query): nobody sees
+    them for TREAT until a consent is recorded, unless the clinical exemption is on."""
+    asset_ids = list(asset_ids)
+    if settings.treat_without_consent or not asset_ids:
+        return set()
+    covered = ConsentCovers(LEVELS_FOR_PURPOSE["TREAT"], care=True).sql(Asset)
+    found = session.execute(select(Asset.id).where(Asset.id.in_(asset_ids), covered)).scalars()
+    return set(asset_ids) - set(found)
+
+
 def may_see_original(subject, settings: PolicySettings) -> bool:
     return subject.role in settings.original_roles
 

@@ -139,6 +139,35 @@ def test_unknown_patient_names_the_identifier(client, gw, fx):
     assert r.json()["error"] == "unknown-patient" and "9999999999" in r.json()["message"]
 
 
+def test_mistyped_nhs_number_is_named_as_such(client, gw, fx):
+    r = post(client, gw, [fx["baseline_420.jpg"]], {"patient": "nhs|9449305553"})
+    assert r.status_code == 422
+    assert r.json()["field"] == "patient" and "not a valid NHS number" in r.json()["message"]
+    assert "check digit" in r.json()["message"]
+
+
+def test_nhs_number_written_with_spaces_finds_the_patient(client, gw, fx):
+    patient = add_patient(gw)
+    spaced = f"{patient['nhs'][:3]} {patient['nhs'][3:6]} {patient['nhs'][6:]}"
+    r = post(client, gw, [fx["baseline_420.jpg"]], {"patient": f"nhs|{spaced}"})
+    assert r.status_code == 201, r.text
+
+
+def test_photo_no_consent_covers_is_stored_with_a_warning(client, gw, fx):
+    patient = add_patient(gw)
+    with gw.db.write() as session:  # this patient has no consent on record at all
+        session.delete(session.get(Consent, patient["consent_id"]))
+    bare = post(client, gw, [fx["baseline_420.jpg"]], {"patient": f"nhs|{patient['nhs']}", "specialty": "330"})
+    assert bare.status_code == 201
+    assert bare.json()["photos"][0]["consentCovered"] is False
+    assert "no consent covers 1 of these photo(s)" in bare.json()["warnings"][0]
+    consented = post(client, gw, [fx["progressive.jpg"]], {
+        "patient": f"nhs|{patient['nhs']}", "specialty": "330",
+        "consent": {"level": "record", "givenBy": "patient", "capturedBy": "Nurse A", "date": "2026-11-26"}})
+    assert consented.status_code == 201
+    assert consented.json()["photos"][0]["consentCovered"] is True and "warnings" not in consented.json()
+
+
 def test_unknown_keys_and_bad_values_are_named(client, gw, fx):
     patient = add_patient(gw)
     r = post(client, gw, [fx["baseline_420.jpg"]], {"patient": f"nhs|{patient['nhs']}", "colour": "blue", "sensitivity": "Q"})

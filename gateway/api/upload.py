@@ -33,6 +33,7 @@ from gateway.ingest.errors import IngestRejected
 from gateway.ingest.limits import mib
 from gateway.ingest.metadata import parse_metadata
 from gateway.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest
+from gateway.policy import uncovered_for_care
 
 router = APIRouter(prefix="/api/v1", tags=["photos"])
 
@@ -308,6 +309,16 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     finally:
         form.cleanup()
     body = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": _links(result)}
+    with gw.db.read() as session:
+        uncovered = uncovered_for_care(session, gw.settings.policy, [p.asset_id for p in result.photos])
+    if uncovered:
+        # stored, but invisible for care: say so now rather than leave the uploader puzzled by a later 404
+        body["warnings"] = [
+            f"no consent covers {len(uncovered)} of these photo(s) for care: they stay hidden until a consent is "
+            "recorded (metadata 'consent' or 'consentId', or POST /api/v1/consents)"
+        ]
+    for item in body["photos"]:
+        item["consentCovered"] = item["assetId"] not in uncovered
     return JSONResponse(body, status_code=201 if result.created else 200)
 
 

@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.ingest.errors import BAD_METADATA, IngestRejected
+from mapping import nhs
 
-NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
 SYSTEM_ALIASES = {"nhs": NHS_SYSTEM, "nhs-number": NHS_SYSTEM}
 
 
@@ -93,7 +94,14 @@ class PhotoMetadata(BaseModel):
         system, sep, value = v.partition("|")
         if not sep or not system.strip() or not value.strip():
             raise ValueError(f"{v!r} must be system|value, e.g. nhs|9449305552")
-        return f"{system.strip()}|{value.strip()}"
+        system, value = system.strip(), value.strip()
+        if SYSTEM_ALIASES.get(system, system) == NHS_SYSTEM:
+            # a mistyped NHS number is a typo to fix, not an unknown patient
+            reason = nhs.invalid_reason(value)
+            if reason:
+                raise ValueError(f"{value!r} is not a valid NHS number: {reason}")
+            value = nhs.normalise(value)
+        return f"{system}|{value}"
 
     @field_validator("specialty")
     @classmethod
