@@ -137,3 +137,17 @@ def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
     assert r.status_code == 404
     last = audit_events(gw, AuditEvent.subtype == "refused")[-1]
     assert last.agent_who == "dr.plastics" and {"type": "asset", "id": _intimate} in last.entities and last.patient_id == pid
+
+
+def test_consent_body_takes_the_upload_metadata_keys_too(gw, api):
+    """givenBy/capturedBy/date, as in the upload's consent object, work as well as given_by/captured_by/consent_date."""
+    from tests.auth_helpers import auth_headers
+    from tests.ingest_helpers import add_patient
+
+    patient = add_patient(gw, nhs="9990000034", mrn="M777")
+    headers = auth_headers(gw, role="medical-illustration", sub="mi.keys")
+    r = api.post("/api/v1/consents", headers=headers, json={
+        "patient": f"https://fhir.nhs.uk/Id/nhs-number|{patient['nhs']}", "level": "teaching",
+        "givenBy": "patient", "capturedBy": "Nurse B", "date": "2026-11-20"})
+    assert r.status_code == 201, r.text
+    assert (r.json()["given_by"], r.json()["captured_by"], r.json()["consent_date"]) == ("patient", "Nurse B", "2026-11-20")

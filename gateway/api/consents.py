@@ -37,17 +37,18 @@ Text = Annotated[str, AfterValidator(no_nul)]
 
 
 class ConsentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the upload metadata's consent keys (givenBy, capturedBy, date) work here too
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     patient: Text = Field(..., description="The patient, as identifier system|value")
     level: Literal["record", "teaching", "publication"]
-    given_by: Literal["patient", "parent", "best-interests"]
-    captured_by: Text | None = Field(None, max_length=200, description="Who took the consent; default the caller")
-    consent_date: date | None = None
+    given_by: Literal["patient", "parent", "best-interests"] = Field(..., alias="givenBy")
+    captured_by: Text | None = Field(None, max_length=200, alias="capturedBy", description="Who took the consent; default the caller")
+    consent_date: date | None = Field(None, alias="date")
     scope: Literal["patient", "encounter", "photos"] = "patient"
-    encounter_id: int | None = Field(None, ge=1, le=2**31 - 1)
+    encounter_id: int | None = Field(None, ge=1, le=2**31 - 1, alias="encounterId")
     photos: list[Annotated[Text, Field(max_length=32)]] = Field(default_factory=list, max_length=500)
-    purpose_note: Text | None = Field(None, max_length=4000, description="For publication: the specific use consented to")
+    purpose_note: Text | None = Field(None, max_length=4000, alias="purposeNote", description="For publication: the specific use consented to")
 
 
 def consent_json(c: Consent) -> dict:
