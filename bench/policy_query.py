@@ -29,7 +29,7 @@ from gateway.auth import Subject  # noqa: E402
 from gateway.policy import visible_assets_filter  # noqa: E402
 from gateway.policy_config import PolicySettings  # noqa: E402
 from store.db import Database  # noqa: E402
-from store.models import Asset, AssetAccess, Consent, Encounter, Patient  # noqa: E402
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient  # noqa: E402
 
 SPECIALTIES = ["100", "160", "161", "330", "420"]
 
@@ -52,7 +52,7 @@ def seed(db: Database, patients: int, per_patient: int) -> list[tuple[int, str]]
                                  "given_by": "patient", "status": rng.choice(["active"] * 9 + ["withdrawn"]), "scope": "patient",
                                  "withdrawn_at": now - timedelta(days=5)})
         session.execute(insert(Consent), consents)
-        rows, access = [], []
+        rows, access, photo_consents, links = [], [], [], []
         for p in ids:
             for _ in range(per_patient):
                 aid = uuid.uuid4().hex
@@ -65,6 +65,11 @@ def seed(db: Database, patients: int, per_patient: int) -> list[tuple[int, str]]
                 })
                 if rng.random() < 0.02:
                     access.append({"asset_id": aid, "subject": "dr.derm"})
+                if rng.random() < 0.5:  # consent captured with the photo at upload, linked as the pipeline does
+                    cid = uuid.uuid4().hex
+                    photo_consents.append({"id": cid, "patient_id": p, "level": rng.choice(["record", "teaching"]),
+                                           "given_by": "patient", "status": "active", "scope": "photos"})
+                    links.append({"consent_id": cid, "asset_id": aid})
             samples.append((p, rows[-1]["id"]))
             if len(rows) >= 20000:
                 session.execute(insert(Asset), rows)
@@ -73,6 +78,8 @@ def seed(db: Database, patients: int, per_patient: int) -> list[tuple[int, str]]
             session.execute(insert(Asset), rows)
         if access:
             session.execute(insert(AssetAccess), access)
+        session.execute(insert(Consent), photo_consents)
+        session.execute(insert(ConsentAsset), links)
     return samples
 
 

@@ -192,26 +192,31 @@ class ConsentCovers(Pred):
     care: bool
 
     def sql(self, a):
+        # Two EXISTS, one per way a consent applies, so each walks its own index
+        # (consent_assets by asset, consents by patient); one EXISTS with an OR inside
+        # made the planners scan every consent for every photo.
         c = Consent
-        # correlate_except: nested two levels deep, the photo (outer query) would not be auto-correlated
+        fits = [c.level.in_(sorted(self.levels))]
+        if self.care:
+            fits.append(or_(c.status == "active", and_(c.status == "withdrawn", c.withdrawn_at > a.created_at)))
+        else:
+            fits.append(and_(c.status == "active", c.given_by != BEST_INTERESTS))
         linked = (
             select(ConsentAsset.consent_id)
-            .where(ConsentAsset.consent_id == c.id, ConsentAsset.asset_id == a.id)
-            .correlate_except(ConsentAsset)
+            .join(c, c.id == ConsentAsset.consent_id)
+            .where(ConsentAsset.asset_id == a.id, *fits)
             .exists()
         )
-        applies = or_(
-            linked,
-            and_(
+        of_patient = (
+            select(c.id)
+            .where(
                 c.patient_id == a.patient_id,
                 or_(c.scope == "patient", and_(c.scope == "encounter", c.encounter_id == a.encounter_id)),
-            ),
+                *fits,
+            )
+            .exists()
         )
-        if self.care:
-            standing = or_(c.status == "active", and_(c.status == "withdrawn", c.withdrawn_at > a.created_at))
-        else:
-            standing = and_(c.status == "active", c.given_by != BEST_INTERESTS)
-        return select(c.id).where(applies, c.level.in_(sorted(self.levels)), standing).exists()
+        return or_(linked, of_patient)
 
     @staticmethod
     def applies(consent, asset, linked: set[str]) -> bool:
