@@ -21,10 +21,15 @@ from tests.access_matrix import PATIENTS, PHOTOS, ROLE_PURPOSES, USERS, build_ac
 from tests.auth_helpers import auth_headers, token_for
 
 
-@contextmanager
 def live_server(gw):
     """The gateway's FastAPI app on a free 127.0.0.1 port, in a thread."""
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    return serving(create_app(gw))
+
+
+@contextmanager
+def serving(app):
+    """An ASGI app on a free 127.0.0.1 port, in a thread; yields an httpx client for it."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-import httpx
 import jwt
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.exc import DataError
@@ -21,7 +16,7 @@ from store.models import Asset, AuditEvent
 from tests.access_matrix import build_access_matrix
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import NHS, add_patient, photo_fixtures
-from tests.test_photos_api import api, audit_events  # noqa: F401 (the live-server fixture)
+from tests.test_photos_api import api, serving, audit_events  # noqa: F401 (the live-server fixture)
 
 
 def test_paging_parameters_are_bounded(gw, api):  # noqa: F811
@@ -112,22 +107,6 @@ def test_audit_entries_fit_their_columns(gw):
     with gw.db.read() as session:
         assert audit.verify(session).ok
 
-
-@contextmanager
-def serving(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_database_data_errors_are_400_without_sql(gw):
