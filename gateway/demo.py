@@ -15,7 +15,6 @@ from mapping.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
 from store import audit
 from store.models import Consent, Encounter, Patient, PatientIdentifier
 
-DEMO_MRN_SYSTEM = "https://fhir.demo-trust.nhs.uk/Id/mrn"
 DEMO_ODS = "RDEMO"
 
 # (nhs number, mrn, family, given, birth date, sex, consent level or None, specialty of current encounter)
@@ -30,6 +29,8 @@ DEMO_PATIENTS = [
 
 def seed_demo(gw: Gateway, force: bool = False) -> str:
     now = datetime.now(timezone.utc)
+    # the MRN system an ADT feed under the configured mapping would give these patients
+    mrn_system = gw.settings.hl7.mrn_system.replace("{authority}", DEMO_ODS)
     with gw.db.write() as session:
         exists = session.execute(
             select(PatientIdentifier.id).where(PatientIdentifier.system == NHS_SYSTEM, PatientIdentifier.value == DEMO_PATIENTS[0][0])
@@ -45,7 +46,7 @@ def seed_demo(gw: Gateway, force: bool = False) -> str:
                 patient = Patient(family_name=family, given_names=given, birth_date=born, sex=sex, nhs_number_status="01")
                 patient.identifiers = [
                     PatientIdentifier(system=NHS_SYSTEM, value=nhs, type_code="NH", assigner="NHS"),
-                    PatientIdentifier(system=DEMO_MRN_SYSTEM, value=mrn, type_code="MR", assigner=DEMO_ODS),
+                    PatientIdentifier(system=mrn_system, value=mrn, type_code="MR", assigner=DEMO_ODS),
                 ]
                 session.add(patient)
                 session.flush()
