@@ -447,9 +447,8 @@ class PatientIndex:
     def _move_records(self, src: int, dst: int) -> dict:
         enc = self.sql.run("UPDATE encounters SET patient_id = ? WHERE patient_id = ?", (dst, src))
         con = self.sql.run("UPDATE consents SET patient_id = ? WHERE patient_id = ?", (dst, src))
-        # the same photo already filed under the survivor stays on the merged record (unique per patient)
-        ast = self.sql.run("UPDATE assets SET patient_id = ? WHERE patient_id = ? AND sha256 NOT IN "
-                           "(SELECT sha256 FROM assets WHERE patient_id = ?)", (dst, src, dst))
+        # every photo moves; one the survivor already holds stays apart by filed_patient_id
+        ast = self.sql.run("UPDATE assets SET patient_id = ? WHERE patient_id = ?", (dst, src))
         return {"encounters_moved": enc, "consents_moved": con, "assets_moved": ast}
 
     def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:

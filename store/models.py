@@ -139,6 +139,10 @@ class Consent(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+def _filed_under_patient(context) -> int:
+    return context.get_current_parameters()["patient_id"]
+
+
 class Asset(Base):
     """One clinical photograph, stored once, with everything derived from it."""
 
@@ -146,6 +150,8 @@ class Asset(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
+    # the patient the photo was first filed under; differs from patient_id after a merge moved it
+    filed_patient_id: Mapped[int] = mapped_column(Integer, default=_filed_under_patient)
     encounter_id: Mapped[int | None] = mapped_column(ForeignKey("encounters.id"))
     # the consent captured with the photo at upload (informational); what covers the photo
     # is in consent_assets (and patient/encounter-scoped consents), see gateway/policy.py
@@ -195,8 +201,9 @@ class Asset(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     __table_args__ = (
-        # one stored copy per patient and content: a repeat upload finds this row
-        UniqueConstraint("patient_id", "sha256", name="uq_asset_patient_content"),
+        # one stored copy per patient and content (a repeat upload finds this row); after a
+        # merge the survivor may hold the same content twice, once from each original record
+        UniqueConstraint("patient_id", "sha256", "filed_patient_id", name="uq_asset_patient_content"),
         Index("ix_assets_patient_taken", "patient_id", "taken_at"),
         Index("ix_assets_study", "study_uid"),
         Index("ix_assets_series", "series_uid"),

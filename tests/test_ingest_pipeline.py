@@ -254,3 +254,50 @@ def test_uids_under_the_configured_root(gw, fx, tmp_path):
     ds = pydicom.dcmread(path)
     assert ds.file_meta.ImplementationClassUID.startswith("1.2.826.0.1.3680043.10.999.")
     assert ds.SOPInstanceUID == photo.sop_instance_uid and ds.StudyInstanceUID == photo.study_uid
+
+
+def test_patient_merged_while_storing_refuses_and_a_retry_files_under_the_survivor(gw, fx, monkeypatch):
+    """An A40 lands between the patient look-up and the commit: nothing is filed under the merged record."""
+    from gateway.ingest import pipeline
+
+    merged = add_patient(gw)
+    survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)
+    before = blob_names(gw)
+    real_prepare = pipeline.prepare
+
+    def prepare_while_a_merge_commits(*args, **kwargs):  # the merge commits during the slow part
+        with gw.db.write() as s:
+            s.get(Patient, merged["id"]).merged_into_id = survivor["id"]
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare", prepare_while_a_merge_commits)
+    with pytest.raises(IngestRejected) as refused:
+        ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
+    monkeypatch.undo()
+    assert refused.value.code == errors.PATIENT_MERGED
+    assert counts(gw)[0] == 0 and blob_names(gw) == before
+    again = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
+    assert again.patient_id == survivor["id"]
+
+
+def test_merge_moves_every_photo_even_content_the_survivor_already_has(gw, fx):
+    """The same picture filed under both records before an A40: both photos (with their own site and consent) move."""
+    from gateway.patient_index import Actor as IndexActor
+    from gateway.patient_index import IdentifierData, PatientData, PatientIndex
+
+    merged = add_patient(gw)
+    survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)
+    ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
+    ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata(
+        {"patient": "nhs|9434765919", "bodySite": {"code": "368209003", "laterality": "left"}}), ACTOR)
+    with gw.db.write() as s:
+        index = PatientIndex(s, IndexActor(who="test-pas"))
+        outcome = index.merge(PatientData(identifiers=[IdentifierData(NHS, "9434765919")]),
+                              [IdentifierData(NHS, merged["nhs"])], None)
+        audit.append_many(s, outcome.audit)
+    with gw.db.read() as s:
+        rows = s.execute(select(Asset.patient_id, Asset.filed_patient_id, Asset.laterality).order_by(Asset.laterality)).all()
+    assert rows == [(survivor["id"], survivor["id"], "left"), (survivor["id"], merged["id"], "right")]
+    # the same content uploaded again for the survivor is found, not stored a third time
+    again = ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9434765919"}), ACTOR)
+    assert not again.created and counts(gw)[0] == 2

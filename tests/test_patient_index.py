@@ -99,7 +99,7 @@ def test_merge_moves_encounters_photos_consents_and_old_ids_resolve(db):
     assert live_id(db, MRN, "M1") == survivor
 
 
-def test_merge_keeps_duplicate_photo_on_merged_record(db):
+def test_merge_moves_a_photo_the_survivor_already_holds(db):
     survivor = apply(db, lambda i: i.upsert_patient(PatientData([ident("S1")]), T0)).patient_id
     merged = apply(db, lambda i: i.upsert_patient(PatientData([ident("M1")]), T0)).patient_id
     with db.write() as s:
@@ -107,7 +107,10 @@ def test_merge_keeps_duplicate_photo_on_merged_record(db):
             s.add(Asset(patient_id=pid, study_uid="1", series_uid="1", sop_instance_uid=uid, sha256="c" * 64, size=1,
                         media_type="image/jpeg", source="upload"))
     out = apply(db, lambda i: i.merge(PatientData([ident("S1")]), [ident("M1")], T0))
-    assert out.audit[-2].detail["assets_moved"] == 0
+    assert out.audit[-2].detail["assets_moved"] == 1
+    with db.read() as s:
+        held = s.execute(select(Asset.patient_id, Asset.filed_patient_id).order_by(Asset.sop_instance_uid)).all()
+    assert held == [(survivor, survivor), (survivor, merged)]
 
 
 def test_later_message_about_merged_identifier_follows_policy(db):

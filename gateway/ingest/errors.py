@@ -19,6 +19,7 @@ UNKNOWN_CONSENT = "unknown-consent"
 IDEMPOTENCY_CONFLICT = "idempotency-conflict"  # key reused for a different request
 NO_FILES = "no-files"
 DUPLICATE_INSTANCE = "duplicate-instance"  # a DICOM door sent a known SOP Instance UID with other content
+PATIENT_MERGED = "patient-merged"  # the patient was merged into another while the photo was being stored
 
 
 class IngestRejected(Exception):

@@ -34,6 +34,7 @@ from gateway.ingest.errors import (
     DUPLICATE_INSTANCE,
     IDEMPOTENCY_CONFLICT,
     NO_FILES,
+    PATIENT_MERGED,
     UNKNOWN_CONSENT,
     UNKNOWN_ENCOUNTER,
     UNKNOWN_PATIENT,
@@ -521,6 +522,21 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
         patient_id = ctx.patient_id
         if patient_id is None:
             patient_id = _placeholder_patient(session, meta).id
+        else:
+            # The patient was looked up before the slow work; an A40 may have merged it since.
+            # Locking its row (PostgreSQL; SQLite's write lock is already ours) makes a merge
+            # either come first (we refuse: the DICOM object names the merged record) or wait
+            # and then move this photo with the rest.
+            merged_into = session.execute(
+                select(Patient.merged_into_id).where(Patient.id == patient_id).with_for_update()
+            ).scalar_one()
+            if merged_into is not None:
+                raise IngestRejected(
+                    PATIENT_MERGED,
+                    "the patient was merged into another record while this photo was being stored; nothing was "
+                    "stored: send it again (it will be filed under the surviving record)",
+                    field="patient",
+                )
         consent_id = ctx.consent_id
         # a repeat of photos already stored does not record their consent a second time
         if meta.consent is not None and rows:

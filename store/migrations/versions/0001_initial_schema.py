@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 06:09:29.792719
+Create Date: 2026-11-26 07:07:06.826228
 """
 from alembic import op
 import sqlalchemy as sa
@@ -158,6 +158,7 @@ def upgrade() -> None:
     op.create_table('assets',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('patient_id', sa.Integer(), nullable=False),
+    sa.Column('filed_patient_id', sa.Integer(), nullable=False),
     sa.Column('encounter_id', sa.Integer(), nullable=True),
     sa.Column('consent_id', sa.String(length=32), nullable=True),
     sa.Column('study_uid', sa.String(length=64), nullable=False),
@@ -196,7 +197,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['encounter_id'], ['encounters.id'], ),
     sa.ForeignKeyConstraint(['patient_id'], ['patients.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('patient_id', 'sha256', name='uq_asset_patient_content'),
+    sa.UniqueConstraint('patient_id', 'sha256', 'filed_patient_id', name='uq_asset_patient_content'),
     sa.UniqueConstraint('sop_instance_uid')
     )
     with op.batch_alter_table('assets', schema=None) as batch_op:
