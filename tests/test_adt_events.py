@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,90 @@ def test_nothing_acknowledged_when_the_commit_fails(feed, db):
         # the patient change was rolled back with the message: nothing half-applied
         assert s.execute(select(func.count()).select_from(Patient)).scalar() == 0
         assert s.execute(select(func.count()).select_from(AuditEvent)).scalar() == 0
+
+
+def test_hex_escape_not_valid_in_the_charset_gets_ae_at_its_field(feed, db):
+    # \XC3\ alone is not UTF-8; it was stored as U+FFFD under an AA
+    raw = build(msh("A01", "X1"), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||M\\XC3\\LLER^ANN||19800101|F")
+    r = feed.send(raw)
+    a = ack_fields(r.ack)
+    assert (a["code"], a["err_code"]) == ("AE", "102"), a
+    assert a["err_loc"].startswith("PID^1^5"), a
+    assert r.status == "error"
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Patient)).scalar() == 0
+        assert s.execute(select(Hl7Message.raw)).scalar_one() == raw
+    # a valid one in the same place is still decoded
+    ok = feed.send(build(msh("A01", "X2"), "EVN|A01|20240301101500",
+                         "PID|1||9449305552^^^NHS^NH||M\\XC39C\\LLER^ANN||19800101|F"))
+    assert ack_fields(ok.ack)["code"] == "AA"
+    assert patient_by(db, NHS, "9449305552").family_name == "MÜLLER"
+
+
+def test_hex_escape_not_valid_in_the_header_gets_ar(feed, db):
+    raw = build(msh("A01", "X\\XFF\\3"), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")
+    r = feed.send(raw)
+    a = ack_fields(r.ack)
+    assert (a["code"], a["err_code"]) == ("AR", "102") and a["err_loc"].startswith("MSH^1^10"), a
+    assert r.status == "rejected"
+
+
+_CTRL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("MSH^1^10", build("MSH|^~\\&|PAS|RX1|CLINPHOTO|RX1|20240301101500||ADT^A01|N\x001|P|2.4",
+                       "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")),
+    ("MSH^1^10", build(msh("A01", "N\\X00\\2"), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")),
+    ("MSH^1^3", build("MSH|^~\\&|P\x00AS|RX1|CLINPHOTO|RX1|20240301101500||ADT^A01|N3|P|2.4",
+                      "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")),
+    ("MSH^1^4", build("MSH|^~\\&|PAS|R\x01X1|CLINPHOTO|RX1|20240301101500||ADT^A01|N4|P|2.4",
+                      "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")),
+])
+def test_control_characters_in_the_header_get_ar_and_are_stored(feed, db, field, raw):
+    for attempt in range(2):  # the same again: the same answer, never "not stored; send again"
+        r = feed.send(raw)
+        a = ack_fields(r.ack)
+        assert (a["code"], a["err_code"]) == ("AR", "102") and a["err_loc"].startswith(field), a
+        assert r.status == "rejected" and not r.duplicate
+        body = r.ack.split(b"\r", 1)[1]
+        assert not _CTRL.search(body.replace(b"\r", b"")), r.ack  # nothing echoed raw in MSA / ERR
+        assert not _CTRL.search(r.ack.split(b"\r", 1)[0]), r.ack
+    with db.read() as s:
+        rows = s.execute(select(Hl7Message.raw, Hl7Message.sending_application, Hl7Message.sending_facility,
+                                Hl7Message.control_id, Hl7Message.status)).all()
+    assert len(rows) == 2 and all(row.raw == raw and row.status == "rejected" for row in rows)
+    for row in rows:
+        assert not re.search(r"[\x00-\x1f\x7f]", row.sending_application + row.sending_facility + row.control_id)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Patient)).scalar() == 0
+
+
+def test_control_ids_sharing_their_first_200_characters_are_not_duplicates(feed, db):
+    stem = "C" * 200
+    first = feed.send(build(msh("A01", stem + "1"), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X"))
+    second = feed.send(build(msh("A01", stem + "2"), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X"))
+    for r in (first, second):
+        a = ack_fields(r.ack)
+        assert (a["code"], a["err_code"]) == ("AR", "102") and a["err_loc"].startswith("MSH^1^10"), a
+        assert not r.duplicate and r.status == "rejected"
+    assert ack_fields(second.ack)["control"] == stem + "2"  # its own id echoed, not the first message's ACK
+    # the longest id that fits is accepted, and is no duplicate of the refused ones cut to the column
+    ok = feed.send(build(msh("A01", "C" * 199), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X"))
+    assert ack_fields(ok.ack)["code"] == "AA" and not ok.duplicate and ok.status == "applied"
+    again = feed.send(build(msh("A01", "C" * 199), "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X"))
+    assert again.duplicate and again.ack == ok.ack
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("MSH^1^3", build(f"MSH|^~\\&|{'A' * 201}|RX1|CLINPHOTO|RX1|20240301101500||ADT^A01|L3|P|2.4",
+                      "PID|1||9449305552^^^NHS^NH||X")),
+    ("MSH^1^4", build(f"MSH|^~\\&|PAS|{'F' * 201}|CLINPHOTO|RX1|20240301101500||ADT^A01|L4|P|2.4",
+                      "PID|1||9449305552^^^NHS^NH||X")),
+])
+def test_over_long_sender_fields_get_ar(feed, db, field, raw):
+    for _ in range(2):
+        r = feed.send(raw)
+        a = ack_fields(r.ack)
+        assert (a["code"], a["err_code"]) == ("AR", "102") and a["err_loc"].startswith(field), a
+        assert not r.duplicate and r.status == "rejected"

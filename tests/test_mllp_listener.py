@@ -369,3 +369,43 @@ def test_readme_commands_for_sending_the_fixtures(db, tmp_path):
     assert [line for line in res.stdout.splitlines() if line.startswith("MSA|")] == [
         "MSA|AA|A01-0001", "MSA|AA|A01-0001", "MSA|AA|A08-0001", "MSA|AA|A03-0001"]
     assert count(db) == 3  # the second A01 is the same message again: its original ACK, stored once
+
+
+def test_a_locked_database_never_blocks_the_event_loop(db, backend):
+    """One message waiting for the SQLite write lock must not stall the loop that HTTP, DICOM and the other
+    MLLP connections share; its ACK still follows the durable commit."""
+    if backend != "sqlite":
+        pytest.skip("the write lock held from outside is SQLite's BEGIN IMMEDIATE")
+    import sqlite3
+
+    path = db.engine.url.database
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # COMMIT from a timer thread
+    hold = 2.0
+    with running(db) as listener:
+        c = Client(listener.port)
+        holder.execute("BEGIN IMMEDIATE")
+        released = threading.Timer(hold, holder.execute, ("COMMIT",))
+        t0 = time.monotonic()
+        released.start()
+        try:
+            c.send_raw(frame(adt("LOCK1")))
+            time.sleep(0.3)  # the message is read and waiting for the lock
+            # the loop answers at once: a callback run on it, and a second connection accepted and served
+            probe = time.monotonic()
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), listener.loop).result(timeout=hold)
+            assert time.monotonic() - probe < 0.25
+            other = Client(listener.port)
+            probe = time.monotonic()
+            other.send_raw(b"noise outside a frame\r")  # handled (and dropped) by the loop without the database
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), listener.loop).result(timeout=hold)
+            assert time.monotonic() - probe < 0.25
+            assert time.monotonic() - t0 < hold - 0.5  # all of this while the lock was still held
+            ack = c.recv()
+            assert time.monotonic() - t0 >= hold - 0.1  # the ACK only after the commit, after the lock
+            assert msa(ack) == ("AA", "LOCK1")
+            other.close()
+        finally:
+            released.join()
+            holder.close()
+            c.close()
+    assert count(db) == 1

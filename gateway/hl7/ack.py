@@ -84,7 +84,8 @@ def header_fields(msg: Message | None, raw: bytes | None) -> dict[str, str]:
     """MSH fields to echo, from a parsed message or best effort from raw bytes whose MSH did not parse."""
     if msg is not None:
         h = msg.msh
-        return {f"MSH-{n}": h.raw(n) for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": msg.trigger_event}
+        # printable: a control character (a NUL in MSH-10) must never go back to the sender
+        return {f"MSH-{n}": printable(h.raw(n)) for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": printable(h.get(9, 2, decode=False))}
     out = {f"MSH-{n}": "" for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": ""}
     if raw and raw.startswith(b"MSH|"):
         first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")

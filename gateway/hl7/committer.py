@@ -33,7 +33,7 @@ class GroupCommitter:
         self.batch_max = batch_max
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        # held while a transaction is open, by the writer thread or by commit_if_idle
+        # held while the writer thread has a transaction open (never taken on an event loop's thread)
         self._busy = threading.Lock()
         self.batches = 0
         self.messages = 0
@@ -59,19 +59,6 @@ class GroupCommitter:
     def submit_nowait(self, prepared: Prepared, loop: asyncio.AbstractEventLoop, done: Callable[[Result], None]) -> None:
         """Queue a message; `done(result)` is called in `loop` after the commit (callbacks keep queue order)."""
         self._queue.put((prepared, loop, done))
-
-    def commit_if_idle(self, prepared: Prepared) -> Result | None:
-        """Commit one message in the caller's thread when nothing else is queued or being written.
-
-        A lone message (one connection, nothing in flight) then skips two thread hand-offs; under
-        load the writer thread and its group commits take over. None: busy, queue it instead.
-        """
-        if not self._queue.empty() or not self._busy.acquire(blocking=False):
-            return None
-        try:
-            return self._commit([prepared])[0]
-        finally:
-            self._busy.release()
 
     def apply_now(self, batch: list[Prepared]) -> list[Result]:
         """Apply and commit synchronously (tests, reprocessing)."""

@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 
 
+class EscapeError(ValueError):
+    """An \\Xhh\\ escape whose bytes are not valid in the message's character set."""
+
+
 def unescape(value: str, field: str, comp: str, rep: str, esc: str, sub: str, charset: str = "utf-8") -> str:
     """Decode \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ and \\.br\\; drop formatting-only sequences (\\H\\ \\N\\ \\.sp\\ ...)."""
     if esc not in value:
@@ -45,11 +49,16 @@ def unescape(value: str, field: str, comp: str, rep: str, esc: str, sub: str, ch
         elif seq == ".br":
             out.append("\n")
         elif seq[:1] == "X" and len(seq) > 1:
-            hexdigits = seq[1:]
             try:
-                out.append(bytes.fromhex(hexdigits).decode(charset, errors="replace"))
+                data = bytes.fromhex(seq[1:])
             except ValueError:
                 out.append(esc + seq + esc)
+                continue
+            try:
+                out.append(data.decode(charset))
+            except UnicodeDecodeError:
+                # strict: a U+FFFD stored under an AA would silently lose what the sender meant
+                raise EscapeError(f"a hex escape holds bytes that are not valid {charset}") from None
         elif seq in ("H", "N") or seq[:1] in ("C", "M", "Z") or seq[:1] == ".":
             # highlighting, character-set switches, local and formatting commands carry no text
             continue

@@ -4,8 +4,8 @@ An asyncio Protocol rather than streams: at thousands of messages a second the
 per-read Task and timeout that StreamReader + wait_for cost is measurable. Each
 connection's messages go to the committer in arrival order and their ACKs come
 back in that order; the idle timeout is one periodic sweep, not a timer per read.
-With a single connection open, a message is committed in the loop's own thread
-(see MllpConnection.data_received); with several, the writer thread groups them.
+Nothing touches the database on the loop's thread: the writer thread commits
+every message, so a locked database delays ACKs, never the loop.
 """
 
 from __future__ import annotations
@@ -110,14 +110,8 @@ class MllpConnection(asyncio.Protocol):
         listener = self.listener
         loop = listener.loop
         prepared = [listener.prepare(raw, self.peer) for raw in messages]
-        if len(prepared) == 1 and len(listener.connections) == 1 and self.in_flight == 0:
-            # the gateway's only connection (a single PAS feed): commit here rather than hand the
-            # message to the writer thread and back; with more connections the group commits win
-            result = listener.committer.commit_if_idle(prepared[0])
-            if result is not None:
-                self.in_flight += 1
-                self._answered(result)
-                return
+        # always the writer thread, never a commit here: a commit waiting for the database write
+        # lock (busy timeout 30 s) would stall every connection, HTTP and DICOM sharing this loop
         for p in prepared:
             self.in_flight += 1
             listener.committer.submit_nowait(p, loop, self._answered)

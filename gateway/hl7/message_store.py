@@ -27,7 +27,8 @@ class StoredAck:
 def find_duplicate(session: Session, app: str, facility: str, control_id: str) -> StoredAck | None:
     row = Sql.of(session).one(
         "SELECT id, status, ack FROM hl7_messages WHERE sending_application = ? AND sending_facility = ? AND control_id = ?",
-        (app[:200], facility[:200], control_id[:200]))
+        # uncut: a cut key would match a different, longer id (prepare refuses over-long ones anyway)
+        (app, facility, control_id))
     return StoredAck(row[0], row[1], bytes(row[2]) if row[2] is not None else None) if row else None
 
 

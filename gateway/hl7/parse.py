@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.hl7.escape import unescape
+from gateway.hl7.escape import EscapeError, unescape
 
 # HL7 table 0211 -> Python codec
 CHARSETS = {
@@ -282,7 +282,28 @@ def parse(raw: bytes, default_charset: str = "utf-8") -> Message:
         if name == "MSH":
             fields.insert(1, sep)
         segments.append(Segment(name, fields, None))  # type: ignore[arg-type]
+    if fault is None and enc.esc + "X" in text:
+        fault = _hex_escape_fault(segments, enc, codec, declared)
     msg = Message(raw, text, enc, codec, declared, segments, fault)
     for s in segments:
         s.msg = msg
     return msg
+
+
+def _hex_escape_fault(segments: list[Segment], enc: Encoding, codec: str, declared: str | None) -> Hl7Error | None:
+    """The first field whose \\Xhh\\ escapes are not valid in the charset: found here, where its location is known,
+    rather than when a mapper reads the value. In the MSH it is a header fault (AR), elsewhere AE."""
+    marker = enc.esc + "X"
+    for seg in segments:
+        for n, value in enumerate(seg.fields):
+            if n == 0 or marker not in value or (seg.name == "MSH" and n <= 2):
+                continue
+            try:
+                unescape(value, enc.field, enc.comp, enc.rep, enc.esc, enc.sub, codec)
+            except EscapeError:
+                where = f"{seg.name}-{n}"
+                text = f"{where}: a hex escape holds bytes that are not valid {declared or codec}"
+                if seg.name == "MSH":
+                    raise Hl7Error("102", text, where, reject=True) from None
+                return Hl7Error("102", text, where)
+    return None

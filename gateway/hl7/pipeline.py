@@ -8,6 +8,7 @@ bad message never spoils its batch), the stored message row, the ACK.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ from gateway.hl7 import message_store
 from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
 from gateway.hl7.config import Hl7Settings
+from gateway.hl7.escape import EscapeError
 from gateway.hl7.parse import Hl7Error, Message, parse
 from gateway.patient_index import Actor, PatientIndex, PatientIndexError
 from mapping.engine import Mapper, MappingFault
@@ -41,6 +43,7 @@ class Prepared:
     error: AckError | None = None  # AE / CE: understood, cannot be applied
     ignore: bool = False  # a type we do not handle, accepted without change
     mapped: MappedAdt | None = None
+    header_refused: bool = False  # MSH-3/4/10 unusable as the duplicate key: stored under a key of its own
 
 
 @dataclass
@@ -76,11 +79,15 @@ class Processor:
         h = msg.msh
         p.app, p.facility, p.control_id = h.raw(3), h.raw(4), h.get(10).strip()
         p.message_type = msg.message_type.strip()
-        p.event = (msg.trigger_event or (msg.segment("EVN").get(1) if msg.segment("EVN") else "")).strip()
+        # EVN-1 undecoded: a bad escape there is msg.fault's to answer, not an exception here
+        p.event = (msg.trigger_event or (msg.segment("EVN").get(1, decode=False) if msg.segment("EVN") else "")).strip()
         try:
             p.event_time = self.mapper.event_time(msg)
-        except MappingFault:
+        except (MappingFault, EscapeError):
             p.event_time = None
+        p.reject = header_fault(msg, p)
+        if p.reject:
+            return p
         if not p.control_id:
             p.reject = AckError("101", "MSH-10 message control id is empty", "MSH-10")
         elif not p.message_type:
@@ -123,7 +130,11 @@ class Processor:
 
     def apply(self, session: Session, p: Prepared) -> Result:
         control_id = p.control_id
-        if p.msg is not None and control_id:
+        if p.header_refused:
+            # its header values cannot be keys (control characters, too long): never a duplicate match,
+            # and a key of its own so the insert cannot collide; the raw bytes keep what was sent
+            control_id = f"refused-{uuid.uuid4().hex}"
+        elif p.msg is not None and control_id:
             dup = message_store.find_duplicate(session, p.app, p.facility, control_id)
             if dup is not None:
                 log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
@@ -202,6 +213,35 @@ class Processor:
                 return None
         return build_ack(msg, code, errors, raw=p.raw, application=s.receiving_application,
                          facility=s.receiving_facility, text=text)
+
+
+# hl7_messages columns (String(200)); MSH-10 one less so it can never equal a cut longer id
+HEADER_LIMITS = {"MSH-3": 200, "MSH-4": 200, "MSH-10": 199}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_fault(msg: Message, p: Prepared) -> AckError | None:
+    """AR 102 for MSH fields with control characters or longer than their columns; cleans p's stored values.
+
+    Control characters fail a PostgreSQL insert (NUL) and must never be echoed; a value cut to fit its column
+    would make two different ids one duplicate key.
+    """
+    fault = None
+    for n in (3, 4, 5, 6, 9, 10, 11, 12):
+        value = p.control_id if n == 10 else msg.msh.raw(n)
+        if _CONTROL.search(value):
+            fault = fault or AckError("102", f"MSH-{n} holds control characters", f"MSH-{n}")
+    if fault is None and _CONTROL.search(p.message_type + p.event):  # decoded \X00\ or EVN-1
+        fault = AckError("102", "the message type or event holds control characters", "MSH-9")
+    values = {"MSH-3": p.app, "MSH-4": p.facility, "MSH-10": p.control_id}
+    for where, limit in HEADER_LIMITS.items():
+        if len(values[where]) > limit:
+            fault = fault or AckError("102", f"{where} is longer than {limit} characters", where)
+    if fault is not None:
+        p.header_refused = True
+        p.app, p.facility = (_CONTROL.sub("\ufffd", v)[:200] for v in (p.app, p.facility))
+        p.control_id = _CONTROL.sub("\ufffd", p.control_id)[:199]
+    return fault
 
 
 def one_entry_per_patient(entries: list[AuditEntry]) -> list[AuditEntry]:
