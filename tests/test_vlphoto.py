@@ -14,7 +14,8 @@ from gateway.dicom.uids import is_valid_uid, new_uid, stable_uid
 from gateway.ingest.config import IngestSettings
 from gateway.ingest.prepare import prepare
 from tests.conftest import require_tool
-from tests.ingest_helpers import dicom_tools_check, photo_fixtures
+from gateway.dicom import text as dtext
+from tests.ingest_helpers import add_patient, dicom_tools_check, photo_fixtures
 
 ACCEPTED = [
     "baseline_420.jpg", "baseline_422.jpg", "baseline_444.jpg", "rgb_coded.jpg", "progressive.jpg", "gray.jpg",
@@ -37,11 +38,12 @@ def build(path: Path, out_dir: Path, settings: IngestSettings | None = None, **k
         ds = vlphoto.build_dataset(
             pixels=p.pixels,
             patient=kw.get("patient") or vlphoto.PatientInfo("9449305552", "NHS", "Ó Súilleabháin", "Siobhán", None, None, "F", [("M100", "RXX")]),
-            study=vlphoto.StudyInfo(new_uid(), study_id="V100"),
-            series=vlphoto.SeriesInfo(new_uid(), 1, operator="Jones^Amy"),
-            image=vlphoto.ImageInfo(kw.get("sop") or new_uid(), 1, p.facts.taken_at, derived=p.derived, derivation=p.derivation),
-            equipment=vlphoto.Equipment(p.facts.make, p.facts.model, p.facts.software),
-            body_site=vlphoto.BodySite("368209003", "Right upper arm", "right"),
+            study=kw.get("study") or vlphoto.StudyInfo(new_uid(), study_id="V100"),
+            series=kw.get("series") or vlphoto.SeriesInfo(new_uid(), 1, operator="Jones^Amy"),
+            image=vlphoto.ImageInfo(kw.get("sop") or new_uid(), 1, p.facts.taken_at, comments=kw.get("comments"),
+                                    derived=p.derived, derivation=p.derivation),
+            equipment=kw.get("equipment") or vlphoto.Equipment(p.facts.make, p.facts.model, p.facts.software),
+            body_site=kw.get("body_site") or vlphoto.BodySite("368209003", "Right upper arm", "right"),
         )
         out = out_dir / (path.name + ".dcm")
         with open(out, "wb") as f:
@@ -187,3 +189,133 @@ def test_icc_profile_travels_into_dicom_even_through_jpegtran(tmp_path):
         assert ds.ICCProfile == srgb
         frame = b"".join(pydicom.encaps.generate_fragments(ds.PixelData))
         assert b"ICC_PROFILE" not in frame
+
+
+# --- hostile text: names and free text from HL7 (escapes decoded) and from uploads ---------------------------
+
+HOSTILE_FAMILY = "O\\BRIEN-" + "X" * 80  # HL7 \E\ decoded into a plain backslash
+HOSTILE_GIVEN = "ANN^MARIE=Z"  # \S\ decoded into ^, plus a group delimiter
+
+
+def pn_groups_ok(value) -> None:
+    """One value, one component group, at most five components, the group within 64 bytes."""
+    text = str(value)
+    assert "\\" not in text and "=" not in text
+    assert len(text.split("^")) <= 5
+    assert len(text.encode("utf-8")) <= 64
+    assert not any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
+@pytest.mark.parametrize(
+    "family, given, prefix, ascii_only",
+    [
+        (HOSTILE_FAMILY, HOSTILE_GIVEN, None, True),
+        ("Ó\\Súilleabháin=" + "á" * 70, "Siobhán^Máire\x00\x1b", "Dr^", False),  # 2-byte UTF-8: bytes, not chars
+        ("\u5c71\u7530" * 30, "\u592a\u90ce\r\n", None, False),  # 3-byte UTF-8
+        ("^^^", "===", "\\", True),  # nothing but delimiters
+    ],
+    ids=["reviewer-example", "utf8-2-byte", "utf8-3-byte", "only-delimiters"],
+)
+def test_hostile_patient_names_and_photographer_pass_dciodvfy(fx, tmp_path, family, given, prefix, ascii_only):
+    patient = vlphoto.PatientInfo("9449305552", "NHS", family, given, prefix, None, "F")
+    series = vlphoto.SeriesInfo(new_uid(), 1, operator="Smith\\Jones^Bob=\tX" + "y" * 100)
+    dcm = build(fx["baseline_420.jpg"], tmp_path, patient=patient, series=series)
+    dicom_tools_check(dcm)
+    ds = pydicom.dcmread(dcm)
+    assert ds["PatientName"].VM == 1 and ds["OperatorsName"].VM == 1
+    pn_groups_ok(ds.PatientName)
+    pn_groups_ok(ds.OperatorsName)
+    # a free-text photographer is one family-name component
+    assert "^" not in str(ds.OperatorsName) and str(ds.OperatorsName).startswith("Smith/Jones Bob X")
+    assert ("SpecificCharacterSet" not in ds) == ascii_only
+    if family is HOSTILE_FAMILY:
+        name = ds.PatientName
+        assert name.family_name.startswith("O/BRIEN-XXXX") and name.given_name == "ANN MARIE Z"
+
+
+def test_reviewer_example_name_is_cleaned_exactly():
+    assert dtext.person_name(HOSTILE_FAMILY, HOSTILE_GIVEN) == "O/BRIEN-" + "X" * 44 + "^ANN MARIE Z"
+    assert dtext.person_name("Smith\\Jones^Bob") == "Smith/Jones Bob"
+    assert dtext.person_name(None, None) == "" and dtext.person_name("Smith", None, None, "Dr") == "Smith^^^Dr"
+    # never splits a character, never over 64 bytes
+    name = dtext.person_name("Ó" * 40, "é" * 40)
+    assert len(name.encode("utf-8")) <= 64 and name.encode("utf-8").decode("utf-8") == name
+
+
+def test_hostile_free_text_attributes_are_cleaned_and_pass_dciodvfy(fx, tmp_path):
+    nasty = "a\\b^c=d\x00\x07\x1b\r\n\tend\ud800 "
+    dcm = build(
+        fx["baseline_420.jpg"], tmp_path,
+        patient=vlphoto.PatientInfo("94493\\05552\x00" + "9" * 70, "NHS\\X" + "I" * 70, "Smith", "Jo", None, None, "F",
+                                    [("M\\100" * 20, "R\\XX" * 30)]),
+        study=vlphoto.StudyInfo(new_uid(), study_id="V\\100-" + "1" * 30, accession="A\\1" * 10,
+                                referring_physician="Dr\\Who^Is=This " + "z" * 80,
+                                description="Photos\\" + nasty + "d" * 100),
+        series=vlphoto.SeriesInfo(new_uid(), 1, description="Series\\" + nasty + "s" * 100, operator="\x00\x01"),
+        equipment=vlphoto.Equipment("Can\\on\n" + "m" * 80, "EOS\\R6\x00" + "M" * 80, "1.0\\2.0" + "v" * 80,
+                                    "St\\Elsewhere\x1b" + "i" * 80),
+        body_site=vlphoto.BodySite("123456789012345678", "Upper\\arm\x00\n" + "b" * 80, "left"),
+        comments="View: ant\x00erior\x07; " + nasty + "c" * 20000,
+    )
+    dicom_tools_check(dcm)
+    ds = pydicom.dcmread(dcm)
+    assert "SpecificCharacterSet" not in ds  # every value written is ASCII
+    for keyword, limit in (("PatientID", 64), ("IssuerOfPatientID", 64), ("StudyID", 16), ("AccessionNumber", 16),
+                           ("StudyDescription", 64), ("SeriesDescription", 64), ("Manufacturer", 64),
+                           ("ManufacturerModelName", 64), ("SoftwareVersions", 64), ("InstitutionName", 64)):
+        elem = ds[keyword]
+        assert elem.VM == 1, keyword
+        text = str(elem.value)
+        assert len(text.encode("utf-8")) <= limit and "\\" not in text, keyword
+        assert not any(ord(ch) < 32 for ch in text), keyword
+    assert ds.StudyDescription.startswith("Photos/a/b^c=d end")
+    pn_groups_ok(ds.ReferringPhysicianName)
+    assert ds.ReferringPhysicianName == "Dr/Who Is This " + "z" * 49
+    assert "OperatorsName" not in ds  # nothing left of a photographer made of control characters
+    region = ds.AnatomicRegionSequence[0]
+    assert region.LongCodeValue == "123456789012345678" and "CodeValue" not in region  # SH holds only 16
+    assert region.CodeMeaning.startswith("Upper/arm") and len(region.CodeMeaning) <= 64
+    comments = ds.ImageComments
+    assert len(comments.encode("utf-8")) <= 10240 and "\x00" not in comments and "\x07" not in comments
+    assert "\x1b" not in comments and comments.startswith("View: anterior; a\\b^c=d")
+    other = ds.OtherPatientIDsSequence[0]
+    assert len(other.PatientID) <= 64 and "\\" not in other.PatientID
+
+
+def test_non_ascii_anywhere_declares_utf8(fx, tmp_path):
+    # software was not part of the old character-set check
+    dcm = build(fx["baseline_420.jpg"], tmp_path, patient=vlphoto.PatientInfo("1", "NHS", "Smith", "Jo"),
+                equipment=vlphoto.Equipment("Canon", "EOS", "Vérsion 2"))
+    dicom_tools_check(dcm)
+    ds = pydicom.dcmread(dcm)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.SoftwareVersions == "Vérsion 2"
+
+
+@pytest.mark.usefixtures("validate_stored_dicom")
+def test_upload_with_hostile_hl7_names_and_photographer_stores_valid_dicom(gw, fx, tmp_path):
+    from gateway.ingest.metadata import parse_metadata
+    from gateway.ingest.pipeline import Actor, Upload, ingest
+
+    patient = add_patient(gw, family=HOSTILE_FAMILY, given=HOSTILE_GIVEN)
+    meta = parse_metadata({
+        "patient": f"nhs|{patient['nhs']}", "encounter": "V100", "specialty": "330",
+        "bodySite": {"code": "368209003", "laterality": "right", "display": "Upper\\arm^left=\x01" + "é" * 45},  # 61 chars, 106 bytes
+        "photographer": "Smith\\Jones^Bob", "device": "Phone\\X^Y\x02" + "d" * 150,  # (NUL is refused upstream)
+        "view": "ant\\erior\x07\x1b", "description": "Wound\\ check\x07\r\n" + "w" * 9000,
+    })
+    result = ingest(gw, [Upload(fx["baseline_420.jpg"], "arm.jpg")], meta, Actor(who="dr.jones", role="clinician", network="127.0.0.1"))
+    from store.models import Asset
+
+    with gw.db.read() as session:
+        sha = session.get(Asset, result.photos[0].asset_id).dicom_sha256
+    dcm = tmp_path / "stored.dcm"
+    dcm.write_bytes(gw.blobs.read_bytes(sha))
+    dicom_tools_check(dcm)
+    ds = pydicom.dcmread(dcm)
+    assert str(ds.PatientName) == "O/BRIEN-" + "X" * 44 + "^ANN MARIE Z"
+    assert str(ds.OperatorsName) == "Smith/Jones Bob"
+    assert ds["PatientName"].VM == 1 and ds["OperatorsName"].VM == 1
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    meaning = ds.AnatomicRegionSequence[0].CodeMeaning
+    assert meaning.startswith("Upper/arm^left=") and len(meaning.encode("utf-8")) <= 64
+    assert len(ds.ManufacturerModelName) <= 64 and "\\" not in ds.ManufacturerModelName

@@ -19,6 +19,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from gateway.dicom import text as dtext
 from gateway.dicom.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
 
 VL_PHOTOGRAPHIC_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
@@ -121,12 +122,21 @@ class NativePixels:
 
 
 def _pn(family: str | None, given: str | None, prefix: str | None = None) -> str:
-    parts = [family or "", given or "", "", prefix or ""]
-    return "^".join(parts).rstrip("^")
+    return dtext.person_name(family, given, None, prefix)
 
 
-def _is_ascii(*values: object) -> bool:
-    return all(v is None or str(v).isascii() for v in values)
+_TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+
+
+def _needs_utf8(ds: Dataset) -> bool:
+    """Whether any text value (nested sequences included) is not plain ASCII."""
+    for elem in ds.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        items = elem.value if elem.VM > 1 else [elem.value]
+        if any(not str(v).isascii() for v in items):
+            return True
+    return False
 
 
 def _da(moment: date | datetime | None) -> str:
@@ -155,14 +165,18 @@ def _ds(value: float) -> str:
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
-    item.CodeValue = value
+    value = dtext.string(value, 64)
+    if len(value) > dtext.SH:
+        item.LongCodeValue = value  # e.g. 17-18 digit SNOMED CT extension ids (PS3.3 8.8.1)
+    else:
+        item.CodeValue = value
     item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning[:64]
+    item.CodeMeaning = dtext.string(meaning, dtext.LO)
     return item
 
 
-def _lo(text: str | None) -> str:
-    return (text or "").replace("\\", "/")[:64]
+def _lo(text: str | None, limit: int = dtext.LO) -> str:
+    return dtext.string(text, limit)
 
 
 def build_dataset(
@@ -181,12 +195,6 @@ def build_dataset(
     now = now or datetime.now(timezone.utc).astimezone()
     equipment = equipment or Equipment()
     ds = Dataset()
-
-    names = (patient.family, patient.given, patient.prefix, series.operator, study.referring_physician)
-    texts = (image.comments, series.description, equipment.manufacturer, equipment.model, equipment.institution,
-             study.description, image.derivation, body_site.meaning if body_site else None)
-    if not _is_ascii(*names, *texts):
-        ds.SpecificCharacterSet = "ISO_IR 192"
 
     # SOP Common
     ds.SOPClassUID = VL_PHOTOGRAPHIC_IMAGE
@@ -217,10 +225,11 @@ def build_dataset(
     ds.StudyInstanceUID = study.uid
     ds.StudyDate = _da(started)
     ds.StudyTime = _tm(started)
-    ds.ReferringPhysicianName = study.referring_physician or ""
-    ds.StudyID = _lo(study.study_id)[:16]
-    ds.AccessionNumber = _lo(study.accession)[:16]
-    if study.description:
+    # free text (not a structured name): one family-name component
+    ds.ReferringPhysicianName = dtext.person_name(study.referring_physician)
+    ds.StudyID = _lo(study.study_id, dtext.SH)
+    ds.AccessionNumber = _lo(study.accession, dtext.SH)
+    if _lo(study.description):
         ds.StudyDescription = _lo(study.description)
 
     # General Series
@@ -229,18 +238,19 @@ def build_dataset(
     ds.SeriesNumber = series.number if series.number is not None else ""
     # Type 2C: present (empty when not one side), since photographed parts are often paired
     ds.Laterality = _DICOM_LATERALITY.get(body_site.laterality, "") if body_site else ""
-    if series.description:
+    if _lo(series.description):
         ds.SeriesDescription = _lo(series.description)
-    if series.operator:
-        ds.OperatorsName = series.operator
+    operator = dtext.person_name(series.operator)  # free text: one family-name component
+    if operator:
+        ds.OperatorsName = operator
 
     # General Equipment (manufacturer and model from EXIF; never serial numbers)
     ds.Manufacturer = _lo(equipment.manufacturer)
-    if equipment.model:
+    if _lo(equipment.model):
         ds.ManufacturerModelName = _lo(equipment.model)
-    if equipment.software:
+    if _lo(equipment.software):
         ds.SoftwareVersions = _lo(equipment.software)
-    if equipment.institution:
+    if _lo(equipment.institution):
         ds.InstitutionName = _lo(equipment.institution)
 
     # General Acquisition
@@ -254,10 +264,10 @@ def build_dataset(
     ds.ContentDate = _da(content)
     ds.ContentTime = _tm(content)
     ds.ImageType = ["DERIVED" if image.derived else "ORIGINAL", "PRIMARY"]
-    if image.derivation:
-        ds.DerivationDescription = image.derivation[:1024]
-    if image.comments:
-        ds.ImageComments = image.comments[:10240]
+    if dtext.long_text(image.derivation, dtext.ST):
+        ds.DerivationDescription = dtext.long_text(image.derivation, dtext.ST)
+    if dtext.long_text(image.comments, dtext.LT):
+        ds.ImageComments = dtext.long_text(image.comments, dtext.LT)
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "YES"
     if pixels.lossy:
@@ -296,6 +306,9 @@ def build_dataset(
         ds.PlanarConfiguration = 0
     if pixels.icc_profile:
         ds.ICCProfile = pixels.icc_profile
+    # decided on the values as written (after cleaning), so no non-ASCII byte goes out undeclared
+    if _needs_utf8(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
 
 
