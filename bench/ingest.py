@@ -70,7 +70,7 @@ def bench_wrap(paths: list[Path], work: Path) -> dict:
         started = time.perf_counter()
         view = jpeg.FileView(path)
         info = jpeg.parse(view)
-        pixels = vlphoto.EncapsulatedJpeg(view, jpeg.clean_ranges(info), info.width, info.height, len(info.components),
+        pixels = vlphoto.EncapsulatedJpeg(view, jpeg.clean_pieces(view, info), info.width, info.height, len(info.components),
                                           info.photometric, [("ISO_10918_1", info.pixels * 3 / info.eoi_end)], info.icc_profile)
         ds = vlphoto.build_dataset(
             pixels=pixels, patient=vlphoto.PatientInfo(PATIENT_NHS, "NHS", "Bench", "Patient"),

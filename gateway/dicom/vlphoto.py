@@ -1,8 +1,9 @@
 """Build a DICOM VL Photographic Image (PS3.3 A.32.4) Part 10 file from plain inputs.
 
 Knows DICOM, not our database: the pipeline hands in dataclasses. An encapsulated
-JPEG is streamed into Pixel Data from byte ranges of its source (never joined into
-one big bytes object), so a 200 MiB photo costs no more memory than a small one.
+JPEG is streamed into Pixel Data from byte ranges of its source plus a few literal
+segments (never joined into one big bytes object), so a 200 MiB photo costs no more
+memory than a small one.
 """
 
 from __future__ import annotations
@@ -90,10 +91,14 @@ class ImageInfo:
 
 @dataclass
 class EncapsulatedJpeg:
-    """A baseline JPEG to wrap as it is: byte ranges of `source` form the stream."""
+    """A baseline JPEG to wrap as it is: `pieces` in order form the stream.
+
+    A piece is a byte range (start, end) of `source` or literal bytes (the rebuilt
+    JFIF/Adobe segments); ranges are read in chunks when written, never joined.
+    """
 
     source: object  # bytes or a FileView (anything sliceable)
-    ranges: list[tuple[int, int]]
+    pieces: list[tuple[int, int] | bytes]
     width: int
     height: int
     samples: int
@@ -104,10 +109,14 @@ class EncapsulatedJpeg:
 
     @property
     def length(self) -> int:
-        return sum(b - a for a, b in self.ranges)
+        return sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in self.pieces)
 
     def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
-        for a, b in self.ranges:
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            a, b = piece
             for at in range(a, b, size):
                 yield self.source[at : min(at + size, b)]
 

@@ -1,15 +1,16 @@
 """Marker-level JPEG handling: frame header, chroma subsampling, metadata segments.
 
-Hand-written because it is hot (every upload) and must not decode: we only walk
-the marker segments (a few hundred bytes) and find the end of the image with one
-memchr-speed search, so a 12 MP photo is wrapped into DICOM in milliseconds and a
-header claiming 65000 x 65000 pixels is refused before any pixel is decoded.
-Works on any buffer (bytes, or a FileView over the spooled file) so a large file is never read into memory whole.
+Hand-written because it is hot (every upload) and must not decode: we walk the
+marker segments and skip each scan's entropy-coded data with a regex search, so a
+12 MP photo is wrapped into DICOM in milliseconds and a header claiming 65000 x
+65000 pixels is refused before any pixel is decoded. Works on any buffer (bytes,
+or a FileView over the spooled file) so a large file is never read into memory whole.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,11 +37,25 @@ _SOF_NAMES = {
     0xCF: "differential-lossless-arithmetic",
 }
 
-# Segments that may carry who/where/what-device (EXIF, XMP, IPTC, maker data, MPF
-# secondary images, comments). APP0 (JFIF) and APP14 (Adobe colour transform) are
-# kept: decoders need them to interpret the colours. APP2 ICC profiles move to the
-# DICOM ICC Profile attribute.
-_KEEP_APPS = {(0xE0, b"JFIF\x00"), (0xE0, b"JFXX\x00"), (0xEE, b"Adobe")}
+# What a decoder needs, kept byte for byte wherever it sits: frame headers, tables
+# (DHT, DQT, DAC), restart interval (DRI), and between scans DNL. Every APPn and COM
+# segment is dropped wherever it sits (EXIF, XMP, IPTC, maker data, MPF images,
+# JFXX thumbnails, comments); JFIF APP0 and Adobe APP14 are rebuilt from the few
+# fields decoders read (see clean_pieces). APP2 ICC profiles move to the DICOM ICC
+# Profile attribute.
+_TABLES = {0xC4, 0xCC, 0xDB, 0xDD}
+_KEEP_IN_HEADER = set(_SOF_NAMES) | _TABLES
+_KEEP_BETWEEN_SCANS = _TABLES | {0xDC}
+_RST = range(0xD0, 0xD8)
+
+# Inside entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or a restart
+# marker; anything else ends the scan. A regex, not a Python loop over the 0xFF
+# bytes: 1.5 ms over a 12 MP photo's 5 MB scan, and 86 ms over 20 MiB of FF 00
+# pairs where a bytes.find loop takes 1.3 s (an attacker chooses the bytes).
+_SCAN_STOP = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+CHUNK = 4 * 1024 * 1024
+
+Piece = tuple[int, int] | bytes  # a byte range (start, end) of the source, or literal bytes
 
 
 class JpegError(ValueError):
@@ -55,10 +70,6 @@ class Segment:
     payload_start: int
     ident: bytes = b""  # first bytes of the payload (APPn identifier)
 
-    @property
-    def id(self) -> tuple[int, bytes]:
-        return (self.marker, self.ident[:5] if self.marker in (0xE0, 0xEE) else b"")
-
 
 @dataclass
 class JpegInfo:
@@ -72,9 +83,13 @@ class JpegInfo:
     scan_start: int = 0  # offset of the first SOS marker
     eoi_end: int = 0  # offset just past EOI of the primary image (0 when not yet located)
     adobe_transform: int | None = None
-    jfif: bool = False
+    jfif_fields: bytes | None = None  # version, units, X and Y density of the first complete JFIF APP0
     exif_offset: int | None = None  # payload offset of the APP1 Exif segment
     icc_profile: bytes | None = None
+
+    @property
+    def jfif(self) -> bool:
+        return self.jfif_fields is not None
 
     @property
     def progressive(self) -> bool:
@@ -151,7 +166,7 @@ def parse(buf, *, find_end: bool = True) -> JpegInfo:
     segments: list[Segment] = []
     info: JpegInfo | None = None
     adobe = None
-    jfif = False
+    jfif_fields = None
     exif_offset = None
     icc_chunks: dict[int, bytes] = {}
     while True:
@@ -203,8 +218,9 @@ def parse(buf, *, find_end: bool = True) -> JpegInfo:
                 # height 0 means "defined by a later DNL marker": legal but unheard of in photos
                 raise JpegError("unsupported JPEG: image size not given in the frame header")
             info = JpegInfo(marker, _SOF_NAMES[marker], precision, width, height, comps)
-        elif marker == 0xE0 and payload[:5] == b"JFIF\x00":
-            jfif = True
+        elif marker == 0xE0 and payload[:5] == b"JFIF\x00" and len(payload) >= 14 and jfif_fields is None:
+            # libjpeg reads a JFIF APP0 only when it holds all 14 fixed bytes
+            jfif_fields = bytes(payload[5:12])
         elif marker == 0xE1 and payload[:6] == b"Exif\x00\x00":
             exif_offset = seg.payload_start + 6
         elif marker == 0xE2 and payload[:12] == b"ICC_PROFILE\x00" and len(payload) > 14:
@@ -214,70 +230,128 @@ def parse(buf, *, find_end: bool = True) -> JpegInfo:
         pos += length
     info.segments = segments
     info.adobe_transform = adobe
-    info.jfif = jfif
+    info.jfif_fields = jfif_fields
     info.exif_offset = exif_offset
     if icc_chunks:
         info.icc_profile = b"".join(icc_chunks[k] for k in sorted(icc_chunks))
     if find_end:
-        info.eoi_end = find_eoi(buf, info)
+        clean_pieces(buf, info)  # sets info.eoi_end
     return info
 
 
-def find_eoi(buf, info: JpegInfo) -> int:
-    """Offset just past the primary image's EOI.
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + (len(payload) + 2).to_bytes(2, "big") + payload
 
-    In entropy-coded data a 0xFF byte is always followed by 0x00 (stuffing) or a
-    restart marker, so the first FF D9 after the first scan header is the end of the
-    image. Bytes after it (phones append MPF previews and depth maps there) are not
-    part of the image and are never copied into derived objects.
+
+def _is_metadata(marker: int) -> bool:
+    return 0xE0 <= marker <= 0xEF or marker == 0xFE  # APPn, COM
+
+
+def clean_pieces(buf, info: JpegInfo, *, chunk: int = CHUNK) -> list[Piece]:
+    """The stream without metadata: SOI, rebuilt JFIF/Adobe segments, then the decoder's segments and scans.
+
+    Walks the whole stream, not just the header: after each SOS the entropy-coded
+    data is skipped to the marker that ends it, and APPn/COM segments between or
+    after scans are dropped like those before the first. Fill bytes and bytes
+    outside any segment or scan are not copied, nor anything after EOI (phones
+    append MPF previews and depth maps there). Sets info.eoi_end. The pieces'
+    concatenation decodes to the same pixels as the source.
     """
-    at = buf.find(EOI, info.scan_start)
-    if at < 0:
-        raise JpegError("truncated JPEG: no end-of-image marker")
-    return at + 2
-
-
-def clean_ranges(info: JpegInfo) -> list[tuple[int, int]]:
-    """Byte ranges of the stream without metadata APP segments and comments.
-
-    Ranges are (start, end) offsets into the original buffer; their concatenation is
-    a valid JPEG holding the same compressed image, byte for byte.
-    """
-    ranges: list[tuple[int, int]] = []
-    cursor = 0
+    pieces: list[Piece] = [(0, 2)]
+    if info.jfif_fields is not None:
+        # identifier, version, density units and densities; thumbnail 0 x 0 and no thumbnail data
+        pieces.append(_segment(0xE0, b"JFIF\x00" + info.jfif_fields + b"\x00\x00"))
+    if info.adobe_transform is not None:
+        # version 100, no flags: decoders read only the colour transform
+        pieces.append(_segment(0xEE, b"Adobe" + (100).to_bytes(2, "big") + bytes(4) + bytes((info.adobe_transform,))))
     for seg in info.segments:
-        drop = (0xE0 <= seg.marker <= 0xEF and seg.id not in _KEEP_APPS) or seg.marker == 0xFE
-        if drop:
-            if seg.start > cursor:
-                ranges.append((cursor, seg.start))
-            cursor = seg.end
-    end = info.eoi_end
-    if end <= cursor:
-        raise JpegError("corrupt JPEG: no image data")
-    ranges.append((cursor, end))
-    return _merge(ranges)
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if merged and merged[-1][1] == a:
-            merged[-1] = (merged[-1][0], b)
+        if seg.marker in _KEEP_IN_HEADER:
+            pieces.append((seg.start, seg.end))
+        elif not _is_metadata(seg.marker):
+            raise JpegError(f"corrupt JPEG: unexpected marker 0x{seg.marker:02X} at byte {seg.start}")
+    size = len(buf)
+    pos = info.scan_start
+    while True:
+        if bytes(buf[pos : pos + 1]) != b"\xff":
+            pos = _scan_end(buf, pos, chunk)  # bytes outside any segment: not copied
+        code_at = _skip_fill(buf, pos + 1)
+        if code_at >= size:
+            raise JpegError("truncated JPEG: no end-of-image marker")
+        marker, start = bytes(buf[code_at : code_at + 1])[0], code_at - 1  # a slice: FileView reads, never caches
+        if marker == 0xD9:
+            pieces.append((start, start + 2))
+            info.eoi_end = start + 2
+            return _merge(pieces)
+        if marker in _RST or marker in (0x00, 0x01):
+            pos = code_at + 1  # a stray parameterless marker outside a scan: dropped
+            continue
+        length_bytes = bytes(buf[code_at + 1 : code_at + 3])
+        length = int.from_bytes(length_bytes, "big")
+        end = code_at + 1 + length
+        if len(length_bytes) < 2 or length < 2 or end > size:
+            raise JpegError("truncated JPEG: a marker segment runs past the end of the file")
+        if marker == 0xDA:
+            stop = _scan_end(buf, end, chunk)
+            pieces.append((start, stop))
+            pos = stop
+        elif marker in _KEEP_BETWEEN_SCANS:
+            pieces.append((start, end))
+            pos = end
+        elif _is_metadata(marker):
+            pos = end
         else:
-            merged.append((a, b))
+            raise JpegError(f"corrupt JPEG: unexpected marker 0x{marker:02X} at byte {start}")
+
+
+def _find(buf, pattern: re.Pattern, start: int, chunk: int) -> int:
+    search = getattr(buf, "search", None)
+    if search is not None:  # FileView: chunked reads
+        return search(pattern, start, chunk=chunk)
+    found = pattern.search(buf, start)
+    return found.start() if found else -1
+
+
+def _skip_fill(buf, pos: int) -> int:
+    """Offset of the first byte at or after pos that is not 0xFF."""
+    while True:
+        window = bytes(buf[pos : pos + 256])
+        rest = window.lstrip(b"\xff")
+        if rest or len(window) < 256:
+            return pos + len(window) - len(rest)
+        pos += 256
+
+
+def _scan_end(buf, pos: int, chunk: int) -> int:
+    """Offset of the marker (its first fill byte) that ends entropy-coded data starting at pos."""
+    while True:
+        at = _find(buf, _SCAN_STOP, pos, chunk)
+        if at < 0:
+            raise JpegError("truncated JPEG: no end-of-image marker")
+        if bytes(buf[at + 1 : at + 2]) != b"\xff":
+            return at
+        # a run of 0xFF: libjpeg reads FF..FF 00 as a stuffed 0xFF and FF..FF Dn as a restart marker
+        code_at = _skip_fill(buf, at + 1)
+        code = bytes(buf[code_at : code_at + 1])
+        if not code:
+            raise JpegError("truncated JPEG: no end-of-image marker")
+        if code[0] != 0x00 and code[0] not in _RST:
+            return at
+        pos = code_at + 1
+
+
+def _merge(pieces: list[Piece]) -> list[Piece]:
+    merged: list[Piece] = []
+    for piece in pieces:
+        last = merged[-1] if merged else None
+        if isinstance(piece, tuple) and isinstance(last, tuple) and last[1] == piece[0]:
+            merged[-1] = (last[0], piece[1])
+        else:
+            merged.append(piece)
     return merged
 
 
-def has_thumbnail_in_jfif(buf, info: JpegInfo) -> bool:
-    for seg in info.segments:
-        if seg.marker == 0xE0 and buf[seg.payload_start : seg.payload_start + 5] == b"JFIF\x00":
-            p = seg.payload_start
-            return seg.end - p >= 14 and (buf[p + 12] or buf[p + 13])
-    return False
-
-
 class FileView:
-    """Read-only bytes-like view of a file for parse()/find_eoi()/slicing, without mapping it.
+    """Read-only bytes-like view of a file for parse()/clean_pieces()/slicing, without mapping it.
 
     An mmap would do, but every page it touches counts in the process's resident
     memory; a 200 MiB upload scanned through a mapping shows as 200 MiB of RSS.
@@ -327,6 +401,16 @@ class FileView:
             at = block.find(sub)
             if at >= 0:
                 return pos + at
+            pos += chunk
+        return -1
+
+    def search(self, pattern: re.Pattern, start: int = 0, chunk: int = CHUNK, span: int = 2) -> int:
+        """Offset of the first match of `pattern` (matches exactly `span` bytes) at or after start, or -1."""
+        pos = start
+        while pos < self._size:
+            found = pattern.search(os.pread(self._fd, chunk + span - 1, pos))
+            if found:
+                return pos + found.start()
             pos += chunk
         return -1
 

@@ -115,9 +115,12 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def _encapsulate(buf, info: jpeg.JpegInfo, lossy: list[tuple[str, float]]) -> EncapsulatedJpeg:
-    ranges = jpeg.clean_ranges(info)
+    try:
+        pieces = jpeg.clean_pieces(buf, info)
+    except jpeg.JpegError as exc:
+        raise IngestRejected(CORRUPT, str(exc)) from None
     return EncapsulatedJpeg(
-        source=buf, ranges=ranges, width=info.width, height=info.height, samples=len(info.components),
+        source=buf, pieces=pieces, width=info.width, height=info.height, samples=len(info.components),
         photometric=info.photometric, lossy=lossy, icc_profile=info.icc_profile,
     )
 
@@ -197,7 +200,7 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
     if info.sof not in (0xC0, 0xC1, 0xC2):
         raise IngestRejected(UNSUPPORTED_TYPE, f"unsupported JPEG process ({info.process}): use baseline or progressive JPEG")
     try:
-        info.eoi_end = jpeg.find_eoi(buf, info)
+        jpeg.clean_pieces(buf, info)  # the whole marker walk: sets info.eoi_end, refuses a stream without EOI
     except jpeg.JpegError as exc:
         raise IngestRejected(CORRUPT, str(exc)) from None
 
