@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 from typing import Protocol
@@ -91,7 +92,21 @@ def build_listeners(gw: Gateway) -> list[Listener]:
     return listeners
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as nginx and PostgreSQL do): every connection of every
+    door holds a descriptor, and running out makes accept() fail for all doors at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 async def serve(gw: Gateway) -> None:
+    raise_open_file_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -316,8 +317,12 @@ class Hl7Message(Base):
     error: Mapped[str | None] = mapped_column(Text)
     patient_id: Mapped[int | None] = mapped_column(Integer)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # set on a different message sent under a sender/control id already used: the id of the message owning that key
+    duplicate_of: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
-        UniqueConstraint("sending_application", "sending_facility", "control_id", name="uq_hl7_sender_control"),
+        # the sender's key identifies one message; a refused reuse of it (duplicate_of set) is kept beside it
+        Index("uq_hl7_sender_control", "sending_application", "sending_facility", "control_id", unique=True,
+              sqlite_where=text("duplicate_of IS NULL"), postgresql_where=text("duplicate_of IS NULL")),
         Index("ix_hl7_status", "status"),
     )

@@ -50,11 +50,15 @@ def test_reprocess_by_status_and_by_id(db, database_url, tmp_path):
     first_ack = results[0].ack
     env = {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}
 
-    # still the old mapping: stays an error; the line says which message, the change and why
+    # still the old mapping: stays an error; the line says which message, the change and why, and the exit
+    # status says the feed is not clean yet (a script reprocessing after a fix must not read success)
     res = cli(env, str(results[0].message_id))
-    assert res.returncode == 0 and "error (AE)" in res.stdout, res.stderr
+    assert res.returncode == 1 and "error (AE)" in res.stdout, res.stderr
     assert (f"message {results[0].message_id}: control id PI-1, ADT^A28: error -> error (AE): "
             "101 PID-3: no usable patient identifier") in res.stdout
+    res = cli(env, "--status", "error")
+    assert res.returncode == 1 and "reprocessed 2 message(s): 2 error" in res.stdout
+    assert "2 message(s) still not applied" in res.stderr
 
     env["CLINPHOTO_HL7__MAPPING_FILE"] = str(fixed_mapping(tmp_path))
     res = cli(env, "--status", "error")

@@ -80,20 +80,27 @@ def _erl(location: str | None, enc: Encoding) -> str:
     return c.join(parts).rstrip(c)
 
 
+# Longest echo of each MSH field into an ACK: a 5 MB MSH-10 once came back whole in the ACK and was stored twice
+# (raw and ACK). Control ids past ST 199 are refused (AR 102) but still echoed whole up to 1,000 characters, so
+# the sender's engine can match the refusal; beyond that nothing could match it, and the raw keeps what was sent.
+ECHO_LIMITS = {3: 227, 4: 227, 5: 227, 6: 227, 10: 1000, 11: 3, 12: 60}
+
+
 def header_fields(msg: Message | None, raw: bytes | None) -> dict[str, str]:
     """MSH fields to echo, from a parsed message or best effort from raw bytes whose MSH did not parse."""
     if msg is not None:
         h = msg.msh
         # printable: a control character (a NUL in MSH-10) must never go back to the sender
-        return {f"MSH-{n}": printable(h.raw(n)) for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": printable(h.get(9, 2, decode=False))}
+        return ({f"MSH-{n}": printable(h.raw(n)[:limit]) for n, limit in ECHO_LIMITS.items()}
+                | {"event": printable(h.get(9, 2, decode=False)[:3])})
     out = {f"MSH-{n}": "" for n in (3, 4, 5, 6, 10, 11, 12)} | {"event": ""}
     if raw and raw.startswith(b"MSH|"):
         first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
         fields = first.split("|")
-        for n in (3, 4, 5, 6, 10, 11, 12):
+        for n, limit in ECHO_LIMITS.items():
             if len(fields) > n - 1:
                 # only plain text goes back: the encoding characters themselves are unknown
-                out[f"MSH-{n}"] = printable("".join(ch for ch in fields[n - 1] if ch not in "^~\\&"))[:200]
+                out[f"MSH-{n}"] = printable("".join(ch for ch in fields[n - 1][:limit] if ch not in "^~\\&"))
     return out
 
 
@@ -126,7 +133,7 @@ def build_ack(
     errors = errors or []
     if text is None and errors:
         text = errors[0].text
-    msa = ["MSA", code, h["MSH-10"], escape(printable(text or ""), *_delims(enc))[:80] if text else ""]
+    msa = ["MSA", code, h["MSH-10"], escape(cut_words(printable(text), MSA3_LENGTH), *_delims(enc)) if text else ""]
     segments = [f.join(msh), f.join(msa).rstrip(f)]
     for e in errors:
         code_text = ERROR_TEXTS.get(e.code, "")
@@ -143,6 +150,18 @@ def build_ack(
         segments.append(f.join(err))
     codec = msg.codec if msg is not None else "utf-8"
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")
+
+
+MSA3_LENGTH = 80  # ST 80; the whole text is in ERR-8 (and the stored error)
+
+
+def cut_words(text: str, limit: int) -> str:
+    """Text of at most `limit` characters, cut at a word boundary with "..." when it is longer."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 3]
+    space = head.rfind(" ")
+    return (head[:space] if space > limit // 2 else head).rstrip(" ,;:") + "..."
 
 
 def _delims(enc: Encoding) -> tuple[str, str, str, str, str]:

@@ -95,3 +95,9 @@ def reprocess(
         typer.echo(f"reprocessed {len(ids)} message(s): {summary}")
     finally:
         gw.close()
+    not_applied = counts.get("error", 0) + counts.get("rejected", 0)
+    if not_applied:
+        # a script running this after a mapping fix must see that the feed is not yet clean
+        typer.echo(f"{not_applied} message(s) still not applied: fix the cause shown above and reprocess them again",
+                   err=True)
+        raise typer.Exit(1)

@@ -41,7 +41,21 @@ class Hl7Settings(BaseModel):
         False, description="Also validate each message's structure with hl7apy (slow: ~15 ms/message)."
     )
     max_frame_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest MLLP frame; a larger one closes the connection.")
+    max_segments: int = Field(1000, ge=10, description="Most segments in one message; a longer message gets AE (102).")
+    max_repetitions: int = Field(
+        100, ge=1, description="Most repetitions of one field (e.g. PID-3 identifiers); more gets AE (102) naming the field."
+    )
     idle_timeout: float = Field(600.0, gt=0, description="Seconds a connection may stay silent before it is closed.")
+    frame_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds a connection may take to send one whole frame (from its first byte, or from stray bytes "
+        "outside a frame); a slower sender is closed, so a connection trickling a byte at a time cannot be held open.",
+    )
+    max_connections: int = Field(
+        100, ge=1,
+        description="Most MLLP connections open at once; further ones are closed at once (logged). Lowered at start-up "
+        "if the process's open-file limit could not hold them beside the other doors.",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key, the listener speaks TLS.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a certificate it signed.")

@@ -5,24 +5,34 @@ per-read Task and timeout that StreamReader + wait_for cost is measurable. Each
 connection's messages go to the committer in arrival order and their ACKs come
 back in that order; the idle timeout is one periodic sweep, not a timer per read.
 Nothing touches the database on the loop's thread: the writer thread commits
-every message, so a locked database delays ACKs, never the loop.
+every message, so a locked database delays ACKs, never the loop. A large message
+is read in a worker thread, so one hostile sender cannot stall the other doors
+that share the loop; connections are capped, a frame has a deadline, and the
+accept loop is our own, so running out of file descriptors pauses accepting
+instead of spinning (asyncio's accept loop logs each failure and retries
+~100-fold: 2.3 million log lines in 40 s here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import ipaddress
 import logging
+import resource
 import socket
 import ssl
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from gateway.hl7.ack import AckError
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.mllp import FrameTooLarge, MllpDecoder, frame
 from gateway.hl7.pipeline import Prepared, Processor, Result
+from gateway.logs import RateLimited
 from mapping.engine import Mapper
 from mapping.schema import DEFAULT_MAPPING, load_mapping
 from store.db import Database
@@ -31,6 +41,11 @@ log = logging.getLogger("clinphoto.hl7.mllp")
 
 # a client that sends without reading its ACKs is paused at this many unanswered messages
 MAX_IN_FLIGHT = 256
+# Messages up to this size are read on the event loop: a normal ADT (~1 KB) takes ~50 us, less than a hop to a
+# worker thread. Larger ones go to a worker, so one 300 KB message (37 s once) cannot hold up HTTP or DICOM.
+INLINE_PREPARE_BYTES = 32 * 1024
+# descriptors kept back for the database, blob files, logs, HTTP and DICOM when fitting max_connections
+RESERVED_DESCRIPTORS = 64
 
 
 def build_processor(settings: Hl7Settings) -> Processor:
@@ -73,7 +88,11 @@ class MllpConnection(asyncio.Protocol):
         self.peer = "?"
         self.decoder = MllpDecoder(listener.settings.max_frame_bytes)
         self.in_flight = 0
+        # refreshed by whole messages and ACKs only: stray bytes trickled outside a frame do not keep it alive
         self.last_active = time.monotonic()
+        self.frame_started: float | None = None  # when the frame now arriving began (the frame deadline)
+        # messages being read in a worker thread, with the ones behind them, in arrival order
+        self.preparing: deque[asyncio.Future] = deque()
         self.closing = False
         self.paused = False
 
@@ -86,7 +105,7 @@ class MllpConnection(asyncio.Protocol):
             # an ACK must not wait ~40 ms for Nagle's algorithm
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.listener.allow.allows(str(peername[0])):
-            log.warning("MLLP connection from %s refused: not in the allowed sources", self.peer)
+            self.listener.refused_log.warning("MLLP connection from %s refused: not in the allowed sources", self.peer)
             self.closing = True
             transport.abort()
             return
@@ -96,28 +115,44 @@ class MllpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = time.monotonic()
+        now = time.monotonic()
         try:
             messages, dropped, truncated = self.decoder.feed(data)
         except FrameTooLarge as exc:
             log.warning("MLLP connection from %s closed: %s", self.peer, exc)
             self.close(abort=True)
             return
+        if messages:
+            self.last_active = now
+        if not self.decoder.in_frame:
+            self.frame_started = None
+        elif self.frame_started is None or messages:
+            self.frame_started = now
         if dropped:
             log.warning("MLLP from %s: %d bytes outside a frame ignored", self.peer, dropped)
         if truncated:
             log.warning("MLLP from %s: %d unterminated frame(s) dropped (a new frame started)", self.peer, truncated)
         listener = self.listener
         loop = listener.loop
-        prepared = [listener.prepare(raw, self.peer) for raw in messages]
-        # always the writer thread, never a commit here: a commit waiting for the database write
-        # lock (busy timeout 30 s) would stall every connection, HTTP and DICOM sharing this loop
-        for p in prepared:
+        for raw in messages:
             self.in_flight += 1
-            listener.committer.submit_nowait(p, loop, self._answered)
+            if len(raw) <= INLINE_PREPARE_BYTES and not self.preparing:
+                # always the writer thread, never a commit here: a commit waiting for the database write
+                # lock (busy timeout 30 s) would stall every connection, HTTP and DICOM sharing this loop
+                listener.committer.submit_nowait(listener.prepare(raw, self.peer), loop, self._answered)
+                continue
+            future = loop.run_in_executor(listener.workers, listener.prepare, raw, self.peer)
+            self.preparing.append(future)
+            future.add_done_callback(self._prepared)
         if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
             self.transport.pause_reading()
+
+    def _prepared(self, _future: asyncio.Future) -> None:
+        """Hand the messages read so far to the writer, in the order they arrived."""
+        queue = self.preparing
+        while queue and queue[0].done():
+            self.listener.committer.submit_nowait(queue.popleft().result(), self.listener.loop, self._answered)
 
     def _answered(self, result: Result) -> None:
         self.in_flight -= 1
@@ -150,6 +185,42 @@ class MllpConnection(asyncio.Protocol):
             (self.transport.abort if abort else self.transport.close)()
 
 
+def fit_connection_limit(wanted: int) -> int:
+    """max_connections, lowered when the open-file limit could not hold that many beside everything else."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    room = max(1, (soft - RESERVED_DESCRIPTORS) // 2)  # half of what is left: HTTP and DICOM need theirs
+    if wanted > room:
+        log.warning("hl7.max_connections %d lowered to %d: the open-file limit is %d (raise it with ulimit -n or "
+                    "LimitNOFILE=)", wanted, room, soft)
+        return room
+    return wanted
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for host:port (every address of a name, as asyncio binds them)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if port == 0:
+        infos = infos[:1]  # several addresses would each get a different free port
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class MllpListener:
     name = "mllp"
 
@@ -160,9 +231,17 @@ class MllpListener:
         self.committer = GroupCommitter(db, self.processor, settings.batch_max)
         self.allow = AllowList(settings.allowed_sources)
         self.connections: set[MllpConnection] = set()
+        self.starting = 0  # accepted, TLS handshake or protocol set-up not yet done
+        self.max_connections = settings.max_connections
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hl7-read")
+        self._socks: list[socket.socket] = []
+        self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        # events a hostile or broken sender can repeat at will: logged, but not once per event
+        self.refused_log = RateLimited(log)
+        self._accept_log = RateLimited(log)
+        self._timeout_log = RateLimited(log)
 
     @classmethod
     def from_gateway(cls, gw) -> MllpListener:
@@ -171,28 +250,76 @@ class MllpListener:
 
     @property
     def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1] if self._server else self._port
+        return self._socks[0].getsockname()[1] if self._socks else self._port
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         # Objects alive at start-up (modules, mappers, settings) never die: keep them out of the cyclic
         # collector's scans, which otherwise cost ~15% of the ADT hot path.
         gc.freeze()
+        self._ssl = tls_context(self.settings)
+        self.max_connections = fit_connection_limit(self.settings.max_connections)
+        self._socks = listening_sockets(self.host, self._port)
         self.committer.start()
-        self._server = await self.loop.create_server(lambda: MllpConnection(self), self.host, self._port,
-                                                     ssl=tls_context(self.settings))
+        for sock in self._socks:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
         self._schedule_sweep()
-        log.info("MLLP listening on %s:%s%s", self.host, self.port, " (TLS)" if self.settings.tls_cert else "")
+        log.info("MLLP listening on %s:%s%s (at most %d connections)", self.host, self.port,
+                 " (TLS)" if self.settings.tls_cert else "", self.max_connections)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(64):  # then let the other doors have the loop
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # out of file descriptors or memory: pause accepting for a second rather than spin on it
+                self._accept_log.warning("MLLP cannot accept connections (%s); pausing 1 s", exc.strerror or exc)
+                self.loop.remove_reader(sock.fileno())
+                self.loop.call_later(1.0, self._resume_accept, sock)
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.debug("accept failure", exc_info=True)
+                return
+            if len(self.connections) + self.starting >= self.max_connections:
+                self.refused_log.warning("MLLP connection limit reached (%d open, setting hl7.max_connections): "
+                                         "a new connection was closed", self.max_connections)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.starting += 1
+            self.loop.create_task(self._start_connection(conn))
+
+    def _resume_accept(self, sock: socket.socket) -> None:
+        if sock in self._socks and sock.fileno() >= 0:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    async def _start_connection(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: MllpConnection(self), conn, ssl=self._ssl,
+                                                    ssl_handshake_timeout=self.settings.frame_timeout if self._ssl else None)
+        except Exception as exc:  # a failed TLS handshake, a peer gone already
+            log.info("MLLP connection could not start: %s", type(exc).__name__)
+            conn.close()
+        finally:
+            self.starting -= 1
 
     def _schedule_sweep(self) -> None:
-        interval = min(1.0, self.settings.idle_timeout / 4)
+        interval = min(1.0, self.settings.idle_timeout / 4, self.settings.frame_timeout / 4)
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
         now = time.monotonic()
+        s = self.settings
         for conn in list(self.connections):
-            if conn.in_flight == 0 and now - conn.last_active > self.settings.idle_timeout:
-                log.info("MLLP connection from %s closed after %.0f s idle", conn.peer, self.settings.idle_timeout)
+            if conn.frame_started is not None and now - conn.frame_started > s.frame_timeout:
+                self._timeout_log.warning("MLLP connection from %s closed: no whole frame within %.0f s "
+                                          "(setting hl7.frame_timeout)", conn.peer, s.frame_timeout)
+                conn.close(abort=True)
+            elif conn.in_flight == 0 and now - conn.last_active > s.idle_timeout:
+                log.info("MLLP connection from %s closed after %.0f s idle", conn.peer, s.idle_timeout)
                 conn.close()
         self._schedule_sweep()
 
@@ -200,8 +327,10 @@ class MllpListener:
         """Stop accepting, answer every message already received, close the connections, stop the writer."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        for sock in self._socks:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks = []
         deadline = time.monotonic() + 30
         while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -209,6 +338,7 @@ class MllpListener:
             conn.close()
         await asyncio.sleep(0)  # let the transports flush and close
         await self.loop.run_in_executor(None, self.committer.stop)
+        self.workers.shutdown(wait=False)
         log.info("MLLP listener stopped: %d message(s) in %d group commit(s)", self.committer.messages, self.committer.batches)
 
     def prepare(self, raw: bytes, peer: str) -> Prepared:

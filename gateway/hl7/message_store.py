@@ -22,26 +22,32 @@ class StoredAck:
     id: int
     status: str
     ack: bytes | None
+    raw: bytes
 
 
 def find_duplicate(session: Session, app: str, facility: str, control_id: str) -> StoredAck | None:
+    """The message that owns this sender/control-id key (the first one sent under it), if any."""
     row = Sql.of(session).one(
-        "SELECT id, status, ack FROM hl7_messages WHERE sending_application = ? AND sending_facility = ? AND control_id = ?",
+        "SELECT id, status, ack, raw FROM hl7_messages WHERE sending_application = ? AND sending_facility = ? "
+        "AND control_id = ? AND duplicate_of IS NULL",
         # uncut: a cut key would match a different, longer id (prepare refuses over-long ones anyway)
         (app, facility, control_id))
-    return StoredAck(row[0], row[1], bytes(row[2]) if row[2] is not None else None) if row else None
+    if not row:
+        return None
+    return StoredAck(row[0], row[1], bytes(row[2]) if row[2] is not None else None, bytes(row[3]))
 
 
 def insert(session: Session, *, raw: bytes, app: str, facility: str, control_id: str, message_type: str | None,
            trigger_event: str | None, event_time: datetime | None, peer: str | None, status: str,
-           ack: bytes | None, error: str | None, patient_id: int | None) -> int:
+           ack: bytes | None, error: str | None, patient_id: int | None, duplicate_of: int | None = None) -> int:
     sql = Sql.of(session)
     return sql.insert(
         "INSERT INTO hl7_messages (sending_application, sending_facility, control_id, message_type, trigger_event, "
-        "event_time, received_at, peer, status, ack, error, patient_id, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "event_time, received_at, peer, status, ack, error, patient_id, raw, duplicate_of) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (app[:200], facility[:200], control_id[:200], (message_type or None) and message_type[:10],
          (trigger_event or None) and trigger_event[:10], sql.dt(event_time), sql.dt(datetime.now(timezone.utc)),
-         peer, status, ack, error, patient_id, raw))
+         peer, status, ack, error, patient_id, raw, duplicate_of))
 
 
 def record_outcome(session: Session, message_id: int, *, status: str, ack: bytes | None, error: str | None,

@@ -32,6 +32,11 @@ class MllpDecoder:
     def pending(self) -> int:
         return len(self._buf) if self._in_frame else 0
 
+    @property
+    def in_frame(self) -> bool:
+        """A frame has started and not yet ended."""
+        return self._in_frame
+
     def feed(self, data: bytes) -> tuple[list[bytes], int, int]:
         """(messages, bytes dropped outside frames, truncated frames dropped). Raises FrameTooLarge."""
         buf = self._buf

@@ -20,7 +20,7 @@ from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.escape import EscapeError
-from gateway.hl7.parse import Hl7Error, Message, parse
+from gateway.hl7.parse import Hl7Error, Message, limits_fault, parse
 from gateway.patient_index import Actor, PatientIndex, PatientIndexError
 from mapping.engine import Mapper, MappingFault
 from store.audit import AuditEntry
@@ -96,6 +96,10 @@ class Processor:
             p.reject = AckError("203", f"HL7 version {msg.version!r} in MSH-12 is not supported", "MSH-12")
         if p.reject:
             return p
+        too_big = limits_fault(msg, self.settings.max_segments, self.settings.max_repetitions)
+        if too_big is not None:
+            p.error = AckError(too_big.code, too_big.text, too_big.location)
+            return p
         handler_known = p.message_type == "ADT" and p.event in HANDLERS
         if not handler_known:
             action = (self.settings.type_actions.get(f"{p.message_type}^{p.event}")
@@ -137,13 +141,15 @@ class Processor:
         elif p.msg is not None and control_id:
             dup = message_store.find_duplicate(session, p.app, p.facility, control_id)
             if dup is not None:
-                log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
-                return Result(ack=dup.ack, status=dup.status, message_id=dup.id, duplicate=True)
+                if same_content(dup.raw, p.raw):
+                    log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
+                    return Result(ack=dup.ack, status=dup.status, message_id=dup.id, duplicate=True)
+                return self._refuse_reused_key(session, p, dup.id)
         else:
             control_id = f"unparsed-{uuid.uuid4().hex}"
         status, code, errors, text, patient_id, audit = self._outcome(session, p)
         ack = self._ack(p, code, errors, text)
-        error_text = "; ".join(f"{e.code} {e.location or ''}: {e.text}" for e in errors) or (f"note: {text}" if text else None)
+        error_text = describe(errors, text)
         mid = message_store.insert(
             session, raw=p.raw, app=p.app, facility=p.facility, control_id=control_id, message_type=p.message_type,
             trigger_event=p.event, event_time=p.event_time, peer=p.peer, status=status, ack=ack, error=error_text,
@@ -154,15 +160,37 @@ class Processor:
         return Result(ack=ack, status=status, message_id=mid, patient_id=patient_id, audit=audit, code=code,
                       error=error_text)
 
+    def _refuse_reused_key(self, session: Session, p: Prepared, owner: int) -> Result:
+        """A different message under a control id this sender already used: never applied, never thrown away.
+
+        Answering it with the first message's ACK would tell the sender it was applied; it is stored as
+        rejected beside the first (both in `hl7 list`) and answered AE 205 so the sender's engineer sees it."""
+        error = AckError("205", f"control id {p.control_id} from {_plain(p.app)}/{_plain(p.facility)} was already used "
+                                f"for a different message (stored as message {owner}); send this one under a new "
+                                "control id", "MSH-10")
+        ack = self._ack(p, "AE", [error], None)
+        error_text = describe([error], None)
+        mid = message_store.insert(
+            session, raw=p.raw, app=p.app, facility=p.facility, control_id=p.control_id, message_type=p.message_type,
+            trigger_event=p.event, event_time=p.event_time, peer=p.peer, status="rejected", ack=ack, error=error_text,
+            patient_id=None, duplicate_of=owner)
+        log.warning("HL7 message %s (%s^%s) from %s rejected: 205 control id reused for different content (first: %d)",
+                    p.control_id, p.message_type, p.event, p.app, owner)
+        return Result(ack=ack, status="rejected", message_id=mid, code="AE", error=error_text)
+
     def reapply(self, session: Session, message_id: int) -> Result:
         """Apply a stored message again (after a mapping fix); its row gets the new status and ACK."""
         row = message_store.get(session, message_id)
         if row is None:
             raise LookupError(f"no stored HL7 message with id {message_id}")
+        if row.duplicate_of is not None:
+            # refused for reusing another message's control id: a mapping fix cannot make it right
+            return Result(ack=row.ack, status=row.status, message_id=message_id, code="AE", error=row.error,
+                          previous_status=row.status)
         p = self.prepare(bytes(row.raw), row.peer)
         status, code, errors, text, patient_id, audit = self._outcome(session, p)
         ack = self._ack(p, code, errors, text)
-        error_text = "; ".join(f"{e.code} {e.location or ''}: {e.text}" for e in errors) or (f"note: {text}" if text else None)
+        error_text = describe(errors, text)
         message_store.record_outcome(session, message_id, status=status, ack=ack, error=error_text, patient_id=patient_id)
         return Result(ack=ack, status=status, message_id=message_id, patient_id=patient_id, audit=audit, code=code,
                       error=error_text, previous_status=row.status)
@@ -242,6 +270,39 @@ def header_fault(msg: Message, p: Prepared) -> AckError | None:
         p.app, p.facility = (_CONTROL.sub("\ufffd", v)[:200] for v in (p.app, p.facility))
         p.control_id = _CONTROL.sub("\ufffd", p.control_id)[:199]
     return fault
+
+
+def describe(errors: list[AckError], note: str | None) -> str | None:
+    """The stored error column: each error as code, location and text (the location once, even when the
+    text starts with it), or the note of an applied message."""
+    if not errors:
+        return f"note: {note}" if note else None
+    parts = []
+    for e in errors:
+        where = e.location or ""
+        text = e.text if not where or e.text.startswith(where) else f"{where}: {e.text}"
+        parts.append(f"{e.code} {text}")
+    return "; ".join(parts)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def same_content(first: bytes, second: bytes) -> bool:
+    """Whether a message sent under a used control id is a true resend: the same bytes, or the same content
+    with another MSH-7 (engines stamp the send time afresh), segment terminators and a byte-order mark aside."""
+    return first == second or _content_key(first) == _content_key(second)
+
+
+def _content_key(raw: bytes) -> bytes:
+    text = raw.removeprefix(BOM).strip(b"\r\n\t ").replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    head, sep, rest = text.partition(b"\r")
+    if head.startswith(b"MSH") and len(head) > 3:
+        fields = head.split(head[3:4])
+        if len(fields) > 6:
+            fields[6] = b""  # MSH-7, date/time of message (fields[1] is MSH-2: MSH-1 is the separator itself)
+        head = head[3:4].join(fields)
+    return head + sep + rest
 
 
 def one_entry_per_patient(entries: list[AuditEntry]) -> list[AuditEntry]:
