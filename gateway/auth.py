@@ -312,13 +312,17 @@ def authenticate(request: Request) -> Subject:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
+    what = f"{request.method} {request.url.path}"
     if settings.auth.mode == "api-key":
         key = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
         sub = settings.api_keys.get(key or "")
         if not sub:
+            _audit_auth_failure(gw, address, "an unknown API key" if key else "no API key", what)
             raise HTTPException(401, "a valid API key is required", headers=_challenge(realm, "invalid_token" if key else None))
         return Subject(sub=sub, role="medical-illustration", scopes=("user/*.cruds",), network_address=address)
     if scheme.lower() != "bearer" or not token:
+        # every refusal is on the trail, a request without any token too (one record per request)
+        _audit_auth_failure(gw, address, "no bearer token", what)
         raise HTTPException(401, "a bearer token is required (Authorization: Bearer <JWT>)", headers=_challenge(realm))
     try:
         return verifier_for(request.app.state, settings).verify(token, address)
@@ -326,10 +330,14 @@ def authenticate(request: Request) -> Subject:
         log.error("cannot check bearer tokens: %s", exc)
         raise HTTPException(503, f"authentication is unavailable: {exc}") from None
     except AuthError as exc:
-        from gateway import access_audit
-
-        access_audit.record_auth_failure(gw, network=address, reason=str(exc), what=f"{request.method} {request.url.path}")
+        _audit_auth_failure(gw, address, str(exc), what)
         raise HTTPException(401, str(exc), headers=_challenge(realm, "invalid_token", str(exc))) from None
+
+
+def _audit_auth_failure(gw, address: str | None, reason: str, what: str) -> None:
+    from gateway import access_audit
+
+    access_audit.record_auth_failure(gw, network=address, reason=reason, what=what)
 
 
 def with_request_purpose(subject: Subject, request: Request) -> Subject:

@@ -574,6 +574,34 @@ def filter_except_consent(ctx: AccessContext, settings: PolicySettings, asset=As
     return filter_for(ctx, settings, asset, skip=("consent",))
 
 
+def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: ColumnElement) -> ColumnElement[bool]:
+    """Need to know a patient's records beyond photos (consents): the specialty rule read per patient.
+
+    True when the caller is not bound by the specialty rule (or breaks the glass), when the patient has a
+    current encounter in one of the caller's specialties, or when the caller could see a photo of the patient
+    by every rule but consent and scopes (consent is what such records govern; the door checks the scopes of
+    the resource it serves). `patient_id` is the patient id column or value the query is about."""
+    if ctx.refusal:
+        return false()
+    s = ctx.subject
+    bound = s.role in settings.specialty_rule_roles or (s.role == "system" and bool(s.specialties))
+    if not bound or ctx.breaking_glass:
+        return true()
+    photo = select(Asset.id).where(Asset.patient_id == patient_id, filter_for(ctx, settings, skip=("consent", "scope")))
+    specs = frozenset(s.specialties)
+    if not specs:
+        return photo.exists()
+    caring = CurrentEncounterIn(specs, ctx.now).sql(_PatientOf(patient_id))
+    return or_(photo.exists(), caring)
+
+
+@dataclass(frozen=True)
+class _PatientOf:
+    """Stands in for an Asset row where a predicate only reads the patient (CurrentEncounterIn)."""
+
+    patient_id: Any
+
+
 @dataclass
 class Decision:
     permit: bool

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
 from gateway.app import create_app
+from gateway.policy import scope_allows
 from store import audit
 from store.models import AuditEvent
 from tests.access_matrix import PATIENTS, PHOTOS, ROLE_PURPOSES, USERS, build_access_matrix
@@ -72,7 +73,8 @@ def test_access_matrix_through_list_read_and_image(gw, api):
         for patient in PATIENTS:
             system, value = world.identifier(patient)
             r = api.get("/api/v1/photos", params={"patient": f"{system}|{value}", "limit": 200}, headers=headers)
-            if refused_outright(user):
+            if refused_outright(user) or not scope_allows(user.scopes, "Media", "s"):
+                # a role that may not act for the purpose, or a token no scope of which allows searching photos
                 assert r.status_code == 403, (user.key, r.text)
                 continue
             assert r.status_code == 200, (user.key, r.text)
@@ -224,10 +226,11 @@ def test_without_a_valid_token_the_answer_is_401_with_a_challenge(gw, api):
             if error:
                 assert f'error="{error}"' in challenge
     assert api.get("/healthz").status_code == 200 and api.get("/readyz").status_code == 200
-    # tokens that did not verify are on the trail (User Authentication failures); missing ones are not
+    # every refused request is on the trail (User Authentication failures), one record each, missing tokens too
     failures = audit_events(gw, AuditEvent.type_code == audit.LOGIN)
-    assert len(failures) == 4 * len(paths) and all(e.outcome == audit.MINOR_FAILURE and e.agent_network == "127.0.0.1" for e in failures)
+    assert len(failures) == 6 * len(paths) and all(e.outcome == audit.MINOR_FAILURE and e.agent_network == "127.0.0.1" for e in failures)
     assert any("expired" in e.outcome_desc for e in failures)
+    assert sum(e.outcome_desc == "no bearer token" for e in failures) == 2 * len(paths)
 
 
 def test_bad_requests_get_specific_errors(gw, api):
@@ -275,7 +278,8 @@ def test_read_only_and_search_only_scopes(gw, api):
     read_only = auth_headers(gw, role="medical-illustration", sub="mi.jones", scopes="user/Media.r")
     search_only = auth_headers(gw, role="medical-illustration", sub="mi.jones", scopes="user/Media.s")
     listing = {"patient": f"{system}|{value}"}
-    assert api.get("/api/v1/photos", params=listing, headers=read_only).json()["total"] == 0
+    refused = api.get("/api/v1/photos", params=listing, headers=read_only)
+    assert refused.status_code == 403 and 'error="insufficient_scope"' in refused.headers["www-authenticate"]
     assert api.get(f"/api/v1/photos/{photo}", headers=read_only).status_code == 200
     assert api.get(f"/api/v1/photos/{photo}/image", headers=read_only).status_code == 200
     assert api.get("/api/v1/photos", params=listing, headers=search_only).json()["total"] == len(world.visible_asset_ids(mi, "PA"))

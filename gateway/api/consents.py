@@ -26,7 +26,7 @@ from gateway import access_audit
 from gateway.api.params import no_nul, parse_patient
 from gateway.auth import Subject, require_subject
 from gateway.consents import ConsentError, ConsentNotFound, list_consents, record_consent, withdraw_consent
-from gateway.policy import AccessContext, filter_except_consent, resolve, scope_context, utc
+from gateway.policy import AccessContext, filter_except_consent, knows_patient, resolve, scope_context, utc
 from store import audit
 from store.models import Asset, Consent
 from store.patients import find_patient
@@ -159,12 +159,23 @@ def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depe
 @router.get("")
 def read(request: Request, subject: Annotated[Subject, Depends(require_subject)],
          patient: Annotated[str, Query(description="The patient, as identifier system|value")]) -> dict:
+    """A patient's consents, for callers with a need to know the patient (the specialty rule, as for photos);
+    a patient the caller may not know answers exactly like an unknown one."""
     gw = request.app.state.gw
     ctx = resolve(subject, gw.settings.policy)
     context = _allowed(request, ctx, "r")
-    patient_id = _patient_id(request, ctx, context, patient)
+    system, value = parse_patient(patient)
     with gw.db.read() as session:
-        items = [consent_json(c) for c in list_consents(session, patient_id)]
+        found = find_patient(session, system, value)
+        patient_id = found.id if found is not None else None
+        known = patient_id is not None and bool(session.scalar(select(knows_patient(ctx, gw.settings.policy, patient_id))))
+        items = [consent_json(c) for c in list_consents(session, patient_id)] if known else []
+    _in_context(request, ctx, context, patient_id)
+    if not known:
+        reason = "no such patient" if patient_id is None else "no need to know this patient (specialty rule)"
+        # the reason goes to the trail only: the caller cannot tell a hidden patient from an unknown one
+        access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}", reason=reason, patient_id=patient_id)
+        raise HTTPException(404, "patient not found")
     entry = access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="consent", patient_id=patient_id,
                                     entities=[{"type": "patient", "id": patient_id}] + [{"type": "consent", "id": c["id"]} for c in items])
     access_audit.write(gw, [entry])

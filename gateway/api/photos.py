@@ -11,6 +11,7 @@ exist; the denial and its reasons go to the audit trail only.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -134,6 +135,12 @@ def list_photos(
     system, value = parse_patient(patient)
     ctx = _context(request, subject, "search")
     gw = request.app.state.gw
+    try:
+        require_scope(subject, "Media", "s", gw.settings.auth.realm)
+    except HTTPException as exc:
+        # no scope grants searching photos at all: a refusal (403 insufficient_scope), audited as one
+        access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}", reason=str(exc.detail))
+        raise
     where = filter_for(ctx, gw.settings.policy)
     with gw.db.read() as session:
         found = find_patient(session, system, value)
@@ -214,15 +221,24 @@ def photo_image(
         log.error("blob %s of photo %s (%s) is missing from the blob store", sha, asset.id, rendition)
         raise HTTPException(500, f"the stored {rendition} of this photo is missing; run `clinphoto store check`")
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve", detail=detail)
-    stem = (asset.original_filename or asset.id).rsplit(".", 1)[0]
     suffix = {"image/jpeg": "jpg", "image/png": "png", "image/heic": "heic", "image/tiff": "tif"}.get(media_type, "bin")
+    stem = safe_file_stem(asset.original_filename, asset.id)
     return FileResponse(
         path,
         media_type=media_type,
-        filename=f"{stem}-{rendition}.{suffix}" if rendition != "original" else (asset.original_filename or f"{asset.id}.{suffix}"),
-        content_disposition_type="inline",
+        filename=f"{stem}-{rendition}.{suffix}" if rendition != "original" else f"{stem}.{suffix}",
+        # the original is the uploader's file, kept as evidence: a download, never rendered in the page
+        content_disposition_type="attachment" if rendition == "original" else "inline",
         headers={"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"},
     )
+
+
+def safe_file_stem(filename: str | None, fallback: str) -> str:
+    """A download name from the uploader's file name: letters, digits, '.', '-', '_' only, no path, no
+    extension (the served type decides it), at most 80 characters."""
+    stem = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:80]
+    return stem or fallback
 
 
 # -- governance: sensitivity and access list (medical illustration staff) --------------------------
