@@ -156,7 +156,7 @@ def main() -> None:
                     refused += 1
             deadline = time.monotonic() + args.seconds
             worst_http = worst_adt = 0.0
-            n = 0
+            n = answered = refused_adt = 0
             while time.monotonic() < deadline:
                 for s in socks:
                     try:
@@ -168,9 +168,13 @@ def main() -> None:
                 except OSError:
                     worst_http = float("inf")  # no answer within 10 s
                 try:
-                    worst_adt = max(worst_adt, send_adt(mllp_port, NORMAL.format(cid=f"T{n}"), timeout=30)[0])
+                    latency, ack = send_adt(mllp_port, NORMAL.format(cid=f"T{n}"), timeout=30)
+                    if b"MSA|AA" in ack:
+                        worst_adt, answered = max(worst_adt, latency), answered + 1
+                    else:
+                        refused_adt += 1
                 except OSError:
-                    worst_adt = float("inf")
+                    refused_adt += 1
                 n += 1
                 time.sleep(2)
             still_open = 0
@@ -185,7 +189,8 @@ def main() -> None:
                 s.close()
             lines = log_path.read_bytes().count(b"\n") - lines_before
             print(f"trickle (gateway fd limit {args.fd_limit}): {args.trickle} connections ({refused} refused at connect) for {args.seconds:.0f} s: "
-                  f"worst /healthz {worst_http * 1000:.0f} ms, worst normal ADT {worst_adt * 1000:.0f} ms, "
+                  f"worst /healthz {worst_http * 1000:.0f} ms; normal ADT every 2 s: {answered} answered (worst "
+                  f"{worst_adt * 1000:.0f} ms), {refused_adt} refused; "
                   f"{still_open} trickling connections still open at the end, {lines} log lines")
         finally:
             proc.terminate()

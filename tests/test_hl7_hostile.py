@@ -194,6 +194,17 @@ def test_connections_over_the_cap_are_closed_and_logged_once(db, caplog):
     assert len(limit_lines) == 1  # five refusals, one line (rate-limited)
 
 
+def test_at_the_cap_a_sender_stuck_inside_a_frame_makes_room_for_a_prompt_one(db):
+    with running(db, max_connections=3, frame_timeout=60) as listener:
+        stuck = [Client(listener.port, timeout=2) for _ in range(3)]
+        for c in stuck:
+            c.send_raw(b"\x0bMSH|^~")
+        time.sleep(1.3)  # longer than a PAS ever takes for one frame
+        prompt = Client(listener.port)
+        assert msa(prompt.call(build(msh("A28", "P1"), "EVN|A28|20240301101500", PID))) == ("AA", "P1")
+        assert sum(c.closed() for c in stuck) == 1  # the slowest one, no more
+
+
 def test_a_connection_flood_at_the_file_limit_starves_nothing_and_floods_no_log(tmp_path, database_url):
     """300 trickling connections against a gateway allowed 128 open files: MLLP is capped below the limit, so
     accept() never runs out of descriptors and HTTP keeps answering; the frame deadline then frees the MLLP

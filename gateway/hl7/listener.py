@@ -46,6 +46,9 @@ MAX_IN_FLIGHT = 256
 INLINE_PREPARE_BYTES = 32 * 1024
 # descriptors kept back for the database, blob files, logs, HTTP and DICOM when fitting max_connections
 RESERVED_DESCRIPTORS = 64
+# at the connection cap, a connection this long inside one frame may be closed for a new one (a PAS sends a
+# whole message in milliseconds)
+SLOW_FRAME_SECONDS = 1.0
 
 
 def build_processor(settings: Hl7Settings) -> Processor:
@@ -242,6 +245,7 @@ class MllpListener:
         self.refused_log = RateLimited(log)
         self._accept_log = RateLimited(log)
         self._timeout_log = RateLimited(log)
+        self._evict_log = RateLimited(log)
 
     @classmethod
     def from_gateway(cls, gw) -> MllpListener:
@@ -283,7 +287,7 @@ class MllpListener:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.debug("accept failure", exc_info=True)
                 return
-            if len(self.connections) + self.starting >= self.max_connections:
+            if len(self.connections) + self.starting >= self.max_connections and not self._make_room():
                 self.refused_log.warning("MLLP connection limit reached (%d open, setting hl7.max_connections): "
                                          "a new connection was closed", self.max_connections)
                 conn.close()
@@ -291,6 +295,20 @@ class MllpListener:
             conn.setblocking(False)
             self.starting += 1
             self.loop.create_task(self._start_connection(conn))
+
+    def _make_room(self) -> bool:
+        """At the cap, close the connection stuck longest inside a frame (slower than SLOW_FRAME_SECONDS), so
+        senders trickling bytes cannot keep a prompt PAS out until their frame deadline; False if none is."""
+        now = time.monotonic()
+        stuck = [c for c in self.connections if c.frame_started is not None and now - c.frame_started > SLOW_FRAME_SECONDS]
+        if not stuck:
+            return False
+        slowest = min(stuck, key=lambda c: c.frame_started or now)
+        self._evict_log.warning("MLLP connection limit reached: closed the connection from %s, inside one frame for "
+                                  "%.0f s, to make room", slowest.peer, now - (slowest.frame_started or now))
+        self.connections.discard(slowest)
+        slowest.close(abort=True)
+        return True
 
     def _resume_accept(self, sock: socket.socket) -> None:
         if sock in self._socks and sock.fileno() >= 0:
