@@ -10,7 +10,7 @@ from PIL import Image
 
 from gateway.ingest.config import IngestSettings
 from gateway.ingest.prepare import prepare
-from gateway.ingest.renditions import fit, from_image
+from gateway.ingest.renditions import decode_target, fit, from_image
 from tests.ingest_helpers import photo_fixtures
 
 
@@ -50,12 +50,20 @@ def test_sizes_and_no_metadata(fx, tmp_path):
         p.close()
 
 
-def test_jpeg_renditions_use_draft_mode(fx):
-    image = Image.open(fx["baseline_420.jpg"])  # 640 x 480
-    r = from_image(image, 1, preview=160, thumbnail=40, quality=80)
-    # the decoder's 1/4 scale delivered 160 x 120 directly: no full-size decode happened
-    assert image.size == (160, 120)
-    assert r.preview_size == (160, 120) and r.thumbnail_size == (40, 30)
+def test_jpeg_renditions_come_from_a_reduced_decode(fx):
+    # 640 x 480 with a 160 px preview: the decoder may stop at 152 x 114, so its 1/4 scale (160 x 120) will do
+    assert decode_target(640, 480, 160, 0.95) == (152, 114)
+    p = prepare(fx["baseline_420.jpg"], IngestSettings(preview_size=160, thumbnail_size=40))
+    try:
+        assert p.renditions.preview_size == (160, 120) and p.renditions.thumbnail_size == (40, 30)
+    finally:
+        p.close()
+
+
+def test_from_image_turns_and_shrinks():
+    image = photo_fixtures.quadrant_image(96, 64).transpose(Image.Transpose.ROTATE_90)
+    r = from_image(image, 6, preview=48, thumbnail=24, quality=80)
+    assert r.preview_size == (48, 32) and r.thumbnail_size == (24, 16)
 
 
 def test_fit_never_enlarges():

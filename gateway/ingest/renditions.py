@@ -1,8 +1,8 @@
-"""Preview and thumbnail JPEGs: upright, no metadata, made with the decoder's own downscaling.
+"""Preview and thumbnail JPEGs: upright, no metadata, made from pixels the pipeline already decoded.
 
-For JPEG sources Pillow's draft mode asks libjpeg to decode at 1/2, 1/4 or 1/8
-scale (DCT scaling), so a 12 MP photo becomes a 256 px thumbnail without a full
-decode. Other formats reuse the image the pipeline already decoded.
+For JPEG sources the pipeline's strict check decodes at 1/2, 1/4 or 1/8 scale (DCT
+scaling, see decode_target), so a 12 MP photo becomes a 2016 px preview and a 256 px
+thumbnail from one reduced decode. Other formats reuse their full decode.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def fit(width: int, height: int, longest: int) -> tuple[int, int]:
 
 
 def _rgb_or_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGB", "L"):
+    if image.mode in ("RGB", "RGBX", "L"):  # RGBX: a decoder's buffer, resized and saved as RGB
         return image
     return image.convert("RGB")
 
@@ -53,19 +53,19 @@ def _shrink(image: Image.Image, longest: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
-def from_image(
-    image: Image.Image, orientation: int, *, preview: int, thumbnail: int, quality: int, min_fraction: float = 0.95
-) -> Renditions:
-    """Renditions from an opened image; a JPEG not yet loaded is decoded in draft mode.
+def decode_target(width: int, height: int, preview: int, min_fraction: float) -> tuple[int, int]:
+    """Smallest size a JPEG decoder may scale down to and still give the preview.
 
     The preview may come out up to (1 - min_fraction) smaller than `preview` when
     the decoder's 1/2, 1/4 or 1/8 scaling lands there: a 4032 px phone photo gives a
-    2016 px preview from a half-scale decode (~50 ms) instead of a full decode and
+    2016 px preview from a half-scale decode (~47 ms) instead of a full decode and
     resample (~200 ms).
     """
-    if image.format == "JPEG" and getattr(image, "_im", None) is None:
-        want = fit(image.width, image.height, max(1, int(preview * min_fraction)))
-        image.draft("L" if image.mode == "L" else "RGB", want)
+    return fit(width, height, max(1, int(preview * min_fraction)))
+
+
+def from_image(image: Image.Image, orientation: int, *, preview: int, thumbnail: int, quality: int) -> Renditions:
+    """Renditions from decoded pixels, turned upright by `orientation`."""
     big = _shrink(_rgb_or_gray(image), preview)
     big = upright(big, orientation)
     small = _shrink(big, thumbnail)
