@@ -19,7 +19,8 @@ class Gateway:
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.database_url, audit_key=load_or_create_key(settings.audit_key_file))
+        db = Database(settings.database_url, audit_key=load_or_create_key(settings.audit_key_file),
+                      audit_anchor_dir=settings.audit_key_file.parent)
         if migrate:
             db.upgrade()
         blobs = FileBlobStore(settings.blob_dir)

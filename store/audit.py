@@ -1,13 +1,27 @@
-"""Append-only, hash-chained audit trail.
+"""Append-only, hash-chained audit trail, anchored inside and outside the database.
 
-Each record's hash is a keyed SHA-256 (HMAC-SHA256) of its canonical content
-plus the previous record's hash, so editing, deleting, inserting or reordering
-records breaks the chain at the first touched sequence number. The key lives
-outside the database (a file in DATA_DIR by default), so someone who can write
-to the database cannot recompute the chain after changing it; the head row
-(last seq and hash, also keyed) catches records cut off the end. Records are
-appended inside the caller's write transaction: the audit record commits with
-the change it records or not at all.
+Each record's hash is a keyed SHA-256 (HMAC-SHA256) of its canonical content plus the
+previous record's hash, so editing, deleting, inserting or reordering records breaks the
+chain at the first touched sequence number. The key lives outside the database (a file in
+DATA_DIR by default), so someone who can write to the database cannot recompute the chain.
+Records are appended inside the caller's write transaction: the audit record commits with
+the change it records or not at all. Three keyed marks guard the chain as a whole:
+
+- genesis record (audit_head row 0), written with the trail's first records: a random
+  trail id (the store's audit identity) with its HMAC. Record 1 chains from that id, so
+  the trail cannot lose its start, and a trail started again after a wipe has another id.
+  (A trail begun before genesis records existed chains from GENESIS_HASH and has none.)
+- head (audit_head row 1): the last seq and hash with their HMAC. Catches records cut
+  off the end (the head cannot be rewound without the key) and records added after it.
+- anchor (store/audit_anchor.py): the trail id, last seq and hash in a keyed file beside
+  the audit key, one per database, moved only after a commit. The database can be wiped
+  whole (events, head and genesis); the file cannot be reached from it. It catches a wipe
+  ("records 1..N missing"), a trail started afresh after a wipe (another genesis id),
+  and an older consistent copy of the trail put back (fewer records, or another hash at
+  the anchored seq).
+
+An empty trail verifies only when there is no anchor, no head and no genesis: a store that
+never started one.
 """
 
 from __future__ import annotations
@@ -24,12 +38,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from psycopg.types.json import Json
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
+from store.audit_anchor import ANCHOR, PENDING, AnchorError, AnchorState, AuditAnchor
 from store.models import AuditEvent, AuditHead
 
+# what a trail from before genesis records chains from; also the head's "nothing yet" value
 GENESIS_HASH = "0" * 64
+_GENESIS_ID = 0  # audit_head row of the genesis record
 _HEAD_ID = 1
 
 
@@ -144,6 +161,10 @@ def _head_mac(key: bytes, seq: int, last_hash: str) -> str:
     return hmac.new(key, f"head:{seq}:{last_hash}".encode(), hashlib.sha256).hexdigest()
 
 
+def _genesis_mac(key: bytes, trail: str) -> str:
+    return hmac.new(key, f"genesis:{trail}".encode(), hashlib.sha256).hexdigest()
+
+
 _INSERT_COLUMNS = (
     "seq", "recorded_at", "type_code", "subtype", "action", "outcome", "outcome_desc", "agent_who", "agent_role",
     "agent_network", "purpose_of_use", "patient_id", "entities", "detail", "prev_hash", "hash",
@@ -186,7 +207,10 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     every HL7 message and every access, and three ORM-executed Core statements cost ~0.6 ms
     a call, about half of an ADT message's whole CPU budget; the cursor costs ~0.05 ms.
     The head row is locked until commit so appenders queue: FOR UPDATE on PostgreSQL; on
-    SQLite the write transaction began IMMEDIATE and already holds the database's write lock."""
+    SQLite the write transaction began IMMEDIATE and already holds the database's write lock.
+    The new head goes to the anchor file when the transaction commits (store.audit_anchor);
+    do not append inside a savepoint rolled back with raw SQL (SQLAlchemy's begin_nested is fine):
+    the anchor would be told of records that are gone."""
     entries = list(entries)
     if not entries:
         return []
@@ -195,21 +219,48 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     pg = conn.dialect.name == "postgresql"
     cur = conn.connection.dbapi_connection.cursor()
     try:
-        return _append_rows(cur, pg, key, entries)
+        seqs, state = _append_rows(cur, pg, key, entries)
     finally:
         cur.close()
+    if session.info.get(ANCHOR) is not None:
+        session.info[PENDING] = state  # the anchor hooks take it on commit, drop it on rollback
+    return seqs
 
 
-def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> list[int]:
+# both chain marks (row 0 genesis, row 1 head), locked, in one statement: the hot path's only
+# extra cost for the genesis, ~3 us (a range on the key; IN (0, 1) was slower on SQLite)
+_LOCK_MARKS = {
+    False: "SELECT id, seq, hash FROM audit_head WHERE id BETWEEN 0 AND 1",
+    True: "SELECT id, seq, hash FROM audit_head WHERE id BETWEEN 0 AND 1 ORDER BY id FOR UPDATE",
+}
+
+
+def _lock_marks(cur, pg: bool) -> dict[int, tuple[int, str]]:
+    cur.execute(_LOCK_MARKS[pg])
+    return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+
+
+def _start_trail(cur, mark: str, key: bytes) -> None:
+    """The genesis record (a new random trail id) and a head at it. DO NOTHING: a concurrent
+    appender that started the trail first wins (PostgreSQL makes us wait for its commit)."""
+    trail = secrets.token_hex(32)
+    cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, 0, {mark}, {mark}), ({mark}, 0, {mark}, {mark}) "
+                "ON CONFLICT DO NOTHING",
+                (_GENESIS_ID, trail, _genesis_mac(key, trail), _HEAD_ID, trail, _head_mac(key, 0, trail)))
+
+
+def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> tuple[list[int], AnchorState]:
     mark = "%s" if pg else "?"
-    cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = {mark}" + (" FOR UPDATE" if pg else ""), (_HEAD_ID,))
-    head = cur.fetchone()
-    if head is None:
-        cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, 0, {mark}, '') ON CONFLICT DO NOTHING",
-                    (_HEAD_ID, GENESIS_HASH))
-        cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = {mark}" + (" FOR UPDATE" if pg else ""), (_HEAD_ID,))
-        head = cur.fetchone()
-    seq, prev = head
+    marks = _lock_marks(cur, pg)
+    if _GENESIS_ID not in marks and marks.get(_HEAD_ID, (0, GENESIS_HASH)) == (0, GENESIS_HASH):
+        # no trail yet (or one wiped down to a bare head): start one. After a wipe this is a new
+        # trail id, which the anchor of the old trail tells apart.
+        _start_trail(cur, mark, key)
+        marks = _lock_marks(cur, pg)
+    trail = marks[_GENESIS_ID][1] if _GENESIS_ID in marks else GENESIS_HASH
+    seq, prev = marks.get(_HEAD_ID, (0, trail))
+    if seq == 0:
+        prev = trail  # record 1 chains from the genesis record
     now = datetime.now(timezone.utc)
     rows, seqs = [], []
     for entry in entries:
@@ -234,9 +285,13 @@ def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> list[i
         seqs.append(seq)
     cur.executemany(f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})",
                     rows)
-    cur.execute(f"UPDATE audit_head SET seq = {mark}, hash = {mark}, mac = {mark} WHERE id = {mark}",
-                (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
-    return seqs
+    if _HEAD_ID in marks:
+        cur.execute(f"UPDATE audit_head SET seq = {mark}, hash = {mark}, mac = {mark} WHERE id = {mark}",
+                    (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
+    else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)
+        cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, {mark}, {mark}, {mark})",
+                    (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
+    return seqs, AnchorState(trail, seq, prev)
 
 
 def append(session: Session, entry: AuditEntry) -> int:
@@ -249,36 +304,126 @@ class VerifyReport:
     checked: int
     first_bad_seq: int | None = None
     reason: str | None = None
+    anchored_seq: int | None = None  # how far the anchor file vouches for the trail (None: no anchor)
+
+
+_AUDIT_TABLES = ("audit_events", "audit_head")
 
 
 def verify(session: Session, batch: int = 5000) -> VerifyReport:
-    """Walk the whole chain in order, then check the head; report the first record that does not fit."""
+    """Walk the whole chain in order, then check head, genesis and anchor; report the first thing that does not fit."""
     key = _key(session)
-    expected_seq, prev = 1, GENESIS_HASH
-    checked = 0
+    # the anchor before anything from the database: it only ever trails the database, so what is
+    # read after it reaches at least as far
+    anchored, anchor_error = _read_anchor(session.info.get(ANCHOR))
+    _consistent_snapshot(session)
+    missing = [name for name in _AUDIT_TABLES if not inspect(session.connection()).has_table(name)]
+    if missing:
+        return VerifyReport(False, 0, None, f"table {', '.join(missing)} missing (dropped): the trail cannot be checked")
+    if anchor_error is not None:
+        return VerifyReport(False, 0, None, anchor_error)
+    marks = session.execute(select(AuditHead).where(AuditHead.id.in_((_GENESIS_ID, _HEAD_ID)))).scalars()
+    by_id = {row.id: row for row in marks}
+    genesis, head = by_id.get(_GENESIS_ID), by_id.get(_HEAD_ID)
+    walk = _walk(session, key, genesis, anchored, batch)
+    if walk.failure is not None:
+        return walk.failure
+    return _check_marks(key, walk, genesis, head, anchored)
+
+
+@dataclass
+class _Walk:
+    checked: int  # records 1..checked verified
+    last_hash: str
+    hash_at_anchor: str | None  # the hash of the record at the anchored seq, if reached
+    failure: VerifyReport | None = None
+
+
+def _walk(session: Session, key: bytes, genesis: AuditHead | None, anchored: AnchorState | None, batch: int) -> _Walk:
+    anchored_seq = anchored.seq if anchored is not None else None
+    prev = genesis.hash if genesis is not None else GENESIS_HASH
+    checked, hash_at_anchor = 0, None
     stream = session.execute(select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=batch)).scalars()
     for row in stream:
-        if row.seq != expected_seq:
-            return VerifyReport(False, checked, expected_seq, f"sequence {expected_seq} missing (next is {row.seq})")
-        if row.prev_hash != prev:
-            return VerifyReport(False, checked, row.seq, "previous-hash link broken (record deleted, inserted or reordered)")
-        if record_hash(row, prev, key) != row.hash:
-            return VerifyReport(False, checked, row.seq, "content does not match its keyed hash (record edited, or a different audit key)")
+        expected = checked + 1
+        reason = None
+        if row.seq != expected:
+            reason = f"sequence {expected} missing (next is {row.seq})"
+        elif row.prev_hash != prev:
+            reason = _link_broken(row.seq, genesis, key)
+        elif record_hash(row, prev, key) != row.hash:
+            reason = "content does not match its keyed hash (record edited, or a different audit key)"
+        if reason is not None:
+            return _Walk(checked, prev, hash_at_anchor, VerifyReport(False, checked, expected, reason, anchored_seq))
+        if row.seq == anchored_seq:
+            hash_at_anchor = row.hash
         prev = row.hash
-        expected_seq += 1
         checked += 1
-    last_seq = expected_seq - 1
-    head = session.execute(select(AuditHead).where(AuditHead.id == _HEAD_ID)).scalar_one_or_none()
+    return _Walk(checked, prev, hash_at_anchor)
+
+
+def _link_broken(seq: int, genesis: AuditHead | None, key: bytes) -> str:
+    if seq != 1:
+        return "previous-hash link broken (record deleted, inserted or reordered)"
+    if genesis is None:
+        return "genesis record missing: record 1 chains from a genesis record that is gone"
+    if not hmac.compare_digest(genesis.mac, _genesis_mac(key, genesis.hash)):
+        return "genesis record does not match its keyed hash (edited), so record 1 does not chain from it"
+    return "record 1 does not chain from the genesis record (record replaced)"
+
+
+def _check_marks(key: bytes, walk: _Walk, genesis: AuditHead | None, head: AuditHead | None,
+                 anchored: AnchorState | None) -> VerifyReport:
+    """After a sound walk: the chain must end at the head and reach the anchor, and only a store that
+    never started a trail may have none."""
+    last = walk.checked
+    anchored_seq = anchored.seq if anchored is not None else None
+
+    def broken(seq: int | None, reason: str) -> VerifyReport:
+        return VerifyReport(False, walk.checked, seq, reason, anchored_seq)
+
+    if last == 0 and anchored is not None:
+        return broken(1, f"records 1..{anchored.seq} missing: the trail was wiped (the audit anchor beside the key "
+                         f"holds record {anchored.seq})")
+    if last == 0 and head is None and genesis is None:
+        return VerifyReport(True, 0)  # never started
     if head is None:
-        if last_seq == 0:
-            return VerifyReport(True, 0)
-        return VerifyReport(False, checked, last_seq, "chain head missing")
-    if head.seq == 0 and last_seq == 0 and head.hash == GENESIS_HASH:
-        return VerifyReport(True, 0)
+        return broken(last + 1, "chain head missing")
     if not hmac.compare_digest(head.mac, _head_mac(key, head.seq, head.hash)):
-        return VerifyReport(False, checked, head.seq, "chain head does not match its keyed hash (head edited)")
-    if head.seq > last_seq:
-        return VerifyReport(False, checked, last_seq + 1, f"records {last_seq + 1}..{head.seq} cut off the end of the chain")
-    if head.seq < last_seq or head.hash != prev:
-        return VerifyReport(False, checked, head.seq + 1, "records after the chain head were added without the audit key")
-    return VerifyReport(True, checked)
+        return broken(head.seq, "chain head does not match its keyed hash (head edited)")
+    if head.seq > last:
+        return broken(last + 1, f"records {last + 1}..{head.seq} cut off the end of the chain")
+    if head.seq < last or head.hash != walk.last_hash:
+        return broken(head.seq + 1, "records after the chain head were added without the audit key")
+    if genesis is not None and not hmac.compare_digest(genesis.mac, _genesis_mac(key, genesis.hash)):
+        return broken(0, "genesis record does not match its keyed hash (edited)")
+    if anchored is None:
+        return VerifyReport(True, last)
+    if anchored.trail != (genesis.hash if genesis is not None else GENESIS_HASH):
+        return broken(1, f"the trail was started afresh: its genesis record is not the anchored one, whose trail "
+                         f"reached record {anchored.seq} and was wiped")
+    if anchored.seq > last:
+        return broken(last + 1, f"records {last + 1}..{anchored.seq} missing: the trail was wiped or cut "
+                                f"(the audit anchor beside the key holds record {anchored.seq})")
+    if walk.hash_at_anchor != anchored.hash:
+        return broken(anchored.seq, f"record {anchored.seq} is not the anchored one: the trail was replaced")
+    return VerifyReport(True, last, anchored_seq=anchored_seq)
+
+
+def _read_anchor(anchor: AuditAnchor | None) -> tuple[AnchorState | None, str | None]:
+    """The anchored state, or why the anchor file cannot be trusted."""
+    if anchor is None:
+        return None, None
+    anchor.flush()  # this process's own commits first
+    try:
+        return anchor.read(), None
+    except AnchorError as exc:
+        return None, str(exc)
+
+
+def _consistent_snapshot(session: Session) -> None:
+    """Chain and head read at one moment, so appends during the walk are not taken for tampering.
+    SQLite's read transaction is one snapshot already; PostgreSQL needs REPEATABLE READ, which can
+    only be chosen before the session's transaction begins (otherwise the caller's level stays)."""
+    if not session.in_transaction() and session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})

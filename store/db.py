@@ -10,6 +10,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from store.audit_anchor import ANCHOR, AuditAnchor, anchor_path, install_hooks
+
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
 
@@ -69,18 +71,25 @@ def _postgres_session_settings(dbapi_connection, _record) -> None:
 
 
 class Database:
-    def __init__(self, url: str, audit_key: bytes | None = None) -> None:
+    def __init__(self, url: str, audit_key: bytes | None = None, audit_anchor_dir: Path | None = None) -> None:
         self.url = url
         # the audit trail's HMAC key; sessions carry it so store.audit can append and verify
         self.audit_key = audit_key
         self.dialect = check_url(url)
+        # the chain's reach kept outside the database, in a keyed file per database beside the key
+        # (store.audit_anchor); without a folder, a wiped trail cannot be told from a new one
+        self.audit_anchor = (AuditAnchor(anchor_path(audit_anchor_dir, url), audit_key, url)
+                             if audit_anchor_dir is not None and audit_key else None)
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(url)
         else:
             # hide_parameters: error texts must not quote patient identifiers into the logs
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
             event.listen(self.engine, "connect", _postgres_session_settings)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={"audit_key": audit_key})
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False,
+                                      info={"audit_key": audit_key, ANCHOR: self.audit_anchor})
+        if self.audit_anchor is not None:
+            install_hooks(self._sessions)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -113,4 +122,6 @@ class Database:
             conn.exec_driver_sql("SELECT 1")
 
     def dispose(self) -> None:
+        if self.audit_anchor is not None:
+            self.audit_anchor.close()  # what was committed reaches the anchor file before we go
         self.engine.dispose()

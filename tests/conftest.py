@@ -82,8 +82,9 @@ def audit_key(tmp_path) -> bytes:
 
 
 @pytest.fixture
-def db(database_url, audit_key) -> Database:
-    database = Database(database_url, audit_key=audit_key)
+def db(database_url, audit_key, tmp_path) -> Database:
+    # the anchor beside the key, as Gateway.open does
+    database = Database(database_url, audit_key=audit_key, audit_anchor_dir=tmp_path)
     database.upgrade()
     yield database
     database.dispose()

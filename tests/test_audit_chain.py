@@ -124,7 +124,7 @@ def test_tail_deletion_with_head_rewound_detected(db):
     with db.write() as s:
         last = s.get(AuditEvent, 6)
         s.execute(AuditEvent.__table__.delete().where(AuditEvent.seq >= 7))
-        s.execute(update(AuditHead).values(seq=6, hash=last.hash))
+        s.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=6, hash=last.hash))  # row 0 is the genesis record
     report = _verify(db)
     assert not report.ok and "head" in report.reason
 
