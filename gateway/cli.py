@@ -129,17 +129,32 @@ def store_gc(
 
 @audit_app.command("verify")
 def audit_verify() -> None:
-    """Check the audit hash chain; exit 1 and name the first bad sequence number if broken."""
+    """Check the audit hash chain, its genesis, head and anchor; exit 1 and name the first bad sequence number if broken."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from store.audit import verify
 
     gw = open_gateway()
-    with gw.db.read() as session:
-        report = verify(session)
-    gw.close()
+    try:
+        with gw.db.read() as session:
+            report = verify(session)
+    except SQLAlchemyError as exc:  # one line, not a traceback (texts never quote parameters: hide_parameters)
+        console.print(f"clinphoto: cannot read the audit trail: {' '.join(str(exc).split())[:300]}", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    finally:
+        gw.close()
     if report.ok:
-        out.print(f"audit trail intact: {report.checked} record(s)")
+        anchor = f"anchored at record {report.anchored_seq}" if report.anchored_seq is not None else "no anchor file yet"
+        out.print(f"audit trail intact: {report.checked} record(s), {anchor}", markup=False, highlight=False, soft_wrap=True)
         return
-    out.print(f"audit trail BROKEN at sequence {report.first_bad_seq}: {report.reason} ({report.checked} record(s) verified before it)")
+    if report.first_bad_seq is None:  # nothing to walk (a table dropped, the anchor unreadable)
+        out.print(f"audit trail BROKEN: {report.reason}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        # a walk stops at the bad record; the head, genesis and anchor are checked after a full walk
+        counted = "verified before it" if report.checked < report.first_bad_seq else "chain correctly"
+        out.print(f"audit trail BROKEN at sequence {report.first_bad_seq}: {report.reason} ({report.checked} record(s) "
+                  f"{counted})", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
