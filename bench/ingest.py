@@ -7,6 +7,9 @@
    asset + audit rows.
 3. Peak RSS of the server during one ~190 MiB upload (a real 100 MP JPEG, the
    pixel limit), above its idle RSS: uploads are streamed to disk, never held whole.
+4. Lossless sources (JPEG-LS): a 1-bit 10000 x 10000 PNG and a 12 MP photographic
+   PNG, each prepared and written as Part 10 in a fresh process: seconds, DICOM
+   size, peak RSS above the process's RSS before it.
 
 Targets (issue 4): >= 12 photos/s on 2 cores; < 20 ms in-process wrap; < 100 MiB RSS over idle.
 """
@@ -236,7 +239,59 @@ def bench_rss(work: Path, small: Path) -> dict:
     }
 
 
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def lossless_child(path: Path) -> None:
+    """One prepare + Part 10 write in this (fresh) process; prints JSON figures."""
+    import io
+
+    from gateway.dicom import vlphoto
+    from gateway.dicom.uids import new_uid
+    from gateway.ingest.config import IngestSettings
+    from gateway.ingest.prepare import prepare
+
+    before = _status_mib("VmRSS")
+    started = time.perf_counter()
+    prepared = prepare(path, IngestSettings(), sha256="0" * 64)
+    ds = vlphoto.build_dataset(
+        pixels=prepared.pixels, patient=vlphoto.PatientInfo(PATIENT_NHS, "NHS"), study=vlphoto.StudyInfo(new_uid()),
+        series=vlphoto.SeriesInfo(new_uid(), 1), image=vlphoto.ImageInfo(new_uid(), 1),
+    )
+    out = io.BytesIO()
+    ts = vlphoto.write_part10(out, ds, prepared.pixels)
+    prepared.close()
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "dicom_mb": round(out.tell() / 1e6, 3),
+                      "transfer_syntax": ts, "peak_above_mib": round(_status_mib("VmHWM") - before)}))
+
+
+def bench_lossless(work: Path) -> dict:
+    from PIL import Image, ImageDraw
+
+    one_bit = work / "one-bit-10000.png"
+    if not one_bit.exists():
+        image = Image.new("1", (10000, 10000), 1)
+        ImageDraw.Draw(image).rectangle([2000, 2000, 3333, 5000], fill=0)
+        image.save(one_bit, optimize=True)
+    photo = work / "photo-12mp.png"
+    if not photo.exists():
+        photo_fixtures.photo_like(4032, 3024, seed=3).save(photo)
+    figures = {}
+    for label, path in (("one_bit_10000", one_bit), ("photo_12mp_png", photo)):
+        child = subprocess.run([sys.executable, __file__, "--lossless-child", str(path)], capture_output=True, text=True,
+                               check=True, cwd=REPO)
+        figures[label] = {"source_mb": round(path.stat().st_size / 1e6, 3), **json.loads(child.stdout.strip().splitlines()[-1])}
+    return figures
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--lossless-child":
+        lossless_child(Path(sys.argv[2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=25)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -254,6 +309,10 @@ def main() -> None:
     print(f"  clinphoto in-process wrap (parse, strip metadata, Part 10 write): {wrap['clinphoto_wrap_ms_median']} ms   (target < 20 ms)")
     print(f"  clinphoto full prepare (checks + wrap + preview + thumbnail):     {wrap['clinphoto_checks_wrap_and_renditions_ms_median']} ms")
     print(f"  dcmtk img2dcm -vlp (process per file):                           {wrap['img2dcm_vlp_ms_median']} ms")
+
+    for label, f in bench_lossless(work).items():
+        print(f"lossless {label}: {f['source_mb']} MB source -> {f['dicom_mb']} MB DICOM ({f['transfer_syntax']}) in "
+              f"{f['seconds']} s, peak RSS {f['peak_above_mib']} MiB above the process before it")
 
     up = bench_upload(photos, work, args.concurrency)
     print(f"upload API end to end: {up['photos']} photos in {up['seconds']} s = {up['photos_per_s']} photos/s "

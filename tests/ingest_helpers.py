@@ -41,7 +41,7 @@ def add_patient(gw, nhs: str = "9449305552", mrn: str = "M100", family: str = "Ã
 
 
 def dicom_tools_check(path: Path) -> str:
-    """dciodvfy (zero errors), dcmdump and dcmj2pnm on one file; returns dcmdump's text."""
+    """dciodvfy (zero errors), dcmdump and dcmj2pnm (dcml2pnm for JPEG-LS) on one file; returns dcmdump's text."""
     verify = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     report = verify.stdout + verify.stderr
     errors = [line for line in report.splitlines() if line.startswith("Error")]
@@ -49,7 +49,9 @@ def dicom_tools_check(path: Path) -> str:
     dump = subprocess.run(["dcmdump", "-M", str(path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     out = path.with_suffix(".pnm-check.png")
-    render = subprocess.run(["dcmj2pnm", "+on", str(path), str(out)], capture_output=True, text=True, timeout=60)
+    # dcmj2pnm decodes baseline JPEG; JPEG-LS (lossless sources) needs its sibling dcml2pnm
+    renderer = "dcml2pnm" if "=JPEGLSLossless" in dump.stdout else "dcmj2pnm"
+    render = subprocess.run([renderer, "+on", str(path), str(out)], capture_output=True, text=True, timeout=60)
     assert render.returncode == 0 and out.stat().st_size > 0, render.stderr
     out.unlink()
     return dump.stdout

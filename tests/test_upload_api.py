@@ -305,6 +305,6 @@ def test_every_accepted_format_uploads(client, gw, fx):
     types = [p["mediaType"] for p in r.json()["photos"]]
     assert types == ["image/heic", "image/png", "image/tiff", "image/jpeg", "image/jpeg", "image/jpeg"]
     syntaxes = [p["transferSyntaxUid"] for p in r.json()["photos"]]
-    assert syntaxes == ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1",
-                        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"]
+    assert syntaxes == ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.80",
+                        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80"]
     assert [(p["width"], p["height"]) for p in r.json()["photos"]][4] == (96, 64)

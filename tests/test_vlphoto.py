@@ -81,10 +81,10 @@ def test_every_object_passes_dciodvfy_dcmdump_and_dcmj2pnm(fx, tmp_path, name):
         ("gray.jpg", "1.2.840.10008.1.2.4.50", "MONOCHROME2", "01"),
         ("progressive.jpg", "1.2.840.10008.1.2.4.50", "YBR_FULL_422", "01"),
         # 4:4:4 and RGB-coded: the IOD allows only YBR_FULL_422 with JPEG, so the decoded pixels are kept losslessly
-        ("baseline_444.jpg", "1.2.840.10008.1.2.1", "RGB", "01"),
-        ("rgb_coded.jpg", "1.2.840.10008.1.2.1", "RGB", "01"),
-        ("rgb.png", "1.2.840.10008.1.2.1", "RGB", "00"),
-        ("gray.png", "1.2.840.10008.1.2.1", "MONOCHROME2", "00"),
+        ("baseline_444.jpg", "1.2.840.10008.1.2.4.80", "RGB", "01"),
+        ("rgb_coded.jpg", "1.2.840.10008.1.2.4.80", "RGB", "01"),
+        ("rgb.png", "1.2.840.10008.1.2.4.80", "RGB", "00"),
+        ("gray.png", "1.2.840.10008.1.2.4.80", "MONOCHROME2", "00"),
         ("photo.heic", "1.2.840.10008.1.2.4.50", "YBR_FULL_422", "01"),
     ],
 )

@@ -10,6 +10,11 @@ class IngestSettings(BaseModel):
     max_pixels: int = Field(100_000_000, gt=0, description="Largest image (width x height) accepted; checked from the header before decoding.")
     max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest file accepted.")
     max_files: int = Field(50, gt=0, description="Most image parts in one upload request.")
+    max_request_pixels: int = Field(
+        1_200_000_000, gt=0,
+        description="Most pixels (width x height, summed over its files) one request may hold: 50 phone photos of "
+        "24 MP. Checked from every file's header before any is decoded.",
+    )
     keep_originals: bool = Field(True, description="Keep the untouched original as sealed evidence (served only to roles allowed to see originals).")
     quarantine_unknown_patients: bool = Field(
         False,

@@ -15,6 +15,7 @@ from PIL import Image
 
 from gateway.ingest import jpeg
 from gateway.ingest.errors import CORRUPT, NOT_FAITHFUL, TOO_LARGE, TOO_MANY_PIXELS, IngestRejected
+from gateway.ingest.sniff import HEAD_BYTES, sniff
 
 # Our own (configurable) limit is checked from the header first; Pillow's global
 # bomb guard (2 x MAX_IMAGE_PIXELS) stays on as a second line.
@@ -79,6 +80,50 @@ def read_header(kind: str, path: Path, head: bytes, buf=None) -> tuple[Header, j
     if kind == "png":
         return png_header(head), None
     return tiff_or_heif_header(path), None
+
+
+def declared_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as the file's header declares it; None when it has none we read (its own checks refuse it)."""
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    try:
+        kind = sniff(head).kind
+        if kind != "jpeg":
+            header = read_header(kind, path, head)[0]
+        else:
+            view = jpeg.FileView(path)  # the marker segments only, never the whole file
+            try:
+                header = read_header(kind, path, head, view)[0]
+            finally:
+                view.close()
+    except IngestRejected:
+        return None
+    return header.width, header.height
+
+
+def check_request_pixels(files: list[tuple[Path, str | None]], max_pixels: int, max_request_pixels: int) -> None:
+    """Before any file of a request is decoded: each within max_pixels, all together within max_request_pixels.
+
+    `files` are (path, filename) in request order; a refusal of one file names it.
+    """
+    total = 0
+    for index, (path, filename) in enumerate(files):
+        size = declared_size(path)
+        if size is None:
+            continue
+        try:
+            check_pixels(*size, max_pixels)
+        except IngestRejected as exc:
+            raise exc.for_item(index, filename) from None
+        total += size[0] * size[1]
+    if total > max_request_pixels:
+        raise IngestRejected(
+            TOO_MANY_PIXELS,
+            f"request too large: its {len(files)} images declare {total / 1e6:.1f} megapixels together, over the "
+            f"{max_request_pixels / 1e6:g} MP one request may hold (setting ingest.max_request_pixels; checked from "
+            "the headers, nothing was decoded): send the photos in smaller batches",
+            field="files",
+        )
 
 
 def refuse_unfaithful(reason: str) -> IngestRejected:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from gateway.access_audit import fit
 from gateway.dicom import vlphoto
 from gateway.dicom.uids import stable_uid
+from gateway.ingest import limits
 from gateway.ingest.errors import (
     DUPLICATE_INSTANCE,
     IDEMPOTENCY_CONFLICT,
@@ -468,6 +469,7 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
     rows: list[Asset] = []
     photos: list[StoredPhoto | None] = [None] * len(uploads)
     instance = ctx.first_instance
+    limits.check_request_pixels([(u.path, u.filename) for u in uploads], settings.max_pixels, settings.max_request_pixels)
     # check, derive and write the blobs of each file in turn (its decoded pixels are
     # released before the next one); a refusal of any file removes them all again
     for index, item in enumerate(uploads):

@@ -9,7 +9,7 @@ reads the allow-listed EXIF facts, and decides how the pixels go into DICOM:
   re-coding, -perfect rotation); when a rotation cannot be lossless (partial edge
   blocks) it is decoded, turned and encoded once, marked DERIVED with the history;
 - 4:4:4 or RGB-coded JPEG: see IngestSettings.jpeg_444;
-- PNG and uncompressed/lossless TIFF: stored losslessly (uncompressed);
+- PNG and uncompressed/lossless TIFF: stored losslessly (JPEG-LS lossless);
 - HEIC/HEIF and JPEG-compressed TIFF: encoded once as baseline JPEG, both lossy
   steps recorded in LossyImageCompressionMethod/Ratio.
 
@@ -36,7 +36,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from gateway.dicom.vlphoto import EncapsulatedJpeg, NativePixels
+from gateway.dicom.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
 from gateway.ingest import jpeg, limits
 from gateway.ingest.config import IngestSettings
 from gateway.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
@@ -65,7 +65,7 @@ class Prepared:
     width: int  # upright
     height: int
     facts: ExifFacts
-    pixels: EncapsulatedJpeg | NativePixels
+    pixels: EncapsulatedJpeg
     derived: bool
     derivation: str | None
     renditions: Renditions
@@ -79,8 +79,6 @@ class Prepared:
             except Exception:
                 pass
         self._closers.clear()
-        if isinstance(self.pixels, NativePixels):
-            self.pixels.image = None
 
 
 def sha256_of(path: Path) -> str:
@@ -131,11 +129,49 @@ def _encapsulate(buf, info: jpeg.JpegInfo, lossy: list[tuple[str, float]]) -> En
     )
 
 
-def _native(image: Image.Image, lossy: list[tuple[str, float]], icc: bytes | None) -> NativePixels:
-    mode = "L" if image.mode in ("L", "1") else "RGB"
-    if image.mode != mode:
-        image = image.convert(mode)
-    return NativePixels(image=image, lossy=lossy, icc_profile=icc)
+def _keep_lossless(image: Image.Image, lossy: list[tuple[str, float]], icc: bytes | None,
+                   settings: IngestSettings) -> tuple[EncapsulatedJpeg, Renditions]:
+    """Decoded pixels kept without loss (JPEG-LS) and the renditions; `image` is closed on the way.
+
+    One decoded image and one sample buffer at a time, and grey renditions are made from
+    the samples: a 1-bit 10000 x 10000 PNG peaks ~200 MiB above idle, where stored
+    uncompressed it took ~380 MiB and left a 100 MB object (bench/ingest.py "lossless").
+    """
+    width, height = image.size
+    components = 1 if image.mode in ("1", "L") else 3
+    samples = _samples(image)
+    rends = None if components == 1 else _renditions(image, settings)
+    image.close()
+    if rends is None:  # the grey samples themselves, shared with Pillow without a copy
+        rends = _renditions(Image.frombuffer("L", (width, height), samples, "raw", "L", 0, 1), settings)
+    return jpeg_ls_lossless(samples, width, height, components, lossy, icc), rends
+
+
+_BAND_BYTES = 4 << 20
+
+
+def _samples(image: Image.Image) -> np.ndarray:
+    """8-bit samples (grey, or RGB by pixel) in one array, filled a band of rows at a time.
+
+    Image.tobytes() joins a list of chunks: the samples twice over at its peak (+190 MiB
+    at 100 MP grey). A 1-bit image unpacks to 0/255 here, with no 8-bit image in between.
+    """
+    rawmode = "L" if image.mode in ("1", "L") else "RGB"
+    per_row = image.width * len(rawmode)
+    out = np.empty(image.height * per_row, np.uint8)
+    band = max(1, _BAND_BYTES // per_row)
+    for top in range(0, image.height, band):
+        bottom = min(top + band, image.height)
+        rows = image.crop((0, top, image.width, bottom)).tobytes("raw", rawmode)
+        out[top * per_row : bottom * per_row] = np.frombuffer(rows, np.uint8)
+    return out
+
+
+def _swap(old: Image.Image, new: Image.Image) -> Image.Image:
+    """`new`, with `old` closed when it is a different image: one full copy of the pixels alive, not several."""
+    if new is not old:
+        old.close()
+    return new
 
 
 def _check_opaque(image: Image.Image) -> Image.Image:
@@ -265,11 +301,14 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
         rends = _renditions(_preview_source(stream, src_info, settings, tmp_dir), settings)
         return stream, facts, width, height, derived, derivation, rends
 
-    # 4:4:4 YCbCr or RGB-coded: keep the decoded pixels losslessly (see IngestSettings.jpeg_444)
-    full = _decoded_image(stream, model, tmp_dir)
+    # 4:4:4 YCbCr or RGB-coded: keep the decoded pixels losslessly (see IngestSettings.jpeg_444). The
+    # renditions come from a second, reduced decode: cheaper than a full-size RGB image to shrink.
+    rends = _renditions(_preview_source(stream, src_info, settings, tmp_dir), settings)
+    samples = _decode(stream, "RGB", tmp_dir)
     note = f"{src_info.subsampling_label if src_info.colour_model == 'YCbCr' else 'RGB-coded'} JPEG decoded and stored without further loss"
     derivation = f"{derivation}; {note}" if derivation else note
-    return _native(full, lossy, src_info.icc_profile), facts, width, height, derived, derivation, _renditions(full, settings)
+    pixels = jpeg_ls_lossless(samples, src_info.width, src_info.height, 3, lossy, src_info.icc_profile)
+    return pixels, facts, width, height, derived, derivation, rends
 
 
 # Chroma samplings libjpeg-turbo's strict decoder handles (Y's factors; Cb and Cr 1 x 1). Nothing
@@ -407,20 +446,16 @@ def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings,
     if kind == "png" and image.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):
         raise IngestRejected(NOT_FAITHFUL, f"PNG with pixel mode {image.mode} refused: only 8-bit colour or grey PNG is accepted")
     icc = image.info.get("icc_profile") or None
-    _load(image, {"png": "PNG", "tiff": "TIFF", "heif": "HEIC/HEIF"}[kind])
-    image = _check_opaque(image)
-    if image.mode == "1":
-        image = image.convert("L")
-    orientation = facts.orientation
-    turned = upright(image, orientation)
-    width, height = turned.size
-    samples = 1 if turned.mode == "L" else 3
-    rends = from_image(
-        turned, 1, preview=settings.preview_size, thumbnail=settings.thumbnail_size, quality=settings.rendition_quality
-    )
-
     tiff_jpeg = kind == "tiff" and str(image.info.get("compression", "")).lower() in ("jpeg", "tiff_jpeg")
+    _load(image, {"png": "PNG", "tiff": "TIFF", "heif": "HEIC/HEIF"}[kind])
+    image = _swap(image, _check_opaque(image))
+    orientation = facts.orientation
+    turned = _swap(image, upright(image, orientation))
+    width, height = turned.size
+    samples = 1 if turned.mode in ("1", "L") else 3
+
     if kind == "heif" or tiff_jpeg:
+        rends = _renditions(turned, settings)
         source_method = HEVC_METHOD if kind == "heif" else JPEG_METHOD
         lossy.append((source_method, _ratio(width, height, samples, os.path.getsize(path))))
         encoded = _encode_jpeg(turned, settings.encode_quality)
@@ -436,4 +471,5 @@ def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings,
         return pixels, facts, width, height, True, derivation, rends
     if orientation != 1:
         derivation = f"EXIF orientation {orientation} applied (lossless)"
-    return _native(turned, lossy, icc), facts, width, height, False, derivation, rends
+    pixels, rends = _keep_lossless(turned, lossy, icc, settings)
+    return pixels, facts, width, height, False, derivation, rends
