@@ -227,17 +227,29 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     return seqs
 
 
-# both chain marks (row 0 genesis, row 1 head), locked, in one statement: the hot path's only
-# extra cost for the genesis, ~3 us (a range on the key; IN (0, 1) was slower on SQLite)
-_LOCK_MARKS = {
-    False: "SELECT id, seq, hash FROM audit_head WHERE id BETWEEN 0 AND 1",
-    True: "SELECT id, seq, hash FROM audit_head WHERE id BETWEEN 0 AND 1 ORDER BY id FOR UPDATE",
+# the head, locked (appenders queue on it), with the genesis trail id beside it in one statement:
+# the genesis costs the hot path ~1 us on SQLite; only the head row is locked (FOR UPDATE OF h),
+# as a second row lock would add a WAL record to every PostgreSQL commit
+_LOCK_HEAD = {
+    False: "SELECT h.seq, h.hash, g.hash FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1",
+    True: "SELECT h.seq, h.hash, g.hash FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1 FOR UPDATE OF h",
+}
+_LOCK_GENESIS = {
+    False: "SELECT hash FROM audit_head WHERE id = 0",
+    True: "SELECT hash FROM audit_head WHERE id = 0 FOR UPDATE",
 }
 
 
-def _lock_marks(cur, pg: bool) -> dict[int, tuple[int, str]]:
-    cur.execute(_LOCK_MARKS[pg])
-    return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+def _lock_marks(cur, pg: bool) -> tuple[tuple[int, str] | None, str | None]:
+    """(head seq and hash, genesis trail id), each None when its row is missing."""
+    cur.execute(_LOCK_HEAD[pg])
+    row = cur.fetchone()
+    if row is not None:
+        return (row[0], row[1]), row[2]
+    # no head row (a new store, or the head deleted): the genesis row, if any, queues appenders
+    cur.execute(_LOCK_GENESIS[pg])
+    row = cur.fetchone()
+    return None, (row[0] if row is not None else None)
 
 
 def _start_trail(cur, mark: str, key: bytes) -> None:
@@ -251,14 +263,14 @@ def _start_trail(cur, mark: str, key: bytes) -> None:
 
 def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> tuple[list[int], AnchorState]:
     mark = "%s" if pg else "?"
-    marks = _lock_marks(cur, pg)
-    if _GENESIS_ID not in marks and marks.get(_HEAD_ID, (0, GENESIS_HASH)) == (0, GENESIS_HASH):
+    head, genesis = _lock_marks(cur, pg)
+    if genesis is None and (head is None or head == (0, GENESIS_HASH)):
         # no trail yet (or one wiped down to a bare head): start one. After a wipe this is a new
         # trail id, which the anchor of the old trail tells apart.
         _start_trail(cur, mark, key)
-        marks = _lock_marks(cur, pg)
-    trail = marks[_GENESIS_ID][1] if _GENESIS_ID in marks else GENESIS_HASH
-    seq, prev = marks.get(_HEAD_ID, (0, trail))
+        head, genesis = _lock_marks(cur, pg)
+    trail = genesis if genesis is not None else GENESIS_HASH
+    seq, prev = head if head is not None else (0, trail)
     if seq == 0:
         prev = trail  # record 1 chains from the genesis record
     now = datetime.now(timezone.utc)
@@ -285,7 +297,7 @@ def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> tuple[
         seqs.append(seq)
     cur.executemany(f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})",
                     rows)
-    if _HEAD_ID in marks:
+    if head is not None:
         cur.execute(f"UPDATE audit_head SET seq = {mark}, hash = {mark}, mac = {mark} WHERE id = {mark}",
                     (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
     else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)

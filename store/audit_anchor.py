@@ -18,10 +18,12 @@ compares the database with it.
 - Atomic: temp file, fsync, rename.
 - Off the caller's thread: the commit hook only records the newest committed head (~1 us);
   a background thread writes it at most every INTERVAL seconds. Writing the file costs
-  ~0.35 ms here (the rename and fsync), about a third of an HL7 message's whole budget, so
-  writing per commit would cut single-connection ADT throughput by ~25 %. The anchor may lag
-  the database by up to INTERVAL (or, after a crash, by the last unwritten INTERVAL): a lag
-  is safe, it only narrows what the anchor can tell; flush() and close() write at once.
+  ~0.35 ms (lock, read, temp file, fsync, rename): written in the commit hook it cut
+  bench/hl7_throughput.py from ~880 to ~600 msg/s on one connection and from ~2,050 to
+  ~1,600 on eight. As built, the anchor costs ~5-10 us CPU per committing transaction in all
+  (hooks, note, the writer thread's share), ~1 % of an ADT message. The anchor may lag the
+  database by up to INTERVAL (after a crash, by the last unwritten INTERVAL): a lag is safe,
+  it only narrows what the anchor can tell; flush() and close() write at once.
 
 Someone who can write to DATA_DIR can read the audit key too; the anchor, like the key,
 protects against those who can reach only the database.
@@ -41,8 +43,9 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 log = logging.getLogger("clinphoto.audit")
 
@@ -235,15 +238,15 @@ def _forget(session: Session, *_args) -> None:
     session.info.pop(PENDING, None)
 
 
-def _after_transaction_end(session: Session, transaction) -> None:
-    if transaction.parent is None:  # closed without commit or rollback (Session.close)
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    # however the transaction ended (Session.close without commit or rollback too), its head is
+    # not carried into the session's next transaction
+    if transaction.parent is None:
         session.info.pop(PENDING, None)
 
 
-def install_hooks(sessions) -> None:
+def install_hooks(sessions: sessionmaker) -> None:
     """Hand the head appended in a transaction to the anchor when, and only when, it commits."""
-    from sqlalchemy import event
-
     event.listen(sessions, "after_commit", _after_commit)
     event.listen(sessions, "after_rollback", _forget)
     event.listen(sessions, "after_soft_rollback", _forget)
