@@ -285,9 +285,10 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The chain's last (seq, hash), keyed-hashed: deleting records from the end of the
-    chain must also rewrite this row, which needs the audit key. One row, id 1; appenders
-    lock it, so the chain never forks."""
+    """The chain's two keyed marks (store/audit.py). Row 1, the head: the last (seq, hash),
+    keyed-hashed, so deleting records from the end of the chain must also rewrite it, which
+    needs the audit key; appenders lock it, so the chain never forks. Row 0, the genesis
+    record: seq 0, hash = the trail's random id that record 1 chains from, mac its HMAC."""
 
     __tablename__ = "audit_head"
 
