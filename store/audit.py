@@ -17,8 +17,9 @@ the change it records or not at all. Three keyed marks guard the chain as a whol
   the audit key, one per database, moved only after a commit. The database can be wiped
   whole (events, head and genesis); the file cannot be reached from it. It catches a wipe
   ("records 1..N missing"), a trail started afresh after a wipe (another genesis id),
-  and an older consistent copy of the trail put back (fewer records, or another hash at
-  the anchored seq).
+  and a trail cut back to an older consistent state (a head row saved earlier, or just the
+  genesis): fewer records than anchored, or, once the gateway has appended past the
+  anchored seq, another hash there (the anchor only moves along the chain it holds).
 
 An empty trail verifies only when there is no anchor, no head and no genesis: a store that
 never started one.

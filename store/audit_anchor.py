@@ -15,6 +15,11 @@ compares the database with it.
 - Never backwards: under a file lock the writer reads the file and only writes a higher seq
   of the same trail, so the server and CLI processes sharing the data dir cannot rewind it.
   It never replaces a different trail's anchor either: that is the evidence of a wipe.
+- Only onwards along the same chain: before moving, the writer reads the anchored record and
+  the new head back from the database (one query); if the anchored record is gone or has
+  another hash, the trail was cut back and appended to again, and the anchor stays put.
+  Without this a cut (to the genesis, or to a head row saved earlier) would be laundered as
+  soon as the gateway had appended past the anchored seq.
 - Atomic: temp file, fsync, rename.
 - Off the caller's thread: the commit hook only records the newest committed head (~1 us);
   a background thread writes it at most every INTERVAL seconds. Writing the file costs
@@ -40,11 +45,13 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 log = logging.getLogger("clinphoto.audit")
@@ -64,6 +71,10 @@ class AnchorState(NamedTuple):
 
 class AnchorError(Exception):
     """The anchor file exists but cannot be read, or does not match its keyed hash."""
+
+
+# the committed hashes of the given records, read from the database: {seq: hash}
+RecordedHashes = Callable[[Sequence[int]], dict[int, str]]
 
 
 def database_id(url: str) -> str:
@@ -92,11 +103,14 @@ _ANCHORS: weakref.WeakSet[AuditAnchor] = weakref.WeakSet()
 
 
 class AuditAnchor:
-    def __init__(self, path: Path, key: bytes, url: str, interval: float = INTERVAL) -> None:
+    def __init__(self, path: Path, key: bytes, url: str, interval: float = INTERVAL,
+                 recorded: RecordedHashes | None = None) -> None:
         self.path = Path(path)
         self._key = key
         self._database = database_id(url)
         self.interval = interval
+        # reads records back before the anchor moves (None: a reader, or a test writing by hand)
+        self._recorded = recorded
         self._reset()
         _ANCHORS.add(self)
 
@@ -197,11 +211,29 @@ class AuditAnchor:
                 return
             if current is not None and current.seq >= state.seq:
                 return
+            if self._recorded is not None and not self._continues(self._recorded, current, state):
+                return
             self._replace(state)
         except OSError as exc:
             self._report(f"audit anchor {self.path} not written: {exc}")
         finally:
             os.close(lock_fd)  # releases the flock
+
+    def _continues(self, recorded: RecordedHashes, current: AnchorState | None, state: AnchorState) -> bool:
+        """The anchored record is still in the database unchanged and the new head is there: the new
+        head continues the anchored chain (the records between are the chain walk's business)."""
+        wanted = [state.seq] if current is None else [current.seq, state.seq]
+        try:
+            found = recorded(wanted)
+        except SQLAlchemyError as exc:  # the database is away: the next write tries again
+            self._report(f"audit anchor not moved: cannot read the trail back ({type(exc).__name__})")
+            return False
+        if current is not None and found.get(current.seq) != current.hash:
+            self._report(f"audit anchor not moved: record {current.seq} is no longer the anchored one, so the trail "
+                         "was cut back and appended to again (clinphoto audit verify reports it)")
+            return False
+        # a head not (or no longer) in the database: never anchor ahead of it
+        return found.get(state.seq) == state.hash
 
     def _report(self, problem: str) -> None:
         if problem not in self._reported:

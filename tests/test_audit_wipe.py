@@ -131,6 +131,44 @@ def test_old_consistent_state_restored_detected(db):
     assert not report.ok and report.first_bad_seq == 6 and "records 6..10 missing" in report.reason
 
 
+def _cut_back_to_genesis(db: Database) -> None:
+    """Every record deleted, the genesis record kept, the head reset: the appender continues the same trail id."""
+    with db.write() as s:
+        s.execute(delete(AuditEvent))
+        s.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=0, hash=audit.GENESIS_HASH, mac=""))
+
+
+def _cut_back_to_a_saved_head(db: Database, saved: AuditHead) -> None:
+    with db.write() as s:
+        s.execute(delete(AuditEvent).where(AuditEvent.seq > saved.seq))
+        s.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=saved.seq, hash=saved.hash, mac=saved.mac))
+
+
+@pytest.mark.parametrize("cut", ["to the genesis record", "to a saved head"])
+def test_cut_trail_appended_past_the_anchor_stays_broken(db, settings, cut):
+    """A trail cut back and appended to again by the gateway, until it is longer than the anchored one:
+    the anchor must not move on to the new records, or the cut would be laundered."""
+    _fill(db, 5)
+    with db.read() as s:
+        saved = s.get(AuditHead, 1)
+        s.expunge(saved)
+    _fill(db, 5)
+    if cut == "to the genesis record":
+        _cut_back_to_genesis(db)
+    else:
+        _cut_back_to_a_saved_head(db, saved)
+    restarted = Gateway.open(settings)
+    try:
+        for _ in range(3):
+            _fill(restarted.db, 4, who="after")
+        report = _verify(restarted.db)
+    finally:
+        restarted.close()
+    assert not report.ok and report.first_bad_seq == 10
+    assert "record 10 is not the anchored one" in report.reason
+    assert _anchored(db).seq == 10
+
+
 def test_edited_anchor_detected(db):
     _fill(db, 4)
     path = db.audit_anchor.path
