@@ -41,12 +41,12 @@ def settings_or_exit() -> Settings:
     return settings
 
 
-def open_gateway(migrate: bool = True):
+def open_gateway(migrate: bool = True, tidy: bool = True):
     from gateway.context import Gateway
 
     settings = settings_or_exit()
     try:
-        return Gateway.open(settings, migrate=migrate)
+        return Gateway.open(settings, migrate=migrate, tidy=tidy)
     except Exception as exc:
         console.print(f"clinphoto: cannot open the store at {settings.database_url.split('@')[-1]}: {' '.join(str(exc).split())[:300]}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -94,11 +94,11 @@ def db_upgrade() -> None:
 
 @store_app.command("check")
 def store_check(verify_hashes: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-hash every blob.")] = True) -> None:
-    """Report missing blobs, hash mismatches and orphans; exit 1 if any."""
+    """Report missing blobs, hash mismatches, orphans and stale spool files; exit 1 if any."""
     from store.integrity import check_store
 
-    gw = open_gateway()
-    report = check_store(gw.db, gw.blobs, verify_hashes=verify_hashes)
+    gw = open_gateway(tidy=False)  # report what dead processes left, do not tidy it away first
+    report = check_store(gw.db, gw.blobs, verify_hashes=verify_hashes, spool_root=gw.spool.root)
     gw.close()
     out.print(report.summary())
     raise typer.Exit(0 if report.clean else 1)
@@ -117,14 +117,15 @@ def store_gc(
     older_than: Annotated[str, typer.Option("--older-than", help="Only orphans older than this (e.g. 24h) are removed.")] = "24h",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed.")] = False,
 ) -> None:
-    """Remove orphan blobs (no row refers to them) older than the given age."""
-    from store.integrity import collect_garbage
+    """Remove orphan blobs (no row refers to them) older than the given age, and stale spool files."""
+    from store.integrity import collect_garbage, collect_spool
 
     age = parse_age(older_than)
-    gw = open_gateway()
+    gw = open_gateway(tidy=False)  # gc itself removes (or with --dry-run lists) what dead processes left
     removed = collect_garbage(gw.db, gw.blobs, older_than=age, now=time.time(), dry_run=dry_run)
+    spooled = collect_spool(gw.spool.root, dry_run=dry_run)
     gw.close()
-    out.print(f"{'would remove' if dry_run else 'removed'} {len(removed)} orphan blob(s)")
+    out.print(f"{'would remove' if dry_run else 'removed'} {len(removed)} orphan blob(s) and {len(spooled)} stale spool file(s)")
 
 
 @audit_app.command("verify")

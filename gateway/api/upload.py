@@ -2,8 +2,9 @@
 
 multipart/form-data with one or more parts named `files` and one JSON part named
 `metadata`. The body is parsed as it arrives: each file part is streamed to a
-spool file (hashed on the way) and cut off as soon as it passes the size limit,
-so a 200 MiB upload never sits in memory whole.
+spool file (hashed on the way; this process's spool folder, see store/spool.py)
+and cut off as soon as it passes the size limit, so a 200 MiB upload never sits
+in memory whole.
 
 201: photos stored; 200: all of them were already stored (same content for this
 patient, or a replay of the same Idempotency-Key); 413/415/422 with
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from gateway.ingest.limits import mib
 from gateway.ingest.metadata import parse_metadata
 from gateway.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest
 from gateway.policy import uncovered_for_care
+from store.spool import Spool
 
 router = APIRouter(prefix="/api/v1", tags=["photos"])
 
@@ -80,7 +81,7 @@ class _Part:
 class _Form:
     """Push-parser callbacks: file parts go to spool files, the metadata part to a small buffer."""
 
-    def __init__(self, spool: Path, max_bytes: int, max_files: int) -> None:
+    def __init__(self, spool: Spool, max_bytes: int, max_files: int) -> None:
         self.spool, self.max_bytes, self.max_files = spool, max_bytes, max_files
         self.parts: list[_Part] = []
         self.current: _Part | None = None
@@ -119,8 +120,7 @@ class _Form:
         if part.name == "files":
             if sum(1 for p in self.parts if p.name == "files") >= self.max_files:
                 raise _Stop(IngestRejected(errors.BAD_METADATA, f"too many files: at most {self.max_files} per upload", field="files"))
-            fd, name = tempfile.mkstemp(prefix="upload-", dir=self.spool)
-            part.path = Path(name)
+            fd, part.path = self.spool.new_file(prefix="upload-")
             part.file = os.fdopen(fd, "wb")
             part.digest = hashlib.sha256()
         self.parts.append(part)
@@ -268,9 +268,7 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     if key is not None and not (0 < len(key) <= 200):
         return _error(422, errors.BAD_METADATA, "Idempotency-Key must be 1-200 characters", field="Idempotency-Key")
 
-    spool = settings.spool_dir or (gw.settings.data_dir / "spool")
-    spool.mkdir(parents=True, exist_ok=True)
-    form = _Form(spool, settings.max_bytes, settings.max_files)
+    form = _Form(gw.spool, settings.max_bytes, settings.max_files)
     parser = MultipartParser(options[b"boundary"], callbacks={
         "on_part_begin": form.on_part_begin, "on_part_data": form.on_part_data, "on_part_end": form.on_part_end,
         "on_header_field": form.on_header_field, "on_header_value": form.on_header_value,

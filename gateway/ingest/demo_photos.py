@@ -87,7 +87,7 @@ def _encode(image: Image.Image, orientation: int, fmt: str, taken: datetime, gps
 def seed_demo_photos(gw, patients) -> int:
     """Ingest synthetic photos for the demo patients; returns how many are stored (new or already there)."""
     stored = 0
-    with tempfile.TemporaryDirectory(prefix="clinphoto-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="demo-", dir=gw.spool.path) as tmp:  # a kill -9 leaves nothing for good
         folder = Path(tmp)
         for index, patient in enumerate(patients):
             with gw.db.read() as session:

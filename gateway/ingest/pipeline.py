@@ -289,12 +289,6 @@ class _BlobWriter:
         self.created.clear()
 
 
-def _spool_dir(gw) -> Path:
-    path = gw.settings.ingest.spool_dir or (gw.settings.data_dir / "spool")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _write_dicom(gw, prepared: Prepared, ctx: _Context, meta: PhotoMetadata, sop_uid: str, series_uid: str,
                  instance: int, writer: _BlobWriter) -> tuple[str, int, str]:
     facts = prepared.facts
@@ -477,7 +471,7 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
             plan.append((index, item, False))
             continue
         try:
-            p = prepare(item.path, settings, sha256=item.sha256, tmp_dir=_spool_dir(gw))
+            p = prepare(item.path, settings, sha256=item.sha256, tmp_dir=gw.spool.path)  # jpegtran/decoder temp files
         except IngestRejected as exc:
             raise exc.for_item(index, item.filename) from None
         prepared.append(p)
