@@ -142,17 +142,35 @@ def test_renditions_match_the_photo(tmp_path):
         p.close()
 
 
-def test_large_stream_is_checked_through_a_mapped_spool_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "JOIN_LIMIT", 1024)  # every stream counts as large here
-    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
-    good.write_bytes(photo())
-    bad.write_bytes(attack("cut-short-eoi-appended"))
-    p = prepare(good, IngestSettings(), tmp_dir=tmp_path)
-    p.close()
+@pytest.mark.parametrize("name", ["cut-short-eoi-appended", "cut-after-scan-header-eoi-appended",
+                                  "frame-header-claims-more-pixels", "444-cut-eoi-appended"])
+def test_large_streams_are_checked_as_strictly_by_djpeg(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(prepare_module, "JOIN_LIMIT", 1024)  # every stream counts as large: FileView walk, djpeg decode
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(attack(name))
     with pytest.raises(IngestRejected) as info:
         prepare(bad, IngestSettings(), tmp_dir=tmp_path)
-    assert info.value.code == errors.CORRUPT
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.jpg", "good.jpg"]  # no temp file left behind
+    assert info.value.code == errors.CORRUPT and "send the original file again" in info.value.message
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.jpg"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("kw", [{}, {"subsampling": 0}, {"progressive": True}])
+def test_large_streams_decode_like_small_ones(tmp_path, monkeypatch, kw):
+    path = tmp_path / "good.jpg"
+    path.write_bytes(photo(**kw))
+    small = prepare(path, IngestSettings(), tmp_dir=tmp_path)
+    monkeypatch.setattr(prepare_module, "JOIN_LIMIT", 1024)
+    large = prepare(path, IngestSettings(), tmp_dir=tmp_path)
+    try:
+        assert large.pixels.transfer_syntax == small.pixels.transfer_syntax
+        assert b"".join(large.pixels.chunks()) == b"".join(small.pixels.chunks())  # same frame, JPEG or JPEG-LS
+        for a, b in ((large.renditions.preview, small.renditions.preview), (large.renditions.thumbnail, small.renditions.thumbnail)):
+            a, b = (np.asarray(Image.open(io.BytesIO(x)), dtype=np.int16) for x in (a, b))
+            assert a.shape == b.shape and np.abs(a - b).mean() < 1
+    finally:
+        small.close()
+        large.close()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["good.jpg"]
 
 
 def test_chroma_subsampling_the_strict_decoder_cannot_check_is_refused_with_the_reason(tmp_path):

@@ -66,7 +66,7 @@ def wait_for(predicate, what: str, timeout: float = 20.0):
 
 
 def clinphoto(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
 def serve_env(tmp_path, database_url: str) -> dict:

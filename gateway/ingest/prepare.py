@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import mmap
 import os
+import re
+import shutil
+import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,7 +260,7 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
             recoded = jpeg.recode_to_temp(path, orientation, tmp_dir)
             closers.append(lambda p=recoded: p.unlink(missing_ok=True))
             src_buf = _map(recoded, closers)
-            src_info = jpeg.parse(src_buf)
+            src_info = jpeg.parse(src_buf, find_end=False)  # the walk comes with _encapsulate
             src_info.icc_profile = info.icc_profile  # jpegtran -copy none dropped it; DICOM carries it
             if not src_info.baseline:
                 raise jpeg.LosslessNotPossible("jpegtran did not produce a baseline JPEG")
@@ -274,7 +274,7 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
             # partial edge blocks (or no jpegtran): turn the decoded pixels and encode once
             turned = upright(_decoded_image(original, model, tmp_dir), orientation)
             encoded = _encode_jpeg(turned, settings.encode_quality)
-            src_info = jpeg.parse(encoded)
+            src_info = jpeg.parse(encoded, find_end=False)
             src_info.icc_profile = info.icc_profile
             steps = ["progressive JPEG decoded"] if info.progressive else ["JPEG decoded"]
             if orientation != 1:
@@ -328,35 +328,27 @@ def _check_sampling(info: jpeg.JpegInfo) -> None:
         )
 
 
-# A JPEG up to this size is read and joined in memory for the decoder (a 24 MP phone
-# JPEG is ~12 MB); a larger one is walked through a FileView and its clean stream
-# written to a spool file and mapped, so a 200 MiB upload adds no 200 MiB bytes
-# object (the mapping's pages are the page cache's).
+# A JPEG up to this size is read and joined in memory for simplejpeg, which needs the
+# whole stream as one buffer (a 24 MP phone JPEG is ~12 MB). A larger one is walked
+# through a FileView and decoded by djpeg from a spool file, which reads it as it
+# decodes: the bench's 188 MiB (100 MP) upload peaks 57 MiB above idle that way (56
+# before there was a strict check), 213 MiB when simplejpeg read it through a mapping.
 JOIN_LIMIT = 32 * 1024 * 1024
 
 
-@contextmanager
-def _contiguous(stream: EncapsulatedJpeg, tmp_dir: Path | None) -> Iterator[bytes | mmap.mmap]:
-    """The stream as one buffer, as simplejpeg needs it."""
-    if stream.length <= JOIN_LIMIT:
-        if isinstance(stream.source, bytes):  # one copy, no 1 MiB slices
-            whole = memoryview(stream.source)
-            yield b"".join(p if isinstance(p, bytes) else whole[p[0] : p[1]] for p in stream.pieces)
-        else:
-            yield b"".join(stream.chunks())
-        return
-    fd, name = tempfile.mkstemp(prefix="decode-", suffix=".jpg", dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.writelines(stream.chunks())
-        with open(name, "rb") as f:
-            os.unlink(name)  # nothing is left behind, whatever happens next
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                mapped.madvise(mmap.MADV_SEQUENTIAL)
-                yield mapped
-    finally:
-        if os.path.exists(name):
-            os.unlink(name)
+def _joined(stream: EncapsulatedJpeg) -> bytes:
+    if isinstance(stream.source, bytes):  # one copy, no 1 MiB slices
+        whole = memoryview(stream.source)
+        return b"".join(p if isinstance(p, bytes) else whole[p[0] : p[1]] for p in stream.pieces)
+    return b"".join(stream.chunks())
+
+
+def _corrupt(report: str) -> IngestRejected:
+    return IngestRejected(
+        CORRUPT,
+        f"corrupt or truncated JPEG: the decoder reports {report.strip()!r}; the file is damaged or incomplete: "
+        "send the original file again",
+    )
 
 
 def _decode(stream: EncapsulatedJpeg, colourspace: str, tmp_dir: Path | None,
@@ -365,19 +357,60 @@ def _decode(stream: EncapsulatedJpeg, colourspace: str, tmp_dir: Path | None,
 
     Pillow ignores libjpeg's warnings and fills missing data with grey: a JPEG cut short
     (with an EOI appended) or whose frame header claims more pixels than its scans hold
-    would be stored as a clinical photo.
+    would be stored as a clinical photo. Returns rows x columns (x samples) uint8; a
+    large stream decoded by djpeg gives RGB where RGBX was asked.
     """
-    min_width, min_height = target or (0, 0)
-    with _contiguous(stream, tmp_dir) as data:
+    if stream.length > JOIN_LIMIT and shutil.which("djpeg"):
+        pixels = _decode_large(stream, tmp_dir, target)
+    else:
+        min_width, min_height = target or (0, 0)
         try:
-            pixels = simplejpeg.decode_jpeg(data, colourspace, min_width=min_width, min_height=min_height, strict=True)
+            pixels = simplejpeg.decode_jpeg(_joined(stream), colourspace, min_width=min_width, min_height=min_height,
+                                            strict=True)
         except ValueError as exc:
-            raise IngestRejected(
-                CORRUPT,
-                f"corrupt or truncated JPEG: the decoder reports {str(exc).strip()!r}; the file is damaged or "
-                "incomplete: send the original file again",
-            ) from None
-    return pixels.reshape(pixels.shape[:2]) if pixels.shape[2] == 1 else pixels
+            raise _corrupt(str(exc)) from None
+    return pixels.reshape(pixels.shape[:2]) if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
+
+
+def _decode_large(stream: EncapsulatedJpeg, tmp_dir: Path | None, target: tuple[int, int] | None) -> np.ndarray:
+    """djpeg -strict (libjpeg-turbo, as simplejpeg) from a spool file to a spool file, read into one array."""
+    eighths = _dct_eighths(stream.width, stream.height, target)
+    fd, source = tempfile.mkstemp(prefix="decode-", suffix=".jpg", dir=tmp_dir)
+    decoded = Path(f"{source}.pnm")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.writelines(stream.chunks())
+        proc = subprocess.run(["djpeg", "-strict", "-scale", f"{eighths}/8", "-outfile", str(decoded), source],
+                              capture_output=True, timeout=600, check=False)
+        report = proc.stderr.decode("utf-8", "replace").strip()
+        if proc.returncode != 0 or report:
+            raise _corrupt(report.splitlines()[0] if report else f"djpeg exit status {proc.returncode}")
+        return _read_pnm(decoded)
+    finally:
+        os.unlink(source)
+        decoded.unlink(missing_ok=True)
+
+
+def _dct_eighths(width: int, height: int, target: tuple[int, int] | None) -> int:
+    """libjpeg's scale (in eighths) giving at least `target`, as simplejpeg's min_width/min_height pick it."""
+    if target:
+        for eighths in (1, 2, 4):
+            if -(-width * eighths // 8) >= target[0] and -(-height * eighths // 8) >= target[1]:
+                return eighths
+    return 8
+
+
+def _read_pnm(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        head = re.match(rb"(P[56])\s+(\d+)\s+(\d+)\s+255\s", f.read(64))
+        if head is None:
+            raise _corrupt("djpeg wrote no image")
+        width, height = int(head.group(2)), int(head.group(3))
+        pixels = np.empty((height, width, 3 if head.group(1) == b"P6" else 1), np.uint8)
+        f.seek(head.end())
+        if f.readinto(memoryview(pixels).cast("B")) != pixels.size:
+            raise _corrupt("djpeg wrote a short image")
+    return pixels
 
 
 def _decoded_image(stream: EncapsulatedJpeg, model: str, tmp_dir: Path | None) -> Image.Image:
@@ -392,10 +425,11 @@ def _preview_source(stream: EncapsulatedJpeg, info: jpeg.JpegInfo, settings: Ing
     they are, where RGB ones would be copied (~7 ms at 2016 x 1512).
     """
     target = decode_target(info.width, info.height, settings.preview_size, settings.preview_min_fraction)
-    gray = info.colour_model == "GRAY"
-    pixels = _decode(stream, "GRAY" if gray else "RGBX", tmp_dir, target)
+    pixels = _decode(stream, "GRAY" if info.colour_model == "GRAY" else "RGBX", tmp_dir, target)
+    if pixels.ndim == 2 or pixels.shape[2] == 3:
+        return Image.fromarray(pixels)
     height, width = pixels.shape[:2]
-    return Image.frombuffer("L" if gray else "RGBX", (width, height), pixels, "raw", "L" if gray else "RGBX", 0, 1)
+    return Image.frombuffer("RGBX", (width, height), pixels, "raw", "RGBX", 0, 1)
 
 
 def _renditions(image: Image.Image, settings: IngestSettings) -> Renditions:
@@ -459,7 +493,7 @@ def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings,
         source_method = HEVC_METHOD if kind == "heif" else JPEG_METHOD
         lossy.append((source_method, _ratio(width, height, samples, os.path.getsize(path))))
         encoded = _encode_jpeg(turned, settings.encode_quality)
-        info = jpeg.parse(encoded)
+        info = jpeg.parse(encoded, find_end=False)
         lossy.append((JPEG_METHOD, _ratio(width, height, samples, len(encoded))))
         what = "HEIC/HEIF (HEVC)" if kind == "heif" else "JPEG-compressed TIFF"
         depth = f", {bit_depth}-bit reduced to 8-bit" if kind == "heif" and bit_depth > 8 else ""
