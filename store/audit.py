@@ -35,6 +35,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from psycopg.types.json import Json
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from store.audit_anchor import ANCHOR, PENDING, AnchorError, AnchorState, AuditAnchor
+from store.audit_anchor import ANCHOR, PENDING, AnchorError, AnchorState, AnchorUpdate, AuditAnchor
 from store.models import AuditEvent, AuditHead
 
 # what a trail from before genesis records chains from; also the head's "nothing yet" value
@@ -216,24 +217,29 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     if not entries:
         return []
     key = _key(session)
+    anchor: AuditAnchor | None = session.info.get(ANCHOR)
+    known = anchor.known if anchor is not None else None
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
     cur = conn.connection.dbapi_connection.cursor()
     try:
-        seqs, state = _append_rows(cur, pg, key, entries)
+        seqs, update = _append_rows(cur, pg, key, entries, known)
     finally:
         cur.close()
-    if session.info.get(ANCHOR) is not None:
-        session.info[PENDING] = state  # the anchor hooks take it on commit, drop it on rollback
+    if anchor is not None:
+        session.info[PENDING] = update  # the anchor hooks take it on commit, drop it on rollback
     return seqs
 
 
-# the head, locked (appenders queue on it), with the genesis trail id beside it in one statement:
-# the genesis costs the hot path ~1 us on SQLite; only the head row is locked (FOR UPDATE OF h),
-# as a second row lock would add a WAL record to every PostgreSQL commit
+# The head, locked (appenders queue on it), with the genesis trail id and the anchored record's
+# hash beside it, in one statement: the genesis and the anchor's continuity check cost the hot
+# path ~1-2 us on SQLite and no extra round trip on PostgreSQL. Only the head row is locked
+# (FOR UPDATE OF h): a second row lock would add a WAL record to every PostgreSQL commit.
 _LOCK_HEAD = {
-    False: "SELECT h.seq, h.hash, g.hash FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1",
-    True: "SELECT h.seq, h.hash, g.hash FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1 FOR UPDATE OF h",
+    False: "SELECT h.seq, h.hash, g.hash, (SELECT e.hash FROM audit_events e WHERE e.seq = ?) "
+           "FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1",
+    True: "SELECT h.seq, h.hash, g.hash, (SELECT e.hash FROM audit_events e WHERE e.seq = %s) "
+          "FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1 FOR UPDATE OF h",
 }
 _LOCK_GENESIS = {
     False: "SELECT hash FROM audit_head WHERE id = 0",
@@ -241,16 +247,21 @@ _LOCK_GENESIS = {
 }
 
 
-def _lock_marks(cur, pg: bool) -> tuple[tuple[int, str] | None, str | None]:
-    """(head seq and hash, genesis trail id), each None when its row is missing."""
-    cur.execute(_LOCK_HEAD[pg])
+class _Marks(NamedTuple):
+    head: tuple[int, str] | None  # (seq, hash); None when the head row is missing
+    trail: str | None  # the genesis record's trail id; None when there is none
+    anchored_hash: str | None  # the hash the record at the anchored seq has in this transaction's view
+
+
+def _lock_marks(cur, pg: bool, anchored_seq: int) -> _Marks:
+    cur.execute(_LOCK_HEAD[pg], (anchored_seq,))
     row = cur.fetchone()
     if row is not None:
-        return (row[0], row[1]), row[2]
+        return _Marks((row[0], row[1]), row[2], row[3])
     # no head row (a new store, or the head deleted): the genesis row, if any, queues appenders
     cur.execute(_LOCK_GENESIS[pg])
     row = cur.fetchone()
-    return None, (row[0] if row is not None else None)
+    return _Marks(None, row[0] if row is not None else None, None)
 
 
 def _start_trail(cur, mark: str, key: bytes) -> None:
@@ -262,15 +273,18 @@ def _start_trail(cur, mark: str, key: bytes) -> None:
                 (_GENESIS_ID, trail, _genesis_mac(key, trail), _HEAD_ID, trail, _head_mac(key, 0, trail)))
 
 
-def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> tuple[list[int], AnchorState]:
+def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry],
+                 known: AnchorState | None) -> tuple[list[int], AnchorUpdate]:
     mark = "%s" if pg else "?"
-    head, genesis = _lock_marks(cur, pg)
-    if genesis is None and (head is None or head == (0, GENESIS_HASH)):
+    anchored_seq = known.seq if known is not None else -1
+    marks = _lock_marks(cur, pg, anchored_seq)
+    if marks.trail is None and (marks.head is None or marks.head == (0, GENESIS_HASH)):
         # no trail yet (or one wiped down to a bare head): start one. After a wipe this is a new
         # trail id, which the anchor of the old trail tells apart.
         _start_trail(cur, mark, key)
-        head, genesis = _lock_marks(cur, pg)
-    trail = genesis if genesis is not None else GENESIS_HASH
+        marks = _lock_marks(cur, pg, anchored_seq)
+    head = marks.head
+    trail = marks.trail if marks.trail is not None else GENESIS_HASH
     seq, prev = head if head is not None else (0, trail)
     if seq == 0:
         prev = trail  # record 1 chains from the genesis record
@@ -304,7 +318,8 @@ def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry]) -> tuple[
     else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)
         cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, {mark}, {mark}, {mark})",
                     (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
-    return seqs, AnchorState(trail, seq, prev)
+    intact = known is not None and marks.anchored_hash == known.hash
+    return seqs, AnchorUpdate(AnchorState(trail, seq, prev), known, intact)
 
 
 def append(session: Session, entry: AuditEntry) -> int:

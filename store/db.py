@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.audit_anchor import ANCHOR, AuditAnchor, anchor_path, install_hooks
-from store.models import AuditEvent
 
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
@@ -79,7 +78,7 @@ class Database:
         self.dialect = check_url(url)
         # the chain's reach kept outside the database, in a keyed file per database beside the key
         # (store.audit_anchor); without a folder, a wiped trail cannot be told from a new one
-        self.audit_anchor = (AuditAnchor(anchor_path(audit_anchor_dir, url), audit_key, url, recorded=self._recorded_hashes)
+        self.audit_anchor = (AuditAnchor(anchor_path(audit_anchor_dir, url), audit_key, url)
                              if audit_anchor_dir is not None and audit_key else None)
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(url)
@@ -112,12 +111,6 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
-
-    def _recorded_hashes(self, seqs: Sequence[int]) -> dict[int, str]:
-        """Committed audit hashes by seq, on a connection of its own (the anchor writer's thread)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(AuditEvent.seq, AuditEvent.hash).where(AuditEvent.seq.in_(list(seqs))))
-            return {seq: hash_ for seq, hash_ in rows}
 
     def upgrade(self) -> None:
         from store.migrate import upgrade
