@@ -35,9 +35,8 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import NamedTuple
-
 from pathlib import Path
+from typing import NamedTuple
 
 from psycopg.types.json import Json
 from sqlalchemy import inspect, select

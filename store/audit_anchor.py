@@ -21,8 +21,10 @@ compares the database with it.
   transaction saw intact. If the anchored record is gone or has another hash, the trail was
   cut back and appended to again, and the anchor stays put: otherwise a cut (to the genesis,
   or to a head row saved earlier) would be laundered once the gateway had appended past the
-  anchored seq. (Reading it back on a connection of the writer thread's own cost ~15 % of
-  HL7 throughput: GIL hand-offs between that thread and the committer.)
+  anchored seq. A transaction that checked an older anchor than the file now holds (another
+  process moved it meanwhile) does not move it; the next one checks against the new one.
+  (Reading the record back on the writer thread's own connection instead measured ~15 %
+  lower HL7 throughput.)
 - Atomic: temp file, fsync, rename.
 - Off the caller's thread: the commit hook only records the newest committed head (~1 us);
   a background thread writes it at most every INTERVAL seconds. Writing the file costs
