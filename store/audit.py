@@ -433,7 +433,8 @@ def _check_marks(key: bytes, walk: _Walk, genesis: AuditHead | None, head: Audit
         return broken(last + 1, f"records {last + 1}..{anchored.seq} missing: the trail was wiped or cut "
                                 f"(the audit anchor beside the key holds record {anchored.seq})")
     if walk.hash_at_anchor != anchored.hash:
-        return broken(anchored.seq, f"record {anchored.seq} is not the anchored one: the trail was replaced")
+        return broken(anchored.seq, f"record {anchored.seq} is not the anchored one: the trail was cut back and "
+                                        "appended to again, or replaced")
     return VerifyReport(True, last, anchored_seq=anchored_seq)
 
 
