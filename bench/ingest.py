@@ -61,11 +61,11 @@ def make_photos(folder: Path, n: int) -> list[Path]:
 
 
 def bench_wrap(paths: list[Path], work: Path) -> dict:
-    from gateway.dicom import vlphoto
-    from gateway.dicom.uids import new_uid
-    from gateway.ingest import jpeg
-    from gateway.ingest.config import IngestSettings
-    from gateway.ingest.prepare import prepare
+    from gateway.core.objects import vlphoto
+    from gateway.core.objects.uids import new_uid
+    from gateway.core.ingest import jpeg
+    from gateway.core.ingest.config import IngestSettings
+    from gateway.core.ingest.prepare import prepare
 
     ours, full, theirs = [], [], []
     out = work / "ours.dcm"
@@ -118,11 +118,11 @@ class Server:
     def seed_patient(self) -> None:
         from datetime import date
 
-        from gateway.context import Gateway
+        from gateway.core.context import Gateway
         from gateway.settings import Settings
         from store.models import Patient, PatientIdentifier
 
-        from gateway.auth import mint_dev_token
+        from gateway.core.identity import mint_dev_token
 
         settings = Settings(data_dir=self.data_dir)
         gw = Gateway.open(settings)
@@ -250,10 +250,10 @@ def lossless_child(path: Path) -> None:
     """One prepare + Part 10 write in this (fresh) process; prints JSON figures."""
     import io
 
-    from gateway.dicom import vlphoto
-    from gateway.dicom.uids import new_uid
-    from gateway.ingest.config import IngestSettings
-    from gateway.ingest.prepare import prepare
+    from gateway.core.objects import vlphoto
+    from gateway.core.objects.uids import new_uid
+    from gateway.core.ingest.config import IngestSettings
+    from gateway.core.ingest.prepare import prepare
 
     before = _status_mib("VmRSS")
     started = time.perf_counter()

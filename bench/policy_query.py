@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from gateway.auth import Subject  # noqa: E402
-from gateway.policy import visible_assets_filter  # noqa: E402
-from gateway.policy_config import PolicySettings  # noqa: E402
+from gateway.core.identity import Subject  # noqa: E402
+from gateway.core.policy.rules import visible_assets_filter  # noqa: E402
+from gateway.core.policy.settings import PolicySettings  # noqa: E402
 from store.db import Database  # noqa: E402
+from store.migrate import upgrade  # noqa: E402
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient  # noqa: E402
 
 SPECIALTIES = ["100", "160", "161", "330", "420"]
@@ -101,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     db = Database(args.url or f"sqlite:///{tmp}/bench.db")
-    db.upgrade()
+    upgrade(db)
     t = time.perf_counter()
     samples = seed(db, args.patients, args.per_patient)
     total = args.patients * args.per_patient

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 
 from gateway.api import consents, photos, upload
-from gateway.auth import AuthUnavailable, verifier_for
-from gateway.context import Gateway
+from gateway.api.security import verifier_for
+from gateway.core.identity import AuthUnavailable
+from gateway.core.context import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import select
 
-from gateway.context import Gateway
-from gateway.ingest.demo_photos import seed_demo_photos
-from mapping.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
+from gateway.core.context import Gateway
+from gateway.demo_photos import seed_demo_photos
+from gateway.core.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
 from store import audit
 from store.models import Consent, Encounter, Patient, PatientIdentifier
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import uvicorn
 
 from gateway.app import create_app
-from gateway.context import Gateway
+from gateway.core.context import Gateway
 from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
 

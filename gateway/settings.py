@@ -11,8 +11,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from gateway.hl7.config import Hl7Settings
-from gateway.ingest.config import IngestSettings
-from gateway.policy_config import AuthSettings, PolicySettings
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.policy.settings import AuthSettings, PolicySettings
 from store.db import DatabaseUrlError, check_url
 
 ENV_PREFIX = "CLINPHOTO_"

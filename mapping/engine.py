@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from gateway.hl7.parse import Message, Segment, component, parse_path
-from gateway.patient_index import UNSET, EncounterData, IdentifierData, PatientData
-from mapping import nhs
+from mapping.message import Message, Segment, component, parse_path
+from gateway.core.patients import UNSET, EncounterData, IdentifierData, PatientData
+from gateway.core import nhs
 from mapping.schema import _PLACEHOLDER, FieldSpec, IdentifierRule, Mapping
 
 HL7_NULL = '""'

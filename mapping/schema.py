@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.hl7.parse import parse_path
+from mapping.message import parse_path
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 TEMPLATE_VARIABLES = {"authority", "mrn_system"}

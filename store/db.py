@@ -112,11 +112,6 @@ class Database:
                 session.rollback()
                 raise
 
-    def upgrade(self) -> None:
-        from store.migrate import upgrade
-
-        upgrade(self)
-
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")

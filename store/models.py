@@ -155,7 +155,7 @@ class Asset(Base):
     filed_patient_id: Mapped[int] = mapped_column(Integer, default=_filed_under_patient)
     encounter_id: Mapped[int | None] = mapped_column(ForeignKey("encounters.id"))
     # the consent captured with the photo at upload (informational); what covers the photo
-    # is in consent_assets (and patient/encounter-scoped consents), see gateway/policy.py
+    # is in consent_assets (and patient/encounter-scoped consents), see gateway/core/policy/rules.py
     consent_id: Mapped[str | None] = mapped_column(ForeignKey("consents.id"))
 
     study_uid: Mapped[str] = mapped_column(String(64))

@@ -15,8 +15,8 @@ leaks and zero misses:
     assert not problems, "\n".join(problems)
 
 The expected visibility is computed by `expected_visible()` below, written
-from the rules as the issue states them (and as gateway/policy_config.py
-documents the role defaults), independently of gateway/policy.py:
+from the rules as the issue states them (and as gateway/core/policy/settings.py
+documents the role defaults), independently of gateway/core/policy/rules.py:
 
  1. Only photos with status 'active' are ever shown.
  2. Roles act only for their purposes: clinician TREAT/ETREAT/TRAIN;
@@ -57,8 +57,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from PIL import Image
 
-from gateway.auth import Subject
-from gateway.policy_config import DicomPeer
+from gateway.core.identity import Subject
+from gateway.core.policy.settings import DicomPeer
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient, PatientIdentifier
 
 MRN_SYSTEM = "https://trust.example.nhs.uk/Id/mrn"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.auth import mint_dev_token
+from gateway.core.identity import mint_dev_token
 
 
 def token_for(gw, role: str = "medical-illustration", sub: str = "test-user", specialties=(), scopes=None,

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.context import Gateway
+from gateway.core.context import Gateway
 from gateway.settings import Settings
 from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
+from store.migrate import upgrade
 
 PG_ENV = "CLINPHOTO_TEST_POSTGRES_URL"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -85,7 +86,7 @@ def audit_key(tmp_path) -> bytes:
 def db(database_url, audit_key, tmp_path) -> Database:
     # the anchor beside the key, as Gateway.open does
     database = Database(database_url, audit_key=audit_key, audit_anchor_dir=tmp_path)
-    database.upgrade()
+    upgrade(database)
     yield database
     database.dispose()
 

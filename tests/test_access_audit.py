@@ -9,9 +9,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from gateway import access_audit
-from gateway.auth import Subject
-from gateway.policy import resolve
+from gateway.core import access_audit
+from gateway.core.identity import Subject
+from gateway.core.policy.rules import resolve
 from store import audit
 from store.models import AuditEvent
 from tests.access_matrix import USERS, build_access_matrix

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
-from gateway.hl7.parse import parse
+from mapping.message import parse
 from store import audit
 from store.models import AuditEvent, Encounter, Hl7Message, Patient
 from store.patients import find_patient

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, update
 
-from gateway.context import Gateway
+from gateway.core.context import Gateway
 from gateway.settings import Settings
 from store import audit
 from store.audit_anchor import AnchorUpdate, AuditAnchor, anchor_path

@@ -17,19 +17,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import (
-    REJECT_CALLED_AE_NOT_RECOGNISED,
-    REJECT_CALLING_AE_NOT_RECOGNISED,
+from gateway.core.identity import (
     AuthError,
     DicomPeerRejected,
+    PeerRefusal,
     TokenVerifier,
     authenticate_dicom_peer,
     dev_key_path,
     mint_dev_token,
     peer_allows,
 )
-from gateway.policy import read_grant, scope_allows
-from gateway.policy_config import AuthSettings, DicomPeer
+from gateway.core.policy.rules import read_grant, scope_allows
+from gateway.core.policy.settings import AuthSettings, DicomPeer
 from gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,13 +314,13 @@ def test_unknown_peer_wrong_host_and_wrong_called_ae_are_rejected(tmp_path):
     settings = peer_settings(tmp_path)
     with pytest.raises(DicomPeerRejected, match="not a configured peer") as exc:
         authenticate_dicom_peer(settings, "STRANGER", "127.0.0.1")
-    assert exc.value.reason == REJECT_CALLING_AE_NOT_RECOGNISED
+    assert exc.value.kind == PeerRefusal.UNKNOWN_CALLING_AE
     with pytest.raises(DicomPeerRejected, match="may not connect from 192.168.9.9") as exc:
         authenticate_dicom_peer(settings, "PACS1", "192.168.9.9")
-    assert exc.value.reason == REJECT_CALLING_AE_NOT_RECOGNISED
+    assert exc.value.kind == PeerRefusal.WRONG_HOST
     with pytest.raises(DicomPeerRejected, match="called AE") as exc:
         authenticate_dicom_peer(settings, "PACS1", "127.0.0.1", called_ae="NOTUS")
-    assert exc.value.reason == REJECT_CALLED_AE_NOT_RECOGNISED
+    assert exc.value.kind == PeerRefusal.CALLED_AE_NOT_OURS
     with pytest.raises(DicomPeerRejected):
         authenticate_dicom_peer(settings, "pacs1", "127.0.0.1")  # AE titles compare exactly
 
@@ -345,7 +344,7 @@ def test_policy_settings_prints_a_documented_config_that_loads_back(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "settings"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    from gateway.policy_config import PolicySettings
+    from gateway.core.policy.settings import PolicySettings
 
     for name in list(AuthSettings.model_fields) + list(PolicySettings.model_fields) + list(DicomPeer.model_fields):
         assert f"{name}:" in text, name

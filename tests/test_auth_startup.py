@@ -12,7 +12,7 @@ import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.policy_config import AuthSettings
+from gateway.core.policy.settings import AuthSettings
 from tests.conftest import require_tool
 from tests.test_auth import claims, jwks_server, pem_public  # noqa: F401 (jwks_server: a real JWKS endpoint)
 from tests.test_photos_api import live_server

@@ -82,7 +82,7 @@ def test_writer_killed_mid_write_leaves_no_partial_blob(gw):
     assert len(gw.blobs.stale_temp_files()) == 1
     assert not check_store(gw.db, gw.blobs).clean
     # restart: opening the gateway tidies what the dead writer left
-    from gateway.context import Gateway
+    from gateway.core.context import Gateway
 
     Gateway.open(gw.settings).close()
     report = check_store(gw.db, gw.blobs)

@@ -10,7 +10,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from gateway.dicom.listener import DicomListener
-from gateway.policy_config import DicomPeer
+from gateway.core.policy.settings import DicomPeer
 from store.models import AuditEvent
 from tests.conftest import require_tool
 

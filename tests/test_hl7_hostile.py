@@ -21,7 +21,7 @@ from gateway.hl7.ack import cut_words
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
 from gateway.hl7.mllp import frame
-from gateway.logs import RateLimited, RateLimitFilter
+from gateway.core.logs import RateLimited, RateLimitFilter
 from store.models import Hl7Message, Patient
 from tests.test_adt_events import Feed, ack_fields, build, msh
 from tests.test_hl7_reprocess import cli

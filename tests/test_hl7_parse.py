@@ -11,8 +11,8 @@ from hl7apy.parser import parse_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.hl7.escape import escape, unescape
-from gateway.hl7.parse import Hl7Error, parse, parse_path
+from mapping.escape import escape, unescape
+from mapping.message import Hl7Error, parse, parse_path
 
 MSH = "MSH|^~\\&|PAS|RX1|CLINPHOTO|RX1|20240301101500||ADT^A01^ADT_A01|{cid}|P|2.5"
 

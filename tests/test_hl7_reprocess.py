@@ -12,7 +12,7 @@ from sqlalchemy import select
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
-from gateway.hl7.parse import parse
+from mapping.message import parse
 from store import audit
 from store.models import Hl7Message
 from store.patients import find_patient

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from gateway.ingest.importer import ManifestError, read_manifest, run_import
-from gateway.ingest.pipeline import Actor
+from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
+from gateway.core.ingest.pipeline import Actor
 from store.models import Asset, AuditEvent
 from tests.ingest_helpers import add_patient, photo_fixtures
 

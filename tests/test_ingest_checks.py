@@ -7,11 +7,11 @@ import time
 import pytest
 from PIL import Image, ImageFile
 
-from gateway.ingest import errors
-from gateway.ingest.config import IngestSettings
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.prepare import prepare
-from gateway.ingest.sniff import sniff
+from gateway.core.ingest import errors
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.prepare import prepare
+from gateway.core.ingest.sniff import sniff
 
 
 

@@ -18,11 +18,11 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from gateway.app import create_app
-from gateway.ingest import errors
-from gateway.ingest import prepare as prepare_module
-from gateway.ingest.config import IngestSettings
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.prepare import prepare
+from gateway.core.ingest import errors
+from gateway.core.ingest import prepare as prepare_module
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.prepare import prepare
 from store.models import Asset, AuditEvent
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import add_patient, photo_fixtures

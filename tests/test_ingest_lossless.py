@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw
 from sqlalchemy import func, select
 
 from gateway.app import create_app
-from gateway.ingest import errors
-from gateway.ingest import pipeline as pipeline_module
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest import errors
+from gateway.core.ingest import pipeline as pipeline_module
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
 from store.models import Asset, AuditEvent
 from tests.auth_helpers import auth_headers
 from tests.conftest import require_tool
@@ -135,7 +135,7 @@ def test_request_over_the_pixel_budget_is_refused_from_the_headers_with_nothing_
 
 
 def test_default_budget_takes_fifty_24_mp_photos():
-    from gateway.ingest.config import IngestSettings
+    from gateway.core.ingest.config import IngestSettings
 
     assert IngestSettings().max_request_pixels >= 50 * 24_000_000
 
@@ -149,7 +149,7 @@ def test_request_within_the_budget_is_stored(gw, fx):
 
 
 def test_jpeg_ls_codestream_is_what_pydicom_reads_back(tmp_path):
-    from gateway.dicom import vlphoto
+    from gateway.core.objects import vlphoto
 
     image = photo_fixtures.photo_like(33, 17)  # odd sizes: padding to an even length
     pixels = vlphoto.jpeg_ls_lossless(np.asarray(image), 33, 17, 3, [], None)
@@ -165,7 +165,7 @@ def test_jpeg_ls_codestream_is_what_pydicom_reads_back(tmp_path):
 def test_charls_c_api_and_pyjpegls_give_the_same_codestream(monkeypatch):
     import jpeg_ls
 
-    from gateway.dicom import jpegls
+    from gateway.core.objects import jpegls
 
     rng = np.random.default_rng(4)
     for shape, components in (((17, 33, 3), 3), ((40, 21), 1)):
@@ -181,8 +181,8 @@ def test_charls_c_api_and_pyjpegls_give_the_same_codestream(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["1", "L", "RGB"])
 def test_samples_are_filled_band_by_band_like_tobytes(mode, monkeypatch):
-    from gateway.ingest import prepare
-    from gateway.ingest.prepare import _samples
+    from gateway.core.ingest import prepare
+    from gateway.core.ingest.prepare import _samples
 
     monkeypatch.setattr(prepare, "_BAND_BYTES", 5000)  # many bands, the last one short
     image = photo_fixtures.photo_like(301, 257).convert(mode)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from gateway.ingest import errors
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest import errors
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
 from store import audit
 from store.models import Asset, AuditEvent, Consent, Patient
 from tests.ingest_helpers import NHS, add_patient, dicom_tools_check
@@ -226,7 +226,7 @@ def test_dicom_doors_keep_the_senders_uids(gw, fx):
 
 
 def test_failed_ingest_never_deletes_a_blob_another_ingest_holds(gw):
-    from gateway.ingest.pipeline import _BlobWriter
+    from gateway.core.ingest.pipeline import _BlobWriter
 
     first, second = _BlobWriter(gw), _BlobWriter(gw)
     sha = first.put_bytes(b"the same rendition bytes")  # created by the first
@@ -258,7 +258,7 @@ def test_uids_under_the_configured_root(gw, fx, tmp_path):
 
 def test_patient_merged_while_storing_refuses_and_a_retry_files_under_the_survivor(gw, fx, monkeypatch):
     """An A40 lands between the patient look-up and the commit: nothing is filed under the merged record."""
-    from gateway.ingest import pipeline
+    from gateway.core.ingest import pipeline
 
     merged = add_patient(gw)
     survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)
@@ -282,8 +282,8 @@ def test_patient_merged_while_storing_refuses_and_a_retry_files_under_the_surviv
 
 def test_merge_moves_every_photo_even_content_the_survivor_already_has(gw, fx):
     """The same picture filed under both records before an A40: both photos (with their own site and consent) move."""
-    from gateway.patient_index import Actor as IndexActor
-    from gateway.patient_index import IdentifierData, PatientData, PatientIndex
+    from gateway.core.patients import Actor as IndexActor
+    from gateway.core.patients import IdentifierData, PatientData, PatientIndex
 
     merged = add_patient(gw)
     survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 from PIL import Image
 
-from gateway.ingest.config import IngestSettings
-from gateway.ingest.prepare import prepare
-from gateway.ingest.renditions import decode_target, fit, from_image
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.prepare import prepare
+from gateway.core.ingest.renditions import decode_target, fit, from_image
 from tests.ingest_helpers import photo_fixtures
 
 

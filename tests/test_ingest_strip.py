@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from gateway.ingest import jpeg
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest import jpeg
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
 from store.models import Asset
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient, photo_fixtures

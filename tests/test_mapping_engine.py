@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.hl7.parse import parse
-from gateway.patient_index import UNSET
-from mapping import nhs
+from mapping.message import parse
+from gateway.core.patients import UNSET
+from gateway.core import nhs
 from mapping.engine import Mapper, MappingFault, parse_dtm
 from mapping.schema import DEFAULT_MAPPING, MappingFileError, load_mapping, load_mapping_text
 

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import MllpListener
 from gateway.hl7.mllp import START, FrameTooLarge, MllpDecoder, frame
-from gateway.hl7.parse import parse
+from mapping.message import parse
 from store.models import Hl7Message, Patient
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7"

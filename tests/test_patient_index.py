@@ -11,9 +11,9 @@ from sqlalchemy import select
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
-from gateway.hl7.parse import parse
-from gateway.patient_index import (
-    Actor, EncounterData, IdentifierData, PatientData, PatientIndex, PatientIndexError,
+from mapping.message import parse
+from gateway.core.patients import (
+    Actor, EncounterData, IdentifierData, PatientData, PatientIndex, PatientIndexError, Problem,
 )
 from store import audit
 from store.models import Asset, AuditEvent, Consent, Encounter, Patient, PatientIdentifier
@@ -73,7 +73,7 @@ def test_identifiers_of_two_patients_in_one_message_is_an_error(db):
     apply(db, lambda i: i.upsert_patient(PatientData([ident("B1")]), T0))
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.upsert_patient(PatientData([ident("A1"), ident("B1")]), T0))
-    assert err.value.code == "205"
+    assert err.value.problem == Problem.CONFLICT
 
 
 def test_merge_moves_encounters_photos_consents_and_old_ids_resolve(db):
@@ -120,7 +120,7 @@ def test_later_message_about_merged_identifier_follows_policy(db):
     later = PatientData([ident("M1")], family_name="VIA-OLD-ID")
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.upsert_patient(later, T0 + timedelta(days=1)), policy="reject")
-    assert err.value.code == "204"
+    assert err.value.problem == Problem.MERGED
     out = apply(db, lambda i: i.upsert_patient(later, T0 + timedelta(days=1)), policy="survivor")
     assert out.patient_id == survivor
     with db.read() as s:
@@ -138,7 +138,7 @@ def test_merge_into_itself_and_repeat_merge(db):
     apply(db, lambda i: i.upsert_patient(PatientData([ident("S1")]), T0))
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.merge(PatientData([ident("S1")]), [ident("S1")], T0))
-    assert err.value.code == "205"
+    assert err.value.problem == Problem.CONFLICT
     apply(db, lambda i: i.upsert_patient(PatientData([ident("M1")]), T0))
     apply(db, lambda i: i.merge(PatientData([ident("S1")]), [ident("M1")], T0))
     again = apply(db, lambda i: i.merge(PatientData([ident("S1")]), [ident("M1")], T0), policy="reject")
@@ -165,11 +165,11 @@ def test_change_identifier(db):
     assert again.notes == ["identifier already changed"]
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.change_identifier([ident("X")], [ident("NOBODY")], T0))
-    assert err.value.code == "204"
+    assert err.value.problem == Problem.UNKNOWN
     apply(db, lambda i: i.upsert_patient(PatientData([ident("TAKEN")]), T0))
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.change_identifier([ident("TAKEN")], [ident("NEW")], T0))
-    assert err.value.code == "205"
+    assert err.value.problem == Problem.CONFLICT
 
 
 def test_encounter_of_another_patient_is_refused(db):
@@ -178,7 +178,7 @@ def test_encounter_of_another_patient_is_refused(db):
     apply(db, lambda i: i.upsert_encounter(a, EncounterData(visit_number="V1"), T0))
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.upsert_encounter(b, EncounterData(visit_number="V1"), T0))
-    assert (err.value.code, err.value.location) == ("205", "PV1-19")
+    assert (err.value.problem, err.value.location) == (Problem.CONFLICT, "PV1-19")
 
 
 # -- the same through HL7 fixtures (A40, A34, A47, A35) ------------------------------------------

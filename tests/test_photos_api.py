@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
 from gateway.app import create_app
-from gateway.policy import scope_allows
+from gateway.core.policy.rules import scope_allows
 from store import audit
 from store.models import AuditEvent
 from tests.access_matrix import PATIENTS, PHOTOS, ROLE_PURPOSES, USERS, build_access_matrix

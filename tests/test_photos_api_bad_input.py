@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DataError
 
 from gateway.app import BAD_VALUE, create_app
-from gateway.auth import dev_private_key
+from gateway.core.identity import dev_private_key
 from store import audit
 from store.models import Asset, AuditEvent
 from tests.access_matrix import build_access_matrix
@@ -95,7 +95,7 @@ def test_over_long_or_odd_token_subject_is_401_and_audited(gw, api):  # noqa: F8
 
 
 def test_audit_entries_fit_their_columns(gw):
-    from gateway import access_audit
+    from gateway.core import access_audit
 
     entry = audit.AuditEntry(type_code="rest", action="E", subtype="s" * 80, agent_who="w" * 300, agent_role="r\x00" * 60,
                              purpose_of_use="P" * 25, outcome_desc="d\x00", entities=[{"id": "a\x00"}], detail={"k\x00": ["v\x00"]})

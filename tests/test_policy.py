@@ -9,9 +9,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from gateway.auth import Subject
-from gateway.consents import ConsentError, list_consents, record_consent, withdraw_consent
-from gateway.policy import PolicyRefusal, check_request, decide, resolve, visible_assets_filter
+from gateway.core.identity import Subject
+from gateway.core.consents import ConsentError, list_consents, record_consent, withdraw_consent
+from gateway.core.policy.rules import check_request, decide, resolve, visible_assets_filter
+from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.models import Asset, AuditEvent, Encounter, Patient
 
@@ -135,13 +136,13 @@ def test_break_glass_rules_and_reasons(gw):
         assert denied_v.denied_by == ["sensitivity"]
         # no reason: refused outright, and the filter shows nothing
         assert visible(session, ed, policy, purpose="ETREAT") == set()
-    with pytest.raises(PolicyRefusal, match="needs a reason") as exc:
+    with pytest.raises(Refused, match="needs a reason") as exc:
         check_request(resolve(ed, policy, purpose="ETREAT"))
-    assert exc.value.status == 403
-    with pytest.raises(PolicyRefusal, match="only allowed with purpose ETREAT") as exc:
+    assert exc.value.kind == Kind.FORBIDDEN
+    with pytest.raises(Refused, match="only allowed with purpose ETREAT") as exc:
         check_request(resolve(ed, policy, purpose="TREAT", break_glass="because"))
-    assert exc.value.status == 400
-    with pytest.raises(PolicyRefusal, match="may not break the glass"):
+    assert exc.value.kind == Kind.BAD_REQUEST
+    with pytest.raises(Refused, match="may not break the glass"):
         check_request(resolve(MI, policy, purpose="ETREAT", break_glass="because"))
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from gateway.consents import record_consent
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
-from gateway.policy import decide, visible_assets_filter
+from gateway.core.consents import record_consent
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.policy.rules import decide, visible_assets_filter
 from store.models import Asset, ConsentAsset, PatientIdentifier
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import add_patient as add_ingest_patient, photo_fixtures

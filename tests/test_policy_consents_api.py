@@ -101,7 +101,7 @@ def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
 
     pid, _photo, _intimate = seed(gw)
     with gw.db.write() as session:
-        from gateway.consents import record_consent
+        from gateway.core.consents import record_consent
 
         consent = record_consent(session, patient_id=pid, level="record", given_by="patient", captured_by="mi").id
     base = {"level": "record", "given_by": "patient"}
@@ -128,7 +128,7 @@ def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
     assert all(e.outcome == audit.MINOR_FAILURE and e.outcome_desc for e in refusals)
     assert {e.agent_who for e in refusals} == {"res.smith", "root", "dr.derm"}
     with gw.db.read() as session:
-        from gateway.consents import list_consents
+        from gateway.core.consents import list_consents
 
         assert [c.status for c in list_consents(session, pid)] == ["active"]  # nothing was withdrawn
     # a hidden photo named in a photo-scoped consent is a denial on the trail too

@@ -1,11 +1,11 @@
-"""The access matrix through gateway/policy.py directly: the SQL filter and decide() on every pair."""
+"""The access matrix through gateway/core/policy/rules.py directly: the SQL filter and decide() on every pair."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy import select
 
-from gateway.policy import decide, visible_assets_filter
+from gateway.core.policy.rules import decide, visible_assets_filter
 from store.models import Asset
 from tests.access_matrix import PEERS, PHOTOS, USERS, build_access_matrix, expected_visible
 
@@ -80,7 +80,7 @@ def test_break_glass_can_be_configured_to_open_v(gw):
 
 
 def test_dicom_peers_from_settings_see_their_part_of_the_matrix(gw):
-    from gateway.auth import DicomPeerRejected, authenticate_dicom_peer
+    from gateway.core.identity import DicomPeerRejected, authenticate_dicom_peer
     from tests.access_matrix import dicom_peers
 
     world = build_access_matrix(gw, with_blobs=False)

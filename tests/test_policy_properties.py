@@ -13,9 +13,9 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 from sqlalchemy import func, select
 
-from gateway.auth import Subject
-from gateway.policy import decide, visible_assets_filter
-from gateway.policy_config import PURPOSES, ROLES, PolicySettings
+from gateway.core.identity import Subject
+from gateway.core.policy.rules import decide, visible_assets_filter
+from gateway.core.policy.settings import PURPOSES, ROLES, PolicySettings
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)

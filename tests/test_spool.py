@@ -42,7 +42,7 @@ def start_server(env: dict) -> subprocess.Popen:
 
 def start_slow_upload(env: dict, tmp_path, first_bytes: int = 2 * 1024 * 1024) -> socket.socket:
     """A 50 MiB multipart upload of which only the first bytes are sent: the server is mid-upload."""
-    from gateway.auth import mint_dev_token
+    from gateway.core.identity import mint_dev_token
 
     settings = Settings(data_dir=tmp_path / "var", database_url=env["CLINPHOTO_DATABASE_URL"])
     token = mint_dev_token(settings, sub="uploader", role="medical-illustration")

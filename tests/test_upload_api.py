@@ -200,7 +200,7 @@ def test_refusals_are_audited(client, gw, fx):
     assert post(client, gw, [fx["baseline_420.jpg"]], {"patient": f"nhs|{patient['nhs']}"}).status_code == 403
     with gw.db.read() as session:
         refused = session.scalars(select(AuditEvent).where(AuditEvent.outcome == "4").order_by(AuditEvent.seq)).all()
-        assert [(e.agent_who, e.detail["code"]) for e in refused] == [("dr.reader", "forbidden"), ("dr.jones", "forbidden")]
+        assert [(e.agent_who, e.detail["code"]) for e in refused] == [("dr.reader", "insufficient-scope"), ("dr.jones", "forbidden")]
         assert "scopes" in refused[0].outcome_desc
     assert asset_count(gw) == 0
 

@@ -9,12 +9,12 @@ import pydicom
 import pytest
 from PIL import Image
 
-from gateway.dicom import vlphoto
-from gateway.dicom.uids import is_valid_uid, new_uid, stable_uid
-from gateway.ingest.config import IngestSettings
-from gateway.ingest.prepare import prepare
+from gateway.core.objects import vlphoto
+from gateway.core.objects.uids import is_valid_uid, new_uid, stable_uid
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.prepare import prepare
 from tests.conftest import require_tool
-from gateway.dicom import text as dtext
+from gateway.core.objects import text as dtext
 from tests.ingest_helpers import add_patient, dicom_tools_check, photo_fixtures
 
 ACCEPTED = [
@@ -293,8 +293,8 @@ def test_non_ascii_anywhere_declares_utf8(fx, tmp_path):
 
 @pytest.mark.usefixtures("validate_stored_dicom")
 def test_upload_with_hostile_hl7_names_and_photographer_stores_valid_dicom(gw, fx, tmp_path):
-    from gateway.ingest.metadata import parse_metadata
-    from gateway.ingest.pipeline import Actor, Upload, ingest
+    from gateway.core.ingest.metadata import parse_metadata
+    from gateway.core.ingest.pipeline import Actor, Upload, ingest
 
     patient = add_patient(gw, family=HOSTILE_FAMILY, given=HOSTILE_GIVEN)
     meta = parse_metadata({

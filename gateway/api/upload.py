@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
@@ -27,13 +27,14 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from gateway.auth import Subject, require_scope, require_subject
-from gateway.ingest import errors
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.limits import mib
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest
-from gateway.policy import uncovered_for_care
+from gateway.api.errors import challenge
+from gateway.api.security import gateway_of, require_subject
+from gateway.core.identity import Subject
+from gateway.core.ingest import errors
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.limits import mib
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest, uncovered, uploader
 from store.spool import Spool
 
 router = APIRouter(prefix="/api/v1", tags=["photos"])
@@ -52,6 +53,8 @@ STATUS = {
     errors.NO_FILES: 422,
     errors.DUPLICATE_INSTANCE: 409,
     errors.PATIENT_MERGED: 409,
+    errors.FORBIDDEN: 403,
+    errors.INSUFFICIENT_SCOPE: 403,
 }
 MAX_METADATA_BYTES = 64 * 1024
 
@@ -62,9 +65,12 @@ def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _rejection(exc: IngestRejected) -> JSONResponse:
+def _rejection(exc: IngestRejected, realm: str = "clinphoto") -> JSONResponse:
     body = exc.to_dict()
-    return _error(STATUS.get(exc.code, 422), body.pop("code"), body.pop("message"), **body)
+    response = _error(STATUS.get(exc.code, 422), body.pop("code"), body.pop("message"), **body)
+    if exc.code == errors.INSUFFICIENT_SCOPE:
+        response.headers.update(challenge(realm, "insufficient_scope", "needs a scope granting Media.c"))
+    return response
 
 
 @dataclass
@@ -161,12 +167,6 @@ class _Stop(Exception):
         self.rejection = rejection
 
 
-def _may_upload(subject: Subject, roles: list[str]) -> str | None:
-    if subject.role not in roles:
-        return f"role {subject.role!r} may not upload photos (allowed: {', '.join(roles)})"
-    return None
-
-
 def _links(result: IngestResult) -> list[dict]:
     photos = []
     for p in result.photos:
@@ -245,19 +245,12 @@ _OPENAPI = {
     },
 )
 async def upload_photos(request: Request, subject: Subject = Depends(require_subject)) -> JSONResponse:
-    gw = request.app.state.gw
+    gw = gateway_of(request)
     settings = gw.settings.ingest
-    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address,
-                  purpose_of_use=subject.purpose_of_use, name=subject.name)
-    refusal = _may_upload(subject, settings.upload_roles)
-    if refusal:
-        await _audit_refused(gw, actor, IngestRejected("forbidden", refusal))
-        return _error(403, "forbidden", refusal)
     try:
-        require_scope(subject, "Media", "c", gw.settings.auth.realm)  # SMART scopes only narrow: e.g. user/Media.c
-    except HTTPException as exc:
-        await _audit_refused(gw, actor, IngestRejected("forbidden", str(exc.detail)))  # every refusal is on the trail
-        raise
+        actor = await run_in_threadpool(uploader, gw, subject)
+    except IngestRejected as exc:  # audited by the core
+        return _rejection(exc, gw.settings.auth.realm)
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in options:
         return _error(415, "unsupported-media-type", "send multipart/form-data with parts 'files' and 'metadata'")
@@ -308,16 +301,15 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     finally:
         form.cleanup()
     body = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": _links(result)}
-    with gw.db.read() as session:
-        uncovered = uncovered_for_care(session, gw.settings.policy, [p.asset_id for p in result.photos])
-    if uncovered:
+    hidden = await run_in_threadpool(uncovered, gw, result)
+    if hidden:
         # stored, but invisible for care: say so now rather than leave the uploader puzzled by a later 404
         body["warnings"] = [
-            f"no consent covers {len(uncovered)} of these photo(s) for care: they stay hidden until a consent is "
+            f"no consent covers {len(hidden)} of these photo(s) for care: they stay hidden until a consent is "
             "recorded (metadata 'consent' or 'consentId', or POST /api/v1/consents)"
         ]
     for item in body["photos"]:
-        item["consentCovered"] = item["assetId"] not in uncovered
+        item["consentCovered"] = item["assetId"] not in hidden
     return JSONResponse(body, status_code=201 if result.created else 200)
 
 

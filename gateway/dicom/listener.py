@@ -16,13 +16,19 @@ import socket
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from gateway.auth import DicomPeerRejected, authenticate_dicom_peer, peer_allows
-from gateway.context import Gateway
+from gateway.core.identity import DicomPeerRejected, PeerRefusal, authenticate_dicom_peer, peer_allows
+from gateway.core.context import Gateway
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
 
 REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+# A-ASSOCIATE-RJ reasons for a service-user rejection (PS3.8 7.1.1.9)
+REJECT_REASON = {
+    PeerRefusal.CALLED_AE_NOT_OURS: 0x07,  # called AE title not recognised
+    PeerRefusal.UNKNOWN_CALLING_AE: 0x03,  # calling AE title not recognised
+    PeerRefusal.WRONG_HOST: 0x03,  # a known AE from the wrong host: told apart only in our audit record
+}
 
 
 class DicomListener:
@@ -51,7 +57,7 @@ class DicomListener:
         except DicomPeerRejected as refused:
             log.warning("DICOM association from %s refused: %s", address, refused)
             self._audit_refusal(request.calling_ae_title, address, str(refused))
-            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, refused.reason)
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REJECT_REASON[refused.kind])
             # as pynetdicom's own rejections do: kill() lets the DUL send the A-ASSOCIATE-RJ before the socket closes
             assoc.kill()
             return

@@ -7,8 +7,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from gateway.hl7.escape import escape, printable
-from gateway.hl7.parse import Encoding, Message, parse_path
+from mapping.escape import escape, printable
+from mapping.message import Encoding, Message, parse_path
 
 # HL7 table 0357 texts
 ERROR_TEXTS = {

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from gateway.patient_index import UNSET, EncounterData, Outcome, PatientIndex, PatientIndexError
+from gateway.core.patients import UNSET, EncounterData, Outcome, PatientIndex, PatientIndexError, Problem
 from mapping.engine import MappedPatient
 
 
@@ -60,7 +60,7 @@ def merge(index: PatientIndex, m: MappedAdt) -> Outcome:
     out: Outcome | None = None
     for pair in m.patients:
         if not pair.prior:
-            raise PatientIndexError("101", "MRG-1 holds no identifier usable under the mapping", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", "MRG-1")
         step = index.merge(pair.patient, pair.prior, m.event_time)
         out = step if out is None else _combine(out, step)
     return out
@@ -71,7 +71,7 @@ def change_identifier(index: PatientIndex, m: MappedAdt) -> Outcome:
     out: Outcome | None = None
     for pair in m.patients:
         if not pair.prior:
-            raise PatientIndexError("101", "MRG-1 holds no identifier usable under the mapping", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", "MRG-1")
         step = index.change_identifier(pair.patient.identifiers, pair.prior, m.event_time)
         out = step if out is None else _combine(out, step)
     return out

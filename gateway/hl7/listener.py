@@ -32,7 +32,7 @@ from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.mllp import FrameTooLarge, MllpDecoder, frame
 from gateway.hl7.pipeline import Prepared, Processor, Result
-from gateway.logs import RateLimited
+from gateway.core.logs import RateLimited
 from mapping.engine import Mapper
 from mapping.schema import DEFAULT_MAPPING, load_mapping
 from store.db import Database
@@ -100,6 +100,7 @@ class MllpConnection(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.listener.starting.discard(self)
         self.transport = transport  # type: ignore[assignment]
         peername = transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peername[0]}:{peername[1]}"
@@ -234,7 +235,8 @@ class MllpListener:
         self.committer = GroupCommitter(db, self.processor, settings.batch_max)
         self.allow = AllowList(settings.allowed_sources)
         self.connections: set[MllpConnection] = set()
-        self.starting = 0  # accepted, TLS handshake or protocol set-up not yet done
+        # accepted, TLS handshake or protocol set-up not yet done (each counted in one set only, so the cap is exact)
+        self.starting: set[MllpConnection] = set()
         self.max_connections = settings.max_connections
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hl7-read")
@@ -287,14 +289,15 @@ class MllpListener:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.debug("accept failure", exc_info=True)
                 return
-            if len(self.connections) + self.starting >= self.max_connections and not self._make_room():
+            if len(self.connections) + len(self.starting) >= self.max_connections and not self._make_room():
                 self.refused_log.warning("MLLP connection limit reached (%d open, setting hl7.max_connections): "
                                          "a new connection was closed", self.max_connections)
                 conn.close()
                 continue
             conn.setblocking(False)
-            self.starting += 1
-            self.loop.create_task(self._start_connection(conn))
+            protocol = MllpConnection(self)
+            self.starting.add(protocol)
+            self.loop.create_task(self._start_connection(conn, protocol))
 
     def _make_room(self) -> bool:
         """At the cap, close the connection stuck longest inside a frame (slower than SLOW_FRAME_SECONDS), so
@@ -314,15 +317,15 @@ class MllpListener:
         if sock in self._socks and sock.fileno() >= 0:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
-    async def _start_connection(self, conn: socket.socket) -> None:
+    async def _start_connection(self, conn: socket.socket, protocol: MllpConnection) -> None:
         try:
-            await self.loop.connect_accepted_socket(lambda: MllpConnection(self), conn, ssl=self._ssl,
+            await self.loop.connect_accepted_socket(lambda: protocol, conn, ssl=self._ssl,
                                                     ssl_handshake_timeout=self.settings.frame_timeout if self._ssl else None)
         except Exception as exc:  # a failed TLS handshake, a peer gone already
             log.info("MLLP connection could not start: %s", type(exc).__name__)
             conn.close()
         finally:
-            self.starting -= 1
+            self.starting.discard(protocol)
 
     def _schedule_sweep(self) -> None:
         interval = min(1.0, self.settings.idle_timeout / 4, self.settings.frame_timeout / 4)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.patient_index import Sql
+from gateway.core.patients import Sql
 from store.models import Hl7Message
 
 T = Hl7Message.__table__

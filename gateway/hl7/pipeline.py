@@ -19,9 +19,9 @@ from gateway.hl7 import message_store
 from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
 from gateway.hl7.config import Hl7Settings
-from gateway.hl7.escape import EscapeError
-from gateway.hl7.parse import Hl7Error, Message, limits_fault, parse
-from gateway.patient_index import Actor, PatientIndex, PatientIndexError
+from mapping.escape import EscapeError
+from mapping.message import Hl7Error, Message, limits_fault, parse
+from gateway.core.patients import Actor, PatientIndex, PatientIndexError, Problem
 from mapping.engine import Mapper, MappingFault
 from store.audit import AuditEntry
 
@@ -219,7 +219,7 @@ class Processor:
             index.sql.release(savepoint)
         except PatientIndexError as exc:
             index.sql.rollback_to(savepoint)
-            return "error", "AE", [AckError(exc.code, exc.text, exc.location)], None, None, []
+            return "error", "AE", [AckError(INDEX_CODES[exc.problem], exc.text, exc.location)], None, None, []
         except Exception as exc:  # a bug or a database constraint: this message only (its savepoint is undone)
             index.sql.rollback_to(savepoint)
             # the exception text may quote identifiers (e.g. a PostgreSQL key DETAIL): type only above DEBUG
@@ -242,6 +242,15 @@ class Processor:
         return build_ack(msg, code, errors, raw=p.raw, application=s.receiving_application,
                          facility=s.receiving_facility, text=text)
 
+
+# the patient index's problems as HL7 table 0357 codes
+INDEX_CODES = {
+    Problem.MISSING: "101",  # required field missing
+    Problem.UNKNOWN: "204",  # unknown key identifier
+    Problem.MERGED: "204",  # the key names a merged record: unknown as a live patient
+    Problem.CONFLICT: "205",  # duplicate key identifier
+    Problem.INCONSISTENT: "207",  # application internal error
+}
 
 # hl7_messages columns (String(200)); MSH-10 one less so it can never equal a cut longer id
 HEADER_LIMITS = {"MSH-3": 200, "MSH-4": 200, "MSH-10": 199}

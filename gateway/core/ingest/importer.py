@@ -27,9 +27,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.metadata import parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.metadata import parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
 
 REQUIRED = ("file", "patient")
 KNOWN = (

@@ -1,25 +1,47 @@
-"""The running gateway's shared parts, handed to every door."""
+"""The running gateway's shared parts (store, blobs, spool, the core's settings), handed to every door.
+
+The core names only the settings it reads (CoreSettings); the wiring's Settings, which also
+holds every door's own settings, fits it without the core knowing about the doors.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from gateway.settings import Settings
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.policy.settings import AuthSettings, PolicySettings
 from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
+from store.migrate import upgrade
 from store.spool import Spool, remove_stale
 
 
-def spool_root(settings: Settings) -> Path:
+class CoreSettings(Protocol):
+    """The settings the core reads (gateway.settings.Settings has them all)."""
+
+    data_dir: Path
+    database_url: str
+    blob_dir: Path
+    audit_key_file: Path
+    uid_root: str
+    ae_title: str
+    api_keys: dict[str, str]
+    policy: PolicySettings
+    ingest: IngestSettings
+    auth: AuthSettings
+
+
+def spool_root(settings: CoreSettings) -> Path:
     """Where every process using this data directory spools (ingest.spool_dir, default DATA_DIR/spool)."""
     return Path(settings.ingest.spool_dir or (Path(settings.data_dir) / "spool"))
 
 
 @dataclass
 class Gateway:
-    settings: Settings
+    settings: CoreSettings
     db: Database
     blobs: FileBlobStore
     # this process's spool folder (uploads and temp files while they are checked), made on first use
@@ -29,13 +51,13 @@ class Gateway:
         self.spool = Spool(spool_root(self.settings))
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True, tidy: bool = True) -> Gateway:
+    def open(cls, settings: CoreSettings, *, migrate: bool = True, tidy: bool = True) -> Gateway:
         """Open the store; `tidy` removes what dead processes left (`store check` opens without, to report it)."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.database_url, audit_key=load_or_create_key(settings.audit_key_file),
                       audit_anchor_dir=settings.audit_key_file.parent)
         if migrate:
-            db.upgrade()
+            upgrade(db)
         blobs = FileBlobStore(settings.blob_dir)
         if tidy:
             # a writer killed mid-write leaves a temp file, never a partial blob; a process killed

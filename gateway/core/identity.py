@@ -6,11 +6,11 @@ Modes (settings.auth.mode):
 - jwt: tokens from the hospital's issuer, verified with its JWKS URL or PEM key.
 - api-key: static keys from settings.api_keys (bootstrap and tests only).
 
-The purpose of use comes from the X-Purpose-Of-Use header, else the token's
-purpose claim, else TREAT; X-Break-Glass carries a break-glass reason. A
-malformed request (unknown purpose, ETREAT without a reason, break-glass
-without ETREAT or by a role not allowed to) is refused here, and the refusal is
-audited; everything else is the policy's business (gateway/policy.py).
+Protocol-free: the doors hand in a token or a DICOM association's AE titles and
+address and get a Subject or a refusal with a kind (the HTTP door reads the
+token and purpose headers, see gateway/api/security.py; the DICOM door maps
+peer refusals to A-ASSOCIATE-RJ reasons). What a Subject may see is the
+policy's business (gateway/core/policy/rules.py).
 """
 
 from __future__ import annotations
@@ -21,24 +21,19 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
-
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.policy_config import ROLES, AuthSettings, DicomPeer
+from gateway.core.policy.settings import ROLES, AuthSettings, DicomPeer
 
 log = logging.getLogger(__name__)
 TOKEN_ROLES = tuple(r for r in ROLES if r != "system")  # "system" is reserved for DICOM peers
-PURPOSE_HEADER = "x-purpose-of-use"
-BREAK_GLASS_HEADER = "x-break-glass"
 
 
 @dataclass(frozen=True)
@@ -283,119 +278,22 @@ def subject_from_claims(claims: dict, a: AuthSettings, network_address: str | No
 
 
 # ---------------------------------------------------------------------------
-# FastAPI dependency
-
-
-def _challenge(realm: str, error: str | None = None, description: str | None = None) -> dict[str, str]:
-    value = f'Bearer realm="{realm}"'
-    if error:
-        value += f', error="{error}"'
-    if description:
-        value += ', error_description="' + description.replace('"', "'") + '"'
-    return {"WWW-Authenticate": value}
-
-
-def verifier_for(app_state, settings) -> TokenVerifier:
-    verifier = getattr(app_state, "clinphoto_token_verifier", None)
-    if verifier is None or verifier.settings is not settings or verifier.auth is not settings.auth:
-        verifier = TokenVerifier(settings)
-        app_state.clinphoto_token_verifier = verifier
-    return verifier
-
-
-def authenticate(request: Request) -> Subject:
-    """The token's subject, or 401 with WWW-Authenticate (RFC 6750)."""
-    gw = request.app.state.gw
-    settings = gw.settings
-    realm = settings.auth.realm
-    address = request.client.host if request.client else None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    what = f"{request.method} {request.url.path}"
-    if settings.auth.mode == "api-key":
-        key = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
-        sub = settings.api_keys.get(key or "")
-        if not sub:
-            _audit_auth_failure(gw, address, "an unknown API key" if key else "no API key", what)
-            raise HTTPException(401, "a valid API key is required", headers=_challenge(realm, "invalid_token" if key else None))
-        return Subject(sub=sub, role="medical-illustration", scopes=("user/*.cruds",), network_address=address)
-    if scheme.lower() != "bearer" or not token:
-        # every refusal is on the trail, a request without any token too (one record per request)
-        _audit_auth_failure(gw, address, "no bearer token", what)
-        raise HTTPException(401, "a bearer token is required (Authorization: Bearer <JWT>)", headers=_challenge(realm))
-    try:
-        return verifier_for(request.app.state, settings).verify(token, address)
-    except AuthUnavailable as exc:
-        log.error("cannot check bearer tokens: %s", exc)
-        raise HTTPException(503, f"authentication is unavailable: {exc}") from None
-    except AuthError as exc:
-        _audit_auth_failure(gw, address, str(exc), what)
-        raise HTTPException(401, str(exc), headers=_challenge(realm, "invalid_token", str(exc))) from None
-
-
-def _audit_auth_failure(gw, address: str | None, reason: str, what: str) -> None:
-    from gateway import access_audit
-
-    access_audit.record_auth_failure(gw, network=address, reason=reason, what=what)
-
-
-def with_request_purpose(subject: Subject, request: Request) -> Subject:
-    purpose = request.headers.get(PURPOSE_HEADER)
-    reason = request.headers.get(BREAK_GLASS_HEADER)
-    changes = {}
-    if purpose is not None and purpose.strip():
-        changes["purpose_of_use"] = purpose.strip().upper()
-    if reason is not None:
-        changes["break_glass_reason"] = reason.strip() or ""
-    return replace(subject, **changes) if changes else subject
-
-
-# Declares the bearer scheme in the OpenAPI document (the docs' Authorize button); checking is ours.
-_bearer_scheme = HTTPBearer(auto_error=False, bearerFormat="JWT", description="OAuth2 access token (JWT, RS256/ES256); dev mode: `clinphoto token`")
-
-
-def require_subject(request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None) -> Subject:
-    """FastAPI dependency: the authenticated caller with the request's purpose of use and break-glass reason."""
-    from gateway import access_audit
-    from gateway.policy import resolve
-
-    subject = with_request_purpose(authenticate(request), request)
-    gw = request.app.state.gw
-    ctx = resolve(subject, gw.settings.policy)
-    if ctx.refusal and ctx.refusal_kind == "request":
-        access_audit.record_refusal(gw, ctx, f"{request.method} {request.url.path}")
-        raise HTTPException(ctx.refusal_status, ctx.refusal)
-    return subject
-
-
-def require_scope(subject: Subject, resource: str, perm: str, realm: str = "clinphoto") -> None:
-    """403 insufficient_scope unless a SMART scope grants `perm` (c r u d s) on `resource`."""
-    from gateway.policy import scope_allows
-
-    if not scope_allows(subject.scopes, resource, perm):
-        raise HTTPException(
-            403,
-            f"the token's scopes do not allow '{perm}' on {resource}",
-            headers=_challenge(realm, "insufficient_scope", f"needs a scope granting {resource}.{perm}"),
-        )
-
-
-# ---------------------------------------------------------------------------
 # DICOM peers: identities from settings, checked at association
 
-# A-ASSOCIATE-RJ reasons (PS3.8 7.1.1.9, source 1 service user)
-REJECT_NO_REASON = 0x01
-REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
-REJECT_CALLED_AE_NOT_RECOGNISED = 0x07
+class PeerRefusal(StrEnum):
+    """Why an association is refused (the DICOM door maps each to an A-ASSOCIATE-RJ reason)."""
+
+    CALLED_AE_NOT_OURS = "called-ae-not-ours"
+    UNKNOWN_CALLING_AE = "unknown-calling-ae"
+    WRONG_HOST = "wrong-host"
 
 
 class DicomPeerRejected(Exception):
-    """Association refused; `reason` is the A-ASSOCIATE-RJ reason code for a service-user rejection."""
+    """Association refused, with the kind of refusal."""
 
-    def __init__(self, message: str, reason: int) -> None:
+    def __init__(self, message: str, kind: PeerRefusal) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.kind = kind
 
 
 _host_cache: dict[str, tuple[float, set[str]]] = {}
@@ -441,12 +339,13 @@ def authenticate_dicom_peer(settings, calling_ae: str, address: str, called_ae: 
     """The Subject a DICOM association acts as; raises DicomPeerRejected for an unknown AE or a wrong host."""
     calling_ae = (calling_ae or "").strip()
     if called_ae is not None and called_ae.strip() != settings.ae_title:
-        raise DicomPeerRejected(f"called AE title {called_ae.strip()!r} is not ours ({settings.ae_title})", REJECT_CALLED_AE_NOT_RECOGNISED)
+        raise DicomPeerRejected(f"called AE title {called_ae.strip()!r} is not ours ({settings.ae_title})",
+                                PeerRefusal.CALLED_AE_NOT_OURS)
     peer = find_dicom_peer(settings, calling_ae)
     if peer is None:
-        raise DicomPeerRejected(f"calling AE title {calling_ae!r} is not a configured peer", REJECT_CALLING_AE_NOT_RECOGNISED)
+        raise DicomPeerRejected(f"calling AE title {calling_ae!r} is not a configured peer", PeerRefusal.UNKNOWN_CALLING_AE)
     if not address_matches(address, peer.hosts):
-        raise DicomPeerRejected(f"AE {calling_ae} may not connect from {address}", REJECT_CALLING_AE_NOT_RECOGNISED)
+        raise DicomPeerRejected(f"AE {calling_ae} may not connect from {address}", PeerRefusal.WRONG_HOST)
     return peer_subject(peer, address)
 
 

@@ -1,85 +1,19 @@
-"""`clinphoto` command line."""
+"""`clinphoto db`, `clinphoto store` and `clinphoto audit`: the schema, the blob store and the audit trail."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
 import time
 from datetime import timedelta
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from gateway import auth_cli
-from gateway.hl7 import cli as hl7_cli
-from gateway.ingest import cli as ingest_cli
-from gateway.settings import Settings, SettingsError, load_settings, unknown_env_names
-from mapping import cli as mapping_cli
+from gateway.cli.common import console, open_gateway, out
 
-app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 store_app = typer.Typer(help="Blob store integrity.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit trail.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(store_app, name="store")
-app.add_typer(audit_app, name="audit")
-
-console = Console(stderr=True)
-out = Console()
-
-
-def settings_or_exit() -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        console.print(f"clinphoto: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    for name in unknown_env_names():
-        console.print(f"clinphoto: warning: {name} is not a setting (misspelt?); ignored", markup=False, highlight=False, soft_wrap=True)
-    return settings
-
-
-def open_gateway(migrate: bool = True, tidy: bool = True):
-    from gateway.context import Gateway
-
-    settings = settings_or_exit()
-    try:
-        return Gateway.open(settings, migrate=migrate, tidy=tidy)
-    except Exception as exc:
-        console.print(f"clinphoto: cannot open the store at {settings.database_url.split('@')[-1]}: {' '.join(str(exc).split())[:300]}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-
-
-@app.command()
-def serve() -> None:
-    """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
-    from gateway.logs import configure_logging
-    from gateway.serve import StartupError
-    from gateway.serve import serve as run
-
-    settings = settings_or_exit()
-    configure_logging(settings.log_format, settings.log_level)
-    gw = open_gateway()
-    try:
-        asyncio.run(run(gw))
-    except StartupError as exc:
-        console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-
-
-@app.command()
-def demo(force: Annotated[bool, typer.Option(help="Seed again even if demo data exists.")] = False) -> None:
-    """Seed synthetic demo patients, encounters, consents and photos (once)."""
-    from gateway.demo import seed_demo
-
-    gw = open_gateway()
-    try:
-        summary = seed_demo(gw, force=force)
-    finally:
-        gw.close()
-    out.print(summary)
 
 
 @db_app.command("upgrade")
@@ -157,18 +91,3 @@ def audit_verify() -> None:
         out.print(f"audit trail BROKEN at sequence {report.first_bad_seq}: {report.reason} ({report.checked} record(s) "
                   f"{counted})", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
-
-
-# -- sub-commands of other modules: one line each (keep this marker) --
-app.command("import")(ingest_cli.import_command)
-auth_cli.register(app)
-app.add_typer(hl7_cli.app, name="hl7")
-app.add_typer(mapping_cli.app, name="mapping")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

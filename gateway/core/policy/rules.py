@@ -26,7 +26,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, false, or_, select, true
 from sqlalchemy.orm import Session
 
-from gateway.policy_config import PURPOSES, PolicySettings
+from gateway.core.policy.settings import PURPOSES, PolicySettings
+from gateway.core.refusals import Kind, Refused
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter
 
 # consent levels (IMI 1-3) that each purpose needs
@@ -289,23 +290,17 @@ class OnAccessList(Pred):
 # The request: subject + purpose + break-glass, resolved once
 
 
-class PolicyRefusal(Exception):
-    """The request itself is refused (e.g. ETREAT without a break-glass reason); `status` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 403) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class AccessContext:
-    subject: Any  # gateway.auth.Subject
+    subject: Any  # gateway.core.identity.Subject
     purpose: str
     break_glass_reason: str | None
     breaking_glass: bool  # a valid break-glass: ETREAT, a reason, a role allowed to
     refusal: str | None  # why the request as a whole cannot see anything
-    refusal_status: int
-    refusal_kind: str | None  # "request" or "role"
+    refusal_kind: Kind | None  # BAD_REQUEST or FORBIDDEN
+    # True: the request itself is refused (malformed, or a break-glass not allowed): the door answers it at once;
+    # False with a refusal: the role may not act for this purpose and sees nothing
+    refuse_request: bool
     now: datetime
     interaction: str | None = None  # "read" or "search": which SMART permission the scopes must grant; None: either
 
@@ -316,41 +311,42 @@ def resolve(subject, settings: PolicySettings, purpose: str | None = None, break
     reason = (break_glass if break_glass is not None else getattr(subject, "break_glass_reason", None)) or ""
     reason = reason.strip() or None
     now = utc(now) if now is not None else datetime.now(timezone.utc)
-    # "request": the request is malformed or a break-glass is not allowed (refused at the door, audited);
-    # "role": the role may not act for this purpose (nothing is visible).
-    refusal, status, kind = None, 403, None
+    # refuse_request: the request is malformed or a break-glass is not allowed (refused at the door, audited);
+    # otherwise the role may not act for this purpose (nothing is visible).
+    refusal, kind, whole_request = None, None, False
     allowed = settings.role_purposes.get(subject.role, [])
     if purpose not in PURPOSES:
-        refusal, status, kind = f"unknown purpose of use {purpose!r}; use one of {', '.join(PURPOSES)}", 400, "request"
+        refusal, kind, whole_request = f"unknown purpose of use {purpose!r}; use one of {', '.join(PURPOSES)}", Kind.BAD_REQUEST, True
     elif reason is not None and len(reason) > MAX_REASON:
-        refusal, status, kind = f"the break-glass reason is longer than {MAX_REASON} characters", 400, "request"
+        refusal, kind, whole_request = f"the break-glass reason is longer than {MAX_REASON} characters", Kind.BAD_REQUEST, True
     elif purpose == "ETREAT" and reason is None:
-        refusal, kind = "purpose ETREAT is break-glass and needs a reason (X-Break-Glass header)", "request"
+        refusal, kind, whole_request = ("purpose ETREAT is break-glass and needs a reason (X-Break-Glass header)",
+                                        Kind.FORBIDDEN, True)
     elif reason is not None and purpose != "ETREAT":
-        refusal, status, kind = f"break-glass is only allowed with purpose ETREAT, not {purpose}", 400, "request"
+        refusal, kind, whole_request = f"break-glass is only allowed with purpose ETREAT, not {purpose}", Kind.BAD_REQUEST, True
     elif reason is not None and subject.role not in settings.break_glass_roles:
-        refusal, kind = f"role {subject.role} may not break the glass", "request"
+        refusal, kind, whole_request = f"role {subject.role} may not break the glass", Kind.FORBIDDEN, True
     elif purpose not in allowed:
         refusal, kind = f"role {subject.role} may not act for purpose {purpose}" + (
             f" (allowed: {', '.join(allowed)})" if allowed else " (this role sees no clinical photos)"
-        ), "role"
+        ), Kind.FORBIDDEN
     return AccessContext(
         subject=subject,
         purpose=purpose,
         break_glass_reason=reason,
         breaking_glass=refusal is None and reason is not None,
         refusal=refusal,
-        refusal_status=status,
         refusal_kind=kind,
+        refuse_request=whole_request,
         now=now,
         interaction=interaction,
     )
 
 
 def check_request(ctx: AccessContext) -> None:
-    """Raise PolicyRefusal when the request as a whole is refused (the HTTP doors answer it)."""
+    """Raise Refused when the request as a whole is refused, or the role may not act for the purpose at all."""
     if ctx.refusal:
-        raise PolicyRefusal(ctx.refusal, ctx.refusal_status)
+        raise Refused(ctx.refusal_kind or Kind.FORBIDDEN, ctx.refusal)
 
 
 # ---------------------------------------------------------------------------
@@ -572,6 +568,12 @@ def filter_except_consent(ctx: AccessContext, settings: PolicySettings, asset=As
     """Every rule but the consent rule: which photos the caller could see once a consent covers them.
     Recording a photo-scoped consent needs this, since a photo without consent is hidden by the consent rule."""
     return filter_for(ctx, settings, asset, skip=("consent",))
+
+
+def governance_filter(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
+    """The photos a governance role may manage (sensitivity, access list): every rule but consent and
+    sensitivity, since staff reclassify and open up very restricted photos they cannot see themselves."""
+    return filter_for(ctx, settings, asset, skip=("consent", "sensitivity"))
 
 
 def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: ColumnElement) -> ColumnElement[bool]:

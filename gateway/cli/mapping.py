@@ -38,7 +38,7 @@ def check(mapping_file: Annotated[Path, typer.Argument(help="Mapping YAML to val
 
 
 def _plain(value):
-    from gateway.patient_index import UNSET
+    from gateway.core.patients import UNSET
 
     if value is UNSET:
         return "(not sent: kept)"
@@ -66,7 +66,7 @@ def test(
 
     hl7_settings = Hl7Settings()
     if mapping_file is None or database:
-        from gateway.cli import settings_or_exit
+        from gateway.cli.common import settings_or_exit
 
         hl7_settings = settings_or_exit().hl7
     mapping = _load(mapping_file or hl7_settings.mapping_file)
@@ -84,7 +84,7 @@ def test(
                               for mp in p.mapped.patients]
         report["encounter"] = _plain(p.mapped.encounter)
     if database:
-        from gateway.cli import open_gateway
+        from gateway.cli.common import open_gateway
 
         gw = open_gateway()
         try:

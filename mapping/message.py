@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.hl7.escape import EscapeError, unescape
+from mapping.escape import EscapeError, unescape
 
 # HL7 table 0211 -> Python codec
 CHARSETS = {

@@ -27,11 +27,14 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.access_audit import fit
-from gateway.dicom import vlphoto
-from gateway.dicom.uids import stable_uid
-from gateway.ingest import limits
-from gateway.ingest.errors import (
+from gateway.core.access_audit import fit
+from gateway.core.objects import vlphoto
+from gateway.core.objects.uids import stable_uid
+from gateway.core.ingest import limits
+from gateway.core.identity import Subject
+from gateway.core.ingest.errors import (
+    FORBIDDEN,
+    INSUFFICIENT_SCOPE,
     DUPLICATE_INSTANCE,
     IDEMPOTENCY_CONFLICT,
     NO_FILES,
@@ -41,8 +44,9 @@ from gateway.ingest.errors import (
     UNKNOWN_PATIENT,
     IngestRejected,
 )
-from gateway.ingest.metadata import NHS_SYSTEM, PhotoMetadata
-from gateway.ingest.prepare import Prepared, prepare, sha256_of
+from gateway.core.ingest.metadata import NHS_SYSTEM, PhotoMetadata
+from gateway.core.ingest.prepare import Prepared, prepare, sha256_of
+from gateway.core.policy.rules import scope_allows, uncovered_for_care
 from store import audit
 from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient, PatientIdentifier
 from store.patients import find_patient, identifiers_of, survivor
@@ -331,6 +335,29 @@ def audit_refusal(gw, actor: Actor, exc: IngestRejected, patient_id: int | None,
             )))
     except Exception:  # the refusal itself must still reach the caller
         log.exception("could not audit a refused upload")
+
+
+def uploader(gw, subject: Subject, source: str = "upload") -> Actor:
+    """The actor photos are stored as; a role not allowed to store photos, or a token whose SMART scopes do not
+    allow creating them (e.g. user/Media.c), is refused with the refusal audited."""
+    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address,
+                  purpose_of_use=subject.purpose_of_use, name=subject.name)
+    roles = gw.settings.ingest.upload_roles
+    if subject.role not in roles:
+        refusal = IngestRejected(FORBIDDEN, f"role {subject.role!r} may not upload photos (allowed: {', '.join(roles)})")
+    elif not scope_allows(subject.scopes, "Media", "c"):  # SMART scopes only narrow
+        refusal = IngestRejected(INSUFFICIENT_SCOPE, "the token's scopes do not allow 'c' on Media")
+    else:
+        return actor
+    audit_refusal(gw, actor, refusal, None, source)
+    raise refusal
+
+
+def uncovered(gw, result: IngestResult) -> set[str]:
+    """The stored photos no consent covers for care: stored, but hidden until a consent is recorded (the doors
+    warn the sender now rather than leave a later 404 unexplained)."""
+    with gw.db.read() as session:
+        return uncovered_for_care(session, gw.settings.policy, [p.asset_id for p in result.photos])
 
 
 def _request_hash(meta: PhotoMetadata, shas: list[str]) -> str:

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.ingest.errors import BAD_METADATA, IngestRejected
-from mapping import nhs
+from gateway.core.ingest.errors import BAD_METADATA, IngestRejected
+from gateway.core import nhs
 
 NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
 SYSTEM_ALIASES = {"nhs": NHS_SYSTEM, "nhs-number": NHS_SYSTEM}

@@ -2,7 +2,7 @@
 
 Every knob is documented in its Field description; `clinphoto policy explain`
 and the settings reference print these texts. The rules themselves live in
-gateway/policy.py; this module only holds what a hospital may tune.
+gateway/core/policy/rules.py; this module only holds what a hospital may tune.
 
 Roles and what they may see (defaults; see PolicySettings):
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from gateway.ingest.errors import IngestRejected
-from gateway.ingest.metadata import NHS_SYSTEM, parse_metadata
-from gateway.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.metadata import NHS_SYSTEM, parse_metadata
+from gateway.core.ingest.pipeline import Actor, Upload, ingest
 from store.models import Encounter, PatientIdentifier
 
 ACTOR = Actor(who="clinphoto-demo", role="medical-illustration", network="local", purpose_of_use="TREAT")

@@ -2,7 +2,7 @@
 
 The doors call these helpers; they build store.audit entries the same way for
 every protocol (IHE BALP shapes); stored photos are recorded by the ingest
-pipeline itself (gateway/ingest/pipeline.py), in the transaction that stores them:
+pipeline itself (gateway/core/ingest/pipeline.py), in the transaction that stores them:
 - a search is action E with the query as an entity and one record per patient
   returned (one record without a patient when nothing was found);
 - a read/retrieve is action R with the photo as an entity;
@@ -22,6 +22,7 @@ from dataclasses import replace
 from sqlalchemy import String
 from sqlalchemy.orm import Session
 
+from gateway.core.refusals import Refused
 from store import audit
 from store.audit import AuditEntry
 from store.models import AuditEvent
@@ -213,6 +214,12 @@ def record_read(gw, ctx, *, asset_id: str, patient_id: int | None, permitted: bo
 
 def record_refusal(gw, ctx, what: str, **kw) -> None:
     write(gw, refusal_entries(ctx, what, **kw))
+
+
+def refuse(gw, ctx, what: str, refusal: Refused, *, patient_id: int | None = None, entities: Sequence[dict] = ()) -> Refused:
+    """Audit a refusal with its real reason (a NOT_FOUND's cause stays here), and give it back to raise."""
+    record_refusal(gw, ctx, what, reason=refusal.audit_reason, patient_id=patient_id, entities=entities)
+    return refusal
 
 
 def record_auth_failure(gw, *, network: str | None, reason: str, what: str) -> None:

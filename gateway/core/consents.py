@@ -5,22 +5,27 @@ publication. A best-interests decision (adult lacking capacity) covers the
 record only, so it can only be recorded at level 'record'. Publication consent
 names the specific use (purpose_note). Withdrawal takes effect at once for
 teaching and publication; the photos stay in the record for care (see
-gateway/policy.py).
+gateway/core/policy/rules.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway import access_audit
+from gateway.core import access_audit
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject
+from gateway.core.policy.rules import AccessContext, filter_except_consent, knows_patient, resolve, scope_context
+from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.audit import AuditEntry
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
-from store.patients import survivor
+from store.patients import find_patient, survivor
 
 LEVELS = ("record", "teaching", "publication")
 GIVEN_BY = ("patient", "parent", "best-interests")
@@ -138,6 +143,117 @@ def list_consents(session: Session, patient_id: int, *, include_withdrawn: bool 
     if not include_withdrawn:
         query = query.where(Consent.status == "active")
     return list(session.scalars(query.order_by(Consent.created_at.desc(), Consent.id)))
+
+
+# ---------------------------------------------------------------------------
+# The consent service the doors call: who may handle consents, for which patients, through one writer.
+
+
+@dataclass(frozen=True)
+class ConsentCaller:
+    """A caller allowed to handle consents: the resolved request, and how far the scopes reach ('any' patient,
+    or only the token's 'patient')."""
+
+    ctx: AccessContext
+    reach: str
+
+
+def caller(gw: Gateway, subject: Subject, perm: str, what: str) -> ConsentCaller:
+    """Role and scope, checked before anything is looked up (a refusal reveals nothing about the patient or
+    consent named); every refusal audited."""
+    ctx = resolve(subject, gw.settings.policy, interaction="read" if perm == "c" else None)
+    if subject.role not in gw.settings.policy.consent_roles:
+        raise access_audit.refuse(gw, ctx, what, Refused(Kind.FORBIDDEN, f"role {subject.role} may not handle consent records"))
+    reach = scope_context(subject.scopes, "Consent", perm)
+    if reach is None:
+        raise access_audit.refuse(gw, ctx, what, Refused(Kind.INSUFFICIENT_SCOPE, f"the token's scopes do not allow "
+                                                                                  f"'{perm}' on Consent", needs=f"Consent.{perm}"))
+    return ConsentCaller(ctx, reach)
+
+
+def _within_reach(gw: Gateway, who: ConsentCaller, patient_id: int | None, what: str) -> None:
+    """A patient/ scope covers only the token's patient; an unknown patient is 'another patient' too."""
+    token_patient = str(who.ctx.subject.patient or "").removeprefix("Patient/")
+    if who.reach == "patient" and (patient_id is None or str(patient_id) != token_patient):
+        raise access_audit.refuse(gw, who.ctx, what, Refused(Kind.FORBIDDEN, "the token's patient/ scope is for another patient"),
+                                  patient_id=patient_id)
+
+
+def _patient(gw: Gateway, patient: tuple[str, str]) -> int | None:
+    with gw.db.read() as session:
+        found = find_patient(session, *patient)
+        return found.id if found is not None else None
+
+
+def record(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], *, level: str, given_by: str,
+           captured_by: str | None, consent_date: date | None, scope: str, encounter_id: int | None,
+           photos: Sequence[str], purpose_note: str | None, what: str) -> Consent:
+    """Record a consent for a patient (system, value) the caller's scopes reach; photos named must be ones the
+    caller could see once covered (every rule but consent): a hidden photo is NOT_FOUND, audited."""
+    patient_id = _patient(gw, patient)
+    _within_reach(gw, who, patient_id, what)
+    if patient_id is None:
+        raise Refused(Kind.NOT_FOUND, "patient not found")
+    if photos:
+        with gw.db.read() as session:
+            where = filter_except_consent(who.ctx, gw.settings.policy)
+            seen = set(session.scalars(select(Asset.id).where(Asset.id.in_(photos), where)))
+        hidden = [p for p in photos if p not in seen]
+        if hidden:
+            raise access_audit.refuse(gw, who.ctx, what, Refused(
+                Kind.NOT_FOUND, f"photo not found: {hidden[0]}", audit_reason=f"photo not visible to the caller: {hidden[0]}"),
+                patient_id=patient_id, entities=[{"type": "asset", "id": p} for p in hidden])
+    subject = who.ctx.subject
+    try:
+        with gw.db.write() as session:
+            return record_consent(
+                session, patient_id=patient_id, level=level, given_by=given_by, captured_by=captured_by or subject.sub,
+                consent_date=consent_date, scope=scope, encounter_id=encounter_id, asset_ids=photos,
+                purpose_note=purpose_note, actor=subject.sub, actor_role=subject.role,
+                actor_network=access_audit.source_of(subject),
+            )
+    except ConsentError as exc:
+        raise Refused(Kind.INVALID, str(exc)) from None
+
+
+def withdraw(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> Consent:
+    """Withdraw a consent at once; a patient/ token learns nothing of other patients' consents."""
+    with gw.db.read() as session:
+        found = session.get(Consent, consent_id) if len(consent_id) <= 32 else None
+        owner = found.patient_id if found is not None else None
+    if who.reach == "patient":
+        _within_reach(gw, who, owner, what)  # before "not found"
+    if found is None:
+        raise Refused(Kind.NOT_FOUND, "consent not found")
+    subject = who.ctx.subject
+    try:
+        with gw.db.write() as session:
+            return withdraw_consent(session, consent_id, withdrawn_by=subject.sub, actor_role=subject.role,
+                                    actor_network=access_audit.source_of(subject))
+    except ConsentNotFound:
+        raise Refused(Kind.NOT_FOUND, "consent not found") from None
+    except ConsentError as exc:
+        raise Refused(Kind.CONFLICT, str(exc)) from None
+
+
+def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what: str) -> tuple[int, list[Consent]]:
+    """A patient's consents for a caller with a need to know the patient (the specialty rule, as for photos);
+    a patient the caller may not know is NOT_FOUND exactly like an unknown one, the real reason audited."""
+    with gw.db.read() as session:
+        found = find_patient(session, *patient)
+        patient_id = found.id if found is not None else None
+        known = patient_id is not None and bool(session.scalar(select(knows_patient(who.ctx, gw.settings.policy, patient_id))))
+        consents = list_consents(session, patient_id) if known and patient_id is not None else []
+        session.expunge_all()  # the rows stay readable after the read transaction ends (and rolls back)
+    _within_reach(gw, who, patient_id, what)
+    if not known or patient_id is None:
+        reason = "no such patient" if patient_id is None else "no need to know this patient (specialty rule)"
+        raise access_audit.refuse(gw, who.ctx, what, Refused(Kind.NOT_FOUND, "patient not found", audit_reason=reason),
+                                  patient_id=patient_id)
+    access_audit.write(gw, [access_audit.make_entry(
+        who.ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="consent", patient_id=patient_id,
+        entities=[{"type": "patient", "id": patient_id}] + [{"type": "consent", "id": c.id} for c in consents])])
+    return patient_id, consents
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ session's connection (same transaction), see `Sql`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from datetime import date, datetime, timezone
 from typing import Any, Literal
 
@@ -78,12 +79,22 @@ _PATIENT_FIELDS = tuple(f.name for f in fields(PatientData) if f.name != "identi
 _ENCOUNTER_FIELDS = tuple(f.name for f in fields(EncounterData) if f.name not in ("visit_number", "visit_system"))
 
 
-class PatientIndexError(Exception):
-    """Understood but cannot be applied; code from HL7 table 0357 (the caller's protocol may reuse it)."""
+class Problem(StrEnum):
+    """Why a change cannot be applied to the index (the HL7 door maps each to a table 0357 code)."""
 
-    def __init__(self, code: str, text: str, location: str | None = None) -> None:
+    MISSING = "missing"  # a value the change needs is not there
+    UNKNOWN = "unknown"  # no such patient, encounter or identifier
+    MERGED = "merged"  # names a record merged into another
+    CONFLICT = "conflict"  # identifiers of different patients, an identifier taken, a merge into itself
+    INCONSISTENT = "inconsistent"  # the index itself is broken (a merge cycle)
+
+
+class PatientIndexError(Exception):
+    """Understood but cannot be applied: the kind of problem, a text, and where the value came from (e.g. PID-3)."""
+
+    def __init__(self, problem: Problem, text: str, location: str | None = None) -> None:
         super().__init__(text)
-        self.code = code
+        self.problem = problem
         self.text = text
         self.location = location
 
@@ -252,7 +263,7 @@ class PatientIndex:
             if row is None or row[0] is None:
                 return current
             current = row[0]
-        raise PatientIndexError("207", f"patient {patient_id} has a merge cycle")
+        raise PatientIndexError(Problem.INCONSISTENT, f"patient {patient_id} has a merge cycle")
 
     def resolve(self, identifiers: list[IdentifierData]) -> int | None:
         """The live patient these identifiers name, applying the merged-identifier policy."""
@@ -265,22 +276,19 @@ class PatientIndex:
         direct = {h[2] for h in hits if h[3] is None}
         merged = [h for h in hits if h[3] is not None]
         if len(direct) > 1:
-            raise PatientIndexError(
-                "205", "the identifiers in the message belong to different patients (merge them first)",
+            raise PatientIndexError(Problem.CONFLICT, "the identifiers in the message belong to different patients (merge them first)",
                 self._location_of(identifiers, hits[0]))
         survivors = {self._survivor_id(h[2]) for h in merged}
         if merged and not direct:
             if self.merged_policy == "reject":
-                raise PatientIndexError(
-                    "204", "the identifier belongs to a patient record that has been merged into another; "
+                raise PatientIndexError(Problem.MERGED, "the identifier belongs to a patient record that has been merged into another; "
                     "send messages for the surviving patient", self._location_of(identifiers, merged[0]))
             if len(survivors) > 1:
-                raise PatientIndexError("205", "the identifiers resolve to different surviving patients")
+                raise PatientIndexError(Problem.CONFLICT, "the identifiers resolve to different surviving patients")
             return survivors.pop()
         pid = direct.pop()
         if survivors - {pid}:
-            raise PatientIndexError(
-                "205", "the identifiers belong to different patients (one was merged elsewhere)",
+            raise PatientIndexError(Problem.CONFLICT, "the identifiers belong to different patients (one was merged elsewhere)",
                 self._location_of(identifiers, merged[0]))
         return pid
 
@@ -315,7 +323,7 @@ class PatientIndex:
 
     def upsert_patient(self, data: PatientData, event_time: datetime | None, *, create: bool = True) -> Outcome:
         if not data.identifiers:
-            raise PatientIndexError("101", "no usable patient identifier")
+            raise PatientIndexError(Problem.MISSING, "no usable patient identifier")
         event_time = utc(event_time)
         out = Outcome()
         pid = self.resolve(data.identifiers)
@@ -323,7 +331,7 @@ class PatientIndex:
         now = datetime.now(timezone.utc)
         if pid is None:
             if not create:
-                raise PatientIndexError("204", "no patient with these identifiers is known",
+                raise PatientIndexError(Problem.UNKNOWN, "no patient with these identifiers is known",
                                         data.identifiers[0].location)
             pid = self._insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
             self._add_identifiers(pid, data.identifiers, set())
@@ -373,7 +381,7 @@ class PatientIndex:
         out = Outcome(patient_id=patient_id)
         if not data.visit_number:
             if require_existing:
-                raise PatientIndexError("101", "the visit number is missing", "PV1-19")
+                raise PatientIndexError(Problem.MISSING, "the visit number is missing", "PV1-19")
             out.notes.append("no visit number: encounter not recorded")
             return out
         event_time = utc(event_time)
@@ -383,7 +391,7 @@ class PatientIndex:
         changes = data.changes()
         if row is None:
             if require_existing:
-                raise PatientIndexError("204", "no encounter with this visit number is known", "PV1-19")
+                raise PatientIndexError(Problem.UNKNOWN, "no encounter with this visit number is known", "PV1-19")
             eid = self._insert("encounters", {
                 "patient_id": patient_id, "visit_system": data.visit_system, "visit_number": data.visit_number,
                 "status": "in-progress", **changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
@@ -393,7 +401,7 @@ class PatientIndex:
         eid, owner, last = row[0], row[1], Sql.read_dt(row[2])
         out.encounter_id = eid
         if owner != patient_id and self._survivor_id(owner) != patient_id:
-            raise PatientIndexError("205", "this visit number belongs to another patient", "PV1-19")
+            raise PatientIndexError(Problem.CONFLICT, "this visit number belongs to another patient", "PV1-19")
         if last is not None and event_time is not None and event_time < last:
             out.notes.append("older than the last update applied to this encounter: encounter kept")
             return out
@@ -412,7 +420,7 @@ class PatientIndex:
     def merge(self, survivor: PatientData, merged: list[IdentifierData], event_time: datetime | None) -> Outcome:
         """Merge the patient named by `merged` into the patient named by `survivor` (A40)."""
         if not merged:
-            raise PatientIndexError("101", "the identifier of the patient to merge is missing", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "the identifier of the patient to merge is missing", "MRG-1")
         surv_out = self.upsert_patient(survivor, event_time)
         sid = surv_out.patient_id
         out = Outcome(patient_id=sid, notes=list(surv_out.notes), audit=list(surv_out.audit), changed=True)
@@ -428,13 +436,13 @@ class PatientIndex:
             return out
         for mid in sorted({h[2] for h in hits}):
             if mid == sid:
-                raise PatientIndexError("205", "a patient cannot be merged into itself", "MRG-1")
+                raise PatientIndexError(Problem.CONFLICT, "a patient cannot be merged into itself", "MRG-1")
             current = self.sql.one("SELECT merged_into_id FROM patients WHERE id = ?", (mid,))[0]
             if current is not None:
                 if self._survivor_id(mid) == sid:
                     out.notes.append("already merged into this patient")
                     continue
-                raise PatientIndexError("205", "the patient in MRG-1 was already merged into another patient", "MRG-1")
+                raise PatientIndexError(Problem.CONFLICT, "the patient in MRG-1 was already merged into another patient", "MRG-1")
             moved = self._move_records(mid, sid)
             self._update("patients", mid, {"merged_into_id": sid, "merged_at": now, "updated_at": now})
             # keep chains one hop long, so look-ups stay cheap
@@ -454,12 +462,12 @@ class PatientIndex:
     def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:
         """Replace an identifier (MRG-1) by the one of the same system in the new list (A47)."""
         if not old:
-            raise PatientIndexError("101", "the incorrect identifier is missing", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "the incorrect identifier is missing", "MRG-1")
         out = Outcome()
         for o in old:
             repl = next((n for n in new if n.system == o.system), None)
             if repl is None:
-                raise PatientIndexError("101", "PID-3 has no identifier of the same kind as MRG-1", "PID-3")
+                raise PatientIndexError(Problem.MISSING, "PID-3 has no identifier of the same kind as MRG-1", "PID-3")
             row = self.sql.one("SELECT id, patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
                                (o.system, o.value))
             taken = self.sql.one("SELECT patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
@@ -469,10 +477,10 @@ class PatientIndex:
                     out.patient_id = self._survivor_id(taken[0])
                     out.notes.append("identifier already changed")
                     continue
-                raise PatientIndexError("204", "no patient has the identifier in MRG-1", o.location or "MRG-1")
+                raise PatientIndexError(Problem.UNKNOWN, "no patient has the identifier in MRG-1", o.location or "MRG-1")
             pid = self._survivor_id(row[1])
             if taken is not None:
-                raise PatientIndexError("205", "the new identifier already belongs to a patient", repl.location or "PID-3")
+                raise PatientIndexError(Problem.CONFLICT, "the new identifier already belongs to a patient", repl.location or "PID-3")
             self.sql.run("UPDATE patient_identifiers SET value = ?, type_code = ?, assigner = ? WHERE id = ?",
                          (repl.value, repl.type_code, repl.assigner, row[0]))
             out.patient_id, out.changed = pid, True

@@ -24,9 +24,9 @@ def import_command(
     workers: Annotated[int, typer.Option("--workers", min=1, max=16, help="Photos processed at once (decoding uses a core each).")] = 2,
 ) -> None:
     """Import a legacy photo archive through the ingest pipeline; re-run to resume."""
-    from gateway.cli import open_gateway
-    from gateway.ingest.importer import ManifestError, read_manifest, run_import
-    from gateway.ingest.pipeline import Actor
+    from gateway.cli.common import open_gateway
+    from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
+    from gateway.core.ingest.pipeline import Actor
 
     try:
         total = len(read_manifest(manifest))

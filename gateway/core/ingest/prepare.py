@@ -36,13 +36,13 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from gateway.dicom.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
-from gateway.ingest import jpeg, limits
-from gateway.ingest.config import IngestSettings
-from gateway.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
-from gateway.ingest.exif import ExifFacts, read_facts, upright, upright_size
-from gateway.ingest.renditions import Renditions, decode_target, from_image
-from gateway.ingest.sniff import HEAD_BYTES, sniff
+from gateway.core.objects.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
+from gateway.core.ingest import jpeg, limits
+from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
+from gateway.core.ingest.exif import ExifFacts, read_facts, upright, upright_size
+from gateway.core.ingest.renditions import Renditions, decode_target, from_image
+from gateway.core.ingest.sniff import HEAD_BYTES, sniff
 
 try:  # HEIC/HEIF support registers itself with Pillow
     import pillow_heif

@@ -21,9 +21,9 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
-from gateway.dicom import jpegls
-from gateway.dicom import text as dtext
-from gateway.dicom.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
+from gateway.core.objects import jpegls
+from gateway.core.objects import text as dtext
+from gateway.core.objects.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
 
 VL_PHOTOGRAPHIC_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
 SCT = "SCT"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from gateway.ingest.exif import upright
+from gateway.core.ingest.exif import upright
 
 
 @dataclass(frozen=True)

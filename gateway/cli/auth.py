@@ -21,8 +21,8 @@ def token(
     minutes: Annotated[int | None, typer.Option("--minutes", min=1, help="Lifetime; default auth.dev_token_minutes.")] = None,
 ) -> None:
     """Print a dev-mode bearer token (auth mode dev only)."""
-    from gateway.auth import AuthError, mint_dev_token
-    from gateway.cli import console, settings_or_exit
+    from gateway.core.identity import AuthError, mint_dev_token
+    from gateway.cli.common import console, settings_or_exit
 
     settings = settings_or_exit()
     try:
@@ -49,10 +49,10 @@ def explain(
     peer: Annotated[bool, typer.Option("--peer", help="Explain for the configured DICOM peer whose AE title is --sub.")] = False,
 ) -> None:
     """Print the decision on one photo for a subject and purpose, rule by rule. Exit 0 permit, 1 deny."""
-    from gateway.auth import Subject, find_dicom_peer, peer_subject
-    from gateway.cli import console, open_gateway, out
-    from gateway import access_audit
-    from gateway.policy import decide
+    from gateway.core.identity import Subject, find_dicom_peer, peer_subject
+    from gateway.cli.common import console, open_gateway, out
+    from gateway.core import access_audit
+    from gateway.core.policy.rules import decide
     from store import audit
     from store.audit import AuditEntry
     from store.models import Asset
@@ -132,7 +132,7 @@ def settings_yaml(settings) -> str:
             for text in textwrap.wrap(info.description or "", 96):
                 lines.append(f"  # {text}")
             if name == "dicom_peers":
-                from gateway.policy_config import DicomPeer
+                from gateway.core.policy.settings import DicomPeer
 
                 lines.append("  # Each peer:")
                 for peer_field, peer_info in DicomPeer.model_fields.items():
@@ -147,6 +147,6 @@ def settings_yaml(settings) -> str:
 @policy_app.command("settings")
 def show_settings() -> None:
     """Print the auth and policy settings in force, every knob documented (a starting CLINPHOTO_CONFIG file)."""
-    from gateway.cli import settings_or_exit
+    from gateway.cli.common import settings_or_exit
 
     print(settings_yaml(settings_or_exit()))

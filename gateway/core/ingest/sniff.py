@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.ingest.errors import UNSUPPORTED_TYPE, IngestRejected
+from gateway.core.ingest.errors import UNSUPPORTED_TYPE, IngestRejected
 
 HEAD_BYTES = 512
 

@@ -20,6 +20,8 @@ IDEMPOTENCY_CONFLICT = "idempotency-conflict"  # key reused for a different requ
 NO_FILES = "no-files"
 DUPLICATE_INSTANCE = "duplicate-instance"  # a DICOM door sent a known SOP Instance UID with other content
 PATIENT_MERGED = "patient-merged"  # the patient was merged into another while the photo was being stored
+FORBIDDEN = "forbidden"  # the caller's role may not store photos
+INSUFFICIENT_SCOPE = "insufficient-scope"  # the token's scopes do not allow creating photos
 
 
 class IngestRejected(Exception):

@@ -12,7 +12,7 @@ STATUSES = ("applied", "ignored", "error", "rejected")
 
 
 def _one_line(text: str | None) -> str:
-    from gateway.hl7.escape import printable
+    from mapping.escape import printable
 
     return printable(" ".join((text or "").split()))
 
@@ -28,7 +28,7 @@ def list_command(
     The ids are what `clinphoto hl7 reprocess ID` takes. Patient data (names, NHS numbers) is not shown:
     the raw messages stay in the store.
     """
-    from gateway.cli import open_gateway
+    from gateway.cli.common import open_gateway
     from gateway.hl7 import message_store
 
     if status is not None and status not in STATUSES:
@@ -59,7 +59,7 @@ def reprocess(
     limit: Annotated[int | None, typer.Option(help="At most this many (oldest first).")] = None,
 ) -> None:
     """Apply stored messages again (e.g. after a mapping fix); each gets the new status and ACK."""
-    from gateway.cli import open_gateway
+    from gateway.cli.common import open_gateway
     from gateway.hl7 import message_store
     from gateway.hl7.listener import build_processor
     from store import audit

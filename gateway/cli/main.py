@@ -1,0 +1,53 @@
+"""`clinphoto` command line: every command group, one line each."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from gateway.cli import auth, hl7, ingest, mapping, store
+from gateway.cli.common import console, open_gateway, out, settings_or_exit
+
+app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command()
+def serve() -> None:
+    """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
+    from gateway.logs import configure_logging
+    from gateway.serve import StartupError
+    from gateway.serve import serve as run
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_format, settings.log_level)
+    gw = open_gateway()
+    try:
+        asyncio.run(run(gw))
+    except StartupError as exc:
+        console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(force: Annotated[bool, typer.Option(help="Seed again even if demo data exists.")] = False) -> None:
+    """Seed synthetic demo patients, encounters, consents and photos (once)."""
+    from gateway.demo import seed_demo
+
+    gw = open_gateway()
+    try:
+        summary = seed_demo(gw, force=force)
+    finally:
+        gw.close()
+    out.print(summary)
+
+
+# -- command groups: one line each (keep this marker) --
+app.add_typer(store.db_app, name="db")
+app.add_typer(store.store_app, name="store")
+app.add_typer(store.audit_app, name="audit")
+app.command("import")(ingest.import_command)
+auth.register(app)
+app.add_typer(hl7.app, name="hl7")
+app.add_typer(mapping.app, name="mapping")

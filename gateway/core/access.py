@@ -1,0 +1,307 @@
+"""The read workflow every door calls: find a patient's photos, open one, fetch its image, manage who sees it.
+
+Protocol-free. A door parses its request into these calls and renders what comes
+back; every rule lives here or in the policy, every refusal is a Refused with a
+kind the door maps to its own answer, and every access, allowed or denied, is in
+the audit trail before the call returns:
+
+- the policy filter is inside every query (so totals and paging are right);
+- a photo the caller may not see is NOT_FOUND, exactly like one that does not
+  exist; the reasons go to the audit trail only;
+- the original file is only for the roles the policy names;
+- governance (sensitivity, access lists) is for governance roles, over the
+  photos the policy's governance reading lets them manage.
+
+`channel` names the door in audit records (rest, fhir, dicomweb, dimse, viewer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from gateway.core import access_audit
+from gateway.core.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject
+from gateway.core.policy.rules import (
+    AccessContext,
+    consent_summary,
+    decide_in,
+    filter_for,
+    governance_filter,
+    linked_consents,
+    may_see_original,
+    resolve,
+    scope_allows,
+)
+from gateway.core.refusals import Kind, Refused
+from store import audit
+from store.models import Asset, AssetAccess, Consent
+from store.patients import find_patient
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = "photo not found"
+Rendition = Literal["original", "preview", "thumbnail"]
+SEARCH_SCOPE, READ_SCOPE, MANAGE_SCOPE = "s", "r", "u"
+T = TypeVar("T")
+
+
+class StoreFault(RuntimeError):
+    """A row points at a blob the store does not have: our failure, not the caller's (`clinphoto store check`)."""
+
+
+# -- the request ----------------------------------------------------------------------------------------
+
+
+def screen(gw: Gateway, subject: Subject, what: str) -> AccessContext:
+    """Every authenticated request, any door: a malformed purpose or a break-glass the subject may not use is
+    refused (and audited) before anything is looked up."""
+    ctx = resolve(subject, gw.settings.policy)
+    if ctx.refusal and ctx.refuse_request:
+        raise access_audit.refuse(gw, ctx, what, Refused(ctx.refusal_kind or Kind.FORBIDDEN, ctx.refusal))
+    return ctx
+
+
+def photo_request(gw: Gateway, subject: Subject, interaction: Literal["read", "search"], what: str) -> AccessContext:
+    """The context for reading or searching photos; a role that may not act for the purpose at all is refused."""
+    ctx = resolve(subject, gw.settings.policy, interaction=interaction)
+    if ctx.refusal:
+        raise access_audit.refuse(gw, ctx, what, Refused(ctx.refusal_kind or Kind.FORBIDDEN, ctx.refusal))
+    return ctx
+
+
+def require_scope(gw: Gateway, ctx: AccessContext, resource: str, perm: str, what: str) -> None:
+    """SMART scopes only narrow: a token none of whose scopes grants `perm` on `resource` is refused, audited."""
+    if not scope_allows(ctx.subject.scopes, resource, perm):
+        raise access_audit.refuse(gw, ctx, what, Refused(Kind.INSUFFICIENT_SCOPE, f"the token's scopes do not allow '{perm}' on {resource}",
+                                            needs=f"{resource}.{perm}"))
+
+
+# -- what a door renders --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhotoView:
+    """One photo as the caller may see it: the row (detached), the consent that covers it, whether the
+    caller may have the original file."""
+
+    asset: Asset
+    consent: dict | None
+    original_allowed: bool
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    total: int
+    photos: list[PhotoView]
+    patient_id: int | None  # the patient found, None when unknown (answered like a hidden one: empty)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    path: Path
+    media_type: str
+    rendition: Rendition
+    asset: Asset
+
+
+def newest_first() -> tuple[ColumnElement, ColumnElement]:
+    """The order every list of photos uses: when taken (else stored), newest first, then id."""
+    return func.coalesce(Asset.taken_at, Asset.created_at).desc(), Asset.id.desc()
+
+
+def _views(session: Session, assets: list[Asset], original: bool) -> list[PhotoView]:
+    if not assets:
+        return []
+    links = linked_consents(session, [a.id for a in assets])
+    patients = {a.patient_id for a in assets}
+    linked = set().union(*links.values())
+    cond = Consent.patient_id.in_(patients)
+    if linked:
+        cond = or_(cond, Consent.id.in_(sorted(linked)))
+    consents = list(session.scalars(select(Consent).where(cond)))
+    return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original) for a in assets]
+
+
+# -- the read workflow ------------------------------------------------------------------------------------
+
+
+def search(
+    gw: Gateway,
+    ctx: AccessContext,
+    *,
+    patient: tuple[str, str],
+    query: str,
+    site: str | None = None,
+    laterality: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    channel: str = "rest",
+) -> SearchResult:
+    """The photos of one patient (system, value) the caller may see, newest first, paged; the total counts only
+    those. An unknown patient gives an empty result, like one whose photos are all hidden."""
+    require_scope(gw, ctx, "Media", SEARCH_SCOPE, query)
+    where = filter_for(ctx, gw.settings.policy)
+    with gw.db.read() as session:
+        found = find_patient(session, *patient)
+        patient_id = found.id if found is not None else None
+        if patient_id is None:
+            total, views = 0, []
+        else:
+            scope: list[ColumnElement[bool]] = [Asset.patient_id == patient_id, where]
+            if site:
+                scope.append(Asset.body_site_code == site)
+            if laterality:
+                scope.append(Asset.laterality == laterality)
+            total = session.scalar(select(func.count()).select_from(Asset).where(*scope)) or 0
+            assets = list(session.scalars(select(Asset).where(*scope).order_by(*newest_first()).limit(limit).offset(offset)))
+            views = _views(session, assets, may_see_original(ctx.subject, gw.settings.policy))
+        session.expunge_all()  # the rows stay readable after the read transaction ends
+    results = {patient_id: [v.asset.id for v in views]} if patient_id is not None and views else {}
+    access_audit.record_search(gw, ctx, query=query, results=results, channel=channel)
+    return SearchResult(total=total, photos=views, patient_id=patient_id)
+
+
+def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> PhotoView:
+    """The photo if the caller may see it (the policy inside the query); else the denial is audited and
+    NOT_FOUND raised, the same for a hidden photo and a missing one."""
+    policy = gw.settings.policy
+    with gw.db.read() as session:
+        asset = session.scalars(select(Asset).where(Asset.id == photo_id, filter_for(ctx, policy))).first()
+        if asset is not None:
+            view = _views(session, [asset], may_see_original(ctx.subject, policy))[0]
+            session.expunge_all()
+            return view
+        decision = decide_in(session, ctx, policy, photo_id)
+        row = session.get(Asset, photo_id)
+        patient_id = row.patient_id if row is not None else None
+    access_audit.record_read(gw, ctx, asset_id=photo_id, patient_id=patient_id, permitted=False,
+                             reasons=decision.reasons, what=what)
+    raise Refused(Kind.NOT_FOUND, NOT_FOUND)
+
+
+def read(gw: Gateway, ctx: AccessContext, photo_id: str) -> PhotoView:
+    """One photo's details, audited as a read."""
+    view = _visible(gw, ctx, photo_id, "read")
+    access_audit.record_read(gw, ctx, asset_id=view.asset.id, patient_id=view.asset.patient_id, permitted=True, what="read")
+    return view
+
+
+def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, what: str) -> StoredImage:
+    """A photo's image file: the original as received (only for the roles allowed originals), or a rendition."""
+    policy = gw.settings.policy
+    view = _visible(gw, ctx, photo_id, "retrieve")
+    asset = view.asset
+    detail = {"rendition": rendition}
+    if rendition == "original" and not view.original_allowed:
+        roles = ", ".join(policy.original_roles) or "none"
+        reason = f"rendition: DENIED - originals are only for roles {roles}"
+        access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=False, reasons=[reason],
+                                 what="retrieve", detail=detail)
+        raise Refused(Kind.FORBIDDEN, f"the original is only for roles {roles}; ask for a preview")
+    if rendition == "original":
+        sha, media_type = (asset.sha256 if asset.original_kept else None), asset.media_type
+    else:
+        sha, media_type = (asset.preview_sha256 if rendition == "preview" else asset.thumbnail_sha256), "image/jpeg"
+    if not sha:
+        kept = " (the original was not kept)" if rendition == "original" else ""
+        raise Refused(Kind.NOT_FOUND, f"this photo has no {rendition} rendition{kept}")
+    path = gw.blobs.path(sha)
+    if not path.is_file():
+        log.error("blob %s of photo %s (%s) is missing from the blob store", sha, asset.id, rendition)
+        raise StoreFault(f"the stored {rendition} of this photo is missing; run `clinphoto store check`")
+    access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
+                             detail=detail)
+    return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset)
+
+
+# -- governance: sensitivity and access lists (medical illustration staff) --------------------------------
+
+
+def governor(gw: Gateway, subject: Subject, what: str) -> AccessContext:
+    """Governance roles with an update scope on Media; every refusal audited."""
+    policy = gw.settings.policy
+    ctx = resolve(subject, policy)
+    if subject.role not in policy.governance_roles:
+        raise access_audit.refuse(gw, ctx, what, Refused(
+            Kind.FORBIDDEN, f"only roles {', '.join(policy.governance_roles) or 'none'} may change who sees a photo"))
+    require_scope(gw, ctx, "Media", MANAGE_SCOPE, what)
+    return ctx
+
+
+def _govern(gw: Gateway, ctx: AccessContext, photo_id: str, what: str, change: Callable[[Session, Asset], T]) -> T:
+    """change(session, asset) in one write transaction, on a photo the caller may manage (the policy's governance
+    reading); a hidden or missing photo is NOT_FOUND, its denial committed with the transaction."""
+    try:
+        with gw.db.write() as session:
+            query = select(Asset).where(Asset.id == photo_id, governance_filter(ctx, gw.settings.policy))
+            asset = session.scalars(query.with_for_update()).first()
+            if asset is None:
+                row = session.get(Asset, photo_id)
+                access_audit.append(session, access_audit.refusal_entries(
+                    ctx, what, reason="governance: photo not found or not manageable by the caller",
+                    patient_id=row.patient_id if row is not None else None, entities=[{"type": "asset", "id": photo_id}],
+                ))
+                result: T | None = None
+            else:
+                result = change(session, asset)
+    except PhotoNotFound:
+        raise Refused(Kind.NOT_FOUND, NOT_FOUND) from None
+    except ConsentError as exc:
+        raise Refused(Kind.INVALID, str(exc)) from None
+    if result is None:
+        raise Refused(Kind.NOT_FOUND, NOT_FOUND)
+    return result
+
+
+def access_subjects(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> list[AssetAccess]:
+    """Who is named on the photo's access list (the read is audited)."""
+    patient_id, rows = _govern(gw, ctx, photo_id, what, lambda s, a: (a.patient_id, access_list(s, a.id)))
+    access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="access-list",
+                                                    patient_id=patient_id, entities=[{"type": "asset", "id": photo_id}])])
+    return rows
+
+
+def grant(gw: Gateway, ctx: AccessContext, photo_id: str, grantee: str, what: str) -> tuple[bool, list[AssetAccess]]:
+    """Name a person (user id, or a DICOM peer as ae:AETITLE) on the photo's access list; (added, the list)."""
+    subject = ctx.subject
+
+    def change(session: Session, asset: Asset) -> tuple[bool, list[AssetAccess]]:
+        added = grant_access(session, asset.id, grantee, granted_by=subject.sub, actor_role=subject.role,
+                             actor_network=access_audit.source_of(subject))
+        if added and asset.sensitivity == "V" and grantee.strip() == subject.sub:
+            # staff opening a very restricted photo to themselves: legitimate at times, always worth a look
+            access_audit.append(session, [access_audit.make_entry(
+                ctx, type_code=audit.SECURITY_ALERT, action="E", subtype="self-grant",
+                outcome_desc=f"{subject.sub} put themselves on the access list of a very restricted (V) photo",
+                patient_id=asset.patient_id, entities=[{"type": "asset", "id": asset.id}, {"type": "patient", "id": asset.patient_id}],
+            )])
+        return added, access_list(session, asset.id)
+
+    return _govern(gw, ctx, photo_id, what, change)
+
+
+def revoke(gw: Gateway, ctx: AccessContext, photo_id: str, grantee: str, what: str) -> None:
+    """Take a person off the photo's access list, effective at once on every door."""
+    subject = ctx.subject
+    removed = _govern(gw, ctx, photo_id, what, lambda session, asset: (revoke_access(
+        session, asset.id, grantee, revoked_by=subject.sub, actor_role=subject.role,
+        actor_network=access_audit.source_of(subject)),))
+    if not removed[0]:
+        raise Refused(Kind.NOT_FOUND, f"{grantee} is not on this photo's access list")
+
+
+def reclassify(gw: Gateway, ctx: AccessContext, photo_id: str, sensitivity: str, what: str) -> str:
+    """Set the photo's sensitivity (N, R or V); returns it."""
+    subject = ctx.subject
+    return _govern(gw, ctx, photo_id, what, lambda session, asset: set_sensitivity(
+        session, asset.id, sensitivity, changed_by=subject.sub, actor_role=subject.role,
+        actor_network=access_audit.source_of(subject)).sensitivity)

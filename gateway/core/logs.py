@@ -1,0 +1,54 @@
+"""Log helpers for every part of the gateway: events a hostile sender can repeat at will are logged, but not once each."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+class RateLimited:
+    """At most one line per `interval` seconds for one kind of event; the next line says how many were left out.
+
+    For events an attacker can repeat at will (refused connections, failed accepts): each is worth knowing,
+    a line for each would drown the log and the disk."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger, self.interval = logger, interval
+        self._last = float("-inf")
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        if skipped:
+            message += f" (and {skipped} more like this in the last {self.interval:.0f} s)"
+        self.logger.warning(message, *args)
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets through one record per `interval` seconds of those whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str, interval: float = 10.0) -> None:
+        super().__init__()
+        self.prefix, self.interval = prefix, interval
+        self._last = float("-inf")
+        self._skipped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._skipped += 1
+            return False
+        if self._skipped:
+            record.msg = f"{record.msg} (and {self._skipped} more in the last {self.interval:.0f} s)"
+        record.exc_info, record.exc_text = None, None  # the traceback is the same every time
+        self._last, self._skipped = now, 0
+        return True
