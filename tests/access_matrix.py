@@ -57,7 +57,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from PIL import Image
 
-from gateway.core.identity import Subject
+from gateway.core.identity import PeerPermissions, Subject
 from gateway.core.policy.settings import DicomPeer
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient, PatientIdentifier
 
@@ -353,7 +353,7 @@ class MatrixWorld:
             patient=str(self.patient_ids[user.patient]) if user.patient else None,
             purpose_of_use=user.purpose, break_glass_reason=user.break_glass,
             network_address=network_address, sensitivities=user.sensitivities,
-            extra={"ae_title": user.sub} if user.role == "system" else {},
+            peer=PeerPermissions(ae_title=user.sub) if user.role == "system" else None,
         )
 
     def headers(self, gw, user: User) -> dict[str, str]:

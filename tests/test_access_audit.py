@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from gateway.core import access_audit
-from gateway.core.identity import Subject
+from gateway.core.identity import PeerPermissions, Subject
 from gateway.core.policy.rules import resolve
 from store import audit
 from store.models import AuditEvent
@@ -29,7 +29,7 @@ def rows(gw) -> list[AuditEvent]:
 
 def test_search_read_export_and_refusal_entries(gw):
     policy = gw.settings.policy
-    peer = Subject(sub="PACS1", role="system", scopes=("system/*.rs",), network_address="10.0.0.9", extra={"ae_title": "PACS1"})
+    peer = Subject(sub="PACS1", role="system", scopes=("system/*.rs",), network_address="10.0.0.9", peer=PeerPermissions("PACS1"))
     ctx = resolve(peer, policy)
     access_audit.write(gw, access_audit.search_entries(ctx, query="C-FIND PatientID=123", results={7: ["a1", "a2"], 3: ["b1"]},
                                                        type_code=audit.QUERY, subtype="C-FIND", channel="dimse"))

@@ -305,7 +305,7 @@ def test_known_peer_from_its_host_gets_a_subject(tmp_path):
     settings = peer_settings(tmp_path)
     subject = authenticate_dicom_peer(settings, "PACS1  ", "10.1.2.77", called_ae=settings.ae_title)
     assert (subject.sub, subject.role, subject.specialties, subject.sensitivities, subject.purpose_of_use) == ("PACS1", "system", ("330",), ("N", "R"), "TREAT")
-    assert subject.network_address == "10.1.2.77" and subject.extra["ae_title"] == "PACS1"
+    assert subject.network_address == "10.1.2.77" and subject.peer is not None and subject.peer.ae_title == "PACS1"
     assert peer_allows(subject, "find") and not peer_allows(subject, "store")
     assert authenticate_dicom_peer(settings, "PACS1", "::ffff:127.0.0.1").sub == "PACS1"
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
@@ -94,7 +94,7 @@ class PhotoView:
     caller may have the original file."""
 
     asset: Asset
-    consent: dict | None
+    consent: dict[str, Any] | None
     original_allowed: bool
 
 
@@ -113,7 +113,7 @@ class StoredImage:
     asset: Asset
 
 
-def newest_first() -> tuple[ColumnElement, ColumnElement]:
+def newest_first() -> tuple[ColumnElement[Any], ColumnElement[Any]]:
     """The order every list of photos uses: when taken (else stored), newest first, then id."""
     return func.coalesce(Asset.taken_at, Asset.created_at).desc(), Asset.id.desc()
 
@@ -123,8 +123,8 @@ def _views(session: Session, assets: list[Asset], original: bool) -> list[PhotoV
         return []
     links = linked_consents(session, [a.id for a in assets])
     patients = {a.patient_id for a in assets}
-    linked = set().union(*links.values())
-    cond = Consent.patient_id.in_(patients)
+    linked: set[str] = set().union(*links.values())
+    cond: ColumnElement[bool] = Consent.patient_id.in_(patients)
     if linked:
         cond = or_(cond, Consent.id.in_(sorted(linked)))
     consents = list(session.scalars(select(Consent).where(cond)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String
 from sqlalchemy.orm import Session
@@ -27,7 +28,13 @@ from store import audit
 from store.audit import AuditEntry
 from store.models import AuditEvent
 
+if TYPE_CHECKING:  # the ingest pipeline records its refusals here: no run-time import back into the core's upper parts
+    from gateway.core.context import Gateway
+    from gateway.core.identity import Subject
+    from gateway.core.policy.rules import AccessContext
+
 DENIED = audit.MINOR_FAILURE
+Entity = dict[str, Any]  # an audit record's entity or detail: JSON
 
 # widths of the audit table's short text columns: a caller-supplied value (purpose header, token sub)
 # longer than its column must be cut to fit, or PostgreSQL refuses the insert and the denial goes unrecorded
@@ -39,7 +46,7 @@ _WIDTHS = {
 _TEXT_FIELDS = tuple(_WIDTHS) + ("outcome_desc",)
 
 
-def _clean(value):
+def _clean(value: Any) -> Any:
     """NUL cannot be stored in PostgreSQL text (nor inside its JSON): replace it, recursively."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
@@ -71,17 +78,17 @@ def fit(entry: AuditEntry) -> AuditEntry:
     return replace(entry, **changes) if changes else entry
 
 
-def source_of(subject) -> str | None:
-    ae = (subject.extra or {}).get("ae_title") if subject is not None else None
+def source_of(subject: Subject | None) -> str | None:
+    ae = subject.peer.ae_title if subject is not None and subject.peer is not None else None
     address = getattr(subject, "network_address", None)
     if ae:
         return f"{ae}@{address}" if address else ae
     return address
 
 
-def make_entry(ctx, *, type_code: str, action: str, subtype: str | None = None, outcome: str = audit.SUCCESS,
-           outcome_desc: str | None = None, patient_id: int | None = None, entities: list[dict] | None = None,
-           detail: dict | None = None) -> AuditEntry:
+def make_entry(ctx: AccessContext, *, type_code: str, action: str, subtype: str | None = None, outcome: str = audit.SUCCESS,
+           outcome_desc: str | None = None, patient_id: int | None = None, entities: Sequence[Entity] | None = None,
+           detail: Entity | None = None) -> AuditEntry:
     s = ctx.subject
     detail = dict(detail or {})
     if ctx.break_glass_reason:
@@ -99,12 +106,12 @@ def make_entry(ctx, *, type_code: str, action: str, subtype: str | None = None, 
         agent_network=source_of(s),
         purpose_of_use=ctx.purpose,
         patient_id=patient_id,
-        entities=entities or [],
+        entities=list(entities or []),
         detail=detail,
     )
 
 
-def break_glass_entries(ctx, what: str, patient_ids: Iterable[int] = ()) -> list[AuditEntry]:
+def break_glass_entries(ctx: AccessContext, what: str, patient_ids: Iterable[int | None] = ()) -> list[AuditEntry]:
     """Security Alert + Emergency Override Started for an access under break-glass."""
     if not ctx.breaking_glass:
         return []
@@ -119,10 +126,10 @@ def break_glass_entries(ctx, what: str, patient_ids: Iterable[int] = ()) -> list
     ]
 
 
-def search_entries(ctx, *, query: str, results: Mapping[int, Sequence[str]], type_code: str = audit.REST,
+def search_entries(ctx: AccessContext, *, query: str, results: Mapping[int, Sequence[str]], type_code: str = audit.REST,
                    subtype: str = "search", channel: str = "rest") -> list[AuditEntry]:
     """One record per patient in the results (IHE BALP), listing the photos returned of that patient."""
-    query_entity = {"type": "query", "query": query, "channel": channel}
+    query_entity: Entity = {"type": "query", "query": query, "channel": channel}
     if not results:
         entries = [make_entry(ctx, type_code=type_code, action="E", subtype=subtype, entities=[query_entity],
                           detail={"returned": 0})]
@@ -130,8 +137,8 @@ def search_entries(ctx, *, query: str, results: Mapping[int, Sequence[str]], typ
         entries = [
             make_entry(
                 ctx, type_code=type_code, action="E", subtype=subtype, patient_id=patient_id,
-                entities=[query_entity, {"type": "patient", "id": patient_id}]
-                + [{"type": "asset", "id": a, "role": "returned"} for a in asset_ids],
+                entities=[query_entity, {"type": "patient", "id": patient_id},
+                          *({"type": "asset", "id": a, "role": "returned"} for a in asset_ids)],
                 detail={"returned": len(asset_ids)},
             )
             for patient_id, asset_ids in sorted(results.items())
@@ -139,8 +146,8 @@ def search_entries(ctx, *, query: str, results: Mapping[int, Sequence[str]], typ
     return entries + break_glass_entries(ctx, query, results.keys())
 
 
-def read_entries(ctx, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (),
-                 what: str = "read", type_code: str = audit.REST, detail: dict | None = None) -> list[AuditEntry]:
+def read_entries(ctx: AccessContext, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (),
+                 what: str = "read", type_code: str = audit.REST, detail: Entity | None = None) -> list[AuditEntry]:
     """A read or retrieve of one photo; a denial keeps its reasons here (the caller only sees 404)."""
     detail = dict(detail or {})
     if not permitted:
@@ -167,20 +174,20 @@ def read_entries(ctx, *, asset_id: str, patient_id: int | None, permitted: bool,
     return entries
 
 
-def export_entries(ctx, *, results: Mapping[int, Sequence[str]], destination: str, channel: str) -> list[AuditEntry]:
+def export_entries(ctx: AccessContext, *, results: Mapping[int, Sequence[str]], destination: str, channel: str) -> list[AuditEntry]:
     """Photos sent out (C-MOVE/C-GET, exports): one record per patient."""
     entries = [
         make_entry(ctx, type_code=audit.EXPORT, action="R", subtype=channel, patient_id=patient_id,
-               entities=[{"type": "patient", "id": patient_id}, {"type": "destination", "id": destination}]
-               + [{"type": "asset", "id": a, "role": "exported"} for a in asset_ids],
+               entities=[{"type": "patient", "id": patient_id}, {"type": "destination", "id": destination},
+                         *({"type": "asset", "id": a, "role": "exported"} for a in asset_ids)],
                detail={"count": len(asset_ids)})
         for patient_id, asset_ids in sorted(results.items())
     ]
     return entries + break_glass_entries(ctx, f"export to {destination}", results.keys())
 
 
-def refusal_entries(ctx, what: str, *, reason: str | None = None, patient_id: int | None = None,
-                    entities: Sequence[dict] = ()) -> list[AuditEntry]:
+def refusal_entries(ctx: AccessContext, what: str, *, reason: str | None = None, patient_id: int | None = None,
+                    entities: Sequence[Entity] = ()) -> list[AuditEntry]:
     """A request refused (bad purpose, break-glass without reason or by a role not allowed, a role or
     scope that may not use the door); reason defaults to the policy's refusal."""
     type_code = audit.SECURITY_ALERT if (ctx.break_glass_reason or ctx.purpose == "ETREAT") else audit.REST
@@ -197,32 +204,34 @@ def append(session: Session, entries: Sequence[AuditEntry]) -> None:
     audit.append_many(session, [fit(e) for e in entries])
 
 
-def write(gw, entries: Sequence[AuditEntry]) -> None:
+def write(gw: Gateway, entries: Sequence[AuditEntry]) -> None:
     """In a transaction of its own, committed before the caller answers."""
     if entries:
         with gw.db.write() as session:
             append(session, entries)
 
 
-def record_search(gw, ctx, *, query: str, results: Mapping[int, Sequence[str]], **kw) -> None:
+def record_search(gw: Gateway, ctx: AccessContext, *, query: str, results: Mapping[int, Sequence[str]], **kw: Any) -> None:
     write(gw, search_entries(ctx, query=query, results=results, **kw))
 
 
-def record_read(gw, ctx, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (), **kw) -> None:
+def record_read(gw: Gateway, ctx: AccessContext, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (),
+                **kw: Any) -> None:
     write(gw, read_entries(ctx, asset_id=asset_id, patient_id=patient_id, permitted=permitted, reasons=reasons, **kw))
 
 
-def record_refusal(gw, ctx, what: str, **kw) -> None:
+def record_refusal(gw: Gateway, ctx: AccessContext, what: str, **kw: Any) -> None:
     write(gw, refusal_entries(ctx, what, **kw))
 
 
-def refuse(gw, ctx, what: str, refusal: Refused, *, patient_id: int | None = None, entities: Sequence[dict] = ()) -> Refused:
+def refuse(gw: Gateway, ctx: AccessContext, what: str, refusal: Refused, *, patient_id: int | None = None,
+           entities: Sequence[Entity] = ()) -> Refused:
     """Audit a refusal with its real reason (a NOT_FOUND's cause stays here), and give it back to raise."""
     record_refusal(gw, ctx, what, reason=refusal.audit_reason, patient_id=patient_id, entities=entities)
     return refusal
 
 
-def record_auth_failure(gw, *, network: str | None, reason: str, what: str) -> None:
+def record_auth_failure(gw: Gateway, *, network: str | None, reason: str, what: str) -> None:
     """A bearer token that did not verify (User Authentication, failure): who is unknown, where from is not."""
     write(gw, [AuditEntry(type_code=audit.LOGIN, action="E", subtype="token", outcome=DENIED, outcome_desc=reason,
                           agent_network=network, entities=[{"type": "request", "id": what}])])

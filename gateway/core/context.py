@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-from gateway.core.ingest.config import IngestSettings
-from gateway.core.policy.settings import AuthSettings, PolicySettings
+from typing import TYPE_CHECKING, Protocol
 from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
 from store.migrate import upgrade
 from store.spool import Spool, remove_stale
+
+if TYPE_CHECKING:  # names for the type checker only: the context holds settings, it does not build them
+    from gateway.core.ingest.config import IngestSettings
+    from gateway.core.policy.settings import AuthSettings, PolicySettings
 
 
 class CoreSettings(Protocol):

@@ -21,10 +21,11 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -32,24 +33,40 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.core.policy.settings import ROLES, AuthSettings, DicomPeer
 
+if TYPE_CHECKING:
+    from gateway.core.context import CoreSettings
+
 log = logging.getLogger(__name__)
 TOKEN_ROLES = tuple(r for r in ROLES if r != "system")  # "system" is reserved for DICOM peers
 
 
+DicomService = Literal["echo", "store", "find", "get", "move"]
+
+
+@dataclass(frozen=True)
+class PeerPermissions:
+    """What a DICOM peer acting as a Subject is: its AE title, and the DIMSE services its settings allow."""
+
+    ae_title: str
+    services: frozenset[DicomService] = frozenset()
+
+
 @dataclass(frozen=True)
 class Subject:
+    """Who is asking, as every door and the policy see them: a user (from a token) or a DICOM peer."""
+
     sub: str
     role: str
     name: str | None = None
     specialties: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
-    patient: str | None = None
+    patient: str | None = None  # the patient in context, for patient/ scopes
     purpose_of_use: str = "TREAT"
     break_glass_reason: str | None = None
     network_address: str | None = None
-    extra: dict = field(default_factory=dict)
     # sensitivities this subject may see instead of its role's (DICOM peers); None: the role's
     sensitivities: tuple[str, ...] | None = None
+    peer: PeerPermissions | None = None  # set for a DICOM peer
 
 
 class AuthError(Exception):
@@ -64,14 +81,14 @@ class AuthUnavailable(AuthError):
 # Dev-mode signing key
 
 
-def dev_key_path(settings) -> Path:
+def dev_key_path(settings: CoreSettings) -> Path:
     return settings.auth.dev_key_file or (Path(settings.data_dir) / "auth" / "dev-signing-key.pem")
 
 
 _dev_key_lock = threading.Lock()
 
 
-def dev_private_key(settings) -> ec.EllipticCurvePrivateKey:
+def dev_private_key(settings: CoreSettings) -> ec.EllipticCurvePrivateKey:
     """The dev signing key, made on first use (0600, written atomically so two processes agree on one key)."""
     path = dev_key_path(settings)
     with _dev_key_lock:
@@ -91,11 +108,14 @@ def dev_private_key(settings) -> ec.EllipticCurvePrivateKey:
                 pass
             finally:
                 tmp.unlink(missing_ok=True)
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise AuthUnavailable(f"{path} is not an EC P-256 private key")
+        return loaded
 
 
 def mint_dev_token(
-    settings,
+    settings: CoreSettings,
     *,
     sub: str,
     role: str,
@@ -141,11 +161,13 @@ def mint_dev_token(
 class TokenVerifier:
     """Verifies bearer tokens for one set of settings; keys are loaded once (JWKS keys cached)."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: CoreSettings) -> None:
         self.settings = settings
         self.auth: AuthSettings = settings.auth
-        self._static_key = None
+        self._static_key: Any = None  # the issuer's public key (EC or RSA) when not from a JWKS
         self._jwks: jwt.PyJWKClient | None = None
+        self.algorithms: list[str] = []
+        self.issuer: str | None = None
         a = self.auth
         if a.mode == "dev":
             log.warning("auth mode dev: tokens are signed with the local key in %s; use auth mode jwt in production", dev_key_path(settings))
@@ -160,7 +182,7 @@ class TokenVerifier:
             elif a.public_key_pem or a.public_key_file:
                 where = "auth.public_key_pem" if a.public_key_pem else f"auth.public_key_file ({a.public_key_file})"
                 try:
-                    pem = a.public_key_pem.encode() if a.public_key_pem else Path(a.public_key_file).read_bytes()
+                    pem = a.public_key_pem.encode() if a.public_key_pem else Path(a.public_key_file or "").read_bytes()
                     self._static_key = serialization.load_pem_public_key(pem)
                 except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
                     # one line: serve turns it into "clinphoto: cannot start ..."
@@ -174,8 +196,6 @@ class TokenVerifier:
                     raise AuthUnavailable(f"the issuer's key needs {family}, which auth.algorithms does not allow")
             else:
                 raise AuthUnavailable("auth mode jwt needs auth.jwks_url, auth.public_key_pem or auth.public_key_file")
-        else:
-            self.algorithms, self.issuer = [], None
 
     def ping(self) -> None:
         """Readiness: raise AuthUnavailable when tokens cannot be checked now (the issuer's JWKS cannot be
@@ -187,7 +207,7 @@ class TokenVerifier:
         except jwt.PyJWKClientError as exc:  # includes PyJWKClientConnectionError
             raise AuthUnavailable(f"the issuer's keys cannot be fetched ({exc})") from None
 
-    def _key(self, token: str):
+    def _key(self, token: str) -> Any:
         if self._jwks is not None:
             try:
                 if "kid" not in jwt.get_unverified_header(token):
@@ -236,7 +256,7 @@ class TokenVerifier:
         return subject_from_claims(claims, a, network_address)
 
 
-def _as_list(value) -> list[str]:
+def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -249,7 +269,7 @@ def _as_list(value) -> list[str]:
 MAX_SUB = 200  # the width of every column that records a subject (audit agent, uploader, access list)
 
 
-def subject_from_claims(claims: dict, a: AuthSettings, network_address: str | None = None) -> Subject:
+def subject_from_claims(claims: dict[str, Any], a: AuthSettings, network_address: str | None = None) -> Subject:
     sub = str(claims["sub"])
     # refused here rather than cut later: two long subs sharing a prefix would become one person on the trail
     if not sub.strip() or len(sub) > MAX_SUB:
@@ -304,7 +324,7 @@ def _resolve_host(name: str) -> set[str]:
     if cached and cached[0] > time.monotonic():
         return cached[1]
     try:
-        found = {info[4][0] for info in socket.getaddrinfo(name, None)}
+        found = {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
     except OSError:
         found = set()
     _host_cache[name] = (time.monotonic() + 60, found)
@@ -330,12 +350,12 @@ def address_matches(address: str, hosts: list[str]) -> bool:
     return False
 
 
-def find_dicom_peer(settings, calling_ae: str) -> DicomPeer | None:
+def find_dicom_peer(settings: CoreSettings, calling_ae: str) -> DicomPeer | None:
     calling_ae = calling_ae.strip()
     return next((p for p in settings.auth.dicom_peers if p.ae_title == calling_ae), None)
 
 
-def authenticate_dicom_peer(settings, calling_ae: str, address: str, called_ae: str | None = None) -> Subject:
+def authenticate_dicom_peer(settings: CoreSettings, calling_ae: str, address: str, called_ae: str | None = None) -> Subject:
     """The Subject a DICOM association acts as; raises DicomPeerRejected for an unknown AE or a wrong host."""
     calling_ae = (calling_ae or "").strip()
     if called_ae is not None and called_ae.strip() != settings.ae_title:
@@ -359,10 +379,10 @@ def peer_subject(peer: DicomPeer, address: str | None) -> Subject:
         purpose_of_use=peer.purpose_of_use,
         network_address=address,
         sensitivities=tuple(peer.sensitivities),
-        extra={"ae_title": peer.ae_title, "allow": list(peer.allow)},
+        peer=PeerPermissions(ae_title=peer.ae_title, services=frozenset(peer.allow)),
     )
 
 
-def peer_allows(subject: Subject, service: str) -> bool:
-    """May this DICOM peer use the service (echo, store, find, get, move)?"""
-    return service in subject.extra.get("allow", ())
+def peer_allows(subject: Subject, service: DicomService) -> bool:
+    """May this DICOM peer use the service?"""
+    return subject.peer is not None and service in subject.peer.services
