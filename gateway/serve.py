@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.core.context import Gateway
 from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,13 @@ class Listener(Protocol):
 class HttpListener:
     name = "http"
 
-    def __init__(self, gw: Gateway) -> None:
-        s = gw.settings
+    def __init__(self, gw: Gateway, s: Settings) -> None:
         config = uvicorn.Config(
             create_app(gw), host=s.http_host, port=s.http_port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=30,
         )
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # serve() owns the signals
+        self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() owns the signals
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -79,16 +79,16 @@ class HttpListener:
             await self._task
 
 
-def build_listeners(gw: Gateway) -> list[Listener]:
-    wanted = set(gw.settings.listeners)
+def build_listeners(gw: Gateway, settings: Settings) -> list[Listener]:
+    wanted = set(settings.listeners)
     listeners: list[Listener] = []
     if "http" in wanted:
-        listeners.append(HttpListener(gw))
+        listeners.append(HttpListener(gw, settings))
     # -- listeners: one block each (keep this marker) --
     if "mllp" in wanted:
-        listeners.append(MllpListener.from_gateway(gw))
+        listeners.append(MllpListener(gw.db, settings.hl7, settings.hl7.host or settings.http_host, settings.mllp_port))
     if "dicom" in wanted:
-        listeners.append(DicomListener(gw))
+        listeners.append(DicomListener(gw, settings.http_host, settings.dicom_port))
     return listeners
 
 
@@ -105,7 +105,7 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-async def serve(gw: Gateway) -> None:
+async def serve(gw: Gateway, settings: Settings) -> None:
     raise_open_file_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,7 +114,7 @@ async def serve(gw: Gateway) -> None:
     started: list[Listener] = []
     try:
         try:
-            listeners = build_listeners(gw)
+            listeners = build_listeners(gw, settings)
         except Exception as exc:
             raise StartupError(" ".join(str(exc).split())) from exc
         for listener in listeners:
@@ -123,7 +123,7 @@ async def serve(gw: Gateway) -> None:
             except Exception as exc:
                 raise StartupError(f"{listener.name}: {' '.join(str(exc).split())}") from exc
             started.append(listener)
-        log.info("clinphoto ready: %s", ", ".join(l.name for l in started))
+        log.info("clinphoto ready: %s", ", ".join(door.name for door in started))
         await stop.wait()
         log.info("shutting down: finishing in-flight work")
     finally:

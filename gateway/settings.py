@@ -10,9 +10,9 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from gateway.hl7.config import Hl7Settings
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
+from gateway.hl7.config import Hl7Settings
 from store.db import DatabaseUrlError, check_url
 
 ENV_PREFIX = "CLINPHOTO_"
@@ -27,9 +27,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./var"), description="Where the embedded database, blobs and dev keys live.")
     database_url: str = Field("", description="SQLAlchemy URL; default a SQLite file in DATA_DIR. PostgreSQL: postgresql+psycopg://user:pw@host/db")
-    blob_dir: Path | None = Field(None, description="Blob store folder; default DATA_DIR/blobs.")
-    audit_key_file: Path | None = Field(
-        None, description="HMAC key of the audit hash chain; default DATA_DIR/audit.key, made on first start. Keep it outside the database and back it up."
+    blob_dir: Path = Field(default_factory=lambda data: Path(data["data_dir"]) / "blobs",
+                           description="Blob store folder; default DATA_DIR/blobs.")
+    audit_key_file: Path = Field(
+        default_factory=lambda data: Path(data["data_dir"]) / "audit.key",
+        description="HMAC key of the audit hash chain; default DATA_DIR/audit.key, made on first start. Keep it outside the database and back it up.",
     )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API (REST, FHIR, DICOMweb, viewer) listens on.")
     http_port: int = Field(8080, ge=0, le=65535)
@@ -86,10 +88,6 @@ class Settings(BaseSettings):
     def _derive_paths(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'clinphoto.db').resolve()}"
-        if self.blob_dir is None:
-            self.blob_dir = self.data_dir / "blobs"
-        if self.audit_key_file is None:
-            self.audit_key_file = self.data_dir / "audit.key"
         return self
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from mapping.message import Message, Segment, component, parse_path
-from gateway.core.patients import UNSET, EncounterData, IdentifierData, PatientData
 from gateway.core import nhs
+from gateway.core.patients import UNSET, EncounterData, IdentifierData, PatientData
+from mapping.message import Message, Segment, component, parse_path
 from mapping.schema import _PLACEHOLDER, FieldSpec, IdentifierRule, Mapping
 
 HL7_NULL = '""'
@@ -80,7 +80,7 @@ def parse_dtm(value: str, zone: ZoneInfo) -> datetime:
         dt = dt.replace(tzinfo=timezone(sign * delta))
     else:
         dt = dt.replace(tzinfo=zone)
-    return dt.astimezone(timezone.utc)
+    return dt.astimezone(UTC)
 
 
 EARLIEST_DATE = date(1850, 1, 1)  # no living person's record is older: 00010101 is a PAS default, not a birth date
@@ -195,7 +195,8 @@ class Mapper:
                     return HL7_NULL  # every part sent as the HL7 null: clear the value
                 return sep.join(p for p in parts if p and p != HL7_NULL)
         else:
-            source, loc = _field_getter(spec.field), spec.field
+            field = spec.field or ""  # the schema gives every spec exactly one of field, join, template
+            source, loc = _field_getter(field), field
         required, table_name, unmapped, kind = spec.required, spec.table, spec.unmapped, spec.type
         table = self.m.tables[table_name] if table_name else None
         zone = self.zone
@@ -217,6 +218,7 @@ class Mapper:
                         raise MappingFault("103", f"{loc}: code {raw!r} is not in table {table_name}", loc)
                     elif unmapped == "drop":
                         return UNSET
+                value: date | datetime | str
                 if kind == "date":
                     try:
                         value = parse_date(raw, datetime.now(zone).date())
@@ -250,7 +252,7 @@ class Mapper:
                 return None
             raw, loc = spec.sep.join(p for p in parts if p and p != HL7_NULL), spec.join[0]
         else:
-            raw, loc = self._get(msg, spec.field, seg)
+            raw, loc = self._get(msg, spec.field or "", seg)
         if raw == HL7_NULL:
             return None
         raw = raw.strip()
@@ -290,7 +292,7 @@ class Mapper:
             return []
         out: list[IdentifierData] = []
         seen: set[tuple[str, str]] = set()  # a set, not a scan of `out`: 20,000 repetitions once took 37 s
-        for r, _rep in enumerate(s.repetitions(fld), start=1):
+        for r in range(1, len(s.repetitions(fld)) + 1):
             ident = self._identifier(msg, s, fld, r, f"{name}-{fld}({r})" if r > 1 else f"{name}-{fld}")
             if ident is not None and (ident.system, ident.value) not in seen:
                 seen.add((ident.system, ident.value))

@@ -110,7 +110,7 @@ class Segment:
 
     __slots__ = ("name", "fields", "msg", "_reps")
 
-    def __init__(self, name: str, fields: list[str], msg: "Message") -> None:
+    def __init__(self, name: str, fields: list[str], msg: Message) -> None:
         self.name = name
         self.fields = fields
         self.msg = msg

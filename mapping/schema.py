@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -267,7 +267,7 @@ def load_mapping_text(text: str, file: str = "<mapping>") -> Mapping:
                 msg = "unknown key"
             problems.append((loc, msg))
     # table references from the YAML itself, so they are reported even when other keys are invalid
-    tables = data.get("tables") if isinstance(data.get("tables"), dict) else {}
+    tables: dict[str, Any] = data["tables"] if isinstance(data.get("tables"), dict) else {}
     have = ", ".join(sorted(str(t) for t in tables)) or "none"
     for section in ("patient", "encounter"):
         specs = data.get(section)
@@ -281,6 +281,7 @@ def load_mapping_text(text: str, file: str = "<mapping>") -> Mapping:
         errors.sort(key=lambda e: e.line or 0)  # file order, as an editor shows them
         first = errors[0]
         raise MappingFileError(first.file, first.line, first.key, first.message, errors[1:]) from None
+    assert mapping is not None  # validated, or a problem was raised above
     return mapping
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, union
 from sqlalchemy.orm import Session
@@ -17,7 +18,7 @@ from store.spool import remove_stale, stale_files
 
 def referenced_hashes(session: Session) -> set[str]:
     """Every blob a row points at. Add a column here when a new table references blobs."""
-    query = union(
+    query: Any = union(
         select(Asset.sha256).where(Asset.original_kept.is_(True)),
         select(Asset.dicom_sha256).where(Asset.dicom_sha256.is_not(None)),
         select(Asset.preview_sha256).where(Asset.preview_sha256.is_not(None)),

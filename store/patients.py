@@ -21,7 +21,10 @@ def survivor(session: Session, patient: Patient) -> Patient:
         hops += 1
         if hops > _MAX_MERGE_HOPS:
             raise MergeCycleError(f"patient {patient.id} has a merge chain longer than {_MAX_MERGE_HOPS}")
-        patient = session.get(Patient, patient.merged_into_id)
+        nxt = session.get(Patient, patient.merged_into_id)
+        if nxt is None:  # a dangling merge pointer: the record merged into was deleted
+            raise MergeCycleError(f"patient {patient.id} is merged into a patient that does not exist")
+        patient = nxt
     return patient
 
 

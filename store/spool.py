@@ -24,6 +24,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 LOCK_SUFFIX = ".lock"
 
@@ -36,7 +37,7 @@ class Spool:
         self._folder: Path | None = None
         self._fd: int | None = None
         self._lock = threading.Lock()
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -66,7 +67,8 @@ class Spool:
                 return
             shutil.rmtree(self._folder, ignore_errors=True)
             Path(f"{self._folder}{LOCK_SUFFIX}").unlink(missing_ok=True)
-            self._finalizer()  # closes the fd: the lock is released
+            if self._finalizer is not None:
+                self._finalizer()  # closes the fd: the lock is released
             self._folder = self._fd = None
 
 

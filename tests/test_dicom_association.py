@@ -19,7 +19,7 @@ class RunningListener:
     """The listener on a real socket, in its own event loop thread, as `clinphoto serve` runs it."""
 
     def __init__(self, gw):
-        self.listener = DicomListener(gw)
+        self.listener = DicomListener(gw, "127.0.0.1", 0)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

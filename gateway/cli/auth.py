@@ -21,8 +21,8 @@ def token(
     minutes: Annotated[int | None, typer.Option("--minutes", min=1, help="Lifetime; default auth.dev_token_minutes.")] = None,
 ) -> None:
     """Print a dev-mode bearer token (auth mode dev only)."""
-    from gateway.core.identity import AuthError, mint_dev_token
     from gateway.cli.common import console, settings_or_exit
+    from gateway.core.identity import AuthError, mint_dev_token
 
     settings = settings_or_exit()
     try:
@@ -32,7 +32,7 @@ def token(
         )
     except AuthError as exc:
         console.print(f"clinphoto: {exc}", markup=False, highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     print(text)
 
 
@@ -49,9 +49,9 @@ def explain(
     peer: Annotated[bool, typer.Option("--peer", help="Explain for the configured DICOM peer whose AE title is --sub.")] = False,
 ) -> None:
     """Print the decision on one photo for a subject and purpose, rule by rule. Exit 0 permit, 1 deny."""
-    from gateway.core.identity import Subject, find_dicom_peer, peer_subject
     from gateway.cli.common import console, open_gateway, out
     from gateway.core import access_audit
+    from gateway.core.identity import Subject, find_dicom_peer, peer_subject
     from gateway.core.policy.rules import decide
     from store import audit
     from store.audit import AuditEntry
@@ -88,7 +88,8 @@ def explain(
             entities=[
                 {"type": "subject", "id": subject.sub, "role": subject.role, "specialties": list(subject.specialties)},
                 {"type": "asset", "id": asset},
-            ] + ([{"type": "patient", "id": patient_id}] if patient_id is not None else []),
+                *([{"type": "patient", "id": patient_id}] if patient_id is not None else []),
+            ],
             detail={"decision": "permit" if decision.permit else "deny", "purpose": decision.purpose,
                     "denied_by": decision.denied_by, "break_glass": bool(subject.break_glass_reason)},
         )])

@@ -17,16 +17,19 @@ def settings_or_exit() -> Settings:
         settings = load_settings()
     except SettingsError as exc:
         console.print(f"clinphoto: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     for name in unknown_env_names():
         console.print(f"clinphoto: warning: {name} is not a setting (misspelt?); ignored", markup=False, highlight=False, soft_wrap=True)
     return settings
 
 
-def open_gateway(migrate: bool = True, tidy: bool = True) -> Gateway:
-    settings = settings_or_exit()
+def open_gateway(migrate: bool = True, tidy: bool = True, settings: Settings | None = None) -> Gateway:
+    """The store, opened as `clinphoto serve` opens it; any failure is one line and exit status 2."""
+    settings = settings or settings_or_exit()
     try:
         return Gateway.open(settings, migrate=migrate, tidy=tidy)
     except Exception as exc:
-        console.print(f"clinphoto: cannot open the store at {settings.database_url.split('@')[-1]}: {' '.join(str(exc).split())[:300]}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        where = settings.database_url.split("@")[-1]  # never the password
+        console.print(f"clinphoto: cannot open the store at {where}: {' '.join(str(exc).split())[:300]}", markup=False,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None

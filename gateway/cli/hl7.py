@@ -59,7 +59,7 @@ def reprocess(
     limit: Annotated[int | None, typer.Option(help="At most this many (oldest first).")] = None,
 ) -> None:
     """Apply stored messages again (e.g. after a mapping fix); each gets the new status and ACK."""
-    from gateway.cli.common import open_gateway
+    from gateway.cli.common import open_gateway, settings_or_exit
     from gateway.hl7 import message_store
     from gateway.hl7.listener import build_processor
     from store import audit
@@ -67,23 +67,25 @@ def reprocess(
     if (message_id is None) == (status is None):
         typer.echo("give a message id or --status STATUS", err=True)
         raise typer.Exit(2)
-    gw = open_gateway()
+    settings = settings_or_exit()
+    gw = open_gateway(settings=settings)
     try:
-        processor = build_processor(gw.settings.hl7)
+        processor = build_processor(settings.hl7)
         if message_id is not None:
             ids = [message_id]
-        else:
+        elif status is not None:
             with gw.db.read() as session:
                 ids = message_store.ids_with_status(session, status, limit)
         counts: dict[str, int] = {}
         for mid in ids:
             with gw.db.write() as session:
-                info = message_store.summary(session, mid)
                 try:
                     result = processor.reapply(session, mid)
                 except LookupError as exc:
                     typer.echo(str(exc), err=True)
-                    raise typer.Exit(1)
+                    raise typer.Exit(1) from None
+                info = message_store.summary(session, mid)
+                assert info is not None  # reapply found it
                 audit.append_many(session, result.audit)
             counts[result.status] = counts.get(result.status, 0) + 1
             line = (f"message {mid}: control id {_one_line(info.control_id)}, {info.type_event or '-'}: "

@@ -24,10 +24,10 @@ def serve() -> None:
     configure_logging(settings.log_format, settings.log_level)
     gw = open_gateway()
     try:
-        asyncio.run(run(gw))
+        asyncio.run(run(gw, settings))
     except StartupError as exc:
         console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 @app.command()

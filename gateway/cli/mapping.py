@@ -20,7 +20,7 @@ def _load(path: Path | None):
         return load_mapping(path or DEFAULT_MAPPING)
     except MappingFileError as exc:
         typer.echo(f"invalid mapping: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command("check")
@@ -32,7 +32,7 @@ def check(mapping_file: Annotated[Path, typer.Argument(help="Mapping YAML to val
         typer.echo(f"invalid mapping: {len(exc.problems)} error(s)", err=True)
         for problem in exc.problems:
             typer.echo(f"  {problem.where()}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(f"{mapping_file}: mapping {m.name!r} is valid "
                f"({len(m.identifiers)} identifier rule(s), {len(m.tables)} table(s))")
 
@@ -45,7 +45,8 @@ def _plain(value):
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if not (f.name == "location" and type(value).__name__ == "IdentifierData")}
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
+                if not (f.name == "location" and type(value).__name__ == "IdentifierData")}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
@@ -75,7 +76,7 @@ def test(
         raw = message_file.read_bytes()
     except OSError as exc:
         typer.echo(f"cannot read {message_file}: {exc.strerror}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     p = processor.prepare(raw.strip(b"\x0b\x1c"), "mapping-test")
     report: dict = {"mapping": mapping.name, "message": f"{p.message_type}^{p.event}", "control_id": p.control_id,
                     "event_time": _plain(p.event_time)}

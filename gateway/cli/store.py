@@ -76,7 +76,7 @@ def audit_verify() -> None:
     except SQLAlchemyError as exc:  # one line, not a traceback (texts never quote parameters: hide_parameters)
         console.print(f"clinphoto: cannot read the audit trail: {' '.join(str(exc).split())[:300]}", markup=False,
                       highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     finally:
         gw.close()
     if report.ok:

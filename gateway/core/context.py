@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
 from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database

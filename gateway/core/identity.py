@@ -22,16 +22,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.core.policy.settings import ROLES, AuthSettings, DicomPeer
+from gateway.core.policy.settings import ROLES, AuthSettings, DicomPeer, Service
 
 if TYPE_CHECKING:
     from gateway.core.context import CoreSettings
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 TOKEN_ROLES = tuple(r for r in ROLES if r != "system")  # "system" is reserved for DICOM peers
 
 
-DicomService = Literal["echo", "store", "find", "get", "move"]
+DicomService = Service  # the DIMSE services a peer's settings may allow
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def mint_dev_token(
     if role not in TOKEN_ROLES:
         raise AuthError(f"unknown role {role!r}; roles are {', '.join(TOKEN_ROLES)}")
     a = settings.auth
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     claims = {
         "iss": a.dev_issuer,
         "sub": sub,

@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.core.identity import DicomPeerRejected, PeerRefusal, authenticate_dicom_peer, peer_allows
 from gateway.core.context import Gateway
+from gateway.core.identity import DicomPeerRejected, PeerRefusal, authenticate_dicom_peer, peer_allows
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
 
+VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
 # A-ASSOCIATE-RJ reasons for a service-user rejection (PS3.8 7.1.1.9)
 REJECT_REASON = {
@@ -34,15 +36,16 @@ REJECT_REASON = {
 class DicomListener:
     name = "dicom"
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, host: str, port: int) -> None:
         self.gw = gw
+        self.host, self._port = host, port
         self.ae = AE(ae_title=gw.settings.ae_title)
-        self.ae.add_supported_context(Verification)
-        self._server = None
+        self.ae.add_supported_context(VERIFICATION)
+        self._server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return int(self._server.server_address[1]) if self._server is not None else self._port
 
     def _on_connection(self, event) -> None:
         # Nagle's algorithm otherwise holds every DIMSE response ~40 ms (see peers-measured.md)
@@ -79,16 +82,15 @@ class DicomListener:
         return 0x0000
 
     async def start(self) -> None:
-        s = self.gw.settings
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
         self._server = await asyncio.to_thread(
-            self.ae.start_server, (s.http_host, s.dicom_port), block=False, evt_handlers=handlers
+            self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers
         )
-        log.info("DICOM listening on %s:%s as %s", s.http_host, self.port, s.ae_title)
+        log.info("DICOM listening on %s:%s as %s", self.host, self.port, self.gw.settings.ae_title)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -249,11 +249,6 @@ class MllpListener:
         self._timeout_log = RateLimited(log)
         self._evict_log = RateLimited(log)
 
-    @classmethod
-    def from_gateway(cls, gw) -> MllpListener:
-        s = gw.settings
-        return cls(gw.db, s.hl7, s.hl7.host or s.http_host, s.mllp_port)
-
     @property
     def port(self) -> int:
         return self._socks[0].getsockname()[1] if self._socks else self._port

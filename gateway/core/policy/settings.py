@@ -37,7 +37,7 @@ reading Media.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -47,9 +47,12 @@ SENSITIVITIES = ("N", "R", "V")
 
 Purpose = Literal["TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH"]
 Sensitivity = Literal["N", "R", "V"]
+RoleSensitivity = Literal["N", "R"]  # V is never granted by role: only the uploader and the access list see V
+Service = Literal["echo", "store", "find", "get", "move"]
+Algorithm = Literal["RS256", "ES256"]
 
 
-def _default_role_purposes() -> dict[str, list[str]]:
+def _default_role_purposes() -> dict[str, list[Purpose]]:
     return {
         "clinician": ["TREAT", "ETREAT", "TRAIN"],
         "medical-illustration": ["TREAT", "TRAIN", "HRESCH", "PUBLISH"],
@@ -57,11 +60,23 @@ def _default_role_purposes() -> dict[str, list[str]]:
         "researcher": ["HRESCH"],
         "integration-engineer": [],
         "admin": [],
-        "system": list(PURPOSES),
+        "system": ["TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH"],
     }
 
 
-def _default_role_sensitivities() -> dict[str, list[str]]:
+def _peer_sensitivities() -> list[RoleSensitivity]:
+    return ["N"]
+
+
+def _all_services() -> list[Service]:
+    return ["echo", "store", "find", "get", "move"]
+
+
+def _algorithms() -> list[Algorithm]:
+    return ["RS256", "ES256"]
+
+
+def _default_role_sensitivities() -> dict[str, list[RoleSensitivity]]:
     return {
         "clinician": ["N", "R"],
         "medical-illustration": ["N", "R"],
@@ -80,20 +95,29 @@ class DicomPeer(BaseModel):
     hosts: list[str] = Field(
         ...,
         min_length=1,
-        description="Addresses the peer may connect from: IP addresses, CIDR networks (10.1.2.0/24) or host names (resolved when checked). A known AE title from any other address is rejected.",
+        description=(
+            "Addresses the peer may connect from: IP addresses, CIDR networks (10.1.2.0/24) or host names (resolved when checked). A known AE "
+            "title from any other address is rejected."
+        ),
     )
-    port: int | None = Field(None, ge=1, le=65535, description="The peer's own DICOM port, where C-MOVE sends to it; empty if it is never a move destination.")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="The peer's own DICOM port, where C-MOVE sends to it; empty if it is never a move destination.",
+    )
     purpose_of_use: Purpose = Field("TREAT", description="Purpose of use of everything this peer asks for (HL7 v3 ActReason, or PUBLISH).")
-    sensitivities: list[Literal["N", "R"]] = Field(
-        default_factory=lambda: ["N"],
-        description="Sensitivities of photos the peer may query and retrieve. V photos are never sent to a peer unless it is on the photo's access list, named ae:AETITLE (e.g. ae:PACS1).",
+    sensitivities: list[RoleSensitivity] = Field(
+        default_factory=_peer_sensitivities,
+        description=(
+            "Sensitivities of photos the peer may query and retrieve. V photos are never sent to a peer unless it is on the photo's access list, "
+            "named ae:AETITLE (e.g. ae:PACS1)."
+        ),
     )
     specialties: list[str] = Field(
         default_factory=list,
         description="NHS Treatment Function codes the peer may see photos of (specialty rule as for clinicians); empty means every specialty.",
     )
-    allow: list[Literal["echo", "store", "find", "get", "move"]] = Field(
-        default_factory=lambda: ["echo", "store", "find", "get", "move"],
+    allow: list[Service] = Field(
+        default_factory=_all_services,
         description="DIMSE services the peer may use.",
     )
     name: str | None = Field(None, description="Display name for the audit trail (e.g. 'Main PACS').")
@@ -102,22 +126,38 @@ class DicomPeer(BaseModel):
 class AuthSettings(BaseModel):
     mode: Literal["dev", "jwt", "api-key"] = Field(
         "dev",
-        description="dev: tokens signed with a local key kept in DATA_DIR (`clinphoto token` prints one); jwt: tokens from the configured issuer (JWKS URL or PEM key); api-key: static keys from `api_keys` (tests and bootstrap only; every key acts as medical-illustration).",
+        description=(
+            "dev: tokens signed with a local key kept in DATA_DIR (`clinphoto token` prints one); jwt: tokens from the configured issuer (JWKS URL "
+            "or PEM key); api-key: static keys from `api_keys` (tests and bootstrap only; every key acts as medical-illustration)."
+        ),
     )
     issuer: str | None = Field(None, description="Expected `iss` claim of tokens; required in jwt mode (start-up fails without it).")
     audience: str | None = Field(None, description="Expected `aud` claim; required in jwt mode (start-up fails without it).")
-    jwks_url: str | None = Field(None, description="JWKS URL of the issuer (keys picked by `kid`, cached). jwt mode needs this or a PEM key; /readyz fails while it cannot be fetched.")
-    public_key_pem: str | None = Field(None, description="PEM public key of the issuer (RSA for RS256, EC P-256 for ES256), inline. Alternative to jwks_url.")
+    jwks_url: str | None = Field(
+        None,
+        description="JWKS URL of the issuer (keys picked by `kid`, cached). jwt mode needs this or a PEM key; "
+        "/readyz fails while it cannot be fetched.",
+    )
+    public_key_pem: str | None = Field(
+        None,
+        description="PEM public key of the issuer (RSA for RS256, EC P-256 for ES256), inline. Alternative to jwks_url.",
+    )
     public_key_file: Path | None = Field(None, description="File holding the issuer's PEM public key. Alternative to public_key_pem.")
-    algorithms: list[Literal["RS256", "ES256"]] = Field(default_factory=lambda: ["RS256", "ES256"], description="Signature algorithms accepted; nothing else (never none or HS*).")
+    algorithms: list[Algorithm] = Field(default_factory=_algorithms, description="Signature algorithms accepted; nothing else (never none or HS*).")
     leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat.")
     jwks_cache_seconds: int = Field(300, ge=0, description="How long keys fetched from jwks_url are reused before fetching again.")
     realm: str = Field("clinphoto", description="Realm named in WWW-Authenticate.")
 
     # claim names: identity providers spell them differently
-    role_claim: str = Field("role", description="Claim holding the role (one of clinician, medical-illustration, integration-engineer, admin, educator, researcher); a list takes its first known role.")
+    role_claim: str = Field("role", description=(
+        "Claim holding the role (one of clinician, medical-illustration, integration-engineer, admin, educator, researcher); a list takes its "
+        "first known role."
+    ))
     name_claim: str = Field("name", description="Claim holding the display name.")
-    specialties_claim: str = Field("specialties", description="Claim holding the NHS Treatment Function codes of the user (list or space-separated string).")
+    specialties_claim: str = Field(
+        "specialties",
+        description="Claim holding the NHS Treatment Function codes of the user (list or space-separated string).",
+    )
     scope_claim: str = Field("scope", description="Claim holding SMART v2 scopes (space-separated string or list).")
     patient_claim: str = Field("patient", description="Claim naming the patient in context (clinphoto patient id) for patient/ scopes.")
     purpose_claim: str = Field("purpose_of_use", description="Claim with a default purpose of use; the X-Purpose-Of-Use header overrides it.")
@@ -127,7 +167,10 @@ class AuthSettings(BaseModel):
     )
 
     # dev mode
-    dev_key_file: Path | None = Field(None, description="Dev-mode signing key (EC P-256 PEM); default DATA_DIR/auth/dev-signing-key.pem, made on first use with mode 0600.")
+    dev_key_file: Path | None = Field(
+        None,
+        description="Dev-mode signing key (EC P-256 PEM); default DATA_DIR/auth/dev-signing-key.pem, made on first use with mode 0600.",
+    )
     dev_issuer: str = Field("clinphoto-dev", description="`iss` of dev-mode tokens.")
     dev_token_minutes: int = Field(12 * 60, ge=1, description="Lifetime of tokens printed by `clinphoto token`.")
 
@@ -165,11 +208,18 @@ class AuthSettings(BaseModel):
 class PolicySettings(BaseModel):
     specialty_match: Literal["photo-or-encounter", "photo-only"] = Field(
         "photo-or-encounter",
-        description="A clinician sees a normal (N) photo when one of their specialties matches the photo's specialty, or (photo-or-encounter) the specialty of one of the patient's current encounters (status in-progress, not discharged). R photos always need the photo's own specialty.",
+        description=(
+            "A clinician sees a normal (N) photo when one of their specialties matches the photo's specialty, or (photo-or-encounter) the "
+            "specialty of one of the patient's current encounters (status in-progress, not discharged). R photos always need the photo's own "
+            "specialty."
+        ),
     )
     treat_without_consent: bool = Field(
         False,
-        description="Clinical exemption: TREAT and ETREAT need no recorded consent (e.g. a trust that treats photos as part of the record under implied consent). Teaching, research and publication always need consent.",
+        description=(
+            "Clinical exemption: TREAT and ETREAT need no recorded consent (e.g. a trust that treats photos as part of the record under implied "
+            "consent). Teaching, research and publication always need consent."
+        ),
     )
     role_purposes: dict[str, list[Purpose]] = Field(
         default_factory=_default_role_purposes,
@@ -177,7 +227,10 @@ class PolicySettings(BaseModel):
     )
     role_sensitivities: dict[str, list[Literal["N", "R"]]] = Field(
         default_factory=_default_role_sensitivities,
-        description="Sensitivities each role may see (N normal, R restricted). V photos are seen only by their uploader and the people on their access list, whatever the role.",
+        description=(
+            "Sensitivities each role may see (N normal, R restricted). V photos are seen only by their uploader and the people on their access "
+            "list, whatever the role."
+        ),
     )
     specialty_rule_roles: list[str] = Field(
         default_factory=lambda: ["clinician"],
@@ -209,7 +262,7 @@ class PolicySettings(BaseModel):
 
     @field_validator("role_purposes", "role_sensitivities")
     @classmethod
-    def _known_roles(cls, value: dict) -> dict:
+    def _known_roles(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(value) - set(ROLES))
         if unknown:
             raise ValueError(f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
