@@ -17,7 +17,7 @@ from store.migrate import upgrade
 from store.spool import Spool, remove_stale
 
 if TYPE_CHECKING:  # names for the type checker only: the context holds settings, it does not build them
-    from gateway.core.ingest.config import IngestSettings
+    from gateway.core.ingest_settings import IngestSettings
     from gateway.core.policy.settings import AuthSettings, PolicySettings
 
 

@@ -1,44 +1,9 @@
-"""Settings of the photo ingest pipeline (settings.ingest, env CLINPHOTO_INGEST__...)."""
+"""Settings of the photo ingest pipeline: defined in gateway/core/ingest_settings.py.
 
-from pathlib import Path
-from typing import Literal
+They live outside this package so the gateway context (gateway/core/context.py) can name them without
+importing the pipeline, which itself uses the context, the consent writer and the policy.
+"""
 
-from pydantic import BaseModel, Field
+from gateway.core.ingest_settings import IngestSettings
 
-
-class IngestSettings(BaseModel):
-    max_pixels: int = Field(100_000_000, gt=0, description="Largest image (width x height) accepted; checked from the header before decoding.")
-    max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest file accepted.")
-    max_files: int = Field(50, gt=0, description="Most image parts in one upload request.")
-    max_request_pixels: int = Field(
-        1_200_000_000, gt=0,
-        description="Most pixels (width x height, summed over its files) one request may hold: 50 phone photos of "
-        "24 MP. Checked from every file's header before any is decoded.",
-    )
-    keep_originals: bool = Field(True, description="Keep the untouched original as sealed evidence (served only to roles allowed to see originals).")
-    quarantine_unknown_patients: bool = Field(
-        False,
-        description="Photos for an identifier no ADT feed has registered are refused (false) or stored as "
-        "status=quarantined under a placeholder patient holding only that identifier (true), for a records officer to reconcile.",
-    )
-    upload_roles: list[str] = Field(
-        default_factory=lambda: ["clinician", "medical-illustration"],
-        description="Roles that may upload photos (POST /api/v1/photos) and import archives.",
-    )
-    thumbnail_size: int = Field(256, ge=16, description="Longest side of the thumbnail rendition (JPEG).")
-    preview_size: int = Field(2048, ge=64, description="Longest side of the preview rendition (JPEG).")
-    preview_min_fraction: float = Field(
-        0.95, gt=0.5, le=1.0,
-        description="A JPEG preview may be this fraction of preview_size when the decoder's 1/2-1/4-1/8 scaling gets there, saving a full decode.",
-    )
-    rendition_quality: int = Field(85, ge=30, le=95, description="JPEG quality of the renditions.")
-    encode_quality: int = Field(
-        95, ge=50, le=100, description="JPEG quality when a lossy source (HEIC, or a JPEG that cannot be turned losslessly) must be encoded once for DICOM."
-    )
-    jpeg_444: Literal["decode", "wrap"] = Field(
-        "decode",
-        description="Non-subsampled (4:4:4) or RGB-coded JPEGs: the VL Image IOD (PS3.3 C.8.12.1) allows only YBR_FULL_422 "
-        "with JPEG lossy transfer syntaxes, so by default their decoded pixels are stored losslessly (uncompressed RGB, "
-        "history recorded). 'wrap' encapsulates them as they are, labelled YBR_FULL / RGB per PS3.5 8.2.1 (dciodvfy flags this).",
-    )
-    spool_dir: Path | None = Field(None, description="Where uploads are streamed before checking; default DATA_DIR/spool.")
+__all__ = ["IngestSettings"]
