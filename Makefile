@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install clean bench
+.PHONY: run test lint install debian-packages clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,23 @@ run: $(STAMP)
 	$(VENV)/bin/clinphoto demo
 	$(VENV)/bin/clinphoto serve
 
-## make test: the whole test suite
-test: $(STAMP)
+## make test: the whole test suite (the same on a newcomer's machine as in CI)
+test: $(STAMP) debian-packages
 	$(PY) -m pytest
+
+# The Debian tools the tests use (dcmtk, dciodvfy, jpegtran, exiftool, PostgreSQL server binaries...):
+# installed when missing and we are root (CI is), else the exact command to install them is printed.
+debian-packages:
+	@missing=$$(for p in $$(grep -v '^#' .ci/debian-packages); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | xargs); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages the tests need: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "make test: the tests that need these will be skipped; install them with:" >&2; \
+	    echo "  sudo apt-get install -y --no-install-recommends $$missing" >&2; \
+	  fi; \
+	fi
 
 ## make lint: style, types (strict for gateway/core) and the direction of imports (wiring -> doors -> core -> store)
 lint: $(STAMP)

@@ -15,18 +15,37 @@ from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
 from store.migrate import upgrade
+from tests.pg_cluster import ClusterUnavailable, ThrowawayCluster, server_binaries
 
 PG_ENV = "CLINPHOTO_TEST_POSTGRES_URL"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+_cluster: ThrowawayCluster | None = None
+_cluster_url: str | None = None
+
+
 def postgres_url() -> str:
+    """The PostgreSQL server of this run: CLINPHOTO_TEST_POSTGRES_URL if set, else a throw-away cluster this
+    process starts from the installed binaries (once, stopped when the run ends)."""
+    global _cluster, _cluster_url
     url = os.environ.get(PG_ENV)
-    if not url:
-        if IN_CI:
-            pytest.fail(f"{PG_ENV} is not set: CI must run the PostgreSQL leg (.ci/run starts PostgreSQL)")
-        pytest.skip(f"PostgreSQL leg skipped: set {PG_ENV}=postgresql+psycopg://user:pw@127.0.0.1/db to run it")
-    return url
+    if url:
+        return url
+    if _cluster_url is None:
+        try:
+            _cluster = ThrowawayCluster()
+            _cluster_url = _cluster.start()
+        except ClusterUnavailable as exc:
+            if IN_CI:
+                pytest.fail(f"PostgreSQL leg cannot run: {exc}")
+            pytest.skip(f"PostgreSQL leg skipped: {exc}")
+    return _cluster_url
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _cluster is not None:
+        _cluster.stop()
 
 
 def require_tool(name: str, package: str) -> str:
@@ -111,7 +130,10 @@ def gw(settings, db, blobs) -> Gateway:
 
 def pytest_report_header(config) -> list[str]:
     url = os.environ.get(PG_ENV)
-    return [f"PostgreSQL leg: {'on' if url else 'off (set ' + PG_ENV + ')'}"]
+    if url:
+        return [f"PostgreSQL leg: {url.split('@')[-1]} ({PG_ENV})"]
+    where = server_binaries()
+    return [f"PostgreSQL leg: a throw-away cluster from {where}" if where else "PostgreSQL leg: no server binaries"]
 
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

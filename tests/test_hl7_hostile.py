@@ -17,12 +17,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from gateway.core.logs import RateLimited, RateLimitFilter
 from gateway.hl7.ack import cut_words
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
 from gateway.hl7.mllp import frame
-from gateway.core.logs import RateLimited, RateLimitFilter
 from store.models import Hl7Message, Patient
+from tests.net import free_ports
 from tests.test_adt_events import Feed, ack_fields, build, msh
 from tests.test_hl7_reprocess import cli
 from tests.test_mllp_listener import Client, msa, running
@@ -325,18 +326,9 @@ def test_a_byte_order_mark_before_msh_is_read_as_if_absent(feed, db):
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gateway_env(tmp_path: Path, database_url: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
-    ports = set()
-    while len(ports) < 2:
-        ports.add(_free_port())
-    http, mllp = sorted(ports)
+    http, mllp = free_ports(2)
     env.update(CLINPHOTO_DATA_DIR=str(tmp_path / "var"), CLINPHOTO_DATABASE_URL=database_url,
                CLINPHOTO_HTTP_PORT=str(http), CLINPHOTO_MLLP_PORT=str(mllp), CLINPHOTO_LISTENERS='["http","mllp"]')
     env.update(extra)

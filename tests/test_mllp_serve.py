@@ -15,15 +15,10 @@ from sqlalchemy import select
 from gateway.hl7.mllp import frame
 from store.db import Database
 from store.models import Hl7Message
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_listens_for_mllp_and_stops_gracefully(database_url, tmp_path):

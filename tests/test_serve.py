@@ -12,21 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.net import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "gateway.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gateway_env(tmp_path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_") or k == "CLINPHOTO_TEST_POSTGRES_URL"}
+    http, mllp, dicom = free_ports(3)
     env.update(
-        CLINPHOTO_DATA_DIR=str(tmp_path / "var"), CLINPHOTO_HTTP_PORT=str(free_port()),
-        CLINPHOTO_MLLP_PORT=str(free_port()), CLINPHOTO_DICOM_PORT=str(free_port()),
+        CLINPHOTO_DATA_DIR=str(tmp_path / "var"), CLINPHOTO_HTTP_PORT=str(http),
+        CLINPHOTO_MLLP_PORT=str(mllp), CLINPHOTO_DICOM_PORT=str(dicom),
     )
     env.update(extra)
     return env
