@@ -14,18 +14,20 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
+from pydicom.uid import UID, JPEGBaseline8Bit, JPEGLSLossless
 
 from gateway.core.objects import jpegls
 from gateway.core.objects import text as dtext
 from gateway.core.objects.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
 
 VL_PHOTOGRAPHIC_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
+DERMOSCOPIC_PHOTOGRAPHY_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.7"
+SECONDARY_CAPTURE_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 SCT = "SCT"
 # SNOMED CT laterality qualifiers used as Anatomic Region Modifiers
 LATERALITY_CODES = {
@@ -101,7 +103,7 @@ class EncapsulatedJpeg:
     written, never joined.
     """
 
-    source: object  # bytes or a FileView (anything sliceable)
+    source: Any  # bytes or a FileView (anything sliceable by byte ranges)
     pieces: list[tuple[int, int] | bytes]
     width: int
     height: int
@@ -203,6 +205,39 @@ def _lo(text: str | None, limit: int = dtext.LO) -> str:
     return dtext.string(text, limit)
 
 
+def patient_module(ds: Dataset, patient: PatientInfo) -> None:
+    """Set the Patient Module attributes clinphoto owns (name, ids and issuers, birth date, sex) from the index.
+
+    Used when an object is built and whenever one is served (gateway/core/objects/coerce.py), so both
+    carry the same values; an attribute with no value in the index is written empty (Type 2) or left out."""
+    ds.PatientName = _pn(patient.family, patient.given, patient.prefix)
+    ds.PatientID = _lo(patient.patient_id)
+    if patient.issuer:
+        ds.IssuerOfPatientID = _lo(patient.issuer)
+    elif "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
+    ds.PatientBirthDate = _da(patient.birth_date)
+    ds.PatientSex = patient.sex if patient.sex in ("M", "F", "O") else ""
+    others = []
+    for value, issuer in patient.other_ids:
+        item = Dataset()
+        item.PatientID = _lo(value)
+        item.IssuerOfPatientID = _lo(issuer)
+        item.TypeOfPatientID = "TEXT"
+        others.append(item)
+    if others:
+        ds.OtherPatientIDsSequence = others
+    elif "OtherPatientIDsSequence" in ds:
+        del ds.OtherPatientIDsSequence
+
+
+def patient_values_ascii(patient: PatientInfo) -> bool:
+    """Whether every Patient Module value is plain ASCII (fits any character set an object may declare)."""
+    texts = [patient.patient_id, patient.issuer, patient.family, patient.given, patient.prefix]
+    texts += [text for pair in patient.other_ids for text in pair]
+    return all(text is None or str(text).isascii() for text in texts)
+
+
 def build_dataset(
     *,
     pixels: EncapsulatedJpeg,
@@ -227,22 +262,7 @@ def build_dataset(
     ds.InstanceCreationTime = _tm(now)
     ds.InstanceCreatorUID = implementation_class_uid(uid_root)
 
-    # Patient
-    ds.PatientName = _pn(patient.family, patient.given, patient.prefix)
-    ds.PatientID = _lo(patient.patient_id)
-    if patient.issuer:
-        ds.IssuerOfPatientID = _lo(patient.issuer)
-    ds.PatientBirthDate = _da(patient.birth_date)
-    ds.PatientSex = patient.sex if patient.sex in ("M", "F", "O") else ""
-    if patient.other_ids:
-        others = []
-        for value, issuer in patient.other_ids:
-            item = Dataset()
-            item.PatientID = _lo(value)
-            item.IssuerOfPatientID = _lo(issuer)
-            item.TypeOfPatientID = "TEXT"
-            others.append(item)
-        ds.OtherPatientIDsSequence = others
+    patient_module(ds, patient)
 
     # General Study
     started = study.started or image.taken_at or now
@@ -261,7 +281,7 @@ def build_dataset(
     ds.SeriesInstanceUID = series.uid
     ds.SeriesNumber = series.number if series.number is not None else ""
     # Type 2C: present (empty when not one side), since photographed parts are often paired
-    ds.Laterality = _DICOM_LATERALITY.get(body_site.laterality, "") if body_site else ""
+    ds.Laterality = _DICOM_LATERALITY.get(body_site.laterality or "", "") if body_site else ""
     if _lo(series.description):
         ds.SeriesDescription = _lo(series.description)
     operator = dtext.person_name(series.operator)  # free text: one family-name component
@@ -335,8 +355,8 @@ def _file_meta(ds: Dataset, transfer_syntax: str, uid_root: str) -> FileMetaData
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = implementation_class_uid(uid_root)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(implementation_class_uid(uid_root))
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     return meta
 
