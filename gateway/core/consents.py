@@ -3,16 +3,23 @@
 Levels follow the Institute of Medical Illustrators: record < teaching <
 publication. A best-interests decision (adult lacking capacity) covers the
 record only, so it can only be recorded at level 'record'. Publication consent
-names the specific use (purpose_note). Withdrawal takes effect at once for
-teaching and publication; the photos stay in the record for care (see
-gateway/core/policy/rules.py).
+names the specific use (purpose_note). A consent is not dated in the future.
+Withdrawal takes effect at once for teaching and publication; the photos stay in
+the record for care (see gateway/core/policy/rules.py).
+
+record_consent is the one writer: the consent API, a consent captured with an
+upload or an import (the ingest pipeline, in the transaction that stores the
+photos) and the demo data all record through it, so every consent passes the same
+rules (check_consent, which the pipeline also runs before it writes any blob) and
+gets the same audit record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -33,7 +40,12 @@ SCOPES = ("patient", "encounter", "photos")
 
 
 class ConsentError(ValueError):
-    """The consent cannot be recorded or changed as asked; the message says why."""
+    """The consent cannot be recorded or changed as asked; the message says why, `field` which value is at fault
+    (a record_consent argument: level, given_by, purpose_note, consent_date, captured_by, ...)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConsentNotFound(ConsentError):
@@ -44,13 +56,44 @@ class PhotoNotFound(ConsentError):
     """No photo with that id (the doors answer 404 as for a hidden photo)."""
 
 
-def _audit(session: Session, consent: Consent, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
+def _audit(session: Session, consent: Consent, action: str, actor: str, role: str | None, network: str | None,
+           detail: dict[str, Any]) -> None:
     access_audit.append(session, [AuditEntry(
         type_code=audit.PATIENT_RECORD, action=action, subtype="consent", agent_who=actor, agent_role=role,
         agent_network=network, patient_id=consent.patient_id,
         entities=[{"type": "consent", "id": consent.id}, {"type": "patient", "id": consent.patient_id}],
         detail={"level": consent.level, "status": consent.status, "scope": consent.scope, **detail},
     )])
+
+
+# A consent date is not in the future: "today" is judged by the latest clock on Earth (UTC+14), so a consent
+# taken just after midnight in the UK, still "yesterday" in UTC, is never refused for its date.
+_LATEST_CLOCK = timedelta(hours=14)
+
+
+def check_consent(*, level: str, given_by: str, captured_by: str | None, consent_date: date | None = None,
+                  scope: str = "patient", purpose_note: str | None = None) -> None:
+    """The rules on a consent's own values, without the database; ConsentError names the value at fault.
+
+    record_consent runs them first; the ingest pipeline runs them before it writes any blob, so a request
+    that will be refused stores nothing."""
+    if level not in LEVELS:
+        raise ConsentError(f"unknown consent level {level!r}; use one of {', '.join(LEVELS)}", "level")
+    if given_by not in GIVEN_BY:
+        raise ConsentError(f"unknown given_by {given_by!r}; use one of {', '.join(GIVEN_BY)}", "given_by")
+    if scope not in SCOPES:
+        raise ConsentError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}", "scope")
+    if given_by == "best-interests" and level != "record":
+        # GMC: an adult lacking capacity is photographed for care only; other use needs their own consent later
+        raise ConsentError("a best-interests decision covers the record only: level must be 'record'", "given_by")
+    if level == "publication" and not (purpose_note or "").strip():
+        raise ConsentError("publication consent must name the specific use (purpose_note)", "purpose_note")
+    if not (captured_by or "").strip():
+        raise ConsentError("captured_by is required", "captured_by")
+    if len(captured_by or "") > 200:
+        raise ConsentError("captured_by may have at most 200 characters", "captured_by")
+    if consent_date is not None and consent_date > (datetime.now(UTC) + _LATEST_CLOCK).date():
+        raise ConsentError(f"the consent date {consent_date.isoformat()} is in the future", "consent_date")
 
 
 def record_consent(
@@ -69,44 +112,37 @@ def record_consent(
     actor_role: str | None = None,
     actor_network: str | None = None,
 ) -> Consent:
-    """Record a consent inside the caller's write transaction; scope 'photos' links the given photos to it."""
-    if level not in LEVELS:
-        raise ConsentError(f"unknown consent level {level!r}; use one of {', '.join(LEVELS)}")
-    if given_by not in GIVEN_BY:
-        raise ConsentError(f"unknown given_by {given_by!r}; use one of {', '.join(GIVEN_BY)}")
-    if scope not in SCOPES:
-        raise ConsentError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
-    if given_by == "best-interests" and level != "record":
-        raise ConsentError("a best-interests decision covers the record only: level must be 'record'")
-    if level == "publication" and not (purpose_note or "").strip():
-        raise ConsentError("publication consent must name the specific use (purpose_note)")
-    if not (captured_by or "").strip():
-        raise ConsentError("captured_by is required")
+    """Record a consent inside the caller's write transaction; scope 'photos' links the given photos to it.
+
+    The one consent writer (see the module docstring): the rules of check_consent, the patient through
+    merges, the photos of that patient, and the consent's audit record, all in the caller's transaction."""
+    check_consent(level=level, given_by=given_by, captured_by=captured_by, consent_date=consent_date, scope=scope,
+                  purpose_note=purpose_note)
     patient = session.get(Patient, patient_id)
     if patient is None:
-        raise ConsentError(f"no patient {patient_id}")
+        raise ConsentError(f"no patient {patient_id}", "patient_id")
     patient = survivor(session, patient)
     if scope == "encounter":
         encounter = session.get(Encounter, encounter_id) if encounter_id is not None else None
         if encounter is None or encounter.patient_id != patient.id:
-            raise ConsentError("scope 'encounter' needs an encounter of this patient (encounter_id)")
+            raise ConsentError("scope 'encounter' needs an encounter of this patient (encounter_id)", "encounter_id")
     elif encounter_id is not None:
-        raise ConsentError(f"encounter_id is only for scope 'encounter', not {scope!r}")
+        raise ConsentError(f"encounter_id is only for scope 'encounter', not {scope!r}", "encounter_id")
     assets: list[Asset] = []
     if scope == "photos":
         if not asset_ids:
-            raise ConsentError("scope 'photos' needs the photos it covers (asset_ids)")
+            raise ConsentError("scope 'photos' needs the photos it covers (asset_ids)", "asset_ids")
         asset_ids = list(dict.fromkeys(asset_ids))  # a photo named twice is linked once
         assets = list(session.scalars(select(Asset).where(Asset.id.in_(asset_ids))))
         missing = set(asset_ids) - {a.id for a in assets}
         foreign = [a.id for a in assets if a.patient_id != patient.id]
         if missing or foreign:
-            raise ConsentError(f"photos not of this patient: {', '.join(sorted(missing | set(foreign)))}")
+            raise ConsentError(f"photos not of this patient: {', '.join(sorted(missing | set(foreign)))}", "asset_ids")
     elif asset_ids:
-        raise ConsentError(f"asset_ids are only for scope 'photos', not {scope!r}")
+        raise ConsentError(f"asset_ids are only for scope 'photos', not {scope!r}", "asset_ids")
     consent = Consent(
         patient_id=patient.id, level=level, given_by=given_by, captured_by=captured_by.strip(),
-        consent_date=consent_date or datetime.now(timezone.utc).date(), status="active", scope=scope,
+        consent_date=consent_date or datetime.now(UTC).date(), status="active", scope=scope,
         encounter_id=encounter_id, purpose_note=(purpose_note or "").strip() or None,
     )
     session.add(consent)
@@ -131,7 +167,7 @@ def withdraw_consent(
     if consent.status == "withdrawn":
         raise ConsentError(f"consent {consent_id} was already withdrawn")
     consent.status = "withdrawn"
-    consent.withdrawn_at = when or datetime.now(timezone.utc)
+    consent.withdrawn_at = when or datetime.now(UTC)
     session.flush()
     _audit(session, consent, "U", withdrawn_by, actor_role, actor_network, {"withdrawn_at": consent.withdrawn_at.isoformat()})
     return consent
@@ -264,7 +300,8 @@ def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what:
 SENSITIVITIES = ("N", "R", "V")
 
 
-def _audit_asset(session: Session, asset: Asset, action: str, actor: str, role: str | None, network: str | None, detail: dict) -> None:
+def _audit_asset(session: Session, asset: Asset, action: str, actor: str, role: str | None, network: str | None,
+                 detail: dict[str, Any]) -> None:
     access_audit.append(session, [AuditEntry(
         type_code=audit.PATIENT_RECORD, action=action, subtype="access-list" if "subject" in detail else "sensitivity",
         agent_who=actor, agent_role=role, agent_network=network, patient_id=asset.patient_id,
