@@ -18,10 +18,11 @@ from sqlalchemy import select
 
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.metadata import NHS_SYSTEM, parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
 from store.models import Encounter, PatientIdentifier
 
-ACTOR = Actor(who="clinphoto-demo", role="medical-illustration", network="local", purpose_of_use="TREAT")
+SOURCE = Source.demo()
 
 # (body site SNOMED CT, laterality, view, specialty, sensitivity, EXIF orientation, format)
 PLANS = [
@@ -114,8 +115,10 @@ def seed_demo_photos(gw, patients) -> int:
                 if index == 4 and shot == 0:  # a consent captured in the app with the photo
                     metadata["consent"] = {"level": "record", "givenBy": "patient", "capturedBy": "Demo Photographer"}
                 try:
-                    result = ingest(gw, [Upload(path, filename=path.name)], parse_metadata(metadata), ACTOR,
-                                    source="demo", session_key=f"demo|{nhs}|{visit}")
+                    meta = parse_metadata(metadata)
+                    result = ingest(gw, CaptureRequest(
+                        source=SOURCE, items=[ImageFile(path, filename=path.name)], patient=meta.patient_ref(),
+                        governance=meta.governance(), session_key=f"demo|{nhs}|{visit}"))
                 except IngestRejected:
                     continue
                 stored += len(result.photos)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import csv
 import os
 import re
@@ -14,12 +13,12 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
-from gateway.core.ingest.pipeline import Actor
+from gateway.core.ingest.request import Source
 from store.models import Asset, AuditEvent
 from tests.ingest_helpers import add_patient, photo_fixtures
 
 REPO = Path(__file__).resolve().parent.parent
-ACTOR = Actor(who="cli:tester", role="importer", network="local")
+ACTOR = Source.importer("cli:tester")
 
 
 

@@ -21,15 +21,16 @@ from gateway.app import create_app
 from gateway.core.ingest import errors
 from gateway.core.ingest import pipeline as pipeline_module
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import ImageFile
 from store.models import Asset, AuditEvent
 from tests.auth_helpers import auth_headers
 from tests.conftest import require_tool
-from tests.ingest_helpers import add_patient, photo_fixtures
+from tests.ingest_helpers import UPLOADER, add_patient, capture, photo_fixtures
 
 pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
 
-ACTOR = Actor(who="dr.jones", role="clinician", network="127.0.0.1")
+ACTOR = UPLOADER
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 
 
@@ -63,7 +64,7 @@ def rendered_by_dcmtk(dcm_path) -> np.ndarray:
 
 def store_one(gw, path):
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(path, path.name)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(path, path.name)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR))
     return stored(gw, result.photos[0].asset_id)
 
 
@@ -143,8 +144,8 @@ def test_default_budget_takes_fifty_24_mp_photos():
 def test_request_within_the_budget_is_stored(gw, fx):
     gw.settings.ingest.max_request_pixels = 640 * 480 * 2
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(fx["baseline_420.jpg"]), Upload(fx["rgb.png"])],
-                    parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"]), ImageFile(fx["rgb.png"])],
+                    parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR))
     assert len(result.photos) == 2
 
 

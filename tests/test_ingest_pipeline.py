@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-
 import pytest
 from sqlalchemy import func, select
 
 from gateway.core.ingest import errors
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import ImageFile, Source
 from store import audit
 from store.models import Asset, AuditEvent, Consent, Patient
-from tests.ingest_helpers import NHS, add_patient, dicom_tools_check
+from tests.ingest_helpers import NHS, UPLOADER, add_patient, capture, dicom_tools_check
 
-ACTOR = Actor(who="dr.jones", role="clinician", network="127.0.0.1")
+ACTOR = UPLOADER
+PEER = Source.dicom_peer("MODALITY1", "10.0.0.7")
 
 
 
@@ -49,7 +50,7 @@ def blob_names(gw):
 
 def test_ingest_stores_original_dicom_renditions_and_audit(gw, fx, tmp_path):
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(fx["gps.jpg"], "arm.jpg")], meta(patient, encounter="V100", view="anterior"), ACTOR)
+    result = ingest(gw, capture([ImageFile(fx["gps.jpg"], "arm.jpg")], meta(patient, encounter="V100", view="anterior"), ACTOR))
     assert result.created and len(result.photos) == 1
     photo = result.photos[0]
     asset = load(gw, Asset, photo.asset_id)
@@ -81,8 +82,8 @@ def test_ingest_stores_original_dicom_renditions_and_audit(gw, fx, tmp_path):
 
 def test_same_content_for_same_patient_returns_the_existing_asset(gw, fx):
     patient = add_patient(gw)
-    first = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient), ACTOR)
-    again = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient), ACTOR)
+    first = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(patient), ACTOR))
+    again = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(patient), ACTOR))
     assert not again.created and again.photos[0].status == "existing"
     assert again.photos[0].asset_id == first.photos[0].asset_id
     assert counts(gw) == (1, 1)
@@ -90,8 +91,8 @@ def test_same_content_for_same_patient_returns_the_existing_asset(gw, fx):
 
 def test_study_per_encounter_series_per_session(gw, fx):
     patient = add_patient(gw)
-    a = ingest(gw, [Upload(fx["baseline_420.jpg"]), Upload(fx["gray.jpg"])], meta(patient, encounter="V100"), ACTOR)
-    b = ingest(gw, [Upload(fx["rgb.png"])], meta(patient, encounter="V100"), ACTOR)
+    a = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"]), ImageFile(fx["gray.jpg"])], meta(patient, encounter="V100"), ACTOR))
+    b = ingest(gw, capture([ImageFile(fx["rgb.png"])], meta(patient, encounter="V100"), ACTOR))
     assert a.photos[0].study_uid == a.photos[1].study_uid == b.photos[0].study_uid
     assert a.photos[0].series_uid == a.photos[1].series_uid != b.photos[0].series_uid
     with gw.db.read() as s:
@@ -104,7 +105,7 @@ def test_multi_photo_upload_is_all_or_nothing(gw, fx, bad):
     patient = add_patient(gw)
     before = blob_names(gw)
     with pytest.raises(IngestRejected) as info:
-        ingest(gw, [Upload(fx["baseline_420.jpg"], "good.jpg"), Upload(fx[bad], bad)], meta(patient), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"], "good.jpg"), ImageFile(fx[bad], bad)], meta(patient), ACTOR))
     assert info.value.item == 1 and info.value.filename == bad
     assert counts(gw) == (0, 0)
     assert blob_names(gw) == before
@@ -129,7 +130,7 @@ def test_failure_inside_the_transaction_leaves_no_row_and_removes_new_blobs(gw, 
 
     monkeypatch.setattr(audit, "append_many", broken)
     with pytest.raises(RuntimeError):
-        ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient, consent={"level": "teaching", "givenBy": "patient"}), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(patient, consent={"level": "teaching", "givenBy": "patient"}), ACTOR))
     monkeypatch.undo()
     with gw.db.read() as s:
         assert s.scalar(select(func.count()).select_from(Asset)) == 0
@@ -140,7 +141,7 @@ def test_failure_inside_the_transaction_leaves_no_row_and_removes_new_blobs(gw, 
 
 def test_unknown_patient_is_refused_naming_the_identifier(gw, fx):
     with pytest.raises(IngestRejected) as info:
-        ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR))
     assert info.value.code == errors.UNKNOWN_PATIENT
     assert f"{NHS}|9999999999" in info.value.message
     assert counts(gw) == (0, 0)
@@ -148,7 +149,7 @@ def test_unknown_patient_is_refused_naming_the_identifier(gw, fx):
 
 def test_unknown_patient_quarantined_when_configured(gw, fx):
     gw.settings.ingest.quarantine_unknown_patients = True
-    result = ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR))
     asset = load(gw, Asset, result.photos[0].asset_id)
     patient = load(gw, Patient, asset.patient_id)
     assert asset.status == "quarantined" and result.photos[0].quarantined
@@ -157,9 +158,9 @@ def test_unknown_patient_quarantined_when_configured(gw, fx):
 
 def test_consent_object_creates_a_photos_consent_and_consent_id_links(gw, fx):
     patient = add_patient(gw)
-    made = ingest(gw, [Upload(fx["baseline_420.jpg"])],
-                  meta(patient, consent={"level": "teaching", "givenBy": "parent", "capturedBy": "nurse", "date": "2024-03-05"}), ACTOR)
-    linked = ingest(gw, [Upload(fx["gray.jpg"])], meta(patient, consentId=patient["consent_id"]), ACTOR)
+    made = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])],
+                  meta(patient, consent={"level": "teaching", "givenBy": "parent", "capturedBy": "nurse", "date": "2024-03-05"}), ACTOR))
+    linked = ingest(gw, capture([ImageFile(fx["gray.jpg"])], meta(patient, consentId=patient["consent_id"]), ACTOR))
     consent = load(gw, Consent, made.consent_id)
     a1 = load(gw, Asset, made.photos[0].asset_id)
     a2 = load(gw, Asset, linked.photos[0].asset_id)
@@ -171,21 +172,21 @@ def test_consent_of_another_patient_is_refused(gw, fx):
     one = add_patient(gw)
     other = add_patient(gw, nhs="9434765919", mrn="M200", visit="V200")
     with pytest.raises(IngestRejected) as info:
-        ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(one, consentId=other["consent_id"]), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(one, consentId=other["consent_id"]), ACTOR))
     assert info.value.code == errors.UNKNOWN_CONSENT
 
 
 def test_unknown_encounter_is_refused(gw, fx):
     patient = add_patient(gw)
     with pytest.raises(IngestRejected) as info:
-        ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient, encounter="NOPE"), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(patient, encounter="NOPE"), ACTOR))
     assert info.value.code == errors.UNKNOWN_ENCOUNTER and "NOPE" in info.value.message
 
 
 def test_drop_originals_setting(gw, fx):
     gw.settings.ingest.keep_originals = False
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(fx["gps.jpg"])], meta(patient), ACTOR)
+    result = ingest(gw, capture([ImageFile(fx["gps.jpg"])], meta(patient), ACTOR))
     asset = load(gw, Asset, result.photos[0].asset_id)
     assert not asset.original_kept and not gw.blobs.exists(asset.sha256)
     assert gw.blobs.exists(asset.dicom_sha256)
@@ -196,7 +197,7 @@ def test_merged_patient_identifier_resolves_to_the_survivor(gw, fx):
     old = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)
     with gw.db.write() as s:
         s.get(Patient, old["id"]).merged_into_id = survivor["id"]
-    result = ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9434765919"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9434765919"}), ACTOR))
     assert result.patient_id == survivor["id"]
 
 
@@ -213,15 +214,14 @@ def test_metadata_errors_name_the_key():
 def test_dicom_doors_keep_the_senders_uids(gw, fx):
     patient = add_patient(gw)
     study, series, sop = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2", "1.2.826.0.1.3680043.10.1.3"
-    upload = Upload(fx["baseline_420.jpg"], sop_instance_uid=sop)
-    result = ingest(gw, [upload], meta(patient), Actor(who="MODALITY1", role="dicom-peer"), source="dimse",
-                    study_uid=study, series_uid=series)
+    upload = ImageFile(fx["baseline_420.jpg"], sop_instance_uid=sop)
+    result = ingest(gw, capture([upload], meta(patient), PEER, study_uid=study, series_uid=series))
     photo = result.photos[0]
     assert (photo.study_uid, photo.series_uid, photo.sop_instance_uid) == (study, series, sop)
-    again = ingest(gw, [Upload(fx["baseline_420.jpg"], sop_instance_uid=sop)], meta(patient), Actor(who="MODALITY1"), source="dimse")
+    again = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"], sop_instance_uid=sop)], meta(patient), PEER))
     assert again.photos[0].status == "existing"
     with pytest.raises(IngestRejected) as info:
-        ingest(gw, [Upload(fx["gray.jpg"], sop_instance_uid=sop)], meta(patient), Actor(who="MODALITY1"), source="dimse")
+        ingest(gw, capture([ImageFile(fx["gray.jpg"], sop_instance_uid=sop)], meta(patient), PEER))
     assert info.value.code == errors.DUPLICATE_INSTANCE
 
 
@@ -245,7 +245,7 @@ def test_uids_under_the_configured_root(gw, fx, tmp_path):
 
     gw.settings.uid_root = "1.2.826.0.1.3680043.10.999"
     patient = add_patient(gw, visit=None)
-    photo = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(patient), ACTOR).photos[0]
+    photo = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(patient), ACTOR)).photos[0]
     for uid in (photo.study_uid, photo.series_uid, photo.sop_instance_uid):
         assert uid.startswith("1.2.826.0.1.3680043.10.999.") and len(uid) <= 64
     asset = load(gw, Asset, photo.asset_id)
@@ -272,11 +272,11 @@ def test_patient_merged_while_storing_refuses_and_a_retry_files_under_the_surviv
 
     monkeypatch.setattr(pipeline, "prepare", prepare_while_a_merge_commits)
     with pytest.raises(IngestRejected) as refused:
-        ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
+        ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(merged), ACTOR))
     monkeypatch.undo()
     assert refused.value.code == errors.PATIENT_MERGED
     assert counts(gw)[0] == 0 and blob_names(gw) == before
-    again = ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
+    again = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(merged), ACTOR))
     assert again.patient_id == survivor["id"]
 
 
@@ -287,9 +287,9 @@ def test_merge_moves_every_photo_even_content_the_survivor_already_has(gw, fx):
 
     merged = add_patient(gw)
     survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit=None)
-    ingest(gw, [Upload(fx["baseline_420.jpg"])], meta(merged), ACTOR)
-    ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata(
-        {"patient": "nhs|9434765919", "bodySite": {"code": "368209003", "laterality": "left"}}), ACTOR)
+    ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], meta(merged), ACTOR))
+    ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata(
+        {"patient": "nhs|9434765919", "bodySite": {"code": "368209003", "laterality": "left"}}), ACTOR))
     with gw.db.write() as s:
         index = PatientIndex(s, IndexActor(who="test-pas"))
         outcome = index.merge(PatientData(identifiers=[IdentifierData(NHS, "9434765919")]),
@@ -299,5 +299,5 @@ def test_merge_moves_every_photo_even_content_the_survivor_already_has(gw, fx):
         rows = s.execute(select(Asset.patient_id, Asset.filed_patient_id, Asset.laterality).order_by(Asset.laterality)).all()
     assert rows == [(survivor["id"], survivor["id"], "left"), (survivor["id"], merged["id"], "right")]
     # the same content uploaded again for the survivor is found, not stored a third time
-    again = ingest(gw, [Upload(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9434765919"}), ACTOR)
+    again = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9434765919"}), ACTOR))
     assert not again.created and counts(gw)[0] == 2

@@ -20,14 +20,15 @@ from PIL import Image
 
 from gateway.core.ingest import jpeg
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import ImageFile
 from store.models import Asset
 from tests.conftest import require_tool
-from tests.ingest_helpers import add_patient, photo_fixtures
+from tests.ingest_helpers import UPLOADER, add_patient, capture, photo_fixtures
 
 pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
 
-ACTOR = Actor(who="dr.jones", role="clinician", network="127.0.0.1")
+ACTOR = UPLOADER
 EXIF = photo_fixtures.camera_exif(gps=True, private=True).tobytes()  # b"Exif\0\0..." with GPS, serials, owner
 SECRETS = (
     b"Exif", b"GPS", b"SERIAL-0123456789", b"LENS-SN", b"Dr Owner", b"Artist Person", b"MAKERNOTE", b"PLANTED", b"JFXX",
@@ -122,7 +123,7 @@ def test_metadata_anywhere_in_the_stream_never_reaches_dicom(gw, tmp_path, name)
     source = tmp_path / f"{name}.jpg"
     source.write_bytes(attacked)
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(source, source.name)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(source, source.name)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR))
     asset = stored(gw, result.photos[0].asset_id)
     part10 = gw.blobs.read_bytes(asset.dicom_sha256)
     for blob in (part10, gw.blobs.read_bytes(asset.preview_sha256), gw.blobs.read_bytes(asset.thumbnail_sha256)):
@@ -148,7 +149,7 @@ def test_single_scan_phone_photo_with_exif_after_the_scan(gw, fx, tmp_path):
     source = tmp_path / "late-exif.jpg"
     source.write_bytes(attacked)
     patient = add_patient(gw)
-    result = ingest(gw, [Upload(source)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR)
+    result = ingest(gw, capture([ImageFile(source)], parse_metadata({"patient": f"nhs|{patient['nhs']}"}), ACTOR))
     asset = stored(gw, result.photos[0].asset_id)
     part10 = gw.blobs.read_bytes(asset.dicom_sha256)
     for secret in SECRETS:

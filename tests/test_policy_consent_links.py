@@ -7,11 +7,13 @@ from sqlalchemy import select
 
 from gateway.core.consents import record_consent
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import ImageFile
 from gateway.core.policy.rules import decide, visible_assets_filter
 from store.models import Asset, ConsentAsset, PatientIdentifier
 from tests.auth_helpers import auth_headers
-from tests.ingest_helpers import add_patient as add_ingest_patient, photo_fixtures
+from tests.ingest_helpers import UPLOADER, capture, photo_fixtures
+from tests.ingest_helpers import add_patient as add_ingest_patient
 from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
 from tests.test_policy import MI, add_asset, add_patient
 
@@ -77,10 +79,10 @@ def test_both_readings_agree_for_a_photo_with_several_consents(gw):
 def test_upload_links_the_consent_captured_with_the_photo(gw, tmp_path):
     fx = photo_fixtures.make_all(tmp_path / "photos")
     patient = add_ingest_patient(gw)
-    actor = Actor(who="dr.jones", role="clinician", network="127.0.0.1")
+    actor = UPLOADER
     meta = {"patient": f"nhs|{patient['nhs']}", "specialty": "330"}
-    made = ingest(gw, [Upload(fx["baseline_420.jpg"])],
-                  parse_metadata({**meta, "consent": {"level": "publication", "givenBy": "patient", "purpose": "atlas"}}), actor)
+    made = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])],
+                  parse_metadata({**meta, "consent": {"level": "publication", "givenBy": "patient", "purpose": "atlas"}}), actor))
     asset_id = made.photos[0].asset_id
     assert links(gw, asset_id) == {made.consent_id}
     with gw.db.read() as session:
@@ -95,7 +97,7 @@ def test_upload_links_the_consent_captured_with_the_photo(gw, tmp_path):
     with gw.db.read() as session:
         assert decide(session, PUBLISHER, asset_id, settings=gw.settings.policy).permit
     # consentId naming an existing consent links it too
-    linked = ingest(gw, [Upload(fx["gray.jpg"])], parse_metadata({**meta, "consentId": patient["consent_id"]}), actor)
+    linked = ingest(gw, capture([ImageFile(fx["gray.jpg"])], parse_metadata({**meta, "consentId": patient["consent_id"]}), actor))
     assert links(gw, linked.photos[0].asset_id) == {patient["consent_id"]}
 
 

@@ -295,7 +295,9 @@ def test_non_ascii_anywhere_declares_utf8(fx, tmp_path):
 @pytest.mark.usefixtures("validate_stored_dicom")
 def test_upload_with_hostile_hl7_names_and_photographer_stores_valid_dicom(gw, fx, tmp_path):
     from gateway.core.ingest.metadata import parse_metadata
-    from gateway.core.ingest.pipeline import Actor, Upload, ingest
+    from gateway.core.ingest.pipeline import ingest
+    from gateway.core.ingest.request import ImageFile
+    from tests.ingest_helpers import UPLOADER, capture
 
     patient = add_patient(gw, family=HOSTILE_FAMILY, given=HOSTILE_GIVEN)
     meta = parse_metadata({
@@ -304,7 +306,7 @@ def test_upload_with_hostile_hl7_names_and_photographer_stores_valid_dicom(gw, f
         "photographer": "Smith\\Jones^Bob", "device": "Phone\\X^Y\x02" + "d" * 150,  # (NUL is refused upstream)
         "view": "ant\\erior\x07\x1b", "description": "Wound\\ check\x07\r\n" + "w" * 9000,
     })
-    result = ingest(gw, [Upload(fx["baseline_420.jpg"], "arm.jpg")], meta, Actor(who="dr.jones", role="clinician", network="127.0.0.1"))
+    result = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"], "arm.jpg")], meta, UPLOADER))
     from store.models import Asset
 
     with gw.db.read() as session:

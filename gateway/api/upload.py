@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
-from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from gateway.api.errors import challenge
 from gateway.api.security import gateway_of, require_subject
@@ -33,8 +33,9 @@ from gateway.core.identity import Subject
 from gateway.core.ingest import errors
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.limits import mib
-from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, IngestResult, Upload, audit_refusal, ingest, uncovered, uploader
+from gateway.core.ingest.metadata import json_key, parse_metadata
+from gateway.core.ingest.pipeline import IngestResult, audit_refusal, ingest, uncovered, uploader
+from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
 from store.spool import Spool
 
 router = APIRouter(prefix="/api/v1", tags=["photos"])
@@ -55,6 +56,11 @@ STATUS = {
     errors.PATIENT_MERGED: 409,
     errors.FORBIDDEN: 403,
     errors.INSUFFICIENT_SCOPE: 403,
+    errors.PATIENT_MISMATCH: 422,
+    # DICOM objects (not accepted by this door today; the codes are mapped for completeness)
+    errors.SOP_CLASS_NOT_SUPPORTED: 415,
+    errors.TRANSFER_SYNTAX_NOT_SUPPORTED: 415,
+    errors.INVALID_OBJECT: 422,
 }
 MAX_METADATA_BYTES = 64 * 1024
 
@@ -67,6 +73,8 @@ def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
 
 def _rejection(exc: IngestRejected, realm: str = "clinphoto") -> JSONResponse:
     body = exc.to_dict()
+    if isinstance(body.get("field"), str):  # the core names its fields; this door's JSON spells them in camelCase
+        body["field"] = ",".join(json_key(f) for f in str(body["field"]).split(","))
     response = _error(STATUS.get(exc.code, 422), body.pop("code"), body.pop("message"), **body)
     if exc.code == errors.INSUFFICIENT_SCOPE:
         response.headers.update(challenge(realm, "insufficient_scope", "needs a scope granting Media.c"))
@@ -293,9 +301,11 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
         except IngestRejected as exc:
             await _audit_refused(gw, actor, exc)
             return _rejection(exc)
-        uploads = [Upload(path=p.path, filename=p.filename, sha256=p.digest.hexdigest()) for p in files]
+        capture = CaptureRequest(
+            source=actor, items=[ImageFile(path=p.path, filename=p.filename, sha256=p.digest.hexdigest()) for p in files],
+            patient=meta.patient_ref(), governance=meta.governance(), idempotency_key=key)
         try:
-            result = await run_in_threadpool(ingest, gw, uploads, meta, actor, source="upload", idempotency_key=key)
+            result = await run_in_threadpool(ingest, gw, capture)
         except IngestRejected as exc:  # already audited by the pipeline
             return _rejection(exc)
     finally:
@@ -313,5 +323,5 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     return JSONResponse(body, status_code=201 if result.created else 200)
 
 
-async def _audit_refused(gw, actor: Actor, exc: IngestRejected) -> None:
-    await run_in_threadpool(audit_refusal, gw, actor, exc, None, "upload")
+async def _audit_refused(gw, actor: Source, exc: IngestRejected) -> None:
+    await run_in_threadpool(audit_refusal, gw, actor, exc, None)

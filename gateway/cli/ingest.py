@@ -26,7 +26,7 @@ def import_command(
     """Import a legacy photo archive through the ingest pipeline; re-run to resume."""
     from gateway.cli.common import open_gateway
     from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
-    from gateway.core.ingest.pipeline import Actor
+    from gateway.core.ingest.request import Source
 
     try:
         total = len(read_manifest(manifest))
@@ -34,7 +34,7 @@ def import_command(
         console.print(f"clinphoto import: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
     gw = open_gateway()
-    actor = Actor(who=as_user or f"cli:{getpass.getuser()}", role="importer", network="local", purpose_of_use="TREAT")
+    source = Source.importer(as_user or f"cli:{getpass.getuser()}")
     columns = (TextColumn("[bold]import"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     counts = {"created": 0, "existing": 0, "rejected": 0, "resumed": 0}
@@ -46,7 +46,7 @@ def import_command(
                 counts[outcome] = counts.get(outcome, 0) + 1
                 progress.update(task, advance=1, counts=" ".join(f"{k} {v}" for k, v in counts.items() if v))
 
-            summary = run_import(gw, folder, manifest, actor, state_path=state, rejected_csv=rejected, on_progress=tick,
+            summary = run_import(gw, folder, manifest, source, state_path=state, rejected_csv=rejected, on_progress=tick,
                                  workers=workers)
     finally:
         gw.close()

@@ -11,7 +11,7 @@ UNSUPPORTED_TYPE = "unsupported-type"  # not an image format we accept (sniffed 
 CORRUPT = "corrupt"  # truncated or damaged image data
 TOO_MANY_PIXELS = "too-many-pixels"  # over the pixel limit (from the header, before decoding)
 TOO_LARGE = "too-large"  # over the byte limit
-NOT_FAITHFUL = "not-faithful"  # cannot be represented truthfully as a VL Photographic Image
+NOT_FAITHFUL = "not-faithful"  # cannot be represented truthfully as a VL Photographic Image (or, received, kept and shown)
 BAD_METADATA = "bad-metadata"  # a metadata key or value is wrong
 UNKNOWN_PATIENT = "unknown-patient"
 UNKNOWN_ENCOUNTER = "unknown-encounter"
@@ -22,12 +22,18 @@ DUPLICATE_INSTANCE = "duplicate-instance"  # a DICOM door sent a known SOP Insta
 PATIENT_MERGED = "patient-merged"  # the patient was merged into another while the photo was being stored
 FORBIDDEN = "forbidden"  # the caller's role may not store photos
 INSUFFICIENT_SCOPE = "insufficient-scope"  # the token's scopes do not allow creating photos
+# received DICOM objects (gateway/core/ingest/received.py)
+SOP_CLASS_NOT_SUPPORTED = "sop-class-not-supported"  # not a photographic storage SOP class we keep
+TRANSFER_SYNTAX_NOT_SUPPORTED = "transfer-syntax-not-supported"  # an encoding we cannot keep and serve as it is
+INVALID_OBJECT = "invalid-object"  # not Part 10, a required attribute missing, pixels that contradict their description
+PATIENT_MISMATCH = "patient-mismatch"  # the items of one request name different patients
 
 
 class IngestRejected(Exception):
     """Refused input; nothing was stored."""
 
-    def __init__(self, code: str, message: str, *, item: int | None = None, filename: str | None = None, field: str | None = None):
+    def __init__(self, code: str, message: str, *, item: int | None = None, filename: str | None = None,
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -35,8 +41,8 @@ class IngestRejected(Exception):
         self.filename = filename
         self.field = field
 
-    def to_dict(self) -> dict:
-        out = {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"code": self.code, "message": self.message}
         if self.item is not None:
             out["item"] = self.item
         if self.filename:

@@ -3,11 +3,14 @@
 Manifest columns (header row; only `file` and `patient` are required):
 
     file, patient, encounter, bodySite, laterality, bodySiteDisplay, view, specialty, sensitivity,
-    consentId, consentLevel, consentGivenBy, consentCapturedBy, consentDate,
+    consentId, consentLevel, consentGivenBy, consentCapturedBy, consentDate, consentPurpose,
     photographer, device, takenAt, description, session
 
 `file` is relative to DIR (paths leaving DIR are refused). Photos of one patient
 and encounter in one manifest form one series (or name a `session`).
+
+A consent given in a row is recorded by the one consent writer with the row's photo
+(the same rules and audit record as the consent API: publication needs consentPurpose).
 
 Resumable: every stored row is appended to a state file (JSON lines, fsynced), and
 a re-run skips those rows; anything refused is tried again. Content already stored
@@ -23,19 +26,22 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from gateway.core.context import Gateway
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import Actor, Upload, ingest
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
 
 REQUIRED = ("file", "patient")
 KNOWN = (
     "file", "patient", "encounter", "bodySite", "laterality", "bodySiteDisplay", "view", "specialty", "sensitivity",
-    "consentId", "consentLevel", "consentGivenBy", "consentCapturedBy", "consentDate", "photographer", "device",
-    "takenAt", "description", "session",
+    "consentId", "consentLevel", "consentGivenBy", "consentCapturedBy", "consentDate", "consentPurpose", "photographer",
+    "device", "takenAt", "description", "session",
 )
 
 
@@ -85,9 +91,9 @@ def read_manifest(path: Path) -> list[Row]:
         return rows
 
 
-def row_metadata(row: Row) -> dict:
+def row_metadata(row: Row) -> dict[str, Any]:
     v = row.values
-    meta: dict = {"patient": v.get("patient", "")}
+    meta: dict[str, Any] = {"patient": v.get("patient", "")}
     for column, key in (("encounter", "encounter"), ("view", "view"), ("specialty", "specialty"), ("sensitivity", "sensitivity"),
                         ("consentId", "consentId"), ("photographer", "photographer"), ("device", "device"),
                         ("takenAt", "takenAt"), ("description", "description")):
@@ -106,6 +112,8 @@ def row_metadata(row: Row) -> dict:
             consent["capturedBy"] = v["consentCapturedBy"]
         if v.get("consentDate"):
             consent["date"] = v["consentDate"]
+        if v.get("consentPurpose"):
+            consent["purpose"] = v["consentPurpose"]
         meta["consent"] = consent
     return meta
 
@@ -149,10 +157,10 @@ def _inside(folder: Path, relative: str) -> Path | None:
 
 
 def run_import(
-    gw,
+    gw: Gateway,
     folder: Path,
     manifest: Path,
-    actor: Actor,
+    source: Source,
     *,
     state_path: Path | None = None,
     rejected_csv: Path | None = None,
@@ -174,7 +182,7 @@ def run_import(
     lock = threading.Lock()
 
     def one(row: Row) -> str:
-        return _import_row(gw, folder, manifest, row, actor, state, summary, lock)
+        return _import_row(gw, folder, manifest, row, source, state, summary, lock)
 
     if workers <= 1:
         for row in todo:
@@ -185,7 +193,7 @@ def run_import(
         # photos are independent; the store serialises the commits. Bounded in flight, so a
         # Ctrl-C stops after the rows already started and nothing else is queued.
         pool = ThreadPoolExecutor(workers, thread_name_prefix="import")
-        pending: dict = {}
+        pending: dict[Future[str], Row] = {}
         queue = iter(todo)
         try:
             for row in queue:
@@ -211,8 +219,8 @@ def run_import(
     return summary
 
 
-def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state: StateFile, summary: ImportSummary,
-                lock: threading.Lock) -> str:
+def _import_row(gw: Gateway, folder: Path, manifest: Path, row: Row, source: Source, state: StateFile,
+                summary: ImportSummary, lock: threading.Lock) -> str:
     relative = row.values.get("file", "")
     path = _inside(folder, relative) if relative else None
     try:
@@ -224,8 +232,9 @@ def _import_row(gw, folder: Path, manifest: Path, row: Row, actor: Actor, state:
             raise IngestRejected("missing-file", f"no such file: {relative}")
         meta = parse_metadata(row_metadata(row))
         session = row.values.get("session") or f"import|{manifest.name}|{meta.patient}|{meta.encounter or ''}"
-        upload = Upload(path, filename=relative, instance_number=row.number)
-        result = ingest(gw, [upload], meta, actor, source="import", session_key=session)
+        result = ingest(gw, CaptureRequest(
+            source=source, items=[ImageFile(path, filename=relative, instance_number=row.number)],
+            patient=meta.patient_ref(), governance=meta.governance(), session_key=session))
     except IngestRejected as exc:
         with lock:
             summary.rejected += 1

@@ -16,6 +16,7 @@ from PIL import Image
 from gateway.core.ingest import jpeg
 from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, TOO_LARGE, TOO_MANY_PIXELS, IngestRejected
 from gateway.core.ingest.sniff import HEAD_BYTES, sniff
+from gateway.core.objects import part10
 
 # Our own (configurable) limit is checked from the header first; Pillow's global
 # bomb guard (2 x MAX_IMAGE_PIXELS) stays on as a second line.
@@ -69,7 +70,7 @@ def tiff_or_heif_header(path: Path) -> Header:
             raise IngestRejected(CORRUPT, f"corrupt or unreadable image header: {exc}") from None
 
 
-def read_header(kind: str, path: Path, head: bytes, buf=None) -> tuple[Header, jpeg.JpegInfo | None]:
+def read_header(kind: str, path: Path, head: bytes, buf: bytes | jpeg.FileView | None = None) -> tuple[Header, jpeg.JpegInfo | None]:
     """Dimensions from the header; JPEG also returns its marker walk for later use."""
     if kind == "jpeg":
         try:
@@ -82,10 +83,22 @@ def read_header(kind: str, path: Path, head: bytes, buf=None) -> tuple[Header, j
     return tiff_or_heif_header(path), None
 
 
+def _dicom_size(path: Path) -> tuple[int, int] | None:
+    """(Columns, Rows) of a DICOM Part 10 file, from its header (the pixel data is not read)."""
+    try:
+        ds = part10.read_head(path).dataset
+        columns, rows = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    except (part10.Part10Error, TypeError, ValueError):
+        return None
+    return (columns, rows) if columns > 0 and rows > 0 else None
+
+
 def declared_size(path: Path) -> tuple[int, int] | None:
     """(width, height) as the file's header declares it; None when it has none we read (its own checks refuse it)."""
     with open(path, "rb") as f:
         head = f.read(HEAD_BYTES)
+    if head[128:132] == b"DICM":  # a received DICOM object (gateway/core/ingest/received.py)
+        return _dicom_size(path)
     try:
         kind = sniff(head).kind
         if kind != "jpeg":

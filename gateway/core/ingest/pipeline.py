@@ -1,13 +1,22 @@
-"""The one ingest pipeline every door calls (HTTP upload, CLI import, later C-STORE and STOW-RS).
+"""The one ingest pipeline every door calls (HTTP upload, CLI import, demo, later C-STORE and STOW-RS).
 
-    ingest(gw, uploads, metadata, actor) -> IngestResult
+    ingest(gw, CaptureRequest) -> IngestResult          (gateway/core/ingest/request.py)
 
-1. resolve patient (through merges), encounter and consent; replay an idempotency key;
-2. per file: check and derive (prepare.py) — outside any transaction;
-3. write blobs first (original if kept, DICOM Part 10, preview, thumbnail);
-4. one write transaction: consent row, asset rows, one audit record per photo,
-   the idempotency record — all or nothing. If it fails, no row exists and the
-   blobs this call created (and nothing else references) are removed.
+1. before any look-up: the consent captured with the photos is checked by the
+   consent writer's rules, each received DICOM object's header by received.read
+   (SOP class, transfer syntax, pixel description, size limits);
+2. resolve the patient (the request's reference, or the objects' PatientID and
+   IssuerOfPatientID, through merges), encounter and consent id; replay an idempotency key;
+3. per item, outside any transaction: check and derive (prepare.py for an image
+   file, received.py for a DICOM object), then write its blobs:
+   - image file: the original if kept, the DICOM VL Photographic object built from
+     it, preview, thumbnail;
+   - DICOM object: the object as received (it is both the original and the stored
+     object), preview, thumbnail;
+4. one write transaction: asset rows, the consent captured with them (through the
+   one consent writer, consents.record_consent, scope 'photos'), one audit record per
+   photo, the idempotency record — all or nothing. If it fails, no row exists and
+   the blobs this call created (and nothing else references) are removed.
 
 Refusals raise IngestRejected (nothing stored) after writing a failure audit record.
 """
@@ -16,69 +25,72 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.core.access_audit import fit
-from gateway.core.objects import vlphoto
-from gateway.core.objects.uids import stable_uid
-from gateway.core.ingest import limits
+from gateway.core.consents import ConsentError, check_consent, record_consent
+from gateway.core.context import Gateway
 from gateway.core.identity import Subject
+from gateway.core.ingest import limits, received
+from gateway.core.ingest.dicom_patients import (
+    NHS_ISSUER,
+    find_by_dicom_id,
+    info_for_unregistered,
+    patient_info,
+    placeholder_identifier,
+)
 from gateway.core.ingest.errors import (
-    FORBIDDEN,
-    INSUFFICIENT_SCOPE,
+    BAD_METADATA,
     DUPLICATE_INSTANCE,
+    FORBIDDEN,
     IDEMPOTENCY_CONFLICT,
+    INSUFFICIENT_SCOPE,
     NO_FILES,
     PATIENT_MERGED,
+    PATIENT_MISMATCH,
     UNKNOWN_CONSENT,
     UNKNOWN_ENCOUNTER,
     UNKNOWN_PATIENT,
     IngestRejected,
 )
-from gateway.core.ingest.metadata import NHS_SYSTEM, PhotoMetadata
 from gateway.core.ingest.prepare import Prepared, prepare, sha256_of
+from gateway.core.ingest.request import (
+    NHS_SYSTEM,
+    CaptureRequest,
+    Channel,
+    Governance,
+    ImageFile,
+    PatientRef,
+    ReceivedObject,
+    Source,
+)
+from gateway.core.objects import part10, vlphoto
+from gateway.core.objects.uids import stable_uid
 from gateway.core.policy.rules import scope_allows, uncovered_for_care
 from store import audit
-from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient, PatientIdentifier
-from store.patients import find_patient, identifiers_of, survivor
+from store.blobs import BlobRef
+from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient
+from store.patients import find_patient, survivor
 
 log = logging.getLogger(__name__)
 
 CREATED = "created"
 EXISTING = "existing"
-
-
-@dataclass
-class Upload:
-    """One file as received: already on local disk (spooled), with its hash if the door computed it."""
-
-    path: Path
-    filename: str | None = None
-    sha256: str | None = None
-    # DICOM doors (C-STORE, STOW-RS) keep the sender's instance UID; other doors get one made
-    sop_instance_uid: str | None = None
-    # a door that numbers its own photos (the importer: manifest row); else next in the series
-    instance_number: int | None = None
-
-
-@dataclass
-class Actor:
-    """Who stores the photos, as the audit trail names them."""
-
-    who: str
-    role: str | None = None
-    network: str | None = None
-    purpose_of_use: str | None = "TREAT"
-    name: str | None = None
+# the consent writer names its arguments; a refusal names the capture request's field
+_CONSENT_FIELDS = {"level": "consent.level", "given_by": "consent.given_by", "captured_by": "consent.captured_by",
+                   "consent_date": "consent.date", "purpose_note": "consent.purpose"}
 
 
 @dataclass
@@ -108,7 +120,7 @@ class IngestResult:
     def created(self) -> bool:
         return any(p.status == CREATED for p in self.photos) and not self.replayed
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "patient_id": self.patient_id,
             "consent_id": self.consent_id,
@@ -116,23 +128,46 @@ class IngestResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, replayed: bool = False) -> IngestResult:
+    def from_dict(cls, data: dict[str, Any], replayed: bool = False) -> IngestResult:
         return cls(
             patient_id=data["patient_id"], consent_id=data.get("consent_id"),
             photos=[StoredPhoto(**p) for p in data["photos"]], replayed=replayed,
         )
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Item:
+    """One item of the request with its hash, and for a DICOM object what its header says."""
+
+    index: int
+    item: ImageFile | ReceivedObject
+    sha256: str
+    received: received.Received | None = None
+
+    @property
+    def filename(self) -> str | None:
+        return self.item.filename
+
+    @property
+    def sender_uid(self) -> str | None:
+        """The SOP Instance UID the sender gave (kept), if any."""
+        if self.received is not None:
+            return self.received.sop_instance_uid
+        return self.item.sop_instance_uid if isinstance(self.item, ImageFile) else None
+
+
+@dataclass(frozen=True)
 class _Context:
     """Plain values read in the look-up session (its rows are gone when it closes)."""
 
     patient_id: int | None  # None: quarantine under a placeholder patient
+    patient: PatientRef  # the reference the patient was found (or not found) by
     patient_info: vlphoto.PatientInfo
     encounter_id: int | None
     visit_number: str | None
     encounter_specialty: str | None
     consent_id: str | None
+    # the study and series of image files (a DICOM object keeps its own)
     study_uid: str
     series_uid: str
     study_started: datetime | None
@@ -143,81 +178,144 @@ class _Context:
 # --- look-ups -------------------------------------------------------------------
 
 
-def _patient_info(session: Session, patient: Patient | None, system: str, value: str) -> vlphoto.PatientInfo:
-    """Patient module values: NHS number with issuer NHS if known, else the MRN with its assigner."""
-    if patient is None:
-        return vlphoto.PatientInfo(patient_id=value, issuer="NHS" if system == NHS_SYSTEM else system[-64:])
-    idents = identifiers_of(session, patient.id)
-    nhs = next((i for i in idents if i.system == NHS_SYSTEM), None)
-    mrn = next((i for i in idents if i.type_code == "MR" and i.patient_id == patient.id), None)
-    mrn = mrn or next((i for i in idents if i.system != NHS_SYSTEM), None)
-    primary = nhs or mrn
-    def issuer(i: PatientIdentifier) -> str:
-        return "NHS" if i.system == NHS_SYSTEM else (i.assigner or i.system)
-    others = [(i.value, issuer(i)) for i in idents if primary is None or i.id != primary.id]
-    return vlphoto.PatientInfo(
-        patient_id=primary.value if primary else "", issuer=issuer(primary) if primary else "",
-        family=patient.family_name, given=patient.given_names, prefix=patient.name_prefix,
-        birth_date=patient.birth_date, sex=patient.sex, other_ids=others,
-    )
+def _same_patient_key(ref: PatientRef) -> PatientRef:
+    """An NHS number sent as DICOM (issuer NHS) and as an identifier are one reference."""
+    if ref.kind == "dicom" and (ref.issuer or "").upper() == NHS_ISSUER:
+        return PatientRef(system=NHS_SYSTEM, value=(ref.value or "").replace(" ", ""))
+    return ref
 
 
-def _resolve(session: Session, gw, meta: PhotoMetadata, session_key: str, study_override: str | None = None,
-             series_override: str | None = None) -> _Context:
-    system, value = meta.patient_system, meta.patient_value
-    patient = find_patient(session, system, value)
-    if patient is None and not gw.settings.ingest.quarantine_unknown_patients:
+def _find(session: Session, ref: PatientRef) -> Patient | None:
+    """The live patient a reference names, through merges; None when the index does not know it."""
+    if ref.kind == "internal":
+        row = session.get(Patient, ref.internal_id)
+        return survivor(session, row) if row is not None else None
+    if ref.kind == "dicom":
+        return find_by_dicom_id(session, ref)
+    return find_patient(session, ref.system or "", ref.value or "")
+
+
+def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,
+                    objects: Sequence[received.Received]) -> tuple[PatientRef, Patient | None]:
+    """The one patient of the request: its own reference and every object's must agree. Unknown: refused,
+    or (ingest.quarantine_unknown_patients) None, to be filed under a placeholder."""
+    refs: list[PatientRef] = []
+    for ref in ([request.patient] if request.patient is not None else []) + [o.patient for o in objects]:
+        key = _same_patient_key(ref)
+        if key not in refs:
+            refs.append(key)
+    if not refs:
+        raise IngestRejected(BAD_METADATA, "the request names no patient: image files need one (system|value)",
+                             field="patient")
+    found = [(ref, _find(session, ref)) for ref in refs]
+    known = {p.id for _, p in found if p is not None}
+    unknown = [ref for ref, p in found if p is None]
+    if len(known) > 1 or (known and unknown) or len(unknown) > 1:
         raise IngestRejected(
-            UNKNOWN_PATIENT, f"unknown patient {system}|{value}: no patient with this identifier is registered",
+            PATIENT_MISMATCH,
+            "the items of one request must all be of one patient, but they name "
+            f"{'; '.join(ref.label() for ref in refs)}: send each patient's photos separately",
             field="patient",
         )
+    if known:
+        ref, patient = next((r, p) for r, p in found if p is not None)
+        return ref, patient
+    ref = unknown[0]
+    if not gw.settings.ingest.quarantine_unknown_patients or ref.kind == "internal":
+        raise IngestRejected(
+            UNKNOWN_PATIENT, f"unknown patient {ref.label()}: no patient with this identifier is registered",
+            field="patient",
+        )
+    return ref, None
+
+
+def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Sequence[received.Received],
+             session_key: str) -> _Context:
+    gov = request.governance
+    ref, patient = _target_patient(session, gw, request, objects)
+    label = ref.label()
     encounter = None
-    if meta.encounter:
+    if gov.encounter:
         if patient is None:
-            raise IngestRejected(UNKNOWN_ENCOUNTER, f"unknown encounter {meta.encounter!r}: the patient is not registered", field="encounter")
-        candidates = session.execute(select(Encounter).where(Encounter.visit_number == meta.encounter)).scalars().all()
-        mine = [e for e in candidates if survivor(session, session.get(Patient, e.patient_id)).id == patient.id]
+            raise IngestRejected(UNKNOWN_ENCOUNTER, f"unknown encounter {gov.encounter!r}: the patient is not registered",
+                                 field="encounter")
+        candidates = session.execute(select(Encounter).where(Encounter.visit_number == gov.encounter)).scalars().all()
+        mine = [e for e in candidates if survivor(session, session.get_one(Patient, e.patient_id)).id == patient.id]
         if not mine:
-            raise IngestRejected(
-                UNKNOWN_ENCOUNTER, f"unknown encounter {meta.encounter!r} for patient {system}|{value}", field="encounter"
-            )
+            raise IngestRejected(UNKNOWN_ENCOUNTER, f"unknown encounter {gov.encounter!r} for patient {label}",
+                                 field="encounter")
         encounter = mine[0]
     consent = None
-    if meta.consent_id:
-        consent = session.get(Consent, meta.consent_id)
-        owner = survivor(session, session.get(Patient, consent.patient_id)) if consent else None
-        if consent is None or patient is None or owner.id != patient.id:
-            raise IngestRejected(UNKNOWN_CONSENT, f"unknown consent {meta.consent_id!r} for patient {system}|{value}", field="consentId")
+    if gov.consent_id:
+        consent = session.get(Consent, gov.consent_id)
+        owner = survivor(session, session.get_one(Patient, consent.patient_id)) if consent else None
+        if consent is None or patient is None or owner is None or owner.id != patient.id:
+            raise IngestRejected(UNKNOWN_CONSENT, f"unknown consent {gov.consent_id!r} for patient {label}", field="consent_id")
         if consent.status != "active":
-            raise IngestRejected(UNKNOWN_CONSENT, f"consent {meta.consent_id!r} is {consent.status}, not active", field="consentId")
+            raise IngestRejected(UNKNOWN_CONSENT, f"consent {gov.consent_id!r} is {consent.status}, not active",
+                                 field="consent_id")
 
+    # image files: a study per encounter (or capture session), a series per capture session
     root = gw.settings.uid_root
-    if study_override:
-        study_uid, started = study_override, (encounter.admitted_at if encounter else None)
+    started = encounter.admitted_at if encounter is not None else None
+    if request.study_uid:
+        study_uid = request.study_uid
     elif encounter is not None:
         study_uid = session.execute(
             select(Asset.study_uid).where(Asset.encounter_id == encounter.id).order_by(Asset.created_at).limit(1)
         ).scalar_one_or_none() or stable_uid(root, "study", "encounter", encounter.visit_system, encounter.visit_number)
-        started = encounter.admitted_at
     else:
-        study_uid = stable_uid(root, "study", "session", session_key, meta.patient)
-        started = None
-    series_uid = series_override or stable_uid(root, "series", session_key, meta.patient)
-    known_series = session.execute(
-        select(Asset.series_uid).where(Asset.study_uid == study_uid).distinct()
-    ).scalars().all()
+        study_uid = stable_uid(root, "study", "session", session_key, label)
+    series_uid = request.series_uid or stable_uid(root, "series", session_key, label)
+    known_series = list(session.execute(select(Asset.series_uid).where(Asset.study_uid == study_uid).distinct()).scalars())
     series_number = (known_series.index(series_uid) + 1) if series_uid in known_series else len(known_series) + 1
     first_instance = (
         session.execute(select(func.max(Asset.instance_number)).where(Asset.series_uid == series_uid)).scalar() or 0
     ) + 1
     return _Context(
-        series_uid=series_uid,
-        patient_id=patient.id if patient else None, patient_info=_patient_info(session, patient, system, value),
+        patient_id=patient.id if patient is not None else None, patient=ref,
+        patient_info=patient_info(session, patient) if patient is not None else info_for_unregistered(ref),
         encounter_id=encounter.id if encounter else None, visit_number=encounter.visit_number if encounter else None,
         encounter_specialty=encounter.specialty if encounter else None, consent_id=consent.id if consent else None,
-        study_uid=study_uid, study_started=started, series_number=series_number,
+        study_uid=study_uid, series_uid=series_uid, study_started=started, series_number=series_number,
         first_instance=first_instance,
     )
+
+
+def _known_instances(session: Session, items: Sequence[_Item], existing: dict[str, StoredPhoto],
+                     blob_path: Callable[[str], Path]) -> None:
+    """Items whose sender's SOP Instance UID is already stored: the same object again is 'existing' (added to
+    `existing` under the item's hash); other content under a known UID is DUPLICATE_INSTANCE."""
+    by_uid: dict[str, _Item] = {}
+    for entry in items:
+        uid = entry.sender_uid
+        if uid is None:
+            continue
+        other = by_uid.setdefault(uid, entry)
+        if other.sha256 != entry.sha256:
+            raise IngestRejected(DUPLICATE_INSTANCE, f"SOP Instance UID {uid} is used by two different items of this request",
+                                 item=entry.index, filename=entry.filename, field="SOPInstanceUID")
+    if not by_uid:
+        return
+    for asset in session.execute(select(Asset).where(Asset.sop_instance_uid.in_(list(by_uid)))).scalars():
+        entry = by_uid[asset.sop_instance_uid]
+        if entry.sha256 in existing or asset.sha256 == entry.sha256:
+            existing.setdefault(entry.sha256, _as_existing(asset))
+            continue
+        if entry.received is not None and _same_data_set(entry.received.path, blob_path(asset.sha256)):
+            existing[entry.sha256] = _as_existing(asset)  # relayed by another sender: only the file meta differs
+            continue
+        raise IngestRejected(
+            DUPLICATE_INSTANCE, f"SOP Instance UID {asset.sop_instance_uid} is already stored with different content",
+            item=entry.index, filename=entry.filename, field="SOPInstanceUID",
+        )
+
+
+def _same_data_set(path: Path, stored: Path) -> bool:
+    try:
+        return part10.data_set_digest(path) == part10.data_set_digest(stored)
+    except (part10.Part10Error, OSError):
+        return False
 
 
 # --- blobs ----------------------------------------------------------------------
@@ -228,14 +326,14 @@ def _resolve(session: Session, gw, meta: PhotoMetadata, session_key: str, study_
 # before its put until the holder's transaction has ended, and a failed ingest
 # never deletes a blob another ingest in this process holds. (The gateway is one
 # process; anything left by a crash is an orphan for `clinphoto store gc`.)
-_HELD: collections.Counter = collections.Counter()
+_HELD: collections.Counter[str] = collections.Counter()
 _HELD_LOCK = threading.Lock()
 
 
 class _BlobWriter:
     """Puts blobs, remembers which ones this call created, removes them again on failure."""
 
-    def __init__(self, gw) -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.created: list[str] = []
         self.held: list[str] = []
@@ -255,7 +353,7 @@ class _BlobWriter:
             self.created.append(ref.sha256)
         return ref.sha256
 
-    def put_new_stream(self, chunks):
+    def put_new_stream(self, chunks: Iterable[bytes]) -> BlobRef:
         """For content that is new by construction (a DICOM object with a fresh instance UID and creation time)."""
         ref = self.gw.blobs.put_stream(chunks)
         self.created.append(ref.sha256)
@@ -286,17 +384,18 @@ class _BlobWriter:
             with self.gw.db.read() as session:
                 used = {sha for sha in self.created if _HELD.get(sha)}
                 for column in (Asset.sha256, Asset.dicom_sha256, Asset.preview_sha256, Asset.thumbnail_sha256):
-                    used.update(session.execute(select(column).where(column.in_(self.created))).scalars())
+                    used.update(sha for sha in session.execute(select(column).where(column.in_(self.created))).scalars() if sha)
             for sha in self.created:
                 if sha not in used:
                     self.gw.blobs.delete(sha)
         self.created.clear()
 
 
-def _write_dicom(gw, prepared: Prepared, ctx: _Context, meta: PhotoMetadata, sop_uid: str, series_uid: str,
-                 instance: int, writer: _BlobWriter) -> tuple[str, int, str]:
+def _write_dicom(gw: Gateway, prepared: Prepared, ctx: _Context, gov: Governance, sop_uid: str, instance: int,
+                 writer: _BlobWriter) -> tuple[str, int, str]:
     facts = prepared.facts
-    comments = "; ".join(x for x in (f"View: {meta.view}" if meta.view else None, meta.description) if x) or None
+    comments = "; ".join(x for x in (f"View: {gov.view}" if gov.view else None, gov.description) if x) or None
+    site = gov.body_site
     ds = vlphoto.build_dataset(
         pixels=prepared.pixels,
         patient=ctx.patient_info,
@@ -305,13 +404,14 @@ def _write_dicom(gw, prepared: Prepared, ctx: _Context, meta: PhotoMetadata, sop
             study_id=(ctx.visit_number or "PHOTO")[:16],
             referring_physician="",
         ),
-        series=vlphoto.SeriesInfo(uid=series_uid, number=ctx.series_number, description="Clinical photographs", operator=meta.photographer),
+        series=vlphoto.SeriesInfo(uid=ctx.series_uid, number=ctx.series_number, description="Clinical photographs",
+                                  operator=gov.photographer),
         image=vlphoto.ImageInfo(
-            sop_instance_uid=sop_uid, instance_number=instance, taken_at=facts.taken_at or meta.taken_at,
+            sop_instance_uid=sop_uid, instance_number=instance, taken_at=facts.taken_at or gov.taken_at,
             comments=comments, derived=prepared.derived, derivation=prepared.derivation,
         ),
-        equipment=vlphoto.Equipment(manufacturer=facts.make, model=facts.model or meta.device, software=facts.software),
-        body_site=vlphoto.BodySite(meta.body_site.code, meta.body_site.meaning, meta.body_site.laterality) if meta.body_site else None,
+        equipment=vlphoto.Equipment(manufacturer=facts.make, model=facts.model or gov.device, software=facts.software),
+        body_site=vlphoto.BodySite(site.code, site.meaning, site.laterality) if site else None,
         uid_root=gw.settings.uid_root,
     )
     ts, chunks = vlphoto.part10_chunks(ds, prepared.pixels, gw.settings.uid_root)
@@ -319,135 +419,152 @@ def _write_dicom(gw, prepared: Prepared, ctx: _Context, meta: PhotoMetadata, sop
     return ref.sha256, ref.size, ts
 
 
-# --- audit ----------------------------------------------------------------------
+# --- audit and the caller -------------------------------------------------------------------------------
 
 
-def audit_refusal(gw, actor: Actor, exc: IngestRejected, patient_id: int | None, source: str, outcome: str = audit.MINOR_FAILURE) -> None:
+def audit_refusal(gw: Gateway, source: Source, exc: IngestRejected, patient_id: int | None,
+                  outcome: str = audit.MINOR_FAILURE) -> None:
     try:
         with gw.db.write() as session:
             # fit: the refusal must be recordable whatever the caller sent (long values, NUL bytes)
             audit.append(session, fit(audit.AuditEntry(
-                type_code=audit.IMPORT, action="C", subtype=source, outcome=outcome, outcome_desc=exc.message[:1000],
-                agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
-                purpose_of_use=actor.purpose_of_use, patient_id=patient_id,
+                type_code=audit.IMPORT, action="C", subtype=source.channel.value, outcome=outcome,
+                outcome_desc=exc.message[:1000], agent_who=source.who, agent_role=source.role,
+                agent_network=source.network, purpose_of_use=source.purpose_of_use, patient_id=patient_id,
                 entities=[{"type": "patient", "id": patient_id}] if patient_id else [],
-                detail={"source": source, "code": exc.code, "item": exc.item, "filename": exc.filename},
+                detail={"source": source.channel.value, "code": exc.code, "item": exc.item, "filename": exc.filename},
             )))
     except Exception:  # the refusal itself must still reach the caller
         log.exception("could not audit a refused upload")
 
 
-def uploader(gw, subject: Subject, source: str = "upload") -> Actor:
-    """The actor photos are stored as; a role not allowed to store photos, or a token whose SMART scopes do not
+def uploader(gw: Gateway, subject: Subject, channel: Channel = Channel.UPLOAD) -> Source:
+    """The source photos are stored as; a role not allowed to store photos, or a token whose SMART scopes do not
     allow creating them (e.g. user/Media.c), is refused with the refusal audited."""
-    actor = Actor(who=subject.sub, role=subject.role, network=subject.network_address,
-                  purpose_of_use=subject.purpose_of_use, name=subject.name)
+    source = Source.user(subject, channel)
     roles = gw.settings.ingest.upload_roles
     if subject.role not in roles:
         refusal = IngestRejected(FORBIDDEN, f"role {subject.role!r} may not upload photos (allowed: {', '.join(roles)})")
     elif not scope_allows(subject.scopes, "Media", "c"):  # SMART scopes only narrow
         refusal = IngestRejected(INSUFFICIENT_SCOPE, "the token's scopes do not allow 'c' on Media")
     else:
-        return actor
-    audit_refusal(gw, actor, refusal, None, source)
+        return source
+    audit_refusal(gw, source, refusal, None)
     raise refusal
 
 
-def uncovered(gw, result: IngestResult) -> set[str]:
+def uncovered(gw: Gateway, result: IngestResult) -> set[str]:
     """The stored photos no consent covers for care: stored, but hidden until a consent is recorded (the doors
     warn the sender now rather than leave a later 404 unexplained)."""
     with gw.db.read() as session:
         return uncovered_for_care(session, gw.settings.policy, [p.asset_id for p in result.photos])
 
 
-def _request_hash(meta: PhotoMetadata, shas: list[str]) -> str:
-    return hashlib.sha256((meta.canonical() + "|" + ",".join(shas)).encode()).hexdigest()
+def _request_hash(request: CaptureRequest, shas: list[str]) -> str:
+    patient = request.patient.label() if request.patient is not None else ""
+    text = json.dumps([patient, request.governance.canonical(), shas], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _consent_refusal(exc: ConsentError) -> IngestRejected:
+    where = _CONSENT_FIELDS.get(exc.field or "", "consent")
+    return IngestRejected(BAD_METADATA, f"invalid metadata: {where!r}: {exc}", field=where)
+
+
+def _check_consent(request: CaptureRequest) -> None:
+    """The consent writer's rules, before anything is stored (the writer applies them again when it records)."""
+    given = request.governance.consent
+    if given is None:
+        return
+    try:
+        check_consent(level=given.level, given_by=given.given_by, captured_by=given.captured_by or request.source.who,
+                      consent_date=given.date, scope="photos", purpose_note=given.purpose)
+    except ConsentError as exc:
+        raise _consent_refusal(exc) from None
+
+
+def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
+    """Every item with its hash; DICOM objects' headers checked (nothing is decoded)."""
+    items: list[_Item] = []
+    for index, item in enumerate(request.items):
+        sha = item.sha256 or sha256_of(item.path)
+        if isinstance(item, ReceivedObject):
+            try:
+                header = received.read(item.path, gw.settings.ingest)
+            except IngestRejected as exc:
+                raise exc.for_item(index, item.filename) from None
+            items.append(_Item(index, item, sha, header))
+        else:
+            items.append(_Item(index, item, sha))
+    if request.patient is None and any(e.received is None for e in items):
+        raise IngestRejected(BAD_METADATA, "image files need the request to name their patient (system|value)",
+                             field="patient")
+    return items
 
 
 # --- the pipeline ---------------------------------------------------------------
 
 
-def ingest(
-    gw,
-    uploads: list[Upload],
-    meta: PhotoMetadata,
-    actor: Actor,
-    *,
-    source: str = "upload",
-    idempotency_key: str | None = None,
-    session_key: str | None = None,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    _retry: bool = True,
-) -> IngestResult:
-    """Store photos for one patient as one capture session; all or nothing.
+def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> IngestResult:
+    """Store a capture request's photos for one patient as one capture session; all or nothing.
 
-    DICOM doors may pass the sender's study/series UIDs (and per-file SOP Instance
-    UIDs on Upload); otherwise a study per encounter or capture session and a
-    series per capture session are made under settings.uid_root.
+    Image files get a study per encounter or capture session and a series per capture session
+    under settings.uid_root (or the request's study/series UIDs); a DICOM object keeps its own.
     """
-    if not uploads:
+    source = request.source
+    if not request.items:
         raise IngestRejected(NO_FILES, "no image files in the request", field="files")
-    session_key = session_key or idempotency_key and f"{actor.who}|{idempotency_key}" or uuid.uuid4().hex
-    for item in uploads:
-        if item.sha256 is None:
-            item.sha256 = sha256_of(item.path)
-    shas = [u.sha256 for u in uploads]
-    request_hash = _request_hash(meta, shas)
+    session_key = request.session_key or (request.idempotency_key and f"{source.who}|{request.idempotency_key}") \
+        or uuid.uuid4().hex
     patient_id: int | None = None
     try:
+        _check_consent(request)
+        items = _read_items(gw, request)
+        shas = [e.sha256 for e in items]
+        request_hash = _request_hash(request, shas)
         with gw.db.read() as session:
-            if idempotency_key:
-                seen = session.get(IdempotencyKey, (actor.who, idempotency_key))
+            if request.idempotency_key:
+                seen = session.get(IdempotencyKey, (source.who, request.idempotency_key))
                 if seen is not None:
                     if seen.request_hash != request_hash:
                         raise IngestRejected(
                             IDEMPOTENCY_CONFLICT,
-                            f"Idempotency-Key {idempotency_key!r} was already used for a different request",
+                            f"Idempotency-Key {request.idempotency_key!r} was already used for a different request",
                             field="Idempotency-Key",
                         )
                     return IngestResult.from_dict(seen.response, replayed=True)
-            ctx = _resolve(session, gw, meta, session_key, study_uid, series_uid)
+            ctx = _resolve(session, gw, request, [e.received for e in items if e.received is not None], session_key)
             patient_id = ctx.patient_id
             existing: dict[str, StoredPhoto] = {}
             if patient_id is not None:
                 rows = session.execute(select(Asset).where(Asset.patient_id == patient_id, Asset.sha256.in_(shas))).scalars()
                 existing = {a.sha256: _as_existing(a) for a in rows}
-            given_uids = [u.sop_instance_uid for u in uploads if u.sop_instance_uid]
-            if given_uids:
-                for a in session.execute(select(Asset).where(Asset.sop_instance_uid.in_(given_uids))).scalars():
-                    if a.sha256 not in existing:
-                        raise IngestRejected(
-                            DUPLICATE_INSTANCE,
-                            f"SOP Instance UID {a.sop_instance_uid} is already stored with different content",
-                            field="SOPInstanceUID",
-                        )
+            _known_instances(session, items, existing, gw.blobs.path)
     except IngestRejected as exc:
-        audit_refusal(gw, actor, exc, patient_id, source)
+        audit_refusal(gw, source, exc, patient_id)
         raise
 
     writer = _BlobWriter(gw)
     prepared: list[Prepared] = []
     try:
-        result = _store(gw, uploads, meta, actor, ctx, existing, prepared, writer, source, session_key,
-                        idempotency_key, request_hash)
+        result = _store(gw, request, items, ctx, existing, prepared, writer, session_key, request_hash)
     except IntegrityError:
         # a concurrent request stored the same content (or used the same key) first: answer as it did
         writer.remove_unreferenced()
         _close_all(prepared)
         if not _retry:
             raise
-        return _after_race(gw, uploads, meta, actor, source, idempotency_key, session_key, study_uid, series_uid)
+        return _after_race(gw, request)
     except IngestRejected as exc:
         writer.remove_unreferenced()
         _close_all(prepared)
-        audit_refusal(gw, actor, exc, patient_id, source)
+        audit_refusal(gw, source, exc, patient_id)
         raise
     except BaseException as exc:
         writer.remove_unreferenced()
         _close_all(prepared)
-        audit_refusal(gw, actor, IngestRejected("internal-error", f"ingest failed: {type(exc).__name__}"), patient_id, source,
-                       outcome=audit.SERIOUS_FAILURE)
+        audit_refusal(gw, source, IngestRejected("internal-error", f"ingest failed: {type(exc).__name__}"), patient_id,
+                      outcome=audit.SERIOUS_FAILURE)
         raise
     writer.release()
     _close_all(prepared)
@@ -468,83 +585,125 @@ def _close_all(prepared: list[Prepared]) -> None:
     prepared.clear()
 
 
-def _after_race(gw, uploads, meta, actor, source, idempotency_key, session_key, study_uid, series_uid) -> IngestResult:
-    with gw.db.read() as session:
-        if idempotency_key:
-            seen = session.get(IdempotencyKey, (actor.who, idempotency_key))
+def _after_race(gw: Gateway, request: CaptureRequest) -> IngestResult:
+    if request.idempotency_key:
+        with gw.db.read() as session:
+            seen = session.get(IdempotencyKey, (request.source.who, request.idempotency_key))
             if seen is not None:
                 return IngestResult.from_dict(seen.response, replayed=True)
     # the other request stored these files: one more pass finds them as existing
-    return ingest(gw, uploads, meta, actor, source=source, idempotency_key=idempotency_key, session_key=session_key,
-                  study_uid=study_uid, series_uid=series_uid, _retry=False)
+    return ingest(gw, request, _retry=False)
 
 
-def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: list, writer: _BlobWriter, source: str,
-           session_key: str, idempotency_key: str | None, request_hash: str) -> IngestResult:
+def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, session_key: str, number: int,
+                  writer: _BlobWriter, prepared: list[Prepared]) -> tuple[Asset, StoredPhoto]:
+    """An image file checked and derived, its blobs written: the row to insert and what the caller is told."""
     settings = gw.settings.ingest
-    root = gw.settings.uid_root
-    series_uid = ctx.series_uid
-    plan: list[tuple[int, Upload, bool]] = []
-    seen_in_request: set[str] = set()
-    now = datetime.now(timezone.utc)
-    rows: list[Asset] = []
-    photos: list[StoredPhoto | None] = [None] * len(uploads)
-    instance = ctx.first_instance
-    limits.check_request_pixels([(u.path, u.filename) for u in uploads], settings.max_pixels, settings.max_request_pixels)
-    # check, derive and write the blobs of each file in turn (its decoded pixels are
-    # released before the next one); a refusal of any file removes them all again
-    for index, item in enumerate(uploads):
-        if item.sha256 in existing or item.sha256 in seen_in_request:
-            plan.append((index, item, False))
-            continue
-        try:
-            p = prepare(item.path, settings, sha256=item.sha256, tmp_dir=gw.spool.path)  # jpegtran/decoder temp files
-        except IngestRejected as exc:
-            raise exc.for_item(index, item.filename) from None
-        prepared.append(p)
-        seen_in_request.add(item.sha256)
-        plan.append((index, item, True))
-        sop_uid = item.sop_instance_uid or stable_uid(root, "instance", session_key, meta.patient, item.sha256)
-        if settings.keep_originals:
-            writer.put_path(item.path, item.sha256)
-        number = item.instance_number or instance
-        dicom_sha, dicom_size, ts = _write_dicom(gw, p, ctx, meta, sop_uid, series_uid, number, writer)
-        preview_sha = writer.put_bytes(p.renditions.preview)
-        thumb_sha = writer.put_bytes(p.renditions.thumbnail)
-        rows.append(Asset(
-            patient_id=ctx.patient_id,
-            encounter_id=ctx.encounter_id,
-            consent_id=ctx.consent_id,
-            study_uid=ctx.study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-            sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=number,
-            sha256=item.sha256, size=p.size, media_type=p.media_type, original_kept=settings.keep_originals,
-            original_filename=(item.filename or None) and item.filename[-255:], width=p.width, height=p.height,
-            dicom_sha256=dicom_sha, dicom_size=dicom_size, dicom_transfer_syntax=ts,
-            preview_sha256=preview_sha, thumbnail_sha256=thumb_sha,
-            taken_at=p.facts.taken_at or meta.taken_at,
-            body_site_code=meta.body_site.code if meta.body_site else None,
-            body_site_display=meta.body_site.meaning if meta.body_site else None,
-            laterality=meta.body_site.laterality if meta.body_site else None,
-            view=meta.view, specialty=meta.specialty or ctx.encounter_specialty,
-            sensitivity=meta.sensitivity, photographer=meta.photographer,
-            device=meta.device or " ".join(x for x in (p.facts.make, p.facts.model) if x) or None,
-            description=meta.description, source=source, uploaded_by=actor.who,
-            status="quarantined" if ctx.patient_id is None else "active", created_at=now, updated_at=now,
-        ))
-        photos[index] = StoredPhoto(
-            asset_id="", status=CREATED, sha256=item.sha256, media_type=p.media_type, study_uid=ctx.study_uid,
-            series_uid=series_uid, sop_instance_uid=sop_uid, width=p.width, height=p.height,
-            filename=item.filename, transfer_syntax=ts, quarantined=ctx.patient_id is None,
-        )
-        if item.instance_number is None:
-            instance += 1
-        p.close()
+    item = entry.item
+    try:
+        p = prepare(item.path, settings, sha256=entry.sha256, tmp_dir=gw.spool.path)  # jpegtran/decoder temp files
+    except IngestRejected as exc:
+        raise exc.for_item(entry.index, entry.filename) from None
+    prepared.append(p)
+    sop_uid = entry.sender_uid or stable_uid(gw.settings.uid_root, "instance", session_key, ctx.patient.label(), entry.sha256)
+    if settings.keep_originals:
+        writer.put_path(item.path, entry.sha256)
+    dicom_sha, dicom_size, ts = _write_dicom(gw, p, ctx, gov, sop_uid, number, writer)
+    preview_sha = writer.put_bytes(p.renditions.preview)
+    thumb_sha = writer.put_bytes(p.renditions.thumbnail)
+    site = gov.body_site
+    row = Asset(
+        study_uid=ctx.study_uid, series_uid=ctx.series_uid, sop_instance_uid=sop_uid,
+        sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=number,
+        sha256=entry.sha256, size=p.size, media_type=p.media_type, original_kept=settings.keep_originals,
+        width=p.width, height=p.height, dicom_sha256=dicom_sha, dicom_size=dicom_size, dicom_transfer_syntax=ts,
+        preview_sha256=preview_sha, thumbnail_sha256=thumb_sha, taken_at=p.facts.taken_at or gov.taken_at,
+        body_site_code=site.code if site else None, body_site_display=site.meaning if site else None,
+        laterality=site.laterality if site else None,
+        device=gov.device or " ".join(x for x in (p.facts.make, p.facts.model) if x) or None,
+    )
+    photo = StoredPhoto(
+        asset_id="", status=CREATED, sha256=entry.sha256, media_type=p.media_type, study_uid=ctx.study_uid,
+        series_uid=ctx.series_uid, sop_instance_uid=sop_uid, width=p.width, height=p.height,
+        filename=entry.filename, transfer_syntax=ts, quarantined=ctx.patient_id is None,
+    )
+    p.close()
+    return row, photo
 
-    # one transaction: consent, assets, audit, idempotency record
+
+def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Context, gov: Governance,
+                    writer: _BlobWriter) -> tuple[Asset, StoredPhoto]:
+    """A received DICOM object rendered, kept as received: the row to insert and what the caller is told."""
+    try:
+        rends = received.renditions(obj, gw.settings.ingest, tmp_dir=gw.spool.path)
+    except IngestRejected as exc:
+        raise exc.for_item(entry.index, entry.filename) from None
+    # the received file is the original and the stored object at once: kept whatever keep_originals says
+    writer.put_path(obj.path, entry.sha256)
+    preview_sha = writer.put_bytes(rends.preview)
+    thumb_sha = writer.put_bytes(rends.thumbnail)
+    site = gov.body_site
+    code, display = (site.code, site.meaning) if site else (obj.body_site or (None, None))
+    row = Asset(
+        study_uid=obj.study_uid, series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid,
+        sop_class_uid=obj.sop_class_uid, instance_number=obj.instance_number,
+        sha256=entry.sha256, size=obj.size, media_type=received.MEDIA_TYPE, original_kept=True,
+        width=obj.columns, height=obj.rows, dicom_sha256=entry.sha256, dicom_size=obj.size,
+        dicom_transfer_syntax=obj.transfer_syntax, preview_sha256=preview_sha, thumbnail_sha256=thumb_sha,
+        taken_at=obj.taken_at or gov.taken_at, body_site_code=code, body_site_display=display,
+        laterality=site.laterality if site else obj.laterality, device=gov.device or obj.device,
+        photographer=gov.photographer or obj.operator,
+    )
+    photo = StoredPhoto(
+        asset_id="", status=CREATED, sha256=entry.sha256, media_type=received.MEDIA_TYPE, study_uid=obj.study_uid,
+        series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid, width=obj.columns, height=obj.rows,
+        filename=entry.filename, transfer_syntax=obj.transfer_syntax, quarantined=ctx.patient_id is None,
+    )
+    return row, photo
+
+
+def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Context, existing: dict[str, StoredPhoto],
+           prepared: list[Prepared], writer: _BlobWriter, session_key: str, request_hash: str) -> IngestResult:
+    settings = gw.settings.ingest
+    gov, source = request.governance, request.source
+    now = datetime.now(UTC)
+    rows: list[Asset] = []
+    photos: list[StoredPhoto | None] = [None] * len(items)
+    repeats: list[_Item] = []  # already stored, or the same content earlier in this request
+    seen_in_request: set[str] = set()
+    instance = ctx.first_instance
+    limits.check_request_pixels([(e.item.path, e.filename) for e in items], settings.max_pixels, settings.max_request_pixels)
+    # check, derive and write the blobs of each item in turn (its decoded pixels are
+    # released before the next one); a refusal of any item removes them all again
+    for entry in items:
+        if entry.sha256 in existing or entry.sha256 in seen_in_request:
+            repeats.append(entry)
+            continue
+        seen_in_request.add(entry.sha256)
+        if entry.received is not None:
+            row, photo = _new_object_row(gw, entry, entry.received, ctx, gov, writer)
+        else:
+            given = entry.item.instance_number if isinstance(entry.item, ImageFile) else None
+            row, photo = _new_file_row(gw, entry, ctx, gov, session_key, given or instance, writer, prepared)
+            if given is None:  # a door that numbers its own photos (the importer) does not use up a number
+                instance += 1
+        filename = entry.filename
+        row.original_filename = filename[-255:] if filename else None
+        row.encounter_id = ctx.encounter_id
+        row.view, row.sensitivity, row.description = gov.view, gov.sensitivity, gov.description
+        row.specialty = gov.specialty or ctx.encounter_specialty
+        row.photographer = row.photographer or gov.photographer
+        row.source, row.uploaded_by = source.channel.value, source.who
+        row.status = "quarantined" if ctx.patient_id is None else "active"
+        row.created_at = row.updated_at = now
+        rows.append(row)
+        photos[entry.index] = photo
+
+    # one transaction: assets, consent, audit, idempotency record
     with gw.db.write() as session:
         patient_id = ctx.patient_id
         if patient_id is None:
-            patient_id = _placeholder_patient(session, meta).id
+            patient_id = _placeholder_patient(session, ctx.patient).id
         else:
             # The patient was looked up before the slow work; an A40 may have merged it since.
             # Locking its row (PostgreSQL; SQLite's write lock is already ours) makes a merge
@@ -561,68 +720,79 @@ def _store(gw, uploads, meta, actor, ctx: _Context, existing: dict, prepared: li
                     field="patient",
                 )
         consent_id = ctx.consent_id
-        # a repeat of photos already stored does not record their consent a second time
-        if meta.consent is not None and rows:
-            consent = Consent(
-                patient_id=patient_id, level=meta.consent.level, given_by=meta.consent.given_by,
-                captured_by=meta.consent.captured_by or actor.who, consent_date=meta.consent.date or now.date(),
-                scope="photos", encounter_id=ctx.encounter_id,
-                purpose_note=meta.consent.purpose,
-            )
-            session.add(consent)
-            session.flush()
-            consent_id = consent.id
         for row in rows:
             row.patient_id = patient_id
             row.consent_id = consent_id
         session.add_all(rows)
         session.flush()
-        # the consent captured with the photos covers them through consent_assets, the same
-        # link the consent API writes (Asset.consent_id only records which consent came along)
-        session.add_all([ConsentAsset(consent_id=row.consent_id, asset_id=row.id) for row in rows if row.consent_id])
+        if gov.consent is not None and rows:
+            # the consent captured with the photos, recorded by the one writer in this transaction and
+            # linked to them (a repeat of photos already stored does not record it a second time)
+            consent_id = _record_captured_consent(session, request, patient_id, [row.id for row in rows])
+            for row in rows:
+                row.consent_id = consent_id
+        elif consent_id:
+            # an existing consent named by id covers the new photos through the same link the consent API writes
+            session.add_all([ConsentAsset(consent_id=consent_id, asset_id=row.id) for row in rows])
         session.flush()
         by_sha = {row.sha256: row for row in rows}
-        for photo in photos:
-            if photo is not None:
-                photo.asset_id = by_sha[photo.sha256].id
-        for index, item, is_new in plan:
-            if not is_new:
-                if item.sha256 in existing:
-                    photos[index] = StoredPhoto(**{**asdict(existing[item.sha256]), "filename": item.filename})
-                else:  # the same file twice in one request: one asset
-                    photos[index] = _as_existing(by_sha[item.sha256], item.filename)
-        audit.append_many(session, [
-            # IHE BALP import (110107): the photo and its patient as entities, with the DICOM UIDs added
-            audit.AuditEntry(
-                type_code=audit.IMPORT, action="C", subtype=source, outcome=audit.SUCCESS,
-                agent_who=actor.who, agent_role=actor.role, agent_network=actor.network,
-                purpose_of_use=actor.purpose_of_use, patient_id=patient_id,
-                entities=[
-                    {"type": "asset", "id": row.id, "role": "stored", "sop_instance_uid": row.sop_instance_uid,
-                     "study_uid": row.study_uid},
-                    {"type": "patient", "id": patient_id},
-                ],
-                detail={"source": source, "sha256": row.sha256, "media_type": row.media_type,
-                        "filename": row.original_filename, "consent_id": row.consent_id, "status": row.status,
-                        **({"agent_name": actor.name} if actor.name else {})},
-            )
-            for row in rows
-        ])
+        for made in photos:
+            if made is not None:
+                made.asset_id = by_sha[made.sha256].id
+        for entry in repeats:
+            if entry.sha256 in existing:
+                photos[entry.index] = StoredPhoto(**{**asdict(existing[entry.sha256]), "filename": entry.filename})
+            else:  # the same content twice in one request: one asset
+                photos[entry.index] = _as_existing(by_sha[entry.sha256], entry.filename)
+        audit.append_many(session, [_stored_entry(source, row, patient_id) for row in rows])
         result = IngestResult(patient_id=patient_id, photos=[p for p in photos if p is not None], consent_id=consent_id)
-        if idempotency_key:
-            session.add(IdempotencyKey(caller=actor.who, key=idempotency_key, request_hash=request_hash, response=result.to_dict()))
+        if request.idempotency_key:
+            session.add(IdempotencyKey(caller=source.who, key=request.idempotency_key, request_hash=request_hash,
+                                       response=result.to_dict()))
             session.flush()
     return result
 
 
-def _placeholder_patient(session: Session, meta: PhotoMetadata) -> Patient:
+def _record_captured_consent(session: Session, request: CaptureRequest, patient_id: int, asset_ids: list[str]) -> str:
+    given = request.governance.consent
+    assert given is not None
+    source = request.source
+    try:
+        consent = record_consent(
+            session, patient_id=patient_id, level=given.level, given_by=given.given_by,
+            captured_by=given.captured_by or source.who, consent_date=given.date, scope="photos", asset_ids=asset_ids,
+            purpose_note=given.purpose, actor=source.who, actor_role=source.role, actor_network=source.network,
+        )
+    except ConsentError as exc:
+        raise _consent_refusal(exc) from None
+    return consent.id
+
+
+def _stored_entry(source: Source, row: Asset, patient_id: int) -> audit.AuditEntry:
+    """IHE BALP import (110107): the photo and its patient as entities, with the DICOM UIDs added."""
+    return audit.AuditEntry(
+        type_code=audit.IMPORT, action="C", subtype=source.channel.value, outcome=audit.SUCCESS,
+        agent_who=source.who, agent_role=source.role, agent_network=source.network,
+        purpose_of_use=source.purpose_of_use, patient_id=patient_id,
+        entities=[
+            {"type": "asset", "id": row.id, "role": "stored", "sop_instance_uid": row.sop_instance_uid,
+             "study_uid": row.study_uid},
+            {"type": "patient", "id": patient_id},
+        ],
+        detail={"source": source.channel.value, "sha256": row.sha256, "media_type": row.media_type,
+                "filename": row.original_filename, "consent_id": row.consent_id, "status": row.status,
+                **({"sop_class_uid": row.sop_class_uid} if row.sop_class_uid != vlphoto.VL_PHOTOGRAPHIC_IMAGE else {}),
+                **({"agent_name": source.name} if source.name else {})},
+    )
+
+
+def _placeholder_patient(session: Session, ref: PatientRef) -> Patient:
     """Quarantine: a patient row holding only the identifier, for a records officer to reconcile."""
-    found = find_patient(session, meta.patient_system, meta.patient_value)
+    found = _find(session, ref)
     if found is not None:  # registered meanwhile
         return found
     patient = Patient()
-    patient.identifiers = [PatientIdentifier(system=meta.patient_system, value=meta.patient_value,
-                                             type_code="NH" if meta.patient_system == NHS_SYSTEM else None)]
+    patient.identifiers = [placeholder_identifier(ref)]
     session.add(patient)
     session.flush()
     return patient

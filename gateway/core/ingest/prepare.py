@@ -298,12 +298,12 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
         # scan decodes and feeds both renditions. 12 MP 4:2:0 phone photo, prepare + Part 10 write:
         # 70 ms (best of 18), where Pillow's draft decode, which checked nothing, took 75 ms.
         # bench/ingest.py prints the figure ("full prepare").
-        rends = _renditions(_preview_source(stream, src_info, settings, tmp_dir), settings)
+        rends = _renditions(preview_source(stream, src_info, settings, tmp_dir), settings)
         return stream, facts, width, height, derived, derivation, rends
 
     # 4:4:4 YCbCr or RGB-coded: keep the decoded pixels losslessly (see IngestSettings.jpeg_444). The
     # renditions come from a second, reduced decode: cheaper than a full-size RGB image to shrink.
-    rends = _renditions(_preview_source(stream, src_info, settings, tmp_dir), settings)
+    rends = _renditions(preview_source(stream, src_info, settings, tmp_dir), settings)
     samples = _decode(stream, "RGB", tmp_dir)
     note = f"{src_info.subsampling_label if src_info.colour_model == 'YCbCr' else 'RGB-coded'} JPEG decoded and stored without further loss"
     derivation = f"{derivation}; {note}" if derivation else note
@@ -418,7 +418,7 @@ def _decoded_image(stream: EncapsulatedJpeg, model: str, tmp_dir: Path | None) -
     return Image.fromarray(_decode(stream, "GRAY" if model == "GRAY" else "RGB", tmp_dir))
 
 
-def _preview_source(stream: EncapsulatedJpeg, info: jpeg.JpegInfo, settings: IngestSettings, tmp_dir: Path | None) -> Image.Image:
+def preview_source(stream: EncapsulatedJpeg, info: jpeg.JpegInfo, settings: IngestSettings, tmp_dir: Path | None) -> Image.Image:
     """A reduced decode for the renditions, shared with Pillow without a copy.
 
     RGBX rather than RGB: Pillow keeps 4 bytes per pixel, so RGBX samples are mapped as

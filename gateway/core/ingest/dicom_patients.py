@@ -1,0 +1,109 @@
+"""The patient index as DICOM sees it, both ways.
+
+- patient_info: the Patient Module of a patient as the index holds it now (an NHS
+  number as PatientID with issuer NHS, else the hospital number with its assigning
+  authority; every other identifier, merged records' included, in
+  OtherPatientIDsSequence). Objects clinphoto builds carry it, and every object is
+  served with it (gateway/core/objects/coerce.py), so a merge or a demographics
+  update reaches objects stored before it.
+- find_by_dicom_id: the patient a received object names by PatientID +
+  IssuerOfPatientID (or the issuer's Universal Entity ID). IssuerOfPatientID NHS
+  means an NHS number; any other issuer matches an identifier whose assigning
+  authority or system it is. A PatientID without an issuer is not matched: the same
+  number from two hospitals would file one patient's photos under another (the
+  Orthanc pitfall in the standards crib sheet).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from gateway.core.ingest.errors import UNKNOWN_PATIENT, IngestRejected
+from gateway.core.ingest.request import MAX_SYSTEM, MAX_VALUE, NHS_SYSTEM, PatientRef
+from gateway.core.objects.vlphoto import PatientInfo
+from store.models import Patient, PatientIdentifier
+from store.patients import identifiers_of, survivor
+
+NHS_ISSUER = "NHS"
+# A quarantined object's placeholder identifier, when its issuer is not the NHS: a records officer reconciles
+# it (merges it into the real record); a registered patient with the same PatientID and issuer wins over it.
+PLACEHOLDER_SYSTEM = "urn:clinphoto:dicom-issuer:"
+
+
+def issuer_of(identifier: PatientIdentifier) -> str:
+    """The IssuerOfPatientID an identifier is written with."""
+    return NHS_ISSUER if identifier.system == NHS_SYSTEM else (identifier.assigner or identifier.system)
+
+
+def patient_info(session: Session, patient: Patient) -> PatientInfo:
+    """The Patient Module values of a (live) patient: the NHS number if known, else the MRN with its assigner."""
+    idents = identifiers_of(session, patient.id)
+    nhs = next((i for i in idents if i.system == NHS_SYSTEM), None)
+    mrn = next((i for i in idents if i.type_code == "MR" and i.patient_id == patient.id), None)
+    mrn = mrn or next((i for i in idents if i.system != NHS_SYSTEM), None)
+    primary = nhs or mrn
+    others = [(i.value, issuer_of(i)) for i in idents if primary is None or i.id != primary.id]
+    return PatientInfo(
+        patient_id=primary.value if primary else "", issuer=issuer_of(primary) if primary else "",
+        family=patient.family_name, given=patient.given_names, prefix=patient.name_prefix,
+        birth_date=patient.birth_date, sex=patient.sex, other_ids=others,
+    )
+
+
+def info_for_unregistered(ref: PatientRef) -> PatientInfo:
+    """The Patient Module of a patient not (yet) in the index: only the identifier the sender gave."""
+    if ref.kind == "dicom":
+        return PatientInfo(patient_id=ref.value or "", issuer=ref.issuer or "")
+    system = ref.system or ""
+    return PatientInfo(patient_id=ref.value or "", issuer=NHS_ISSUER if system == NHS_SYSTEM else system[-64:])
+
+
+def find_by_dicom_id(session: Session, ref: PatientRef) -> Patient | None:
+    """The live patient a DICOM object names (PatientID + issuer), through merges; None when unknown.
+
+    Raises UNKNOWN_PATIENT when the object cannot be matched safely: no PatientID, no issuer, or an issuer
+    under which the PatientID belongs to two different patients."""
+    value, issuer = (ref.value or "").strip(), (ref.issuer or "").strip()
+    if not value:
+        raise IngestRejected(UNKNOWN_PATIENT, "the object has no PatientID: clinphoto files objects by PatientID and "
+                             "IssuerOfPatientID; send them", field="PatientID")
+    if not issuer and not ref.issuer_uid:
+        raise IngestRejected(
+            UNKNOWN_PATIENT,
+            f"the object's PatientID {value!r} has no IssuerOfPatientID: the same number may belong to different "
+            "patients at different hospitals, so it is not matched; configure the sender to send IssuerOfPatientID "
+            "(NHS for an NHS number, the trust's ODS code for a hospital number)",
+            field="IssuerOfPatientID",
+        )
+    if len(value) > MAX_VALUE:
+        return None
+    query = select(PatientIdentifier).where(PatientIdentifier.value == value)
+    if issuer.upper() == NHS_ISSUER:
+        query = query.where(PatientIdentifier.system == NHS_SYSTEM)
+    else:
+        names = [n for n in (issuer, ref.issuer_uid) if n and len(n) <= MAX_SYSTEM]
+        query = query.where(or_(PatientIdentifier.assigner.in_(names), PatientIdentifier.system.in_(names),
+                                PatientIdentifier.system == f"{PLACEHOLDER_SYSTEM}{issuer}"))
+    found = list(session.scalars(query))
+    registered = [i for i in found if not i.system.startswith(PLACEHOLDER_SYSTEM)]
+    live = {survivor(session, session.get_one(Patient, i.patient_id)).id for i in (registered or found)}
+    if len(live) > 1:
+        raise IngestRejected(
+            UNKNOWN_PATIENT,
+            f"{ref.label()} matches {len(live)} different patients in the patient index; a records officer must "
+            "resolve the duplicate identifiers first",
+            field="PatientID",
+        )
+    return session.get_one(Patient, live.pop()) if live else None
+
+
+def placeholder_identifier(ref: PatientRef) -> PatientIdentifier:
+    """The one identifier of a quarantine placeholder patient for an unknown patient."""
+    if ref.kind == "dicom":
+        issuer = (ref.issuer or "").strip()
+        if issuer.upper() == NHS_ISSUER:
+            return PatientIdentifier(system=NHS_SYSTEM, value=ref.value, type_code="NH", assigner=NHS_ISSUER)
+        return PatientIdentifier(system=f"{PLACEHOLDER_SYSTEM}{issuer}"[:MAX_SYSTEM], value=ref.value,
+                                 assigner=issuer[:100] or None)
+    return PatientIdentifier(system=ref.system, value=ref.value, type_code="NH" if ref.system == NHS_SYSTEM else None)

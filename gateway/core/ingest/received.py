@@ -1,0 +1,474 @@
+"""Received DICOM objects: checked, described and rendered, but kept exactly as they came.
+
+The file-door counterpart of prepare.py for an object a DICOM door received (C-STORE,
+STOW-RS): no database, no protocol.
+
+What "original" means here: the received Part 10 file, byte for byte (preamble, file
+meta and data set as the door wrote them), stored once as sealed evidence under its
+SHA-256. It is also the stored DICOM object: nothing is rebuilt, so the sender's
+Study, Series and SOP Instance UIDs, its pixel data and every attribute stay as sent
+(whatever ingest.keep_originals says, since it is the only copy of the pixels). What is
+served is that object with the patient module of the patient index at the time of
+serving (gateway/core/objects/coerce.py); the original itself only to the roles
+allowed originals.
+
+Accepted (anything else is refused with a code saying which rule, before anything is stored):
+- SOP classes: VL Photographic Image, Dermoscopic Photography Image, Secondary Capture Image;
+- transfer syntaxes the store can keep and serve as they are: JPEG Baseline (the
+  camera's own JPEG), JPEG-LS Lossless, RLE Lossless, Explicit and Implicit VR Little Endian;
+- pixels: one frame, 8 bits per sample (allocated and stored, high bit 7, unsigned),
+  1 sample (MONOCHROME2, MONOCHROME1) or 3 (RGB, YBR_FULL, YBR_FULL_422), Rows and
+  Columns present and agreeing with the pixel data (its length, or the JPEG, JPEG-LS
+  or RLE frame header), within ingest.max_bytes and ingest.max_pixels; a VL
+  Photographic or Dermoscopic object also as the VL Image module narrows them
+  (MONOCHROME2, RGB or YBR_FULL_422, colour by pixel), so what is served is valid.
+
+Renditions come from one decode of the pixels at the smallest scale that still gives
+the preview: JPEG by DCT scaling in the strict decoder that also proves the data
+complete (as for uploads), native pixels read in place and box-reduced a band at a
+time; JPEG-LS and RLE (no reduced decode exists) by pydicom with pyjpegls and its own
+RLE decoder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydicom.dataset import Dataset
+from pydicom.pixels.processing import convert_color_space
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pydicom.valuerep import DA, DT, TM
+
+from gateway.core.ingest import jpeg, limits
+from gateway.core.ingest.errors import (
+    CORRUPT,
+    INVALID_OBJECT,
+    NOT_FAITHFUL,
+    SOP_CLASS_NOT_SUPPORTED,
+    TRANSFER_SYNTAX_NOT_SUPPORTED,
+    IngestRejected,
+)
+from gateway.core.ingest.prepare import JOIN_LIMIT, preview_source
+from gateway.core.ingest.renditions import Renditions, decode_target, from_image
+from gateway.core.ingest.request import PatientRef, is_sctid
+from gateway.core.ingest_settings import IngestSettings
+from gateway.core.objects import part10
+from gateway.core.objects.uids import is_valid_uid
+from gateway.core.objects.vlphoto import (
+    DERMOSCOPIC_PHOTOGRAPHY_IMAGE,
+    SECONDARY_CAPTURE_IMAGE,
+    VL_PHOTOGRAPHIC_IMAGE,
+    EncapsulatedJpeg,
+)
+
+MEDIA_TYPE = "application/dicom"
+SOP_CLASSES: dict[str, str] = {
+    VL_PHOTOGRAPHIC_IMAGE: "VL Photographic Image",
+    DERMOSCOPIC_PHOTOGRAPHY_IMAGE: "Dermoscopic Photography Image",
+    SECONDARY_CAPTURE_IMAGE: "Secondary Capture Image",
+}
+TRANSFER_SYNTAXES: dict[str, str] = {
+    JPEGBaseline8Bit: "JPEG Baseline",
+    JPEGLSLossless: "JPEG-LS Lossless",
+    RLELossless: "RLE Lossless",
+    ExplicitVRLittleEndian: "Explicit VR Little Endian",
+    ImplicitVRLittleEndian: "Implicit VR Little Endian",
+}
+NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+VL_IMAGE_CLASSES = (VL_PHOTOGRAPHIC_IMAGE, DERMOSCOPIC_PHOTOGRAPHY_IMAGE)
+VL_PHOTOMETRIC = ("MONOCHROME2", "RGB", "YBR_FULL_422")  # of the VL Image module's, those our transfer syntaxes carry
+MONOCHROME = ("MONOCHROME2", "MONOCHROME1")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+_SIDES = {"R": "right", "L": "left", "B": "both"}
+_BAND_BYTES = 4 << 20  # native pixels are read and box-reduced about this many bytes at a time
+
+
+@dataclass(frozen=True)
+class Received:
+    """A received object that passed every check, and what the pipeline needs to store it."""
+
+    path: Path
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    patient: PatientRef
+    rows: int
+    columns: int
+    samples: int
+    photometric: str
+    planar: int
+    pixels: part10.PixelElement
+    instance_number: int | None = None
+    taken_at: dt.datetime | None = None
+    body_site: tuple[str, str] | None = None  # (SNOMED CT code, meaning)
+    laterality: str | None = None  # left, right, both
+    device: str | None = None
+    operator: str | None = None
+
+    @property
+    def sop_class_name(self) -> str:
+        return SOP_CLASSES[self.sop_class_uid]
+
+
+def _invalid(message: str, attribute: str | None = None) -> IngestRejected:
+    return IngestRejected(INVALID_OBJECT, message, field=attribute)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """An attribute's value as text, None when absent, empty or unreadable (a malformed value is not fatal)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    except Exception:
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    uid = _text(ds, keyword) or ""
+    if not is_valid_uid(uid):
+        raise _invalid(f"{keyword} is missing or not a valid UID ({uid[:70]!r})", keyword)
+    return uid
+
+
+def read(path: Path, settings: IngestSettings) -> Received:
+    """Every check that needs no decoding; raises IngestRejected naming the rule broken."""
+    size = path.stat().st_size
+    limits.check_size(size, settings.max_bytes)
+    try:
+        head = part10.read_head(path)
+    except part10.Part10Error as exc:
+        raise _invalid(f"{exc}: send the object as a DICOM Part 10 file (preamble, DICM, file meta, data set)") from None
+    ds = head.dataset
+    sop_class = _text(ds, "SOPClassUID") or ""
+    if sop_class not in SOP_CLASSES:
+        raise IngestRejected(
+            SOP_CLASS_NOT_SUPPORTED,
+            f"SOP class {sop_class or '(none)'} is not supported: clinphoto keeps photographs "
+            f"({', '.join(f'{name} {uid}' for uid, name in SOP_CLASSES.items())})",
+            field="SOPClassUID",
+        )
+    ts = head.transfer_syntax
+    if ts not in TRANSFER_SYNTAXES:
+        raise IngestRejected(
+            TRANSFER_SYNTAX_NOT_SUPPORTED,
+            f"transfer syntax {ts} is not supported: send the object as "
+            f"{', '.join(f'{name} ({uid})' for uid, name in TRANSFER_SYNTAXES.items())}",
+            field="TransferSyntaxUID",
+        )
+    sop_uid = _uid(ds, "SOPInstanceUID")
+    media_uid = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+    if media_uid and media_uid != sop_uid:
+        raise _invalid(f"the file meta names instance {media_uid} but the data set is {sop_uid}", "MediaStorageSOPInstanceUID")
+    rows, columns, samples, photometric, planar = _pixel_description(ds, ts)
+    limits.check_pixels(columns, rows, settings.max_pixels)
+    try:
+        with open(path, "rb") as f:
+            element = part10.pixel_element(f, head)
+    except part10.Part10Error as exc:
+        raise _invalid(str(exc), "PixelData") from None
+    _check_pixel_data(element, ts, rows, columns, samples)
+    return Received(
+        path=path, size=size, sop_class_uid=sop_class, sop_instance_uid=sop_uid, study_uid=_uid(ds, "StudyInstanceUID"),
+        series_uid=_uid(ds, "SeriesInstanceUID"), transfer_syntax=ts, patient=_patient(ds), rows=rows, columns=columns,
+        samples=samples, photometric=photometric, planar=planar, pixels=element,
+        instance_number=_int(ds, "InstanceNumber"), taken_at=_taken_at(ds), body_site=_body_site(ds),
+        laterality=_SIDES.get(_text(ds, "Laterality") or _text(ds, "ImageLaterality") or ""),
+        device=" ".join(x for x in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if x)[:200] or None,
+        operator=(_text(ds, "OperatorsName") or "")[:200] or None,
+    )
+
+
+def _pixel_description(ds: Dataset, ts: str) -> tuple[int, int, int, str, int]:
+    """(rows, columns, samples, photometric, planar configuration), each present and consistent."""
+    values: dict[str, int] = {}
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        value = _int(ds, keyword)
+        if value is None:
+            raise _invalid(f"{keyword} is missing: the Image Pixel module must describe the pixels", keyword)
+        values[keyword] = value
+    rows, columns, samples = values["Rows"], values["Columns"], values["SamplesPerPixel"]
+    if rows <= 0 or columns <= 0:
+        raise _invalid(f"Rows and Columns must be positive (they are {rows} and {columns})", "Rows")
+    bits = (values["BitsAllocated"], values["BitsStored"], values["HighBit"], values["PixelRepresentation"])
+    if bits != (8, 8, 7, 0):
+        raise IngestRejected(
+            NOT_FAITHFUL,
+            f"pixels of {bits[1]} bits stored in {bits[0]} (high bit {bits[2]}, pixel representation {bits[3]}): clinphoto "
+            "keeps photographs of 8 unsigned bits per sample, as VL Photographic Image holds them",
+            field="BitsAllocated",
+        )
+    frames = _int(ds, "NumberOfFrames")
+    if frames not in (None, 1):
+        raise _invalid(f"NumberOfFrames is {frames}: a photograph of these SOP classes is a single frame", "NumberOfFrames")
+    photometric = _text(ds, "PhotometricInterpretation") or ""
+    if photometric == "PALETTE COLOR":
+        raise IngestRejected(NOT_FAITHFUL, "PALETTE COLOR pixels are refused: a photograph is RGB or grey; send it as RGB",
+                             field="PhotometricInterpretation")
+    allowed = MONOCHROME if samples == 1 else COLOUR if samples == 3 else ()
+    if not allowed:
+        raise _invalid(f"SamplesPerPixel is {samples}: a photograph has 1 (grey) or 3 (colour)", "SamplesPerPixel")
+    if photometric not in allowed:
+        raise _invalid(f"PhotometricInterpretation {photometric or '(none)'} does not fit SamplesPerPixel {samples} "
+                       f"(use {' or '.join(allowed)})", "PhotometricInterpretation")
+    if photometric == "YBR_FULL_422" and ts in (JPEGLSLossless, RLELossless):
+        raise _invalid(f"PhotometricInterpretation YBR_FULL_422 is not allowed with {TRANSFER_SYNTAXES[ts]} (PS3.5 8.2)",
+                       "PhotometricInterpretation")
+    planar = 0
+    if samples == 3:
+        value = _int(ds, "PlanarConfiguration")
+        if value not in (0, 1):
+            raise _invalid(f"PlanarConfiguration is {'missing' if value is None else value}: a colour image needs 0 or 1",
+                           "PlanarConfiguration")
+        planar = value
+    sop_class = _text(ds, "SOPClassUID")
+    if sop_class in VL_IMAGE_CLASSES:
+        # the VL Image module (PS3.3 C.8.12.1) narrows the pixels: a served object of this class must be valid
+        if photometric not in VL_PHOTOMETRIC:
+            raise _invalid(f"PhotometricInterpretation {photometric} is not allowed in a {SOP_CLASSES[sop_class]} (use "
+                           f"{', '.join(VL_PHOTOMETRIC)}; or send it as a Secondary Capture Image)", "PhotometricInterpretation")
+        if planar != 0:
+            raise _invalid(f"PlanarConfiguration {planar} is not allowed in a {SOP_CLASSES[sop_class]} (it must be 0, "
+                           "colour by pixel; or send it as a Secondary Capture Image)", "PlanarConfiguration")
+    return rows, columns, samples, photometric, planar
+
+
+def _check_pixel_data(element: part10.PixelElement, ts: str, rows: int, columns: int, samples: int) -> None:
+    if ts in NATIVE:
+        if element.encapsulated:
+            raise _invalid(f"Pixel Data is encapsulated, but the transfer syntax {TRANSFER_SYNTAXES[ts]} is native", "PixelData")
+        expected = rows * columns * samples
+        if element.length not in (expected, expected + (expected & 1)):
+            raise _invalid(f"Pixel Data holds {element.length} bytes, but Rows x Columns x SamplesPerPixel "
+                           f"({rows} x {columns} x {samples}) needs {expected}", "PixelData")
+        return
+    if not element.encapsulated:
+        raise _invalid(f"Pixel Data must be encapsulated for {TRANSFER_SYNTAXES[ts]}", "PixelData")
+    table = element.offset_table
+    if table is not None and table[1] - table[0] > 4:
+        raise _invalid("the Basic Offset Table lists several frames: a photograph of these SOP classes is a single frame",
+                       "PixelData")
+    if not element.fragments or element.fragment_bytes == 0:
+        raise _invalid("encapsulated Pixel Data holds no frame", "PixelData")
+
+
+def _patient(ds: Dataset) -> PatientRef:
+    issuer_uid = None
+    try:
+        qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
+        if qualifiers:
+            issuer_uid = _text(qualifiers[0], "UniversalEntityID")
+    except Exception:
+        issuer_uid = None
+    return PatientRef.dicom(_text(ds, "PatientID") or "", _text(ds, "IssuerOfPatientID") or "", issuer_uid)
+
+
+def _taken_at(ds: Dataset) -> dt.datetime | None:
+    """When the photo was taken: AcquisitionDateTime, else Content/Acquisition Date and Time. Without an
+    offset in the value or TimezoneOffsetFromUTC, the gateway host's local time (a modality on site)."""
+    try:
+        moment: dt.datetime | None = None
+        text = _text(ds, "AcquisitionDateTime")
+        if text:
+            moment = DT(text)
+        else:
+            for day, time in (("ContentDate", "ContentTime"), ("AcquisitionDate", "AcquisitionTime")):
+                if _text(ds, day) and _text(ds, time):
+                    moment = dt.datetime.combine(DA(_text(ds, day)), TM(_text(ds, time)))
+                    break
+        if moment is None:
+            return None
+        moment = dt.datetime(moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+                             moment.microsecond, tzinfo=moment.tzinfo)
+        if moment.tzinfo is None:
+            offset = _text(ds, "TimezoneOffsetFromUTC")
+            if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+                minutes = int(offset[1:3]) * 60 + int(offset[3:])
+                moment = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
+            else:
+                moment = moment.astimezone()
+        return moment.astimezone(dt.UTC)
+    except Exception:  # a malformed date is the sender's problem, not a reason to refuse the photo
+        return None
+
+
+def _body_site(ds: Dataset) -> tuple[str, str] | None:
+    """The object's own Anatomic Region, when it is a SNOMED CT concept."""
+    try:
+        regions = ds.get("AnatomicRegionSequence")
+        if not regions:
+            return None
+        region = regions[0]
+        code = _text(region, "CodeValue") or _text(region, "LongCodeValue") or ""
+        if _text(region, "CodingSchemeDesignator") != "SCT" or not is_sctid(code):
+            return None
+        return code, (_text(region, "CodeMeaning") or f"SNOMED CT {code}")[:200]
+    except Exception:
+        return None
+
+
+# --- renditions ------------------------------------------------------------------------------------------
+
+
+def renditions(obj: Received, settings: IngestSettings, tmp_dir: Path | None = None) -> Renditions:
+    """Preview and thumbnail from one decode of the pixels; a frame that does not decode, or disagrees with
+    Rows/Columns/SamplesPerPixel, is refused (CORRUPT or INVALID_OBJECT)."""
+    if obj.transfer_syntax == JPEGBaseline8Bit:
+        image = _jpeg_image(obj, settings, tmp_dir)
+    elif obj.transfer_syntax in NATIVE and obj.photometric != "YBR_FULL_422":
+        image = Image.fromarray(_native_reduced(obj, settings))
+    else:
+        if obj.transfer_syntax not in NATIVE:
+            _check_frame_header(obj)
+        image = Image.fromarray(_decoded(obj))
+    if obj.photometric == "MONOCHROME1":  # 0 is white: shown the way a viewer would
+        image = ImageOps.invert(image)
+    return from_image(image, 1, preview=settings.preview_size, thumbnail=settings.thumbnail_size,
+                      quality=settings.rendition_quality)
+
+
+def _jpeg_image(obj: Received, settings: IngestSettings, tmp_dir: Path | None) -> Image.Image:
+    """The frame's JPEG stream (joined, or spooled when large) checked against the pixel description, then
+    decoded strictly at the preview's scale."""
+    spooled: Path | None = None
+    view: jpeg.FileView | None = None
+    try:
+        with open(obj.path, "rb") as f:
+            if obj.pixels.fragment_bytes <= JOIN_LIMIT:
+                buf: bytes | jpeg.FileView = b"".join(part10.read_range(f, a, b) for a, b in obj.pixels.fragments)
+            else:
+                fd, name = tempfile.mkstemp(prefix="frame-", suffix=".jpg", dir=tmp_dir)
+                spooled = Path(name)
+                with os.fdopen(fd, "wb") as out:
+                    for a, b in obj.pixels.fragments:
+                        part10.copy_range(f, a, b, out)
+                buf = view = jpeg.FileView(spooled)
+        length = len(buf)
+        if length >= 3 and buf[length - 1] == 0 and buf[length - 3 : length - 1] == jpeg.EOI:
+            length -= 1  # the fragment's padding to even length
+        try:
+            info = jpeg.parse(buf, find_end=False)
+        except jpeg.JpegError as exc:
+            raise IngestRejected(CORRUPT, f"the JPEG frame is damaged: {exc}", field="PixelData") from None
+        if not info.baseline:
+            raise _invalid(f"the frame is {info.process} JPEG, but the transfer syntax says JPEG Baseline", "PixelData")
+        if (info.width, info.height, len(info.components)) != (obj.columns, obj.rows, obj.samples):
+            raise _invalid(
+                f"the JPEG frame is {info.width} x {info.height} with {len(info.components)} component(s), but the object "
+                f"says Columns {obj.columns}, Rows {obj.rows}, SamplesPerPixel {obj.samples}", "PixelData")
+        stream = EncapsulatedJpeg(source=buf, pieces=[(0, length)], width=info.width, height=info.height,
+                                  samples=len(info.components), photometric=obj.photometric)
+        return preview_source(stream, info, settings, tmp_dir)
+    finally:
+        if view is not None:
+            view.close()
+        if spooled is not None:
+            spooled.unlink(missing_ok=True)
+
+
+def _native_reduced(obj: Received, settings: IngestSettings) -> np.ndarray:
+    """Native pixels box-reduced by the largest whole factor that still leaves the preview's size, read from
+    the file a band of rows at a time (about 4 MiB), so a 100 MP object is never in memory whole."""
+    rows, columns, samples = obj.rows, obj.columns, obj.samples
+    target_w, target_h = decode_target(columns, rows, settings.preview_size, settings.preview_min_fraction)
+    factor = max(1, min(columns // max(target_w, 1), rows // max(target_h, 1)))
+    out_rows, out_cols = rows // factor, columns // factor
+    band = max(1, _BAND_BYTES // (factor * columns * samples))  # output rows per read
+    base = obj.pixels.value_offset
+    reduced = np.empty((out_rows, out_cols, samples), np.uint8)
+    with open(obj.path, "rb") as f:
+        for top in range(0, out_rows, band):
+            bottom = min(top + band, out_rows)
+            first, count = top * factor, (bottom - top) * factor
+            if samples == 1 or obj.planar == 0:
+                raw = _rows(f, base + first * columns * samples, count, columns * samples).reshape(count, columns, samples)
+            else:  # colour by plane: all R, then all G, then all B
+                raw = np.stack([_rows(f, base + plane * rows * columns + first * columns, count, columns)
+                                for plane in range(3)], axis=2)
+            blocks = raw[:, : out_cols * factor].astype(np.uint32).reshape(bottom - top, factor, out_cols, factor, samples)
+            reduced[top:bottom] = (blocks.sum(axis=(1, 3)) + factor * factor // 2) // (factor * factor)
+    if obj.photometric == "YBR_FULL":
+        reduced = np.asarray(convert_color_space(reduced, "YBR_FULL", "RGB"), dtype=np.uint8)
+    return reduced[:, :, 0] if samples == 1 else reduced
+
+
+def _rows(f: BinaryIO, offset: int, count: int, row_bytes: int) -> np.ndarray:
+    return np.frombuffer(part10.read_range(f, offset, offset + count * row_bytes), np.uint8).reshape(count, row_bytes)
+
+
+def _check_frame_header(obj: Received) -> None:
+    """JPEG-LS and RLE frames describe themselves: they must agree with the object before anything is decoded."""
+    with open(obj.path, "rb") as f:
+        start, end = obj.pixels.fragments[0]
+        head = part10.read_range(f, start, min(end, start + 65536))
+    if obj.transfer_syntax == RLELossless:
+        segments = int.from_bytes(head[:4], "little") if len(head) >= 64 else -1
+        if segments != obj.samples:
+            raise _invalid(f"the RLE frame has {segments} segment(s), but SamplesPerPixel {obj.samples} of 8 bits needs "
+                           f"{obj.samples}", "PixelData")
+        return
+    frame = _jpegls_frame(head)
+    if frame is None:
+        raise IngestRejected(CORRUPT, "the JPEG-LS frame is damaged: no frame header (SOF55) in its first fragment",
+                             field="PixelData")
+    precision, height, width, components = frame
+    if (precision, width, height, components) != (8, obj.columns, obj.rows, obj.samples):
+        raise _invalid(
+            f"the JPEG-LS frame is {width} x {height} with {components} component(s) of {precision} bits, but the object "
+            f"says Columns {obj.columns}, Rows {obj.rows}, SamplesPerPixel {obj.samples} of 8 bits", "PixelData")
+
+
+def _jpegls_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, height, width, components) from a JPEG-LS start-of-frame (SOF55), or None."""
+    if data[:2] != jpeg.SOI:
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xF7 and pos + 10 <= len(data):
+            return data[pos + 4], int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big"), data[pos + 9]
+        if marker == 0xDA:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _decoded(obj: Received) -> np.ndarray:
+    """The whole frame decoded by pydicom (RGB for YBR): RLE, JPEG-LS and native YBR_FULL_422."""
+    try:
+        pixels = pixel_array(str(obj.path), index=0)
+    except Exception as exc:  # decoders raise many kinds for damaged data
+        raise IngestRejected(CORRUPT, f"the pixel data does not decode ({TRANSFER_SYNTAXES[obj.transfer_syntax]}): "
+                             f"{' '.join(str(exc).split())[:200]}", field="PixelData") from None
+    expected = (obj.rows, obj.columns) if obj.samples == 1 else (obj.rows, obj.columns, obj.samples)
+    if pixels.shape != expected or pixels.dtype != np.uint8:
+        raise _invalid(f"the pixel data decodes to {pixels.shape} {pixels.dtype}, not Rows x Columns x SamplesPerPixel "
+                       f"{expected} of 8 bits", "PixelData")
+    return np.ascontiguousarray(pixels)
