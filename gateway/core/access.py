@@ -9,6 +9,8 @@ the audit trail before the call returns:
 - a photo the caller may not see is NOT_FOUND, exactly like one that does not
   exist; the reasons go to the audit trail only;
 - the original file is only for the roles the policy names;
+- a photo's DICOM object is served with the patient module the patient index
+  holds at that moment (dicom_object; gateway/core/objects/coerce.py);
 - governance (sensitivity, access lists) is for governance roles, over the
   photos the policy's governance reading lets them manage.
 
@@ -30,6 +32,9 @@ from gateway.core import access_audit
 from gateway.core.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
+from gateway.core.ingest.dicom_patients import patient_info
+from gateway.core.objects.coerce import Served, coerce
+from gateway.core.objects.part10 import Part10Error
 from gateway.core.policy.rules import (
     AccessContext,
     consent_summary,
@@ -43,8 +48,8 @@ from gateway.core.policy.rules import (
 )
 from gateway.core.refusals import Kind, Refused
 from store import audit
-from store.models import Asset, AssetAccess, Consent
-from store.patients import find_patient
+from store.models import Asset, AssetAccess, Consent, Patient
+from store.patients import find_patient, survivor
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +226,42 @@ def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, 
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
                              detail=detail)
     return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset)
+
+
+@dataclass(frozen=True)
+class DicomObject:
+    """A photo's DICOM object as served: `served.chunks()` streams it, `served.transfer_syntax` names its encoding."""
+
+    served: Served
+    asset: Asset
+
+
+def dicom_object(gw: Gateway, ctx: AccessContext, photo_id: str) -> DicomObject:
+    """A photo's DICOM object, as the DICOM doors (WADO-RS, C-GET, C-MOVE) send it: the stored object (received,
+    or built at ingest) with the Patient Module the patient index holds now, Pixel Data byte for byte.
+
+    Visibility exactly as image(): the policy inside the query, NOT_FOUND for a hidden photo as for a missing
+    one, every access audited."""
+    view = _visible(gw, ctx, photo_id, "retrieve")
+    asset = view.asset
+    if not asset.dicom_sha256:
+        raise Refused(Kind.NOT_FOUND, "this photo has no DICOM object")
+    path = gw.blobs.path(asset.dicom_sha256)
+    if not path.is_file():
+        log.error("blob %s of photo %s (DICOM object) is missing from the blob store", asset.dicom_sha256, asset.id)
+        raise StoreFault("the stored DICOM object of this photo is missing; run `clinphoto store check`")
+    with gw.db.read() as session:
+        # the patient of today: a merge may have moved the photo, an update changed the name
+        patient = survivor(session, session.get_one(Patient, asset.patient_id))
+        info = patient_info(session, patient)
+    try:
+        served = coerce(path, info, laterality=asset.laterality, uid_root=gw.settings.uid_root)
+    except Part10Error as exc:
+        log.error("the DICOM object of photo %s cannot be read: %s", asset.id, exc)
+        raise StoreFault("the stored DICOM object of this photo cannot be read; run `clinphoto store check`") from None
+    access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
+                             detail={"rendition": "dicom", "transfer_syntax": served.transfer_syntax})
+    return DicomObject(served=served, asset=asset)
 
 
 # -- governance: sensitivity and access lists (medical illustration staff) --------------------------------
