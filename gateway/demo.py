@@ -5,15 +5,16 @@ All people are invented; NHS numbers are from the 999 range that is never issued
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import select
 
+from gateway.core.consents import record_consent
 from gateway.core.context import Gateway
-from gateway.demo_photos import seed_demo_photos
 from gateway.core.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
+from gateway.demo_photos import SOURCE, seed_demo_photos
 from store import audit
-from store.models import Consent, Encounter, Patient, PatientIdentifier
+from store.models import Encounter, Patient, PatientIdentifier
 
 DEMO_ODS = "RDEMO"
 
@@ -28,7 +29,7 @@ DEMO_PATIENTS = [
 
 
 def seed_demo(gw: Gateway, force: bool = False) -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     # the MRN system an ADT feed under the configured mapping would give these patients
     mrn_system = gw.settings.hl7.mrn_system.replace("{authority}", DEMO_ODS)
     with gw.db.write() as session:
@@ -58,11 +59,13 @@ def seed_demo(gw: Gateway, force: bool = False) -> str:
                     )
                 )
                 if consent_level:
-                    session.add(
-                        Consent(
-                            patient_id=patient.id, level=consent_level, given_by="parent" if born.year > 2010 else "patient",
-                            captured_by="demo", consent_date=now.date(), scope="patient",
-                        )
+                    # through the one consent writer: the same rules and audit record as the consent API
+                    record_consent(
+                        session, patient_id=patient.id, level=consent_level,
+                        given_by="parent" if born.year > 2010 else "patient", captured_by="demo",
+                        consent_date=now.date(), scope="patient",
+                        purpose_note="Synthetic demo atlas" if consent_level == "publication" else None,
+                        actor=SOURCE.who, actor_role=SOURCE.role, actor_network=SOURCE.network,
                     )
                 audit.append(
                     session,
