@@ -140,11 +140,12 @@ def test_img2dcm_object_is_kept_as_received_and_served_with_the_patient_index_of
     assert str(renamed.PatientName) == "Okonkwo-Smith^Siobhán" and renamed.PixelData == sent_ds.PixelData
 
     # a merge (A40) files it under the survivor: the survivor's ids, the merged record's NHS number as another id
-    survivor = add_patient(gw, nhs=OTHER_NHS, mrn="M200", family="Adeyemi", given="Tola", visit=None)
+    survivor = add_patient(gw, nhs=OTHER_NHS, mrn="M200", family="Adeyemi", given="Tola", visit=None)["id"]
     with gw.db.write() as s:
         index = PatientIndex(s, IndexActor(who="test-pas"))
         outcome = index.merge(PatientData(identifiers=[IdentifierData(NHS, OTHER_NHS)]), [IdentifierData(NHS, patient["nhs"])], None)
         audit.append_many(s, outcome.audit)
+    assert load(gw, asset.id).patient_id == survivor
     merged = served(gw, asset.id)
     after = as_dataset(merged)
     assert str(after.PatientName) == "Adeyemi^Tola" and after.PatientID == OTHER_NHS

@@ -73,9 +73,10 @@ def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
 
 def _rejection(exc: IngestRejected, realm: str = "clinphoto") -> JSONResponse:
     body = exc.to_dict()
-    if isinstance(body.get("field"), str):  # the core names its fields; this door's JSON spells them in camelCase
-        body["field"] = ",".join(json_key(f) for f in str(body["field"]).split(","))
-    response = _error(STATUS.get(exc.code, 422), body.pop("code"), body.pop("message"), **body)
+    if exc.field:  # the core names its fields; this door's JSON spells them in camelCase
+        body["field"] = ",".join(json_key(f) for f in exc.field.split(","))
+    response = _error(STATUS.get(exc.code, 422), exc.code, exc.message,
+                      **{k: v for k, v in body.items() if k not in ("code", "message")})
     if exc.code == errors.INSUFFICIENT_SCOPE:
         response.headers.update(challenge(realm, "insufficient_scope", "needs a scope granting Media.c"))
     return response
