@@ -21,10 +21,11 @@ def token(
     minutes: Annotated[int | None, typer.Option("--minutes", min=1, help="Lifetime; default auth.dev_token_minutes.")] = None,
 ) -> None:
     """Print a dev-mode bearer token (auth mode dev only)."""
-    from gateway.cli.common import console, settings_or_exit
+    from gateway.cli.common import console, existing_data_dir, settings_or_exit
     from gateway.core.identity import AuthError, mint_dev_token
 
     settings = settings_or_exit()
+    existing_data_dir(settings)  # else a new signing key would be made here, one no running gateway knows
     try:
         text = mint_dev_token(
             settings, sub=sub, role=role, name=name, specialties=specialty, scopes=scope or None,

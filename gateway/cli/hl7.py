@@ -28,7 +28,7 @@ def list_command(
     The ids are what `clinphoto hl7 reprocess ID` takes. Patient data (names, NHS numbers) is not shown:
     the raw messages stay in the store.
     """
-    from gateway.cli.common import open_gateway
+    from gateway.cli.common import open_gateway, print_table
     from gateway.hl7 import message_store
 
     if status is not None and status not in STATUSES:
@@ -43,13 +43,10 @@ def list_command(
     if not rows:
         typer.echo(f"no stored messages{' with status ' + status if status else ''}")
         return
-    header = ("ID", "RECEIVED (UTC)", "SENDER", "CONTROL ID", "TYPE", "STATUS", "ERROR")
     lines = [(str(r.id), r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else "-",
               _one_line(r.sender), _one_line(r.control_id), r.type_event or "-", r.status, _one_line(r.error))
              for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header[:-1])]
-    for line in [header, *lines]:
-        typer.echo(("  ".join(v.ljust(w) for v, w in zip(line[:-1], widths)) + "  " + line[-1]).rstrip())
+    print_table(("ID", "RECEIVED (UTC)", "SENDER", "CONTROL ID", "TYPE", "STATUS", "ERROR"), lines)
 
 
 @app.command("reprocess")

@@ -7,10 +7,18 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli import auth, hl7, ingest, mapping, store
+from gateway.cli import auth, common, hl7, ingest, mapping, store
 from gateway.cli.common import console, open_gateway, out, settings_or_exit
 
 app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say which data directory and database are used.")]
+            = False) -> None:
+    """clinphoto: clinical photo gateway. Commands read settings from CLINPHOTO_* variables (or the YAML file named
+    by CLINPHOTO_CONFIG) and the store in the data directory (default ./var below the current folder)."""
+    common.verbose = verbose
 
 
 @app.command()
@@ -22,7 +30,7 @@ def serve() -> None:
 
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
-    gw = open_gateway()
+    gw = open_gateway(settings=settings, create=True)
     try:
         asyncio.run(run(gw, settings))
     except StartupError as exc:
@@ -35,7 +43,7 @@ def demo(force: Annotated[bool, typer.Option(help="Seed again even if demo data 
     """Seed synthetic demo patients, encounters, consents and photos (once)."""
     from gateway.demo import seed_demo
 
-    gw = open_gateway()
+    gw = open_gateway(create=True)
     try:
         summary = seed_demo(gw, force=force)
     finally:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
 import typer
 
-from gateway.cli.common import console, open_gateway, out
+from gateway.cli.common import console, open_gateway, out, print_table
+from gateway.core.ingest.request import normalise_identifier
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 store_app = typer.Typer(help="Blob store integrity.", no_args_is_help=True)
@@ -21,7 +24,7 @@ def db_upgrade() -> None:
     """Apply database migrations (also done at start-up)."""
     from store.migrate import current
 
-    gw = open_gateway(migrate=True)
+    gw = open_gateway(migrate=True, create=True)
     out.print(f"database at revision {current(gw.db)}")
     gw.close()
 
@@ -91,3 +94,92 @@ def audit_verify() -> None:
         out.print(f"audit trail BROKEN at sequence {report.first_bad_seq}: {report.reason} ({report.checked} record(s) "
                   f"{counted})", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _since(text: str) -> datetime:
+    """An age (24h, 7d, 30m) before now, or a date or date-time (2026-12-01, 2026-12-01T08:00), in UTC."""
+    if re.fullmatch(r"\d+[smhd]", text.strip()):
+        return datetime.now(timezone.utc) - parse_age(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter("use an age such as 24h or 7d, or a date such as 2026-12-01") from None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+@audit_app.command("list")
+def audit_list(
+    patient: Annotated[str | None, typer.Option("--patient", help="Only records about this patient: system|value "
+                                                "(e.g. nhs|9990000018) or the patient's id.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only what this person (token subject) or DICOM peer (AE title) did.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only this event type: a code (110113, rest) or a name "
+                                              "(\"security alert\", import, query, \"patient record\").")] = None,
+    outcome: Annotated[str | None, typer.Option("--outcome", help="success, failure (refusals and errors), or a code 0/4/8/12.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only records since: an age (24h, 7d) or a date (2026-12-01).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, every field.")] = False,
+) -> None:
+    """List audit records, newest first: sequence number, time, type, action, outcome, who, from where, patient id,
+    what. Records carry ids, not names; `clinphoto audit show SEQ` prints one in full."""
+    from store import audit_read
+    from store.patients import find_patient
+
+    wanted_type = audit_read.type_code_of(type_) if type_ else None
+    if type_ and wanted_type is None:
+        raise typer.BadParameter(f"unknown type {type_!r}; use one of {', '.join(audit_read.TYPE_NAMES)} or their names",
+                                 param_hint="--type")
+    if outcome and outcome not in ("success", "failure", *audit_read.OUTCOME_NAMES):
+        raise typer.BadParameter("use success, failure, 0, 4, 8 or 12", param_hint="--outcome")
+    filters = audit_read.Filters(agent=user, type_code=wanted_type, outcome=outcome, limit=limit,
+                                 since=_since(since) if since else None)
+    gw = open_gateway()
+    try:
+        with gw.db.read() as session:
+            if patient is not None:
+                if patient.strip().isdigit():
+                    filters = replace(filters, patient_id=int(patient))
+                else:
+                    system, _, value = patient.partition("|")
+                    try:
+                        found = find_patient(session, *normalise_identifier(system, value))
+                    except ValueError as exc:
+                        raise typer.BadParameter(str(exc), param_hint="--patient") from None
+                    if found is None:
+                        console.print(f"clinphoto: no patient {patient}", markup=False, highlight=False)
+                        raise typer.Exit(1)
+                    filters = replace(filters, patient_id=found.id)
+            rows = [audit_read.as_dict(e) for e in audit_read.find(session, filters)]
+    finally:
+        gw.close()
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False, default=str))
+        return
+    if not rows:
+        out.print("no audit records match", markup=False, highlight=False)
+        return
+    lines = []
+    for row in rows:
+        what = " - ".join(" ".join(str(x).split()) for x in (row["subtype"], row["outcomeDescription"]) if x)
+        lines.append((str(row["seq"]), str(row["recordedAt"]).replace("T", " ").removesuffix("Z"), str(row["typeName"]),
+                      str(row["action"]), str(row["outcomeName"]), str(row["agent"] or "-"), str(row["agentNetwork"] or "-"),
+                      str(row["patientId"] or "-"), what[:160]))
+    print_table(("SEQ", "TIME (UTC)", "TYPE", "ACT", "OUTCOME", "WHO", "FROM", "PATIENT", "WHAT"), lines)
+
+
+@audit_app.command("show")
+def audit_show(seq: Annotated[int, typer.Argument(help="The record's sequence number (see `clinphoto audit list`).")]) -> None:
+    """Print one audit record in full, as JSON."""
+    from store import audit_read
+
+    gw = open_gateway()
+    try:
+        with gw.db.read() as session:
+            event = audit_read.one(session, seq)
+            row = audit_read.as_dict(event) if event is not None else None
+    finally:
+        gw.close()
+    if row is None:
+        console.print(f"clinphoto: no audit record {seq}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    print(json.dumps(row, ensure_ascii=False, indent=2, default=str))

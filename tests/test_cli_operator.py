@@ -1,0 +1,103 @@
+"""Operator commands: the audit trail readable without SQL, and no command quietly making an empty store elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from store import audit
+from store.audit import AuditEntry
+from store.models import PatientIdentifier
+from tests.test_policy import add_patient
+
+REPO = Path(__file__).resolve().parent.parent
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def cli(env: dict[str, str], *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env={**base, **env}, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def trail(gw, database_url, tmp_path) -> tuple[dict[str, str], int]:
+    with gw.db.write() as session:
+        patient = add_patient(session)
+        session.add(PatientIdentifier(patient_id=patient.id, system=NHS, value="9990000018"))
+        audit.append_many(session, [
+            AuditEntry(type_code=audit.QUERY, action="E", subtype="search", agent_who="dr.derm", agent_network="10.0.0.5",
+                       patient_id=patient.id),
+            AuditEntry(type_code=audit.SECURITY_ALERT, action="E", subtype="refused", outcome=audit.MINOR_FAILURE,
+                       outcome_desc="no need to know\nthis patient", agent_who="dr.plastics", patient_id=patient.id),
+            AuditEntry(type_code=audit.IMPORT, action="C", agent_who="mi.jones"),
+        ])
+    return {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}, patient.id
+
+
+def test_audit_list_filters_newest_first_without_names(trail):
+    env, pid = trail
+    res = cli(env, "audit", "list")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split()[:3] == ["SEQ", "TIME", "(UTC)"]
+    seqs = [int(line.split()[0]) for line in lines[1:]]
+    assert seqs == sorted(seqs, reverse=True) and len(seqs) >= 3
+    assert "Security Alert" in res.stdout and "refused - no need to know this patient" in res.stdout  # one line each
+
+    by_patient = cli(env, "audit", "list", "--patient", "nhs|999 000 0018")
+    assert by_patient.returncode == 0, by_patient.stderr
+    assert {line.split()[-1] for line in by_patient.stdout.splitlines()[1:]} >= {"search"}
+    assert all(f" {pid} " in line for line in by_patient.stdout.splitlines()[1:])
+    assert cli(env, "audit", "list", "--patient", str(pid)).stdout == by_patient.stdout
+
+    failures = cli(env, "audit", "list", "--outcome", "failure", "--json")
+    records = [json.loads(line) for line in failures.stdout.splitlines()]
+    assert [(r["agent"], r["outcomeName"]) for r in records] == [("dr.plastics", "minor failure")]
+    assert records[0]["patientId"] == pid and records[0]["recordedAt"].endswith("Z")
+
+    typed = cli(env, "audit", "list", "--type", "security alert", "--user", "dr.plastics", "--since", "1h", "--json")
+    assert [json.loads(line)["type"] for line in typed.stdout.splitlines()] == ["110113"]
+    assert "no audit records match" in cli(env, "audit", "list", "--user", "nobody").stdout
+    assert cli(env, "audit", "list", "--type", "nonsense").returncode == 2
+    assert cli(env, "audit", "list", "--patient", "nhs|1234567890").returncode == 2  # a mistyped NHS number
+    unknown = cli(env, "audit", "list", "--patient", "nhs|9990000026")
+    assert unknown.returncode == 1 and "no patient" in unknown.stderr
+
+
+def test_audit_show_prints_one_record_in_full(trail):
+    env, pid = trail
+    seq = json.loads(cli(env, "audit", "list", "--user", "dr.derm", "--json").stdout.splitlines()[0])["seq"]
+    res = cli(env, "audit", "show", str(seq))
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    assert (record["seq"], record["agent"], record["agentNetwork"], record["patientId"]) == (seq, "dr.derm", "10.0.0.5", pid)
+    assert len(record["hash"]) == 64 and record["typeName"] == "Query"
+    missing = cli(env, "audit", "show", "999999")
+    assert missing.returncode == 1 and "no audit record 999999" in missing.stderr
+
+
+@pytest.mark.parametrize("command", [("audit", "verify"), ("audit", "list"), ("store", "check"), ("hl7", "list"),
+                                     ("token", "--sub", "x", "--role", "clinician")])
+def test_commands_refuse_a_data_directory_that_does_not_exist(tmp_path, command):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = cli({}, *command, cwd=elsewhere)
+    assert res.returncode == 2
+    assert f"no data directory at {elsewhere / 'var'}" in res.stderr and "CLINPHOTO_DATA_DIR" in res.stderr
+    assert not (elsewhere / "var").exists()  # nothing made there
+    named = cli({"CLINPHOTO_DATA_DIR": str(tmp_path / "typo")}, *command, cwd=elsewhere)
+    assert named.returncode == 2 and "(CLINPHOTO_DATA_DIR)" in named.stderr
+
+
+def test_setting_up_commands_create_it_and_say_where_with_v(tmp_path):
+    res = cli({}, "-v", "db", "upgrade", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"data directory {tmp_path / 'var'}" in res.stderr and (tmp_path / "var").is_dir()
+    verified = cli({}, "-v", "audit", "verify", cwd=tmp_path)
+    assert verified.returncode == 0 and f"data directory {tmp_path / 'var'}" in verified.stderr
