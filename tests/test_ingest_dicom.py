@@ -211,6 +211,15 @@ def test_an_object_without_issuer_is_not_matched(gw, fx, tmp_path):
     assert "IssuerOfPatientID" in refused.value.message
 
 
+def test_a_mistyped_nhs_number_is_refused_even_when_unknown_patients_are_quarantined(gw, tmp_path):
+    gw.settings.ingest.quarantine_unknown_patients = True
+    sent = objects.native(tmp_path / "typo.dcm", objects.gradient(60, 80), patient_id="9449305553")
+    with pytest.raises(IngestRejected) as refused:
+        receive(gw, sent)
+    assert refused.value.code == errors.UNKNOWN_PATIENT and "not a valid NHS number" in refused.value.message
+    assert asset_count(gw) == 0
+
+
 def test_a_hospital_number_matches_by_its_assigning_authority(gw, fx, tmp_path):
     patient = add_patient(gw)  # MRN M100 assigned by RXX
     sent = objects.native(tmp_path / "mrn.dcm", objects.gradient(60, 80), patient_id="M100", issuer="RXX")

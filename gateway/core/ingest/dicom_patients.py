@@ -19,6 +19,7 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from gateway.core import nhs
 from gateway.core.ingest.errors import UNKNOWN_PATIENT, IngestRejected
 from gateway.core.ingest.request import MAX_SYSTEM, MAX_VALUE, NHS_SYSTEM, PatientRef
 from gateway.core.objects.vlphoto import PatientInfo
@@ -76,6 +77,12 @@ def find_by_dicom_id(session: Session, ref: PatientRef) -> Patient | None:
             "(NHS for an NHS number, the trust's ODS code for a hospital number)",
             field="IssuerOfPatientID",
         )
+    if issuer.upper() == NHS_ISSUER:
+        reason = nhs.invalid_reason(value)
+        if reason:  # a mistyped NHS number is a typo to fix at the sender, not an unknown patient to quarantine
+            raise IngestRejected(UNKNOWN_PATIENT, f"PatientID {value!r} (IssuerOfPatientID NHS) is not a valid NHS number: "
+                                 f"{reason}", field="PatientID")
+        value = nhs.normalise(value)
     if len(value) > MAX_VALUE:
         return None
     query = select(PatientIdentifier).where(PatientIdentifier.value == value)
@@ -103,7 +110,8 @@ def placeholder_identifier(ref: PatientRef) -> PatientIdentifier:
     if ref.kind == "dicom":
         issuer = (ref.issuer or "").strip()
         if issuer.upper() == NHS_ISSUER:
-            return PatientIdentifier(system=NHS_SYSTEM, value=ref.value, type_code="NH", assigner=NHS_ISSUER)
+            return PatientIdentifier(system=NHS_SYSTEM, value=nhs.normalise(ref.value or ""), type_code="NH",
+                                     assigner=NHS_ISSUER)
         return PatientIdentifier(system=f"{PLACEHOLDER_SYSTEM}{issuer}"[:MAX_SYSTEM], value=ref.value,
                                  assigner=issuer[:100] or None)
     return PatientIdentifier(system=ref.system, value=ref.value, type_code="NH" if ref.system == NHS_SYSTEM else None)

@@ -39,6 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from gateway.core import nhs
 from gateway.core.access_audit import fit
 from gateway.core.consents import ConsentError, check_consent, record_consent
 from gateway.core.context import Gateway
@@ -179,9 +180,9 @@ class _Context:
 
 
 def _same_patient_key(ref: PatientRef) -> PatientRef:
-    """An NHS number sent as DICOM (issuer NHS) and as an identifier are one reference."""
+    """An NHS number sent as DICOM (issuer NHS) and as an identifier name one patient (compared, not looked up)."""
     if ref.kind == "dicom" and (ref.issuer or "").upper() == NHS_ISSUER:
-        return PatientRef(system=NHS_SYSTEM, value=(ref.value or "").replace(" ", ""))
+        return PatientRef(system=NHS_SYSTEM, value=nhs.normalise(ref.value or ""))
     return ref
 
 
@@ -199,11 +200,10 @@ def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,
                     objects: Sequence[received.Received]) -> tuple[PatientRef, Patient | None]:
     """The one patient of the request: its own reference and every object's must agree. Unknown: refused,
     or (ingest.quarantine_unknown_patients) None, to be filed under a placeholder."""
-    refs: list[PatientRef] = []
+    by_key: dict[PatientRef, PatientRef] = {}  # one reference per patient named, as first given
     for ref in ([request.patient] if request.patient is not None else []) + [o.patient for o in objects]:
-        key = _same_patient_key(ref)
-        if key not in refs:
-            refs.append(key)
+        by_key.setdefault(_same_patient_key(ref), ref)
+    refs = list(by_key.values())
     if not refs:
         raise IngestRejected(BAD_METADATA, "the request names no patient: image files need one (system|value)",
                              field="patient")
