@@ -5,7 +5,7 @@ All people are invented; NHS numbers are from the 999 range that is never issued
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy import select
 
@@ -29,7 +29,7 @@ DEMO_PATIENTS = [
 
 
 def seed_demo(gw: Gateway, force: bool = False) -> str:
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     # the MRN system an ADT feed under the configured mapping would give these patients
     mrn_system = gw.settings.hl7.mrn_system.replace("{authority}", DEMO_ODS)
     with gw.db.write() as session:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import select
@@ -92,7 +92,7 @@ def check_consent(*, level: str, given_by: str, captured_by: str | None, consent
         raise ConsentError("captured_by is required", "captured_by")
     if len(captured_by or "") > 200:
         raise ConsentError("captured_by may have at most 200 characters", "captured_by")
-    if consent_date is not None and consent_date > (datetime.now(UTC) + _LATEST_CLOCK).date():
+    if consent_date is not None and consent_date > (datetime.now(timezone.utc) + _LATEST_CLOCK).date():
         raise ConsentError(f"the consent date {consent_date.isoformat()} is in the future", "consent_date")
 
 
@@ -142,7 +142,7 @@ def record_consent(
         raise ConsentError(f"asset_ids are only for scope 'photos', not {scope!r}", "asset_ids")
     consent = Consent(
         patient_id=patient.id, level=level, given_by=given_by, captured_by=captured_by.strip(),
-        consent_date=consent_date or datetime.now(UTC).date(), status="active", scope=scope,
+        consent_date=consent_date or datetime.now(timezone.utc).date(), status="active", scope=scope,
         encounter_id=encounter_id, purpose_note=(purpose_note or "").strip() or None,
     )
     session.add(consent)
@@ -167,7 +167,7 @@ def withdraw_consent(
     if consent.status == "withdrawn":
         raise ConsentError(f"consent {consent_id} was already withdrawn")
     consent.status = "withdrawn"
-    consent.withdrawn_at = when or datetime.now(UTC)
+    consent.withdrawn_at = when or datetime.now(timezone.utc)
     session.flush()
     _audit(session, consent, "U", withdrawn_by, actor_role, actor_network, {"withdrawn_at": consent.withdrawn_at.isoformat()})
     return consent

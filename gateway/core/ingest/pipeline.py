@@ -31,7 +31,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -666,7 +666,7 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
            prepared: list[Prepared], writer: _BlobWriter, session_key: str, request_hash: str) -> IngestResult:
     settings = gw.settings.ingest
     gov, source = request.governance, request.source
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     rows: list[Asset] = []
     photos: list[StoredPhoto | None] = [None] * len(items)
     repeats: list[_Item] = []  # already stored, or the same content earlier in this request

@@ -314,7 +314,7 @@ def _taken_at(ds: Dataset) -> dt.datetime | None:
                 moment = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
             else:
                 moment = moment.astimezone()
-        return moment.astimezone(dt.UTC)
+        return moment.astimezone(dt.timezone.utc)
     except Exception:  # a malformed date is the sender's problem, not a reason to refuse the photo
         return None
 
