@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from store.audit_anchor import ANCHOR, PENDING, AnchorError, AnchorState, AnchorUpdate, AuditAnchor
 from store.models import AuditEvent, AuditHead
+from store.statements import Statements, statements_of
 
 # what a trail from before genesis records chains from; also the head's "nothing yet" value
 GENESIS_HASH = "0" * 64
@@ -204,9 +205,12 @@ def _sqlite_time(moment: datetime) -> str:
 def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     """Append records to the chain in the caller's transaction; returns their sequence numbers.
 
-    Plain DB-API statements on the session's own connection (same transaction): this runs on
-    every HL7 message and every access, and three ORM-executed Core statements cost ~0.6 ms
-    a call, about half of an ADT message's whole CPU budget; the cursor costs ~0.05 ms.
+    Plain DB-API statements on the session's own connection (same transaction, store.statements):
+    this runs on every HL7 message and every access, and three ORM-executed Core statements cost
+    ~0.6 ms a call, about half of an ADT message's whole CPU budget; the cursor costs ~0.05 ms.
+    Two round trips at most: the head read (which also carries whatever the caller queued before it
+    on a pipelined connection) and the inserts with the new head, which go with the caller's COMMIT
+    when the connection is pipelined (store.db.Writer) and on their own otherwise.
     The head row is locked until commit so appenders queue: FOR UPDATE on PostgreSQL; on
     SQLite the write transaction began IMMEDIATE and already holds the database's write lock.
     The new head goes to the anchor file when the transaction commits (store.audit_anchor);
@@ -218,13 +222,7 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     key = _key(session)
     anchor: AuditAnchor | None = session.info.get(ANCHOR)
     known = anchor.known if anchor is not None else None
-    conn = session.connection()
-    pg = conn.dialect.name == "postgresql"
-    cur = conn.connection.dbapi_connection.cursor()
-    try:
-        seqs, update = _append_rows(cur, pg, key, entries, known)
-    finally:
-        cur.close()
+    seqs, update = _append_rows(statements_of(session), key, entries, known)
     if anchor is not None:
         session.info[PENDING] = update  # the anchor hooks take it on commit, drop it on rollback
     return seqs
@@ -237,13 +235,14 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
 _LOCK_HEAD = {
     False: "SELECT h.seq, h.hash, g.hash, (SELECT e.hash FROM audit_events e WHERE e.seq = ?) "
            "FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1",
-    True: "SELECT h.seq, h.hash, g.hash, (SELECT e.hash FROM audit_events e WHERE e.seq = %s) "
+    True: "SELECT h.seq, h.hash, g.hash, (SELECT e.hash FROM audit_events e WHERE e.seq = ?) "
           "FROM audit_head h LEFT JOIN audit_head g ON g.id = 0 WHERE h.id = 1 FOR UPDATE OF h",
 }
 _LOCK_GENESIS = {
     False: "SELECT hash FROM audit_head WHERE id = 0",
     True: "SELECT hash FROM audit_head WHERE id = 0 FOR UPDATE",
 }
+_INSERT_EVENT = f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(['?'] * len(_INSERT_COLUMNS))})"
 
 
 class _Marks(NamedTuple):
@@ -252,36 +251,32 @@ class _Marks(NamedTuple):
     anchored_hash: str | None  # the hash the record at the anchored seq has in this transaction's view
 
 
-def _lock_marks(cur, pg: bool, anchored_seq: int) -> _Marks:
-    cur.execute(_LOCK_HEAD[pg], (anchored_seq,))
-    row = cur.fetchone()
+def _lock_marks(st: Statements, anchored_seq: int) -> _Marks:
+    row = st.now(_LOCK_HEAD[st.pg], (anchored_seq,)).one()
     if row is not None:
         return _Marks((row[0], row[1]), row[2], row[3])
     # no head row (a new store, or the head deleted): the genesis row, if any, queues appenders
-    cur.execute(_LOCK_GENESIS[pg])
-    row = cur.fetchone()
+    row = st.now(_LOCK_GENESIS[st.pg]).one()
     return _Marks(None, row[0] if row is not None else None, None)
 
 
-def _start_trail(cur, mark: str, key: bytes) -> None:
+def _start_trail(st: Statements, key: bytes) -> None:
     """The genesis record (a new random trail id) and a head at it. DO NOTHING: a concurrent
     appender that started the trail first wins (PostgreSQL makes us wait for its commit)."""
     trail = secrets.token_hex(32)
-    cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, 0, {mark}, {mark}), ({mark}, 0, {mark}, {mark}) "
-                "ON CONFLICT DO NOTHING",
-                (_GENESIS_ID, trail, _genesis_mac(key, trail), _HEAD_ID, trail, _head_mac(key, 0, trail)))
+    st.run("INSERT INTO audit_head (id, seq, hash, mac) VALUES (?, 0, ?, ?), (?, 0, ?, ?) ON CONFLICT DO NOTHING",
+           (_GENESIS_ID, trail, _genesis_mac(key, trail), _HEAD_ID, trail, _head_mac(key, 0, trail)))
 
 
-def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry],
+def _append_rows(st: Statements, key: bytes, entries: list[AuditEntry],
                  known: AnchorState | None) -> tuple[list[int], AnchorUpdate]:
-    mark = "%s" if pg else "?"
     anchored_seq = known.seq if known is not None else -1
-    marks = _lock_marks(cur, pg, anchored_seq)
+    marks = _lock_marks(st, anchored_seq)
     if marks.trail is None and (marks.head is None or marks.head == (0, GENESIS_HASH)):
         # no trail yet (or one wiped down to a bare head): start one. After a wipe this is a new
         # trail id, which the anchor of the old trail tells apart.
-        _start_trail(cur, mark, key)
-        marks = _lock_marks(cur, pg, anchored_seq)
+        _start_trail(st, key)
+        marks = _lock_marks(st, anchored_seq)
     head = marks.head
     trail = marks.trail if marks.trail is not None else GENESIS_HASH
     seq, prev = head if head is not None else (0, trail)
@@ -302,21 +297,18 @@ def _append_rows(cur, pg: bool, key: bytes, entries: list[AuditEntry],
         })
         row["hash"] = prev = _hash_fields(row, prev, key)
         values = [row[c] for c in _INSERT_COLUMNS]
-        if pg:
+        if st.pg:
             values[12], values[13] = Json(values[12]), Json(values[13])
         else:
             values[1] = _sqlite_time(values[1])
             values[12], values[13] = json.dumps(values[12], default=str), json.dumps(values[13], default=str)
         rows.append(values)
         seqs.append(seq)
-    cur.executemany(f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})",
-                    rows)
+    st.many(_INSERT_EVENT, rows)
     if head is not None:
-        cur.execute(f"UPDATE audit_head SET seq = {mark}, hash = {mark}, mac = {mark} WHERE id = {mark}",
-                    (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
+        st.run("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = ?", (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
     else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)
-        cur.execute(f"INSERT INTO audit_head (id, seq, hash, mac) VALUES ({mark}, {mark}, {mark}, {mark})",
-                    (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
+        st.run("INSERT INTO audit_head (id, seq, hash, mac) VALUES (?, ?, ?, ?)", (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
     intact = known is not None and marks.anchored_hash == known.hash
     return seqs, AnchorUpdate(AnchorState(trail, seq, prev), known, intact)
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.audit_anchor import ANCHOR, AuditAnchor, anchor_path, install_hooks
+from store.statements import IDS, STATEMENTS, IdPool, Statements
+
+log = logging.getLogger("clinphoto.store")
 
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
@@ -86,10 +92,13 @@ class Database:
             # hide_parameters: error texts must not quote patient identifiers into the logs
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
             event.listen(self.engine, "connect", _postgres_session_settings)
+        self.ids = IdPool() if self.dialect == "postgresql" else None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False,
-                                      info={"audit_key": audit_key, ANCHOR: self.audit_anchor})
+                                      info={"audit_key": audit_key, ANCHOR: self.audit_anchor, IDS: self.ids})
         if self.audit_anchor is not None:
             install_hooks(self._sessions)
+        self._writer: Writer | None = None
+        self._writer_lock = threading.Lock()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -112,11 +121,138 @@ class Database:
                 session.rollback()
                 raise
 
+    def writer(self) -> Writer:
+        """The Database's kept-connection writer (one per Database; see Writer)."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = Writer(self)
+            return self._writer
+
+    def session(self, **kw: Any) -> Session:
+        """A session of this Database's kind (its audit key, anchor hooks and id pool), e.g. bound to a Connection."""
+        return self._sessions(**kw)
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
 
     def dispose(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         if self.audit_anchor is not None:
             self.audit_anchor.close()  # what was committed reaches the anchor file before we go
         self.engine.dispose()
+
+
+class Writer:
+    """A writer thread's own connection, kept between its transactions (the HL7 group commit).
+
+    Each group commit used to check a connection out of the pool and back: SQLAlchemy's pre-ping (a
+    round trip) and the pool's bookkeeping, for every batch. Here the connection stays. On PostgreSQL
+    it also stays in pipeline mode with autocommit on, and BEGIN and COMMIT are ours, queued with the
+    statements: psycopg syncs after its own BEGIN in pipeline mode, a round trip for nothing, so BEGIN
+    rides with the first statements and COMMIT with the last (its sync returns when the commit is
+    durable). A transaction that fails is rolled back; a connection found broken is dropped and the
+    next transaction checks out a fresh one (pre-pinged by the pool).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pg = db.dialect == "postgresql"
+        self._lock = threading.Lock()  # one transaction at a time (the writer thread; tests call in directly)
+        self._conn: Connection | None = None
+        self._pipeline_cm: AbstractContextManager[Any] | None = None
+        self._pipeline: Any = None
+        self._cursors: list[Any] = []  # the kept connection's free cursors (store.statements)
+        self.transactions = 0
+        self.statements = 0  # totals over committed transactions, for benches and tests
+        self.round_trips = 0
+
+    def _connect(self) -> Connection:
+        conn = self._db.engine.connect()
+        if self._pg:
+            dbapi = conn.connection.dbapi_connection
+            dbapi.autocommit = True  # type: ignore[union-attr]
+            self._pipeline_cm = dbapi.pipeline()  # type: ignore[union-attr]
+            self._pipeline = self._pipeline_cm.__enter__()
+            return conn
+        return conn.execution_options(clinphoto_write=True)  # SQLite: BEGIN IMMEDIATE
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction on the kept connection, committed durably on clean exit, rolled back on error."""
+        with self._lock:
+            if self._conn is None or self._conn.invalidated or self._conn.closed:
+                self._drop()
+                self._conn = self._connect()
+                self._cursors = []
+            conn = self._conn
+            statements = Statements(conn.connection.dbapi_connection, self._pg, self._pipeline, pinned=True,
+                                    cursors=self._cursors)
+            session = self._db.session(bind=conn)
+            session.info[STATEMENTS] = statements
+            try:
+                session.connection()  # SQLAlchemy's transaction (on SQLite: BEGIN IMMEDIATE)
+                if self._pg:
+                    statements.run("BEGIN")
+                yield session
+                if self._pg:
+                    statements.run("COMMIT")
+                    statements.sync()
+                session.commit()  # the session's hooks (audit anchor); on PostgreSQL nothing is left to send
+            except BaseException:
+                self._abandon(session)
+                raise
+            finally:
+                statements.done()
+                session.close()
+            self.transactions += 1
+            self.statements += statements.statements
+            self.round_trips += statements.round_trips
+
+    def _abandon(self, session: Session) -> None:
+        try:
+            session.rollback()  # psycopg leaves an aborted pipeline and sends ROLLBACK if a transaction is open
+            healthy = self._healthy()
+        except Exception:
+            log.debug("writer connection rollback failed", exc_info=True)
+            healthy = False
+        if not healthy:
+            self._drop()
+
+    def _healthy(self) -> bool:
+        conn = self._conn
+        if conn is None or conn.invalidated or conn.closed:
+            return False
+        if not self._pg:
+            return True
+        dbapi: Any = conn.connection.dbapi_connection
+        return not dbapi.closed and dbapi.info.transaction_status == 0  # psycopg TransactionStatus.IDLE
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
+        if conn is None:
+            return
+        try:
+            if cm is not None:
+                cm.__exit__(None, None, None)
+            conn.invalidate()
+        except Exception:
+            log.debug("dropping the writer connection", exc_info=True)
+
+    def close(self) -> None:
+        """Give the connection back (the Database is closing, or the writer thread stopped)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
+            if conn is None:
+                return
+            try:
+                if cm is not None:
+                    cm.__exit__(None, None, None)
+                    conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
+                conn.close()
+            except Exception:
+                log.debug("closing the writer connection", exc_info=True)
+                conn.invalidate()

@@ -2,22 +2,27 @@
 
 Protocol-free: HL7 (and anything else) hands in plain dataclasses. Runs inside the
 caller's write transaction and returns the audit entries for the caller to append
-in that same transaction. SQLAlchemy Core statements, because this is on the
-ADT hot path (thousands of messages a second) and the ORM unit of work costs
-several times more per row: statements go straight to the DB-API cursor of the
-session's connection (same transaction), see `Sql`.
+in that same transaction. Plain statements, because this is on the ADT hot path
+(thousands of messages a second) and the ORM unit of work costs several times
+more per row: statements go straight to the DB-API connection of the session
+(same transaction), see `Sql`. On a pipelined connection (store.db.Writer) the
+writes are only queued and the reads a change will make can be asked for ahead
+(`PatientIndex.prefetch`), so one message costs two or three round trips, not
+a dozen; the index remembers what it read and drops what its own writes change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
 from datetime import date, datetime, timezone
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy.orm import Session
 
 from store import audit
+from store.statements import IDS, IdPool, Params, Pending, Row, Statements, statements_of
 
 
 class _Unset:
@@ -126,57 +131,79 @@ class Actor:
     who: str
     role: str = "hl7-sender"
     network: str | None = None
-    reference: dict | None = None  # e.g. {"type": "hl7-message", "id": "SENDER/123"}
+    reference: dict[str, Any] | None = None  # e.g. {"type": "hl7-message", "id": "SENDER/123"}
 
 
 class Sql:
-    """Plain SQL on the session's own DB-API connection (inside its transaction).
+    """Plain SQL on the session's own DB-API connection (inside its transaction), over store.statements.
 
     Hand-written because SQLAlchemy's statement compilation and execution
     context cost ~100 us per statement, which alone would cap ADT at a few
-    hundred messages a second; the raw cursor costs ~10 us. Statements use `?`;
-    `%s` is substituted for psycopg. Times are written the way SQLAlchemy
-    stores them on each backend so ORM reads see the same values.
+    hundred messages a second; the raw cursor costs ~10 us. Writes (`run`,
+    `insert`) are queued on a pipelined connection and go with the next read;
+    reads (`one`, `all`) wait for the server. Statements use `?`. Times are
+    written the way SQLAlchemy stores them on each backend so ORM reads see
+    the same values.
     """
 
-    def __init__(self, session: Session) -> None:
-        conn = session.connection()
-        self.pg = conn.dialect.name == "postgresql"
-        self.cur = conn.connection.dbapi_connection.cursor()
+    def __init__(self, statements: Statements, ids: IdPool | None) -> None:
+        self.st = statements
+        self.pg = statements.pg
+        self.ids = ids
+        self.writes = 0  # writes issued through this object (a refused change that wrote must be undone)
         self._sp = 0
         self._dt_in: datetime | None = None
         self._dt_out: str | None = None
 
     @classmethod
     def of(cls, session: Session) -> Sql:
-        sql = session.info.get("clinphoto_sql")
-        if sql is None or sql.cur.connection is None:
-            sql = session.info["clinphoto_sql"] = cls(session)
+        statements = statements_of(session)
+        sql: Sql | None = session.info.get("clinphoto_sql")
+        if sql is None or sql.st is not statements:
+            sql = session.info["clinphoto_sql"] = cls(statements, session.info.get(IDS))
         return sql
 
-    def _q(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.pg else sql
+    def later(self, sql: str, params: Params = ()) -> Pending:
+        """A read asked for now and answered with the next round trip."""
+        return self.st.later(sql, params)
 
-    def run(self, sql: str, params: tuple | list = ()) -> int:
-        self.cur.execute(self._q(sql), params)
-        return self.cur.rowcount
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        return self.st.now(sql, params).one()
 
-    def one(self, sql: str, params: tuple | list = ()):
-        self.cur.execute(self._q(sql), params)
-        return self.cur.fetchone()
+    def all(self, sql: str, params: Params = ()) -> list[Row]:
+        return self.st.now(sql, params).rows()
 
-    def all(self, sql: str, params: tuple | list = ()) -> list:
-        self.cur.execute(self._q(sql), params)
-        return self.cur.fetchall()
+    def run(self, sql: str, params: Params = ()) -> None:
+        """A write (queued on a pipelined connection)."""
+        self.writes += 1
+        self.st.run(sql, params)
 
-    def insert(self, sql: str, params: tuple | list = ()) -> int:
-        if self.pg:
-            self.cur.execute(self._q(sql) + " RETURNING id", params)
-            return self.cur.fetchone()[0]
-        self.cur.execute(sql, params)
-        return self.cur.lastrowid
+    def counted(self, sql: str, params: Params = ()) -> Pending:
+        """A write whose row count is wanted (read it after a sync)."""
+        self.writes += 1
+        return self.st.later(sql, params)
 
-    def dt(self, value: datetime | None):
+    def sync(self) -> None:
+        self.st.sync()
+
+    def insert(self, table: str, values: dict[str, Any]) -> int:
+        """Insert one row; its id at once (PostgreSQL: drawn ahead from the sequence, so the INSERT can wait in
+        the pipeline; SQLite: the rowid, no round trip to save)."""
+        if self.ids is not None:
+            values = {"id": self.ids.take(self.st, table), **values}
+        cols = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"
+        params = [self.value(v) for v in values.values()]
+        self.writes += 1
+        if self.ids is not None:
+            self.st.run(sql, params)
+            return int(values["id"])
+        rowid = self.st.later(sql, params).lastrowid
+        assert rowid is not None
+        return rowid
+
+    def dt(self, value: datetime | None) -> datetime | str | None:
         if value is None or self.pg:
             return value
         if value is self._dt_in:  # the same "now" is written to several columns
@@ -192,7 +219,7 @@ class Sql:
         return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
             value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
 
-    def value(self, value):
+    def value(self, value: Any) -> Any:
         if value is None or type(value) is str:  # most columns: no conversion, no isinstance chain
             return value
         if isinstance(value, datetime):
@@ -202,7 +229,7 @@ class Sql:
         return value
 
     @staticmethod
-    def read_dt(value) -> datetime | None:
+    def read_dt(value: Any) -> datetime | None:
         if value is None:
             return None
         if isinstance(value, str):
@@ -212,15 +239,36 @@ class Sql:
     def savepoint(self) -> str:
         self._sp += 1
         name = f"cp{self._sp}"
-        self.cur.execute(f"SAVEPOINT {name}")
+        self.st.run(f"SAVEPOINT {name}")
         return name
 
     def release(self, name: str) -> None:
-        self.cur.execute(f"RELEASE SAVEPOINT {name}")
+        self.st.run(f"RELEASE SAVEPOINT {name}")
 
     def rollback_to(self, name: str) -> None:
-        self.cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
-        self.cur.execute(f"RELEASE SAVEPOINT {name}")
+        self.st.run(f"ROLLBACK TO SAVEPOINT {name}")
+        self.st.run(f"RELEASE SAVEPOINT {name}")
+
+
+Key = tuple[str, str]  # an identifier's (system, value)
+
+
+class Hit(NamedTuple):
+    """A stored identifier with its patient's row, and that patient's survivor's if it was merged
+    (merge chains are kept one hop long, so one join usually reaches the live record)."""
+
+    system: str
+    value: str
+    patient_id: int
+    merged_into_id: int | None
+    last_event_at: Any
+    identifier_id: int
+    survivor_merged_into_id: int | None  # the merged_into row's own merged_into_id
+    survivor_last_event_at: Any
+
+    @property
+    def key(self) -> Key:
+        return (self.system, self.value)
 
 
 _HITS_SQL: dict[int, str] = {}
@@ -230,11 +278,27 @@ def _hits_sql(n: int) -> str:
     sql = _HITS_SQL.get(n)
     if sql is None:
         cond = " OR ".join(["(i.system = ? AND i.value = ?)"] * n)
-        # last_event_at too: an update needs it, and one statement fewer per message counts on the hot path
-        sql = ("SELECT i.system, i.value, i.patient_id, p.merged_into_id, p.last_event_at "
-               f"FROM patient_identifiers i JOIN patients p ON p.id = i.patient_id WHERE {cond}")
+        # the patient's and its survivor's merge pointer and last event beside each identifier: an update, a
+        # merge or a message about a merged record needs no further read
+        sql = ("SELECT i.system, i.value, i.patient_id, p.merged_into_id, p.last_event_at, i.id, s.merged_into_id, "
+               "s.last_event_at FROM patient_identifiers i JOIN patients p ON p.id = i.patient_id "
+               f"LEFT JOIN patients s ON s.id = p.merged_into_id WHERE {cond}")
         if n <= 8:  # the usual counts only: a feed sending thousands of repetitions must not grow the cache
             _HITS_SQL[n] = sql
+    return sql
+
+
+_ENCOUNTER_SQL = "SELECT id, patient_id, last_event_at FROM encounters WHERE visit_system = ? AND visit_number = ?"
+_IDENTIFIER_INSERT: dict[int, str] = {}
+
+
+def _identifier_insert_sql(n: int) -> str:
+    sql = _IDENTIFIER_INSERT.get(n)
+    if sql is None:
+        sql = ("INSERT INTO patient_identifiers (patient_id, system, value, type_code, assigner, created_at) VALUES "
+               + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n))
+        if n <= 8:
+            _IDENTIFIER_INSERT[n] = sql
     return sql
 
 
@@ -244,17 +308,71 @@ class PatientIndex:
         self.sql = Sql.of(session)
         self.actor = actor
         self.merged_policy = merged_policy
-        self._last_known: set = set()
+        self._last_known: set[Key] = set()
         self._last_event: dict[int, Any] = {}  # patient id -> last_event_at, as read by the last resolve()
+        # what this index read (or asked for ahead), minus what its own writes may have changed since
+        self._ahead: list[tuple[list[Key], Pending]] = []
+        self._known: dict[Key, Hit | None] = {}
+        self._encounters_ahead: dict[Key, Pending] = {}
+        self._encounters: dict[Key, Row | None] = {}
 
     # -- look-ups ---------------------------------------------------------
 
-    def _hits(self, identifiers: list[IdentifierData]) -> list[tuple]:
-        """(system, value, patient_id, merged_into_id, last_event_at) of stored identifiers among these."""
-        if not identifiers:
-            return []
-        params = [x for i in identifiers for x in (i.system, i.value)]
-        return self.sql.all(_hits_sql(len(identifiers)), params)
+    def prefetch(self, identifiers: Iterable[IdentifierData], encounters: Iterable[EncounterData] = ()) -> None:
+        """Ask now for the rows a change will read (its identifiers, its visits): they come back with the
+        caller's next round trip instead of one each."""
+        keys = [k for k in dict.fromkeys((i.system, i.value) for i in identifiers) if k not in self._known]
+        if keys:
+            self._ahead.append((keys, self.sql.later(_hits_sql(len(keys)), [x for k in keys for x in k])))
+        for e in encounters:
+            visit = (e.visit_system, e.visit_number or "")
+            if e.visit_number and visit not in self._encounters and visit not in self._encounters_ahead:
+                self._encounters_ahead[visit] = self.sql.later(_ENCOUNTER_SQL, visit)
+
+    def _settle(self) -> None:
+        for keys, pending in self._ahead:
+            found = {hit.key: hit for hit in map(Hit._make, pending.rows())}
+            for k in keys:
+                self._known.setdefault(k, found.get(k))
+        self._ahead.clear()
+        for visit, pending in self._encounters_ahead.items():
+            self._encounters.setdefault(visit, pending.one())
+        self._encounters_ahead.clear()
+
+    def _hits(self, identifiers: list[IdentifierData]) -> list[Hit]:
+        """Stored identifiers among these, in the message's order."""
+        self._settle()
+        keys = list(dict.fromkeys((i.system, i.value) for i in identifiers))
+        missing = [k for k in keys if k not in self._known]
+        if missing:
+            found = {hit.key: hit for hit in map(Hit._make, self.sql.all(_hits_sql(len(missing)),
+                                                                          [x for k in missing for x in k]))}
+            for k in missing:
+                self._known[k] = found.get(k)
+        return [hit for k in keys if (hit := self._known[k]) is not None]
+
+    def _encounter(self, visit: Key) -> Row | None:
+        self._settle()
+        if visit not in self._encounters:
+            self._encounters[visit] = self.sql.one(_ENCOUNTER_SQL, visit)
+        return self._encounters[visit]
+
+    # what a write may have changed is read again
+    def _forget_identifiers(self, keys: Iterable[Key]) -> None:
+        self._settle()
+        for k in keys:
+            self._known.pop(k, None)
+
+    def _forget_patients(self, *ids: int) -> None:
+        self._settle()
+        stale = [k for k, h in self._known.items()
+                 if h is not None and (h.patient_id in ids or h.merged_into_id in ids or h.survivor_merged_into_id in ids)]
+        for k in stale:
+            del self._known[k]
+
+    def _forget_encounters(self) -> None:
+        self._settle()
+        self._encounters.clear()
 
     def _survivor_id(self, patient_id: int) -> int:
         current = patient_id
@@ -265,20 +383,30 @@ class PatientIndex:
             current = row[0]
         raise PatientIndexError(Problem.INCONSISTENT, f"patient {patient_id} has a merge cycle")
 
+    def _survivor_of(self, hit: Hit) -> int:
+        """The live record a merged identifier's patient leads to (usually read with the hit: no round trip)."""
+        assert hit.merged_into_id is not None
+        if hit.survivor_merged_into_id is None and hit.merged_into_id != hit.patient_id:
+            return hit.merged_into_id
+        return self._survivor_id(hit.patient_id)
+
     def resolve(self, identifiers: list[IdentifierData]) -> int | None:
         """The live patient these identifiers name, applying the merged-identifier policy."""
         hits = self._hits(identifiers)
         # identifiers already stored (on this patient or a record merged into it): never inserted again
-        self._last_known = {(h[0], h[1]) for h in hits}
-        self._last_event = {h[2]: h[4] for h in hits}
+        self._last_known = {h.key for h in hits}
+        self._last_event = {h.patient_id: h.last_event_at for h in hits}
+        for h in hits:
+            if h.merged_into_id is not None and h.survivor_merged_into_id is None:
+                self._last_event.setdefault(h.merged_into_id, h.survivor_last_event_at)
         if not hits:
             return None
-        direct = {h[2] for h in hits if h[3] is None}
-        merged = [h for h in hits if h[3] is not None]
+        direct = {h.patient_id for h in hits if h.merged_into_id is None}
+        merged = [h for h in hits if h.merged_into_id is not None]
         if len(direct) > 1:
             raise PatientIndexError(Problem.CONFLICT, "the identifiers in the message belong to different patients (merge them first)",
                 self._location_of(identifiers, hits[0]))
-        survivors = {self._survivor_id(h[2]) for h in merged}
+        survivors = {self._survivor_of(h) for h in merged}
         if merged and not direct:
             if self.merged_policy == "reject":
                 raise PatientIndexError(Problem.MERGED, "the identifier belongs to a patient record that has been merged into another; "
@@ -293,16 +421,16 @@ class PatientIndex:
         return pid
 
     @staticmethod
-    def _location_of(identifiers: list[IdentifierData], hit: tuple) -> str | None:
+    def _location_of(identifiers: list[IdentifierData], hit: Hit) -> str | None:
         for i in identifiers:
-            if i.system == hit[0] and i.value == hit[1]:
+            if i.system == hit.system and i.value == hit.value:
                 return i.location
         return None
 
     # -- patients -----------------------------------------------------------
 
-    def _audit(self, action: str, patient_id: int, subtype: str | None, detail: dict) -> audit.AuditEntry:
-        entities = [{"type": "patient", "id": patient_id, "role": "patient"}]
+    def _audit(self, action: str, patient_id: int, subtype: str | None, detail: dict[str, Any]) -> audit.AuditEntry:
+        entities: list[dict[str, Any]] = [{"type": "patient", "id": patient_id, "role": "patient"}]
         if self.actor.reference:
             entities.append(dict(self.actor.reference))
         return audit.AuditEntry(
@@ -311,15 +439,13 @@ class PatientIndex:
             entities=entities, detail=detail,
         )
 
-    def _insert(self, table: str, values: dict) -> int:
-        cols = ", ".join(values)
-        marks = ", ".join("?" * len(values))
-        return self.sql.insert(f"INSERT INTO {table} ({cols}) VALUES ({marks})",
-                               [self.sql.value(v) for v in values.values()])
-
-    def _update(self, table: str, row_id: int, values: dict) -> None:
+    def _update(self, table: str, row_id: int, values: dict[str, Any]) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.sql.run(f"UPDATE {table} SET {sets} WHERE id = ?", [*(self.sql.value(v) for v in values.values()), row_id])
+        if table == "patients":
+            self._forget_patients(row_id)
+        else:
+            self._forget_encounters()
 
     def upsert_patient(self, data: PatientData, event_time: datetime | None, *, create: bool = True) -> Outcome:
         if not data.identifiers:
@@ -333,7 +459,7 @@ class PatientIndex:
             if not create:
                 raise PatientIndexError(Problem.UNKNOWN, "no patient with these identifiers is known",
                                         data.identifiers[0].location)
-            pid = self._insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
+            pid = self.sql.insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
             self._add_identifiers(pid, data.identifiers, set())
             out.patient_id, out.changed = pid, True
             out.audit.append(self._audit("C", pid, "register", {"fields": sorted(changes)}))
@@ -341,8 +467,9 @@ class PatientIndex:
         out.patient_id = pid
         if pid in self._last_event:
             last = Sql.read_dt(self._last_event[pid])
-        else:  # resolved through a merge: the survivor's row was not among the hits
-            last = Sql.read_dt(self.sql.one("SELECT last_event_at FROM patients WHERE id = ?", (pid,))[0])
+        else:  # resolved through a merge chain longer than one hop: the survivor's row was not read
+            row = self.sql.one("SELECT last_event_at FROM patients WHERE id = ?", (pid,))
+            last = Sql.read_dt(row[0] if row is not None else None)
         added = self._add_identifiers(pid, data.identifiers, self._last_known)
         if last is not None and event_time is not None and event_time < last:
             out.notes.append("older than the last update applied to this patient: demographics kept")
@@ -359,20 +486,18 @@ class PatientIndex:
         out.audit.append(self._audit("U", pid, "update", {"fields": sorted(changes), "identifiers_added": added}))
         return out
 
-    def _add_identifiers(self, pid: int, identifiers: list[IdentifierData], known: set) -> list[str]:
-        added = []
-        seen = set(known)
-        now = None  # only when something is inserted: an update of a known patient usually adds nothing
+    def _add_identifiers(self, pid: int, identifiers: list[IdentifierData], known: set[Key]) -> list[str]:
+        new: dict[Key, IdentifierData] = {}
         for i in identifiers:
-            if (i.system, i.value) in seen:
-                continue
-            seen.add((i.system, i.value))
-            if now is None:
-                now = self.sql.dt(datetime.now(timezone.utc))
-            self.sql.run("INSERT INTO patient_identifiers (patient_id, system, value, type_code, assigner, created_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (pid, i.system, i.value, i.type_code, i.assigner, now))
-            added.append(i.system)
-        return added
+            if (i.system, i.value) not in known:
+                new.setdefault((i.system, i.value), i)
+        if not new:  # an update of a known patient usually adds nothing
+            return []
+        now = self.sql.dt(datetime.now(timezone.utc))
+        self.sql.run(_identifier_insert_sql(len(new)),
+                     [x for i in new.values() for x in (pid, i.system, i.value, i.type_code, i.assigner, now)])
+        self._forget_identifiers(new)
+        return [i.system for i in new.values()]
 
     # -- encounters ---------------------------------------------------------
 
@@ -386,15 +511,15 @@ class PatientIndex:
             return out
         event_time = utc(event_time)
         now = datetime.now(timezone.utc)
-        row = self.sql.one("SELECT id, patient_id, last_event_at FROM encounters WHERE visit_system = ? AND visit_number = ?",
-                           (data.visit_system, data.visit_number))
+        row = self._encounter((data.visit_system, data.visit_number))
         changes = data.changes()
         if row is None:
             if require_existing:
                 raise PatientIndexError(Problem.UNKNOWN, "no encounter with this visit number is known", "PV1-19")
-            eid = self._insert("encounters", {
+            eid = self.sql.insert("encounters", {
                 "patient_id": patient_id, "visit_system": data.visit_system, "visit_number": data.visit_number,
                 "status": "in-progress", **changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
+            self._forget_encounters()
             out.encounter_id, out.changed = eid, True
             out.audit.append(self._audit("C", patient_id, "encounter", {"encounter_id": eid, "fields": sorted(changes)}))
             return out
@@ -423,22 +548,22 @@ class PatientIndex:
             raise PatientIndexError(Problem.MISSING, "the identifier of the patient to merge is missing", "MRG-1")
         surv_out = self.upsert_patient(survivor, event_time)
         sid = surv_out.patient_id
+        assert sid is not None  # upsert_patient creates or raises
         out = Outcome(patient_id=sid, notes=list(surv_out.notes), audit=list(surv_out.audit), changed=True)
         hits = self._hits(merged)
         now = datetime.now(timezone.utc)
         if not hits:
             # Unknown prior patient: keep its identifier on a merged placeholder so look-ups reach the survivor.
-            mid = self._insert("patients", {"merged_into_id": sid, "merged_at": now, "last_event_at": utc(event_time),
-                                            "created_at": now, "updated_at": now})
+            mid = self.sql.insert("patients", {"merged_into_id": sid, "merged_at": now, "last_event_at": utc(event_time),
+                                               "created_at": now, "updated_at": now})
             self._add_identifiers(mid, merged, set())
             out.notes.append("the merged patient was not known: its identifier now resolves to the survivor")
             out.audit.append(self._audit("U", sid, "merge", {"merged_patient_id": mid, "placeholder": True}))
             return out
-        for mid in sorted({h[2] for h in hits}):
+        for mid in sorted({h.patient_id for h in hits}):
             if mid == sid:
                 raise PatientIndexError(Problem.CONFLICT, "a patient cannot be merged into itself", "MRG-1")
-            current = self.sql.one("SELECT merged_into_id FROM patients WHERE id = ?", (mid,))[0]
-            if current is not None:
+            if self._merged_into(mid) is not None:
                 if self._survivor_id(mid) == sid:
                     out.notes.append("already merged into this patient")
                     continue
@@ -452,12 +577,22 @@ class PatientIndex:
             out.audit.append(self._audit("U", mid, "merged-into", {"survivor_patient_id": sid}))
         return out
 
-    def _move_records(self, src: int, dst: int) -> dict:
-        enc = self.sql.run("UPDATE encounters SET patient_id = ? WHERE patient_id = ?", (dst, src))
-        con = self.sql.run("UPDATE consents SET patient_id = ? WHERE patient_id = ?", (dst, src))
+    def _merged_into(self, patient_id: int) -> int | None:
+        """The patient's merge pointer: from a hit still known, else read."""
+        for hit in self._known.values():
+            if hit is not None and hit.patient_id == patient_id:
+                return hit.merged_into_id
+        row = self.sql.one("SELECT merged_into_id FROM patients WHERE id = ?", (patient_id,))
+        return row[0] if row is not None else None
+
+    def _move_records(self, src: int, dst: int) -> dict[str, int]:
+        # the three counts come back in one round trip (with whatever was queued before them)
+        enc = self.sql.counted("UPDATE encounters SET patient_id = ? WHERE patient_id = ?", (dst, src))
+        con = self.sql.counted("UPDATE consents SET patient_id = ? WHERE patient_id = ?", (dst, src))
         # every photo moves; one the survivor already holds stays apart by filed_patient_id
-        ast = self.sql.run("UPDATE assets SET patient_id = ? WHERE patient_id = ?", (dst, src))
-        return {"encounters_moved": enc, "consents_moved": con, "assets_moved": ast}
+        ast = self.sql.counted("UPDATE assets SET patient_id = ? WHERE patient_id = ?", (dst, src))
+        self._forget_encounters()
+        return {"encounters_moved": enc.rowcount, "consents_moved": con.rowcount, "assets_moved": ast.rowcount}
 
     def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:
         """Replace an identifier (MRG-1) by the one of the same system in the new list (A47)."""
@@ -468,21 +603,24 @@ class PatientIndex:
             repl = next((n for n in new if n.system == o.system), None)
             if repl is None:
                 raise PatientIndexError(Problem.MISSING, "PID-3 has no identifier of the same kind as MRG-1", "PID-3")
-            row = self.sql.one("SELECT id, patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
-                               (o.system, o.value))
-            taken = self.sql.one("SELECT patient_id FROM patient_identifiers WHERE system = ? AND value = ?",
-                                 (repl.system, repl.value))
+            found = self._hits([o, repl])
+            row = next((h for h in found if h.key == (o.system, o.value)), None)
+            taken = next((h for h in found if h.key == (repl.system, repl.value)), None)
             if row is None:
                 if taken is not None:
-                    out.patient_id = self._survivor_id(taken[0])
+                    out.patient_id = self._live(taken)
                     out.notes.append("identifier already changed")
                     continue
                 raise PatientIndexError(Problem.UNKNOWN, "no patient has the identifier in MRG-1", o.location or "MRG-1")
-            pid = self._survivor_id(row[1])
+            pid = self._live(row)
             if taken is not None:
                 raise PatientIndexError(Problem.CONFLICT, "the new identifier already belongs to a patient", repl.location or "PID-3")
             self.sql.run("UPDATE patient_identifiers SET value = ?, type_code = ?, assigner = ? WHERE id = ?",
-                         (repl.value, repl.type_code, repl.assigner, row[0]))
+                         (repl.value, repl.type_code, repl.assigner, row.identifier_id))
+            self._forget_identifiers([row.key, (repl.system, repl.value)])
             out.patient_id, out.changed = pid, True
             out.audit.append(self._audit("U", pid, "identifier-change", {"system": o.system}))
         return out
+
+    def _live(self, hit: Hit) -> int:
+        return hit.patient_id if hit.merged_into_id is None else self._survivor_of(hit)

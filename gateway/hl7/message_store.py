@@ -1,6 +1,8 @@
 """The HL7 message store: every message raw, with what was done with it and the ACK sent.
 
-Plain SQL through patient_index.Sql: this runs once or twice for every message on the hot path.
+Plain SQL through gateway.core.patients.Sql: this runs twice for every message on the hot path. The
+duplicate look-up is asked for ahead (`duplicate_lookup`) so it shares a round trip with the patient
+index's reads; the insert is queued and goes with the next one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from gateway.core.patients import Sql
 from store.models import Hl7Message
+from store.statements import Pending
 
 T = Hl7Message.__table__
 
@@ -25,29 +28,39 @@ class StoredAck:
     raw: bytes
 
 
-def find_duplicate(session: Session, app: str, facility: str, control_id: str) -> StoredAck | None:
-    """The message that owns this sender/control-id key (the first one sent under it), if any."""
-    row = Sql.of(session).one(
+def duplicate_lookup(session: Session, app: str, facility: str, control_id: str) -> Pending:
+    """Ask for the message that owns this sender/control-id key (the first one sent under it); read the
+    answer with `duplicate_found`."""
+    return Sql.of(session).later(
         "SELECT id, status, ack, raw FROM hl7_messages WHERE sending_application = ? AND sending_facility = ? "
         "AND control_id = ? AND duplicate_of IS NULL",
         # uncut: a cut key would match a different, longer id (prepare refuses over-long ones anyway)
         (app, facility, control_id))
+
+
+def duplicate_found(lookup: Pending) -> StoredAck | None:
+    row = lookup.one()
     if not row:
         return None
     return StoredAck(row[0], row[1], bytes(row[2]) if row[2] is not None else None, bytes(row[3]))
 
 
+def find_duplicate(session: Session, app: str, facility: str, control_id: str) -> StoredAck | None:
+    """The message that owns this sender/control-id key, if any (one round trip)."""
+    return duplicate_found(duplicate_lookup(session, app, facility, control_id))
+
+
 def insert(session: Session, *, raw: bytes, app: str, facility: str, control_id: str, message_type: str | None,
            trigger_event: str | None, event_time: datetime | None, peer: str | None, status: str,
            ack: bytes | None, error: str | None, patient_id: int | None, duplicate_of: int | None = None) -> int:
+    """Store a message; its id at once (the INSERT itself may wait in the pipeline for the next round trip)."""
     sql = Sql.of(session)
-    return sql.insert(
-        "INSERT INTO hl7_messages (sending_application, sending_facility, control_id, message_type, trigger_event, "
-        "event_time, received_at, peer, status, ack, error, patient_id, raw, duplicate_of) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (app[:200], facility[:200], control_id[:200], (message_type or None) and message_type[:10],
-         (trigger_event or None) and trigger_event[:10], sql.dt(event_time), sql.dt(datetime.now(timezone.utc)),
-         peer, status, ack, error, patient_id, raw, duplicate_of))
+    return sql.insert("hl7_messages", {
+        "sending_application": app[:200], "sending_facility": facility[:200], "control_id": control_id[:200],
+        "message_type": (message_type or None) and message_type[:10],
+        "trigger_event": (trigger_event or None) and trigger_event[:10], "event_time": sql.dt(event_time),
+        "received_at": sql.dt(datetime.now(timezone.utc)), "peer": peer, "status": status, "ack": ack, "error": error,
+        "patient_id": patient_id, "raw": raw, "duplicate_of": duplicate_of})
 
 
 def record_outcome(session: Session, message_id: int, *, status: str, ack: bytes | None, error: str | None,

@@ -15,17 +15,23 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from gateway.core.patients import Actor, PatientIndex, PatientIndexError, Problem, Sql
 from gateway.hl7 import message_store
 from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
 from gateway.hl7.config import Hl7Settings
+from mapping.engine import Mapper, MappingFault
 from mapping.escape import EscapeError
 from mapping.message import Hl7Error, Message, limits_fault, parse
-from gateway.core.patients import Actor, PatientIndex, PatientIndexError, Problem
-from mapping.engine import Mapper, MappingFault
 from store.audit import AuditEntry
+from store.statements import PipelineFailed
 
 log = logging.getLogger("clinphoto.hl7")
+
+
+class RefusedAfterWriting(PipelineFailed):
+    """A change refused (or failed in our code) after it queued writes on a pipelined connection, where there is
+    no savepoint to undo them: the committer redoes the batch on an ordinary transaction, where there is."""
 
 
 @dataclass
@@ -133,21 +139,27 @@ class Processor:
     # -- inside the group-commit transaction ----------------------------------------------
 
     def apply(self, session: Session, p: Prepared) -> Result:
+        """Store (and apply) one message. Its reads go in one round trip (the duplicate look-up and what the
+        patient index will read), its writes wait for the next one (store.statements)."""
         control_id = p.control_id
+        lookup = None
         if p.header_refused:
             # its header values cannot be keys (control characters, too long): never a duplicate match,
             # and a key of its own so the insert cannot collide; the raw bytes keep what was sent
             control_id = f"refused-{uuid.uuid4().hex}"
         elif p.msg is not None and control_id:
-            dup = message_store.find_duplicate(session, p.app, p.facility, control_id)
+            lookup = message_store.duplicate_lookup(session, p.app, p.facility, control_id)
+        else:
+            control_id = f"unparsed-{uuid.uuid4().hex}"
+        index = self._index(session, p)
+        if lookup is not None:
+            dup = message_store.duplicate_found(lookup)
             if dup is not None:
                 if same_content(dup.raw, p.raw):
                     log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
                     return Result(ack=dup.ack, status=dup.status, message_id=dup.id, duplicate=True)
                 return self._refuse_reused_key(session, p, dup.id)
-        else:
-            control_id = f"unparsed-{uuid.uuid4().hex}"
-        status, code, errors, text, patient_id, audit = self._outcome(session, p)
+        status, code, errors, text, patient_id, audit = self._outcome(session, p, index)
         ack = self._ack(p, code, errors, text)
         error_text = describe(errors, text)
         mid = message_store.insert(
@@ -203,25 +215,46 @@ class Processor:
             status, code, errors, text = "applied", "AA", [], "not applied: mapping test"
         return f"would be {status}", self._ack(p, code, errors, text)
 
-    def _outcome(self, session: Session, p: Prepared):
+    def _index(self, session: Session, p: Prepared) -> PatientIndex | None:
+        """The patient index a message will change, with the rows it will read asked for ahead; None when the
+        message changes nothing."""
+        if p.reject or p.error or p.ignore or p.mapped is None:
+            return None
+        actor = Actor(who=_plain(p.app) or "hl7", network=p.peer,
+                      reference={"type": "hl7-message", "id": f"{_plain(p.app)}/{_plain(p.facility)}/{p.control_id}"})
+        index = PatientIndex(session, actor, self.settings.merged_policy)
+        m = p.mapped
+        index.prefetch([i for pair in m.patients for i in (*pair.patient.identifiers, *pair.prior)],
+                       [m.encounter] if m.encounter is not None else [])
+        return index
+
+    def _outcome(self, session: Session, p: Prepared, index: PatientIndex | None = None):
         if p.reject:
             return "rejected", "AR", [p.reject], None, None, []
         if p.error:
             return "error", "AE", [p.error], None, None, []
         if p.ignore:
             return "ignored", "AA", [], "message type not processed here; stored", None, []
-        actor = Actor(who=_plain(p.app) or "hl7", network=p.peer,
-                      reference={"type": "hl7-message", "id": f"{_plain(p.app)}/{_plain(p.facility)}/{p.control_id}"})
-        index = PatientIndex(session, actor, self.settings.merged_policy)
-        savepoint = index.sql.savepoint()
+        if index is None:
+            index = self._index(session, p)
+            assert index is not None
+        sql = index.sql
+        # On a pipelined connection a failure cannot be pinned on its message anyway (the batch is redone on an
+        # ordinary transaction, store.statements), so no savepoint: two statements and a PostgreSQL
+        # subtransaction less per message. A change refused there after it queued writes is redone the same way.
+        savepoint = None if sql.st.pipelined else sql.savepoint()
+        writes = sql.writes
         try:
             out = HANDLERS[p.event](index, p.mapped)
-            index.sql.release(savepoint)
+            if savepoint is not None:
+                sql.release(savepoint)
         except PatientIndexError as exc:
-            index.sql.rollback_to(savepoint)
+            self._undo(sql, savepoint, writes, exc)
             return "error", "AE", [AckError(INDEX_CODES[exc.problem], exc.text, exc.location)], None, None, []
+        except PipelineFailed:
+            raise  # a statement sent earlier failed: the whole batch is redone statement by statement
         except Exception as exc:  # a bug or a database constraint: this message only (its savepoint is undone)
-            index.sql.rollback_to(savepoint)
+            self._undo(sql, savepoint, writes, exc)
             # the exception text may quote identifiers (e.g. a PostgreSQL key DETAIL): type only above DEBUG
             log.error("HL7 message %s could not be applied: %s", p.control_id, type(exc).__name__)
             log.debug("HL7 message %s failure", p.control_id, exc_info=True)
@@ -229,6 +262,15 @@ class Processor:
             return "error", "AE", [AckError("207", text, None)], None, None, []
         text = "; ".join(out.notes) or None
         return "applied", "AA", [], text, out.patient_id, one_entry_per_patient(out.audit)
+
+    @staticmethod
+    def _undo(sql: Sql, savepoint: str | None, writes: int, exc: Exception) -> None:
+        """Undo what a refused or failed change wrote: back to its savepoint, or, on a pipelined connection where
+        it has none, the whole batch again on an ordinary transaction if it wrote anything."""
+        if savepoint is not None:
+            sql.rollback_to(savepoint)
+        elif sql.writes != writes:
+            raise RefusedAfterWriting(f"a change refused after it queued writes ({type(exc).__name__})") from exc
 
     def _ack(self, p: Prepared, code: str, errors: list[AckError], text: str | None) -> bytes | None:
         s = self.settings

@@ -1,0 +1,175 @@
+"""Round trips per ADT message through the group commit, counted, on SQLite and PostgreSQL.
+
+On PostgreSQL the count is read off the wire: libpq's trace of the kept writer connection, where every wait
+for the server is a Sync (pipeline), a simple Query or a Flush sent by the client. SQLite has no round trips;
+there the count is of statements (calls into the library), from the writer's own counters.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.hl7.committer import GroupCommitter
+from gateway.hl7.config import Hl7Settings
+from gateway.hl7.listener import build_processor
+from store import audit
+from store.models import Encounter, Hl7Message, Patient
+from store.statements import statements_of
+
+MAX_ROUND_TRIPS = 4  # per message, BEGIN, the audit records and COMMIT included, on a batch of one
+
+
+def msh(event: str, cid: str, structure: str = "ADT_A01") -> str:
+    return f"MSH|^~\\&|PAS|RX1|CLINPHOTO|RX1|20240301101500||ADT^{event}^{structure}|{cid}|P|2.4"
+
+
+def build(*segments: str) -> bytes:
+    return ("\r".join(segments) + "\r").encode()
+
+
+def pid(mrn: str, family: str = "ROUND") -> str:
+    return f"PID|1||{mrn}^^^RX1^MR||{family}^TRIP||19800101|F"
+
+
+def pv1(visit: str) -> str:
+    return f"PV1|1|I|WARD1^B^1^RX1||||C1^DOC^ONE^^^DR|||PLS||||19|||||{visit}"
+
+
+# the bench's mix, one of each kind: admit (new patient + encounter), update with encounter, person update,
+# a second registration under another MRN, its merge into the first, an identifier change
+MESSAGES = {
+    "A01 new patient and encounter": build(msh("A01", "R1"), "EVN|A01|20240301100000", pid("M1"), pv1("V1")),
+    "A08 update and encounter": build(msh("A08", "R2"), "EVN|A08|20240301110000", pid("M1", "UPDATED"), pv1("V1")),
+    "A31 person update": build(msh("A31", "R3", "ADT_A05"), "EVN|A31|20240301110000", pid("M1", "PERSON"), "PV1|1|N"),
+    "A31 second registration": build(msh("A31", "R4", "ADT_A05"), "EVN|A31|20240301110000", pid("D1"), "PV1|1|N"),
+    "A40 merge": build(msh("A40", "R5", "ADT_A39"), "EVN|A40|20240301120000", pid("M1"), "MRG|D1^^^RX1^MR"),
+    "A47 identifier change": build(msh("A47", "R6", "ADT_A30"), "EVN|A47|20240301130000", pid("M2"),
+                                   "MRG|M1^^^RX1^MR"),
+}
+
+
+class WireCount:
+    """Waits for the server on the writer's kept connection, from libpq's protocol trace."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self.pg = db.dialect == "postgresql"
+        self.file = tempfile.TemporaryFile()
+        if self.pg:
+            with db.writer().transaction() as session:  # the kept connection, traced from now on
+                self.pgconn = statements_of(session).dbapi_connection.pgconn
+            self._trace()
+
+    def _trace(self) -> None:
+        from psycopg import pq
+
+        self.pgconn.trace(self.file.fileno())
+        self.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def waits(self) -> int:
+        """Client Sync / Query / Flush messages traced since the last call."""
+        if not self.pg:
+            return 0
+        self.pgconn.untrace()  # flushes the trace file
+        self.file.seek(0)
+        lines = self.file.read().decode(errors="replace").splitlines()
+        self.file.seek(0)
+        self.file.truncate()
+        self._trace()
+        return sum(1 for line in lines if line.startswith("F\t") and line.split("\t")[2].split(" ")[0] in
+                   ("Sync", "Query", "Flush"))
+
+
+def counted(db, committer, processor, raws: list[bytes]) -> tuple[list, int, int]:
+    """Results, round trips (writer's own count) and statements of applying `raws` as one batch."""
+    writer = db.writer()
+    rt0, st0 = writer.round_trips, writer.statements
+    results = committer.apply_now([processor.prepare(raw, "127.0.0.1:1") for raw in raws])
+    return results, writer.round_trips - rt0, writer.statements - st0
+
+
+def warmed_up(db) -> tuple:
+    """A processor and committer past a store's first message (which starts the audit trail and draws the first
+    blocks of ids: a few round trips once)."""
+    processor = build_processor(Hl7Settings())
+    committer = GroupCommitter(db, processor)
+    first = build(msh("A01", "W0"), "EVN|A01|20240301100000", pid("WARM"), pv1("WARM"))
+    assert committer.apply_now([processor.prepare(first)])[0].code == "AA"
+    return processor, committer
+
+
+def test_each_adt_message_takes_at_most_four_round_trips(db):
+    processor, committer = warmed_up(db)
+    wire = WireCount(db)
+    wire.waits()
+    for name, raw in MESSAGES.items():
+        (result,), round_trips, statements = counted(db, committer, processor, [raw])
+        assert result.code == "AA", (name, result.error)
+        if db.dialect == "postgresql":
+            on_wire = wire.waits()
+            assert on_wire == round_trips, (name, on_wire, round_trips)  # the writer's count is what the wire shows
+            assert round_trips <= MAX_ROUND_TRIPS, (name, round_trips)
+        else:
+            assert round_trips == 0
+            assert statements <= 14, (name, statements)  # SQLite: calls into the library, no network
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Hl7Message)) == len(MESSAGES) + 1
+        assert s.scalar(select(func.count()).select_from(Patient).where(Patient.merged_into_id.is_not(None))) == 1
+        assert audit.verify(s).ok
+
+
+def test_a_batch_costs_two_round_trips_a_message_and_two_more(db):
+    processor, committer = warmed_up(db)
+    wire = WireCount(db)
+    raws = [build(msh("A01", f"B{k}"), "EVN|A01|20240301100000", pid(f"P{k}"), pv1(f"W{k}")) for k in range(8)]
+    wire.waits()
+    results, round_trips, _statements = counted(db, committer, processor, raws)
+    assert [r.code for r in results] == ["AA"] * 8
+    if db.dialect == "postgresql":
+        assert wire.waits() == round_trips
+        # reads of each message (their writes ride with the next message's reads), the audit head, COMMIT,
+        # and now and then a block of ids drawn ahead
+        assert round_trips <= 2 * len(raws) + 3, round_trips
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Encounter)) == 8 + 1
+
+
+def test_a_change_refused_after_it_wrote_is_undone_and_its_batch_kept(db):
+    """An admission whose visit number is another patient's: refused (AE 205) after the new patient was written.
+    On PostgreSQL there is no savepoint in the pipeline: the batch is redone on an ordinary transaction."""
+    processor = build_processor(Hl7Settings())
+    committer = GroupCommitter(db, processor)
+    first = build(msh("A01", "C1"), "EVN|A01|20240301100000", pid("OWNER"), pv1("SHARED"))
+    good = build(msh("A01", "C2"), "EVN|A01|20240301100000", pid("GOOD"), pv1("OWN"))
+    clash = build(msh("A01", "C3"), "EVN|A01|20240301100000", pid("INTRUDER"), pv1("SHARED"))
+    results = committer.apply_now([processor.prepare(r) for r in (first, good, clash)])
+    assert [r.code for r in results] == ["AA", "AA", "AE"]
+    assert b"|205^" in results[2].ack
+    with db.read() as s:
+        names = set(s.scalars(select(Patient.id)))
+        assert len(names) == 2  # OWNER and GOOD; INTRUDER's registration undone with its refused admission
+        assert s.scalar(select(func.count()).select_from(Hl7Message)) == 3
+        assert audit.verify(s).ok
+
+
+def test_the_writer_recovers_when_the_database_drops_its_connection(db):
+    if db.dialect != "postgresql":
+        pytest.skip("a dropped server connection is PostgreSQL's")
+    from sqlalchemy import text
+
+    processor = build_processor(Hl7Settings())
+    committer = GroupCommitter(db, processor)
+    assert committer.apply_now([processor.prepare(MESSAGES["A01 new patient and encounter"])])[0].code == "AA"
+    with db.writer().transaction() as session:
+        backend = statements_of(session).now("SELECT pg_backend_pid()").one()[0]
+    with db.write() as s:
+        s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+    result = committer.apply_now([processor.prepare(MESSAGES["A08 update and encounter"])])[0]
+    assert result.code == "AA"  # stored on a fresh connection, not answered "not stored"
+    again = committer.apply_now([processor.prepare(MESSAGES["A31 person update"])])[0]
+    assert again.code == "AA"
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Hl7Message)) == 3
