@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -37,6 +38,9 @@ from gateway.core.ingest.metadata import json_key, parse_metadata
 from gateway.core.ingest.pipeline import IngestResult, audit_refusal, ingest, uncovered, uploader
 from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
 from store.spool import Spool
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 router = APIRouter(prefix="/api/v1", tags=["photos"])
 
@@ -87,10 +91,15 @@ class _Part:
     name: str = ""
     filename: str | None = None
     path: Path | None = None
-    file: object = None
-    digest: object = None
+    file: BinaryIO | None = None
+    digest: _Hash | None = None
     size: int = 0
     data: bytearray = field(default_factory=bytearray)
+
+    def image_file(self) -> ImageFile:
+        """A 'files' part, spooled: its path and digest are set together when its headers end."""
+        assert self.path is not None and self.digest is not None, f"form part {self.name!r} was not spooled"
+        return ImageFile(path=self.path, filename=self.filename, sha256=self.digest.hexdigest())
 
 
 class _Form:
@@ -122,6 +131,7 @@ class _Form:
 
     def on_headers_finished(self) -> None:
         part = self.current
+        assert part is not None, "the parser calls on_part_begin first"
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         part.name = options.get(b"name", b"").decode("utf-8", "replace")
         if part.name not in ("files", "metadata"):
@@ -131,7 +141,9 @@ class _Form:
             ))
         filename = options.get(b"filename")
         # NUL cannot be stored (PostgreSQL text) and never belongs in a file name
-        part.filename = os.path.basename(filename.decode("utf-8", "replace").replace("\\", "/")).replace("\x00", "") if filename is not None else None
+        part.filename = (
+            os.path.basename(filename.decode("utf-8", "replace").replace("\\", "/")).replace("\x00", "") if filename is not None else None
+        )
         if part.name == "files":
             if sum(1 for p in self.parts if p.name == "files") >= self.max_files:
                 raise _Stop(IngestRejected(errors.BAD_METADATA, f"too many files: at most {self.max_files} per upload", field="files"))
@@ -142,9 +154,10 @@ class _Form:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current
+        assert part is not None, "the parser calls on_part_begin first"
         chunk = data[start:end]
         part.size += len(chunk)
-        if part.file is not None:
+        if part.file is not None and part.digest is not None:
             if part.size > self.max_bytes:
                 raise _Stop(IngestRejected(
                     errors.TOO_LARGE, f"file too large: over the {mib(self.max_bytes)} limit",
@@ -176,10 +189,10 @@ class _Stop(Exception):
         self.rejection = rejection
 
 
-def _links(result: IngestResult) -> list[dict]:
-    photos = []
+def _links(result: IngestResult) -> list[dict[str, object]]:
+    photos: list[dict[str, object]] = []
     for p in result.photos:
-        item = {
+        item: dict[str, object] = {
             "assetId": p.asset_id,
             "mediaId": p.asset_id,
             "status": p.status,
@@ -250,7 +263,8 @@ _OPENAPI = {
         403: {"description": "Role or scopes do not allow uploads"},
         413: {"description": "A file is over the size limit"},
         415: {"description": "Not an accepted image type (sniffed from content), or not multipart/form-data"},
-        422: {"description": "Corrupt/truncated, over the pixel limit, not representable faithfully, bad metadata, unknown patient/encounter/consent"},
+        422: {"description": "Corrupt/truncated, over the pixel limit, not representable faithfully, bad metadata, "
+                            "unknown patient/encounter/consent"},
     },
 )
 async def upload_photos(request: Request, subject: Subject = Depends(require_subject)) -> JSONResponse:
@@ -293,7 +307,8 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
         unknown = sorted({p.name for p in form.parts if p.name not in ("metadata", "files")})
         try:
             if unknown:
-                raise IngestRejected(errors.BAD_METADATA, f"unknown form part(s) {', '.join(map(repr, unknown))}: send 'files' and 'metadata'", field=",".join(unknown))
+                raise IngestRejected(errors.BAD_METADATA, f"unknown form part(s) {', '.join(map(repr, unknown))}: send 'files' and 'metadata'",
+                                     field=",".join(unknown))
             if len(meta_parts) != 1:
                 raise IngestRejected(errors.BAD_METADATA, "exactly one 'metadata' part (JSON) is required", field="metadata")
             if not files:
@@ -303,7 +318,7 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
             await _audit_refused(gw, actor, exc)
             return _rejection(exc)
         capture = CaptureRequest(
-            source=actor, items=[ImageFile(path=p.path, filename=p.filename, sha256=p.digest.hexdigest()) for p in files],
+            source=actor, items=[p.image_file() for p in files],
             patient=meta.patient_ref(), governance=meta.governance(), idempotency_key=key)
         try:
             result = await run_in_threadpool(ingest, gw, capture)
@@ -311,7 +326,8 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
             return _rejection(exc)
     finally:
         form.cleanup()
-    body = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": _links(result)}
+    photos = _links(result)
+    body: dict[str, object] = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": photos}
     hidden = await run_in_threadpool(uncovered, gw, result)
     if hidden:
         # stored, but invisible for care: say so now rather than leave the uploader puzzled by a later 404
@@ -319,7 +335,7 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
             f"no consent covers {len(hidden)} of these photo(s) for care: they stay hidden until a consent is "
             "recorded (metadata 'consent' or 'consentId', or POST /api/v1/consents)"
         ]
-    for item in body["photos"]:
+    for item in photos:
         item["consentCovered"] = item["assetId"] not in hidden
     return JSONResponse(body, status_code=201 if result.created else 200)
 
