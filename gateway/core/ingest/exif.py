@@ -10,6 +10,7 @@ in the sealed original.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -69,7 +70,7 @@ class ExifFacts:
         return self.orientation in (5, 6, 7, 8)
 
 
-def _text(value) -> str | None:
+def _text(value: object) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -78,7 +79,7 @@ def _text(value) -> str | None:
     return text[:64] or None
 
 
-def _taken_at(exif_ifd) -> datetime | None:
+def _taken_at(exif_ifd: Mapping[int, object]) -> datetime | None:
     raw = _text(exif_ifd.get(DATETIME_ORIGINAL))
     if not raw:
         return None

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias, overload
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -152,10 +153,10 @@ def is_jpeg(head: bytes) -> bool:
     return head[:3] == b"\xff\xd8\xff"
 
 
-def parse(buf, *, find_end: bool = True) -> JpegInfo:
+def parse(buf: ByteSource, *, find_end: bool = True) -> JpegInfo:
     """Walk the marker segments up to the first scan; optionally locate EOI.
 
-    `buf` is any object supporting len, indexing, slicing and .find (bytes, FileView).
+    `buf` is the file's bytes, or a FileView over it.
     """
     size = len(buf)
     if buf[0:2] != SOI:
@@ -247,7 +248,7 @@ def _is_metadata(marker: int) -> bool:
     return 0xE0 <= marker <= 0xEF or marker == 0xFE  # APPn, COM
 
 
-def clean_pieces(buf, info: JpegInfo, *, chunk: int = CHUNK) -> list[Piece]:
+def clean_pieces(buf: ByteSource, info: JpegInfo, *, chunk: int = CHUNK) -> list[Piece]:
     """The stream without metadata: SOI, rebuilt JFIF/Adobe segments, then the decoder's segments and scans.
 
     Walks the whole stream, not just the header: after each SOS the entropy-coded
@@ -303,15 +304,14 @@ def clean_pieces(buf, info: JpegInfo, *, chunk: int = CHUNK) -> list[Piece]:
             raise JpegError(f"corrupt JPEG: unexpected marker 0x{marker:02X} at byte {start}")
 
 
-def _find(buf, pattern: re.Pattern, start: int, chunk: int) -> int:
-    search = getattr(buf, "search", None)
-    if search is not None:  # FileView: chunked reads
-        return search(pattern, start, chunk=chunk)
+def _find(buf: ByteSource, pattern: re.Pattern[bytes], start: int, chunk: int) -> int:
+    if isinstance(buf, FileView):  # chunked reads
+        return buf.search(pattern, start, chunk=chunk)
     found = pattern.search(buf, start)
     return found.start() if found else -1
 
 
-def _skip_fill(buf, pos: int) -> int:
+def _skip_fill(buf: ByteSource, pos: int) -> int:
     """Offset of the first byte at or after pos that is not 0xFF."""
     while True:
         window = bytes(buf[pos : pos + 256])
@@ -321,7 +321,7 @@ def _skip_fill(buf, pos: int) -> int:
         pos += 256
 
 
-def _scan_end(buf, pos: int, chunk: int) -> int:
+def _scan_end(buf: ByteSource, pos: int, chunk: int) -> int:
     """Offset of the marker (its first fill byte) that ends entropy-coded data starting at pos."""
     while True:
         at = _find(buf, _SCAN_STOP, pos, chunk)
@@ -358,7 +358,7 @@ class FileView:
     Here the header is cached and everything else is read with pread in chunks.
     """
 
-    def __init__(self, path) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self._f = open(path, "rb")
         self._fd = self._f.fileno()
         self._size = os.fstat(self._fd).st_size
@@ -373,7 +373,12 @@ class FileView:
     def __len__(self) -> int:
         return self._size
 
-    def __getitem__(self, key):
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
         if isinstance(key, slice):
             start, stop, step = key.indices(self._size)
             if step != 1:
@@ -404,7 +409,7 @@ class FileView:
             pos += chunk
         return -1
 
-    def search(self, pattern: re.Pattern, start: int = 0, chunk: int = CHUNK, span: int = 2) -> int:
+    def search(self, pattern: re.Pattern[bytes], start: int = 0, chunk: int = CHUNK, span: int = 2) -> int:
         """Offset of the first match of `pattern` (matches exactly `span` bytes) at or after start, or -1."""
         pos = start
         while pos < self._size:
@@ -416,6 +421,9 @@ class FileView:
 
     def close(self) -> None:
         self._f.close()
+
+
+ByteSource: TypeAlias = bytes | FileView  # what parse() and clean_pieces() walk
 
 
 # --- lossless re-coding with jpegtran (libjpeg-turbo-progs) ---------------------

@@ -21,6 +21,7 @@ lossless / hierarchical JPEG processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,23 +38,27 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from gateway.core.objects.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
 from gateway.core.ingest import jpeg, limits
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
 from gateway.core.ingest.exif import ExifFacts, read_facts, upright, upright_size
 from gateway.core.ingest.renditions import Renditions, decode_target, from_image
 from gateway.core.ingest.sniff import HEAD_BYTES, sniff
+from gateway.core.objects.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
 
 try:  # HEIC/HEIF support registers itself with Pillow
     import pillow_heif
 
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - a declared dependency
-    pillow_heif = None
+    pass
 
 JPEG_METHOD = "ISO_10918_1"
 HEVC_METHOD = "ISO_23008_2"
+
+Closers = list[Callable[[], object]]  # what to release when the prepared file is done with (or refused), in order of creation
+# pixels for DICOM, EXIF facts, upright width and height, derived, derivation, renditions
+_Derived = tuple[EncapsulatedJpeg, ExifFacts, int, int, bool, str | None, Renditions]
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Prepared:
     derived: bool
     derivation: str | None
     renditions: Renditions
-    _closers: list = field(default_factory=list)
+    _closers: Closers = field(default_factory=list)
 
     def close(self) -> None:
         """Release files, temp files and decoded pixels (the object is spent afterwards)."""
@@ -118,7 +124,7 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _encapsulate(buf, info: jpeg.JpegInfo, lossy: list[tuple[str, float]]) -> EncapsulatedJpeg:
+def _encapsulate(buf: jpeg.ByteSource, info: jpeg.JpegInfo, lossy: list[tuple[str, float]]) -> EncapsulatedJpeg:
     try:
         pieces = jpeg.clean_pieces(buf, info)
     except jpeg.JpegError as exc:
@@ -195,7 +201,7 @@ def prepare(path: Path, settings: IngestSettings, *, sha256: str | None = None, 
         head = f.read(HEAD_BYTES)
     sniffed = sniff(head)
     digest = sha256 or sha256_of(path)
-    closers: list = []
+    closers: Closers = []
     try:
         if sniffed.kind == "jpeg":
             result = _prepare_jpeg(path, size, settings, closers, tmp_dir)
@@ -215,7 +221,7 @@ def prepare(path: Path, settings: IngestSettings, *, sha256: str | None = None, 
     )
 
 
-def _map(path: Path, closers: list) -> bytes | jpeg.FileView:
+def _map(path: Path, closers: Closers) -> jpeg.ByteSource:
     """The file's bytes when small enough to join for the decoder anyway (one read), else a FileView."""
     if path.stat().st_size <= JOIN_LIMIT:
         return path.read_bytes()
@@ -224,7 +230,7 @@ def _map(path: Path, closers: list) -> bytes | jpeg.FileView:
     return view
 
 
-def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list, tmp_dir: Path | None):
+def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: Closers, tmp_dir: Path | None) -> _Derived:
     buf = _map(path, closers)
     try:
         info = jpeg.parse(buf, find_end=False)
@@ -258,7 +264,7 @@ def _prepare_jpeg(path: Path, size: int, settings: IngestSettings, closers: list
     if not info.baseline or orientation != 1:
         try:
             recoded = jpeg.recode_to_temp(path, orientation, tmp_dir)
-            closers.append(lambda p=recoded: p.unlink(missing_ok=True))
+            closers.append(functools.partial(recoded.unlink, missing_ok=True))
             src_buf = _map(recoded, closers)
             src_info = jpeg.parse(src_buf, find_end=False)  # the walk comes with _encapsulate
             src_info.icc_profile = info.icc_profile  # jpegtran -copy none dropped it; DICOM carries it
@@ -408,7 +414,7 @@ def _read_pnm(path: Path) -> np.ndarray:
         width, height = int(head.group(2)), int(head.group(3))
         pixels = np.empty((height, width, 3 if head.group(1) == b"P6" else 1), np.uint8)
         f.seek(head.end())
-        if f.readinto(memoryview(pixels).cast("B")) != pixels.size:
+        if f.readinto(pixels.data.cast("B")) != pixels.size:
             raise _corrupt("djpeg wrote a short image")
     return pixels
 
@@ -436,7 +442,7 @@ def _renditions(image: Image.Image, settings: IngestSettings) -> Renditions:
     return from_image(image, 1, preview=settings.preview_size, thumbnail=settings.thumbnail_size, quality=settings.rendition_quality)
 
 
-def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings, closers: list):
+def _prepare_other(path: Path, kind: str, head: bytes, settings: IngestSettings, closers: Closers) -> _Derived:
     if kind == "png":
         header = limits.png_header(head)
         limits.check_pixels(header.width, header.height, settings.max_pixels)
