@@ -13,6 +13,7 @@ from gateway.core.consents import record_consent
 from gateway.core.context import Gateway
 from gateway.core.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
 from gateway.demo_photos import SOURCE, seed_demo_photos
+from gateway.settings import Settings
 from store import audit
 from store.models import Encounter, Patient, PatientIdentifier
 
@@ -30,8 +31,11 @@ DEMO_PATIENTS = [
 
 def seed_demo(gw: Gateway, force: bool = False) -> str:
     now = datetime.now(timezone.utc)
+    settings = gw.settings
+    if not isinstance(settings, Settings):  # the core's view of the settings has no HL7 part
+        raise TypeError("the demo reads the HL7 settings: open the gateway with gateway.settings.Settings")
     # the MRN system an ADT feed under the configured mapping would give these patients
-    mrn_system = gw.settings.hl7.mrn_system.replace("{authority}", DEMO_ODS)
+    mrn_system = settings.hl7.mrn_system.replace("{authority}", DEMO_ODS)
     with gw.db.write() as session:
         exists = session.execute(
             select(PatientIdentifier.id).where(PatientIdentifier.system == NHS_SYSTEM, PatientIdentifier.value == DEMO_PATIENTS[0][0])

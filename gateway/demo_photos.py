@@ -25,7 +25,8 @@ from store.models import Encounter, PatientIdentifier
 SOURCE = Source.demo()
 
 # (body site SNOMED CT, laterality, view, specialty, sensitivity, EXIF orientation, format)
-PLANS = [
+Shot = tuple[str, str | None, str, str, str, int, str]
+PLANS: list[list[Shot]] = [
     [("85562004", "left", "dorsal", "330", "N", 1, "jpeg"), ("89545001", None, "frontal", "330", "N", 6, "jpeg"),
      ("15497006", None, "vertex", "330", "N", 1, "heic")],
     [("368209003", "right", "lateral", "160", "N", 1, "jpeg"), ("76248009", "left", "frontal", "160", "R", 8, "jpeg")],
