@@ -18,7 +18,9 @@ out = Console()
 def import_command(
     folder: Annotated[Path, typer.Argument(help="Folder holding the photos; manifest paths are relative to it.", exists=True, file_okay=False)],
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="CSV manifest: file,patient[,encounter,bodySite,laterality,...]")],
-    rejected: Annotated[Path | None, typer.Option("--rejected", help="Where to write the CSV of rejected rows (default: next to the manifest).")] = None,
+    rejected: Annotated[
+        Path | None, typer.Option("--rejected", help="Where to write the CSV of rejected rows (default: next to the manifest).")
+    ] = None,
     state: Annotated[Path | None, typer.Option("--state", help="Resume file (default: DATA_DIR/imports/<manifest>-<id>.jsonl).")] = None,
     as_user: Annotated[str | None, typer.Option("--as", help="Who the audit trail names as importer (default: the OS user).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=16, help="Photos processed at once (decoding uses a core each).")] = 2,
