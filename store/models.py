@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     DateTime,
+    FetchedValue,
     ForeignKey,
     Index,
     Integer,
@@ -44,6 +45,8 @@ class Patient(Base):
     __tablename__ = "patients"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # the id the doors show (REST, FHIR Patient.id): opaque and stable, made by the database (migration 0003)
+    public_id: Mapped[str] = mapped_column(String(32), server_default=FetchedValue())
     family_name: Mapped[str | None] = mapped_column(String(200))
     given_names: Mapped[str | None] = mapped_column(String(200))
     name_prefix: Mapped[str | None] = mapped_column(String(50))
@@ -66,7 +69,7 @@ class Patient(Base):
         back_populates="patient", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_patients_merged_into", "merged_into_id"),)
+    __table_args__ = (Index("ix_patients_merged_into", "merged_into_id"), Index("uq_patients_public_id", "public_id", unique=True))
 
 
 class PatientIdentifier(Base):

@@ -168,9 +168,14 @@ def test_search_is_audited_once_per_patient(gw, api):
     assert e.entities[0]["type"] == "query" and value in e.entities[0]["query"]
     assert {x["id"] for x in e.entities if x["type"] == "asset"} == world.visible_asset_ids(derm, "PA")
     # a search finding nothing is still recorded, without a patient
-    api.get("/api/v1/photos", params={"patient": "urn:nowhere|42"}, headers=world.headers(gw, derm))
+    api.get("/api/v1/photos", params={"patient": f"{system}|NOBODY"}, headers=world.headers(gw, derm))
     events = audit_events(gw, AuditEvent.subtype == "search")
     assert len(events) == 2 and events[1].patient_id is None and events[1].detail["returned"] == 0
+    # a system no patient has is a mistake: 400 naming the known systems, and the refusal is on the trail
+    wrong = api.get("/api/v1/photos", params={"patient": "urn:nowhere|42"}, headers=world.headers(gw, derm))
+    assert wrong.status_code == 400 and "unknown identifier system 'urn:nowhere'" in wrong.json()["detail"]
+    assert system in wrong.json()["detail"] and "aliases: nhs, nhs-number, mrn" in wrong.json()["detail"]
+    assert audit_events(gw, AuditEvent.subtype == "refused")[-1].outcome == audit.MINOR_FAILURE
 
 
 def test_break_glass_needs_a_reason_and_is_audited(gw, api):
@@ -245,8 +250,13 @@ def test_bad_requests_get_specific_errors(gw, api):
     r = api.get("/api/v1/photos/abc/image", params={"rendition": "huge"}, headers=headers)
     assert r.status_code == 422
     # an unknown patient is an empty page, like a patient whose photos are all hidden
-    r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers=headers)
+    r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers=headers)
     assert r.status_code == 200 and r.json()["total"] == 0 and r.json()["items"] == []
+    # a system no patient has is a mistake, not an unknown patient
+    r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers=headers)
+    assert r.status_code == 400 and "unknown identifier system" in r.json()["detail"]
+    r = api.get("/api/v1/photos", params={"patient": "nhs|1234567890"}, headers=headers)
+    assert r.status_code == 400 and "not a valid NHS number" in r.json()["detail"]
 
 
 def test_list_narrowed_to_one_body_site_for_comparison(gw, api):

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from gateway.cli.common import console, open_gateway, out, print_table
-from gateway.core.ingest.request import normalise_identifier
+from gateway.core import patient_refs
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 store_app = typer.Typer(help="Blob store integrity.", no_args_is_help=True)
@@ -122,7 +122,6 @@ def audit_list(
     """List audit records, newest first: sequence number, time, type, action, outcome, who, from where, patient id,
     what. Records carry ids, not names; `clinphoto audit show SEQ` prints one in full."""
     from store import audit_read
-    from store.patients import find_patient
 
     wanted_type = audit_read.type_code_of(type_) if type_ else None
     if type_ and wanted_type is None:
@@ -139,10 +138,9 @@ def audit_list(
                 if patient.strip().isdigit():
                     filters = replace(filters, patient_id=int(patient))
                 else:
-                    system, _, value = patient.partition("|")
                     try:
-                        found = find_patient(session, *normalise_identifier(system, value))
-                    except ValueError as exc:
+                        found = patient_refs.find(session, *patient_refs.parse(patient))
+                    except patient_refs.BadPatientRef as exc:
                         raise typer.BadParameter(str(exc), param_hint="--patient") from None
                     if found is None:
                         console.print(f"clinphoto: no patient {patient}", markup=False, highlight=False)

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
-from gateway.core import access_audit
+from gateway.core import access_audit, patient_refs
 from gateway.core.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
@@ -49,7 +49,7 @@ from gateway.core.policy.rules import (
 from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.models import Asset, AssetAccess, Consent, Patient
-from store.patients import find_patient, survivor
+from store.patients import survivor
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,9 @@ def search(
     """The photos of one patient (system, value) the caller may see, newest first, paged; the total counts only
     those. An unknown patient gives an empty result, like one whose photos are all hidden."""
     require_scope(gw, ctx, "Media", SEARCH_SCOPE, query)
+    patient_id = patient_of(gw, ctx, patient, query)
     where = filter_for(ctx, gw.settings.policy)
     with gw.db.read() as session:
-        found = find_patient(session, *patient)
-        patient_id = found.id if found is not None else None
         if patient_id is None:
             total, views = 0, []
         else:
@@ -173,6 +172,19 @@ def search(
     results = {patient_id: [v.asset.id for v in views]} if patient_id is not None and views else {}
     access_audit.record_search(gw, ctx, query=query, results=results, channel=channel)
     return SearchResult(total=total, photos=views, patient_id=patient_id)
+
+
+def patient_of(gw: Gateway, ctx: AccessContext, patient: tuple[str, str], what: str) -> int | None:
+    """The live patient a reference names, None when nobody registered it (the caller answers that like a hidden
+    patient); a reference in a system no patient has is a mistake, refused and audited."""
+    with gw.db.read() as session:
+        try:
+            found = patient_refs.find(session, *patient)
+        except patient_refs.BadPatientRef as exc:
+            problem = str(exc)
+        else:
+            return found.id if found is not None else None
+    raise access_audit.refuse(gw, ctx, what, Refused(Kind.BAD_REQUEST, f"patient: {problem}"))
 
 
 def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> PhotoView:

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.core import access_audit
+from gateway.core import access_audit, patient_refs
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
 from gateway.core.policy.rules import AccessContext, filter_except_consent, knows_patient, resolve, scope_context
@@ -32,7 +32,7 @@ from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.audit import AuditEntry
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
-from store.patients import find_patient, survivor
+from store.patients import survivor
 
 LEVELS = ("record", "teaching", "publication")
 GIVEN_BY = ("patient", "parent", "best-interests")
@@ -215,9 +215,16 @@ def _within_reach(gw: Gateway, who: ConsentCaller, patient_id: int | None, what:
                                   patient_id=patient_id)
 
 
+def _find(session: Session, patient: tuple[str, str]) -> Patient | None:
+    try:
+        return patient_refs.find(session, *patient)
+    except patient_refs.BadPatientRef as exc:
+        raise Refused(Kind.BAD_REQUEST, f"patient: {exc}") from None
+
+
 def _patient(gw: Gateway, patient: tuple[str, str]) -> int | None:
     with gw.db.read() as session:
-        found = find_patient(session, *patient)
+        found = _find(session, patient)
         return found.id if found is not None else None
 
 
@@ -276,7 +283,7 @@ def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what:
     """A patient's consents for a caller with a need to know the patient (the specialty rule, as for photos);
     a patient the caller may not know is NOT_FOUND exactly like an unknown one, the real reason audited."""
     with gw.db.read() as session:
-        found = find_patient(session, *patient)
+        found = _find(session, patient)
         patient_id = found.id if found is not None else None
         known = patient_id is not None and bool(session.scalar(select(knows_patient(who.ctx, gw.settings.policy, patient_id))))
         consents = list_consents(session, patient_id) if known and patient_id is not None else []

@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 
 from gateway.core import nhs
 from gateway.core.ingest.errors import UNKNOWN_PATIENT, IngestRejected
-from gateway.core.ingest.request import MAX_SYSTEM, MAX_VALUE, NHS_SYSTEM, PatientRef
+from gateway.core.ingest.request import NHS_SYSTEM, PatientRef
 from gateway.core.objects.vlphoto import PatientInfo
+from gateway.core.patient_refs import MAX_SYSTEM, MAX_VALUE
 from store.models import Patient, PatientIdentifier
 from store.patients import identifiers_of, survivor
 

@@ -22,9 +22,9 @@ from gateway.core.ingest.request import (
     ConsentGiven,
     Governance,
     PatientRef,
-    normalise_identifier,
     refusal_of,
 )
+from gateway.core.patient_refs import normalise_identifier
 
 __all__ = ["NHS_SYSTEM", "PhotoMetadata", "json_key", "parse_metadata"]
 

@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.core import nhs
+from gateway.core import nhs, patient_refs
 from gateway.core.access_audit import fit
 from gateway.core.consents import ConsentError, check_consent, record_consent
 from gateway.core.context import Gateway
@@ -83,7 +83,7 @@ from gateway.core.policy.rules import scope_allows, uncovered_for_care
 from store import audit
 from store.blobs import BlobRef
 from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient
-from store.patients import find_patient, survivor
+from store.patients import survivor
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,10 @@ def _find(session: Session, ref: PatientRef) -> Patient | None:
         return survivor(session, row) if row is not None else None
     if ref.kind == "dicom":
         return find_by_dicom_id(session, ref)
-    return find_patient(session, ref.system or "", ref.value or "")
+    try:
+        return patient_refs.find(session, ref.system or "", ref.value or "")
+    except patient_refs.BadPatientRef as exc:
+        raise IngestRejected(BAD_METADATA, f"invalid metadata: 'patient': {exc}", field="patient") from None
 
 
 def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,

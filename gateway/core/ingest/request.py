@@ -37,11 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.core import nhs
 from gateway.core.identity import Subject
 from gateway.core.ingest.errors import BAD_METADATA, IngestRejected
+from gateway.core.patient_refs import normalise_identifier
 
 NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
-SYSTEM_ALIASES = {"nhs": NHS_SYSTEM, "nhs-number": NHS_SYSTEM}
-# the store's column widths (store/models.py PatientIdentifier): a longer value cannot match anything
-MAX_SYSTEM, MAX_VALUE = 200, 100
 
 
 # --- where the request came from -----------------------------------------------------------------------
@@ -106,25 +104,6 @@ class Source:
 
 def _refuse_patient(message: str) -> IngestRejected:
     return IngestRejected(BAD_METADATA, f"invalid metadata: 'patient': {message}", field="patient")
-
-
-def normalise_identifier(system: str, value: str) -> tuple[str, str]:
-    """(system, value) as the patient index keys it: aliases expanded, an NHS number checked and written as
-    10 digits. A mistyped NHS number is a typo to fix, not an unknown patient: ValueError says why."""
-    system, value = system.strip(), value.strip()
-    if not system or not value:
-        raise ValueError("an identifier needs a system and a value, e.g. nhs|9449305552")
-    if "\x00" in system or "\x00" in value:
-        raise ValueError("must not contain NUL bytes")
-    system = SYSTEM_ALIASES.get(system.lower(), system)
-    if system == NHS_SYSTEM:
-        reason = nhs.invalid_reason(value)
-        if reason:
-            raise ValueError(f"{value!r} is not a valid NHS number: {reason}")
-        value = nhs.normalise(value)
-    if len(system) > MAX_SYSTEM or len(value) > MAX_VALUE:
-        raise ValueError(f"the system may have at most {MAX_SYSTEM} characters and the value at most {MAX_VALUE}")
-    return system, value
 
 
 @dataclass(frozen=True)

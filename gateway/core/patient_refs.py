@@ -1,0 +1,108 @@
+"""How callers name a patient: `system|value`, with two short aliases, the same at every door.
+
+- `https://fhir.nhs.uk/Id/nhs-number|9449305552` — an identifier: its system and its value;
+- `nhs|9449305552` (or `nhs-number|...`) — the NHS number: checked (10 digits, modulus 11) and
+  written without spaces, so `nhs|944 930 5552` names the same patient;
+- `mrn|D100001` — the trust's hospital number: the system of the MRNs the PAS feed registers (PID-3
+  typed MR). With MRNs of several systems in the store, `mrn` is ambiguous and the systems are named.
+
+A well-formed reference to a patient nobody registered is a question about existence, answered as the
+door answers a hidden patient; a reference in a system no patient has is a mistake, refused with the
+systems that are known (and the aliases).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.core import nhs
+from store.models import Patient, PatientIdentifier
+from store.patients import find_patient
+
+NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
+STATIC_ALIASES = {"nhs": NHS_SYSTEM, "nhs-number": NHS_SYSTEM}
+MRN_ALIAS = "mrn"
+ALIASES = (*STATIC_ALIASES, MRN_ALIAS)
+# the store's column widths (store/models.py PatientIdentifier): a longer value cannot match anything
+MAX_SYSTEM, MAX_VALUE = 200, 100
+EXAMPLE = "nhs|9449305552"
+
+
+class BadPatientRef(ValueError):
+    """The reference is malformed, names an unknown system, or an invalid NHS number; the text says which."""
+
+
+def split(text: str) -> tuple[str, str]:
+    """`system|value` -> (system, value), syntax only."""
+    system, sep, value = text.partition("|")
+    if not sep or not system.strip() or not value.strip():
+        raise BadPatientRef(f"{text!r} must be system|value, e.g. {EXAMPLE} (aliases: {', '.join(ALIASES)})")
+    return system.strip(), value.strip()
+
+
+def normalise_identifier(system: str, value: str) -> tuple[str, str]:
+    """(system, value) as the patient index keys it: the static aliases expanded, an NHS number checked and written
+    as 10 digits (a mistyped NHS number is a typo to fix, not an unknown patient). `mrn` is left for `resolve`,
+    which knows the store."""
+    system, value = system.strip(), value.strip()
+    if not system or not value:
+        raise BadPatientRef(f"an identifier needs a system and a value, e.g. {EXAMPLE}")
+    if "\x00" in system or "\x00" in value:
+        raise BadPatientRef("must not contain NUL bytes")
+    system = STATIC_ALIASES.get(system.lower(), system)
+    if system.lower() == MRN_ALIAS:
+        system = MRN_ALIAS
+    if system == NHS_SYSTEM:
+        reason = nhs.invalid_reason(value)
+        if reason:
+            raise BadPatientRef(f"{value!r} is not a valid NHS number: {reason}")
+        value = nhs.normalise(value)
+    if len(system) > MAX_SYSTEM or len(value) > MAX_VALUE:
+        raise BadPatientRef(f"the system may have at most {MAX_SYSTEM} characters and the value at most {MAX_VALUE}")
+    return system, value
+
+
+def parse(text: str) -> tuple[str, str]:
+    """A reference as text, normalised (the `mrn` alias still to resolve)."""
+    return normalise_identifier(*split(text))
+
+
+def mrn_systems(session: Session, limit: int = 5) -> list[str]:
+    """The systems of the hospital numbers (PID-3 typed MR) in the store."""
+    query = select(PatientIdentifier.system).where(PatientIdentifier.type_code == "MR").distinct().limit(limit)
+    return sorted(session.scalars(query))
+
+
+def resolve(session: Session, system: str, value: str) -> tuple[str, str]:
+    """(system, value) with `mrn` replaced by the store's one MRN system."""
+    if system != MRN_ALIAS:
+        return system, value
+    found = mrn_systems(session)
+    if not found:
+        raise BadPatientRef("mrn|...: no hospital numbers (MRN) are registered here yet; name the system instead")
+    if len(found) > 1:
+        raise BadPatientRef(f"mrn|... is ambiguous here: hospital numbers of several systems are registered "
+                            f"({', '.join(found)}); name the system instead")
+    return found[0], value
+
+
+def find(session: Session, system: str, value: str) -> Patient | None:
+    """The live patient (through merges) a normalised reference names; None when nobody registered it. A system
+    no patient has (nor the national NHS number) is refused as a mistake, not answered as an unknown patient."""
+    system, value = resolve(session, system, value)
+    found = find_patient(session, system, value)
+    if found is None and system != NHS_SYSTEM:
+        check_known_system(session, system)
+    return found
+
+
+def check_known_system(session: Session, system: str) -> None:
+    """Refuse a system no patient has an identifier of, naming the known ones (called when a look-up found nothing,
+    so a registered patient never costs this query)."""
+    exists = session.scalar(select(PatientIdentifier.id).where(PatientIdentifier.system == system).limit(1))
+    if exists is not None:
+        return
+    known = sorted(session.scalars(select(PatientIdentifier.system).distinct().limit(20)))
+    listed = ", ".join(known) if known else "none yet"
+    raise BadPatientRef(f"unknown identifier system {system!r}; systems known here: {listed}; aliases: {', '.join(ALIASES)}")
