@@ -61,11 +61,11 @@ def make_photos(folder: Path, n: int) -> list[Path]:
 
 
 def bench_wrap(paths: list[Path], work: Path) -> dict:
-    from gateway.core.objects import vlphoto
-    from gateway.core.objects.uids import new_uid
     from gateway.core.ingest import jpeg
     from gateway.core.ingest.config import IngestSettings
     from gateway.core.ingest.prepare import prepare
+    from gateway.core.objects import vlphoto
+    from gateway.core.objects.uids import new_uid
 
     ours, full, theirs = [], [], []
     out = work / "ours.dcm"
@@ -119,10 +119,9 @@ class Server:
         from datetime import date
 
         from gateway.core.context import Gateway
+        from gateway.core.identity import mint_dev_token
         from gateway.settings import Settings
         from store.models import Patient, PatientIdentifier
-
-        from gateway.core.identity import mint_dev_token
 
         settings = Settings(data_dir=self.data_dir)
         gw = Gateway.open(settings)
@@ -250,10 +249,10 @@ def lossless_child(path: Path) -> None:
     """One prepare + Part 10 write in this (fresh) process; prints JSON figures."""
     import io
 
-    from gateway.core.objects import vlphoto
-    from gateway.core.objects.uids import new_uid
     from gateway.core.ingest.config import IngestSettings
     from gateway.core.ingest.prepare import prepare
+    from gateway.core.objects import vlphoto
+    from gateway.core.objects.uids import new_uid
 
     before = _status_mib("VmRSS")
     started = time.perf_counter()

@@ -11,8 +11,8 @@ from sqlalchemy.exc import DataError
 
 from gateway.api import consents, photos, upload
 from gateway.api.security import verifier_for
-from gateway.core.identity import AuthUnavailable
 from gateway.core.context import Gateway
+from gateway.core.identity import AuthUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from gateway.dicom.listener import DicomListener
 from gateway.core.policy.settings import DicomPeer
+from gateway.dicom.listener import DicomListener
 from store.models import AuditEvent
 from tests.conftest import require_tool
 

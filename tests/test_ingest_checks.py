@@ -14,7 +14,6 @@ from gateway.core.ingest.prepare import prepare
 from gateway.core.ingest.sniff import sniff
 
 
-
 def refused(path, settings=None) -> IngestRejected:
     with pytest.raises(IngestRejected) as info:
         prepare(path, settings or IngestSettings())

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mapping.message import parse
-from gateway.core.patients import UNSET
 from gateway.core import nhs
+from gateway.core.patients import UNSET
 from mapping.engine import Mapper, MappingFault, parse_dtm
+from mapping.message import parse
 from mapping.schema import DEFAULT_MAPPING, MappingFileError, load_mapping, load_mapping_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +108,8 @@ def test_unknown_hospital_service_passes_through():
 
 def test_us_mapping_fixture():
     m = Mapper(load_mapping(FIX / "mappings" / "us-mrn.yaml"))
-    raw = ("MSH|^~\\&|EPIC|MAINHOSP|CP|MAINHOSP|20240701120000||ADT^A01|5|P|2.5\r"
-           "PID|1||00123456^^^MAINHOSP^MR||DOE^JANE||19700101|F\rPV1|1|I|4W^401^A||||||||||||||||ENC99\r").encode()
+    raw = (b"MSH|^~\\&|EPIC|MAINHOSP|CP|MAINHOSP|20240701120000||ADT^A01|5|P|2.5\r"
+           b"PID|1||00123456^^^MAINHOSP^MR||DOE^JANE||19700101|F\rPV1|1|I|4W^401^A||||||||||||||||ENC99\r")
     message = parse(raw)
     [mp] = m.patients(message)
     assert [(i.system, i.value) for i in mp.patient.identifiers] == [("urn:mrn:MAINHOSP", "00123456")]

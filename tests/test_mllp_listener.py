@@ -120,7 +120,7 @@ class Client:
             return self.sock.recv(1) == b""
         except ConnectionResetError:  # closed with our bytes unread
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from gateway.core.patients import (
+    Actor,
+    EncounterData,
+    IdentifierData,
+    PatientData,
+    PatientIndex,
+    PatientIndexError,
+    Problem,
+)
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import build_processor
 from mapping.message import parse
-from gateway.core.patients import (
-    Actor, EncounterData, IdentifierData, PatientData, PatientIndex, PatientIndexError, Problem,
-)
 from store import audit
 from store.models import Asset, AuditEvent, Consent, Encounter, Patient, PatientIdentifier
 from store.patients import find_patient, identifiers_of

@@ -16,7 +16,7 @@ from store.models import Asset, AuditEvent
 from tests.access_matrix import build_access_matrix
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import NHS, add_patient, photo_fixtures
-from tests.test_photos_api import api, serving, audit_events  # noqa: F401 (the live-server fixture)
+from tests.test_photos_api import api, audit_events, serving  # noqa: F401 (the live-server fixture)
 
 
 def test_paging_parameters_are_bounded(gw, api):  # noqa: F811

@@ -99,8 +99,9 @@ def test_access_list_does_not_reveal_whether_a_photo_exists(gw, api):  # noqa: F
         hidden = api.put(f"/api/v1/photos/{photo}/sensitivity", json={"sensitivity": "V"}, headers=headers)
         assert hidden.status_code == 404 and hidden.json() == {"detail": "photo not found"}
     with gw.db.read() as session:
-        from store.models import Asset, AssetAccess
         from sqlalchemy import select
+
+        from store.models import Asset, AssetAccess
 
         assert session.get(Asset, held).sensitivity == "N" and not session.scalars(select(AssetAccess).where(AssetAccess.subject == "dr.x")).all()
     denials = audit_events(gw, AuditEvent.subtype == "refused")

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from gateway.core.identity import Subject
 from gateway.core.consents import ConsentError, list_consents, record_consent, withdraw_consent
+from gateway.core.identity import Subject
 from gateway.core.policy.rules import check_request, decide, resolve, visible_assets_filter
 from gateway.core.refusals import Kind, Refused
 from store import audit

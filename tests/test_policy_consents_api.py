@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from store.models import AuditEvent
+from store.models import AuditEvent, PatientIdentifier
 from tests.auth_helpers import auth_headers
 from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
 from tests.test_policy import add_asset, add_patient
-from store.models import PatientIdentifier
 
 SYSTEM = "https://trust.example.nhs.uk/Id/mrn"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import json
 import socket
 import threading
@@ -19,8 +18,6 @@ from gateway.app import create_app
 from store.models import Asset, AuditEvent, Consent
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import NHS, add_patient
-
-
 
 pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
 

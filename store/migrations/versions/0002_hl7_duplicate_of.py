@@ -6,9 +6,8 @@ a message refused for reusing a key points at the message that owns it.
 Revision ID: 0002
 Revises: 0001
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'
