@@ -1,0 +1,116 @@
+"""The policy filter built once per subject and purpose (rules.FILTERS): the same rows as a filter built afresh,
+and a cached filter still sees the store and the clock change (its current-encounter time is bound when it runs)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import select, update
+
+from gateway.core.identity import Subject
+from gateway.core.policy import rules
+from gateway.core.policy.rules import FILTERS, filter_for, resolve
+from gateway.core.policy.settings import PolicySettings
+from store.models import Asset, AssetAccess, Consent, Encounter, Patient
+from tests.access_matrix import PEERS, USERS, build_access_matrix
+
+PURPOSES = ("TREAT", "TRAIN", "HRESCH", "PUBLISH", "ETREAT")
+
+
+def visible(db, where) -> set[str]:
+    with db.read() as s:
+        return set(s.scalars(select(Asset.id).where(where)))
+
+
+def test_cached_filter_gives_the_rows_of_a_fresh_one(gw):
+    build_access_matrix(gw, with_blobs=False)
+    policy = gw.settings.policy
+    FILTERS.clear()
+    checked = 0
+    for user in USERS + PEERS:
+        subject = Subject(sub=user.sub, role=user.role, specialties=user.specialties, scopes=user.scopes,
+                          sensitivities=user.sensitivities, break_glass_reason=user.break_glass)
+        for purpose in {user.purpose, *PURPOSES}:
+            reason = user.break_glass if purpose == "ETREAT" else None
+            ctx = resolve(subject, policy, purpose=purpose, break_glass=reason)
+            fresh = rules._build_filter(ctx, policy, Asset, frozenset(), now_at_run=False)
+            cached = filter_for(ctx, policy)
+            assert filter_for(ctx, policy) is cached  # built once
+            assert visible(gw.db, cached) == visible(gw.db, fresh), (user.key, purpose)
+            for skip in (("consent",), ("consent", "sensitivity")):
+                assert visible(gw.db, filter_for(ctx, policy, skip=skip)) == visible(
+                    gw.db, rules._build_filter(ctx, policy, Asset, frozenset(skip), now_at_run=False)), (user.key, skip)
+            checked += 1
+    assert checked > 40 and FILTERS.hits >= checked
+
+
+def _encounter_world(db, discharged_at: datetime | None) -> tuple[str, int]:
+    """An N photo of specialty 420 whose patient has a dermatology (330) encounter in progress: a dermatologist
+    sees it through the encounter only."""
+    with db.write() as s:
+        patient = Patient(family_name="ENC")
+        s.add(patient)
+        s.flush()
+        s.add(Encounter(patient_id=patient.id, visit_system="T", visit_number="E1", specialty="330",
+                        status="in-progress", discharged_at=discharged_at))
+        s.add(Consent(patient_id=patient.id, level="record", given_by="patient", scope="patient"))
+        asset = Asset(patient_id=patient.id, study_uid="1.2", series_uid="1.2.1", sop_instance_uid="1.2.1.1",
+                      sha256="a" * 64, size=1, media_type="image/jpeg", source="upload", specialty="420", sensitivity="N")
+        s.add(asset)
+        s.flush()
+        return asset.id, patient.id
+
+
+DERM = Subject(sub="dr.derm", role="clinician", specialties=("330",), scopes=("user/Media.rs",))
+
+
+def test_a_cached_filter_sees_an_encounter_end(db):
+    asset_id, patient_id = _encounter_world(db, None)
+    policy = PolicySettings()
+    where = filter_for(resolve(DERM, policy), policy)
+    assert visible(db, where) == {asset_id}
+    with db.write() as s:
+        s.execute(update(Encounter).where(Encounter.patient_id == patient_id).values(status="finished"))
+    assert filter_for(resolve(DERM, policy), policy) is where
+    assert visible(db, where) == set()
+
+
+def test_a_cached_filter_does_not_freeze_the_time(db):
+    """Discharged a moment from now: seen now, no longer seen once that moment has passed, by the same filter."""
+    asset_id, _patient_id = _encounter_world(db, datetime.now(timezone.utc) + timedelta(seconds=1.5))
+    policy = PolicySettings()
+    where = filter_for(resolve(DERM, policy), policy)
+    assert visible(db, where) == {asset_id}
+    time.sleep(1.6)
+    assert filter_for(resolve(DERM, policy), policy) is where
+    assert visible(db, where) == set()
+
+
+def test_a_request_for_another_time_is_built_for_that_time(db):
+    asset_id, _patient_id = _encounter_world(db, datetime.now(timezone.utc) + timedelta(hours=1))
+    policy = PolicySettings()
+    later = resolve(DERM, policy, now=datetime.now(timezone.utc) + timedelta(hours=2))
+    assert visible(db, filter_for(later, policy)) == set()  # discharged by then
+    assert visible(db, filter_for(resolve(DERM, policy), policy)) == {asset_id}
+
+
+def test_settings_and_subjects_have_their_own_filters(db):
+    with db.write() as s:
+        patient = Patient(family_name="V")
+        s.add(patient)
+        s.flush()
+        s.add(Consent(patient_id=patient.id, level="record", given_by="patient", scope="patient"))
+        asset = Asset(patient_id=patient.id, study_uid="1.3", series_uid="1.3.1", sop_instance_uid="1.3.1.1",
+                      sha256="b" * 64, size=1, media_type="image/jpeg", source="upload", specialty="330", sensitivity="V",
+                      uploaded_by="mi.jones")
+        s.add(asset)
+        s.flush()
+        s.add(AssetAccess(asset_id=asset.id, subject="dr.derm", granted_by="mi.jones"))
+        asset_id = asset.id
+    policy = PolicySettings()
+    other = Subject(sub="dr.other", role="clinician", specialties=("330",), scopes=("user/Media.rs",))
+    assert visible(db, filter_for(resolve(DERM, policy), policy)) == {asset_id}  # on the access list
+    assert visible(db, filter_for(resolve(other, policy), policy)) == set()
+    policy.visible_statuses = ["quarantined"]  # changed in place: the cached filter must not be served
+    assert visible(db, filter_for(resolve(DERM, policy), policy)) == set()
