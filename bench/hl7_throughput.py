@@ -1,10 +1,16 @@
 """HL7 v2 ADT throughput over real MLLP sockets: msg/s and p50/p99 ACK latency, 1 and 8 connections.
 
-    .venv/bin/python bench/hl7_throughput.py [-n 4000] [--connections 1,8]            # starts its own gateway
+    .venv/bin/python bench/hl7_throughput.py [-n 4000] [--connections 1,8]            # SQLite
+    .venv/bin/python bench/hl7_throughput.py --postgres-url postgresql+psycopg://clinphoto:clinphoto@127.0.0.1:5432/clinphoto_test
+                                                                                       # SQLite, then PostgreSQL
     .venv/bin/python bench/hl7_throughput.py --host 127.0.0.1 --port 2575 [-n 4000]    # against a running one
 
-Without --port it starts `clinphoto serve` (MLLP only) on an empty SQLite store in
-a temporary folder: synchronous=FULL, so every ACK follows a durable commit.
+Without --port it starts `clinphoto serve` (MLLP only) on an empty store for each backend: SQLite in a
+temporary folder (synchronous=FULL, so every ACK follows a durable commit), and, with --postgres-url, a
+schema of its own in that PostgreSQL database (dropped afterwards). Beside each backend's rounds, measured in
+the same run (machines here are noisy: compare ratios, not absolute rates): the backend's commit limit
+(durable one-row commits a second), a bare round trip (PostgreSQL), and the round trips (PostgreSQL, from
+libpq's protocol trace) or statements (SQLite) a message costs through the group commit, in process.
 The messages are a mix of A01 (40%: new patient + encounter), A08 (30%:
 update with encounter), A31 (20%: person update, half of them registering a
 duplicate record under a second MRN) and A40 (10%: that duplicate merged into
@@ -24,7 +30,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -174,40 +182,189 @@ def start_gateway(tmp: Path, database_url: str | None) -> tuple[subprocess.Popen
     raise SystemExit("gateway did not start listening within 60 s")
 
 
+class PgSchema:
+    """A schema of its own in the given database, dropped afterwards (the URL's search_path points into it)."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        self.name = f"bench_{uuid.uuid4().hex[:10]}"
+        self.admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{self.name}"'))
+        self.url = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{self.name}"
+
+    def drop(self) -> None:
+        from sqlalchemy import text
+
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{self.name}" CASCADE'))
+        self.admin.dispose()
+
+
+def commit_limit(url: str, n: int = 300) -> float:
+    """Durable one-row commits a second on this backend (the gateway's settings: WAL + FULL on SQLite)."""
+    from store.db import Database
+
+    db = Database(url)
+    try:
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS bench_commit (x INTEGER)")
+            conn.commit()
+            t = time.perf_counter()
+            for i in range(n):
+                conn.exec_driver_sql(f"INSERT INTO bench_commit VALUES ({i})")
+                conn.commit()
+            rate = n / (time.perf_counter() - t)
+            conn.exec_driver_sql("DROP TABLE bench_commit")
+            conn.commit()
+        return rate
+    finally:
+        db.dispose()
+
+
+def round_trip_us(url: str, n: int = 2000) -> float:
+    """A bare round trip to PostgreSQL (SELECT 1 on an autocommit connection), microseconds."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        cur = conn.cursor()
+        t = time.perf_counter()
+        for _ in range(n):
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        return (time.perf_counter() - t) / n * 1e6
+
+
+def cost_per_message(url: str, n: int = 400) -> tuple[str, float]:
+    """What one message costs the group commit on this backend, replayed in process on a fresh store, one message
+    per transaction (the one-connection case): PostgreSQL round trips counted off libpq's protocol trace (every
+    Sync, Query or Flush the client sends is a wait for the server) on every connection the store opened;
+    SQLite statements counted by sqlite3's trace callback."""
+    from sqlalchemy import event
+
+    from gateway.hl7.committer import GroupCommitter
+    from gateway.hl7.config import Hl7Settings
+    from gateway.hl7.listener import build_processor
+    from store.audit import load_or_create_key
+    from store.db import Database
+    from store.migrate import upgrade
+
+    tmp = Path(tempfile.mkdtemp(prefix="clinphoto-cost-"))
+    db = Database(url, audit_key=load_or_create_key(tmp / "audit.key"), audit_anchor_dir=tmp)
+    upgrade(db)
+    traced: list[tuple[Any, Any]] = []
+    statements = [0]
+
+    @event.listens_for(db.engine, "connect")
+    def _trace(dbapi: Any, _record: Any) -> None:
+        if db.dialect == "postgresql":
+            from psycopg import pq
+
+            f = tempfile.TemporaryFile()
+            dbapi.pgconn.trace(f.fileno())
+            dbapi.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+            traced.append((dbapi, f))
+        else:
+            dbapi.set_trace_callback(lambda _sql: statements.__setitem__(0, statements[0] + 1))
+
+    db.engine.dispose()  # the connections upgrade() opened are not traced
+    processor = build_processor(Hl7Settings())
+    committer = GroupCommitter(db, processor)
+    synth = Synth(uuid.uuid4().hex[:6], 0)
+    messages = [synth.next() for _ in range(n + 50)]
+    for raw in messages[:50]:  # past the first messages (the audit trail's start, the first ids drawn)
+        committer.apply_now([processor.prepare(raw)])
+
+    def waits() -> int:
+        total = 0
+        for dbapi, f in traced:
+            if not dbapi.closed:
+                dbapi.pgconn.untrace()  # flushes libpq's buffer
+            f.seek(0)
+            total += sum(1 for line in f.read().decode(errors="replace").splitlines()
+                         if line.startswith("F\t") and line.split("\t")[2].split(" ")[0] in ("Sync", "Query", "Flush"))
+            if not dbapi.closed:
+                from psycopg import pq
+
+                dbapi.pgconn.trace(f.fileno())
+                dbapi.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        return total
+
+    before, stmts0 = waits(), statements[0]
+    for raw in messages[50:]:
+        committer.apply_now([processor.prepare(raw)])
+    cost = ("round trips", (waits() - before) / n) if db.dialect == "postgresql" else ("statements", (statements[0] - stmts0) / n)
+    committer.stop()
+    db.dispose()
+    return cost
+
+
+def run_backend(label: str, args: argparse.Namespace, rounds: list[int], database_url: str | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="clinphoto-bench-") as tmp:
+        url = database_url or f"sqlite:///{tmp}/anchor.db"
+        anchors = [f"commit limit {commit_limit(url):,.0f}/s"]
+        if database_url:
+            anchors.append(f"round trip {round_trip_us(url):.0f} us")
+        what, per_message = cost_per_message(database_url or f"sqlite:///{tmp}/cost.db")
+        anchors.append(f"{per_message:.2f} {what}/message")
+        proc, port = start_gateway(Path(tmp), database_url)
+        try:
+            run = uuid.uuid4().hex[:6]
+            run_round(args.host, port, min(200, args.messages), 1, run + "w")  # warm-up
+            for i, conns in enumerate(rounds):
+                cpu0 = cpu_seconds(proc.pid)
+                r = run_round(args.host, port, args.messages, conns, f"{run}{i}")
+                cpu1 = cpu_seconds(proc.pid)
+                cpu = f"{(cpu1 - cpu0) * 1000 / r['messages']:.3f}" if cpu0 is not None and cpu1 is not None else "-"
+                print(f"{label:>10} {r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
+                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {cpu:>19}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(f"{label:>10} anchors: {', '.join(anchors)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--messages", type=int, default=4000, help="messages per round")
     ap.add_argument("--connections", default="1,8", help="comma-separated connection counts, one round each")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, help="a running gateway's MLLP port; default: start one")
-    ap.add_argument("--database-url", help="for the gateway this starts (default SQLite in a temp folder)")
+    ap.add_argument("--port", type=int, help="a running gateway's MLLP port; default: start one per backend")
+    ap.add_argument("--database-url", help="the one database for the gateway this starts (instead of the backends below)")
+    ap.add_argument("--postgres-url", help="also run on PostgreSQL, in a schema of its own in this database")
+    ap.add_argument("--no-sqlite", action="store_true", help="with --postgres-url: PostgreSQL only")
     args = ap.parse_args()
     rounds = [int(c) for c in args.connections.split(",")]
-    with tempfile.TemporaryDirectory(prefix="clinphoto-bench-") as tmp:
-        proc = None
-        port = args.port
-        if port is None:
-            proc, port = start_gateway(Path(tmp), args.database_url)
-            print(f"gateway: clinphoto serve (MLLP only) on 127.0.0.1:{port}, "
-                  f"{args.database_url.split('@')[-1] if args.database_url else 'SQLite synchronous=FULL'}")
+    header = (f"{'backend':>10} {'connections':>11} {'messages':>9} {'msg/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'not AA':>6}"
+              f" {'gateway CPU ms/msg':>19}")
+    if args.port is not None:
+        print(header)
+        run = uuid.uuid4().hex[:6]
+        for i, conns in enumerate(rounds):
+            r = run_round(args.host, args.port, args.messages, conns, f"{run}{i}")
+            print(f"{'running':>10} {r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
+                  f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {'-':>19}")
+        return
+    backends: list[tuple[str, Callable[[], tuple[str | None, Callable[[], None]]]]] = []
+    if args.database_url:
+        backends.append(("given", lambda: (args.database_url, lambda: None)))
+    else:
+        if not args.no_sqlite:
+            backends.append(("sqlite", lambda: (None, lambda: None)))
+        if args.postgres_url:
+            def pg() -> tuple[str | None, Callable[[], None]]:
+                schema = PgSchema(args.postgres_url)
+                return schema.url, schema.drop
+            backends.append(("postgresql", pg))
+    print(header, flush=True)
+    for label, make in backends:
+        url, cleanup = make()
         try:
-            run = uuid.uuid4().hex[:6]
-            run_round(args.host, port, min(200, args.messages), 1, run + "w")  # warm-up
-            pid = proc.pid if proc is not None else None
-            print(f"{'connections':>11} {'messages':>9} {'msg/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'not AA':>6}"
-                  f" {'gateway CPU ms/msg':>19}")
-            for i, conns in enumerate(rounds):
-                cpu0 = cpu_seconds(pid)
-                r = run_round(args.host, port, args.messages, conns, f"{run}{i}")
-                cpu1 = cpu_seconds(pid)
-                cpu = f"{(cpu1 - cpu0) * 1000 / r['messages']:.3f}" if cpu0 is not None and cpu1 is not None else "-"
-                print(f"{r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
-                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {cpu:>19}")
-            print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine lowers msg/s)")
+            run_backend(label, args, rounds, url)
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+            cleanup()
+    print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine lowers msg/s)")
 
 
 if __name__ == "__main__":

@@ -1,141 +1,301 @@
-"""How fast is a policy-filtered query? Prints median / p95 milliseconds.
+"""How fast is a policy-filtered query as the store grows? p50 / p95 milliseconds, SQLite and PostgreSQL.
 
-    .venv/bin/python bench/policy_query.py [--patients 2000] [--per-patient 25] [--url postgresql+psycopg://...]
+    .venv/bin/python bench/policy_query.py                                   # SQLite, 10k / 200k / 1M photos
+    .venv/bin/python bench/policy_query.py --postgres-url postgresql+psycopg://clinphoto:clinphoto@127.0.0.1:5432/clinphoto_test
+    .venv/bin/python bench/policy_query.py --sizes 10000,200000 --no-sqlite --postgres-url ...
 
-Builds a store of synthetic patients, encounters, consents and photos (mixed
-sensitivities and specialties), then times, for a clinician:
-- one patient's photo list: count + first page of 50, newest first (REST/FHIR/QIDO shape);
-- one photo by id (the read/retrieve shape);
-- everything the clinician may see across the store (a count; the worst case).
+For each size and backend it seeds a store of synthetic patients (25 photos each), encounters, consents
+(patient-wide and captured with photos, linked) and access lists, mixed sensitivities and specialties, in bulk
+(PostgreSQL: COPY; SQLite: executemany in one transaction), says how long that took, then times for a
+dermatologist:
+- the patient list: count + first page of 50, newest first, the policy filter inside (the REST/FHIR/QIDO shape);
+- one photo by id with the policy filter (the read/retrieve shape);
+- anchors, in the same run: the same two statements without the policy filter. Machines here are noisy: read
+  the ratios to the anchors, not the absolute times;
+- optionally (--count) everything the clinician may see across the store (a count; the worst case, no reader's
+  path).
+On PostgreSQL the list also runs with psycopg's prepared statements past their generic-plan switch, and the
+generic plan (plan_cache_mode = force_generic_plan) is checked for sequential scans and hashed subplans.
+Each PostgreSQL store is a schema of its own in the given database, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, insert, select  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
 from gateway.core.identity import Subject  # noqa: E402
-from gateway.core.policy.rules import visible_assets_filter  # noqa: E402
+from gateway.core.policy.rules import filter_for, resolve  # noqa: E402
 from gateway.core.policy.settings import PolicySettings  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.migrate import upgrade  # noqa: E402
-from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient  # noqa: E402
+from store.models import Asset  # noqa: E402
 
 SPECIALTIES = ["100", "160", "161", "330", "420"]
+PER_PATIENT = 25
+DERM = Subject(sub="dr.derm", role="clinician", specialties=("330",), scopes=("user/Media.rs",))
+
+ASSET_COLUMNS = ("id", "patient_id", "filed_patient_id", "study_uid", "series_uid", "sop_instance_uid", "sop_class_uid",
+                 "sha256", "size", "media_type", "original_kept", "source", "specialty", "sensitivity", "uploaded_by",
+                 "status", "taken_at", "created_at", "updated_at")
+CONSENT_COLUMNS = ("id", "patient_id", "level", "given_by", "status", "withdrawn_at", "scope", "created_at", "updated_at")
 
 
-def seed(db: Database, patients: int, per_patient: int) -> list[tuple[int, str]]:
-    rng = random.Random(7)
-    now = datetime.now(timezone.utc)
-    samples = []
-    with db.write() as session:
-        session.execute(insert(Patient), [{"family_name": f"P{i}"} for i in range(patients)])
-        ids = list(session.scalars(select(Patient.id).order_by(Patient.id)))
-        session.execute(insert(Encounter), [
-            {"patient_id": p, "visit_number": f"V{p}", "specialty": rng.choice(SPECIALTIES),
-             "status": rng.choice(["in-progress", "finished"]), "visit_system": "B"} for p in ids
-        ])
-        consents = []
-        for p in ids:
+# -- the synthetic store, as rows ------------------------------------------------------------------------
+
+
+class Rows:
+    """Every row of a store of `photos` photos, made once per size (both backends get the same store)."""
+
+    def __init__(self, photos: int, seed: int = 7) -> None:
+        rng = random.Random(seed)
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        n_patients = max(1, photos // PER_PATIENT)
+        self.patients = [(p, f"P{p}", now, now) for p in range(1, n_patients + 1)]
+        self.encounters = [(p, p, "B", f"V{p}", rng.choice(SPECIALTIES), rng.choice(["in-progress", "finished"]), now, now)
+                           for p in range(1, n_patients + 1)]
+        self.consents: list[tuple[Any, ...]] = []
+        self.links: list[tuple[str, str, datetime]] = []
+        self.access: list[tuple[str, str, datetime]] = []
+        self.assets: list[tuple[Any, ...]] = []
+        self.samples: list[tuple[int, str]] = []  # (patient id, one of its photo ids)
+        for p in range(1, n_patients + 1):
             if rng.random() < 0.9:
-                consents.append({"id": uuid.uuid4().hex, "patient_id": p, "level": rng.choice(["record", "teaching", "publication"]),
-                                 "given_by": "patient", "status": rng.choice(["active"] * 9 + ["withdrawn"]), "scope": "patient",
-                                 "withdrawn_at": now - timedelta(days=5)})
-        session.execute(insert(Consent), consents)
-        rows, access, photo_consents, links = [], [], [], []
-        for p in ids:
-            for _ in range(per_patient):
+                self.consents.append((uuid.uuid4().hex, p, rng.choice(["record", "teaching", "publication"]), "patient",
+                                      rng.choice(["active"] * 9 + ["withdrawn"]), now - timedelta(days=5), "patient", now, now))
+            for _ in range(PER_PATIENT):
                 aid = uuid.uuid4().hex
-                rows.append({
-                    "id": aid, "patient_id": p, "study_uid": f"2.25.{p}", "series_uid": f"2.25.{p}.1",
-                    "sop_instance_uid": f"2.25.{uuid.uuid4().int}", "sha256": uuid.uuid4().hex * 2, "size": 1, "media_type": "image/jpeg",
-                    "source": "upload", "specialty": rng.choice(SPECIALTIES), "sensitivity": rng.choice("NNNNNNRRV"),
-                    "uploaded_by": rng.choice(["mi.jones", "dr.derm", "dr.x"]), "status": "active",
-                    "taken_at": now - timedelta(days=rng.randint(0, 900)), "created_at": now - timedelta(days=rng.randint(0, 900)),
-                })
+                created = now - timedelta(days=rng.randint(0, 900))
+                self.assets.append((
+                    aid, p, p, f"2.25.{p}", f"2.25.{p}.1", f"2.25.{uuid.uuid4().int}", "1.2.840.10008.5.1.4.1.1.77.1.4",
+                    uuid.uuid4().hex * 2, 1, "image/jpeg", True, "upload", rng.choice(SPECIALTIES), rng.choice("NNNNNNRRV"),
+                    rng.choice(["mi.jones", "dr.derm", "dr.x"]), "active", now - timedelta(days=rng.randint(0, 900)), created, created))
                 if rng.random() < 0.02:
-                    access.append({"asset_id": aid, "subject": "dr.derm"})
+                    self.access.append((aid, "dr.derm", now))
                 if rng.random() < 0.5:  # consent captured with the photo at upload, linked as the pipeline does
                     cid = uuid.uuid4().hex
-                    photo_consents.append({"id": cid, "patient_id": p, "level": rng.choice(["record", "teaching"]),
-                                           "given_by": "patient", "status": "active", "scope": "photos"})
-                    links.append({"consent_id": cid, "asset_id": aid})
-            samples.append((p, rows[-1]["id"]))
-            if len(rows) >= 20000:
-                session.execute(insert(Asset), rows)
-                rows = []
-        if rows:
-            session.execute(insert(Asset), rows)
-        if access:
-            session.execute(insert(AssetAccess), access)
-        session.execute(insert(Consent), photo_consents)
-        session.execute(insert(ConsentAsset), links)
-    return samples
+                    self.consents.append((cid, p, rng.choice(["record", "teaching"]), "patient", "active", None, "photos", now, now))
+                    self.links.append((cid, aid, now))
+            self.samples.append((p, self.assets[-1][0]))
+
+    def tables(self) -> Iterator[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]]:
+        yield "patients", ("id", "family_name", "created_at", "updated_at"), self.patients
+        yield "encounters", ("id", "patient_id", "visit_system", "visit_number", "specialty", "status", "created_at",
+                             "updated_at"), self.encounters
+        yield "consents", CONSENT_COLUMNS, self.consents
+        yield "assets", ASSET_COLUMNS, self.assets
+        yield "consent_assets", ("consent_id", "asset_id", "created_at"), self.links
+        yield "asset_access", ("asset_id", "subject", "created_at"), self.access
 
 
-def timed(fn, n: int) -> tuple[float, float]:
+def seed_postgres(db: Database, rows: Rows) -> None:
+    """COPY each table (~10x faster than multi-row INSERTs here), then the sequences past the ids used."""
+    with db.engine.connect() as conn:
+        cur = conn.connection.dbapi_connection.cursor()
+        for table, columns, data in rows.tables():
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in data:
+                    copy.write_row(row)
+        for table in ("patients", "encounters"):
+            cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+        conn.commit()
+
+
+def seed_sqlite(db: Database, rows: Rows) -> None:
+    """executemany in one transaction (one durable commit)."""
+    def sqlite_value(v: Any) -> Any:
+        return v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v
+
+    with db.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        raw.execute("BEGIN")
+        for table, columns, data in rows.tables():
+            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            raw.executemany(sql, ([sqlite_value(v) for v in row] for row in data))
+        raw.execute("COMMIT")
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object], n: int) -> tuple[float, float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
     times.sort()
-    return statistics.median(times), times[int(len(times) * 0.95) - 1]
+    return statistics.median(times), times[max(0, int(len(times) * 0.95) - 1)]
+
+
+def newest_first() -> tuple[Any, Any]:
+    return func.coalesce(Asset.taken_at, Asset.created_at).desc(), Asset.id.desc()
+
+
+def measure(db: Database, rows: Rows, runs: int, count: bool) -> dict[str, tuple[float, float]]:
+    policy = PolicySettings()
+    rng = random.Random(1)
+    out: dict[str, tuple[float, float]] = {}
+
+    def patient_list(policed: bool) -> Callable[[], object]:
+        def run() -> object:
+            pid, _ = rng.choice(rows.samples)
+            # as gateway.core.access.search does: the request resolved, its filter inside both statements
+            scope = [Asset.patient_id == pid]
+            if policed:
+                scope.append(filter_for(resolve(DERM, policy, interaction="search"), policy))
+            with db.read() as s:
+                s.scalar(select(func.count()).select_from(Asset).where(*scope))
+                return s.scalars(select(Asset).where(*scope).order_by(*newest_first()).limit(50)).all()
+        return run
+
+    def one_photo(policed: bool) -> Callable[[], object]:
+        def run() -> object:
+            _, aid = rng.choice(rows.samples)
+            scope = [Asset.id == aid]
+            if policed:
+                scope.append(filter_for(resolve(DERM, policy, interaction="read"), policy))
+            with db.read() as s:
+                return s.scalars(select(Asset).where(*scope)).first()
+        return run
+
+    timed(patient_list(True), 20)  # warm-up: connections, statement caches, prepared statements
+    timed(one_photo(True), 20)
+    out["list"] = timed(patient_list(True), runs)
+    out["list anchor"] = timed(patient_list(False), runs)
+    out["photo"] = timed(one_photo(True), runs)
+    out["photo anchor"] = timed(one_photo(False), runs)
+    if count:
+        def everything() -> object:
+            with db.read() as s:
+                return s.scalar(select(func.count()).select_from(Asset).where(filter_for(resolve(DERM, policy), policy)))
+        out["count all"] = timed(everything, 3)
+    return out
+
+
+def generic_plan(db: Database, rows: Rows) -> str:
+    """What PostgreSQL's generic plan of the patient list reads: 'index probes only' or the offending nodes."""
+    policy = PolicySettings()
+    where = filter_for(resolve(DERM, policy, interaction="search"), policy)
+    query = select(Asset.id).where(Asset.patient_id == rows.samples[0][0], where).order_by(*newest_first()).limit(50)
+    compiled = query.compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
+    names: list[str] = []
+
+    def number(match: Any) -> str:
+        names.append(match.group(1))
+        return f"${len(names)}"
+
+    import re
+
+    sql = re.sub(r"%\((\w+)\)s", number, str(compiled))
+    params = compiled.params
+    with db.engine.connect() as conn:
+        cur = conn.connection.dbapi_connection.cursor()
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute("PREPARE bench_list AS " + sql)
+        from psycopg import sql as psql
+
+        args = ", ".join(psql.Literal(params[n]).as_string(cur) for n in names)
+        cur.execute(f"EXPLAIN (COSTS OFF) EXECUTE bench_list({args})")
+        plan = [r[0] for r in cur.fetchall()]
+        conn.rollback()
+    hashed = any("hashed SubPlan" in line for line in plan)
+    outer = next((line.strip() for line in plan if " on assets" in line), "?")
+    # a sequential scan inside a per-photo probe is the planner's choice for a table of a few pages
+    scans = sorted({line.split("Seq Scan on ")[1].split()[0] for line in plan if "Seq Scan on " in line})
+    return (f"{'HASHED SUBPLAN' if hashed else 'no hashed subplan'}; {outer.removeprefix('->').strip()[:45]}"
+            + (f"; probes by seq scan of small {', '.join(scans)}" if scans else ""))
+
+
+# -- stores ----------------------------------------------------------------------------------------------------
+
+
+class PgSchema:
+    """A schema of its own in the given database, dropped afterwards (the URL's search_path points into it)."""
+
+    def __init__(self, url: str) -> None:
+        self.name = f"bench_{uuid.uuid4().hex[:10]}"
+        self.admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{self.name}"'))
+        self.url = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{self.name}"
+
+    def drop(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{self.name}" CASCADE'))
+        self.admin.dispose()
+
+
+def run_backend(name: str, url: str, rows: Rows, args: argparse.Namespace) -> dict[str, Any]:
+    db = Database(url)
+    try:
+        upgrade(db)
+        t = time.perf_counter()
+        (seed_postgres if db.dialect == "postgresql" else seed_sqlite)(db, rows)
+        seeded = time.perf_counter() - t
+        with db.engine.connect() as conn:  # planner statistics, as a live database has them
+            conn.exec_driver_sql("ANALYZE")
+            conn.commit()
+        result: dict[str, Any] = {"backend": name, "seed_s": seeded, **measure(db, rows, args.runs, args.count)}
+        if db.dialect == "postgresql":
+            result["plan"] = generic_plan(db, rows)
+        return result
+    finally:
+        db.dispose()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--patients", type=int, default=2000)
-    ap.add_argument("--per-patient", type=int, default=25)
-    ap.add_argument("--url", default=None, help="database URL (default: a SQLite file in a temp folder); use an empty database")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,200000,1000000", help="photos per store, comma-separated")
+    ap.add_argument("--postgres-url", help="a PostgreSQL database to make one schema per store in (dropped after)")
+    ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument("--runs", type=int, default=300, help="timed calls per figure")
+    ap.add_argument("--count", action="store_true", help="also the count over the whole store (slow at 1M)")
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp()
-    db = Database(args.url or f"sqlite:///{tmp}/bench.db")
-    upgrade(db)
-    t = time.perf_counter()
-    samples = seed(db, args.patients, args.per_patient)
-    total = args.patients * args.per_patient
-    print(f"{db.dialect}: {args.patients} patients, {total} photos seeded in {time.perf_counter() - t:.1f} s")
-    with db.engine.connect() as conn:  # planner statistics, as a live database has them
-        conn.exec_driver_sql("ANALYZE")
-        conn.commit()
-    policy = PolicySettings()
-    derm = Subject(sub="dr.derm", role="clinician", specialties=("330",), scopes=("user/Media.rs",))
-    rng = random.Random(1)
-
-    def patient_page():
-        pid, _ = rng.choice(samples)
-        where = visible_assets_filter(derm, settings=policy)
-        with db.read() as s:
-            s.scalar(select(func.count()).select_from(Asset).where(Asset.patient_id == pid, where))
-            s.scalars(select(Asset).where(Asset.patient_id == pid, where)
-                      .order_by(func.coalesce(Asset.taken_at, Asset.created_at).desc(), Asset.id.desc()).limit(50)).all()
-
-    def one_photo():
-        _, aid = rng.choice(samples)
-        with db.read() as s:
-            s.scalars(select(Asset).where(Asset.id == aid, visible_assets_filter(derm, settings=policy))).first()
-
-    def everything():
-        with db.read() as s:
-            return s.scalar(select(func.count()).select_from(Asset).where(visible_assets_filter(derm, settings=policy)))
-
-    for name, fn, n in (("patient list (count + page of 50)", patient_page, 300), ("one photo by id", one_photo, 300),
-                        ("count of all visible photos", everything, 10)):
-        med, p95 = timed(fn, n)
-        print(f"{name:38s} median {med:7.2f} ms   p95 {p95:7.2f} ms")
-    print(f"clinician 330 may see {everything()} of {total} photos")
+    print(f"{'photos':>8} {'backend':>10} {'seed s':>7} {'list p50':>9} {'p95':>6} {'anchor p50':>11} {'p95':>6} "
+          f"{'ratio':>6} {'photo p50':>10} {'anchor':>7}{'  count all':>12}  generic plan (PostgreSQL)")
+    for size in (int(s) for s in args.sizes.split(",")):
+        t = time.perf_counter()
+        rows = Rows(size)
+        made = time.perf_counter() - t
+        backends: list[tuple[str, Callable[[], tuple[str, Callable[[], None]]]]] = []
+        if not args.no_sqlite:
+            tmp = tempfile.mkdtemp(prefix="clinphoto-policy-")
+            backends.append(("sqlite", lambda tmp=tmp: (f"sqlite:///{tmp}/bench.db", lambda: None)))
+        if args.postgres_url:
+            def pg() -> tuple[str, Callable[[], None]]:
+                schema = PgSchema(args.postgres_url)
+                return schema.url, schema.drop
+            backends.append(("postgresql", pg))
+        for name, make in backends:
+            url, cleanup = make()
+            try:
+                r = run_backend(name, url, rows, args)
+            finally:
+                cleanup()
+            lp50, lp95 = r["list"]
+            ap50, ap95 = r["list anchor"]
+            count = f"{r['count all'][0]:10.0f} ms" if "count all" in r else ""
+            print(f"{size:>8} {name:>10} {r['seed_s']:>7.1f} {lp50:>9.2f} {lp95:>6.2f} {ap50:>11.2f} {ap95:>6.2f} "
+                  f"{lp50 / ap50:>6.2f} {r['photo'][0]:>10.2f} {r['photo anchor'][0]:>7.2f}{count:>12}  {r.get('plan', '')}",
+                  flush=True)
+        print(f"{'':>8} (rows for {size} photos made in {made:.1f} s, not counted in seeding)", flush=True)
+    print("milliseconds; anchor = the same statements without the policy filter; ratio = list p50 / anchor p50")
 
 
 if __name__ == "__main__":
