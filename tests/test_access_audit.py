@@ -77,7 +77,8 @@ def run_cli(gw, *args) -> subprocess.CompletedProcess:
 def test_policy_explain_prints_the_decision_and_why(gw):
     world = build_access_matrix(gw, with_blobs=False)
     r_derm = world.asset_ids["PA-03"]  # R, dermatology
-    permit = run_cli(gw, "policy", "explain", "--sub", "dr.derm", "--role", "clinician", "--specialty", "330", "--purpose", "TREAT", "--asset", r_derm)
+    permit = run_cli(gw, "policy", "explain", "--sub", "dr.derm", "--role", "clinician", "--specialty", "330", "--purpose", "TREAT",
+                     "--asset", r_derm)
     assert permit.returncode == 0, permit.stderr
     assert "PERMIT" in permit.stdout and "sensitivity R" in permit.stdout and "consent: a consent" in permit.stdout
     deny = run_cli(gw, "policy", "explain", "--sub", "dr.plastics", "--role", "clinician", "--specialty", "160", "--asset", r_derm)

@@ -376,7 +376,7 @@ _CTRL = re.compile(rb"[\x00-\x1f\x7f]")
                       "EVN|A01|20240301101500", "PID|1||9449305552^^^NHS^NH||X")),
 ])
 def test_control_characters_in_the_header_get_ar_and_are_stored(feed, db, field, raw):
-    for attempt in range(2):  # the same again: the same answer, never "not stored; send again"
+    for _ in range(2):  # the same again: the same answer, never "not stored; send again"
         r = feed.send(raw)
         a = ack_fields(r.ack)
         assert (a["code"], a["err_code"]) == ("AR", "102") and a["err_loc"].startswith(field), a

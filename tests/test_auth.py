@@ -61,7 +61,9 @@ def test_dev_key_is_private_persistent_and_tokens_round_trip(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # a second verifier (another process, a restart) uses the same key
     subject = TokenVerifier(make_settings(tmp_path)).verify(token, "10.0.0.5")
-    assert (subject.sub, subject.role, subject.specialties, subject.scopes, subject.name) == ("dr.derm", "clinician", ("330",), ("user/Media.rs",), "Dr Derm")
+    assert (subject.sub, subject.role, subject.specialties, subject.scopes, subject.name) == (
+        "dr.derm", "clinician", ("330",), ("user/Media.rs",), "Dr Derm"
+    )
     assert subject.network_address == "10.0.0.5" and subject.purpose_of_use == "TREAT"
     # a token of another data dir's key does not verify
     other = mint_dev_token(make_settings(tmp_path / "other"), sub="x", role="clinician")
@@ -87,8 +89,11 @@ def test_clinphoto_token_command_prints_a_verifiable_token(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     subject = TokenVerifier(make_settings(tmp_path)).verify(result.stdout.strip())
-    assert (subject.sub, subject.specialties, subject.scopes, subject.patient, subject.purpose_of_use) == ("S", ("330", "160"), ("patient/Media.rs",), "17", "TRAIN")
-    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "token", "--sub", "S", "--role", "wizard"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (subject.sub, subject.specialties, subject.scopes, subject.patient, subject.purpose_of_use) == (
+        "S", ("330", "160"), ("patient/Media.rs",), "17", "TRAIN"
+    )
+    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "token", "--sub", "S", "--role", "wizard"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown role 'wizard'" in bad.stderr
 
 
@@ -113,7 +118,9 @@ def test_rs256_with_pem_key_maps_claims(tmp_path, rsa_key):
     # the same key from a file
     key_file = tmp_path / "idp.pem"
     key_file.write_text(pem_public(rsa_key))
-    from_file = TokenVerifier(make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_file=key_file))
+    from_file = TokenVerifier(
+        make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_file=key_file)
+    )
     assert from_file.verify(token).sub == "u123"
 
 
@@ -127,7 +134,9 @@ def test_rs256_with_pem_key_maps_claims(tmp_path, rsa_key):
     ({"role": None}, "no known role"),
 ])
 def test_issuer_tokens_with_bad_claims_are_refused(tmp_path, rsa_key, bad, message):
-    verifier = TokenVerifier(make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_pem=pem_public(rsa_key)))
+    verifier = TokenVerifier(
+        make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_pem=pem_public(rsa_key))
+    )
     with pytest.raises(AuthError, match=message):
         verifier.verify(jwt.encode(claims(**bad), rsa_key, algorithm="RS256"))
 
@@ -215,7 +224,9 @@ def test_es256_and_rs256_from_a_jwks_url(tmp_path, jwks_server, rsa_key):
         {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key())), "kid": "ec-1", "use": "sig", "alg": "ES256"},
         {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key())), "kid": "rsa-1", "use": "sig", "alg": "RS256"},
     ]}
-    verifier = TokenVerifier(make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", jwks_url=jwks_server["url"]))
+    verifier = TokenVerifier(
+        make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", jwks_url=jwks_server["url"])
+    )
     es = jwt.encode(claims(sub="es-user"), ec_key, algorithm="ES256", headers={"kid": "ec-1"})
     rs = jwt.encode(claims(sub="rs-user"), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
     assert verifier.verify(es).sub == "es-user" and verifier.verify(rs).sub == "rs-user"
@@ -230,7 +241,9 @@ def test_es256_and_rs256_from_a_jwks_url(tmp_path, jwks_server, rsa_key):
     with pytest.raises(AuthError, match="several"):
         verifier.verify(no_kid)
     jwks_server["jwks"] = {"keys": jwks_server["jwks"]["keys"][:1]}
-    single = TokenVerifier(make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", jwks_url=jwks_server["url"]))
+    single = TokenVerifier(
+        make_settings(tmp_path, mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", jwks_url=jwks_server["url"])
+    )
     assert single.verify(no_kid).sub == "no-kid"
     # right kid, wrong key: the signature does not verify
     wrong = jwt.encode(claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "ec-1"})
@@ -243,9 +256,11 @@ def test_issuer_tokens_work_through_the_http_door(gw, rsa_key):
 
     gw.settings.auth = AuthSettings(mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_pem=pem_public(rsa_key))
     with live_server(gw) as api:
-        good = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {jwt.encode(claims(), rsa_key, algorithm='RS256')}"})
+        issued = jwt.encode(claims(), rsa_key, algorithm="RS256")
+        good = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {issued}"})
         assert good.status_code == 200 and good.json()["total"] == 0
-        dev = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {mint_dev_token(gw.settings.model_copy(update={'auth': AuthSettings()}), sub='x', role='clinician')}"})
+        dev_token = mint_dev_token(gw.settings.model_copy(update={"auth": AuthSettings()}), sub="x", role="clinician")
+        dev = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {dev_token}"})
         assert dev.status_code == 401 and 'error="invalid_token"' in dev.headers["www-authenticate"]
 
 
@@ -304,7 +319,9 @@ def peer_settings(tmp_path, **peer) -> Settings:
 def test_known_peer_from_its_host_gets_a_subject(tmp_path):
     settings = peer_settings(tmp_path)
     subject = authenticate_dicom_peer(settings, "PACS1  ", "10.1.2.77", called_ae=settings.ae_title)
-    assert (subject.sub, subject.role, subject.specialties, subject.sensitivities, subject.purpose_of_use) == ("PACS1", "system", ("330",), ("N", "R"), "TREAT")
+    assert (subject.sub, subject.role, subject.specialties, subject.sensitivities, subject.purpose_of_use) == (
+        "PACS1", "system", ("330",), ("N", "R"), "TREAT"
+    )
     assert subject.network_address == "10.1.2.77" and subject.peer is not None and subject.peer.ae_title == "PACS1"
     assert peer_allows(subject, "find") and not peer_allows(subject, "store")
     assert authenticate_dicom_peer(settings, "PACS1", "::ffff:127.0.0.1").sub == "PACS1"
@@ -341,7 +358,8 @@ def test_peer_settings_are_validated(tmp_path):
 def test_policy_settings_prints_a_documented_config_that_loads_back(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
     env.update(CLINPHOTO_DATA_DIR=str(tmp_path), CLINPHOTO_POLICY__SPECIALTY_MATCH="photo-only", CLINPHOTO_AUTH__ISSUER="https://idp.example")
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "settings"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "settings"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     from gateway.core.policy.settings import PolicySettings
@@ -353,7 +371,8 @@ def test_policy_settings_prints_a_documented_config_that_loads_back(tmp_path):
     config.write_text(text)
     env = {k: v for k, v in env.items() if not k.startswith("CLINPHOTO_")}
     loaded = subprocess.run(
-        [sys.executable, "-c", "from gateway.settings import load_settings; s = load_settings(); print(s.policy.specialty_match, s.auth.issuer, s.policy.role_purposes['educator'])"],
+        [sys.executable, "-c", "from gateway.settings import load_settings; s = load_settings(); "
+                               "print(s.policy.specialty_match, s.auth.issuer, s.policy.role_purposes['educator'])"],
         env={**env, "CLINPHOTO_CONFIG": str(config), "CLINPHOTO_DATA_DIR": str(tmp_path)}, cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert loaded.returncode == 0, loaded.stderr

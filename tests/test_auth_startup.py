@@ -42,7 +42,8 @@ def test_jwt_mode_without_a_key_does_not_start(tmp_path):
 
 def test_bad_pem_key_fails_start_up_with_one_line(tmp_path):
     result = run_serve(tmp_path, CLINPHOTO_AUTH__MODE="jwt", CLINPHOTO_AUTH__ISSUER="https://idp.example.nhs.uk",
-                       CLINPHOTO_AUTH__AUDIENCE="clinphoto", CLINPHOTO_AUTH__PUBLIC_KEY_PEM="-----BEGIN PUBLIC KEY-----\nnonsense\n-----END PUBLIC KEY-----")
+                       CLINPHOTO_AUTH__AUDIENCE="clinphoto",
+                       CLINPHOTO_AUTH__PUBLIC_KEY_PEM="-----BEGIN PUBLIC KEY-----\nnonsense\n-----END PUBLIC KEY-----")
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr

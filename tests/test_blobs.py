@@ -117,7 +117,10 @@ def test_store_check_reports_missing_corrupt_and_orphans(gw):
 def test_store_cli_check_and_gc(gw, tmp_path):
     gw.blobs.put_bytes(b"orphan")
     env = dict(os.environ, CLINPHOTO_DATABASE_URL=gw.db.url, CLINPHOTO_DATA_DIR=str(tmp_path), CLINPHOTO_BLOB_DIR=str(gw.blobs.root))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True, cwd=REPO)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True, cwd=REPO)
+
     check = run("store", "check")
     assert check.returncode == 1 and "orphan (stored, not referenced): 1" in check.stdout
     gc = run("store", "gc", "--older-than", "0s")

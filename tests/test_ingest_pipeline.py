@@ -72,7 +72,9 @@ def test_ingest_stores_original_dicom_renditions_and_audit(gw, fx, tmp_path):
         data = gw.blobs.read_bytes(sha)
         assert b"Exif" not in data and b"SERIAL" not in data and b"Leeds" not in data and b"MPF-TRAILER" not in data
     assert [e.action for e in events] == ["C"] and events[0].outcome == "0"
-    assert events[0].entities[0] == {"type": "asset", "id": asset.id, "role": "stored", "sop_instance_uid": asset.sop_instance_uid, "study_uid": asset.study_uid}
+    assert events[0].entities[0] == {
+        "type": "asset", "id": asset.id, "role": "stored", "sop_instance_uid": asset.sop_instance_uid, "study_uid": asset.study_uid,
+    }
     assert events[0].patient_id == patient["id"] and events[0].subtype == "upload"
     dcm = tmp_path / "stored.dcm"
     dcm.write_bytes(gw.blobs.read_bytes(asset.dicom_sha256))

@@ -104,5 +104,7 @@ def test_peers_are_named_on_access_lists_with_the_ae_prefix(gw):
     with gw.db.read() as session:
         for peer, key, want in ((pacs_all, "PD-04", True), (pacs_derm, "PB-05", False)):
             subject = world.subject(peer)
-            got = session.scalars(select(Asset.id).where(Asset.id == world.asset_ids[key], visible_assets_filter(subject, settings=gw.settings.policy))).all()
+            got = session.scalars(
+                select(Asset.id).where(Asset.id == world.asset_ids[key], visible_assets_filter(subject, settings=gw.settings.policy))
+            ).all()
             assert bool(got) == want == decide(session, subject, world.asset_ids[key], settings=gw.settings.policy).permit

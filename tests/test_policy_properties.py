@@ -186,7 +186,9 @@ def looking_caller(draw):
     return subject, purpose, ("resus" if purpose == "ETREAT" else None)
 
 
-patient_consent_st = consent_st.map(lambda c: {**c, "scope": "patient", "status": "active" if c["status"] == "withdrawn" and c["level"] == "record" else c["status"]})
+patient_consent_st = consent_st.map(
+    lambda c: {**c, "scope": "patient", "status": "active" if c["status"] == "withdrawn" and c["level"] == "record" else c["status"]}
+)
 
 
 @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -72,7 +72,9 @@ def test_upload_with_every_metadata_key(client, gw, fx):
     assert p["links"]["self"] == f"/api/v1/photos/{p['assetId']}"
     with gw.db.read() as s:
         a = s.get(Asset, p["assetId"])
-        assert (a.sensitivity, a.view, a.photographer, a.device, a.description) == ("R", "lateral", "Amy Jones", "Ward iPhone 7", "Healing wound, day 5")
+        assert (a.sensitivity, a.view, a.photographer, a.device, a.description) == (
+            "R", "lateral", "Amy Jones", "Ward iPhone 7", "Healing wound, day 5"
+        )
         assert a.body_site_code == "368209003" and a.laterality == "right" and a.specialty == "330"
         assert a.consent_id == body["consentId"] and a.original_filename == "baseline_420.jpg"
         assert s.get(Consent, body["consentId"]).captured_by == "Nurse Ada"
@@ -252,7 +254,8 @@ def test_oversized_upload_is_cut_off_while_streaming(live, gw):
 
 def test_upload_through_a_real_socket(live, gw, fx):
     patient = add_patient(gw)
-    files = [("files", ("p.jpg", fx["progressive.jpg"].read_bytes(), "image/jpeg")), ("metadata", (None, json.dumps({"patient": f"nhs|{patient['nhs']}"})))]
+    files = [("files", ("p.jpg", fx["progressive.jpg"].read_bytes(), "image/jpeg")),
+             ("metadata", (None, json.dumps({"patient": f"nhs|{patient['nhs']}"})))]
     r = httpx.post(f"{live}/api/v1/photos", files=files, headers=auth_headers(gw), timeout=30)
     assert r.status_code == 201, r.text
     assert r.json()["photos"][0]["transferSyntaxUid"] == "1.2.840.10008.1.2.4.50"
