@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 
-from gateway.api import consents, photos, upload
+from gateway.api import consents, patients, photos, upload
 from gateway.api.security import verifier_for
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
@@ -67,4 +67,5 @@ def create_app(gw: Gateway) -> FastAPI:
     app.include_router(upload.router)
     app.include_router(photos.router)
     app.include_router(consents.router)
+    app.include_router(patients.router)
     return app

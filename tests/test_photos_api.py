@@ -145,10 +145,10 @@ def test_paging_newest_first_with_right_totals(gw, api):
         seen += body["items"]
         url, params = body["links"].get("next"), None
     assert [i["id"] for i in seen] and {i["id"] for i in seen} == want and len(seen) == len(want)
-    taken = [i["taken_at"] or i["stored_at"] for i in seen]
+    taken = [i["takenAt"] or i["storedAt"] for i in seen]
     assert taken == sorted(taken, reverse=True)
     item = seen[0]
-    assert {"description", "original_filename", "body_site", "specialty", "sensitivity", "consent", "taken_at", "links"} <= item.keys()
+    assert {"description", "originalFilename", "bodySite", "specialty", "sensitivity", "consent", "takenAt", "links"} <= item.keys()
     assert item["consent"]["level"] == "teaching" and item["links"]["thumbnail"].endswith("rendition=thumbnail")
 
 
@@ -274,7 +274,7 @@ def test_list_narrowed_to_one_body_site_for_comparison(gw, api):
     body = api.get("/api/v1/photos", params=params, headers=world.headers(gw, mi)).json()
     assert {i["id"] for i in body["items"]} == {world.asset_ids[k] for k in ("PA-01", "PA-02", "PA-03")} and body["total"] == 3
     body = api.get("/api/v1/photos", params={**params, "laterality": "left"}, headers=world.headers(gw, mi)).json()
-    assert body["total"] == 2 and all(i["body_site"]["laterality"] == "left" for i in body["items"])
+    assert body["total"] == 2 and all(i["bodySite"]["laterality"] == "left" for i in body["items"])
     plastics = next(u for u in USERS if u.key == "plastics")
     body = api.get("/api/v1/photos", params=params, headers=world.headers(gw, plastics)).json()
     assert {i["id"] for i in body["items"]} == {world.asset_ids["PA-02"]} and body["total"] == 1

@@ -22,11 +22,11 @@ from tests.test_photos_api import api, audit_events, serving  # noqa: F401 (the 
 def test_paging_parameters_are_bounded(gw, api):  # noqa: F811
     headers = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
     for offset in ("99999999999999999999", "1000001", "-1"):
-        r = api.get("/api/v1/photos", params={"patient": "urn:x|1", "offset": offset}, headers=headers)
+        r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552", "offset": offset}, headers=headers)
         assert r.status_code == 422 and "offset" in r.text, (offset, r.text)
-    r = api.get("/api/v1/photos", params={"patient": "urn:x|1", "limit": "99999999999999999999"}, headers=headers)
+    r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552", "limit": "99999999999999999999"}, headers=headers)
     assert r.status_code == 422
-    assert api.get("/api/v1/photos", params={"patient": "urn:x|1", "offset": 1000000}, headers=headers).status_code == 200
+    assert api.get("/api/v1/photos", params={"patient": "nhs|9449305552", "offset": 1000000}, headers=headers).status_code == 200
 
 
 def test_nul_bytes_in_the_url_are_400(gw, api):  # noqa: F811
@@ -37,7 +37,7 @@ def test_nul_bytes_in_the_url_are_400(gw, api):  # noqa: F811
         api.get("/api/v1/photos/ab%00c", headers=mi),
         api.get("/api/v1/photos/ab%00c/image", headers=mi),
         api.get("/api/v1/photos", params={"patient": "a\x00|b"}, headers=mi),
-        api.get("/api/v1/photos", params={"patient": "urn:x|1", "site": "12\x00"}, headers=mi),
+        api.get("/api/v1/photos", params={"patient": "nhs|9449305552", "site": "12\x00"}, headers=mi),
         api.put(f"/api/v1/photos/{photo}/access/x%00y", headers=mi),
         api.delete(f"/api/v1/photos/{photo}/access/x%00y", headers=mi),
         api.get("/api/v1/consents", params={"patient": "a\x00|b"}, headers=mi),
@@ -51,13 +51,13 @@ def test_nul_bytes_and_long_values_in_consent_bodies(gw, api):  # noqa: F811
     world = build_access_matrix(gw, with_blobs=False)
     system, value = world.identifier("PA")
     mi = auth_headers(gw, role="medical-illustration", sub="mi.jones")
-    base = {"patient": f"{system}|{value}", "level": "record", "given_by": "patient"}
-    for body in ({**base, "captured_by": "nurse\x00x"}, {**base, "patient": f"{system}|{value}\x00"},
-                 {**base, "scope": "photos", "photos": ["ab\x00c"]}, {**base, "captured_by": "n" * 201},
+    base = {"patient": f"{system}|{value}", "level": "record", "givenBy": "patient"}
+    for body in ({**base, "capturedBy": "nurse\x00x"}, {**base, "patient": f"{system}|{value}\x00"},
+                 {**base, "scope": "photos", "photos": ["ab\x00c"]}, {**base, "capturedBy": "n" * 201},
                  {**base, "scope": "photos", "photos": ["a" * 33]}):
         r = api.post("/api/v1/consents", json=body, headers=mi)
         assert r.status_code == 422, (body, r.text)
-    r = api.post("/api/v1/consents", json={**base, "captured_by": "nurse\x00x"}, headers=mi)
+    r = api.post("/api/v1/consents", json={**base, "capturedBy": "nurse\x00x"}, headers=mi)
     assert "NUL" in r.text
     r = api.post("/api/v1/consents", json={**base, "patient": f"{system}|{'9' * 101}"}, headers=mi)
     assert r.status_code == 400 and "at most 100" in r.json()["detail"]
@@ -67,7 +67,7 @@ def test_nul_bytes_and_long_values_in_consent_bodies(gw, api):  # noqa: F811
 
 def test_over_long_purpose_header_is_refused_and_audited(gw, api):  # noqa: F811
     headers = {**auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"]), "X-Purpose-Of-Use": "TREATMENT-OF-THE-PATIENT-" * 4}
-    r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers=headers)
+    r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers=headers)
     assert r.status_code == 400 and "unknown purpose of use" in r.json()["detail"]
     [refusal] = audit_events(gw, AuditEvent.subtype == "refused")
     assert refusal.agent_who == "dr.derm" and refusal.outcome == audit.MINOR_FAILURE
@@ -82,14 +82,14 @@ def test_over_long_or_odd_token_subject_is_401_and_audited(gw, api):  # noqa: F8
     for sub in ("x" * 201, "dr\x00evil", " ", "ae:PACS1"):
         token = jwt.encode({"iss": "clinphoto-dev", "sub": sub, "exp": now + timedelta(minutes=5), "role": "clinician",
                             "scope": "user/Media.rs"}, key, algorithm="ES256")
-        r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {token}"})
+        r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"], r.text
     failures = audit_events(gw, AuditEvent.type_code == audit.LOGIN)
     assert len(failures) == 4 and "1-200 characters" in failures[0].outcome_desc and "control" in failures[1].outcome_desc
     assert "reserved for DICOM peers" in failures[3].outcome_desc
     token = jwt.encode({"iss": "clinphoto-dev", "sub": "y" * 200, "exp": now + timedelta(minutes=5), "role": "clinician",
                         "scope": "user/Media.rs"}, key, algorithm="ES256")
-    assert api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
     [search] = audit_events(gw, AuditEvent.subtype == "search")
     assert search.agent_who == "y" * 200
 

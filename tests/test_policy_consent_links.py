@@ -35,9 +35,9 @@ def test_a_second_photo_consent_keeps_the_first_ones_cover_over_rest(gw, api):  
     derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
     publish = auth_headers(gw, role="medical-illustration", sub="mi.pub", purpose="PUBLISH")
     listing = {"patient": f"{SYSTEM}|M7"}
-    body = {"patient": f"{SYSTEM}|M7", "given_by": "patient", "scope": "photos", "photos": [photo]}
+    body = {"patient": f"{SYSTEM}|M7", "givenBy": "patient", "scope": "photos", "photos": [photo]}
 
-    r = api.post("/api/v1/consents", json={**body, "level": "publication", "purpose_note": "BJD case report"}, headers=mi)
+    r = api.post("/api/v1/consents", json={**body, "level": "publication", "purposeNote": "BJD case report"}, headers=mi)
     assert r.status_code == 201, r.text
     publication = r.json()["id"]
     assert [i["id"] for i in api.get("/api/v1/photos", params=listing, headers=publish).json()["items"]] == [photo]
@@ -111,7 +111,7 @@ def test_photo_scoped_consent_for_a_photo_without_any_consent(gw, api):  # noqa:
         v_photo = add_asset(session, patient, specialty="330", sensitivity="V", uploaded_by="dr.other").id
         held = add_asset(session, patient, specialty="330", status="quarantined").id
     mi = auth_headers(gw, role="medical-illustration", sub="mi.jones")
-    body = {"patient": f"{SYSTEM}|M8", "level": "record", "given_by": "patient", "scope": "photos"}
+    body = {"patient": f"{SYSTEM}|M8", "level": "record", "givenBy": "patient", "scope": "photos"}
     r = api.post("/api/v1/consents", json={**body, "photos": [photo, restricted]}, headers=mi)
     assert r.status_code == 201, r.text
     assert links(gw, photo) == links(gw, restricted) == {r.json()["id"]}

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from store.models import AuditEvent, PatientIdentifier
+from store.models import AuditEvent, Patient, PatientIdentifier
 from tests.auth_helpers import auth_headers
 from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
 from tests.test_policy import add_asset, add_patient
 
 SYSTEM = "https://trust.example.nhs.uk/Id/mrn"
+
+
+def public_id(gw, patient_id: int) -> str:
+    with gw.db.read() as session:
+        return session.get(Patient, patient_id).public_id
 
 
 def seed(gw):
@@ -28,16 +33,16 @@ def test_consent_recorded_and_withdrawn_over_rest_changes_visibility_at_once(gw,
     listing = {"patient": f"{SYSTEM}|M1"}
     assert api.get("/api/v1/photos", params=listing, headers=derm).json()["total"] == 0  # no consent yet
 
-    r = api.post("/api/v1/consents", json={"patient": f"{SYSTEM}|M1", "level": "teaching", "given_by": "patient"}, headers=derm)
+    r = api.post("/api/v1/consents", json={"patient": f"{SYSTEM}|M1", "level": "teaching", "givenBy": "patient"}, headers=derm)
     assert r.status_code == 201, r.text
     consent = r.json()
-    assert consent["captured_by"] == "dr.derm" and consent["status"] == "active" and consent["patient"] == pid
+    assert consent["capturedBy"] == "dr.derm" and consent["status"] == "active" and consent["patient"]["id"] == public_id(gw, pid)
     assert {i["id"] for i in api.get("/api/v1/photos", params=listing, headers=derm).json()["items"]} == {photo, intimate}
     assert {i["id"] for i in api.get("/api/v1/photos", params=listing, headers=teacher).json()["items"]} == {photo}
     assert api.get(f"/api/v1/photos/{photo}", headers=teacher).json()["consent"]["level"] == "teaching"
 
     r = api.post(f"/api/v1/consents/{consent['id']}/withdraw", headers=derm)
-    assert r.status_code == 200 and r.json()["status"] == "withdrawn" and r.json()["withdrawn_at"].endswith("Z")
+    assert r.status_code == 200 and r.json()["status"] == "withdrawn" and r.json()["withdrawnAt"].endswith("Z")
     assert api.get("/api/v1/photos", params=listing, headers=teacher).json()["total"] == 0
     assert api.get(f"/api/v1/photos/{photo}", headers=teacher).status_code == 404
     assert api.get("/api/v1/photos", params=listing, headers=derm).json()["total"] == 2  # still there for care
@@ -47,7 +52,8 @@ def test_consent_recorded_and_withdrawn_over_rest_changes_visibility_at_once(gw,
     listed = api.get("/api/v1/consents", params=listing, headers=derm).json()
     assert listed["total"] == 1 and listed["items"][0]["status"] == "withdrawn"
     with gw.db.read() as session:
-        actions = [(e.action, e.agent_who) for e in session.scalars(select(AuditEvent).where(AuditEvent.subtype == "consent").order_by(AuditEvent.seq))]
+        consent_events = session.scalars(select(AuditEvent).where(AuditEvent.subtype == "consent").order_by(AuditEvent.seq))
+        actions = [(e.action, e.agent_who) for e in consent_events]
     assert actions == [("C", "dr.derm"), ("U", "dr.derm"), ("R", "dr.derm")]
 
 
@@ -55,7 +61,7 @@ def test_photo_scoped_consent_only_for_photos_the_caller_sees(gw, api):  # noqa:
     pid, photo, intimate = seed(gw)
     plastics = auth_headers(gw, role="clinician", sub="dr.plastics", specialties=["160"])
     derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
-    body = {"patient": f"{SYSTEM}|M1", "level": "record", "given_by": "patient", "scope": "photos", "photos": [intimate]}
+    body = {"patient": f"{SYSTEM}|M1", "level": "record", "givenBy": "patient", "scope": "photos", "photos": [intimate]}
     r = api.post("/api/v1/consents", json=body, headers=plastics)
     assert r.status_code == 404 and r.json()["detail"] == f"photo not found: {intimate}"
     # the photo has no consent yet, so the consent rule hides it; every other rule lets dr.derm see it,
@@ -64,16 +70,16 @@ def test_photo_scoped_consent_only_for_photos_the_caller_sees(gw, api):  # noqa:
     r = api.post("/api/v1/consents", json=body, headers=derm)
     assert r.status_code == 201, r.text
     assert api.get(f"/api/v1/photos/{intimate}", headers=derm).status_code == 200
-    r = api.post("/api/v1/consents", json={**body, "photos": [photo], "level": "publication", "purpose_note": "BJD case report"}, headers=derm)
+    r = api.post("/api/v1/consents", json={**body, "photos": [photo], "level": "publication", "purposeNote": "BJD case report"}, headers=derm)
     assert r.status_code == 201, r.text
 
 
 def test_consent_requests_are_checked(gw, api):  # noqa: F811
     seed(gw)
     derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
-    base = {"patient": f"{SYSTEM}|M1", "level": "record", "given_by": "patient"}
+    base = {"patient": f"{SYSTEM}|M1", "level": "record", "givenBy": "patient"}
     cases = [
-        (derm, {**base, "level": "teaching", "given_by": "best-interests"}, 400, "record only"),
+        (derm, {**base, "level": "teaching", "givenBy": "best-interests"}, 400, "record only"),
         (derm, {**base, "level": "publication"}, 400, "specific use"),
         (derm, {**base, "level": "gold"}, 422, None),
         (derm, {**base, "colour": "blue"}, 422, None),
@@ -103,7 +109,7 @@ def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
         from gateway.core.consents import record_consent
 
         consent = record_consent(session, patient_id=pid, level="record", given_by="patient", captured_by="mi").id
-    base = {"level": "record", "given_by": "patient"}
+    base = {"level": "record", "givenBy": "patient"}
     callers = [
         auth_headers(gw, role="researcher", sub="res.smith", purpose="HRESCH"),
         auth_headers(gw, role="admin", sub="root"),
@@ -138,15 +144,20 @@ def test_refusals_come_before_lookups_and_are_audited(gw, api):  # noqa: F811
     assert last.agent_who == "dr.plastics" and {"type": "asset", "id": _intimate} in last.entities and last.patient_id == pid
 
 
-def test_consent_body_takes_the_upload_metadata_keys_too(gw, api):
-    """givenBy/capturedBy/date, as in the upload's consent object, work as well as given_by/captured_by/consent_date."""
+def test_consent_body_is_camel_case_as_every_rest_body(gw, api):  # noqa: F811
+    """givenBy/capturedBy/date, as in the upload's consent object; the snake_case spellings are refused, naming them."""
     from tests.auth_helpers import auth_headers
     from tests.ingest_helpers import add_patient
 
     patient = add_patient(gw, nhs="9990000034", mrn="M777")
     headers = auth_headers(gw, role="medical-illustration", sub="mi.keys")
     r = api.post("/api/v1/consents", headers=headers, json={
-        "patient": f"https://fhir.nhs.uk/Id/nhs-number|{patient['nhs']}", "level": "teaching",
-        "givenBy": "patient", "capturedBy": "Nurse B", "date": "2026-11-20"})
+        "patient": f"nhs|{patient['nhs']}", "level": "teaching", "givenBy": "patient", "capturedBy": "Nurse B",
+        "date": "2026-11-20"})
     assert r.status_code == 201, r.text
-    assert (r.json()["given_by"], r.json()["captured_by"], r.json()["consent_date"]) == ("patient", "Nurse B", "2026-11-20")
+    body = r.json()
+    assert (body["givenBy"], body["capturedBy"], body["date"]) == ("patient", "Nurse B", "2026-11-20")
+    assert all("_" not in key for key in body)
+    old = api.post("/api/v1/consents", headers=headers, json={
+        "patient": f"nhs|{patient['nhs']}", "level": "teaching", "given_by": "patient"})
+    assert old.status_code == 422 and "given_by" in old.text

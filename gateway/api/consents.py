@@ -10,20 +10,20 @@ core's (gateway/core/consents.py); this module parses and renders.
 
 from __future__ import annotations
 
-from datetime import date
-from typing import Annotated, Literal
+import datetime as dt
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gateway.api.errors import http_error
+from gateway.api.json import iso, patient_link
 from gateway.api.params import no_nul, parse_patient
 from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import consents
+from gateway.core.consents import ConsentView
 from gateway.core.identity import Subject
-from gateway.core.policy.rules import utc
 from gateway.core.refusals import Refused
-from store.models import Consent
 
 router = APIRouter(prefix="/api/v1/consents", tags=["consents"])
 
@@ -31,45 +31,48 @@ Text = Annotated[str, AfterValidator(no_nul)]
 
 
 class ConsentIn(BaseModel):
-    # the upload metadata's consent keys (givenBy, capturedBy, date) work here too
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """A consent as the caller records it (camelCase keys, as every REST request and answer here)."""
 
-    patient: Text = Field(..., description="The patient, as identifier system|value")
+    model_config = ConfigDict(extra="forbid")
+
+    patient: Text = Field(..., description="The patient: system|value, e.g. nhs|9449305552 or mrn|D100001")
     level: Literal["record", "teaching", "publication"]
-    given_by: Literal["patient", "parent", "best-interests"] = Field(..., alias="givenBy")
-    captured_by: Text | None = Field(None, max_length=200, alias="capturedBy", description="Who took the consent; default the caller")
-    consent_date: date | None = Field(None, alias="date")
+    givenBy: Literal["patient", "parent", "best-interests"]
+    capturedBy: Text | None = Field(None, max_length=200, description="Who took the consent; default the caller")
+    date: dt.date | None = Field(None, description="When it was given; default today")
     scope: Literal["patient", "encounter", "photos"] = "patient"
-    encounter_id: int | None = Field(None, ge=1, le=2**31 - 1, alias="encounterId")
-    photos: list[Annotated[Text, Field(max_length=32)]] = Field(default_factory=list, max_length=500)
-    purpose_note: Text | None = Field(None, max_length=4000, alias="purposeNote", description="For publication: the specific use consented to")
+    encounter: Text | None = Field(None, max_length=100, description="For scope encounter: the visit number")
+    photos: list[Annotated[Text, Field(max_length=32)]] = Field(default_factory=list, max_length=500,
+                                                                description="For scope photos: the photo ids")
+    purposeNote: Text | None = Field(None, max_length=4000, description="For publication: the specific use consented to")
 
 
-def consent_json(c: Consent) -> dict:
+def consent_json(c: ConsentView) -> dict[str, Any]:
     return {
-        "id": c.id, "patient": c.patient_id, "level": c.level, "given_by": c.given_by, "captured_by": c.captured_by,
-        "consent_date": c.consent_date.isoformat() if c.consent_date else None, "status": c.status,
-        "withdrawn_at": utc(c.withdrawn_at).isoformat().replace("+00:00", "Z") if c.withdrawn_at else None,
-        "scope": c.scope, "encounter_id": c.encounter_id, "purpose_note": c.purpose_note,
+        "id": c.id, "patient": patient_link(c.patient), "level": c.level, "givenBy": c.given_by, "capturedBy": c.captured_by,
+        "date": c.consent_date.isoformat() if c.consent_date else None, "status": c.status, "withdrawnAt": iso(c.withdrawn_at),
+        "scope": c.scope, "encounter": c.encounter, "photos": c.photos, "purposeNote": c.purpose_note,
     }
 
 
 @router.post("", status_code=201)
-def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
+def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict[str, Any]:
+    """Record a consent: for the patient, one encounter (visit number) or named photos."""
     gw = gateway_of(request)
     try:
         who = consents.caller(gw, subject, "c", what(request))
         consent = consents.record(
-            gw, who, parse_patient(body.patient), level=body.level, given_by=body.given_by, captured_by=body.captured_by,
-            consent_date=body.consent_date, scope=body.scope, encounter_id=body.encounter_id, photos=body.photos,
-            purpose_note=body.purpose_note, what=what(request))
+            gw, who, parse_patient(body.patient), level=body.level, given_by=body.givenBy, captured_by=body.capturedBy,
+            consent_date=body.date, scope=body.scope, encounter=body.encounter, photos=body.photos,
+            purpose_note=body.purposeNote, what=what(request))
     except Refused as refused:
         raise http_error(refused, gw.settings.auth.realm) from None
     return consent_json(consent)  # committed before the answer goes out
 
 
 @router.post("/{consent_id}/withdraw")
-def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
+def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict[str, Any]:
+    """Withdraw a consent at once: teaching and publication use end now; care use of existing photos stays."""
     gw = gateway_of(request)
     try:
         who = consents.caller(gw, subject, "u", what(request))
@@ -80,14 +83,13 @@ def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depe
 
 @router.get("")
 def read(request: Request, subject: Annotated[Subject, Depends(require_subject)],
-         patient: Annotated[str, Query(description="The patient, as identifier system|value")]) -> dict:
+         patient: Annotated[str, Query(description="The patient: system|value, e.g. nhs|9449305552")]) -> dict[str, Any]:
     """A patient's consents, for callers with a need to know the patient (the specialty rule, as for photos);
     a patient the caller may not know answers exactly like an unknown one."""
     gw = gateway_of(request)
     try:
         who = consents.caller(gw, subject, "r", what(request))
-        _patient_id, found = consents.for_patient(gw, who, parse_patient(patient), what(request))
+        found = consents.for_patient(gw, who, parse_patient(patient), what(request))
     except Refused as refused:
         raise http_error(refused, gw.settings.auth.realm) from None
-    items = [consent_json(c) for c in found]
-    return {"total": len(items), "items": items}
+    return {"total": len(found), "items": [consent_json(c) for c in found]}

@@ -11,21 +11,21 @@ This module parses and renders only: every rule, refusal and audit record is the
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from gateway.api.errors import http_error
+from gateway.api.json import iso, patient_link
 from gateway.api.params import parse_patient
 from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import access
 from gateway.core.access import PhotoView, StoreFault
 from gateway.core.identity import Subject
-from gateway.core.policy.rules import utc
 from gateway.core.refusals import Refused
-from store.models import Asset
+from store.models import Asset, AssetAccess
 
 router = APIRouter(prefix="/api/v1/photos", tags=["photos"])
 
@@ -49,32 +49,31 @@ def _links(asset: Asset, original: bool) -> dict:
     return links
 
 
-def _iso(moment) -> str | None:
-    return utc(moment).isoformat().replace("+00:00", "Z") if moment is not None else None
-
-
-def photo_json(view: PhotoView) -> dict:
+def photo_json(view: PhotoView) -> dict[str, Any]:
     asset = view.asset
+    consent = view.consent
     return {
         "id": asset.id,
-        "patient": asset.patient_id,
+        "patient": patient_link(view.patient),
         "description": asset.description,
-        "original_filename": asset.original_filename,
-        "body_site": (
-            {"system": "http://snomed.info/sct", "code": asset.body_site_code, "display": asset.body_site_display, "laterality": asset.laterality}
+        "originalFilename": asset.original_filename,
+        "bodySite": (
+            {"system": "http://snomed.info/sct", "code": asset.body_site_code, "display": asset.body_site_display,
+             "laterality": asset.laterality}
             if asset.body_site_code or asset.body_site_display or asset.laterality else None
         ),
         "view": asset.view,
         "specialty": asset.specialty,
         "sensitivity": asset.sensitivity,
-        "consent": view.consent,
-        "taken_at": _iso(asset.taken_at),
-        "stored_at": _iso(asset.created_at),
-        "media_type": asset.media_type,
+        "consent": {"id": consent["id"], "level": consent["level"], "status": consent["status"],
+                    "givenBy": consent["given_by"]} if consent else None,
+        "takenAt": iso(asset.taken_at),
+        "storedAt": iso(asset.created_at),
+        "mediaType": asset.media_type,
         "width": asset.width,
         "height": asset.height,
-        "study_uid": asset.study_uid,
-        "sop_instance_uid": asset.sop_instance_uid,
+        "studyInstanceUid": asset.study_uid,
+        "sopInstanceUid": asset.sop_instance_uid,
         "links": _links(asset, view.original_allowed),
     }
 
@@ -166,8 +165,8 @@ class SensitivityIn(BaseModel):
     sensitivity: Literal["N", "R", "V"]
 
 
-def _access_json(rows) -> dict:
-    return {"subjects": [{"subject": r.subject, "granted_by": r.granted_by, "granted_at": _iso(r.created_at)} for r in rows]}
+def _access_json(rows: list[AssetAccess]) -> dict[str, Any]:
+    return {"subjects": [{"subject": r.subject, "grantedBy": r.granted_by, "grantedAt": iso(r.created_at)} for r in rows]}
 
 
 @router.get("/{photo_id}/access")

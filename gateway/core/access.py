@@ -101,6 +101,7 @@ class PhotoView:
     asset: Asset
     consent: dict[str, Any] | None
     original_allowed: bool
+    patient: str  # the patient's public id
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,10 @@ def _views(session: Session, assets: list[Asset], original: bool) -> list[PhotoV
     if linked:
         cond = or_(cond, Consent.id.in_(sorted(linked)))
     consents = list(session.scalars(select(Consent).where(cond)))
-    return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original) for a in assets]
+    public = {pid: public_id for pid, public_id in session.execute(select(Patient.id, Patient.public_id)
+                                                                    .where(Patient.id.in_(patients)))}
+    return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original, public[a.patient_id])
+            for a in assets]
 
 
 # -- the read workflow ------------------------------------------------------------------------------------

@@ -228,15 +228,73 @@ def _patient(gw: Gateway, patient: tuple[str, str]) -> int | None:
         return found.id if found is not None else None
 
 
+@dataclass(frozen=True)
+class ConsentView:
+    """A consent as the doors show it: the patient by public id, the encounter by visit number, the photos it
+    names."""
+
+    id: str
+    patient: str
+    level: str
+    given_by: str
+    captured_by: str
+    consent_date: date | None
+    status: str
+    withdrawn_at: datetime | None
+    scope: str
+    encounter: str | None
+    purpose_note: str | None
+    photos: list[str]
+
+
+def views(session: Session, consents: Sequence[Consent]) -> list[ConsentView]:
+    """Each consent with its patient's public id, its encounter's visit number and its linked photos."""
+    if not consents:
+        return []
+    ids = [c.id for c in consents]
+    public = {pid: public_id for pid, public_id in session.execute(
+        select(Patient.id, Patient.public_id).where(Patient.id.in_({c.patient_id for c in consents})))}
+    visits = {eid: visit for eid, visit in session.execute(
+        select(Encounter.id, Encounter.visit_number).where(Encounter.id.in_({c.encounter_id for c in consents if c.encounter_id})))}
+    photos: dict[str, list[str]] = {i: [] for i in ids}
+    for consent_id, asset_id in session.execute(select(ConsentAsset.consent_id, ConsentAsset.asset_id)
+                                                .where(ConsentAsset.consent_id.in_(ids)).order_by(ConsentAsset.asset_id)):
+        photos[consent_id].append(asset_id)
+    return [ConsentView(
+        id=c.id, patient=public[c.patient_id], level=c.level, given_by=c.given_by, captured_by=c.captured_by or "",
+        consent_date=c.consent_date, status=c.status, withdrawn_at=c.withdrawn_at, scope=c.scope,
+        encounter=visits.get(c.encounter_id) if c.encounter_id else None, purpose_note=c.purpose_note,
+        photos=photos[c.id]) for c in consents]
+
+
+def _view(gw: Gateway, consent: Consent) -> ConsentView:
+    with gw.db.read() as session:
+        return views(session, [session.get(Consent, consent.id) or consent])[0]
+
+
+def _encounter_id(gw: Gateway, patient_id: int, visit_number: str | None) -> int | None:
+    """The patient's encounter with this visit number (through merges); unknown is INVALID, naming it."""
+    if visit_number is None:
+        return None
+    with gw.db.read() as session:
+        for row in session.scalars(select(Encounter).where(Encounter.visit_number == visit_number)):
+            owner = session.get(Patient, row.patient_id)
+            if owner is not None and survivor(session, owner).id == patient_id:
+                return row.id
+    raise Refused(Kind.INVALID, f"encounter: this patient has no encounter with visit number {visit_number!r}")
+
+
 def record(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], *, level: str, given_by: str,
-           captured_by: str | None, consent_date: date | None, scope: str, encounter_id: int | None,
-           photos: Sequence[str], purpose_note: str | None, what: str) -> Consent:
-    """Record a consent for a patient (system, value) the caller's scopes reach; photos named must be ones the
-    caller could see once covered (every rule but consent): a hidden photo is NOT_FOUND, audited."""
+           captured_by: str | None, consent_date: date | None, scope: str, encounter: str | None,
+           photos: Sequence[str], purpose_note: str | None, what: str) -> ConsentView:
+    """Record a consent for a patient (system, value) the caller's scopes reach; the encounter is named by its visit
+    number; photos named must be ones the caller could see once covered (every rule but consent): a hidden photo
+    is NOT_FOUND, audited."""
     patient_id = _patient(gw, patient)
     _within_reach(gw, who, patient_id, what)
     if patient_id is None:
         raise Refused(Kind.NOT_FOUND, "patient not found")
+    encounter_id = _encounter_id(gw, patient_id, encounter)
     if photos:
         with gw.db.read() as session:
             where = filter_except_consent(who.ctx, gw.settings.policy)
@@ -249,7 +307,7 @@ def record(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], *, level: 
     subject = who.ctx.subject
     try:
         with gw.db.write() as session:
-            return record_consent(
+            made = record_consent(
                 session, patient_id=patient_id, level=level, given_by=given_by, captured_by=captured_by or subject.sub,
                 consent_date=consent_date, scope=scope, encounter_id=encounter_id, asset_ids=photos,
                 purpose_note=purpose_note, actor=subject.sub, actor_role=subject.role,
@@ -257,9 +315,10 @@ def record(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], *, level: 
             )
     except ConsentError as exc:
         raise Refused(Kind.INVALID, str(exc)) from None
+    return _view(gw, made)
 
 
-def withdraw(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> Consent:
+def withdraw(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> ConsentView:
     """Withdraw a consent at once; a patient/ token learns nothing of other patients' consents."""
     with gw.db.read() as session:
         found = session.get(Consent, consent_id) if len(consent_id) <= 32 else None
@@ -271,23 +330,23 @@ def withdraw(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> Con
     subject = who.ctx.subject
     try:
         with gw.db.write() as session:
-            return withdraw_consent(session, consent_id, withdrawn_by=subject.sub, actor_role=subject.role,
-                                    actor_network=access_audit.source_of(subject))
+            withdrawn = withdraw_consent(session, consent_id, withdrawn_by=subject.sub, actor_role=subject.role,
+                                         actor_network=access_audit.source_of(subject))
     except ConsentNotFound:
         raise Refused(Kind.NOT_FOUND, "consent not found") from None
     except ConsentError as exc:
         raise Refused(Kind.CONFLICT, str(exc)) from None
+    return _view(gw, withdrawn)
 
 
-def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what: str) -> tuple[int, list[Consent]]:
+def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what: str) -> list[ConsentView]:
     """A patient's consents for a caller with a need to know the patient (the specialty rule, as for photos);
     a patient the caller may not know is NOT_FOUND exactly like an unknown one, the real reason audited."""
     with gw.db.read() as session:
         found = _find(session, patient)
         patient_id = found.id if found is not None else None
         known = patient_id is not None and bool(session.scalar(select(knows_patient(who.ctx, gw.settings.policy, patient_id))))
-        consents = list_consents(session, patient_id) if known and patient_id is not None else []
-        session.expunge_all()  # the rows stay readable after the read transaction ends (and rolls back)
+        consents = views(session, list_consents(session, patient_id)) if known and patient_id is not None else []
     _within_reach(gw, who, patient_id, what)
     if not known or patient_id is None:
         reason = "no such patient" if patient_id is None else "no need to know this patient (specialty rule)"
@@ -296,7 +355,7 @@ def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what:
     access_audit.write(gw, [access_audit.make_entry(
         who.ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="consent", patient_id=patient_id,
         entities=[{"type": "patient", "id": patient_id}] + [{"type": "consent", "id": c.id} for c in consents])])
-    return patient_id, consents
+    return consents
 
 
 # ---------------------------------------------------------------------------
