@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.hl7.mllp import MllpDecoder, frame  # noqa: E402
 from gateway.core.nhs import check_digit  # noqa: E402
+from gateway.hl7.mllp import MllpDecoder, frame  # noqa: E402
 
 
 def nhs_number(n: int) -> str:

@@ -22,7 +22,6 @@ Each PostgreSQL store is a schema of its own in the given database, dropped afte
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import statistics
 import sys
@@ -106,14 +105,15 @@ class Rows:
 def seed_postgres(db: Database, rows: Rows) -> None:
     """COPY each table (~10x faster than multi-row INSERTs here), then the sequences past the ids used."""
     with db.engine.connect() as conn:
-        cur = conn.connection.dbapi_connection.cursor()
+        raw: Any = conn.connection.dbapi_connection
+        cur = raw.cursor()
         for table, columns, data in rows.tables():
             with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in data:
                     copy.write_row(row)
         for table in ("patients", "encounters"):
             cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
-        conn.commit()
+        raw.commit()  # the driver's own transaction: SQLAlchemy did not begin one, its commit() would do nothing
 
 
 def seed_sqlite(db: Database, rows: Rows) -> None:
@@ -249,6 +249,9 @@ def run_backend(name: str, url: str, rows: Rows, args: argparse.Namespace) -> di
         (seed_postgres if db.dialect == "postgresql" else seed_sqlite)(db, rows)
         seeded = time.perf_counter() - t
         with db.engine.connect() as conn:  # planner statistics, as a live database has them
+            stored = conn.exec_driver_sql("SELECT count(*) FROM assets").scalar()
+            if stored != len(rows.assets):
+                raise SystemExit(f"{name}: {stored} photos stored, {len(rows.assets)} seeded")
             conn.exec_driver_sql("ANALYZE")
             conn.commit()
         result: dict[str, Any] = {"backend": name, "seed_s": seeded, **measure(db, rows, args.runs, args.count)}
