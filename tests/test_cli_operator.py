@@ -101,3 +101,21 @@ def test_setting_up_commands_create_it_and_say_where_with_v(tmp_path):
     assert f"data directory {tmp_path / 'var'}" in res.stderr and (tmp_path / "var").is_dir()
     verified = cli({}, "-v", "audit", "verify", cwd=tmp_path)
     assert verified.returncode == 0 and f"data directory {tmp_path / 'var'}" in verified.stderr
+
+
+def test_patients_list_and_show_for_operators(trail):
+    env, pid = trail
+    listed = cli(env, "patients", "list")
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()[:2]
+    assert header.split()[:2] == ["ID", "IDENTIFIERS"] and "nhs|9990000018" in row
+    public_id = row.split()[0]
+    assert len(public_id) == 32 and public_id != str(pid)
+    assert cli(env, "patients", "list", "--identifier", "nhs|9990000018").stdout == listed.stdout
+    assert "no patients match" in cli(env, "patients", "list", "--merged").stderr
+    shown = json.loads(cli(env, "patients", "show", public_id).stdout)
+    assert shown["id"] == public_id and shown["identifiers"][0]["value"] == "9990000018"
+    assert json.loads(cli(env, "patients", "show", "nhs|9990000018").stdout) == shown
+    assert cli(env, "patients", "show", "nhs|9449305552").returncode == 1
+    ops = json.loads(cli(env, "audit", "list", "--type", "application activity", "--json").stdout.splitlines()[0])
+    assert ops["subtype"] == "patients-show" and ops["agent"].startswith("os:")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli import auth, common, hl7, ingest, mapping, store
+from gateway.cli import auth, common, hl7, ingest, mapping, patients, store
 from gateway.cli.common import console, open_gateway, out, settings_or_exit
 
 app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -59,3 +59,4 @@ app.command("import")(ingest.import_command)
 auth.register(app)
 app.add_typer(hl7.app, name="hl7")
 app.add_typer(mapping.app, name="mapping")
+app.add_typer(patients.app, name="patients")
