@@ -36,7 +36,8 @@ class IngestSettings(BaseModel):
     )
     rendition_quality: int = Field(85, ge=30, le=95, description="JPEG quality of the renditions.")
     encode_quality: int = Field(
-        95, ge=50, le=100, description="JPEG quality when a lossy source (HEIC, or a JPEG that cannot be turned losslessly) must be encoded once for DICOM."
+        95, ge=50, le=100,
+        description="JPEG quality when a lossy source (HEIC, or a JPEG that cannot be turned losslessly) must be encoded once for DICOM.",
     )
     jpeg_444: Literal["decode", "wrap"] = Field(
         "decode",
