@@ -114,3 +114,46 @@ def test_settings_and_subjects_have_their_own_filters(db):
     assert visible(db, filter_for(resolve(other, policy), policy)) == set()
     policy.visible_statuses = ["quarantined"]  # changed in place: the cached filter must not be served
     assert visible(db, filter_for(resolve(DERM, policy), policy)) == set()
+
+
+def test_the_generic_plan_probes_the_access_list_and_encounters_per_photo(gw):
+    """psycopg prepares a statement after five runs and PostgreSQL may then settle on a generic plan, which hashed
+    a sequential scan of asset_access for every list (rules._probe). Whatever the plan, those two EXISTS stay
+    per-photo probes."""
+    import re
+
+    if gw.db.dialect != "postgresql":
+        import pytest
+
+        pytest.skip("generic plans are PostgreSQL's")
+    from sqlalchemy import func
+
+    world = build_access_matrix(gw, with_blobs=False)
+    policy = gw.settings.policy
+    where = filter_for(resolve(DERM, policy, interaction="search"), policy)
+    query = (select(Asset.id).where(Asset.patient_id == world.patient_ids["PA"], where)
+             .order_by(func.coalesce(Asset.taken_at, Asset.created_at).desc()).limit(50))
+    compiled = query.compile(dialect=gw.db.engine.dialect, compile_kwargs={"render_postcompile": True})
+    names: list[str] = []
+    sql = re.sub(r"%\((\w+)\)s", lambda m: names.append(m.group(1)) or f"${len(names)}", str(compiled))
+    with gw.db.engine.connect() as conn:
+        cur = conn.connection.dbapi_connection.cursor()
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute("PREPARE policy_list AS " + sql)
+        from psycopg import sql as psql
+
+        args = ", ".join(psql.Literal(compiled.params[n]).as_string(cur) for n in names)
+        cur.execute(f"EXPLAIN (COSTS OFF) EXECUTE policy_list({args})")
+        plan = [r[0] for r in cur.fetchall()]
+        conn.rollback()
+    hashed = {int(n) for line in plan for n in re.findall(r"hashed SubPlan (\d+)", line)}
+    read_by: dict[int, str] = {}  # subplan number -> the first relation its plan reads
+    current = None
+    for line in plan:
+        if m := re.match(r"\s*SubPlan (\d+)", line):
+            current = int(m.group(1))
+        elif current is not None and (m := re.search(r" on (\w+)", line)) and current not in read_by:
+            read_by[current] = m.group(1)
+    probed = {read_by[n] for n in read_by if n not in hashed}
+    assert {"asset_access", "encounters"} <= probed, plan
+    assert not {read_by.get(n) for n in hashed} & {"asset_access", "encounters"}, plan
