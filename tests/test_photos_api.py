@@ -212,8 +212,9 @@ def test_without_a_valid_token_the_answer_is_401_with_a_challenge(gw, api):
     paths = [f"/api/v1/photos?patient={system}|{value}", f"/api/v1/photos/{asset}", f"/api/v1/photos/{asset}/image"]
     now = datetime.now(timezone.utc)
     other_key = ec.generate_private_key(ec.SECP256R1())
-    forged = jwt.encode({"sub": "x", "role": "medical-illustration", "iss": "clinphoto-dev", "exp": now + timedelta(hours=1)}, other_key, algorithm="ES256")
-    hs256 = jwt.encode({"sub": "x", "role": "medical-illustration", "iss": "clinphoto-dev", "exp": now + timedelta(hours=1)}, "secret" * 8, algorithm="HS256")
+    claims = {"sub": "x", "role": "medical-illustration", "iss": "clinphoto-dev", "exp": now + timedelta(hours=1)}
+    forged = jwt.encode(claims, other_key, algorithm="ES256")
+    hs256 = jwt.encode(claims, "secret" * 8, algorithm="HS256")
     expired = token_for(gw, role="medical-illustration", minutes=-10)
     for path in paths:
         for headers, error in (
