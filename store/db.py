@@ -60,9 +60,12 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:
+        options = conn.get_execution_options()
+        if options.get("clinphoto_own_begin"):
+            return  # a Writer's connection: it sends BEGIN IMMEDIATE itself, without SQLAlchemy's execution path
         # Writers take the write lock up front: a deferred transaction that reads
         # and then writes can fail with SQLITE_BUSY when another writer got in between.
-        mode = "IMMEDIATE" if conn.get_execution_options().get("clinphoto_write") else "DEFERRED"
+        mode = "IMMEDIATE" if options.get("clinphoto_write") else "DEFERRED"
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
@@ -164,6 +167,7 @@ class Writer:
         self._pipeline_cm: AbstractContextManager[Any] | None = None
         self._pipeline: Any = None
         self._cursors: list[Any] = []  # the kept connection's free cursors (store.statements)
+        self._session: Session | None = None
         self.transactions = 0
         self.statements = 0  # totals over committed transactions, for benches and tests
         self.round_trips = 0
@@ -176,7 +180,7 @@ class Writer:
             self._pipeline_cm = dbapi.pipeline()  # type: ignore[union-attr]
             self._pipeline = self._pipeline_cm.__enter__()
             return conn
-        return conn.execution_options(clinphoto_write=True)  # SQLite: BEGIN IMMEDIATE
+        return conn.execution_options(clinphoto_own_begin=True)  # SQLite: our BEGIN IMMEDIATE, see transaction()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -189,12 +193,12 @@ class Writer:
             conn = self._conn
             statements = Statements(conn.connection.dbapi_connection, self._pg, self._pipeline, pinned=True,
                                     cursors=self._cursors)
-            session = self._db.session(bind=conn)
+            session = self._session_for(conn)
             session.info[STATEMENTS] = statements
             try:
-                session.connection()  # SQLAlchemy's transaction (on SQLite: BEGIN IMMEDIATE)
-                if self._pg:
-                    statements.run("BEGIN")
+                session.connection()  # SQLAlchemy's own transaction state; it sends nothing (see _on_begin)
+                # the write lock up front on SQLite, as Database.write() takes it
+                statements.run("BEGIN" if self._pg else "BEGIN IMMEDIATE")
                 yield session
                 if self._pg:
                     statements.run("COMMIT")
@@ -205,10 +209,18 @@ class Writer:
                 raise
             finally:
                 statements.done()
-                session.close()
+                session.info.pop(STATEMENTS, None)
             self.transactions += 1
             self.statements += statements.statements
             self.round_trips += statements.round_trips
+
+    def _session_for(self, conn: Connection) -> Session:
+        """One session for the kept connection, across its transactions (~30 us a transaction saved)."""
+        if self._session is None or self._session.bind is not conn:
+            if self._session is not None:
+                self._session.close()
+            self._session = self._db.session(bind=conn)
+        return self._session
 
     def _abandon(self, session: Session) -> None:
         try:
@@ -230,6 +242,9 @@ class Writer:
         return not dbapi.closed and dbapi.info.transaction_status == 0  # psycopg TransactionStatus.IDLE
 
     def _drop(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
         conn, self._conn = self._conn, None
         cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
         if conn is None:
@@ -244,6 +259,9 @@ class Writer:
     def close(self) -> None:
         """Give the connection back (the Database is closing, or the writer thread stopped)."""
         with self._lock:
+            session, self._session = self._session, None
+            if session is not None:
+                session.close()
             conn, self._conn = self._conn, None
             cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
             if conn is None:
