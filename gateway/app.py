@@ -7,6 +7,7 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError
 
 from gateway.api import consents, patients, photos, upload
@@ -18,16 +19,35 @@ log = logging.getLogger(__name__)
 
 NUL_IN_URL = "the request URL holds a NUL byte (%00); no identifier or parameter may contain one"
 BAD_VALUE = "a value in the request cannot be stored or compared (too long, or not valid for its field)"
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'self'")
+API_DESCRIPTION = """Clinical photo gateway REST API. Every call needs `Authorization: Bearer <JWT>` (dev mode:
+`clinphoto token`). `X-Purpose-Of-Use` (TREAT, ETREAT, TRAIN, HRESCH, PUBLISH) and `X-Break-Glass: <reason>` (with
+ETREAT) say why the caller asks; every access, allowed or refused, is audited. Patients are named `system|value`
+(aliases `nhs|...`, `mrn|...`); bodies are camelCase; a photo the caller may not see is answered 404, like one that
+does not exist."""
 
 
 def create_app(gw: Gateway) -> FastAPI:
-    app = FastAPI(title="clinphoto", version="0.1.0", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # the docs' Swagger UI and ReDoc assets come from the installed fastapi-offline package: a hospital
+    # network reaches no CDN, and the page must make no third-party request
+    app = FastAPIOffline(title="clinphoto", version="0.1.0", description=API_DESCRIPTION, docs_url="/api/docs",
+                         redoc_url="/api/redoc", openapi_url="/api/openapi.json", static_url="/api/docs/static")
     app.state.gw = gw
     # built now, not on the first call: a bad PEM key stops start-up (one line) instead of 503 on every call
     try:
         verifier_for(app.state, gw.settings)
     except AuthUnavailable as exc:
         raise AuthUnavailable(f"auth: {exc}") from None
+
+    @app.middleware("http")
+    async def docs_stay_on_the_host(request: Request, call_next):
+        # Swagger UI and ReDoc come from the gateway; ReDoc's bundle still links its maker's logo on the web:
+        # the policy keeps every request of the docs pages on this host
+        response = await call_next(request)
+        if request.url.path in ("/api/docs", "/api/redoc"):
+            response.headers["Content-Security-Policy"] = DOCS_CSP
+        return response
 
     @app.middleware("http")
     async def refuse_nul_in_url(request: Request, call_next):

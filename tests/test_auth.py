@@ -187,7 +187,7 @@ def test_unreachable_issuer_is_503_not_401(gw, rsa_key):
                                     jwks_url=f"http://127.0.0.1:{dead}/jwks.json")
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
     with live_server(gw) as api:
-        r = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {token}"})
+        r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 503 and "keys cannot be fetched" in r.json()["detail"]
 
 
@@ -257,10 +257,10 @@ def test_issuer_tokens_work_through_the_http_door(gw, rsa_key):
     gw.settings.auth = AuthSettings(mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", public_key_pem=pem_public(rsa_key))
     with live_server(gw) as api:
         issued = jwt.encode(claims(), rsa_key, algorithm="RS256")
-        good = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {issued}"})
+        good = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {issued}"})
         assert good.status_code == 200 and good.json()["total"] == 0
         dev_token = mint_dev_token(gw.settings.model_copy(update={"auth": AuthSettings()}), sub="x", role="clinician")
-        dev = api.get("/api/v1/photos", params={"patient": "urn:x|1"}, headers={"Authorization": f"Bearer {dev_token}"})
+        dev = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {dev_token}"})
         assert dev.status_code == 401 and 'error="invalid_token"' in dev.headers["www-authenticate"]
 
 

@@ -14,8 +14,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from gateway.api.schemas import UploadOut
 from gateway.app import create_app
-from store.models import Asset, AuditEvent, Consent
+from store.models import Asset, AuditEvent, Consent, Patient
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import NHS, add_patient
 
@@ -64,7 +65,9 @@ def test_upload_with_every_metadata_key(client, gw, fx):
     r = post(client, gw, [fx["baseline_420.jpg"], fx["orient_6.jpg"]], full_metadata(patient))
     assert r.status_code == 201, r.text
     body = r.json()
-    assert body["patientId"] == patient["id"] and body["consentId"]
+    UploadOut.model_validate(body)  # the answer is what the OpenAPI document says
+    with gw.db.read() as s:
+        assert body["patient"]["id"] == s.get(Patient, patient["id"]).public_id and body["consentId"]
     assert len(body["photos"]) == 2
     p = body["photos"][0]
     for key in ("assetId", "mediaId", "studyInstanceUid", "seriesInstanceUid", "sopInstanceUid", "links"):

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import no_nul, parse_patient
+from gateway.api.schemas import ConsentList, ConsentOut, errors
 from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import consents
 from gateway.core.consents import ConsentView
@@ -55,7 +56,7 @@ def consent_json(c: ConsentView) -> dict[str, Any]:
     }
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=ConsentOut, responses=errors(400, 401, 403, 404, 422))
 def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict[str, Any]:
     """Record a consent: for the patient, one encounter (visit number) or named photos."""
     gw = gateway_of(request)
@@ -70,7 +71,7 @@ def create(request: Request, body: ConsentIn, subject: Annotated[Subject, Depend
     return consent_json(consent)  # committed before the answer goes out
 
 
-@router.post("/{consent_id}/withdraw")
+@router.post("/{consent_id}/withdraw", response_model=ConsentOut, responses=errors(401, 403, 404, 409))
 def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict[str, Any]:
     """Withdraw a consent at once: teaching and publication use end now; care use of existing photos stays."""
     gw = gateway_of(request)
@@ -81,7 +82,7 @@ def withdraw(request: Request, consent_id: str, subject: Annotated[Subject, Depe
         raise http_error(refused, gw.settings.auth.realm) from None
 
 
-@router.get("")
+@router.get("", response_model=ConsentList, responses=errors(400, 401, 403, 404))
 def read(request: Request, subject: Annotated[Subject, Depends(require_subject)],
          patient: Annotated[str, Query(description="The patient: system|value, e.g. nhs|9449305552")]) -> dict[str, Any]:
     """A patient's consents, for callers with a need to know the patient (the specialty rule, as for photos);

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import parse_patient
+from gateway.api.schemas import PatientList, PatientOut, errors
 from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import patient_views
 from gateway.core.identity import Subject
@@ -51,7 +52,7 @@ def patient_json(p: PatientView) -> dict[str, Any]:
     }
 
 
-@router.get("", summary="Find a patient by identifier")
+@router.get("", summary="Find a patient by identifier", response_model=PatientList, responses=errors(400, 401, 403))
 def find_patient(
     request: Request,
     subject: Annotated[Subject, Depends(require_subject)],
@@ -70,7 +71,7 @@ def find_patient(
     return {"total": 1, "items": [patient_json(view)]}
 
 
-@router.get("/{patient_id}", summary="Read a patient")
+@router.get("/{patient_id}", summary="Read a patient", response_model=PatientOut, responses=errors(401, 403, 404))
 def read_patient(request: Request, patient_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict[str, Any]:
     """Demographics, identifiers, the record merged into (if any) and the current encounter."""
     gw = gateway_of(request)

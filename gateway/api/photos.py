@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import parse_patient
+from gateway.api.schemas import AccessList, PhotoOut, PhotoPage, SensitivityOut, errors
 from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import access
 from gateway.core.access import PhotoView, StoreFault
@@ -82,7 +83,7 @@ def _refused(request: Request, refused: Refused) -> HTTPException:
     return http_error(refused, gateway_of(request).settings.auth.realm)
 
 
-@router.get("")
+@router.get("", response_model=PhotoPage, responses=errors(400, 401, 403, 503))
 def list_photos(
     request: Request,
     subject: Annotated[Subject, Depends(require_subject)],
@@ -110,7 +111,7 @@ def list_photos(
     return {"total": found.total, "offset": offset, "limit": limit, "items": items, "links": links}
 
 
-@router.get("/{photo_id}")
+@router.get("/{photo_id}", response_model=PhotoOut, responses=errors(400, 401, 403, 404))
 def read_photo(request: Request, photo_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """One photo's details, if the caller may see it."""
     gw = gateway_of(request)
@@ -121,7 +122,10 @@ def read_photo(request: Request, photo_id: str, subject: Annotated[Subject, Depe
         raise _refused(request, refused) from None
 
 
-@router.get("/{photo_id}/image")
+@router.get("/{photo_id}/image", response_class=FileResponse, responses={
+    200: {"content": {"image/jpeg": {}, "image/png": {}, "image/heic": {}, "image/tiff": {}},
+          "description": "The image: a JPEG rendition, or the original as received (as a download)"},
+    **errors(400, 401, 403, 404, 500)})
 def photo_image(
     request: Request,
     photo_id: str,
@@ -169,7 +173,7 @@ def _access_json(rows: list[AssetAccess]) -> dict[str, Any]:
     return {"subjects": [{"subject": r.subject, "grantedBy": r.granted_by, "grantedAt": iso(r.created_at)} for r in rows]}
 
 
-@router.get("/{photo_id}/access")
+@router.get("/{photo_id}/access", response_model=AccessList, responses=errors(401, 403, 404))
 def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """Who is named on the photo's access list (medical illustration staff)."""
     gw = gateway_of(request)
@@ -180,7 +184,7 @@ def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject,
         raise _refused(request, refused) from None
 
 
-@router.put("/{photo_id}/access/{grantee}")
+@router.put("/{photo_id}/access/{grantee}", response_model=AccessList, responses={201: {"model": AccessList, "description": "Added"}, **errors(400, 401, 403, 404)})
 def grant(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> JSONResponse:
     """Name a person (user id, or a DICOM peer as ae:AETITLE) on the photo's access list."""
     gw = gateway_of(request)
@@ -192,7 +196,7 @@ def grant(request: Request, photo_id: str, grantee: str, subject: Annotated[Subj
     return JSONResponse(_access_json(rows), status_code=201 if added else 200)
 
 
-@router.delete("/{photo_id}/access/{grantee}", status_code=204)
+@router.delete("/{photo_id}/access/{grantee}", status_code=204, responses=errors(401, 403, 404))
 def revoke(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> Response:
     """Take a person off the photo's access list (effective at once on every exit)."""
     gw = gateway_of(request)
@@ -204,7 +208,7 @@ def revoke(request: Request, photo_id: str, grantee: str, subject: Annotated[Sub
     return Response(status_code=204)
 
 
-@router.put("/{photo_id}/sensitivity")
+@router.put("/{photo_id}/sensitivity", response_model=SensitivityOut, responses=errors(400, 401, 403, 404))
 def reclassify(request: Request, photo_id: str, body: SensitivityIn, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """Set the photo's sensitivity (N, R or V)."""
     gw = gateway_of(request)

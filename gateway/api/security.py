@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.api.errors import challenge, http_error
@@ -88,7 +88,16 @@ def with_request_purpose(subject: Subject, request: Request) -> Subject:
 _bearer_scheme = HTTPBearer(auto_error=False, bearerFormat="JWT", description="OAuth2 access token (JWT, RS256/ES256); dev mode: `clinphoto token`")
 
 
-def require_subject(request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None) -> Subject:
+PurposeHeader = Annotated[str | None, Header(
+    alias="X-Purpose-Of-Use", description="Why the caller asks: TREAT (default), ETREAT (break-glass, with X-Break-Glass), "
+    "TRAIN, HRESCH or PUBLISH. TREAT needs record-level consent, TRAIN/HRESCH teaching, PUBLISH publication.")]
+BreakGlassHeader = Annotated[str | None, Header(
+    alias="X-Break-Glass", description="With X-Purpose-Of-Use: ETREAT, the reason for an emergency override of the "
+    "specialty rule and restricted (R) photos; audited as a security alert.")]
+
+
+def require_subject(request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None,
+                    _purpose: PurposeHeader = None, _break_glass: BreakGlassHeader = None) -> Subject:
     """FastAPI dependency: the authenticated caller with the request's purpose of use and break-glass reason;
     a malformed purpose or a break-glass the caller may not use is refused here (audited by the core)."""
     subject = with_request_purpose(authenticate(request), request)

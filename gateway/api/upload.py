@@ -29,7 +29,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from gateway.api.errors import challenge
+from gateway.api.json import patient_link
+from gateway.api.schemas import WHEN, Problem, UploadOut, UploadProblem
 from gateway.api.security import gateway_of, require_subject
+from gateway.core import patient_views
 from gateway.core.identity import Subject
 from gateway.core.ingest import errors
 from gateway.core.ingest.errors import IngestRejected
@@ -258,13 +261,17 @@ _OPENAPI = {
     summary="Upload photos (multipart: files + metadata)",
     openapi_extra=_OPENAPI,
     responses={
-        200: {"description": "Already stored (same content for this patient, or a replayed Idempotency-Key)"},
-        201: {"description": "Stored: asset and Media ids, Study/Series/SOP Instance UIDs, links"},
-        403: {"description": "Role or scopes do not allow uploads"},
-        413: {"description": "A file is over the size limit"},
-        415: {"description": "Not an accepted image type (sniffed from content), or not multipart/form-data"},
-        422: {"description": "Corrupt/truncated, over the pixel limit, not representable faithfully, bad metadata, "
-                            "unknown patient/encounter/consent"},
+        200: {"model": UploadOut, "description": "Already stored (same content for this patient, or a replayed Idempotency-Key)"},
+        201: {"model": UploadOut, "description": "Stored: asset and Media ids, Study/Series/SOP Instance UIDs, links"},
+        400: {"model": UploadProblem, "description": "A malformed or interrupted multipart body"},
+        401: {"model": Problem, "description": WHEN[401]},
+        403: {"model": UploadProblem, "description": "Role or scopes do not allow uploads"},
+        409: {"model": UploadProblem, "description": "A DICOM object's SOP Instance UID is stored with other content, "
+              "or the patient was merged while the photo was being stored"},
+        413: {"model": UploadProblem, "description": "A file is over the size limit"},
+        415: {"model": UploadProblem, "description": "Not an accepted image type (sniffed from content), or not multipart/form-data"},
+        422: {"model": UploadProblem, "description": "Corrupt/truncated, over the pixel limit, not representable faithfully, "
+              "bad metadata, unknown patient/encounter/consent"},
     },
 )
 async def upload_photos(request: Request, subject: Subject = Depends(require_subject)) -> JSONResponse:
@@ -327,7 +334,9 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     finally:
         form.cleanup()
     photos = _links(result)
-    body: dict[str, object] = {"patientId": result.patient_id, "consentId": result.consent_id, "replayed": result.replayed, "photos": photos}
+    public_id = await run_in_threadpool(patient_views.public_id_of, gw, result.patient_id)
+    body: dict[str, object] = {"patient": patient_link(public_id), "consentId": result.consent_id, "replayed": result.replayed,
+                               "photos": photos}
     hidden = await run_in_threadpool(uncovered, gw, result)
     if hidden:
         # stored, but invisible for care: say so now rather than leave the uploader puzzled by a later 404

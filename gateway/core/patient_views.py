@@ -126,6 +126,15 @@ def _shown(gw: Gateway, ctx: AccessContext, session: Session, patient: Patient |
     return view
 
 
+def public_id_of(gw: Gateway, patient_id: int) -> str:
+    """The public id of a patient the caller already holds (e.g. the one photos were just stored under)."""
+    with gw.db.read() as session:
+        found = session.scalar(select(Patient.public_id).where(Patient.id == patient_id))
+    if found is None:
+        raise Refused(Kind.NOT_FOUND, NOT_FOUND)
+    return str(found)
+
+
 def by_identifier(gw: Gateway, ctx: AccessContext, identifier: tuple[str, str], what: str) -> PatientView:
     """The patient an identifier names (aliases nhs, mrn), for a caller with a need to know them."""
     reach = _reach(gw, ctx, "s", what)
