@@ -17,7 +17,7 @@ install: $(STAMP)
 ## make run: the gateway on embedded SQLite + file store, with demo data (seeded once)
 run: $(STAMP)
 	$(VENV)/bin/clinphoto demo
-	$(VENV)/bin/clinphoto serve
+	$(VENV)/bin/clinphoto serve --welcome
 
 ## make test: the whole test suite (the same on a newcomer's machine as in CI)
 test: $(STAMP) debian-packages

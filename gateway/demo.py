@@ -1,6 +1,7 @@
-"""Synthetic demo data for `make run`: patients, encounters, consents and photos.
+"""Synthetic demo data for `make run`: patients, encounters, consents and photos, and the welcome that lists them.
 
-All people are invented; NHS numbers are from the 999 range that is never issued.
+All people are invented and their NHS numbers are from the 999 range that is never issued, so printing
+their names and numbers (the welcome does, on the terminal of `make run`) discloses nobody.
 """
 
 from __future__ import annotations
@@ -81,3 +82,31 @@ def seed_demo(gw: Gateway, force: bool = False) -> str:
             patients.append(patient)
     photos = seed_demo_photos(gw, patients)
     return f"demo data: {len(patients)} patients, {photos} photos"
+
+
+def welcome(gw: Gateway, settings: Settings, ports: dict[str, int]) -> str:
+    """What `make run` prints once every door listens: the demo patients, a dev token and lines to paste (dev mode
+    only: in jwt mode tokens come from the hospital's issuer and there is nothing to mint)."""
+    if settings.auth.mode != "dev":
+        return ""
+    from gateway.core.identity import mint_dev_token
+
+    with gw.db.read() as session:
+        found = {i.value: i.patient_id for i in session.scalars(select(PatientIdentifier).where(
+            PatientIdentifier.system == NHS_SYSTEM, PatientIdentifier.value.in_([p[0] for p in DEMO_PATIENTS])))}
+    if not found:
+        return ""
+    lines = ["", "Demo patients (synthetic people; NHS numbers from the never-issued 999 range):",
+             f"  {'NHS NUMBER':<12} {'MRN':<9} {'NAME':<26} {'BORN':<11} CARED FOR BY (SPECIALTY)"]
+    for nhs, mrn, family, given, born, _sex, _consent, specialty in DEMO_PATIENTS:
+        if nhs in found:
+            lines.append(f"  {nhs:<12} {mrn:<9} {family + ', ' + given:<26} {born.isoformat():<11} {specialty}")
+    token = mint_dev_token(settings, sub="dr.demo", role="clinician", name="Dr Demo", specialties=["330"])
+    http = ports.get("http")
+    lines += ["", "A dermatology clinician's token (dev mode, 12 h) and a first call:", f"  TOKEN={token}"]
+    if http:
+        lines.append(f'  curl -s -H "Authorization: Bearer $TOKEN" "http://{settings.http_host}:{http}/api/v1/photos?patient=nhs|9990000018"')
+        lines.append(f"  API docs: http://{settings.http_host}:{http}/api/docs")
+    if ports.get("dicom") and settings.auth.dev_demo_peer and not settings.auth.dicom_peers:
+        lines.append(f"  echoscu -aet DEMOPACS -aec {settings.ae_title} {settings.http_host} {ports['dicom']}")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ blob is renamed into place only when complete.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import logging
 import resource
 import signal
@@ -31,6 +32,9 @@ class StartupError(RuntimeError):
 
 class Listener(Protocol):
     name: str
+
+    @property
+    def port(self) -> int: ...
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -105,7 +109,8 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-async def serve(gw: Gateway, settings: Settings) -> None:
+async def serve(gw: Gateway, settings: Settings, on_ready: Callable[[dict[str, int]], None] | None = None) -> None:
+    """Run every door until SIGTERM/SIGINT; `on_ready` gets each door's bound port once all listen."""
     raise_open_file_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,6 +129,8 @@ async def serve(gw: Gateway, settings: Settings) -> None:
                 raise StartupError(f"{listener.name}: {' '.join(str(exc).split())}") from exc
             started.append(listener)
         log.info("clinphoto ready: %s", ", ".join(door.name for door in started))
+        if on_ready is not None:
+            on_ready({door.name: door.port for door in started})
         await stop.wait()
         log.info("shutting down: finishing in-flight work")
     finally:

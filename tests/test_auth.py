@@ -377,3 +377,21 @@ def test_policy_settings_prints_a_documented_config_that_loads_back(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["photo-only", "https://idp.example", "['TRAIN']"]
+
+
+def test_the_dev_demo_peer_exists_only_in_dev_mode_without_peers(tmp_path):
+    from gateway.core.identity import DEMO_PEER, dicom_peers, unserved_permissions
+
+    dev = make_settings(tmp_path)
+    assert dicom_peers(dev) == [DEMO_PEER]
+    assert authenticate_dicom_peer(dev, "DEMOPACS", "127.0.0.1").sub == "DEMOPACS"
+    with pytest.raises(DicomPeerRejected):
+        authenticate_dicom_peer(dev, "DEMOPACS", "10.0.0.1")  # loopback only
+    configured = peer_settings(tmp_path)
+    assert "DEMOPACS" not in {p.ae_title for p in dicom_peers(configured)}
+    off = make_settings(tmp_path, dev_demo_peer=False)
+    assert dicom_peers(off) == []
+    # a peer allowed services the gateway does not serve yet is named at start-up
+    assert unserved_permissions(dev) == []
+    warned = unserved_permissions(configured)
+    assert warned and "PACS1" in warned[0] and "find" in warned[0]

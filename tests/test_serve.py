@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import require_tool
 from tests.net import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,11 +141,19 @@ def test_http_port_in_use_is_one_line(tmp_path):
     assert "clinphoto: cannot start http: cannot listen on 127.0.0.1" in result.stderr
 
 
-def test_make_run_answers_healthz_within_20s(tmp_path):
-    """The README's first command: demo data, then the gateway, healthy within 20 s."""
+def test_make_run_answers_healthz_within_20s_and_says_how_to_try_it(tmp_path):
+    """The README's first command: demo data, then the gateway, healthy within 20 s, ending its start-up output
+    with the demo patients and lines to paste, which work as printed."""
+    import re
+    import shlex
+    import threading
+
     env = gateway_env(tmp_path)
     proc = subprocess.Popen(["make", "--no-print-directory", "run"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(line.decode() for line in proc.stdout), daemon=True)
+    reader.start()
     base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
     try:
         start = time.monotonic()
@@ -156,11 +165,21 @@ def test_make_run_answers_healthz_within_20s(tmp_path):
                 time.sleep(0.1)
         else:
             raise AssertionError("make run did not answer /healthz within 20 s")
+        while time.monotonic() - start < 30 and not any("echoscu" in line for line in output):
+            time.sleep(0.1)
+        text = "".join(output)
+        assert "demo data: 5 patients" in text and "9990000018   D100001   Okafor, Grace" in text
+        token = re.search(r"TOKEN=(\S+)", text).group(1)
+        curl = next(line for line in output if line.strip().startswith("curl "))
+        url = shlex.split(curl)[-1]
+        answer = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200 and answer.json()["total"] >= 1
+        echo = next(line for line in output if line.strip().startswith("echoscu "))
+        echoscu = require_tool("echoscu", "dcmtk")
+        assert subprocess.run([echoscu, *shlex.split(echo)[1:]], capture_output=True, timeout=30).returncode == 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    output = proc.stdout.read().decode()
-    assert "demo data: 5 patients" in output
 
 
 def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):

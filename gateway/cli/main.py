@@ -22,8 +22,10 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say w
 
 
 @app.command()
-def serve() -> None:
+def serve(welcome: Annotated[bool, typer.Option("--welcome", help="Once every door listens, print the demo patients, a "
+                                                "dev token and lines to try (dev mode; what `make run` does).")] = False) -> None:
     """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
+    from gateway.demo import welcome as welcome_text
     from gateway.logs import configure_logging
     from gateway.serve import StartupError
     from gateway.serve import serve as run
@@ -31,8 +33,13 @@ def serve() -> None:
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     gw = open_gateway(settings=settings, create=True)
+
+    def ready(ports: dict[str, int]) -> None:
+        if welcome:
+            print(welcome_text(gw, settings, ports), flush=True)
+
     try:
-        asyncio.run(run(gw, settings))
+        asyncio.run(run(gw, settings, on_ready=ready))
     except StartupError as exc:
         console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -351,9 +351,30 @@ def address_matches(address: str, hosts: list[str]) -> bool:
     return False
 
 
+DEMO_PEER = DicomPeer(ae_title="DEMOPACS", hosts=["127.0.0.1", "::1"], name="Demo PACS (dev mode)",
+                      sensitivities=["N"], allow=["echo"])  # find, get and store join as the DIMSE services do
+# the DIMSE services this gateway serves today: a peer allowed more is warned about at start-up
+SERVED_SERVICES: frozenset[Service] = frozenset({"echo"})
+
+
+def dicom_peers(settings: CoreSettings) -> list[DicomPeer]:
+    """The configured peers; in dev mode with none configured, the demo peer (127.0.0.1 only)."""
+    a = settings.auth
+    if not a.dicom_peers and a.mode == "dev" and a.dev_demo_peer:
+        return [DEMO_PEER]
+    return list(a.dicom_peers)
+
+
+def unserved_permissions(settings: CoreSettings) -> list[str]:
+    """One line per peer allowed DIMSE services the gateway does not serve yet (said at start-up, not silently)."""
+    return [f"DICOM peer {p.ae_title} is allowed {', '.join(sorted(set(p.allow) - SERVED_SERVICES))}, which this "
+            f"gateway does not serve yet (it serves {', '.join(sorted(SERVED_SERVICES))})"
+            for p in dicom_peers(settings) if set(p.allow) - SERVED_SERVICES]
+
+
 def find_dicom_peer(settings: CoreSettings, calling_ae: str) -> DicomPeer | None:
     calling_ae = calling_ae.strip()
-    return next((p for p in settings.auth.dicom_peers if p.ae_title == calling_ae), None)
+    return next((p for p in dicom_peers(settings) if p.ae_title == calling_ae), None)
 
 
 def authenticate_dicom_peer(settings: CoreSettings, calling_ae: str, address: str, called_ae: str | None = None) -> Subject:

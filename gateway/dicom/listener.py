@@ -18,7 +18,13 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.core.context import Gateway
-from gateway.core.identity import DicomPeerRejected, PeerRefusal, authenticate_dicom_peer, peer_allows
+from gateway.core.identity import (
+    DicomPeerRejected,
+    PeerRefusal,
+    authenticate_dicom_peer,
+    peer_allows,
+    unserved_permissions,
+)
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -91,6 +97,8 @@ class DicomListener:
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers
         )
         log.info("DICOM listening on %s:%s as %s", self.host, self.port, self.gw.settings.ae_title)
+        for line in unserved_permissions(self.gw.settings):
+            log.warning("%s", line)
 
     async def stop(self) -> None:
         if self._server is not None:

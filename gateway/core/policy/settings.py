@@ -174,6 +174,11 @@ class AuthSettings(BaseModel):
     dev_issuer: str = Field("clinphoto-dev", description="`iss` of dev-mode tokens.")
     dev_token_minutes: int = Field(12 * 60, ge=1, description="Lifetime of tokens printed by `clinphoto token`.")
 
+    dev_demo_peer: bool = Field(
+        True,
+        description="Dev mode only: with no dicom_peers configured, a demo peer DEMOPACS may associate from 127.0.0.1 "
+        "(echo), so a fresh `make run` answers dcmtk at once. Never in jwt or api-key mode.",
+    )
     dicom_peers: list[DicomPeer] = Field(
         default_factory=list,
         description="DICOM peers allowed to associate. An unknown calling AE title, or a known one from another address, is rejected at association.",
