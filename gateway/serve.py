@@ -8,11 +8,11 @@ blob is renamed into place only when complete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import logging
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 import uvicorn
