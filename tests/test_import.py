@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
 from gateway.core.ingest.request import Source
-from store.models import Asset, AuditEvent
+from store.models import Asset, AuditEvent, Consent
 from tests.ingest_helpers import add_patient, photo_fixtures
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +99,25 @@ def test_import_summary_rejected_csv_and_resume(gw, archive, tmp_path):
 
     again = run_import(gw, folder, manifest, ACTOR)
     assert again.resumed == 5 and again.imported == 0 and count_assets(gw) == 5
+
+
+def test_photos_no_consent_covers_are_counted_and_listed(gw, archive):
+    folder, _ = archive
+    patient = add_patient(gw)
+    with gw.db.write() as s:  # this patient has no consent on record
+        s.execute(delete(Consent).where(Consent.patient_id == patient["id"]))
+    base = {"patient": f"nhs|{patient['nhs']}"}
+    manifest = write_manifest(folder / "m.csv", [
+        {"file": "photos/baseline_420.jpg", **base},
+        {"file": "photos/progressive.jpg", **base, "consentLevel": "record", "consentGivenBy": "patient"},
+        {"file": "photos/rgb.png", **base},
+    ])
+    summary = run_import(gw, folder, manifest, ACTOR)
+    assert (summary.imported, summary.rejected, summary.uncovered) == (3, 0, 2)
+    with open(summary.warnings_csv, newline="") as f:
+        warned = {r["file"]: r for r in csv.DictReader(f)}
+    assert set(warned) == {"photos/baseline_420.jpg", "photos/rgb.png"}
+    assert all(r["code"] == "no-consent" and "hidden" in r["reason"] for r in warned.values())
 
 
 def test_manifest_problems_are_reported(tmp_path):

@@ -34,7 +34,7 @@ from typing import Any
 from gateway.core.context import Gateway
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.metadata import parse_metadata
-from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.pipeline import ingest, uncovered
 from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
 
 REQUIRED = ("file", "patient")
@@ -69,6 +69,9 @@ class ImportSummary:
     seconds: float = 0.0
     rejected_csv: Path | None = None
     rejections: list[tuple[Row, str, str]] = field(default_factory=list)  # (row, code, message)
+    uncovered: int = 0  # stored, but no consent covers them for care: hidden until one is recorded
+    warnings_csv: Path | None = None
+    warnings: list[tuple[Row, str, str]] = field(default_factory=list)  # (row, code, message) of stored rows
 
 
 def read_manifest(path: Path) -> list[Row]:
@@ -216,6 +219,11 @@ def run_import(
         target = rejected_csv or manifest.with_name(f"{manifest.stem}.rejected.csv")
         write_rejected(target, summary.rejections)
         summary.rejected_csv = target
+    if summary.warnings:
+        summary.warnings.sort(key=lambda r: r[0].number)
+        target = manifest.with_name(f"{manifest.stem}.warnings.csv")
+        write_rejected(target, summary.warnings)
+        summary.warnings_csv = target
     return summary
 
 
@@ -242,11 +250,16 @@ def _import_row(gw: Gateway, folder: Path, manifest: Path, row: Row, source: Sou
         return "rejected"
     status = result.photos[0].status
     state.record(row, [p.asset_id for p in result.photos], status)
+    hidden = uncovered(gw, result)  # as the upload API warns: stored, but nobody sees it for care yet
     with lock:
         if status == "created":
             summary.imported += 1
         else:
             summary.existing += 1
+        if hidden:
+            summary.uncovered += 1
+            summary.warnings.append((row, "no-consent", "stored, but no consent covers it for care: it stays hidden "
+                                                        "until a consent is recorded (consent columns, or the consent API)"))
     return status
 
 
