@@ -3,7 +3,8 @@
 The hot writers (the HL7 group commit, the audit append) skip SQLAlchemy's statement compilation
 (~100 us a statement) and talk to the driver. On PostgreSQL each statement executed on its own is
 a round trip (~65 us here, half of it our own CPU); an ADT message made ~16 of them and one MLLP
-connection stopped at ~400 msg/s. On a connection in pipeline mode (store.db.Writer), statements
+connection stopped at ~300-400 msg/s. Pipelined, a message makes 3 (527 msg/s in the same bench run,
+gateway/hl7/committer.py). On a connection in pipeline mode (store.db.Writer), statements
 are only queued: `later()` and `run()` send them and return at once, and `sync()` waits once for
 everything sent since the last sync. A result is read after the sync that carried it (reading it
 earlier syncs first, so a forgotten sync costs a round trip, never a wrong answer).
