@@ -151,6 +151,8 @@ class Sql:
         self.pg = statements.pg
         self.ids = ids
         self.writes = 0  # writes issued through this object (a refused change that wrote must be undone)
+        # what the transaction's changes wrote so far, for the indexes whose reads were asked for before them
+        self.changes: list[Change] = []
         self._sp = 0
         self._dt_in: datetime | None = None
         self._dt_out: str | None = None
@@ -253,6 +255,15 @@ class Sql:
 Key = tuple[str, str]  # an identifier's (system, value)
 
 
+class Change(NamedTuple):
+    """What one write may have changed for reads asked for before it (None: every row of that kind)."""
+
+    identifiers: frozenset[Key] = frozenset()
+    patients: frozenset[int] = frozenset()
+    visits: frozenset[Key] | None = frozenset()  # encounters by (visit_system, visit_number)
+    messages: frozenset[tuple[str, str, str]] = frozenset()  # stored messages by sender and control id
+
+
 class Hit(NamedTuple):
     """A stored identifier with its patient's row, and that patient's survivor's if it was merged
     (merge chains are kept one hop long, so one join usually reaches the live record)."""
@@ -315,6 +326,9 @@ class PatientIndex:
         self._known: dict[Key, Hit | None] = {}
         self._encounters_ahead: dict[Key, Pending] = {}
         self._encounters: dict[Key, Row | None] = {}
+        # the transaction's changes this index has taken into account: its reads may have been asked for before
+        # other changes of the same group commit wrote (gateway/hl7/committer.py asks for a whole batch's reads first)
+        self._seen = len(self.sql.changes)
 
     # -- look-ups ---------------------------------------------------------
 
@@ -330,6 +344,7 @@ class PatientIndex:
                 self._encounters_ahead[visit] = self.sql.later(_ENCOUNTER_SQL, visit)
 
     def _settle(self) -> None:
+        """Take in what was asked for ahead, then drop whatever the transaction's changes since may have made stale."""
         for keys, pending in self._ahead:
             found = {hit.key: hit for hit in map(Hit._make, pending.rows())}
             for k in keys:
@@ -338,6 +353,33 @@ class PatientIndex:
         for visit, pending in self._encounters_ahead.items():
             self._encounters.setdefault(visit, pending.one())
         self._encounters_ahead.clear()
+        changes = self.sql.changes
+        for change in changes[self._seen:]:
+            self._drop(change)
+        self._seen = len(changes)
+
+    def _drop(self, change: Change) -> None:
+        for k in change.identifiers:
+            self._known.pop(k, None)
+        if change.patients:
+            ids = change.patients
+            stale = [k for k, h in self._known.items()
+                     if h is not None and (h.patient_id in ids or h.merged_into_id in ids or h.survivor_merged_into_id in ids)]
+            for k in stale:
+                del self._known[k]
+        if change.visits is None:
+            self._encounters.clear()
+        else:
+            for visit in change.visits:
+                self._encounters.pop(visit, None)
+
+    def _wrote(self, change: Change) -> None:
+        """A write of this index: what it read that the write may change is read again, here and in the other
+        indexes of the transaction."""
+        self._settle()
+        self.sql.changes.append(change)
+        self._drop(change)
+        self._seen = len(self.sql.changes)
 
     def _hits(self, identifiers: list[IdentifierData]) -> list[Hit]:
         """Stored identifiers among these, in the message's order."""
@@ -359,20 +401,14 @@ class PatientIndex:
 
     # what a write may have changed is read again
     def _forget_identifiers(self, keys: Iterable[Key]) -> None:
-        self._settle()
-        for k in keys:
-            self._known.pop(k, None)
+        self._wrote(Change(identifiers=frozenset(keys)))
 
     def _forget_patients(self, *ids: int) -> None:
-        self._settle()
-        stale = [k for k, h in self._known.items()
-                 if h is not None and (h.patient_id in ids or h.merged_into_id in ids or h.survivor_merged_into_id in ids)]
-        for k in stale:
-            del self._known[k]
+        self._wrote(Change(patients=frozenset(ids)))
 
-    def _forget_encounters(self) -> None:
-        self._settle()
-        self._encounters.clear()
+    def _forget_encounters(self, *visits: Key) -> None:
+        """The encounters of these visits; of every visit when none is named (records moved between patients)."""
+        self._wrote(Change(visits=frozenset(visits) if visits else None))
 
     def _survivor_id(self, patient_id: int) -> int:
         current = patient_id
@@ -439,11 +475,13 @@ class PatientIndex:
             entities=entities, detail=detail,
         )
 
-    def _update(self, table: str, row_id: int, values: dict[str, Any]) -> None:
+    def _update(self, table: str, row_id: int, values: dict[str, Any], visit: Key | None = None) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         self.sql.run(f"UPDATE {table} SET {sets} WHERE id = ?", [*(self.sql.value(v) for v in values.values()), row_id])
         if table == "patients":
             self._forget_patients(row_id)
+        elif visit is not None:
+            self._forget_encounters(visit)
         else:
             self._forget_encounters()
 
@@ -519,7 +557,7 @@ class PatientIndex:
             eid = self.sql.insert("encounters", {
                 "patient_id": patient_id, "visit_system": data.visit_system, "visit_number": data.visit_number,
                 "status": "in-progress", **changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
-            self._forget_encounters()
+            self._forget_encounters((data.visit_system, data.visit_number))
             out.encounter_id, out.changed = eid, True
             out.audit.append(self._audit("C", patient_id, "encounter", {"encounter_id": eid, "fields": sorted(changes)}))
             return out
@@ -535,7 +573,7 @@ class PatientIndex:
         values["updated_at"] = now
         if event_time is not None:
             values["last_event_at"] = event_time
-        self._update("encounters", eid, values)
+        self._update("encounters", eid, values, (data.visit_system, data.visit_number))
         out.changed = True
         out.audit.append(self._audit("U", patient_id, "encounter", {"encounter_id": eid, "fields": sorted(changes)}))
         return out
@@ -573,12 +611,14 @@ class PatientIndex:
             # keep chains one hop long, so look-ups stay cheap
             self.sql.run("UPDATE patients SET merged_into_id = ?, updated_at = ? WHERE merged_into_id = ?",
                          (sid, self.sql.dt(now), mid))
+            self._forget_patients(mid, sid)  # the rows merged into mid (read with it as their pointer) now point on
             out.audit.append(self._audit("U", sid, "merge", {"merged_patient_id": mid, **moved}))
             out.audit.append(self._audit("U", mid, "merged-into", {"survivor_patient_id": sid}))
         return out
 
     def _merged_into(self, patient_id: int) -> int | None:
         """The patient's merge pointer: from a hit still known, else read."""
+        self._settle()
         for hit in self._known.values():
             if hit is not None and hit.patient_id == patient_id:
                 return hit.merged_into_id

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from gateway.core.patients import Actor, PatientIndex, PatientIndexError, Problem, Sql
+from gateway.core.patients import Actor, Change, PatientIndex, PatientIndexError, Problem, Sql
 from gateway.hl7 import message_store
 from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
@@ -24,7 +24,7 @@ from mapping.engine import Mapper, MappingFault
 from mapping.escape import EscapeError
 from mapping.message import Hl7Error, Message, limits_fault, parse
 from store.audit import AuditEntry
-from store.statements import PipelineFailed
+from store.statements import Pending, PipelineFailed
 
 log = logging.getLogger("clinphoto.hl7")
 
@@ -50,6 +50,17 @@ class Prepared:
     ignore: bool = False  # a type we do not handle, accepted without change
     mapped: MappedAdt | None = None
     header_refused: bool = False  # MSH-3/4/10 unusable as the duplicate key: stored under a key of its own
+
+
+@dataclass
+class Begun:
+    """A message whose reads were asked for (Processor.begin), waiting to be finished."""
+
+    prepared: Prepared
+    control_id: str  # the key it is stored under
+    lookup: Pending | None  # the duplicate look-up
+    seen: int  # the transaction's changes before its reads were asked for (gateway.core.patients.Change)
+    index: PatientIndex | None
 
 
 @dataclass
@@ -139,8 +150,13 @@ class Processor:
     # -- inside the group-commit transaction ----------------------------------------------
 
     def apply(self, session: Session, p: Prepared) -> Result:
-        """Store (and apply) one message. Its reads go in one round trip (the duplicate look-up and what the
-        patient index will read), its writes wait for the next one (store.statements)."""
+        """Store (and apply) one message."""
+        return self.finish(session, self.begin(session, p))
+
+    def begin(self, session: Session, p: Prepared) -> Begun:
+        """Ask for what the message will read (the duplicate look-up, the patient index's rows); nothing waits.
+        The group commit begins a whole batch before finishing any, so the batch's reads share one round trip
+        (store.statements); what a message finished before writes is dropped from the later ones' reads."""
         control_id = p.control_id
         lookup = None
         if p.header_refused:
@@ -151,9 +167,18 @@ class Processor:
             lookup = message_store.duplicate_lookup(session, p.app, p.facility, control_id)
         else:
             control_id = f"unparsed-{uuid.uuid4().hex}"
-        index = self._index(session, p)
-        if lookup is not None:
-            dup = message_store.duplicate_found(lookup)
+        return Begun(p, control_id, lookup, len(Sql.of(session).changes), self._index(session, p))
+
+    def finish(self, session: Session, begun: Begun) -> Result:
+        """Apply and store a begun message; its writes go with the next round trip."""
+        p, control_id, index = begun.prepared, begun.control_id, begun.index
+        sql = Sql.of(session)
+        if begun.lookup is not None:
+            key = (p.app, p.facility, control_id)
+            stored_since = any(key in change.messages for change in sql.changes[begun.seen:])
+            # asked before a message of this batch was stored under the same key: ask again
+            dup = (message_store.find_duplicate(session, *key) if stored_since
+                   else message_store.duplicate_found(begun.lookup))
             if dup is not None:
                 if same_content(dup.raw, p.raw):
                     log.info("duplicate message %s from %s: original ACK returned", control_id, p.app)
@@ -166,6 +191,7 @@ class Processor:
             session, raw=p.raw, app=p.app, facility=p.facility, control_id=control_id, message_type=p.message_type,
             trigger_event=p.event, event_time=p.event_time, peer=p.peer, status=status, ack=ack, error=error_text,
             patient_id=patient_id)
+        sql.changes.append(Change(messages=frozenset({(p.app, p.facility, control_id)})))
         if status in ("error", "rejected"):
             log.warning("HL7 message %s (%s^%s) from %s %s: %s", p.control_id or "?", p.message_type, p.event,
                         p.app, status, "; ".join(f"{e.code} at {e.location}" for e in errors))
