@@ -136,15 +136,18 @@ class GroupCommitter:
     def _apply(self, transaction: Callable[[], AbstractContextManager[Session]], batch: list[Prepared],
                more: Callable[[], Prepared | None] | None) -> list[Result]:
         """Apply the batch (and late joiners, appended to it) and its audit records in one transaction."""
+        results: list[Result] = []
         with transaction() as session:
-            # every message's reads first: on PostgreSQL they share one round trip, and the server runs the
-            # writes of one message while the next is worked out here
-            begun = [self.processor.begin(session, p) for p in batch]
-            results = [self.processor.finish(session, b) for b in begun]
-            if more is not None:
-                while (late := more()) is not None:
+            todo = list(batch)
+            while todo:
+                # every message's reads first: on PostgreSQL they share one round trip, and the server runs the
+                # writes of one message while the next is worked out here
+                begun = [self.processor.begin(session, p) for p in todo]
+                results.extend(self.processor.finish(session, b) for b in begun)
+                todo = []  # then the messages that arrived meanwhile, together
+                while more is not None and (late := more()) is not None:
                     batch.append(late)
-                    results.append(self.processor.apply(session, late))
+                    todo.append(late)
             audit.append_many(session, [a for r in results for a in r.audit])
         self.batches += 1
         self.messages += len(batch)
