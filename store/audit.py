@@ -194,12 +194,12 @@ def _json_safe(value):
     return json.loads(json.dumps(value, default=str).replace("\\u0000", "\\ufffd"))
 
 
-def _sqlite_time(moment: datetime) -> str:
-    # SQLAlchemy's SQLite DATETIME text form (what the ORM and verify() read back), in UTC
+def sqlite_time(moment: datetime) -> str:
+    """SQLAlchemy's SQLite DATETIME text form (what the ORM and verify() read back), in UTC: for statements
+    written by hand that bind datetimes as text."""
     if moment.tzinfo is not None and moment.utcoffset():
         moment = moment.astimezone(timezone.utc)
-    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
-        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} {moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}"
 
 
 def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
@@ -300,7 +300,7 @@ def _append_rows(st: Statements, key: bytes, entries: list[AuditEntry],
         if st.pg:
             values[12], values[13] = Json(values[12]), Json(values[13])
         else:
-            values[1] = _sqlite_time(values[1])
+            values[1] = sqlite_time(values[1])
             values[12], values[13] = json.dumps(values[12], default=str), json.dumps(values[13], default=str)
         rows.append(values)
         seqs.append(seq)

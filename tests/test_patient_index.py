@@ -12,6 +12,7 @@ from gateway.core.patients import (
     Actor,
     EncounterData,
     IdentifierData,
+    Part,
     PatientData,
     PatientIndex,
     PatientIndexError,
@@ -184,7 +185,7 @@ def test_encounter_of_another_patient_is_refused(db):
     apply(db, lambda i: i.upsert_encounter(a, EncounterData(visit_number="V1"), T0))
     with pytest.raises(PatientIndexError) as err:
         apply(db, lambda i: i.upsert_encounter(b, EncounterData(visit_number="V1"), T0))
-    assert (err.value.problem, err.value.location) == (Problem.CONFLICT, "PV1-19")
+    assert (err.value.problem, err.value.part) == (Problem.CONFLICT, Part.VISIT)
 
 
 # -- the same through HL7 fixtures (A40, A34, A47, A35) ------------------------------------------

@@ -94,13 +94,23 @@ class Problem(StrEnum):
     INCONSISTENT = "inconsistent"  # the index itself is broken (a merge cycle)
 
 
-class PatientIndexError(Exception):
-    """Understood but cannot be applied: the kind of problem, a text, and where the value came from (e.g. PID-3)."""
+class Part(StrEnum):
+    """Which part of a change a problem is in: each door names it its own way (HL7: PID-3, PV1-19, MRG-1)."""
 
-    def __init__(self, problem: Problem, text: str, location: str | None = None) -> None:
+    IDENTIFIERS = "identifiers"  # the patient's identifiers
+    VISIT = "visit"  # the encounter's visit number
+    PRIOR = "prior"  # the identifier being merged away or replaced
+
+
+class PatientIndexError(Exception):
+    """Understood but cannot be applied: the kind of problem, a text, the part of the change it is in, and where
+    the value came from when the door said (IdentifierData.location, e.g. one repetition of an HL7 field)."""
+
+    def __init__(self, problem: Problem, text: str, part: Part | None = None, location: str | None = None) -> None:
         super().__init__(text)
         self.problem = problem
         self.text = text
+        self.part = part
         self.location = location
 
 
@@ -210,16 +220,8 @@ class Sql:
             return value
         if value is self._dt_in:  # the same "now" is written to several columns
             return self._dt_out
-        self._dt_in, self._dt_out = value, self._dt_text(value)
+        self._dt_in, self._dt_out = value, audit.sqlite_time(value)
         return self._dt_out
-
-    @staticmethod
-    def _dt_text(value: datetime) -> str:
-        if value.tzinfo is not None and value.tzinfo is not timezone.utc and value.utcoffset():
-            value = value.astimezone(timezone.utc)
-        # SQLAlchemy's SQLite DATETIME text form (what the ORM reads back)
-        return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (
-            value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond)
 
     def value(self, value: Any) -> Any:
         if value is None or type(value) is str:  # most columns: no conversion, no isinstance chain
@@ -441,19 +443,19 @@ class PatientIndex:
         merged = [h for h in hits if h.merged_into_id is not None]
         if len(direct) > 1:
             raise PatientIndexError(Problem.CONFLICT, "the identifiers in the message belong to different patients (merge them first)",
-                self._location_of(identifiers, hits[0]))
+                Part.IDENTIFIERS, self._location_of(identifiers, hits[0]))
         survivors = {self._survivor_of(h) for h in merged}
         if merged and not direct:
             if self.merged_policy == "reject":
                 raise PatientIndexError(Problem.MERGED, "the identifier belongs to a patient record that has been merged into another; "
-                    "send messages for the surviving patient", self._location_of(identifiers, merged[0]))
+                    "send messages for the surviving patient", Part.IDENTIFIERS, self._location_of(identifiers, merged[0]))
             if len(survivors) > 1:
-                raise PatientIndexError(Problem.CONFLICT, "the identifiers resolve to different surviving patients")
+                raise PatientIndexError(Problem.CONFLICT, "the identifiers resolve to different surviving patients", Part.IDENTIFIERS)
             return survivors.pop()
         pid = direct.pop()
         if survivors - {pid}:
             raise PatientIndexError(Problem.CONFLICT, "the identifiers belong to different patients (one was merged elsewhere)",
-                self._location_of(identifiers, merged[0]))
+                Part.IDENTIFIERS, self._location_of(identifiers, merged[0]))
         return pid
 
     @staticmethod
@@ -487,7 +489,7 @@ class PatientIndex:
 
     def upsert_patient(self, data: PatientData, event_time: datetime | None, *, create: bool = True) -> Outcome:
         if not data.identifiers:
-            raise PatientIndexError(Problem.MISSING, "no usable patient identifier")
+            raise PatientIndexError(Problem.MISSING, "no usable patient identifier", Part.IDENTIFIERS)
         event_time = utc(event_time)
         out = Outcome()
         pid = self.resolve(data.identifiers)
@@ -496,7 +498,7 @@ class PatientIndex:
         if pid is None:
             if not create:
                 raise PatientIndexError(Problem.UNKNOWN, "no patient with these identifiers is known",
-                                        data.identifiers[0].location)
+                                        Part.IDENTIFIERS, data.identifiers[0].location)
             pid = self.sql.insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
             self._add_identifiers(pid, data.identifiers, set())
             out.patient_id, out.changed = pid, True
@@ -544,7 +546,7 @@ class PatientIndex:
         out = Outcome(patient_id=patient_id)
         if not data.visit_number:
             if require_existing:
-                raise PatientIndexError(Problem.MISSING, "the visit number is missing", "PV1-19")
+                raise PatientIndexError(Problem.MISSING, "the visit number is missing", Part.VISIT)
             out.notes.append("no visit number: encounter not recorded")
             return out
         event_time = utc(event_time)
@@ -553,7 +555,7 @@ class PatientIndex:
         changes = data.changes()
         if row is None:
             if require_existing:
-                raise PatientIndexError(Problem.UNKNOWN, "no encounter with this visit number is known", "PV1-19")
+                raise PatientIndexError(Problem.UNKNOWN, "no encounter with this visit number is known", Part.VISIT)
             eid = self.sql.insert("encounters", {
                 "patient_id": patient_id, "visit_system": data.visit_system, "visit_number": data.visit_number,
                 "status": "in-progress", **changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
@@ -564,7 +566,7 @@ class PatientIndex:
         eid, owner, last = row[0], row[1], Sql.read_dt(row[2])
         out.encounter_id = eid
         if owner != patient_id and self._survivor_id(owner) != patient_id:
-            raise PatientIndexError(Problem.CONFLICT, "this visit number belongs to another patient", "PV1-19")
+            raise PatientIndexError(Problem.CONFLICT, "this visit number belongs to another patient", Part.VISIT)
         if last is not None and event_time is not None and event_time < last:
             out.notes.append("older than the last update applied to this encounter: encounter kept")
             return out
@@ -583,7 +585,7 @@ class PatientIndex:
     def merge(self, survivor: PatientData, merged: list[IdentifierData], event_time: datetime | None) -> Outcome:
         """Merge the patient named by `merged` into the patient named by `survivor` (A40)."""
         if not merged:
-            raise PatientIndexError(Problem.MISSING, "the identifier of the patient to merge is missing", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "the identifier of the patient to merge is missing", Part.PRIOR)
         surv_out = self.upsert_patient(survivor, event_time)
         sid = surv_out.patient_id
         assert sid is not None  # upsert_patient creates or raises
@@ -600,12 +602,12 @@ class PatientIndex:
             return out
         for mid in sorted({h.patient_id for h in hits}):
             if mid == sid:
-                raise PatientIndexError(Problem.CONFLICT, "a patient cannot be merged into itself", "MRG-1")
+                raise PatientIndexError(Problem.CONFLICT, "a patient cannot be merged into itself", Part.PRIOR)
             if self._merged_into(mid) is not None:
                 if self._survivor_id(mid) == sid:
                     out.notes.append("already merged into this patient")
                     continue
-                raise PatientIndexError(Problem.CONFLICT, "the patient in MRG-1 was already merged into another patient", "MRG-1")
+                raise PatientIndexError(Problem.CONFLICT, "the patient to merge was already merged into another patient", Part.PRIOR)
             moved = self._move_records(mid, sid)
             self._update("patients", mid, {"merged_into_id": sid, "merged_at": now, "updated_at": now})
             # keep chains one hop long, so look-ups stay cheap
@@ -635,14 +637,15 @@ class PatientIndex:
         return {"encounters_moved": enc.rowcount, "consents_moved": con.rowcount, "assets_moved": ast.rowcount}
 
     def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:
-        """Replace an identifier (MRG-1) by the one of the same system in the new list (A47)."""
+        """Replace an identifier by the one of the same system in the new list (HL7 A47)."""
         if not old:
-            raise PatientIndexError(Problem.MISSING, "the incorrect identifier is missing", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "the incorrect identifier is missing", Part.PRIOR)
         out = Outcome()
         for o in old:
             repl = next((n for n in new if n.system == o.system), None)
             if repl is None:
-                raise PatientIndexError(Problem.MISSING, "PID-3 has no identifier of the same kind as MRG-1", "PID-3")
+                raise PatientIndexError(Problem.MISSING, "the patient's identifiers hold none of the same kind as the incorrect one",
+                                        Part.IDENTIFIERS)
             found = self._hits([o, repl])
             row = next((h for h in found if h.key == (o.system, o.value)), None)
             taken = next((h for h in found if h.key == (repl.system, repl.value)), None)
@@ -651,10 +654,11 @@ class PatientIndex:
                     out.patient_id = self._live(taken)
                     out.notes.append("identifier already changed")
                     continue
-                raise PatientIndexError(Problem.UNKNOWN, "no patient has the identifier in MRG-1", o.location or "MRG-1")
+                raise PatientIndexError(Problem.UNKNOWN, "no patient has the incorrect identifier", Part.PRIOR, o.location)
             pid = self._live(row)
             if taken is not None:
-                raise PatientIndexError(Problem.CONFLICT, "the new identifier already belongs to a patient", repl.location or "PID-3")
+                raise PatientIndexError(Problem.CONFLICT, "the new identifier already belongs to a patient", Part.IDENTIFIERS,
+                                        repl.location)
             self.sql.run("UPDATE patient_identifiers SET value = ?, type_code = ?, assigner = ? WHERE id = ?",
                          (repl.value, repl.type_code, repl.assigner, row.identifier_id))
             self._forget_identifiers([row.key, (repl.system, repl.value)])

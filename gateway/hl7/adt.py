@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from gateway.core.patients import UNSET, EncounterData, Outcome, PatientIndex, PatientIndexError, Problem
+from gateway.core.patients import UNSET, EncounterData, Outcome, Part, PatientIndex, PatientIndexError, Problem
 from mapping.engine import MappedPatient
 
 
@@ -45,6 +45,7 @@ def _patient_and_encounter(status: str | None, *, admitted: bool = False, discha
             enc.discharged_at = m.event_time
         if clear_discharge:
             enc.discharged_at = None
+        assert out.patient_id is not None  # upsert_patient found or created one
         return _combine(out, index.upsert_encounter(out.patient_id, enc, m.event_time))
 
     return handle
@@ -60,10 +61,10 @@ def merge(index: PatientIndex, m: MappedAdt) -> Outcome:
     out: Outcome | None = None
     for pair in m.patients:
         if not pair.prior:
-            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", Part.PRIOR)
         step = index.merge(pair.patient, pair.prior, m.event_time)
         out = step if out is None else _combine(out, step)
-    return out
+    return _some(out)
 
 
 def change_identifier(index: PatientIndex, m: MappedAdt) -> Outcome:
@@ -71,9 +72,15 @@ def change_identifier(index: PatientIndex, m: MappedAdt) -> Outcome:
     out: Outcome | None = None
     for pair in m.patients:
         if not pair.prior:
-            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", "MRG-1")
+            raise PatientIndexError(Problem.MISSING, "MRG-1 holds no identifier usable under the mapping", Part.PRIOR)
         step = index.change_identifier(pair.patient.identifiers, pair.prior, m.event_time)
         out = step if out is None else _combine(out, step)
+    return _some(out)
+
+
+def _some(out: Outcome | None) -> Outcome:
+    if out is None:  # the mapper requires a PID for every ADT; a message without one never gets here
+        raise PatientIndexError(Problem.MISSING, "the message holds no patient", Part.IDENTIFIERS)
     return out
 
 

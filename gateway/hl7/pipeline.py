@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from gateway.core.patients import Actor, Change, PatientIndex, PatientIndexError, Problem, Sql
+from gateway.core.patients import Actor, Change, Part, PatientIndex, PatientIndexError, Problem, Sql
 from gateway.hl7 import message_store
 from gateway.hl7.ack import AckError, build_ack, header_fields
 from gateway.hl7.adt import HANDLERS, MERGE_EVENTS, MappedAdt
@@ -88,8 +88,8 @@ class Processor:
         try:
             msg = parse(raw, self.settings.default_charset)
         except Hl7Error as exc:
-            h = header_fields(None, raw)
-            p.app, p.facility = h["MSH-3"], h["MSH-4"]
+            echoed = header_fields(None, raw)
+            p.app, p.facility = echoed["MSH-3"], echoed["MSH-4"]
             p.reject = AckError(exc.code, exc.text, exc.location)
             return p
         p.msg = msg
@@ -97,7 +97,8 @@ class Processor:
         p.app, p.facility, p.control_id = h.raw(3), h.raw(4), h.get(10).strip()
         p.message_type = msg.message_type.strip()
         # EVN-1 undecoded: a bad escape there is msg.fault's to answer, not an exception here
-        p.event = (msg.trigger_event or (msg.segment("EVN").get(1, decode=False) if msg.segment("EVN") else "")).strip()
+        evn = msg.segment("EVN")
+        p.event = (msg.trigger_event or (evn.get(1, decode=False) if evn is not None else "")).strip()
         try:
             p.event_time = self.mapper.event_time(msg)
         except (MappingFault, EscapeError):
@@ -270,13 +271,14 @@ class Processor:
         # subtransaction less per message. A change refused there after it queued writes is redone the same way.
         savepoint = None if sql.st.pipelined else sql.savepoint()
         writes = sql.writes
+        assert p.mapped is not None  # prepare() maps every message it neither rejects, fails nor ignores
         try:
             out = HANDLERS[p.event](index, p.mapped)
             if savepoint is not None:
                 sql.release(savepoint)
         except PatientIndexError as exc:
             self._undo(sql, savepoint, writes, exc)
-            return "error", "AE", [AckError(INDEX_CODES[exc.problem], exc.text, exc.location)], None, None, []
+            return "error", "AE", [AckError(INDEX_CODES[exc.problem], exc.text, exc.location or PART_LOCATIONS.get(exc.part))], None, None, []
         except PipelineFailed:
             raise  # a statement sent earlier failed: the whole batch is redone statement by statement
         except Exception as exc:  # a bug or a database constraint: this message only (its savepoint is undone)
@@ -286,8 +288,8 @@ class Processor:
             log.debug("HL7 message %s failure", p.control_id, exc_info=True)
             text = f"application internal error ({type(exc).__name__}); stored for reprocessing"
             return "error", "AE", [AckError("207", text, None)], None, None, []
-        text = "; ".join(out.notes) or None
-        return "applied", "AA", [], text, out.patient_id, one_entry_per_patient(out.audit)
+        notes = "; ".join(out.notes) or None
+        return "applied", "AA", [], notes, out.patient_id, one_entry_per_patient(out.audit)
 
     @staticmethod
     def _undo(sql: Sql, savepoint: str | None, writes: int, exc: Exception) -> None:
@@ -319,6 +321,9 @@ INDEX_CODES = {
     Problem.CONFLICT: "205",  # duplicate key identifier
     Problem.INCONSISTENT: "207",  # application internal error
 }
+
+# where each part of a patient-index change comes from in ADT (ERR-2 when the mapping named no repetition)
+PART_LOCATIONS: dict[Part | None, str] = {Part.IDENTIFIERS: "PID-3", Part.VISIT: "PV1-19", Part.PRIOR: "MRG-1"}
 
 # hl7_messages columns (String(200)); MSH-10 one less so it can never equal a cut longer id
 HEADER_LIMITS = {"MSH-3": 200, "MSH-4": 200, "MSH-10": 199}
