@@ -326,6 +326,7 @@ RENDITION_SIZES = {"original": (64, 48), "preview": (32, 24), "thumbnail": (16, 
 class MatrixWorld:
     now: datetime
     patient_ids: dict[str, int] = field(default_factory=dict)
+    patient_public_ids: dict[str, str] = field(default_factory=dict)
     asset_ids: dict[str, str] = field(default_factory=dict)
     asset_keys: dict[str, str] = field(default_factory=dict)  # asset id -> photo key
     sha256: dict[tuple[str, str], str] = field(default_factory=dict)  # (photo key, rendition) -> blob hash
@@ -350,7 +351,8 @@ class MatrixWorld:
     def subject(self, user: User, network_address: str = "127.0.0.1") -> Subject:
         return Subject(
             sub=user.sub, role=user.role, specialties=user.specialties, scopes=user.scopes,
-            patient=str(self.patient_ids[user.patient]) if user.patient else None,
+            # the patient in context by opaque id as a SMART launch names it (tokens below: by row id, as older ones)
+            patient=self.patient_public_ids[user.patient] if user.patient else None,
             purpose_of_use=user.purpose, break_glass_reason=user.break_glass,
             network_address=network_address, sensitivities=user.sensitivities,
             peer=PeerPermissions(ae_title=user.sub) if user.role == "system" else None,
@@ -386,6 +388,7 @@ def build_access_matrix(gw, *, with_blobs: bool = True) -> MatrixWorld:
             session.add(patient)
             session.flush()
             world.patient_ids[key] = patient.id
+            world.patient_public_ids[key] = patient.public_id
             session.add(PatientIdentifier(patient_id=patient.id, system=MRN_SYSTEM, value=p["mrn"], type_code="MR", assigner=MRN_ASSIGNER))
             for ekey, e in p["encounters"].items():
                 enc = Encounter(

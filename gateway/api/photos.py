@@ -66,8 +66,8 @@ def photo_json(view: PhotoView) -> dict[str, Any]:
         "view": asset.view,
         "specialty": asset.specialty,
         "sensitivity": asset.sensitivity,
-        "consent": {"id": consent["id"], "level": consent["level"], "status": consent["status"],
-                    "givenBy": consent["given_by"]} if consent else None,
+        "consent": {"id": consent.id, "level": consent.level, "status": consent.status,
+                    "givenBy": consent.given_by} if consent else None,
         "takenAt": iso(asset.taken_at),
         "storedAt": iso(asset.created_at),
         "mediaType": asset.media_type,
@@ -184,7 +184,8 @@ def get_access_list(request: Request, photo_id: str, subject: Annotated[Subject,
         raise _refused(request, refused) from None
 
 
-@router.put("/{photo_id}/access/{grantee}", response_model=AccessList, responses={201: {"model": AccessList, "description": "Added"}, **errors(400, 401, 403, 404)})
+@router.put("/{photo_id}/access/{grantee}", response_model=AccessList,
+            responses={201: {"model": AccessList, "description": "Added"}, **errors(400, 401, 403, 404)})
 def grant(request: Request, photo_id: str, grantee: str, subject: Annotated[Subject, Depends(require_subject)]) -> JSONResponse:
     """Name a person (user id, or a DICOM peer as ae:AETITLE) on the photo's access list."""
     gw = gateway_of(request)

@@ -37,6 +37,7 @@ from gateway.core.objects.coerce import Served, coerce
 from gateway.core.objects.part10 import Part10Error
 from gateway.core.policy.rules import (
     AccessContext,
+    ConsentSummary,
     consent_summary,
     decide_in,
     filter_for,
@@ -99,7 +100,7 @@ class PhotoView:
     caller may have the original file."""
 
     asset: Asset
-    consent: dict[str, Any] | None
+    consent: ConsentSummary | None
     original_allowed: bool
     patient: str  # the patient's public id
 

@@ -38,6 +38,7 @@ from gateway.core import nhs
 from gateway.core.identity import Subject
 from gateway.core.ingest.errors import BAD_METADATA, IngestRejected
 from gateway.core.patient_refs import normalise_identifier
+from gateway.core.policy.rules import AE_PREFIX, access_list_name
 
 NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
 
@@ -53,9 +54,6 @@ class Channel(StrEnum):
     DIMSE = "dimse"  # DICOM C-STORE from a peer
     STOW = "stow"  # DICOMweb STOW-RS
     DEMO = "demo"  # `clinphoto demo`
-
-
-AE_PREFIX = "ae:"  # a DICOM peer is named ae:AETITLE, which no user's token sub may start with
 
 
 @dataclass(frozen=True)
@@ -78,10 +76,8 @@ class Source:
     @classmethod
     def of(cls, subject: Subject, channel: Channel) -> Source:
         """The source a door's Subject stores as: a DICOM peer as ae:AETITLE, anyone else by their token sub."""
-        if subject.peer is not None:
-            return cls(channel=channel, who=f"{AE_PREFIX}{subject.peer.ae_title}", role=subject.role,
-                       network=subject.network_address, purpose_of_use=subject.purpose_of_use, name=subject.name)
-        return cls.user(subject, channel)
+        return cls(channel=channel, who=access_list_name(subject), role=subject.role, network=subject.network_address,
+                   purpose_of_use=subject.purpose_of_use, name=subject.name)
 
     @classmethod
     def importer(cls, who: str, network: str = "local") -> Source:

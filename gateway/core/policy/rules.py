@@ -23,14 +23,17 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import ColumnElement, DateTime, Exists, Select, and_, bindparam, false, or_, select, true
 from sqlalchemy.orm import Session
 
 from gateway.core.policy.settings import PURPOSES, PolicySettings
 from gateway.core.refusals import Kind, Refused
-from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter
+from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
+
+if TYPE_CHECKING:  # identity reads the policy settings: a run-time import would make the two a cycle
+    from gateway.core.identity import Subject
 
 # consent levels (IMI 1-3) that each purpose needs
 CARE_PURPOSES = frozenset({"TREAT", "ETREAT"})
@@ -72,6 +75,7 @@ class AssetFacts:
     encounters: list[Any] = field(default_factory=list)  # encounters of its patient
     access: set[str] = field(default_factory=set)  # subjects on its access list
     linked: set[str] = field(default_factory=set)  # ids of consents linked to it (consent_assets)
+    patient_public_id: str | None = None  # its patient's opaque id (patient/ scopes name the patient by it)
 
 
 def linked_consents(session: Session, asset_ids: Iterable[str]) -> dict[str, set[str]]:
@@ -94,7 +98,9 @@ def load_facts(session: Session, asset: Asset) -> AssetFacts:
     consents = session.execute(select(Consent).where(cond)).scalars().all()
     encounters = session.execute(select(Encounter).where(Encounter.patient_id == asset.patient_id)).scalars().all()
     access = set(session.execute(select(AssetAccess.subject).where(AssetAccess.asset_id == asset.id)).scalars())
-    return AssetFacts(asset=asset, consents=list(consents), encounters=list(encounters), access=access, linked=linked)
+    public_id = session.scalar(select(Patient.public_id).where(Patient.id == asset.patient_id))
+    return AssetFacts(asset=asset, consents=list(consents), encounters=list(encounters), access=access, linked=linked,
+                      patient_public_id=public_id)
 
 
 # ---------------------------------------------------------------------------
@@ -102,7 +108,7 @@ def load_facts(session: Session, asset: Asset) -> AssetFacts:
 
 
 class Pred:
-    def sql(self, a) -> ColumnElement[bool]:  # a: Asset or an alias of it
+    def sql(self, a: Any) -> ColumnElement[bool]:  # a: Asset or an alias of it
         raise NotImplementedError
 
     def test(self, facts: AssetFacts) -> bool:
@@ -113,10 +119,10 @@ class Pred:
 class Const(Pred):
     value: bool
 
-    def sql(self, a):
+    def sql(self, a: Any) -> ColumnElement[bool]:
         return true() if self.value else false()
 
-    def test(self, facts):
+    def test(self, facts: AssetFacts) -> bool:
         return self.value
 
 
@@ -128,14 +134,14 @@ class AssetIn(Pred):
     """The photo's column is one of the values (NULL is never in)."""
 
     column: str
-    values: frozenset
+    values: frozenset[Any]
 
-    def sql(self, a):
-        col = getattr(a, self.column)
+    def sql(self, a: Any) -> ColumnElement[bool]:
+        col: ColumnElement[Any] = getattr(a, self.column)
         values = sorted(self.values)
         return col == values[0] if len(values) == 1 else col.in_(values)
 
-    def test(self, facts):
+    def test(self, facts: AssetFacts) -> bool:
         value = getattr(facts.asset, self.column)
         return value is not None and value in self.values
 
@@ -144,10 +150,10 @@ class AssetIn(Pred):
 class AllOf(Pred):
     parts: tuple[Pred, ...]
 
-    def sql(self, a):
+    def sql(self, a: Any) -> ColumnElement[bool]:
         return and_(*(p.sql(a) for p in self.parts))
 
-    def test(self, facts):
+    def test(self, facts: AssetFacts) -> bool:
         return all(p.test(facts) for p in self.parts)
 
 
@@ -155,14 +161,14 @@ class AllOf(Pred):
 class AnyOf(Pred):
     parts: tuple[Pred, ...]
 
-    def sql(self, a):
+    def sql(self, a: Any) -> ColumnElement[bool]:
         return or_(*(p.sql(a) for p in self.parts))
 
-    def test(self, facts):
+    def test(self, facts: AssetFacts) -> bool:
         return any(p.test(facts) for p in self.parts)
 
 
-def asset_in(column: str, values: Iterable) -> Pred:
+def asset_in(column: str, values: Iterable[Any]) -> Pred:
     values = frozenset(v for v in values if v is not None)
     return AssetIn(column, values) if values else FALSE
 
@@ -195,15 +201,15 @@ class ConsentCovers(Pred):
     decision (that covers the record only).
     """
 
-    levels: frozenset
+    levels: frozenset[str]
     care: bool
 
-    def sql(self, a):
+    def sql(self, a: Any) -> ColumnElement[bool]:
         # Two EXISTS, one per way a consent applies, so each walks its own index
         # (consent_assets by asset, consents by patient); one EXISTS with an OR inside
         # made the planners scan every consent for every photo.
         c = Consent
-        fits = [c.level.in_(sorted(self.levels))]
+        fits: list[ColumnElement[bool]] = [c.level.in_(sorted(self.levels))]
         if self.care:
             fits.append(or_(c.status == "active", and_(c.status == "withdrawn", c.withdrawn_at > a.created_at)))
         else:
@@ -226,7 +232,7 @@ class ConsentCovers(Pred):
         return or_(linked, of_patient)
 
     @staticmethod
-    def applies(consent, asset, linked: set[str]) -> bool:
+    def applies(consent: Consent, asset: Asset, linked: set[str] | frozenset[str]) -> bool:
         if consent.id in linked:
             return True
         if consent.patient_id != asset.patient_id:
@@ -235,7 +241,7 @@ class ConsentCovers(Pred):
             return True
         return consent.scope == "encounter" and consent.encounter_id is not None and consent.encounter_id == asset.encounter_id
 
-    def stands(self, consent, asset) -> bool:
+    def stands(self, consent: Consent, asset: Asset) -> bool:
         if self.care:
             if consent.status == "active":
                 return True
@@ -243,13 +249,13 @@ class ConsentCovers(Pred):
             return consent.status == "withdrawn" and withdrawn_at is not None and created_at is not None and withdrawn_at > created_at
         return consent.status == "active" and consent.given_by is not None and consent.given_by != BEST_INTERESTS
 
-    def covering(self, facts: AssetFacts) -> list:
+    def covering(self, facts: AssetFacts) -> list[Consent]:
         return [
             c for c in facts.consents
             if self.applies(c, facts.asset, facts.linked) and c.level in self.levels and self.stands(c, facts.asset)
         ]
 
-    def test(self, facts):
+    def test(self, facts: AssetFacts) -> bool:
         return bool(self.covering(facts))
 
 
@@ -322,7 +328,7 @@ class OnAccessList(Pred):
 
 @dataclass(frozen=True)
 class AccessContext:
-    subject: Any  # gateway.core.identity.Subject
+    subject: Subject
     purpose: str
     break_glass_reason: str | None
     breaking_glass: bool  # a valid break-glass: ETREAT, a reason, a role allowed to
@@ -335,7 +341,7 @@ class AccessContext:
     interaction: str | None = None  # "read" or "search": which SMART permission the scopes must grant; None: either
 
 
-def resolve(subject, settings: PolicySettings, purpose: str | None = None, break_glass: str | None = None,
+def resolve(subject: Subject, settings: PolicySettings, purpose: str | None = None, break_glass: str | None = None,
             now: datetime | None = None, interaction: str | None = None) -> AccessContext:
     purpose = (purpose or getattr(subject, "purpose_of_use", None) or "TREAT").strip().upper()
     reason = (break_glass if break_glass is not None else getattr(subject, "break_glass_reason", None)) or ""
@@ -390,7 +396,7 @@ _V1_PERMS = {"read": "rs", "write": "cud", "*": "cruds"}
 class Scope:
     context: str  # patient, user or system
     resource: str  # a FHIR resource type or *
-    perms: frozenset  # SMART v2 letters c r u d s
+    perms: frozenset[str]  # SMART v2 letters c r u d s
 
 
 def parse_scope(text: str) -> Scope | None:
@@ -454,16 +460,30 @@ class Rule:
     denied: str
 
 
-def access_list_name(subject) -> str:
-    """How the subject is named on access lists: a user by their sub, a DICOM peer as ae:AETITLE."""
-    return f"{AE_PREFIX}{subject.sub}" if subject.role == "system" else subject.sub
+def access_list_name(subject: Subject) -> str:
+    """How the subject is named on access lists and as a photo's uploader: a DICOM peer as ae:AETITLE, anyone
+    else (a user, a backend service with a token) by their token sub."""
+    return f"{AE_PREFIX}{subject.peer.ae_title}" if subject.peer is not None else subject.sub
 
 
-def _patient_pk(patient: str | None) -> int | None:
-    if patient is None:
-        return None
-    text = str(patient).strip().removeprefix("Patient/")
-    return int(text) if text.isdigit() else None
+@dataclass(frozen=True)
+class OfPatient(Pred):
+    """The photo is of the patient a token names: by opaque public id (what a SMART launch puts in the token,
+    the FHIR Patient id), or by row id (tokens minted before patients had public ids)."""
+
+    named: str
+
+    def sql(self, a: Any) -> ColumnElement[bool]:
+        by_public = a.patient_id == select(Patient.id).where(Patient.public_id == self.named).scalar_subquery()
+        return or_(by_public, a.patient_id == int(self.named)) if self.named.isdigit() else by_public
+
+    def test(self, facts: AssetFacts) -> bool:
+        return self.named in (facts.patient_public_id, str(facts.asset.patient_id))
+
+
+def _named_patient(patient: str | None) -> str | None:
+    text = str(patient).strip().removeprefix("Patient/") if patient is not None else ""
+    return text or None
 
 
 def build_rules(ctx: AccessContext, settings: PolicySettings, *, now_at_run: bool = False) -> list[Rule]:
@@ -487,11 +507,12 @@ def build_rules(ctx: AccessContext, settings: PolicySettings, *, now_at_run: boo
 
     # 3. SMART scopes narrow
     grant = read_grant(s.scopes or (), ctx.interaction)
-    patient = _patient_pk(s.patient)
+    patient = _named_patient(s.patient)
     if grant.any_patient:
         rules.append(Rule("scope", TRUE, "a user/ or system/ scope grants reading photos", ""))
     elif grant.patient_only and patient is not None:
-        rules.append(Rule("scope", asset_in("patient_id", [patient]), f"patient/ scope, photo of the patient in context ({patient})", f"patient/ scope allows only patient {patient}"))
+        rules.append(Rule("scope", OfPatient(patient), f"patient/ scope, photo of the patient in context ({patient})",
+                          f"patient/ scope allows only patient {patient}"))
     elif grant.patient_only:
         rules.append(Rule("scope", FALSE, "", "patient/ scope without a patient in the token"))
     else:
@@ -530,7 +551,7 @@ def build_rules(ctx: AccessContext, settings: PolicySettings, *, now_at_run: boo
         v_text = "V opened by break-glass"
     else:
         sensitivity_parts.append(
-            all_of(asset_in("sensitivity", ["V"]), any_of(asset_in("uploaded_by", [s.sub]), OnAccessList(listed_as)))
+            all_of(asset_in("sensitivity", ["V"]), any_of(asset_in("uploaded_by", [listed_as]), OnAccessList(listed_as)))
         )
         v_text = "V only for its uploader and the people on its access list"
     rules.append(
@@ -573,14 +594,14 @@ def build_rules(ctx: AccessContext, settings: PolicySettings, *, now_at_run: boo
 
 
 def visible_assets_filter(
-    subject,
+    subject: Subject,
     *,
     settings: PolicySettings,
     purpose: str | None = None,
     break_glass: str | None = None,
     now: datetime | None = None,
     interaction: str | None = None,
-    asset=Asset,
+    asset: Any = Asset,
 ) -> ColumnElement[bool]:
     """WHERE clause for `select(Asset)` (or an alias passed as `asset`) keeping only photos the subject may see.
 
@@ -670,19 +691,19 @@ class FilterCache:
 FILTERS = FilterCache(1024)
 
 
-def filter_except_consent(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
+def filter_except_consent(ctx: AccessContext, settings: PolicySettings, asset: Any = Asset) -> ColumnElement[bool]:
     """Every rule but the consent rule: which photos the caller could see once a consent covers them.
     Recording a photo-scoped consent needs this, since a photo without consent is hidden by the consent rule."""
     return filter_for(ctx, settings, asset, skip=("consent",))
 
 
-def governance_filter(ctx: AccessContext, settings: PolicySettings, asset=Asset) -> ColumnElement[bool]:
+def governance_filter(ctx: AccessContext, settings: PolicySettings, asset: Any = Asset) -> ColumnElement[bool]:
     """The photos a governance role may manage (sensitivity, access list): every rule but consent and
     sensitivity, since staff reclassify and open up very restricted photos they cannot see themselves."""
     return filter_for(ctx, settings, asset, skip=("consent", "sensitivity"))
 
 
-def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: ColumnElement) -> ColumnElement[bool]:
+def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: ColumnElement[int] | int) -> ColumnElement[bool]:
     """Need to know a patient's records beyond photos (consents): the specialty rule read per patient.
 
     True when the caller is not bound by the specialty rule (or breaks the glass), when the patient has a
@@ -739,7 +760,7 @@ def decide_facts(ctx: AccessContext, settings: PolicySettings, facts: AssetFacts
 
 def decide(
     session: Session,
-    subject,
+    subject: Subject,
     asset: Asset | str,
     *,
     settings: PolicySettings,
@@ -773,18 +794,28 @@ def uncovered_for_care(session: Session, settings: PolicySettings, asset_ids: It
     return set(asset_ids) - set(found)
 
 
-def may_see_original(subject, settings: PolicySettings) -> bool:
+def may_see_original(subject: Subject, settings: PolicySettings) -> bool:
     return subject.role in settings.original_roles
 
 
 _LEVEL_RANK = {"record": 1, "teaching": 2, "publication": 3}
 
 
-def consent_summary(asset, consents: Iterable, linked: set[str] = frozenset()) -> dict | None:
-    """The strongest consent applying to a photo, for display: {level, status, id}; active ones first.
+@dataclass(frozen=True)
+class ConsentSummary:
+    """The consent shown beside a photo."""
+
+    id: str
+    level: str
+    status: str
+    given_by: str | None
+
+
+def consent_summary(asset: Asset, consents: Iterable[Consent], linked: frozenset[str] | set[str] = frozenset()) -> ConsentSummary | None:
+    """The strongest consent applying to a photo, for display; active ones first.
     linked: ids of the consents linked to the photo (linked_consents())."""
-    applying = [c for c in consents if ConsentCovers.applies(c, asset, set(linked))]
+    applying = [c for c in consents if ConsentCovers.applies(c, asset, linked)]
     if not applying:
         return None
     best = max(applying, key=lambda c: (c.status == "active", _LEVEL_RANK.get(c.level, 0)))
-    return {"id": best.id, "level": best.level, "status": best.status, "given_by": best.given_by}
+    return ConsentSummary(id=best.id, level=best.level, status=best.status, given_by=best.given_by)
