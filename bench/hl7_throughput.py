@@ -174,9 +174,9 @@ def start_gateway(tmp: Path, database_url: str | None) -> tuple[subprocess.Popen
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, port
-        except OSError:
+        except OSError as err:
             if proc.poll() is not None:
-                raise SystemExit(f"gateway exited with {proc.returncode}")
+                raise SystemExit(f"gateway exited with {proc.returncode}") from err
             time.sleep(0.2)
     proc.terminate()
     raise SystemExit("gateway did not start listening within 60 s")

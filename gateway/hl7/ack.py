@@ -39,7 +39,7 @@ class AckError:
     severity: str = "E"  # table 0516: E, F, I, W
 
 
-_stamp = [-1, ""]
+_stamp: list = [-1, ""]  # [second, MSH-7 text]
 
 
 def _timestamp() -> str:
@@ -48,7 +48,7 @@ def _timestamp() -> str:
     if now != _stamp[0]:
         _stamp[1] = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(now))
         _stamp[0] = now
-    return _stamp[1]
+    return str(_stamp[1])
 
 
 def new_control_id() -> str:

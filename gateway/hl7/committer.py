@@ -29,6 +29,7 @@ import queue
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -82,41 +83,30 @@ class GroupCommitter:
         return self._commit(batch)
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
+        while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            items = [item]
-
-            def late_joiner():
-                # a message that arrived while this batch was being applied joins its commit
-                nonlocal stopping
-                if stopping or len(items) >= self.batch_max:
-                    return None
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    return None
-                if nxt is _STOP:
-                    stopping = True
-                    return None
-                items.append(nxt)
-                return nxt[0]
-
-            while len(items) < self.batch_max and late_joiner() is not None:
+            batch = _Batch(self._queue, self.batch_max, item)
+            while batch.late_joiner() is not None:
                 pass
             with self._busy:
-                results = self._commit([p for p, _loop, _done in items], more=late_joiner)
-            # one wake-up per event loop, not one per message
-            by_loop: dict = {}
-            for (_p, loop, done), result in zip(items, results):
-                by_loop.setdefault(loop, []).append((done, result))
-            for loop, pairs in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, pairs)
-                except RuntimeError:  # that event loop has closed: its connections are gone
-                    log.warning("%d HL7 result(s) committed for a closed connection", len(pairs))
+                results = self._commit([p for p, _loop, _done in batch.items], more=batch.late_joiner)
+            self._wake(batch.items, results)
+            if batch.stopping:
+                return
+
+    @staticmethod
+    def _wake(items: list, results: list[Result]) -> None:
+        # one wake-up per event loop, not one per message
+        by_loop: dict = {}
+        for (_p, loop, done), result in zip(items, results):
+            by_loop.setdefault(loop, []).append((done, result))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, pairs)
+            except RuntimeError:  # that event loop has closed: its connections are gone
+                log.warning("%d HL7 result(s) committed for a closed connection", len(pairs))
 
     def _commit(self, batch: list[Prepared], more: Callable[[], Prepared | None] | None = None) -> list[Result]:
         batch = list(batch)
@@ -177,3 +167,26 @@ def _deliver(pairs: list[tuple[Callable[[Result], None], Result]]) -> None:
             pass
         except Exception:
             log.exception("delivering an HL7 result failed")
+
+
+class _Batch:
+    """The messages of one group commit: the first, those already queued, and those that arrive while it is
+    worked out (late_joiner, called by the commit until it answers None)."""
+
+    def __init__(self, source: queue.SimpleQueue, batch_max: int, first: Any) -> None:
+        self.source, self.batch_max = source, batch_max
+        self.items = [first]
+        self.stopping = False  # the stop marker was taken from the queue: finish this batch, then stop
+
+    def late_joiner(self) -> Prepared | None:
+        if self.stopping or len(self.items) >= self.batch_max:
+            return None
+        try:
+            nxt = self.source.get_nowait()
+        except queue.Empty:
+            return None
+        if nxt is _STOP:
+            self.stopping = True
+            return None
+        self.items.append(nxt)
+        return nxt[0]

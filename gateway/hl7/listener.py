@@ -27,12 +27,12 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from gateway.core.logs import RateLimited
 from gateway.hl7.ack import AckError
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.mllp import FrameTooLarge, MllpDecoder, frame
 from gateway.hl7.pipeline import Prepared, Processor, Result
-from gateway.core.logs import RateLimited
 from mapping.engine import Mapper
 from mapping.schema import DEFAULT_MAPPING, load_mapping
 from store.db import Database
@@ -101,7 +101,9 @@ class MllpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.listener.starting.discard(self)
-        self.transport = transport  # type: ignore[assignment]
+        if not isinstance(transport, asyncio.Transport):  # a stream socket's (plain or TLS) always is
+            raise TypeError(f"MLLP needs a stream transport, not {type(transport).__name__}")
+        self.transport = transport
         peername = transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peername[0]}:{peername[1]}"
         sock = transport.get_extra_info("socket")
@@ -148,7 +150,7 @@ class MllpConnection(asyncio.Protocol):
             future = loop.run_in_executor(listener.workers, listener.prepare, raw, self.peer)
             self.preparing.append(future)
             future.add_done_callback(self._prepared)
-        if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
+        if self.in_flight >= MAX_IN_FLIGHT and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
 
@@ -163,7 +165,7 @@ class MllpConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         if result.ack is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(result.ack))
-        if self.paused and self.in_flight < MAX_IN_FLIGHT // 2:
+        if self.paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         if self.closing and self.in_flight == 0:
@@ -238,7 +240,7 @@ class MllpListener:
         # accepted, TLS handshake or protocol set-up not yet done (each counted in one set only, so the cap is exact)
         self.starting: set[MllpConnection] = set()
         self.max_connections = settings.max_connections
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hl7-read")
         self._socks: list[socket.socket] = []
         self._ssl: ssl.SSLContext | None = None
@@ -250,11 +252,18 @@ class MllpListener:
         self._evict_log = RateLimited(log)
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the listener was started on."""
+        if self._loop is None:
+            raise RuntimeError("the MLLP listener has not been started")
+        return self._loop
+
+    @property
     def port(self) -> int:
         return self._socks[0].getsockname()[1] if self._socks else self._port
 
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         # Objects alive at start-up (modules, mappers, settings) never die: keep them out of the cyclic
         # collector's scans, which otherwise cost ~15% of the ADT hot path.
         gc.freeze()
