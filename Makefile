@@ -19,8 +19,8 @@ run: $(STAMP)
 	$(VENV)/bin/clinphoto demo
 	$(VENV)/bin/clinphoto serve --welcome
 
-## make test: the whole test suite (the same on a newcomer's machine as in CI)
-test: $(STAMP) debian-packages
+## make test: lint, then the whole test suite (the same on a newcomer's machine as in CI)
+test: $(STAMP) debian-packages lint
 	$(PY) -m pytest
 
 # The Debian tools the tests use (dcmtk, dciodvfy, jpegtran, exiftool, PostgreSQL server binaries...):
