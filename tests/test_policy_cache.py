@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select, update
 
 from gateway.core.identity import Subject
@@ -116,16 +117,13 @@ def test_settings_and_subjects_have_their_own_filters(db):
     assert visible(db, filter_for(resolve(DERM, policy), policy)) == set()
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])  # generic plans are PostgreSQL's
 def test_the_generic_plan_probes_the_access_list_and_encounters_per_photo(gw):
     """psycopg prepares a statement after five runs and PostgreSQL may then settle on a generic plan, which hashed
     a sequential scan of asset_access for every list (rules._probe). Whatever the plan, those two EXISTS stay
     per-photo probes."""
     import re
 
-    if gw.db.dialect != "postgresql":
-        import pytest
-
-        pytest.skip("generic plans are PostgreSQL's")
     from sqlalchemy import func
 
     world = build_access_matrix(gw, with_blobs=False)
