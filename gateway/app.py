@@ -11,9 +11,9 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError
 
 from gateway.api import consents, patients, photos, upload
-from gateway.api.security import verifier_for
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
+from gateway.http.security import verifier_for
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import no_nul, parse_patient
 from gateway.api.schemas import ConsentList, ConsentOut, errors
-from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import consents
 from gateway.core.consents import ConsentView
 from gateway.core.identity import Subject
 from gateway.core.refusals import Refused
+from gateway.http.errors import http_error
+from gateway.http.security import gateway_of, require_subject, what
 
 router = APIRouter(prefix="/api/v1/consents", tags=["consents"])
 

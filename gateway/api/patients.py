@@ -14,16 +14,16 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import parse_patient
 from gateway.api.schemas import PatientList, PatientOut, errors
-from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import patient_views
 from gateway.core.identity import Subject
 from gateway.core.patient_views import PatientView
 from gateway.core.policy.rules import resolve
 from gateway.core.refusals import Kind, Refused
+from gateway.http.errors import http_error
+from gateway.http.security import gateway_of, require_subject, what
 
 router = APIRouter(prefix="/api/v1/patients", tags=["patients"])
 

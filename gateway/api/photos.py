@@ -17,15 +17,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from gateway.api.errors import http_error
 from gateway.api.json import iso, patient_link
 from gateway.api.params import parse_patient
 from gateway.api.schemas import AccessList, PhotoOut, PhotoPage, SensitivityOut, errors
-from gateway.api.security import gateway_of, require_subject, what
 from gateway.core import access
 from gateway.core.access import PhotoView, StoreFault
 from gateway.core.identity import Subject
 from gateway.core.refusals import Refused
+from gateway.http.errors import http_error
+from gateway.http.security import gateway_of, require_subject, what
 from store.models import Asset, AssetAccess
 
 router = APIRouter(prefix="/api/v1/photos", tags=["photos"])

@@ -28,10 +28,8 @@ from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from gateway.api.errors import challenge
 from gateway.api.json import patient_link
 from gateway.api.schemas import WHEN, Problem, UploadOut, UploadProblem
-from gateway.api.security import gateway_of, require_subject
 from gateway.core import patient_views
 from gateway.core.identity import Subject
 from gateway.core.ingest import errors
@@ -40,6 +38,8 @@ from gateway.core.ingest.limits import mib
 from gateway.core.ingest.metadata import json_key, parse_metadata
 from gateway.core.ingest.pipeline import IngestResult, audit_refusal, ingest, uncovered, uploader
 from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
+from gateway.http.errors import challenge
+from gateway.http.security import gateway_of, require_subject
 from store.spool import Spool
 
 if TYPE_CHECKING:

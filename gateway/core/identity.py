@@ -8,7 +8,7 @@ Modes (settings.auth.mode):
 
 Protocol-free: the doors hand in a token or a DICOM association's AE titles and
 address and get a Subject or a refusal with a kind (the HTTP door reads the
-token and purpose headers, see gateway/api/security.py; the DICOM door maps
+token and purpose headers, see gateway/http/security.py; the DICOM door maps
 peer refusals to A-ASSOCIATE-RJ reasons). What a Subject may see is the
 policy's business (gateway/core/policy/rules.py).
 """

@@ -1,4 +1,4 @@
-"""The REST door's one table from the core's refusal kinds to HTTP answers."""
+"""The one table from the core's refusal kinds to HTTP statuses, for every HTTP door."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who is calling the REST door: the bearer token (or API key) and the purpose-of-use headers, as FastAPI
+"""Who is calling an HTTP door: the bearer token (or API key) and the purpose-of-use headers, as FastAPI
 dependencies. Tokens are checked by the core (gateway/core/identity.py); this module reads HTTP."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.api.errors import challenge, http_error
 from gateway.core import access, access_audit
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthError, AuthUnavailable, Subject, TokenVerifier
 from gateway.core.refusals import Refused
+from gateway.http.errors import challenge, http_error
 
 log = logging.getLogger(__name__)
 
