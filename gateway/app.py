@@ -13,6 +13,7 @@ from sqlalchemy.exc import DataError
 from gateway.api import consents, patients, photos, upload
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
+from gateway.fhir.app import create_fhir_app
 from gateway.http.security import verifier_for
 
 log = logging.getLogger(__name__)
@@ -88,4 +89,6 @@ def create_app(gw: Gateway) -> FastAPI:
     app.include_router(photos.router)
     app.include_router(consents.router)
     app.include_router(patients.router)
+    # the EPR door: its own app under /fhir, so every error there is an OperationOutcome
+    app.mount("/fhir", create_fhir_app(gw))
     return app

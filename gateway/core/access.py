@@ -49,7 +49,7 @@ from gateway.core.policy.rules import (
 )
 from gateway.core.refusals import Kind, Refused
 from store import audit
-from store.models import Asset, AssetAccess, Consent, Patient
+from store.models import Asset, AssetAccess, Consent, Encounter, Patient
 from store.patients import survivor
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class PhotoView:
     consent: ConsentSummary | None
     original_allowed: bool
     patient: str  # the patient's public id
+    encounter: tuple[str, str] | None = None  # the encounter's visit number: (its system, the number)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def newest_first() -> tuple[ColumnElement[Any], ColumnElement[Any]]:
     return func.coalesce(Asset.taken_at, Asset.created_at).desc(), Asset.id.desc()
 
 
-def _views(session: Session, assets: list[Asset], original: bool) -> list[PhotoView]:
+def views_of(session: Session, assets: list[Asset], original: bool) -> list[PhotoView]:
+    """The photos as PhotoViews: the consent covering each, the patient's public id (one query each)."""
     if not assets:
         return []
     links = linked_consents(session, [a.id for a in assets])
@@ -137,7 +139,15 @@ def _views(session: Session, assets: list[Asset], original: bool) -> list[PhotoV
     consents = list(session.scalars(select(Consent).where(cond)))
     public = {pid: public_id for pid, public_id in session.execute(select(Patient.id, Patient.public_id)
                                                                     .where(Patient.id.in_(patients)))}
-    return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original, public[a.patient_id])
+    encounter_ids = {a.encounter_id for a in assets if a.encounter_id is not None}
+    visits: dict[int, tuple[str, str]] = {}
+    if encounter_ids:
+        for eid, system, number in session.execute(select(Encounter.id, Encounter.visit_system, Encounter.visit_number)
+                                                   .where(Encounter.id.in_(sorted(encounter_ids)))):
+            if number:
+                visits[eid] = (system, number)
+    return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original, public[a.patient_id],
+                      visits.get(a.encounter_id) if a.encounter_id is not None else None)
             for a in assets]
 
 
@@ -172,7 +182,7 @@ def search(
                 scope.append(Asset.laterality == laterality)
             total = session.scalar(select(func.count()).select_from(Asset).where(*scope)) or 0
             assets = list(session.scalars(select(Asset).where(*scope).order_by(*newest_first()).limit(limit).offset(offset)))
-            views = _views(session, assets, may_see_original(ctx.subject, gw.settings.policy))
+            views = views_of(session, assets, may_see_original(ctx.subject, gw.settings.policy))
         session.expunge_all()  # the rows stay readable after the read transaction ends
     results = {patient_id: [v.asset.id for v in views]} if patient_id is not None and views else {}
     access_audit.record_search(gw, ctx, query=query, results=results, channel=channel)
@@ -199,7 +209,7 @@ def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> Photo
     with gw.db.read() as session:
         asset = session.scalars(select(Asset).where(Asset.id == photo_id, filter_for(ctx, policy))).first()
         if asset is not None:
-            view = _views(session, [asset], may_see_original(ctx.subject, policy))[0]
+            view = views_of(session, [asset], may_see_original(ctx.subject, policy))[0]
             session.expunge_all()
             return view
         decision = decide_in(session, ctx, policy, photo_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.core import access_audit, patient_refs
@@ -158,3 +158,92 @@ def by_id(gw: Gateway, ctx: AccessContext, public_id: str, what: str) -> Patient
     with gw.db.read() as session:
         row = session.scalar(select(Patient).where(Patient.public_id == public_id)) if len(public_id) <= 32 else None
         return _shown(gw, ctx, session, row, reach, what)
+
+
+@dataclass(frozen=True)
+class PatientCriteria:
+    """A patient search; every field narrows (None: not asked)."""
+
+    public_ids: list[str] | None = None
+    identifier: tuple[str, str] | None = None  # (system or alias, value)
+    family: str | None = None  # starts with, case-insensitive (FHIR string matching)
+    given: str | None = None
+    birth_date: date | None = None
+
+
+def search(gw: Gateway, ctx: AccessContext, criteria: PatientCriteria, *, limit: int, query: str) -> list[PatientView]:
+    """The live patients matching the criteria that the caller may know (the need-to-know rule inside the query;
+    a patient/ scope reaches the token's patient only), audited as a search with one entry per patient found."""
+    reach = _reach(gw, ctx, "s", query)
+    where = [Patient.merged_into_id.is_(None), knows_patient(ctx, gw.settings.policy, Patient.id)]
+    if criteria.public_ids is not None:
+        where.append(Patient.public_id.in_(sorted(set(criteria.public_ids))))
+    if criteria.family:
+        where.append(func.lower(Patient.family_name).startswith(criteria.family.lower(), autoescape=True))
+    if criteria.given:
+        where.append(func.lower(Patient.given_names).startswith(criteria.given.lower(), autoescape=True))
+    if criteria.birth_date is not None:
+        where.append(Patient.birth_date == criteria.birth_date)
+    if reach == "patient":
+        named = str(ctx.subject.patient or "").removeprefix("Patient/")
+        where.append(or_(Patient.public_id == named, Patient.id == int(named)) if named.isdigit() else Patient.public_id == named)
+    with gw.db.read() as session:
+        if criteria.identifier is not None:
+            try:
+                system, value = patient_refs.resolve(session, *criteria.identifier)
+                if system != patient_refs.NHS_SYSTEM:
+                    patient_refs.check_known_system(session, system)
+            except patient_refs.BadPatientRef as exc:
+                raise access_audit.refuse(gw, ctx, query, Refused(Kind.BAD_REQUEST, f"identifier: {exc}")) from None
+            where.append(Patient.id.in_(select(PatientIdentifier.patient_id).where(
+                PatientIdentifier.system == system, PatientIdentifier.value == value)))
+        rows = list(session.scalars(select(Patient).where(*where).order_by(Patient.family_name, Patient.id).limit(limit)))
+        views = [_view(session, p) for p in rows]
+        row_ids = [p.id for p in rows]
+    access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="E", subtype="search",
+                                                    patient_id=pid, entities=[{"type": "query", "id": query}])
+                            for pid in row_ids])
+    return views
+
+
+def row_ids_of(gw: Gateway, ctx: AccessContext, public_ids: list[str]) -> list[int]:
+    """The live records of the patients these public ids name (a merged id leads to its survivor), for photo
+    searches: the photo policy then decides what is seen, so an unknown id is simply no match."""
+    with gw.db.read() as session:
+        rows = session.scalars(select(Patient).where(Patient.public_id.in_(sorted(set(public_ids)))))
+        return sorted({live.id for p in rows if (live := survivor(session, p)) is not None})
+
+
+def row_ids_by_identifier(gw: Gateway, ctx: AccessContext, identifier: tuple[str, str], what: str) -> list[int]:
+    """The live record an identifier names (aliases nhs, mrn), for photo searches; an unknown system is refused."""
+    with gw.db.read() as session:
+        try:
+            found = patient_refs.find(session, *identifier)
+        except patient_refs.BadPatientRef as exc:
+            problem = str(exc)
+        else:
+            return [found.id] if found is not None else []
+    raise access_audit.refuse(gw, ctx, what, Refused(Kind.BAD_REQUEST, f"identifier: {problem}"))
+
+
+def encounter_ids(gw: Gateway, ctx: AccessContext, visit_numbers: list[str]) -> list[int]:
+    """The encounters with these visit numbers (any issuing system), for photo searches."""
+    with gw.db.read() as session:
+        return list(session.scalars(select(Encounter.id).where(Encounter.visit_number.in_(sorted(set(visit_numbers))))))
+
+
+def included(gw: Gateway, ctx: AccessContext, public_ids: list[str]) -> list[PatientView]:
+    """The patients of photos the caller was just shown (a search's _include): the photos' policy decided, and
+    the patient/ scope is checked again; each is audited as a Patient Record read."""
+    reach = scope_context(ctx.subject.scopes, "Patient", "r")
+    if reach is None:
+        return []  # the token may read photos, not patients: the include is left out, as FHIR allows
+    with gw.db.read() as session:
+        rows = list(session.scalars(select(Patient).where(Patient.public_id.in_(sorted(set(public_ids))))))
+        if reach == "patient":
+            rows = [p for p in rows if _is_token_patient(ctx, p)]
+        views = [_view(session, p) for p in rows]
+        row_ids = [p.id for p in rows]
+    access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="patient",
+                                                    patient_id=pid, entities=[{"type": "patient", "id": pid}]) for pid in row_ids])
+    return views

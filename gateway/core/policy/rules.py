@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import ColumnElement, DateTime, Exists, Select, and_, bindparam, false, or_, select, true
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import SQLCoreOperations
 
 from gateway.core.policy.settings import PURPOSES, PolicySettings
 from gateway.core.refusals import Kind, Refused
@@ -703,7 +704,7 @@ def governance_filter(ctx: AccessContext, settings: PolicySettings, asset: Any =
     return filter_for(ctx, settings, asset, skip=("consent", "sensitivity"))
 
 
-def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: ColumnElement[int] | int) -> ColumnElement[bool]:
+def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: SQLCoreOperations[int] | int) -> ColumnElement[bool]:
     """Need to know a patient's records beyond photos (consents): the specialty rule read per patient.
 
     True when the caller is not bound by the specialty rule (or breaks the glass), when the patient has a

@@ -147,6 +147,9 @@ class AuthSettings(BaseModel):
     leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat.")
     jwks_cache_seconds: int = Field(300, ge=0, description="How long keys fetched from jwks_url are reused before fetching again.")
     realm: str = Field("clinphoto", description="Realm named in WWW-Authenticate.")
+    # SMART discovery (/fhir/.well-known/smart-configuration): where clients get the tokens this gateway checks
+    authorization_endpoint: str | None = Field(None, description="The authorization server's OAuth2 authorize URL (SMART discovery).")
+    token_endpoint: str | None = Field(None, description="The authorization server's OAuth2 token URL (SMART discovery).")
 
     # claim names: identity providers spell them differently
     role_claim: str = Field("role", description=(
