@@ -48,7 +48,7 @@ def test_capability_statement_and_smart_configuration(gw, api):  # noqa: F811
     cap = valid(r.json())
     assert r.headers["content-type"].startswith("application/fhir+json") and cap["fhirVersion"] == "4.0.1"
     types = {res["type"]: res for res in cap["rest"][0]["resource"]}
-    assert set(types) == {"Patient", "Media", "DocumentReference", "Binary"}
+    assert set(types) == {"Patient", "Media", "DocumentReference", "Binary", "Consent", "AuditEvent"}
     assert {p["name"] for p in types["Media"]["searchParam"]} >= {"patient", "patient.identifier", "created", "site", "status"}
     assert types["Media"]["searchInclude"] == ["Media:patient"]
     smart = api.get("/fhir/.well-known/smart-configuration").json()

@@ -208,9 +208,16 @@ def caller(gw: Gateway, subject: Subject, perm: str, what: str) -> ConsentCaller
 
 
 def _within_reach(gw: Gateway, who: ConsentCaller, patient_id: int | None, what: str) -> None:
-    """A patient/ scope covers only the token's patient; an unknown patient is 'another patient' too."""
+    """A patient/ scope covers only the token's patient (named by public id, or by row id in older tokens); an
+    unknown patient is 'another patient' too."""
+    if who.reach != "patient":
+        return
     token_patient = str(who.ctx.subject.patient or "").removeprefix("Patient/")
-    if who.reach == "patient" and (patient_id is None or str(patient_id) != token_patient):
+    public = None
+    if patient_id is not None:
+        with gw.db.read() as session:
+            public = session.scalar(select(Patient.public_id).where(Patient.id == patient_id))
+    if patient_id is None or token_patient not in (str(patient_id), public):
         raise access_audit.refuse(gw, who.ctx, what, Refused(Kind.FORBIDDEN, "the token's patient/ scope is for another patient"),
                                   patient_id=patient_id)
 
@@ -337,6 +344,25 @@ def withdraw(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> Con
     except ConsentError as exc:
         raise Refused(Kind.CONFLICT, str(exc)) from None
     return _view(gw, withdrawn)
+
+
+def one(gw: Gateway, who: ConsentCaller, consent_id: str, what: str) -> ConsentView:
+    """One consent, for a caller with a need to know its patient; otherwise NOT_FOUND like a missing one."""
+    with gw.db.read() as session:
+        found = session.get(Consent, consent_id) if len(consent_id) <= 32 else None
+        patient_id = found.patient_id if found is not None else None
+        known = found is not None and bool(session.scalar(select(knows_patient(who.ctx, gw.settings.policy, found.patient_id))))
+        view = views(session, [found])[0] if found is not None and known else None
+    if who.reach == "patient":
+        _within_reach(gw, who, patient_id, what)
+    if view is None:
+        reason = "no such consent" if found is None else "no need to know this patient (specialty rule)"
+        raise access_audit.refuse(gw, who.ctx, what, Refused(Kind.NOT_FOUND, "consent not found", audit_reason=reason),
+                                  patient_id=patient_id)
+    access_audit.write(gw, [access_audit.make_entry(
+        who.ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="consent", patient_id=patient_id,
+        entities=[{"type": "patient", "id": patient_id}, {"type": "consent", "id": consent_id}])])
+    return view
 
 
 def for_patient(gw: Gateway, who: ConsentCaller, patient: tuple[str, str], what: str) -> list[ConsentView]:

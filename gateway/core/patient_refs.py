@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.core import nhs
 from store.models import Patient, PatientIdentifier
-from store.patients import find_patient
+from store.patients import find_patient, survivor
 
 NHS_SYSTEM = nhs.NHS_NUMBER_SYSTEM
 STATIC_ALIASES = {"nhs": NHS_SYSTEM, "nhs-number": NHS_SYSTEM}
@@ -27,6 +27,9 @@ ALIASES = (*STATIC_ALIASES, MRN_ALIAS)
 # the store's column widths (store/models.py PatientIdentifier): a longer value cannot match anything
 MAX_SYSTEM, MAX_VALUE = 200, 100
 EXAMPLE = "nhs|9449305552"
+# not an identifier system: a door that names a patient by its opaque id (FHIR's Patient/<id>) passes
+# (PUBLIC_ID, id) where others pass (system, value)
+PUBLIC_ID = "clinphoto:patient-id"
 
 
 class BadPatientRef(ValueError):
@@ -90,6 +93,9 @@ def resolve(session: Session, system: str, value: str) -> tuple[str, str]:
 def find(session: Session, system: str, value: str) -> Patient | None:
     """The live patient (through merges) a normalised reference names; None when nobody registered it. A system
     no patient has (nor the national NHS number) is refused as a mistake, not answered as an unknown patient."""
+    if system == PUBLIC_ID:
+        named = session.scalar(select(Patient).where(Patient.public_id == value)) if len(value) <= 32 else None
+        return survivor(session, named) if named is not None else None
     system, value = resolve(session, system, value)
     found = find_patient(session, system, value)
     if found is None and system != NHS_SYSTEM:

@@ -115,7 +115,7 @@ def _criteria(c: PhotoCriteria) -> list[ColumnElement[bool]]:
         where.append(Asset.status.in_(sorted(set(c.statuses))))
     key = sort_key()
     for r in c.taken:
-        parts = ([key >= _utc(r.lower)] if r.lower is not None else []) + ([key < _utc(r.upper)] if r.upper is not None else [])
+        parts = ([key >= utc(r.lower)] if r.lower is not None else []) + ([key < utc(r.upper)] if r.upper is not None else [])
         if parts:
             inside = and_(*parts)
             where.append(not_(inside) if r.outside else inside)
@@ -147,7 +147,7 @@ def search_photos(
     descending = newest == forward
     page_where = list(where)
     if cursor is not None:
-        at = _utc(cursor.moment)
+        at = utc(cursor.moment)
         after = or_(key < at, and_(key == at, Asset.id < cursor.photo_id)) if descending else \
             or_(key > at, and_(key == at, Asset.id > cursor.photo_id))
         page_where.append(after)
@@ -176,7 +176,7 @@ def search_photos(
     return PhotoPage(total=total, photos=views, next=nxt, previous=prev, patients=patients)
 
 
-def _utc(moment: datetime) -> datetime:
+def utc(moment: datetime) -> datetime:
     # stored times are UTC; SQLite compares them as text, so a bound must be UTC too
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -23,10 +23,10 @@ from gateway.core.patient_refs import NHS_SYSTEM
 from gateway.core.photo_search import Cursor, PhotoCriteria, PhotoPage, search_photos
 from gateway.core.policy.rules import resolve
 from gateway.core.refusals import Refused
-from gateway.fhir import capability, render
+from gateway.fhir import audit_events, capability, consents, render
+from gateway.fhir.common import Caller, base_url, fhir_response, query, what
 from gateway.fhir.outcome import FHIR_JSON, FhirError, operation_outcome
-from gateway.fhir.params import Query, birth_date, count_of, date_range, query_of, reference_id, split_or, token
-from gateway.http.security import authenticate, with_request_purpose
+from gateway.fhir.params import Query, birth_date, count_of, date_range, reference_id, split_or, token
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +39,6 @@ STATUS_OF: dict[str, dict[str, list[str]]] = {
     "media": {v: [k] for k, v in render.MEDIA_STATUS.items()},
     "document": {"current": ["active", "quarantined"], "entered-in-error": ["entered-in-error"]},
 }
-
-
-def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
-
-
-def base_url(request: Request) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}".rstrip("/")
-
-
-def _gw(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gw
-    return gw
-
-
-def caller(request: Request) -> Subject:
-    """The authenticated subject with the request's purpose of use; refusals as OperationOutcome (audited)."""
-    try:
-        subject = with_request_purpose(authenticate(request), request)
-    except HTTPException as exc:
-        raise FhirError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})) from None
-    try:
-        access.screen(_gw(request), subject, f"{request.method} {request.url.path}")
-    except Refused as refused:
-        raise FhirError.of(refused) from None
-    return subject
-
-
-Caller = Annotated[Subject, Depends(caller)]
 
 
 def create_fhir_app(gw: Gateway) -> FastAPI:
@@ -127,6 +98,9 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
     def smart_configuration() -> JSONResponse:
         return JSONResponse(capability.smart_configuration(gw.settings.auth))
 
+    app.include_router(consents.router)
+    app.include_router(audit_events.router)
+
     # -- Patient ------------------------------------------------------------------------------------------
 
     @app.get("/Patient/{patient_id}")
@@ -137,7 +111,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
 
     @app.get("/Patient")
     async def search_patients(request: Request, subject: Caller) -> JSONResponse:
-        q = _query(request)
+        q = query(request)
         q.check_known(PATIENT_PARAMS)
         count = count_of(q)
         criteria = patient_views.PatientCriteria(
@@ -147,7 +121,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
             birth_date=birth_date(b) if (b := q.one("birthdate")) else None,
         )
         ctx = resolve(subject, gw.settings.policy)
-        views = await run_in_threadpool(patient_views.search, gw, ctx, criteria, limit=count, query=_what(request))
+        views = await run_in_threadpool(patient_views.search, gw, ctx, criteria, limit=count, query=what(request))
         base = base_url(request)
         entries = [(render.patient(v), "match") for v in views]
         body = render.bundle(entries, base=base, total=len(views) if len(views) < count else None,
@@ -175,7 +149,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         return await _photo_search(request, subject, "DocumentReference")
 
     async def _photo_search(request: Request, subject: Caller, resource: str) -> JSONResponse:
-        q = _query(request)
+        q = query(request)
         q.check_known(MEDIA_PARAMS if resource == "Media" else DOCUMENT_PARAMS)
         includes = q.get("_include")
         for inc in includes:
@@ -191,9 +165,9 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         cursor = Cursor.parse(c) if (c := q.one("_cursor")) else None
         count = count_of(q)
         criteria = await run_in_threadpool(_photo_criteria, gw, subject, q, resource)
-        ctx = access.photo_request(gw, subject, "search", _what(request))
+        ctx = access.photo_request(gw, subject, "search", what(request))
         page: PhotoPage = await run_in_threadpool(
-            lambda: search_photos(gw, ctx, criteria, query=_what(request), count=0 if summary == "count" else count,
+            lambda: search_photos(gw, ctx, criteria, query=what(request), count=0 if summary == "count" else count,
                                   order=order_by[sort], cursor=cursor, channel="fhir"))  # type: ignore[arg-type]
         base = base_url(request)
         make = render.media if resource == "Media" else render.document_reference
@@ -216,8 +190,8 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         if asked not in renditions:
             raise FhirError(400, f"_rendition={asked}: one of preview, thumbnail (or none for the original)")
         rendition = renditions[asked]
-        ctx = access.photo_request(gw, subject, "read", _what(request))
-        stored = await run_in_threadpool(access.image, gw, ctx, photo_id, rendition, _what(request))
+        ctx = access.photo_request(gw, subject, "read", what(request))
+        stored = await run_in_threadpool(access.image, gw, ctx, photo_id, rendition, what(request))
         accept = request.headers.get("accept", "")
         etag = f'"{photo_id}-{rendition}"'
         headers = {"Cache-Control": "private, no-store", "ETag": etag, "X-Content-Type-Options": "nosniff"}
@@ -232,14 +206,6 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         return FileResponse(stored.path, media_type=stored.media_type, headers=headers)
 
     return app
-
-
-def _query(request: Request) -> Query:
-    return query_of(list(request.query_params.multi_items()), request.headers.get("prefer"))
-
-
-def _what(request: Request) -> str:
-    return f"{request.method} {request.url.path}?{request.url.query}" if request.url.query else f"{request.method} {request.url.path}"
 
 
 def _with_warnings(body: dict[str, Any], q: Query) -> JSONResponse:

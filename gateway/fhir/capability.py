@@ -58,6 +58,22 @@ RESOURCES = [
         "documentation": f"_sort date or -date (default); _summary=count; {_PAGING}",
     },
     {
+        "type": "Consent",
+        "interaction": [{"code": "read"}, {"code": "search-type"}, {"code": "create"}, {"code": "update"}],
+        "searchParam": [_param("patient", "reference", "Patient/<id> (required)"), _param("status", "token", "active, inactive")],
+        "documentation": "Levels as provision purposes (record: TREAT; teaching: + TRAIN, HRESCH; publication: + PUBLISH, a local "
+                         "code); who gave it as an extension; update may only withdraw (status inactive), If-Match honoured.",
+    },
+    {
+        "type": "AuditEvent",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "searchParam": [_param("patient", "reference", "the patient the record is about"), _param("agent", "token", "the user id"),
+                        _param("date", "date", "when recorded"), _param("entity", "reference", "e.g. Media/<id>"),
+                        _param("type", "token", "DICOM audit event id or rest"), _param("subtype", "token", "e.g. search, read"),
+                        _param("outcome", "token", "0, 4, 8, 12")],
+        "documentation": "For audit roles only (admin, privacy officer); IHE Basic Audit Log Patterns; reading the trail is audited.",
+    },
+    {
         "type": "Binary",
         "interaction": [{"code": "read"}],
         "documentation": "The image bytes (Accept an image type) or the Binary resource (Accept: application/fhir+json); "

@@ -19,6 +19,8 @@ Roles and what they may see (defaults; see PolicySettings):
 - researcher: purpose HRESCH. N photos under teaching consent.
 - integration-engineer, admin: no clinical images (no purposes); they run the
   gateway, its audit and its configuration.
+- privacy-officer: no clinical images; reads the audit trail (audit_roles) to
+  answer who saw a patient's photos.
 - system: a DICOM peer. Its purpose, sensitivities and specialties come from
   its entry in auth.dicom_peers.
 
@@ -42,7 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 PURPOSES = ("TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH")
-ROLES = ("clinician", "medical-illustration", "integration-engineer", "admin", "educator", "researcher", "system")
+ROLES = ("clinician", "medical-illustration", "integration-engineer", "admin", "privacy-officer", "educator", "researcher", "system")
 SENSITIVITIES = ("N", "R", "V")
 
 Purpose = Literal["TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH"]
@@ -60,6 +62,7 @@ def _default_role_purposes() -> dict[str, list[Purpose]]:
         "researcher": ["HRESCH"],
         "integration-engineer": [],
         "admin": [],
+        "privacy-officer": [],
         "system": ["TREAT", "ETREAT", "TRAIN", "HRESCH", "PUBLISH"],
     }
 
@@ -84,6 +87,7 @@ def _default_role_sensitivities() -> dict[str, list[RoleSensitivity]]:
         "researcher": ["N"],
         "integration-engineer": [],
         "admin": [],
+        "privacy-officer": [],
         "system": ["N"],
     }
 
@@ -153,8 +157,8 @@ class AuthSettings(BaseModel):
 
     # claim names: identity providers spell them differently
     role_claim: str = Field("role", description=(
-        "Claim holding the role (one of clinician, medical-illustration, integration-engineer, admin, educator, researcher); a list takes its "
-        "first known role."
+        "Claim holding the role (one of clinician, medical-illustration, integration-engineer, admin, privacy-officer, educator, "
+        "researcher); a list takes its first known role."
     ))
     name_claim: str = Field("name", description="Claim holding the display name.")
     specialties_claim: str = Field(
@@ -262,6 +266,10 @@ class PolicySettings(BaseModel):
     governance_roles: list[str] = Field(
         default_factory=lambda: ["medical-illustration"],
         description="Roles that may set a photo's sensitivity and its access list (who may see a V photo).",
+    )
+    audit_roles: list[str] = Field(
+        default_factory=lambda: ["admin", "privacy-officer"],
+        description="Roles that may read the audit trail through the doors (FHIR AuditEvent).",
     )
     visible_statuses: list[str] = Field(
         default_factory=lambda: ["active"],
