@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# the test-only node packages (package-lock.json: medplum's R4 validator, tests/fhir_validate.mjs)
+NODE_STAMP := node_modules/.installed
 
 .PHONY: run test lint install debian-packages clean bench
 
@@ -20,8 +22,16 @@ run: $(STAMP)
 	$(VENV)/bin/clinphoto serve --welcome
 
 ## make test: lint, then the whole test suite (the same on a newcomer's machine as in CI)
-test: $(STAMP) debian-packages lint
+test: $(STAMP) debian-packages $(NODE_STAMP) lint
 	$(PY) -m pytest
+
+# exactly the versions package-lock.json names; without npm the tests that need these skip (fail under CI) and say so
+$(NODE_STAMP): package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \
+	else \
+	  echo "make test: npm not found, medplum's FHIR validator is not installed; install Node.js 20.19+ with npm" >&2; \
+	fi
 
 # The Debian tools the tests use (dcmtk, dciodvfy, jpegtran, exiftool, PostgreSQL server binaries...):
 # installed when missing and we are root (CI is), else the exact command to install them is printed.
@@ -47,4 +57,4 @@ bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis node_modules
