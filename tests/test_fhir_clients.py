@@ -13,6 +13,8 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pytest
+from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+from fhir.resources.R4B.consent import Consent as FhirConsent
 from fhirclient.auth import FHIROAuth2Auth
 from fhirclient.client import FHIRClient
 from fhirclient.models.bundle import Bundle as ClientBundle
@@ -21,10 +23,14 @@ from fhirpy import SyncFHIRClient
 from sqlalchemy import select
 
 from store.models import Asset, Encounter, Patient, PatientIdentifier
-from tests.auth_helpers import token_for
+from tests.auth_helpers import auth_headers, token_for
 from tests.conftest import IN_CI, require_tool
-from tests.test_fhir import NHS, _photos_world, valid
+from tests.test_fhir import MODELS, NHS, _photos_world, valid
 from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
+
+# valid() checks with these models too (as tests/test_fhir_governance.py adds them)
+MODELS.setdefault("Consent", FhirConsent)
+MODELS.setdefault("AuditEvent", FhirAuditEvent)
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATOR = ROOT / "tests" / "fhir_validate.mjs"
@@ -160,12 +166,16 @@ def _bodies(gw, api) -> dict[str, dict]:  # noqa: F811
         a.view, a.photographer, a.device, a.description = "close-up", "M. Illustrator", "Dermlite DL5", "Naevus, left forearm"
         a.width, a.height, a.original_filename, a.body_site_display = 4000, 3000, "IMG_0001.JPG", "Skin of forearm"
         a.preview_sha256 = preview.sha256
-    headers = {"Authorization": f"Bearer {_token(gw)}"}
+    derm = {"Authorization": f"Bearer {_token(gw)}"}
+    mi = auth_headers(gw, role="medical-illustration", sub="mi.jones")  # consents are theirs to keep
+    privacy = auth_headers(gw, role="privacy-officer", sub="po.smith")  # the audit trail is theirs to read
 
-    def get(path: str, status: int = 200, accept: str = "application/fhir+json", **params) -> dict:
-        r = api.get(f"/fhir/{path}", params=params, headers={**headers, "Accept": accept})
+    def get(path: str, status: int = 200, headers: dict = derm, **params) -> dict:
+        r = api.get(f"/fhir/{path}", params=params, headers={**headers, "Accept": "application/fhir+json"})
         assert r.status_code == status, r.text
         return valid(r.json())
+
+    consents = get("Consent", headers=mi, patient=patient.public_id)
 
     bodies = {
         "CapabilityStatement": get("metadata"),
@@ -179,14 +189,19 @@ def _bodies(gw, api) -> dict[str, dict]:  # noqa: F811
         "Bundle _summary=count": get("Media", patient=patient.public_id, _summary="count"),
         "Bundle with an outcome entry": get("Media", patient=patient.public_id, colour="red"),
         "OperationOutcome": get("Media/nope", 404),
+        "Consent": get(f"Consent/{consents['entry'][0]['resource']['id']}", headers=mi),
+        "Bundle Consent": consents,
+        # last: the reads and searches above are on the trail, the searches with their query
+        "Bundle AuditEvent": get("AuditEvent", headers=privacy, patient=f"Patient/{patient.public_id}"),
     }
     assert {"encounter", "operator", "note", "deviceName", "height", "view"} <= set(bodies["Media"])  # the optional ones are there
+    assert {e["resource"]["action"] for e in bodies["Bundle AuditEvent"]["entry"]} >= {"R", "E"}
     return bodies
 
 
 KINDS = ["CapabilityStatement", "Patient", "Media", "DocumentReference", "Binary", "Bundle Media _include",
          "Bundle DocumentReference _include", "Bundle Patient", "Bundle _summary=count", "Bundle with an outcome entry",
-         "OperationOutcome"]
+         "OperationOutcome", "Consent", "Bundle Consent", "Bundle AuditEvent"]
 # (body, medplum's report) by backend and kind: built and validated in one node run by the first test of a backend
 # (node and the definitions take a second or two to load), then looked up by the others; a test run alone builds its own
 _checked: dict[str, dict[str, tuple[dict, dict]]] = {}
