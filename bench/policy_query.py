@@ -59,12 +59,13 @@ CONSENT_COLUMNS = ("id", "patient_id", "level", "given_by", "status", "withdrawn
 
 
 class Rows:
-    """Every row of a store of `photos` photos, made once per size (both backends get the same store)."""
+    """Every row of a store of `photos` photos, `per_patient` each, made once per size (both backends get the same
+    store). bench/fhir_search.py reuses it with 10 per patient."""
 
-    def __init__(self, photos: int, seed: int = 7) -> None:
+    def __init__(self, photos: int, seed: int = 7, per_patient: int = PER_PATIENT) -> None:
         rng = random.Random(seed)
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        n_patients = max(1, photos // PER_PATIENT)
+        n_patients = max(1, photos // per_patient)
         self.patients = [(p, f"P{p}", now, now) for p in range(1, n_patients + 1)]
         self.encounters = [(p, p, "B", f"V{p}", rng.choice(SPECIALTIES), rng.choice(["in-progress", "finished"]), now, now)
                            for p in range(1, n_patients + 1)]
@@ -77,7 +78,7 @@ class Rows:
             if rng.random() < 0.9:
                 self.consents.append((uuid.uuid4().hex, p, rng.choice(["record", "teaching", "publication"]), "patient",
                                       rng.choice(["active"] * 9 + ["withdrawn"]), now - timedelta(days=5), "patient", now, now))
-            for _ in range(PER_PATIENT):
+            for _ in range(per_patient):
                 aid = uuid.uuid4().hex
                 created = now - timedelta(days=rng.randint(0, 900))
                 self.assets.append((
@@ -252,19 +253,25 @@ class PgSchema:
         self.admin.dispose()
 
 
+def seed(db: Database, rows: Rows) -> float:
+    """The rows into a migrated, empty store, checked and analysed; the seconds the seeding took."""
+    t = time.perf_counter()
+    (seed_postgres if db.dialect == "postgresql" else seed_sqlite)(db, rows)
+    seeded = time.perf_counter() - t
+    with db.engine.connect() as conn:  # planner statistics, as a live database has them
+        stored = conn.exec_driver_sql("SELECT count(*) FROM assets").scalar()
+        if stored != len(rows.assets):
+            raise SystemExit(f"{db.dialect}: {stored} photos stored, {len(rows.assets)} seeded")
+        conn.exec_driver_sql("ANALYZE")
+        conn.commit()
+    return seeded
+
+
 def run_backend(name: str, url: str, rows: Rows, args: argparse.Namespace) -> dict[str, Any]:
     db = Database(url)
     try:
         upgrade(db)
-        t = time.perf_counter()
-        (seed_postgres if db.dialect == "postgresql" else seed_sqlite)(db, rows)
-        seeded = time.perf_counter() - t
-        with db.engine.connect() as conn:  # planner statistics, as a live database has them
-            stored = conn.exec_driver_sql("SELECT count(*) FROM assets").scalar()
-            if stored != len(rows.assets):
-                raise SystemExit(f"{name}: {stored} photos stored, {len(rows.assets)} seeded")
-            conn.exec_driver_sql("ANALYZE")
-            conn.commit()
+        seeded = seed(db, rows)
         result: dict[str, Any] = {"backend": name, "seed_s": seeded, **measure(db, rows, args.runs, args.count)}
         if db.dialect == "postgresql":
             result["plan"] = generic_plan(db, rows)
