@@ -26,7 +26,9 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
@@ -37,8 +39,27 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A moment, written as UTC and read back aware, on both backends. SQLite keeps a datetime's wall-clock text
+    and drops its offset, while PostgreSQL converts: a photo taken at 14:22+01:00 read back 14:22 on one and
+    13:22 on the other. A naive value is taken as UTC (what SQLite reads back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True)}
+    type_annotation_map = {datetime: UtcDateTime()}
 
 
 class Patient(Base):
@@ -173,6 +194,11 @@ class Asset(Base):
     media_type: Mapped[str] = mapped_column(String(100))
     original_kept: Mapped[bool] = mapped_column(Boolean, default=True)
     original_filename: Mapped[str | None] = mapped_column(String(255))
+    # base64 SHA-1 of the original and of the preview, and the preview's size: what a FHIR Attachment states
+    # about the bytes at its url (worked out at ingest; none for photos stored before migration 0004)
+    sha1: Mapped[str | None] = mapped_column(String(28))
+    preview_sha1: Mapped[str | None] = mapped_column(String(28))
+    preview_size: Mapped[int | None] = mapped_column(BigInteger)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     # derived objects (blob hashes), all free of location and owner metadata

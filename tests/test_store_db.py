@@ -142,3 +142,21 @@ def test_migrations_run_on_a_store_holding_data(database_url):
             s.flush()
         s.rollback()
     db.dispose()
+
+
+def test_a_moment_reads_back_as_the_same_utc_instant_on_both_backends(db):
+    """SQLite kept a datetime's wall clock and dropped its offset while PostgreSQL converted it: the same photo had
+    two taken-at times. Every moment is written as UTC and read back aware."""
+    from datetime import datetime, timedelta, timezone
+
+    plus_one = timezone(timedelta(hours=1))
+    with db.write() as s:
+        p = Patient(family_name="T", deceased_at=datetime(2024, 3, 5, 14, 22, 31, tzinfo=plus_one))
+        s.add(p)
+        s.flush()
+        pid = p.id
+    with db.read() as s:
+        back = s.get(Patient, pid).deceased_at
+        found = s.scalar(select(Patient.id).where(Patient.deceased_at == datetime(2024, 3, 5, 13, 22, 31, tzinfo=timezone.utc)))
+    assert back == datetime(2024, 3, 5, 13, 22, 31, tzinfo=timezone.utc) and back.utcoffset() == timedelta(0)
+    assert found == pid  # compared as the same instant in a query too

@@ -23,6 +23,7 @@ Refusals raise IngestRejected (nothing stored) after writing a failure audit rec
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import json
@@ -410,7 +411,7 @@ def _write_dicom(gw: Gateway, prepared: Prepared, ctx: _Context, gov: Governance
         series=vlphoto.SeriesInfo(uid=ctx.series_uid, number=ctx.series_number, description="Clinical photographs",
                                   operator=gov.photographer),
         image=vlphoto.ImageInfo(
-            sop_instance_uid=sop_uid, instance_number=instance, taken_at=facts.taken_at or gov.taken_at,
+            sop_instance_uid=sop_uid, instance_number=instance, taken_at=_instant(facts.taken_at or gov.taken_at),
             comments=comments, derived=prepared.derived, derivation=prepared.derivation,
         ),
         equipment=vlphoto.Equipment(manufacturer=facts.make, model=facts.model or gov.device, software=facts.software),
@@ -574,6 +575,27 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     return result
 
 
+def sha1_base64(data: bytes | Path) -> str:
+    """FHIR Attachment.hash: the base64 of the SHA-1 of the bytes (of a file, read in 1 MiB chunks)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    if isinstance(data, bytes):
+        digest.update(data)
+    else:
+        with open(data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _instant(moment: datetime | None) -> datetime | None:
+    """A time as a UTC instant. A camera's EXIF time without an offset (or a sender's time without a zone) is the
+    gateway host's local time, as for a DICOM object without TimezoneOffsetFromUTC: left naive, SQLite kept it as
+    written while PostgreSQL read it in the session's zone, so the same photo had two times."""
+    if moment is None:
+        return None
+    return (moment.astimezone() if moment.tzinfo is None else moment).astimezone(timezone.utc)
+
+
 def _as_existing(a: Asset, filename: str | None = None) -> StoredPhoto:
     return StoredPhoto(
         asset_id=a.id, status=EXISTING, sha256=a.sha256, media_type=a.media_type, study_uid=a.study_uid,
@@ -616,11 +638,12 @@ def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, ses
     thumb_sha = writer.put_bytes(p.renditions.thumbnail)
     site = gov.body_site
     row = Asset(
+        sha1=sha1_base64(item.path), preview_sha1=sha1_base64(p.renditions.preview), preview_size=len(p.renditions.preview),
         study_uid=ctx.study_uid, series_uid=ctx.series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=number,
         sha256=entry.sha256, size=p.size, media_type=p.media_type, original_kept=settings.keep_originals,
         width=p.width, height=p.height, dicom_sha256=dicom_sha, dicom_size=dicom_size, dicom_transfer_syntax=ts,
-        preview_sha256=preview_sha, thumbnail_sha256=thumb_sha, taken_at=p.facts.taken_at or gov.taken_at,
+        preview_sha256=preview_sha, thumbnail_sha256=thumb_sha, taken_at=_instant(p.facts.taken_at or gov.taken_at),
         body_site_code=site.code if site else None, body_site_display=site.meaning if site else None,
         laterality=site.laterality if site else None,
         device=gov.device or " ".join(x for x in (p.facts.make, p.facts.model) if x) or None,
@@ -648,12 +671,13 @@ def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Con
     site = gov.body_site
     code, display = (site.code, site.meaning) if site else (obj.body_site or (None, None))
     row = Asset(
+        sha1=sha1_base64(obj.path), preview_sha1=sha1_base64(rends.preview), preview_size=len(rends.preview),
         study_uid=obj.study_uid, series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid,
         sop_class_uid=obj.sop_class_uid, instance_number=obj.instance_number,
         sha256=entry.sha256, size=obj.size, media_type=received.MEDIA_TYPE, original_kept=True,
         width=obj.columns, height=obj.rows, dicom_sha256=entry.sha256, dicom_size=obj.size,
         dicom_transfer_syntax=obj.transfer_syntax, preview_sha256=preview_sha, thumbnail_sha256=thumb_sha,
-        taken_at=obj.taken_at or gov.taken_at, body_site_code=code, body_site_display=display,
+        taken_at=_instant(obj.taken_at or gov.taken_at), body_site_code=code, body_site_display=display,
         laterality=site.laterality if site else obj.laterality, device=gov.device or obj.device,
         photographer=gov.photographer or obj.operator,
     )
