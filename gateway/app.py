@@ -57,6 +57,13 @@ def create_app(gw: Gateway) -> FastAPI:
             return JSONResponse({"detail": NUL_IN_URL}, status_code=400)
         return await call_next(request)
 
+    @app.middleware("http")
+    async def fhir_base(request: Request, call_next):
+        # FHIR clients post transactions to the base URL itself (/fhir), which the mounted FHIR app sees as /fhir/
+        if request.scope["path"] == "/fhir":
+            request.scope["path"], request.scope["raw_path"] = "/fhir/", b"/fhir/"
+        return await call_next(request)
+
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:
         # the last line of defence behind the checks at the edge: a value the database refused is the

@@ -31,7 +31,8 @@ def valid(body: dict) -> dict:
     """The body parses as the R4 resource it says it is (and every resource inside a Bundle too)."""
     MODELS[body["resourceType"]].model_validate(body)
     for entry in body.get("entry", []):
-        MODELS[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+        if "resource" in entry:  # a transaction-response's entries may carry a response only
+            MODELS[entry["resource"]["resourceType"]].model_validate(entry["resource"])
     return body
 
 
@@ -213,6 +214,12 @@ def test_search_parameters(gw, api):  # noqa: F811
     assert found(encounter="Encounter/VP1") == []  # photos not filed under that visit
     count = valid(api.get("/fhir/Media", params={"patient": patient.public_id, "_summary": "count"}, headers=derm).json())
     assert count["total"] == 6 and "entry" not in count
+    no_total = valid(api.get("/fhir/Media", params={"patient": patient.public_id, "_total": "none"}, headers=derm).json())
+    assert "total" not in no_total and len(no_total["entry"]) == 6
+    slim = valid(api.get("/fhir/Media", params={"patient": patient.public_id, "_elements": "bodySite,createdDateTime"},
+                         headers=derm).json())["entry"][0]["resource"]
+    assert set(slim) == {"resourceType", "id", "meta", "bodySite", "createdDateTime", "status", "content"}  # + the mandatory
+    assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"} in slim["meta"]["tag"]
     m = valid(api.get(f"/fhir/Media/{ids[1]}", headers=derm).json())
     assert m["bodySite"]["coding"][0]["code"] == "14975008:272741003=7771000" and m["subject"]["reference"] == f"Patient/{patient.public_id}"
     assert m["createdDateTime"] == "2026-05-01T09:01:00.000Z" and m["identifier"][0]["value"] == "urn:oid:1.9.1.1"

@@ -20,10 +20,10 @@ from gateway.core.access import PhotoView
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
 from gateway.core.patient_refs import NHS_SYSTEM
-from gateway.core.photo_search import Cursor, PhotoCriteria, PhotoPage, search_photos
+from gateway.core.photo_search import Cursor, Order, PhotoCriteria, PhotoPage, search_photos
 from gateway.core.policy.rules import resolve
 from gateway.core.refusals import Refused
-from gateway.fhir import audit_events, capability, consents, render
+from gateway.fhir import audit_events, capability, consents, ingest, render
 from gateway.fhir.common import Caller, base_url, fhir_response, query, what
 from gateway.fhir.outcome import FHIR_JSON, FhirError, operation_outcome
 from gateway.fhir.params import Query, birth_date, count_of, date_range, reference_id, split_or, token
@@ -100,6 +100,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
 
     app.include_router(consents.router)
     app.include_router(audit_events.router)
+    app.include_router(ingest.router)
 
     # -- Patient ------------------------------------------------------------------------------------------
 
@@ -158,20 +159,25 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         summary = q.one("_summary")
         if summary not in (None, "count", "false"):
             raise FhirError(400, f"_summary={summary} is not supported (count, false)")
-        sort = q.one("_sort") or "-created" if resource == "Media" else q.one("_sort") or "-date"
-        order_by = {"created": "oldest", "-created": "newest", "date": "oldest", "-date": "newest"}
+        sort = q.one("_sort") or ("-created" if resource == "Media" else "-date")
+        order_by: dict[str, Order] = {"created": "oldest", "-created": "newest", "date": "oldest", "-date": "newest"}
         if sort not in order_by:
             raise FhirError(400, f"_sort={sort} is not supported (created, -created for Media; date, -date for DocumentReference)")
         cursor = Cursor.parse(c) if (c := q.one("_cursor")) else None
         count = count_of(q)
+        total_mode = q.one("_total") or "accurate"
+        if total_mode not in ("none", "estimate", "accurate"):
+            raise FhirError(400, f"_total={total_mode}: one of none, estimate, accurate")
+        elements = elements_of(q, resource)
         criteria = await run_in_threadpool(_photo_criteria, gw, subject, q, resource)
-        ctx = access.photo_request(gw, subject, "search", what(request))
+        ctx = await run_in_threadpool(access.photo_request, gw, subject, "search", what(request))
         page: PhotoPage = await run_in_threadpool(
             lambda: search_photos(gw, ctx, criteria, query=what(request), count=0 if summary == "count" else count,
-                                  order=order_by[sort], cursor=cursor, channel="fhir"))  # type: ignore[arg-type]
+                                  order=order_by[sort], cursor=cursor, channel="fhir",
+                                  with_total=summary == "count" or total_mode != "none"))
         base = base_url(request)
         make = render.media if resource == "Media" else render.document_reference
-        entries = [] if summary == "count" else [(make(v, base), "match") for v in page.photos]
+        entries = [] if summary == "count" else [(render.only(make(v, base), elements), "match") for v in page.photos]
         if includes and page.photos:
             entries += [(render.patient(p), "include") for p in await run_in_threadpool(_included_patients, gw, subject, page)]
         links = {"self": str(request.url)}
@@ -190,7 +196,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         if asked not in renditions:
             raise FhirError(400, f"_rendition={asked}: one of preview, thumbnail (or none for the original)")
         rendition = renditions[asked]
-        ctx = access.photo_request(gw, subject, "read", what(request))
+        ctx = await run_in_threadpool(access.photo_request, gw, subject, "read", what(request))
         stored = await run_in_threadpool(access.image, gw, ctx, photo_id, rendition, what(request))
         accept = request.headers.get("accept", "")
         etag = f'"{photo_id}-{rendition}"'
@@ -294,6 +300,14 @@ def _photo_criteria(gw: Gateway, subject: Subject, q: Query, resource: str) -> P
         encounters=encounters,
         statuses=statuses,
     )
+
+
+def elements_of(q: Query, resource: str) -> set[str] | None:
+    """_elements: the top-level elements to keep (id, meta and resourceType always stay); None: all."""
+    names = {v.strip() for g in split_or(q.get("_elements")) for v in g if v.strip()}
+    if not names:
+        return None
+    return {n.split(".", 1)[1] if n.startswith(f"{resource}.") else n for n in names}
 
 
 def _included_patients(gw: Gateway, subject: Subject, page: PhotoPage) -> list[patient_views.PatientView]:

@@ -38,7 +38,7 @@ RESOURCES = [
     },
     {
         "type": "Media",
-        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "interaction": [{"code": "read"}, {"code": "search-type"}, {"code": "create"}],
         "searchInclude": ["Media:patient"],
         "searchParam": [*_PHOTO_COMMON,
                         _param("created", "date", "eq, ne, gt, lt, ge, le, sa, eb; repeat for a range"),
@@ -99,7 +99,9 @@ def statement(base: str, auth: AuthSettings) -> dict[str, Any]:
         "implementation": {"description": "clinphoto clinical photo gateway", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{"mode": "server", "security": security, "resource": RESOURCES}],
+        "rest": [{"mode": "server", "security": security, "resource": RESOURCES,
+                  "interaction": [{"code": "transaction", "documentation": "IHE MHD Provide Document Bundle: Binary + "
+                                   "DocumentReference or Media (+ SubmissionSet List), stored whole or not at all"}]}],
     }
 
 

@@ -91,12 +91,13 @@ def body_site(view: PhotoView) -> dict[str, Any] | None:
 
 def attachment(view: PhotoView, base: str) -> dict[str, Any]:
     a = view.asset
+    size: int | None
     if view.original_allowed and a.original_kept:
-        content_type, size, url = a.media_type, a.size, f"{base}/Binary/{a.id}"
+        content_type, size, sha1, url = a.media_type, a.size, a.sha1, f"{base}/Binary/{a.id}"
     else:
-        # the caller may have the preview only: the attachment is what its url serves
-        content_type, size, url = "image/jpeg", None, f"{base}/Binary/{a.id}?_rendition=preview"
-    return _drop_empty({"contentType": content_type, "url": url, "size": size, "title": a.original_filename,
+        # the caller may have the preview only: the attachment describes what its url serves
+        content_type, size, sha1, url = "image/jpeg", a.preview_size, a.preview_sha1, f"{base}/Binary/{a.id}?_rendition=preview"
+    return _drop_empty({"contentType": content_type, "url": url, "size": size, "hash": sha1, "title": a.original_filename,
                         "creation": instant(a.taken_at)})
 
 
@@ -160,6 +161,22 @@ def document_reference(view: PhotoView, base: str) -> dict[str, Any]:
         "content": [{"attachment": attachment(view, base)}],
         "context": context,
     })
+
+
+# elements a resource must have (cardinality 1..1): kept whatever _elements asks, as FHIR says servers should
+MANDATORY = {"Media": {"status", "content"}, "DocumentReference": {"status", "content"}, "Patient": set()}
+
+
+def only(resource: dict[str, Any], elements: set[str] | None) -> dict[str, Any]:
+    """A search's _elements: the named top-level elements, and the mandatory ones, marked SUBSETTED as FHIR asks."""
+    if elements is None:
+        return resource
+    keep = elements | {"resourceType", "id", "meta"} | MANDATORY.get(resource["resourceType"], set())
+    kept = {k: v for k, v in resource.items() if k in keep}
+    meta = dict(kept.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}]
+    kept["meta"] = meta
+    return kept
 
 
 def bundle(entries: list[tuple[dict[str, Any], str]], *, base: str, total: int | None, links: dict[str, str]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Channel(StrEnum):
     IMPORT = "import"  # `clinphoto import` of a legacy archive
     DIMSE = "dimse"  # DICOM C-STORE from a peer
     STOW = "stow"  # DICOMweb STOW-RS
+    FHIR = "fhir"  # FHIR: a transaction Bundle (IHE MHD) or a Media with its image inline
     DEMO = "demo"  # `clinphoto demo`
 
 
