@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -13,15 +12,13 @@ from sqlalchemy.exc import DataError
 from gateway.api import consents, patients, photos, upload
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
+from gateway.edge import Edge
 from gateway.fhir.app import create_fhir_app
 from gateway.http.security import verifier_for
 
 log = logging.getLogger(__name__)
 
-NUL_IN_URL = "the request URL holds a NUL byte (%00); no identifier or parameter may contain one"
 BAD_VALUE = "a value in the request cannot be stored or compared (too long, or not valid for its field)"
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-            "font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'self'")
 API_DESCRIPTION = """Clinical photo gateway REST API. Every call needs `Authorization: Bearer <JWT>` (dev mode:
 `clinphoto token`). `X-Purpose-Of-Use` (TREAT, ETREAT, TRAIN, HRESCH, PUBLISH) and `X-Break-Glass: <reason>` (with
 ETREAT) say why the caller asks; every access, allowed or refused, is audited. Patients are named `system|value`
@@ -41,28 +38,7 @@ def create_app(gw: Gateway) -> FastAPI:
     except AuthUnavailable as exc:
         raise AuthUnavailable(f"auth: {exc}") from None
 
-    @app.middleware("http")
-    async def docs_stay_on_the_host(request: Request, call_next):
-        # Swagger UI and ReDoc come from the gateway; ReDoc's bundle still links its maker's logo on the web:
-        # the policy keeps every request of the docs pages on this host
-        response = await call_next(request)
-        if request.url.path in ("/api/docs", "/api/redoc"):
-            response.headers["Content-Security-Policy"] = DOCS_CSP
-        return response
-
-    @app.middleware("http")
-    async def refuse_nul_in_url(request: Request, call_next):
-        # PostgreSQL text cannot hold NUL: refused at the edge for every door, with a message that says so
-        if "\x00" in request.url.path or b"\x00" in unquote_to_bytes(request.scope.get("query_string", b"").decode("latin-1")):
-            return JSONResponse({"detail": NUL_IN_URL}, status_code=400)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def fhir_base(request: Request, call_next):
-        # FHIR clients post transactions to the base URL itself (/fhir), which the mounted FHIR app sees as /fhir/
-        if request.scope["path"] == "/fhir":
-            request.scope["path"], request.scope["raw_path"] = "/fhir/", b"/fhir/"
-        return await call_next(request)
+    app.add_middleware(Edge)
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:

@@ -232,18 +232,16 @@ def encounter_ids(gw: Gateway, ctx: AccessContext, visit_numbers: list[str]) -> 
         return list(session.scalars(select(Encounter.id).where(Encounter.visit_number.in_(sorted(set(visit_numbers))))))
 
 
-def included(gw: Gateway, ctx: AccessContext, public_ids: list[str]) -> list[PatientView]:
-    """The patients of photos the caller was just shown (a search's _include): the photos' policy decided, and
-    the patient/ scope is checked again; each is audited as a Patient Record read."""
+def included(session: Session, ctx: AccessContext, patient_ids: list[int]) -> tuple[list[PatientView], list[audit.AuditEntry]]:
+    """The patients of photos the caller is being shown (a search's _include), read in the search's session: the
+    photos' policy decided, and the patient/ scope is checked again. Returns the views and their audit entries (a
+    Patient Record read each), for the search to write with its own."""
     reach = scope_context(ctx.subject.scopes, "Patient", "r")
-    if reach is None:
-        return []  # the token may read photos, not patients: the include is left out, as FHIR allows
-    with gw.db.read() as session:
-        rows = list(session.scalars(select(Patient).where(Patient.public_id.in_(sorted(set(public_ids))))))
-        if reach == "patient":
-            rows = [p for p in rows if _is_token_patient(ctx, p)]
-        views = [_view(session, p) for p in rows]
-        row_ids = [p.id for p in rows]
-    access_audit.write(gw, [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="patient",
-                                                    patient_id=pid, entities=[{"type": "patient", "id": pid}]) for pid in row_ids])
-    return views
+    if reach is None or not patient_ids:
+        return [], []  # the token may read photos, not patients: the include is left out, as FHIR allows
+    rows = list(session.scalars(select(Patient).where(Patient.id.in_(sorted(set(patient_ids))))))
+    if reach == "patient":
+        rows = [p for p in rows if _is_token_patient(ctx, p)]
+    entries = [access_audit.make_entry(ctx, type_code=audit.PATIENT_RECORD, action="R", subtype="patient",
+                                       patient_id=p.id, entities=[{"type": "patient", "id": p.id}]) for p in rows]
+    return [_view(session, p) for p in rows], entries

@@ -22,9 +22,10 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_, func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from gateway.core import access_audit
+from gateway.core import access_audit, patient_views
 from gateway.core.access import SEARCH_SCOPE, PhotoView, require_scope, views_of
 from gateway.core.context import Gateway
+from gateway.core.patient_views import PatientView
 from gateway.core.policy.rules import AccessContext, filter_for, may_see_original
 from gateway.core.refusals import Kind, Refused
 from store.models import Asset, Patient
@@ -88,6 +89,7 @@ class PhotoPage:
     next: Cursor | None  # None on the last page
     previous: Cursor | None  # None on the first page
     patients: dict[int, str] = field(default_factory=dict)  # row id -> public id of the photos' patients
+    included: list[PatientView] = field(default_factory=list)  # the photos' patients, when asked (include_patients)
 
 
 def sort_key() -> ColumnElement[Any]:
@@ -132,6 +134,7 @@ def search_photos(
     order: Order = "newest",
     cursor: Cursor | None = None,
     with_total: bool = True,
+    include_patients: bool = False,
     channel: str = "rest",
 ) -> PhotoPage:
     """One page of the photos matching the criteria that the caller may see, with the total of them all.
@@ -161,6 +164,7 @@ def search_photos(
             rows.reverse()
         views = views_of(session, rows, may_see_original(ctx.subject, gw.settings.policy))
         patients = {v.asset.patient_id: v.patient for v in views}
+        included, include_audit = patient_views.included(session, ctx, list(patients)) if include_patients else ([], [])
         session.expunge_all()
     first, last = (views[0].asset, views[-1].asset) if views else (None, None)
     if forward:
@@ -172,8 +176,9 @@ def search_photos(
     results: dict[int, list[str]] = {}
     for v in views:
         results.setdefault(v.asset.patient_id, []).append(v.asset.id)
-    access_audit.record_search(gw, ctx, query=query, results=results, channel=channel)
-    return PhotoPage(total=total, photos=views, next=nxt, previous=prev, patients=patients)
+    # the search and the patients it includes: one audit transaction (one commit, not two, before the answer)
+    access_audit.write(gw, access_audit.search_entries(ctx, query=query, results=results, channel=channel) + include_audit)
+    return PhotoPage(total=total, photos=views, next=nxt, previous=prev, patients=patients, included=included)
 
 
 def utc(moment: datetime) -> datetime:
