@@ -155,14 +155,25 @@ def search_photos(
             or_(key > at, and_(key == at, Asset.id > cursor.photo_id))
         page_where.append(after)
     ordering = (key.desc(), Asset.id.desc()) if descending else (key.asc(), Asset.id.asc())
+    # the page with its patients' public ids; on a first page the total rides along as a window count (one
+    # statement less: each costs ~0.5 ms of SQLAlchemy beside its SQL); further pages count on their own
+    counted = with_total and cursor is None and count > 0
+    columns: list[Any] = [Asset, Patient.public_id] + ([func.count().over()] if counted else [])
+    page = select(*columns).join(Patient, Patient.id == Asset.patient_id).where(*page_where).order_by(*ordering).limit(count + 1)
     with gw.db.read() as session:
-        total = (session.scalar(select(func.count()).select_from(Asset).where(*where)) or 0) if with_total else None
-        rows = list(session.scalars(select(Asset).where(*page_where).order_by(*ordering).limit(count + 1)))
-        more = len(rows) > count
-        rows = rows[:count]
+        found = list(session.execute(page).all())
+        total: int | None = None
+        if counted:
+            total = int(found[0][2]) if found else 0
+        elif with_total:
+            total = session.scalar(select(func.count()).select_from(Asset).where(*where)) or 0
+        more = len(found) > count
+        found = found[:count]
         if not forward:
-            rows.reverse()
-        views = views_of(session, rows, may_see_original(ctx.subject, gw.settings.policy))
+            found.reverse()
+        rows = [r[0] for r in found]
+        public = {r[0].patient_id: r[1] for r in found}
+        views = views_of(session, rows, may_see_original(ctx.subject, gw.settings.policy), public)
         patients = {v.asset.patient_id: v.patient for v in views}
         included, include_audit = patient_views.included(session, ctx, list(patients)) if include_patients else ([], [])
         session.expunge_all()

@@ -6,7 +6,6 @@ the core's (gateway/core/access.py, photo_search.py, patient_views.py). Every er
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -24,7 +23,7 @@ from gateway.core.photo_search import Cursor, Order, PhotoCriteria, PhotoPage, s
 from gateway.core.policy.rules import resolve
 from gateway.core.refusals import Refused
 from gateway.fhir import audit_events, capability, consents, ingest, render
-from gateway.fhir.common import Caller, base_url, fhir_response, query, what
+from gateway.fhir.common import Caller, JsonOnly, base_url, fhir_response, query, what
 from gateway.fhir.outcome import FHIR_JSON, FhirError, operation_outcome
 from gateway.fhir.params import Query, birth_date, count_of, date_range, reference_id, split_or, token
 
@@ -81,14 +80,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         return fhir_response(operation_outcome([("fatal", "exception", f"the server failed ({type(exc).__name__}); "
                                                                        "the failure is logged")]), 500)
 
-    @app.middleware("http")
-    async def format_param(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        fmt = request.query_params.get("_format")
-        if fmt is not None and fmt not in ("json", "application/json", FHIR_JSON):
-            return fhir_response(operation_outcome([("error", "not-supported", f"_format {fmt!r}: this server speaks JSON only")]),
-                                 406)
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(JsonOnly)
 
     @app.get("/metadata")
     def metadata(request: Request) -> JSONResponse:

@@ -475,7 +475,8 @@ class OfPatient(Pred):
     named: str
 
     def sql(self, a: Any) -> ColumnElement[bool]:
-        by_public = a.patient_id == select(Patient.id).where(Patient.public_id == self.named).scalar_subquery()
+        # never correlated with a patients table in the outer query (a page selects the photos' public ids too)
+        by_public = a.patient_id == select(Patient.id).where(Patient.public_id == self.named).correlate(None).scalar_subquery()
         return or_(by_public, a.patient_id == int(self.named)) if self.named.isdigit() else by_public
 
     def test(self, facts: AssetFacts) -> bool:
