@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, select, union
 from sqlalchemy.orm import Session
 
 from gateway.core import access_audit, patient_refs
@@ -133,11 +133,14 @@ def views_of(session: Session, assets: list[Asset], original: bool, public: dict
         return []
     ids = [a.id for a in assets]
     patients = {a.patient_id for a in assets}
-    linked_here = select(ConsentAsset.consent_id).where(ConsentAsset.asset_id.in_(ids))
+    # the patients' consents and those linked to these photos, as a UNION: an OR of the two made PostgreSQL scan
+    # every consent (117,776 in bench/fhir_search.py: 25 ms a search instead of 3)
+    wanted = union(select(Consent.id).where(Consent.patient_id.in_(patients)),
+                   select(ConsentAsset.consent_id).where(ConsentAsset.asset_id.in_(ids))).subquery()
     found = session.execute(
         select(Consent, ConsentAsset.asset_id)
         .outerjoin(ConsentAsset, and_(ConsentAsset.consent_id == Consent.id, ConsentAsset.asset_id.in_(ids)))
-        .where(or_(Consent.patient_id.in_(patients), Consent.id.in_(linked_here))))
+        .where(Consent.id.in_(select(wanted.c[0]))))
     by_id: dict[str, Consent] = {}
     links: dict[str, set[str]] = {}
     for consent, asset_id in found:
