@@ -271,3 +271,18 @@ def test_binary_as_image_as_resource_and_in_ranges(gw, api, backend):  # noqa: F
     assert "rendition" in outcome(api.get(f"/fhir/Binary/{asset_id}", params={"_rendition": "huge"}, headers=mi), 400)
     derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
     assert "original" in outcome(api.get(f"/fhir/Binary/{asset_id}", headers=derm), 403)
+
+
+def test_a_photo_taken_out_of_the_record_is_gone_only_to_who_could_see_it(gw, api):  # noqa: F811
+    from sqlalchemy import update
+
+    _patient, ids = _photos_world(gw, 2)
+    with gw.db.write() as s:
+        s.execute(update(Asset).where(Asset.id == ids[0]).values(status="entered-in-error"))
+    derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
+    plastics = auth_headers(gw, role="clinician", sub="dr.plastics", specialties=["160"])
+    assert "entered in error" in outcome(api.get(f"/fhir/Media/{ids[0]}", headers=derm), 410)
+    assert api.get(f"/api/v1/photos/{ids[0]}", headers=derm).status_code == 410
+    # to a caller the policy hides it from anyway, it is simply not found, like a photo that never existed
+    assert outcome(api.get(f"/fhir/Media/{ids[0]}", headers=plastics), 404) == "photo not found"
+    assert api.get(f"/fhir/Media/{ids[1]}", headers=derm).status_code == 200

@@ -111,7 +111,7 @@ def list_photos(
     return {"total": found.total, "offset": offset, "limit": limit, "items": items, "links": links}
 
 
-@router.get("/{photo_id}", response_model=PhotoOut, responses=errors(400, 401, 403, 404))
+@router.get("/{photo_id}", response_model=PhotoOut, responses=errors(400, 401, 403, 404, 410))
 def read_photo(request: Request, photo_id: str, subject: Annotated[Subject, Depends(require_subject)]) -> dict:
     """One photo's details, if the caller may see it."""
     gw = gateway_of(request)
@@ -125,7 +125,7 @@ def read_photo(request: Request, photo_id: str, subject: Annotated[Subject, Depe
 @router.get("/{photo_id}/image", response_class=FileResponse, responses={
     200: {"content": {"image/jpeg": {}, "image/png": {}, "image/heic": {}, "image/tiff": {}},
           "description": "The image: a JPEG rendition, or the original as received (as a download)"},
-    **errors(400, 401, 403, 404, 500)})
+    **errors(400, 401, 403, 404, 410, 500)})
 def photo_image(
     request: Request,
     photo_id: str,

@@ -191,6 +191,7 @@ WHEN = {
     403: "The role may not do this, or the token's scopes do not allow it (WWW-Authenticate: insufficient_scope)",
     404: "Not found, or not visible to the caller: the two are answered alike",
     409: "The record's state does not allow it (e.g. a consent already withdrawn)",
+    410: "The photo was taken out of the record (entered in error); said only to a caller who could otherwise see it",
     413: "A file over the size limit",
     415: "Not an accepted type",
     422: "A value breaks a rule (named in the body)",

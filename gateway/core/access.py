@@ -54,6 +54,7 @@ from store.patients import survivor
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "photo not found"
+ENTERED_IN_ERROR = "entered-in-error"
 Rendition = Literal["original", "preview", "thumbnail"]
 SEARCH_SCOPE, READ_SCOPE, MANAGE_SCOPE = "s", "r", "u"
 T = TypeVar("T")
@@ -227,8 +228,12 @@ def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> Photo
         decision = decide_in(session, ctx, policy, photo_id)
         row = session.get(Asset, photo_id)
         patient_id = row.patient_id if row is not None else None
+        status = row.status if row is not None else None
     access_audit.record_read(gw, ctx, asset_id=photo_id, patient_id=patient_id, permitted=False,
                              reasons=decision.reasons, what=what)
+    if status == ENTERED_IN_ERROR and decision.denied_by == ["status"]:
+        # every other rule lets this caller see it: saying it was taken out of the record tells them nothing new
+        raise Refused(Kind.GONE, "this photo was taken out of the record (entered in error)")
     raise Refused(Kind.NOT_FOUND, NOT_FOUND)
 
 

@@ -19,6 +19,7 @@ class Kind(StrEnum):
     FORBIDDEN = "forbidden"  # the caller's role may not do this (a purpose, a service, the original)
     INSUFFICIENT_SCOPE = "insufficient-scope"  # the token's scopes do not grant this interaction
     NOT_FOUND = "not-found"  # absent, or hidden by the policy: the same answer
+    GONE = "gone"  # taken out of the record (entered in error); said only to a caller who could otherwise see it
     CONFLICT = "conflict"  # the record's state forbids it (a consent already withdrawn)
     INVALID = "invalid"  # a value breaks a rule (a best-interests consent above record level)
 

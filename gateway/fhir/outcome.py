@@ -18,6 +18,7 @@ ISSUE_CODE = {
     Kind.FORBIDDEN: "forbidden",
     Kind.INSUFFICIENT_SCOPE: "forbidden",
     Kind.NOT_FOUND: "not-found",
+    Kind.GONE: "deleted",
     Kind.CONFLICT: "conflict",
     Kind.INVALID: "processing",
 }

@@ -13,6 +13,7 @@ STATUS = {
     Kind.FORBIDDEN: 403,
     Kind.INSUFFICIENT_SCOPE: 403,
     Kind.NOT_FOUND: 404,
+    Kind.GONE: 410,
     Kind.CONFLICT: 409,
     Kind.INVALID: 400,
 }
