@@ -55,6 +55,15 @@ def test_capability_statement_and_smart_configuration(gw, api):  # noqa: F811
     smart = api.get("/fhir/.well-known/smart-configuration").json()
     assert "user/Media.rs" in smart["scopes_supported"] and smart["code_challenge_methods_supported"] == ["S256"]
     assert api.get("/fhir/metadata", params={"_format": "json"}).status_code == 200
+    from gateway.core.policy.settings import AuthSettings
+
+    gw.settings.auth = AuthSettings(mode="dev", authorization_endpoint="https://idp.example.nhs.uk/authorize",
+                                    token_endpoint="https://idp.example.nhs.uk/token")
+    uris = valid(api.get("/fhir/metadata").json())["rest"][0]["security"]["extension"][0]["extension"]
+    assert {u["url"]: u["valueUri"] for u in uris} == {"authorize": "https://idp.example.nhs.uk/authorize",
+                                                       "token": "https://idp.example.nhs.uk/token"}
+    smart = api.get("/fhir/.well-known/smart-configuration").json()
+    assert smart["authorization_endpoint"] == "https://idp.example.nhs.uk/authorize" and smart["token_endpoint"].endswith("/token")
     assert "JSON only" in outcome(api.get("/fhir/metadata", params={"_format": "xml"}), 406)
 
 

@@ -22,7 +22,8 @@ _PHOTO_COMMON = [
     _param("encounter", "reference", "the encounter's visit number"),
     _param("status", "token", "the resource's status"),
 ]
-_PAGING = "_count (default 20, max 200); next/previous links are keyset cursors that stay right while photos arrive"
+_PAGING = ("_count (default 20, max 200); _elements; _total (none, estimate, accurate); next/previous links are keyset "
+           "cursors that stay right while photos arrive")
 
 RESOURCES = [
     {
@@ -90,6 +91,12 @@ def statement(base: str, auth: AuthSettings) -> dict[str, Any]:
         "description": "Bearer tokens (SMART v2 scopes only narrow the gateway's policy); X-Purpose-Of-Use and X-Break-Glass "
                        "headers; every search and read is filtered by consent, sensitivity and need to know, and audited.",
     }
+    uris = [{"url": name, "valueUri": value} for name, value in (("authorize", auth.authorization_endpoint),
+                                                                   ("token", auth.token_endpoint)) if value]
+    if uris:
+        # SMART App Launch: where a client gets its token, for clients that read it here rather than in
+        # .well-known/smart-configuration
+        security["extension"] = [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris", "extension": uris}]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
