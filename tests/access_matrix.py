@@ -257,7 +257,10 @@ def _all_consents() -> dict[str, dict]:
     return {k: c for p in PATIENTS.values() for k, c in p["consents"].items()}
 
 
-def expected_visible(user: User, photo: Photo) -> bool:
+def expected_visible(user: User, photo: Photo, resource: str = "Media", *, consent_and_scope: bool = True) -> bool:
+    """Whether the user sees the photo asked for as `resource` (SMART scopes are per type: the FHIR door serves a
+    photo as Media, DocumentReference and Binary). consent_and_scope=False: by every rule but those two (what the
+    need-to-know rule for patients reads)."""
     if photo.status != "active":
         return False
     # purposes of the role
@@ -271,13 +274,13 @@ def expected_visible(user: User, photo: Photo) -> bool:
     if user.break_glass and not breaking:
         return False
     # scopes
-    media_scopes = [s for s in user.scopes if "?" not in s and s.split("/")[1].split(".")[0] in ("Media", "*")]
-    if not media_scopes:
+    media_scopes = [s for s in user.scopes if "?" not in s and s.split("/")[1].split(".")[0] in (resource, "*")]
+    if consent_and_scope and not media_scopes:
         return False
-    if not any(s.startswith(("user/", "system/")) for s in media_scopes) and photo.patient != user.patient:
+    if consent_and_scope and not any(s.startswith(("user/", "system/")) for s in media_scopes) and photo.patient != user.patient:
         return False
     # consent
-    if not any(_consent_counts(user, photo, k, c) for k, c in _all_consents().items()):
+    if consent_and_scope and not any(_consent_counts(user, photo, k, c) for k, c in _all_consents().items()):
         return False
     # sensitivity
     if photo.sensitivity == "V":
@@ -308,6 +311,21 @@ def expected_visible(user: User, photo: Photo) -> bool:
     return True
 
 
+def expected_knows_patient(user: User, patient: str) -> bool:
+    """The need-to-know rule for a patient's records beyond photos (Patient, Consent), from the written rules: a
+    role not bound by the specialty rule (or a valid break-glass) knows every patient; a bound one knows a patient
+    with a current encounter in one of its specialties, or one it could see a photo of by every rule but consent
+    and scopes. (Scopes, and a role that may not act for its purpose at all, are the door's refusals.)"""
+    bound = user.role == "clinician" or (user.role == "system" and bool(user.specialties))
+    breaking = user.purpose == "ETREAT" and bool(user.break_glass) and user.role == "clinician"
+    if not bound or breaking:
+        return True
+    current = {e["specialty"] for e in PATIENTS[patient]["encounters"].values() if e["current"]}
+    if current & set(user.specialties):
+        return True
+    return any(expected_visible(user, p, consent_and_scope=False) for p in PHOTOS if p.patient == patient)
+
+
 # ---------------------------------------------------------------------------
 # Putting the matrix into a store
 
@@ -334,11 +352,11 @@ class MatrixWorld:
     def identifier(self, patient_key: str) -> tuple[str, str]:
         return MRN_SYSTEM, PATIENTS[patient_key]["mrn"]
 
-    def visible_keys(self, user: User, patient: str | None = None) -> set[str]:
-        return {p.key for p in PHOTOS if expected_visible(user, p) and (patient is None or p.patient == patient)}
+    def visible_keys(self, user: User, patient: str | None = None, resource: str = "Media") -> set[str]:
+        return {p.key for p in PHOTOS if expected_visible(user, p, resource) and (patient is None or p.patient == patient)}
 
-    def visible_asset_ids(self, user: User, patient: str | None = None) -> set[str]:
-        return {self.asset_ids[k] for k in self.visible_keys(user, patient)}
+    def visible_asset_ids(self, user: User, patient: str | None = None, resource: str = "Media") -> set[str]:
+        return {self.asset_ids[k] for k in self.visible_keys(user, patient, resource)}
 
     def problems(self, user: User, got_asset_ids, patient: str | None = None, door: str = "") -> list[str]:
         """'LEAK ...' / 'MISS ...' lines for what a door returned to this user (empty when exactly right)."""

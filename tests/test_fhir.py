@@ -5,6 +5,7 @@ right while photos arrive, date prefixes, and OperationOutcome for every error."
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -18,7 +19,7 @@ from fhir.resources.R4B.patient import Patient as FhirPatient
 
 from gateway.core.policy.rules import scope_allows
 from store.models import Asset, AuditEvent, Consent, Encounter, Patient, PatientIdentifier
-from tests.access_matrix import PATIENTS, PHOTOS, USERS, build_access_matrix
+from tests.access_matrix import PATIENTS, PHOTOS, USERS, build_access_matrix, expected_knows_patient, expected_visible
 from tests.auth_helpers import auth_headers
 from tests.test_photos_api import api, audit_events, refused_outright  # noqa: F401 (the live-server fixture)
 
@@ -92,11 +93,22 @@ def test_access_matrix_through_fhir(gw, api):  # noqa: F811
     leaks, misses = [], []
     for user in USERS:
         headers = world.headers(gw, user)
-        may_search = scope_allows(user.scopes, "Media", "s")
         for patient in PATIENTS:
-            want = world.visible_asset_ids(user, patient)
             system, value = world.identifier(patient)
+            # Patient search under the need-to-know rule: the patient, or an empty answer like for nobody
+            r = api.get("/fhir/Patient", params={"identifier": f"{system}|{value}"}, headers=headers)
+            if refused_outright(user) or not scope_allows(user.scopes, "Patient", "s"):
+                outcome(r, 403)
+            else:
+                found = [e["resource"]["id"] for e in valid(r.json()).get("entry", [])]
+                knows = expected_knows_patient(user, patient)
+                if found and not knows:
+                    leaks.append(f"Patient search: {user.key} finds {patient}")
+                if knows and found != [world.patient_public_ids[patient]]:
+                    misses.append(f"Patient search: {user.key} does not find {patient} ({found})")
             for resource in ("Media", "DocumentReference"):
+                want = world.visible_asset_ids(user, patient, resource)
+                may_search = scope_allows(user.scopes, resource, "s")
                 for params in ({"patient.identifier": f"{system}|{value}"},
                                {"patient": f"Patient/{world.patient_public_ids[patient]}", "_include": f"{resource}:patient"}):
                     r = api.get(f"/fhir/{resource}", params={**params, "_count": 200}, headers=headers)
@@ -115,27 +127,32 @@ def test_access_matrix_through_fhir(gw, api):  # noqa: F811
                         assert included == []  # no photo seen, no patient given away
         for photo in PHOTOS:
             asset_id = world.asset_ids[photo.key]
-            visible = asset_id in world.visible_asset_ids(user)
-            media = api.get(f"/fhir/Media/{asset_id}", headers=headers)
-            doc = api.get(f"/fhir/DocumentReference/{asset_id}", headers=headers)
-            preview = api.get(f"/fhir/Binary/{asset_id}", params={"_rendition": "preview"}, headers={**headers, "Accept": "image/jpeg"})
+            reads = {
+                "Media": api.get(f"/fhir/Media/{asset_id}", headers=headers),
+                "DocumentReference": api.get(f"/fhir/DocumentReference/{asset_id}", headers=headers),
+                "Binary": api.get(f"/fhir/Binary/{asset_id}", params={"_rendition": "preview"}, headers={**headers, "Accept": "image/jpeg"}),
+            }
             if refused_outright(user):
-                assert {media.status_code, doc.status_code, preview.status_code} == {403}
+                assert {r.status_code for r in reads.values()} == {403}
                 continue
-            if visible:
-                if media.status_code != 200 or doc.status_code != 200 or preview.status_code != 200:
-                    misses.append(f"read: {user.key} cannot open {photo.key} ({media.status_code}/{doc.status_code}/{preview.status_code})")
-                    continue
-                m, d = valid(media.json()), valid(doc.json())
-                assert m["meta"]["security"][0]["code"] == d["securityLabel"][0]["coding"][0]["code"] == photo.sensitivity
-                assert preview.content == gw.blobs.read_bytes(world.sha256[(photo.key, "preview")])
-                assert preview.headers["cache-control"] == "private, no-store" and "content-encoding" not in preview.headers
-            else:
-                for resp, what in ((media, "Media"), (doc, "DocumentReference"), (preview, "Binary")):
-                    if resp.status_code != 404:
-                        leaks.append(f"{what}: {user.key} got {resp.status_code} for hidden {photo.key}")
-                    else:
-                        assert outcome(resp, 404) == "photo not found"
+            for resource, resp in reads.items():
+                visible = asset_id in world.visible_asset_ids(user, resource=resource)
+                if visible and resp.status_code != 200:
+                    misses.append(f"{resource} read: {user.key} cannot open {photo.key} ({resp.status_code})")
+                elif visible and resource == "Binary":
+                    assert resp.content == gw.blobs.read_bytes(world.sha256[(photo.key, "preview")])
+                    assert resp.headers["cache-control"] == "private, no-store" and "content-encoding" not in resp.headers
+                elif visible:
+                    body = valid(resp.json())
+                    label = body["meta"]["security"][0]["code"] if resource == "Media" else body["securityLabel"][0]["coding"][0]["code"]
+                    assert label == photo.sensitivity
+                elif photo.status == "entered-in-error" and expected_visible(user, replace(photo, status="active"), resource):
+                    # taken out of the record: 410 to who could otherwise see it
+                    assert "entered in error" in outcome(resp, 410), (user.key, photo.key)
+                elif resp.status_code != 404:
+                    leaks.append(f"{resource}: {user.key} got {resp.status_code} for hidden {photo.key}")
+                else:
+                    assert outcome(resp, 404) == "photo not found"
     assert not leaks and not misses, "\n".join(leaks + misses)
 
 

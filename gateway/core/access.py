@@ -76,9 +76,11 @@ def screen(gw: Gateway, subject: Subject, what: str) -> AccessContext:
     return ctx
 
 
-def photo_request(gw: Gateway, subject: Subject, interaction: Literal["read", "search"], what: str) -> AccessContext:
-    """The context for reading or searching photos; a role that may not act for the purpose at all is refused."""
-    ctx = resolve(subject, gw.settings.policy, interaction=interaction)
+def photo_request(gw: Gateway, subject: Subject, interaction: Literal["read", "search"], what: str,
+                  resource: str = "Media") -> AccessContext:
+    """The context for reading or searching photos as `resource` (the FHIR door also serves them as DocumentReference
+    and Binary; SMART scopes are granted per type); a role that may not act for the purpose at all is refused."""
+    ctx = resolve(subject, gw.settings.policy, interaction=interaction, resource=resource)
     if ctx.refusal:
         raise access_audit.refuse(gw, ctx, what, Refused(ctx.refusal_kind or Kind.FORBIDDEN, ctx.refusal))
     return ctx

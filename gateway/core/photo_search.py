@@ -141,7 +141,7 @@ def search_photos(
 
     An empty criteria list is a search over every photo the caller may see (a user/ scope's "all my patients'
     photos" is a search, not a read). Audited as a search with the photos returned, by patient."""
-    require_scope(gw, ctx, "Media", SEARCH_SCOPE, query)
+    require_scope(gw, ctx, ctx.resource, SEARCH_SCOPE, query)
     where = [filter_for(ctx, gw.settings.policy), *_criteria(criteria)]
     key = sort_key()
     newest = order == "newest"

@@ -125,12 +125,12 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
 
     @app.get("/Media/{photo_id}")
     async def read_media(request: Request, photo_id: str, subject: Caller) -> JSONResponse:
-        view = await run_in_threadpool(_read, gw, subject, photo_id)
+        view = await run_in_threadpool(_read, gw, subject, photo_id, "Media", what(request))
         return fhir_response(render.media(view, base_url(request)))
 
     @app.get("/DocumentReference/{photo_id}")
     async def read_document(request: Request, photo_id: str, subject: Caller) -> JSONResponse:
-        view = await run_in_threadpool(_read, gw, subject, photo_id)
+        view = await run_in_threadpool(_read, gw, subject, photo_id, "DocumentReference", what(request))
         return fhir_response(render.document_reference(view, base_url(request)))
 
     @app.get("/Media")
@@ -165,7 +165,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         def work() -> PhotoPage:
             # one hop to a worker thread for the whole search (each hop costs ~0.3 ms; bench/fhir_search.py)
             criteria = _photo_criteria(gw, subject, q, resource)
-            ctx = access.photo_request(gw, subject, "search", what(request))
+            ctx = access.photo_request(gw, subject, "search", what(request), resource)
             return search_photos(gw, ctx, criteria, query=what(request), count=0 if summary == "count" else count,
                                  order=order_by[sort], cursor=cursor, channel="fhir", include_patients=bool(includes),
                                  with_total=summary == "count" or total_mode != "none")
@@ -191,7 +191,7 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         if asked not in renditions:
             raise FhirError(400, f"_rendition={asked}: one of preview, thumbnail (or none for the original)")
         rendition = renditions[asked]
-        ctx = await run_in_threadpool(access.photo_request, gw, subject, "read", what(request))
+        ctx = await run_in_threadpool(access.photo_request, gw, subject, "read", what(request), "Binary")
         stored = await run_in_threadpool(access.image, gw, ctx, photo_id, rendition, what(request))
         accept = request.headers.get("accept", "")
         etag = f'"{photo_id}-{rendition}"'
@@ -226,8 +226,8 @@ def _identifier(text: str | None) -> tuple[str, str] | None:
     return system, value
 
 
-def _read(gw: Gateway, subject: Subject, photo_id: str) -> PhotoView:
-    ctx = access.photo_request(gw, subject, "read", f"read {photo_id}")
+def _read(gw: Gateway, subject: Subject, photo_id: str, resource: str, asked: str) -> PhotoView:
+    ctx = access.photo_request(gw, subject, "read", asked, resource)
     return access.read(gw, ctx, photo_id)
 
 

@@ -340,10 +340,13 @@ class AccessContext:
     refuse_request: bool
     now: datetime
     interaction: str | None = None  # "read" or "search": which SMART permission the scopes must grant; None: either
+    # the resource type the photo is asked for as (a FHIR door serves one photo as Media, DocumentReference and
+    # Binary): which type the scopes must grant it on
+    resource: str = "Media"
 
 
 def resolve(subject: Subject, settings: PolicySettings, purpose: str | None = None, break_glass: str | None = None,
-            now: datetime | None = None, interaction: str | None = None) -> AccessContext:
+            now: datetime | None = None, interaction: str | None = None, resource: str = "Media") -> AccessContext:
     purpose = (purpose or getattr(subject, "purpose_of_use", None) or "TREAT").strip().upper()
     reason = (break_glass if break_glass is not None else getattr(subject, "break_glass_reason", None)) or ""
     reason = reason.strip() or None
@@ -377,6 +380,7 @@ def resolve(subject: Subject, settings: PolicySettings, purpose: str | None = No
         refuse_request=whole_request,
         now=now,
         interaction=interaction,
+        resource=resource,
     )
 
 
@@ -435,11 +439,11 @@ class ScopeGrant:
     patient_only: bool  # only patient/ scopes do (then the token's patient bounds everything)
 
 
-def read_grant(scopes: Sequence[str], interaction: str | None = None) -> ScopeGrant:
-    """Which patients the scopes let the caller read photos (Media) of. interaction 'read' needs r,
-    'search' needs s (SMART v2); None accepts either. v1 `read` and `*` grant both."""
+def read_grant(scopes: Sequence[str], interaction: str | None = None, resource: str = PHOTO_RESOURCE) -> ScopeGrant:
+    """Which patients the scopes let the caller read photos of, as `resource` (Media by default). interaction
+    'read' needs r, 'search' needs s (SMART v2); None accepts either. v1 `read` and `*` grant both."""
     letters = {"read": "r", "search": "s"}.get(interaction or "", "rs")
-    contexts = {scope_context(scopes, PHOTO_RESOURCE, letter) for letter in letters}
+    contexts = {scope_context(scopes, resource, letter) for letter in letters}
     any_patient = "any" in contexts
     return ScopeGrant(any_patient=any_patient, patient_only="patient" in contexts and not any_patient)
 
@@ -508,7 +512,7 @@ def build_rules(ctx: AccessContext, settings: PolicySettings, *, now_at_run: boo
     )
 
     # 3. SMART scopes narrow
-    grant = read_grant(s.scopes or (), ctx.interaction)
+    grant = read_grant(s.scopes or (), ctx.interaction, ctx.resource)
     patient = _named_patient(s.patient)
     if grant.any_patient:
         rules.append(Rule("scope", TRUE, "a user/ or system/ scope grants reading photos", ""))
@@ -644,7 +648,7 @@ def _filter_key(ctx: AccessContext, settings: PolicySettings, skip: frozenset[st
     """Everything build_rules reads, and nothing else (the time is bound at execution, see filter_for)."""
     s = ctx.subject
     return (
-        skip, ctx.purpose, ctx.breaking_glass, bool(ctx.refusal), ctx.interaction,
+        skip, ctx.purpose, ctx.breaking_glass, bool(ctx.refusal), ctx.interaction, ctx.resource,
         s.role, s.sub, tuple(s.scopes or ()), s.patient, tuple(s.specialties), getattr(s, "sensitivities", None),
         # the settings' values, not the object: a setting changed in place must not serve an old filter
         tuple(settings.visible_statuses), settings.treat_without_consent, tuple(settings.role_sensitivities.get(s.role, [])),
