@@ -44,8 +44,10 @@ def pem_public(key) -> str:
 
 
 def claims(**extra) -> dict:
-    base = {"iss": "https://idp.example.nhs.uk", "aud": "clinphoto", "sub": "u123", "exp": NOW + timedelta(minutes=5),
-            "iat": NOW, "role": "clinician", "name": "Dr Who", "specialties": ["330", "160"], "scope": "user/Media.rs"}
+    # the time of the call, not of the import: a suite run on few cores reaches some tests minutes after collection
+    now = datetime.now(timezone.utc)
+    base = {"iss": "https://idp.example.nhs.uk", "aud": "clinphoto", "sub": "u123", "exp": now + timedelta(minutes=5),
+            "iat": now, "role": "clinician", "name": "Dr Who", "specialties": ["330", "160"], "scope": "user/Media.rs"}
     base.update(extra)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -154,7 +156,8 @@ def test_algorithm_confusion_and_none_are_refused(tmp_path, rsa_key):
     # HS256 "signed" with the public key as the secret: the classic confusion attack
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-    body = json.dumps({**claims(), "exp": int((NOW + timedelta(minutes=5)).timestamp()), "iat": int(NOW.timestamp())}).encode()
+    now = datetime.now(timezone.utc)
+    body = json.dumps({**claims(), "exp": int((now + timedelta(minutes=5)).timestamp()), "iat": int(now.timestamp())}).encode()
     signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64(body)}"
     forged = signing_input + "." + b64(hmac.new(pem.encode(), signing_input.encode(), hashlib.sha256).digest())
     with pytest.raises(AuthError, match="not accepted"):

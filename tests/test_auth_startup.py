@@ -68,7 +68,8 @@ def test_readyz_includes_auth(gw, jwks_server):  # noqa: F811
         api.get("/readyz")
         assert jwks_server["hits"] == hits  # keys are cached: probes do not hammer the issuer
         token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": "k1"})
-        assert api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        r = api.get("/api/v1/photos", params={"patient": "nhs|9449305552"}, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
         jwks_server["jwks"] = {"keys": []}  # the issuer publishes no signing key any more (and the cache expires)
     gw.settings.auth = AuthSettings(mode="jwt", issuer="https://idp.example.nhs.uk", audience="clinphoto", jwks_url=jwks_server["url"])
     with live_server(gw) as api:
