@@ -1,4 +1,4 @@
-"""The DICOM door: association control by configured peers, C-ECHO.
+"""The DICOM door: association control by configured peers, C-ECHO, C-STORE (gateway/dicom/storage.py).
 
 Each association is checked against `auth.dicom_peers` (calling AE title and
 source address) before anything is negotiated; an unknown AE title or a known
@@ -25,6 +25,7 @@ from gateway.core.identity import (
     peer_allows,
     unserved_permissions,
 )
+from gateway.dicom import storage
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -47,6 +48,9 @@ class DicomListener:
         self.host, self._port = host, port
         self.ae = AE(ae_title=gw.settings.ae_title)
         self.ae.add_supported_context(VERIFICATION)
+        for sop_class, syntaxes in storage.contexts():
+            self.ae.add_supported_context(sop_class, syntaxes)
+        self.ae.maximum_pdu_size = 0  # no limit on what a peer sends per PDU (photos are large)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -92,6 +96,7 @@ class DicomListener:
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, lambda event: storage.on_store(self.gw, event)),
         ]
         self._server = await asyncio.to_thread(
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers

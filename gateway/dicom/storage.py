@@ -1,0 +1,96 @@
+"""C-STORE SCP: a peer's object into the core ingest as a received DICOM object, answered only after the commit.
+
+The object is written to the spool byte for byte as the association carried it (pynetdicom's encoded data set
+behind its file meta: never decoded and re-encoded here), then stored through the one ingest pipeline, which
+checks it, finds its patient by PatientID + IssuerOfPatientID, renders it and audits the store. The core's
+refusal codes become C-STORE statuses (PS3.4 Annex B.2.3 and PS3.7 C) with an ErrorComment saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject, peer_allows
+from gateway.core.ingest import errors
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
+from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
+
+log = logging.getLogger("clinphoto.dicom")
+
+SUCCESS = 0x0000
+NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (the sender may try again later)
+DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+
+# the core's ingest refusals as C-STORE statuses
+STATUS = {
+    errors.SOP_CLASS_NOT_SUPPORTED: SOP_CLASS_NOT_SUPPORTED,
+    errors.INVALID_OBJECT: DOES_NOT_MATCH_SOP_CLASS,
+    errors.NOT_FAITHFUL: DOES_NOT_MATCH_SOP_CLASS,
+    errors.TRANSFER_SYNTAX_NOT_SUPPORTED: CANNOT_UNDERSTAND,
+    errors.TOO_LARGE: OUT_OF_RESOURCES,
+    errors.TOO_MANY_PIXELS: OUT_OF_RESOURCES,
+    errors.FORBIDDEN: NOT_AUTHORIZED,
+    errors.INSUFFICIENT_SCOPE: NOT_AUTHORIZED,
+    errors.PATIENT_MERGED: OUT_OF_RESOURCES,  # the patient changed while storing: the same object again will file right
+}
+COMMENT_MAX = 64  # ErrorComment is LO
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    status: int
+    comment: str | None = None
+
+    def dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.status
+        if self.comment:
+            ds.ErrorComment = self.comment[:COMMENT_MAX]
+        return ds
+
+
+def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: bytes) -> StoreAnswer:
+    """One C-STORE: the peer's permission, the object through the ingest, the answer after the commit."""
+    if subject is None or subject.peer is None or not peer_allows(subject, "store"):
+        return StoreAnswer(NOT_AUTHORIZED, "this AE may not store here")
+    source = Source.dicom_peer(subject.peer.ae_title, address, name=subject.name,
+                               purpose_of_use=subject.purpose_of_use or "TREAT")
+    fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encoded)
+        result = ingest(gw, CaptureRequest(source=source, items=[ReceivedObject(path)]))
+    except IngestRejected as exc:  # audited by the core
+        status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
+        return StoreAnswer(status, exc.message)
+    except Exception as exc:  # our failure, not the sender's: it may send again
+        log.error("C-STORE from %s could not be stored: %s", subject.peer.ae_title, type(exc).__name__)
+        log.debug("C-STORE failure", exc_info=True)
+        return StoreAnswer(OUT_OF_RESOURCES, f"not stored ({type(exc).__name__}); send again")
+    finally:
+        path.unlink(missing_ok=True)
+    photo = result.photos[0]
+    log.info("C-STORE from %s: %s photo %s", subject.peer.ae_title, photo.status, photo.asset_id)
+    return StoreAnswer(SUCCESS)
+
+
+def contexts() -> list[tuple[str, list[str]]]:
+    """The storage SOP classes and transfer syntaxes accepted: those the ingest keeps and serves as they are."""
+    return [(uid, list(TRANSFER_SYNTAXES)) for uid in SOP_CLASSES]
+
+
+def on_store(gw: Gateway, event: Any) -> Dataset:
+    """pynetdicom's EVT_C_STORE handler."""
+    subject = getattr(event.assoc, "clinphoto_subject", None)
+    return store(gw, subject, event.assoc.requestor.address, event.encoded_dataset(include_meta=True)).dataset()

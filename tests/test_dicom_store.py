@@ -1,0 +1,114 @@
+"""C-STORE from DICOM peers through the one ingest pipeline: dcmtk's storescu and pynetdicom as the senders, on a
+real socket, both backends. A photo is answered Success only once it is committed, filed under the patient its
+PatientID + IssuerOfPatientID name, served back valid; every refusal is a failure status with an ErrorComment and
+stores nothing."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import VLPhotographicImageStorage
+from sqlalchemy import func, select
+
+from gateway.core.policy.settings import DicomPeer
+from store.models import Asset, AuditEvent
+from tests import dicom_objects as objects
+from tests.conftest import require_tool
+from tests.ingest_helpers import add_patient
+from tests.test_dicom_association import RunningListener
+
+pytestmark = pytest.mark.usefixtures("validate_stored_dicom")  # every stored object, as served, passes dciodvfy
+OTHER_NHS = "9434765919"
+
+
+@pytest.fixture
+def store_gw(gw):
+    gw.settings.auth.dicom_peers = [
+        DicomPeer(ae_title="MODALITY1", hosts=["127.0.0.1"], name="Clinic camera", allow=["echo", "store"], specialties=["330"]),
+        DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "find"]),
+    ]
+    return gw
+
+
+def assets(gw) -> list[Asset]:
+    with gw.db.read() as s:
+        rows = list(s.scalars(select(Asset)))
+        s.expunge_all()
+        return rows
+
+
+def storescu(port: int, calling: str, *files) -> subprocess.CompletedProcess:
+    tool = require_tool("storescu", "dcmtk")
+    # -xy: propose JPEG Baseline (storescu otherwise offers only uncompressed syntaxes and cannot convert a JPEG object)
+    return subprocess.run([tool, "-xy", "-aet", calling, "-aec", "CLINPHOTO", "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def send(port: int, calling: str, path, sop_class=VLPhotographicImageStorage):
+    ae = AE(ae_title=calling)
+    ds = pydicom.dcmread(path)
+    ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def test_storescu_stores_an_img2dcm_photo_under_its_patient(store_gw, fx, tmp_path):
+    patient = add_patient(store_gw)
+    sent = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "vlp.dcm", PatientID=patient["nhs"], IssuerOfPatientID="NHS")
+    with RunningListener(store_gw) as port:
+        first = storescu(port, "MODALITY1", sent)
+        assert first.returncode == 0, first.stderr
+        again = storescu(port, "MODALITY1", sent)  # the same object again: success, stored once
+        assert again.returncode == 0, again.stderr
+    rows = assets(store_gw)
+    sent_ds = pydicom.dcmread(sent)
+    assert len(rows) == 1
+    asset = rows[0]
+    assert (asset.patient_id, asset.sop_instance_uid, asset.source, asset.uploaded_by) == (
+        patient["id"], sent_ds.SOPInstanceUID, "dimse", "ae:MODALITY1")
+    kept = pydicom.dcmread(store_gw.blobs.path(asset.sha256))
+    assert kept.PixelData == sent_ds.PixelData and kept.SOPInstanceUID == sent_ds.SOPInstanceUID
+    with store_gw.db.read() as s:
+        stored = s.scalars(select(AuditEvent).where(AuditEvent.type_code == "110107")).all()
+        assert [(e.agent_who, e.agent_network) for e in stored][:1] == [("ae:MODALITY1", "127.0.0.1")]
+
+
+def test_refusals_are_failure_statuses_with_a_comment_and_store_nothing(store_gw, fx, tmp_path):
+    add_patient(store_gw)
+    unknown = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "unknown.dcm", PatientID=OTHER_NHS, IssuerOfPatientID="NHS")
+    known = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "known.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    no_pixels = pydicom.dcmread(known)
+    del no_pixels.PixelData
+    broken = tmp_path / "broken.dcm"
+    no_pixels.save_as(broken, enforce_file_format=True)
+    with RunningListener(store_gw) as port:
+        answer = send(port, "MODALITY1", unknown)
+        assert answer.Status == 0xC000 and "patient" in answer.ErrorComment.lower()
+        answer = send(port, "MODALITY1", broken)
+        assert answer.Status == 0xA900 and answer.ErrorComment
+        answer = send(port, "VIEWER", known)  # a peer not allowed to store
+        assert answer.Status == 0x0124
+        # a SOP class the archive does not keep is not even negotiated
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(objects.CT_IMAGE)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert not assoc.is_established  # every context rejected: pynetdicom drops the association itself
+    with store_gw.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Asset)) == 0
+    assert not list(store_gw.spool.path.iterdir())  # no spooled object left behind
+
+
+def test_unknown_patients_are_quarantined_when_configured(store_gw, fx, tmp_path):
+    store_gw.settings.ingest.quarantine_unknown_patients = True
+    unknown = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "unknown.dcm", PatientID=OTHER_NHS, IssuerOfPatientID="NHS")
+    with RunningListener(store_gw) as port:
+        assert send(port, "MODALITY1", unknown).Status == 0x0000
+    [asset] = assets(store_gw)
+    assert asset.status == "quarantined"
