@@ -397,4 +397,4 @@ def test_the_dev_demo_peer_exists_only_in_dev_mode_without_peers(tmp_path):
     # a peer allowed services the gateway does not serve yet is named at start-up
     assert unserved_permissions(dev) == []
     warned = unserved_permissions(configured)
-    assert warned and "PACS1" in warned[0] and "find" in warned[0]
+    assert warned and "PACS1" in warned[0] and "is allowed get, which" in warned[0]

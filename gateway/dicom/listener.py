@@ -1,4 +1,4 @@
-"""The DICOM door: association control by configured peers, C-ECHO, C-STORE (gateway/dicom/storage.py).
+"""The DICOM door: association control by configured peers, C-ECHO, C-STORE (storage.py), C-FIND (find.py).
 
 Each association is checked against `auth.dicom_peers` (calling AE title and
 source address) before anything is negotiated; an unknown AE title or a known
@@ -25,7 +25,7 @@ from gateway.core.identity import (
     peer_allows,
     unserved_permissions,
 )
-from gateway.dicom import storage
+from gateway.dicom import find, storage
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -50,6 +50,8 @@ class DicomListener:
         self.ae.add_supported_context(VERIFICATION)
         for sop_class, syntaxes in storage.contexts():
             self.ae.add_supported_context(sop_class, syntaxes)
+        for model in (find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND):
+            self.ae.add_supported_context(model)
         self.ae.maximum_pdu_size = 0  # no limit on what a peer sends per PDU (photos are large)
         self._server: ThreadedAssociationServer | None = None
 
@@ -97,6 +99,7 @@ class DicomListener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, lambda event: storage.on_store(self.gw, event)),
+            (evt.EVT_C_FIND, lambda event: find.on_find(self.gw, event)),
         ]
         self._server = await asyncio.to_thread(
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers

@@ -1,0 +1,141 @@
+"""C-FIND SCP, Patient Root and Study Root: the identifier's keys become a core StudyQuery (gateway/core/study_query.py,
+the policy inside it for the peer's identity), each match a pending response carrying the keys asked for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import date
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+
+from gateway.core import access, study_query
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject, peer_allows
+from gateway.core.refusals import Refused
+from gateway.core.study_query import DateRange, Match, StudyQuery
+
+log = logging.getLogger("clinphoto.dicom")
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PENDING, CANCELLED, SUCCESS = 0xFF00, 0xFE00, 0x0000
+NOT_AUTHORIZED = 0x0124
+IDENTIFIER_DOES_NOT_MATCH = 0xA900  # Error: Identifier does not match SOP Class
+UNABLE_TO_PROCESS = 0xC000
+LEVELS = {PATIENT_ROOT_FIND: ("PATIENT", "STUDY", "SERIES", "IMAGE"), STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE")}
+
+
+class BadIdentifier(ValueError):
+    """The identifier asks what this SOP class cannot answer (a level, a malformed range)."""
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None  # absent or universal matching
+    text = str(value).strip()
+    return None if text in ("", "*") else text
+
+
+def _uids(ds: Dataset, keyword: str) -> list[str] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, MultiValue) else str(value).split("\\")
+    return [str(v).strip() for v in values if str(v).strip()] or None
+
+
+def _date(text: str) -> date:
+    return date(int(text[0:4]), int(text[4:6]), int(text[6:8]))
+
+
+def _range(ds: Dataset, keyword: str) -> DateRange | None:
+    text = _text(ds, keyword)
+    if text is None:
+        return None
+    try:
+        if "-" not in text:
+            day = _date(text)
+            return DateRange(day, day)
+        low, high = text.split("-", 1)
+        return DateRange(_date(low) if low else None, _date(high) if high else None)
+    except (ValueError, IndexError):
+        raise BadIdentifier(f"{keyword} {text!r} is not a DICOM date or date range (YYYYMMDD, A-B, -B, A-)") from None
+
+
+def query_of(ds: Dataset, sop_class: str) -> StudyQuery:
+    level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in LEVELS.get(sop_class, ()):
+        raise BadIdentifier(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS.get(sop_class, ()))} for this model")
+    modalities = _uids(ds, "ModalitiesInStudy") or _uids(ds, "Modality")
+    return StudyQuery(
+        level=level,  # type: ignore[arg-type]  # checked against LEVELS above
+        patient_id=_text(ds, "PatientID"), issuer=_text(ds, "IssuerOfPatientID"), patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_range(ds, "PatientBirthDate"), study_uids=_uids(ds, "StudyInstanceUID"),
+        series_uids=_uids(ds, "SeriesInstanceUID"), sop_uids=_uids(ds, "SOPInstanceUID"),
+        study_date=_range(ds, "StudyDate"), modalities=modalities,
+    )
+
+
+def _pn(info: Any) -> str:
+    return "^".join(x or "" for x in (info.family, info.given, None, info.prefix)).rstrip("^")
+
+
+def answer(identifier: Dataset, match: Match, ae_title: str) -> Dataset:
+    """The keys the peer asked for, filled from the match (a key we do not hold stays empty, as PS3.4 allows)."""
+    p = match.patient
+    started = match.study_started
+    values: dict[str, Any] = {
+        "PatientID": p.patient_id, "IssuerOfPatientID": p.issuer, "PatientName": _pn(p),
+        "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
+        "PatientSex": p.sex if p.sex in ("M", "F", "O") else "",
+        "StudyInstanceUID": match.study_uid, "SeriesInstanceUID": match.series_uid, "SOPInstanceUID": match.sop_uid,
+        "SOPClassUID": match.sop_class_uid, "InstanceNumber": match.instance_number,
+        "StudyDate": started.strftime("%Y%m%d") if started else "", "StudyTime": started.strftime("%H%M%S") if started else "",
+        "ModalitiesInStudy": match.modalities, "Modality": match.modalities[0] if match.modalities else "",
+        "NumberOfPatientRelatedStudies": match.studies, "NumberOfStudyRelatedSeries": match.series,
+        "NumberOfStudyRelatedInstances": match.instances, "NumberOfSeriesRelatedInstances": match.instances,
+    }
+    out = Dataset()
+    out.SpecificCharacterSet = "ISO_IR 192"  # names from the index are UTF-8
+    out.QueryRetrieveLevel = identifier.QueryRetrieveLevel
+    out.RetrieveAETitle = ae_title
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        value = values.get(keyword)
+        setattr(out, keyword, value if value is not None else "")
+    return out
+
+
+def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """pynetdicom's EVT_C_FIND handler: pending answers, then success; a cancel is honoured between answers."""
+    subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
+    if subject is None or subject.peer is None or not peer_allows(subject, "find"):
+        yield NOT_AUTHORIZED, None
+        return
+    identifier = event.identifier
+    what = f"C-FIND {subject.peer.ae_title} {event.request.AffectedSOPClassUID}"
+    try:
+        query = query_of(identifier, str(event.request.AffectedSOPClassUID))
+        ctx = access.photo_request(gw, subject, "search", what)
+        matches = study_query.find(gw, ctx, query, query=f"{what} {query}", channel="dimse")
+    except BadIdentifier as exc:
+        failure = Dataset()  # a status data set: the status with an ErrorComment saying why
+        failure.Status = IDENTIFIER_DOES_NOT_MATCH
+        failure.ErrorComment = str(exc)[:64]
+        yield failure, None
+        return
+    except Refused:
+        yield NOT_AUTHORIZED, None
+        return
+    for match in matches:
+        if event.is_cancelled:
+            yield CANCELLED, None
+            return
+        yield PENDING, answer(identifier, match, gw.settings.ae_title)
+    yield SUCCESS, None
