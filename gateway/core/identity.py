@@ -354,7 +354,7 @@ def address_matches(address: str, hosts: list[str]) -> bool:
 DEMO_PEER = DicomPeer(ae_title="DEMOPACS", hosts=["127.0.0.1", "::1"], name="Demo PACS (dev mode)",
                       sensitivities=["N"], allow=["echo"])  # find, get and store join as the DIMSE services do
 # the DIMSE services this gateway serves today: a peer allowed more is warned about at start-up
-SERVED_SERVICES: frozenset[Service] = frozenset({"echo", "store", "find"})
+SERVED_SERVICES: frozenset[Service] = frozenset({"echo", "store", "find", "get", "move"})
 
 
 def dicom_peers(settings: CoreSettings) -> list[DicomPeer]:

@@ -1,4 +1,5 @@
-"""The DICOM door: association control by configured peers, C-ECHO, C-STORE (storage.py), C-FIND (find.py).
+"""The DICOM door: association control by configured peers, C-ECHO, C-STORE (storage.py), C-FIND (find.py),
+C-GET and C-MOVE (retrieve.py).
 
 Each association is checked against `auth.dicom_peers` (calling AE title and
 source address) before anything is negotiated; an unknown AE title or a known
@@ -25,7 +26,7 @@ from gateway.core.identity import (
     peer_allows,
     unserved_permissions,
 )
-from gateway.dicom import find, storage
+from gateway.dicom import find, retrieve, storage
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -49,9 +50,14 @@ class DicomListener:
         self.ae = AE(ae_title=gw.settings.ae_title)
         self.ae.add_supported_context(VERIFICATION)
         for sop_class, syntaxes in storage.contexts():
-            self.ae.add_supported_context(sop_class, syntaxes)
-        for model in (find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND):
+            # scp_role: a C-GET requestor stores what we send it on this association (SCP/SCU role selection)
+            self.ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
+        for model in (find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND, retrieve.PATIENT_ROOT_GET, retrieve.STUDY_ROOT_GET,
+                      retrieve.PATIENT_ROOT_MOVE, retrieve.STUDY_ROOT_MOVE):
             self.ae.add_supported_context(model)
+        for sop_class, syntaxes in storage.contexts():
+            for syntax in syntaxes:  # C-MOVE's association to the destination: one context per transfer syntax, so
+                self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
         self.ae.maximum_pdu_size = 0  # no limit on what a peer sends per PDU (photos are large)
         self._server: ThreadedAssociationServer | None = None
 
@@ -100,6 +106,8 @@ class DicomListener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, lambda event: storage.on_store(self.gw, event)),
             (evt.EVT_C_FIND, lambda event: find.on_find(self.gw, event)),
+            (evt.EVT_C_GET, lambda event: retrieve.on_get(self.gw, event)),
+            (evt.EVT_C_MOVE, lambda event: retrieve.on_move(self.gw, event)),
         ]
         self._server = await asyncio.to_thread(
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers

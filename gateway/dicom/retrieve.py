@@ -1,0 +1,110 @@
+"""C-GET and C-MOVE SCP: the instances a query identifier names, among those the peer may see, sent by C-STORE sub-
+operations (C-GET on the same association, C-MOVE to a configured peer's host and port).
+
+Each object goes as the core serves it (gateway/core/access.py dicom_object: the stored object with today's
+patient module, Pixel Data byte for byte) in its stored transfer syntax. A peer that accepted no context in that
+transfer syntax gets that sub-operation counted as failed (transcoding on demand is not done yet)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from pydicom import Dataset, dcmread
+
+from gateway.core import access, study_query
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject, dicom_peers, peer_allows
+from gateway.core.refusals import Refused
+from gateway.dicom.find import BadIdentifier, query_of
+
+log = logging.getLogger("clinphoto.dicom")
+
+PATIENT_ROOT_GET, STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2"
+# a retrieve model reads its identifier as the find model of the same root does
+FIND_MODEL = {PATIENT_ROOT_GET: "1.2.840.10008.5.1.4.1.2.1.1", PATIENT_ROOT_MOVE: "1.2.840.10008.5.1.4.1.2.1.1",
+              STUDY_ROOT_GET: "1.2.840.10008.5.1.4.1.2.2.1", STUDY_ROOT_MOVE: "1.2.840.10008.5.1.4.1.2.2.1"}
+PENDING, CANCELLED = 0xFF00, 0xFE00
+NOT_AUTHORIZED = 0x0124
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _instances(gw: Gateway, subject: Subject, identifier: Dataset, model: str, what: str) -> tuple[Any, list[str]]:
+    """The access context and the visible instances (asset ids) the identifier names, at any level."""
+    query = query_of(identifier, FIND_MODEL[model])
+    ctx = access.photo_request(gw, subject, "read", what)
+    images = study_query.find(gw, ctx, replace(query, level="IMAGE"), query=f"{what} {query}", channel="dimse")
+    return ctx, [m.asset_id for m in images if m.asset_id]
+
+
+def _send(gw: Gateway, ctx: Any, asset_ids: list[str], cancelled: Any) -> Iterator[tuple[int | Dataset, Any]]:
+    """Each object as the core serves it, decoded to a data set for pynetdicom (which wants one): its elements are
+    encoded again on the wire in the stored transfer syntax, Pixel Data as the same encapsulated bytes."""
+    for asset_id in asset_ids:
+        if cancelled():
+            yield CANCELLED, None
+            return
+        try:
+            obj = access.dicom_object(gw, ctx, asset_id)
+            ds = dcmread(io.BytesIO(obj.served.read()))
+        except (Refused, access.StoreFault) as exc:
+            log.warning("retrieve of photo %s skipped: %s", asset_id, exc)
+            yield UNABLE_TO_PROCESS, None
+            continue
+        yield PENDING, ds
+
+
+def _refuse(status: int, comment: str) -> Iterator[Any]:
+    """A refusal after the count: one sub-operation announced, answered by the failure status and its comment."""
+    yield 1
+    yield _failure(status, comment), None
+
+
+def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str) -> Iterator[Any]:
+    try:
+        ctx, ids = _instances(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
+    except BadIdentifier as exc:
+        yield from _refuse(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        return
+    except Refused as exc:
+        yield from _refuse(NOT_AUTHORIZED, str(exc))
+        return
+    yield len(ids)
+    yield from _send(gw, ctx, ids, lambda: event.is_cancelled)
+
+
+def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
+    """pynetdicom's EVT_C_GET handler: the count of sub-operations, then each object."""
+    subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
+    if subject is None or subject.peer is None or not peer_allows(subject, "get"):
+        yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
+        return
+    yield from _retrieve(gw, subject, event, f"C-GET {subject.peer.ae_title}")
+
+
+def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
+    """pynetdicom's EVT_C_MOVE handler: the destination (a configured peer with a port), the count, each object."""
+    subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
+    destination = str(event.move_destination).strip()
+    peer = next((p for p in dicom_peers(gw.settings) if p.ae_title == destination and p.port), None)
+    if peer is None:
+        yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown: only configured peers with a port
+        return
+    yield peer.hosts[0], peer.port
+    if subject is None or subject.peer is None or not peer_allows(subject, "move"):
+        yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
+        return
+    yield from _retrieve(gw, subject, event, f"C-MOVE {subject.peer.ae_title} to {destination}")

@@ -1,0 +1,139 @@
+"""C-GET and C-MOVE on real sockets, both backends: dcmtk's getscu receives a study on its association, movescu sends
+one to a dcmtk storescp the test starts (a configured peer with a port); objects arrive as stored (JPEG Baseline,
+Pixel Data byte for byte, today's patient module) and pass dciodvfy; what the peer may not see is never sent; the
+access matrix runs through C-GET with peers of different identities."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
+from pynetdicom.sop_class import VLPhotographicImageStorage
+from sqlalchemy import select
+
+from gateway.core.policy.settings import DicomPeer
+from store.models import Asset
+from tests import dicom_objects as objects
+from tests.access_matrix import PEERS, build_access_matrix, dicom_peers
+from tests.conftest import require_tool
+from tests.ingest_helpers import dicom_tools_check
+from tests.net import free_port
+from tests.test_dicom_association import RunningListener
+from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
+
+
+@pytest.fixture
+def retrieving(gw, archive):  # noqa: F811
+    gw.settings.auth.dicom_peers[0] = DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "find", "get", "move"],
+                                                sensitivities=["N", "R"])
+    return archive
+
+
+def check_received(folder: Path, sent: dict, names: list[str]) -> None:
+    got = {pydicom.dcmread(p).SOPInstanceUID: p for p in folder.iterdir() if p.is_file()}
+    assert set(got) == {sent[n].SOPInstanceUID for n in names}
+    for name in names:
+        path = got[sent[name].SOPInstanceUID]
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"  # as stored: no transcoding
+        assert ds.PixelData == sent[name].PixelData and ds.PatientID == sent[name].PatientID
+        dicom_tools_check(path)
+
+
+def test_getscu_receives_a_study_as_stored(gw, retrieving, tmp_path):
+    tool = require_tool("getscu", "dcmtk")
+    out = tmp_path / "got"
+    out.mkdir()
+    with RunningListener(gw) as port:
+        run = subprocess.run([tool, "-S", "+xy", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-od", str(out),
+                              "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.1", "127.0.0.1", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    check_received(out, retrieving, ["a1", "a2"])
+
+
+def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path):
+    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
+    out = tmp_path / "moved"
+    out.mkdir()
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    receiver = subprocess.Popen([storescp, "+xy", "-aet", "DEST", "-od", str(out), str(dest_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        with RunningListener(gw) as port:
+            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
+                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            unknown = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "NOWHERE",
+                                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
+                                     capture_output=True, text=True, timeout=120)
+            assert unknown.returncode != 0 and "MoveDestinationUnknown" in unknown.stderr
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    check_received(out, retrieving, ["b1"])
+
+
+def _get(port: int, calling: str, identifier: pydicom.Dataset) -> tuple[list[int], set[str]]:
+    """A C-GET with pynetdicom as the requestor, storing what arrives in memory."""
+    received: set[str] = set()
+
+    def on_store(event):
+        received.add(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    from pynetdicom import evt
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(STUDY_ROOT_GET)
+    ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    statuses = []
+    try:
+        for status, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET):
+            statuses.append(status.Status)
+    finally:
+        assoc.release()
+    return statuses, received
+
+
+def with_dicom_objects(gw, tmp_path) -> dict[str, str]:
+    """Give each matrix photo a small DICOM object of its own UIDs (the matrix stores JPEG renditions only)."""
+    with gw.db.write() as s:
+        rows = list(s.scalars(select(Asset)))
+        for a in rows:
+            ds = objects.dataset(rows=8, columns=8, samples=1, photometric="MONOCHROME2")
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = a.study_uid, a.series_uid, a.sop_instance_uid
+            ds.PixelData = bytes(64)
+            ds["PixelData"].VR = "OB"
+            path = objects.write(ds, tmp_path / f"{a.id}.dcm")
+            a.dicom_sha256 = gw.blobs.put_bytes(path.read_bytes()).sha256
+            a.dicom_transfer_syntax = "1.2.840.10008.1.2.1"
+        return {a.id: a.sop_instance_uid for a in rows}
+
+
+def test_the_access_matrix_through_c_get(gw, tmp_path):
+    world = build_access_matrix(gw)
+    gw.settings.auth.dicom_peers = [p.model_copy(update={"allow": ["echo", "get"]}) for p in dicom_peers("127.0.0.1")]
+    sop_of = with_dicom_objects(gw, tmp_path)
+    problems = []
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.SOPInstanceUID = list(sop_of.values())  # every photo in the store, by UID list
+    with RunningListener(gw) as port:
+        for peer in PEERS:
+            statuses, got = _get(port, peer.sub, identifier)
+            assert statuses[-1] in (0x0000, 0xB000), (peer.key, statuses)
+            want = {sop_of[a] for a in world.visible_asset_ids(peer)}
+            problems += [f"LEAK {peer.key} gets {uid}" for uid in got - want] + [f"MISS {peer.key} misses {uid}" for uid in want - got]
+    assert not problems, "\n".join(problems)
