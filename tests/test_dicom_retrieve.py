@@ -17,7 +17,7 @@ from pynetdicom.sop_class import VLPhotographicImageStorage
 from sqlalchemy import select
 
 from gateway.core.policy.settings import DicomPeer
-from store.models import Asset
+from store.models import Asset, AuditEvent
 from tests import dicom_objects as objects
 from tests.access_matrix import PEERS, build_access_matrix, dicom_peers
 from tests.conftest import require_tool
@@ -55,6 +55,12 @@ def test_getscu_receives_a_study_as_stored(gw, retrieving, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     check_received(out, retrieving, ["a1", "a2"])
+    # DICOM's audit events: the query behind the retrieve, and each instance transferred, with the peer and its address
+    with gw.db.read() as s:
+        events = s.execute(select(AuditEvent.type_code, AuditEvent.agent_who, AuditEvent.agent_network)
+                           .where(AuditEvent.agent_who == "VIEWER")).all()
+    assert [e.type_code for e in events].count("110104") == 2 and "110112" in {e.type_code for e in events}
+    assert all("127.0.0.1" in (e.agent_network or "") for e in events)
 
 
 def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path):

@@ -282,7 +282,7 @@ class DicomObject:
     asset: Asset
 
 
-def dicom_object(gw: Gateway, ctx: AccessContext, photo_id: str) -> DicomObject:
+def dicom_object(gw: Gateway, ctx: AccessContext, photo_id: str, type_code: str = audit.REST) -> DicomObject:
     """A photo's DICOM object, as the DICOM doors (WADO-RS, C-GET, C-MOVE) send it: the stored object (received,
     or built at ingest) with the Patient Module the patient index holds now, Pixel Data byte for byte.
 
@@ -306,7 +306,7 @@ def dicom_object(gw: Gateway, ctx: AccessContext, photo_id: str) -> DicomObject:
         log.error("the DICOM object of photo %s cannot be read: %s", asset.id, exc)
         raise StoreFault("the stored DICOM object of this photo cannot be read; run `clinphoto store check`") from None
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
-                             detail={"rendition": "dicom", "transfer_syntax": served.transfer_syntax})
+                             type_code=type_code, detail={"rendition": "dicom", "transfer_syntax": served.transfer_syntax})
     return DicomObject(served=served, asset=asset)
 
 

@@ -22,6 +22,7 @@ from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_info
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import NHS_SYSTEM
 from gateway.core.policy.rules import AccessContext, filter_for
+from store import audit
 from store.models import Asset, Patient, PatientIdentifier
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
@@ -147,7 +148,8 @@ def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel:
     where = [filter_for(ctx, gw.settings.policy), *_criteria(q)]
     with gw.db.read() as session:
         matches, results = _run(session, q, where, limit)
-    access_audit.record_search(gw, ctx, query=query, results=results, channel=channel)
+    # DICOM's own audit event for a query (DCM 110112), one record per patient in the answer
+    access_audit.record_search(gw, ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
     return matches
 
 

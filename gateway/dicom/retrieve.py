@@ -20,6 +20,7 @@ from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_allows
 from gateway.core.refusals import Refused
 from gateway.dicom.find import BadIdentifier, query_of
+from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -58,7 +59,7 @@ def _send(gw: Gateway, ctx: Any, asset_ids: list[str], cancelled: Any) -> Iterat
             yield CANCELLED, None
             return
         try:
-            obj = access.dicom_object(gw, ctx, asset_id)
+            obj = access.dicom_object(gw, ctx, asset_id, type_code=audit.INSTANCES_TRANSFERRED)
             ds = dcmread(io.BytesIO(obj.served.read()))
         except (Refused, access.StoreFault) as exc:
             log.warning("retrieve of photo %s skipped: %s", asset_id, exc)
