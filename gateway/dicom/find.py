@@ -21,10 +21,33 @@ log = logging.getLogger("clinphoto.dicom")
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+# query/retrieve and verification messages: the two syntaxes every peer has (not deflate, not big endian)
+QUERY_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 PENDING, CANCELLED, SUCCESS = 0xFF00, 0xFE00, 0x0000
 NOT_AUTHORIZED = 0x0124
 IDENTIFIER_DOES_NOT_MATCH = 0xA900  # Error: Identifier does not match SOP Class
 UNABLE_TO_PROCESS = 0xC000
+# the keys query_of matches on, and how (PS3.4 C.2.2.2); the conformance statement prints these
+MATCHING = {
+    "PatientID": "single value, wildcard (* ?), universal; with IssuerOfPatientID",
+    "IssuerOfPatientID": "single value (NHS, or an assigning authority)",
+    "PatientName": "single value or wildcard (* ?), without regard to case; family^given",
+    "PatientBirthDate": "single value, range",
+    "StudyInstanceUID": "single value, UID list",
+    "StudyDate": "single value, range (the date the photos were taken)",
+    "ModalitiesInStudy": "single value, list (XC, DMS, OT)",
+    "SeriesInstanceUID": "single value, UID list",
+    "Modality": "single value, list",
+    "SOPInstanceUID": "single value, UID list",
+}
+# the keys answer() fills, by level (any other key asked for is returned empty)
+RETURN_KEYS = {
+    "PATIENT": ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies"],
+    "STUDY": ["StudyInstanceUID", "StudyDate", "StudyTime", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances"],
+    "SERIES": ["SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances"],
+    "IMAGE": ["SOPInstanceUID", "SOPClassUID", "InstanceNumber"],
+}
 LEVELS = {PATIENT_ROOT_FIND: ("PATIENT", "STUDY", "SERIES", "IMAGE"), STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE")}
 
 

@@ -48,13 +48,13 @@ class DicomListener:
         self.gw = gw
         self.host, self._port = host, port
         self.ae = AE(ae_title=gw.settings.ae_title)
-        self.ae.add_supported_context(VERIFICATION)
+        self.ae.add_supported_context(VERIFICATION, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():
             # scp_role: a C-GET requestor stores what we send it on this association (SCP/SCU role selection)
             self.ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
         for model in (find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND, retrieve.PATIENT_ROOT_GET, retrieve.STUDY_ROOT_GET,
                       retrieve.PATIENT_ROOT_MOVE, retrieve.STUDY_ROOT_MOVE):
-            self.ae.add_supported_context(model)
+            self.ae.add_supported_context(model, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():
             for syntax in syntaxes:  # C-MOVE's association to the destination: one context per transfer syntax, so
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone

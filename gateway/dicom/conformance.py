@@ -1,0 +1,85 @@
+"""The DICOM Conformance Statement (PS3.2 layout), generated from what the code supports: the SOP classes the
+listener registers and their roles, the transfer syntaxes, the query keys per level the C-FIND door reads and
+returns, the association policies and character sets. Nothing here is typed by hand that the code also says."""
+
+from __future__ import annotations
+
+from pydicom.uid import UID
+
+from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
+from gateway.dicom import find, retrieve
+
+VERIFICATION = "1.2.840.10008.1.1"
+QUERY_MODELS = {
+    find.PATIENT_ROOT_FIND: "Patient Root Query/Retrieve Information Model - FIND",
+    find.STUDY_ROOT_FIND: "Study Root Query/Retrieve Information Model - FIND",
+    retrieve.PATIENT_ROOT_GET: "Patient Root Query/Retrieve Information Model - GET",
+    retrieve.STUDY_ROOT_GET: "Study Root Query/Retrieve Information Model - GET",
+    retrieve.PATIENT_ROOT_MOVE: "Patient Root Query/Retrieve Information Model - MOVE",
+    retrieve.STUDY_ROOT_MOVE: "Study Root Query/Retrieve Information Model - MOVE",
+}
+def _name(uid: str) -> str:
+    return UID(uid).name if UID(uid).is_valid else uid
+
+
+def statement(ae_title: str, port: int) -> str:
+    lines = [
+        "DICOM Conformance Statement: clinphoto clinical photo gateway",
+        "=" * 64,
+        "",
+        "1 Overview",
+        f"  Application Entity {ae_title}, port {port}: an archive for clinical photographs. It stores photographic",
+        "  objects, answers queries and retrieves under the gateway's access policy (consent, sensitivity, need to",
+        "  know) for the identity each calling AE is configured as, and audits every query and retrieve.",
+        "",
+        "2 Networking: SOP classes",
+        f"  {'SOP class':<58} {'UID':<32} SCU  SCP",
+        f"  {_name(VERIFICATION):<58} {VERIFICATION:<32} no   yes",
+    ]
+    for uid in SOP_CLASSES:
+        lines.append(f"  {_name(uid) + ' Storage' if 'Storage' not in _name(uid) else _name(uid):<58} {uid:<32} yes* yes")
+    for uid, name in QUERY_MODELS.items():
+        lines.append(f"  {name:<58} {uid:<32} no   yes")
+    lines += [
+        "  * as SCU only within C-GET (on the requestor's association) and C-MOVE (to the destination).",
+        "",
+        "3 Transfer syntaxes (storage, for every storage SOP class; objects are kept and sent as received)",
+    ]
+    lines += [f"  {name:<40} {uid}" for uid, name in TRANSFER_SYNTAXES.items()]
+    lines += [
+        "  Query/retrieve and verification: " + ", ".join(f"{_name(uid)} ({uid})" for uid in find.QUERY_SYNTAXES) + ".",
+        "  Retrieve sends each object in its stored transfer syntax; a peer that accepts none for it gets that",
+        "  sub-operation counted as failed (no transcoding).",
+        "",
+        "4 Association policies",
+        "  Only configured peers (auth.dicom_peers): calling AE title and source address are both checked; an",
+        "  unknown AE title or a known one from another address is rejected (A-ASSOCIATE-RJ, permanent, reason 3),",
+        "  a wrong called AE title with reason 7. Each peer is allowed services (echo, store, find, get, move).",
+        "  TCP_NODELAY on every association. No limit on the PDU size the peer sends.",
+        "",
+        "5 C-STORE SCP",
+        "  Objects are filed under the patient PatientID + IssuerOfPatientID name in the patient index (an unknown",
+        "  patient: 0xC000, or quarantine if configured). Success only after the object is committed. Statuses:",
+        "  0x0000 success; 0x0122 SOP class not supported; 0x0124 not authorized; 0xA700 out of resources (too",
+        "  large, or try again); 0xA900 data set does not match SOP class; 0xC000 cannot understand. Failures carry",
+        "  an ErrorComment.",
+        "",
+        "6 C-FIND SCP: levels PATIENT (Patient Root), STUDY, SERIES, IMAGE. Matching keys:",
+    ]
+    lines += [f"  {key:<22} {how}" for key, how in find.MATCHING.items()]
+    lines.append("  Return keys, by level (any other key asked for is returned empty):")
+    lines += [f"  {level:<8} {', '.join(keys)}" for level, keys in find.RETURN_KEYS.items()]
+    lines += [
+        "  Statuses: 0xFF00 pending, 0xFE00 cancelled, 0x0000 success, 0xA900 identifier does not match SOP class,",
+        "  0x0124 not authorized.",
+        "",
+        "7 C-GET and C-MOVE SCP: any level of either root; C-MOVE only to configured peers with a port (0xA801",
+        "  otherwise). Sub-operation counts as PS3.4 C.4.2/C.4.3.",
+        "",
+        "8 Character sets: responses are ISO_IR 192 (UTF-8); received objects are kept in whatever they declare.",
+        "",
+        "9 Security: every query and retrieve is filtered by the policy for the peer's configured purpose of use,",
+        "  sensitivities and specialties, and audited (DCM 110112 Query, 110104 DICOM Instances Transferred, 110107",
+        "  Import, 110113 Security Alert for rejected associations).",
+    ]
+    return "\n".join(lines) + "\n"
