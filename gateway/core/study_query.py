@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, case, distinct, func, or_, select
+from sqlalchemy import ColumnElement, Select, case, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.core import access_audit
@@ -80,7 +80,7 @@ def like_pattern(value: str) -> tuple[str, bool]:
     return escaped.replace("*", "%").replace("?", "_"), ("*" in value or "?" in value)
 
 
-def _text_match(column: Any, value: str, *, fold_case: bool = False) -> ColumnElement[bool]:
+def text_match(column: Any, value: str, *, fold_case: bool = False) -> ColumnElement[bool]:
     pattern, wild = like_pattern(value)
     col = func.lower(column) if fold_case else column
     pattern = pattern.lower() if fold_case else pattern
@@ -102,21 +102,27 @@ def _date_range(column: Any, r: DateRange) -> list[ColumnElement[bool]]:
     return out
 
 
+def patients_with_id(patient_id: str, issuer: str | None) -> Select[Any]:
+    """The patients (row ids) holding an identifier that matches a DICOM PatientID (wildcards allowed) under an
+    IssuerOfPatientID (NHS, or an assigning authority), or under any issuer."""
+    ident = select(PatientIdentifier.patient_id).where(text_match(PatientIdentifier.value, patient_id))
+    if issuer:
+        if issuer.upper() == NHS_ISSUER:
+            ident = ident.where(PatientIdentifier.system == NHS_SYSTEM)
+        else:
+            ident = ident.where(or_(PatientIdentifier.assigner == issuer, PatientIdentifier.system == issuer))
+    return ident
+
+
 def _patient_where(q: StudyQuery) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     if q.patient_id:
-        ident = select(PatientIdentifier.patient_id).where(_text_match(PatientIdentifier.value, q.patient_id))
-        if q.issuer:
-            if q.issuer.upper() == NHS_ISSUER:
-                ident = ident.where(PatientIdentifier.system == NHS_SYSTEM)
-            else:
-                ident = ident.where(or_(PatientIdentifier.assigner == q.issuer, PatientIdentifier.system == q.issuer))
-        where.append(Asset.patient_id.in_(ident))
+        where.append(Asset.patient_id.in_(patients_with_id(q.patient_id, q.issuer)))
     if q.patient_name:
         # PN as family^given: match the index's name written the same way
         name = func.coalesce(Patient.family_name, "") + "^" + func.coalesce(Patient.given_names, "")
         value = q.patient_name if "^" in q.patient_name or "*" in q.patient_name else q.patient_name + "^*"
-        where.append(_text_match(name, value, fold_case=True))
+        where.append(text_match(name, value, fold_case=True))
     if q.patient_birth_date is not None:
         r = q.patient_birth_date
         if r.lower is not None:

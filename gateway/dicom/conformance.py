@@ -11,6 +11,7 @@ from gateway.dicom import find, retrieve
 
 VERIFICATION = "1.2.840.10008.1.1"
 QUERY_MODELS = {
+    find.MODALITY_WORKLIST_FIND: "Modality Worklist Information Model - FIND",
     find.PATIENT_ROOT_FIND: "Patient Root Query/Retrieve Information Model - FIND",
     find.STUDY_ROOT_FIND: "Study Root Query/Retrieve Information Model - FIND",
     retrieve.PATIENT_ROOT_GET: "Patient Root Query/Retrieve Information Model - GET",
@@ -72,6 +73,10 @@ def statement(ae_title: str, port: int) -> str:
     lines += [
         "  Statuses: 0xFF00 pending, 0xFE00 cancelled, 0x0000 success, 0xA900 identifier does not match SOP class,",
         "  0x0124 not authorized.",
+        "",
+        "  Modality Worklist: the patient index's current encounters as photography steps (Modality XC), matched",
+        "  by PatientID (+ IssuerOfPatientID), ScheduledProcedureStepLocation or CurrentPatientLocation (wildcards)",
+        "  and ScheduledProcedureStepStartDate (range; the admission date), under the need-to-know rule.",
         "",
         "7 C-GET and C-MOVE SCP: any level of either root; C-MOVE only to configured peers with a port (0xA801",
         "  otherwise). Sub-operation counts as PS3.4 C.4.2/C.4.3.",

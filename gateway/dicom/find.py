@@ -11,14 +11,16 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
-from gateway.core import access, study_query
+from gateway.core import access, study_query, worklist
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, peer_allows
 from gateway.core.refusals import Refused
 from gateway.core.study_query import DateRange, Match, StudyQuery
+from gateway.core.worklist import WorklistItem, WorklistQuery
 
 log = logging.getLogger("clinphoto.dicom")
 
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 # query/retrieve and verification messages: the two syntaxes every peer has (not deflate, not big endian)
@@ -135,6 +137,66 @@ def answer(identifier: Dataset, match: Match, ae_title: str) -> Dataset:
     return out
 
 
+def worklist_query(ds: Dataset) -> WorklistQuery:
+    step = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else Dataset()
+    modality = _text(step, "Modality")
+    if modality is not None and modality not in ("XC", "DMS"):
+        raise NoPhotography
+    return WorklistQuery(
+        location=_text(step, "ScheduledProcedureStepLocation") or _text(ds, "CurrentPatientLocation"),
+        admitted=_range(step, "ScheduledProcedureStepStartDate"),
+        patient_id=_text(ds, "PatientID"), issuer=_text(ds, "IssuerOfPatientID"),
+    )
+
+
+class NoPhotography(Exception):
+    """A worklist query for another modality: this worklist holds photography steps only (no match)."""
+
+
+def worklist_answer(identifier: Dataset, item: WorklistItem, ae_title: str) -> Dataset:
+    """A scheduled procedure step for photography per current encounter, with the keys the camera asked for."""
+    p = item.patient
+    admitted = item.admitted_at
+    out = Dataset()
+    out.SpecificCharacterSet = "ISO_IR 192"
+    values: dict[str, Any] = {
+        "PatientID": p.patient_id, "IssuerOfPatientID": p.issuer, "PatientName": _pn(p),
+        "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
+        "PatientSex": p.sex if p.sex in ("M", "F", "O") else "",
+        "AdmissionID": item.visit_number or "", "CurrentPatientLocation": item.location or "",
+        "AccessionNumber": "", "RequestedProcedureID": f"ENC{item.encounter_id}",
+        "RequestedProcedureDescription": "Clinical photography",
+    }
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in ("SpecificCharacterSet", "ScheduledProcedureStepSequence"):
+            continue
+        setattr(out, keyword, values.get(keyword, ""))
+    step = Dataset()
+    step.Modality = "XC"
+    step.ScheduledStationAETitle = ""
+    step.ScheduledProcedureStepStartDate = admitted.strftime("%Y%m%d") if admitted else ""
+    step.ScheduledProcedureStepStartTime = admitted.strftime("%H%M%S") if admitted else ""
+    step.ScheduledProcedureStepID = f"ENC{item.encounter_id}"
+    step.ScheduledProcedureStepDescription = f"Clinical photography ({item.specialty or 'any specialty'})"
+    step.ScheduledProcedureStepLocation = item.location or ""
+    step.ScheduledPerformingPhysicianName = item.attending or ""
+    out.ScheduledProcedureStepSequence = [step]
+    return out
+
+
+def _worklist(gw: Gateway, subject: Subject, identifier: Dataset, what: str) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    try:
+        query = worklist_query(identifier)
+    except NoPhotography:
+        yield SUCCESS, None
+        return
+    ctx = access.screen(gw, subject, what)
+    for item in worklist.current(gw, ctx, query, query=f"{what} {query}", channel="dimse"):
+        yield PENDING, worklist_answer(identifier, item, gw.settings.ae_title)
+    yield SUCCESS, None
+
+
 def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """pynetdicom's EVT_C_FIND handler: pending answers, then success; a cancel is honoured between answers."""
     subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
@@ -143,6 +205,17 @@ def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | 
         return
     identifier = event.identifier
     what = f"C-FIND {subject.peer.ae_title} {event.request.AffectedSOPClassUID}"
+    if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
+        try:
+            yield from _worklist(gw, subject, identifier, what)
+        except BadIdentifier as exc:
+            failure = Dataset()
+            failure.Status = IDENTIFIER_DOES_NOT_MATCH
+            failure.ErrorComment = str(exc)[:64]
+            yield failure, None
+        except Refused:
+            yield NOT_AUTHORIZED, None
+        return
     try:
         query = query_of(identifier, str(event.request.AffectedSOPClassUID))
         ctx = access.photo_request(gw, subject, "search", what)

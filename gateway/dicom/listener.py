@@ -52,7 +52,7 @@ class DicomListener:
         for sop_class, syntaxes in storage.contexts():
             # scp_role: a C-GET requestor stores what we send it on this association (SCP/SCU role selection)
             self.ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
-        for model in (find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND, retrieve.PATIENT_ROOT_GET, retrieve.STUDY_ROOT_GET,
+        for model in (find.MODALITY_WORKLIST_FIND, find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND, retrieve.PATIENT_ROOT_GET, retrieve.STUDY_ROOT_GET,
                       retrieve.PATIENT_ROOT_MOVE, retrieve.STUDY_ROOT_MOVE):
             self.ae.add_supported_context(model, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import ColumnElement, DateTime, Exists, Select, and_, bindparam, false, or_, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import SQLCoreOperations
 
 from gateway.core.policy.settings import PURPOSES, PolicySettings
@@ -290,7 +290,9 @@ class CurrentEncounterIn(Pred):
     now: datetime | None
 
     def sql(self, a: Any) -> ColumnElement[bool]:
-        e = Encounter
+        # an alias of its own: a query over encounters (the worklist) must not see this probe correlate with its
+        # own rows (it then asked whether any current encounter of the specialty existed at all)
+        e = aliased(Encounter)
         moment: Any = self.now if self.now is not None else bindparam(
             "policy_now", type_=DateTime(timezone=True), callable_=_utcnow, unique=True)
         return _probe(select(e.id).where(
@@ -722,7 +724,9 @@ def knows_patient(ctx: AccessContext, settings: PolicySettings, patient_id: SQLC
     bound = s.role in settings.specialty_rule_roles or (s.role == "system" and bool(s.specialties))
     if not bound or ctx.breaking_glass:
         return true()
-    photo = select(Asset.id).where(Asset.patient_id == patient_id, filter_for(ctx, settings, skip=("consent", "scope")))
+    # an alias of its own, for the same reason as CurrentEncounterIn's, when the outer query is over photos
+    other = aliased(Asset)
+    photo = select(other.id).where(other.patient_id == patient_id, filter_for(ctx, settings, other, skip=("consent", "scope")))
     specs = frozenset(s.specialties)
     if not specs:
         return photo.exists()

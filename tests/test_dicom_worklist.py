@@ -1,0 +1,67 @@
+"""Modality Worklist for photography with dcmtk's findscu -W: the patient index's current encounters as scheduled
+procedure steps, filtered by location and date, under the need-to-know rule for the calling peer, audited."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select, update
+
+from gateway.core.policy.settings import DicomPeer
+from store.models import AuditEvent, Encounter
+from tests.conftest import require_tool
+from tests.ingest_helpers import add_patient
+from tests.test_dicom_association import RunningListener
+
+
+def worklist(port: int, calling: str, *keys: str) -> list[pydicom.Dataset]:
+    tool = require_tool("findscu", "dcmtk")
+    out = Path(f"/tmp/mwl-{port}-{calling}")
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*"):
+        old.unlink()
+    args = [tool, "-W", "-aet", calling, "-aec", "CLINPHOTO", "-X", "-od", str(out), "-k", "PatientName", "-k", "PatientID",
+            "-k", "IssuerOfPatientID", "-k", "AdmissionID", "-k", "(0040,0100)[0].Modality=XC",
+            "-k", "(0040,0100)[0].ScheduledProcedureStepStartDate", "-k", "(0040,0100)[0].ScheduledProcedureStepLocation"]
+    for key in keys:
+        args += ["-k", key]
+    run = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_findscu_worklist_lists_current_encounters_by_need_to_know(gw):
+    gw.settings.auth.dicom_peers = [
+        DicomPeer(ae_title="DERMCAM", hosts=["127.0.0.1"], allow=["find"], specialties=["330"]),
+        DicomPeer(ae_title="MEDILL", hosts=["127.0.0.1"], allow=["find"]),
+    ]
+    derm = add_patient(gw)  # a current dermatology (330) encounter, visit V100
+    plastics = add_patient(gw, nhs="9434765919", mrn="M200", family="Jones", given="Ann", visit="V200", specialty="160")
+    with gw.db.write() as s:
+        s.execute(update(Encounter).where(Encounter.id == derm["encounter_id"]).values(
+            location="Ward 7", admitted_at=datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc)))
+        s.execute(update(Encounter).where(Encounter.id == plastics["encounter_id"]).values(
+            location="Burns unit", admitted_at=datetime(2026, 12, 3, 14, 0, tzinfo=timezone.utc)))
+    with RunningListener(gw) as port:
+        everyone = worklist(port, "MEDILL")
+        assert sorted(ds.AdmissionID for ds in everyone) == ["V100", "V200"]
+        [step] = [ds for ds in everyone if ds.AdmissionID == "V100"]
+        assert step.PatientID == derm["nhs"] and step.IssuerOfPatientID == "NHS" and str(step.PatientName).startswith("Ó Súilleabháin")
+        sps = step.ScheduledProcedureStepSequence[0]
+        assert (sps.Modality, sps.ScheduledProcedureStepStartDate, sps.ScheduledProcedureStepLocation) == ("XC", "20261201", "Ward 7")
+        # the camera's filters: location with a wildcard, the admission date range
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "(0040,0100)[0].ScheduledProcedureStepLocation=Burns*")] == ["V200"]
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "(0040,0100)[0].ScheduledProcedureStepStartDate=20261202-")] == ["V200"]
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "PatientID=9434765919")] == ["V200"]
+        # a dermatology camera knows the dermatology patient only
+        assert [ds.AdmissionID for ds in worklist(port, "DERMCAM")] == ["V100"]
+        # a discharged patient is off the list
+        with gw.db.write() as s:
+            s.execute(update(Encounter).where(Encounter.id == plastics["encounter_id"]).values(status="finished"))
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL")] == ["V100"]
+    with gw.db.read() as s:
+        audited = s.execute(select(AuditEvent.agent_who).where(AuditEvent.type_code == "110112", AuditEvent.subtype == "worklist")).all()
+    assert {row.agent_who for row in audited} == {"MEDILL", "DERMCAM"}
