@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from gateway.core import access_audit
 from gateway.core.context import Gateway
+from gateway.core.criteria import one_of
 from gateway.core.identity import Subject
 from gateway.core.photo_search import TimeRange, utc
 from gateway.core.policy.rules import AccessContext, resolve
@@ -58,14 +59,8 @@ def _where(session: Session, c: AuditCriteria) -> list[ColumnElement[bool]]:
     if c.patient_public_ids is not None:
         ids = session.scalars(select(Patient.id).where(Patient.public_id.in_(sorted(set(c.patient_public_ids)))))
         where.append(AuditEvent.patient_id.in_(sorted(ids)))
-    if c.agents is not None:
-        where.append(AuditEvent.agent_who.in_(sorted(set(c.agents))))
-    if c.type_codes is not None:
-        where.append(AuditEvent.type_code.in_(sorted(set(c.type_codes))))
-    if c.subtypes is not None:
-        where.append(AuditEvent.subtype.in_(sorted(set(c.subtypes))))
-    if c.outcomes is not None:
-        where.append(AuditEvent.outcome.in_(sorted(set(c.outcomes))))
+    where += one_of([(AuditEvent.agent_who, c.agents), (AuditEvent.type_code, c.type_codes), (AuditEvent.subtype, c.subtypes),
+                     (AuditEvent.outcome, c.outcomes)])
     for r in c.recorded:
         if r.lower is not None:
             where.append(AuditEvent.recorded_at >= utc(r.lower) if not r.outside else AuditEvent.recorded_at < utc(r.lower))

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from gateway.core import access_audit, patient_views
 from gateway.core.access import SEARCH_SCOPE, PhotoView, require_scope, views_of
 from gateway.core.context import Gateway
+from gateway.core.criteria import one_of
 from gateway.core.patient_views import PatientView
 from gateway.core.policy.rules import AccessContext, filter_for, may_see_original
 from gateway.core.refusals import Kind, Refused
@@ -98,23 +99,9 @@ def sort_key() -> ColumnElement[Any]:
 
 
 def _criteria(c: PhotoCriteria) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if c.patients is not None:
-        where.append(Asset.patient_id.in_(sorted(set(c.patients))))
-    if c.ids is not None:
-        where.append(Asset.id.in_(sorted(set(c.ids))))
-    if c.sop_instance_uids is not None:
-        where.append(Asset.sop_instance_uid.in_(sorted(set(c.sop_instance_uids))))
-    if c.body_sites is not None:
-        where.append(Asset.body_site_code.in_(sorted(set(c.body_sites))))
-    if c.sop_classes is not None:
-        where.append(Asset.sop_class_uid.in_(sorted(set(c.sop_classes))))
-    if c.views is not None:
-        where.append(Asset.view.in_(sorted(set(c.views))))
-    if c.encounters is not None:
-        where.append(Asset.encounter_id.in_(sorted(set(c.encounters))))
-    if c.statuses is not None:
-        where.append(Asset.status.in_(sorted(set(c.statuses))))
+    where = one_of([(Asset.patient_id, c.patients), (Asset.id, c.ids), (Asset.sop_instance_uid, c.sop_instance_uids),
+                    (Asset.body_site_code, c.body_sites), (Asset.sop_class_uid, c.sop_classes), (Asset.view, c.views),
+                    (Asset.encounter_id, c.encounters), (Asset.status, c.statuses)])
     key = sort_key()
     for r in c.taken:
         parts = ([key >= utc(r.lower)] if r.lower is not None else []) + ([key < utc(r.upper)] if r.upper is not None else [])
