@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
+from gateway.core.routing import RoutingSettings
 from gateway.hl7.config import Hl7Settings
 from store.db import DatabaseUrlError, check_url
 
@@ -47,6 +48,7 @@ class Settings(BaseSettings):
     )
 
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)

@@ -258,6 +258,29 @@ class ConsentAsset(Base):
     __table_args__ = (Index("ix_consent_assets_asset", "asset_id"),)
 
 
+class OutboxItem(Base):
+    """A photo to send to a DICOM destination (routing): kept until delivered, given up on (dead) or cancelled."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    asset_id: Mapped[str] = mapped_column(ForeignKey("assets.id"))
+    destination: Mapped[str] = mapped_column(String(16))  # a configured DICOM peer's AE title
+    # pending, delivered, dead (tries used up), cancelled (by an operator)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("asset_id", "destination", name="uq_outbox_asset_destination"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+    )
+
+
 class AssetAccess(Base):
     """Named people allowed to see a very restricted (V) photo."""
 

@@ -19,6 +19,7 @@ from store.spool import Spool, remove_stale
 if TYPE_CHECKING:  # names for the type checker only: the context holds settings, it does not build them
     from gateway.core.ingest_settings import IngestSettings
     from gateway.core.policy.settings import AuthSettings, PolicySettings
+    from gateway.core.routing import RoutingSettings
 
 
 class CoreSettings(Protocol):
@@ -34,6 +35,7 @@ class CoreSettings(Protocol):
     policy: PolicySettings
     ingest: IngestSettings
     auth: AuthSettings
+    routing: RoutingSettings
 
 
 def spool_root(settings: CoreSettings) -> Path:

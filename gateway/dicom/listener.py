@@ -27,6 +27,7 @@ from gateway.core.identity import (
     unserved_permissions,
 )
 from gateway.dicom import find, retrieve, storage
+from gateway.dicom.router import Router
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -60,6 +61,8 @@ class DicomListener:
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
         self.ae.maximum_pdu_size = 0  # no limit on what a peer sends per PDU (photos are large)
         self._server: ThreadedAssociationServer | None = None
+        # the routing sender runs beside the listener when routes are configured
+        self.router: Router | None = Router(gw) if gw.settings.routing.routes else None
 
     @property
     def port(self) -> int:
@@ -113,10 +116,14 @@ class DicomListener:
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers
         )
         log.info("DICOM listening on %s:%s as %s", self.host, self.port, self.gw.settings.ae_title)
+        if self.router is not None:
+            self.router.start()
         for line in unserved_permissions(self.gw.settings):
             log.warning("%s", line)
 
     async def stop(self) -> None:
+        if self.router is not None:
+            await asyncio.to_thread(self.router.stop)
         if self._server is not None:
             # shutdown() waits for the open associations to finish their work
             await asyncio.to_thread(self._server.shutdown)

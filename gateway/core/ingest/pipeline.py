@@ -40,7 +40,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.core import nhs, patient_refs
+from gateway.core import nhs, patient_refs, routing
 from gateway.core.access_audit import fit
 from gateway.core.consents import ConsentError, check_consent, record_consent
 from gateway.core.context import Gateway
@@ -752,6 +752,7 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
             row.consent_id = consent_id
         session.add_all(rows)
         session.flush()
+        routing.enqueue(session, gw.settings.routing, rows, now)  # forwarded only if stored: one transaction
         if gov.consent is not None and rows:
             # the consent captured with the photos, recorded by the one writer in this transaction and
             # linked to them (a repeat of photos already stored does not record it a second time)

@@ -1,0 +1,117 @@
+"""The routing sender: a thread that takes due outbox items (gateway/core/routing.py) and sends each photo by
+C-STORE to its destination, as the destination's identity may see it (the policy decides when sending: a photo no
+consent covers yet is tried again later), one association per destination per round."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+from collections import defaultdict
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from gateway.core import access, routing
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject, dicom_peers, peer_subject
+from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
+from gateway.core.refusals import Refused
+from store import audit
+
+log = logging.getLogger("clinphoto.dicom")
+
+WARNINGS = (0xB000, 0xB006, 0xB007)
+
+
+class Router:
+    def __init__(self, gw: Gateway, poll_seconds: float = 1.0) -> None:
+        self.gw = gw
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ae = AE(ae_title=gw.settings.ae_title)
+        for sop_class in SOP_CLASSES:
+            for syntax in TRANSFER_SYNTAXES:  # one context per syntax: the destination accepts the stored one alone
+                self.ae.add_requested_context(sop_class, syntax)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dicom-router", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.round()
+            except Exception as exc:  # the database or a destination misbehaving: try again next round
+                log.error("routing round failed: %s", type(exc).__name__)
+                log.debug("routing round failure", exc_info=True)
+                busy = False
+            if not busy:
+                self._stop.wait(self.poll_seconds)
+
+    def round(self) -> bool:
+        """One round: claim due items, send them; whether any were claimed."""
+        settings = self.gw.settings.routing
+        claimed = routing.claim(self.gw, settings)
+        by_destination: dict[str, list[routing.Claimed]] = defaultdict(list)
+        for item in claimed:
+            by_destination[item.destination].append(item)
+        for destination, items in by_destination.items():
+            self._send(destination, items)
+        return bool(claimed)
+
+    def _send(self, destination: str, items: list[routing.Claimed]) -> None:
+        settings = self.gw.settings.routing
+        peer = next((p for p in dicom_peers(self.gw.settings) if p.ae_title == destination and p.port), None)
+        if peer is None or peer.port is None:
+            for item in items:
+                routing.failed(self.gw, settings, item.id, f"{destination} is not a configured DICOM peer with a port")
+            return
+        subject = peer_subject(peer, peer.hosts[0])
+        assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination)
+        if not assoc.is_established:
+            for item in items:
+                routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")
+            return
+        try:
+            # Nagle's algorithm otherwise holds each C-STORE request's last segment ~40 ms
+            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for item in items:
+                self._send_one(assoc, subject, destination, item)
+        finally:
+            assoc.release()
+
+    def _send_one(self, assoc: Association, subject: Subject, destination: str, item: routing.Claimed) -> None:
+        settings = self.gw.settings.routing
+        try:
+            ctx = access.photo_request(self.gw, subject, "read", f"routing to {destination}")
+            obj = access.dicom_object(self.gw, ctx, item.asset_id, type_code=audit.INSTANCES_TRANSFERRED)
+            ds = dcmread(io.BytesIO(obj.served.read()))
+        except Refused as exc:
+            routing.failed(self.gw, settings, item.id, f"not for {destination} under the policy now ({exc})")
+            return
+        except access.StoreFault as exc:
+            routing.failed(self.gw, settings, item.id, str(exc))
+            return
+        try:
+            status = assoc.send_c_store(ds)
+        except Exception as exc:  # no accepted context for the stored transfer syntax, or the association broke
+            routing.failed(self.gw, settings, item.id, f"C-STORE to {destination} failed: {type(exc).__name__}: {exc}")
+            return
+        code = int(getattr(status, "Status", -1)) if status else -1
+        if code == 0x0000 or code in WARNINGS:
+            routing.delivered(self.gw, item.id)
+        else:
+            routing.failed(self.gw, settings, item.id, f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}"
+                           if code >= 0 else f"no answer from {destination}")
