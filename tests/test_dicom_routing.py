@@ -5,6 +5,7 @@ is down, dead after the configured tries, retried by an operator; a claimed item
 
 from __future__ import annotations
 
+import io
 import subprocess
 import time
 
@@ -23,6 +24,7 @@ from tests import dicom_objects as objects
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient
 from tests.net import free_port
+from tests.orthanc import Orthanc
 
 
 @pytest.fixture
@@ -93,3 +95,33 @@ def test_dead_after_the_tries_then_retried_and_leases_keep_senders_apart(gw, rou
     assert [c.id for c in routing.claim(gw, gw.settings.routing)] == [item.id]
     assert routing.claim(gw, gw.settings.routing) == []
     assert routing.cancel(gw, item.id) and outbox(gw)[0].status == "cancelled"
+
+
+def test_routed_to_a_real_orthanc_through_an_outage_and_a_crash_mid_delivery(gw, fx, tmp_path):
+    """Orthanc (Debian's package) as the PACS: down at first (delivery only delayed); then a sender 'killed' after
+    claiming (its lease runs out, another sender delivers); the photo arrives once, intact (Orthanc's REST API)."""
+    pacs = Orthanc(tmp_path / "orthanc")
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="ORTHANC", hosts=["127.0.0.1"], port=pacs.dicom_port, allow=["echo"])]
+    gw.settings.routing.routes = [Route(destination="ORTHANC")]
+    gw.settings.routing.first_retry_seconds = 0.05
+    gw.settings.routing.lease_seconds = 0.2
+    add_patient(gw)
+    sent_path = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "photo.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(sent_path)]))
+    sent = pydicom.dcmread(sent_path)
+    assert Router(gw).round() and outbox(gw)[0].status == "pending"  # the PACS is down
+    pacs.start()
+    try:
+        wait_due(gw)
+        # a sender that claims and is killed before sending: the item is leased, not lost
+        assert routing.claim(gw, gw.settings.routing)
+        time.sleep(0.3)  # the lease runs out
+        assert Router(gw).round()
+        [item] = outbox(gw)
+        assert item.status == "delivered"
+        [stored] = pacs.instances()
+        assert stored["SOPInstanceUID"] == sent.SOPInstanceUID
+        arrived = pydicom.dcmread(io.BytesIO(pacs.file(stored["_id"])))
+        assert arrived.PixelData == sent.PixelData and arrived.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    finally:
+        pacs.stop()
