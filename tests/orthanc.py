@@ -30,7 +30,8 @@ class Orthanc:
         config = {
             "Name": "test-pacs", "StorageDirectory": str(self.folder / "storage"), "IndexDirectory": str(self.folder / "index"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True, "Plugins": [],
             "HttpCompressionEnabled": False,
         }
         path = self.folder / "orthanc.json"

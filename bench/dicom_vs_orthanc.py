@@ -1,0 +1,278 @@
+"""The DICOM door beside Orthanc: the same workload against `clinphoto serve` and a fresh Orthanc (Debian's package,
+SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
+
+    .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000]
+
+- C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
+  associations: files/s. clinphoto also checks each photo and makes its preview and thumbnail before answering;
+  Orthanc only writes the file.
+- C-FIND STUDY by PatientID, p50/p95 ms, with the archive holding 2,000 and 10,000 studies (small objects, one per
+  study, stored through each server's own C-STORE so both index them their own way).
+- C-GET of a 10-photo study (12-MP photos), ms.
+Both servers run as separate processes on 127.0.0.1; the client is pynetdicom in this process. clinphoto runs on
+SQLite in a temporary folder (synchronous=FULL). Orthanc measured here before (peers-measured.md): C-STORE 14.5 /
+31 files/s, C-FIND p95 15 ms at 2,000 studies and 42 ms at 10,000, C-GET 270-330 ms. Machines here are noisy: read
+the ratios, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from pydicom import Dataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+from pynetdicom import AE, build_role, evt  # noqa: E402
+from pynetdicom.sop_class import (  # noqa: E402
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    VLPhotographicImageStorage,
+)
+
+from tests import dicom_objects as objects  # noqa: E402
+from tests.net import free_ports  # noqa: E402
+from tests.orthanc import Orthanc  # noqa: E402
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+EXPLICIT = "1.2.840.10008.1.2.1"
+NHS = "9449305552"
+NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def twelve_mp_jpeg() -> bytes:
+    """A 4000x3000 photo-like JPEG (quality 90), ~3-5 MB, as a camera writes one."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:3000, 0:4000]
+    pixels = np.stack([(x * 255 // 3999), (y * 255 // 2999), ((x + y) * 127 // 6998)], axis=2).astype(np.int16)
+    pixels = np.clip(pixels + rng.integers(-12, 12, pixels.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def photo(jpeg: bytes, study: str, series: str, patient_id: str = NHS) -> Dataset:
+    ds = objects.dataset(rows=3000, columns=4000, photometric="YBR_FULL_422", patient_id=patient_id)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.LossyImageCompression, ds.LossyImageCompressionMethod, ds.LossyImageCompressionRatio = "01", "ISO_10918_1", "10"
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated: pynetdicom encodes the element as it is marked
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = JPEG_BASELINE
+    return ds
+
+
+def small(patient_id: str, study: str) -> Dataset:
+    ds = objects.dataset(rows=8, columns=8, samples=1, photometric="MONOCHROME2", patient_id=patient_id)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.PixelData = bytes(64)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT
+    return ds
+
+
+def nhs_number(n: int) -> str:
+    from gateway.core.nhs import check_digit
+
+    while True:
+        base = f"{900000000 + n:09d}"
+        d = check_digit(base)
+        if d is not None:
+            return base + str(d)
+        n += 7919
+
+
+def associate(port: int, called: str, contexts: list[tuple[str, list[str]]], **kw):
+    ae = AE(ae_title="BENCH")
+    for sop, syntaxes in contexts:
+        ae.add_requested_context(sop, syntaxes)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, **kw)
+    if not assoc.is_established:
+        raise SystemExit(f"no association with {called} on {port}")
+    nodelay(assoc)
+    return assoc
+
+
+def nodelay(assoc) -> None:
+    # the client's side too: pynetdicom leaves Nagle on, which holds each request's last segment ~40 ms
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def store_all(port: int, called: str, datasets: list[Dataset], associations: int) -> float:
+    """files/s for sending every data set over `associations` parallel associations."""
+    chunks = [datasets[i::associations] for i in range(associations)]
+    failures: list[str] = []
+
+    def send(chunk: list[Dataset]) -> None:
+        # a context per transfer syntax: the server accepts each alone, photos go as JPEG, the small objects native
+        assoc = associate(port, called, [(VLPhotographicImageStorage, [JPEG_BASELINE]), (VLPhotographicImageStorage, [EXPLICIT])])
+        try:
+            for ds in chunk:
+                status = assoc.send_c_store(ds)
+                if not status or status.Status != 0:
+                    failures.append(f"0x{getattr(status, 'Status', 0xFFFF):04X} {getattr(status, 'ErrorComment', '')}")
+        finally:
+            assoc.release()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise SystemExit(f"{called}: {len(failures)} C-STORE failures, e.g. {failures[0]}")
+    return len(datasets) / elapsed
+
+
+def find_times(port: int, called: str, patient_ids: list[str], runs: int = 200) -> tuple[float, float]:
+    assoc = associate(port, called, [(StudyRootQueryRetrieveInformationModelFind, [EXPLICIT])])
+    times = []
+    try:
+        for i in range(runs):
+            q = Dataset()
+            q.QueryRetrieveLevel = "STUDY"
+            q.PatientID = patient_ids[i % len(patient_ids)]
+            q.StudyInstanceUID = ""
+            q.StudyDate = ""
+            t0 = time.perf_counter()
+            answers = [s for s, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind) if s and s.Status == 0xFF00]
+            times.append((time.perf_counter() - t0) * 1000)
+            if not answers:
+                raise SystemExit(f"{called}: C-FIND for {q.PatientID} found nothing")
+    finally:
+        assoc.release()
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.95) - 1]
+
+
+def get_time(port: int, called: str, study: str, expected: int, runs: int = 5) -> float:
+    received: list[int] = []
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(VLPhotographicImageStorage, [JPEG_BASELINE])
+    times = []
+    for _ in range(runs):
+        received.clear()
+        assoc = ae.associate("127.0.0.1", port, ae_title=called, ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(1) or 0x0000)])
+        nodelay(assoc)
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study
+        t0 = time.perf_counter()
+        for _status, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
+            pass
+        times.append((time.perf_counter() - t0) * 1000)
+        assoc.release()
+        if len(received) != expected:
+            raise SystemExit(f"{called}: C-GET brought {len(received)} of {expected}")
+    return statistics.median(times)
+
+
+class Clinphoto:
+    """`clinphoto serve` (DICOM only) on a fresh SQLite store with the bench's patients registered."""
+
+    def __init__(self, folder: Path, patients: list[str]) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_ports(1)[0]
+        config = folder / "clinphoto.yaml"
+        config.write_text("auth:\n  dicom_peers:\n    - ae_title: BENCH\n      hosts: ['127.0.0.1']\n"
+                          "      allow: [echo, store, find, get, move]\n      sensitivities: [N, R]\n")
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")},
+                    "CLINPHOTO_DATA_DIR": str(folder / "var"), "CLINPHOTO_CONFIG": str(config), "CLINPHOTO_DICOM_PORT": str(self.port),
+                    "CLINPHOTO_LISTENERS": '["dicom"]', "CLINPHOTO_LOG_LEVEL": "WARNING"}
+        self._register(patients)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], cwd=ROOT, env=self.env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit("clinphoto did not start")
+
+    def _register(self, patients: list[str]) -> None:
+        """The patients (NHS numbers), each with a record consent, as the PAS feed and the ward would leave them."""
+        from gateway.core.context import Gateway
+        from gateway.settings import Settings
+        from store.models import Consent, Patient, PatientIdentifier
+
+        gw = Gateway.open(Settings(data_dir=self.folder / "var"))
+        try:
+            with gw.db.write() as s:
+                for n in patients:
+                    p = Patient(family_name="BENCH", identifiers=[PatientIdentifier(system=NHS_SYSTEM, value=n, type_code="NH")])
+                    s.add(p)
+                    s.flush()
+                    s.add(Consent(patient_id=p.id, level="record", given_by="patient"))
+        finally:
+            gw.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", type=int, default=50)
+    ap.add_argument("--studies", default="2000,10000")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.studies.split(",")]
+    patients = [nhs_number(i) for i in range(max(sizes))]
+    jpeg = twelve_mp_jpeg()
+    print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
+    rows: dict[str, dict[str, float]] = {"clinphoto": {}, "orthanc": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {"clinphoto": Clinphoto(Path(tmp) / "c", [NHS, *patients]), "orthanc": Orthanc(Path(tmp) / "o").start()}
+        ports = {"clinphoto": servers["clinphoto"].port, "orthanc": servers["orthanc"].dicom_port}
+        called = {"clinphoto": "CLINPHOTO", "orthanc": "ORTHANC"}
+        try:
+            for name in ("clinphoto", "orthanc"):
+                for assocs in (1, 4):
+                    batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(args.photos)]
+                    rows[name][f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = store_all(ports[name], called[name], batch, assocs)
+                study, series = generate_uid(), generate_uid()
+                rows[name]["C-STORE of the C-GET study (files/s)"] = store_all(ports[name], called[name],
+                                                                                [photo(jpeg, study, series) for _ in range(10)], 1)
+                rows[name]["C-GET 10-photo study (ms)"] = get_time(ports[name], called[name], study, 10)
+                held = 0
+                for size in sizes:
+                    extra = [small(patients[i], generate_uid()) for i in range(held, size)]
+                    store_all(ports[name], called[name], extra, 4)
+                    held = size
+                    p50, p95 = find_times(ports[name], called[name], patients[:size])
+                    rows[name][f"C-FIND STUDY by PatientID, {size} studies p50 (ms)"] = p50
+                    rows[name][f"C-FIND STUDY by PatientID, {size} studies p95 (ms)"] = p95
+        finally:
+            servers["clinphoto"].stop()
+            servers["orthanc"].stop()
+    print(f"{'measure':<52} {'clinphoto':>10} {'Orthanc':>10} {'ratio':>7}")
+    for key in rows["clinphoto"]:
+        c, o = rows["clinphoto"][key], rows["orthanc"][key]
+        print(f"{key:<52} {c:>10.1f} {o:>10.1f} {c / o:>7.2f}")
+    print("ratio = clinphoto / Orthanc (files/s: higher is better; ms: lower is better)")
+
+
+if __name__ == "__main__":
+    main()
