@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # noqa: E402
     VLPhotographicImageStorage,
 )
 
+from bench.hl7_throughput import nhs_number  # noqa: E402
 from tests import dicom_objects as objects  # noqa: E402
 from tests.net import free_ports  # noqa: E402
 from tests.orthanc import Orthanc  # noqa: E402
@@ -85,17 +86,6 @@ def small(patient_id: str, study: str) -> Dataset:
     ds.file_meta = Dataset()
     ds.file_meta.TransferSyntaxUID = EXPLICIT
     return ds
-
-
-def nhs_number(n: int) -> str:
-    from gateway.core.nhs import check_digit
-
-    while True:
-        base = f"{900000000 + n:09d}"
-        d = check_digit(base)
-        if d is not None:
-            return base + str(d)
-        n += 7919
 
 
 def associate(port: int, called: str, contexts: list[tuple[str, list[str]]], **kw):
