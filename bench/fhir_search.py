@@ -39,11 +39,9 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.policy_query import PgSchema, Rows, seed  # noqa: E402
-from gateway.app import create_app  # noqa: E402
 from gateway.core.context import Gateway  # noqa: E402
 from gateway.core.identity import Subject, mint_dev_token  # noqa: E402
 from gateway.core.nhs import NHS_NUMBER_SYSTEM, check_digit  # noqa: E402
@@ -67,6 +63,7 @@ from store.blobs import FileBlobStore  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.migrate import upgrade  # noqa: E402
 from store.models import Asset, Patient, PatientIdentifier  # noqa: E402
+from tests.test_photos_api import live_server  # noqa: E402
 
 PER_PATIENT = 10
 DERM = Subject(sub="dr.derm", role="clinician", specialties=("330",), scopes=("user/*.cruds",))  # as the token says
@@ -120,30 +117,6 @@ class FhirRows(Rows):
             if p in consented and (sensitivity in "NR" and specialty == "330" or sensitivity == "N" and p in caring):
                 seen.add(p)
         return sorted(seen)
-
-
-# -- the gateway, served --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def serving(gw: Gateway) -> Iterator[httpx.Client]:
-    """The whole app on a free 127.0.0.1 port, in a thread (as tests/test_photos_api.py), and a keep-alive client."""
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=0, log_level="warning",
-                                          lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # -- one search, three ways -------------------------------------------------------------------------------------
@@ -245,7 +218,7 @@ def run_backend(name: str, rows: FhirRows, args: argparse.Namespace) -> tuple[fl
         seeded = seed(db, rows)
         visible = rows.visible_to_derm()
         sample = random.Random(3).sample(visible, min(SAMPLE, len(visible)))
-        with serving(gw) as client:
+        with live_server(gw) as client:  # the whole app on a free 127.0.0.1 port, as the tests serve it
             return seeded, measure(gw, client, rows, sample, args.runs, args.warm)
     finally:
         gw.close()
