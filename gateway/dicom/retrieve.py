@@ -51,21 +51,14 @@ def _instances(gw: Gateway, subject: Subject, identifier: Dataset, model: str, w
     return ctx, [m.asset_id for m in images if m.asset_id]
 
 
-def _send(gw: Gateway, ctx: Any, asset_ids: list[str], cancelled: Any) -> Iterator[tuple[int | Dataset, Any]]:
+def _send(objects: list[access.DicomObject], cancelled: Any) -> Iterator[tuple[int | Dataset, Any]]:
     """Each object as the core serves it, decoded to a data set for pynetdicom (which wants one): its elements are
     encoded again on the wire in the stored transfer syntax, Pixel Data as the same encapsulated bytes."""
-    for asset_id in asset_ids:
+    for obj in objects:
         if cancelled():
             yield CANCELLED, None
             return
-        try:
-            obj = access.dicom_object(gw, ctx, asset_id, type_code=audit.INSTANCES_TRANSFERRED)
-            ds = dcmread(io.BytesIO(obj.served.read()))
-        except (Refused, access.StoreFault) as exc:
-            log.warning("retrieve of photo %s skipped: %s", asset_id, exc)
-            yield UNABLE_TO_PROCESS, None
-            continue
-        yield PENDING, ds
+        yield PENDING, dcmread(io.BytesIO(obj.served.read()))
 
 
 def _refuse(status: int, comment: str) -> Iterator[Any]:
@@ -83,8 +76,9 @@ def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str) -> Iterator[
     except Refused as exc:
         yield from _refuse(NOT_AUTHORIZED, str(exc))
         return
-    yield len(ids)
-    yield from _send(gw, ctx, ids, lambda: event.is_cancelled)
+    objects = access.dicom_objects(gw, ctx, ids, type_code=audit.INSTANCES_TRANSFERRED)  # audited before any is sent
+    yield len(objects)
+    yield from _send(objects, lambda: event.is_cancelled)
 
 
 def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
