@@ -229,7 +229,14 @@ def main() -> None:
     ap.add_argument("--studies", default="2000,10000")
     args = ap.parse_args()
     sizes = [int(s) for s in args.studies.split(",")]
-    patients = [nhs_number(i) for i in range(max(sizes))]
+    # distinct valid NHS numbers (nhs_number steps over stems without a check digit, so two n can meet)
+    unique: dict[str, None] = {}
+    n = 0
+    while len(unique) < max(sizes):
+        unique.setdefault(nhs_number(n), None)
+        n += 1
+    unique.pop(NHS, None)
+    patients = list(unique)
     jpeg = twelve_mp_jpeg()
     print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
     rows: dict[str, dict[str, float]] = {"clinphoto": {}, "orthanc": {}}
