@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.policy_query import PgSchema  # noqa: E402  (one throw-away schema helper for the benches)
 from gateway.core.nhs import check_digit  # noqa: E402
 from gateway.hl7.mllp import MllpDecoder, frame  # noqa: E402
 
@@ -180,26 +181,6 @@ def start_gateway(tmp: Path, database_url: str | None) -> tuple[subprocess.Popen
             time.sleep(0.2)
     proc.terminate()
     raise SystemExit("gateway did not start listening within 60 s")
-
-
-class PgSchema:
-    """A schema of its own in the given database, dropped afterwards (the URL's search_path points into it)."""
-
-    def __init__(self, url: str) -> None:
-        from sqlalchemy import create_engine, text
-
-        self.name = f"bench_{uuid.uuid4().hex[:10]}"
-        self.admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{self.name}"'))
-        self.url = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{self.name}"
-
-    def drop(self) -> None:
-        from sqlalchemy import text
-
-        with self.admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{self.name}" CASCADE'))
-        self.admin.dispose()
 
 
 def commit_limit(url: str, n: int = 300) -> float:

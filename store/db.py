@@ -241,12 +241,17 @@ class Writer:
         dbapi: Any = conn.connection.dbapi_connection
         return not dbapi.closed and dbapi.info.transaction_status == 0  # psycopg TransactionStatus.IDLE
 
-    def _drop(self) -> None:
+    def _detach(self) -> tuple[Any, Any]:
+        """Let go of the kept session, connection and pipeline; the connection and the pipeline's context manager."""
         session, self._session = self._session, None
         if session is not None:
             session.close()
         conn, self._conn = self._conn, None
         cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
+        return conn, cm
+
+    def _drop(self) -> None:
+        conn, cm = self._detach()
         if conn is None:
             return
         try:
@@ -259,17 +264,13 @@ class Writer:
     def close(self) -> None:
         """Give the connection back (the Database is closing, or the writer thread stopped)."""
         with self._lock:
-            session, self._session = self._session, None
-            if session is not None:
-                session.close()
-            conn, self._conn = self._conn, None
-            cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
+            conn, cm = self._detach()
             if conn is None:
                 return
             try:
                 if cm is not None:
                     cm.__exit__(None, None, None)
-                    conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
+                    conn.connection.dbapi_connection.autocommit = False
                 conn.close()
             except Exception:
                 log.debug("closing the writer connection", exc_info=True)
