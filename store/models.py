@@ -266,18 +266,25 @@ class OutboxItem(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     asset_id: Mapped[str] = mapped_column(ForeignKey("assets.id"))
     destination: Mapped[str] = mapped_column(String(16))  # a configured DICOM peer's AE title
-    # pending, delivered, dead (tries used up), cancelled (by an operator)
+    # pending, delivered (C-STORE succeeded), committed (the destination confirmed by Storage Commitment), dead
+    # (tries used up), cancelled (by an operator)
     status: Mapped[str] = mapped_column(String(20), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # when pending: the next try (or the end of a sender's lease); when delivered awaiting commitment: the deadline
+    # for the destination's report, after which the item is sent and asked about again
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None]
+    # the Storage Commitment Transaction UID asked under, for destinations that commit (N-ACTION / N-EVENT-REPORT)
+    commitment_uid: Mapped[str | None] = mapped_column(String(64))
+    committed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     __table_args__ = (
         UniqueConstraint("asset_id", "destination", name="uq_outbox_asset_destination"),
         Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_commitment", "commitment_uid"),
     )
 
 

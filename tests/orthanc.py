@@ -15,8 +15,9 @@ from tests.net import free_ports
 
 
 class Orthanc:
-    def __init__(self, folder: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict[str, dict] | None = None) -> None:
         self.folder, self.aet = folder, aet
+        self.modalities = modalities or {}  # the DICOM peers it knows (e.g. where to send Storage Commitment reports)
         self.http_port, self.dicom_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
 
@@ -32,7 +33,7 @@ class Orthanc:
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
             "DicomAlwaysAllowGet": True, "Plugins": [],
-            "HttpCompressionEnabled": False,
+            "HttpCompressionEnabled": False, "DicomModalities": self.modalities,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import io
 import subprocess
+import threading
 import time
+from datetime import datetime, timezone
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from pydicom import Dataset
+from sqlalchemy import select, update
 
 from gateway.core import routing
 from gateway.core.ingest.pipeline import ingest
@@ -25,6 +28,7 @@ from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient
 from tests.net import free_port
 from tests.orthanc import Orthanc
+from tests.test_dicom_association import RunningListener
 
 
 @pytest.fixture
@@ -125,3 +129,133 @@ def test_routed_to_a_real_orthanc_through_an_outage_and_a_crash_mid_delivery(gw,
         assert arrived.PixelData == sent.PixelData and arrived.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     finally:
         pacs.stop()
+
+
+def wait_for(gw, status: str, seconds: float = 30) -> OutboxItem:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        items = outbox(gw)
+        if items and items[0].status == status:
+            return items[0]
+        time.sleep(0.05)
+    raise AssertionError(f"outbox never reached {status!r}: {[(i.status, i.last_error) for i in outbox(gw)]}")
+
+
+def test_a_committing_orthanc_confirms_by_storage_commitment(gw, fx, tmp_path):
+    """Orthanc as a destination routed with storage commitment: the photo is delivered by C-STORE, then named in an
+    N-ACTION; Orthanc opens an association to our listener with its N-EVENT-REPORT and the item is committed."""
+    pacs_ports = {}
+    gw.settings.routing.routes = [Route(destination="ORTHANC", storage_commitment=True)]
+    gw.settings.routing.first_retry_seconds = 0.05
+    add_patient(gw)
+    pacs = Orthanc(tmp_path / "orthanc")
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="ORTHANC", hosts=["127.0.0.1"], port=pacs.dicom_port, allow=["echo"])]
+    with RunningListener(gw) as port:
+        pacs.modalities = {"clinphoto": {"AET": gw.settings.ae_title, "Host": "127.0.0.1", "Port": port}}
+        pacs.start()
+        try:
+            sent_path = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "photo.dcm", PatientID=objects.NHS_NUMBER,
+                                        IssuerOfPatientID="NHS")
+            ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(sent_path)]))
+            item = wait_for(gw, "committed")
+            assert item.commitment_uid and item.delivered_at and item.committed_at and item.attempts == 1
+            [stored] = pacs.instances()
+            assert stored["SOPInstanceUID"] == pydicom.dcmread(sent_path).SOPInstanceUID
+            pacs_ports["ok"] = True
+        finally:
+            pacs.stop()
+    assert pacs_ports
+
+
+class CommitmentScp:
+    """A PACS (pynetdicom, an implementation independent of ours) that stores, and reports every commitment as
+    failed (0x0112 No such object instance) on a new association to the requester, as PS3.4 J.3.3 allows."""
+
+    def __init__(self, port: int, requester_port: int) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import StorageCommitmentPushModel, VLPhotographicImageStorage
+
+        self.reported = 0
+        self.requester_port = requester_port
+        self.ae = AE(ae_title="PACS2")
+        self.ae.add_supported_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"])
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+        self.ae.add_requested_context(StorageCommitmentPushModel)
+        handlers = [(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_N_ACTION, self._on_action)]
+        self.server = self.ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+    def _on_action(self, event):
+        info = event.action_information
+        threading.Thread(target=self._report, args=(info,), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, info) -> None:
+        from pynetdicom import build_role
+        from pynetdicom.sop_class import StorageCommitmentPushModel
+
+        time.sleep(0.2)  # after the requester released the association the report comes on a new one
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        failed = []
+        for ref in info.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            item.FailureReason = 0x0112
+            failed.append(item)
+        report.FailedSOPSequence = failed
+        assoc = self.ae.associate("127.0.0.1", self.requester_port, ae_title="CLINPHOTO",
+                                  ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(report, 2, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        self.reported = int(status.Status)
+        assoc.release()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_failed_commitment_sends_again_and_a_silent_destination_times_out(gw, fx, tmp_path):
+    pacs_port = free_port()
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="PACS2", hosts=["127.0.0.1"], port=pacs_port, allow=["echo"]),
+                                    DicomPeer(ae_title="PACS1", hosts=["127.0.0.1"], port=free_port(), allow=["echo"])]
+    gw.settings.routing.routes = [Route(destination="PACS2", storage_commitment=True)]
+    gw.settings.routing.first_retry_seconds = 30  # the test drives the retries
+    add_patient(gw)
+    sent = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "photo.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(sent)]))
+    with RunningListener(gw) as port:
+        pacs = CommitmentScp(pacs_port, port)
+        try:
+            # the listener's router delivers, asks, and the destination reports failure: sent again, the try counted
+            item = wait_for(gw, "pending", 10) if outbox(gw)[0].status != "pending" else outbox(gw)[0]
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not (outbox(gw)[0].last_error or "").startswith("PACS2 did not commit"):
+                time.sleep(0.05)
+            item = outbox(gw)[0]
+            assert item.status == "pending" and item.attempts == 1 and pacs.reported == 0x0000
+            assert "failure reason 0x0112" in item.last_error and item.commitment_uid is None
+        finally:
+            pacs.stop()
+
+    # a destination that never reports (dcmtk's storescp has no Storage Commitment): delivered, then sent again
+    gw.settings.routing.routes = [Route(destination="PACS1", storage_commitment=True)]
+    gw.settings.routing.commitment_timeout_seconds = 0.3
+    with gw.db.write() as s:
+        s.execute(update(OutboxItem).values(destination="PACS1", next_attempt_at=datetime.now(timezone.utc)))
+    out = tmp_path / "pacs1"
+    out.mkdir()
+    pacs1 = subprocess.Popen([require_tool("storescp", "dcmtk"), "+xy", "+uf", "-aet", "PACS1", "-od", str(out),
+                              str(gw.settings.auth.dicom_peers[1].port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert Router(gw).round()
+        item = outbox(gw)[0]
+        assert item.status == "delivered" and item.commitment_uid and "refused the Storage Commitment request" in item.last_error
+        time.sleep(0.4)
+        assert Router(gw).round()  # the commitment timed out: sent (and asked) again
+        item = outbox(gw)[0]
+        assert item.status == "delivered" and item.attempts == 3 and len(list(out.iterdir())) == 2
+    finally:
+        pacs1.terminate()
+        pacs1.wait(10)

@@ -26,7 +26,7 @@ outbox_app = typer.Typer(help="Photos waiting to be forwarded to DICOM destinati
 
 
 @outbox_app.command("list")
-def outbox_list(status: Annotated[str | None, typer.Option(help="Only items in this state: pending, delivered, dead, cancelled.")] = None,
+def outbox_list(status: Annotated[str | None, typer.Option(help="Only items in this state: pending, delivered, committed, dead, cancelled.")] = None,
                 limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many, newest first.")] = 50) -> None:
     """What waits, what was delivered, what failed and why."""
     from gateway.core import routing

@@ -9,6 +9,11 @@ exponential backoff, and dead after the configured number of tries. Claiming tak
 on) under a row lock that skips rows another process holds (PostgreSQL SKIP LOCKED; SQLite has one writer), so two
 gateway processes never send the same row at once, and a process killed mid-send leaves its rows to be taken again
 when the lease ends.
+
+A destination routed with `storage_commitment` is also asked to commit what it received (Storage Commitment, push
+model): the items sent on an association are "delivered" under one Transaction UID, and "committed" only when the
+destination's report names them. A report that names an item as failed, or no report within the timeout, sends it
+again (a counted try), since a PACS that will not commit to keeping a photo has not got it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Route(BaseModel):
     destination: str = Field(..., min_length=1, max_length=16)
     specialties: list[str] = Field(default_factory=list, description="NHS Treatment Function codes; empty: every specialty.")
     sensitivities: list[str] = Field(default_factory=lambda: ["N"], description="Which sensitivities go (N, R; never V by rule).")
+    storage_commitment: bool = Field(False, description="Ask the destination to commit to keeping what it received "
+                                     "(Storage Commitment push model): items are 'committed' only when it confirms.")
 
 
 class RoutingSettings(BaseModel):
@@ -41,6 +48,12 @@ class RoutingSettings(BaseModel):
     max_retry_seconds: float = Field(3600.0, gt=0, description="The longest wait between tries.")
     lease_seconds: float = Field(120.0, gt=0, description="How long a claimed item is left to its sender before another "
                                  "process may take it (a sender killed mid-send).")
+    commitment_timeout_seconds: float = Field(3600.0, gt=0, description="How long a delivered item waits for the destination's "
+                                              "Storage Commitment report before it is sent and asked about again.")
+
+    def commits(self, destination: str) -> bool:
+        """Whether photos routed to `destination` are to be committed by it (Storage Commitment)."""
+        return any(r.storage_commitment for r in self.routes if r.destination == destination)
 
 
 def enqueue(session: Session, routing: RoutingSettings, rows: Sequence[Asset], now: datetime) -> int:
@@ -70,6 +83,7 @@ def claim(gw: Gateway, routing: RoutingSettings, limit: int = 20) -> list[Claime
     """Due items for this process: locked (skipping rows another process holds), leased, committed."""
     now = datetime.now(timezone.utc)
     with gw.db.write() as session:
+        _commitments_overdue(session, routing, now)
         query = (select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.next_attempt_at <= now)
                  .order_by(OutboxItem.next_attempt_at, OutboxItem.id).limit(limit))
         if gw.db.dialect == "postgresql":
@@ -82,11 +96,85 @@ def claim(gw: Gateway, routing: RoutingSettings, limit: int = 20) -> list[Claime
         return [Claimed(i.id, i.asset_id, i.destination, i.attempts) for i in items]
 
 
-def delivered(gw: Gateway, item_id: int) -> None:
+def delivered(gw: Gateway, routing: RoutingSettings, item_ids: Sequence[int], commitment_uid: str | None = None) -> None:
+    """C-STORE succeeded for these items. Without a commitment asked they are done; with one they wait (until
+    `commitment_timeout_seconds`) for the destination's report under `commitment_uid`. Committed before the
+    N-ACTION is sent, so a report, however quick, finds its items."""
+    if not item_ids:
+        return
     now = datetime.now(timezone.utc)
+    deadline = now + timedelta(seconds=routing.commitment_timeout_seconds)
     with gw.db.write() as session:
-        session.execute(update(OutboxItem).where(OutboxItem.id == item_id).values(
-            status="delivered", delivered_at=now, attempts=OutboxItem.attempts + 1, last_error=None, updated_at=now))
+        session.execute(update(OutboxItem).where(OutboxItem.id.in_(item_ids), OutboxItem.status == "pending").values(
+            status="delivered", delivered_at=now, attempts=OutboxItem.attempts + 1, last_error=None, updated_at=now,
+            commitment_uid=commitment_uid, next_attempt_at=deadline if commitment_uid else now))
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """What a destination's Storage Commitment report (N-EVENT-REPORT) says of one transaction."""
+
+    destination: str
+    transaction_uid: str
+    committed: list[str]  # SOP Instance UIDs
+    failed: list[tuple[str, int]]  # SOP Instance UID and the failure reason (PS3.4 J.3.3 Failure Reason)
+
+
+def commitment_reported(gw: Gateway, routing: RoutingSettings, report: CommitmentReport) -> int:
+    """Record a destination's report: the items it names as committed are done; those it names as failed are sent
+    again (a counted try, dead after max_attempts). Only items delivered to that destination under that
+    transaction are touched (another peer cannot commit for it). Returns how many items the report settled."""
+    now = datetime.now(timezone.utc)
+    named = set(report.committed) | {uid for uid, _ in report.failed}
+    if not named:
+        return 0
+    reasons = dict(report.failed)
+    settled = 0
+    with gw.db.write() as session:
+        rows = session.execute(
+            select(OutboxItem, Asset.sop_instance_uid).join(Asset, Asset.id == OutboxItem.asset_id)
+            .where(OutboxItem.commitment_uid == report.transaction_uid, OutboxItem.destination == report.destination,
+                   OutboxItem.status == "delivered", Asset.sop_instance_uid.in_(named)))
+        for item, sop_uid in rows:
+            settled += 1
+            if sop_uid in reasons:
+                _retry_later(item, routing, now, f"{report.destination} did not commit to keeping it "
+                             f"(Storage Commitment failure reason 0x{reasons[sop_uid] & 0xFFFF:04X}): sent again")
+            else:
+                item.status, item.committed_at, item.updated_at = "committed", now, now
+    return settled
+
+
+def commitment_unasked(gw: Gateway, item_ids: Sequence[int], error: str) -> None:
+    """The destination would not take the commitment request: the items stay delivered (they did arrive) with the
+    reason noted, and the commitment timeout sends them again."""
+    with gw.db.write() as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id.in_(item_ids), OutboxItem.status == "delivered")
+                        .values(last_error=error[:2000]))
+
+
+def _commitments_overdue(session: Session, routing: RoutingSettings, now: datetime) -> None:
+    """Delivered items whose destination sent no commitment report in time: sent again (a counted try)."""
+    overdue = session.scalars(select(OutboxItem).where(OutboxItem.status == "delivered", OutboxItem.commitment_uid.is_not(None),
+                                                       OutboxItem.committed_at.is_(None), OutboxItem.next_attempt_at <= now))
+    for item in overdue:
+        _retry_later(item, routing, now, f"no Storage Commitment report from {item.destination} within "
+                     f"{routing.commitment_timeout_seconds:g} s: sent again", wait=False)  # the timeout was the wait
+
+
+def _retry_later(item: OutboxItem, routing: RoutingSettings, now: datetime, error: str, wait: bool = True) -> None:
+    """Back to pending after the doubling wait for this many tries (or at once), dead when the tries are used up."""
+    item.last_error = error[:2000]
+    item.updated_at = now
+    item.status = "pending"
+    item.commitment_uid = None
+    if item.attempts >= routing.max_attempts:
+        item.status = "dead"
+    elif wait:
+        pause = min(routing.first_retry_seconds * 2 ** max(item.attempts - 1, 0), routing.max_retry_seconds)
+        item.next_attempt_at = now + timedelta(seconds=pause)
+    else:
+        item.next_attempt_at = now
 
 
 def failed(gw: Gateway, routing: RoutingSettings, item_id: int, error: str) -> str:
@@ -97,13 +185,7 @@ def failed(gw: Gateway, routing: RoutingSettings, item_id: int, error: str) -> s
         if item is None or item.status != "pending":
             return item.status if item is not None else "gone"
         item.attempts += 1
-        item.last_error = error[:2000]
-        item.updated_at = now
-        if item.attempts >= routing.max_attempts:
-            item.status = "dead"
-        else:
-            wait = min(routing.first_retry_seconds * 2 ** (item.attempts - 1), routing.max_retry_seconds)
-            item.next_attempt_at = now + timedelta(seconds=wait)
+        _retry_later(item, routing, now, error)
         return item.status
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydicom.uid import UID
 
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
-from gateway.dicom import find, retrieve
+from gateway.dicom import commitment, find, retrieve
 
 VERIFICATION = "1.2.840.10008.1.1"
 QUERY_MODELS = {
@@ -41,8 +41,10 @@ def statement(ae_title: str, port: int) -> str:
         lines.append(f"  {_name(uid) + ' Storage' if 'Storage' not in _name(uid) else _name(uid):<58} {uid:<32} yes* yes")
     for uid, name in QUERY_MODELS.items():
         lines.append(f"  {name:<58} {uid:<32} no   yes")
+    lines.append(f"  {_name(commitment.STORAGE_COMMITMENT):<58} {commitment.STORAGE_COMMITMENT:<32} yes  no")
     lines += [
-        "  * as SCU only within C-GET (on the requestor's association) and C-MOVE (to the destination).",
+        "  * as SCU only within C-GET (on the requestor's association) and C-MOVE (to the destination), and when",
+        "    routing new photos to a configured destination.",
         "",
         "3 Transfer syntaxes (storage, for every storage SOP class; objects are kept and sent as received)",
     ]
@@ -80,6 +82,14 @@ def statement(ae_title: str, port: int) -> str:
         "",
         "7 C-GET and C-MOVE SCP: any level of either root; C-MOVE only to configured peers with a port (0xA801",
         "  otherwise). Sub-operation counts as PS3.4 C.4.2/C.4.3.",
+        "",
+        "7a Routing and Storage Commitment (push model, SCU): new photos the routing rules match are sent by C-STORE",
+        "  to the destination, from a durable outbox (retries with doubling waits, dead after the configured tries).",
+        "  For a destination routed with storage_commitment, the photos one association delivered are named in one",
+        "  N-ACTION (Action Type 1, the well-known instance 1.2.840.10008.1.20.1.1) under a new Transaction UID. The",
+        "  N-EVENT-REPORT (Event Type 1 or 2) is accepted on that association or on one the destination opens to this",
+        "  AE (SCP/SCU role selection accepted); only items sent to that peer under that Transaction UID are settled.",
+        "  A Failed SOP Sequence item, or no report within commitment_timeout_seconds, sends the photo again.",
         "",
         "8 Character sets: responses are ISO_IR 192 (UTF-8); received objects are kept in whatever they declare.",
         "",

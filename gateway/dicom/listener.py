@@ -1,5 +1,5 @@
 """The DICOM door: association control by configured peers, C-ECHO, C-STORE (storage.py), C-FIND (find.py),
-C-GET and C-MOVE (retrieve.py).
+C-GET and C-MOVE (retrieve.py), Storage Commitment reports for routing (commitment.py).
 
 Each association is checked against `auth.dicom_peers` (calling AE title and
 source address) before anything is negotiated; an unknown AE title or a known
@@ -26,7 +26,7 @@ from gateway.core.identity import (
     peer_allows,
     unserved_permissions,
 )
-from gateway.dicom import find, retrieve, storage
+from gateway.dicom import commitment, find, retrieve, storage
 from gateway.dicom.router import Router
 from store import audit
 
@@ -56,6 +56,8 @@ class DicomListener:
         for model in (find.MODALITY_WORKLIST_FIND, find.PATIENT_ROOT_FIND, find.STUDY_ROOT_FIND, retrieve.PATIENT_ROOT_GET, retrieve.STUDY_ROOT_GET,
                       retrieve.PATIENT_ROOT_MOVE, retrieve.STUDY_ROOT_MOVE):
             self.ae.add_supported_context(model, list(find.QUERY_SYNTAXES))
+        # a routing destination's Storage Commitment report, on an association it opens to us (it acts as SCP)
+        self.ae.add_supported_context(commitment.STORAGE_COMMITMENT, commitment.COMMITMENT_SYNTAXES, scu_role=True, scp_role=True)
         for sop_class, syntaxes in storage.contexts():
             for syntax in syntaxes:  # C-MOVE's association to the destination: one context per transfer syntax, so
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
@@ -111,6 +113,7 @@ class DicomListener:
             (evt.EVT_C_FIND, lambda event: find.on_find(self.gw, event)),
             (evt.EVT_C_GET, lambda event: retrieve.on_get(self.gw, event)),
             (evt.EVT_C_MOVE, lambda event: retrieve.on_move(self.gw, event)),
+            (evt.EVT_N_EVENT_REPORT, lambda event: commitment.on_event_report(self.gw, event)),
         ]
         self._server = await asyncio.to_thread(
             self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers

@@ -1,6 +1,8 @@
 """The routing sender: a thread that takes due outbox items (gateway/core/routing.py) and sends each photo by
 C-STORE to its destination, as the destination's identity may see it (the policy decides when sending: a photo no
-consent covers yet is tried again later), one association per destination per round."""
+consent covers yet is tried again later), one association per destination per round. For a destination routed
+with storage commitment, the photos that association delivered are then named in one N-ACTION (Storage
+Commitment push model); the destination's N-EVENT-REPORT comes back to the listener (commitment.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ import threading
 from collections import defaultdict
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from gateway.core import access, routing
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_subject
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
+from gateway.core.objects.uids import new_uid
 from gateway.core.refusals import Refused
+from gateway.dicom.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, commitment_request, on_event_report
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -36,6 +40,7 @@ class Router:
         for sop_class in SOP_CLASSES:
             for syntax in TRANSFER_SYNTAXES:  # one context per syntax: the destination accepts the stored one alone
                 self.ae.add_requested_context(sop_class, syntax)
+        self.ae.add_requested_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="dicom-router", daemon=True)
@@ -77,7 +82,9 @@ class Router:
                 routing.failed(self.gw, settings, item.id, f"{destination} is not a configured DICOM peer with a port")
             return
         subject = peer_subject(peer, peer.hosts[0])
-        assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination)
+        # a destination may report its commitment on this association while it is still open
+        assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination,
+                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event))])
         if not assoc.is_established:
             for item in items:
                 routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")
@@ -87,12 +94,36 @@ class Router:
             sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for item in items:
-                self._send_one(assoc, subject, destination, item)
+            sent = [(item, uids) for item in items if (uids := self._send_one(assoc, subject, destination, item))]
+            self._deliver(assoc, destination, sent)
         finally:
             assoc.release()
 
-    def _send_one(self, assoc: Association, subject: Subject, destination: str, item: routing.Claimed) -> None:
+    def _deliver(self, assoc: Association, destination: str, sent: list[tuple[routing.Claimed, tuple[str, str]]]) -> None:
+        """Record what the destination accepted; for a committing destination, ask it (one N-ACTION) to commit."""
+        settings = self.gw.settings.routing
+        ids = [item.id for item, _ in sent]
+        if not settings.commits(destination) or not sent:
+            routing.delivered(self.gw, settings, ids)
+            return
+        transaction = new_uid(self.gw.settings.uid_root)
+        routing.delivered(self.gw, settings, ids, commitment_uid=transaction)  # before asking: a quick report finds them
+        try:
+            status, _ = assoc.send_n_action(commitment_request(transaction, [uids for _, uids in sent]), 1, STORAGE_COMMITMENT,
+                                            STORAGE_COMMITMENT_INSTANCE)
+            code = int(getattr(status, "Status", -1)) if status else -1
+        except Exception as exc:  # the destination did not accept Storage Commitment on this association
+            code, why = -1, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"status 0x{code & 0xFFFF:04X}" if code >= 0 else "no answer"
+        if code != 0x0000:
+            # delivered but not committed: left to the commitment timeout, which sends them again
+            log.warning("Storage Commitment request to %s refused (%s)", destination, why)
+            routing.commitment_unasked(self.gw, ids, f"{destination} refused the Storage Commitment request ({why})")
+
+    def _send_one(self, assoc: Association, subject: Subject, destination: str, item: routing.Claimed) -> tuple[str, str] | None:
+        """C-STORE one item; its (SOP Class UID, SOP Instance UID) when the destination took it, else None (the
+        failure recorded)."""
         settings = self.gw.settings.routing
         try:
             ctx = access.photo_request(self.gw, subject, "read", f"routing to {destination}")
@@ -100,18 +131,18 @@ class Router:
             ds = dcmread(io.BytesIO(obj.served.read()))
         except Refused as exc:
             routing.failed(self.gw, settings, item.id, f"not for {destination} under the policy now ({exc})")
-            return
+            return None
         except access.StoreFault as exc:
             routing.failed(self.gw, settings, item.id, str(exc))
-            return
+            return None
         try:
             status = assoc.send_c_store(ds)
         except Exception as exc:  # no accepted context for the stored transfer syntax, or the association broke
             routing.failed(self.gw, settings, item.id, f"C-STORE to {destination} failed: {type(exc).__name__}: {exc}")
-            return
+            return None
         code = int(getattr(status, "Status", -1)) if status else -1
         if code == 0x0000 or code in WARNINGS:
-            routing.delivered(self.gw, item.id)
-        else:
-            routing.failed(self.gw, settings, item.id, f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}"
-                           if code >= 0 else f"no answer from {destination}")
+            return obj.served.sop_class_uid, obj.served.sop_instance_uid
+        routing.failed(self.gw, settings, item.id, f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}"
+                       if code >= 0 else f"no answer from {destination}")
+        return None
