@@ -34,14 +34,21 @@ def retrieving(gw, archive):  # noqa: F811
     return archive
 
 
-def check_received(folder: Path, sent: dict, names: list[str]) -> None:
+def check_received(folder: Path, sent: dict, names: list[str], *, as_stored: bool = True) -> None:
     got = {pydicom.dcmread(p).SOPInstanceUID: p for p in folder.iterdir() if p.is_file()}
     assert set(got) == {sent[n].SOPInstanceUID for n in names}
     for name in names:
         path = got[sent[name].SOPInstanceUID]
         ds = pydicom.dcmread(path)
-        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"  # as stored: no transcoding
-        assert ds.PixelData == sent[name].PixelData and ds.PatientID == sent[name].PatientID
+        if as_stored:  # the peer accepted JPEG Baseline: sent as stored, no transcoding
+            assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+            assert ds.PixelData == sent[name].PixelData
+        else:  # the peer accepted only uncompressed pixels: decoded, the same picture
+            original = sent[name].pixel_array.astype(int)
+            assert ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+            assert ds.PhotometricInterpretation == "RGB" and ds.LossyImageCompression == "01"
+            assert ds.pixel_array.shape == original.shape and abs(ds.pixel_array.astype(int) - original).max() <= 2
+        assert ds.PatientID == sent[name].PatientID
         dicom_tools_check(path)
 
 
@@ -61,6 +68,40 @@ def test_getscu_receives_a_study_as_stored(gw, retrieving, tmp_path):
                            .where(AuditEvent.agent_who == "VIEWER")).all()
     assert [e.type_code for e in events].count("110104") == 2 and "110112" in {e.type_code for e in events}
     assert all("127.0.0.1" in (e.agent_network or "") for e in events)
+
+
+def test_getscu_accepting_only_uncompressed_gets_the_study_decoded(gw, retrieving, tmp_path):
+    """getscu without +xy proposes only uncompressed syntaxes for storage: each JPEG object is decoded for it."""
+    tool = require_tool("getscu", "dcmtk")
+    out = tmp_path / "got"
+    out.mkdir()
+    with RunningListener(gw) as port:
+        run = subprocess.run([tool, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-od", str(out),
+                              "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.1", "127.0.0.1", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    check_received(out, retrieving, ["a1", "a2"], as_stored=False)
+
+
+def test_movescu_to_a_destination_that_takes_only_uncompressed(gw, retrieving, tmp_path):
+    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
+    out = tmp_path / "moved"
+    out.mkdir()
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    receiver = subprocess.Popen([storescp, "-aet", "DEST", "-od", str(out), str(dest_port)],  # no +xy: uncompressed only
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        with RunningListener(gw) as port:
+            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
+                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    check_received(out, retrieving, ["b1"], as_stored=False)
 
 
 def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path):

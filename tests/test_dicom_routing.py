@@ -259,3 +259,21 @@ def test_a_failed_commitment_sends_again_and_a_silent_destination_times_out(gw, 
     finally:
         pacs1.terminate()
         pacs1.wait(10)
+
+
+def test_a_destination_taking_only_uncompressed_pixels_gets_the_photo_decoded(gw, routed, tmp_path):
+    out = tmp_path / "pacs"
+    out.mkdir()
+    pacs = subprocess.Popen([require_tool("storescp", "dcmtk"), "-aet", "PACS1", "-od", str(out), str(routed["port"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # no +xy: uncompressed syntaxes only
+    try:
+        time.sleep(0.5)
+        assert Router(gw).round()
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    assert outbox(gw)[0].status == "delivered"
+    [received] = list(out.iterdir())
+    ds = pydicom.dcmread(received)
+    assert ds.SOPInstanceUID == routed["sent"].SOPInstanceUID and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert ds.pixel_array.shape == routed["sent"].pixel_array.shape

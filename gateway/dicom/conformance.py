@@ -51,8 +51,10 @@ def statement(ae_title: str, port: int) -> str:
     lines += [f"  {name:<40} {uid}" for uid, name in TRANSFER_SYNTAXES.items()]
     lines += [
         "  Query/retrieve and verification: " + ", ".join(f"{_name(uid)} ({uid})" for uid in find.QUERY_SYNTAXES) + ".",
-        "  Retrieve sends each object in its stored transfer syntax; a peer that accepts none for it gets that",
-        "  sub-operation counted as failed (no transcoding).",
+        "  Retrieve and routing send each object in its stored transfer syntax whenever the peer accepted it; a",
+        "  peer that accepted only Explicit or Implicit VR Little Endian gets the pixels decoded (colour as RGB, the",
+        "  SOP Instance UID kept, Lossy Image Compression as stored); one that accepted neither gets that",
+        "  sub-operation counted as failed.",
         "",
         "4 Association policies",
         "  Only configured peers (auth.dicom_peers): calling AE title and source address are both checked; an",

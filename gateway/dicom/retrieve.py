@@ -2,24 +2,27 @@
 operations (C-GET on the same association, C-MOVE to a configured peer's host and port).
 
 Each object goes as the core serves it (gateway/core/access.py dicom_object: the stored object with today's
-patient module, Pixel Data byte for byte) in its stored transfer syntax. A peer that accepted no context in that
-transfer syntax gets that sub-operation counted as failed (transcoding on demand is not done yet)."""
+patient module, Pixel Data byte for byte) in its stored transfer syntax whenever the peer accepted that; a peer that
+accepted only uncompressed syntaxes gets it decoded (transfer.py); one that accepted neither gets that sub-operation
+counted as failed."""
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
+from pynetdicom import evt
 
 from gateway.core import access, study_query
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_allows
+from gateway.core.objects.transcode import as_stored
 from gateway.core.refusals import Refused
 from gateway.dicom.find import BadIdentifier, query_of
+from gateway.dicom.transfer import dataset_for
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -51,14 +54,16 @@ def _instances(gw: Gateway, subject: Subject, identifier: Dataset, model: str, w
     return ctx, [m.asset_id for m in images if m.asset_id]
 
 
-def _send(objects: list[access.DicomObject], cancelled: Any) -> Iterator[tuple[int | Dataset, Any]]:
-    """Each object as the core serves it, decoded to a data set for pynetdicom (which wants one): its elements are
-    encoded again on the wire in the stored transfer syntax, Pixel Data as the same encapsulated bytes."""
+def _send(objects: list[access.DicomObject], cancelled: Any, association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
+    """Each object as the association sending it can take it (as stored, or decoded when it accepted only
+    uncompressed pixels); one it cannot take goes as stored, for pynetdicom to count as a failed sub-operation
+    naming its SOP Instance UID."""
     for obj in objects:
         if cancelled():
             yield CANCELLED, None
             return
-        yield PENDING, dcmread(io.BytesIO(obj.served.read()))
+        ds = dataset_for(association(), obj.served)
+        yield PENDING, ds if ds is not None else as_stored(obj.served)
 
 
 def _refuse(status: int, comment: str) -> Iterator[Any]:
@@ -67,7 +72,7 @@ def _refuse(status: int, comment: str) -> Iterator[Any]:
     yield _failure(status, comment), None
 
 
-def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str) -> Iterator[Any]:
+def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association: Callable[[], Any]) -> Iterator[Any]:
     try:
         ctx, ids = _instances(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
     except BadIdentifier as exc:
@@ -78,7 +83,7 @@ def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str) -> Iterator[
         return
     objects = access.dicom_objects(gw, ctx, ids, type_code=audit.INSTANCES_TRANSFERRED)  # audited before any is sent
     yield len(objects)
-    yield from _send(objects, lambda: event.is_cancelled)
+    yield from _send(objects, lambda: event.is_cancelled, association)
 
 
 def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
@@ -87,7 +92,7 @@ def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
     if subject is None or subject.peer is None or not peer_allows(subject, "get"):
         yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
         return
-    yield from _retrieve(gw, subject, event, f"C-GET {subject.peer.ae_title}")
+    yield from _retrieve(gw, subject, event, f"C-GET {subject.peer.ae_title}", lambda: event.assoc)
 
 
 def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
@@ -98,8 +103,10 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
     if peer is None:
         yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown: only configured peers with a port
         return
-    yield peer.hosts[0], peer.port
+    # pynetdicom opens the association to the destination itself: its handler hands it to us, for what it accepted
+    opened: list[Any] = []
+    yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc))]}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
         yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
         return
-    yield from _retrieve(gw, subject, event, f"C-MOVE {subject.peer.ae_title} to {destination}")
+    yield from _retrieve(gw, subject, event, f"C-MOVE {subject.peer.ae_title} to {destination}", lambda: opened[0])

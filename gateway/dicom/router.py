@@ -6,13 +6,11 @@ Commitment push model); the destination's N-EVENT-REPORT comes back to the liste
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import threading
 from collections import defaultdict
 
-from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
@@ -23,6 +21,7 @@ from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.objects.uids import new_uid
 from gateway.core.refusals import Refused
 from gateway.dicom.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, commitment_request, on_event_report
+from gateway.dicom.transfer import dataset_for
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
@@ -128,12 +127,16 @@ class Router:
         try:
             ctx = access.photo_request(self.gw, subject, "read", f"routing to {destination}")
             obj = access.dicom_object(self.gw, ctx, item.asset_id, type_code=audit.INSTANCES_TRANSFERRED)
-            ds = dcmread(io.BytesIO(obj.served.read()))
+            ds = dataset_for(assoc, obj.served)
         except Refused as exc:
             routing.failed(self.gw, settings, item.id, f"not for {destination} under the policy now ({exc})")
             return None
         except access.StoreFault as exc:
             routing.failed(self.gw, settings, item.id, str(exc))
+            return None
+        if ds is None:
+            routing.failed(self.gw, settings, item.id, f"{destination} accepts neither the stored transfer syntax "
+                           f"({obj.served.transfer_syntax}) nor an uncompressed one for this SOP class")
             return None
         try:
             status = assoc.send_c_store(ds)
