@@ -144,3 +144,31 @@ def test_bad_levels_and_peers_without_find(gw, archive):
         assert statuses == [0xA900]
         statuses, _ = _find(port, "STOREONLY", PATIENT_ROOT, _images())
         assert statuses == [0x0124]
+
+
+def many_studies(gw, n: int) -> None:
+    """n more one-photo studies of the first patient, as rows (C-FIND reads only the index, never the files)."""
+    with gw.db.write() as s:
+        base = s.scalars(select(Asset).order_by(Asset.sop_instance_uid)).first()
+        columns = {c.key: getattr(base, c.key) for c in Asset.__table__.columns}
+        for i in range(n):
+            s.add(Asset(**{**columns, "id": f"{i:032x}", "study_uid": f"1.2.826.0.9.{i}", "series_uid": f"1.2.826.0.9.{i}.1",
+                           "sop_instance_uid": f"1.2.826.0.9.{i}.1.1", "sha256": f"{i:064x}"}))
+
+
+def test_findscu_cancel_stops_the_answers(gw, archive):
+    """dcmtk's findscu sends C-CANCEL after its first answer: the SCP stops between answers with 0xFE00 Cancel,
+    long before the 3,000 matches are all sent."""
+    many_studies(gw, 3000)
+    tool = require_tool("findscu", "dcmtk")
+    with RunningListener(gw) as port:
+        run = subprocess.run([tool, "-S", "-v", "--cancel", "1", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-k", "QueryRetrieveLevel=STUDY",
+                              "-k", f"PatientID={objects.NHS_NUMBER}", "-k", "StudyInstanceUID", "127.0.0.1", str(port)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        answered = run.stderr.count("Find Response:") + run.stdout.count("Find Response:")
+        final = (run.stdout + run.stderr).split("Find Response:")[-1]
+        assert "Cancel" in final, final[:400]
+        assert 1 <= answered < 3000  # stopped early (pending answers already on the wire still arrive)
+        # the listener is still in order: the next query on a new association is answered in full
+        assert len(findscu(port, "-S", "STUDY", f"PatientID={OTHER_NHS}", "StudyInstanceUID")) == 1
