@@ -58,8 +58,11 @@ class Orthanc:
             self.proc.wait(20)
             self.proc = None
 
+    def instance_ids(self) -> list[str]:
+        return httpx.get(f"{self.url}/instances", timeout=10).json()
+
     def instances(self) -> list[dict]:
-        ids = httpx.get(f"{self.url}/instances", timeout=10).json()
+        ids = self.instance_ids()
         return [httpx.get(f"{self.url}/instances/{i}/simplified-tags", timeout=10).json() | {"_id": i} for i in ids]
 
     def file(self, instance_id: str) -> bytes:

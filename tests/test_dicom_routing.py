@@ -277,3 +277,68 @@ def test_a_destination_taking_only_uncompressed_pixels_gets_the_photo_decoded(gw
     ds = pydicom.dcmread(received)
     assert ds.SOPInstanceUID == routed["sent"].SOPInstanceUID and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert ds.pixel_array.shape == routed["sent"].pixel_array.shape
+
+
+def test_kill_9_of_the_gateway_mid_delivery_loses_nothing_and_stores_nothing_twice(gw, tmp_path):
+    """`clinphoto serve` routing 16 large photos to a real Orthanc is killed with SIGKILL while they are on their way;
+    started again, it sends what was left once the dead process's leases end: every photo arrives, each SOP Instance
+    stored once at Orthanc, every outbox item delivered. (A photo whose C-STORE succeeded just before the kill, its
+    outcome not yet committed, is sent again: at-least-once on the wire, once in the archive, as DIMSE allows.)"""
+    import json
+    import os
+    import signal
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_serve import CLI, REPO, gateway_env
+
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        gw.settings.routing.routes = [Route(destination="ORTHANC")]
+        add_patient(gw)
+        rng = np.random.default_rng(7)
+        sent = []
+        for i in range(16):  # noise does not compress: ~3 MB each, so delivery takes long enough to be cut
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+            path = objects.jpeg_wrapped(tmp_path / f"big{i}.dcm", buf.getvalue(), 1600, 1200)
+            ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+            sent.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert len(outbox(gw)) == 16
+        config = tmp_path / "clinphoto.yaml"
+        config.write_text(json.dumps({  # YAML is a superset of JSON
+            "auth": {"dicom_peers": [{"ae_title": "ORTHANC", "hosts": ["127.0.0.1"], "port": pacs.dicom_port, "allow": ["echo"]}]},
+            "routing": {"routes": [{"destination": "ORTHANC"}], "lease_seconds": 2, "first_retry_seconds": 0.1},
+        }))
+        env = gateway_env(tmp_path, CLINPHOTO_CONFIG=str(config), CLINPHOTO_DATA_DIR=str(tmp_path),
+                          CLINPHOTO_DATABASE_URL=gw.settings.database_url, CLINPHOTO_BLOB_DIR=str(tmp_path / "blobs"))
+
+        def serve() -> subprocess.Popen:
+            return subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        first = serve()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(pacs.instance_ids()) < 2:
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        cut = len(pacs.instance_ids())
+        assert 2 <= cut < 16, f"the kill came too late to be mid-delivery ({cut} of 16 arrived)"
+        assert {i.status for i in outbox(gw)} >= {"pending"}  # what was left waits in the outbox
+
+        second = serve()
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and any(i.status != "delivered" for i in outbox(gw)):
+                assert second.poll() is None, second.stderr.read().decode()[-2000:]
+                time.sleep(0.1)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0, second.stderr.read().decode()[-2000:]
+        assert [i.status for i in outbox(gw)] == ["delivered"] * 16
+        stored = pacs.instances()
+        assert sorted(s["SOPInstanceUID"] for s in stored) == sorted(sent)  # all of them, each once
+    finally:
+        pacs.stop()
