@@ -15,6 +15,8 @@ from gateway.core.identity import AuthUnavailable
 from gateway.edge import Edge
 from gateway.fhir.app import create_fhir_app
 from gateway.http.security import verifier_for
+from gateway.viewer.routes import create_router as create_viewer_router
+from gateway.viewer.settings import ViewerSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ def create_app(gw: Gateway) -> FastAPI:
     app.include_router(photos.router)
     app.include_router(consents.router)
     app.include_router(patients.router)
+    # the point-of-care viewer (IHE IID, launch links) and its page; its settings are the wiring's, not the core's
+    app.include_router(create_viewer_router(getattr(gw.settings, "viewer", None) or ViewerSettings(), gw.settings.data_dir))
     # the EPR door: its own app under /fhir, so every error there is an OperationOutcome
     app.mount("/fhir", create_fhir_app(gw))
     return app

@@ -14,6 +14,7 @@ from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
 from gateway.core.routing import RoutingSettings
 from gateway.hl7.config import Hl7Settings
+from gateway.viewer.settings import ViewerSettings
 from store.db import DatabaseUrlError, check_url
 
 ENV_PREFIX = "CLINPHOTO_"
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    viewer: ViewerSettings = Field(default_factory=ViewerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -386,3 +386,20 @@ class Hl7Message(Base):
               sqlite_where=text("duplicate_of IS NULL"), postgresql_where=text("duplicate_of IS NULL")),
         Index("ix_hl7_status", "status"),
     )
+
+
+class LaunchLink(Base):
+    """A viewer launch link handed to an EPR for one user and one patient: short-lived and used at most once.
+    Only the SHA-256 of the link's secret is kept, so the table cannot be turned back into working links."""
+
+    __tablename__ = "launch_links"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(Text)  # the user it was issued for (JSON of the core's Subject)
+    # None: a patient nobody registered (the link opens an empty viewer, as for a patient the policy hides)
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"))
+    view: Mapped[str] = mapped_column(Text, default="{}")  # what to show first (JSON: date range, study, most recent)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_from: Mapped[str | None] = mapped_column(String(100))

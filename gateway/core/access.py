@@ -38,6 +38,7 @@ from gateway.core.objects.part10 import Part10Error
 from gateway.core.policy.rules import (
     AccessContext,
     ConsentSummary,
+    care_only,
     consent_summary,
     decide_in,
     filter_for,
@@ -106,6 +107,7 @@ class PhotoView:
     original_allowed: bool
     patient: str  # the patient's public id
     encounter: tuple[str, str] | None = None  # the encounter's visit number: (its system, the number)
+    care_only: bool = False  # its teaching consent was withdrawn: kept for care only (rules.care_only)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def views_of(session: Session, assets: list[Asset], original: bool, public: dict
             if number:
                 visits[eid] = (system, number)
     return [PhotoView(a, consent_summary(a, consents, links.get(a.id, set())), original, public[a.patient_id],
-                      visits.get(a.encounter_id) if a.encounter_id is not None else None)
+                      visits.get(a.encounter_id) if a.encounter_id is not None else None,
+                      care_only(a, consents, links.get(a.id, set())))
             for a in assets]
 
 
@@ -217,12 +220,18 @@ def patient_of(gw: Gateway, ctx: AccessContext, patient: tuple[str, str], what: 
     raise access_audit.refuse(gw, ctx, what, Refused(Kind.BAD_REQUEST, f"patient: {problem}"))
 
 
-def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str) -> PhotoView:
-    """The photo if the caller may see it (the policy inside the query); else the denial is audited and
-    NOT_FOUND raised, the same for a hidden photo and a missing one."""
+def _visible(gw: Gateway, ctx: AccessContext, photo_id: str, what: str, within_patient: int | None = None) -> PhotoView:
+    """The photo if the caller may see it (the policy inside the query) and, when `within_patient` is given, it is
+    that patient's (a viewer launched for one patient); else the denial is audited and NOT_FOUND raised, the same
+    for a hidden photo and a missing one."""
     policy = gw.settings.policy
     with gw.db.read() as session:
         asset = session.scalars(select(Asset).where(Asset.id == photo_id, filter_for(ctx, policy))).first()
+        if asset is not None and within_patient is not None and asset.patient_id != within_patient:
+            session.expunge_all()
+            access_audit.record_read(gw, ctx, asset_id=photo_id, patient_id=asset.patient_id, permitted=False,
+                                     reasons=["outside the patient this viewer was launched for"], what=what)
+            raise Refused(Kind.NOT_FOUND, NOT_FOUND)
         if asset is not None:
             view = views_of(session, [asset], may_see_original(ctx.subject, policy))[0]
             session.expunge_all()
@@ -246,10 +255,11 @@ def read(gw: Gateway, ctx: AccessContext, photo_id: str) -> PhotoView:
     return view
 
 
-def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, what: str) -> StoredImage:
+def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, what: str,
+          within_patient: int | None = None) -> StoredImage:
     """A photo's image file: the original as received (only for the roles allowed originals), or a rendition."""
     policy = gw.settings.policy
-    view = _visible(gw, ctx, photo_id, "retrieve")
+    view = _visible(gw, ctx, photo_id, "retrieve", within_patient)
     asset = view.asset
     detail = {"rendition": rendition}
     if rendition == "original" and not view.original_allowed:

@@ -57,6 +57,7 @@ class PhotoCriteria:
     views: Sequence[str] | None = None
     encounters: Sequence[int] | None = None
     statuses: Sequence[str] | None = None
+    studies: Sequence[str] | None = None  # Study Instance UIDs (a viewer opened for one study)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def sort_key() -> ColumnElement[Any]:
 def _criteria(c: PhotoCriteria) -> list[ColumnElement[bool]]:
     where = one_of([(Asset.patient_id, c.patients), (Asset.id, c.ids), (Asset.sop_instance_uid, c.sop_instance_uids),
                     (Asset.body_site_code, c.body_sites), (Asset.sop_class_uid, c.sop_classes), (Asset.view, c.views),
-                    (Asset.encounter_id, c.encounters), (Asset.status, c.statuses)])
+                    (Asset.encounter_id, c.encounters), (Asset.status, c.statuses), (Asset.study_uid, c.studies)])
     key = sort_key()
     for r in c.taken:
         parts = ([key >= utc(r.lower)] if r.lower is not None else []) + ([key < utc(r.upper)] if r.upper is not None else [])

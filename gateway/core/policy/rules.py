@@ -829,3 +829,12 @@ def consent_summary(asset: Asset, consents: Iterable[Consent], linked: frozenset
         return None
     best = max(applying, key=lambda c: (c.status == "active", _LEVEL_RANK.get(c.level, 0)))
     return ConsentSummary(id=best.id, level=best.level, status=best.status, given_by=best.given_by)
+
+
+def care_only(asset: Asset, consents: Iterable[Consent], linked: frozenset[str] | set[str] = frozenset()) -> bool:
+    """The photo was consented for teaching (or more) and that consent was withdrawn, with no other active consent
+    for teaching left: it stays in the record for care, and viewers mark it care-only."""
+    applying = [c for c in consents if ConsentCovers.applies(c, asset, linked)]
+    withdrawn = any(c.status == "withdrawn" and _LEVEL_RANK.get(c.level, 0) >= _LEVEL_RANK["teaching"] for c in applying)
+    still = any(c.status == "active" and _LEVEL_RANK.get(c.level, 0) >= _LEVEL_RANK["teaching"] for c in applying)
+    return withdrawn and not still
