@@ -102,6 +102,15 @@ def test_a_launch_link_opens_once_and_only_in_time(gw, world, web):
     assert web.get("/viewer/launch/not-a-link-at-all-xxxxxxxxxxxxx").status_code == 404
 
 
+def test_the_epr_origins_allowed_to_frame_the_viewer_are_a_setting(gw, world):
+    gw.settings.viewer.frame_ancestors = ["https://epr.example.nhs.uk"]
+    headers = world.headers(gw, next(u for u in USERS if u.key == "illustration"))
+    with live_server(gw) as web, opened(web, iid(web, headers, "PA")) as browser:
+        csp = browser.get("/viewer/").headers["content-security-policy"]
+        assert "frame-ancestors 'self' https://epr.example.nhs.uk" in csp and "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+
+
 def test_the_viewer_needs_its_session_and_stays_on_the_launch_patient(gw, world, web):
     assert web.get("/viewer/api/photos").status_code == 401
     assert web.get("/viewer/").status_code == 401
