@@ -186,3 +186,13 @@ def _audit(gw, *where) -> list[AuditEvent]:
         rows = list(s.scalars(select(AuditEvent).where(*where).order_by(AuditEvent.seq)))
         s.expunge_all()
         return rows
+
+
+def test_photos_whose_teaching_consent_was_withdrawn_are_marked_care_only(gw, world, web):
+    headers = world.headers(gw, next(u for u in USERS if u.key == "illustration"))
+    with opened(web, iid(web, headers, "PB")) as browser:
+        items = {p["id"]: p for p in browser.get("/viewer/api/photos").json()["items"]}
+    # Bob's publication consent was withdrawn, his record consent stands: his photos stay for care only
+    assert items and all(p["careOnly"] for p in items.values())
+    with opened(web, iid(web, headers, "PA")) as browser:
+        assert not any(p["careOnly"] for p in browser.get("/viewer/api/photos").json()["items"])  # Alice's teaching consent stands
