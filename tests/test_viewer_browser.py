@@ -40,8 +40,9 @@ def open_by_iid(page, base: str, headers: dict, patient: str = "PA") -> None:
     page.route("**/IHEInvokeImageDisplay*", with_token)
     landed = page.goto(f"{base}/IHEInvokeImageDisplay?requestType=PATIENT&patientID={PATIENTS[patient]['mrn']}^^^{MRN_ASSIGNER}")
     page.unroute("**/IHEInvokeImageDisplay*")
-    if landed is None or landed.status != 200 or not landed.url.endswith("/viewer/"):
+    if landed is None or landed.status != 200:
         return  # refused at launch (a role acting for no purpose, a token without the scopes): no viewer
+    page.wait_for_url("**/viewer/")
     page.wait_for_function("() => document.querySelector('#count').textContent.length > 0 || "
                            "document.querySelector('#patient').textContent.startsWith('Cannot')", timeout=30_000)
 
@@ -154,6 +155,7 @@ def test_a_launch_link_works_once_and_the_tablet_layout(gw, world, base):
     with chromium(viewport=(768, 1024)) as browser:
         page = browser.page
         page.goto(f"{base}{link}")
+        page.wait_for_url("**/viewer/")
         page.wait_for_function("() => document.querySelector('#count').textContent.length > 0")
         assert thumbnail_ids(page) == world.visible_asset_ids(user("derm"), patient="PA")
         page.locator(".thumb").first.click()
@@ -164,3 +166,64 @@ def test_a_launch_link_works_once_and_the_tablet_layout(gw, world, base):
         assert "already used" in again.locator("[role=alert]").inner_text()
         Page(again).screenshot("viewer-9-launch-link-used-twice")
         assert browser.off_host() == []
+
+
+def test_smart_ehr_launch_through_a_real_authorization_server(gw, world, base, tmp_path):
+    """The EHR launches the viewer the SMART way: /viewer/smart/launch?iss=&launch= sends the browser to a real OIDC
+    provider (panva's oidc-provider, tests/smart_auth_server.mjs), the user signs in there, the code comes back and
+    is exchanged with PKCE; the access token (JWT, the provider's JWKS) names the user, the token response the
+    patient; the viewer opens on that patient with the policy's photos for that user."""
+    import json
+    import subprocess
+
+    from gateway.core.policy.settings import AuthSettings
+    from tests.conftest import require_tool
+    from tests.net import free_port
+
+    node = require_tool("node", "nodejs")
+    port = free_port()
+    provider = f"http://127.0.0.1:{port}"
+    config = tmp_path / "smart.json"
+    config.write_text(json.dumps({
+        "client_id": "clinphoto-viewer", "redirect_uri": f"{base}/viewer/smart/callback", "audience": "https://clinphoto.test",
+        "user": {"role": "clinician", "name": "Dr Derm", "specialties": ["330"]},
+        "launches": {"launch-123": world.patient_public_ids["PA"]},
+    }))
+    server = subprocess.Popen([node, str(Path(__file__).parent / "smart_auth_server.mjs"), str(port), str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in server.stdout.readline()
+        gw.settings.auth = AuthSettings(mode="jwt", issuer=provider, audience="https://clinphoto.test", jwks_url=f"{provider}/jwks",
+                                        authorization_endpoint=f"{provider}/auth", token_endpoint=f"{provider}/token")
+        gw.settings.viewer.smart_client_id = "clinphoto-viewer"
+        gw.settings.viewer.smart_issuers = [f"{base}/fhir"]
+        with chromium() as browser:
+            page = browser.page
+            page.route(lambda url: not url.startswith("http://127.0.0.1"), lambda route: route.abort())
+            # a FHIR server not on the list may not launch the viewer (no open redirect to a stranger's sign-in)
+            refused = page.goto(f"{base}/viewer/smart/launch?iss=http://127.0.0.1:9/fhir&launch=launch-123")
+            assert refused.status == 400
+            page.goto(f"{base}/viewer/smart/launch?iss={base}/fhir&launch=launch-123")
+            assert page.url.startswith(provider), page.content()[:1000]
+            browser.screenshot("viewer-10-smart-sign-in")
+            page.locator("input[name=login]").fill("dr.derm")
+            page.locator("input[name=password]").fill("any")
+            page.locator("button[type=submit]").click()
+            page.wait_for_selector("text=user/Media.rs")  # the provider's consent page lists what the viewer asked for
+            page.locator("button[type=submit]").click()
+            page.wait_for_url("**/viewer/", timeout=30_000)
+            page.wait_for_function("() => document.querySelector('#count').textContent.length > 0")
+            assert page.locator(".banner .name").inner_text() == "ADAMS, Alice"
+            assert "Dr Derm (clinician)" in page.locator("#user").inner_text()
+            assert thumbnail_ids(page) == world.visible_asset_ids(user("derm"), patient="PA")
+            browser.screenshot("viewer-11-smart-launched")
+            assert not any("access_token" in u or "code_verifier" in u for u in browser.requests)
+            # the viewer's own page asks nothing of anywhere else (the provider's development pages ask Google Fonts,
+            # which the route above keeps from leaving the machine)
+            browser.requests.clear()
+            page.reload()
+            page.wait_for_function("() => document.querySelector('#count').textContent.length > 0")
+            assert browser.off_host() == []
+    finally:
+        server.terminate()
+        server.wait(10)

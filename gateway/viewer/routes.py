@@ -6,6 +6,7 @@ Launch (each ends in a viewer session cookie and a redirect to the page; the bea
   GET  /viewer/launch/{secret}                  the link: opens the viewer once
   GET  /IHEInvokeImageDisplay?requestType=PATIENT&patientID=<id>^^^<issuer>[&lowerDateTime&upperDateTime&mostRecentResults]
   GET  /IHEInvokeImageDisplay?requestType=STUDY&studyUID=<uid>          (IHE IID, with Authorization: Bearer)
+  GET  /viewer/smart/launch?iss=&launch=        SMART on FHIR EHR launch (smart.py), back at /viewer/smart/callback
 The page and what it reads (the session cookie only):
   GET  /viewer/  /viewer/static/*               the page, its script and style (served here: no CDN)
   GET  /viewer/api/session                      the user, the patient banner, break-glass state, the watermark text
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from datetime import datetime, timezone
 from html import escape
@@ -30,12 +32,13 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.core import access, launches, patient_refs, patient_views, watermark
-from gateway.core.identity import Subject
+from gateway.core.identity import AuthError, Subject
 from gateway.core.photo_search import PhotoCriteria, TimeRange, search_photos
 from gateway.core.refusals import Refused
 from gateway.http.errors import http_error
-from gateway.http.security import gateway_of, require_subject, what
+from gateway.http.security import gateway_of, require_subject, verifier_for, what
 from gateway.viewer import session as sessions
+from gateway.viewer import smart
 from gateway.viewer.session import ViewerSession
 from gateway.viewer.settings import ViewerSettings
 
@@ -49,6 +52,8 @@ CSRF_HEADER = "x-clinphoto-viewer"  # a custom header a cross-site form cannot s
 # a launch for a patient nobody registered opens an empty viewer, as one the policy hides does (the REST list
 # answers both with an empty page): a launch must not tell who is in the index
 NOBODY = 0
+OPENING = ('<!doctype html><html lang="en"><meta charset="utf-8"><meta http-equiv="refresh" content="0;url=/viewer/">'
+           '<title>Clinical photos</title><main><p><a href="/viewer/">Open the clinical photos</a></p></main></html>')
 NOT_SIGNED_IN = "the viewer session has ended or was never opened: open the viewer from the patient record again"
 
 
@@ -79,7 +84,11 @@ def create_router(settings: ViewerSettings, data_dir: Path) -> APIRouter:
     def start_session(request: Request, subject: Subject, patient_id: int, first: launches.FirstView) -> Response:
         expires = time.time() + settings.session_minutes * 60
         viewer = ViewerSession(subject=subject, patient_id=patient_id, first=first, expires=expires)
-        response = RedirectResponse("/viewer/", status_code=303)
+        # a page of our own that moves on to the viewer, not a redirect: the launch usually comes from the EPR's site,
+        # and a browser does not send a SameSite=Strict cookie on a redirect chain another site started; the next
+        # navigation starts here, so it does
+        response = Response(OPENING, media_type="text/html", headers=_page_headers("default-src 'none'; frame-ancestors "
+                                                                                      + frame_ancestors))
         _set_cookie(request, response, sessions.seal(key, viewer), settings)
         return response
 
@@ -151,6 +160,53 @@ def create_router(settings: ViewerSettings, data_dir: Path) -> APIRouter:
         except Refused as refusal:
             raise refused(request, refusal) from None
         return start_session(request, subject, row_id, first)
+
+    @router.get("/viewer/smart/launch", include_in_schema=False)
+    def smart_launch(request: Request, iss: Annotated[str, Query(max_length=500)], launch: Annotated[str, Query(max_length=500)]) -> Response:
+        """SMART EHR launch: off to the authorization server the (allowed) FHIR server names."""
+        if not settings.smart_client_id:
+            return _page_error(404, "SMART launch is not configured on this gateway (viewer.smart_client_id)")
+        if iss.rstrip("/") not in {i.rstrip("/") for i in settings.smart_issuers}:
+            log.warning("SMART launch from a FHIR server not in viewer.smart_issuers refused")
+            return _page_error(400, "this FHIR server (iss) may not launch the viewer: ask for it to be added to viewer.smart_issuers")
+        try:
+            url, flow = smart.start(iss, launch, settings.smart_client_id, settings.smart_scope, _callback_uri(request))
+        except smart.SmartError as exc:
+            return _page_error(502, str(exc))
+        response = RedirectResponse(url, status_code=302)
+        response.set_cookie(smart.COOKIE, smart.seal(key, flow), max_age=smart.FLOW_SECONDS, path=smart.PATH, httponly=True,
+                            samesite="lax", secure=_https(request))
+        return response
+
+    @router.get("/viewer/smart/callback", include_in_schema=False)
+    def smart_callback(request: Request, state: Annotated[str, Query(max_length=200)] = "",
+                       code: Annotated[str | None, Query(max_length=2000)] = None,
+                       error: Annotated[str | None, Query(max_length=200)] = None) -> Response:
+        gw = gateway_of(request)
+        flow = smart.unseal(key, request.cookies.get(smart.COOKIE))
+        if flow is None or not state or not secrets.compare_digest(flow.state, state):
+            return _page_error(400, "this sign-in did not start here, or took too long: open the viewer from the patient record again")
+        if error or not code:
+            return _page_error(403, f"the sign-in was not completed ({error or 'no code'})")
+        try:
+            answer = smart.exchange(flow, code, settings.smart_client_id or "", _callback_uri(request))
+            subject = verifier_for(request.app.state, gw.settings).verify(str(answer["access_token"]),
+                                                                           request.client.host if request.client else None)
+        except smart.SmartError as exc:
+            return _page_error(502, str(exc))
+        except AuthError as exc:
+            return _page_error(401, f"the access token was not accepted: {exc}")
+        patient = str(answer.get("patient") or "")
+        try:
+            ctx = access.photo_request(gw, subject, "search", what(request))
+            rows = patient_views.row_ids_of(gw, ctx, [patient]) if patient else []
+        except Refused as refusal:
+            return _page_error(403, refusal.reason)
+        if not rows:
+            return _page_error(400, "the launch named no patient this gateway knows: open the viewer from the patient record again")
+        response = start_session(request, subject, rows[0], launches.FirstView())
+        response.delete_cookie(smart.COOKIE, path=smart.PATH)
+        return response
 
     # -- the page -------------------------------------------------------------------------------------------
 
@@ -316,10 +372,17 @@ def _private(body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, headers={"Cache-Control": "private, no-store"})
 
 
+def _https(request: Request) -> bool:
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+
+
+def _callback_uri(request: Request) -> str:
+    return str(request.url_for("smart_callback"))
+
+
 def _set_cookie(request: Request, response: Response, value: str, settings: ViewerSettings) -> None:
-    secure = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
     response.set_cookie(sessions.COOKIE, value, max_age=int(settings.session_minutes * 60), path=sessions.PATH,
-                        httponly=True, samesite="strict", secure=secure)
+                        httponly=True, samesite="strict", secure=_https(request))
 
 
 def _require_same_page(request: Request) -> None:
