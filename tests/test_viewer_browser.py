@@ -85,6 +85,11 @@ def test_full_size_zoom_compare_watermark_keyboard_and_accessibility(gw, world, 
         assert page.locator("#zoom-level").inner_text() == "125%"
         assert "Skin structure" in page.locator("#details").inner_text()
         browser.screenshot("viewer-2-full-size-zoomed")
+        # deep zoom: past the preview's pixels the full-resolution image (medical illustration may have originals)
+        for _ in range(4):
+            page.locator("#zoom-in").click()
+        page.wait_for_function("() => document.querySelector('.pane img').getAttribute('src').endsWith('/original')")
+        page.locator("#zoom-reset").click()
 
         # an R photo: marked as watermarked, and the image the server sent differs from the stored preview
         page.locator(f'.thumb[data-id="{world.asset_ids["PA-03"]}"]').click()
