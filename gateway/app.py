@@ -10,6 +10,8 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError
 
 from gateway.api import consents, patients, photos, upload
+from gateway.capture.routes import create_router as create_capture_router
+from gateway.capture.settings import CaptureSettings
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
 from gateway.edge import Edge
@@ -76,6 +78,8 @@ def create_app(gw: Gateway) -> FastAPI:
     app.include_router(patients.router)
     # the point-of-care viewer (IHE IID, launch links) and its page; its settings are the wiring's, not the core's
     app.include_router(create_viewer_router(getattr(gw.settings, "viewer", None) or ViewerSettings(), gw.settings.data_dir))
+    # the bedside capture app (its files; it uploads through /api/v1 like any client)
+    app.include_router(create_capture_router(getattr(gw.settings, "capture", None) or CaptureSettings()))
     # the EPR door: its own app under /fhir, so every error there is an OperationOutcome
     app.mount("/fhir", create_fhir_app(gw))
     return app

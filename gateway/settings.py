@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from gateway.capture.settings import CaptureSettings
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
 from gateway.core.routing import RoutingSettings
@@ -54,6 +55,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     viewer: ViewerSettings = Field(default_factory=ViewerSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -44,14 +44,18 @@ class Page:
 
 
 @contextmanager
-def chromium(viewport: tuple[int, int] = (1280, 800)) -> Iterator[Page]:
+def chromium(viewport: tuple[int, int] = (1280, 800), mobile: bool = False) -> Iterator[Page]:
+    """`mobile`: a phone as Chromium emulates one (touch, mobile viewport meta honoured)."""
     executable = require_tool("chromium", "chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         try:
-            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+            options: dict[str, Any] = {"viewport": {"width": viewport[0], "height": viewport[1]}}
+            if mobile:
+                options.update(is_mobile=True, has_touch=True, device_scale_factor=3)
+            context = browser.new_context(**options)
             yield Page(context.new_page())
         finally:
             browser.close()
