@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make run: the gateway on embedded SQLite + file store, with demo data (seeded once)
-run: $(STAMP)
+## make run: the gateway on embedded SQLite + file store, with demo data (seeded once); node_modules holds the
+## capture app's barcode reader
+run: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/clinphoto demo
 	$(VENV)/bin/clinphoto serve --welcome
 
@@ -25,7 +26,8 @@ run: $(STAMP)
 test: $(STAMP) debian-packages $(NODE_STAMP) lint
 	$(PY) -m pytest
 
-# exactly the versions package-lock.json names; without npm the tests that need these skip (fail under CI) and say so
+# exactly the versions package-lock.json names; without npm the tests that need these skip (fail under CI) and say so,
+# and the capture app falls back to typing the number
 $(NODE_STAMP): package.json package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 	  npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \

@@ -5,7 +5,8 @@
 // says). Its own development sign-in and consent pages stand in for the hospital's.
 //
 //   node tests/smart_auth_server.mjs <port> <config.json>
-//   config: {client_id, redirect_uri, audience, user: {role, name, specialties}, launches: {<launch>: <patient id>}}
+//   config: {client_id, redirect_uri, audience, user: {role, name, specialties}, launches: {<launch>: <patient id>},
+//            scopes: [further scopes the client may ask for], cors_origins: [origins whose pages call the token endpoint]}
 import { readFileSync } from "node:fs";
 import { generateKeyPairSync } from "node:crypto";
 import Provider from "oidc-provider";
@@ -14,7 +15,7 @@ const [port, configPath] = process.argv.slice(2);
 const config = JSON.parse(readFileSync(configPath, "utf8"));
 const issuer = `http://127.0.0.1:${port}`;
 const signing = generateKeyPairSync("ec", { namedCurve: "P-256" }).privateKey.export({ format: "jwk" });
-const smartScopes = ["launch", "fhirUser", "user/Media.rs", "user/Patient.rs", "user/Media.r", "user/Patient.r"];
+const smartScopes = ["launch", "fhirUser", "user/Media.rs", "user/Patient.rs", "user/Media.r", "user/Patient.r", ...(config.scopes || [])];
 const launchOf = new Map(); // account -> the launch it signed in under, to name the patient in its token
 
 const provider = new Provider(issuer, {
@@ -25,6 +26,8 @@ const provider = new Provider(issuer, {
   jwks: { keys: [{ ...signing, kid: "smart-test", alg: "ES256", use: "sig" }] },
   scopes: ["openid", ...smartScopes],
   extraParams: ["launch", "aud"],
+  // a browser app (the capture app) exchanges its code from its own origin
+  clientBasedCORS: (ctx, origin) => (config.cors_origins || []).includes(origin),
   pkce: { required: () => true, methods: ["S256"] },
   features: {
     devInteractions: { enabled: true },

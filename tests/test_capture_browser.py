@@ -35,6 +35,24 @@ def assets(gw) -> list[Asset]:
         return rows
 
 
+def wristband(folder: Path, number: str) -> Path:
+    """A photo of a wristband: the NHS number as a Code 128 barcode (python-barcode) on a white band with the
+    patient's name, a little out of focus and JPEG-compressed as a phone camera takes it (held square to the
+    camera: ZXing's 1D readers here missed even a 1-degree tilt)."""
+    import barcode
+    from barcode.writer import ImageWriter
+    from PIL import Image, ImageDraw, ImageFilter
+
+    code = Image.open(barcode.get("code128", number, writer=ImageWriter()).save(str(folder / "code128"), {"module_width": 0.4}))
+    band = Image.new("RGB", (code.width + 240, code.height + 160), (250, 250, 245))
+    ImageDraw.Draw(band).text((20, 20), "O SUILLEABHAIN, Siobhan  03/02/1980", fill=(20, 20, 20))
+    band.paste(code, (120, 80))
+    photo = band.filter(ImageFilter.GaussianBlur(0.5))
+    path = folder / "wristband.jpg"
+    photo.save(path, "JPEG", quality=85)
+    return path
+
+
 def axe_serious(page) -> list[tuple[str, str]]:
     page.evaluate(AXE.read_text())
     result = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
@@ -58,7 +76,9 @@ def test_capture_from_sign_in_to_stored_photo_offline_and_sign_out(gw, base, fx,
         page.wait_for_selector("#step-patient:not([hidden])")
         page.locator("#patient-id").fill(NHS[:-1] + "3")
         assert "Not a valid NHS number" in page.locator("#patient-check").inner_text()
-        page.locator("#patient-id").fill(NHS)
+        # the wristband's barcode (Code 128 of the NHS number), photographed with the camera, fills the number in
+        page.locator("#scan").set_input_files(str(wristband(tmp_path, NHS)))
+        page.wait_for_function(f"() => document.querySelector('#patient-id').value === '{NHS}'", timeout=30_000)
         assert page.locator("#patient-check").inner_text() == "Valid NHS number"
         page.locator("#patient-form button[type=submit]").click()
         page.wait_for_selector("#banner:not([hidden])")
@@ -157,3 +177,62 @@ def test_capture_from_sign_in_to_stored_photo_offline_and_sign_out(gw, base, fx,
         assert all(u.split("/capture/")[0] == base and "/api/" not in u for u in left["cached"]), left["cached"]
         assert page.context.cookies() == []
         assert browser.off_host() == []
+
+
+def test_hospital_sign_in_with_pkce_and_the_idle_time_out(gw, base, tmp_path):
+    """jwt mode: the app signs in at a real OIDC provider (tests/smart_auth_server.mjs) with authorization code and
+    PKCE, exchanges the code from the page, keeps the token in memory only and finds a patient with it; left
+    untouched past capture.idle_minutes it signs out and erases what it holds."""
+    import json
+    import subprocess
+
+    from gateway.core.policy.settings import AuthSettings
+    from tests.conftest import require_tool
+    from tests.net import free_port
+
+    add_patient(gw, nhs=NHS)
+    node = require_tool("node", "nodejs")
+    port = free_port()
+    provider = f"http://127.0.0.1:{port}"
+    config = tmp_path / "auth.json"
+    config.write_text(json.dumps({
+        "client_id": "clinphoto-capture", "redirect_uri": f"{base}/capture/", "audience": "https://clinphoto.test",
+        "user": {"role": "clinician", "name": "Dr Derm", "specialties": ["330"]}, "launches": {},
+        "scopes": ["user/Media.cruds", "user/Patient.rs", "user/Consent.cruds"], "cors_origins": [base],
+    }))
+    server = subprocess.Popen([node, str(Path(__file__).parent / "smart_auth_server.mjs"), str(port), str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in server.stdout.readline()
+        gw.settings.auth = AuthSettings(mode="jwt", issuer=provider, audience="https://clinphoto.test", jwks_url=f"{provider}/jwks",
+                                        authorization_endpoint=f"{provider}/auth", token_endpoint=f"{provider}/token")
+        gw.settings.capture.client_id = "clinphoto-capture"
+        gw.settings.capture.idle_minutes = 0.1
+        with chromium(viewport=(390, 844), mobile=True) as browser:
+            page = browser.page
+            page.route(lambda url: not url.startswith("http://127.0.0.1"), lambda route: route.abort())  # the provider's fonts
+            page.goto(f"{base}/capture/")
+            assert page.locator("#dev-form").is_hidden()
+            page.locator("#sso").click()
+            page.wait_for_url(f"{provider}/**")
+            page.locator("input[name=login]").fill("dr.derm")
+            page.locator("input[name=password]").fill("any")
+            page.locator("button[type=submit]").click()
+            page.wait_for_selector("text=user/Media.cruds")
+            page.locator("button[type=submit]").click()
+            page.wait_for_selector("#step-patient:not([hidden])", timeout=30_000)
+            assert page.url == f"{base}/capture/"  # the code left the address bar
+            assert page.locator("#who").inner_text() == "Dr Derm"
+            page.locator("#patient-id").fill(NHS)
+            page.locator("#patient-form button[type=submit]").click()
+            page.wait_for_selector("#banner:not([hidden])")
+            stored = page.evaluate("async () => ({local: localStorage.length, session: sessionStorage.length})")
+            assert stored == {"local": 0, "session": 0}  # the token is in memory only
+            browser.screenshot("capture-9-hospital-sign-in")
+            # idle: signed out, back at the sign-in screen
+            page.wait_for_selector("#sso:not([hidden])", timeout=30_000)
+            page.wait_for_selector("#step-sign-in:not([hidden])")
+            assert page.locator("#who").inner_text() == ""
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -2,6 +2,7 @@
 
 GET  /capture/                 the app (strict CSP: nothing but this gateway, no inline script)
 GET  /capture/{app.js,app.css,sw.js,manifest.webmanifest,icon.svg}
+GET  /capture/vendor/zxing.js  the barcode reader (npm @zxing/library, installed by `npm ci`, never copied here)
 GET  /capture/options          body sites, views, consent wording (a YAML file integration engineers change)
 GET  /capture/auth             how to sign in: dev, or the authorization server's endpoints and our client id (PKCE)
 POST /capture/dev-sign-in      dev mode only: a short-lived dev token for a named user (as `clinphoto token` prints)
@@ -86,6 +87,13 @@ def create_router(settings: CaptureSettings) -> APIRouter:
         token = mint_dev_token(gw.settings, sub=body.user, role=body.role, name=body.name or body.user,
                                specialties=(body.specialty,) if body.specialty else (), minutes=DEV_TOKEN_MINUTES)
         return JSONResponse({"accessToken": token, "expiresIn": DEV_TOKEN_MINUTES * 60}, headers={"Cache-Control": "no-store"})
+
+    @router.get("/capture/vendor/zxing.js")
+    def barcode_reader() -> Response:
+        path = settings.vendor_dir / "@zxing" / "library" / "umd" / "index.min.js"
+        if not path.is_file():
+            raise HTTPException(404, "the barcode reader is not installed (npm ci); type the number instead")
+        return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     @router.get("/capture/{name}")
     def asset(name: str) -> Response:

@@ -13,5 +13,8 @@ class CaptureSettings(BaseModel):
     scope: str = Field("openid user/Media.cruds user/Patient.rs user/Consent.cruds", description="Scopes the app asks for.")
     options_file: Path | None = Field(None, description="The body sites, views and consent wording the app offers (YAML); "
                                       "default: the list shipped in gateway/capture/options.yaml.")
+    vendor_dir: Path = Field(Path(__file__).resolve().parents[2] / "node_modules", description="Where `npm ci` put the "
+                             "browser libraries the app uses (@zxing/library, the barcode reader for browsers without "
+                             "BarcodeDetector); missing: the app asks for the number to be typed.")
     idle_minutes: float = Field(5, gt=0, le=120, description="Minutes without a touch after which the app signs out and "
                                 "erases what it holds (asking first when photos wait to upload).")

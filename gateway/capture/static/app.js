@@ -147,6 +147,44 @@ function checkTyped() {
     nhsValid(value) ? "Valid NHS number" : "Not a valid NHS number: check the digits";
 }
 
+async function readBarcode(file) {
+  // the browser's own BarcodeDetector where it has one (Android Chrome), else ZXing (npm @zxing/library, served here)
+  const url = URL.createObjectURL(file);
+  try {
+    if ("BarcodeDetector" in window) {
+      const formats = await BarcodeDetector.getSupportedFormats();
+      if (formats.includes("code_128") || formats.includes("data_matrix")) {
+        const found = await new BarcodeDetector({ formats: ["code_128", "data_matrix"] }).detect(await createImageBitmap(file));
+        if (found.length) return found[0].rawValue;
+      }
+    }
+    if (!window.ZXing) {
+      await new Promise((resolve, reject) => {
+        document.head.append(el("script", { src: "/capture/vendor/zxing.js", onload: resolve, onerror: reject }));
+      });
+    }
+    const hints = new Map([[ZXing.DecodeHintType.POSSIBLE_FORMATS, [ZXing.BarcodeFormat.CODE_128, ZXing.BarcodeFormat.DATA_MATRIX]],
+      [ZXing.DecodeHintType.TRY_HARDER, true]]);
+    return (await new ZXing.BrowserMultiFormatReader(hints).decodeFromImageUrl(url)).getText();
+  } finally { URL.revokeObjectURL(url); }
+}
+
+async function scanWristband() {
+  const file = $("scan").files[0];
+  $("scan").value = "";
+  if (!file) return;
+  $("patient-check").textContent = "Reading the barcode…";
+  try {
+    const text = (await readBarcode(file)).replace(/\s/g, "");
+    const nhs = text.match(/\d{10}/)?.[0];
+    document.querySelector(`input[name=kind][value=${nhs ? "nhs" : "mrn"}]`).checked = true;
+    $("patient-id").value = nhs || text;
+    checkTyped();
+  } catch {
+    $("patient-check").textContent = "No barcode could be read: try again in better light, or type the number.";
+  }
+}
+
 async function findPatient(event) {
   event.preventDefault();
   $("patient-error").textContent = "";
@@ -405,6 +443,7 @@ function wire() {
   $("patient-id").addEventListener("input", checkTyped);
   for (const r of document.querySelectorAll("input[name=kind]")) r.addEventListener("change", checkTyped);
   $("patient-form").addEventListener("submit", findPatient);
+  $("scan").addEventListener("change", scanWristband);
   $("confirm-patient").addEventListener("click", confirmPatient);
   $("reject-patient").addEventListener("click", () => { app.patient = null; $("banner").hidden = true; $("patient-id").focus(); });
   $("site-search").addEventListener("input", (e) => renderSites(e.target.value));
