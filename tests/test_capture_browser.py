@@ -153,6 +153,12 @@ def test_capture_from_sign_in_to_stored_photo_offline_and_sign_out(gw, base, fx,
         assert held["count"] == 1 and held["head"] != [0xFF, 0xD8, 0xFF] and held["size"] > len(jpeg)
         browser.screenshot("capture-7-offline-queued")
         assert len(assets(gw)) == 1
+        # signing out now asks first (the photo would be lost); keep it
+        page.locator("#sign-out").click()
+        page.wait_for_selector("#confirm-dialog[open]")
+        assert "1 photo has not reached the record" in page.locator("#confirm-text").inner_text()
+        browser.screenshot("capture-7b-sign-out-asks-first")
+        page.locator("#confirm-keep").click()
         # the network comes back: sent once, confirmed, gone from the phone
         page.context.set_offline(False)
         page.wait_for_selector("#queue[hidden]", state="attached", timeout=30_000)

@@ -116,18 +116,22 @@ function touch() {
   if (app.token) app.idleTimer = setTimeout(() => signOut(true), app.auth.idleMinutes * 60_000);
 }
 
+const IDLE_GRACE_SECONDS = 60;
+
 async function signOut(idle = false) {
   const waiting = await queueCount();
-  if (waiting && !idle) {
-    $("confirm-text").textContent = `${waiting} photo${waiting === 1 ? " has" : "s have"} not reached the record yet. Signing out erases them from this phone.`;
-    $("confirm-dialog").showModal();
-    return;
-  }
-  await eraseEverything();
+  if (!waiting) { await eraseEverything(); return; }
+  // photos not yet in the record: ask first; left unanswered after a time-out, the phone erases them anyway
+  $("confirm-text").textContent = `${waiting} photo${waiting === 1 ? " has" : "s have"} not reached the record yet. ` +
+    `Signing out erases them from this phone.${idle ? ` Signing out in ${IDLE_GRACE_SECONDS} seconds unless you keep them.` : ""}`;
+  if (!$("confirm-dialog").open) $("confirm-dialog").showModal();
+  clearTimeout(app.graceTimer);
+  if (idle) app.graceTimer = setTimeout(eraseEverything, IDLE_GRACE_SECONDS * 1000);
 }
 
 async function eraseEverything() {
   clearTimeout(app.idleTimer);
+  clearTimeout(app.graceTimer);
   for (const t of app.taken) URL.revokeObjectURL(t.url);
   Object.assign(app, { token: null, user: null, patient: null, consents: [], site: null, taken: [], key: null });
   await eraseQueue();
@@ -439,7 +443,7 @@ function wire() {
   $("sso").addEventListener("click", startSso);
   $("sign-out").addEventListener("click", () => signOut(false));
   $("confirm-erase").addEventListener("click", () => { $("confirm-dialog").close(); eraseEverything(); });
-  $("confirm-keep").addEventListener("click", () => $("confirm-dialog").close());
+  $("confirm-keep").addEventListener("click", () => { clearTimeout(app.graceTimer); $("confirm-dialog").close(); touch(); });
   $("patient-id").addEventListener("input", checkTyped);
   for (const r of document.querySelectorAll("input[name=kind]")) r.addEventListener("change", checkTyped);
   $("patient-form").addEventListener("submit", findPatient);
