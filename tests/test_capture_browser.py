@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from store.models import Asset, Consent
+from tests.auth_server import authorization_server, offline, sign_in
 from tests.browser import chromium
 from tests.ingest_helpers import add_patient, dicom_tools_check
 from tests.test_photos_api import live_server
@@ -189,43 +190,18 @@ def test_hospital_sign_in_with_pkce_and_the_idle_time_out(gw, base, tmp_path):
     """jwt mode: the app signs in at a real OIDC provider (tests/smart_auth_server.mjs) with authorization code and
     PKCE, exchanges the code from the page, keeps the token in memory only and finds a patient with it; left
     untouched past capture.idle_minutes it signs out and erases what it holds."""
-    import json
-    import subprocess
-
-    from gateway.core.policy.settings import AuthSettings
-    from tests.conftest import require_tool
-    from tests.net import free_port
-
     add_patient(gw, nhs=NHS)
-    node = require_tool("node", "nodejs")
-    port = free_port()
-    provider = f"http://127.0.0.1:{port}"
-    config = tmp_path / "auth.json"
-    config.write_text(json.dumps({
-        "client_id": "clinphoto-capture", "redirect_uri": f"{base}/capture/", "audience": "https://clinphoto.test",
-        "user": {"role": "clinician", "name": "Dr Derm", "specialties": ["330"]}, "launches": {},
-        "scopes": ["user/Media.cruds", "user/Patient.rs", "user/Consent.cruds"], "cors_origins": [base],
-    }))
-    server = subprocess.Popen([node, str(Path(__file__).parent / "smart_auth_server.mjs"), str(port), str(config)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in server.stdout.readline()
-        gw.settings.auth = AuthSettings(mode="jwt", issuer=provider, audience="https://clinphoto.test", jwks_url=f"{provider}/jwks",
-                                        authorization_endpoint=f"{provider}/auth", token_endpoint=f"{provider}/token")
+    with authorization_server(gw, tmp_path, client_id="clinphoto-capture", redirect_uri=f"{base}/capture/",
+                              scopes=["user/Media.cruds", "user/Patient.rs", "user/Consent.cruds"], cors_origins=[base]):
         gw.settings.capture.client_id = "clinphoto-capture"
         gw.settings.capture.idle_minutes = 0.1
         with chromium(viewport=(390, 844), mobile=True) as browser:
             page = browser.page
-            page.route(lambda url: not url.startswith("http://127.0.0.1"), lambda route: route.abort())  # the provider's fonts
+            offline(page)
             page.goto(f"{base}/capture/")
             assert page.locator("#dev-form").is_hidden()
             page.locator("#sso").click()
-            page.wait_for_url(f"{provider}/**")
-            page.locator("input[name=login]").fill("dr.derm")
-            page.locator("input[name=password]").fill("any")
-            page.locator("button[type=submit]").click()
-            page.wait_for_selector("text=user/Media.cruds")
-            page.locator("button[type=submit]").click()
+            sign_in(page, gw.settings.auth.issuer, "dr.derm", "user/Media.cruds")
             page.wait_for_selector("#step-patient:not([hidden])", timeout=30_000)
             assert page.url == f"{base}/capture/"  # the code left the address bar
             assert page.locator("#who").inner_text() == "Dr Derm"
@@ -239,6 +215,3 @@ def test_hospital_sign_in_with_pkce_and_the_idle_time_out(gw, base, tmp_path):
             page.wait_for_selector("#sso:not([hidden])", timeout=30_000)
             page.wait_for_selector("#step-sign-in:not([hidden])")
             assert page.locator("#who").inner_text() == ""
-    finally:
-        server.terminate()
-        server.wait(10)

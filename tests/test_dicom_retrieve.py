@@ -83,34 +83,16 @@ def test_getscu_accepting_only_uncompressed_gets_the_study_decoded(gw, retrievin
     check_received(out, retrieving, ["a1", "a2"], as_stored=False)
 
 
-def test_movescu_to_a_destination_that_takes_only_uncompressed(gw, retrieving, tmp_path):
+@pytest.mark.parametrize("jpeg", [True, False], ids=["takes-jpeg", "uncompressed-only"])
+def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path, jpeg):
+    """To a storescp that accepts JPEG Baseline (+xy) the objects go as stored; to one that accepts only
+    uncompressed syntaxes they go decoded."""
     storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
     out = tmp_path / "moved"
     out.mkdir()
     dest_port = free_port()
     gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
-    receiver = subprocess.Popen([storescp, "-aet", "DEST", "-od", str(out), str(dest_port)],  # no +xy: uncompressed only
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        time.sleep(0.5)
-        with RunningListener(gw) as port:
-            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
-                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
-                                 capture_output=True, text=True, timeout=120)
-            assert run.returncode == 0, run.stderr
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
-    check_received(out, retrieving, ["b1"], as_stored=False)
-
-
-def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path):
-    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
-    out = tmp_path / "moved"
-    out.mkdir()
-    dest_port = free_port()
-    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
-    receiver = subprocess.Popen([storescp, "+xy", "-aet", "DEST", "-od", str(out), str(dest_port)],
+    receiver = subprocess.Popen([storescp, *(["+xy"] if jpeg else []), "-aet", "DEST", "-od", str(out), str(dest_port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(0.5)
@@ -126,7 +108,7 @@ def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_p
     finally:
         receiver.terminate()
         receiver.wait(10)
-    check_received(out, retrieving, ["b1"])
+    check_received(out, retrieving, ["b1"], as_stored=jpeg)
 
 
 def _get(port: int, calling: str, identifier: pydicom.Dataset) -> tuple[list[int], set[str]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.access_matrix import MRN_ASSIGNER, PATIENTS, USERS, build_access_matrix
+from tests.auth_server import authorization_server, offline, sign_in
 from tests.browser import Page, chromium
 from tests.test_photos_api import live_server
 
@@ -178,44 +179,20 @@ def test_smart_ehr_launch_through_a_real_authorization_server(gw, world, base, t
     provider (panva's oidc-provider, tests/smart_auth_server.mjs), the user signs in there, the code comes back and
     is exchanged with PKCE; the access token (JWT, the provider's JWKS) names the user, the token response the
     patient; the viewer opens on that patient with the policy's photos for that user."""
-    import json
-    import subprocess
-
-    from gateway.core.policy.settings import AuthSettings
-    from tests.conftest import require_tool
-    from tests.net import free_port
-
-    node = require_tool("node", "nodejs")
-    port = free_port()
-    provider = f"http://127.0.0.1:{port}"
-    config = tmp_path / "smart.json"
-    config.write_text(json.dumps({
-        "client_id": "clinphoto-viewer", "redirect_uri": f"{base}/viewer/smart/callback", "audience": "https://clinphoto.test",
-        "user": {"role": "clinician", "name": "Dr Derm", "specialties": ["330"]},
-        "launches": {"launch-123": world.patient_public_ids["PA"]},
-    }))
-    server = subprocess.Popen([node, str(Path(__file__).parent / "smart_auth_server.mjs"), str(port), str(config)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in server.stdout.readline()
-        gw.settings.auth = AuthSettings(mode="jwt", issuer=provider, audience="https://clinphoto.test", jwks_url=f"{provider}/jwks",
-                                        authorization_endpoint=f"{provider}/auth", token_endpoint=f"{provider}/token")
+    with authorization_server(gw, tmp_path, client_id="clinphoto-viewer", redirect_uri=f"{base}/viewer/smart/callback",
+                              launches={"launch-123": world.patient_public_ids["PA"]}) as provider:
         gw.settings.viewer.smart_client_id = "clinphoto-viewer"
         gw.settings.viewer.smart_issuers = [f"{base}/fhir"]
         with chromium() as browser:
             page = browser.page
-            page.route(lambda url: not url.startswith("http://127.0.0.1"), lambda route: route.abort())
+            offline(page)
             # a FHIR server not on the list may not launch the viewer (no open redirect to a stranger's sign-in)
             refused = page.goto(f"{base}/viewer/smart/launch?iss=http://127.0.0.1:9/fhir&launch=launch-123")
             assert refused.status == 400
             page.goto(f"{base}/viewer/smart/launch?iss={base}/fhir&launch=launch-123")
             assert page.url.startswith(provider), page.content()[:1000]
             browser.screenshot("viewer-10-smart-sign-in")
-            page.locator("input[name=login]").fill("dr.derm")
-            page.locator("input[name=password]").fill("any")
-            page.locator("button[type=submit]").click()
-            page.wait_for_selector("text=user/Media.rs")  # the provider's consent page lists what the viewer asked for
-            page.locator("button[type=submit]").click()
+            sign_in(page, provider, "dr.derm", "user/Media.rs")
             page.wait_for_url("**/viewer/", timeout=30_000)
             page.wait_for_function("() => document.querySelector('#count').textContent.length > 0")
             assert page.locator(".banner .name").inner_text() == "ADAMS, Alice"
@@ -229,6 +206,3 @@ def test_smart_ehr_launch_through_a_real_authorization_server(gw, world, base, t
             page.reload()
             page.wait_for_function("() => document.querySelector('#count').textContent.length > 0")
             assert browser.off_host() == []
-    finally:
-        server.terminate()
-        server.wait(10)

@@ -5,16 +5,13 @@ page's storage)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.core.identity import Subject
 from gateway.core.launches import FirstView, subject_from_json, subject_to_json
+from gateway.viewer import sealed
 from store.audit import load_or_create_key
 
 COOKIE = "clinphoto_viewer"
@@ -36,32 +33,14 @@ def key_for(data_dir: Path) -> bytes:
     return load_or_create_key(Path(data_dir) / "viewer-session.key")
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def seal(key: bytes, session: ViewerSession) -> str:
-    body = json.dumps({"s": subject_to_json(session.subject), "p": session.patient_id, "f": session.first.to_json(),
-                       "e": session.expires}, separators=(",", ":")).encode()
-    return f"{_b64(body)}.{_b64(hmac.new(key, body, hashlib.sha256).digest())}"
+    return sealed.seal(key, "viewer-session", {"s": subject_to_json(session.subject), "p": session.patient_id,
+                                               "f": session.first.to_json(), "e": session.expires})
 
 
 def unseal(key: bytes, value: str | None) -> ViewerSession | None:
     """The session a cookie holds, None when absent, tampered with or expired."""
-    if not value or "." not in value:
-        return None
-    body_text, _, mac_text = value.partition(".")
-    try:
-        body, mac = _unb64(body_text), _unb64(mac_text)
-    except ValueError:
-        return None
-    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
-        return None
-    raw = json.loads(body)
-    if float(raw["e"]) <= time.time():
+    raw = sealed.unseal(key, "viewer-session", value)
+    if raw is None or float(raw["e"]) <= time.time():
         return None
     return ViewerSession(subject_from_json(raw["s"]), int(raw["p"]), FirstView.from_json(raw["f"]), float(raw["e"]))

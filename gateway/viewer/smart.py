@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
-import json
 import secrets
 import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import httpx
+
+from gateway.viewer import sealed
 
 COOKIE = "clinphoto_smart"
 PATH = "/viewer/smart"
@@ -43,23 +43,13 @@ def _b64(raw: bytes) -> str:
 
 
 def seal(key: bytes, flow: Flow) -> str:
-    body = json.dumps(flow.__dict__, separators=(",", ":")).encode()
-    return f"{_b64(body)}.{_b64(hmac.new(key, b'smart|' + body, hashlib.sha256).digest())}"
+    return sealed.seal(key, "smart-flow", dict(flow.__dict__))
 
 
 def unseal(key: bytes, value: str | None) -> Flow | None:
-    if not value or "." not in value:
-        return None
-    body_text, _, mac_text = value.partition(".")
-    try:
-        body = base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4))
-        mac = base64.urlsafe_b64decode(mac_text + "=" * (-len(mac_text) % 4))
-    except ValueError:
-        return None
-    if not hmac.compare_digest(mac, hmac.new(key, b"smart|" + body, hashlib.sha256).digest()):
-        return None
-    flow = Flow(**json.loads(body))
-    return flow if flow.expires > time.time() else None
+    raw = sealed.unseal(key, "smart-flow", value)
+    flow = Flow(**raw) if raw is not None else None
+    return flow if flow is not None and flow.expires > time.time() else None
 
 
 def discover(iss: str) -> dict[str, str]:
