@@ -1,4 +1,4 @@
-"""The HTTP app: REST API, FHIR, DICOMweb and the viewer are routers on one FastAPI app."""
+"""The HTTP app: REST API, FHIR, DICOMweb, the viewer and the console are routers or mounted apps on one FastAPI app."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from sqlalchemy.exc import DataError
 from gateway.api import consents, patients, photos, upload
 from gateway.capture.routes import create_router as create_capture_router
 from gateway.capture.settings import CaptureSettings
+from gateway.console.app import create_console_app
+from gateway.console_tools import hl7_tools
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
 from gateway.edge import Edge
@@ -82,4 +84,6 @@ def create_app(gw: Gateway) -> FastAPI:
     app.include_router(create_capture_router(getattr(gw.settings, "capture", None) or CaptureSettings()))
     # the EPR door: its own app under /fhir, so every error there is an OperationOutcome
     app.mount("/fhir", create_fhir_app(gw))
+    # the integration engineer's console: its own app under /console (its page's CSP, its session cookie)
+    app.mount("/console", create_console_app(gw, hl7_tools(getattr(gw.settings, "hl7", None))))
     return app

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields, is_dataclass
-from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -37,21 +35,6 @@ def check(mapping_file: Annotated[Path, typer.Argument(help="Mapping YAML to val
                f"({len(m.identifiers)} identifier rule(s), {len(m.tables)} table(s))")
 
 
-def _plain(value):
-    from gateway.core.patients import UNSET
-
-    if value is UNSET:
-        return "(not sent: kept)"
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
-                if not (f.name == "location" and type(value).__name__ == "IdentifierData")}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 @app.command("test")
 def test(
     message_file: Annotated[Path, typer.Argument(help="An HL7 v2 message (segments separated by CR or newlines).")],
@@ -61,6 +44,7 @@ def test(
         help="Also apply it to the configured database inside a transaction that is rolled back, for the exact ACK.")] = False,
 ) -> None:
     """Parse and map a message without committing; print the patient, encounter and the ACK it would get."""
+    from gateway.hl7.bench import mapping_report
     from gateway.hl7.config import Hl7Settings
     from gateway.hl7.pipeline import Processor
     from mapping.engine import Mapper
@@ -77,34 +61,18 @@ def test(
     except OSError as exc:
         typer.echo(f"cannot read {message_file}: {exc.strerror}", err=True)
         raise typer.Exit(2) from None
-    p = processor.prepare(raw.strip(b"\x0b\x1c"), "mapping-test")
-    report: dict = {"mapping": mapping.name, "message": f"{p.message_type}^{p.event}", "control_id": p.control_id,
-                    "event_time": _plain(p.event_time)}
-    if p.mapped is not None:
-        report["patients"] = [{"patient": _plain(mp.patient), **({"merge_from": _plain(mp.prior)} if mp.prior else {})}
-                              for mp in p.mapped.patients]
-        report["encounter"] = _plain(p.mapped.encounter)
     if database:
         from gateway.cli.common import open_gateway
 
         gw = open_gateway()
         try:
             with gw.db.read() as session:  # rolled back at exit: nothing is committed
-                result = processor.apply(session, p)
+                bench = mapping_report(processor, raw, session)
         finally:
             gw.close()
-        ack = result.ack
-        ok = result.status in ("applied", "ignored")
-        if result.duplicate:
-            # the store already holds this sender + control id: a resend gets the stored ACK, nothing applied
-            report["status"] = f"duplicate of stored message {result.message_id} ({result.status}): not applied again"
-        else:
-            # the transaction was rolled back: say what would happen, never that it did
-            report["status"] = f"would be {result.status}"
-        report["committed"] = False
     else:
-        report["status"], ack = processor.dry_run(p)
-        ok = report["status"] in ("would be applied", "would be ignored")
+        bench = mapping_report(processor, raw)
+    report, ack, ok = bench.report, bench.ack, bench.ok
     typer.echo(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     if database:
         typer.echo("nothing was committed: the database transaction was rolled back")

@@ -18,7 +18,7 @@ Roles and what they may see (defaults; see PolicySettings):
 - educator: purpose TRAIN. N photos under teaching consent.
 - researcher: purpose HRESCH. N photos under teaching consent.
 - integration-engineer, admin: no clinical images (no purposes); they run the
-  gateway, its audit and its configuration.
+  gateway, its audit and its configuration (console_roles: the /console door).
 - privacy-officer: no clinical images; reads the audit trail (audit_roles) to
   answer who saw a patient's photos.
 - system: a DICOM peer. Its purpose, sensitivities and specialties come from
@@ -270,6 +270,14 @@ class PolicySettings(BaseModel):
     audit_roles: list[str] = Field(
         default_factory=lambda: ["admin", "privacy-officer"],
         description="Roles that may read the audit trail through the doors (FHIR AuditEvent).",
+    )
+    console_roles: list[str] = Field(
+        default_factory=lambda: ["integration-engineer", "admin"],
+        description=(
+            "Roles that may use the integration engineer's console (/console): received HL7 messages (their raw text holds "
+            "patient data) and reprocessing, the mapping bench, DICOM peers and the routing outbox, recent audit records and "
+            "the chain's check. Never photos: these roles see no clinical image."
+        ),
     )
     visible_statuses: list[str] = Field(
         default_factory=lambda: ["active"],
