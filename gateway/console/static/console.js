@@ -2,7 +2,7 @@
 // text (never as markup: a message's raw text may hold anything). The access token is sent once, in a header, to
 // start a session (an HttpOnly cookie) and is never kept; the CSRF token lives in this module's memory only.
 
-const state = { csrf: null, messageCursors: [], messageNext: null, auditNext: null, current: null, timer: null };
+const state = { csrf: null, messageNext: null, auditNext: null, current: null, timer: null };
 const $ = (id) => document.getElementById(id);
 
 function cell(text) {
@@ -199,9 +199,7 @@ $("reprocess").addEventListener("click", async () => {
   $("reprocess-result").textContent = "Reprocessing...";
   try {
     const r = await call(`api/messages/${id}/reprocess`, { method: "POST" });
-    $("reprocess-result").textContent = `Message ${id}: ${r.previousStatus} -> ${r.status} (${r.ackCode})` +
-      (r.status !== "applied" && r.error ? `: ${r.error}` : "");
-    await openMessage(id);
+    await openMessage(id); // the stored message as it is now: its new status and ACK
     $("reprocess-result").textContent = `Message ${id}: ${r.previousStatus} -> ${r.status} (${r.ackCode})` +
       (r.status !== "applied" && r.error ? `: ${r.error}` : "");
     loadMessages(null);
