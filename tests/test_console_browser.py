@@ -34,6 +34,30 @@ def _keyboard_sign_in(page, token: str) -> None:
     page.keyboard.press("Enter")
 
 
+CONTROLS = """() => {
+    const all = [...document.querySelectorAll('a[href], button, input, select, textarea, summary, [tabindex="0"]')]
+        .filter(e => !e.disabled && e.checkVisibility());
+    all.forEach((e, i) => e.dataset.kb = String(i));
+    return all.length;
+}"""
+
+
+def _every_control_reachable_by_tab(page) -> None:
+    """Tab from the top of the page reaches every visible control (links, buttons, fields, scrollable text)."""
+    total = page.evaluate(CONTROLS)
+    # the sequential focus starting point at the top of the document, as after loading the page
+    page.evaluate("() => { window.scrollTo(0, 0); document.body.tabIndex = -1; document.body.focus(); document.body.removeAttribute('tabindex'); }")
+    seen: set[str] = set()
+    for _ in range(total * 2):  # Chromium also stops on scrolled boxes (the wide tables)
+        page.keyboard.press("Tab")
+        mark = page.evaluate("() => document.activeElement && document.activeElement.dataset.kb")
+        if mark is not None:
+            seen.add(mark)
+    missing = sorted(set(map(str, range(total))) - seen, key=int)
+    assert total > 20 and not missing, page.evaluate(
+        "(marks) => marks.map(m => document.querySelector(`[data-kb='${m}']`).outerHTML.slice(0, 120))", missing)
+
+
 def _no_serious_violations(page, where: str) -> None:
     found = violations(page)
     assert not found, f"axe-core on {where}: {found}"
@@ -68,6 +92,7 @@ def test_an_integration_engineer_fixes_a_feed_in_the_browser(gw, fx, tmp_path, b
         assert "1 applied" in page.locator("#totals").inner_text() and "1 error" in page.locator("#totals").inner_text()
         shot("1-signed-in-messages-and-counters")
         _no_serious_violations(page, "the console")
+        _every_control_reachable_by_tab(page)
 
         # only the failed messages, then the one that failed
         page.locator("#f-status").select_option("error")
