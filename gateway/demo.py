@@ -107,6 +107,8 @@ def welcome(gw: Gateway, settings: Settings, ports: dict[str, int]) -> str:
     if http:
         lines.append(f'  curl -s -H "Authorization: Bearer $TOKEN" "http://{settings.http_host}:{http}/api/v1/photos?patient=nhs|9990000018"')
         lines.append(f"  API docs: http://{settings.http_host}:{http}/api/docs")
+        lines.append(f"  Integration console: http://{settings.http_host}:{http}/console/ (sign in with the token of "
+                     "`.venv/bin/clinphoto token --sub ie.demo --role integration-engineer`)")
     if ports.get("dicom") and settings.auth.dev_demo_peer and not settings.auth.dicom_peers:
         lines.append(f"  echoscu -aet DEMOPACS -aec {settings.ae_title} {settings.http_host} {ports['dicom']}")
     return "\n".join(lines) + "\n"
