@@ -11,21 +11,18 @@ that session and cannot be guessed from another.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
-import json
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import jwt
 from fastapi import Request, Response
 
 from gateway.core.context import CoreSettings
 from gateway.core.identity import Subject
+from gateway.http import sealed
 from store.audit import load_or_create_key
 
 CSRF_HEADER = "x-csrf-token"
@@ -53,14 +50,6 @@ class BrowserSession:
                        network_address=network_address)
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def token_expires(token: str) -> int | None:
     """When a token that has just verified ends (its exp), so a session made from it ends no later."""
     try:
@@ -76,8 +65,8 @@ class SessionCookies:
     def __init__(self, key: bytes, *, name: str, path: str, audience: str, minutes: int = 20) -> None:
         self.key, self.name, self.path, self.audience, self.seconds = key, name, path, audience, minutes * 60
 
-    def _mac(self, purpose: str, payload: str) -> str:
-        return _b64(hmac.new(self.key, f"{self.audience}.{purpose}.{payload}".encode(), hashlib.sha256).digest())
+    def _purpose(self, what: str) -> str:
+        return f"{self.audience}.{what}"
 
     def issue(self, response: Response, request: Request, subject: Subject, token_expires: int | None = None) -> BrowserSession:
         """Set the cookie for `subject` on `response`; it ends after `minutes`, or when the token did if sooner."""
@@ -86,19 +75,16 @@ class SessionCookies:
             expires = min(expires, token_expires)
         session = BrowserSession(subject.sub, subject.role, subject.name, tuple(subject.specialties), tuple(subject.scopes),
                                  secrets.token_urlsafe(18), expires)
-        payload = _b64(json.dumps(asdict(session), separators=(",", ":")).encode())
-        response.set_cookie(self.name, f"{payload}.{self._mac('cookie', payload)}", max_age=max(expires - int(time.time()), 0),
+        response.set_cookie(self.name, sealed.seal(self.key, self._purpose("cookie"), asdict(session)), max_age=max(expires - int(time.time()), 0),
                             path=self.path, secure=request.url.scheme == "https", httponly=True, samesite="strict")
         return session
 
     def read(self, request: Request) -> BrowserSession | None:
         """The session the request's cookie stands for, or None (absent, forged, altered or expired)."""
-        value = request.cookies.get(self.name, "")
-        payload, _, mac = value.partition(".")
-        if not payload or not hmac.compare_digest(mac.encode(), self._mac("cookie", payload).encode()):
+        data = sealed.unseal(self.key, self._purpose("cookie"), request.cookies.get(self.name))
+        if data is None:
             return None
         try:
-            data: dict[str, Any] = json.loads(_unb64(payload))
             session = BrowserSession(sub=str(data["sub"]), role=str(data["role"]), name=data.get("name"),
                                      specialties=tuple(data.get("specialties") or ()), scopes=tuple(data.get("scopes") or ()),
                                      sid=str(data["sid"]), expires=int(data["expires"]))
@@ -111,7 +97,7 @@ class SessionCookies:
 
     def csrf_token(self, session: BrowserSession) -> str:
         """The token a page sends back (X-CSRF-Token) with each change it asks for in this session."""
-        return self._mac("csrf", session.sid)
+        return sealed.sign(self.key, self._purpose("csrf"), session.sid)
 
     def csrf_ok(self, request: Request, session: BrowserSession) -> bool:
         """A state-changing request carries this session's CSRF token and, when it says where it comes from, comes

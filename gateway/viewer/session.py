@@ -1,7 +1,7 @@
 """The viewer's browser session: an HttpOnly, SameSite=Strict cookie holding who launched the viewer, on which
-patient, until when, and any break-glass reason, sealed with an HMAC key of the gateway's own. The user's bearer
-token is never kept: it is checked once at launch, and the page never sees it (not in a URL, a log line or the
-page's storage)."""
+patient, until when, and any break-glass reason, sealed (gateway/http/sealed.py) with the gateway's session key.
+The user's bearer token is never kept: it is checked once at launch, and the page never sees it (not in a URL, a
+log line or the page's storage)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.core.identity import Subject
 from gateway.core.launches import FirstView, subject_from_json, subject_to_json
-from gateway.viewer import sealed
+from gateway.http import sealed
 from store.audit import load_or_create_key
 
 COOKIE = "clinphoto_viewer"
@@ -30,7 +30,9 @@ class ViewerSession:
 
 
 def key_for(data_dir: Path) -> bytes:
-    return load_or_create_key(Path(data_dir) / "viewer-session.key")
+    """The gateway's one session key (gateway/http/session.py: DATA_DIR/session.key); the viewer's values carry
+    their own purposes, so no other door's cookie passes for them."""
+    return load_or_create_key(Path(data_dir) / "session.key")
 
 
 def seal(key: bytes, session: ViewerSession) -> str:

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from gateway.viewer import sealed
+from gateway.http import sealed
 
 COOKIE = "clinphoto_smart"
 PATH = "/viewer/smart"

@@ -1,6 +1,6 @@
-"""Values the viewer hands the browser to keep and give back (its session, a SMART launch's state): JSON, readable
-by the browser but sealed with an HMAC-SHA256 of the gateway's own key, so a changed value is refused. `purpose`
-keeps one kind of value from passing as another."""
+"""Values an HTTP door hands the browser to keep and give back (a session cookie, a SMART launch's state): JSON,
+readable by the browser but sealed with an HMAC-SHA256 under the gateway's session key, so a changed value is
+refused. `purpose` keeps one kind of value (or one door's) from passing as another."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def _unb64(text: str) -> bytes:
 
 def _mac(key: bytes, purpose: str, body: bytes) -> bytes:
     return hmac.new(key, purpose.encode() + b"|" + body, hashlib.sha256).digest()
+
+
+def sign(key: bytes, purpose: str, text: str) -> str:
+    """A keyed hash of `text` for `purpose` (e.g. a CSRF token bound to a session id)."""
+    return _b64(_mac(key, purpose, text.encode()))
 
 
 def seal(key: bytes, purpose: str, payload: dict[str, Any]) -> str:
