@@ -109,6 +109,10 @@ def welcome(gw: Gateway, settings: Settings, ports: dict[str, int]) -> str:
         lines.append(f"  API docs: http://{settings.http_host}:{http}/api/docs")
         lines.append(f"  Integration console: http://{settings.http_host}:{http}/console/ (sign in with the token of "
                      "`.venv/bin/clinphoto token --sub ie.demo --role integration-engineer`)")
+        lines.append(f"  Bedside capture app (open on a phone or here; dev sign-in): http://{settings.http_host}:{http}/capture/")
+        lines.append(f'  Viewer: curl -s -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" '
+                     f"-d '{{\"patient\":\"nhs|9990000018\"}}' http://{settings.http_host}:{http}/api/v1/viewer/launch  "
+                     f"(open http://{settings.http_host}:{http} + the url it answers, once)")
     if ports.get("dicom") and settings.auth.dev_demo_peer and not settings.auth.dicom_peers:
         lines.append(f"  echoscu -aet DEMOPACS -aec {settings.ae_title} {settings.http_host} {ports['dicom']}")
     return "\n".join(lines) + "\n"
