@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.audit_anchor import ANCHOR, AuditAnchor, anchor_path, install_hooks
-from store.statements import IDS, STATEMENTS, IdPool, Statements
+from store.statements import IDS, STATEMENTS, IdPool, Statements, Wire
 
 log = logging.getLogger("clinphoto.store")
 
@@ -152,10 +152,9 @@ class Writer:
 
     Each group commit used to check a connection out of the pool and back: SQLAlchemy's pre-ping (a
     round trip) and the pool's bookkeeping, for every batch. Here the connection stays. On PostgreSQL
-    it also stays in pipeline mode with autocommit on, and BEGIN and COMMIT are ours, queued with the
-    statements: psycopg syncs after its own BEGIN in pipeline mode, a round trip for nothing, so BEGIN
-    rides with the first statements and COMMIT with the last (its sync returns when the commit is
-    durable). A transaction that fails is rolled back; a connection found broken is dropped and the
+    it has autocommit on and each transaction runs in libpq's pipeline mode (store.statements.Wire), with
+    BEGIN and COMMIT ours, queued with the statements: BEGIN rides with the first statements and COMMIT
+    with the last (its sync returns when the commit is durable). A transaction that fails is rolled back; a connection found broken is dropped and the
     next transaction checks out a fresh one (pre-pinged by the pool).
     """
 
@@ -164,9 +163,8 @@ class Writer:
         self._pg = db.dialect == "postgresql"
         self._lock = threading.Lock()  # one transaction at a time (the writer thread; tests call in directly)
         self._conn: Connection | None = None
-        self._pipeline_cm: AbstractContextManager[Any] | None = None
-        self._pipeline: Any = None
-        self._cursors: list[Any] = []  # the kept connection's free cursors (store.statements)
+        self._wire: Wire | None = None  # PostgreSQL: the kept connection's pipeline (store.statements)
+        self._cursor: Any = None  # SQLite: the kept connection's cursor
         self._session: Session | None = None
         self.transactions = 0
         self.statements = 0  # totals over committed transactions, for benches and tests
@@ -174,12 +172,12 @@ class Writer:
 
     def _connect(self) -> Connection:
         conn = self._db.engine.connect()
+        dbapi: Any = conn.connection.dbapi_connection
         if self._pg:
-            dbapi = conn.connection.dbapi_connection
-            dbapi.autocommit = True  # type: ignore[union-attr]
-            self._pipeline_cm = dbapi.pipeline()  # type: ignore[union-attr]
-            self._pipeline = self._pipeline_cm.__enter__()
+            dbapi.autocommit = True
+            self._wire = Wire(dbapi)
             return conn
+        self._cursor = dbapi.cursor()
         return conn.execution_options(clinphoto_own_begin=True)  # SQLite: our BEGIN IMMEDIATE, see transaction()
 
     @contextmanager
@@ -189,20 +187,21 @@ class Writer:
             if self._conn is None or self._conn.invalidated or self._conn.closed:
                 self._drop()
                 self._conn = self._connect()
-                self._cursors = []
-            conn = self._conn
-            statements = Statements(conn.connection.dbapi_connection, self._pg, self._pipeline, pinned=True,
-                                    cursors=self._cursors)
+            conn, wire = self._conn, self._wire
+            statements = Statements(conn.connection.dbapi_connection, self._pg, wire, pinned=True, cursor=self._cursor)
             session = self._session_for(conn)
             session.info[STATEMENTS] = statements
             try:
                 session.connection()  # SQLAlchemy's own transaction state; it sends nothing (see _on_begin)
+                if wire is not None:
+                    wire.begin()
                 # the write lock up front on SQLite, as Database.write() takes it
                 statements.run("BEGIN" if self._pg else "BEGIN IMMEDIATE")
                 yield session
-                if self._pg:
+                if wire is not None:
                     statements.run("COMMIT")
                     statements.sync()
+                    wire.end()
                 session.commit()  # the session's hooks (audit anchor); on PostgreSQL nothing is left to send
             except BaseException:
                 self._abandon(session)
@@ -224,7 +223,9 @@ class Writer:
 
     def _abandon(self, session: Session) -> None:
         try:
-            session.rollback()  # psycopg leaves an aborted pipeline and sends ROLLBACK if a transaction is open
+            if self._wire is not None:
+                self._wire.abort()  # out of pipeline mode, where psycopg can send its ROLLBACK
+            session.rollback()  # psycopg sends ROLLBACK if a transaction is open
             healthy = self._healthy()
         except Exception:
             log.debug("writer connection rollback failed", exc_info=True)
@@ -241,22 +242,20 @@ class Writer:
         dbapi: Any = conn.connection.dbapi_connection
         return not dbapi.closed and dbapi.info.transaction_status == 0  # psycopg TransactionStatus.IDLE
 
-    def _detach(self) -> tuple[Any, Any]:
-        """Let go of the kept session, connection and pipeline; the connection and the pipeline's context manager."""
+    def _detach(self) -> Connection | None:
+        """Let go of the kept session, connection, pipeline and cursor; the connection."""
         session, self._session = self._session, None
         if session is not None:
             session.close()
         conn, self._conn = self._conn, None
-        cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
-        return conn, cm
+        self._wire, self._cursor = None, None
+        return conn
 
     def _drop(self) -> None:
-        conn, cm = self._detach()
+        conn = self._detach()
         if conn is None:
             return
         try:
-            if cm is not None:
-                cm.__exit__(None, None, None)
             conn.invalidate()
         except Exception:
             log.debug("dropping the writer connection", exc_info=True)
@@ -264,13 +263,13 @@ class Writer:
     def close(self) -> None:
         """Give the connection back (the Database is closing, or the writer thread stopped)."""
         with self._lock:
-            conn, cm = self._detach()
+            pg = self._pg
+            conn = self._detach()
             if conn is None:
                 return
             try:
-                if cm is not None:
-                    cm.__exit__(None, None, None)
-                    conn.connection.dbapi_connection.autocommit = False
+                if pg:
+                    conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
                 conn.close()
             except Exception:
                 log.debug("closing the writer connection", exc_info=True)
