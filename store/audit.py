@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from store.audit_anchor import ANCHOR, PENDING, AnchorError, AnchorState, AnchorUpdate, AuditAnchor
 from store.models import AuditEvent, AuditHead
-from store.statements import Statements, statements_of
+from store.statements import PipelineFailed, Statements, statements_of
 
 # what a trail from before genesis records chains from; also the head's "nothing yet" value
 GENESIS_HASH = "0" * 64
@@ -210,7 +210,8 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     ~0.6 ms a call, about half of an ADT message's whole CPU budget; the cursor costs ~0.05 ms.
     Two round trips at most: the head read (which also carries whatever the caller queued before it
     on a pipelined connection) and the inserts with the new head, which go with the caller's COMMIT
-    when the connection is pipelined (store.db.Writer) and on their own otherwise.
+    when the connection is pipelined (store.db.Writer) and on their own otherwise. A pipelined
+    writer that committed the head itself reads none: see HEAD below.
     The head row is locked until commit so appenders queue: FOR UPDATE on PostgreSQL; on
     SQLite the write transaction began IMMEDIATE and already holds the database's write lock.
     The new head goes to the anchor file when the transaction commits (store.audit_anchor);
@@ -222,10 +223,75 @@ def append_many(session: Session, entries: Iterable[AuditEntry]) -> list[int]:
     key = _key(session)
     anchor: AuditAnchor | None = session.info.get(ANCHOR)
     known = anchor.known if anchor is not None else None
-    seqs, update = _append_rows(statements_of(session), key, entries, known)
+    st = statements_of(session)
+    last: AnchorState | None = session.info.get(HEAD) if st.pipelined else None
+    if last is not None:
+        seqs, update = _append_expected(st, key, entries, known, last)
+    else:
+        seqs, update = _append_rows(st, key, entries, known)
     if anchor is not None:
         session.info[PENDING] = update  # the anchor hooks take it on commit, drop it on rollback
+    if st.pipelined:
+        session.info[HEAD_PENDING] = update.state
     return seqs
+
+
+# A pipelined writer's kept session (store.db.Writer) remembers the head its last committed append left (HEAD).
+# Its next append then computes the records from that head without reading it, and sends a guarded head update
+# ahead of them (_GUARDED_HEAD) that takes the head's lock, as _LOCK_HEAD does, and aborts the transaction if the
+# head, the genesis record or the anchored record is not what this session last saw: AuditHeadMoved, and the
+# caller applies its work again on the reading path. A round trip less a group commit: two instead of three
+# (one wait for the server and one wake-up of it less a batch). The head's lock is still taken after the batch's
+# writes, so locks are ordered as before (taking it with the batch's first reads was tried and dropped: it would
+# order it before the governance writers' row locks).
+# When other writers are appending too, most guarded attempts would fail and be done twice: after one that
+# failed, the next READ_AFTER_MOVE group commits read the head (one in 33 at most is then done twice).
+HEAD = "clinphoto_audit_head"
+HEAD_PENDING = "clinphoto_audit_head_pending"
+HEAD_PAUSE = "clinphoto_audit_head_pause"
+READ_AFTER_MOVE = 32
+
+
+class AuditHeadMoved(PipelineFailed):
+    """Someone else appended to the trail since this session's last commit (or the trail was tampered with):
+    the transaction is lost; do its work again (the next append reads the head)."""
+
+
+def transaction_ended(session: Session, committed: bool, moved: bool = False) -> None:
+    """A pipelined writer's transaction is over: on commit the head it appended is the one to expect next;
+    otherwise nothing is expected (the next append reads the head); `moved`: it failed with AuditHeadMoved."""
+    info = session.info
+    head = info.pop(HEAD_PENDING, None)
+    if moved:
+        info[HEAD_PAUSE] = READ_AFTER_MOVE
+    if not committed:
+        info.pop(HEAD, None)
+    elif head is not None:
+        pause = info.get(HEAD_PAUSE, 0)
+        if pause:
+            info[HEAD_PAUSE] = pause - 1
+        else:
+            info[HEAD] = head
+
+
+_GUARDED_HEAD = (
+    "WITH moved AS (UPDATE audit_head h SET seq = ?, hash = ?, mac = ? WHERE h.id = 1 AND h.seq = ? AND h.hash = ? "
+    "AND (SELECT g.hash FROM audit_head g WHERE g.id = 0) IS NOT DISTINCT FROM ? "
+    "AND (SELECT e.hash FROM audit_events e WHERE e.seq = ?) IS NOT DISTINCT FROM ? RETURNING 1) "
+    "SELECT CAST(CASE WHEN count(*) = 1 THEN '1' ELSE 'audit head moved' END AS integer) FROM moved")
+
+
+def _append_expected(st: Statements, key: bytes, entries: list[AuditEntry], known: AnchorState | None,
+                     last: AnchorState) -> tuple[list[int], AnchorUpdate]:
+    """Append after the head this session last committed, guarded (see HEAD)."""
+    rows, seqs, seq, prev = _rows(st, key, entries, last.seq, last.hash if last.seq else last.trail)
+    # with the anchor the record it holds must be there as anchored (so the update is `intact`); without, no check
+    anchored_seq, anchored_hash = (known.seq, known.hash) if known is not None else (-1, None)
+    genesis = last.trail if last.trail != GENESIS_HASH else None  # a trail begun before genesis records has none
+    st.guard(_GUARDED_HEAD, (seq, prev, _head_mac(key, seq, prev), last.seq, last.hash, genesis, anchored_seq,
+                             anchored_hash), AuditHeadMoved)
+    st.many(_INSERT_EVENT, rows)
+    return seqs, AnchorUpdate(AnchorState(last.trail, seq, prev), known, known is not None)
 
 
 # The head, locked (appenders queue on it), with the genesis trail id and the anchored record's
@@ -282,6 +348,19 @@ def _append_rows(st: Statements, key: bytes, entries: list[AuditEntry],
     seq, prev = head if head is not None else (0, trail)
     if seq == 0:
         prev = trail  # record 1 chains from the genesis record
+    rows, seqs, seq, prev = _rows(st, key, entries, seq, prev)
+    st.many(_INSERT_EVENT, rows)
+    if head is not None:
+        st.run("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = ?", (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
+    else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)
+        st.run("INSERT INTO audit_head (id, seq, hash, mac) VALUES (?, ?, ?, ?)", (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
+    intact = known is not None and marks.anchored_hash == known.hash
+    return seqs, AnchorUpdate(AnchorState(trail, seq, prev), known, intact)
+
+
+def _rows(st: Statements, key: bytes, entries: list[AuditEntry], seq: int,
+          prev: str) -> tuple[list[list], list[int], int, str]:
+    """The records' insert parameters chained after (seq, prev), their seqs, and the new head."""
     now = datetime.now(timezone.utc)
     rows, seqs = [], []
     for entry in entries:
@@ -304,13 +383,7 @@ def _append_rows(st: Statements, key: bytes, entries: list[AuditEntry],
             values[12], values[13] = json.dumps(values[12], default=str), json.dumps(values[13], default=str)
         rows.append(values)
         seqs.append(seq)
-    st.many(_INSERT_EVENT, rows)
-    if head is not None:
-        st.run("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = ?", (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
-    else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)
-        st.run("INSERT INTO audit_head (id, seq, hash, mac) VALUES (?, ?, ?, ?)", (_HEAD_ID, seq, prev, _head_mac(key, seq, prev)))
-    intact = known is not None and marks.anchored_hash == known.hash
-    return seqs, AnchorUpdate(AnchorState(trail, seq, prev), known, intact)
+    return rows, seqs, seq, prev
 
 
 def append(session: Session, entry: AuditEntry) -> int:

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from store import audit
 from store.audit_anchor import ANCHOR, AuditAnchor, anchor_path, install_hooks
 from store.statements import IDS, STATEMENTS, IdPool, Statements, Wire
 
@@ -203,8 +204,9 @@ class Writer:
                     statements.sync()
                     wire.end()
                 session.commit()  # the session's hooks (audit anchor); on PostgreSQL nothing is left to send
-            except BaseException:
-                self._abandon(session)
+                audit.transaction_ended(session, committed=True)
+            except BaseException as exc:
+                self._abandon(session, isinstance(exc, audit.AuditHeadMoved))
                 raise
             finally:
                 statements.done()
@@ -221,7 +223,8 @@ class Writer:
             self._session = self._db.session(bind=conn)
         return self._session
 
-    def _abandon(self, session: Session) -> None:
+    def _abandon(self, session: Session, head_moved: bool = False) -> None:
+        audit.transaction_ended(session, committed=False, moved=head_moved)
         try:
             if self._wire is not None:
                 self._wire.abort()  # out of pipeline mode, where psycopg can send its ROLLBACK

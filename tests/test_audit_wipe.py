@@ -348,3 +348,39 @@ def test_cli_verify_dropped_table_is_one_line(gw):
     output = (result.stdout + result.stderr).strip()
     assert "Traceback" not in output and len(output.splitlines()) == 1, output
     assert "audit_events" in output and "missing" in output
+
+
+def _append_on_the_writer(db: Database, n: int, who: str) -> None:
+    """Append as the HL7 group commit does: on the kept, pipelined writer, expecting the head it left last time
+    (store.audit.HEAD), and once more reading the head when that head moved."""
+    entries = [audit.AuditEntry(type_code=audit.QUERY, action="E", agent_who=f"{who}{i}") for i in range(n)]
+    try:
+        with db.writer().transaction() as s:
+            audit.append_many(s, entries)
+    except audit.AuditHeadMoved:
+        with db.writer().transaction() as s:
+            audit.append_many(s, entries)
+    db.audit_anchor.flush()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # the pipelined writer is PostgreSQL's
+@pytest.mark.parametrize("tamper", ["cut back to a saved head", "anchored record edited"])
+def test_the_writer_expecting_its_head_does_not_launder_tampering(db, tamper):
+    """A writer that expects the head it left reads it again when the trail was tampered with under it, so the
+    anchor does not move past the tampering and verify reports it."""
+    _append_on_the_writer(db, 5, "first")
+    with db.read() as s:
+        saved = s.get(AuditHead, 1)
+        s.expunge(saved)
+    _append_on_the_writer(db, 5, "second")  # on the guarded path: the head the first append left
+    assert _anchored(db).seq == 10 and _verify(db).ok
+    if tamper == "cut back to a saved head":
+        _cut_back_to_a_saved_head(db, saved)
+    else:
+        with db.write() as s:
+            s.execute(update(AuditEvent).where(AuditEvent.seq == 10).values(hash="0" * 64))
+    for _ in range(3):
+        _append_on_the_writer(db, 4, "after")
+    assert _anchored(db).seq == 10  # not moved on from a trail it no longer finds intact
+    report = _verify(db)
+    assert not report.ok

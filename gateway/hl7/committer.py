@@ -8,17 +8,17 @@ own SAVEPOINT, appends the audit records, commits once, and only then releases
 the ACKs.
 
 The transaction runs on the Database's Writer: a kept connection, on PostgreSQL
-in pipeline mode. Every message of the batch asks for its reads first (one round
-trip for all), then each is worked out and its writes sent without waiting, so
-the server runs them while the next message is worked out here; then the audit
-head (carrying the writes) and the audit records with COMMIT: three round trips
-a batch, whatever its size (15.4 a message before, libpq trace). A message that
-reads what an earlier one in its batch wrote reads it again
+in pipeline mode (store.statements.Wire). Every message of the batch asks for its
+reads first (one round trip for all), then each is worked out and its writes
+queued; then the audit records, after the head this writer's last commit left,
+behind a guarded head update, with COMMIT: two round trips a batch, whatever its
+size (15.4 a message before, libpq trace). When another writer appended to the
+audit trail meanwhile, the guard aborts the transaction (store.audit.HEAD) and
+the batch is applied again reading the head first: three round trips. A message
+that reads what an earlier one in its batch wrote reads it again
 (gateway.core.patients.Change). bench/hl7_throughput.py, same runs, 2 shared cores:
 PostgreSQL one connection 302 -> 527 msg/s, eight 394 -> 928 (SQLite 914 -> 981
-and 1,502 -> 1,847). What is left is CPU: ~1.2 ms of the gateway's per message on
-one connection (psycopg costs ~17 us a pipelined statement) and ~0.5 ms of the
-server's.
+and 1,502 -> 1,847) with psycopg's pipeline mode and three round trips.
 """
 
 from __future__ import annotations
@@ -111,7 +111,13 @@ class GroupCommitter:
     def _commit(self, batch: list[Prepared], more: Callable[[], Prepared | None] | None = None) -> list[Result]:
         batch = list(batch)
         try:
-            return self._apply(self.db.writer().transaction, batch, more)
+            try:
+                return self._apply(self.db.writer().transaction, batch, more)
+            except audit.AuditHeadMoved:
+                # another writer appended to the audit trail since our last commit: the same messages again on
+                # the kept connection, reading the audit head this time (store.audit.HEAD)
+                log.debug("audit head moved under the group commit; applying the batch again")
+                return self._apply(self.db.writer().transaction, batch, None)
         except Exception:
             # On PostgreSQL a statement sent ahead failed and a pipeline cannot tell which (PipelineFailed), or
             # the kept connection broke: the same messages again on an ordinary transaction (a fresh pooled
