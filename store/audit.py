@@ -38,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-from psycopg.types.json import Json
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
@@ -189,9 +188,9 @@ def _clean_text(value, limit: int | None):
     return value[:limit] if limit else value
 
 
-def _json_safe(value):
-    # round-trip once so what is hashed is exactly what verify() reads back (NUL made visible)
-    return json.loads(json.dumps(value, default=str).replace("\\u0000", "\\ufffd"))
+def _json_text(value) -> str:
+    # what is stored, NUL made visible; its json.loads is what is hashed: exactly what verify() reads back
+    return json.dumps(value, default=str).replace("\\u0000", "\\ufffd")
 
 
 def sqlite_time(moment: datetime) -> str:
@@ -370,17 +369,16 @@ def _rows(st: Statements, key: bytes, entries: list[AuditEntry], seq: int,
             "seq": seq,
             "recorded_at": entry.recorded_at or now,
             "patient_id": entry.patient_id,
-            "entities": _json_safe(list(entry.entities)),
-            "detail": _json_safe(dict(entry.detail)),
             "prev_hash": prev,
         })
+        # the JSON columns are sent as the text that was hashed (loaded), not encoded again by the driver
+        entities, detail = _json_text(list(entry.entities)), _json_text(dict(entry.detail))
+        row["entities"], row["detail"] = json.loads(entities), json.loads(detail)
         row["hash"] = prev = _hash_fields(row, prev, key)
         values = [row[c] for c in _INSERT_COLUMNS]
-        if st.pg:
-            values[12], values[13] = Json(values[12]), Json(values[13])
-        else:
+        values[12], values[13] = entities, detail
+        if not st.pg:
             values[1] = sqlite_time(values[1])
-            values[12], values[13] = json.dumps(values[12], default=str), json.dumps(values[13], default=str)
         rows.append(values)
         seqs.append(seq)
     return rows, seqs, seq, prev
