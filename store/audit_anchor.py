@@ -271,6 +271,16 @@ def _after_commit(session: Session) -> None:
         session.info[ANCHOR].note(update)
 
 
+def committed(session: Session) -> None:
+    """The after_commit hook, for a transaction committed outside SQLAlchemy's session (store.db.Writer)."""
+    _after_commit(session)
+
+
+def rolled_back(session: Session) -> None:
+    """The rollback hook, for a transaction rolled back outside SQLAlchemy's session (store.db.Writer)."""
+    _forget(session)
+
+
 def _forget(session: Session, *_args) -> None:
     # rolled back (a savepoint too: its records are gone, and the transaction's head may be
     # among them): the anchor stays where it was; the next commit moves it
