@@ -23,6 +23,7 @@ Statements are written with `?` placeholders; `%s` (psycopg's cursors) or `$n` (
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -95,6 +96,9 @@ class Pending:
         return self._rowcount
 
 
+_WIRES = itertools.count(1)
+
+
 class Wire:
     """A PostgreSQL connection (psycopg's) driven through libpq's pipeline mode directly: store.db.Writer's.
 
@@ -124,6 +128,8 @@ class Wire:
         self._queries: dict[str, bytes] = {}  # '?' statements as libpq's '$n' ones
         self._prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
         self._seen: dict[tuple[str, tuple[int, ...]], int] = {}
+        # names of its own: a connection given back to the pool keeps what it prepared, and may come back
+        self._prefix = b"clinphoto_%d_" % next(_WIRES)
         self._names = 0
         # what each statement sent since the last sync answers to: its Pending, None (nobody reads it), or the
         # key of a statement being prepared
@@ -173,7 +179,7 @@ class Wire:
             seen = self._seen.get(key, 0) + 1
             if seen >= self.PREPARE_AFTER and len(self._prepared) < self.PREPARED_MAX:
                 self._names += 1
-                name = b"clinphoto_%d" % self._names
+                name = self._prefix + b"%d" % self._names
                 pgconn.send_prepare(name, query, param_types=types)
                 self._prepared[key] = name
                 self._slots.append(key)

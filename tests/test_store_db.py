@@ -160,3 +160,23 @@ def test_a_moment_reads_back_as_the_same_utc_instant_on_both_backends(db):
         found = s.scalar(select(Patient.id).where(Patient.deceased_at == datetime(2024, 3, 5, 13, 22, 31, tzinfo=timezone.utc)))
     assert back == datetime(2024, 3, 5, 13, 22, 31, tzinfo=timezone.utc) and back.utcoffset() == timedelta(0)
     assert found == pid  # compared as the same instant in a query too
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # the Writer's pipeline is PostgreSQL's
+def test_a_connection_back_from_the_pool_takes_a_new_wire(db):
+    """Statements prepared by a Wire stay on the server with the connection after the Writer gives it back; the
+    next Wire on that connection (the Writer restarted) must prepare under names of its own."""
+    from store.statements import Statements, Wire
+
+    raw = db.engine.raw_connection()
+    try:
+        dbapi = raw.dbapi_connection
+        dbapi.autocommit = True
+        for _ in range(2):
+            wire = Wire(dbapi)
+            statements = Statements(dbapi, True, wire)
+            wire.begin()
+            assert [statements.now("SELECT ?::int + 1", (i,)).one() for i in range(3)] == [(1,), (2,), (3,)]
+            wire.end()
+    finally:
+        raw.close()
