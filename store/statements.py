@@ -106,8 +106,9 @@ class Wire:
     cursor in Python: ~80 us of the writer thread's CPU a statement (cProfile: 1.06 of 1.48 ms a message in a
     group commit of 8), and the server, woken for each statement, spent more too. In process (replaying the
     bench's messages, same machine, one after the other): the group commit's CPU a message 0.99 -> 0.51 ms in
-    batches of one, 0.66 -> 0.25 ms in batches of eight. Here a statement is dumped (psycopg's C Transformer, the same adaptation psycopg makes)
-    and appended to libpq's output buffer, and `sync()` sends everything and reads every result in one wait.
+    batches of one, 0.66 -> 0.25 ms in batches of eight. Here a statement is dumped (psycopg's C Transformer,
+    the same adaptation psycopg makes) and appended to libpq's output buffer, and `sync()` sends everything
+    and reads every result in one wait.
     Statements that recur are prepared (named per connection, as psycopg does after a few uses), so the
     server does not parse and plan them again each time.
 
