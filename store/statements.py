@@ -193,6 +193,11 @@ class Wire:
             pgconn.send_query_params(query, values, param_types=types, param_formats=formats)
         self._slots.append(pending)
 
+    def push(self) -> None:
+        """Send what is queued so far without waiting for it: the server works on it meanwhile."""
+        if self._slots:
+            self.pgconn.flush()
+
     def sync(self) -> None:
         """Send everything queued with a Sync and read every result: one round trip. Raises PipelineFailed when
         a statement failed (the ones after it were skipped by the server)."""
@@ -331,6 +336,11 @@ class Statements:
         pending = self.later(sql, params)
         self.sync()
         return pending
+
+    def push(self) -> None:
+        """Pipelined: send what is queued without waiting for it (nothing to do otherwise)."""
+        if self.wire is not None:
+            self.wire.push()
 
     def sync(self) -> None:
         """Wait for everything sent since the last sync: one round trip (nothing to do when not pipelined)."""
