@@ -16,6 +16,8 @@ from gateway.console.app import create_console_app
 from gateway.console_tools import hl7_tools
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthUnavailable
+from gateway.dicomweb.app import create_dicomweb_app
+from gateway.dicomweb.config import DicomwebSettings
 from gateway.edge import Edge
 from gateway.fhir.app import create_fhir_app
 from gateway.http.security import verifier_for
@@ -86,4 +88,6 @@ def create_app(gw: Gateway) -> FastAPI:
     app.mount("/fhir", create_fhir_app(gw))
     # the integration engineer's console: its own app under /console (its page's CSP, its session cookie)
     app.mount("/console", create_console_app(gw, hl7_tools(getattr(gw.settings, "hl7", None))))
+    # the PACS door (QIDO-RS, WADO-RS, STOW-RS): its own app, so its errors and CORS are its own
+    app.mount("/dicomweb", create_dicomweb_app(gw, getattr(gw.settings, "dicomweb", None) or DicomwebSettings()))
     return app

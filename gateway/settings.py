@@ -14,6 +14,7 @@ from gateway.capture.settings import CaptureSettings
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
 from gateway.core.routing import RoutingSettings
+from gateway.dicomweb.config import DicomwebSettings
 from gateway.hl7.config import Hl7Settings
 from gateway.viewer.settings import ViewerSettings
 from store.db import DatabaseUrlError, check_url
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
     )
 
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -148,24 +148,27 @@ def _criteria(q: StudyQuery) -> list[ColumnElement[bool]]:
     return where
 
 
-def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel: str, limit: int = 10_000) -> list[Match]:
-    """Every match at the query's level among the photos the caller may see; audited as a query, one record per
-    patient with the photos the answer covers."""
+def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel: str, limit: int = 10_000,
+         offset: int = 0) -> list[Match]:
+    """Every match at the query's level among the photos the caller may see, in a stable order, `offset` skipped and
+    at most `limit` (paging in SQL, after the policy, so pages hold only what the caller may see); audited as a
+    query, one record per patient with the photos the answer covers."""
     where = [filter_for(ctx, gw.settings.policy), *_criteria(q)]
     with gw.db.read() as session:
-        matches, results = _run(session, q, where, limit)
+        matches, results = _run(session, q, where, limit, offset)
     # DICOM's own audit event for a query (DCM 110112), one record per patient in the answer
     access_audit.record_search(gw, ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
     return matches
 
 
-def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limit: int) -> tuple[list[Match], dict[int, list[str]]]:
+def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limit: int,
+         offset: int) -> tuple[list[Match], dict[int, list[str]]]:
     base = select(Asset.patient_id).join(Patient, Patient.id == Asset.patient_id).where(*where)
     if q.level == "IMAGE":
         rows = session.execute(
             select(Asset.patient_id, Asset.id, Asset.study_uid, Asset.series_uid, Asset.sop_instance_uid, Asset.sop_class_uid,
                    Asset.instance_number, _taken()).join(Patient, Patient.id == Asset.patient_id).where(*where)
-            .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit)).all()
+            .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit).offset(offset)).all()
         patients = _patients(session, {r[0] for r in rows})
         matches = [Match(patients[r[0]], study_uid=r[2], study_started=r[7], series_uid=r[3], sop_uid=r[4], sop_class_uid=r[5],
                          instance_number=r[6], modalities=[MODALITY_OF.get(r[5], "OT")], asset_id=r[1]) for r in rows]
@@ -179,7 +182,7 @@ def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limi
     flags = [func.max(case((Asset.sop_class_uid == uid, 1), else_=0)) for uid in MODALITY_OF]
     columns: list[Any] = [*group, func.min(_taken()), func.count(distinct(Asset.study_uid)), func.count(distinct(Asset.series_uid)),
                           func.count(), *flags]
-    rows = session.execute(base.with_only_columns(*columns).group_by(*group).order_by(*group).limit(limit)).all()
+    rows = session.execute(base.with_only_columns(*columns).group_by(*group).order_by(*group).limit(limit).offset(offset)).all()
     patients = _patients(session, {r[0] for r in rows})
     matches = []
     n = len(group)
@@ -198,3 +201,40 @@ def _patients(session: Session, ids: set[int]) -> dict[int, PatientInfo]:
         return {}
     rows = session.scalars(select(Patient).where(Patient.id.in_(sorted(ids))))
     return {p.id: patient_info(session, p) for p in rows}
+
+
+def parse_date_range(text: str) -> DateRange:
+    """A DICOM date or range as the query keys carry it (YYYYMMDD, A-B, -B, A-); ValueError when it is not one."""
+    def day(part: str) -> date:
+        if len(part) != 8 or not part.isdigit():
+            raise ValueError(part)
+        return date(int(part[0:4]), int(part[4:6]), int(part[6:8]))
+
+    if "-" not in text:
+        return DateRange(day(text), day(text))
+    low, high = text.split("-", 1)
+    if not low and not high:
+        raise ValueError(text)
+    return DateRange(day(low) if low else None, day(high) if high else None)
+
+
+def person_name(p: PatientInfo) -> str:
+    """The patient's name as a DICOM PN value (family^given^^prefix)."""
+    return "^".join(x or "" for x in (p.family, p.given, None, p.prefix)).rstrip("^")
+
+
+def attributes(match: Match) -> dict[str, Any]:
+    """What a match answers, by DICOM keyword, for every DICOM query door (C-FIND, QIDO-RS); None: not held."""
+    p = match.patient
+    started = match.study_started
+    return {
+        "PatientID": p.patient_id, "IssuerOfPatientID": p.issuer, "PatientName": person_name(p),
+        "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
+        "PatientSex": p.sex if p.sex in ("M", "F", "O") else "",
+        "StudyInstanceUID": match.study_uid, "SeriesInstanceUID": match.series_uid, "SOPInstanceUID": match.sop_uid,
+        "SOPClassUID": match.sop_class_uid, "InstanceNumber": match.instance_number,
+        "StudyDate": started.strftime("%Y%m%d") if started else "", "StudyTime": started.strftime("%H%M%S") if started else "",
+        "ModalitiesInStudy": match.modalities, "Modality": match.modalities[0] if match.modalities else "",
+        "NumberOfPatientRelatedStudies": match.studies, "NumberOfStudyRelatedSeries": match.series,
+        "NumberOfStudyRelatedInstances": match.instances, "NumberOfSeriesRelatedInstances": match.instances,
+    }

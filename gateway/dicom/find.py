@@ -111,19 +111,7 @@ def _pn(info: Any) -> str:
 
 def answer(identifier: Dataset, match: Match, ae_title: str) -> Dataset:
     """The keys the peer asked for, filled from the match (a key we do not hold stays empty, as PS3.4 allows)."""
-    p = match.patient
-    started = match.study_started
-    values: dict[str, Any] = {
-        "PatientID": p.patient_id, "IssuerOfPatientID": p.issuer, "PatientName": _pn(p),
-        "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
-        "PatientSex": p.sex if p.sex in ("M", "F", "O") else "",
-        "StudyInstanceUID": match.study_uid, "SeriesInstanceUID": match.series_uid, "SOPInstanceUID": match.sop_uid,
-        "SOPClassUID": match.sop_class_uid, "InstanceNumber": match.instance_number,
-        "StudyDate": started.strftime("%Y%m%d") if started else "", "StudyTime": started.strftime("%H%M%S") if started else "",
-        "ModalitiesInStudy": match.modalities, "Modality": match.modalities[0] if match.modalities else "",
-        "NumberOfPatientRelatedStudies": match.studies, "NumberOfStudyRelatedSeries": match.series,
-        "NumberOfStudyRelatedInstances": match.instances, "NumberOfSeriesRelatedInstances": match.instances,
-    }
+    values = study_query.attributes(match)
     out = Dataset()
     out.SpecificCharacterSet = "ISO_IR 192"  # names from the index are UTF-8
     out.QueryRetrieveLevel = identifier.QueryRetrieveLevel

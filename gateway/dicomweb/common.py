@@ -1,0 +1,39 @@
+"""What the DICOMweb routes share: the caller, the base URL, the door's refusals, JSON answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import Response
+
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject
+from gateway.http.security import gateway_of, require_subject, what
+
+__all__ = ["Caller", "DicomwebError", "base_url", "dicom_json", "gateway_of", "what"]
+
+CHANNEL = "dicomweb"
+Caller = Annotated[Subject, Depends(require_subject)]
+
+
+class DicomwebError(Exception):
+    """A refusal of this door: an HTTP status and a message saying what was wrong and what would work."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def base_url(request: Request) -> str:
+    """This door's root as the client called it (RetrieveURLs and BulkDataURIs are built on it)."""
+    return str(request.base_url).rstrip("/") + str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/dicom+json")
+
+
+def gw_of(request: Request) -> Gateway:
+    return gateway_of(request)

@@ -1,0 +1,213 @@
+"""QIDO-RS (PS3.18 10.6): searches for studies, series and instances, answered as DICOM JSON.
+
+The query parameters become the core StudyQuery C-FIND uses (gateway/core/study_query.py: the same matching, the
+policy inside the query, paging in SQL, the query audited); each match becomes a data set of the attributes the
+level returns by default plus those `includefield` names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from starlette.concurrency import run_in_threadpool
+
+from gateway.core import access, study_query
+from gateway.core.study_query import Level, Match, StudyQuery
+from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, base_url, dicom_json, gw_of, what
+
+router = APIRouter()
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+MORE_RESULTS = '299 clinphoto "There are additional results that can be requested"'
+# the matching keys and how each feeds the query (PS3.18 8.3.4 as C-FIND's PS3.4 C.2.2.2; see gateway/dicom/find.py MATCHING)
+MATCH_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
+              "ModalitiesInStudy", "SeriesInstanceUID", "Modality", "SOPInstanceUID")
+# what each level returns by default (PS3.18 Table 10.6.3-3..5, the attributes held here); /series and /instances
+# outside a study also return the study's (10.6.3.3.1)
+PATIENT_STUDY = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex"]
+STUDY_KEYS = [*PATIENT_STUDY, "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+              "StudyID", "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+SERIES_KEYS = ["SeriesInstanceUID", "Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances"]
+INSTANCE_KEYS = ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"]
+ALL_KEYS = [*STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS]
+EMPTY_TYPE_2 = {"AccessionNumber": "", "ReferringPhysicianName": "", "StudyID": "", "SeriesNumber": None}
+
+
+@dataclass(frozen=True)
+class Search:
+    query: StudyQuery
+    include: list[str]
+    limit: int
+    offset: int
+
+
+def _keyword(name: str) -> str | None:
+    """A parameter name as a DICOM keyword: a keyword itself or a tag in hex (00100020)."""
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        return keyword_for_tag(int(name, 16)) or None
+    return name if tag_for_keyword(name) is not None else None
+
+
+def _int(value: str, name: str, low: int) -> int:
+    if not value.isdigit() or int(value) < low:
+        raise DicomwebError(400, f"{name}={value!r}: must be a whole number >= {low}")
+    return int(value)
+
+
+def _list(value: str) -> list[str]:
+    # UID and code lists: comma separated (PS3.18 8.3.4.1), backslash as in DICOM also taken
+    return [v.strip() for v in value.replace("\\", ",").split(",") if v.strip()]
+
+
+def parse(request: Request, level: Level, fixed: dict[str, str]) -> Search:
+    """The request's query parameters, checked: a key that cannot be matched here is refused naming those that can."""
+    values: dict[str, str] = {}
+    include: list[str] = []
+    limit, offset = DEFAULT_LIMIT, 0
+    for name, value in request.query_params.multi_items():
+        if name == "limit":
+            limit = min(_int(value, "limit", 1), MAX_LIMIT)
+        elif name == "offset":
+            offset = _int(value, "offset", 0)
+        elif name == "includefield":
+            for field in _list(value):
+                keyword = "all" if field == "all" else _keyword(field)
+                if keyword is None:
+                    raise DicomwebError(400, f"includefield: {field!r} is neither a DICOM keyword nor a tag (e.g. 00100010)")
+                include.append(keyword)
+        elif name == "fuzzymatching":
+            if value.lower() == "true":
+                raise DicomwebError(400, "fuzzymatching=true is not supported: names match exactly or with the wildcards * and ?, "
+                                         "without regard to case")
+            if value.lower() != "false":
+                raise DicomwebError(400, f"fuzzymatching={value!r}: must be true or false")
+        else:
+            keyword = _keyword(name)
+            if keyword is None:
+                raise DicomwebError(400, f"{name!r} is not a query parameter here: give limit, offset, includefield, fuzzymatching, "
+                                         "or a DICOM keyword or tag to match")
+            if keyword in values:
+                raise DicomwebError(400, f"{name} is given twice: give one value (UID lists are comma-separated)")
+            if value.strip() in ("", "*"):
+                continue  # universal matching
+            if keyword not in MATCH_KEYS:
+                raise DicomwebError(400, f"{keyword} cannot be matched here; matching keys: {', '.join(MATCH_KEYS)}")
+            values[keyword] = value.strip()
+    for keyword, value in fixed.items():
+        values[keyword] = value
+    try:
+        birth = study_query.parse_date_range(values["PatientBirthDate"]) if "PatientBirthDate" in values else None
+        studied = study_query.parse_date_range(values["StudyDate"]) if "StudyDate" in values else None
+    except ValueError:
+        raise DicomwebError(400, "PatientBirthDate and StudyDate take a date or a range: YYYYMMDD, A-B, -B, A-") from None
+    modalities = values.get("ModalitiesInStudy") or values.get("Modality")
+    query = StudyQuery(
+        level=level, patient_id=values.get("PatientID"), issuer=values.get("IssuerOfPatientID"),
+        patient_name=values.get("PatientName"), patient_birth_date=birth,
+        study_uids=_list(values["StudyInstanceUID"]) if "StudyInstanceUID" in values else None,
+        series_uids=_list(values["SeriesInstanceUID"]) if "SeriesInstanceUID" in values else None,
+        sop_uids=_list(values["SOPInstanceUID"]) if "SOPInstanceUID" in values else None,
+        study_date=studied, modalities=_list(modalities) if modalities else None,
+    )
+    return Search(query=query, include=include, limit=limit, offset=offset)
+
+
+def _keys(level: Level, within_study: bool, include: list[str]) -> list[str]:
+    if "all" in include:
+        keys = list(ALL_KEYS) if level == "IMAGE" else [k for k in ALL_KEYS if k not in INSTANCE_KEYS] if level == "SERIES" \
+            else list(STUDY_KEYS)
+    elif level == "STUDY":
+        keys = list(STUDY_KEYS)
+    elif level == "SERIES":
+        keys = ([] if within_study else list(STUDY_KEYS)) + ["StudyInstanceUID", *SERIES_KEYS]
+    else:
+        keys = ([] if within_study else list(STUDY_KEYS)) + ["StudyInstanceUID", "SeriesInstanceUID", "Modality", *INSTANCE_KEYS]
+    for k in include:
+        if k != "all" and k not in keys and k in ALL_KEYS:
+            keys.append(k)
+    return list(dict.fromkeys(keys))
+
+
+def answer(match: Match, keys: list[str], level: Level, base: str) -> dict[str, Any]:
+    """One match as a DICOM JSON data set (PS3.18 F.2), with its RetrieveURL."""
+    values = {**EMPTY_TYPE_2, **study_query.attributes(match)}
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in keys:
+        value = values.get(keyword)
+        if value is None and keyword not in EMPTY_TYPE_2:
+            continue
+        setattr(ds, keyword, value if value is not None else "")
+    url = f"{base}/studies/{match.study_uid}"
+    if level in ("SERIES", "IMAGE"):
+        url += f"/series/{match.series_uid}"
+    if level == "IMAGE":
+        url += f"/instances/{match.sop_uid}"
+    ds.RetrieveURL = url
+    ds.InstanceAvailability = "ONLINE"
+    out: dict[str, Any] = ds.to_json_dict()
+    if level != "STUDY" and "ModalitiesInStudy" not in keys:
+        out.pop(f"{tag_for_keyword('ModalitiesInStudy'):08X}", None)
+    return out
+
+
+async def search(request: Request, subject: Caller, level: Level, fixed: dict[str, str]) -> Response:
+    gw = gw_of(request)
+    s = parse(request, level, fixed)
+    text = f"QIDO-RS {what(request)}?{request.url.query}"
+
+    def run() -> list[Match]:
+        ctx = access.photo_request(gw, subject, "search", text)
+        access.require_scope(gw, ctx, "Media", access.SEARCH_SCOPE, text)
+        # one more than asked: whether to say there are more (the Warning header dicomweb-client logs)
+        return study_query.find(gw, ctx, s.query, query=text, channel=CHANNEL, limit=s.limit + 1, offset=s.offset)
+
+    matches = await run_in_threadpool(run)
+    more = len(matches) > s.limit
+    keys = _keys(level, "StudyInstanceUID" in fixed, s.include)
+    base = base_url(request)
+    body = [answer(m, keys, level, base) for m in matches[:s.limit]]
+    return dicom_json(body, headers={"Warning": MORE_RESULTS} if more else None)
+
+
+def _check_vr() -> None:
+    """Every default key is a keyword pydicom knows (a typo here would fail every query)."""
+    for keyword in ALL_KEYS:
+        dictionary_VR(keyword)
+
+
+_check_vr()
+
+
+@router.get("/studies")
+async def studies(request: Request, subject: Caller) -> Response:
+    return await search(request, subject, "STUDY", {})
+
+
+@router.get("/series")
+async def all_series(request: Request, subject: Caller) -> Response:
+    return await search(request, subject, "SERIES", {})
+
+
+@router.get("/instances")
+async def all_instances(request: Request, subject: Caller) -> Response:
+    return await search(request, subject, "IMAGE", {})
+
+
+@router.get("/studies/{study}/series")
+async def study_series(request: Request, study: str, subject: Caller) -> Response:
+    return await search(request, subject, "SERIES", {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/instances")
+async def study_instances(request: Request, study: str, subject: Caller) -> Response:
+    return await search(request, subject, "IMAGE", {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/series/{series}/instances")
+async def series_instances(request: Request, study: str, series: str, subject: Caller) -> Response:
+    return await search(request, subject, "IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series})
