@@ -29,9 +29,9 @@ def live_server(gw):
 
 
 @contextmanager
-def serving(app):
-    """An ASGI app on a free 127.0.0.1 port, in a thread; yields an httpx client for it."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def serving(app, port: int = 0):
+    """An ASGI app on a free 127.0.0.1 port (or the one given), in a thread; yields an httpx client for it."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

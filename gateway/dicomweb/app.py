@@ -50,6 +50,7 @@ def _leaves(routes: list[Any]) -> Iterator[Any]:
 def create_dicomweb_app(gw: Gateway, settings: DicomwebSettings) -> FastAPI:
     app = FastAPI(title="clinphoto DICOMweb", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gw = gw
+    app.state.public_url = settings.public_url
 
     @app.exception_handler(DicomwebError)
     async def refused_here(_request: Request, exc: DicomwebError) -> JSONResponse:

@@ -27,7 +27,11 @@ class DicomwebError(Exception):
 
 
 def base_url(request: Request) -> str:
-    """This door's root as the client called it (RetrieveURLs and BulkDataURIs are built on it)."""
+    """This door's root as clients reach it (RetrieveURLs and BulkDataURIs are built on it): the configured public URL,
+    else as the request names it."""
+    public: str | None = getattr(request.app.state, "public_url", None)
+    if public:
+        return public.rstrip("/")
     return str(request.base_url).rstrip("/") + str(request.scope.get("root_path", "")).rstrip("/")
 
 
