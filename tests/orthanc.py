@@ -14,10 +14,19 @@ from tests.conftest import require_tool
 from tests.net import free_ports
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
+
+
 class Orthanc:
-    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict[str, dict] | None = None) -> None:
+    """`modalities`: the DICOM peers it knows (e.g. where to send Storage Commitment reports). `dicomweb_servers`: load
+    the DICOMweb plugin (its own server at /dicom-web/) and register these DICOMweb servers it may act as a client
+    of, by name: {"clinphoto": {"Url": ..., "HttpHeaders": {...}}}."""
+
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict[str, dict] | None = None,
+                 dicomweb_servers: dict | None = None) -> None:
         self.folder, self.aet = folder, aet
-        self.modalities = modalities or {}  # the DICOM peers it knows (e.g. where to send Storage Commitment reports)
+        self.modalities = modalities or {}
+        self.dicomweb_servers = dicomweb_servers
         self.http_port, self.dicom_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
 
@@ -35,6 +44,11 @@ class Orthanc:
             "DicomAlwaysAllowGet": True, "Plugins": [],
             "HttpCompressionEnabled": False, "DicomModalities": self.modalities,
         }
+        if self.dicomweb_servers is not None:
+            if not DICOMWEB_PLUGIN.is_file():
+                require_tool("orthanc-dicomweb-plugin-missing", "orthanc-dicomweb")
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Servers": self.dicomweb_servers}
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
         # its own DIMSE sockets would otherwise hold each response ~40 ms (known-to-work.md)
