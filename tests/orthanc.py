@@ -13,7 +13,6 @@ import httpx
 from tests.conftest import require_tool
 from tests.net import free_ports
 
-
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
