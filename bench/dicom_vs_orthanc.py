@@ -9,9 +9,14 @@ SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
 - C-FIND STUDY by PatientID, p50/p95 ms, with the archive holding 2,000 and 10,000 studies (small objects, one per
   study, stored through each server's own C-STORE so both index them their own way).
 - C-GET of a 10-photo study (12-MP photos), ms.
+- DICOMweb (clinphoto's /dicomweb, Orthanc's DICOMweb plugin at /dicom-web): QIDO-RS /studies?PatientID p50/p95 ms at
+  the same archive sizes; WADO-RS of one 12-MP instance as stored (transfer-syntax=*), median ms; STOW-RS of 12-MP
+  photos, one instance per request, files/s (clinphoto makes the renditions before answering). The client is httpx
+  with keep-alive and no Accept-Encoding (Orthanc gzips JPEG when allowed: peers-measured.md).
 Both servers run as separate processes on 127.0.0.1; the client is pynetdicom in this process. clinphoto runs on
 SQLite in a temporary folder (synchronous=FULL). Orthanc measured here before (peers-measured.md): C-STORE 14.5 /
-31 files/s, C-FIND p95 15 ms at 2,000 studies and 42 ms at 10,000, C-GET 270-330 ms. Machines here are noisy: read
+31 files/s, C-FIND p95 15 ms at 2,000 studies and 42 ms at 10,000, C-GET 270-330 ms; QIDO-RS p95 9.9 / 32 ms,
+WADO-RS 13-16 ms, STOW-RS 22.6-29.7 files/s. Machines here are noisy: read
 the ratios, measured in the same run.
 """
 
@@ -32,9 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from pydicom import Dataset  # noqa: E402
+from pydicom import Dataset, dcmwrite  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from pynetdicom import AE, build_role, evt  # noqa: E402
@@ -177,25 +183,73 @@ def get_time(port: int, called: str, study: str, expected: int, runs: int = 5) -
     return statistics.median(times)
 
 
+DICOM_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def part10(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+def qido_times(web: httpx.Client, root: str, patient_ids: list[str], runs: int = 200) -> tuple[float, float]:
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        r = web.get(f"{root}/studies", params={"PatientID": patient_ids[i % len(patient_ids)]})
+        times.append((time.perf_counter() - t0) * 1000)
+        if r.status_code != 200 or not r.json():
+            raise SystemExit(f"{root}: QIDO-RS answered {r.status_code} {r.text[:200]}")
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.95) - 1]
+
+
+def wado_time(web: httpx.Client, root: str, study: str, series: str, sop: str, runs: int = 20) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        r = web.get(f"{root}/studies/{study}/series/{series}/instances/{sop}", headers={"Accept": DICOM_ANY})
+        times.append((time.perf_counter() - t0) * 1000)
+        if r.status_code != 200 or len(r.content) < 1_000_000 or "content-encoding" in r.headers:
+            raise SystemExit(f"{root}: WADO-RS answered {r.status_code}, {len(r.content)} bytes, {r.headers.get('content-encoding')}")
+    return statistics.median(times)
+
+
+def stow_rate(web: httpx.Client, root: str, datasets: list[Dataset]) -> float:
+    bodies = []
+    for ds in datasets:
+        boundary = generate_uid().replace(".", "")
+        body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(ds) + f"\r\n--{boundary}--\r\n".encode()
+        bodies.append((body, f'multipart/related; type="application/dicom"; boundary={boundary}'))
+    start = time.perf_counter()
+    for body, ctype in bodies:
+        r = web.post(f"{root}/studies", content=body, headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+        if r.status_code != 200:
+            raise SystemExit(f"{root}: STOW-RS answered {r.status_code} {r.text[:300]}")
+    return len(bodies) / (time.perf_counter() - start)
+
+
 class Clinphoto:
     """`clinphoto serve` (DICOM only) on a fresh SQLite store with the bench's patients registered."""
 
     def __init__(self, folder: Path, patients: list[str]) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_ports(1)[0]
+        self.port, self.http_port = free_ports(2)
         config = folder / "clinphoto.yaml"
         config.write_text("auth:\n  dicom_peers:\n    - ae_title: BENCH\n      hosts: ['127.0.0.1']\n"
                           "      allow: [echo, store, find, get, move]\n      sensitivities: [N, R]\n")
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")},
                     "CLINPHOTO_DATA_DIR": str(folder / "var"), "CLINPHOTO_CONFIG": str(config), "CLINPHOTO_DICOM_PORT": str(self.port),
-                    "CLINPHOTO_LISTENERS": '["dicom"]', "CLINPHOTO_LOG_LEVEL": "WARNING"}
+                    "CLINPHOTO_HTTP_PORT": str(self.http_port),
+                    "CLINPHOTO_LISTENERS": '["dicom", "http"]', "CLINPHOTO_LOG_LEVEL": "WARNING"}
         self._register(patients)
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], cwd=ROOT, env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.http_port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.2)
@@ -204,10 +258,13 @@ class Clinphoto:
     def _register(self, patients: list[str]) -> None:
         """The patients (NHS numbers), each with a record consent, as the PAS feed and the ward would leave them."""
         from gateway.core.context import Gateway
+        from gateway.core.identity import mint_dev_token
         from gateway.settings import Settings
         from store.models import Consent, Patient, PatientIdentifier
 
         gw = Gateway.open(Settings(data_dir=self.folder / "var"))
+        # a dev-mode token (the store's own key) for the DICOMweb measures
+        self.token = mint_dev_token(gw.settings, sub="bench", role="medical-illustration", minutes=240)
         try:
             with gw.db.write() as s:
                 for n in patients:
@@ -241,18 +298,27 @@ def main() -> None:
     print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
     rows: dict[str, dict[str, float]] = {"clinphoto": {}, "orthanc": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {"clinphoto": Clinphoto(Path(tmp) / "c", [NHS, *patients]), "orthanc": Orthanc(Path(tmp) / "o").start()}
+        servers = {"clinphoto": Clinphoto(Path(tmp) / "c", [NHS, *patients]),
+                   "orthanc": Orthanc(Path(tmp) / "o", dicomweb_servers={}).start()}
         ports = {"clinphoto": servers["clinphoto"].port, "orthanc": servers["orthanc"].dicom_port}
         called = {"clinphoto": "CLINPHOTO", "orthanc": "ORTHANC"}
+        # httpx asks for gzip by default: not here (Orthanc would gzip the JPEG; clinphoto never compresses images)
+        webs = {"clinphoto": httpx.Client(base_url=f"http://127.0.0.1:{servers['clinphoto'].http_port}/dicomweb", timeout=120,
+                                          headers={"Authorization": f"Bearer {servers['clinphoto'].token}", "Accept-Encoding": "identity"}),
+                "orthanc": httpx.Client(base_url=f"{servers['orthanc'].url}/dicom-web", timeout=120, headers={"Accept-Encoding": "identity"})}
         try:
             for name in ("clinphoto", "orthanc"):
                 for assocs in (1, 4):
                     batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(args.photos)]
                     rows[name][f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = store_all(ports[name], called[name], batch, assocs)
                 study, series = generate_uid(), generate_uid()
-                rows[name]["C-STORE of the C-GET study (files/s)"] = store_all(ports[name], called[name],
-                                                                                [photo(jpeg, study, series) for _ in range(10)], 1)
+                study_photos = [photo(jpeg, study, series) for _ in range(10)]
+                rows[name]["C-STORE of the C-GET study (files/s)"] = store_all(ports[name], called[name], study_photos, 1)
                 rows[name]["C-GET 10-photo study (ms)"] = get_time(ports[name], called[name], study, 10)
+                rows[name]["WADO-RS one 12-MP instance, as stored (ms)"] = wado_time(webs[name], "", study, series,
+                                                                                     study_photos[0].SOPInstanceUID)
+                stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(args.photos // 2, 10))]
+                rows[name]["STOW-RS 12-MP, one per request (files/s)"] = stow_rate(webs[name], "", stowed)
                 held = 0
                 for size in sizes:
                     extra = [small(patients[i], generate_uid()) for i in range(held, size)]
@@ -261,7 +327,12 @@ def main() -> None:
                     p50, p95 = find_times(ports[name], called[name], patients[:size])
                     rows[name][f"C-FIND STUDY by PatientID, {size} studies p50 (ms)"] = p50
                     rows[name][f"C-FIND STUDY by PatientID, {size} studies p95 (ms)"] = p95
+                    p50, p95 = qido_times(webs[name], "", patients[:size])
+                    rows[name][f"QIDO-RS studies by PatientID, {size} studies p50 (ms)"] = p50
+                    rows[name][f"QIDO-RS studies by PatientID, {size} studies p95 (ms)"] = p95
         finally:
+            for web in webs.values():
+                web.close()
             servers["clinphoto"].stop()
             servers["orthanc"].stop()
     print(f"{'measure':<52} {'clinphoto':>10} {'Orthanc':>10} {'ratio':>7}")
