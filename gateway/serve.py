@@ -56,7 +56,9 @@ class HttpListener:
         # We bind the socket ourselves: a bind error is then an OSError we report in one
         # line, where uvicorn would call sys.exit() from inside the event loop.
         config = self._server.config
-        sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP, and
+        # with Nagle on, every keep-alive response waited for a delayed ACK (GET /healthz 44 ms, 1.8 ms with it)
+        sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((config.host, config.port))
