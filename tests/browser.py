@@ -44,13 +44,13 @@ class Page:
 
 
 @contextmanager
-def chromium(viewport: tuple[int, int] = (1280, 800), mobile: bool = False) -> Iterator[Page]:
-    """`mobile`: a phone as Chromium emulates one (touch, mobile viewport meta honoured)."""
+def chromium(viewport: tuple[int, int] = (1280, 800), mobile: bool = False, extra_args: tuple[str, ...] = ()) -> Iterator[Page]:
+    """`mobile`: a phone as Chromium emulates one (touch, mobile viewport meta honoured); `extra_args`: more Chromium flags."""
     executable = require_tool("chromium", "chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        browser = p.chromium.launch(executable_path=executable, args=[*CHROMIUM_FLAGS, *extra_args])
         try:
             options: dict[str, Any] = {"viewport": {"width": viewport[0], "height": viewport[1]}}
             if mobile:
