@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import ColumnElement, and_, func, select, union
 from sqlalchemy.orm import Session
 
-from gateway.core import access_audit, patient_refs
+from gateway.core import access_audit, patient_refs, study_query
 from gateway.core.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
@@ -325,6 +325,23 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
     inside one query, each patient's module read once, and one audit commit for them all (a record per instance)
     before any is sent, where dicom_object() costs a query round and a commit per photo (on SQLite with full sync,
     most of a 10-photo C-GET's time). A photo hidden or missing is left out, as a query would leave it out."""
+    served, entries = _served_objects(gw, ctx, photo_ids, type_code)
+    access_audit.write(gw, entries)
+    return served
+
+
+def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, *, query: str, channel: str,
+                           type_code: str = audit.INSTANCES_TRANSFERRED) -> list[DicomObject]:
+    """The DICOM objects of the instances a query names (any level), for a retrieve by UIDs (WADO-RS): the query and
+    the retrieve in one audit commit, before any object is sent. Each commit is an fsync (SQLite, full sync): find()
+    then dicom_objects() took 42-52 ms for one 12-MP instance on a loaded 2-core machine, this 27-38 ms (A/B, same run)."""
+    matches, results = study_query.search(gw, ctx, replace(q, level="IMAGE"))
+    served, entries = _served_objects(gw, ctx, [m.asset_id for m in matches if m.asset_id], type_code)
+    access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + entries)
+    return served
+
+
+def _served_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_code: str) -> tuple[list[DicomObject], list[audit.AuditEntry]]:
     policy = gw.settings.policy
     with gw.db.read() as session:
         found = {a.id: a for a in session.scalars(select(Asset).where(Asset.id.in_(photo_ids), filter_for(ctx, policy),
@@ -333,7 +350,7 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
                  for pid in {a.patient_id for a in found.values()}}
         session.expunge_all()
     served: list[DicomObject] = []
-    entries = []
+    entries: list[audit.AuditEntry] = []
     for asset in (found[i] for i in photo_ids if i in found):
         path = gw.blobs.path(asset.dicom_sha256 or "")
         try:
@@ -346,8 +363,7 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
         served.append(DicomObject(served=obj, asset=asset))
         entries += access_audit.read_entries(ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
                                              type_code=type_code, detail={"rendition": "dicom", "transfer_syntax": obj.transfer_syntax})
-    access_audit.write(gw, entries)
-    return served
+    return served, entries
 
 
 # -- governance: sensitivity and access lists (medical illustration staff) --------------------------------

@@ -153,12 +153,23 @@ def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel:
     """Every match at the query's level among the photos the caller may see, in a stable order, `offset` skipped and
     at most `limit` (paging in SQL, after the policy, so pages hold only what the caller may see); audited as a
     query, one record per patient with the photos the answer covers."""
+    matches, results = search(gw, ctx, q, limit=limit, offset=offset)
+    access_audit.write(gw, query_entries(ctx, results, query=query, channel=channel))
+    return matches
+
+
+def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_000,
+           offset: int = 0) -> tuple[list[Match], dict[int, list[str]]]:
+    """find() without its audit: the matches and, by patient, the photos they cover, for a caller that writes the
+    query's audit records together with its own (query_entries) in one commit."""
     where = [filter_for(ctx, gw.settings.policy), *_criteria(q)]
     with gw.db.read() as session:
-        matches, results = _run(session, q, where, limit, offset)
-    # DICOM's own audit event for a query (DCM 110112), one record per patient in the answer
-    access_audit.record_search(gw, ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
-    return matches
+        return _run(session, q, where, limit, offset)
+
+
+def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: str, channel: str) -> list[audit.AuditEntry]:
+    """DICOM's own audit event for a query (DCM 110112), one record per patient in the answer."""
+    return access_audit.search_entries(ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
 
 
 def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limit: int,

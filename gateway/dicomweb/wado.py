@@ -58,21 +58,26 @@ class Target:
         return "instance" if self.sop else "series" if self.series else "study"
 
 
+def _query(target: Target) -> StudyQuery:
+    return StudyQuery(level="IMAGE", study_uids=[target.study], series_uids=[target.series] if target.series else None,
+                      sop_uids=[target.sop] if target.sop else None)
+
+
 def _matches(gw: Gateway, subject: Subject, target: Target, text: str) -> tuple[AccessContext, list[Match]]:
     """The visible instances the URL names (the query audited), or 404 when there are none."""
     ctx = access.photo_request(gw, subject, "read", text)
     access.require_scope(gw, ctx, "Media", access.READ_SCOPE, text)
-    q = StudyQuery(level="IMAGE", study_uids=[target.study], series_uids=[target.series] if target.series else None,
-                   sop_uids=[target.sop] if target.sop else None)
-    found = [m for m in study_query.find(gw, ctx, q, query=text, channel=CHANNEL) if m.asset_id]
+    found = [m for m in study_query.find(gw, ctx, _query(target), query=text, channel=CHANNEL) if m.asset_id]
     if not found:
         raise DicomwebError(404, NOT_HERE.format(what=target.name))
     return ctx, found
 
 
 def _objects(gw: Gateway, subject: Subject, target: Target, text: str, type_code: str) -> list[DicomObject]:
-    ctx, found = _matches(gw, subject, target, text)
-    objects = access.dicom_objects(gw, ctx, [m.asset_id for m in found if m.asset_id], type_code=type_code)
+    """The visible instances the URL names as served, the query and the retrieve audited together; 404 when none."""
+    ctx = access.photo_request(gw, subject, "read", text)
+    access.require_scope(gw, ctx, "Media", access.READ_SCOPE, text)
+    objects = access.dicom_objects_matching(gw, ctx, _query(target), query=text, channel=CHANNEL, type_code=type_code)
     if not objects:
         raise DicomwebError(404, NOT_HERE.format(what=target.name))
     return objects
