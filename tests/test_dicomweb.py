@@ -291,6 +291,20 @@ def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_
     r = stow(web, gw, [("application/dicom+json", json.dumps([missing]).encode(), {}),
                        ("image/jpeg", progressive, {"Content-Location": "photo-1"})], part_type="application/dicom+json")
     assert r.status_code == 400 and "PatientID" in Dataset.from_json(r.json()).FailedSOPSequence[0][0x00000902].value
+    # PNG bulk data named by Content-ID, beside an instance of a patient nobody registered (refused on its own: 202)
+    png_meta = {**meta, "00080018": {"vr": "UI", "Value": [sop + ".2"]}, "7FE00010": {"vr": "OB", "BulkDataURI": "cid:png-1@capture"}}
+    stranger = {**meta, "00080018": {"vr": "UI", "Value": [sop + ".3"]}, "00100020": {"vr": "LO", "Value": ["9434765919"]}}
+    r = stow(web, gw, [("application/dicom+json", json.dumps([png_meta, stranger]).encode(), {}),
+                       ("image/png", fx["rgb.png"].read_bytes(), {"Content-ID": "<png-1@capture>"}),
+                       ("image/jpeg", progressive, {"Content-Location": "photo-1"})], part_type="application/dicom+json")
+    assert r.status_code == 202, r.text
+    answer = Dataset.from_json(r.json())
+    assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [sop + ".2"]
+    [failed] = answer.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == sop + ".3" and failed.FailureReason == 0x0110 and "unknown patient" in failed[0x00000902].value
+    [(_, body)] = parts(web.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}.2", headers={**mi(gw), "Accept": DICOM_TS_ANY}))
+    lossless = pydicom.dcmread(io.BytesIO(body))
+    assert (lossless.Columns, lossless.Rows) == Image.open(fx["rgb.png"]).size  # the PNG's pixels, kept without loss
 
 
 # -- HTTP behaviour -----------------------------------------------------------------------------------------
