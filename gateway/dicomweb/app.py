@@ -23,7 +23,6 @@ from gateway.core.refusals import Refused
 from gateway.dicomweb import qido, stow, wado
 from gateway.dicomweb.common import DicomwebError
 from gateway.dicomweb.config import DicomwebSettings
-from gateway.dicomweb.media import NotAcceptable
 from gateway.http.errors import http_error
 
 log = logging.getLogger("clinphoto.dicomweb")
@@ -55,10 +54,6 @@ def create_dicomweb_app(gw: Gateway, settings: DicomwebSettings) -> FastAPI:
     @app.exception_handler(DicomwebError)
     async def refused_here(_request: Request, exc: DicomwebError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(NotAcceptable)
-    async def not_acceptable(_request: Request, exc: NotAcceptable) -> JSONResponse:
-        return _error(406, str(exc))
 
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:

@@ -10,9 +10,8 @@ from fastapi.responses import Response
 
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
-from gateway.http.security import gateway_of, require_subject, what
-
-__all__ = ["Caller", "DicomwebError", "base_url", "dicom_json", "gateway_of", "what"]
+from gateway.http.security import gateway_of, require_subject
+from gateway.http.security import what as what  # re-exported: the request as audit records name it
 
 CHANNEL = "dicomweb"
 Caller = Annotated[Subject, Depends(require_subject)]
@@ -40,4 +39,5 @@ def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = No
 
 
 def gw_of(request: Request) -> Gateway:
+    """The running gateway (this door's app state)."""
     return gateway_of(request)

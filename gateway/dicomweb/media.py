@@ -27,10 +27,6 @@ FRAME_MEDIA = {
 _TOKEN = re.compile(r'\s*([^=;,\s]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;,]*))?\s*')
 
 
-class NotAcceptable(Exception):
-    """Nothing the client accepts can be made (406): the message says what can."""
-
-
 @dataclass(frozen=True)
 class MediaRange:
     """One media range of an Accept header, e.g. multipart/related; type="application/dicom"; transfer-syntax=*."""
@@ -115,7 +111,6 @@ class Part:
 
     content_type: str
     chunks: Iterable[bytes]
-    location: str | None = None
 
 
 def new_boundary() -> str:
@@ -130,10 +125,7 @@ def multipart_type(part_type: str, boundary: str, transfer_syntax: str | None = 
 def multipart(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
     """The multipart/related body (RFC 2387), streamed: each part's chunks pass through as they come."""
     for part in parts:
-        head = f"--{boundary}\r\nContent-Type: {part.content_type}\r\n"
-        if part.location:
-            head += f"Content-Location: {part.location}\r\n"
-        yield (head + "\r\n").encode("ascii")
+        yield f"--{boundary}\r\nContent-Type: {part.content_type}\r\n\r\n".encode("ascii")
         yield from part.chunks
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")

@@ -127,11 +127,15 @@ def _value(data: dict[str, Any], tag: str) -> str | None:
 
 
 def _bulk(parts: list[BodyPart], uri: str) -> BodyPart | None:
-    want = uri[4:] if uri.startswith("cid:") else uri
+    """The bulk data part a BulkDataURI names: `cid:` and a part's Content-ID, else its Content-Location (the same,
+    or one an absolute URL ending in the other, as senders write them either way)."""
     for part in parts:
-        location = part.headers.get("content-location", "")
-        cid = part.headers.get("content-id", "").strip("<>")
-        if uri in (location,) or (uri.startswith("cid:") and cid == want) or (location and uri.endswith(location)):
+        if uri.startswith("cid:"):
+            if part.headers.get("content-id", "").strip().strip("<>") == uri[4:]:
+                return part
+            continue
+        location = part.headers.get("content-location", "").strip()
+        if location and (location == uri or uri.endswith("/" + location) or location.endswith("/" + uri)):
             return part
     return None
 
