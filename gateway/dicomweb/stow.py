@@ -144,7 +144,8 @@ def _json_instance(gw: Gateway, source: Source, body: SpooledBody, data: dict[st
                    out: Outcome) -> None:
     sop_class = _value(data, "00080016") or VL_PHOTOGRAPHIC_IMAGE
     sop = _value(data, "00080018") or ""
-    missing = [name for tag, name in REQUIRED_JSON.items() if not _value(data, tag)]
+    # the URL's study stands for a StudyInstanceUID the metadata leaves out
+    missing = [name for tag, name in REQUIRED_JSON.items() if not _value(data, tag) and not (tag == "0020000D" and study)]
     if missing:
         out.fail(sop_class, sop, CANNOT_UNDERSTAND, f"required attributes missing: {', '.join(missing)}", malformed=True)
         return
@@ -152,7 +153,7 @@ def _json_instance(gw: Gateway, source: Source, body: SpooledBody, data: dict[st
         out.fail(sop_class, sop, SOP_CLASS_NOT_SUPPORTED, f"image bulk data is stored as VL Photographic Image ({VL_PHOTOGRAPHIC_IMAGE}), "
                                                           f"not {sop_class}")
         return
-    part_study = _value(data, "0020000D") or ""
+    part_study = _value(data, "0020000D") or study or ""
     if study is not None and part_study != study:
         out.fail(sop_class, sop, DOES_NOT_MATCH, f"the instance is of study {part_study}, not {study} as the URL says")
         out.mismatched += 1
