@@ -96,6 +96,8 @@ def small(patient_id: str, study: str) -> Dataset:
 
 def associate(port: int, called: str, contexts: list[tuple[str, list[str]]], **kw):
     ae = AE(ae_title="BENCH")
+    # a 2-core machine shared with other work stalls now and then: pynetdicom's 30 s DIMSE timeout aborted seeding
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 300
     for sop, syntaxes in contexts:
         ae.add_requested_context(sop, syntaxes)
     assoc = ae.associate("127.0.0.1", port, ae_title=called, **kw)
@@ -117,14 +119,19 @@ def store_all(port: int, called: str, datasets: list[Dataset], associations: int
 
     def send(chunk: list[Dataset]) -> None:
         # a context per transfer syntax: the server accepts each alone, photos go as JPEG, the small objects native
-        assoc = associate(port, called, [(VLPhotographicImageStorage, [JPEG_BASELINE]), (VLPhotographicImageStorage, [EXPLICIT])])
+        contexts = [(VLPhotographicImageStorage, [JPEG_BASELINE]), (VLPhotographicImageStorage, [EXPLICIT])]
+        assoc = associate(port, called, contexts)
         try:
             for ds in chunk:
                 status = assoc.send_c_store(ds)
+                if not status and not assoc.is_established:  # the association dropped: once more on a new one
+                    assoc = associate(port, called, contexts)
+                    status = assoc.send_c_store(ds)
                 if not status or status.Status != 0:
                     failures.append(f"0x{getattr(status, 'Status', 0xFFFF):04X} {getattr(status, 'ErrorComment', '')}")
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
 
     start = time.perf_counter()
     threads = [threading.Thread(target=send, args=(c,)) for c in chunks]
