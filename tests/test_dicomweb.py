@@ -305,6 +305,20 @@ def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_
     [(_, body)] = parts(web.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}.2", headers={**mi(gw), "Accept": DICOM_TS_ANY}))
     lossless = pydicom.dcmread(io.BytesIO(body))
     assert (lossless.Columns, lossless.Rows) == Image.open(fx["rgb.png"]).size  # the PNG's pixels, kept without loss
+    # posted to the study's URL, the metadata may leave StudyInstanceUID out
+    no_study = {k: v for k, v in meta.items() if k != "0020000D"} | {"00080018": {"vr": "UI", "Value": [sop + ".4"]}}
+    r = stow(web, gw, [("application/dicom+json", json.dumps(no_study).encode(), {}),
+                       ("image/jpeg", fx["baseline_420.jpg"].read_bytes(), {"Content-Location": "photo-1"})],
+             part_type="application/dicom+json", url=f"/dicomweb/studies/{study}")
+    assert r.status_code == 200 and Dataset.from_json(r.json()).ReferencedSOPSequence[0].RetrieveURL.endswith(
+        f"{study}/series/{series}/instances/{sop}.4")
+    # the same image again under a new instance UID: kept once, the answer names the stored instance with a warning
+    again = {**meta, "00080018": {"vr": "UI", "Value": [sop + ".5"]}}
+    r = stow(web, gw, [("application/dicom+json", json.dumps([again]).encode(), {}),
+                       ("image/jpeg", progressive, {"Content-Location": "photo-1"})], part_type="application/dicom+json")
+    [ref] = Dataset.from_json(r.json()).ReferencedSOPSequence
+    assert r.status_code == 202 and ref.ReferencedSOPInstanceUID == sop and ref.WarningReason == 0xB000
+    assert "already stored" in ref[0x00000902].value
 
 
 # -- HTTP behaviour -----------------------------------------------------------------------------------------

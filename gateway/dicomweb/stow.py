@@ -9,7 +9,8 @@ Two forms of request body (multipart/related, chunked or not; spooled to disk as
   itself as for any upload, never from the JSON, and a progressive JPEG is made baseline by the ingest.
 
 Each instance is stored or refused on its own. The answer is DICOM JSON: ReferencedSOPSequence (with RetrieveURLs)
-and FailedSOPSequence with FailureReason codes from the core's refusal codes. 200 all stored, 202 some, 409 none
+and FailedSOPSequence with FailureReason codes from the core's refusal codes. 200 all stored, 202 some (or stored with a
+warning: an image already stored as another instance is answered by that instance, WarningReason 0xB000), 409 none
 (400 when none could be read or a required attribute was missing; 409 as well for a study mismatch)."""
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900  # also: an instance of another study than the URL names
 CANNOT_UNDERSTAND = 0xC000
+COERCED = 0xB000  # WarningReason: Coercion of Data Elements
 REASON = {
     errors.SOP_CLASS_NOT_SUPPORTED: SOP_CLASS_NOT_SUPPORTED,
     errors.INVALID_OBJECT: DOES_NOT_MATCH,
@@ -71,6 +73,7 @@ MAX_BODY_FACTOR = 4  # a request may carry several photos: up to this many times
 @dataclass
 class Outcome:
     stored: list[tuple[str, str, str, str]] = field(default_factory=list)  # class, instance, study, series
+    warnings: dict[str, str] = field(default_factory=dict)  # stored instance -> why it differs from what was sent
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # class, instance, reason, why
     malformed: int = 0  # failures the request itself caused (unreadable, required attributes missing)
     mismatched: int = 0  # instances of another study than the URL names
@@ -93,6 +96,9 @@ def _ingest(gw: Gateway, out: Outcome, request: CaptureRequest, sop_class: str, 
         return
     photo = result.photos[0]
     out.stored.append((sop_class, photo.sop_instance_uid, photo.study_uid, photo.series_uid))
+    if sop and photo.sop_instance_uid != sop:
+        # the same image of the same patient is kept once (the core's rule): say where it is, not where it was asked
+        out.warnings[photo.sop_instance_uid] = f"this image is already stored as instance {photo.sop_instance_uid}, not {sop}"
 
 
 def _spool_part(gw: Gateway, body: SpooledBody, part: BodyPart, suffix: str) -> Path:
@@ -227,6 +233,9 @@ def response(out: Outcome, base: str, study: str | None) -> Response:
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
         item.RetrieveURL = f"{base}/studies/{st}/series/{se}/instances/{sop}"
+        if sop in out.warnings:
+            item.WarningReason = COERCED
+            item.add_new(0x00000902, "LO", out.warnings[sop][:64])
         referenced.append(item)
     failed = []
     for sop_class, sop, reason, why in out.failed:
@@ -239,10 +248,10 @@ def response(out: Outcome, base: str, study: str | None) -> Response:
         ds.ReferencedSOPSequence = referenced
     if failed:
         ds.FailedSOPSequence = failed
-    if not out.failed:
+    if not out.failed and not out.warnings:
         status = 200
     elif out.stored:
-        status = 202
+        status = 202  # stored, with failures or warnings
     elif out.malformed == len(out.failed) and not out.mismatched:
         status = 400
     else:
