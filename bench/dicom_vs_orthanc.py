@@ -124,7 +124,10 @@ def store_all(port: int, called: str, datasets: list[Dataset], associations: int
         try:
             for ds in chunk:
                 status = assoc.send_c_store(ds)
-                if not status and not assoc.is_established:  # the association dropped: once more on a new one
+                for _retry in range(3):  # the association dropped (a loaded machine): again on a new one
+                    if status or assoc.is_established:
+                        break
+                    time.sleep(1)
                     assoc = associate(port, called, contexts)
                     status = assoc.send_c_store(ds)
                 if not status or status.Status != 0:
@@ -287,6 +290,18 @@ class Clinphoto:
         self.proc.wait(30)
 
 
+class Measured(dict[str, float]):
+    """Each figure printed as it is measured, so a run that fails late still leaves what it measured."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __setitem__(self, key: str, value: float) -> None:
+        print(f"  {self.name}: {key} = {value:.1f}", flush=True)
+        super().__setitem__(key, value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=50)
@@ -303,7 +318,7 @@ def main() -> None:
     patients = list(unique)
     jpeg = twelve_mp_jpeg()
     print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
-    rows: dict[str, dict[str, float]] = {"clinphoto": {}, "orthanc": {}}
+    rows = {"clinphoto": Measured("clinphoto"), "orthanc": Measured("orthanc")}
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"clinphoto": Clinphoto(Path(tmp) / "c", [NHS, *patients]),
                    "orthanc": Orthanc(Path(tmp) / "o", dicomweb_servers={}).start()}
