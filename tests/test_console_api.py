@@ -143,7 +143,8 @@ def test_session_cookie_csrf_and_expiry(gw, world, server, caplog):
     value = server.cookies.get("clinphoto_console")
     payload, _, mac = value.partition(".")
     cookies = SessionCookies(session_key(gw.settings), name="clinphoto_console", path="/console", audience="console")
-    for bad in (payload[:-2] + "AA." + mac, payload + ".x" + mac[1:], "nonsense"):
+    flipped = ("y" if mac[0] == "x" else "x") + mac[1:]  # a MAC that begins with x already would not be altered
+    for bad in (payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + mac, payload + "." + flipped, "nonsense"):
         assert httpx.get(f"{str(server.base_url).rstrip('/')}/console/api/messages", cookies={"clinphoto_console": bad}).status_code == 401
     viewer = SessionCookies(session_key(gw.settings), name="clinphoto_console", path="/console", audience="viewer")
     ours = cookies.read(_request_with(value))
