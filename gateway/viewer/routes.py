@@ -234,7 +234,10 @@ def create_router(settings: ViewerSettings, data_dir: Path) -> APIRouter:
         viewer = current(request)
         gw = gateway_of(request)
         subject = viewer.subject
-        ctx = access.photo_request(gw, subject, "read", what(request))
+        try:
+            ctx = access.photo_request(gw, subject, "read", what(request))
+        except Refused as refusal:
+            raise refused(request, refusal) from None
         try:
             public_id = patient_views.public_id_of(gw, viewer.patient_id) if viewer.patient_id != NOBODY else ""
             shown = patient_views.by_id(gw, ctx, public_id, what(request)) if public_id else None
