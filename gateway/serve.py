@@ -19,6 +19,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.core.context import Gateway
+from gateway.core.ingest.deferred import Renderer
 from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
 from gateway.settings import Settings
@@ -119,6 +120,9 @@ async def serve(gw: Gateway, settings: Settings, on_ready: Callable[[dict[str, i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started: list[Listener] = []
+    # received DICOM objects are answered before their renditions are made: this thread makes them
+    renderer = Renderer(gw)
+    renderer.start()
     try:
         try:
             listeners = build_listeners(gw, settings)
@@ -141,5 +145,6 @@ async def serve(gw: Gateway, settings: Settings, on_ready: Callable[[dict[str, i
                 await listener.stop()
             except Exception:
                 log.exception("error while stopping %s", listener.name)
+        renderer.stop()
         gw.close()
         log.info("stopped")

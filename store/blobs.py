@@ -45,6 +45,7 @@ class BlobStore(Protocol):
     """What every backend offers; an S3-compatible one would map names to object keys."""
 
     def put_stream(self, chunks: Iterable[bytes]) -> BlobRef: ...
+    def adopt(self, path: Path, sha256: str) -> BlobRef: ...
     def put_file(self, fileobj: BinaryIO) -> BlobRef: ...
     def put_bytes(self, data: bytes) -> BlobRef: ...
     def open(self, sha256: str, verify: bool = False) -> BinaryIO: ...
@@ -132,6 +133,28 @@ class FileBlobStore:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
             raise
+
+    def adopt(self, path: Path, sha256: str) -> BlobRef:
+        """Store a file the caller wrote in this store's filesystem and will not write again, by a hard link
+        rather than a copy (a 3 MB DICOM object was read, written and synced a second time: ~5 ms of a C-STORE's
+        ~25). `sha256` must be the file's digest as it is; the caller may unlink its own name afterwards."""
+        final = self.path(sha256)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            os.fsync(f.fileno())  # the bytes are durable before any row can name them
+        if final.exists():
+            os.utime(final)  # same content already stored; fresh mtime as put_stream gives it
+            return BlobRef(sha256, size)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, final)
+        except FileExistsError:  # a concurrent writer of the same content got there first
+            return BlobRef(sha256, size)
+        except OSError:  # another filesystem (EXDEV), or one without hard links: copy
+            with open(path, "rb") as f:
+                return self.put_file(f)
+        _fsync_dir(final.parent)
+        return BlobRef(sha256, size)
 
     def put_file(self, fileobj: BinaryIO) -> BlobRef:
         return self.put_stream(iter(lambda: fileobj.read(CHUNK), b""))

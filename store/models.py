@@ -207,6 +207,9 @@ class Asset(Base):
     dicom_transfer_syntax: Mapped[str | None] = mapped_column(String(64))
     preview_sha256: Mapped[str | None] = mapped_column(String(64))
     thumbnail_sha256: Mapped[str | None] = mapped_column(String(64))
+    # NULL: the renditions are made; "due": a received object answered before its pixels were decoded
+    # (gateway/core/ingest/deferred.py makes them); "failed": its pixels did not decode
+    rendition_state: Mapped[str | None] = mapped_column(String(10))
 
     taken_at: Mapped[datetime | None]
     # SNOMED CT body structure and laterality (left, right, both)
@@ -240,6 +243,7 @@ class Asset(Base):
         Index("ix_assets_encounter", "encounter_id"),
         Index("ix_assets_consent", "consent_id"),
         Index("ix_assets_created", "created_at"),
+        Index("ix_assets_rendition_state", "rendition_state"),
     )
 
 

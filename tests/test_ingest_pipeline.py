@@ -228,7 +228,7 @@ def test_dicom_doors_keep_the_senders_uids(gw, fx):
 
 
 def test_failed_ingest_never_deletes_a_blob_another_ingest_holds(gw):
-    from gateway.core.ingest.pipeline import _BlobWriter
+    from gateway.core.ingest.blob_writer import BlobWriter as _BlobWriter
 
     first, second = _BlobWriter(gw), _BlobWriter(gw)
     sha = first.put_bytes(b"the same rendition bytes")  # created by the first

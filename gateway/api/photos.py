@@ -23,6 +23,7 @@ from gateway.api.schemas import AccessList, PhotoOut, PhotoPage, SensitivityOut,
 from gateway.core import access
 from gateway.core.access import PhotoView, StoreFault
 from gateway.core.identity import Subject
+from gateway.core.ingest import deferred
 from gateway.core.refusals import Refused
 from gateway.http.errors import http_error
 from gateway.http.security import gateway_of, require_subject, what
@@ -38,9 +39,8 @@ SUFFIX = {"image/jpeg": "jpg", "image/png": "png", "image/heic": "heic", "image/
 def _links(asset: Asset, original: bool) -> dict:
     base = f"/api/v1/photos/{asset.id}"
     links = {"self": base}
-    if asset.preview_sha256:
+    if deferred.available(asset):  # a due preview is made on first asking
         links["preview"] = f"{base}/image?rendition=preview"
-    if asset.thumbnail_sha256:
         links["thumbnail"] = f"{base}/image?rendition=thumbnail"
     if original and asset.original_kept:
         links["original"] = f"{base}/image?rendition=original"

@@ -32,7 +32,9 @@ from gateway.core import access_audit, patient_refs, study_query
 from gateway.core.consents import ConsentError, PhotoNotFound, access_list, grant_access, revoke_access, set_sensitivity
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
+from gateway.core.ingest import deferred
 from gateway.core.ingest.dicom_patients import patient_info
+from gateway.core.ingest.renditions import DUE, FAILED
 from gateway.core.objects.coerce import Served, coerce
 from gateway.core.objects.part10 import Part10Error
 from gateway.core.policy.rules import (
@@ -271,7 +273,14 @@ def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, 
     if rendition == "original":
         sha, media_type = (asset.sha256 if asset.original_kept else None), asset.media_type
     else:
-        sha, media_type = (asset.preview_sha256 if rendition == "preview" else asset.thumbnail_sha256), "image/jpeg"
+        preview, thumbnail, state = asset.preview_sha256, asset.thumbnail_sha256, asset.rendition_state
+        if state == DUE:  # a received object answered before it was rendered: made now, not "not ready"
+            made = deferred.make(gw, asset.id)
+            preview, thumbnail, state = made.preview_sha256, made.thumbnail_sha256, made.state
+        if state == FAILED:
+            raise Refused(Kind.NOT_FOUND, "this photo's pixel data did not decode when it was stored, so it has no "
+                          f"{rendition}; its DICOM object is kept as it was sent")
+        sha, media_type = (preview if rendition == "preview" else thumbnail), "image/jpeg"
     if not sha:
         kept = " (the original was not kept)" if rendition == "original" else ""
         raise Refused(Kind.NOT_FOUND, f"this photo has no {rendition} rendition{kept}")

@@ -6,6 +6,7 @@ holds every door's own settings, fits it without the core knowing about the door
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,6 +51,8 @@ class Gateway:
     blobs: FileBlobStore
     # this process's spool folder (uploads and temp files while they are checked), made on first use
     spool: Spool = field(init=False, repr=False)
+    # set when an ingest leaves renditions due: wakes this process's renderer (gateway/core/ingest/deferred.py)
+    renditions_wanted: threading.Event = field(init=False, repr=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.spool = Spool(spool_root(self.settings))

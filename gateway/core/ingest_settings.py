@@ -34,6 +34,14 @@ class IngestSettings(BaseModel):
         0.95, gt=0.5, le=1.0,
         description="A JPEG preview may be this fraction of preview_size when the decoder's 1/2-1/4-1/8 scaling gets there, saving a full decode.",
     )
+    received_renditions: Literal["after-answer", "before-answer"] = Field(
+        "after-answer",
+        description="Received DICOM objects (C-STORE, STOW-RS): 'after-answer' answers once the object is checked and "
+        "durably stored, then decodes its pixels and makes the preview and thumbnail (a frame that does not decode is "
+        "marked failed and audited); 'before-answer' decodes first and refuses a frame that does not decode. Every "
+        "structural check (SOP class, syntax, pixel description, the frame's header and its end) runs before the answer "
+        "either way. Image uploads always decode before the answer.",
+    )
     rendition_quality: int = Field(85, ge=30, le=95, description="JPEG quality of the renditions.")
     encode_quality: int = Field(
         95, ge=50, le=100,

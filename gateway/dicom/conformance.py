@@ -68,6 +68,10 @@ def statement(ae_title: str, port: int) -> str:
         "  0x0000 success; 0x0122 SOP class not supported; 0x0124 not authorized; 0xA700 out of resources (too",
         "  large, or try again); 0xA900 data set does not match SOP class; 0xC000 cannot understand. Failures carry",
         "  an ErrorComment.",
+        "  Checked before the answer: SOP class, transfer syntax, the pixel description, size limits, and the frame's",
+        "  own header (JPEG, JPEG-LS, RLE) against Rows/Columns/SamplesPerPixel, a JPEG frame also for its end. The",
+        "  pixels are decoded for the preview and thumbnail after the answer (ingest.received_renditions); a frame",
+        "  damaged inside is then kept as sent, marked and audited (with 'before-answer', refused with 0xC000).",
         "",
         "6 C-FIND SCP: levels PATIENT (Patient Root), STUDY, SERIES, IMAGE. Matching keys:",
     ]

@@ -8,6 +8,7 @@ refusal codes become C-STORE statuses (PS3.4 Annex B.2.3 and PS3.7 C) with an Er
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: by
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encoded)
-        result = ingest(gw, CaptureRequest(source=source, items=[ReceivedObject(path)]))
+        # hashed from memory rather than read back; the spooled file becomes the blob (linked, not copied)
+        item = ReceivedObject(path, sha256=hashlib.sha256(encoded).hexdigest(), spooled=True)
+        result = ingest(gw, CaptureRequest(source=source, items=[item]))
     except IngestRejected as exc:  # audited by the core
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
         return StoreAnswer(status, exc.message)

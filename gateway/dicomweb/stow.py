@@ -122,7 +122,7 @@ def _dicom_part(gw: Gateway, source: Source, body: SpooledBody, part: BodyPart, 
             out.fail(sop_class, sop, DOES_NOT_MATCH, f"the instance is of study {part_study or '(none)'}, not {study} as the URL says")
             out.mismatched += 1
             return
-        _ingest(gw, out, CaptureRequest(source=source, items=[ReceivedObject(path)]), sop_class, sop)
+        _ingest(gw, out, CaptureRequest(source=source, items=[ReceivedObject(path, spooled=True)]), sop_class, sop)
     finally:
         path.unlink(missing_ok=True)
 

@@ -24,13 +24,11 @@ Refusals raise IngestRejected (nothing stored) after writing a failure audit rec
 from __future__ import annotations
 
 import base64
-import collections
 import hashlib
 import json
 import logging
-import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +44,7 @@ from gateway.core.consents import ConsentError, check_consent, record_consent
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
 from gateway.core.ingest import limits, received
+from gateway.core.ingest.blob_writer import BlobWriter
 from gateway.core.ingest.dicom_patients import (
     NHS_ISSUER,
     find_by_dicom_id,
@@ -68,6 +67,7 @@ from gateway.core.ingest.errors import (
     IngestRejected,
 )
 from gateway.core.ingest.prepare import Prepared, prepare, sha256_of
+from gateway.core.ingest.renditions import DUE, Renditions
 from gateway.core.ingest.request import (
     NHS_SYSTEM,
     CaptureRequest,
@@ -82,7 +82,6 @@ from gateway.core.objects import part10, vlphoto
 from gateway.core.objects.uids import stable_uid
 from gateway.core.policy.rules import scope_allows, uncovered_for_care
 from store import audit
-from store.blobs import BlobRef
 from store.models import Asset, Consent, ConsentAsset, Encounter, IdempotencyKey, Patient
 from store.patients import survivor
 
@@ -322,81 +321,8 @@ def _same_data_set(path: Path, stored: Path) -> bool:
         return False
 
 
-# --- blobs ----------------------------------------------------------------------
-
-
-# Content-addressed blobs can be shared by concurrent ingests (the same photo sent
-# twice at once, or the same file for two patients). A blob is "held" from just
-# before its put until the holder's transaction has ended, and a failed ingest
-# never deletes a blob another ingest in this process holds. (The gateway is one
-# process; anything left by a crash is an orphan for `clinphoto store gc`.)
-_HELD: collections.Counter[str] = collections.Counter()
-_HELD_LOCK = threading.Lock()
-
-
-class _BlobWriter:
-    """Puts blobs, remembers which ones this call created, removes them again on failure."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.created: list[str] = []
-        self.held: list[str] = []
-
-    def _hold(self, sha: str) -> bool:
-        """Hold `sha`; returns whether the blob already existed."""
-        with _HELD_LOCK:
-            _HELD[sha] += 1
-            self.held.append(sha)
-            return self.gw.blobs.exists(sha)
-
-    def put_path(self, path: Path, sha: str) -> str:
-        existed = self._hold(sha)
-        with open(path, "rb") as f:
-            ref = self.gw.blobs.put_file(f)
-        if not existed:
-            self.created.append(ref.sha256)
-        return ref.sha256
-
-    def put_new_stream(self, chunks: Iterable[bytes]) -> BlobRef:
-        """For content that is new by construction (a DICOM object with a fresh instance UID and creation time)."""
-        ref = self.gw.blobs.put_stream(chunks)
-        self.created.append(ref.sha256)
-        return ref
-
-    def put_bytes(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        existed = self._hold(sha)
-        self.gw.blobs.put_bytes(data)
-        if not existed:
-            self.created.append(sha)
-        return sha
-
-    def release(self) -> None:
-        with _HELD_LOCK:
-            for sha in self.held:
-                _HELD[sha] -= 1
-                if _HELD[sha] <= 0:
-                    del _HELD[sha]
-        self.held.clear()
-
-    def remove_unreferenced(self) -> None:
-        """After a failure: delete what we created unless a committed row or another ingest uses it."""
-        self.release()
-        if not self.created:
-            return
-        with _HELD_LOCK:
-            with self.gw.db.read() as session:
-                used = {sha for sha in self.created if _HELD.get(sha)}
-                for column in (Asset.sha256, Asset.dicom_sha256, Asset.preview_sha256, Asset.thumbnail_sha256):
-                    used.update(sha for sha in session.execute(select(column).where(column.in_(self.created))).scalars() if sha)
-            for sha in self.created:
-                if sha not in used:
-                    self.gw.blobs.delete(sha)
-        self.created.clear()
-
-
 def _write_dicom(gw: Gateway, prepared: Prepared, ctx: _Context, gov: Governance, sop_uid: str, instance: int,
-                 writer: _BlobWriter) -> tuple[str, int, str]:
+                 writer: BlobWriter) -> tuple[str, int, str]:
     facts = prepared.facts
     comments = "; ".join(x for x in (f"View: {gov.view}" if gov.view else None, gov.description) if x) or None
     site = gov.body_site
@@ -548,7 +474,7 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
         audit_refusal(gw, source, exc, patient_id)
         raise
 
-    writer = _BlobWriter(gw)
+    writer = BlobWriter(gw)
     prepared: list[Prepared] = []
     try:
         result = _store(gw, request, items, ctx, existing, prepared, writer, session_key, request_hash)
@@ -572,6 +498,9 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
         raise
     writer.release()
     _close_all(prepared)
+    if any(p.status == CREATED and p.media_type == received.MEDIA_TYPE for p in result.photos) \
+            and gw.settings.ingest.received_renditions == "after-answer":
+        gw.renditions_wanted.set()  # the renderer (deferred.py) makes what this left due
     return result
 
 
@@ -621,7 +550,7 @@ def _after_race(gw: Gateway, request: CaptureRequest) -> IngestResult:
 
 
 def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, session_key: str, number: int,
-                  writer: _BlobWriter, prepared: list[Prepared]) -> tuple[Asset, StoredPhoto]:
+                  writer: BlobWriter, prepared: list[Prepared]) -> tuple[Asset, StoredPhoto]:
     """An image file checked and derived, its blobs written: the row to insert and what the caller is told."""
     settings = gw.settings.ingest
     item = entry.item
@@ -658,29 +587,43 @@ def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, ses
 
 
 def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Context, gov: Governance,
-                    writer: _BlobWriter) -> tuple[Asset, StoredPhoto]:
-    """A received DICOM object rendered, kept as received: the row to insert and what the caller is told."""
+                    writer: BlobWriter) -> tuple[Asset, StoredPhoto]:
+    """A received DICOM object checked and kept as received, rendered now or after the answer (settings
+    ingest.received_renditions): the row to insert and what the caller is told."""
+    settings = gw.settings.ingest
+    now = settings.received_renditions == "before-answer"
     try:
-        rends = received.renditions(obj, gw.settings.ingest, tmp_dir=gw.spool.path)
+        if now:
+            rends: Renditions | None = received.renditions(obj, settings, tmp_dir=gw.spool.path)
+        else:
+            received.check_frame(obj, tmp_dir=gw.spool.path)  # what needs no decoding; deferred.py decodes
+            rends = None
     except IngestRejected as exc:
         raise exc.for_item(entry.index, entry.filename) from None
+    sha1 = sha1_base64(obj.path)
     # the received file is the original and the stored object at once: kept whatever keep_originals says
-    writer.put_path(obj.path, entry.sha256)
-    preview_sha = writer.put_bytes(rends.preview)
-    thumb_sha = writer.put_bytes(rends.thumbnail)
+    item = entry.item
+    if isinstance(item, ReceivedObject) and item.spooled:
+        writer.adopt(obj.path, entry.sha256)
+    else:
+        writer.put_path(obj.path, entry.sha256)
     site = gov.body_site
     code, display = (site.code, site.meaning) if site else (obj.body_site or (None, None))
     row = Asset(
-        sha1=sha1_base64(obj.path), preview_sha1=sha1_base64(rends.preview), preview_size=len(rends.preview),
-        study_uid=obj.study_uid, series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid,
+        sha1=sha1, study_uid=obj.study_uid, series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid,
         sop_class_uid=obj.sop_class_uid, instance_number=obj.instance_number,
         sha256=entry.sha256, size=obj.size, media_type=received.MEDIA_TYPE, original_kept=True,
         width=obj.columns, height=obj.rows, dicom_sha256=entry.sha256, dicom_size=obj.size,
-        dicom_transfer_syntax=obj.transfer_syntax, preview_sha256=preview_sha, thumbnail_sha256=thumb_sha,
+        dicom_transfer_syntax=obj.transfer_syntax,
         taken_at=_instant(obj.taken_at or gov.taken_at), body_site_code=code, body_site_display=display,
         laterality=site.laterality if site else obj.laterality, device=gov.device or obj.device,
         photographer=gov.photographer or obj.operator,
     )
+    if rends is None:
+        row.rendition_state = DUE
+    else:
+        row.preview_sha256, row.thumbnail_sha256 = writer.put_bytes(rends.preview), writer.put_bytes(rends.thumbnail)
+        row.preview_sha1, row.preview_size = sha1_base64(rends.preview), len(rends.preview)
     photo = StoredPhoto(
         asset_id="", status=CREATED, sha256=entry.sha256, media_type=received.MEDIA_TYPE, study_uid=obj.study_uid,
         series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid, width=obj.columns, height=obj.rows,
@@ -690,7 +633,7 @@ def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Con
 
 
 def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Context, existing: dict[str, StoredPhoto],
-           prepared: list[Prepared], writer: _BlobWriter, session_key: str, request_hash: str) -> IngestResult:
+           prepared: list[Prepared], writer: BlobWriter, session_key: str, request_hash: str) -> IngestResult:
     settings = gw.settings.ingest
     gov, source = request.governance, request.source
     now = datetime.now(timezone.utc)

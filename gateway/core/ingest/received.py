@@ -35,6 +35,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -158,10 +160,12 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def read(path: Path, settings: IngestSettings) -> Received:
-    """Every check that needs no decoding; raises IngestRejected naming the rule broken."""
+def read(path: Path, settings: IngestSettings, *, check_limits: bool = True) -> Received:
+    """Every check of the header that needs no decoding; raises IngestRejected naming the rule broken.
+    `check_limits=False` reads an object already stored (the size limits of today do not apply to it)."""
     size = path.stat().st_size
-    limits.check_size(size, settings.max_bytes)
+    if check_limits:
+        limits.check_size(size, settings.max_bytes)
     try:
         head = part10.read_head(path)
     except part10.Part10Error as exc:
@@ -188,7 +192,8 @@ def read(path: Path, settings: IngestSettings) -> Received:
     if media_uid and media_uid != sop_uid:
         raise _invalid(f"the file meta names instance {media_uid} but the data set is {sop_uid}", "MediaStorageSOPInstanceUID")
     rows, columns, samples, photometric, planar = _pixel_description(ds, ts)
-    limits.check_pixels(columns, rows, settings.max_pixels)
+    if check_limits:
+        limits.check_pixels(columns, rows, settings.max_pixels)
     try:
         with open(path, "rb") as f:
             element = part10.pixel_element(f, head)
@@ -354,9 +359,20 @@ def renditions(obj: Received, settings: IngestSettings, tmp_dir: Path | None = N
                       quality=settings.rendition_quality)
 
 
-def _jpeg_image(obj: Received, settings: IngestSettings, tmp_dir: Path | None) -> Image.Image:
-    """The frame's JPEG stream (joined, or spooled when large) checked against the pixel description, then
-    decoded strictly at the preview's scale."""
+def check_frame(obj: Received, tmp_dir: Path | None = None) -> None:
+    """What can be proved without decoding: the frame's own header agrees with the object and, for JPEG, the
+    stream is whole (its header parses and it ends with end-of-image). Raises IngestRejected naming the rule.
+    Damage inside the entropy-coded data shows only when the frame is decoded (renditions())."""
+    if obj.transfer_syntax == JPEGBaseline8Bit:
+        with _jpeg_frame(obj, tmp_dir):
+            pass
+    elif obj.transfer_syntax not in NATIVE:
+        _check_frame_header(obj)
+
+
+@contextmanager
+def _jpeg_frame(obj: Received, tmp_dir: Path | None) -> Iterator[tuple[EncapsulatedJpeg, jpeg.JpegInfo]]:
+    """The frame's JPEG stream (joined, or spooled when large), checked against the pixel description."""
     spooled: Path | None = None
     view: jpeg.FileView | None = None
     try:
@@ -377,20 +393,30 @@ def _jpeg_image(obj: Received, settings: IngestSettings, tmp_dir: Path | None) -
             info = jpeg.parse(buf, find_end=False)
         except jpeg.JpegError as exc:
             raise IngestRejected(CORRUPT, f"the JPEG frame is damaged: {exc}", field="PixelData") from None
+        if jpeg.EOI not in buf[max(0, length - 8) : length]:
+            # a file cut short in transfer or on the camera's card: the commonest damage, seen without decoding
+            # (a few bytes after EOI are let through, as decoders ignore them)
+            raise IngestRejected(CORRUPT, "the JPEG frame is truncated: it does not end with end-of-image (FFD9)",
+                                 field="PixelData")
         if not info.baseline:
             raise _invalid(f"the frame is {info.process} JPEG, but the transfer syntax says JPEG Baseline", "PixelData")
         if (info.width, info.height, len(info.components)) != (obj.columns, obj.rows, obj.samples):
             raise _invalid(
                 f"the JPEG frame is {info.width} x {info.height} with {len(info.components)} component(s), but the object "
                 f"says Columns {obj.columns}, Rows {obj.rows}, SamplesPerPixel {obj.samples}", "PixelData")
-        stream = EncapsulatedJpeg(source=buf, pieces=[(0, length)], width=info.width, height=info.height,
-                                  samples=len(info.components), photometric=obj.photometric)
-        return preview_source(stream, info, settings, tmp_dir)
+        yield EncapsulatedJpeg(source=buf, pieces=[(0, length)], width=info.width, height=info.height,
+                               samples=len(info.components), photometric=obj.photometric), info
     finally:
         if view is not None:
             view.close()
         if spooled is not None:
             spooled.unlink(missing_ok=True)
+
+
+def _jpeg_image(obj: Received, settings: IngestSettings, tmp_dir: Path | None) -> Image.Image:
+    """The frame checked as check_frame() does, then decoded strictly at the preview's scale."""
+    with _jpeg_frame(obj, tmp_dir) as (stream, info):
+        return preview_source(stream, info, settings, tmp_dir)
 
 
 def _native_reduced(obj: Received, settings: IngestSettings) -> np.ndarray:

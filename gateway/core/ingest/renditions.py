@@ -14,6 +14,11 @@ from PIL import Image
 
 from gateway.core.ingest.exif import upright
 
+# Asset.rendition_state: NULL made; DUE a received object answered before its pixels were decoded
+# (deferred.py makes them); FAILED its pixels did not decode
+DUE = "due"
+FAILED = "failed"
+
 
 @dataclass(frozen=True)
 class Renditions:

@@ -324,6 +324,9 @@ class ReceivedObject:
     path: Path
     filename: str | None = None
     sha256: str | None = None
+    # the door wrote `path` into the gateway's spool for this request and will only delete it: the store may
+    # link that file in as the blob instead of copying it (never set for a caller's own file, which could change)
+    spooled: bool = False
 
 
 Item = ImageFile | ReceivedObject

@@ -1,0 +1,215 @@
+"""Renditions made after the answer, for received DICOM objects (settings ingest.received_renditions).
+
+A C-STORE or STOW-RS sender is answered once its object has passed every check that needs no decoding
+(received.read and received.check_frame) and is durably stored; decoding the pixels for the preview and
+thumbnail is what costs (a strict 1/2-scale decode of a 12-MP JPEG is 31-51 ms here, more than Orthanc's whole
+~25 ms C-STORE), so it is done afterwards, the stored row marked `rendition_state = "due"` meanwhile.
+
+Three ways a due photo gets its renditions, all through make():
+- the Renderer thread `clinphoto serve` runs, woken by every ingest that leaves one due (and every few
+  seconds, for what another process such as `clinphoto import` stored, or a killed process left);
+- a reader asking for the preview or thumbnail first (access.image): made there and then, so nobody sees
+  "not ready";
+- a restart: the state is in the database, nothing is lost with the process.
+
+A frame that does not decode (damage inside the entropy-coded data, which no header check can see) is marked
+`failed`: the DICOM object stays as the sender sent it (DICOM retrieves serve it, as any archive would), there
+is no preview or thumbnail, and the finding is audited (import, outcome serious failure) and logged without
+patient data. Two processes may make the same photo's renditions at once: the bytes are the same, the row is
+updated once (the update names the state it expects) and the loser's blobs are left to the winner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+
+from gateway.core.context import Gateway
+from gateway.core.ingest import received
+from gateway.core.ingest.blob_writer import BlobWriter
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.pipeline import sha1_base64
+from gateway.core.ingest.renditions import DUE, FAILED
+from store import audit
+from store.models import Asset
+
+log = logging.getLogger("clinphoto.ingest")
+
+RENDERER_NICE = 10
+UNEXPECTED_TRIES = 3  # an error that is not the photo's (a decoder crash): tried this often, then failed
+
+
+@dataclass(frozen=True)
+class Made:
+    """A photo's rendition state after make(): its preview and thumbnail blobs, or why there are none."""
+
+    state: str | None  # None: made; FAILED
+    preview_sha256: str | None = None
+    thumbnail_sha256: str | None = None
+    reason: str | None = None
+
+
+_IN_FLIGHT: dict[str, threading.Event] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+_UNEXPECTED: dict[str, int] = {}
+
+
+def available(asset: Asset) -> bool:
+    """Whether the photo has (or will have, on first asking) a preview and thumbnail."""
+    return bool(asset.preview_sha256) or asset.rendition_state == DUE
+
+
+def due(gw: Gateway, limit: int = 8) -> list[str]:
+    """Photos still waiting for their renditions, oldest first."""
+    with gw.db.read() as session:
+        return list(session.execute(
+            select(Asset.id).where(Asset.rendition_state == DUE).order_by(Asset.created_at).limit(limit)).scalars())
+
+
+def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0) -> Made:
+    """Make a due photo's renditions (or learn they were made, or failed). One maker per photo in this
+    process: a second caller waits for the first rather than decoding the same pixels again."""
+    with _IN_FLIGHT_LOCK:
+        running = _IN_FLIGHT.get(asset_id)
+        if running is None:
+            mine = _IN_FLIGHT[asset_id] = threading.Event()
+    if running is not None:
+        running.wait(wait_seconds)
+        return _current(gw, asset_id)
+    try:
+        return _make(gw, asset_id)
+    finally:
+        with _IN_FLIGHT_LOCK:
+            del _IN_FLIGHT[asset_id]
+        mine.set()
+
+
+def _current(gw: Gateway, asset_id: str) -> Made:
+    with gw.db.read() as session:
+        row = session.execute(select(Asset.rendition_state, Asset.preview_sha256, Asset.thumbnail_sha256)
+                              .where(Asset.id == asset_id)).one_or_none()
+    if row is None:
+        return Made(FAILED, reason="no such photo")
+    return Made(row.rendition_state, row.preview_sha256, row.thumbnail_sha256)
+
+
+def _make(gw: Gateway, asset_id: str) -> Made:
+    with gw.db.read() as session:
+        row = session.execute(select(Asset.rendition_state, Asset.dicom_sha256, Asset.patient_id, Asset.source,
+                                     Asset.sop_instance_uid, Asset.study_uid).where(Asset.id == asset_id)).one_or_none()
+    if row is None or row.rendition_state != DUE:
+        return _current(gw, asset_id)
+    settings = gw.settings.ingest
+    try:
+        if not row.dicom_sha256:
+            raise IngestRejected("invalid-object", "the photo has no stored DICOM object to render")
+        obj = received.read(gw.blobs.path(row.dicom_sha256), settings, check_limits=False)
+        rends = received.renditions(obj, settings, tmp_dir=gw.spool.path)
+    except IngestRejected as exc:
+        return _failed(gw, asset_id, row, exc.code, exc.message)
+    except FileNotFoundError:
+        log.error("photo %s: its stored DICOM object is missing from the blob store; no renditions", asset_id)
+        return _failed(gw, asset_id, row, "missing", "the stored DICOM object is missing; run `clinphoto store check`")
+    except Exception as exc:  # not the photo's fault as far as we know: tried again, a few times
+        tries = _UNEXPECTED[asset_id] = _UNEXPECTED.get(asset_id, 0) + 1
+        log.error("photo %s: making its renditions failed (%s), try %d of %d", asset_id, type(exc).__name__, tries,
+                  UNEXPECTED_TRIES)
+        log.debug("rendition failure", exc_info=True)
+        if tries < UNEXPECTED_TRIES:
+            raise
+        _UNEXPECTED.pop(asset_id, None)
+        return _failed(gw, asset_id, row, "internal-error", f"the renderer failed {tries} times ({type(exc).__name__})")
+    writer = BlobWriter(gw)
+    try:
+        preview, thumbnail = writer.put_bytes(rends.preview), writer.put_bytes(rends.thumbnail)
+        with gw.db.write() as session:
+            done = cast(CursorResult[Any], session.execute(
+                update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE).values(
+                    preview_sha256=preview, thumbnail_sha256=thumbnail, preview_sha1=sha1_base64(rends.preview),
+                    preview_size=len(rends.preview), rendition_state=None, updated_at=datetime.now(timezone.utc),
+                )
+            )).rowcount
+    except BaseException:
+        writer.remove_unreferenced()
+        raise
+    if not done:  # another process made them first: the row names its blobs (the same bytes)
+        writer.remove_unreferenced()
+        return _current(gw, asset_id)
+    writer.release()
+    return Made(None, preview, thumbnail)
+
+
+def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) -> Made:
+    """The pixels did not decode: marked, audited in the same transaction, logged without patient data."""
+    with gw.db.write() as session:
+        done = cast(CursorResult[Any], session.execute(
+            update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+            .values(rendition_state=FAILED, updated_at=datetime.now(timezone.utc)))).rowcount
+        if done:
+            audit.append(session, audit.AuditEntry(
+                type_code=audit.IMPORT, action="U", subtype=getattr(row, "source", None), outcome=audit.SERIOUS_FAILURE,
+                outcome_desc=f"stored, but its pixels did not decode: {message}"[:500], agent_who="clinphoto",
+                agent_role="system", patient_id=getattr(row, "patient_id", None),
+                entities=[{"type": "asset", "id": asset_id, "role": "stored",
+                           "sop_instance_uid": getattr(row, "sop_instance_uid", None),
+                           "study_uid": getattr(row, "study_uid", None)}],
+                detail={"code": code, "message": message, "stage": "renditions after the answer"},
+            ))
+    if not done:
+        return _current(gw, asset_id)
+    log.warning("photo %s: stored, but its pixels did not decode (%s); it has no preview or thumbnail", asset_id, code)
+    return Made(FAILED, reason=message)
+
+
+class Renderer:
+    """The thread `clinphoto serve` runs: makes due renditions, oldest first, as soon as an ingest leaves some."""
+
+    def __init__(self, gw: Gateway, poll_seconds: float = 5.0) -> None:
+        self.gw = gw
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="renderer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the photo in hand and stop; what is still due stays due for the next start."""
+        self._stop.set()
+        self.gw.renditions_wanted.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            # background work gives way to answering senders and readers when the CPUs are busy (on Linux a
+            # thread has its own nice value); idle CPUs still run it at full speed
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDERER_NICE)
+        except (AttributeError, OSError):  # not Linux, or not allowed: it runs at the process's priority
+            pass
+        wanted = self.gw.renditions_wanted
+        while not self._stop.is_set():
+            wanted.clear()  # before looking: an ingest committing meanwhile sets it again
+            try:
+                ids = due(self.gw)
+                for asset_id in ids:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        make(self.gw, asset_id)
+                    except Exception:  # counted in make(); the next round tries again
+                        pass
+            except Exception as exc:  # the database away: try again next round
+                log.error("rendition round failed: %s", type(exc).__name__)
+                log.debug("rendition round failure", exc_info=True)
+                ids = []
+            if not ids:
+                wanted.wait(self.poll_seconds)

@@ -1,0 +1,185 @@
+"""Received DICOM objects answered before their renditions are made (ingest.received_renditions), on both backends.
+
+The sender is answered once the object passed every check that needs no decoding and is stored; the
+preview and thumbnail are made afterwards by the renderer `serve` runs, or on first asking, and a frame
+whose damage only decoding shows is marked failed and audited, its object kept as sent. The spooled
+file a door wrote is linked into the blob store, not copied.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from gateway.core import access
+from gateway.core.identity import Subject
+from gateway.core.ingest import deferred, errors
+from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.renditions import DUE, FAILED
+from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
+from gateway.core.refusals import Kind, Refused
+from store import audit
+from store.models import Asset, AuditEvent
+from tests import dicom_objects as objects
+from tests.ingest_helpers import add_patient
+
+PEER = Source.dicom_peer("MODALITY1", "10.1.2.3")
+ILLUSTRATOR = Subject(sub="mi.jones", role="medical-illustration", scopes=("user/*.cruds",))
+
+
+def receive(gw, path, spooled: bool = False):
+    return ingest(gw, CaptureRequest(source=PEER, items=[ReceivedObject(path, filename=path.name, spooled=spooled)]))
+
+
+def load(gw, asset_id: str) -> Asset:
+    with gw.db.read() as s:
+        row = s.get(Asset, asset_id)
+        s.expunge(row)
+        return row
+
+
+def good_object(tmp_path, fx, name: str = "good.dcm"):
+    return objects.jpeg_wrapped(tmp_path / name, fx["baseline_420.jpg"].read_bytes(), 640, 480)
+
+
+def damaged_inside(tmp_path, fx):
+    """Whole in form (header, scan, end-of-image) but half its entropy-coded data gone: only a decode can tell."""
+    jpeg = fx["baseline_420.jpg"].read_bytes()
+    return objects.jpeg_wrapped(tmp_path / "damaged.dcm", jpeg[: len(jpeg) // 2] + b"\xff\xd9", 640, 480)
+
+
+def image_of(gw, asset_id: str, rendition: str = "preview") -> access.StoredImage:
+    return access.image(gw, access.photo_request(gw, ILLUSTRATOR, "read", "test"), asset_id, rendition, "test")
+
+
+def test_the_answer_comes_before_the_renditions_and_the_first_reader_gets_them_made(gw, fx, tmp_path):
+    add_patient(gw)
+    assert gw.settings.ingest.received_renditions == "after-answer"  # the default
+    photo = receive(gw, good_object(tmp_path, fx)).photos[0]
+    asset = load(gw, photo.asset_id)
+    assert photo.status == "created" and asset.rendition_state == DUE
+    assert asset.preview_sha256 is None and asset.thumbnail_sha256 is None and asset.preview_size is None
+    assert gw.renditions_wanted.is_set()  # the renderer is woken
+    assert deferred.due(gw) == [asset.id]
+
+    stored = image_of(gw, asset.id)  # made there and then, not "not ready"
+    preview = Image.open(stored.path)
+    assert preview.format == "JPEG" and preview.size == (640, 480)
+    asset = load(gw, asset.id)
+    assert asset.rendition_state is None and stored.path == gw.blobs.path(asset.preview_sha256)
+    assert asset.preview_size == stored.path.stat().st_size and asset.preview_sha1
+    assert Image.open(image_of(gw, asset.id, "thumbnail").path).size == (256, 192)
+    assert deferred.due(gw) == []
+    assert deferred.make(gw, asset.id).state is None  # made once: asking again changes nothing
+    assert load(gw, asset.id).preview_sha256 == asset.preview_sha256
+
+
+def test_the_renderer_thread_makes_what_is_due_soon_after_the_answer(gw, fx, tmp_path):
+    add_patient(gw)
+    renderer = deferred.Renderer(gw, poll_seconds=30)  # woken by the ingest, not by its poll
+    renderer.start()
+    try:
+        ids = [receive(gw, good_object(tmp_path, fx)).photos[0].asset_id]
+        other = objects.native(tmp_path / "native.dcm", objects.gradient(300, 400))
+        ids.append(receive(gw, other).photos[0].asset_id)
+        deadline = time.monotonic() + 60
+        while deferred.due(gw) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for asset_id in ids:
+            asset = load(gw, asset_id)
+            assert asset.rendition_state is None and gw.blobs.exists(asset.preview_sha256)
+            assert gw.blobs.exists(asset.thumbnail_sha256)
+        with Image.open(gw.blobs.path(load(gw, ids[1]).preview_sha256)) as preview:
+            assert preview.size == (400, 300)
+            assert preview.convert("RGB").getpixel((200, 150))[0] > 200  # the red square: samples read in order
+    finally:
+        renderer.stop()
+    assert renderer._thread is None
+
+
+def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
+    add_patient(gw)
+    sent = damaged_inside(tmp_path, fx)
+    photo = receive(gw, sent).photos[0]  # the sender is told it is stored: it is, byte for byte
+    assert photo.status == "created"
+    made = deferred.make(gw, photo.asset_id)
+    assert made.state == FAILED and "decode" in made.reason
+    asset = load(gw, photo.asset_id)
+    assert asset.rendition_state == FAILED and asset.preview_sha256 is None
+    assert gw.blobs.read_bytes(asset.dicom_sha256) == sent.read_bytes()
+    assert not deferred.available(asset) and deferred.due(gw) == []
+    with gw.db.read() as s:
+        failed = s.execute(select(AuditEvent).where(AuditEvent.outcome == audit.SERIOUS_FAILURE)).scalars().one()
+        s.expunge(failed)
+    assert (failed.type_code, failed.action, failed.subtype, failed.patient_id) == (audit.IMPORT, "U", "dimse", asset.patient_id)
+    assert failed.detail["code"] == errors.CORRUPT and failed.entities[0]["id"] == asset.id
+    assert "Siobh" not in failed.outcome_desc  # the finding, not the patient
+    with pytest.raises(Refused) as refused:
+        image_of(gw, asset.id)
+    assert refused.value.kind == Kind.NOT_FOUND and "did not decode" in refused.value.reason
+    # the DICOM object is still served as the sender sent it, as any archive would
+    ctx = access.photo_request(gw, ILLUSTRATOR, "read", "test")
+    assert access.dicom_object(gw, ctx, asset.id).served.read()
+    assert deferred.make(gw, asset.id).state == FAILED  # decided once: not audited again
+    with gw.db.read() as s:
+        assert len(s.execute(select(AuditEvent).where(AuditEvent.outcome == audit.SERIOUS_FAILURE)).scalars().all()) == 1
+
+
+def test_before_the_answer_a_frame_damaged_inside_is_refused_and_nothing_stored(gw, fx, tmp_path):
+    add_patient(gw)
+    gw.settings.ingest.received_renditions = "before-answer"
+    with pytest.raises(IngestRejected) as refused:
+        receive(gw, damaged_inside(tmp_path, fx))
+    assert refused.value.code == errors.CORRUPT
+    photo = receive(gw, good_object(tmp_path, fx)).photos[0]
+    asset = load(gw, photo.asset_id)
+    assert asset.rendition_state is None and gw.blobs.exists(asset.preview_sha256)
+    assert not gw.renditions_wanted.is_set()
+
+
+def test_a_frame_cut_short_is_refused_at_once_in_either_mode(gw, fx, tmp_path):
+    add_patient(gw)
+    jpeg = fx["baseline_420.jpg"].read_bytes()
+    cut = objects.jpeg_wrapped(tmp_path / "cut.dcm", jpeg[: len(jpeg) * 2 // 3 & ~1], 640, 480)
+    for mode in ("after-answer", "before-answer"):
+        gw.settings.ingest.received_renditions = mode
+        with pytest.raises(IngestRejected) as refused:
+            receive(gw, cut)
+        assert refused.value.code == errors.CORRUPT and "end-of-image" in refused.value.message, mode
+    with gw.db.read() as s:
+        assert s.execute(select(Asset)).first() is None
+
+
+def test_a_spooled_object_is_linked_into_the_store_and_a_callers_file_is_copied(gw, fx, tmp_path):
+    add_patient(gw)
+    spooled = good_object(tmp_path, fx, "spooled.dcm")
+    data = spooled.read_bytes()
+    asset = load(gw, receive(gw, spooled, spooled=True).photos[0].asset_id)
+    blob = gw.blobs.path(asset.dicom_sha256)
+    assert os.stat(blob).st_ino == os.stat(spooled).st_ino  # one file, two names: no second write of 3 MB
+    spooled.unlink()  # what the door does next
+    assert blob.read_bytes() == data and gw.blobs.check(asset.dicom_sha256)
+
+    own = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "own.dcm", PatientID="9449305552", IssuerOfPatientID="NHS")
+    asset = load(gw, receive(gw, own).photos[0].asset_id)
+    assert os.stat(gw.blobs.path(asset.dicom_sha256)).st_ino != os.stat(own).st_ino
+    assert gw.blobs.read_bytes(asset.dicom_sha256) == own.read_bytes()
+
+
+def test_a_failed_ingest_removes_the_linked_blob_and_leaves_the_spooled_file(gw, fx, tmp_path):
+    """All or nothing holds for linked files: a refusal after the link removes the blob's name, never the door's."""
+    add_patient(gw)
+    first = good_object(tmp_path, fx, "first.dcm")
+    bad = objects.jpeg_wrapped(tmp_path / "bad.dcm", fx["baseline_420.jpg"].read_bytes(), 800, 480)  # not its size
+    before = {b.sha256 for b in gw.blobs.iter_blobs()}
+    with pytest.raises(IngestRejected):
+        ingest(gw, CaptureRequest(source=PEER, items=[ReceivedObject(first, spooled=True), ReceivedObject(bad, spooled=True)]))
+    assert {b.sha256 for b in gw.blobs.iter_blobs()} == before and first.exists()
+    with io.BytesIO(first.read_bytes()) as f:
+        assert f.read(132)[128:] == b"DICM"
