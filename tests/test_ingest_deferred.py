@@ -183,3 +183,54 @@ def test_a_failed_ingest_removes_the_linked_blob_and_leaves_the_spooled_file(gw,
     assert {b.sha256 for b in gw.blobs.iter_blobs()} == before and first.exists()
     with io.BytesIO(first.read_bytes()) as f:
         assert f.read(132)[128:] == b"DICM"
+
+
+def test_serve_renders_what_a_stopped_process_left_and_what_storescu_sends(gw, fx, tmp_path):
+    """The wiring: `clinphoto serve` starts the renderer, which makes what was left due (a process stopped or killed
+    before rendering leaves exactly this) and what dcmtk's storescu sends it, soon after each answer."""
+    import json
+    import signal
+    import socket
+    import subprocess
+
+    from tests.test_dicom_store import storescu
+    from tests.test_serve import CLI, REPO, gateway_env
+
+    add_patient(gw)
+    left = [receive(gw, good_object(tmp_path, fx, f"left{i}.dcm")).photos[0].asset_id for i in range(2)]
+    assert sorted(deferred.due(gw)) == sorted(left)
+    config = tmp_path / "clinphoto.yaml"
+    config.write_text(json.dumps({"auth": {"dicom_peers": [{"ae_title": "CAMERA", "hosts": ["127.0.0.1"], "allow": ["echo", "store"]}]}}))
+    env = gateway_env(tmp_path, CLINPHOTO_CONFIG=str(config), CLINPHOTO_DATA_DIR=str(tmp_path),
+                      CLINPHOTO_DATABASE_URL=gw.settings.database_url, CLINPHOTO_BLOB_DIR=str(gw.settings.blob_dir),
+                      CLINPHOTO_LISTENERS='["dicom"]')
+    port = int(env["CLINPHOTO_DICOM_PORT"])
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        sent = objects.jpeg_wrapped(tmp_path / "sent.dcm", fx["baseline_420.jpg"].read_bytes(), 640, 480)
+        run = storescu(port, "CAMERA", sent)
+        assert run.returncode == 0, run.stderr
+        while time.monotonic() < deadline and (deferred.due(gw) or len(_made(gw)) < 3):
+            time.sleep(0.05)
+        made = _made(gw)
+        assert len(made) == 3 and set(left) <= {a.id for a in made}
+        for asset in made:
+            assert Image.open(gw.blobs.path(asset.preview_sha256)).size == (640, 480)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]
+
+
+def _made(gw) -> list[Asset]:
+    with gw.db.read() as s:
+        rows = list(s.scalars(select(Asset).where(Asset.rendition_state.is_(None), Asset.preview_sha256.is_not(None))))
+        s.expunge_all()
+        return rows
