@@ -100,7 +100,7 @@ def test_the_renderer_thread_makes_what_is_due_soon_after_the_answer(gw, fx, tmp
             assert preview.convert("RGB").getpixel((200, 150))[0] > 200  # the red square: samples read in order
     finally:
         renderer.stop()
-    assert renderer._thread is None
+    assert not renderer.running
 
 
 def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
