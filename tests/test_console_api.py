@@ -9,11 +9,12 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from gateway.core.operations import HSYSADMIN
 from gateway.http.session import SessionCookies, session_key
 from store import audit
-from store.models import OutboxItem
+from store.models import Asset, OutboxItem
 from tests.auth_helpers import auth_headers, token_for
 from tests.console_world import (
     A01,
@@ -267,6 +268,10 @@ def test_counters_come_from_the_store(gw, world, server):
     assert by_status == {"applied": 1, "error": 1, "rejected": 1} == c["totals"]
     assert sum(c["uploads"].values()) == 1  # the routed photo
     assert sum(c["refusals"].values()) >= 1  # the researcher refused photos (and the failed sends, if any)
+    assert c["renditions"] == {"due": 1, "failed": 0}  # the routed photo came as a DICOM object: not rendered yet
+    with gw.db.write() as s:  # as if its pixels had not decoded after the answer
+        s.execute(update(Asset).values(rendition_state="failed"))
+    assert server.get("/console/api/counters", headers=headers).json()["renditions"] == {"due": 0, "failed": 1}
     # another process's app sees the same figures: nothing is kept in memory
     with live_server(gw) as second:
         assert second.get("/console/api/counters", params={"minutes": 5}, headers=headers).json()["totals"] == c["totals"]

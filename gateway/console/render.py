@@ -112,4 +112,4 @@ def verify(r: VerifyReport) -> dict[str, Any]:
 
 def counters(c: Counters) -> dict[str, Any]:
     return {"since": when(c.since), "minutes": c.minutes, "messages": c.messages, "uploads": c.uploads, "refusals": c.refusals,
-            "totals": c.totals}
+            "totals": c.totals, "renditions": c.renditions}

@@ -24,13 +24,14 @@ from gateway.core import access_audit, audit_views, routing
 from gateway.core.access_audit import Entity
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers
+from gateway.core.ingest.renditions import DUE, FAILED
 from gateway.core.photo_search import utc
 from gateway.core.policy.rules import AccessContext, resolve
 from gateway.core.policy.settings import DicomPeer
 from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.audit import AuditEntry, VerifyReport
-from store.models import AuditEvent, Hl7Message, OutboxItem, Patient
+from store.models import Asset, AuditEvent, Hl7Message, OutboxItem, Patient
 
 # HL7 v3 ActReason "health system administration": why an operator looks (no clinical purpose)
 HSYSADMIN = "HSYSADMIN"
@@ -215,6 +216,7 @@ class Counters:
     uploads: dict[str, int]  # minute -> photos stored (audit: import, success)
     refusals: dict[str, int]  # minute -> refusals of any kind (audit: outcome not success)
     totals: dict[str, int]  # every stored message by status
+    renditions: dict[str, int]  # photos waiting for their preview ("due") and whose pixels did not decode ("failed")
 
 
 def _minute(gw: Gateway, column: Any) -> Any:
@@ -241,8 +243,11 @@ def counters(gw: Gateway, ctx: AccessContext, *, minutes: int, what: str, now: d
             select(per_event, func.count()).where(AuditEvent.recorded_at >= since, AuditEvent.outcome != audit.SUCCESS)
             .group_by(per_event))}
         totals = {str(s): int(n) for s, n in session.execute(select(T.status, func.count()).group_by(T.status))}
+        renditions = {DUE: 0, FAILED: 0} | {str(s): int(n) for s, n in session.execute(
+            select(Asset.rendition_state, func.count()).where(Asset.rendition_state.is_not(None))
+            .group_by(Asset.rendition_state))}
     record(gw, ctx, "counters", what=what, action="E", type_code=audit.QUERY)
-    return Counters(since, minutes, by_status, uploads, refusals, totals)
+    return Counters(since, minutes, by_status, uploads, refusals, totals, renditions)
 
 
 # -- DICOM peers and the routing outbox ---------------------------------------------------------------------

@@ -125,7 +125,9 @@ async function loadCounters() {
   }
   $("counters-table").tBodies[0].replaceChildren(...rows);
   const totals = Object.entries(c.totals).map(([s, n]) => `${n} ${s}`).join(", ");
-  $("totals").textContent = `All stored messages: ${totals || "none"}.`;
+  const r = c.renditions;
+  $("totals").textContent = `All stored messages: ${totals || "none"}. Photos waiting for their preview: ${r.due}; ` +
+    `photos stored whose pixels did not decode (no preview; see the audit trail): ${r.failed}.`;
 }
 $("counters-refresh").addEventListener("click", () => loadCounters().catch((e) => report("totals", e)));
 
