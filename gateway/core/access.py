@@ -37,6 +37,7 @@ from gateway.core.ingest.dicom_patients import patient_info
 from gateway.core.ingest.renditions import DUE, FAILED
 from gateway.core.objects.coerce import Served, coerce
 from gateway.core.objects.part10 import Part10Error
+from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.policy.rules import (
     AccessContext,
     ConsentSummary,
@@ -258,12 +259,13 @@ def read(gw: Gateway, ctx: AccessContext, photo_id: str) -> PhotoView:
 
 
 def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, what: str,
-          within_patient: int | None = None) -> StoredImage:
-    """A photo's image file: the original as received (only for the roles allowed originals), or a rendition."""
+          within_patient: int | None = None, detail: dict[str, Any] | None = None) -> StoredImage:
+    """A photo's image file: the original as received (only for the roles allowed originals), or a rendition.
+    `detail` goes into the retrieve's audit record (e.g. that the patient's details are burned into the image)."""
     policy = gw.settings.policy
     view = _visible(gw, ctx, photo_id, "retrieve", within_patient)
     asset = view.asset
-    detail = {"rendition": rendition}
+    detail = {"rendition": rendition, **(detail or {})}
     if rendition == "original" and not view.original_allowed:
         roles = ", ".join(policy.original_roles) or "none"
         reason = f"rendition: DENIED - originals are only for roles {roles}"
@@ -291,6 +293,44 @@ def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, 
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
                              detail=detail)
     return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset)
+
+
+@dataclass(frozen=True)
+class RenderedSource:
+    """One instance's stored rendition for a rendered retrieve of a set (WADO-RS study/series /rendered), with the
+    patient module the patient index holds now (what an annotation may show: the caller already sees the photo)."""
+
+    image: StoredImage
+    patient: PatientInfo
+
+
+def images_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, rendition: Literal["preview", "thumbnail"], *,
+                    query: str, channel: str, type_code: str = audit.INSTANCES_TRANSFERRED,
+                    detail: dict[str, Any] | None = None) -> list[RenderedSource]:
+    """The stored renditions of the instances a query names (any level), in the query's order, for a rendered retrieve
+    (one instance, a series, a study): hidden instances are left out as the query leaves them out, and the query and
+    every retrieve go to the audit trail in one commit before any image is sent (as dicom_objects_matching).
+    `detail` goes into each retrieve's record (e.g. that the patient's details are burned into the image)."""
+    matches, results = study_query.search(gw, ctx, replace(q, level="IMAGE"))
+    patient_of = {m.asset_id: m.patient for m in matches if m.asset_id}
+    ids = list(patient_of)
+    with gw.db.read() as session:
+        found = {a.id: a for a in session.scalars(select(Asset).where(Asset.id.in_(ids), filter_for(ctx, gw.settings.policy)))}
+        session.expunge_all()
+    out: list[RenderedSource] = []
+    entries: list[audit.AuditEntry] = []
+    for asset in (found[i] for i in ids if i in found):
+        sha = asset.preview_sha256 if rendition == "preview" else asset.thumbnail_sha256
+        path = gw.blobs.path(sha or "")
+        if not sha or not path.is_file():
+            log.error("the %s of photo %s is missing from the blob store", rendition, asset.id)
+            continue
+        out.append(RenderedSource(StoredImage(path=path, media_type="image/jpeg", rendition=rendition, asset=asset),
+                                  patient_of[asset.id]))
+        entries += access_audit.read_entries(ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
+                                             type_code=type_code, detail={"rendition": rendition, **(detail or {})})
+    access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + entries)
+    return out
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -61,15 +63,103 @@ def fits(path: Path, viewport: tuple[int, int]) -> bool:
         return image.width <= viewport[0] and image.height <= viewport[1]
 
 
-def rendered(source: bytes, media: str, viewport: tuple[int, int] | None, quality: int | None) -> bytes:
-    """A stored rendition (JPEG) fitted into the viewport (never enlarged), as JPEG or PNG."""
+# -- rendering parameters (PS3.18 8.3.5.1) ------------------------------------------------------------------
+
+WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+ANNOTATIONS = ("patient", "technique")
+
+
+@dataclass(frozen=True)
+class Window:
+    """window=center,width,function (PS3.18 8.3.5.1.3), the VOI LUT Function of PS3.3 C.11.2.1.2-3."""
+
+    center: float
+    width: float
+    function: str
+
+    def lut(self) -> list[int]:
+        """The 256-entry table from a stored 8-bit value to the displayed one (output range 0-255)."""
+        c, w = self.center, self.width
+        x = np.arange(256, dtype=np.float64)
+        if self.function == "linear":  # PS3.3 C.11.2.1.2.1
+            low, high = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255 if w > 1 else np.zeros_like(x)
+            y = np.where(x <= low, 0.0, np.where(x > high, 255.0, y))
+        elif self.function == "linear-exact":  # PS3.3 C.11.2.1.3.2
+            y = np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 255.0, ((x - c) / w + 0.5) * 255))
+        else:  # sigmoid, PS3.3 C.11.2.1.3.1
+            y = 255 / (1 + np.exp(-4 * (x - c) / w))
+        return [int(v) for v in np.clip(np.rint(y), 0, 255)]
+
+
+def apply_window(image: Image.Image, window: Window) -> Image.Image:
+    """The VOI LUT function applied to each channel of a colour photo alike.
+
+    PS3.3 defines VOI LUT functions for grey images only (C.11.2); an RGB photo has no VOI. What a client asking for
+    a window of a photo can mean is the same contrast curve on R, G and B, so each channel goes through the same
+    table as if it were a grey image of 8-bit stored values (the Modality LUT of a photo is the identity). Hue shifts
+    where a channel clips, as with any per-channel curve; nothing is converted to grey."""
+    table = window.lut()
+    return image.point(table * len(image.getbands()))
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's bundled FreeType font (Latin, incl. accented names); no system font is assumed
+    return ImageFont.load_default(size)
+
+
+def annotate(image: Image.Image, lines: list[str]) -> Image.Image:
+    """Text burned into the image (PS3.18 8.3.5.1.1 annotation): white on a dark band along the top edge, sized to
+    the image, so it is legible on any photo. The caller decides what the lines say (and that the requester may see
+    them); nothing here logs or keeps them."""
+    if not lines:
+        return image
+    image = image.convert("RGB")
+    size = max(10, min(image.width, image.height) // 28)
+    font = _font(size)
+    draw = ImageDraw.Draw(image, "RGBA")
+    pad = max(2, size // 4)
+    height = pad + len(lines) * (size + pad)
+    draw.rectangle((0, 0, image.width, height), fill=(0, 0, 0, 170))
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * (size + pad)), line, fill=(255, 255, 255, 255), font=font)
+    return image
+
+
+def rendered(source: bytes, media: str, viewport: tuple[int, int] | None, quality: int | None,
+             window: Window | None = None, annotation: list[str] | None = None) -> bytes:
+    """A stored rendition (JPEG) fitted into the viewport (never enlarged), windowed and annotated when asked, as JPEG
+    or PNG. The window goes on the stored values before any resampling (the LUT is of stored values); the text
+    after it, so it is sized for the image the client gets."""
     with Image.open(io.BytesIO(source)) as image:
         image.load()
+        out_image: Image.Image = image
+        if window is not None:
+            out_image = apply_window(out_image, window)
         if viewport is not None:
-            image.thumbnail(viewport, Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        if media == "image/png":
-            image.save(out, "PNG")
-        else:
-            image.save(out, "JPEG", quality=quality or 90)
-        return out.getvalue()
+            out_image.thumbnail(viewport, Image.Resampling.LANCZOS)
+        if annotation:
+            out_image = annotate(out_image, annotation)
+        return encode(out_image, media, quality)
+
+
+def encode(image: Image.Image, media: str, quality: int | None = None) -> bytes:
+    """The image as PNG, or as baseline JPEG (quality 90 unless asked; 4:2:0 as cameras write)."""
+    out = io.BytesIO()
+    if media == "image/png":
+        image.save(out, "PNG")
+    else:
+        image.save(out, "JPEG", quality=quality or JPEG_QUALITY, progressive=False)
+    return out.getvalue()
+
+
+JPEG_QUALITY = 90
+
+
+def frame_image(obj: DicomObject, media: str) -> bytes:
+    """The frame of an object not stored as JPEG (native, RLE, JPEG-LS) decoded and encoded as `media`: the stored
+    values as they are (no windowing, MONOCHROME1 not inverted: a frame is data, not a display), baseline JPEG of
+    quality 90, or PNG (lossless)."""
+    array = decoded(obj).pixel_array  # colour as RGB (pydicom converts YBR)
+    return encode(Image.fromarray(np.ascontiguousarray(array)), media)

@@ -9,12 +9,14 @@ Orthanc's WADO-RS 130-185 ms instead of 16 ms, peers-measured.md)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from gateway.core import access, study_query
 from gateway.core.access import DicomObject
@@ -42,6 +44,7 @@ from store import audit
 router = APIRouter()
 
 NATIVE = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 NOT_HERE = "no such {what} here, or none you may see"
 DICOM_ACCEPTS = f'{MULTIPART}; type="{DICOM}"; transfer-syntax=* (as stored) or transfer-syntax={EXPLICIT_VR_LE} (decoded)'
 IMAGE_MEDIA = ("image/jpeg", "image/png")
@@ -177,23 +180,36 @@ async def instance_metadata(request: Request, study: str, series: str, sop: str,
 # -- frames ---------------------------------------------------------------------------------------------
 
 
-def frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, bool] | None:
-    """(the part's media type, whether the frame is decoded) for the first range the stored frame can answer."""
+FrameMode = Literal["stored", "decoded", "encoded"]
+ENCODED_FRAME_MEDIA = ("image/jpeg", "image/png")  # what a frame not stored as JPEG can be encoded as (Pillow)
+
+
+def frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, FrameMode, bool] | None:
+    """(the part's media type, how the frame is made, whether multipart) for the first range the stored frame can
+    answer: as stored, decoded to native pixels (octet-stream), or decoded and encoded as JPEG or PNG (a frame stored
+    native, RLE or JPEG-LS asked for as image/jpeg). An image type named alone (Accept: image/jpeg) is answered by
+    the image itself when one frame is asked; multipart/related otherwise."""
     stored_media = FRAME_MEDIA.get(stored, OCTET_STREAM)
     for r in ranges:
         if r.media in ("*/*", "multipart/*") or (r.media == MULTIPART and r.part_type in (None, "*/*")):
-            return stored_media, False
-        if r.media != MULTIPART:
+            return stored_media, "stored", True
+        many = r.media == MULTIPART
+        if many:
+            part = r.part_type or ""
+        elif r.media.startswith("image/"):
+            part = r.media
+        else:
             continue
-        part = r.part_type or ""
         if part == OCTET_STREAM:
             ts = r.transfer_syntax or EXPLICIT_VR_LE
             if ts == "*" or ts == stored or (ts == EXPLICIT_VR_LE and stored in NATIVE):
-                return OCTET_STREAM, False
+                return OCTET_STREAM, "stored", many
             if ts == EXPLICIT_VR_LE:
-                return OCTET_STREAM, True
+                return OCTET_STREAM, "decoded", many
         elif part == stored_media and (r.transfer_syntax in (None, "*", stored)):
-            return stored_media, False
+            return stored_media, "stored", many
+        elif part in ENCODED_FRAME_MEDIA and r.transfer_syntax in (None, "*", JPEG_BASELINE if part == "image/jpeg" else None):
+            return part, "encoded", many
     return None
 
 
@@ -220,29 +236,48 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
     stored = obj.served.transfer_syntax
     choice = frame_choice(ranges, stored)
     if choice is None:
-        raise DicomwebError(406, f"the frame is stored as {stored} ({FRAME_MEDIA.get(stored, OCTET_STREAM)}); ask for "
+        as_stored = FRAME_MEDIA.get(stored, OCTET_STREAM)
+        encoded = "" if as_stored == "image/jpeg" else ', type="image/jpeg" or type="image/png" (encoded from the decoded frame)'
+        raise DicomwebError(406, f"the frame is stored as {stored} ({as_stored}); ask for "
                                  f'{MULTIPART}; type="{OCTET_STREAM}"; transfer-syntax=* (as stored), type="{OCTET_STREAM}" '
-                                 f'(decoded), or type="{FRAME_MEDIA.get(stored, OCTET_STREAM)}"')
-    media, decode = choice
-    data = await run_in_threadpool(pixels.decoded_frame if decode else pixels.frame, obj)
-    ts = EXPLICIT_VR_LE if decode else stored
+                                 f'(decoded), type="{as_stored}"{encoded}')
+    media, mode, many = choice
+    if mode == "encoded":
+        data = await run_in_threadpool(pixels.frame_image, obj, media)
+        ts: str | None = JPEG_BASELINE if media == "image/jpeg" else None
+    else:
+        data = await run_in_threadpool(pixels.decoded_frame if mode == "decoded" else pixels.frame, obj)
+        ts = EXPLICIT_VR_LE if mode == "decoded" else stored
+    if not many and len(numbers) == 1:
+        return Response(data, media_type=media)  # asked for image/jpeg itself, not a multipart of it
+    part_type = f"{media}; transfer-syntax={ts}" if ts else media
     boundary = new_boundary()
-    parts = [Part(f"{media}; transfer-syntax={ts}", [data]) for _ in numbers]
+    parts = [Part(part_type, [data]) for _ in numbers]
     return StreamingResponse(multipart(parts, boundary), media_type=multipart_type(media, boundary, ts))
 
 
 # -- rendered and thumbnail -----------------------------------------------------------------------------
 
 
-def _image_media(request: Request) -> str:
-    for r in parse_accept(request.headers.get("accept")):
-        for media in IMAGE_MEDIA:
-            if r.covers(media):
-                return media
-    raise DicomwebError(406, "rendered images are sent as image/jpeg or image/png")
+@dataclass(frozen=True)
+class Rendering:
+    """The rendering query parameters of PS3.18 8.3.5.1 that this door takes."""
+
+    viewport: tuple[int, int] | None = None
+    quality: int | None = None
+    window: pixels.Window | None = None
+    annotation: tuple[str, ...] = ()
+
+    @property
+    def as_stored(self) -> bool:
+        """Whether the stored rendition answers as it is (nothing to change in its pixels)."""
+        return self.quality is None and self.window is None and not self.annotation
 
 
-def _viewport(request: Request, known: set[str]) -> tuple[tuple[int, int] | None, int | None]:
+RENDER_PARAMS = {"viewport", "quality", "window", "annotation", "iccprofile"}
+
+
+def _rendering(request: Request, known: set[str]) -> Rendering:
     params = request.query_params
     unknown = set(params) - known
     if unknown:
@@ -259,52 +294,212 @@ def _viewport(request: Request, known: set[str]) -> tuple[tuple[int, int] | None
         if not q.isdigit() or not 1 <= int(q) <= 100:
             raise DicomwebError(400, "quality: a whole number from 1 to 100")
         quality = int(q)
-    return viewport, quality
+    return Rendering(viewport, quality, _window(params.get("window")), _annotation(params.get("annotation")))
 
 
-def _rendition(gw: Gateway, subject: Subject, target: Target, text: str, viewport: tuple[int, int] | None,
-               prefer_thumbnail: bool) -> access.StoredImage:
-    """The smallest stored rendition that still fills the viewport (thumbnail, else preview) of the first instance."""
+def _window(text: str | None) -> pixels.Window | None:
+    """window=center,width,function (PS3.18 8.3.5.1.3): decimals, the function one of linear, linear-exact, sigmoid."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise DicomwebError(400, f"window={text!r}: give center,width,function, e.g. window=128,256,linear "
+                                 f"(function: {', '.join(pixels.WINDOW_FUNCTIONS)})")
+    try:
+        center, width = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise DicomwebError(400, f"window={text!r}: the center and width are decimal numbers") from None
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise DicomwebError(400, f"window={text!r}: the center and width are finite decimal numbers")
+    function = parts[2].lower()
+    if function not in pixels.WINDOW_FUNCTIONS:
+        raise DicomwebError(400, f"window={text!r}: function {parts[2]!r} is not one of {', '.join(pixels.WINDOW_FUNCTIONS)}")
+    if function == "linear" and width < 1:
+        raise DicomwebError(400, f"window={text!r}: a linear window's width is at least 1 (PS3.3 C.11.2.1.2.1)")
+    if width <= 0:
+        raise DicomwebError(400, f"window={text!r}: a {function} window's width is greater than 0")
+    return pixels.Window(center, width, function)
+
+
+def _annotation(text: str | None) -> tuple[str, ...]:
+    """annotation=patient,technique (PS3.18 8.3.5.1.1), in the order given, each once."""
+    if text is None:
+        return ()
+    items = [a.strip().lower() for a in text.split(",")]
+    wrong = [a for a in items if a not in pixels.ANNOTATIONS]
+    if wrong or not items:
+        raise DicomwebError(400, f"annotation={text!r}: give patient, technique or both (comma-separated)")
+    return tuple(dict.fromkeys(items))
+
+
+def _annotation_lines(source: access.RenderedSource, kinds: tuple[str, ...]) -> list[str]:
+    """The text to burn in: the patient as the patient index names them now (the served objects' patient module), the
+    technique from the photo's own record. Only for a caller the core has just let see this photo."""
+    lines: list[str] = []
+    asset = source.image.asset
+    for kind in kinds:
+        if kind == "patient":
+            p = source.patient
+            name = ", ".join(x for x in ((p.family or "").upper(), " ".join(x for x in (p.prefix, p.given) if x)) if x)
+            born = f"  born {p.birth_date:%d %b %Y}" if p.birth_date else ""
+            lines.append(f"{name or '(no name)'}{born}")
+            lines.append(f"{p.issuer or 'ID'} {p.patient_id}".strip())
+        else:
+            site = asset.body_site_display or "body site not recorded"
+            side = f" ({asset.laterality})" if asset.laterality else ""
+            when = asset.taken_at or asset.created_at
+            taken = f"  {when:%d %b %Y %H:%M}" if when else ""
+            view = f", {asset.view}" if asset.view else ""
+            lines.append(f"XC  {site}{side}{view}{taken}")
+    return lines
+
+
+def _image_media(request: Request) -> str:
+    for r in parse_accept(request.headers.get("accept")):
+        for media in IMAGE_MEDIA:
+            if r.covers(media):
+                return media
+    raise DicomwebError(406, "rendered images are sent as image/jpeg or image/png")
+
+
+def _set_media(request: Request) -> tuple[str, bool]:
+    """The rendered media type of a study or series, and whether the answer is multipart/related (PS3.18 10.4.3.3:
+    a rendered study or series is a multipart/related payload, one part per rendered instance). A range naming a
+    single image type (image/jpeg) is taken for a set of one image only; `*/*` and multipart/related take any."""
+    for r in parse_accept(request.headers.get("accept")):
+        if r.media == MULTIPART:
+            part = r.part_type or "image/jpeg"  # no type: the default rendered media type
+            for media in IMAGE_MEDIA:
+                if part == media or part in ("*/*", "image/*") and media == "image/jpeg":
+                    return media, True
+        elif r.media in ("*/*", "multipart/*"):
+            return "image/jpeg", True
+        else:
+            for media in IMAGE_MEDIA:
+                if r.covers(media):
+                    return media, False
+    raise DicomwebError(406, 'a rendered study or series is sent as multipart/related; type="image/jpeg" or type="image/png" '
+                             "(image/jpeg or image/png alone only when it holds one image)")
+
+
+def _rendition(gw: Gateway, subject: Subject, target: Target, text: str, rendition: Literal["preview", "thumbnail"],
+               detail: dict[str, Any] | None = None, first: bool = False) -> access.RenderedSource:
+    """One image's stored rendition: the instance the URL names, or the first of a set (`first`: a thumbnail
+    stands for its series or study); a set of several otherwise is 406, with only the query audited (nothing was
+    retrieved)."""
     ctx, found = _matches(gw, subject, target, text)
+    if len(found) > 1 and not first:
+        raise DicomwebError(406, f"the {target.name} holds {len(found)} images: ask for "
+                                 f'multipart/related; type="image/jpeg" (or type="image/png") to get them all')
+    match = found[0]
+    image = access.image(gw, ctx, match.asset_id or "", rendition, text, detail=detail)
+    return access.RenderedSource(image, match.patient)
+
+
+def _which(gw: Gateway, viewport: tuple[int, int] | None, prefer_thumbnail: bool = False) -> Literal["preview", "thumbnail"]:
     fits = gw.settings.ingest.thumbnail_size
     small = viewport is None and prefer_thumbnail or viewport is not None and max(viewport) <= fits
-    asset_id = found[0].asset_id or ""
-    return access.image(gw, ctx, asset_id, "thumbnail" if small else "preview", text)
+    return "thumbnail" if small else "preview"
 
 
-async def _render(request: Request, subject: Caller, target: Target, thumbnail: bool) -> Response:
-    media = _image_media(request)
-    viewport, quality = _viewport(request, {"viewport", "quality", "iccprofile"} if not thumbnail else {"viewport"})
+def _annotation_detail(r: Rendering) -> dict[str, Any] | None:
+    return {"annotation": list(r.annotation)} if r.annotation else None  # the audit says the patient's details were burned in
+
+
+def _renditions(gw: Gateway, subject: Subject, target: Target, text: str, r: Rendering) -> list[access.RenderedSource]:
+    """The stored renditions of every visible instance the URL names (hidden ones left out), or 404 when none."""
+    ctx = access.photo_request(gw, subject, "read", text)
+    access.require_scope(gw, ctx, "Media", access.READ_SCOPE, text)
+    found = access.images_matching(gw, ctx, _query(target), _which(gw, r.viewport), query=text, channel=CHANNEL,
+                                   detail=_annotation_detail(r))
+    if not found:
+        raise DicomwebError(404, NOT_HERE.format(what=target.name))
+    return found
+
+
+def _render_one(source: access.RenderedSource, media: str, r: Rendering) -> bytes:
+    image = source.image
+    if media == "image/jpeg" and r.as_stored and (r.viewport is None or pixels.fits(image.path, r.viewport)):
+        return image.path.read_bytes()  # the stored rendition itself, byte for byte
+    lines = _annotation_lines(source, r.annotation)
+    return pixels.rendered(image.path.read_bytes(), media, r.viewport, r.quality, r.window, lines)
+
+
+# an image with the patient's details burned in is not for shared caches
+NO_STORE = {"Cache-Control": "private, no-store"}
+
+
+async def _render(request: Request, subject: Caller, target: Target) -> Response:
+    """Rendered instance, frame, series or study (PS3.18 10.4.1.1.3)."""
+    if target.sop:
+        media, many = _image_media(request), False
+    else:
+        media, many = _set_media(request)
+    r = _rendering(request, RENDER_PARAMS)
     gw = gw_of(request)
-    image = await run_in_threadpool(_rendition, gw, subject, target, f"WADO-RS {what(request)}", viewport, thumbnail)
-    if media == "image/jpeg" and quality is None and (viewport is None or pixels.fits(image.path, viewport)):
-        return FileResponse(image.path, media_type="image/jpeg")  # the stored rendition itself, byte for byte
-    with open(image.path, "rb") as f:
-        source = f.read()
-    return Response(await run_in_threadpool(pixels.rendered, source, media, viewport, quality), media_type=media)
+    text = f"WADO-RS {what(request)}"
+    headers = NO_STORE if r.annotation else None
+    if not many:
+        source = await run_in_threadpool(_rendition, gw, subject, target, text, _which(gw, r.viewport), _annotation_detail(r))
+        image = source.image
+        if media == "image/jpeg" and r.as_stored and (r.viewport is None or pixels.fits(image.path, r.viewport)):
+            return FileResponse(image.path, media_type="image/jpeg")  # the stored rendition itself, byte for byte
+        return Response(await run_in_threadpool(_render_one, source, media, r), media_type=media, headers=headers)
+    found = await run_in_threadpool(_renditions, gw, subject, target, text, r)
+
+    def rendered_parts() -> Iterator[Part]:
+        for source in found:
+            yield Part(media, [_render_one(source, media, r)])
+
+    boundary = new_boundary()
+    # rendered one part at a time as the body streams (a study of 12 MP photos is not held in memory at once)
+    return StreamingResponse(iterate_in_threadpool(multipart(rendered_parts(), boundary)),
+                             media_type=multipart_type(media, boundary), headers=headers)
+
+
+async def _thumbnail(request: Request, subject: Caller, target: Target) -> Response:
+    media = _image_media(request)
+    viewport = _rendering(request, {"viewport"}).viewport
+    gw = gw_of(request)
+    rendition = _which(gw, viewport, prefer_thumbnail=True)
+    source = await run_in_threadpool(_rendition, gw, subject, target, f"WADO-RS {what(request)}", rendition, None, True)
+    image = source.image
+    if media == "image/jpeg" and (viewport is None or pixels.fits(image.path, viewport)):
+        return FileResponse(image.path, media_type="image/jpeg")  # the stored thumbnail itself, byte for byte
+    return Response(await run_in_threadpool(pixels.rendered, image.path.read_bytes(), media, viewport, None), media_type=media)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
 async def instance_rendered(request: Request, study: str, series: str, sop: str, subject: Caller) -> Response:
-    return await _render(request, subject, Target(study, series, sop), thumbnail=False)
+    return await _render(request, subject, Target(study, series, sop))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/rendered")
 async def frame_rendered(request: Request, study: str, series: str, sop: str, frames: str, subject: Caller) -> Response:
     _frame_numbers(frames)
-    return await _render(request, subject, Target(study, series, sop), thumbnail=False)
+    return await _render(request, subject, Target(study, series, sop))
+
+
+@router.get("/studies/{study}/series/{series}/rendered")
+async def series_rendered(request: Request, study: str, series: str, subject: Caller) -> Response:
+    return await _render(request, subject, Target(study, series))
+
+
+@router.get("/studies/{study}/rendered")
+async def study_rendered(request: Request, study: str, subject: Caller) -> Response:
+    return await _render(request, subject, Target(study))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail")
 async def instance_thumbnail(request: Request, study: str, series: str, sop: str, subject: Caller) -> Response:
-    return await _render(request, subject, Target(study, series, sop), thumbnail=True)
+    return await _thumbnail(request, subject, Target(study, series, sop))
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail")
 async def series_thumbnail(request: Request, study: str, series: str, subject: Caller) -> Response:
-    return await _render(request, subject, Target(study, series), thumbnail=True)
+    return await _thumbnail(request, subject, Target(study, series))
 
 
 @router.get("/studies/{study}/thumbnail")
 async def study_thumbnail(request: Request, study: str, subject: Caller) -> Response:
-    return await _render(request, subject, Target(study), thumbnail=True)
+    return await _thumbnail(request, subject, Target(study))
