@@ -10,6 +10,7 @@ import io
 import numpy as np
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import Dataset
@@ -81,11 +82,19 @@ def test_rendered_series_and_study_as_multipart_of_the_stored_previews(gw, archi
     png = served.get(f"{SERIES_1}/rendered", params={"viewport": "64,64"}, headers={**h, "Accept": 'multipart/related; type="image/png"'})
     images = [Image.open(io.BytesIO(body)) for _, body in parts(png)]
     assert [(i.format, max(i.size)) for i in images] == [("PNG", 64), ("PNG", 64)]
-    # image/jpeg alone names one image: a set of several is 406 saying what to ask, a set of one is the image itself
+    # a single part type (image/jpeg alone) is for one instance: a study or series asked only so is 406, even one of a
+    # single image (PS3.18 10.4.4); dicomweb-client's retrieve_series_rendered asks so, and is told
     many = served.get(f"{SERIES_1}/rendered", headers={**h, "Accept": "image/jpeg"})
     assert many.status_code == 406 and 'multipart/related; type="image/jpeg"' in many.json()["detail"]
-    one = dicomweb_client(gw, served).retrieve_series_rendered("1.2.826.0.1.2", "1.2.826.0.1.2.1", media_types=("image/jpeg",))
+    with pytest.raises(requests.HTTPError) as refused:
+        dicomweb_client(gw, served).retrieve_series_rendered("1.2.826.0.1.2", "1.2.826.0.1.2.1", media_types=("image/jpeg",))
+    assert refused.value.response.status_code == 406
+    # dicomweb-client's instance rendered (single part) and a multipart of one instance
+    one = dicomweb_client(gw, served).retrieve_instance_rendered("1.2.826.0.1.2", "1.2.826.0.1.2.1", archive["a3"].SOPInstanceUID,
+                                                                  media_types=("image/jpeg",))
     assert one == previews(gw, archive["a3"].SOPInstanceUID)[0]
+    [(head, body)] = parts(served.get(f"{SERIES_1}/instances/{a1}/rendered", headers={**h, "Accept": 'multipart/related; type="image/jpeg"'}))
+    assert head["content-type"] == "image/jpeg" and body == previews(gw, a1)[0]
     assert served.get(f"{SERIES_1}/rendered", headers={**h, "Accept": 'multipart/related; type="image/gif"'}).status_code == 406
     # hidden instances are absent, not errors; a study whose every instance is hidden is a missing one
     hide(gw, a2)
@@ -97,7 +106,7 @@ def test_rendered_series_and_study_as_multipart_of_the_stored_previews(gw, archi
     assert served.get(f"{SERIES_1}/rendered").status_code == 401
     # audited like the other retrieves: the query, then one retrieve record per image served
     details = retrieves(gw)
-    assert sum(d.get("rendition") == "preview" for d in details) == 2 + 2 + 1 + 1  # series, study, one-of-one, after hiding
+    assert sum(d.get("rendition") == "preview" for d in details) == 2 + 2 + 1 + 1 + 1  # series, study, two instances, after hiding
     assert sum(d.get("rendition") == "thumbnail" for d in details) == 2  # the 64-pixel viewport
     with gw.db.read() as s:
         queries = [e["query"] for entities in s.scalars(select(AuditEvent.entities).where(
@@ -215,6 +224,8 @@ def test_frames_of_native_and_rle_objects_as_jpeg_or_png(gw, served, tmp_path):
         png = served.get(url, headers={**h, "Accept": "image/png"})
         assert png.headers["content-type"] == "image/png"
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), pixels)
+        # a single part type is for one frame only
+        assert served.get(url.replace("/frames/1", "/frames/1,1"), headers={**h, "Accept": "image/png"}).status_code == 406
         # nothing that fits: 406 naming what is offered
         r = served.get(url, headers={**h, "Accept": 'multipart/related; type="image/jp2"'})
         assert r.status_code == 406

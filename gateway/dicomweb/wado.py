@@ -184,11 +184,12 @@ FrameMode = Literal["stored", "decoded", "encoded"]
 ENCODED_FRAME_MEDIA = ("image/jpeg", "image/png")  # what a frame not stored as JPEG can be encoded as (Pillow)
 
 
-def frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, FrameMode, bool] | None:
+def frame_choice(ranges: list[MediaRange], stored: str, single: bool = True) -> tuple[str, FrameMode, bool] | None:
     """(the part's media type, how the frame is made, whether multipart) for the first range the stored frame can
     answer: as stored, decoded to native pixels (octet-stream), or decoded and encoded as JPEG or PNG (a frame stored
     native, RLE or JPEG-LS asked for as image/jpeg). An image type named alone (Accept: image/jpeg) is answered by
-    the image itself when one frame is asked; multipart/related otherwise."""
+    the image itself, and only when one frame is asked (`single`; PS3.18 10.4.4: single part types are for a
+    resource that is a single item)."""
     stored_media = FRAME_MEDIA.get(stored, OCTET_STREAM)
     for r in ranges:
         if r.media in ("*/*", "multipart/*") or (r.media == MULTIPART and r.part_type in (None, "*/*")):
@@ -196,7 +197,7 @@ def frame_choice(ranges: list[MediaRange], stored: str) -> tuple[str, FrameMode,
         many = r.media == MULTIPART
         if many:
             part = r.part_type or ""
-        elif r.media.startswith("image/"):
+        elif r.media.startswith("image/") and single:
             part = r.media
         else:
             continue
@@ -234,7 +235,7 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
                                       audit.INSTANCES_TRANSFERRED)
     obj = objects[0]
     stored = obj.served.transfer_syntax
-    choice = frame_choice(ranges, stored)
+    choice = frame_choice(ranges, stored, single=len(numbers) == 1)
     if choice is None:
         as_stored = FRAME_MEDIA.get(stored, OCTET_STREAM)
         encoded = "" if as_stored == "image/jpeg" else ', type="image/jpeg" or type="image/png" (encoded from the decoded frame)'
@@ -248,7 +249,7 @@ async def retrieve_frames(request: Request, study: str, series: str, sop: str, f
     else:
         data = await run_in_threadpool(pixels.decoded_frame if mode == "decoded" else pixels.frame, obj)
         ts = EXPLICIT_VR_LE if mode == "decoded" else stored
-    if not many and len(numbers) == 1:
+    if not many:
         return Response(data, media_type=media)  # asked for image/jpeg itself, not a multipart of it
     part_type = f"{media}; transfer-syntax={ts}" if ts else media
     boundary = new_boundary()
@@ -362,35 +363,37 @@ def _image_media(request: Request) -> str:
     raise DicomwebError(406, "rendered images are sent as image/jpeg or image/png")
 
 
-def _set_media(request: Request) -> tuple[str, bool]:
-    """The rendered media type of a study or series, and whether the answer is multipart/related (PS3.18 10.4.3.3:
-    a rendered study or series is a multipart/related payload, one part per rendered instance). A range naming a
-    single image type (image/jpeg) is taken for a set of one image only; `*/*` and multipart/related take any."""
+def _rendered_media(request: Request, single: bool) -> tuple[str, bool]:
+    """The rendered media type and whether the answer is multipart/related. PS3.18 10.4.4 (Table 10.4.4-1 and its
+    notes): rendered resources are multipart/related; type=<image type>; a single part type (image/jpeg) only for a
+    resource that is a single item (`single`: an instance or frame), and the server ignores single part types for a
+    study or series, answering 406 if nothing else remains, even for a study of one image."""
     for r in parse_accept(request.headers.get("accept")):
         if r.media == MULTIPART:
             part = r.part_type or "image/jpeg"  # no type: the default rendered media type
             for media in IMAGE_MEDIA:
                 if part == media or part in ("*/*", "image/*") and media == "image/jpeg":
                     return media, True
-        elif r.media in ("*/*", "multipart/*"):
+        elif r.media == "multipart/*":
             return "image/jpeg", True
-        else:
+        elif r.media == "*/*":
+            return "image/jpeg", not single
+        elif single:
             for media in IMAGE_MEDIA:
                 if r.covers(media):
                     return media, False
+    if single:
+        raise DicomwebError(406, 'rendered images are sent as image/jpeg or image/png, or as multipart/related; type="image/jpeg" '
+                                 'or type="image/png"')
     raise DicomwebError(406, 'a rendered study or series is sent as multipart/related; type="image/jpeg" or type="image/png" '
-                             "(image/jpeg or image/png alone only when it holds one image)")
+                             "(a single part type such as image/jpeg alone is for one instance: PS3.18 10.4.4)")
 
 
 def _rendition(gw: Gateway, subject: Subject, target: Target, text: str, rendition: Literal["preview", "thumbnail"],
-               detail: dict[str, Any] | None = None, first: bool = False) -> access.RenderedSource:
-    """One image's stored rendition: the instance the URL names, or the first of a set (`first`: a thumbnail
-    stands for its series or study); a set of several otherwise is 406, with only the query audited (nothing was
-    retrieved)."""
+               detail: dict[str, Any] | None = None) -> access.RenderedSource:
+    """One image's stored rendition: the instance the URL names, or the first of a set (a thumbnail stands for its
+    series or study)."""
     ctx, found = _matches(gw, subject, target, text)
-    if len(found) > 1 and not first:
-        raise DicomwebError(406, f"the {target.name} holds {len(found)} images: ask for "
-                                 f'multipart/related; type="image/jpeg" (or type="image/png") to get them all')
     match = found[0]
     image = access.image(gw, ctx, match.asset_id or "", rendition, text, detail=detail)
     return access.RenderedSource(image, match.patient)
@@ -431,10 +434,7 @@ NO_STORE = {"Cache-Control": "private, no-store"}
 
 async def _render(request: Request, subject: Caller, target: Target) -> Response:
     """Rendered instance, frame, series or study (PS3.18 10.4.1.1.3)."""
-    if target.sop:
-        media, many = _image_media(request), False
-    else:
-        media, many = _set_media(request)
+    media, many = _rendered_media(request, single=target.sop is not None)
     r = _rendering(request, RENDER_PARAMS)
     gw = gw_of(request)
     text = f"WADO-RS {what(request)}"
@@ -462,7 +462,7 @@ async def _thumbnail(request: Request, subject: Caller, target: Target) -> Respo
     viewport = _rendering(request, {"viewport"}).viewport
     gw = gw_of(request)
     rendition = _which(gw, viewport, prefer_thumbnail=True)
-    source = await run_in_threadpool(_rendition, gw, subject, target, f"WADO-RS {what(request)}", rendition, None, True)
+    source = await run_in_threadpool(_rendition, gw, subject, target, f"WADO-RS {what(request)}", rendition)
     image = source.image
     if media == "image/jpeg" and (viewport is None or pixels.fits(image.path, viewport)):
         return FileResponse(image.path, media_type="image/jpeg")  # the stored thumbnail itself, byte for byte
