@@ -1,11 +1,13 @@
 """The DICOMweb door's rendering and representation gaps, over a real socket, both backends: rendered studies and
 series (multipart of the stored previews, hidden instances absent, audited), the window and annotation parameters
 (the VOI LUT functions checked against pydicom's own implementation), frames of objects not stored as JPEG encoded
-as JPEG or PNG."""
+as JPEG or PNG, and QIDO-RS and /metadata as the Native DICOM Model XML (checked against dcmtk's dcm2xml -nat)."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pydicom
@@ -27,10 +29,11 @@ from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient, dicom_tools_check
 from tests.net import free_port
 from tests.test_dicom_find import OTHER_NHS, archive  # noqa: F401 (the fixture)
-from tests.test_dicomweb import DICOM_TS_ANY, JPEG_BASELINE, mi, parts
+from tests.test_dicomweb import DICOM_TS_ANY, JPEG_BASELINE, mi, parts, value
 from tests.test_photos_api import serving
 
 SERIES_1 = "/dicomweb/studies/1.2.826.0.1.1/series/1.2.826.0.1.1.1"
+NS = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
 
 
 @pytest.fixture
@@ -239,6 +242,69 @@ def test_frames_of_native_and_rle_objects_as_jpeg_or_png(gw, served, tmp_path):
     url = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1"
     single = served.get(url, headers={**h, "Accept": "image/jpeg"})
     assert single.headers["content-type"] == "image/jpeg" and single.content == next(pydicom.encaps.generate_frames(ds.PixelData))
+
+
+# -- 5. the Native DICOM Model (XML) ---------------------------------------------------------------------------------
+
+
+def native_model(xml: bytes) -> dict[str, dict]:
+    """A NativeDicomModel document as {tag: {vr, keyword, values}} (values: Value texts, PN Alphabetic as a^b, BulkData uri)."""
+    root = ET.fromstring(xml)
+    assert root.tag in ("NativeDicomModel", f"{NS}NativeDicomModel")
+    out = {}
+    for attr in root:
+        local = lambda e: e.tag.split("}")[-1]  # noqa: E731
+        values = []
+        for child in attr:
+            if local(child) == "Value":
+                values.append(child.text or "")
+            elif local(child) == "PersonName":
+                alpha = next((c for c in child if local(c) == "Alphabetic"), None)
+                values.append({local(c): c.text for c in alpha} if alpha is not None else {})
+            elif local(child) == "BulkData":
+                values.append(("bulk", child.get("uri")))
+            elif local(child) == "Item":
+                values.append(len(list(child)))
+        out[attr.get("tag")] = {"vr": attr.get("vr"), "keyword": attr.get("keyword"), "values": values}
+    return out
+
+
+def test_qido_and_metadata_as_native_dicom_model_xml(gw, archive, served, tmp_path):  # noqa: F811
+    require_tool("dcm2xml", "dcmtk")
+    h = mi(gw)
+    xml_accept = 'multipart/related; type="application/dicom+xml"'
+    r = served.get("/dicomweb/studies", params={"PatientID": objects.NHS_NUMBER}, headers={**h, "Accept": xml_accept})
+    assert r.status_code == 200 and r.headers["content-type"].startswith('multipart/related; type="application/dicom+xml"')
+    studies = [native_model(body) for head, body in parts(r) if head["content-type"] == "application/dicom+xml"]
+    as_json = served.get("/dicomweb/studies", params={"PatientID": objects.NHS_NUMBER}, headers=h).json()
+    assert len(studies) == len(as_json) == 2
+    # the XML says what the JSON says, attribute for attribute
+    for x, j in zip(studies, as_json, strict=True):
+        assert set(x) == set(j)
+        assert x["0020000D"]["values"] == j["0020000D"]["Value"] and x["0020000D"]["keyword"] == "StudyInstanceUID"
+        assert x["00201208"]["values"] == [str(j["00201208"]["Value"][0])]
+        assert x["00100010"]["values"] == [{"FamilyName": "Ó Súilleabháin", "GivenName": "Siobhán"}]
+    # paging's Warning is kept in the XML form too
+    assert "warning" in served.get("/dicomweb/instances", params={"limit": 1}, headers={**h, "Accept": xml_accept}).headers
+    # /metadata: each instance one document; compared with dcmtk's own Native DICOM Model of the object served
+    a1 = archive["a1"]
+    base = f"{SERIES_1}/instances/{a1.SOPInstanceUID}"
+    [(head, body)] = parts(served.get(f"{base}/metadata", headers={**h, "Accept": xml_accept}))
+    ours = native_model(body)
+    [(_, dicom)] = parts(served.get(base, headers={**h, "Accept": DICOM_TS_ANY}))
+    (tmp_path / "a1.dcm").write_bytes(dicom)
+    dcmtk = subprocess.run(["dcm2xml", "-nat", str(tmp_path / "a1.dcm")], capture_output=True, timeout=60, check=True).stdout
+    theirs = native_model(dcmtk)
+    for tag in ("00080016", "00080018", "0020000D", "0020000E", "00100020", "00100021", "00280010", "00280011", "00280004",
+                "00080060", "00080008"):
+        assert ours[tag]["vr"] == theirs[tag]["vr"] and ours[tag]["keyword"] == theirs[tag]["keyword"], tag
+        assert ours[tag]["values"] == theirs[tag]["values"], (tag, ours[tag], theirs[tag])
+    assert ours["00100010"]["values"] == theirs["00100010"]["values"]
+    assert ours["7FE00010"]["values"] == [("bulk", f"http://127.0.0.1:{served.base_url.port}{base}/frames/1")]
+    assert value(served.get(f"{base}/metadata", headers=h).json()[0], "00080018") == a1.SOPInstanceUID
+    # anything else: 406 naming both forms
+    r = served.get(f"{base}/metadata", headers={**h, "Accept": "application/dicom+xml"})
+    assert r.status_code == 406 and 'type="application/dicom+xml"' in r.json()["detail"]
 
 
 def test_the_served_objects_still_pass_dciodvfy(gw, archive, served, tmp_path):  # noqa: F811

@@ -10,6 +10,8 @@ from fastapi.responses import Response
 
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
+from gateway.dicomweb import nativexml
+from gateway.dicomweb.media import DICOM_JSON, MULTIPART, Part, multipart, multipart_type, new_boundary, parse_accept
 from gateway.http.security import gateway_of, require_subject
 from gateway.http.security import what as what  # re-exported: the request as audit records name it
 
@@ -36,6 +38,27 @@ def base_url(request: Request) -> str:
 
 def dicom_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), status, headers=headers, media_type="application/dicom+json")
+
+
+def answer_format(request: Request, what: str) -> str:
+    """The media type data sets are answered in (QIDO-RS, /metadata): DICOM JSON, or the Native DICOM Model as
+    multipart/related; type="application/dicom+xml" (PS3.18 8.7.3, PS3.19 A.1); 406 naming both otherwise."""
+    for r in parse_accept(request.headers.get("accept")):
+        if r.covers(DICOM_JSON) or r.media == "application/json":
+            return DICOM_JSON
+        if r.media == MULTIPART and r.part_type == nativexml.MEDIA:
+            return nativexml.MEDIA
+    raise DicomwebError(406, f'{what} are sent as {DICOM_JSON} (or application/json), or as {MULTIPART}; '
+                             f'type="{nativexml.MEDIA}"')
+
+
+def data_sets(body: list[dict[str, Any]], media: str, headers: dict[str, str] | None = None) -> Response:
+    """Data sets as DICOM JSON (one array), or as XML: one NativeDicomModel document per part."""
+    if media == DICOM_JSON:
+        return dicom_json(body, headers=headers)
+    boundary = new_boundary()
+    parts = (Part(nativexml.MEDIA, [nativexml.document(data)]) for data in body)
+    return Response(b"".join(multipart(parts, boundary)), headers=headers, media_type=multipart_type(nativexml.MEDIA, boundary))
 
 
 def gw_of(request: Request) -> Gateway:

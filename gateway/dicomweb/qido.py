@@ -17,8 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway.core import access, study_query
 from gateway.core.study_query import Level, Match, StudyQuery
-from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, base_url, dicom_json, gw_of, what
-from gateway.dicomweb.media import DICOM_JSON, parse_accept
+from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, answer_format, base_url, data_sets, gw_of, what
 
 router = APIRouter()
 
@@ -158,8 +157,7 @@ def answer(match: Match, keys: list[str], level: Level, base: str) -> dict[str, 
 
 async def search(request: Request, subject: Caller, level: Level, fixed: dict[str, str]) -> Response:
     gw = gw_of(request)
-    if not any(r.covers(DICOM_JSON) or r.media == "application/json" for r in parse_accept(request.headers.get("accept"))):
-        raise DicomwebError(406, f"search results are sent as {DICOM_JSON} (or application/json); XML is not offered")
+    media = answer_format(request, "search results")
     s = parse(request, level, fixed)
     text = f"QIDO-RS {what(request)}?{request.url.query}"
 
@@ -174,7 +172,7 @@ async def search(request: Request, subject: Caller, level: Level, fixed: dict[st
     keys = _keys(level, "StudyInstanceUID" in fixed, s.include)
     base = base_url(request)
     body = [answer(m, keys, level, base) for m in matches[:s.limit]]
-    return dicom_json(body, headers={"Warning": MORE_RESULTS} if more else None)
+    return data_sets(body, media, headers={"Warning": MORE_RESULTS} if more else None)
 
 
 def _check_vr() -> None:

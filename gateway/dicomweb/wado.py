@@ -25,7 +25,7 @@ from gateway.core.identity import Subject
 from gateway.core.policy.rules import AccessContext
 from gateway.core.study_query import Match, StudyQuery
 from gateway.dicomweb import pixels
-from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, base_url, dicom_json, gw_of, what
+from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, answer_format, base_url, data_sets, gw_of, what
 from gateway.dicomweb.media import (
     DICOM,
     EXPLICIT_VR_LE,
@@ -154,12 +154,10 @@ def _metadata(objects: list[DicomObject], base: str) -> list[dict]:
 
 
 async def _metadata_of(request: Request, subject: Caller, target: Target) -> Response:
-    ranges = parse_accept(request.headers.get("accept"))
-    if not any(r.covers("application/dicom+json") or r.media == "application/json" for r in ranges):
-        raise DicomwebError(406, "metadata is sent as application/dicom+json")
+    media = answer_format(request, "metadata")
     gw = gw_of(request)
     objects = await run_in_threadpool(_objects, gw, subject, target, f"WADO-RS {what(request)}", audit.REST)
-    return dicom_json(await run_in_threadpool(_metadata, objects, base_url(request)))
+    return data_sets(await run_in_threadpool(_metadata, objects, base_url(request)), media)
 
 
 @router.get("/studies/{study}/metadata")
