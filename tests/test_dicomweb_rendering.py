@@ -307,6 +307,22 @@ def test_qido_and_metadata_as_native_dicom_model_xml(gw, archive, served, tmp_pa
     assert r.status_code == 406 and 'type="application/dicom+xml"' in r.json()["detail"]
 
 
+def test_native_model_private_elements_name_their_creator_and_sequences_nest():
+    """PS3.19 A.1: a private element carries privateCreator (the value of its block's creator element), no keyword."""
+    from gateway.dicomweb import nativexml
+
+    doc = ET.fromstring(nativexml.document({
+        "00090010": {"vr": "LO", "Value": ["ACME CAMERA 1"]}, "00091001": {"vr": "LO", "Value": ["lens 3"]},
+        "00082218": {"vr": "SQ", "Value": [{"00080100": {"vr": "SH", "Value": ["85562004"]}}]},
+        "00081030": {"vr": "LO"}, "00280030": {"vr": "DS", "Value": [0.5, 0.5]}}))
+    attrs = {a.get("tag"): a for a in doc}
+    assert list(attrs) == ["00081030", "00082218", "00090010", "00091001", "00280030"]  # in tag order
+    assert attrs["00091001"].get("privateCreator") == "ACME CAMERA 1" and attrs["00091001"].get("keyword") is None
+    [item] = attrs["00082218"]
+    assert item.get("number") == "1" and item[0].get("keyword") == "CodeValue" and item[0][0].text == "85562004"
+    assert len(attrs["00081030"]) == 0 and [v.text for v in attrs["00280030"]] == ["0.5", "0.5"]
+
+
 def test_the_served_objects_still_pass_dciodvfy(gw, archive, served, tmp_path):  # noqa: F811
     """Nothing here changes what an object is: the instance served after the new routes are used still validates."""
     require_tool("dciodvfy", "dicom3tools")

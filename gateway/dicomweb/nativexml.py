@@ -25,9 +25,17 @@ def _attributes(parent: ET.Element, data: dict[str, Any]) -> None:
         vr = element.get("vr", "UN")
         attr = ET.SubElement(parent, "DicomAttribute", {"tag": tag.upper(), "vr": vr})
         number = int(tag, 16)
-        keyword = keyword_for_tag(number) if not (number >> 16) & 1 else None  # a private tag has no keyword
-        if keyword:
-            attr.set("keyword", keyword)
+        group, element_number = number >> 16, number & 0xFFFF
+        if group & 1:
+            # a private element names its creator (PS3.19 A.1.5), the value of (gggg,00xx) for block xx
+            block = element_number >> 8
+            creator = (data.get(f"{group:04X}00{block:02X}") or {}).get("Value") or []
+            if block and creator:
+                attr.set("privateCreator", str(creator[0]))
+        else:
+            keyword = keyword_for_tag(number)
+            if keyword:
+                attr.set("keyword", keyword)
         if "BulkDataURI" in element:
             ET.SubElement(attr, "BulkData", {"uri": str(element["BulkDataURI"])})
         elif "InlineBinary" in element:
