@@ -4,9 +4,12 @@ Two forms of request body (multipart/related, chunked or not; spooled to disk as
 - `application/dicom` parts: each a Part 10 object, ingested as a received object (kept byte for byte);
 - `application/dicom+json` metadata with `image/jpeg` or `image/png` bulk data parts (IHE Web-based Image
   Capture): each data set names its PixelData part by BulkDataURI (the part's Content-Location or cid:
-  Content-ID). The image goes in as an image file with the sender's Study, Series and SOP Instance UIDs and its
-  patient (PatientID + IssuerOfPatientID); the pixel description (size, samples, colour) comes from the image
-  itself as for any upload, never from the JSON, and a progressive JPEG is made baseline by the ingest.
+  Content-ID). The image goes in as an image file with the sender's Study, Series and SOP Instance UIDs, its
+  patient (PatientID + IssuerOfPatientID) and what the data set says about the photo (body site, laterality, when
+  taken, device, operator, descriptions: the core's mapping of DICOM attributes, received.governance_of; a bad
+  coded value or date fails the instance with 0xC000 naming it); the pixel description (size, samples, colour)
+  comes from the image itself as for any upload, never from the JSON, and a progressive JPEG is made baseline by
+  the ingest.
 
 Each instance is stored or refused on its own. The answer is DICOM JSON: ReferencedSOPSequence (with RetrieveURLs)
 and FailedSOPSequence with FailureReason codes from the core's refusal codes. 200 all stored, 202 some (or stored with a
@@ -28,7 +31,7 @@ from pydicom import Dataset, dcmread
 from starlette.concurrency import run_in_threadpool
 
 from gateway.core.context import Gateway
-from gateway.core.ingest import errors
+from gateway.core.ingest import errors, received
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest, uploader
 from gateway.core.ingest.request import CaptureRequest, Channel, ImageFile, PatientRef, ReceivedObject, Source
@@ -179,10 +182,20 @@ def _json_instance(gw: Gateway, source: Source, body: SpooledBody, data: dict[st
     except IngestRejected as exc:
         out.fail(sop_class, sop, CANNOT_UNDERSTAND, exc.message, malformed=True)
         return
+    try:
+        # what the capture device says about the photo (body site, laterality, when, device, operator, descriptions),
+        # mapped by the core's one mapping of DICOM attributes, as for a received object
+        gov = received.governance_of(Dataset.from_json(data, bulk_data_uri_handler=lambda _tag, _vr, _uri: b""))
+    except IngestRejected as exc:
+        out.fail(sop_class, sop, CANNOT_UNDERSTAND, exc.message, malformed=True)
+        return
+    except Exception as exc:  # pydicom raises many kinds on a malformed DICOM JSON value
+        out.fail(sop_class, sop, CANNOT_UNDERSTAND, f"a DICOM JSON value cannot be read ({type(exc).__name__})", malformed=True)
+        return
     path = _spool_part(gw, body, part, ".jpg" if media == "image/jpeg" else ".png")
     try:
         request = CaptureRequest(source=source, items=[ImageFile(path, sop_instance_uid=sop)], patient=patient,
-                                 study_uid=part_study, series_uid=_value(data, "0020000E"))
+                                 governance=gov, study_uid=part_study, series_uid=_value(data, "0020000E"))
         _ingest(gw, out, request, sop_class, sop)
     finally:
         path.unlink(missing_ok=True)

@@ -35,15 +35,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
@@ -57,6 +58,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from gateway.core.ingest import jpeg, limits
 from gateway.core.ingest.errors import (
+    BAD_METADATA,
     CORRUPT,
     INVALID_OBJECT,
     NOT_FAITHFUL,
@@ -66,7 +68,7 @@ from gateway.core.ingest.errors import (
 )
 from gateway.core.ingest.prepare import JOIN_LIMIT, preview_source
 from gateway.core.ingest.renditions import Renditions, decode_target, from_image
-from gateway.core.ingest.request import PatientRef, is_sctid
+from gateway.core.ingest.request import BodySite, Governance, PatientRef, governance, is_sctid
 from gateway.core.ingest_settings import IngestSettings
 from gateway.core.objects import part10
 from gateway.core.objects.uids import is_valid_uid
@@ -95,7 +97,7 @@ VL_IMAGE_CLASSES = (VL_PHOTOGRAPHIC_IMAGE, DERMOSCOPIC_PHOTOGRAPHY_IMAGE)
 VL_PHOTOMETRIC = ("MONOCHROME2", "RGB", "YBR_FULL_422")  # of the VL Image module's, those our transfer syntaxes carry
 MONOCHROME = ("MONOCHROME2", "MONOCHROME1")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
-_SIDES = {"R": "right", "L": "left", "B": "both"}
+T = TypeVar("T")
 _BAND_BYTES = 4 << 20  # native pixels are read and box-reduced about this many bytes at a time
 
 
@@ -200,14 +202,13 @@ def read(path: Path, settings: IngestSettings, *, check_limits: bool = True) -> 
     except part10.Part10Error as exc:
         raise _invalid(str(exc), "PixelData") from None
     _check_pixel_data(element, ts, rows, columns, samples)
+    facts = described(ds)
     return Received(
         path=path, size=size, sop_class_uid=sop_class, sop_instance_uid=sop_uid, study_uid=_uid(ds, "StudyInstanceUID"),
         series_uid=_uid(ds, "SeriesInstanceUID"), transfer_syntax=ts, patient=_patient(ds), rows=rows, columns=columns,
         samples=samples, photometric=photometric, planar=planar, pixels=element,
-        instance_number=_int(ds, "InstanceNumber"), taken_at=_taken_at(ds), body_site=_body_site(ds),
-        laterality=_SIDES.get(_text(ds, "Laterality") or _text(ds, "ImageLaterality") or ""),
-        device=" ".join(x for x in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if x)[:200] or None,
-        operator=(_text(ds, "OperatorsName") or "")[:200] or None,
+        instance_number=_int(ds, "InstanceNumber"), taken_at=facts.taken_at, body_site=facts.body_site,
+        laterality=facts.laterality, device=facts.device, operator=facts.operator,
     )
 
 
@@ -295,48 +296,192 @@ def _patient(ds: Dataset) -> PatientRef:
     return PatientRef.dicom(_text(ds, "PatientID") or "", _text(ds, "IssuerOfPatientID") or "", issuer_uid)
 
 
+# --- what the object says about the photo ------------------------------------------------------------------
+# One mapping of a sender's DICOM attributes to the photo's record, for every door that gets DICOM attributes: a
+# received object (C-STORE, STOW-RS Part 10; lenient, as the object is kept as sent whatever a value says) and a
+# STOW-RS DICOM JSON data set with image bulk data (strict: its values become the governance the object is built from,
+# so a bad coded value or date is refused, naming it, rather than dropped).
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a data set says about the photo, in the photo record's terms."""
+
+    taken_at: dt.datetime | None = None
+    body_site: tuple[str, str] | None = None  # (SNOMED CT code, meaning)
+    laterality: str | None = None  # left, right, both
+    device: str | None = None
+    operator: str | None = None
+    view: str | None = None
+    description: str | None = None
+
+
+class _Bad(ValueError):
+    """A value that does not say what its attribute means (strict mapping: refused with this message)."""
+
+
+def described(ds: Dataset, *, strict: bool = False) -> Described:
+    """The photo's facts from its attributes: when taken (AcquisitionDateTime, else Content or Acquisition Date and
+    Time), body site (Anatomic Region Sequence in SNOMED CT, else Body Part Examined as a CID 4031 concept),
+    laterality (Laterality, ImageLaterality, or the region's laterality modifier), device (Manufacturer and model),
+    photographer (OperatorsName), view (View Code Sequence), description (Study and Series Description, Image
+    Comments). Lenient: a value that cannot be read is left out. Strict: it is refused (IngestRejected BAD_METADATA,
+    the message short enough for a DICOM ErrorComment and naming the attribute)."""
+
+    def attempt(read: Callable[[Dataset], T]) -> T | None:
+        try:
+            return read(ds)
+        except _Bad as exc:
+            if strict:
+                raise IngestRejected(BAD_METADATA, str(exc)[:64], field=str(exc).split(":")[0]) from None
+            return None
+        except Exception:  # a malformed value is the sender's problem, not a reason to refuse a received object
+            if strict:
+                raise IngestRejected(BAD_METADATA, "an attribute about the photo cannot be read", field="metadata") from None
+            return None
+
+    site = attempt(_body_site)
+    region_side = site[2] if site else None
+    side = attempt(_laterality)
+    if strict and side and region_side and side != region_side:
+        raise IngestRejected(BAD_METADATA, f"Laterality {side} contradicts AnatomicRegionModifier {region_side}"[:64],
+                             field="Laterality")
+    comments = [_text(ds, k) for k in ("StudyDescription", "SeriesDescription", "ImageComments")]
+    return Described(
+        taken_at=attempt(_taken_at), body_site=(site[0], site[1]) if site else None, laterality=side or region_side,
+        device=" ".join(x for x in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if x)[:200] or None,
+        operator=attempt(_operator), view=attempt(_view),
+        description="; ".join(dict.fromkeys(c for c in comments if c))[:10000] or None,
+    )
+
+
+def governance_of(ds: Dataset) -> Governance:
+    """The governance a DICOM data set gives the photo an image is stored as (STOW-RS: DICOM JSON metadata with JPEG
+    or PNG bulk data, IHE Web-based Image Capture): described() strictly, so the object built from the image says what
+    the sender said, or the instance is refused naming the attribute at fault. A laterality with no body site has
+    nowhere to go in the record (it qualifies a site) and is left out."""
+    facts = described(ds, strict=True)
+    site = None
+    if facts.body_site is not None:
+        code, meaning = facts.body_site
+        site = BodySite(code=code, display=meaning[:64], laterality=facts.laterality)
+    return governance(body_site=site, photographer=facts.operator, device=facts.device, taken_at=facts.taken_at,
+                      view=facts.view, description=facts.description)
+
+
 def _taken_at(ds: Dataset) -> dt.datetime | None:
-    """When the photo was taken: AcquisitionDateTime, else Content/Acquisition Date and Time. Without an
-    offset in the value or TimezoneOffsetFromUTC, the gateway host's local time (a modality on site)."""
-    try:
-        moment: dt.datetime | None = None
-        text = _text(ds, "AcquisitionDateTime")
-        if text:
-            moment = DT(text)
+    """When the photo was taken. Without an offset in the value or TimezoneOffsetFromUTC, the gateway host's local
+    time (a modality on site)."""
+    moment: dt.datetime | None = None
+    text = _text(ds, "AcquisitionDateTime")
+    if text:
+        moment = _parsed(DT, text, "AcquisitionDateTime", "YYYYMMDDHHMMSS")
+    else:
+        for day, time in (("ContentDate", "ContentTime"), ("AcquisitionDate", "AcquisitionTime")):
+            day_text, time_text = _text(ds, day), _text(ds, time)
+            if day_text and time_text:
+                moment = dt.datetime.combine(_parsed(DA, day_text, day, "YYYYMMDD"), _parsed(TM, time_text, time, "HHMMSS"))
+                break
+    if moment is None:
+        return None
+    moment = dt.datetime(moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+                         moment.microsecond, tzinfo=moment.tzinfo)
+    if moment.tzinfo is None:
+        offset = _text(ds, "TimezoneOffsetFromUTC")
+        if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+            minutes = int(offset[1:3]) * 60 + int(offset[3:])
+            moment = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
+        elif offset:
+            raise _Bad(f"TimezoneOffsetFromUTC {offset[:10]!r} is not &ZZXX (e.g. +0100)")
         else:
-            for day, time in (("ContentDate", "ContentTime"), ("AcquisitionDate", "AcquisitionTime")):
-                if _text(ds, day) and _text(ds, time):
-                    moment = dt.datetime.combine(DA(_text(ds, day)), TM(_text(ds, time)))
-                    break
-        if moment is None:
-            return None
-        moment = dt.datetime(moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
-                             moment.microsecond, tzinfo=moment.tzinfo)
-        if moment.tzinfo is None:
-            offset = _text(ds, "TimezoneOffsetFromUTC")
-            if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
-                minutes = int(offset[1:3]) * 60 + int(offset[3:])
-                moment = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
-            else:
-                moment = moment.astimezone()
-        return moment.astimezone(dt.timezone.utc)
-    except Exception:  # a malformed date is the sender's problem, not a reason to refuse the photo
-        return None
+            moment = moment.astimezone()
+    return moment.astimezone(dt.timezone.utc)
 
 
-def _body_site(ds: Dataset) -> tuple[str, str] | None:
-    """The object's own Anatomic Region, when it is a SNOMED CT concept."""
+def _parsed(kind: Callable[[str], Any], text: str, keyword: str, form: str) -> Any:
     try:
-        regions = ds.get("AnatomicRegionSequence")
-        if not regions:
-            return None
-        region = regions[0]
-        code = _text(region, "CodeValue") or _text(region, "LongCodeValue") or ""
-        if _text(region, "CodingSchemeDesignator") != "SCT" or not is_sctid(code):
-            return None
-        return code, (_text(region, "CodeMeaning") or f"SNOMED CT {code}")[:200]
-    except Exception:
+        value = kind(text)
+    except (ValueError, OverflowError):
+        value = None
+    if value is None or not isinstance(value, (dt.date, dt.time)):
+        raise _Bad(f"{keyword} {text[:16]!r} is not a DICOM value ({form})")
+    return value
+
+
+# SNOMED CT laterality qualifiers as Anatomic Region Modifiers (as gateway/core/objects/vlphoto.py writes them)
+_MODIFIER_SIDES = {"24028007": "right", "7771000": "left", "51440002": "both"}
+
+
+def _body_site(ds: Dataset) -> tuple[str, str, str | None] | None:
+    """(SNOMED CT code, meaning, laterality modifier): the object's own Anatomic Region, else its Body Part Examined."""
+    regions = ds.get("AnatomicRegionSequence")
+    if not regions:
+        return _body_part(_text(ds, "BodyPartExamined"))
+    region = regions[0]
+    code = _text(region, "CodeValue") or _text(region, "LongCodeValue") or ""
+    scheme = _text(region, "CodingSchemeDesignator") or ""
+    if scheme != "SCT":
+        raise _Bad(f"AnatomicRegionSequence: scheme {scheme[:8] or '(none)'!r}, not SCT")
+    if not is_sctid(code):
+        raise _Bad(f"AnatomicRegionSequence: {code[:18]!r} is not a SNOMED CT id")
+    side = None
+    for modifier in region.get("AnatomicRegionModifierSequence") or []:
+        side = _MODIFIER_SIDES.get(_text(modifier, "CodeValue") or "") or side
+    return code, (_text(region, "CodeMeaning") or f"SNOMED CT {code}")[:200], side
+
+
+_BODY_PARTS: dict[str, tuple[str, str]] = {}
+
+
+def _body_part(value: str | None) -> tuple[str, str, None] | None:
+    """Body Part Examined (a CS defined term, e.g. HAND) as the CID 4031 Common Anatomic Region concept of that name
+    (PS3.16; pydicom's table of it), so a sender that names the site only this way still gets one."""
+    if not value:
         return None
+    if not _BODY_PARTS:
+        from pydicom.sr.codedict import codes
+
+        for concept in codes.cid4031.concepts.values():
+            if concept.scheme_designator == "SCT":
+                _BODY_PARTS.setdefault(concept.meaning.upper().replace(" ", ""), (concept.value, concept.meaning))
+    found = _BODY_PARTS.get(value.upper().replace(" ", "").replace("_", ""))
+    if found is None:
+        raise _Bad(f"BodyPartExamined {value[:16]!r}: no SNOMED CT concept known")
+    return found[0], found[1], None
+
+
+def _laterality(ds: Dataset) -> str | None:
+    """Laterality (of the series) or ImageLaterality: R, L, B (both); U (unpaired) says nothing; they must agree."""
+    sides = {"R": "right", "L": "left", "B": "both", "U": None}
+    found = []
+    for keyword in ("Laterality", "ImageLaterality"):
+        text = _text(ds, keyword)
+        if text is None:
+            continue
+        if text.upper() not in sides:
+            raise _Bad(f"{keyword} {text[:8]!r} is not one of R, L, B, U")
+        found.append(sides[text.upper()])
+    given = {s for s in found if s}
+    if len(given) > 1:
+        raise _Bad("Laterality and ImageLaterality disagree")
+    return given.pop() if given else None
+
+
+def _operator(ds: Dataset) -> str | None:
+    """OperatorsName as the record's free-text photographer: the first name, read as a person writes it
+    (Family^Given^Middle^Prefix^Suffix -> Prefix Given Middle Family Suffix)."""
+    value = ds.get("OperatorsName")
+    if isinstance(value, MultiValue):
+        value = value[0] if value else None
+    text = str(value or "").split("=")[0]  # the alphabetic group
+    parts = (text.split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (p.strip() for p in parts)
+    return " ".join(x for x in (prefix, given, middle, family, suffix) if x)[:200] or None
+
+
+def _view(ds: Dataset) -> str | None:
+    views = ds.get("ViewCodeSequence")
+    return (_text(views[0], "CodeMeaning") or "")[:100] or None if views else None
 
 
 # --- renditions ------------------------------------------------------------------------------------------
