@@ -120,7 +120,7 @@ def test_body_part_examined_and_the_part10_path_map_the_same(gw, web, tmp_path, 
     assert (from_json.body_site_code, from_json.laterality, from_json.photographer) == ("85562004", "right", "Dr Ann Lens")
 
 
-def test_bad_coded_values_fail_the_instance_naming_the_attribute(gw, web):  # noqa: F811
+def test_bad_coded_values_fail_the_instance_naming_the_attribute(gw, web, validate_stored_dicom):  # noqa: F811
     add_patient(gw)
     bad = {
         "bad-sctid": ({"00082218": {"vr": "SQ", "Value": [code("85562005", "Hand")]}}, "AnatomicRegionSequence: '85562005'"),
