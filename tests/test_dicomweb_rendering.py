@@ -196,6 +196,19 @@ def test_annotation_burns_in_the_patient_and_technique_for_those_who_see_the_pho
     assert served.get(url, params={"annotation": "patient"}, headers=h).status_code == 404
 
 
+def test_annotation_draws_accented_names_with_their_letters(monkeypatch):
+    """Ó and Ú drawn as themselves (a font without them draws the same empty box for both); with no such font the
+    name is folded to ASCII letters (Ó -> O), never boxes."""
+    from gateway.dicomweb import pixels
+
+    def drawn(text: str) -> np.ndarray:
+        return np.asarray(pixels.annotate(Image.new("RGB", (400, 300), (40, 90, 40)), [text]))
+
+    assert not np.array_equal(drawn("Ó"), drawn("Ú")) and not np.array_equal(drawn("Ó"), drawn("O"))
+    monkeypatch.setattr(pixels, "FONT_FILES", ())
+    assert np.array_equal(drawn("Ó Súilleabháin"), drawn("O Suilleabhain"))
+
+
 # -- 3. frames as JPEG or PNG when stored otherwise -------------------------------------------------------------
 
 

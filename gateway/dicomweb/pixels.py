@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +105,25 @@ def apply_window(image: Image.Image, window: Window) -> Image.Image:
     return image.point(table * len(image.getbands()))
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Pillow's bundled FreeType font (Latin, incl. accented names); no system font is assumed
-    return ImageFont.load_default(size)
+# DejaVu Sans (Debian fonts-dejavu-core, in the image and CI) covers Latin, Greek and Cyrillic names; Pillow's own
+# bundled font has no accented letters and would draw "Ó Súilleabháin" with empty boxes, a name no one can check
+FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
+
+
+def _font(size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, bool]:
+    """A font and whether it draws any Latin, Greek or Cyrillic name (else: names are folded to ASCII letters)."""
+    for name in FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size), True
+        except OSError:
+            continue
+    return ImageFont.load_default(size), False
+
+
+def _ascii(text: str) -> str:
+    """Accents dropped (Ó -> O) where the font has no glyph for them: a readable name rather than empty boxes."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return folded or "?"
 
 
 def annotate(image: Image.Image, lines: list[str]) -> Image.Image:
@@ -116,9 +133,14 @@ def annotate(image: Image.Image, lines: list[str]) -> Image.Image:
     if not lines:
         return image
     image = image.convert("RGB")
-    size = max(10, min(image.width, image.height) // 28)
-    font = _font(size)
     draw = ImageDraw.Draw(image, "RGBA")
+    size = max(10, min(image.width, image.height) // 28)
+    font, full = _font(size)
+    if not full:
+        lines = [_ascii(line) for line in lines]
+    while size > 8 and max(draw.textlength(line, font=font) for line in lines) > image.width - 2 * max(2, size // 4):
+        size -= 1  # a long name on a small image: smaller text rather than text cut off at the edge
+        font, _ = _font(size)
     pad = max(2, size // 4)
     height = pad + len(lines) * (size + pad)
     draw.rectangle((0, 0, image.width, height), fill=(0, 0, 0, 170))
@@ -144,6 +166,9 @@ def rendered(source: bytes, media: str, viewport: tuple[int, int] | None, qualit
         return encode(out_image, media, quality)
 
 
+JPEG_QUALITY = 90
+
+
 def encode(image: Image.Image, media: str, quality: int | None = None) -> bytes:
     """The image as PNG, or as baseline JPEG (quality 90 unless asked; 4:2:0 as cameras write)."""
     out = io.BytesIO()
@@ -152,9 +177,6 @@ def encode(image: Image.Image, media: str, quality: int | None = None) -> bytes:
     else:
         image.save(out, "JPEG", quality=quality or JPEG_QUALITY, progressive=False)
     return out.getvalue()
-
-
-JPEG_QUALITY = 90
 
 
 def frame_image(obj: DicomObject, media: str) -> bytes:
