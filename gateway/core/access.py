@@ -259,13 +259,12 @@ def read(gw: Gateway, ctx: AccessContext, photo_id: str) -> PhotoView:
 
 
 def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, what: str,
-          within_patient: int | None = None, detail: dict[str, Any] | None = None) -> StoredImage:
-    """A photo's image file: the original as received (only for the roles allowed originals), or a rendition.
-    `detail` goes into the retrieve's audit record (e.g. that the patient's details are burned into the image)."""
+          within_patient: int | None = None) -> StoredImage:
+    """A photo's image file: the original as received (only for the roles allowed originals), or a rendition."""
     policy = gw.settings.policy
     view = _visible(gw, ctx, photo_id, "retrieve", within_patient)
     asset = view.asset
-    detail = {"rendition": rendition, **(detail or {})}
+    detail = {"rendition": rendition}
     if rendition == "original" and not view.original_allowed:
         roles = ", ".join(policy.original_roles) or "none"
         reason = f"rendition: DENIED - originals are only for roles {roles}"

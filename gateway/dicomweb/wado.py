@@ -387,14 +387,11 @@ def _rendered_media(request: Request, single: bool) -> tuple[str, bool]:
                              "(a single part type such as image/jpeg alone is for one instance: PS3.18 10.4.4)")
 
 
-def _rendition(gw: Gateway, subject: Subject, target: Target, text: str, rendition: Literal["preview", "thumbnail"],
-               detail: dict[str, Any] | None = None) -> access.RenderedSource:
-    """One image's stored rendition: the instance the URL names, or the first of a set (a thumbnail stands for its
-    series or study)."""
+def _first_rendition(gw: Gateway, subject: Subject, target: Target, text: str,
+                     rendition: Literal["preview", "thumbnail"]) -> access.StoredImage:
+    """The stored rendition of the first visible instance the URL names (a thumbnail stands for its series or study)."""
     ctx, found = _matches(gw, subject, target, text)
-    match = found[0]
-    image = access.image(gw, ctx, match.asset_id or "", rendition, text, detail=detail)
-    return access.RenderedSource(image, match.patient)
+    return access.image(gw, ctx, found[0].asset_id or "", rendition, text)
 
 
 def _which(gw: Gateway, viewport: tuple[int, int] | None, prefer_thumbnail: bool = False) -> Literal["preview", "thumbnail"]:
@@ -437,13 +434,13 @@ async def _render(request: Request, subject: Caller, target: Target) -> Response
     gw = gw_of(request)
     text = f"WADO-RS {what(request)}"
     headers = NO_STORE if r.annotation else None
-    if not many:
-        source = await run_in_threadpool(_rendition, gw, subject, target, text, _which(gw, r.viewport), _annotation_detail(r))
-        image = source.image
+    # the query and the retrieves in one audit commit, for an instance as for a study
+    found = await run_in_threadpool(_renditions, gw, subject, target, text, r)
+    if not many:  # an instance (or its frame) asked for as a single image
+        image = found[0].image
         if media == "image/jpeg" and r.as_stored and (r.viewport is None or pixels.fits(image.path, r.viewport)):
             return FileResponse(image.path, media_type="image/jpeg")  # the stored rendition itself, byte for byte
-        return Response(await run_in_threadpool(_render_one, source, media, r), media_type=media, headers=headers)
-    found = await run_in_threadpool(_renditions, gw, subject, target, text, r)
+        return Response(await run_in_threadpool(_render_one, found[0], media, r), media_type=media, headers=headers)
 
     def rendered_parts() -> Iterator[Part]:
         for source in found:
@@ -460,8 +457,7 @@ async def _thumbnail(request: Request, subject: Caller, target: Target) -> Respo
     viewport = _rendering(request, {"viewport"}).viewport
     gw = gw_of(request)
     rendition = _which(gw, viewport, prefer_thumbnail=True)
-    source = await run_in_threadpool(_rendition, gw, subject, target, f"WADO-RS {what(request)}", rendition)
-    image = source.image
+    image = await run_in_threadpool(_first_rendition, gw, subject, target, f"WADO-RS {what(request)}", rendition)
     if media == "image/jpeg" and (viewport is None or pixels.fits(image.path, viewport)):
         return FileResponse(image.path, media_type="image/jpeg")  # the stored thumbnail itself, byte for byte
     return Response(await run_in_threadpool(pixels.rendered, image.path.read_bytes(), media, viewport, None), media_type=media)
