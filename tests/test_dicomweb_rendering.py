@@ -117,6 +117,33 @@ def test_rendered_series_and_study_as_multipart_of_the_stored_previews(gw, archi
     assert any(q.startswith("WADO-RS GET /dicomweb/studies/1.2.826.0.1.3/rendered") for q in queries)
 
 
+def test_rendered_series_of_objects_rendered_on_first_asking_and_one_that_did_not_decode(gw, fx, served, tmp_path):
+    """Received objects are answered before their renditions are made (ingest.received_renditions after-answer): a
+    rendered series makes them on first asking; one whose pixels do not decode is left out, as it has no image."""
+    from gateway.core.ingest.renditions import DUE, FAILED
+    from tests.test_ingest_deferred import damaged_inside, good_object
+
+    add_patient(gw)
+    study, series = "1.2.826.0.6.1", "1.2.826.0.6.1.1"
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    good, bad = good_object(tmp_path, fx), damaged_inside(tmp_path, fx)
+    for path, n in ((good, 1), (bad, 2)):
+        ds = pydicom.dcmread(path)
+        for k, v in {**uids, "SOPInstanceUID": f"{series}.{n}", "InstanceNumber": n}.items():
+            setattr(ds, k, v)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path)
+        ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+    with gw.db.read() as s:
+        assert set(s.scalars(select(Asset.rendition_state).where(Asset.series_uid == series))) == {DUE}
+    r = served.get(f"/dicomweb/studies/{study}/series/{series}/rendered", headers={**mi(gw), "Accept": "*/*"})
+    assert r.status_code == 200, r.text
+    with gw.db.read() as s:
+        states = dict(s.execute(select(Asset.sop_instance_uid, Asset.rendition_state).where(Asset.series_uid == series)).all())
+    assert states == {f"{series}.1": None, f"{series}.2": FAILED}
+    assert [body for _, body in parts(r)] == previews(gw, f"{series}.1")
+
+
 # -- 2. window and annotation -----------------------------------------------------------------------------------
 
 
@@ -351,9 +378,9 @@ def test_each_image_of_a_set_is_annotated_with_its_own_patient(gw, archive, serv
     """The served image is exactly the stored preview with these lines burned in: Ann Jones's, not the other patient's."""
     from gateway.dicomweb import pixels
 
-    [b1] = previews(gw, archive["b1"].SOPInstanceUID)
     r = served.get("/dicomweb/studies/1.2.826.0.1.3/rendered", params={"annotation": "patient"},
                    headers={**mi(gw), "Accept": 'multipart/related; type="image/png"'})
     [(_, body)] = parts(r)
+    [b1] = previews(gw, archive["b1"].SOPInstanceUID)  # made by that first asking
     expected = pixels.rendered(b1, "image/png", None, None, None, ["JONES, Ann  born 03 Feb 1980", f"NHS {OTHER_NHS}"])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), np.asarray(Image.open(io.BytesIO(expected))))

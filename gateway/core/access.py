@@ -319,7 +319,13 @@ def images_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, 
     out: list[RenderedSource] = []
     entries: list[audit.AuditEntry] = []
     for asset in (found[i] for i in ids if i in found):
-        sha = asset.preview_sha256 if rendition == "preview" else asset.thumbnail_sha256
+        preview, thumbnail, state = asset.preview_sha256, asset.thumbnail_sha256, asset.rendition_state
+        if state == DUE:  # a received object answered before it was rendered: made now, as image() does
+            made = deferred.make(gw, asset.id)
+            preview, thumbnail, state = made.preview_sha256, made.thumbnail_sha256, made.state
+        if state == FAILED:
+            continue  # its pixels did not decode: it has no rendered image (its DICOM object is kept as sent)
+        sha = preview if rendition == "preview" else thumbnail
         path = gw.blobs.path(sha or "")
         if not sha or not path.is_file():
             log.error("the %s of photo %s is missing from the blob store", rendition, asset.id)
