@@ -147,3 +147,20 @@ def test_bad_coded_values_fail_the_instance_naming_the_attribute(gw, web, valida
     answer = Dataset.from_json(r.json())
     assert r.status_code == 202 and [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [f"{SERIES}.3"]
     assert [f.ReferencedSOPInstanceUID for f in answer.FailedSOPSequence] == [f"{SERIES}.90"]
+
+
+def test_a_received_object_with_the_same_bad_values_is_kept_as_sent(gw, web, tmp_path):  # noqa: F811
+    """The lenient side of the one mapping: a Part 10 object is stored as it came (it is the evidence), its bad coded
+    values and offset left out of the record rather than refusing the photo; what can be read is kept."""
+    add_patient(gw)
+    ds = objects.dataset(objects.SECONDARY_CAPTURE, rows=8, columns=8)
+    ds.update(Dataset.from_json({"00082218": {"vr": "SQ", "Value": [code("85562005", "Hand")]},
+                                 "00200060": {"vr": "CS", "Value": ["X"]}, "00080201": {"vr": "SH", "Value": ["CET"]}}))
+    ds.PixelData = objects.gradient(8, 8).tobytes()
+    ds["PixelData"].VR = "OB"
+    path = objects.write(ds, tmp_path / "sc.dcm")
+    assert stow(web, gw, [("application/dicom", path.read_bytes(), {})]).status_code == 200
+    a = asset(gw, ds.SOPInstanceUID)
+    assert (a.body_site_code, a.laterality) == (None, None)
+    local = dt.datetime(2024, 3, 5, 14, 22, 31).astimezone(dt.timezone.utc)  # the offset unread: the host's local time
+    assert a.taken_at.replace(tzinfo=dt.timezone.utc) == local and a.device == "Acme DermCam 2"

@@ -333,7 +333,8 @@ def described(ds: Dataset, *, strict: bool = False) -> Described:
             return read(ds)
         except _Bad as exc:
             if strict:
-                raise IngestRejected(BAD_METADATA, str(exc)[:64], field=str(exc).split(":")[0]) from None
+                # every message begins with the attribute's keyword: it is the field at fault
+                raise IngestRejected(BAD_METADATA, str(exc)[:64], field=str(exc).replace(":", " ").split()[0]) from None
             return None
         except Exception:  # a malformed value is the sender's problem, not a reason to refuse a received object
             if strict:
@@ -348,7 +349,8 @@ def described(ds: Dataset, *, strict: bool = False) -> Described:
                              field="Laterality")
     comments = [_text(ds, k) for k in ("StudyDescription", "SeriesDescription", "ImageComments")]
     return Described(
-        taken_at=attempt(_taken_at), body_site=(site[0], site[1]) if site else None, laterality=side or region_side,
+        taken_at=attempt(lambda d: _taken_at(d, strict=strict)), body_site=(site[0], site[1]) if site else None,
+        laterality=side or region_side,
         device=" ".join(x for x in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if x)[:200] or None,
         operator=attempt(_operator), view=attempt(_view),
         description="; ".join(dict.fromkeys(c for c in comments if c))[:10000] or None,
@@ -369,9 +371,9 @@ def governance_of(ds: Dataset) -> Governance:
                       view=facts.view, description=facts.description)
 
 
-def _taken_at(ds: Dataset) -> dt.datetime | None:
-    """When the photo was taken. Without an offset in the value or TimezoneOffsetFromUTC, the gateway host's local
-    time (a modality on site)."""
+def _taken_at(ds: Dataset, *, strict: bool = False) -> dt.datetime | None:
+    """When the photo was taken. Without an offset in the value or a TimezoneOffsetFromUTC (one that cannot be
+    read: refused when `strict`), the gateway host's local time (a modality on site)."""
     moment: dt.datetime | None = None
     text = _text(ds, "AcquisitionDateTime")
     if text:
@@ -391,7 +393,7 @@ def _taken_at(ds: Dataset) -> dt.datetime | None:
         if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
             minutes = int(offset[1:3]) * 60 + int(offset[3:])
             moment = moment.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
-        elif offset:
+        elif offset and strict:
             raise _Bad(f"TimezoneOffsetFromUTC {offset[:10]!r} is not &ZZXX (e.g. +0100)")
         else:
             moment = moment.astimezone()
