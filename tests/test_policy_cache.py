@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from gateway.core.identity import Subject
 from gateway.core.policy import rules
-from gateway.core.policy.rules import FILTERS, filter_for, resolve
+from gateway.core.policy.rules import FILTERS, AccessContext, filter_for, resolve
 from gateway.core.policy.settings import PolicySettings
 from store.models import Asset, AssetAccess, Consent, Encounter, Patient
 from tests.access_matrix import PEERS, USERS, build_access_matrix
@@ -34,14 +34,18 @@ def test_cached_filter_gives_the_rows_of_a_fresh_one(gw):
                           sensitivities=user.sensitivities, break_glass_reason=user.break_glass)
         for purpose in {user.purpose, *PURPOSES}:
             reason = user.break_glass if purpose == "ETREAT" else None
-            ctx = resolve(subject, policy, purpose=purpose, break_glass=reason)
-            fresh = rules._build_filter(ctx, policy, Asset, frozenset(), now_at_run=False)
-            cached = filter_for(ctx, policy)
-            assert filter_for(ctx, policy) is cached  # built once
+            # resolved afresh for each use: a request is for the current time only within NOW_SLACK of it (2 s),
+            # which a loaded CI machine can outlast between two statements of this loop
+            def ctx() -> AccessContext:
+                return resolve(subject, policy, purpose=purpose, break_glass=reason)  # noqa: B023
+
+            fresh = rules._build_filter(ctx(), policy, Asset, frozenset(), now_at_run=False)
+            cached = filter_for(ctx(), policy)
+            assert filter_for(ctx(), policy) is cached  # built once
             assert visible(gw.db, cached) == visible(gw.db, fresh), (user.key, purpose)
             for skip in (("consent",), ("consent", "sensitivity")):
-                assert visible(gw.db, filter_for(ctx, policy, skip=skip)) == visible(
-                    gw.db, rules._build_filter(ctx, policy, Asset, frozenset(skip), now_at_run=False)), (user.key, skip)
+                assert visible(gw.db, filter_for(ctx(), policy, skip=skip)) == visible(
+                    gw.db, rules._build_filter(ctx(), policy, Asset, frozenset(skip), now_at_run=False)), (user.key, skip)
             checked += 1
     assert checked > 40 and FILTERS.hits >= checked
 
