@@ -156,6 +156,31 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def server_cpu_seconds(url: str | None) -> float | None:
+    """CPU of the PostgreSQL cluster serving `url` (the postmaster's children: backends, WAL writer...), Linux, when
+    readable (same machine, permission): with the gateway's and the client's, the whole CPU a message costs.
+    Anyone else's work on that cluster counts too."""
+    if url is None:
+        return None
+    try:
+        import psycopg
+
+        with psycopg.connect(url.split("?")[0].replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+            row = c.execute("SELECT pg_backend_pid()").fetchone()
+        master = int(Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its postmaster
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == master:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+    except Exception:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -294,12 +319,17 @@ def run_backend(label: str, args: argparse.Namespace, rounds: list[int], databas
             run = uuid.uuid4().hex[:6]
             run_round(args.host, port, min(200, args.messages), 1, run + "w")  # warm-up
             for i, conns in enumerate(rounds):
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0, server0, client0 = cpu_seconds(proc.pid), server_cpu_seconds(database_url), os.times()
                 r = run_round(args.host, port, args.messages, conns, f"{run}{i}")
-                cpu1 = cpu_seconds(proc.pid)
-                cpu = f"{(cpu1 - cpu0) * 1000 / r['messages']:.3f}" if cpu0 is not None and cpu1 is not None else "-"
+                cpu1, server1, client1 = cpu_seconds(proc.pid), server_cpu_seconds(database_url), os.times()
+
+                def per(a: float | None, b: float | None) -> str:
+                    return f"{(b - a) * 1000 / r['messages']:.3f}" if a is not None and b is not None else "-"
+
+                client = per(client0.user + client0.system, client1.user + client1.system)
                 print(f"{label:>10} {r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
-                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {cpu:>19}", flush=True)
+                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {per(cpu0, cpu1):>19} {per(server0, server1):>10} "
+                      f"{client:>10}", flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -318,7 +348,7 @@ def main() -> None:
     args = ap.parse_args()
     rounds = [int(c) for c in args.connections.split(",")]
     header = (f"{'backend':>10} {'connections':>11} {'messages':>9} {'msg/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'not AA':>6}"
-              f" {'gateway CPU ms/msg':>19}")
+              f" {'gateway CPU ms/msg':>19} {'server':>10} {'client':>10}")
     if args.port is not None:
         print(header)
         run = uuid.uuid4().hex[:6]
