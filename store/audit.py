@@ -289,7 +289,7 @@ def _append_expected(st: Statements, key: bytes, entries: list[AuditEntry], know
     genesis = last.trail if last.trail != GENESIS_HASH else None  # a trail begun before genesis records has none
     st.guard(_GUARDED_HEAD, (seq, prev, _head_mac(key, seq, prev), last.seq, last.hash, genesis, anchored_seq,
                              anchored_hash), AuditHeadMoved)
-    st.many(_INSERT_EVENT, rows)
+    st.insert_rows(_INSERT_HEAD, rows)
     return seqs, AnchorUpdate(AnchorState(last.trail, seq, prev), known, known is not None)
 
 
@@ -307,7 +307,7 @@ _LOCK_GENESIS = {
     False: "SELECT hash FROM audit_head WHERE id = 0",
     True: "SELECT hash FROM audit_head WHERE id = 0 FOR UPDATE",
 }
-_INSERT_EVENT = f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(['?'] * len(_INSERT_COLUMNS))})"
+_INSERT_HEAD = f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)})"
 
 
 class _Marks(NamedTuple):
@@ -348,7 +348,7 @@ def _append_rows(st: Statements, key: bytes, entries: list[AuditEntry],
     if seq == 0:
         prev = trail  # record 1 chains from the genesis record
     rows, seqs, seq, prev = _rows(st, key, entries, seq, prev)
-    st.many(_INSERT_EVENT, rows)
+    st.insert_rows(_INSERT_HEAD, rows)
     if head is not None:
         st.run("UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = ?", (seq, prev, _head_mac(key, seq, prev), _HEAD_ID))
     else:  # head row deleted under a kept genesis: put it back (the gap shows in verify)

@@ -264,6 +264,10 @@ def _exchange(pgconn: Any) -> Generator[Any, Any, list[list[Any]]]:
             current.append(result)
 
 
+ROWS_AT_ONCE = 16  # rows of one multi-row INSERT (Statements.insert_rows): 16 shapes to prepare at most
+_MULTI_ROW: dict[tuple[str, int, int], str] = {}
+
+
 class Statements:
     """The statements of one transaction on one DB-API connection; counts statements and round trips."""
 
@@ -319,6 +323,24 @@ class Statements:
         else:
             for params in rows:
                 wire.send(sql, params, None)
+
+    def insert_rows(self, head: str, rows: Sequence[Params]) -> None:
+        """`head` ("INSERT INTO t (a, b)") with many rows. PostgreSQL: multi-row INSERTs of up to ROWS_AT_ONCE
+        rows, each one statement for the server to plan-check, lock and run instead of one per row (a group
+        commit of eight ADT messages sent ~12 audit inserts); rows keep their order. SQLite: executemany."""
+        if not rows:
+            return
+        if not self.pg:
+            self.many(f"{head} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+            return
+        width = len(rows[0])
+        for at in range(0, len(rows), ROWS_AT_ONCE):
+            chunk = rows[at:at + ROWS_AT_ONCE]
+            sql = _MULTI_ROW.get((head, width, len(chunk)))
+            if sql is None:
+                one = f"({', '.join('?' * width)})"
+                sql = _MULTI_ROW[(head, width, len(chunk))] = f"{head} VALUES {', '.join([one] * len(chunk))}"
+            self.run(sql, [x for row in chunk for x in row])
 
     def guard(self, sql: str, params: Params, failure: type[PipelineFailed]) -> None:
         """A pipelined statement whose failure means `failure`, which the sync that carries it raises (instead of
