@@ -142,15 +142,12 @@ class GroupCommitter:
                 begun = [self.processor.begin(session, p) for p in todo]
                 # each message's writes sent as soon as it is worked out (no wait), so the server runs them while
                 # the next one is worked out here: 8 connections 1,062 / 1,099 -> 1,189 / 1,224 msg/s on PostgreSQL
-                # (bench/hl7_throughput.py, alternate runs). Not after the last: the audit records and COMMIT follow
-                # at once, and a send of its own woke the server twice a batch (cProfile, one connection: the push
-                # took ~0.2 ms of wall time a message, as long as the reads' round trip)
+                # (bench/hl7_throughput.py, alternate runs); one connection unchanged (sending the last message's
+                # writes with the audit records and COMMIT instead was tried: no difference beyond the noise)
                 push = statements_of(session).push
-                last = begun[-1]
                 for b in begun:
                     results.append(self.processor.finish(session, b))
-                    if b is not last:
-                        push()
+                    push()
                 todo = []  # then the messages that arrived meanwhile, together
                 while more is not None and (late := more()) is not None:
                     batch.append(late)
