@@ -10,7 +10,10 @@ temporary folder (synchronous=FULL, so every ACK follows a durable commit), and,
 schema of its own in that PostgreSQL database (dropped afterwards). Beside each backend's rounds, measured in
 the same run (machines here are noisy: compare ratios, not absolute rates): the backend's commit limit
 (durable one-row commits a second), a bare round trip (PostgreSQL), and the round trips (PostgreSQL, from
-libpq's protocol trace) or statements (SQLite) a message costs through the group commit, in process.
+libpq's protocol trace) or statements (SQLite) a message costs through the group commit, in process. Each
+round also prints the CPU a message cost the gateway, the PostgreSQL cluster (its postmaster's processes, when
+this machine runs it: anyone else's work on that cluster counts too) and this client: on a shared machine
+the CPU a message costs is steadier than msg/s, and (their sum) / (cores) bounds what the machine can do.
 The messages are a mix of A01 (40%: new patient + encounter), A08 (30%:
 update with encounter), A31 (20%: person update, half of them registering a
 duplicate record under a second MRN) and A40 (10%: that duplicate merged into
@@ -172,13 +175,18 @@ def server_cpu_seconds(url: str | None) -> float | None:
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
+                if int(fields[1]) == master:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):  # a process that ended meanwhile
                 continue
-            if int(fields[1]) == master:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
     except Exception:
         return None
+
+
+def per(before: float | None, after: float | None, messages: int) -> str:
+    """CPU milliseconds a message, or '-' when not measured."""
+    return f"{(after - before) * 1000 / messages:.3f}" if before is not None and after is not None else "-"
 
 
 def free_port() -> int:
@@ -323,12 +331,10 @@ def run_backend(label: str, args: argparse.Namespace, rounds: list[int], databas
                 r = run_round(args.host, port, args.messages, conns, f"{run}{i}")
                 cpu1, server1, client1 = cpu_seconds(proc.pid), server_cpu_seconds(database_url), os.times()
 
-                def per(a: float | None, b: float | None) -> str:
-                    return f"{(b - a) * 1000 / r['messages']:.3f}" if a is not None and b is not None else "-"
-
-                client = per(client0.user + client0.system, client1.user + client1.system)
+                n = r["messages"]
+                client = per(client0.user + client0.system, client1.user + client1.system, n)
                 print(f"{label:>10} {r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
-                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {per(cpu0, cpu1):>19} {per(server0, server1):>10} "
+                      f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {per(cpu0, cpu1, n):>19} {per(server0, server1, n):>10} "
                       f"{client:>10}", flush=True)
         finally:
             proc.terminate()

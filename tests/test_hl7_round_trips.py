@@ -265,3 +265,21 @@ def test_a_batch_of_dependent_messages_ends_as_one_by_one(db, tmp_path, refusal)
         other.dispose()
         if schema is not None:
             schema.drop()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # prepared statements and generic plans are PostgreSQL's
+def test_the_identifier_look_up_is_an_index_probe_on_a_young_store(db):
+    """A prepared statement keeps the generic plan it got on a table of a page or two (a sequential scan) until the
+    table is analysed again: the writer plans index probes only, and gives its connection back as it found it."""
+    processor, committer = warmed_up(db)
+    for k in range(8):  # a table of a few rows, past the writer's and the server's prepare thresholds
+        raw = build(msh("A01", f"Y{k}"), "EVN|A01|20240301100000", pid(f"Y{k}"), pv1(f"YV{k}"))
+        assert committer.apply_now([processor.prepare(raw)])[0].code == "AA"
+    with db.writer().transaction() as session:
+        plan = [row[0] for row in statements_of(session).now(
+            "EXPLAIN SELECT i.id FROM patient_identifiers i WHERE (i.system = ? AND i.value = ?) OR (i.system = ? AND "
+            "i.value = ?)", ("a", "b", "c", "d")).rows()]
+    assert not any("Seq Scan" in line for line in plan), plan
+    db.writer().close()
+    with db.engine.connect() as conn:  # the pool's other users plan as usual
+        assert conn.exec_driver_sql("SHOW enable_seqscan").scalar() == "on"
