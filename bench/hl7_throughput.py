@@ -4,6 +4,8 @@
     .venv/bin/python bench/hl7_throughput.py --postgres-url postgresql+psycopg://clinphoto:clinphoto@127.0.0.1:5432/clinphoto_test
                                                                                        # SQLite, then PostgreSQL
     .venv/bin/python bench/hl7_throughput.py --host 127.0.0.1 --port 2575 [-n 4000]    # against a running one
+    .venv/bin/python bench/hl7_throughput.py --connections 1,8,1x8                     # 1x8: one connection, up
+                                                                     # to 8 messages sent ahead of their ACKs
 
 Without --port it starts `clinphoto serve` (MLLP only) on an empty store for each backend: SQLite in a
 temporary folder (synchronous=FULL, so every ACK follows a durable commit), and, with --postgres-url, a
@@ -17,7 +19,8 @@ the CPU a message costs is steadier than msg/s, and (their sum) / (cores) bounds
 The messages are a mix of A01 (40%: new patient + encounter), A08 (30%:
 update with encounter), A31 (20%: person update, half of them registering a
 duplicate record under a second MRN) and A40 (10%: that duplicate merged into
-an existing patient), with valid NHS numbers; every ACK is checked (AA).
+an existing patient), with valid NHS numbers; every ACK is checked (AA, and for the oldest message unanswered on
+its connection: "not AA" counts any other answer, or one out of order).
 Targets: >= 800 msg/s on one connection, >= 2,000 msg/s over 8.
 """
 
@@ -33,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,39 +103,47 @@ class Synth:
 
 
 def connection(host: str, port: int, synth: Synth, count: int, latencies: list[float], bad: list[int],
-               start: threading.Barrier) -> None:
+               start: threading.Barrier, window: int = 1) -> None:
     """One MLLP client, the way a PAS sends: one message, wait for its ACK, the next (blocking socket: the
-    client's own overhead per round trip stays small)."""
+    client's own overhead per round trip stays small). With window > 1, up to that many messages unanswered (a
+    sender that does not wait for each ACK): each ACK must answer the oldest message still unanswered."""
     sock = socket.create_connection((host, port), timeout=60)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     decoder = MllpDecoder()
-    messages = [frame(synth.next()) for _ in range(count)]
+    raws = [synth.next() for _ in range(count)]
+    messages = [frame(raw) for raw in raws]
+    control_ids = [raw.split(b"\r", 1)[0].split(b"|")[9] for raw in raws]
     mine: list[float] = []
+    sent: deque[tuple[bytes, float]] = deque()  # control id and send time of each message not yet answered
     start.wait()
-    for data in messages:
-        t0 = time.perf_counter()
-        sock.sendall(data)
-        acks: list[bytes] = []
-        while not acks:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("gateway closed the connection")
-            acks = decoder.feed(chunk)[0]
-        mine.append(time.perf_counter() - t0)
-        if b"\rMSA|AA|" not in acks[0]:
-            bad.append(1)
-            if len(bad) <= 3:
-                print("  not AA:", acks[0].replace(b"\r", b" | ").decode(errors="replace")[:300], file=sys.stderr)
+    following = 0
+    while following < len(messages) or sent:
+        while following < len(messages) and len(sent) < window:
+            sent.append((control_ids[following], time.perf_counter()))
+            sock.sendall(messages[following])
+            following += 1
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("gateway closed the connection")
+        for ack in decoder.feed(chunk)[0]:
+            control_id, t0 = sent.popleft()
+            mine.append(time.perf_counter() - t0)
+            msa = next((seg.split(b"|") for seg in ack.split(b"\r") if seg.startswith(b"MSA|")), [])
+            if msa[1:3] != [b"AA", control_id]:  # an AA, and for this message: answers in the order sent
+                bad.append(1)
+                if len(bad) <= 3:
+                    print("  not AA for", control_id.decode(), ":", ack.replace(b"\r", b" | ").decode(errors="replace")[:300],
+                          file=sys.stderr)
     sock.close()
     latencies.extend(mine)
 
 
-def run_round(host: str, port: int, n: int, conns: int, run: str) -> dict:
+def run_round(host: str, port: int, n: int, conns: int, run: str, window: int = 1) -> dict:
     latencies: list[float] = []
     bad: list[int] = []
     per = n // conns
     start = threading.Barrier(conns + 1)
-    threads = [threading.Thread(target=connection, args=(host, port, Synth(run, c), per, latencies, bad, start))
+    threads = [threading.Thread(target=connection, args=(host, port, Synth(run, c), per, latencies, bad, start, window))
                for c in range(conns)]
     for t in threads:
         t.start()
@@ -142,7 +154,8 @@ def run_round(host: str, port: int, n: int, conns: int, run: str) -> dict:
     elapsed = time.perf_counter() - t0
     latencies.sort()
     return {
-        "connections": conns, "messages": per * conns, "seconds": elapsed, "rate": per * conns / elapsed,
+        "connections": f"{conns}x{window}" if window > 1 else conns, "messages": per * conns, "seconds": elapsed,
+        "rate": per * conns / elapsed,
         "p50_ms": statistics.median(latencies) * 1000, "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "not_aa": len(bad),
     }
@@ -314,7 +327,7 @@ def cost_per_message(url: str, n: int = 400) -> tuple[str, float]:
     return cost
 
 
-def run_backend(label: str, args: argparse.Namespace, rounds: list[int], database_url: str | None) -> None:
+def run_backend(label: str, args: argparse.Namespace, rounds: list[tuple[int, int]], database_url: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="clinphoto-bench-") as tmp:
         url = database_url or f"sqlite:///{tmp}/anchor.db"
         anchors = [f"commit limit {commit_limit(url):,.0f}/s"]
@@ -326,9 +339,9 @@ def run_backend(label: str, args: argparse.Namespace, rounds: list[int], databas
         try:
             run = uuid.uuid4().hex[:6]
             run_round(args.host, port, min(200, args.messages), 1, run + "w")  # warm-up
-            for i, conns in enumerate(rounds):
+            for i, (conns, window) in enumerate(rounds):
                 cpu0, server0, client0 = cpu_seconds(proc.pid), server_cpu_seconds(database_url), os.times()
-                r = run_round(args.host, port, args.messages, conns, f"{run}{i}")
+                r = run_round(args.host, port, args.messages, conns, f"{run}{i}", window)
                 cpu1, server1, client1 = cpu_seconds(proc.pid), server_cpu_seconds(database_url), os.times()
 
                 n = r["messages"]
@@ -345,21 +358,22 @@ def run_backend(label: str, args: argparse.Namespace, rounds: list[int], databas
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--messages", type=int, default=4000, help="messages per round")
-    ap.add_argument("--connections", default="1,8", help="comma-separated connection counts, one round each")
+    ap.add_argument("--connections", default="1,8", help="comma-separated connection counts, one round each; CxW: C "
+                    "connections each with up to W messages unanswered (a sender that does not wait for each ACK)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, help="a running gateway's MLLP port; default: start one per backend")
     ap.add_argument("--database-url", help="the one database for the gateway this starts (instead of the backends below)")
     ap.add_argument("--postgres-url", help="also run on PostgreSQL, in a schema of its own in this database")
     ap.add_argument("--no-sqlite", action="store_true", help="with --postgres-url: PostgreSQL only")
     args = ap.parse_args()
-    rounds = [int(c) for c in args.connections.split(",")]
+    rounds = [(int(c.split("x")[0]), int(c.split("x")[1]) if "x" in c else 1) for c in args.connections.split(",")]
     header = (f"{'backend':>10} {'connections':>11} {'messages':>9} {'msg/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'not AA':>6}"
               f" {'gateway CPU ms/msg':>19} {'server':>10} {'client':>10}")
     if args.port is not None:
         print(header)
         run = uuid.uuid4().hex[:6]
-        for i, conns in enumerate(rounds):
-            r = run_round(args.host, args.port, args.messages, conns, f"{run}{i}")
+        for i, (conns, window) in enumerate(rounds):
+            r = run_round(args.host, args.port, args.messages, conns, f"{run}{i}", window)
             print(f"{'running':>10} {r['connections']:>11} {r['messages']:>9} {r['rate']:>8.0f} {r['p50_ms']:>7.2f} "
                   f"{r['p99_ms']:>7.2f} {r['not_aa']:>6} {'-':>19}")
         return
