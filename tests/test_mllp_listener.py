@@ -196,6 +196,34 @@ def test_many_concurrent_connections(db):
     assert count(db) == 240
 
 
+def test_messages_sent_ahead_of_their_acks_are_answered_in_order_after_their_commit(db):
+    """A sender that does not wait for each ACK: the next messages are read while earlier ones commit, and each
+    connection's ACKs come back in the order sent, each after its message was committed; the same patient updated
+    many times ends with the last update, and a refused message in the middle holds up nobody."""
+    with running(db) as listener:
+        senders = [Client(listener.port) for _ in range(3)]
+        sent: dict[int, list[str]] = {}
+        for n, c in enumerate(senders):
+            cids = [f"P{n}-{i}" for i in range(40)]
+            sent[n] = cids
+            data = b"".join(frame(adt(cid, nhs=("9449305552", "9449305560", "9449305579")[n], extra=f"V{i:02d}")
+                                  if i != 17 else b"MSH|^~\\&|PAS|RX1\rPID|broken\r")
+                            for i, cid in enumerate(cids))
+            c.send_raw(data)  # all forty at once
+        for n, c in enumerate(senders):
+            answers = [msa(c.recv()) for _ in range(40)]
+            assert [cid for _code, cid in answers[:17] + answers[18:]] == sent[n][:17] + sent[n][18:]
+            assert answers[17][0] == "AR" and {code for code, _cid in answers[:17] + answers[18:]} == {"AA"}
+            with db.read() as s:  # every message answered is stored
+                stored = set(s.scalars(select(Hl7Message.control_id).where(Hl7Message.control_id.like(f"P{n}-%"))))
+            assert stored == set(sent[n][:17] + sent[n][18:])
+            c.close()
+        assert listener.committer.batches < listener.committer.messages  # read while earlier ones committed
+    with db.read() as s:
+        families = set(s.scalars(select(Patient.family_name)))
+    assert families == {"SMITHV39"}  # one patient per sender (same numbers), each at its last update
+
+
 def test_bytes_outside_frames_are_ignored_and_logged(db, caplog):
     with caplog.at_level(logging.WARNING, logger="clinphoto.hl7.mllp"):
         with running(db) as listener:
