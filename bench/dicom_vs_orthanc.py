@@ -1,7 +1,7 @@
 """The DICOM door beside Orthanc: the same workload against `clinphoto serve` and a fresh Orthanc (Debian's package,
 SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
 
-    .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000]
+    .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000] [--only find,get]
 
 - C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
   associations: files/s. clinphoto checks each photo (everything but a decode) and stores it durably before
@@ -326,7 +326,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=50)
     ap.add_argument("--studies", default="2000,10000")
+    ap.add_argument("--only", default="store,get,web,find",
+                    help="the legs to run, of store (C-STORE 1 and 4 assoc.), get (the study's C-STORE, C-GET), web (WADO-RS, "
+                         "STOW-RS, QIDO-RS) and find (seeding, C-FIND); default all")
     args = ap.parse_args()
+    legs = set(args.only.split(","))
+    if not legs <= {"store", "get", "web", "find"}:
+        raise SystemExit(f"--only: unknown legs {sorted(legs - {'store', 'get', 'web', 'find'})}")
     sizes = [int(s) for s in args.studies.split(",")]
     # distinct valid NHS numbers (nhs_number steps over stems without a check digit, so two n can meet)
     unique: dict[str, None] = {}
@@ -350,7 +356,7 @@ def main() -> None:
                 "orthanc": httpx.Client(base_url=f"{servers['orthanc'].url}/dicom-web", timeout=120, headers={"Accept-Encoding": "identity"})}
         try:
             for name in ("clinphoto", "orthanc"):
-                for assocs in (1, 4):
+                for assocs in (1, 4) if "store" in legs else ():
                     batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(args.photos)]
                     start = time.perf_counter()
                     rows[name][f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = rate = store_all(ports[name], called[name], batch, assocs)
@@ -358,29 +364,34 @@ def main() -> None:
                     # makes none: answered is done)
                     done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
                     rows[name][f"C-STORE 12-MP, {assocs} assoc., until rendered (files/s)"] = len(batch) / (done - start) if done else rate
-                study, series = generate_uid(), generate_uid()
-                study_photos = [photo(jpeg, study, series) for _ in range(10)]
-                rows[name]["C-STORE of the C-GET study (files/s)"] = store_all(ports[name], called[name], study_photos, 1)
-                rows[name]["C-GET 10-photo study (ms)"] = get_time(ports[name], called[name], study, 10)
-                rows[name]["WADO-RS one 12-MP instance, as stored (ms)"] = wado_time(webs[name], "", study, series,
-                                                                                     study_photos[0].SOPInstanceUID)
-                stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(args.photos // 2, 10))]
-                start = time.perf_counter()
-                rows[name]["STOW-RS 12-MP, one per request (files/s)"] = rate = stow_rate(webs[name], "", stowed)
-                done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
-                rows[name]["STOW-RS 12-MP, until rendered (files/s)"] = len(stowed) / (done - start) if done else rate
+                if legs & {"get", "web"}:
+                    study, series = generate_uid(), generate_uid()
+                    study_photos = [photo(jpeg, study, series) for _ in range(10)]
+                    rows[name]["C-STORE of the C-GET study (files/s)"] = store_all(ports[name], called[name], study_photos, 1)
+                if "get" in legs:
+                    rows[name]["C-GET 10-photo study (ms)"] = get_time(ports[name], called[name], study, 10)
+                if "web" in legs:
+                    rows[name]["WADO-RS one 12-MP instance, as stored (ms)"] = wado_time(webs[name], "", study, series,
+                                                                                         study_photos[0].SOPInstanceUID)
+                    stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(args.photos // 2, 10))]
+                    start = time.perf_counter()
+                    rows[name]["STOW-RS 12-MP, one per request (files/s)"] = rate = stow_rate(webs[name], "", stowed)
+                    done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
+                    rows[name]["STOW-RS 12-MP, until rendered (files/s)"] = len(stowed) / (done - start) if done else rate
                 held = 0
-                for size in sizes:
+                for size in sizes if legs & {"find", "web"} else ():
                     extra = [small(patients[i], generate_uid()) for i in range(held, size)]
                     # seeding, one association: Orthanc dropped one of four under this load
                     store_all(ports[name], called[name], extra, 1, tolerate=True)
                     held = size
-                    p50, p95 = find_times(ports[name], called[name], patients[:size])
-                    rows[name][f"C-FIND STUDY by PatientID, {size} studies p50 (ms)"] = p50
-                    rows[name][f"C-FIND STUDY by PatientID, {size} studies p95 (ms)"] = p95
-                    p50, p95 = qido_times(webs[name], "", patients[:size])
-                    rows[name][f"QIDO-RS studies by PatientID, {size} studies p50 (ms)"] = p50
-                    rows[name][f"QIDO-RS studies by PatientID, {size} studies p95 (ms)"] = p95
+                    if "find" in legs:
+                        p50, p95 = find_times(ports[name], called[name], patients[:size])
+                        rows[name][f"C-FIND STUDY by PatientID, {size} studies p50 (ms)"] = p50
+                        rows[name][f"C-FIND STUDY by PatientID, {size} studies p95 (ms)"] = p95
+                    if "web" in legs:
+                        p50, p95 = qido_times(webs[name], "", patients[:size])
+                        rows[name][f"QIDO-RS studies by PatientID, {size} studies p50 (ms)"] = p50
+                        rows[name][f"QIDO-RS studies by PatientID, {size} studies p95 (ms)"] = p95
         finally:
             for web in webs.values():
                 web.close()
