@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -27,6 +28,7 @@ from gateway.core.identity import (
     unserved_permissions,
 )
 from gateway.dicom import commitment, find, retrieve, storage
+from gateway.dicom.reactor import EventRequestHandler
 from gateway.dicom.router import Router
 from store import audit
 
@@ -104,6 +106,14 @@ class DicomListener:
             return 0x0124  # Refused: Not Authorized
         return 0x0000
 
+    def _start_server(self, handlers: list[Any]) -> ThreadedAssociationServer:
+        """AE.start_server(block=False), with associations whose threads wait for work rather than poll (reactor.py)."""
+        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                                     request_handler=EventRequestHandler)
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
+        return server
+
     async def start(self) -> None:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
@@ -115,9 +125,7 @@ class DicomListener:
             (evt.EVT_C_MOVE, lambda event: retrieve.on_move(self.gw, event)),
             (evt.EVT_N_EVENT_REPORT, lambda event: commitment.on_event_report(self.gw, event)),
         ]
-        self._server = await asyncio.to_thread(
-            self.ae.start_server, (self.host, self._port), block=False, evt_handlers=handlers
-        )
+        self._server = await asyncio.to_thread(self._start_server, handlers)
         log.info("DICOM listening on %s:%s as %s", self.host, self.port, self.gw.settings.ae_title)
         if self.router is not None:
             self.router.start()
