@@ -87,7 +87,8 @@ def coerce(path: Path, patient: PatientInfo, *, laterality: str | None = None, u
     if "Laterality" not in ds and "ImageLaterality" not in ds:
         ds.Laterality = _LATERALITY.get(laterality or "", "")
     meta = ds.file_meta
-    for tag in [t for t in meta.keys() if t in _TRANSFER_META]:
+    # int(): a BaseTag (an int subclass) makes `in range` walk the range, a fifth of coerce()'s time (cProfile)
+    for tag in [t for t in meta.keys() if int(t) in _TRANSFER_META]:
         del meta[tag]
     meta.ImplementationClassUID = UID(implementation_class_uid(uid_root))
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

@@ -66,6 +66,19 @@ class PixelElement:
     def fragment_bytes(self) -> int:
         return sum(end - start for start, end in self.fragments)
 
+    @property
+    def value_end(self) -> int:
+        """Where the value ends: native pixels' last byte, or the last item's (the sequence delimiter follows)."""
+        if self.length is not None:
+            return self.value_offset + self.length
+        last = self.fragments[-1] if self.fragments else self.offset_table
+        return last[1] if last is not None else self.value_offset
+
+    @property
+    def element_end(self) -> int:
+        """Where the element ends (after the sequence delimiter item of encapsulated pixels)."""
+        return self.value_end + (8 if self.encapsulated else 0)
+
 
 def read_head(path: Path) -> Head:
     """The header of a Part 10 file (raises Part10Error when it is not one)."""

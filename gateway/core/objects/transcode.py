@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement
 from pydicom.uid import UID
 
+from gateway.core.objects import part10
 from gateway.core.objects.coerce import Served
 
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -24,7 +26,29 @@ class CannotTranscode(ValueError):
 
 
 def as_stored(served: Served) -> Dataset:
-    """The served object as a data set, Pixel Data still in its stored encoding."""
+    """The served object as a data set to send as it is stored: the header parsed, the Pixel Data value (fragments or
+    native pixels) read from the stored file as it lies and handed to pydicom as a buffer, which it writes out without
+    parsing it or copying it again. Parsing and re-encoding the whole object cost ~14 ms of a 2.8 MB photo's ~19 ms in
+    a C-GET sub-operation (in process, loaded 2-core machine, the bench's photos). An object with elements after its
+    Pixel Data (a signature, padding) is parsed whole, as before."""
+    ds = dcmread(io.BytesIO(served.header))
+    size = served.source.stat().st_size
+    if served.offset >= size:
+        return ds  # no Pixel Data: the header is the whole object
+    head = part10.Head(dataset=ds, pixel_offset=served.offset, size=size)
+    with open(served.source, "rb") as f:
+        pixels = part10.pixel_element(f, head)
+        if pixels.element_end != size:
+            return _parsed(served)
+        value = part10.read_range(f, pixels.value_offset, pixels.value_end)
+        f.seek(served.offset + 4)
+        vr = "OW" if head.implicit_vr else f.read(2).decode("latin-1")  # pixel_element() checked it is OB or OW
+    ds["PixelData"] = DataElement(0x7FE00010, vr, io.BytesIO(value), is_undefined_length=pixels.encapsulated)
+    return ds
+
+
+def _parsed(served: Served) -> Dataset:
+    """The whole served object parsed (pixels to decode, or elements after them)."""
     return dcmread(io.BytesIO(served.read()))
 
 
@@ -32,7 +56,7 @@ def uncompressed(served: Served, syntax: str = EXPLICIT_LE) -> Dataset:
     """The served object with its pixels decoded, in Explicit (or Implicit) VR Little Endian."""
     if syntax not in UNCOMPRESSED:
         raise CannotTranscode(f"transcoding only to uncompressed syntaxes, not {syntax}")
-    ds = as_stored(served)
+    ds = _parsed(served)
     if ds.file_meta.TransferSyntaxUID in UNCOMPRESSED:
         ds.file_meta.TransferSyntaxUID = UID(syntax)
         return ds
