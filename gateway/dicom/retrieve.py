@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import evt
 
-from gateway.core import access, study_query
+from gateway.core import access
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_allows
 from gateway.core.objects.transcode import as_stored
@@ -46,24 +46,37 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def _instances(gw: Gateway, subject: Subject, identifier: Dataset, model: str, what: str) -> tuple[Any, list[str]]:
-    """The access context and the visible instances (asset ids) the identifier names, at any level."""
+def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, what: str) -> list[access.DicomObject]:
+    """The objects of the visible instances the identifier names, at any level: the query (the policy inside it) and
+    the transfer audited in one commit before any is sent (two commits, each an fsync on SQLite, before)."""
     query = query_of(identifier, FIND_MODEL[model])
     ctx = access.photo_request(gw, subject, "read", what)
-    images = study_query.find(gw, ctx, replace(query, level="IMAGE"), query=f"{what} {query}", channel="dimse")
-    return ctx, [m.asset_id for m in images if m.asset_id]
+    return access.dicom_objects_matching(gw, ctx, query, query=f"{what} {query}", channel="dimse",
+                                         type_code=audit.INSTANCES_TRANSFERRED)
 
 
 def _send(objects: list[access.DicomObject], cancelled: Any, association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
     """Each object as the association sending it can take it (as stored, or decoded when it accepted only
     uncompressed pixels); one it cannot take goes as stored, for pynetdicom to count as a failed sub-operation
-    naming its SOP Instance UID."""
-    for obj in objects:
-        if cancelled():
-            yield CANCELLED, None
-            return
-        ds = dataset_for(association(), obj.served)
-        yield PENDING, ds if ds is not None else as_stored(obj.served)
+    naming its SOP Instance UID. The next object is read (~4 ms for a 2.8 MB photo here) while the peer takes in this one
+    (~18 ms a photo to a pynetdicom peer, Orthanc's pace too), not between the two."""
+    def prepare(obj: access.DicomObject) -> Dataset:
+        ds = dataset_for(assoc, obj.served)
+        return ds if ds is not None else as_stored(obj.served)
+
+    if not objects:
+        return
+    assoc = association()  # C-MOVE: the association to the destination, open by the time the first object is asked for
+    with ThreadPoolExecutor(1, thread_name_prefix="dicom-retrieve") as reader:
+        ahead = reader.submit(prepare, objects[0])
+        for following in [*objects[1:], None]:
+            if cancelled():
+                yield CANCELLED, None
+                return
+            ds = ahead.result()
+            if following is not None:
+                ahead = reader.submit(prepare, following)
+            yield PENDING, ds
 
 
 def _refuse(status: int, comment: str) -> Iterator[Any]:
@@ -74,14 +87,13 @@ def _refuse(status: int, comment: str) -> Iterator[Any]:
 
 def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association: Callable[[], Any]) -> Iterator[Any]:
     try:
-        ctx, ids = _instances(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
+        objects = _objects(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
     except BadIdentifier as exc:
         yield from _refuse(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         return
     except Refused as exc:
         yield from _refuse(NOT_AUTHORIZED, str(exc))
         return
-    objects = access.dicom_objects(gw, ctx, ids, type_code=audit.INSTANCES_TRANSFERRED)  # audited before any is sent
     yield len(objects)
     yield from _send(objects, lambda: event.is_cancelled, association)
 
