@@ -16,7 +16,7 @@ import socket
 import threading
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.core.context import Gateway
@@ -33,6 +33,13 @@ from gateway.dicom.router import Router
 from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
+
+# pynetdicom logs at WARNING and above only (gateway/logs.py), yet by default it decodes each C-FIND/C-GET/C-MOVE
+# identifier again to log it at INFO (a PatientID is an NHS number) and builds debug lines for every message and
+# PDU: ~3% of a C-FIND's CPU (py-spy), for nothing. Off for every association of this process.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.LOG_HANDLER_LEVEL = "none"
 
 VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
