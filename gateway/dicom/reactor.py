@@ -206,7 +206,8 @@ class EventAssociation(Association):
             self.kill()
             return True
         if self.dul.idle_timer_expired():
-            log.warning("DICOM association from %s: network timeout, aborted", self.requestor.address)
+            log.warning("DICOM association from %s (%s): nothing received for %s s, aborted (DUL %s)", self.requestor.address,
+                        self.requestor.ae_title, self.network_timeout, self.dul.state_machine.current_state)
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True  # release() waits for the reactor (this thread) to be paused
                 self.release()
