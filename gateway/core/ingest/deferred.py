@@ -232,7 +232,8 @@ class Renderer:
                 continue
             try:
                 make(self.gw, asset_id)
-            except Exception:  # logged (and counted) in make(), or the database away: again after a pause
+            except Exception as exc:  # the decoder (counted in make()) or the database away: again after a pause
+                log.warning("photo %s: renditions not made this round (%s); trying again", asset_id, type(exc).__name__)
                 self._stop.wait(1.0)
             finally:
                 with self._lock:
