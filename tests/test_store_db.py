@@ -180,3 +180,29 @@ def test_a_connection_back_from_the_pool_takes_a_new_wire(db):
             wire.end()
     finally:
         raw.close()
+
+
+def test_identifiers_of_many_patients_follow_their_merge_chains_in_a_few_statements(db):
+    """Several patients' identifiers read together (a query answer's patients), each with those of the records merged
+    into it two generations deep, own ones first, in as many statements as merge generations plus one."""
+    from sqlalchemy import event
+
+    with db.write() as s:
+        a = Patient(family_name="A", identifiers=[PatientIdentifier(system="mrn", value="A-OLD"), PatientIdentifier(system=NHS, value="9990000026")])
+        b = Patient(family_name="B", identifiers=[PatientIdentifier(system="mrn", value="B1")])
+        a1 = Patient(family_name="A1", identifiers=[PatientIdentifier(system="mrn", value="A1")])
+        a2 = Patient(family_name="A2", identifiers=[PatientIdentifier(system="mrn", value="A2")])
+        alone = Patient(family_name="None")
+        s.add_all([a, b, a1, a2, alone])
+        s.flush()
+        a1.merged_into_id, a2.merged_into_id = a.id, a1.id  # A2 -> A1 -> A
+        ids = (a.id, b.id, alone.id)
+    statements: list[str] = []
+    event.listen(db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    with db.read() as s:
+        many = patient_lookup.identifiers_of_many(s, [ids[0], ids[1], ids[2], ids[0]])
+        values = {pid: [i.value for i in idents] for pid, idents in many.items()}
+    assert len([x for x in statements if x.lstrip().upper().startswith("SELECT")]) == 4  # 3 generations (the last finds none) + 1
+    assert values == {ids[0]: ["A-OLD", "9990000026", "A1", "A2"], ids[1]: ["B1"], ids[2]: []}
+    with db.read() as s:  # one at a time, the same answer
+        assert {pid: [i.value for i in patient_lookup.identifiers_of(s, pid)] for pid in ids} == values

@@ -33,7 +33,7 @@ from gateway.core.consents import ConsentError, PhotoNotFound, access_list, gran
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
 from gateway.core.ingest import deferred
-from gateway.core.ingest.dicom_patients import patient_info
+from gateway.core.ingest.dicom_patients import patient_info, patient_infos
 from gateway.core.ingest.renditions import DUE, FAILED
 from gateway.core.objects.coerce import Served, coerce
 from gateway.core.objects.part10 import Part10Error
@@ -400,8 +400,10 @@ def _served_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_
     with gw.db.read() as session:
         found = {a.id: a for a in session.scalars(select(Asset).where(Asset.id.in_(photo_ids), filter_for(ctx, policy),
                                                                      Asset.dicom_sha256.is_not(None)))}
-        infos = {pid: patient_info(session, survivor(session, session.get_one(Patient, pid)))
-                 for pid in {a.patient_id for a in found.values()}}
+        # the patient of today: a merge may have moved a photo since (its row still names the old record)
+        live = {pid: survivor(session, session.get_one(Patient, pid)) for pid in {a.patient_id for a in found.values()}}
+        by_live = patient_infos(session, {p.id: p for p in live.values()}.values())
+        infos = {pid: by_live[p.id] for pid, p in live.items()}
         session.expunge_all()
     served: list[DicomObject] = []
     entries: list[audit.AuditEntry] = []

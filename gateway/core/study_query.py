@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.core import access_audit
 from gateway.core.context import Gateway
-from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_info
+from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_infos
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import NHS_SYSTEM
 from gateway.core.policy.rules import AccessContext, filter_for
@@ -210,8 +210,7 @@ def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limi
 def _patients(session: Session, ids: set[int]) -> dict[int, PatientInfo]:
     if not ids:
         return {}
-    rows = session.scalars(select(Patient).where(Patient.id.in_(sorted(ids))))
-    return {p.id: patient_info(session, p) for p in rows}
+    return patient_infos(session, session.scalars(select(Patient).where(Patient.id.in_(sorted(ids)))))
 
 
 def parse_date_range(text: str) -> DateRange:

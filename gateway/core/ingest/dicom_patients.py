@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
@@ -25,7 +27,7 @@ from gateway.core.ingest.request import NHS_SYSTEM, PatientRef
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import MAX_SYSTEM, MAX_VALUE
 from store.models import Patient, PatientIdentifier
-from store.patients import identifiers_of, survivor
+from store.patients import identifiers_of, identifiers_of_many, survivor
 
 NHS_ISSUER = "NHS"
 # A quarantined object's placeholder identifier, when its issuer is not the NHS: a records officer reconciles
@@ -40,7 +42,17 @@ def issuer_of(identifier: PatientIdentifier) -> str:
 
 def patient_info(session: Session, patient: Patient) -> PatientInfo:
     """The Patient Module values of a (live) patient: the NHS number if known, else the MRN with its assigner."""
-    idents = identifiers_of(session, patient.id)
+    return _info(patient, identifiers_of(session, patient.id))
+
+
+def patient_infos(session: Session, patients: Iterable[Patient]) -> dict[int, PatientInfo]:
+    """patient_info of several patients, their identifiers read together (a query answer's patients)."""
+    patients = list(patients)
+    idents = identifiers_of_many(session, [p.id for p in patients])
+    return {p.id: _info(p, idents[p.id]) for p in patients}
+
+
+def _info(patient: Patient, idents: list[PatientIdentifier]) -> PatientInfo:
     nhs = next((i for i in idents if i.system == NHS_SYSTEM), None)
     mrn = next((i for i in idents if i.type_code == "MR" and i.patient_id == patient.id), None)
     mrn = mrn or next((i for i in idents if i.system != NHS_SYSTEM), None)
