@@ -12,25 +12,19 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from gateway.app import create_app
 from tests import dicom_objects as objects
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import add_patient
-from tests.test_photos_api import serving
+from tests.test_dicomweb_rendering import served  # noqa: F401 (the fixture)
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
 @pytest.fixture
-def client(gw):
-    from tests.net import free_port
-
-    # dicomweb-client sends a Host header without the port: the answers' URLs come from the configured public URL
-    port = free_port()
-    gw.settings.dicomweb.public_url = f"http://127.0.0.1:{port}/dicomweb"
-    with serving(create_app(gw), port=port) as web:
-        yield DICOMwebClient(url=f"{str(web.base_url).rstrip('/')}/dicomweb",
-                             headers=auth_headers(gw, role="medical-illustration", sub="mi.jones"))
+def client(gw, served):  # noqa: F811 (the imported fixture)
+    # dicomweb-client sends a Host header without the port: `served` sets the public URL the answers' URLs come from
+    return DICOMwebClient(url=f"{str(served.base_url).rstrip('/')}/dicomweb",
+                          headers=auth_headers(gw, role="medical-illustration", sub="mi.jones"))
 
 
 def photos(fx, tmp_path, n: int) -> list[pydicom.Dataset]:
