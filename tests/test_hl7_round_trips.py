@@ -211,7 +211,9 @@ DEPENDENT = [
     build(msh("A01", "D1"), "EVN|A01|20240301100000", pid("X1"), pv1("XV1")),  # a resend of the first
     build(msh("A01", "D3"), "EVN|A01|20240301100000", "PID|1||X1^^^RX1^MR~Y9^^^RX2^MR||X^ONE", pv1("XV2")),
     build(msh("A31", "D4", "ADT_A05"), "EVN|A31|20240301110000", pid("DUP1"), "PV1|1|N"),
+    build(msh("A08", "D4B"), "EVN|A08|20240301113000", pid("DUP1"), pv1("XV3")),  # the duplicate's own visit
     build(msh("A40", "D5", "ADT_A39"), "EVN|A40|20240301120000", pid("X1"), "MRG|DUP1^^^RX1^MR"),
+    build(msh("A08", "D5B"), "EVN|A08|20240301123000", pid("X1", "SURVIVOR"), pv1("XV3")),  # the visit the merge moved
     build(msh("A08", "D6"), "EVN|A08|20240301130000", pid("DUP1", "MERGED"), pv1("XV1")),  # about the merged record
     build(msh("A01", "D7"), "EVN|A01|20240301100000", pid("Z1"), pv1("XV2")),  # a visit another patient holds
     build(msh("A47", "D8", "ADT_A30"), "EVN|A47|20240301140000", pid("X2"), "MRG|X1^^^RX1^MR"),
@@ -225,7 +227,8 @@ def _state(db) -> tuple:
     with db.read() as s:
         patients = sorted((p.family_name, p.merged_into_id is not None) for p in s.scalars(select(Patient)))
         identifiers = sorted(s.execute(select(PatientIdentifier.system, PatientIdentifier.value)).all())
-        encounters = sorted(s.execute(select(Encounter.visit_number, Encounter.status)).all())
+        encounters = sorted(s.execute(select(Encounter.visit_number, Encounter.status, Patient.family_name)
+                                      .join(Patient, Patient.id == Encounter.patient_id)).all())
         assert audit.verify(s).ok
     return patients, identifiers, encounters
 

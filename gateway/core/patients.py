@@ -263,6 +263,8 @@ class Change(NamedTuple):
     identifiers: frozenset[Key] = frozenset()
     patients: frozenset[int] = frozenset()
     visits: frozenset[Key] | None = frozenset()  # encounters by (visit_system, visit_number)
+    # encounters by the patient that held them (a merge moves a record's encounters, and only those)
+    encounter_owners: frozenset[int] = frozenset()
     messages: frozenset[tuple[str, str, str]] = frozenset()  # stored messages by sender and control id
 
 
@@ -374,6 +376,11 @@ class PatientIndex:
         else:
             for visit in change.visits:
                 self._encounters.pop(visit, None)
+        if change.encounter_owners:
+            owners = change.encounter_owners
+            # an encounter read as absent stays absent: a merge moves encounters, it makes none
+            for visit in [v for v, row in self._encounters.items() if row is not None and row[1] in owners]:
+                del self._encounters[visit]
 
     def _wrote(self, change: Change) -> None:
         """A write of this index: what it read that the write may change is read again, here and in the other
@@ -633,7 +640,9 @@ class PatientIndex:
         con = self.sql.counted("UPDATE consents SET patient_id = ? WHERE patient_id = ?", (dst, src))
         # every photo moves; one the survivor already holds stays apart by filed_patient_id
         ast = self.sql.counted("UPDATE assets SET patient_id = ? WHERE patient_id = ?", (dst, src))
-        self._forget_encounters()
+        # only src's encounters changed: forgetting every cached one cost the rest of a group commit's batch a
+        # round trip each (A40 in 10% of the bench's messages: 600 of 1,610 round trips per 2,000 messages)
+        self._wrote(Change(encounter_owners=frozenset({src})))
         return {"encounters_moved": enc.rowcount, "consents_moved": con.rowcount, "assets_moved": ast.rowcount}
 
     def change_identifier(self, new: list[IdentifierData], old: list[IdentifierData], event_time: datetime | None) -> Outcome:
