@@ -3,6 +3,9 @@ SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
 
     .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000] [--only find,get]
 
+Beside both, the floor: the same client against servers of the same Python libraries doing nothing
+(bench/python_floor.py), so the table shows how much of a gap is the stack's own cost here and how much clinphoto's work.
+
 - C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
   associations: files/s. clinphoto checks each photo (everything but a decode) and stores it durably before
   answering, then decodes it and makes its preview and thumbnail (ingest.received_renditions: after-answer); the
@@ -310,6 +313,50 @@ class Clinphoto:
         self.proc.wait(30)
 
 
+def wait_for_ports(ports: tuple[int, ...] | list[int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"nothing listening on {ports}")
+
+
+def measure_floor(floor: Measured, ports: list[int], legs: set[str], photos: int, jpeg: bytes, patient_ids: list[str],
+                  sizes: list[int]) -> None:
+    """The same client against servers of the same libraries doing nothing (bench/python_floor.py)."""
+    dicom_port, http_port = ports
+    web = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/dicomweb", timeout=120, headers={"Accept-Encoding": "identity"})
+    try:
+        for assocs in (1, 4) if "store" in legs else ():
+            batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(photos)]
+            floor[f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = store_all(dicom_port, "FLOOR", batch, assocs)
+        if legs & {"get", "web"}:
+            study, series = generate_uid(), generate_uid()
+            study_photos = [photo(jpeg, study, series) for _ in range(10)]
+            floor["C-STORE of the C-GET study (files/s)"] = store_all(dicom_port, "FLOOR", study_photos, 1)
+            if "get" in legs:
+                floor["C-GET 10-photo study (ms)"] = get_time(dicom_port, "FLOOR", study, 10)
+            if "web" in legs:
+                floor["WADO-RS one 12-MP instance, as stored (ms)"] = wado_time(web, "", study, series, study_photos[0].SOPInstanceUID)
+                stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(photos // 2, 10))]
+                floor["STOW-RS 12-MP, one per request (files/s)"] = stow_rate(web, "", stowed)
+        for size in sizes:  # nothing is stored for these: the floor is the same at every size, measured at each
+            if "find" in legs:
+                p50, p95 = find_times(dicom_port, "FLOOR", patient_ids)
+                floor[f"C-FIND STUDY by PatientID, {size} studies p50 (ms)"] = p50
+                floor[f"C-FIND STUDY by PatientID, {size} studies p95 (ms)"] = p95
+            if "web" in legs:
+                p50, p95 = qido_times(web, "", patient_ids)
+                floor[f"QIDO-RS studies by PatientID, {size} studies p50 (ms)"] = p50
+                floor[f"QIDO-RS studies by PatientID, {size} studies p95 (ms)"] = p95
+    finally:
+        web.close()
+
+
 class Measured(dict[str, float]):
     """Each figure printed as it is measured, so a run that fails late still leaves what it measured."""
 
@@ -345,6 +392,7 @@ def main() -> None:
     jpeg = twelve_mp_jpeg()
     print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
     rows = {"clinphoto": Measured("clinphoto"), "orthanc": Measured("orthanc")}
+    floor = Measured("floor")
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"clinphoto": Clinphoto(Path(tmp) / "c", [NHS, *patients]),
                    "orthanc": Orthanc(Path(tmp) / "o", dicomweb_servers={}).start()}
@@ -354,7 +402,10 @@ def main() -> None:
         webs = {"clinphoto": httpx.Client(base_url=f"http://127.0.0.1:{servers['clinphoto'].http_port}/dicomweb", timeout=120,
                                           headers={"Authorization": f"Bearer {servers['clinphoto'].token}", "Accept-Encoding": "identity"}),
                 "orthanc": httpx.Client(base_url=f"{servers['orthanc'].url}/dicom-web", timeout=120, headers={"Accept-Encoding": "identity"})}
+        floor_ports = free_ports(2)
+        floor_proc = subprocess.Popen([sys.executable, "-m", "bench.python_floor", *map(str, floor_ports)], cwd=ROOT)
         try:
+            wait_for_ports(floor_ports)
             for name in ("clinphoto", "orthanc"):
                 for assocs in (1, 4) if "store" in legs else ():
                     batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(args.photos)]
@@ -396,16 +447,22 @@ def main() -> None:
                         p50, p95 = qido_times(webs[name], "", patients[:size])
                         rows[name][f"QIDO-RS studies by PatientID, {size} studies p50 (ms)"] = p50
                         rows[name][f"QIDO-RS studies by PatientID, {size} studies p95 (ms)"] = p95
+            measure_floor(floor, floor_ports, legs, args.photos, jpeg, patients[:min(sizes)], sizes)
         finally:
             for web in webs.values():
                 web.close()
             servers["clinphoto"].stop()
             servers["orthanc"].stop()
-    print(f"{'measure':<52} {'clinphoto':>10} {'Orthanc':>10} {'ratio':>7}")
+            floor_proc.terminate()
+            floor_proc.wait(30)
+    print(f"{'measure':<52} {'clinphoto':>10} {'Orthanc':>10} {'ratio':>7} {'floor':>8}")
     for key in rows["clinphoto"]:
         c, o = rows["clinphoto"][key], rows["orthanc"][key]
-        print(f"{key:<52} {c:>10.1f} {o:>10.1f} {c / o:>7.2f}")
+        f = f"{floor[key]:>8.1f}" if key in floor else f"{'-':>8}"
+        print(f"{key:<52} {c:>10.1f} {o:>10.1f} {c / o:>7.2f} {f}")
     print("ratio = clinphoto / Orthanc (files/s: higher is better; ms: lower is better)")
+    print("floor = the same client against a pynetdicom SCP and a FastAPI/uvicorn app that do nothing (bench/python_floor.py):")
+    print("        what Python's stack itself allows on this machine, measured in this run")
 
 
 if __name__ == "__main__":
