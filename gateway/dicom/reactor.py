@@ -33,6 +33,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler
 
+from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
+
 log = logging.getLogger("clinphoto.dicom")
 
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
@@ -111,6 +113,23 @@ class EventDUL(DULServiceProvider):
         except OSError:  # drained (BlockingIOError)
             pass
 
+    def _send(self, pdu: Any) -> None:
+        framed = framed_of(pdu)
+        if framed is None:
+            super()._send(pdu)
+            return
+        sock = self.socket
+        if sock is None:
+            log.warning("a DIMSE message was to be sent over a closed connection")
+            return
+        try:
+            # the whole message in as few writes as the kernel takes (gateway/dicom/pdata.py)
+            send_all(sock.socket, framed.pieces)
+        except OSError:
+            sock.event_queue.put("Evt17")  # as pynetdicom's send(): the transport connection closed
+            return
+        evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
+
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
@@ -153,6 +172,7 @@ class EventAssociation(Association):
         dul.socket, dul.event_queue, adopted.dul = assoc.dul.socket, assoc.dul.event_queue, dul
         # the timeout setters set the DUL's ARTIM and idle timers: again, for this DUL
         adopted.acse_timeout, adopted.network_timeout = assoc.acse_timeout, assoc.network_timeout
+        adopted.dimse.__class__ = FramingDIMSE  # each message framed and written in one piece
         adopted.dimse.msg_queue = _WakingQueue(adopted.wake)
         dul.to_user_queue = _WakingQueue(adopted.wake)
         return adopted

@@ -1,0 +1,108 @@
+"""A DIMSE message framed as P-DATA-TF PDUs in one piece, sent in one write.
+
+pynetdicom sends a message as one P-DATA primitive per fragment: each is queued to the DUL thread, made a
+P_DATA_TF object, encoded (the fragment copied three or four times on the way) and sent with its own send() call. A
+12-MP photo to a peer taking 16 kB PDUs (pynetdicom's and dcmtk's default) is ~190 fragments: ~7 ms of Python per
+object in a C-GET, where the whole C-GET of a photo costs Orthanc ~10 ms here. A C-FIND match goes as two sends
+(command, identifier) of two queued primitives.
+
+Here the association's DIMSE provider frames the whole message at once (PS3.8 9.3.5: a P-DATA-TF PDU per fragment,
+each holding one presentation data value item of at most the peer's maximum length, command fragments first) as a
+list of headers and views of the encoded data set (no copy), and queues it as a single primitive; the DUL thread
+recognises it and hands the list to the kernel with sendmsg() (TLS: joined, then sendall()). The state machine sees one
+P-DATA request, as it would for a one-fragment message. A C-GET of ten 12-MP photos: the gateway's CPU 128-138 ms ->
+105-108 ms with sendmsg() (108-122 joined first; noisy machine, alternate runs).
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider  # the base class's own message tables
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
+
+_HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context id, control header
+P_DATA_TF = 0x04
+# message control header (PS3.8 E.2): bit 0 command (1) or data set (0), bit 1 last fragment
+COMMAND, COMMAND_LAST, DATA, DATA_LAST = 0x01, 0x03, 0x00, 0x02
+
+
+class Framed(bytes):
+    """The encoded PDUs of one message (`pieces`, in order), carried through pynetdicom's queue and state machine as
+    the value of the P-DATA primitive's only presentation data value (P_DATA_TF keeps the object as it is)."""
+
+    pieces: list[bytes | memoryview]
+
+
+def frame(context_id: int, command: bytes, data: memoryview | bytes | None, max_pdu: int) -> Framed:
+    """The message as P-DATA-TF PDUs, each no longer than `max_pdu` (0: no limit), as pynetdicom fragments it."""
+    framed = Framed()
+    pieces: list[bytes | memoryview] = []
+    for payload, more, last in ((command, COMMAND, COMMAND_LAST), (data, DATA, DATA_LAST)):
+        if payload is None:
+            continue
+        view = memoryview(payload)
+        size = len(view) if max_pdu == 0 else max_pdu - 6
+        for at in range(0, len(view), size):
+            chunk = view[at:at + size]
+            flag = last if at + size >= len(view) else more
+            pieces.append(_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, flag))
+            pieces.append(chunk)
+    framed.pieces = pieces
+    return framed
+
+
+IOV_MAX = 1024  # buffers one sendmsg() takes (Linux)
+
+
+def send_all(sock: Any, pieces: list[bytes | memoryview]) -> None:
+    """Write every piece, in order: sendmsg() as many as it takes (a socket with a timeout writes partly)."""
+    if not hasattr(sock, "sendmsg") or type(sock).__name__ == "SSLSocket":  # TLS: no scatter-gather
+        sock.sendall(b"".join(pieces))
+        return
+    at = 0
+    while at < len(pieces):
+        sent = sock.sendmsg(pieces[at:at + IOV_MAX])
+        while sent:
+            size = len(pieces[at])
+            if sent < size:
+                pieces[at] = memoryview(pieces[at])[sent:]
+                break
+            sent -= size
+            at += 1
+
+
+def framed_of(pdu: Any) -> Framed | None:
+    """The framed message a P_DATA_TF PDU carries, if it is one of ours."""
+    items = getattr(pdu, "presentation_data_value_items", None)
+    if items and len(items) == 1 and isinstance(items[0].presentation_data_value, Framed):
+        return items[0].presentation_data_value
+    return None
+
+
+class FramingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, sending each message framed in one piece (a data set read from a file, which
+    pynetdicom streams, goes its way)."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if getattr(primitive, "_dataset_path", None):
+            super().send_msg(primitive, context_id)
+            return
+        if primitive.MessageIDBeingRespondedTo is None:
+            msg = _RQ_TO_MESSAGE[primitive.__class__]()
+        else:
+            msg = _RSP_TO_MESSAGE[primitive.__class__]()
+        msg.primitive_to_message(primitive)
+        msg.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        # the pieces are views of the message's own data set: it is not written to again once handed to send_msg
+        data = msg.data_set.getbuffer() if isinstance(msg.data_set, BytesIO) else None
+        command = cast(bytes, encode(msg.command_set, True, True))  # None only for a data set pydicom cannot write
+        framed = frame(context_id, command, data if data else None, self.maximum_pdu_size)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, framed))
+        self.dul.send_pdu(pdata)

@@ -1,0 +1,91 @@
+"""A DIMSE message framed in one piece (gateway/dicom/pdata.py) is byte for byte what pynetdicom sends fragment by
+fragment, at any maximum PDU length a peer may ask for."""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+
+import pytest
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+
+from gateway.dicom.pdata import Framed, frame, framed_of, send_all
+
+
+def _pynetdicom_bytes(msg, context_id: int, max_pdu: int) -> bytes:
+    return b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(context_id, max_pdu))
+
+
+def _store_rq(data: bytes) -> C_STORE_RQ:
+    primitive = C_STORE()
+    primitive.MessageID = 7
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4.5"
+    primitive.Priority = 2
+    primitive.DataSet = BytesIO(data)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(primitive)
+    return msg
+
+
+# sizes around a 16 kB PDU's fragment (16382 - 6 = 16376 bytes), and a photo; 8: the smallest PDU, 2-byte fragments
+CASES = [(max_pdu, size) for max_pdu in (0, 16382, 16384, 65536, 1 << 20) for size in (1, 16376, 16377, 3 * 1024 * 1024 + 5)]
+CASES += [(8, size) for size in (1, 2, 3, 1001)]
+
+
+@pytest.mark.parametrize(("max_pdu", "size"), CASES)
+def test_a_store_request_is_framed_as_pynetdicom_frames_it(max_pdu, size):
+    data = os.urandom(size)
+    msg = _store_rq(data)
+    expected = _pynetdicom_bytes(msg, 3, max_pdu)
+    framed = frame(3, encode(msg.command_set, True, True), memoryview(data), max_pdu)
+    assert b"".join(framed.pieces) == expected
+
+
+def test_a_message_without_a_data_set_is_its_command_alone():
+    primitive = C_FIND()
+    primitive.MessageIDBeingRespondedTo = 5
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    primitive.Status = 0x0000
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(primitive)
+    assert b"".join(frame(1, encode(msg.command_set, True, True), None, 16382).pieces) == _pynetdicom_bytes(msg, 1, 16382)
+
+
+def test_only_our_framed_messages_are_recognised():
+    from pynetdicom.pdu_primitives import P_DATA
+
+    ours, theirs = P_DATA(), P_DATA()
+    framed = Framed()
+    ours.presentation_data_value_list.append((1, framed))
+    theirs.presentation_data_value_list.append((1, b"\x03abc"))
+    assert framed_of(P_DATA_TF(ours)) is framed
+    assert framed_of(P_DATA_TF(theirs)) is None
+
+
+def test_a_partly_written_message_is_written_on_from_where_the_kernel_stopped():
+    """A socket with a timeout (as pynetdicom's) writes what fits in its buffer and says how much: the rest follows,
+    in order, whatever the piece boundaries."""
+    import socket
+    import threading
+
+    pieces = [os.urandom(n) for n in (6, 16376, 3, 5_000_000, 1, 70_000)] + [memoryview(os.urandom(100_000))[10:]]
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(30)
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := b.recv(65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    send_all(a, list(pieces))
+    a.close()
+    reader.join(30)
+    b.close()
+    assert bytes(got) == b"".join(pieces)
