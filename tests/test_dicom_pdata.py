@@ -89,3 +89,38 @@ def test_a_partly_written_message_is_written_on_from_where_the_kernel_stopped():
     reader.join(30)
     b.close()
     assert bytes(got) == b"".join(pieces)
+
+
+def test_a_message_goes_whole_over_tls_too(tmp_path):
+    """TLS sockets take no sendmsg(): the pieces are joined and written as one (pynetdicom accepts TLS associations)."""
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    listener = socket.create_server(("127.0.0.1", 0))
+    pieces = [os.urandom(n) for n in (6, 16376, 6, 3_000_000)]
+    got = bytearray()
+
+    expected = b"".join(pieces)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            while len(got) < len(expected) and (chunk := tls.recv(65536)):
+                got.extend(chunk)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with client_ctx.wrap_socket(socket.create_connection(listener.getsockname(), timeout=30), server_hostname="127.0.0.1") as tls:
+        send_all(tls, list(pieces))
+        server.join(30)  # before closing: a close with the server's session tickets unread resets the connection
+    listener.close()
+    assert bytes(got) == expected

@@ -16,6 +16,7 @@ P-DATA request, as it would for a one-fragment message. A C-GET of ten 12-MP pho
 
 from __future__ import annotations
 
+import ssl
 import struct
 from io import BytesIO
 from typing import Any, cast
@@ -61,7 +62,7 @@ IOV_MAX = 1024  # buffers one sendmsg() takes (Linux)
 
 def send_all(sock: Any, pieces: list[bytes | memoryview]) -> None:
     """Write every piece, in order: sendmsg() as many as it takes (a socket with a timeout writes partly)."""
-    if not hasattr(sock, "sendmsg") or type(sock).__name__ == "SSLSocket":  # TLS: no scatter-gather
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no scatter-gather write
         sock.sendall(b"".join(pieces))
         return
     at = 0
