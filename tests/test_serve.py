@@ -231,3 +231,44 @@ def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):
     assert check.returncode == 0, check.stdout
     audit_ok = subprocess.run([*CLI, "audit", "verify"], env=env, cwd=REPO, capture_output=True, text=True)
     assert audit_ok.returncode == 0, audit_ok.stdout
+
+
+def test_stopping_ends_open_dicom_associations_instead_of_waiting_for_their_timeouts(tmp_path):
+    """An idle association and a connection that never asked for one do not hold a stopping gateway: each is ended
+    (the association with an A-ABORT its peer sees) and the process exits, where it waited for their network (60 s)
+    and ACSE (30 s) timeouts before."""
+    from pynetdicom import AE, evt
+
+    env = gateway_env(tmp_path)
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    aborted = []
+    try:
+        wait_healthy(base, proc)
+        ae = AE(ae_title="DEMOPACS")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", int(env["CLINPHOTO_DICOM_PORT"]), ae_title="CLINPHOTO",
+                             evt_handlers=[(evt.EVT_ABORTED, lambda event: aborted.append(True))])
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        silent = socket.create_connection(("127.0.0.1", int(env["CLINPHOTO_DICOM_PORT"])))
+        time.sleep(0.5)  # both accepted: the silent one waits for its A-ASSOCIATE-RQ
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=25) == 0
+        assert time.monotonic() - started < 20
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted and aborted
+        silent.settimeout(5)
+        try:
+            answer = silent.recv(100)
+        except ConnectionResetError:
+            answer = b""
+        silent.close()
+        assert answer == b"" or answer[:1] == b"\x07"  # closed by the gateway: end of file, or an A-ABORT PDU
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import socketserver
 import threading
+import time
 from typing import Any
 
 from pynetdicom import AE, _config, evt
@@ -28,7 +30,7 @@ from gateway.core.identity import (
     unserved_permissions,
 )
 from gateway.dicom import commitment, find, retrieve, storage
-from gateway.dicom.reactor import EventRequestHandler
+from gateway.dicom.reactor import EventAssociation, EventRequestHandler
 from gateway.dicom.router import Router
 from store import audit
 
@@ -43,6 +45,7 @@ _config.LOG_HANDLER_LEVEL = "none"
 
 VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+STOP_GRACE = 10.0  # seconds a request being served may take to finish when the gateway stops
 # A-ASSOCIATE-RJ reasons for a service-user rejection (PS3.8 7.1.1.9)
 REJECT_REASON = {
     PeerRefusal.CALLED_AE_NOT_OURS: 0x07,  # called AE title not recognised
@@ -143,6 +146,24 @@ class DicomListener:
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
         if self._server is not None:
-            # shutdown() waits for the open associations to finish their work
+            await asyncio.to_thread(self._close_associations, self._server)
             await asyncio.to_thread(self._server.shutdown)
             self._server = None
+
+    def _close_associations(self, server: ThreadedAssociationServer) -> None:
+        """Stop accepting; let each open association finish the request it is serving (up to STOP_GRACE seconds),
+        then end it. Left alone, an idle association held the stopped process ~60 s (its network timeout) and a
+        connection that never sent an A-ASSOCIATE-RQ ~30 s (the ACSE timeout): their threads are not daemons."""
+        socketserver.BaseServer.shutdown(server)  # no new connection: serve_forever() returns (the socket closes after)
+        open_ones = [a for a in server.active_associations if isinstance(a, EventAssociation)]
+        for assoc in open_ones:
+            assoc.close_gracefully()
+        deadline = time.monotonic() + STOP_GRACE
+        for assoc in open_ones:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        for assoc in open_ones:
+            if assoc.is_alive():  # a long retrieve: cut short; the peer's sub-operation counts say what arrived
+                log.warning("DICOM association from %s (%s) aborted: still busy %s s after the stop was asked",
+                            assoc.requestor.address, assoc.requestor.ae_title, STOP_GRACE)
+                assoc.abort()
+                assoc.join(5)

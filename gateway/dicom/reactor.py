@@ -158,6 +158,8 @@ class EventAssociation(Association):
     """An acceptor association whose reactor waits for a DIMSE message or an ACSE primitive instead of polling."""
 
     _work: threading.Event
+    # set by close_gracefully(): the request being served is finished and answered, then the association aborted
+    _closing: bool = False
 
     @classmethod
     def adopt(cls, assoc: Association) -> EventAssociation:
@@ -180,6 +182,14 @@ class EventAssociation(Association):
     def wake(self) -> None:
         self._work.set()
 
+    def close_gracefully(self) -> None:
+        """The gateway is stopping: end this association once the request it may be serving is answered (an
+        association still negotiating, or idle, ends at once)."""
+        self._closing = True
+        if not self.is_established:
+            self.abort()
+        self.wake()
+
     def kill(self) -> None:
         self._kill = True
         self.wake()
@@ -200,11 +210,25 @@ class EventAssociation(Association):
             self._is_paused = False
             if self._kill:
                 return
+            if self._closing:
+                self._close_for_stop()
+                return
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, cast(int, context_id))
             if self._finished():
                 return
+            if self._closing:
+                self._close_for_stop()
+                return
+
+    def _close_for_stop(self) -> None:
+        # A-ABORT, as archives do when they stop: the peer sees its association end, and a request it sent after
+        # the last answer is not acknowledged, so it sends that one again to whoever answers next
+        log.info("DICOM association from %s (%s) ended: the gateway is stopping", self.requestor.address,
+                 self.requestor.ae_title)
+        self.abort()
+        self.kill()
 
     def _finished(self) -> bool:
         """What pynetdicom's loop checks after each turn, done as it does: a release asked for (answered), an abort,
