@@ -1,0 +1,485 @@
+"""Attacks on renditions made after the answer (ingest.received_renditions: after-answer), on both backends.
+
+Each test states the behaviour the brief's rules ask for: nothing acknowledged before it is committed; no partial
+asset, no orphan blob and no lost audit record after a crash; every access audited; no patient data in logs at
+INFO or above. Crashes are real: `clinphoto serve` is killed with SIGKILL while a second database connection holds
+the write its commit needs, so the kill lands exactly between the blob and the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, select, text
+
+from gateway.core import access, operations
+from gateway.core.context import Gateway
+from gateway.core.identity import Subject
+from gateway.core.ingest import deferred, errors, received
+from gateway.core.ingest.pipeline import ingest
+from gateway.core.ingest.renditions import DUE, FAILED
+from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
+from gateway.core.refusals import Refused
+from store import audit
+from store.integrity import check_store
+from store.models import Asset, AuditEvent
+from tests import dicom_objects as objects
+from tests.ingest_helpers import add_patient
+
+PEER = Source.dicom_peer("MODALITY1", "10.1.2.3")
+ILLUSTRATOR = Subject(sub="mi.jones", role="medical-illustration", scopes=("user/*.cruds",))
+ADMIN = Subject(sub="it.admin", role="admin", scopes=("user/*.cruds",))
+
+
+def receive(gw: Gateway, path: Path, spooled: bool = False):
+    return ingest(gw, CaptureRequest(source=PEER, items=[ReceivedObject(path, filename=path.name, spooled=spooled)]))
+
+
+def load(gw: Gateway, asset_id: str) -> Asset:
+    with gw.db.read() as s:
+        row = s.get(Asset, asset_id)
+        assert row is not None
+        s.expunge(row)
+        return row
+
+
+def good_object(tmp_path: Path, fx, name: str = "good.dcm") -> Path:
+    return objects.jpeg_wrapped(tmp_path / name, fx["baseline_420.jpg"].read_bytes(), 640, 480)
+
+
+def damaged_inside(tmp_path: Path, fx, name: str = "damaged.dcm") -> Path:
+    """Whole in form (header, scan, end-of-image) but half its entropy-coded data gone: only a decode can tell."""
+    jpeg = fx["baseline_420.jpg"].read_bytes()
+    return objects.jpeg_wrapped(tmp_path / name, jpeg[: len(jpeg) // 2] + b"\xff\xd9", 640, 480)
+
+
+def events(gw: Gateway, **where) -> list[AuditEvent]:
+    with gw.db.read() as s:
+        query = select(AuditEvent).order_by(AuditEvent.seq)
+        for name, value in where.items():
+            query = query.where(getattr(AuditEvent, name) == value)
+        rows = list(s.scalars(query))
+        s.expunge_all()
+        return rows
+
+
+def clean_store(gw: Gateway) -> None:
+    report = check_store(gw.db, gw.blobs, verify_hashes=True)
+    assert not (report.orphans or report.missing or report.corrupt), report.summary()
+
+
+def chain_ok(gw: Gateway) -> None:
+    with gw.db.read() as s:
+        report = audit.verify(s)
+    assert report.ok, report
+
+
+# --- the reader and the policy ------------------------------------------------------------------------------
+
+
+def test_a_reader_the_policy_refuses_makes_nothing_and_the_denial_is_audited(gw, fx, tmp_path):
+    """The on-demand make comes after the policy: a caller who may not see the photo neither gets nor causes a
+    decode (no side effect to probe with), and the denial is in the trail."""
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    outsider = Subject(sub="dr.elsewhere", role="clinician", specialties=("110",), scopes=("user/*.cruds",))
+    for who in (outsider, ILLUSTRATOR.__class__(sub="edu", role="educator", purpose_of_use="TRAIN", scopes=("user/*.cruds",))):
+        try:
+            ctx = access.photo_request(gw, who, "read", "test")
+        except Refused:
+            continue  # refused before any look-up (audited by photo_request)
+        with pytest.raises(Refused):
+            access.image(gw, ctx, asset_id, "preview", "test")
+        denied = [e for e in events(gw, agent_who=who.sub) if e.outcome != audit.SUCCESS]
+        assert denied and denied[-1].entities[0]["id"] == asset_id
+    asset = load(gw, asset_id)
+    assert asset.rendition_state == DUE and asset.preview_sha256 is None  # nothing decoded for them
+    with pytest.raises(Refused):
+        access.photo_request(gw, ADMIN, "read", "test")  # admin sees no photos at all
+
+
+def test_a_reader_of_a_photo_whose_pixels_did_not_decode_is_audited(gw, fx, tmp_path):
+    """Every access, allowed or denied, is audited: a reader the policy lets see the photo, who asks for the
+    preview of one whose pixels turn out damaged (found by their own request, or earlier), is in the trail."""
+    add_patient(gw)
+    asset_id = receive(gw, damaged_inside(tmp_path, fx)).photos[0].asset_id
+    ctx = access.photo_request(gw, ILLUSTRATOR, "read", "test")
+    for attempt in (1, 2):  # the first finds it out (the on-demand make), the second reads the failed state
+        with pytest.raises(Refused):
+            access.image(gw, ctx, asset_id, "preview", "test")
+        mine = [e for e in events(gw, agent_who=ILLUSTRATOR.sub) if any(x.get("id") == asset_id for x in e.entities)]
+        assert len(mine) == attempt, f"attempt {attempt}: the reader's retrieve is not in the audit trail"
+        assert mine[-1].outcome != audit.SUCCESS  # nothing was served
+    assert load(gw, asset_id).rendition_state == FAILED
+    chain_ok(gw)
+
+
+def test_a_photo_merged_while_due_is_made_and_a_failure_is_audited_under_the_survivor(gw, fx, tmp_path):
+    from store.models import Patient
+
+    first = add_patient(gw)
+    survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit="V200")
+    asset_id = receive(gw, damaged_inside(tmp_path, fx)).photos[0].asset_id
+    with gw.db.write() as s:  # what an A40 does to a photo: it moves with the merged record
+        s.get_one(Patient, first["id"]).merged_into_id = survivor["id"]
+        s.get_one(Asset, asset_id).patient_id = survivor["id"]
+    assert deferred.make(gw, asset_id).state == FAILED
+    failed = events(gw, outcome=audit.SERIOUS_FAILURE)
+    assert [e.patient_id for e in failed] == [survivor["id"]]
+
+
+def test_a_photo_taken_out_of_the_record_while_due_is_not_made_for_a_reader(gw, fx, tmp_path):
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    with gw.db.write() as s:
+        s.get_one(Asset, asset_id).status = "entered-in-error"
+    ctx = access.photo_request(gw, Subject(sub="dr.derm", role="clinician", specialties=("330",), scopes=("user/*.cruds",)),
+                               "read", "test")
+    with pytest.raises(Refused):
+        access.image(gw, ctx, asset_id, "preview", "test")
+    assert load(gw, asset_id).rendition_state == DUE
+
+
+# --- the blob store ------------------------------------------------------------------------------------------
+
+
+def test_a_spool_on_another_filesystem_is_copied_into_the_store(gw, fx, tmp_path):
+    """A hard link cannot cross filesystems (EXDEV): the spooled object is copied, the answer the same."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to spool on")
+    spool_dir = Path(os.environ.get("TMPDIR_SHM", other)) / f"clinphoto-spool-{os.getpid()}-{time.monotonic_ns()}"
+    gw.settings.ingest.spool_dir = spool_dir
+    other_gw = Gateway(settings=gw.settings, db=gw.db, blobs=gw.blobs)
+    try:
+        add_patient(other_gw)
+        fd, spooled = other_gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+        os.close(fd)
+        source = good_object(tmp_path, fx)
+        shutil.copyfile(source, spooled)
+        asset = load(other_gw, receive(other_gw, spooled, spooled=True).photos[0].asset_id)
+        spooled.unlink()
+        blob = other_gw.blobs.path(asset.dicom_sha256)
+        assert blob.read_bytes() == source.read_bytes() and other_gw.blobs.check(asset.dicom_sha256)
+        assert deferred.make(other_gw, asset.id).state is None
+        clean_store(other_gw)
+    finally:
+        other_gw.spool.close()
+        shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def test_the_same_object_sent_twice_at_once_is_stored_once_and_made_once(gw, fx, tmp_path):
+    add_patient(gw)
+    source = good_object(tmp_path, fx)
+    copies = []
+    for i in range(4):
+        fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+        os.close(fd)
+        shutil.copyfile(source, path)
+        copies.append(path)
+    results: list[object] = [None] * len(copies)
+    start = threading.Barrier(len(copies))
+
+    def send(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = receive(gw, copies[i], spooled=True).photos[0]
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+            results[i] = exc
+        finally:
+            copies[i].unlink(missing_ok=True)  # what the door does after the answer
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(copies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sorted(r.status for r in results) == ["created"] + ["existing"] * (len(copies) - 1)  # type: ignore[attr-defined]
+    assert len({r.asset_id for r in results}) == 1  # type: ignore[attr-defined]
+    asset_id = results[0].asset_id  # type: ignore[attr-defined]
+    assert deferred.due(gw) == [asset_id]
+    made = [deferred.make(gw, asset_id) for _ in range(2)]
+    assert made[0] == made[1] and made[0].state is None
+    assert gw.blobs.read_bytes(load(gw, asset_id).dicom_sha256) == source.read_bytes()
+    clean_store(gw)
+
+
+def test_a_due_photo_whose_stored_object_was_briefly_missing_gets_its_preview_once_it_is_back(gw, fx, tmp_path):
+    """A missing blob is the store's fault (a mount away, a restore under way), not damage to the photo: the
+    photo must not be marked failed for good, nor audited as 'its pixels did not decode'."""
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    blob = gw.blobs.path(load(gw, asset_id).dicom_sha256)
+    aside = tmp_path / "aside.dcm"
+    os.replace(blob, aside)
+    deferred.make(gw, asset_id)  # the renderer, or a reader, meets the store without the object
+    os.replace(aside, blob)
+    made = deferred.make(gw, asset_id)
+    assert made.state is None and made.preview_sha256, made
+    assert not [e for e in events(gw, outcome=audit.SERIOUS_FAILURE) if "did not decode" in (e.outcome_desc or "")]
+
+
+# --- the renderer --------------------------------------------------------------------------------------------
+
+
+def test_many_due_photos_at_start_are_each_made_once_by_the_renderer(gw, fx, tmp_path):
+    """A backlog at start-up (a process killed during a burst): every photo made, the same pixels under several
+    instances (one shared preview blob) made by two threads at once without a lost or orphaned blob."""
+    add_patient(gw)
+    jpeg = fx["baseline_420.jpg"].read_bytes()
+    ids = [receive(gw, objects.jpeg_wrapped(tmp_path / f"same{i}.dcm", jpeg, 640, 480)).photos[0].asset_id for i in range(12)]
+    ids.append(receive(gw, damaged_inside(tmp_path, fx)).photos[0].asset_id)
+    assert sorted(deferred.due(gw, limit=100)) == sorted(ids)
+    gw.renditions_wanted.clear()  # as at a start: nothing wakes it but its first round
+    renderer = deferred.Renderer(gw, poll_seconds=30, threads=2)
+    renderer.start()
+    try:
+        deadline = time.monotonic() + 120
+        while deferred.due(gw, limit=100) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        renderer.stop()
+    assert deferred.due(gw, limit=100) == []
+    previews = {load(gw, i).preview_sha256 for i in ids[:-1]}
+    assert len(previews) == 1 and None not in previews
+    assert load(gw, ids[-1]).rendition_state == FAILED
+    assert len(events(gw, outcome=audit.SERIOUS_FAILURE)) == 1
+    clean_store(gw)
+
+
+def test_the_console_counts_due_and_failed_photos(gw, fx, tmp_path):
+    add_patient(gw)
+    good = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    bad = receive(gw, damaged_inside(tmp_path, fx)).photos[0].asset_id
+    engineer = Subject(sub="ie.smith", role="integration-engineer", scopes=("user/*.cruds",))
+    ctx = access.screen(gw, engineer, "console")
+    assert operations.counters(gw, ctx, minutes=5, what="test").renditions == {DUE: 2, FAILED: 0}
+    deferred.make(gw, good)
+    deferred.make(gw, bad)
+    assert operations.counters(gw, ctx, minutes=5, what="test").renditions == {DUE: 0, FAILED: 1}
+
+
+def test_no_patient_data_in_logs_at_info_or_above(gw, fx, tmp_path, caplog):
+    add_patient(gw)
+    caplog.set_level(logging.DEBUG)
+    good = objects.jpeg_wrapped(tmp_path / "named.dcm", fx["baseline_420.jpg"].read_bytes(), 640, 480,
+                                name="SULLIVAN^SIOBHAN")
+    ids = [receive(gw, good).photos[0].asset_id, receive(gw, damaged_inside(tmp_path, fx)).photos[0].asset_id]
+    renderer = deferred.Renderer(gw, poll_seconds=30, threads=1)
+    renderer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while deferred.due(gw) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        renderer.stop()
+    assert {load(gw, i).rendition_state for i in ids} == {None, FAILED}
+    loud = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    for secret in ("9449305552", "944 930 5552", "SULLIVAN", "Siobh", "Súilleabháin", "SENDER"):
+        assert secret not in loud
+
+
+# --- real processes killed at the worst moment -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def holding_commit(gw: Gateway, *, patient_id: int | None = None, asset_id: str | None = None) -> Iterator[None]:
+    """Another connection holds what the next commit needs: SQLite's write lock, or on PostgreSQL the patient row
+    an ingest locks before its insert and the asset row the renderer updates. Everything before the commit runs."""
+    url = gw.settings.database_url
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=30)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as pg:
+            with pg.begin():
+                if patient_id is not None:
+                    pg.execute(text("SELECT 1 FROM patients WHERE id = :id FOR UPDATE"), {"id": patient_id})
+                if asset_id is not None:
+                    pg.execute(text("SELECT 1 FROM assets WHERE id = :id FOR UPDATE"), {"id": asset_id})
+                yield
+    finally:
+        engine.dispose()
+
+
+class Serve:
+    """`clinphoto serve` on the test's store (DICOM door only), its log in a file."""
+
+    def __init__(self, gw: Gateway, tmp_path: Path, name: str) -> None:
+        from tests.test_serve import CLI, REPO, gateway_env
+
+        config = tmp_path / "clinphoto.yaml"
+        config.write_text(json.dumps({"auth": {"dicom_peers": [
+            {"ae_title": "CAMERA", "hosts": ["127.0.0.1"], "allow": ["echo", "store"]}]}}))
+        env = gateway_env(tmp_path, CLINPHOTO_CONFIG=str(config), CLINPHOTO_DATA_DIR=str(tmp_path),
+                          CLINPHOTO_DATABASE_URL=gw.settings.database_url, CLINPHOTO_BLOB_DIR=str(gw.settings.blob_dir),
+                          CLINPHOTO_LISTENERS='["dicom"]')
+        self.port = int(env["CLINPHOTO_DICOM_PORT"])
+        self.log = tmp_path / f"{name}.log"
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "serve did not listen in time"
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(60) == 0, self.log.read_text()[-2000:]
+
+
+def wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def expected_renditions(gw: Gateway, path: Path) -> tuple[str, str]:
+    """The preview and thumbnail blob names a make of this object gives (rendered here, nothing stored)."""
+    import hashlib
+
+    rends = received.renditions(received.read(path, gw.settings.ingest), gw.settings.ingest, tmp_dir=tmp_dir_of(gw))
+    return hashlib.sha256(rends.preview).hexdigest(), hashlib.sha256(rends.thumbnail).hexdigest()
+
+
+def tmp_dir_of(gw: Gateway) -> Path:
+    return gw.spool.path
+
+
+def due_photo_blocked_in_renderers(gw: Gateway, fx, tmp_path: Path, serves: int) -> tuple[list[Serve], str, tuple[str, str], contextlib.ExitStack]:
+    """`serves` gateways running, one due photo that their renderers have rendered and written, each stopped at
+    the commit that would record it. (An ingest here may be made by a renderer before the commit is held: then
+    again with another photo.)"""
+    patient = add_patient(gw)
+    running = [Serve(gw, tmp_path, f"serve{i}") for i in range(serves)]
+    for attempt in range(5):
+        sent = good_object(tmp_path, fx, f"due{attempt}.dcm")
+        preview, thumbnail = expected_renditions(gw, sent)
+        asset_id = receive(gw, sent).photos[0].asset_id
+        stack = contextlib.ExitStack()
+        stack.enter_context(holding_commit(gw, patient_id=patient["id"], asset_id=asset_id))
+        if load(gw, asset_id).rendition_state != DUE:  # a renderer was quicker than the lock
+            stack.close()
+            continue
+        wait_for(lambda: gw.blobs.exists(preview) and gw.blobs.exists(thumbnail))  # within one poll (5 s)
+        return running, asset_id, (preview, thumbnail), stack
+    raise AssertionError("the renderers always made the photo before the commit could be held")
+
+
+def test_serve_killed_mid_render_leaves_the_photo_due_and_no_orphan_once_made(gw, fx, tmp_path):
+    """kill -9 after the preview blobs are written, before the row names them: the photo is still due (never a row
+    naming blobs that are not there), and the next start makes it with the same blobs: nothing left orphaned."""
+    (serve,), asset_id, blobs, held = due_photo_blocked_in_renderers(gw, fx, tmp_path, 1)
+    with held:
+        serve.kill()
+    asset = load(gw, asset_id)
+    assert asset.rendition_state == DUE and asset.preview_sha256 is None
+    assert deferred.due(gw) == [asset_id]
+    again = Serve(gw, tmp_path, "restart")
+    try:
+        wait_for(lambda: not deferred.due(gw))
+    finally:
+        again.stop()
+    asset = load(gw, asset_id)
+    assert (asset.preview_sha256, asset.thumbnail_sha256) == blobs and asset.rendition_state is None
+    clean_store(gw)
+    chain_ok(gw)
+
+
+def test_two_gateways_rendering_the_same_photo_record_it_once_and_keep_its_blobs(gw, fx, tmp_path):
+    """Two processes on one store both render a due photo and both reach the commit: one records it, the other
+    finds it done; the blobs the row names are there and nothing is audited as failed."""
+    running, asset_id, blobs, held = due_photo_blocked_in_renderers(gw, fx, tmp_path, 2)
+    try:
+        with held:
+            time.sleep(6)  # the second renderer's poll (5 s) has found the photo and rendered it too
+        wait_for(lambda: not deferred.due(gw))
+        time.sleep(1)  # the loser's look at the row and its clean-up
+    finally:
+        for serve in running:
+            serve.stop()
+    asset = load(gw, asset_id)
+    assert (asset.preview_sha256, asset.thumbnail_sha256) == blobs and asset.rendition_state is None
+    assert all(gw.blobs.exists(sha) for sha in blobs)
+    assert not events(gw, outcome=audit.SERIOUS_FAILURE)
+    clean_store(gw)
+    for serve in running:
+        assert "Traceback" not in serve.log.read_text()
+
+
+def test_serve_killed_between_the_link_and_the_commit_stores_nothing_and_the_resend_is_clean(gw, fx, tmp_path):
+    """A C-STORE whose object is linked into the blob store when the process dies before the commit: the sender
+    got no Success, no row exists, the spooled copy is tidied at the next start, and the sender's retry is stored
+    (the linked blob adopted again, not a second copy), made, and leaves the store clean."""
+    from tests.test_dicom_store import storescu
+
+    patient = add_patient(gw)
+    sent = good_object(tmp_path, fx, "sent.dcm")
+    serve = Serve(gw, tmp_path, "serve")
+    tool = shutil.which("storescu")
+    if tool is None:
+        pytest.fail("storescu (dcmtk) is needed")
+    with holding_commit(gw, patient_id=patient["id"]):
+        sender = subprocess.Popen([tool, "-xy", "-aet", "CAMERA", "-aec", "CLINPHOTO", "127.0.0.1", str(serve.port), str(sent)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # linked: the commit is all that is left (the file meta is the association's, so its name is learnt here)
+        wait_for(lambda: any(gw.blobs.iter_blobs()))
+        (sha,) = [b.sha256 for b in gw.blobs.iter_blobs()]
+        spooled = [p for p in (tmp_path / "spool").rglob("*.dcm")]
+        assert spooled and os.stat(spooled[0]).st_ino == os.stat(gw.blobs.path(sha)).st_ino
+        serve.kill()
+    said = sender.communicate(timeout=60)[0]
+    assert sender.returncode != 0 or "Success" not in said  # never acknowledged
+    with gw.db.read() as s:
+        assert s.execute(select(Asset)).first() is None  # no partial asset
+    assert gw.blobs.check(sha)  # the orphan is whole (gc's to remove, or the retry's)
+    chain_ok(gw)
+
+    again = Serve(gw, tmp_path, "restart")
+    try:
+        assert not list((tmp_path / "spool").rglob("*.dcm")), "the dead process's spooled object is still there"
+        run = storescu(again.port, "CAMERA", sent)
+        assert run.returncode == 0, run.stderr
+        wait_for(lambda: not deferred.due(gw))
+    finally:
+        again.stop()
+    with gw.db.read() as s:
+        (asset,) = s.execute(select(Asset)).scalars().all()
+        s.expunge(asset)
+    assert asset.dicom_sha256 == sha and asset.rendition_state is None and asset.preview_sha256
+    assert gw.blobs.check(sha)
+    clean_store(gw)
+    chain_ok(gw)
