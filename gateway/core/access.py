@@ -276,22 +276,40 @@ def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, 
     else:
         preview, thumbnail, state = asset.preview_sha256, asset.thumbnail_sha256, asset.rendition_state
         if state == DUE:  # a received object answered before it was rendered: made now, not "not ready"
-            made = deferred.make(gw, asset.id)
+            try:
+                made = deferred.make(gw, asset.id)
+            except Exception as exc:
+                _served_nothing(gw, ctx, asset, detail, f"its {rendition} could not be made ({type(exc).__name__})",
+                                audit.SERIOUS_FAILURE)
+                raise
             preview, thumbnail, state = made.preview_sha256, made.thumbnail_sha256, made.state
         if state == FAILED:
-            raise Refused(Kind.NOT_FOUND, "this photo's pixel data did not decode when it was stored, so it has no "
-                          f"{rendition}; its DICOM object is kept as it was sent")
+            refusal = Refused(Kind.NOT_FOUND, "this photo's pixel data did not decode when it was stored, so it has no "
+                              f"{rendition}; its DICOM object is kept as it was sent")
+            _served_nothing(gw, ctx, asset, detail, refusal.reason)
+            raise refusal
         sha, media_type = (preview if rendition == "preview" else thumbnail), "image/jpeg"
     if not sha:
         kept = " (the original was not kept)" if rendition == "original" else ""
-        raise Refused(Kind.NOT_FOUND, f"this photo has no {rendition} rendition{kept}")
+        refusal = Refused(Kind.NOT_FOUND, f"this photo has no {rendition} rendition{kept}")
+        _served_nothing(gw, ctx, asset, detail, refusal.reason)
+        raise refusal
     path = gw.blobs.path(sha)
     if not path.is_file():
         log.error("blob %s of photo %s (%s) is missing from the blob store", sha, asset.id, rendition)
-        raise StoreFault(f"the stored {rendition} of this photo is missing; run `clinphoto store check`")
+        fault = StoreFault(f"the stored {rendition} of this photo is missing; run `clinphoto store check`")
+        _served_nothing(gw, ctx, asset, detail, str(fault), audit.SERIOUS_FAILURE)
+        raise fault
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
                              detail=detail)
     return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset)
+
+
+def _served_nothing(gw: Gateway, ctx: AccessContext, asset: Asset, detail: dict[str, Any], why: str,
+                    outcome: str = audit.MINOR_FAILURE) -> None:
+    """A retrieve the policy allowed that served nothing is still an access: audited with why, before the answer."""
+    access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
+                             detail=detail, failure=why, failure_outcome=outcome)
 
 
 @dataclass(frozen=True)

@@ -147,17 +147,19 @@ def search_entries(ctx: AccessContext, *, query: str, results: Mapping[int, Sequ
 
 
 def read_entries(ctx: AccessContext, *, asset_id: str, patient_id: int | None, permitted: bool, reasons: Sequence[str] = (),
-                 what: str = "read", type_code: str = audit.REST, detail: Entity | None = None) -> list[AuditEntry]:
-    """A read or retrieve of one photo; a denial keeps its reasons here (the caller only sees 404)."""
+                 what: str = "read", type_code: str = audit.REST, detail: Entity | None = None,
+                 failure: str | None = None, failure_outcome: str = audit.MINOR_FAILURE) -> list[AuditEntry]:
+    """A read or retrieve of one photo; a denial keeps its reasons here (the caller only sees 404). `failure`: the
+    caller could see the photo but nothing was served (no such rendition, a blob missing), and why."""
     detail = dict(detail or {})
     if not permitted:
         detail["reasons"] = list(reasons)
     entities = [{"type": "asset", "id": asset_id, "role": what}] + ([{"type": "patient", "id": patient_id}] if patient_id else [])
-    outcome_desc = None if permitted else "denied: " + "; ".join([r for r in reasons if "DENIED" in r] or list(reasons))
+    outcome_desc = failure if permitted else "denied: " + "; ".join([r for r in reasons if "DENIED" in r] or list(reasons))
     entries = [
         make_entry(
             ctx, type_code=type_code, action="R", subtype=what,
-            outcome=audit.SUCCESS if permitted else DENIED,
+            outcome=(failure_outcome if failure else audit.SUCCESS) if permitted else DENIED,
             outcome_desc=outcome_desc,
             patient_id=patient_id,
             entities=entities,
