@@ -23,13 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from sqlalchemy import create_engine, select, text
 
 from gateway.core import access, operations
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
-from gateway.core.ingest import deferred, errors, received
+from gateway.core.ingest import deferred, received
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.renditions import DUE, FAILED
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
@@ -97,11 +96,9 @@ def test_a_reader_the_policy_refuses_makes_nothing_and_the_denial_is_audited(gw,
     add_patient(gw)
     asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
     outsider = Subject(sub="dr.elsewhere", role="clinician", specialties=("110",), scopes=("user/*.cruds",))
-    for who in (outsider, ILLUSTRATOR.__class__(sub="edu", role="educator", purpose_of_use="TRAIN", scopes=("user/*.cruds",))):
-        try:
-            ctx = access.photo_request(gw, who, "read", "test")
-        except Refused:
-            continue  # refused before any look-up (audited by photo_request)
+    educator = Subject(sub="edu", role="educator", purpose_of_use="TRAIN", scopes=("user/*.cruds",))  # no teaching consent
+    for who in (outsider, educator):
+        ctx = access.photo_request(gw, who, "read", "test")
         with pytest.raises(Refused):
             access.image(gw, ctx, asset_id, "preview", "test")
         denied = [e for e in events(gw, agent_who=who.sub) if e.outcome != audit.SUCCESS]
@@ -162,7 +159,7 @@ def test_a_spool_on_another_filesystem_is_copied_into_the_store(gw, fx, tmp_path
     other = Path("/dev/shm")
     if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("no second filesystem to spool on")
-    spool_dir = Path(os.environ.get("TMPDIR_SHM", other)) / f"clinphoto-spool-{os.getpid()}-{time.monotonic_ns()}"
+    spool_dir = other / f"clinphoto-spool-{os.getpid()}-{time.monotonic_ns()}"
     gw.settings.ingest.spool_dir = spool_dir
     other_gw = Gateway(settings=gw.settings, db=gw.db, blobs=gw.blobs)
     try:
@@ -186,7 +183,7 @@ def test_the_same_object_sent_twice_at_once_is_stored_once_and_made_once(gw, fx,
     add_patient(gw)
     source = good_object(tmp_path, fx)
     copies = []
-    for i in range(4):
+    for _ in range(4):
         fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
         os.close(fd)
         shutil.copyfile(source, path)
@@ -219,6 +216,13 @@ def test_the_same_object_sent_twice_at_once_is_stored_once_and_made_once(gw, fx,
     clean_store(gw)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "deferred._make treats FileNotFoundError on the stored DICOM object as the photo's own failure: it marks the row "
+    "'failed' for good (make() only ever acts on 'due', and nothing sets a failed photo due again) and audits "
+    "'stored, but its pixels did not decode: the stored DICOM object is missing'. A blob briefly absent (a store "
+    "mount away, a restore under way) leaves the photo without a preview after the blob is back. Keeping it due "
+    "needs a per-photo back-off in the Renderer (oldest-first would otherwise retry it every round and starve the "
+    "rest with one thread), so it is left for a design decision."))
 def test_a_due_photo_whose_stored_object_was_briefly_missing_gets_its_preview_once_it_is_back(gw, fx, tmp_path):
     """A missing blob is the store's fault (a mount away, a restore under way), not damage to the photo: the
     photo must not be marked failed for good, nor audited as 'its pixels did not decode'."""
@@ -371,12 +375,8 @@ def expected_renditions(gw: Gateway, path: Path) -> tuple[str, str]:
     """The preview and thumbnail blob names a make of this object gives (rendered here, nothing stored)."""
     import hashlib
 
-    rends = received.renditions(received.read(path, gw.settings.ingest), gw.settings.ingest, tmp_dir=tmp_dir_of(gw))
+    rends = received.renditions(received.read(path, gw.settings.ingest), gw.settings.ingest, tmp_dir=gw.spool.path)
     return hashlib.sha256(rends.preview).hexdigest(), hashlib.sha256(rends.thumbnail).hexdigest()
-
-
-def tmp_dir_of(gw: Gateway) -> Path:
-    return gw.spool.path
 
 
 def due_photo_blocked_in_renderers(gw: Gateway, fx, tmp_path: Path, serves: int) -> tuple[list[Serve], str, tuple[str, str], contextlib.ExitStack]:
@@ -394,8 +394,9 @@ def due_photo_blocked_in_renderers(gw: Gateway, fx, tmp_path: Path, serves: int)
         if load(gw, asset_id).rendition_state != DUE:  # a renderer was quicker than the lock
             stack.close()
             continue
-        wait_for(lambda: gw.blobs.exists(preview) and gw.blobs.exists(thumbnail))  # within one poll (5 s)
-        return running, asset_id, (preview, thumbnail), stack
+        names = (preview, thumbnail)
+        wait_for(lambda names=names: all(gw.blobs.exists(n) for n in names))  # within one poll (5 s)
+        return running, asset_id, names, stack
     raise AssertionError("the renderers always made the photo before the commit could be held")
 
 
@@ -483,3 +484,41 @@ def test_serve_killed_between_the_link_and_the_commit_stores_nothing_and_the_res
     assert gw.blobs.check(sha)
     clean_store(gw)
     chain_ok(gw)
+
+
+# --- the doors ------------------------------------------------------------------------------------------------
+
+
+def _in_series(path: Path, study: str, series: str, number: int) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, number
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_series_whose_first_instance_did_not_decode_still_has_a_thumbnail(gw, fx, tmp_path):
+    """STOW-RS stores two instances of one series, answered before rendering; the first turns out damaged
+    inside. The series and study thumbnails stand for what the caller may see: the instance that has one,
+    not a 404 because the first in order has none."""
+    from gateway.app import create_app
+    from tests.test_dicomweb import mi, stow
+    from tests.test_photos_api import serving
+
+    add_patient(gw)
+    study, series = "1.2.826.0.9.7", "1.2.826.0.9.7.1"
+    bad = _in_series(damaged_inside(tmp_path, fx), study, series, 1)
+    good = _in_series(good_object(tmp_path, fx), study, series, 2)
+    with serving(create_app(gw)) as web:
+        stored = stow(web, gw, [("application/dicom", p.read_bytes(), {}) for p in (bad, good)])
+        assert stored.status_code == 200, stored.text
+        assert len(deferred.due(gw)) == 2  # answered before rendering
+        h = mi(gw)
+        rendered = web.get(f"/dicomweb/studies/{study}/series/{series}/rendered",
+                           headers={**h, "Accept": 'multipart/related; type="image/jpeg"'})
+        assert rendered.status_code == 200  # made on asking: the damaged one left out, the good one there
+        for url in (f"/dicomweb/studies/{study}/series/{series}/thumbnail", f"/dicomweb/studies/{study}/thumbnail"):
+            thumb = web.get(url, headers=h)
+            assert thumb.status_code == 200, (url, thumb.status_code, thumb.text[:200])
+            assert thumb.headers["content-type"] == "image/jpeg"
