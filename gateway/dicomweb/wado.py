@@ -23,6 +23,7 @@ from gateway.core.access import DicomObject
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
 from gateway.core.policy.rules import AccessContext
+from gateway.core.refusals import Kind, Refused
 from gateway.core.study_query import Match, StudyQuery
 from gateway.dicomweb import pixels
 from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, answer_format, base_url, data_sets, gw_of, what
@@ -389,9 +390,16 @@ def _rendered_media(request: Request, single: bool) -> tuple[str, bool]:
 
 def _first_rendition(gw: Gateway, subject: Subject, target: Target, text: str,
                      rendition: Literal["preview", "thumbnail"]) -> access.StoredImage:
-    """The stored rendition of the first visible instance the URL names (a thumbnail stands for its series or study)."""
+    """The stored rendition of the first visible instance the URL names that has one (a thumbnail stands for its
+    series or study: an instance whose pixels did not decode has none, and the next one stands in)."""
     ctx, found = _matches(gw, subject, target, text)
-    return access.image(gw, ctx, found[0].asset_id or "", rendition, text)
+    for match in found[:-1]:
+        try:
+            return access.image(gw, ctx, match.asset_id or "", rendition, text)
+        except Refused as exc:
+            if exc.kind != Kind.NOT_FOUND:
+                raise
+    return access.image(gw, ctx, found[-1].asset_id or "", rendition, text)
 
 
 def _which(gw: Gateway, viewport: tuple[int, int] | None, prefer_thumbnail: bool = False) -> Literal["preview", "thumbnail"]:
