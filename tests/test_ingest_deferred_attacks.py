@@ -571,3 +571,26 @@ def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, f
         serve.stop()
     assert load(gw, asset_id).rendition_state == FAILED  # given up on after CRASHES deaths, not a crash loop
     assert [e.entities[0]["id"] for e in events(gw, outcome=audit.SERIOUS_FAILURE)] == [asset_id]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A frame damaged in transfer but whole in form (EOI present) is answered Success and kept; when the sender, "
+    "or the operator after the 'did not decode' audit, sends the intact object again under its SOP Instance UID, "
+    "pipeline._known_instances refuses it as duplicate-instance (C-STORE 0xC000, STOW-RS 0x0111) because the stored "
+    "copy differs: the known-bad copy blocks its own correction for good. before-answer refused the damaged copy, "
+    "so the resend was stored. Replacing a failed instance's object (or accepting the resend) is a design decision."))
+def test_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_is_stored(gw, fx, tmp_path):
+    import pydicom
+
+    add_patient(gw)
+    damaged = damaged_inside(tmp_path, fx)
+    first = receive(gw, damaged).photos[0]
+    assert deferred.make(gw, first.asset_id).state == FAILED
+    intact = good_object(tmp_path, fx, "intact.dcm")
+    ds, sent = pydicom.dcmread(intact), pydicom.dcmread(damaged)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPInstanceUID = sent.SOPInstanceUID
+    ds.save_as(intact, enforce_file_format=True)
+    again = receive(gw, intact).photos[0]  # refused today: duplicate-instance
+    made = deferred.make(gw, again.asset_id)
+    assert made.state is None and made.preview_sha256
