@@ -620,3 +620,28 @@ def test_a_photo_met_while_the_spool_is_unusable_is_made_once_it_is_back(gw, fx,
         back.spool.close()
     assert made.state is None and made.preview_sha256, made
     assert not events(gw, outcome=audit.SERIOUS_FAILURE)
+
+
+def test_a_rendered_series_whose_make_fails_is_still_audited(gw, fx, tmp_path):
+    """WADO-RS /rendered of a series makes its due instances on asking; when a make fails (here the spool it needs
+    is unusable) the request fails, but the query and the failed retrieve are in the audit trail all the same."""
+    from gateway.app import create_app
+    from tests.test_dicomweb import mi
+    from tests.test_photos_api import serving
+
+    add_patient(gw)
+    study, series = "1.2.826.0.9.8", "1.2.826.0.9.8.1"
+    asset_id = receive(gw, _in_series(good_object(tmp_path, fx), study, series, 1)).photos[0].asset_id
+    broken = tmp_path / "spool-volume"
+    broken.write_bytes(b"")
+    gw.settings.ingest.spool_dir = broken
+    away = Gateway(settings=gw.settings, db=gw.db, blobs=gw.blobs)
+    before = len(events(gw))
+    with serving(create_app(away)) as web:
+        r = web.get(f"/dicomweb/studies/{study}/series/{series}/rendered",
+                    headers={**mi(gw), "Accept": 'multipart/related; type="image/jpeg"'})
+    assert r.status_code >= 500
+    mine = [e for e in events(gw)[before:] if e.agent_who == "mi.jones"]
+    assert any(e.type_code == audit.QUERY for e in mine), [(e.type_code, e.subtype, e.outcome) for e in mine]
+    failed = [e for e in mine if any(x.get("id") == asset_id for x in e.entities) and e.outcome != audit.SUCCESS]
+    assert failed, [(e.type_code, e.subtype, e.outcome) for e in mine]

@@ -339,7 +339,17 @@ def images_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, 
     for asset in (found[i] for i in ids if i in found):
         preview, thumbnail, state = asset.preview_sha256, asset.thumbnail_sha256, asset.rendition_state
         if state == DUE:  # a received object answered before it was rendered: made now, as image() does
-            made = deferred.make(gw, asset.id)
+            try:
+                made = deferred.make(gw, asset.id)
+            except Exception as exc:
+                # the request fails, but the query and this retrieve happened: in the trail before the error goes out
+                # (the renditions gathered so far are not sent, so they are not recorded as retrieved)
+                failed = access_audit.read_entries(
+                    ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
+                    type_code=type_code, detail={"rendition": rendition, **(detail or {})},
+                    failure=f"its {rendition} could not be made ({type(exc).__name__})", failure_outcome=audit.SERIOUS_FAILURE)
+                access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + failed)
+                raise
             preview, thumbnail, state = made.preview_sha256, made.thumbnail_sha256, made.state
         if state == FAILED:
             continue  # its pixels did not decode: it has no rendered image (its DICOM object is kept as sent)
