@@ -645,3 +645,17 @@ def test_a_rendered_series_whose_make_fails_is_still_audited(gw, fx, tmp_path):
     assert any(e.type_code == audit.QUERY for e in mine), [(e.type_code, e.subtype, e.outcome) for e in mine]
     failed = [e for e in mine if any(x.get("id") == asset_id for x in e.entities) and e.outcome != audit.SUCCESS]
     assert failed, [(e.type_code, e.subtype, e.outcome) for e in mine]
+
+
+def test_the_first_readers_make_is_audited_as_their_retrieve_and_nothing_else(gw, fx, tmp_path):
+    """The on-demand make is the gateway's work done for a reader: the reader's record is one retrieve of that
+    photo (what they were given), and nothing is recorded in their name for the making."""
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    before = len(events(gw))
+    ctx = access.photo_request(gw, ILLUSTRATOR, "read", "test")
+    stored = access.image(gw, ctx, asset_id, "thumbnail", "test")
+    assert stored.path.is_file() and load(gw, asset_id).rendition_state is None
+    after = events(gw)[before:]
+    assert [(e.agent_who, e.action, e.subtype, e.outcome) for e in after] == [(ILLUSTRATOR.sub, "R", "retrieve", audit.SUCCESS)]
+    assert after[0].entities[0]["id"] == asset_id and after[0].detail["rendition"] == "thumbnail"
