@@ -351,6 +351,21 @@ def holding_commit(gw: Gateway, *, patient_id: int | None = None, asset_id: str 
         engine.dispose()
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_outlives_its_test() -> Iterator[None]:
+    """A test that fails before its kill or stop must not leave a gateway running on the next test's ports and
+    database (PostgreSQL would wait on its connections to drop the schema)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 class Serve:
     """`clinphoto serve` on the test's store (DICOM door only), its log in a file."""
 
@@ -367,6 +382,7 @@ class Serve:
         self.log = tmp_path / f"{name}.log"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        _STARTED.append(self.proc)
         if not wait:
             return
         deadline = time.monotonic() + 60
@@ -481,6 +497,7 @@ def test_serve_killed_between_the_link_and_the_commit_stores_nothing_and_the_res
     with holding_commit(gw, patient_id=patient["id"]):
         sender = subprocess.Popen([tool, "-xy", "-aet", "CAMERA", "-aec", "CLINPHOTO", "127.0.0.1", str(serve.port), str(sent)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _STARTED.append(sender)
         # linked: the commit is all that is left (the file meta is the association's, so its name is learnt here)
         wait_for(lambda: any(gw.blobs.iter_blobs()))
         (sha,) = [b.sha256 for b in gw.blobs.iter_blobs()]
