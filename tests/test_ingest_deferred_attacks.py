@@ -128,6 +128,26 @@ def test_a_reader_of_a_photo_whose_pixels_did_not_decode_is_audited(gw, fx, tmp_
     chain_ok(gw)
 
 
+def test_a_teaching_consent_withdrawn_while_due_closes_the_photo_to_teaching_before_any_make(gw, fx, tmp_path):
+    from gateway.core.consents import record_consent, withdraw_consent
+
+    patient = add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    with gw.db.write() as s:
+        teaching = record_consent(s, patient_id=patient["id"], level="teaching", given_by="patient",
+                                  captured_by="mi.jones").id
+    educator = Subject(sub="edu", role="educator", purpose_of_use="TRAIN", scopes=("user/*.cruds",))
+    ctx = access.photo_request(gw, educator, "read", "test")
+    assert access.read(gw, ctx, asset_id).asset.id == asset_id  # open to teaching while the consent stands
+    with gw.db.write() as s:
+        withdraw_consent(s, teaching, withdrawn_by="patient")
+    with pytest.raises(Refused):
+        access.image(gw, ctx, asset_id, "preview", "test")
+    assert load(gw, asset_id).rendition_state == DUE  # nothing decoded for a reader the policy now refuses
+    denied = [e for e in events(gw, agent_who="edu") if e.outcome != audit.SUCCESS]
+    assert denied and denied[-1].entities[0]["id"] == asset_id
+
+
 def test_a_photo_merged_while_due_is_made_and_a_failure_is_audited_under_the_survivor(gw, fx, tmp_path):
     from store.models import Patient
 
