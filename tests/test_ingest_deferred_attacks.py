@@ -719,3 +719,32 @@ def test_the_first_readers_make_is_audited_as_their_retrieve_and_nothing_else(gw
     after = events(gw)[before:]
     assert [(e.agent_who, e.action, e.subtype, e.outcome) for e in after] == [(ILLUSTRATOR.sub, "R", "retrieve", audit.SUCCESS)]
     assert after[0].entities[0]["id"] == asset_id and after[0].detail["rendition"] == "thumbnail"
+
+
+def test_store_gc_meeting_a_linked_spool_file_before_its_commit_spares_it(gw, fx, tmp_path):
+    """`clinphoto store gc` (default age) runs while a received object is linked into the store and its commit
+    waits: the linked blob is young (its mtime is the spool write's), so it is spared and the commit names a blob
+    that is there; the spooled name the door still holds is not the store's to touch."""
+    from datetime import timedelta
+
+    from store.integrity import collect_garbage, collect_spool
+
+    patient = add_patient(gw)
+    fd, spooled = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+    os.close(fd)
+    shutil.copyfile(good_object(tmp_path, fx), spooled)
+    result: list[object] = []
+    with holding_commit(gw, patient_id=patient["id"]):
+        worker = threading.Thread(target=lambda: result.append(receive(gw, spooled, spooled=True)))
+        worker.start()
+        wait_for(lambda: any(gw.blobs.iter_blobs()))  # linked; the commit waits
+        (linked,) = [b.sha256 for b in gw.blobs.iter_blobs()]
+        assert collect_garbage(gw.db, gw.blobs, older_than=timedelta(hours=24), now=time.time()) == []
+        assert collect_spool(gw.spool.root) == []  # a live process's spool folder
+        assert spooled.exists() and gw.blobs.exists(linked)
+    worker.join(60)
+    (photo,) = result[0].photos  # type: ignore[attr-defined]
+    spooled.unlink()
+    assert load(gw, photo.asset_id).dicom_sha256 == linked and gw.blobs.check(linked)
+    assert deferred.make(gw, photo.asset_id).state is None
+    clean_store(gw)
