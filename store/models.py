@@ -210,6 +210,10 @@ class Asset(Base):
     # NULL: the renditions are made; "due": a received object answered before its pixels were decoded
     # (gateway/core/ingest/deferred.py makes them); "failed": its pixels did not decode
     rendition_state: Mapped[str | None] = mapped_column(String(10))
+    # attempts at making a due photo's renditions that ended without an answer (counted before each decode, so a
+    # process killed by it counts too), and the time before which the renderer leaves it (migration 0009)
+    rendition_tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rendition_after: Mapped[datetime | None]
 
     taken_at: Mapped[datetime | None]
     # SNOMED CT body structure and laterality (left, right, both)

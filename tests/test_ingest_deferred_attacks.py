@@ -240,13 +240,6 @@ def test_the_same_object_sent_twice_at_once_is_stored_once_and_made_once(gw, fx,
     clean_store(gw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deferred._make treats FileNotFoundError on the stored DICOM object as the photo's own failure: it marks the row "
-    "'failed' for good (make() only ever acts on 'due', and nothing sets a failed photo due again) and audits "
-    "'stored, but its pixels did not decode: the stored DICOM object is missing'. A blob briefly absent (a store "
-    "mount away, a restore under way) leaves the photo without a preview after the blob is back. Keeping it due "
-    "needs a per-photo back-off in the Renderer (oldest-first would otherwise retry it every round and starve the "
-    "rest with one thread), so it is left for a design decision."))
 def test_a_due_photo_whose_stored_object_was_briefly_missing_gets_its_preview_once_it_is_back(gw, fx, tmp_path):
     """A missing blob is the store's fault (a mount away, a restore under way), not damage to the photo: the
     photo must not be marked failed for good, nor audited as 'its pixels did not decode'."""
@@ -255,7 +248,10 @@ def test_a_due_photo_whose_stored_object_was_briefly_missing_gets_its_preview_on
     blob = gw.blobs.path(load(gw, asset_id).dicom_sha256)
     aside = tmp_path / "aside.dcm"
     os.replace(blob, aside)
-    deferred.make(gw, asset_id)  # the renderer, or a reader, meets the store without the object
+    with pytest.raises(FileNotFoundError):  # the renderer, or a reader (a 500, audited), meets the store without it
+        deferred.make(gw, asset_id)
+    assert load(gw, asset_id).rendition_state == DUE and load(gw, asset_id).rendition_tries == 0  # not counted
+    assert deferred.due(gw, ready=True) == []  # the renderer leaves it for a while, taking the others
     os.replace(aside, blob)
     made = deferred.make(gw, asset_id)
     assert made.state is None and made.preview_sha256, made
@@ -375,9 +371,9 @@ _STARTED: list[subprocess.Popen] = []
 
 
 @pytest.fixture(autouse=True)
-def _no_gateway_outlives_its_test() -> Iterator[None]:
+def _no_gateway_outlives_its_test(gw) -> Iterator[None]:
     """A test that fails before its kill or stop must not leave a gateway running on the next test's ports and
-    database (PostgreSQL would wait on its connections to drop the schema)."""
+    database (PostgreSQL would wait on its connections to drop the schema: hence after `gw`, so torn down first)."""
     yield
     while _STARTED:
         proc = _STARTED.pop()
@@ -440,23 +436,41 @@ def expected_renditions(gw: Gateway, path: Path) -> tuple[str, str]:
     return hashlib.sha256(rends.preview).hexdigest(), hashlib.sha256(rends.thumbnail).hexdigest()
 
 
+def slow_object(tmp_path: Path, name: str, seed: int) -> Path:
+    """An uncompressed 12-MP photo: its reduction takes a renderer long enough (~0.5 s) to hold a lock meanwhile."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(3000, 4000, 3), dtype=np.uint8)
+    return objects.native(tmp_path / name, pixels)
+
+
+def tries(gw: Gateway, asset_id: str) -> int:
+    with gw.db.read() as s:
+        return int(s.execute(select(Asset.rendition_tries).where(Asset.id == asset_id)).scalar_one())
+
+
 def due_photo_blocked_in_renderers(gw: Gateway, fx, tmp_path: Path, serves: int) -> tuple[list[Serve], str, tuple[str, str], contextlib.ExitStack]:
-    """`serves` gateways running, one due photo that their renderers have rendered and written, each stopped at
-    the commit that would record it. (An ingest here may be made by a renderer before the commit is held: then
-    again with another photo.)"""
+    """`serves` gateways running, one due photo that a renderer has taken (its attempt counted), rendered and
+    written, stopped at the commit that would record it; another gateway's renderer meets the held row when it
+    takes the photo. (A renderer may make the photo before the commit is held: then again with another photo.)"""
     patient = add_patient(gw)
     running = [Serve(gw, tmp_path, f"serve{i}") for i in range(serves)]
     for attempt in range(5):
-        sent = good_object(tmp_path, fx, f"due{attempt}.dcm")
+        sent = slow_object(tmp_path, f"due{attempt}.dcm", attempt)
         preview, thumbnail = expected_renditions(gw, sent)
         asset_id = receive(gw, sent).photos[0].asset_id
+        wait_for(lambda asset_id=asset_id: tries(gw, asset_id) > 0)  # taken: counted before the decode
         stack = contextlib.ExitStack()
         stack.enter_context(holding_commit(gw, patient_id=patient["id"], asset_id=asset_id))
         if load(gw, asset_id).rendition_state != DUE:  # a renderer was quicker than the lock
             stack.close()
             continue
         names = (preview, thumbnail)
-        wait_for(lambda names=names: all(gw.blobs.exists(n) for n in names))  # within one poll (5 s)
+        try:
+            wait_for(lambda names=names: all(gw.blobs.exists(n) for n in names))
+        except BaseException:
+            stack.close()  # the held row would keep the schema from being dropped
+            raise
         return running, asset_id, names, stack
     raise AssertionError("the renderers always made the photo before the commit could be held")
 
@@ -606,13 +620,6 @@ def kill_while_open(proc: subprocess.Popen, path: Path, seconds: float = 60.0) -
     raise AssertionError(f"the process never opened {path}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A photo whose rendering kills the process (a native decoder crash, the OOM killer on a huge frame) is taken up "
-    "again first at every start: Renderer._take is oldest-first and the only give-up counter (deferred._UNEXPECTED, "
-    "UNEXPECTED_TRIES) lives in the dead process's memory. In after-answer mode the object is stored and due, so "
-    "`clinphoto serve` would crash-loop on it, every door down with it; before-answer refused it once with nothing "
-    "stored. Needs a persistent attempt count (e.g. a column bumped before the decode) and a give-up that marks it "
-    "failed and audits it."))
 def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, fx, tmp_path):
     import numpy as np
 
@@ -656,12 +663,6 @@ def test_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_is_stored(g
     assert made.state is None and made.preview_sha256
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deferred._make counts any exception that is not IngestRejected/FileNotFoundError as 'a decoder crash' and after "
-    "UNEXPECTED_TRIES (3, one second apart in the Renderer) marks the photo failed for good, audited as 'stored, but "
-    "its pixels did not decode: the renderer failed 3 times (...)'. An environment fault (here the spool folder the "
-    "decode writes temp files to is unusable: a volume not mounted yet or full) therefore turns every due photo the "
-    "renderer meets during it into a permanent 'damaged' verdict in the audit trail, though its pixels are fine."))
 def test_a_photo_met_while_the_spool_is_unusable_is_made_once_it_is_back(gw, fx, tmp_path):
     add_patient(gw)
     asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
@@ -669,7 +670,7 @@ def test_a_photo_met_while_the_spool_is_unusable_is_made_once_it_is_back(gw, fx,
     broken.write_bytes(b"")  # where the spool folder should be: the volume is not there
     gw.settings.ingest.spool_dir = broken
     away = Gateway(settings=gw.settings, db=gw.db, blobs=gw.blobs)
-    for _ in range(deferred.UNEXPECTED_TRIES):  # the renderer's rounds during the fault
+    for _ in range(deferred.MAX_ATTEMPTS + 1):  # the renderer's rounds during the fault
         with contextlib.suppress(Exception):
             deferred.make(away, asset_id)
     broken.unlink()

@@ -17,6 +17,12 @@ A frame that does not decode (damage inside the entropy-coded data, which no hea
 is no preview or thumbnail, and the finding is audited (import, outcome serious failure) and logged without
 patient data. Two processes may make the same photo's renditions at once: the bytes are the same, the row is
 updated once (the update names the state it expects) and the loser's blobs are left to the winner.
+
+Each attempt is counted in the row (rendition_tries) before the decode. An attempt that ends without an answer,
+because the process was killed during it (a native decoder crash, the OOM killer) or an unexpected error, stays
+counted: past MAX_ATTEMPTS the photo is given up (failed, audited), where the gateway used to crash-loop on it at
+every start. A fault of the host rather than the photo (the stored object missing from the blob store, the spool
+unusable) is not counted: the photo stays due and the renderer leaves it until rendition_after, taking the others.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, or_, select, update
 
 from gateway.core.context import Gateway
 from gateway.core.ingest import received
@@ -43,7 +49,13 @@ log = logging.getLogger("clinphoto.ingest")
 
 RENDERER_NICE = 10
 MAX_THREADS = 4
-UNEXPECTED_TRIES = 3  # an error that is not the photo's (a decoder crash): tried this often, then failed
+# attempts that end without an answer (the process killed during the decode, or an error that is not the photo's
+# refusal nor the host's fault) before the photo is given up: counted in its row, so restarts do not reset them
+MAX_ATTEMPTS = 3
+RETRY_PAUSE = timedelta(seconds=5)  # after an attempt ended in an unexpected error, times the attempts so far
+HOST_FAULT_PAUSE = timedelta(minutes=1)  # after the blob store or spool failed: the renderer takes the others meanwhile
+GAVE_UP = "gave-up"
+_VERDICT = {False: "stored, but its pixels did not decode", True: "stored, but its renditions could not be made"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,6 @@ class Made:
 
 _IN_FLIGHT: dict[str, threading.Event] = {}
 _IN_FLIGHT_LOCK = threading.Lock()
-_UNEXPECTED: dict[str, int] = {}
 
 
 def available(asset: Asset) -> bool:
@@ -66,11 +77,14 @@ def available(asset: Asset) -> bool:
     return bool(asset.preview_sha256) or asset.rendition_state == DUE
 
 
-def due(gw: Gateway, limit: int = 8) -> list[str]:
-    """Photos still waiting for their renditions, oldest first."""
+def due(gw: Gateway, limit: int = 8, *, ready: bool = False) -> list[str]:
+    """Photos still waiting for their renditions, oldest first; `ready`: only those the renderer may take now (not
+    paused after a failed attempt)."""
+    query = select(Asset.id).where(Asset.rendition_state == DUE)
+    if ready:
+        query = query.where(or_(Asset.rendition_after.is_(None), Asset.rendition_after <= datetime.now(timezone.utc)))
     with gw.db.read() as session:
-        return list(session.execute(
-            select(Asset.id).where(Asset.rendition_state == DUE).order_by(Asset.created_at).limit(limit)).scalars())
+        return list(session.execute(query.order_by(Asset.created_at).limit(limit)).scalars())
 
 
 def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0) -> Made:
@@ -106,6 +120,12 @@ def _make(gw: Gateway, asset_id: str) -> Made:
                                      Asset.sop_instance_uid, Asset.study_uid).where(Asset.id == asset_id)).one_or_none()
     if row is None or row.rendition_state != DUE:
         return _current(gw, asset_id)
+    tries = _claim(gw, asset_id)
+    if tries is None:
+        return _current(gw, asset_id)
+    if tries > MAX_ATTEMPTS:
+        return _failed(gw, asset_id, row, GAVE_UP, f"making its renditions ended without an answer {tries - 1} times "
+                                                    "(the process stopped, or an unexpected error); not tried again")
     settings = gw.settings.ingest
     try:
         if not row.dicom_sha256:
@@ -114,18 +134,23 @@ def _make(gw: Gateway, asset_id: str) -> Made:
         rends = received.renditions(obj, settings, tmp_dir=gw.spool.path)
     except IngestRejected as exc:
         return _failed(gw, asset_id, row, exc.code, exc.message)
-    except FileNotFoundError:
-        log.error("photo %s: its stored DICOM object is missing from the blob store; no renditions", asset_id)
-        return _failed(gw, asset_id, row, "missing", "the stored DICOM object is missing; run `clinphoto store check`")
-    except Exception as exc:  # not the photo's fault as far as we know: tried again, a few times
-        tries = _UNEXPECTED[asset_id] = _UNEXPECTED.get(asset_id, 0) + 1
-        log.error("photo %s: making its renditions failed (%s), try %d of %d", asset_id, type(exc).__name__, tries,
-                  UNEXPECTED_TRIES)
+    except OSError as exc:
+        # the host's fault, not the photo's (the stored object missing from the blob store, the spool unusable): it
+        # stays due, the attempt uncounted, and the renderer takes the others until the pause is over
+        _release(gw, asset_id, HOST_FAULT_PAUSE)
+        if isinstance(exc, FileNotFoundError) and not gw.blobs.path(row.dicom_sha256 or "0" * 64).is_file():
+            log.error("photo %s: its stored DICOM object is missing from the blob store; renditions wait for it (run "
+                      "`clinphoto store check`)", asset_id)
+        else:
+            log.error("photo %s: renditions not made, the host failed (%s); tried again in %s", asset_id,
+                      type(exc).__name__, HOST_FAULT_PAUSE)
+        raise
+    except Exception as exc:  # not a refusal of the photo nor the host's fault as far as we know: counted
+        _pause(gw, asset_id, RETRY_PAUSE * tries)
+        log.error("photo %s: making its renditions failed (%s), attempt %d of %d", asset_id, type(exc).__name__, tries,
+                  MAX_ATTEMPTS)
         log.debug("rendition failure", exc_info=True)
-        if tries < UNEXPECTED_TRIES:
-            raise
-        _UNEXPECTED.pop(asset_id, None)
-        return _failed(gw, asset_id, row, "internal-error", f"the renderer failed {tries} times ({type(exc).__name__})")
+        raise
     writer = BlobWriter(gw)
     try:
         preview, thumbnail = writer.put_bytes(rends.preview), writer.put_bytes(rends.thumbnail)
@@ -146,6 +171,31 @@ def _make(gw: Gateway, asset_id: str) -> Made:
     return Made(None, preview, thumbnail)
 
 
+def _claim(gw: Gateway, asset_id: str) -> int | None:
+    """Count an attempt in the row, durably, before the decode (a process killed by it leaves it counted); the
+    attempts so far with this one, or None when the photo is no longer due."""
+    with gw.db.write() as session:
+        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+                        .values(rendition_tries=Asset.rendition_tries + 1))
+        tries = session.execute(select(Asset.rendition_tries).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+                                ).scalar_one_or_none()
+    return tries
+
+
+def _release(gw: Gateway, asset_id: str, pause: timedelta) -> None:
+    """An attempt that was not the photo's fault: uncounted, and the renderer leaves the photo for `pause`."""
+    with gw.db.write() as session:
+        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, Asset.rendition_tries > 0)
+                        .values(rendition_tries=Asset.rendition_tries - 1))
+    _pause(gw, asset_id, pause)
+
+
+def _pause(gw: Gateway, asset_id: str, pause: timedelta) -> None:
+    with gw.db.write() as session:
+        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+                        .values(rendition_after=datetime.now(timezone.utc) + pause))
+
+
 def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) -> Made:
     """The pixels did not decode: marked, audited in the same transaction, logged without patient data."""
     with gw.db.write() as session:
@@ -155,7 +205,7 @@ def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) ->
         if done:
             audit.append(session, audit.AuditEntry(
                 type_code=audit.IMPORT, action="U", subtype=getattr(row, "source", None), outcome=audit.SERIOUS_FAILURE,
-                outcome_desc=f"stored, but its pixels did not decode: {message}"[:500], agent_who="clinphoto",
+                outcome_desc=f"{_VERDICT[code == GAVE_UP]}: {message}"[:500], agent_who="clinphoto",
                 agent_role="system", patient_id=getattr(row, "patient_id", None),
                 entities=[{"type": "asset", "id": asset_id, "role": "stored",
                            "sop_instance_uid": getattr(row, "sop_instance_uid", None),
@@ -164,7 +214,7 @@ def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) ->
             ))
     if not done:
         return _current(gw, asset_id)
-    log.warning("photo %s: stored, but its pixels did not decode (%s); it has no preview or thumbnail", asset_id, code)
+    log.warning("photo %s: %s (%s); it has no preview or thumbnail", asset_id, _VERDICT[code == GAVE_UP], code)
     return Made(FAILED, reason=message)
 
 
@@ -205,7 +255,7 @@ class Renderer:
         wanted = self.gw.renditions_wanted
         with self._lock:
             wanted.clear()  # before looking: an ingest committing meanwhile sets it again
-            free = [i for i in due(self.gw, limit=len(self._taken) + self.threads + 1) if i not in self._taken]
+            free = [i for i in due(self.gw, limit=len(self._taken) + self.threads + 1, ready=True) if i not in self._taken]
             if not free:
                 return None
             self._taken.add(free[0])
