@@ -112,3 +112,25 @@ def test_unknown_patients_are_quarantined_when_configured(store_gw, fx, tmp_path
         assert send(port, "MODALITY1", unknown).Status == 0x0000
     [asset] = assets(store_gw)
     assert asset.status == "quarantined"
+
+
+def test_a_refusal_says_why_in_whole_words_and_is_logged_without_patient_data(store_gw, fx, tmp_path, caplog):
+    """The core's reason for refusing a known SOP Instance UID with other content is longer than ErrorComment's 64
+    characters: the comment is a short whole sentence instead of a cut one, and the gateway's log names the refusal
+    (at WARNING: a PACS administrator looks there first) without the object's patient."""
+    import logging
+
+    add_patient(store_gw)
+    first = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "first.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    other = pydicom.dcmread(first)
+    other.ImageComments = "the same instance UID, other content"
+    changed = tmp_path / "changed.dcm"
+    other.save_as(changed, enforce_file_format=True)
+    with RunningListener(store_gw) as port, caplog.at_level(logging.INFO):
+        assert send(port, "MODALITY1", first).Status == 0x0000
+        answer = send(port, "MODALITY1", changed)
+    assert answer.Status == 0xC000
+    assert answer.ErrorComment == "SOP Instance UID already stored here with other content"
+    refused = [r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
+    assert refused and "duplicate-instance" in refused[0].getMessage() and "MODALITY1" in refused[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and objects.NHS_NUMBER in r.getMessage()]

@@ -46,6 +46,20 @@ STATUS = {
     errors.PATIENT_MERGED: OUT_OF_RESOURCES,  # the patient changed while storing: the same object again will file right
 }
 COMMENT_MAX = 64  # ErrorComment is LO
+# what a refusal says in the 64 characters ErrorComment holds, when the core's own words are longer (they would be
+# cut mid-sentence: "SOP Instance UID 2.25.3466...0619 is a"); the core's words stay in the audit record
+SHORT = {
+    errors.DUPLICATE_INSTANCE: "SOP Instance UID already stored here with other content",
+    errors.UNKNOWN_PATIENT: "no patient with this PatientID/IssuerOfPatientID here",
+    errors.SOP_CLASS_NOT_SUPPORTED: "SOP Class not kept here (VL Photographic, Dermoscopic, SC)",
+    errors.TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer syntax not kept here as it is",
+    errors.INVALID_OBJECT: "object does not meet its IOD (see the gateway's audit)",
+    errors.NOT_FAITHFUL: "pixel data cannot be kept and shown faithfully",
+    errors.TOO_LARGE: "object over the size limit",
+    errors.TOO_MANY_PIXELS: "image over the pixel limit",
+    errors.CORRUPT: "pixel data damaged (a JPEG frame cut short?)",
+    errors.PATIENT_MERGED: "patient merged while storing: send again",
+}
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,10 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: by
         result = ingest(gw, CaptureRequest(source=source, items=[item]))
     except IngestRejected as exc:  # audited by the core
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
-        return StoreAnswer(status, exc.message)
+        # the code, never the message: it may name the patient the object gives
+        log.warning("C-STORE from %s refused: %s (0x%04X)", subject.peer.ae_title, exc.code, status)
+        comment = exc.message if len(exc.message) <= COMMENT_MAX else SHORT.get(exc.code, exc.message)
+        return StoreAnswer(status, comment)
     except Exception as exc:  # our failure, not the sender's: it may send again
         log.error("C-STORE from %s could not be stored: %s", subject.peer.ae_title, type(exc).__name__)
         log.debug("C-STORE failure", exc_info=True)
