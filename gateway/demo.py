@@ -18,7 +18,9 @@ from gateway.settings import Settings
 from store import audit
 from store.models import Encounter, Patient, PatientIdentifier
 
-DEMO_ODS = "RDEMO"
+# the trust the fixtures' ADT feed (fixtures/hl7, PID-3 CX.4) comes from: demo patients and a fed one share the one MRN
+# system, so `mrn|...` stays unambiguous after the README's ADT example
+DEMO_ODS = "RX1"
 
 # (nhs number, mrn, family, given, birth date, sex, consent level or None, specialty of current encounter)
 DEMO_PATIENTS = [

@@ -30,3 +30,26 @@ def test_demo_photos_are_stored_varied_and_valid(gw, tmp_path):
     with gw.db.read() as s:
         assert len(s.execute(select(Asset.id)).all()) == len(rows)
     assert again
+
+
+def test_the_mrn_shortcut_still_names_demo_patients_after_the_readmes_adt_example(gw):
+    """make run's demo, then the README's ADT example (fixtures/hl7/adt_a01_admit.hl7): the demo's hospital numbers
+    and the fed patient's are of the one trust, so `mrn|...` names either (it was refused as ambiguous between two
+    MRN systems, and the bedside capture app looks patients up that way)."""
+    from pathlib import Path
+
+    from gateway.core import patient_refs
+    from gateway.hl7.committer import GroupCommitter
+    from gateway.hl7.config import Hl7Settings
+    from gateway.hl7.listener import build_processor
+
+    seed_demo(gw)
+    raw = (Path(__file__).resolve().parent.parent / "fixtures" / "hl7" / "adt_a01_admit.hl7").read_bytes()
+    processor = build_processor(Hl7Settings())
+    [result] = GroupCommitter(gw.db, processor).apply_now([processor.prepare(raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r"))])
+    assert result.code == "AA", result.error
+    with gw.db.read() as s:
+        demo = patient_refs.find(s, *patient_refs.parse("mrn|D100001"))
+        fed = patient_refs.find(s, *patient_refs.parse("mrn|RX10001"))
+        assert demo is not None and demo.family_name == "Okafor"
+        assert fed is not None and fed.family_name == "SMITH"
