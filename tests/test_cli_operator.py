@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from store import audit
 from store.audit import AuditEntry
-from store.models import PatientIdentifier
+from store.models import Patient, PatientIdentifier
 from tests.test_policy import add_patient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,10 @@ def trail(gw, database_url, tmp_path) -> tuple[dict[str, str], int]:
     return {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}, patient.id
 
 
-def test_audit_list_filters_newest_first_without_names(trail):
+def test_audit_list_filters_newest_first_without_names(trail, gw):
     env, pid = trail
+    with gw.db.read() as session:
+        public_id = session.scalar(select(Patient.public_id).where(Patient.id == pid))
     res = cli(env, "audit", "list")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -53,13 +56,16 @@ def test_audit_list_filters_newest_first_without_names(trail):
     by_patient = cli(env, "audit", "list", "--patient", "nhs|999 000 0018")
     assert by_patient.returncode == 0, by_patient.stderr
     assert {line.split()[-1] for line in by_patient.stdout.splitlines()[1:]} >= {"search"}
-    assert all(f" {pid} " in line for line in by_patient.stdout.splitlines()[1:])
+    # the PATIENT column is the id the API and `patients list` show, and that id filters as well as the others
+    assert all(f" {public_id} " in line for line in by_patient.stdout.splitlines()[1:])
     assert cli(env, "audit", "list", "--patient", str(pid)).stdout == by_patient.stdout
+    assert cli(env, "audit", "list", "--patient", public_id).stdout == by_patient.stdout
 
     failures = cli(env, "audit", "list", "--outcome", "failure", "--json")
     records = [json.loads(line) for line in failures.stdout.splitlines()]
     assert [(r["agent"], r["outcomeName"]) for r in records] == [("dr.plastics", "minor failure")]
     assert records[0]["patientId"] == pid and records[0]["recordedAt"].endswith("Z")
+    assert records[0]["patientPublicId"] == public_id
 
     typed = cli(env, "audit", "list", "--type", "security alert", "--user", "dr.plastics", "--since", "1h", "--json")
     assert [json.loads(line)["type"] for line in typed.stdout.splitlines()] == ["110113"]

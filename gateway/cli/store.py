@@ -10,9 +10,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
 import typer
+from sqlalchemy import select
 
 from gateway.cli.common import console, open_gateway, out, print_table
 from gateway.core import patient_refs
+from store.models import Patient
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 store_app = typer.Typer(help="Blob store integrity.", no_args_is_help=True)
@@ -110,7 +112,8 @@ def _since(text: str) -> datetime:
 @audit_app.command("list")
 def audit_list(
     patient: Annotated[str | None, typer.Option("--patient", help="Only records about this patient: system|value "
-                                                "(e.g. nhs|9990000018) or the patient's id.")] = None,
+                                                "(e.g. nhs|9990000018), the patient's id as the API and `patients list` "
+                                                "show it, or the record's patient number.")] = None,
     user: Annotated[str | None, typer.Option("--user", help="Only what this person (token subject) or DICOM peer (AE title) did.")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="Only this event type: a code (110113, rest) or a name "
                                               "(\"security alert\", import, query, \"patient record\").")] = None,
@@ -139,7 +142,8 @@ def audit_list(
                     filters = replace(filters, patient_id=int(patient))
                 else:
                     try:
-                        found = patient_refs.find(session, *patient_refs.parse(patient))
+                        ref = (patient_refs.PUBLIC_ID, patient.strip()) if "|" not in patient else patient_refs.parse(patient)
+                        found = patient_refs.find(session, *ref)
                     except patient_refs.BadPatientRef as exc:
                         raise typer.BadParameter(str(exc), param_hint="--patient") from None
                     if found is None:
@@ -147,6 +151,13 @@ def audit_list(
                         raise typer.Exit(1)
                     filters = replace(filters, patient_id=found.id)
             rows = [audit_read.as_dict(e) for e in audit_read.find(session, filters)]
+            # the id the API and `patients list` show beside the record's patient number, so one leads to the other
+            numbers = {row["patientId"] for row in rows if row["patientId"] is not None}
+            public = dict(session.execute(select(Patient.id, Patient.public_id).where(Patient.id.in_(numbers))).tuples().all()) \
+                if numbers else {}
+            for row in rows:
+                number = row["patientId"]
+                row["patientPublicId"] = public.get(number) if isinstance(number, int) else None
     finally:
         gw.close()
     if as_json:
@@ -161,7 +172,7 @@ def audit_list(
         what = " - ".join(" ".join(str(x).split()) for x in (row["subtype"], row["outcomeDescription"]) if x)
         lines.append((str(row["seq"]), str(row["recordedAt"]).replace("T", " ").removesuffix("Z"), str(row["typeName"]),
                       str(row["action"]), str(row["outcomeName"]), str(row["agent"] or "-"), str(row["agentNetwork"] or "-"),
-                      str(row["patientId"] or "-"), what[:160]))
+                      str(row["patientPublicId"] or row["patientId"] or "-"), what[:160]))
     print_table(("SEQ", "TIME (UTC)", "TYPE", "ACT", "OUTCOME", "WHO", "FROM", "PATIENT", "WHAT"), lines)
 
 
