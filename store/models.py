@@ -109,7 +109,11 @@ class PatientIdentifier(Base):
 
     patient: Mapped[Patient] = relationship(back_populates="identifiers")
 
-    __table_args__ = (UniqueConstraint("system", "value", name="uq_identifier_system_value"),)
+    __table_args__ = (
+        UniqueConstraint("system", "value", name="uq_identifier_system_value"),
+        # a DICOM PatientID without an issuer is looked up by value under any system (C-FIND, QIDO-RS)
+        Index("ix_patient_identifiers_value", "value"),
+    )
 
 
 class Encounter(Base):
