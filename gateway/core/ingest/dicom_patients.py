@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import date
+from typing import Protocol
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -35,24 +37,59 @@ NHS_ISSUER = "NHS"
 PLACEHOLDER_SYSTEM = "urn:clinphoto:dicom-issuer:"
 
 
-def issuer_of(identifier: PatientIdentifier) -> str:
+class PatientFacts(Protocol):
+    """What the Patient Module reads of a patient: a Patient row, or plain values read with a query's answer."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def family_name(self) -> str | None: ...
+    @property
+    def given_names(self) -> str | None: ...
+    @property
+    def name_prefix(self) -> str | None: ...
+    @property
+    def birth_date(self) -> date | None: ...
+    @property
+    def sex(self) -> str | None: ...
+
+
+class IdentifierFacts(Protocol):
+    """What the Patient Module reads of an identifier: a PatientIdentifier row or a store.patients.IdentifierRow."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def patient_id(self) -> int: ...
+    @property
+    def system(self) -> str: ...
+    @property
+    def value(self) -> str: ...
+    @property
+    def type_code(self) -> str | None: ...
+    @property
+    def assigner(self) -> str | None: ...
+
+
+def issuer_of(identifier: IdentifierFacts) -> str:
     """The IssuerOfPatientID an identifier is written with."""
     return NHS_ISSUER if identifier.system == NHS_SYSTEM else (identifier.assigner or identifier.system)
 
 
 def patient_info(session: Session, patient: Patient) -> PatientInfo:
     """The Patient Module values of a (live) patient: the NHS number if known, else the MRN with its assigner."""
-    return _info(patient, identifiers_of(session, patient.id))
+    return patient_module(patient, identifiers_of(session, patient.id))
 
 
 def patient_infos(session: Session, patients: Iterable[Patient]) -> dict[int, PatientInfo]:
     """patient_info of several patients, their identifiers read together (a query answer's patients)."""
     patients = list(patients)
     idents = identifiers_of_many(session, [p.id for p in patients])
-    return {p.id: _info(p, idents[p.id]) for p in patients}
+    return {p.id: patient_module(p, idents[p.id]) for p in patients}
 
 
-def _info(patient: Patient, idents: list[PatientIdentifier]) -> PatientInfo:
+def patient_module(patient: PatientFacts, idents: Sequence[IdentifierFacts]) -> PatientInfo:
+    """The Patient Module values of a patient from its identifiers, merged records' included (own ones first)."""
     nhs = next((i for i in idents if i.system == NHS_SYSTEM), None)
     mrn = next((i for i in idents if i.type_code == "MR" and i.patient_id == patient.id), None)
     mrn = mrn or next((i for i in idents if i.system != NHS_SYSTEM), None)
