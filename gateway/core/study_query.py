@@ -8,22 +8,26 @@ DIMSE status or HTTP code.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import ColumnElement, Select, case, distinct, func, or_, select
+from sqlalchemy import ColumnElement, Row, Select, String, bindparam, case, distinct, func, or_, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import SQLCoreOperations
 
 from gateway.core import access_audit
 from gateway.core.context import Gateway
-from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_infos
+from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_module
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import NHS_SYSTEM
 from gateway.core.policy.rules import AccessContext, filter_for
 from store import audit
 from store.models import Asset, Patient, PatientIdentifier
+from store.patients import identifier_rows
 
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 # the DICOM modality of each stored SOP class (PS3.3: VL Photographic XC, Dermoscopic DMS, Secondary Capture OT)
@@ -93,15 +97,6 @@ def _taken() -> Any:
     return func.coalesce(Asset.taken_at, Asset.created_at)
 
 
-def _date_range(column: Any, r: DateRange) -> list[ColumnElement[bool]]:
-    out: list[ColumnElement[bool]] = []
-    if r.lower is not None:
-        out.append(column >= datetime.combine(r.lower, time.min, tzinfo=timezone.utc))
-    if r.upper is not None:
-        out.append(column < datetime.combine(r.upper + timedelta(days=1), time.min, tzinfo=timezone.utc))
-    return out
-
-
 def patients_with_id(patient_id: str, issuer: str | None) -> Select[Any]:
     """The patients (row ids) holding an identifier that matches a DICOM PatientID (wildcards allowed) under an
     IssuerOfPatientID (NHS, or an assigning authority), or under any issuer."""
@@ -114,38 +109,180 @@ def patients_with_id(patient_id: str, issuer: str | None) -> Select[Any]:
     return ident
 
 
-def _patient_where(q: StudyQuery) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
+# -- the query as a statement ---------------------------------------------------------------------------------
+# A query's statement is built once per shape (which keys it matches, and how) and policy filter, its values bound
+# at execution: building it afresh, and SQLAlchemy walking the new expression for its cache key, cost more than
+# running it. With the Patient Module's columns read with the matches and the identifiers in one statement
+# (store.patients.identifier_rows), search() for a STUDY by PatientID, SQLite, 10,000 studies, in process:
+# 2.17 -> 0.43 ms of CPU a query, 4 statements -> 2.
+
+_How = Literal["", "=", "~"]  # not matched, single value, wildcard (LIKE)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a query's statement looks like: which keys it matches and how (the values are bound by name)."""
+
+    level: Level
+    patient_id: _How = ""
+    issuer: Literal["", "NHS", "other"] = ""
+    patient_name: _How = ""
+    birth_from: bool = False
+    birth_to: bool = False
+    study_uids: bool = False
+    series_uids: bool = False
+    sop_uids: bool = False
+    study_from: bool = False
+    study_to: bool = False
+    modalities: Literal["", "in", "none"] = ""  # none: asked only for modalities no stored class has
+
+
+def _single(value: str, *, fold_case: bool = False) -> tuple[_How, str]:
+    """How a DICOM single or wildcard value is matched, and the value (or LIKE pattern) to bind."""
+    pattern, wild = like_pattern(value)
+    if fold_case:
+        value, pattern = value.lower(), pattern.lower()
+    return ("~", pattern) if wild else ("=", value)
+
+
+def _shape(q: StudyQuery) -> tuple[_Shape, dict[str, Any]]:
+    """The query's shape and its values, by the names _criteria binds them under."""
+    shape: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     if q.patient_id:
-        where.append(Asset.patient_id.in_(patients_with_id(q.patient_id, q.issuer)))
+        shape["patient_id"], values["patient_id"] = _single(q.patient_id)
+        if q.issuer:
+            shape["issuer"] = "NHS" if q.issuer.upper() == NHS_ISSUER else "other"
+            if shape["issuer"] == "other":
+                values["issuer"] = q.issuer
     if q.patient_name:
         # PN as family^given: match the index's name written the same way
-        name = func.coalesce(Patient.family_name, "") + "^" + func.coalesce(Patient.given_names, "")
-        value = q.patient_name if "^" in q.patient_name or "*" in q.patient_name else q.patient_name + "^*"
-        where.append(text_match(name, value, fold_case=True))
+        name = q.patient_name if "^" in q.patient_name or "*" in q.patient_name else q.patient_name + "^*"
+        shape["patient_name"], values["patient_name"] = _single(name, fold_case=True)
     if q.patient_birth_date is not None:
-        r = q.patient_birth_date
-        if r.lower is not None:
-            where.append(Patient.birth_date >= r.lower)
-        if r.upper is not None:
-            where.append(Patient.birth_date <= r.upper)
-    return where
-
-
-def _criteria(q: StudyQuery) -> list[ColumnElement[bool]]:
-    where = _patient_where(q)
-    if q.study_uids:
-        where.append(Asset.study_uid.in_(sorted(set(q.study_uids))))
-    if q.series_uids:
-        where.append(Asset.series_uid.in_(sorted(set(q.series_uids))))
-    if q.sop_uids:
-        where.append(Asset.sop_instance_uid.in_(sorted(set(q.sop_uids))))
+        for end, day in (("birth_from", q.patient_birth_date.lower), ("birth_to", q.patient_birth_date.upper)):
+            if day is not None:
+                shape[end], values[end] = True, day
+    for key in ("study_uids", "series_uids", "sop_uids"):
+        uids = getattr(q, key)
+        if uids:
+            shape[key], values[key] = True, sorted(set(uids))
     if q.study_date is not None:
-        where += _date_range(_taken(), q.study_date)
+        if q.study_date.lower is not None:
+            shape["study_from"], values["study_from"] = True, datetime.combine(q.study_date.lower, time.min, tzinfo=timezone.utc)
+        if q.study_date.upper is not None:
+            shape["study_to"] = True
+            values["study_to"] = datetime.combine(q.study_date.upper + timedelta(days=1), time.min, tzinfo=timezone.utc)
     if q.modalities:
         classes = [uid for uid, m in MODALITY_OF.items() if m in q.modalities]
-        where.append(Asset.sop_class_uid.in_(classes) if classes else Asset.sop_class_uid.is_(None))
+        shape["modalities"] = "in" if classes else "none"
+        if classes:
+            values["sop_classes"] = classes
+    return _Shape(q.level, **shape), values
+
+
+def _compare(column: SQLCoreOperations[str], how: _How, name: str) -> ColumnElement[bool]:
+    value = bindparam(name, type_=String())
+    return column.like(value, escape="\\") if how == "~" else column == value
+
+
+def _criteria(shape: _Shape) -> list[ColumnElement[bool]]:
+    """The matching keys of a shape as SQL, every value a named bound parameter (PS3.4 C.2.2.2)."""
+    where: list[ColumnElement[bool]] = []
+    if shape.patient_id:
+        ident = select(PatientIdentifier.patient_id).where(_compare(PatientIdentifier.value, shape.patient_id, "patient_id"))
+        if shape.issuer == "NHS":
+            ident = ident.where(PatientIdentifier.system == NHS_SYSTEM)
+        elif shape.issuer == "other":
+            issuer = bindparam("issuer", type_=String())
+            ident = ident.where(or_(PatientIdentifier.assigner == issuer, PatientIdentifier.system == issuer))
+        where.append(Asset.patient_id.in_(ident))
+    if shape.patient_name:
+        name = func.coalesce(Patient.family_name, "") + "^" + func.coalesce(Patient.given_names, "")
+        where.append(_compare(func.lower(name), shape.patient_name, "patient_name"))
+    if shape.birth_from:
+        where.append(Patient.birth_date >= bindparam("birth_from"))
+    if shape.birth_to:
+        where.append(Patient.birth_date <= bindparam("birth_to"))
+    for key, column in (("study_uids", Asset.study_uid), ("series_uids", Asset.series_uid), ("sop_uids", Asset.sop_instance_uid)):
+        if getattr(shape, key):
+            where.append(column.in_(bindparam(key, expanding=True)))
+    if shape.study_from:
+        where.append(_taken() >= bindparam("study_from"))
+    if shape.study_to:
+        where.append(_taken() < bindparam("study_to"))
+    if shape.modalities == "in":
+        where.append(Asset.sop_class_uid.in_(bindparam("sop_classes", expanding=True)))
+    elif shape.modalities == "none":
+        where.append(Asset.sop_class_uid.is_(None))
     return where
+
+
+# the Patient Module's columns, read with the matches (the patient index's values, as served objects carry them)
+_PATIENT_COLUMNS = (Patient.id, Patient.family_name, Patient.given_names, Patient.name_prefix, Patient.birth_date, Patient.sex)
+_IMAGE_COLUMNS = (Asset.id, Asset.study_uid, Asset.series_uid, Asset.sop_instance_uid, Asset.sop_class_uid, Asset.instance_number)
+
+
+class _PatientRow(NamedTuple):
+    id: int
+    family_name: str | None
+    given_names: str | None
+    name_prefix: str | None
+    birth_date: date | None
+    sex: str | None
+
+
+def _statement(shape: _Shape, policy: ColumnElement[bool]) -> Select[Any]:
+    """The statement of a shape under a policy filter: matches at the shape's level, paged (limit, offset bound)."""
+    taken = _taken()
+    where = [policy, *_criteria(shape)]
+    base = select(*_PATIENT_COLUMNS).select_from(Asset).join(Patient, Patient.id == Asset.patient_id).where(*where)
+    if shape.level == "IMAGE":
+        return (base.add_columns(*_IMAGE_COLUMNS, taken)
+                .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid)
+                .limit(bindparam("limit")).offset(bindparam("offset")))
+    # grouped by the patient's own key, so PostgreSQL takes its other columns as given by the group
+    group = {"PATIENT": (Patient.id,), "STUDY": (Patient.id, Asset.study_uid),
+             "SERIES": (Patient.id, Asset.study_uid, Asset.series_uid)}[shape.level]
+    # which of the stored SOP classes occur in each group: one flag column each (portable, unlike string aggregates)
+    flags = [func.max(case((Asset.sop_class_uid == uid, 1), else_=0)) for uid in MODALITY_OF]
+    return (base.add_columns(*group[1:], func.min(taken), func.count(distinct(Asset.study_uid)),
+                             func.count(distinct(Asset.series_uid)), func.count(), *flags)
+            .group_by(*group).order_by(*group).limit(bindparam("limit")).offset(bindparam("offset")))
+
+
+class _Statements:
+    """Built statements by shape and policy filter, least recently used dropped. A filter is known by its identity:
+    rules.filter_for hands out the same object for a subject and purpose while it keeps it (rules.FILTERS), and an
+    entry holds on to its filter, so an identity is never taken for another filter's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[_Shape, int], tuple[ColumnElement[bool], Select[Any]]] = OrderedDict()
+
+    def get(self, shape: _Shape, policy: ColumnElement[bool]) -> Select[Any]:
+        key = (shape, id(policy))
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and found[0] is policy:
+                self._entries.move_to_end(key)
+                return found[1]
+        statement = _statement(shape, policy)
+        with self._lock:
+            self._entries[key] = (policy, statement)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return statement
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# a few shapes per door in use times the subjects querying (rules.FILTERS holds 1,024 filters)
+STATEMENTS = _Statements(1024)
 
 
 def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel: str, limit: int = 10_000,
@@ -162,9 +299,12 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
            offset: int = 0) -> tuple[list[Match], dict[int, list[str]]]:
     """find() without its audit: the matches and, by patient, the photos they cover, for a caller that writes the
     query's audit records together with its own (query_entries) in one commit."""
-    where = [filter_for(ctx, gw.settings.policy), *_criteria(q)]
+    shape, values = _shape(q)
+    statement = STATEMENTS.get(shape, filter_for(ctx, gw.settings.policy))
     with gw.db.read() as session:
-        return _run(session, q, where, limit, offset)
+        rows = session.connection().execute(statement, {**values, "limit": limit, "offset": offset}).all()
+        patients = _patients(session, rows)
+    return _matches(q.level, rows, patients)
 
 
 def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: str, channel: str) -> list[audit.AuditEntry]:
@@ -172,45 +312,37 @@ def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: s
     return access_audit.search_entries(ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
 
 
-def _run(session: Session, q: StudyQuery, where: list[ColumnElement[bool]], limit: int,
-         offset: int) -> tuple[list[Match], dict[int, list[str]]]:
-    base = select(Asset.patient_id).join(Patient, Patient.id == Asset.patient_id).where(*where)
-    if q.level == "IMAGE":
-        rows = session.execute(
-            select(Asset.patient_id, Asset.id, Asset.study_uid, Asset.series_uid, Asset.sop_instance_uid, Asset.sop_class_uid,
-                   Asset.instance_number, _taken()).join(Patient, Patient.id == Asset.patient_id).where(*where)
-            .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit).offset(offset)).all()
-        patients = _patients(session, {r[0] for r in rows})
-        matches = [Match(patients[r[0]], study_uid=r[2], study_started=r[7], series_uid=r[3], sop_uid=r[4], sop_class_uid=r[5],
-                         instance_number=r[6], modalities=[MODALITY_OF.get(r[5], "OT")], asset_id=r[1]) for r in rows]
+def _patients(session: Session, rows: Sequence[Row[Any]]) -> dict[int, PatientInfo]:
+    """The Patient Module of each patient in the rows: its columns came with them, its identifiers (merged records'
+    included) in one statement."""
+    facts = {r[0]: _PatientRow(*r[:_N_PATIENT]) for r in rows}
+    idents = identifier_rows(session, facts)
+    return {p: patient_module(f, idents[p]) for p, f in facts.items()}
+
+
+_N_PATIENT = len(_PATIENT_COLUMNS)
+
+
+def _matches(level: Level, rows: Sequence[Row[Any]], patients: dict[int, PatientInfo]) -> tuple[list[Match], dict[int, list[str]]]:
+    n = _N_PATIENT
+    if level == "IMAGE":
+        matches = [Match(patients[r[0]], study_uid=r[n + 1], study_started=r[n + 6], series_uid=r[n + 2], sop_uid=r[n + 3],
+                         sop_class_uid=r[n + 4], instance_number=r[n + 5], modalities=[MODALITY_OF.get(r[n + 4], "OT")],
+                         asset_id=r[n]) for r in rows]
         results: dict[int, list[str]] = {}
         for r in rows:
-            results.setdefault(r[0], []).append(r[1])
+            results.setdefault(r[0], []).append(r[n])
         return matches, results
-    group = {"PATIENT": (Asset.patient_id,), "STUDY": (Asset.patient_id, Asset.study_uid),
-             "SERIES": (Asset.patient_id, Asset.study_uid, Asset.series_uid)}[q.level]
-    # which of the stored SOP classes occur in each group: one flag column each (portable, unlike string aggregates)
-    flags = [func.max(case((Asset.sop_class_uid == uid, 1), else_=0)) for uid in MODALITY_OF]
-    columns: list[Any] = [*group, func.min(_taken()), func.count(distinct(Asset.study_uid)), func.count(distinct(Asset.series_uid)),
-                          func.count(), *flags]
-    rows = session.execute(base.with_only_columns(*columns).group_by(*group).order_by(*group).limit(limit).offset(offset)).all()
-    patients = _patients(session, {r[0] for r in rows})
-    matches = []
-    n = len(group)
+    keys = {"PATIENT": 0, "STUDY": 1, "SERIES": 2}[level]  # the group's columns after the patient's id
+    out = []
     for r in rows:
-        first, studies, series, instances = r[n:n + 4]
-        present = [MODALITY_OF[uid] for uid, flag in zip(MODALITY_OF, r[n + 4:]) if flag]
-        matches.append(Match(
-            patients[r[0]], study_uid=r[1] if n > 1 else None, series_uid=r[2] if n > 2 else None, study_started=first,
+        first, studies, series, instances = r[n + keys:n + keys + 4]
+        present = [MODALITY_OF[uid] for uid, flag in zip(MODALITY_OF, r[n + keys + 4:]) if flag]
+        out.append(Match(
+            patients[r[0]], study_uid=r[n] if keys > 0 else None, series_uid=r[n + 1] if keys > 1 else None, study_started=first,
             modalities=sorted(set(present)), studies=studies, series=series, instances=instances))
     # audited by patient (the photos behind a grouped answer are not listed one by one)
-    return matches, {r[0]: [] for r in rows}
-
-
-def _patients(session: Session, ids: set[int]) -> dict[int, PatientInfo]:
-    if not ids:
-        return {}
-    return patient_infos(session, session.scalars(select(Patient).where(Patient.id.in_(sorted(ids)))))
+    return out, {r[0]: [] for r in rows}
 
 
 def parse_date_range(text: str) -> DateRange:
