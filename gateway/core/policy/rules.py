@@ -652,6 +652,9 @@ def _filter_key(ctx: AccessContext, settings: PolicySettings, skip: frozenset[st
     return (
         skip, ctx.purpose, ctx.breaking_glass, bool(ctx.refusal), ctx.interaction, ctx.resource,
         s.role, s.sub, tuple(s.scopes or ()), s.patient, tuple(s.specialties), getattr(s, "sensitivities", None),
+        # how the subject is named on access lists: a DICOM peer as ae:TITLE, a token's subject by its sub (the same
+        # sub and role on both shared one filter, and the peer's access list was read under the bare name)
+        access_list_name(s),
         # the settings' values, not the object: a setting changed in place must not serve an old filter
         tuple(settings.visible_statuses), settings.treat_without_consent, tuple(settings.role_sensitivities.get(s.role, [])),
         settings.break_glass_allows_very_restricted, tuple(settings.specialty_rule_roles), settings.specialty_match,
