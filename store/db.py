@@ -114,6 +114,14 @@ class Database:
                 session.rollback()
 
     @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A Core connection for reads that need no ORM objects, in one transaction (one snapshot), rolled back at
+        exit. An ORM session's begin, rollback and close around a C-FIND's two statements cost ~0.2 ms of CPU,
+        a third of the query's (SQLite, in process)."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
     def write(self) -> Iterator[Session]:
         """One transaction, committed (durably) on clean exit, rolled back on error."""
         with self._sessions() as session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, bindparam, literal_column, select
+from sqlalchemy import Connection, Select, bindparam, literal_column, select
 from sqlalchemy.orm import Session, aliased
 
 from store.models import Patient, PatientIdentifier
@@ -102,7 +102,7 @@ def _identifiers_by_root() -> Select[Any]:
 _IDENTIFIERS_BY_ROOT = _identifiers_by_root()
 
 
-def identifier_rows(session: Session, patient_ids: Iterable[int]) -> dict[int, list[IdentifierRow]]:
+def identifier_rows(conn: Connection | Session, patient_ids: Iterable[int]) -> dict[int, list[IdentifierRow]]:
     """identifiers_of_many's answer as plain rows, in one statement instead of one per merge generation plus one,
     and without ORM objects (a C-FIND or QIDO-RS answer's patients: see gateway/core/study_query.py). A record
     reached from two of the patients (one merged into the other) belongs to the nearer, as there."""
@@ -110,7 +110,7 @@ def identifier_rows(session: Session, patient_ids: Iterable[int]) -> dict[int, l
     found: dict[int, list[IdentifierRow]] = {p: [] for p in roots}
     if not roots:
         return found
-    for root, *ident in session.connection().execute(_IDENTIFIERS_BY_ROOT, {"ids": roots}):
+    for root, *ident in conn.execute(_IDENTIFIERS_BY_ROOT, {"ids": roots}):
         found[root].append(IdentifierRow(*ident))
     return {p: sorted(rows, key=_own_first_row(p)) for p, rows in found.items()}
 

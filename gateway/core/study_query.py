@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import ColumnElement, Row, Select, String, bindparam, case, distinct, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Connection, Row, Select, String, bindparam, case, distinct, func, or_, select
 from sqlalchemy.sql.elements import SQLCoreOperations
 
 from gateway.core import access_audit
@@ -301,9 +300,9 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
     query's audit records together with its own (query_entries) in one commit."""
     shape, values = _shape(q)
     statement = STATEMENTS.get(shape, filter_for(ctx, gw.settings.policy))
-    with gw.db.read() as session:
-        rows = session.connection().execute(statement, {**values, "limit": limit, "offset": offset}).all()
-        patients = _patients(session, rows)
+    with gw.db.read_connection() as conn:
+        rows = conn.execute(statement, {**values, "limit": limit, "offset": offset}).all()
+        patients = _patients(conn, rows)
     return _matches(q.level, rows, patients)
 
 
@@ -312,11 +311,11 @@ def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: s
     return access_audit.search_entries(ctx, query=query, results=results, channel=channel, type_code=audit.QUERY)
 
 
-def _patients(session: Session, rows: Sequence[Row[Any]]) -> dict[int, PatientInfo]:
+def _patients(conn: Connection, rows: Sequence[Row[Any]]) -> dict[int, PatientInfo]:
     """The Patient Module of each patient in the rows: its columns came with them, its identifiers (merged records'
     included) in one statement."""
     facts = {r[0]: _PatientRow(*r[:_N_PATIENT]) for r in rows}
-    idents = identifier_rows(session, facts)
+    idents = identifier_rows(conn, facts)
     return {p: patient_module(f, idents[p]) for p, f in facts.items()}
 
 
