@@ -355,3 +355,35 @@ def test_no_patient_details_in_logs(gw, archive, web, caplog):  # noqa: F811
     # the server's records (the test's own HTTP client logs its request lines)
     text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and not r.name.startswith("httpx"))
     assert text and "Jones" not in text and OTHER_NHS not in text and "Ann" not in text
+
+
+def test_qido_answers_are_what_pydicom_writes():
+    """QIDO-RS writes its answers' DICOM JSON itself (qido.answer): for every level, default and `all` keys, and
+    awkward values (a backslash, name groups, no name, non-ASCII, no dates), exactly what pydicom writes."""
+    from datetime import date, datetime, timezone
+
+    from gateway.core.objects.vlphoto import PatientInfo
+    from gateway.core.study_query import Match
+    from gateway.dicomweb import qido
+
+    people = [PatientInfo(patient_id="9434765919", issuer="NHS", family="Núñez", given="Siobhán", prefix="Dr",
+                          birth_date=date(1970, 1, 2), sex="F"),
+              PatientInfo(patient_id="M\\200", issuer="RX1", family="Kim=金", given=None, sex="U"),
+              PatientInfo()]
+    taken = datetime(2024, 6, 10, 10, 15, tzinfo=timezone.utc)
+    matches = [Match(p, study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5", sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.4",
+                     instance_number=n, study_started=started, modalities=mods, studies=2, series=1, instances=n or 0)
+               for p in people for n, started, mods in ((3, taken, ["XC"]), (None, None, []), (0, taken, ["DMS", "XC"]))]
+    for level in ("STUDY", "SERIES", "IMAGE"):
+        for within, include in ((False, []), (True, []), (False, ["all"]), (False, ["SOPClassUID", "PatientAge"])):
+            keys = qido._keys(level, within, include)
+            for m in matches:
+                values = {**qido.EMPTY_TYPE_2, **qido.study_query.attributes(m)}
+                present = [("SpecificCharacterSet", "ISO_IR 192")] + [
+                    (k, values[k] if values.get(k) is not None else "") for k in keys
+                    if values.get(k) is not None or k in qido.EMPTY_TYPE_2]
+                url = qido.answer(m, keys, level, "http://h/dicomweb")["00081190"]["Value"][0]
+                present += [("RetrieveURL", url), ("InstanceAvailability", "ONLINE")]
+                expected = qido._pydicom_answer(present, keys, level)
+                got = qido.answer(m, keys, level, "http://h/dicomweb")
+                assert json.dumps(got) == json.dumps(expected), (level, include, m.patient)

@@ -133,25 +133,73 @@ def _keys(level: Level, within_study: bool, include: list[str]) -> list[str]:
 
 
 def answer(match: Match, keys: list[str], level: Level, base: str) -> dict[str, Any]:
-    """One match as a DICOM JSON data set (PS3.18 F.2), with its RetrieveURL."""
+    """One match as a DICOM JSON data set (PS3.18 F.2), with its RetrieveURL: written directly for the values an
+    answer holds (text, person names, integers), exactly as pydicom writes them; anything else through pydicom.
+    A pydicom Dataset built and written per match cost ~0.3 ms, ~0.02 ms this way (a /studies page of 100 studies:
+    ~30 ms less)."""
     values = {**EMPTY_TYPE_2, **study_query.attributes(match)}
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    for keyword in keys:
-        value = values.get(keyword)
-        if value is None and keyword not in EMPTY_TYPE_2:
-            continue
-        setattr(ds, keyword, value if value is not None else "")
     url = f"{base}/studies/{match.study_uid}"
     if level in ("SERIES", "IMAGE"):
         url += f"/series/{match.series_uid}"
     if level == "IMAGE":
         url += f"/instances/{match.sop_uid}"
-    ds.RetrieveURL = url
-    ds.InstanceAvailability = "ONLINE"
+    present = [("SpecificCharacterSet", "ISO_IR 192")]
+    for keyword in keys:
+        value = values.get(keyword)
+        if value is None and keyword not in EMPTY_TYPE_2:
+            continue
+        present.append((keyword, value if value is not None else ""))
+    present += [("RetrieveURL", url), ("InstanceAvailability", "ONLINE")]
+    out: dict[str, Any] = {}
+    for keyword, value in present:
+        tag, vr = _ELEMENTS.get(keyword) or _element_of(keyword)
+        element = _json_element(vr, value)
+        if element is None:
+            return _pydicom_answer(present, keys, level)
+        out[tag] = element
+    if level != "STUDY" and "ModalitiesInStudy" not in keys:
+        out.pop(_MODALITIES_IN_STUDY, None)
+    return out
+
+
+def _element_of(keyword: str) -> tuple[str, str]:
+    return f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+
+
+# DICOM JSON's tag and VR of every key an answer may carry
+_ELEMENTS = {k: _element_of(k) for k in [*ALL_KEYS, "SpecificCharacterSet", "RetrieveURL", "InstanceAvailability"]}
+_MODALITIES_IN_STUDY = _ELEMENTS["ModalitiesInStudy"][0]
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI", "UR"})
+
+
+def _json_element(vr: str, value: Any) -> dict[str, Any] | None:
+    """A value as pydicom's to_json_dict writes it, or None when only pydicom should say (a value it would split
+    at a backslash, a name with ideographic or phonetic groups, a type or VR not written here)."""
+    if value is None or value == "" or (isinstance(value, list) and not value):
+        return {"vr": vr}
+    values = value if isinstance(value, list) else [value]
+    if vr == "IS":
+        if all(type(v) is int for v in values):
+            return {"vr": vr, "Value": list(values)}
+        return None
+    if not all(type(v) is str and v and "\\" not in v for v in values):
+        return None
+    if vr == "PN":
+        if any("=" in v for v in values):
+            return None
+        return {"vr": vr, "Value": [{"Alphabetic": v} for v in values]}
+    if vr in _TEXT_VRS:
+        return {"vr": vr, "Value": list(values)}
+    return None
+
+
+def _pydicom_answer(present: list[tuple[str, Any]], keys: list[str], level: Level) -> dict[str, Any]:
+    ds = Dataset()
+    for keyword, value in present:
+        setattr(ds, keyword, value)
     out: dict[str, Any] = ds.to_json_dict()
     if level != "STUDY" and "ModalitiesInStudy" not in keys:
-        out.pop(f"{tag_for_keyword('ModalitiesInStudy'):08X}", None)
+        out.pop(_MODALITIES_IN_STUDY, None)
     return out
 
 
