@@ -102,6 +102,7 @@ class Database:
         if self.audit_anchor is not None:
             install_hooks(self._sessions)
         self._writer: Writer | None = None
+        self._audit_writer: Writer | None = None
         self._writer_lock = threading.Lock()
 
     @contextmanager
@@ -140,6 +141,16 @@ class Database:
                 self._writer = Writer(self)
             return self._writer
 
+    def audit_writer(self) -> Writer:
+        """A second kept-connection writer, for transactions that only append audit records (a query's, a read's):
+        its own connection, so they never queue behind an HL7 group commit. A C-FIND's audit on it, SQLite, in
+        process: ~0.08 ms less CPU than a transaction of its own (Database.write); on PostgreSQL one round trip
+        (BEGIN, the guarded head, the records and COMMIT pipelined) instead of four."""
+        with self._writer_lock:
+            if self._audit_writer is None:
+                self._audit_writer = Writer(self)
+            return self._audit_writer
+
     def session(self, **kw: Any) -> Session:
         """A session of this Database's kind (its audit key, anchor hooks and id pool), e.g. bound to a Connection."""
         return self._sessions(**kw)
@@ -149,11 +160,16 @@ class Database:
             conn.exec_driver_sql("SELECT 1")
 
     def dispose(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for writer in (self._writer, self._audit_writer):
+            if writer is not None:
+                writer.close()
         if self.audit_anchor is not None:
             self.audit_anchor.close()  # what was committed reaches the anchor file before we go
         self.engine.dispose()
+
+
+class WriterBusy(Exception):
+    """Writer.transaction(wait=False): another thread's transaction holds the kept connection."""
 
 
 class Writer:
@@ -197,9 +213,12 @@ class Writer:
         return conn.execution_options(clinphoto_own_begin=True)  # SQLite: our BEGIN IMMEDIATE, see transaction()
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One transaction on the kept connection, committed durably on clean exit, rolled back on error."""
-        with self._lock:
+    def transaction(self, *, wait: bool = True) -> Iterator[Session]:
+        """One transaction on the kept connection, committed durably on clean exit, rolled back on error.
+        wait=False: WriterBusy at once when another thread's transaction holds the connection."""
+        if not self._lock.acquire(blocking=wait):
+            raise WriterBusy
+        try:
             if self._conn is None or self._conn.invalidated or self._conn.closed:
                 self._drop()
                 self._conn = self._connect()
@@ -234,6 +253,8 @@ class Writer:
             self.transactions += 1
             self.statements += statements.statements
             self.round_trips += statements.round_trips
+        finally:
+            self._lock.release()
 
     def _session_for(self, conn: Connection) -> Session:
         """One session for the kept connection, across its transactions (~30 us a transaction saved)."""

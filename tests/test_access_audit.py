@@ -105,3 +105,31 @@ def test_policy_explain_prints_the_decision_and_why(gw):
     assert first.detail["decision"] == "permit" and explained[1].detail["decision"] == "deny"
     assert explained[1].detail["denied_by"] == ["specialty"]
     assert len(USERS) >= 10
+
+
+def test_audit_writes_take_the_kept_connection_when_free(gw):
+    """access_audit.write appends on the Database's kept audit connection when no other thread holds it, in a
+    transaction of its own when one does, and again after other writers moved the head (PostgreSQL: its guarded,
+    pipelined append fails and is done again reading the head): every record kept, once, the chain sound."""
+    ctx = resolve(Subject(sub="PACS1", role="system", scopes=("system/*.rs",), peer=PeerPermissions("PACS1")), gw.settings.policy)
+
+    def entries(n: int) -> list[audit.AuditEntry]:
+        return access_audit.search_entries(ctx, query=f"C-FIND {n}", results={}, type_code=audit.QUERY, channel="dimse")
+
+    writer = gw.db.audit_writer()
+    access_audit.write(gw, entries(1))
+    assert writer.transactions == 1
+    with writer.transaction():  # held by "another thread": the record goes in a transaction of its own
+        pass
+    writer._lock.acquire()
+    try:
+        access_audit.write(gw, entries(2))
+    finally:
+        writer._lock.release()
+    assert writer.transactions == 2
+    for n in range(3, 7):  # other writers append between the kept connection's commits
+        with gw.db.write() as session:
+            access_audit.append(session, entries(100 + n))
+        access_audit.write(gw, entries(n))
+    queries = [e.entities[0]["query"] for e in rows(gw)]
+    assert sorted(queries) == sorted([f"C-FIND {n}" for n in range(1, 7)] + [f"C-FIND {100 + n}" for n in range(3, 7)])

@@ -16,6 +16,7 @@ The source is the caller's IP address, or "AE@address" for DICOM peers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,15 @@ from sqlalchemy.orm import Session
 from gateway.core.refusals import Refused
 from store import audit
 from store.audit import AuditEntry
+from store.db import WriterBusy
 from store.models import AuditEvent
 
 if TYPE_CHECKING:  # the ingest pipeline records its refusals here: no run-time import back into the core's upper parts
     from gateway.core.context import Gateway
     from gateway.core.identity import Subject
     from gateway.core.policy.rules import AccessContext
+
+log = logging.getLogger("clinphoto.audit")
 
 DENIED = audit.MINOR_FAILURE
 Entity = dict[str, Any]  # an audit record's entity or detail: JSON
@@ -207,10 +211,28 @@ def append(session: Session, entries: Sequence[AuditEntry]) -> None:
 
 
 def write(gw: Gateway, entries: Sequence[AuditEntry]) -> None:
-    """In a transaction of its own, committed before the caller answers."""
-    if entries:
-        with gw.db.write() as session:
-            append(session, entries)
+    """In a transaction of its own, committed before the caller answers: on the Database's kept audit connection
+    when no other thread is using it (store.db.Database.audit_writer), else, or when that fails, in an ordinary
+    transaction. A failure there is lost work, never a lost record: what failed rolled back (a commit whose outcome
+    the connection could not report may leave the records twice, never none)."""
+    if not entries:
+        return
+    try:
+        try:
+            with gw.db.audit_writer().transaction(wait=False) as session:
+                append(session, entries)
+            return
+        except audit.AuditHeadMoved:
+            # another writer appended since this connection's last commit: again, reading the head this time
+            with gw.db.audit_writer().transaction(wait=False) as session:
+                append(session, entries)
+            return
+    except WriterBusy:
+        pass
+    except Exception:
+        log.debug("audit on the kept connection failed; in a transaction of its own", exc_info=True)
+    with gw.db.write() as session:
+        append(session, entries)
 
 
 def record_search(gw: Gateway, ctx: AccessContext, *, query: str, results: Mapping[int, Sequence[str]], **kw: Any) -> None:
