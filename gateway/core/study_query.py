@@ -24,6 +24,7 @@ from gateway.core.ingest.dicom_patients import NHS_ISSUER, patient_module
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import NHS_SYSTEM
 from gateway.core.policy.rules import AccessContext, filter_for
+from gateway.core.policy.settings import PolicySettings
 from store import audit
 from store.models import Asset, Patient, PatientIdentifier
 from store.patients import identifier_rows
@@ -304,6 +305,22 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
         rows = conn.execute(statement, {**values, "limit": limit, "offset": offset}).all()
         patients = _patients(conn, rows)
     return _matches(q.level, rows, patients)
+
+
+def instances(session: Session, ctx: AccessContext, settings: PolicySettings, q: StudyQuery, *,
+              limit: int = 10_000) -> tuple[list[Asset], dict[int, list[str]]]:
+    """search() at IMAGE level for a retrieve: the visible instances as their rows (in the IMAGE order, the policy
+    inside the query), and by patient the photos the answer covers, in the caller's session. The retrieve needs
+    the rows (blob, laterality) where search() answers attributes: one query instead of search() and a second
+    policy-filtered read of the same rows and patients (WADO-RS of one instance: 11 statements through SQLAlchemy
+    before the audit's, 6 now)."""
+    rows = list(session.scalars(
+        select(Asset).join(Patient, Patient.id == Asset.patient_id).where(filter_for(ctx, settings), *_criteria(q))
+        .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit)))
+    results: dict[int, list[str]] = {}
+    for a in rows:
+        results.setdefault(a.patient_id, []).append(a.id)
+    return rows, results
 
 
 def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: str, channel: str) -> list[audit.AuditEntry]:
