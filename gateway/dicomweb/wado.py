@@ -33,8 +33,11 @@ from gateway.dicomweb.media import (
     FRAME_MEDIA,
     MULTIPART,
     OCTET_STREAM,
+    FileRange,
     MediaRange,
+    MultipartResponse,
     Part,
+    SizedPart,
     multipart,
     multipart_type,
     new_boundary,
@@ -121,6 +124,11 @@ async def _retrieve(request: Request, subject: Caller, target: Target) -> Respon
         stored = ", ".join(sorted({o.served.transfer_syntax for o in objects}))
         raise DicomwebError(406, f"stored as {stored}; ask for transfer-syntax=* (as stored) or {EXPLICIT_VR_LE} (decoded)")
     boundary = new_boundary()
+    if "*" in accepted or all(o.served.transfer_syntax in accepted for o in objects):
+        # every object as stored: its new header, then the rest of the stored file, with a Content-Length
+        parts = [SizedPart(f"{DICOM}; transfer-syntax={o.served.transfer_syntax}",
+                           (o.served.header, FileRange(o.served.source, o.served.offset, o.served.source_size))) for o in objects]
+        return MultipartResponse(parts, boundary, multipart_type(DICOM, boundary))
     return StreamingResponse(multipart(_dicom_parts(objects, accepted), boundary), media_type=multipart_type(DICOM, boundary))
 
 
