@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import ColumnElement, Connection, Row, Select, String, bindparam, case, distinct, func, or_, select
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import SQLCoreOperations
 
 from gateway.core import access_audit
@@ -308,19 +309,72 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
 
 
 def instances(session: Session, ctx: AccessContext, settings: PolicySettings, q: StudyQuery, *,
-              limit: int = 10_000) -> tuple[list[Asset], dict[int, list[str]]]:
+              limit: int = 10_000) -> tuple[list[tuple[Asset, Patient]], dict[int, list[str]]]:
     """search() at IMAGE level for a retrieve: the visible instances as their rows (in the IMAGE order, the policy
     inside the query), and by patient the photos the answer covers, in the caller's session. The retrieve needs
     the rows (blob, laterality) where search() answers attributes: one query instead of search() and a second
     policy-filtered read of the same rows and patients (WADO-RS of one instance: 11 statements through SQLAlchemy
-    before the audit's, 6 now)."""
-    rows = list(session.scalars(
-        select(Asset).join(Patient, Patient.id == Asset.patient_id).where(filter_for(ctx, settings), *_criteria(q))
-        .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit)))
+    before the audit's, 5 now). Each row comes with the patient record it names (where the retrieve's patient
+    module starts: reading it by itself was one statement more)."""
+    statement, params = _instances_statement(filter_for(ctx, settings), q, limit)
+    rows = [(asset, patient) for asset, patient in session.execute(statement, params)]
     results: dict[int, list[str]] = {}
-    for a in rows:
-        results.setdefault(a.patient_id, []).append(a.id)
+    for asset, _ in rows:
+        results.setdefault(asset.patient_id, []).append(asset.id)
     return rows, results
+
+
+def _instances_select(policy: ColumnElement[bool], criteria: Sequence[ColumnElement[bool]], limit: int) -> Select[Asset, Patient]:
+    return (select(Asset, Patient).join(Patient, Patient.id == Asset.patient_id).where(policy, *criteria)
+            .order_by(Asset.study_uid, Asset.series_uid, Asset.instance_number, Asset.sop_instance_uid).limit(limit))
+
+
+_UIDS = (("study_uids", Asset.study_uid), ("series_uids", Asset.series_uid), ("sop_uids", Asset.sop_instance_uid))
+
+
+def _instances_statement(policy: ColumnElement[bool], q: StudyQuery, limit: int) -> tuple[Select[Asset, Patient], dict[str, list[str]]]:
+    """The statement of instances() and its parameters. A retrieve by UIDs (WADO-RS, C-GET of a study) asks the same
+    shape again and again: its statement is built once on the caller's policy filter (an object shared per caller:
+    rules.FILTERS) with the UIDs as bound parameters and kept (UID_STATEMENTS), so SQLAlchemy computes its cache key,
+    a walk of the whole filter, once, not per request (the query of one instance: 0.57 -> 0.20 ms of CPU)."""
+    if q.patient_id or q.patient_name or q.patient_birth_date is not None or q.study_date is not None or q.modalities:
+        return _instances_select(policy, _criteria(q), limit), {}
+    params = {name: sorted(set(uids)) for name, uids in ((n, getattr(q, n)) for n, _ in _UIDS) if uids}
+    key = (id(policy), tuple(params), limit)
+    statement = UID_STATEMENTS.get(key, policy)
+    if statement is None:
+        criteria = [column.in_(bindparam(name, expanding=True)) for name, column in _UIDS if name in params]
+        statement = UID_STATEMENTS.put(key, policy, _instances_select(policy, criteria, limit))
+    return statement, params
+
+
+class StatementCache:
+    """Statements by (the policy filter's identity, shape), least recently used dropped past `size`; an entry holds its
+    filter, so a key whose filter was dropped from rules.FILTERS and collected (its id reused) never matches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, tuple[ColumnElement[bool], Select[Asset, Patient]]] = OrderedDict()
+
+    def get(self, key: Hashable, policy: ColumnElement[bool]) -> Select[Asset, Patient] | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] is not policy:
+                return None
+            self._entries.move_to_end(key)
+            return found[1]
+
+    def put(self, key: Hashable, policy: ColumnElement[bool], statement: Select[Asset, Patient]) -> Select[Asset, Patient]:
+        with self._lock:
+            self._entries[key] = (policy, statement)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return statement
+
+
+UID_STATEMENTS = StatementCache(1024)
 
 
 def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: str, channel: str) -> list[audit.AuditEntry]:
