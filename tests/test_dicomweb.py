@@ -131,12 +131,15 @@ def test_wado_instances_as_stored_or_decoded_and_valid(gw, archive, web, tmp_pat
     url = f"/dicomweb/studies/1.2.826.0.1.1/series/1.2.826.0.1.1.1/instances/{a1.SOPInstanceUID}"
     r = web.get(url, headers={**h, "Accept": DICOM_TS_ANY, "Accept-Encoding": "gzip"})
     assert r.status_code == 200 and "content-encoding" not in r.headers  # image bytes are never gzipped
+    # as stored, the parts' sizes are known before the first byte: sent with a Content-Length, not chunked
+    assert r.headers["content-length"] == str(len(r.content)) and "transfer-encoding" not in r.headers
     [(head, body)] = parts(r)
     assert head["content-type"] == f"application/dicom; transfer-syntax={JPEG_BASELINE}"
     ds = pydicom.dcmread(io.BytesIO(body))
     assert ds.file_meta.TransferSyntaxUID == JPEG_BASELINE and ds.PixelData == a1.PixelData
     assert ds.PatientName == "Ó Súilleabháin^Siobhán"  # the patient index's name, not the sender's
     (tmp_path / "as-stored.dcm").write_bytes(body)
+    body_as_stored = body
     dicom_tools_check(tmp_path / "as-stored.dcm")
     # no transfer-syntax parameter: the media type's default, Explicit VR Little Endian, decoded
     r = web.get(url, headers={**h, "Accept": 'multipart/related; type="application/dicom"'})
@@ -148,11 +151,17 @@ def test_wado_instances_as_stored_or_decoded_and_valid(gw, archive, web, tmp_pat
     (tmp_path / "decoded.dcm").write_bytes(body)
     dicom_tools_check(tmp_path / "decoded.dcm")
     # a whole study, every instance a part
-    study = parts(web.get("/dicomweb/studies/1.2.826.0.1.1", headers={**h, "Accept": DICOM_TS_ANY}))
+    r = web.get("/dicomweb/studies/1.2.826.0.1.1", headers={**h, "Accept": DICOM_TS_ANY})
+    assert r.headers["content-length"] == str(len(r.content))
+    study = parts(r)
     assert sorted(pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for _, b in study) == sorted(
         [a1.SOPInstanceUID, archive["a2"].SOPInstanceUID])
     series = parts(web.get("/dicomweb/studies/1.2.826.0.1.1/series/1.2.826.0.1.1.1", headers={**h, "Accept": "*/*"}))
     assert len(series) == 2
+    # a client that leaves mid-answer: the next one is answered in full
+    with web.stream("GET", "/dicomweb/studies/1.2.826.0.1.1", headers={**h, "Accept": DICOM_TS_ANY}) as partial:
+        next(partial.iter_raw(1024))
+    assert parts(web.get(url, headers={**h, "Accept": DICOM_TS_ANY}))[0][1] == body_as_stored
     # nothing acceptable: 406 saying what is
     r = web.get(url, headers={**h, "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.90'})
     assert r.status_code == 406 and "transfer-syntax=*" in r.json()["detail"]

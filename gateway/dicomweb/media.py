@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -182,6 +183,22 @@ class MultipartResponse(Response):
         self.headers["content-length"] = str(sum(len(p) if isinstance(p, bytes) else p.end - p.start for p in pieces))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spec_version = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
+        if spec_version >= (2, 4):  # the server raises OSError from send() once the client has gone
+            await self._send_all(send)
+            return
+        async with anyio.create_task_group() as group:  # else, as Starlette's FileResponse: stop reading when it goes
+
+            async def answer() -> None:
+                await self._send_all(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(answer)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+    async def _send_all(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         last = len(self.pieces) - 1
         for i, piece in enumerate(self.pieces):
