@@ -174,6 +174,19 @@ def test_wado_instances_as_stored_or_decoded_and_valid(gw, archive, web, tmp_pat
     assert len(transferred) >= 5
 
 
+def test_wado_retrieve_refuses_as_every_route_does(gw, archive, web):  # noqa: F811
+    """The retrieve routes authenticate the caller in their own call to the thread pool, not by the Caller dependency:
+    the same refusals as a route with it (the instance's /metadata), and the caller before the Accept header."""
+    url = f"/dicomweb/studies/1.2.826.0.1.1/series/1.2.826.0.1.1.1/instances/{archive['a1'].SOPInstanceUID}"
+    for headers in ({}, {"Authorization": "Bearer not-a-jwt"}, {**mi(gw), "X-Purpose-Of-Use": "NOSUCH"},
+                    {**mi(gw), "X-Purpose-Of-Use": "ETREAT"}):
+        retrieve = web.get(url, headers={**headers, "Accept": "text/html"})
+        metadata = web.get(f"{url}/metadata", headers=headers)
+        assert retrieve.status_code == metadata.status_code != 200 and retrieve.json() == metadata.json()
+        assert retrieve.headers.get("www-authenticate") == metadata.headers.get("www-authenticate")
+    assert web.get(url, headers={**mi(gw), "Accept": "text/html"}).status_code == 406
+
+
 def test_wado_metadata_frames_rendered_thumbnail(gw, archive, web):  # noqa: F811
     h = mi(gw)
     a1 = archive["a1"]

@@ -43,6 +43,7 @@ from gateway.dicomweb.media import (
     new_boundary,
     parse_accept,
 )
+from gateway.http.security import require_subject
 from store import audit
 
 router = APIRouter()
@@ -114,12 +115,19 @@ def _dicom_parts(objects: list[DicomObject], accepted: set[str]) -> Iterator[Par
             yield Part(f"{DICOM}; transfer-syntax={EXPLICIT_VR_LE}", pixels.decoded_part10(obj))
 
 
-async def _retrieve(request: Request, subject: Caller, target: Target) -> Response:
-    gw = gw_of(request)
-    accepted = dicom_syntaxes(parse_accept(request.headers.get("accept")))
+def _callers_objects(request: Request, target: Target, accepted: set[str]) -> list[DicomObject]:
+    """The caller, as the Caller dependency makes it (the same refusals, audited), then the objects, in one call on
+    the thread pool: the dependency's own call there cost ~0.5 ms before the first byte (0.4 ms running, 0.1 ms back,
+    timed in the server), about a tenth of it."""
+    subject = require_subject(request)
     if not accepted:
         raise DicomwebError(406, f"instances are sent as {DICOM_ACCEPTS}")
-    objects = await run_in_threadpool(_objects, gw, subject, target, f"WADO-RS {what(request)}", audit.INSTANCES_TRANSFERRED)
+    return _objects(gw_of(request), subject, target, f"WADO-RS {what(request)}", audit.INSTANCES_TRANSFERRED)
+
+
+async def _retrieve(request: Request, target: Target) -> Response:
+    accepted = dicom_syntaxes(parse_accept(request.headers.get("accept")))
+    objects = await run_in_threadpool(_callers_objects, request, target, accepted)
     if not ("*" in accepted or EXPLICIT_VR_LE in accepted) and any(o.served.transfer_syntax not in accepted for o in objects):
         stored = ", ".join(sorted({o.served.transfer_syntax for o in objects}))
         raise DicomwebError(406, f"stored as {stored}; ask for transfer-syntax=* (as stored) or {EXPLICIT_VR_LE} (decoded)")
@@ -133,18 +141,18 @@ async def _retrieve(request: Request, subject: Caller, target: Target) -> Respon
 
 
 @router.get("/studies/{study}")
-async def retrieve_study(request: Request, study: str, subject: Caller) -> Response:
-    return await _retrieve(request, subject, Target(study))
+async def retrieve_study(request: Request, study: str) -> Response:
+    return await _retrieve(request, Target(study))
 
 
 @router.get("/studies/{study}/series/{series}")
-async def retrieve_series(request: Request, study: str, series: str, subject: Caller) -> Response:
-    return await _retrieve(request, subject, Target(study, series))
+async def retrieve_series(request: Request, study: str, series: str) -> Response:
+    return await _retrieve(request, Target(study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
-async def retrieve_instance(request: Request, study: str, series: str, sop: str, subject: Caller) -> Response:
-    return await _retrieve(request, subject, Target(study, series, sop))
+async def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return await _retrieve(request, Target(study, series, sop))
 
 
 # -- metadata -------------------------------------------------------------------------------------------
