@@ -349,8 +349,8 @@ def _instances_statement(policy: ColumnElement[bool], q: StudyQuery, limit: int)
 
 
 class StatementCache:
-    """Statements by (the policy filter's identity, shape), least recently used dropped past `size`; an entry holds its
-    filter, so a key whose filter was dropped from rules.FILTERS and collected (its id reused) never matches."""
+    """Statements by (the policy filter's identity, shape), least recently used dropped past `size`. An entry holds its
+    filter, so no other filter can have that id while it lives; the identity is checked all the same."""
 
     def __init__(self, size: int) -> None:
         self.size = size
