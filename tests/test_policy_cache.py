@@ -50,6 +50,20 @@ def test_cached_filter_gives_the_rows_of_a_fresh_one(gw):
     assert checked > 40 and FILTERS.hits >= checked
 
 
+def test_a_dicom_peer_and_a_user_of_the_same_sub_get_filters_of_their_own(gw):
+    """Access lists name a DICOM peer ae:AETITLE and a user by their sub: the cached filter of one is not the other's
+    (a token whose sub is a peer's AE title saw the peer's listed photos after the peer's filter was cached)."""
+    from gateway.core.identity import PeerPermissions
+
+    policy = gw.settings.policy
+    user = Subject(sub="PACSDERM", role="system", scopes=("system/*.rs",))
+    peer = Subject(sub="PACSDERM", role="system", scopes=("system/*.rs",), peer=PeerPermissions(ae_title="PACSDERM"))
+    FILTERS.clear()
+    as_user = filter_for(resolve(user, policy), policy)
+    assert filter_for(resolve(peer, policy), policy) is not as_user
+    assert rules.access_list_name(peer) == "ae:PACSDERM" != rules.access_list_name(user)
+
+
 def _encounter_world(db, discharged_at: datetime | None) -> tuple[str, int]:
     """An N photo of specialty 420 whose patient has a dermatology (330) encounter in progress: a dermatologist
     sees it through the encounter only."""
