@@ -100,6 +100,10 @@ def test_qido_paging_includefield_and_clear_refusals(gw, archive, web):  # noqa:
     assert "00100020" not in web.get("/dicomweb/studies/1.2.826.0.1.3/series", headers=h).json()[0]
     full = web.get("/dicomweb/studies/1.2.826.0.1.3/series", params={"includefield": "all"}, headers=h).json()[0]
     assert value(full, "00100020") == OTHER_NHS and value(full, "00201206") == 1
+    # at instance level the related counts are not worked out: absent, never a wrong 0
+    image = web.get("/dicomweb/studies/1.2.826.0.1.3/instances", params={"includefield": "all"}, headers=h).json()[0]
+    assert value(image, "00100020") == OTHER_NHS
+    assert not {"00201200", "00201206", "00201208", "00201209"} & set(image), sorted(image)
     for params, words in (({"fuzzymatching": "true"}, "fuzzymatching=true is not supported"),
                           ({"AccessionNumber": "A1"}, "AccessionNumber cannot be matched here"),
                           ({"NoSuchThing": "x"}, "not a query parameter"),

@@ -73,9 +73,11 @@ class Match:
     sop_class_uid: str | None = None
     instance_number: int | None = None
     modalities: list[str] = field(default_factory=list)
-    studies: int = 0  # NumberOfPatientRelatedStudies
-    series: int = 0  # NumberOfStudyRelatedSeries
-    instances: int = 0  # Number of ...RelatedInstances
+    # the counts the level's query works out (None at IMAGE level, where they are not held: answered empty, as
+    # the conformance statement says of any key not held, not as 0)
+    studies: int | None = None  # NumberOfPatientRelatedStudies
+    series: int | None = None  # NumberOfStudyRelatedSeries
+    instances: int | None = None  # Number of ...RelatedInstances
     asset_id: str | None = None
 
 
