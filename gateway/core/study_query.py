@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, Row, Select, String, bindparam, case, distinct, func, or_, select
 from sqlalchemy.orm import Session
@@ -254,38 +254,6 @@ def _statement(shape: _Shape, policy: ColumnElement[bool]) -> Select[Any]:
             .group_by(*group).order_by(*group).limit(bindparam("limit")).offset(bindparam("offset")))
 
 
-class _Statements:
-    """Built statements by shape and policy filter, least recently used dropped. A filter is known by its identity:
-    rules.filter_for hands out the same object for a subject and purpose while it keeps it (rules.FILTERS), and an
-    entry holds on to its filter, so an identity is never taken for another filter's."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[_Shape, int], tuple[ColumnElement[bool], Select[Any]]] = OrderedDict()
-
-    def get(self, shape: _Shape, policy: ColumnElement[bool]) -> Select[Any]:
-        key = (shape, id(policy))
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None and found[0] is policy:
-                self._entries.move_to_end(key)
-                return found[1]
-        statement = _statement(shape, policy)
-        with self._lock:
-            self._entries[key] = (policy, statement)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return statement
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-# a few shapes per door in use times the subjects querying (rules.FILTERS holds 1,024 filters)
-STATEMENTS = _Statements(1024)
 
 
 def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel: str, limit: int = 10_000,
@@ -303,7 +271,11 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
     """find() without its audit: the matches and, by patient, the photos they cover, for a caller that writes the
     query's audit records together with its own (query_entries) in one commit."""
     shape, values = _shape(q)
-    statement = STATEMENTS.get(shape, filter_for(ctx, gw.settings.policy))
+    policy = filter_for(ctx, gw.settings.policy)
+    key = (shape, id(policy))
+    statement = STATEMENTS.get(key, policy)
+    if statement is None:
+        statement = STATEMENTS.put(key, policy, _statement(shape, policy))
     with gw.db.read_connection() as conn:
         rows = conn.execute(statement, {**values, "limit": limit, "offset": offset}).all()
         patients = _patients(conn, rows)
@@ -344,23 +316,28 @@ def _instances_statement(policy: ColumnElement[bool], q: StudyQuery, limit: int)
         return _instances_select(policy, _criteria(shape), limit), values
     params: dict[str, Any] = {name: sorted(set(uids)) for name, uids in ((n, getattr(q, n)) for n, _ in _UIDS) if uids}
     key = (id(policy), tuple(params), limit)
-    statement = UID_STATEMENTS.get(key, policy)
+    statement: Select[Asset, Patient] | None = UID_STATEMENTS.get(key, policy)
     if statement is None:
         criteria = [column.in_(bindparam(name, expanding=True)) for name, column in _UIDS if name in params]
         statement = UID_STATEMENTS.put(key, policy, _instances_select(policy, criteria, limit))
     return statement, params
 
 
+T = TypeVar("T")  # a built statement, of whichever shape
+
+
 class StatementCache:
-    """Statements by (the policy filter's identity, shape), least recently used dropped past `size`. An entry holds its
-    filter, so no other filter can have that id while it lives; the identity is checked all the same."""
+    """Built statements by (shape, the policy filter's identity), least recently used dropped past `size`. A filter is
+    known by its identity: rules.filter_for hands out the same object for a subject and purpose while it keeps it
+    (rules.FILTERS), and an entry holds on to its filter, so no other filter can have that id while it lives; the
+    identity is checked all the same."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, tuple[ColumnElement[bool], Select[Asset, Patient]]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[ColumnElement[bool], Any]] = OrderedDict()
 
-    def get(self, key: Hashable, policy: ColumnElement[bool]) -> Select[Asset, Patient] | None:
+    def get(self, key: Hashable, policy: ColumnElement[bool]) -> Any:
         with self._lock:
             found = self._entries.get(key)
             if found is None or found[0] is not policy:
@@ -368,7 +345,7 @@ class StatementCache:
             self._entries.move_to_end(key)
             return found[1]
 
-    def put(self, key: Hashable, policy: ColumnElement[bool], statement: Select[Asset, Patient]) -> Select[Asset, Patient]:
+    def put(self, key: Hashable, policy: ColumnElement[bool], statement: T) -> T:
         with self._lock:
             self._entries[key] = (policy, statement)
             self._entries.move_to_end(key)
@@ -377,7 +354,13 @@ class StatementCache:
         return statement
 
 
-UID_STATEMENTS = StatementCache(1024)
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+STATEMENTS = StatementCache(1024)  # search(): by query shape
+UID_STATEMENTS = StatementCache(1024)  # instances(): a retrieve by UIDs
 
 
 def query_entries(ctx: AccessContext, results: dict[int, list[str]], *, query: str, channel: str) -> list[audit.AuditEntry]:
