@@ -90,3 +90,27 @@ def test_pynetdicom_client_echo_and_service_not_allowed(peers_gw):
         stranger.add_requested_context(Verification)
         assoc = stranger.associate("127.0.0.1", port, ae_title="CLINPHOTO")
         assert assoc.is_rejected and not assoc.is_established
+
+
+def test_a_connection_closed_before_any_association_request_ends_at_once(peers_gw):
+    """A load balancer's or a monitor's TCP probe (connect, then close) leaves no association thread waiting out the
+    ACSE timeout (30 s): one was left a probe, and a stopping gateway waited 15 s for it."""
+    import socket
+    import time
+
+    running = RunningListener(peers_gw)
+    with running as port:
+        server = running.listener._server
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", port)).close()
+        deadline = time.monotonic() + 3  # each probe's thread ended, where it waited 30 s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.active_associations
+        client = AE(ae_title="PACS1")  # and the listener still serves a real peer
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # the stop did not wait for anything

@@ -134,6 +134,11 @@ class EventDUL(DULServiceProvider):
         try:
             super().run_reactor()
         finally:
+            if not self.assoc.is_established and self.assoc.requestor.primitive is None:
+                # The connection ended before an A-ASSOCIATE-RQ came (a load balancer's or a monitor's TCP probe):
+                # the acceptor waiting for that request is told at once, as on its ACSE timeout (None), where
+                # pynetdicom left it waiting 30 s, a thread a probe, and a stopping gateway waited 15 s for it.
+                self.to_user_queue.put(None)
             self.assoc_wake()
             self._waker.close()
             self._wakee.close()
