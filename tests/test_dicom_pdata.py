@@ -45,6 +45,20 @@ def test_a_store_request_is_framed_as_pynetdicom_frames_it(max_pdu, size):
     assert b"".join(framed.pieces) == expected
 
 
+@pytest.mark.parametrize(("max_pdu", "size"), CASES)
+def test_a_data_set_in_several_buffers_is_framed_as_the_same_bytes_in_one(max_pdu, size):
+    """The C-GET SCP sends a stored object as two buffers (the served header's data set, the file from Pixel Data
+    on): fragments spanning the two hold a view of each, and the PDUs are those of the joined bytes."""
+    data = os.urandom(size)
+    msg = _store_rq(data)
+    expected = _pynetdicom_bytes(msg, 3, max_pdu)
+    command = encode(msg.command_set, True, True)
+    for cuts in ([size // 2], [1, size // 3, size - 1], [0, size], list(range(0, size, 7))[:50]):
+        bounds = [0, *sorted(c for c in cuts if 0 <= c <= size), size]
+        parts = [memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert b"".join(frame(3, command, parts, max_pdu).pieces) == expected, cuts
+
+
 def test_a_message_without_a_data_set_is_its_command_alone():
     primitive = C_FIND()
     primitive.MessageIDBeingRespondedTo = 5

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import subprocess
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, build_role
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
 from pynetdicom.sop_class import VLPhotographicImageStorage
 from sqlalchemy import select
 
 from gateway.core.policy.settings import DicomPeer
-from store.models import Asset, AuditEvent
+from store.models import Asset, AuditEvent, Patient
 from tests import dicom_objects as objects
 from tests.access_matrix import PEERS, build_access_matrix, dicom_peers
 from tests.conftest import require_tool
@@ -166,3 +168,47 @@ def test_the_access_matrix_through_c_get(gw, tmp_path):
             want = {sop_of[a] for a in world.visible_asset_ids(peer)}
             problems += [f"LEAK {peer.key} gets {uid}" for uid in got - want] + [f"MISS {peer.key} misses {uid}" for uid in want - got]
     assert not problems, "\n".join(problems)
+
+
+def test_a_c_get_peer_receives_the_served_object_byte_for_byte(gw, retrieving):
+    """The C-GET SCP sends a stored object's bytes as they lie (the served header's data set, then the stored file from
+    Pixel Data on) without parsing or writing it again: the data set a peer receives is, byte for byte, the served
+    object's after its file meta, with today's patient module (the patient renamed after the photo was stored)."""
+    from pynetdicom import evt
+
+    from gateway.core.objects import part10
+    from tests.test_ingest_dicom import served
+
+    with gw.db.write() as s:
+        asset = s.scalars(select(Asset).where(Asset.sop_instance_uid == retrieving["a1"].SOPInstanceUID)).one()
+        patient = s.get(Patient, asset.patient_id)
+        patient.family_name = "Ní Bhriain"  # not ASCII: the served header is re-encoded as UTF-8
+        asset_id = asset.id
+    expected = served(gw, asset_id)
+    expected = expected[part10.META_START + part10.meta_length(expected):]
+    received: list[bytes] = []
+
+    def on_store(event):
+        received.append(event.request.DataSet.getvalue())
+        return 0x0000
+
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.SOPInstanceUID = retrieving["a1"].SOPInstanceUID
+    with RunningListener(gw) as port:
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(STUDY_ROOT_GET)
+        ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
+        # 16 kB PDUs: the photo crosses from the header's buffer to the file's inside a fragment
+        ae.maximum_pdu_size = 16382
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        try:
+            statuses = [status.Status for status, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET)]
+        finally:
+            assoc.release()
+    assert statuses[-1] == 0x0000 and len(received) == 1
+    assert received[0] == expected
+    ds = read_dataset(BytesIO(received[0]), is_implicit_VR=False, is_little_endian=True)
+    assert "Bhriain" in str(ds.PatientName) and ds.PixelData == retrieving["a1"].PixelData

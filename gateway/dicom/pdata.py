@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import ssl
 import struct
+from collections.abc import Sequence
 from io import BytesIO
 from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider  # the base class's own message tables
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
+
+from gateway.core.objects.transcode import EncodedDataSet
 
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context id, control header
 P_DATA_TF = 0x04
@@ -39,20 +43,33 @@ class Framed(bytes):
     pieces: list[bytes | memoryview]
 
 
-def frame(context_id: int, command: bytes, data: memoryview | bytes | None, max_pdu: int) -> Framed:
-    """The message as P-DATA-TF PDUs, each no longer than `max_pdu` (0: no limit), as pynetdicom fragments it."""
+def frame(context_id: int, command: bytes, data: memoryview | bytes | Sequence[memoryview | bytes] | None,
+          max_pdu: int) -> Framed:
+    """The message as P-DATA-TF PDUs, each no longer than `max_pdu` (0: no limit), as pynetdicom fragments it. The
+    data set may come as several buffers, sent one after the other (a fragment spanning two holds a view of each)."""
     framed = Framed()
     pieces: list[bytes | memoryview] = []
-    for payload, more, last in ((command, COMMAND, COMMAND_LAST), (data, DATA, DATA_LAST)):
-        if payload is None:
+    data_parts = [data] if isinstance(data, (bytes, memoryview)) else list(data or ())
+    for parts, more, last in (([command], COMMAND, COMMAND_LAST), (data_parts, DATA, DATA_LAST)):
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        total = sum(len(v) for v in views)
+        if not total:
             continue
-        view = memoryview(payload)
-        size = len(view) if max_pdu == 0 else max_pdu - 6
-        for at in range(0, len(view), size):
-            chunk = view[at:at + size]
-            flag = last if at + size >= len(view) else more
-            pieces.append(_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, flag))
-            pieces.append(chunk)
+        size = total if max_pdu == 0 else max_pdu - 6
+        at, index, offset = 0, 0, 0  # the next fragment starts in views[index] at offset
+        while at < total:
+            length = min(size, total - at)
+            pieces.append(_HEADER.pack(P_DATA_TF, 0, length + 6, length + 2, context_id, last if at + length >= total else more))
+            want = length
+            while want:
+                view = views[index]
+                take = min(want, len(view) - offset)
+                pieces.append(view[offset:offset + take])
+                want -= take
+                offset += take
+                if offset == len(view):
+                    index, offset = index + 1, 0
+            at += length
     framed.pieces = pieces
     return framed
 
@@ -87,7 +104,12 @@ def framed_of(pdu: Any) -> Framed | None:
 
 class FramingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, sending each message framed in one piece (a data set read from a file, which
-    pynetdicom streams, goes its way)."""
+    pynetdicom streams, goes its way).
+
+    `encoded`, set by the association around its own send_c_store() of an already encoded data set, stands in for the
+    data set of that C-STORE request (pynetdicom encoded only the UIDs naming the instance; reactor.py)."""
+
+    encoded: EncodedDataSet | None = None
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if getattr(primitive, "_dataset_path", None):
@@ -101,7 +123,13 @@ class FramingDIMSE(DIMSEServiceProvider):
         msg.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": msg})
         # the pieces are views of the message's own data set: it is not written to again once handed to send_msg
-        data = msg.data_set.getbuffer() if isinstance(msg.data_set, BytesIO) else None
+        data: Sequence[memoryview | bytes] | memoryview | None = (
+            msg.data_set.getbuffer() if isinstance(msg.data_set, BytesIO) else None)
+        encoded = self.encoded
+        if encoded is not None and isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
+            if primitive.AffectedSOPInstanceUID != encoded.SOPInstanceUID:
+                raise ValueError("the encoded data set is not of the instance being sent")
+            data = encoded.pieces
         command = cast(bytes, encode(msg.command_set, True, True))  # None only for a data set pydicom cannot write
         framed = frame(context_id, command, data if data else None, self.maximum_pdu_size)
         pdata = P_DATA()

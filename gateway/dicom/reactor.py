@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler
 
+from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
 
 log = logging.getLogger("clinphoto.dicom")
@@ -186,6 +187,18 @@ class EventAssociation(Association):
 
     def wake(self) -> None:
         self._work.set()
+
+    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """pynetdicom's send_c_store(), also taking an EncodedDataSet (the C-GET SCP's objects as stored): pynetdicom
+        encodes it as the stub naming the instance that it is, and the DIMSE provider sends its bytes in its place."""
+        if not isinstance(dataset, EncodedDataSet):
+            return super().send_c_store(dataset, *args, **kwargs)
+        dimse = cast(FramingDIMSE, self.dimse)
+        dimse.encoded = dataset
+        try:
+            return super().send_c_store(dataset, *args, **kwargs)  # pynetdicom encodes the two UIDs it holds
+        finally:
+            dimse.encoded = None
 
     def close_gracefully(self) -> None:
         """The gateway is stopping: end this association once the request it may be serving is answered (an

@@ -160,6 +160,18 @@ def copy_range(f: BinaryIO, start: int, end: int, out: BinaryIO, chunk: int = CH
         left -= len(data)
 
 
+META_START = 128 + 4  # the preamble and "DICM"
+
+
+def meta_length(start: bytes) -> int:
+    """The length of the file meta group, with its group length element, from a Part 10 object's first bytes."""
+    group, element, vr = struct.unpack_from("<HH2s", start, META_START)
+    if (group, element, vr) != (0x0002, 0x0000, b"UL"):
+        raise Part10Error("the file meta has no group length (0002,0000)")
+    (length,) = struct.unpack_from("<I", start, META_START + 8)
+    return 12 + int(length)
+
+
 def data_set_digest(path: Path) -> str:
     """SHA-256 of the data set alone (after the preamble and file meta).
 
@@ -168,13 +180,7 @@ def data_set_digest(path: Path) -> str:
     again" from "another object under a known SOP Instance UID".
     """
     with open(path, "rb") as f:
-        f.seek(128 + 4)
-        group, element, vr = struct.unpack("<HH2s", _read(f, 6))
-        if (group, element, vr) != (0x0002, 0x0000, b"UL"):
-            raise Part10Error("the file meta has no group length (0002,0000)")
-        f.read(2)  # the UL value length
-        (meta_length,) = struct.unpack("<I", _read(f, 4))
-        f.seek(128 + 4 + 12 + meta_length)
+        f.seek(META_START + meta_length(_read(f, META_START + 12)))
         digest = hashlib.sha256()
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)

@@ -12,6 +12,7 @@ import io
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
 from gateway.core.objects import part10
@@ -45,6 +46,45 @@ def as_stored(served: Served) -> Dataset:
         vr = "OW" if head.implicit_vr else f.read(2).decode("latin-1")  # pixel_element() checked it is OB or OW
     ds["PixelData"] = DataElement(0x7FE00010, vr, io.BytesIO(value), is_undefined_length=pixels.encapsulated)
     return ds
+
+
+class EncodedDataSet(Dataset):
+    """The served object's data set as the bytes to send in its stored transfer syntax (`pieces`: the served header
+    after its file meta, then the stored file's bytes from Pixel Data on, read as they lie; nothing parsed or written
+    again). As a data set it holds only what names it (SOP Class and Instance UIDs, the transfer syntax in its file
+    meta): what a sender needs to choose the presentation context and to report a failed sub-operation."""
+
+    pieces: tuple[memoryview, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+
+# a deflated data set is one stream: the header's and the file's cannot be sent one after the other
+_NOT_SPLICEABLE = {"1.2.840.10008.1.2.1.99"}
+
+
+def encoded_as_stored(served: Served) -> EncodedDataSet | None:
+    """The served object's data set, encoded as stored, without parsing it (None for a deflated one: as_stored()).
+
+    With as_stored() the header is parsed and pydicom writes the whole data set out again on sending, while the peer
+    waits: a C-GET of the bench's ten 12-MP photos cost the gateway 50-54 ms of CPU that way, 41-42 ms this way
+    (/proc, alternate runs)."""
+    if served.transfer_syntax in _NOT_SPLICEABLE:
+        return None
+    header = memoryview(served.header)
+    meta_end = part10.META_START + part10.meta_length(served.header)
+    with open(served.source, "rb") as f:
+        tail = part10.read_range(f, served.offset, served.source_size)
+    if len(tail) != served.source_size - served.offset:
+        raise part10.Part10Error("the stored file is shorter than when its header was made")
+    encoded = EncodedDataSet()
+    encoded.SOPClassUID, encoded.SOPInstanceUID = served.sop_class_uid, served.sop_instance_uid
+    encoded.file_meta = FileMetaDataset()
+    encoded.file_meta.TransferSyntaxUID = UID(served.transfer_syntax)
+    encoded.pieces = (header[meta_end:], memoryview(tail))
+    return encoded
 
 
 def _parsed(served: Served) -> Dataset:
