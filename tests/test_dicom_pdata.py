@@ -138,3 +138,58 @@ def test_a_message_goes_whole_over_tls_too(tmp_path):
         server.join(30)  # before closing: a close with the server's session tickets unread resets the connection
     listener.close()
     assert bytes(got) == expected
+
+
+def _primitives():
+    from pynetdicom.dimse_messages import C_ECHO_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_GET, C_MOVE
+
+    store = C_STORE()
+    store.MessageID, store.Priority, store.DataSet = 7, 2, BytesIO(b"xx")
+    store.AffectedSOPClassUID, store.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.77.1.4", "1.2.3.4.5"
+    yield "store request", store, C_STORE_RQ
+    moved = C_STORE()
+    moved.MessageID, moved.Priority, moved.DataSet = 65535, 0, BytesIO(b"xx")
+    moved.AffectedSOPClassUID, moved.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.33"  # odd lengths
+    moved.MoveOriginatorApplicationEntityTitle, moved.MoveOriginatorMessageID = "PACS1", 3
+    yield "store request of a C-MOVE", moved, C_STORE_RQ
+    for status, identifier, comment in ((0xFF00, b"ab", None), (0x0000, None, None), (0xA900, None, "bad key"),
+                                         (0xC000, None, "odd"), (0xFF00, b"", None)):
+        found = C_FIND()
+        found.MessageIDBeingRespondedTo, found.AffectedSOPClassUID, found.Status = 5, "1.2.840.10008.5.1.4.1.2.2.1", status
+        found.Identifier = BytesIO(identifier) if identifier is not None else None
+        found.ErrorComment = comment
+        yield f"find response {status:04X} {identifier!r} {comment}", found, C_FIND_RSP
+    for cls, prim in ((C_GET_RSP, C_GET()), (C_MOVE_RSP, C_MOVE())):
+        prim.MessageIDBeingRespondedTo, prim.AffectedSOPClassUID, prim.Status = 5, "1.2.840.10008.5.1.4.1.2.2.3", 0xFF00
+        prim.NumberOfRemainingSuboperations, prim.NumberOfCompletedSuboperations = 3, 1
+        prim.NumberOfFailedSuboperations, prim.NumberOfWarningSuboperations = 0, 0
+        yield cls.__name__, prim, cls
+    stored = C_STORE()
+    stored.MessageIDBeingRespondedTo, stored.AffectedSOPClassUID, stored.AffectedSOPInstanceUID = 5, "1.2.3", "1.2.3.4"
+    stored.Status = 0
+    yield "store response", stored, C_STORE_RSP
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo, echo.AffectedSOPClassUID, echo.Status = 1, "1.2.840.10008.1.1", 0
+    yield "echo response", echo, C_ECHO_RSP
+
+
+@pytest.mark.parametrize(("name", "primitive", "message_class"), list(_primitives()), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_command_set_is_written_as_pynetdicom_writes_it(name, primitive, message_class):
+    from gateway.dicom.command import command_set
+
+    msg = message_class()
+    msg.primitive_to_message(primitive)
+    assert command_set(message_class.__name__, primitive) == encode(msg.command_set, True, True), name
+
+
+def test_a_command_value_not_written_here_is_left_to_pynetdicom():
+    from gateway.dicom.command import command_set
+
+    found = C_FIND()
+    found.MessageIDBeingRespondedTo, found.AffectedSOPClassUID, found.Status = 5, "1.2.840.10008.5.1.4.1.2.2.1", 0xA900
+    found.ErrorComment = "clé inconnue"  # not ASCII: pydicom's character set handling writes it
+    assert command_set("C_FIND_RSP", found) is None
+    found.ErrorComment = None
+    found.OffendingElement = [0x00100020]
+    assert command_set("C_FIND_RSP", found) is None
