@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,8 @@ from sqlalchemy import select
 from gateway.core.context import Gateway
 from store.blobs import BlobRef
 from store.models import Asset
+
+log = logging.getLogger(__name__)
 
 # Content-addressed blobs can be shared by concurrent ingests (the same photo sent
 # twice at once, or the same file for two patients). A blob is "held" from just
@@ -30,6 +33,7 @@ class BlobWriter:
         self.gw = gw
         self.created: list[str] = []
         self.held: list[str] = []
+        self.superseded: list[str] = []  # blobs a row this call updates stops naming (see remove_superseded)
 
     def _hold(self, sha: str) -> bool:
         """Hold `sha`; returns whether the blob already existed."""
@@ -79,14 +83,30 @@ class BlobWriter:
     def remove_unreferenced(self) -> None:
         """After a failure: delete what we created unless a committed row or another ingest uses it."""
         self.release()
-        if not self.created:
-            return
-        with _HELD_LOCK:
-            with self.gw.db.read() as session:
-                used = {sha for sha in self.created if _HELD.get(sha)}
-                for column in (Asset.sha256, Asset.dicom_sha256, Asset.preview_sha256, Asset.thumbnail_sha256):
-                    used.update(sha for sha in session.execute(select(column).where(column.in_(self.created))).scalars() if sha)
-            for sha in self.created:
-                if sha not in used:
-                    self.gw.blobs.delete(sha)
+        self.superseded.clear()  # the rows naming them were not updated
+        _delete_unused(self.gw, self.created)
         self.created.clear()
+
+    def remove_superseded(self) -> None:
+        """After the commit that stopped naming them (never before: a crash then would leave a row naming nothing):
+        delete the superseded blobs unless another row or ingest uses them. Not done (a crash, the database away):
+        they are orphans, as any blob write's, for `clinphoto store gc`."""
+        try:
+            _delete_unused(self.gw, self.superseded)
+        except Exception as exc:  # stored and committed all the same: the caller's answer must not change
+            log.warning("superseded blob(s) left for `clinphoto store gc`: %s", type(exc).__name__)
+        self.superseded.clear()
+
+
+def _delete_unused(gw: Gateway, shas: list[str]) -> None:
+    """Delete those of `shas` no committed row names and no ingest in this process holds."""
+    if not shas:
+        return
+    with _HELD_LOCK:
+        with gw.db.read() as session:
+            used = {sha for sha in shas if _HELD.get(sha)}
+            for column in (Asset.sha256, Asset.dicom_sha256, Asset.preview_sha256, Asset.thumbnail_sha256):
+                used.update(sha for sha in session.execute(select(column).where(column.in_(shas))).scalars() if sha)
+        for sha in shas:
+            if sha not in used:
+                gw.blobs.delete(sha)
