@@ -18,6 +18,13 @@
    photo, the idempotency record — all or nothing. If it fails, no row exists and
    the blobs this call created (and nothing else references) are removed.
 
+A DICOM object under the SOP Instance UID of a stored one whose pixels did not decode
+(rendition_state FAILED, found after the answer by deferred.py) is its correction, not a
+duplicate: it replaces that asset's object in place (_Correction, _replace), so the
+known-bad copy does not block its own resend for good. Only for the same patient, study,
+series and SOP class; any other content under a known UID is still DUPLICATE_INSTANCE.
+The superseded blob is deleted only after the commit that stops naming it.
+
 Refusals raise IngestRejected (nothing stored) after writing a failure audit record.
 """
 
@@ -32,9 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,7 +74,7 @@ from gateway.core.ingest.errors import (
     IngestRejected,
 )
 from gateway.core.ingest.prepare import Prepared, prepare, sha256_of
-from gateway.core.ingest.renditions import DUE, Renditions
+from gateway.core.ingest.renditions import DUE, FAILED, Renditions
 from gateway.core.ingest.request import (
     NHS_SYSTEM,
     CaptureRequest,
@@ -89,6 +96,7 @@ log = logging.getLogger(__name__)
 
 CREATED = "created"
 EXISTING = "existing"
+REPLACED = "replaced"  # the object of a stored asset whose pixels did not decode, replaced by its resend
 # the consent writer names its arguments; a refusal names the capture request's field
 _CONSENT_FIELDS = {"level": "consent.level", "given_by": "consent.given_by", "captured_by": "consent.captured_by",
                    "consent_date": "consent.date", "purpose_note": "consent.purpose"}
@@ -97,7 +105,7 @@ _CONSENT_FIELDS = {"level": "consent.level", "given_by": "consent.given_by", "ca
 @dataclass
 class StoredPhoto:
     asset_id: str
-    status: str  # created | existing
+    status: str  # created | existing | replaced
     sha256: str
     media_type: str
     study_uid: str
@@ -174,6 +182,23 @@ class _Context:
     study_started: datetime | None
     series_number: int
     first_instance: int
+
+
+@dataclass(frozen=True)
+class _Correction:
+    """A stored asset whose pixels did not decode, named again by a resend's SOP Instance UID: the resend's object
+    replaces its own (see _replace); read in the look-up session, checked again by the update."""
+
+    asset_id: str
+    patient_id: int
+    sha256: str
+    superseded: tuple[str, ...]  # the asset's blobs the replacement stops naming
+    quarantined: bool
+
+
+class _ChangedMeanwhile(Exception):
+    """The asset a correction was for changed between the look-up and the write (replaced by a concurrent resend,
+    merged, taken out): answered as a race is, by one more pass."""
 
 
 # --- look-ups -------------------------------------------------------------------
@@ -286,9 +311,10 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
 
 
 def _known_instances(session: Session, items: Sequence[_Item], existing: dict[str, StoredPhoto],
-                     blob_path: Callable[[str], Path]) -> None:
+                     blob_path: Callable[[str], Path], patient_id: int | None) -> dict[str, _Correction]:
     """Items whose sender's SOP Instance UID is already stored: the same object again is 'existing' (added to
-    `existing` under the item's hash); other content under a known UID is DUPLICATE_INSTANCE."""
+    `existing` under the item's hash); a correction of an asset whose pixels did not decode is returned under the
+    item's hash (see _correction); other content under a known UID is DUPLICATE_INSTANCE."""
     by_uid: dict[str, _Item] = {}
     for entry in items:
         uid = entry.sender_uid
@@ -298,8 +324,9 @@ def _known_instances(session: Session, items: Sequence[_Item], existing: dict[st
         if other.sha256 != entry.sha256:
             raise IngestRejected(DUPLICATE_INSTANCE, f"SOP Instance UID {uid} is used by two different items of this request",
                                  item=entry.index, filename=entry.filename, field="SOPInstanceUID")
+    corrections: dict[str, _Correction] = {}
     if not by_uid:
-        return
+        return corrections
     for asset in session.execute(select(Asset).where(Asset.sop_instance_uid.in_(list(by_uid)))).scalars():
         entry = by_uid[asset.sop_instance_uid]
         if entry.sha256 in existing or asset.sha256 == entry.sha256:
@@ -308,10 +335,29 @@ def _known_instances(session: Session, items: Sequence[_Item], existing: dict[st
         if entry.received is not None and _same_data_set(entry.received.path, blob_path(asset.sha256)):
             existing[entry.sha256] = _as_existing(asset)  # relayed by another sender: only the file meta differs
             continue
-        raise IngestRejected(
-            DUPLICATE_INSTANCE, f"SOP Instance UID {asset.sop_instance_uid} is already stored with different content",
-            item=entry.index, filename=entry.filename, field="SOPInstanceUID",
-        )
+        correction = _correction(asset, entry, patient_id)
+        if correction is None:
+            raise IngestRejected(
+                DUPLICATE_INSTANCE, f"SOP Instance UID {asset.sop_instance_uid} is already stored with different content",
+                item=entry.index, filename=entry.filename, field="SOPInstanceUID",
+            )
+        corrections[entry.sha256] = correction
+    return corrections
+
+
+def _correction(asset: Asset, entry: _Item, patient_id: int | None) -> _Correction | None:
+    """The resend as a correction of `asset`, or None when it is not one. Only an asset whose pixels are known not to
+    decode is replaced (one that decoded is what readers have seen: other content under its UID stays a duplicate),
+    and only by an object of the same patient (a correction never moves a photo between patients), study, series and
+    SOP class (the row keeps those, and the new object must say the same as the row)."""
+    obj = entry.received
+    if asset.rendition_state != FAILED or obj is None or patient_id is None or asset.patient_id != patient_id:
+        return None
+    if (obj.study_uid, obj.series_uid, obj.sop_class_uid) != (asset.study_uid, asset.series_uid, asset.sop_class_uid):
+        return None
+    superseded = {asset.sha256, asset.dicom_sha256, asset.preview_sha256, asset.thumbnail_sha256} - {None, entry.sha256}
+    return _Correction(asset_id=asset.id, patient_id=asset.patient_id, sha256=asset.sha256,
+                       superseded=tuple(sorted(s for s in superseded if s)), quarantined=asset.status == "quarantined")
 
 
 def _same_data_set(path: Path, stored: Path) -> bool:
@@ -469,7 +515,7 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
             if patient_id is not None:
                 rows = session.execute(select(Asset).where(Asset.patient_id == patient_id, Asset.sha256.in_(shas))).scalars()
                 existing = {a.sha256: _as_existing(a) for a in rows}
-            _known_instances(session, items, existing, gw.blobs.path)
+            corrections = _known_instances(session, items, existing, gw.blobs.path, patient_id)
     except IngestRejected as exc:
         audit_refusal(gw, source, exc, patient_id)
         raise
@@ -477,9 +523,10 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     writer = BlobWriter(gw)
     prepared: list[Prepared] = []
     try:
-        result = _store(gw, request, items, ctx, existing, prepared, writer, session_key, request_hash)
-    except IntegrityError:
-        # a concurrent request stored the same content (or used the same key) first: answer as it did
+        result = _store(gw, request, items, ctx, existing, corrections, prepared, writer, session_key, request_hash)
+    except (IntegrityError, _ChangedMeanwhile):
+        # a concurrent request stored the same content (or used the same key, or corrected the same photo) first:
+        # answer as it did
         writer.remove_unreferenced()
         _close_all(prepared)
         if not _retry:
@@ -497,8 +544,9 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
                       outcome=audit.SERIOUS_FAILURE)
         raise
     writer.release()
+    writer.remove_superseded()
     _close_all(prepared)
-    if any(p.status == CREATED and p.media_type == received.MEDIA_TYPE for p in result.photos) \
+    if any(p.status in (CREATED, REPLACED) and p.media_type == received.MEDIA_TYPE for p in result.photos) \
             and gw.settings.ingest.received_renditions == "after-answer":
         gw.renditions_wanted.set()  # the renderer (deferred.py) makes what this left due
     return result
@@ -633,11 +681,13 @@ def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Con
 
 
 def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Context, existing: dict[str, StoredPhoto],
-           prepared: list[Prepared], writer: BlobWriter, session_key: str, request_hash: str) -> IngestResult:
+           corrections: dict[str, _Correction], prepared: list[Prepared], writer: BlobWriter, session_key: str,
+           request_hash: str) -> IngestResult:
     settings = gw.settings.ingest
     gov, source = request.governance, request.source
     now = datetime.now(timezone.utc)
     rows: list[Asset] = []
+    replacing: list[tuple[_Correction, Asset]] = []  # corrections: the asset and the resend's columns for it
     photos: list[StoredPhoto | None] = [None] * len(items)
     repeats: list[_Item] = []  # already stored, or the same content earlier in this request
     seen_in_request: set[str] = set()
@@ -650,6 +700,14 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
             repeats.append(entry)
             continue
         seen_in_request.add(entry.sha256)
+        correction = corrections.get(entry.sha256)
+        if correction is not None and entry.received is not None:
+            # checked and written as a new object would be; the governance below is the stored asset's own
+            row, photo = _new_object_row(gw, entry, entry.received, ctx, gov, writer)
+            photo.asset_id, photo.status, photo.quarantined = correction.asset_id, REPLACED, correction.quarantined
+            replacing.append((correction, row))
+            photos[entry.index] = photo
+            continue
         if entry.received is not None:
             row, photo = _new_object_row(gw, entry, entry.received, ctx, gov, writer)
         else:
@@ -689,6 +747,9 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
                     "stored: send it again (it will be filed under the surviving record)",
                     field="patient",
                 )
+        for correction, row in replacing:
+            _replace(session, correction, row, now)
+        writer.superseded.extend(sha for correction, _ in replacing for sha in correction.superseded)
         consent_id = ctx.consent_id
         for row in rows:
             row.patient_id = patient_id
@@ -708,20 +769,69 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
         session.flush()
         by_sha = {row.sha256: row for row in rows}
         for made in photos:
-            if made is not None:
+            if made is not None and made.status == CREATED:
                 made.asset_id = by_sha[made.sha256].id
+        replaced = {p.sha256: p for p in photos if p is not None and p.status == REPLACED}
         for entry in repeats:
             if entry.sha256 in existing:
                 photos[entry.index] = StoredPhoto(**{**asdict(existing[entry.sha256]), "filename": entry.filename})
+            elif entry.sha256 in replaced:  # the same correction twice in one request
+                photos[entry.index] = StoredPhoto(**{**asdict(replaced[entry.sha256]), "status": EXISTING,
+                                                     "filename": entry.filename})
             else:  # the same content twice in one request: one asset
                 photos[entry.index] = _as_existing(by_sha[entry.sha256], entry.filename)
-        audit.append_many(session, [_stored_entry(source, row, patient_id) for row in rows])
+        audit.append_many(session, [*(_replaced_entry(source, c, row) for c, row in replacing),
+                                    *(_stored_entry(source, row, patient_id) for row in rows)])
         result = IngestResult(patient_id=patient_id, photos=[p for p in photos if p is not None], consent_id=consent_id)
         if request.idempotency_key:
             session.add(IdempotencyKey(caller=source.who, key=request.idempotency_key, request_hash=request_hash,
                                        response=result.to_dict()))
             session.flush()
     return result
+
+
+# What a correction replaces: the columns that describe the stored object's bytes and pixels, and the rendition
+# state, so its renditions are made again (now, or after the answer) as for a new object. Everything else is the
+# asset's record and stays: its id (every reader's reference), patient and filed patient, encounter, consents and
+# their links, access list, outbox rows, study/series/SOP UIDs and class (the resend must say the same), governance
+# and descriptive columns (set by the first request's governance, which wins over the header, or edited since),
+# source and uploader, status, and created_at (consent cover is judged against it).
+_OBJECT_COLUMNS = ("sha256", "size", "sha1", "width", "height", "dicom_sha256", "dicom_size", "dicom_transfer_syntax",
+                   "preview_sha256", "thumbnail_sha256", "preview_sha1", "preview_size", "rendition_state")
+
+
+def _replace(session: Session, correction: _Correction, row: Asset, now: datetime) -> None:
+    """Give the corrected asset the resend's object (`row`: the columns _new_object_row worked out for it). The update
+    names what the look-up saw, so a concurrent change (another correction, a merge) makes it match nothing."""
+    values: dict[str, Any] = {name: getattr(row, name) for name in _OBJECT_COLUMNS}
+    done = cast(CursorResult[Any], session.execute(
+        update(Asset).where(Asset.id == correction.asset_id, Asset.rendition_state == FAILED,
+                            Asset.sha256 == correction.sha256, Asset.patient_id == correction.patient_id)
+        .values(**values, rendition_tries=0, rendition_after=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )).rowcount
+    if not done:
+        raise _ChangedMeanwhile(correction.asset_id)
+
+
+def _replaced_entry(source: Source, correction: _Correction, row: Asset) -> audit.AuditEntry:
+    """The correction as an update of the stored photo (IHE BALP import, action U, as deferred.py records the finding
+    that its pixels did not decode): the superseded and the new object by hash, no patient data."""
+    return audit.AuditEntry(
+        type_code=audit.IMPORT, action="U", subtype=source.channel.value, outcome=audit.SUCCESS,
+        outcome_desc="the stored object, whose pixels did not decode, was replaced by the sender's resend",
+        agent_who=source.who, agent_role=source.role, agent_network=source.network,
+        purpose_of_use=source.purpose_of_use, patient_id=correction.patient_id,
+        entities=[
+            {"type": "asset", "id": correction.asset_id, "role": "stored", "sop_instance_uid": row.sop_instance_uid,
+             "study_uid": row.study_uid},
+            {"type": "patient", "id": correction.patient_id},
+        ],
+        detail={"source": source.channel.value, "change": "replaced-object", "sha256": row.sha256,
+                "replaced_sha256": correction.sha256, "media_type": row.media_type,
+                "transfer_syntax": row.dicom_transfer_syntax, "rendition_state": row.rendition_state,
+                **({"agent_name": source.name} if source.name else {})},
+    )
 
 
 def _record_captured_consent(session: Session, request: CaptureRequest, patient_id: int, asset_ids: list[str]) -> str:
