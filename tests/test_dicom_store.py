@@ -134,3 +134,30 @@ def test_a_refusal_says_why_in_whole_words_and_is_logged_without_patient_data(st
     refused = [r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
     assert refused and "duplicate-instance" in refused[0].getMessage() and "MODALITY1" in refused[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and objects.NHS_NUMBER in r.getMessage()]
+
+
+def test_an_intact_resend_of_a_photo_whose_pixels_did_not_decode_is_stored_over_c_store(store_gw, fx, tmp_path):
+    """The damaged copy was answered Success (its frame is whole in form); once its pixels are found not to decode,
+    the sender's resend under the same SOP Instance UID is answered Success too and replaces it in place."""
+    from gateway.core.ingest import deferred
+    from gateway.core.ingest.renditions import FAILED
+    from tests.test_ingest_deferred_attacks import damaged_inside, resend_of
+
+    add_patient(store_gw)
+    damaged = damaged_inside(tmp_path, fx)
+    intact = resend_of(damaged, tmp_path, fx)
+    with RunningListener(store_gw) as port:
+        assert send(port, "MODALITY1", damaged).Status == 0x0000
+        [asset] = assets(store_gw)
+        assert deferred.make(store_gw, asset.id).state == FAILED
+        answer = send(port, "MODALITY1", intact)
+        assert answer.Status == 0x0000, answer
+    [after] = assets(store_gw)
+    assert (after.id, after.sop_instance_uid) == (asset.id, asset.sop_instance_uid) and after.sha256 != asset.sha256
+    assert pydicom.dcmread(store_gw.blobs.path(after.dicom_sha256)).PixelData == pydicom.dcmread(intact).PixelData
+    assert not store_gw.blobs.exists(asset.sha256)
+    assert deferred.make(store_gw, asset.id).state is None
+    with store_gw.db.read() as s:
+        replaced = s.scalars(select(AuditEvent).where(AuditEvent.type_code == "110107", AuditEvent.action == "U",
+                                                      AuditEvent.outcome == "0")).all()
+        assert [(e.agent_who, e.detail["replaced_sha256"]) for e in replaced] == [("ae:MODALITY1", asset.sha256)]

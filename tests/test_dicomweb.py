@@ -6,6 +6,7 @@ query and retrieve in the audit trail."""
 from __future__ import annotations
 
 import email.parser
+import hashlib
 import io
 import json
 import uuid
@@ -288,6 +289,33 @@ def test_stow_part10_objects_answer_per_instance(gw, fx, web, tmp_path):
     viewer = auth_headers(gw, role="educator", sub="ed.u", purpose="TRAIN")
     body, ctype = multipart_body([("application/dicom", good.read_bytes(), {})], "application/dicom")
     assert web.post("/dicomweb/studies", content=body, headers={**viewer, "Content-Type": ctype}).status_code == 403
+
+
+def test_stow_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_replaces_it(gw, fx, web, tmp_path):
+    """The damaged copy is stored (200), found not to decode after the answer; the intact resend under its SOP
+    Instance UID is listed in ReferencedSOPSequence (200), not failed as a duplicate, and is the photo now."""
+    from gateway.core.ingest import deferred
+    from gateway.core.ingest.renditions import FAILED
+    from tests.test_ingest_deferred_attacks import damaged_inside, resend_of
+
+    add_patient(gw)
+    damaged = damaged_inside(tmp_path, fx)
+    intact = resend_of(damaged, tmp_path, fx)
+    sop = pydicom.dcmread(damaged).SOPInstanceUID
+    assert stow(web, gw, [("application/dicom", damaged.read_bytes(), {})]).status_code == 200
+    with gw.db.read() as s:
+        asset = s.scalars(select(Asset).where(Asset.sop_instance_uid == sop)).one()
+        s.expunge(asset)
+    assert deferred.make(gw, asset.id).state == FAILED
+    r = stow(web, gw, [("application/dicom", intact.read_bytes(), {})])
+    assert r.status_code == 200, r.text
+    answer = Dataset.from_json(r.json())
+    assert [ref.ReferencedSOPInstanceUID for ref in answer.ReferencedSOPSequence] == [sop]
+    assert "FailedSOPSequence" not in answer
+    with gw.db.read() as s:
+        after = s.scalars(select(Asset).where(Asset.sop_instance_uid == sop)).one()
+        assert (after.id, after.sha256) == (asset.id, hashlib.sha256(intact.read_bytes()).hexdigest())
+    assert deferred.make(gw, asset.id).state is None
 
 
 def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_dicom):

@@ -12,6 +12,7 @@ reason saying where and why.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -640,27 +641,180 @@ def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, f
     assert [e.entities[0]["id"] for e in events(gw, outcome=audit.SERIOUS_FAILURE)] == [asset_id]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A frame damaged in transfer but whole in form (EOI present) is answered Success and kept; when the sender, "
-    "or the operator after the 'did not decode' audit, sends the intact object again under its SOP Instance UID, "
-    "pipeline._known_instances refuses it as duplicate-instance (C-STORE 0xC000, STOW-RS 0x0111) because the stored "
-    "copy differs: the known-bad copy blocks its own correction for good. before-answer refused the damaged copy, "
-    "so the resend was stored. Replacing a failed instance's object (or accepting the resend) is a design decision."))
-def test_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_is_stored(gw, fx, tmp_path):
+# --- a resend of a photo whose pixels did not decode --------------------------------------------------------
+
+
+def resend_of(damaged: Path, tmp_path: Path, fx, name: str = "intact.dcm", **keys: str) -> Path:
+    """The intact object again under the damaged one's SOP Instance UID (and study, series, patient), as the
+    sender sends it again; `keys` change attributes of the resend."""
     import pydicom
 
-    add_patient(gw)
-    damaged = damaged_inside(tmp_path, fx)
-    first = receive(gw, damaged).photos[0]
-    assert deferred.make(gw, first.asset_id).state == FAILED
-    intact = good_object(tmp_path, fx, "intact.dcm")
+    intact = good_object(tmp_path, fx, name)
     ds, sent = pydicom.dcmread(intact), pydicom.dcmread(damaged)
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
     ds.file_meta.MediaStorageSOPInstanceUID = sent.SOPInstanceUID
+    for key, value in keys.items():
+        setattr(ds, key, value)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.save_as(intact, enforce_file_format=True)
-    again = receive(gw, intact).photos[0]  # refused today: duplicate-instance
+    return intact
+
+
+def failed_photo(gw: Gateway, tmp_path: Path, fx) -> tuple[Path, Asset]:
+    damaged = damaged_inside(tmp_path, fx)
+    asset_id = receive(gw, damaged).photos[0].asset_id
+    assert deferred.make(gw, asset_id).state == FAILED
+    return damaged, load(gw, asset_id)
+
+
+def referenced(gw: Gateway, sha: str) -> bool:
+    with gw.db.read() as s:
+        return any(s.scalar(select(column).where(column == sha).limit(1)) for column in
+                   (Asset.sha256, Asset.dicom_sha256, Asset.preview_sha256, Asset.thumbnail_sha256))
+
+
+def test_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_is_stored(gw, fx, tmp_path, caplog):
+    """The known-bad copy does not block its own correction: the resend replaces the asset's object in place (same
+    id, patient, study, series, governance, consent links, created_at), renditions are made again, the superseded
+    object is gone once nothing names it, and the replacement is in the trail with both hashes."""
+    from gateway.core.consents import record_consent
+
+    caplog.set_level(logging.DEBUG)
+    patient = add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    with gw.db.write() as s:  # what medical illustration and the consent API did meanwhile: kept
+        s.get_one(Asset, before.id).sensitivity = "R"
+        consent = record_consent(s, patient_id=patient["id"], level="teaching", given_by="patient",
+                                 captured_by="mi.jones", scope="photos", asset_ids=[before.id]).id
+    intact = resend_of(damaged, tmp_path, fx)
+    again = receive(gw, intact).photos[0]
+    assert (again.status, again.asset_id, again.sop_instance_uid) == ("replaced", before.id, before.sop_instance_uid)
+    after = load(gw, before.id)
+    new_sha = hashlib.sha256(intact.read_bytes()).hexdigest()
+    assert after.sha256 == after.dicom_sha256 == again.sha256 == new_sha != before.sha256
+    assert (after.rendition_state, after.rendition_tries, after.rendition_after) == (DUE, 0, None)
+    assert (after.patient_id, after.filed_patient_id, after.study_uid, after.series_uid, after.created_at, after.sensitivity,
+            after.source, after.uploaded_by) == (before.patient_id, before.filed_patient_id, before.study_uid,
+                                                 before.series_uid, before.created_at, "R", before.source, before.uploaded_by)
+    assert gw.blobs.path(after.dicom_sha256).read_bytes() == intact.read_bytes()
+    assert after.size == after.dicom_size == intact.stat().st_size
+    # the superseded object is named by nothing and gone: nothing for `store gc`, and the store is clean
+    assert not referenced(gw, before.sha256) and not gw.blobs.exists(before.sha256)
     made = deferred.make(gw, again.asset_id)
     assert made.state is None and made.preview_sha256
+    clean_store(gw)
+    with gw.db.read() as s:
+        from store.models import ConsentAsset
+
+        assert s.scalar(select(ConsentAsset.asset_id).where(ConsentAsset.consent_id == consent)) == before.id
+    # the same resend again (the sender retrying an answer it lost) is the stored object
+    assert receive(gw, intact).photos[0].status == "existing"
+    [replaced] = [e for e in events(gw, type_code=audit.IMPORT, action="U") if e.outcome == audit.SUCCESS]
+    assert replaced.entities[0]["id"] == before.id and replaced.patient_id == patient["id"]
+    assert (replaced.detail["replaced_sha256"], replaced.detail["sha256"]) == (before.sha256, after.sha256)
+    assert replaced.agent_who == PEER.who
+    chain_ok(gw)
+    loud = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    assert patient["nhs"] not in loud and "Siobh" not in loud and "SENDER" not in loud
+
+
+def test_a_correction_is_made_at_once_when_renditions_come_before_the_answer(gw, fx, tmp_path):
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    gw.settings.ingest.received_renditions = "before-answer"  # switched after the damaged copy was kept
+    again = receive(gw, resend_of(damaged, tmp_path, fx)).photos[0]
+    after = load(gw, before.id)
+    assert again.status == "replaced" and after.rendition_state is None
+    assert after.preview_sha256 and after.thumbnail_sha256 and after.preview_size
+    clean_store(gw)
+
+
+def test_a_resend_naming_another_patient_does_not_correct_a_failed_photo(gw, fx, tmp_path):
+    """A correction never moves a photo between patients: the resend under the UID that names someone else is
+    refused (the same rule as before), and nothing changes."""
+    from gateway.core.ingest import errors
+    from gateway.core.ingest.errors import IngestRejected
+
+    add_patient(gw)
+    add_patient(gw, nhs="9434765919", mrn="M200", visit="V200")
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    blobs = {b.sha256 for b in gw.blobs.iter_blobs()}
+    for name, keys in (("other.dcm", {"PatientID": "9434765919"}),
+                       ("study.dcm", {"StudyInstanceUID": "1.2.826.0.9.77"}),
+                       ("class.dcm", {"SOPClassUID": objects.DERMOSCOPY, "Modality": "DMS"})):
+        with pytest.raises(IngestRejected) as refused:
+            receive(gw, resend_of(damaged, tmp_path, fx, name, **keys))
+        assert refused.value.code == errors.DUPLICATE_INSTANCE, name
+    after = load(gw, before.id)
+    assert (after.sha256, after.patient_id, after.rendition_state) == (before.sha256, before.patient_id, FAILED)
+    assert {b.sha256 for b in gw.blobs.iter_blobs()} == blobs
+    assert not [e for e in events(gw, action="U") if e.outcome == audit.SUCCESS]
+
+
+def test_other_content_under_the_uid_of_a_photo_that_decoded_or_is_due_is_still_a_duplicate(gw, fx, tmp_path):
+    """Only a photo whose pixels are known not to decode is replaced: one that decoded (what readers have seen), or
+    one not decoded yet, keeps its object and other content under its UID is refused."""
+    from gateway.core.ingest import errors
+    from gateway.core.ingest.errors import IngestRejected
+
+    add_patient(gw)
+    good = good_object(tmp_path, fx)
+    decoded = receive(gw, good).photos[0]
+    assert deferred.make(gw, decoded.asset_id).state is None
+    due_path = good_object(tmp_path, fx, "due.dcm")
+    pending = receive(gw, due_path).photos[0]
+    for sent, photo in ((good, decoded), (due_path, pending)):
+        with pytest.raises(IngestRejected) as refused:
+            receive(gw, resend_of(sent, tmp_path, fx, f"other-{photo.asset_id}.dcm", ImageComments="other content"))
+        assert refused.value.code == errors.DUPLICATE_INSTANCE
+        assert load(gw, photo.asset_id).sha256 == photo.sha256
+    assert load(gw, pending.asset_id).rendition_state == DUE
+    clean_store(gw)
+
+
+def test_a_correction_that_fails_to_commit_leaves_the_failed_photo_as_it_was(gw, fx, tmp_path, monkeypatch):
+    """Nothing is acknowledged before the commit: a failure in the write transaction leaves the asset naming its old
+    object (still stored) and removes the resend's blob."""
+    from gateway.core.ingest import pipeline
+
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(pipeline.audit, "append_many", broken)
+    with pytest.raises(RuntimeError):
+        receive(gw, resend_of(damaged, tmp_path, fx))
+    monkeypatch.undo()
+    after = load(gw, before.id)
+    assert (after.sha256, after.rendition_state) == (before.sha256, FAILED)
+    assert gw.blobs.exists(before.sha256)
+    clean_store(gw)
+
+
+def test_two_resends_at_once_correct_the_photo_once(gw, fx, tmp_path, monkeypatch):
+    """A correction committed by another request between this one's look-up and its write: its update matches
+    nothing, and one more pass answers as the store now is (the same object: existing)."""
+    from gateway.core.ingest import pipeline
+
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    intact = resend_of(damaged, tmp_path, fx)
+    first_pass = pipeline._new_object_row
+    raced: list[str] = []
+
+    def meanwhile(*args, **kwargs):
+        if not raced:
+            raced.append("started")
+            raced.append(receive(gw, intact).photos[0].status)  # the other request, done before this one writes
+        return first_pass(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_new_object_row", meanwhile)
+    again = receive(gw, intact).photos[0]
+    assert raced == ["started", "replaced"] and (again.status, again.asset_id) == ("existing", before.id)
+    assert len([e for e in events(gw, action="U") if e.outcome == audit.SUCCESS]) == 1
+    clean_store(gw)
 
 
 def test_a_photo_met_while_the_spool_is_unusable_is_made_once_it_is_back(gw, fx, tmp_path):
