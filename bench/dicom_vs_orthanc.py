@@ -3,6 +3,10 @@ SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
 
     .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000] [--only find,get]
 
+First, in this process: the CPU clinphoto's renditions of one of these photos take (received.renditions, as the
+renderer makes them). Orthanc makes none; where its whole C-STORE or STOW-RS of a photo takes less time than that, no
+server making renditions keeps its pace on the same cores.
+
 Beside both, the floor: the same client against servers of the same Python libraries doing nothing
 (bench/python_floor.py), so the table shows how much of a gap is the stack's own cost here and how much clinphoto's work.
 
@@ -357,6 +361,27 @@ def measure_floor(floor: Measured, ports: list[int], legs: set[str], photos: int
         web.close()
 
 
+def rendition_cpu_ms(jpeg: bytes, runs: int = 7) -> float:
+    """CPU (ms, best of `runs`) of the renditions clinphoto makes for one of the bench's photos, in this process: the
+    decode at the smallest DCT scale that gives the preview, the preview and the thumbnail (received.renditions, what
+    the renderer runs). Orthanc makes none: when its whole C-STORE or STOW-RS of a photo takes less than this, no
+    server making them can keep its pace on the same cores."""
+    from gateway.core.ingest import received
+    from gateway.settings import Settings
+
+    settings = Settings().ingest
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "photo.dcm"
+        path.write_bytes(part10(photo(jpeg, generate_uid(), generate_uid())))
+        obj = received.read(path, settings)
+        times = []
+        for _ in range(runs):
+            start = time.process_time()
+            received.renditions(obj, settings, Path(tmp))
+            times.append((time.process_time() - start) * 1000)
+    return min(times)
+
+
 class Measured(dict[str, float]):
     """Each figure printed as it is measured, so a run that fails late still leaves what it measured."""
 
@@ -391,6 +416,9 @@ def main() -> None:
     patients = list(unique)
     jpeg = twelve_mp_jpeg()
     print(f"12-MP JPEG: {len(jpeg) / 1e6:.1f} MB; {args.photos} photos; studies {sizes}; load average {os.getloadavg()[0]:.1f}")
+    if legs & {"store", "web"}:
+        print(f"clinphoto's renditions of one photo: {rendition_cpu_ms(jpeg):.1f} ms of CPU (in this process; compare "
+              f"1000 / Orthanc's files/s below)", flush=True)
     rows = {"clinphoto": Measured("clinphoto"), "orthanc": Measured("orthanc")}
     floor = Measured("floor")
     with tempfile.TemporaryDirectory() as tmp:
