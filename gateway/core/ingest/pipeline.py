@@ -692,7 +692,9 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
     repeats: list[_Item] = []  # already stored, or the same content earlier in this request
     seen_in_request: set[str] = set()
     instance = ctx.first_instance
-    limits.check_request_pixels([(e.item.path, e.filename) for e in items], settings.max_pixels, settings.max_request_pixels)
+    limits.check_request_pixels(
+        [(e.item.path, e.filename, (e.received.columns, e.received.rows) if e.received is not None else None) for e in items],
+        settings.max_pixels, settings.max_request_pixels)
     # check, derive and write the blobs of each item in turn (its decoded pixels are
     # released before the next one); a refusal of any item removes them all again
     for entry in items:
