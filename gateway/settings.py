@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from gateway.capture.settings import CaptureSettings
+from gateway.core import patient_refs
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.policy.settings import AuthSettings, PolicySettings
 from gateway.core.routing import RoutingSettings
@@ -49,6 +50,12 @@ class Settings(BaseSettings):
     listeners: list[str] = Field(
         default_factory=lambda: ["http", "mllp", "dicom"], description="Which doors `clinphoto serve` opens."
     )
+    trust_mrn_system: str | None = Field(
+        None,
+        description="The trust's own hospital number (MRN) system, which `mrn|VALUE` names at every door, e.g. "
+        "https://clinphoto.local/Id/mrn/RX1. Unset: the one MRN system the store holds; with MRNs of several trusts "
+        "(after a merger) `mrn|...` is then refused as ambiguous.",
+    )
 
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
@@ -83,6 +90,11 @@ class Settings(BaseSettings):
             except DatabaseUrlError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("trust_mrn_system")
+    @classmethod
+    def _check_trust_mrn_system(cls, value: str | None) -> str | None:
+        return patient_refs.check_system(value) if value and value.strip() else None  # empty: unset
 
     @field_validator("uid_root")
     @classmethod

@@ -19,6 +19,9 @@ from store.statements import IDS, STATEMENTS, IdPool, Statements, Wire
 
 log = logging.getLogger("clinphoto.store")
 
+# session.info key of Database.shared
+SHARED = "clinphoto_shared"
+
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
 
@@ -97,8 +100,12 @@ class Database:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
             event.listen(self.engine, "connect", _postgres_session_settings)
         self.ids = IdPool() if self.dialect == "postgresql" else None
+        # values the gateway sets once for helpers that are handed only a session (the core's patient references
+        # read the trust's MRN system here); one dict, shared by reference, so a writer's kept session sees them too
+        self.shared: dict[str, Any] = {}
         self._sessions = sessionmaker(self.engine, expire_on_commit=False,
-                                      info={"audit_key": audit_key, ANCHOR: self.audit_anchor, IDS: self.ids})
+                                      info={"audit_key": audit_key, ANCHOR: self.audit_anchor, IDS: self.ids,
+                                            SHARED: self.shared})
         if self.audit_anchor is not None:
             install_hooks(self._sessions)
         self._writer: Writer | None = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.core import patient_refs
 from store.audit import load_or_create_key
 from store.blobs import FileBlobStore
 from store.db import Database
@@ -37,6 +38,7 @@ class CoreSettings(Protocol):
     ingest: IngestSettings
     auth: AuthSettings
     routing: RoutingSettings
+    trust_mrn_system: str | None
 
 
 def spool_root(settings: CoreSettings) -> Path:
@@ -56,6 +58,8 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.spool = Spool(spool_root(self.settings))
+        # read by patient_refs.resolve wherever only a session is at hand (every door's `mrn|...`)
+        self.db.shared[patient_refs.TRUST_MRN_SYSTEM] = self.settings.trust_mrn_system
 
     @classmethod
     def open(cls, settings: CoreSettings, *, migrate: bool = True, tidy: bool = True) -> Gateway:

@@ -3,8 +3,9 @@
 - `https://fhir.nhs.uk/Id/nhs-number|9449305552` — an identifier: its system and its value;
 - `nhs|9449305552` (or `nhs-number|...`) — the NHS number: checked (10 digits, modulus 11) and
   written without spaces, so `nhs|944 930 5552` names the same patient;
-- `mrn|D100001` — the trust's hospital number: the system of the MRNs the PAS feed registers (PID-3
-  typed MR). With MRNs of several systems in the store, `mrn` is ambiguous and the systems are named.
+- `mrn|D100001` — the trust's hospital number: the system `trust_mrn_system` names (CLINPHOTO_TRUST_MRN_SYSTEM);
+  unset, the one system of the MRNs the PAS feed registers (PID-3 typed MR). After a trust merger patients carry
+  MRNs of several systems: unset, `mrn` is then ambiguous, and the refusal names the systems and the setting.
 
 A well-formed reference to a patient nobody registered is a question about existence, answered as the
 door answers a hidden patient; a reference in a system no patient has is a mistake, refused with the
@@ -17,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.core import nhs
+from store.db import SHARED
 from store.models import Patient, PatientIdentifier
 from store.patients import find_patient, survivor
 
@@ -30,6 +32,10 @@ EXAMPLE = "nhs|9449305552"
 # not an identifier system: a door that names a patient by its opaque id (FHIR's Patient/<id>) passes
 # (PUBLIC_ID, id) where others pass (system, value)
 PUBLIC_ID = "clinphoto:patient-id"
+# the setting naming the system `mrn` stands for, as the refusals name it
+TRUST_MRN_SETTING = "CLINPHOTO_TRUST_MRN_SYSTEM"
+# its Database.shared key: the Gateway puts the setting there, so every session (the ingest pipeline's too) reads it
+TRUST_MRN_SYSTEM = "trust_mrn_system"
 
 
 class BadPatientRef(ValueError):
@@ -77,16 +83,41 @@ def mrn_systems(session: Session, limit: int = 5) -> list[str]:
     return sorted(session.scalars(query))
 
 
+def check_system(system: str) -> str:
+    """A configured trust MRN system, stripped, or ValueError saying what is wrong with it (checked at start-up:
+    the store may hold no MRN yet, so only its form can be)."""
+    system = system.strip()
+    if not system or any(c.isspace() or c in "|{}\x00" for c in system):
+        raise ValueError(f"{system!r} must be one identifier system with no spaces, '|' or '{{...}}' template, "
+                         "e.g. https://clinphoto.local/Id/mrn/RX1 (hl7.mrn_system with the trust's ODS code)")
+    if len(system) > MAX_SYSTEM:
+        raise ValueError(f"an identifier system has at most {MAX_SYSTEM} characters")
+    if system.lower() in ALIASES or system == NHS_SYSTEM:
+        raise ValueError(f"{system!r} is not a hospital number system: name the trust's MRN system")
+    return system
+
+
+def trust_mrn_system(session: Session) -> str | None:
+    """The system `mrn` stands for by configuration (settings.trust_mrn_system), None when unset."""
+    shared = session.info.get(SHARED) or {}
+    configured: str | None = shared.get(TRUST_MRN_SYSTEM)
+    return configured
+
+
 def resolve(session: Session, system: str, value: str) -> tuple[str, str]:
-    """(system, value) with `mrn` replaced by the store's one MRN system."""
+    """(system, value) with `mrn` replaced by the trust's MRN system: the configured one, else the store's one."""
     if system != MRN_ALIAS:
         return system, value
+    configured = trust_mrn_system(session)
+    if configured:
+        return configured, value
     found = mrn_systems(session)
     if not found:
         raise BadPatientRef("mrn|...: no hospital numbers (MRN) are registered here yet; name the system instead")
     if len(found) > 1:
         raise BadPatientRef(f"mrn|... is ambiguous here: hospital numbers of several systems are registered "
-                            f"({', '.join(found)}); name the system instead")
+                            f"({', '.join(found)}); name the system instead, or set {TRUST_MRN_SETTING} to the "
+                            "trust's own so mrn names it")
     return found[0], value
 
 
@@ -111,4 +142,7 @@ def check_known_system(session: Session, system: str) -> None:
         return
     known = sorted(session.scalars(select(PatientIdentifier.system).distinct().limit(20)))
     listed = ", ".join(known) if known else "none yet"
-    raise BadPatientRef(f"unknown identifier system {system!r}; systems known here: {listed}; aliases: {', '.join(ALIASES)}")
+    # a misspelt setting would otherwise look like a request's mistake
+    configured = f" (mrn names it: {TRUST_MRN_SETTING})" if system == trust_mrn_system(session) else ""
+    raise BadPatientRef(f"unknown identifier system {system!r}{configured}; systems known here: {listed}; "
+                        f"aliases: {', '.join(ALIASES)}")
