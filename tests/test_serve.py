@@ -54,9 +54,13 @@ def test_serve_health_ready_and_graceful_stop(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    log_lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+    stderr = proc.stderr.read().decode()
+    log_lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(line["message"] == "stopped" for line in log_lines)
     assert all({"time", "level", "name", "message"} <= set(line) for line in log_lines)
+    # uvicorn's start-up lines come without their ANSI-coloured copy (color_message)
+    assert any(line["name"].startswith("uvicorn") for line in log_lines) and "\\u001b" not in stderr
+    assert not any("color_message" in line for line in log_lines)
 
 
 def test_readyz_503_when_blob_store_unreachable(tmp_path):
