@@ -99,3 +99,18 @@ def test_compose_gateway_is_a_valid_jwt_configuration():
     settings = AuthSettings(**auth)  # raises if jwt mode is incomplete
     assert settings.mode == "jwt" and settings.issuer and settings.audience and settings.jwks_url
     assert subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True).returncode == 0
+
+
+def test_the_dev_mode_warning_is_logged_once_per_process_and_key(tmp_path, caplog):
+    from gateway.core.identity import TokenVerifier
+    from gateway.settings import Settings
+
+    caplog.set_level("WARNING")
+    settings = Settings(data_dir=tmp_path)
+    for _ in range(3):  # as each app, and each gateway opened in one process, makes its verifier
+        TokenVerifier(settings)
+    other = settings.model_copy(update={"auth": settings.auth.model_copy(update={"dev_key_file": tmp_path / "other.pem"})})
+    TokenVerifier(other)
+    TokenVerifier(other)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auth mode dev")]
+    assert len(warned) == 2 and str(tmp_path / "other.pem") in warned[1], warned

@@ -61,6 +61,8 @@ def test_serve_health_ready_and_graceful_stop(tmp_path):
     # uvicorn's start-up lines come without their ANSI-coloured copy (color_message)
     assert any(line["name"].startswith("uvicorn") for line in log_lines) and "\\u001b" not in stderr
     assert not any("color_message" in line for line in log_lines)
+    # every door's app makes a token verifier; the dev-mode warning is said once
+    assert sum(line["message"].startswith("auth mode dev") for line in log_lines) == 1, stderr
 
 
 def test_readyz_503_when_blob_store_unreachable(tmp_path):

@@ -159,6 +159,19 @@ def mint_dev_token(
 # Verification
 
 
+_dev_warned: set[Path] = set()
+
+
+def warn_dev_mode(key_path: Path) -> None:
+    """The dev-mode warning, once per process and key: every app a process builds makes a verifier (the CLI and the
+    tests build several), and the same line again says nothing new."""
+    with _dev_key_lock:
+        if key_path.absolute() in _dev_warned:
+            return
+        _dev_warned.add(key_path.absolute())
+    log.warning("auth mode dev: tokens are signed with the local key in %s; use auth mode jwt in production", key_path)
+
+
 class TokenVerifier:
     """Verifies bearer tokens for one set of settings; keys are loaded once (JWKS keys cached)."""
 
@@ -171,7 +184,7 @@ class TokenVerifier:
         self.issuer: str | None = None
         a = self.auth
         if a.mode == "dev":
-            log.warning("auth mode dev: tokens are signed with the local key in %s; use auth mode jwt in production", dev_key_path(settings))
+            warn_dev_mode(dev_key_path(settings))
             self._static_key = dev_private_key(settings).public_key()
             self.algorithms = ["ES256"]
             self.issuer = a.dev_issuer
