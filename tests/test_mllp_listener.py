@@ -379,23 +379,24 @@ def test_stop_finishes_in_flight_work(db):
 
 
 def test_readme_commands_for_sending_the_fixtures(db, tmp_path):
-    """The `mllp_send` lines README's "Sending test messages" shows, run as written (port and temp file swapped)."""
+    """The `clinphoto hl7 send` lines README's "Sending test messages" shows, run as written (the port from
+    CLINPHOTO_MLLP_PORT, as on the gateway's machine)."""
     readme = (FIX.parent.parent / "README.md").read_text()
     section = readme[readme.index("### Sending test messages"):]
     block = section[section.index("```\n") + 4:]
     block = block[:block.index("```")]
     commands = [line for line in block.splitlines() if line and not line.startswith("#")]
-    assert any(c.startswith("cat ") for c in commands) and sum(c.startswith("mllp_send") for c in commands) == 2
+    assert len(commands) == 2 and all(c.startswith("clinphoto hl7 send ") for c in commands)
     with running(db) as listener:
-        script = "set -eo pipefail\n" + "\n".join(commands).replace("--port 2575", f"--port {listener.port}").replace(
-            "/tmp/feed.hl7", str(tmp_path / "feed.hl7"))
-        env = {"PATH": f"{MLLP_SEND.parent}:/usr/bin:/bin"}
+        script = "set -eo pipefail\n" + "\n".join(commands)
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CLINPHOTO_MLLP_PORT": str(listener.port)}
         res = subprocess.run(["bash", "-c", script], cwd=FIX.parent.parent, env=env, capture_output=True, text=True,
-                             timeout=60)
+                             timeout=120)
         assert res.returncode == 0, res.stderr
     # one ACK per message, segments on their own lines
     assert [line for line in res.stdout.splitlines() if line.startswith("MSA|")] == [
         "MSA|AA|A01-0001", "MSA|AA|A01-0001", "MSA|AA|A08-0001", "MSA|AA|A03-0001"]
+    assert "\r" not in res.stdout
     assert count(db) == 3  # the second A01 is the same message again: its original ACK, stored once
 
 

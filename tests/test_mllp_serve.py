@@ -42,6 +42,10 @@ def test_serve_listens_for_mllp_and_stops_gracefully(database_url, tmp_path):
         res = subprocess.run([str(MLLP_SEND), "--port", str(port), "--file", str(framed), "127.0.0.1"],
                              capture_output=True, timeout=60)
         assert b"MSA|AA|A01-0001" in res.stdout, res.stdout + res.stderr
+        # and the command README documents, as an operator runs it beside the gateway (the port from its settings)
+        res = subprocess.run([sys.executable, "-m", "gateway.cli", "hl7", "send", "fixtures/hl7/adt_a08_update.hl7"],
+                             cwd=ROOT, env=env, capture_output=True, timeout=60)
+        assert res.returncode == 0 and b"MSA|AA|A08-0001" in res.stdout, res.stdout + res.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
@@ -49,5 +53,5 @@ def test_serve_listens_for_mllp_and_stops_gracefully(database_url, tmp_path):
     assert "MLLP listening on" in out and "SMITH" not in out and "9449305552" not in out
     db = Database(database_url)
     with db.read() as s:
-        assert s.execute(select(Hl7Message.status)).scalars().all() == ["applied"]
+        assert s.execute(select(Hl7Message.status)).scalars().all() == ["applied", "applied"]
     db.dispose()

@@ -1,7 +1,9 @@
-"""`clinphoto hl7 ...`: the stored messages."""
+"""`clinphoto hl7 ...`: the stored messages, and sending test messages to a listener."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -99,4 +101,46 @@ def reprocess(
         # a script running this after a mapping fix must see that the feed is not yet clean
         typer.echo(f"{not_applied} message(s) still not applied: fix the cause shown above and reprocess them again",
                    err=True)
+        raise typer.Exit(1)
+
+
+@app.command("send")
+def send(
+    files: Annotated[list[Path], typer.Argument(help="Files of HL7 v2 messages (as in fixtures/hl7/: unframed, "
+                                                "segments on their own lines; several messages a file are fine); "
+                                                "- reads standard input.")],
+    host: Annotated[str, typer.Option(help="The MLLP listener's address.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Its port; default CLINPHOTO_MLLP_PORT (2575).")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the connection and for each ACK.")] = 30.0,
+) -> None:
+    """Send HL7 v2 messages over MLLP, in order over one connection, and print each ACK (a segment a line).
+
+    Exit status 0 when every message was accepted (MSA-1 AA or CA), 1 otherwise: a script feeding test
+    messages sees a refusal.
+    """
+    from gateway.cli.common import settings_or_exit
+    from gateway.hl7.sender import ACCEPTED, BadMessageFile, ack_code, exchange, split_messages
+
+    messages: list[bytes] = []
+    try:
+        for path in files:
+            data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+            messages += split_messages(data, "standard input" if str(path) == "-" else str(path))
+    except (OSError, BadMessageFile) as exc:
+        typer.echo(f"clinphoto: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if port is None:
+        port = settings_or_exit().mllp_port
+    refused = 0
+    try:
+        for number, ack in enumerate(exchange(host, port, messages, timeout), start=1):
+            if number > 1:
+                typer.echo("")
+            typer.echo(ack.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n"))
+            refused += ack_code(ack) not in ACCEPTED
+    except OSError as exc:
+        typer.echo(f"clinphoto: {host}:{port}: {exc or type(exc).__name__}", err=True)
+        raise typer.Exit(1) from None
+    if refused:
+        typer.echo(f"{refused} of {len(messages)} message(s) not accepted (see the MSA and ERR segments above)", err=True)
         raise typer.Exit(1)
