@@ -20,6 +20,7 @@ from gateway.dicomweb.app import create_dicomweb_app
 from gateway.dicomweb.config import DicomwebSettings
 from gateway.edge import Edge
 from gateway.fhir.app import create_fhir_app
+from gateway.http.errors import install_problem_handlers, problem_response
 from gateway.http.security import verifier_for
 from gateway.viewer.routes import create_router as create_viewer_router
 from gateway.viewer.settings import ViewerSettings
@@ -31,7 +32,7 @@ API_DESCRIPTION = """Clinical photo gateway REST API. Every call needs `Authoriz
 `clinphoto token`). `X-Purpose-Of-Use` (TREAT, ETREAT, TRAIN, HRESCH, PUBLISH) and `X-Break-Glass: <reason>` (with
 ETREAT) say why the caller asks; every access, allowed or refused, is audited. Patients are named `system|value`
 (aliases `nhs|...`, `mrn|...`); bodies are camelCase; a photo the caller may not see is answered 404, like one that
-does not exist."""
+does not exist. Every refusal is `{"error": code, "message": text, "detail": ..., "field": name}` (see Problem)."""
 
 
 def create_app(gw: Gateway) -> FastAPI:
@@ -47,13 +48,15 @@ def create_app(gw: Gateway) -> FastAPI:
         raise AuthUnavailable(f"auth: {exc}") from None
 
     app.add_middleware(Edge)
+    # one error body for the REST door (and the viewer's and capture app's JSON); the mounted apps have their own
+    install_problem_handlers(app)
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:
         # the last line of defence behind the checks at the edge: a value the database refused is the
         # caller's bad input (400), not our failure (500); the SQL and its parameters never go out
         log.warning("database refused a value in %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
-        return JSONResponse({"detail": BAD_VALUE}, status_code=400)
+        return problem_response(400, "bad-request", BAD_VALUE)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict:

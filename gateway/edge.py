@@ -33,7 +33,7 @@ class Edge:
             if path.startswith("/fhir"):
                 refusal = JSONResponse(operation_outcome([("error", "invalid", NUL_IN_URL)]), 400, media_type=FHIR_JSON)
             else:
-                refusal = JSONResponse({"detail": NUL_IN_URL}, 400)
+                refusal = JSONResponse({"error": "bad-request", "message": NUL_IN_URL, "detail": NUL_IN_URL}, 400)
             await refusal(scope, receive, send)
             return
         if path == "/fhir":

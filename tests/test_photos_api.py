@@ -117,7 +117,7 @@ def test_access_matrix_through_list_read_and_image(gw, api):
                     if resp.status_code != 404:
                         leaks.append(f"{what}: {user.key} got {resp.status_code} for hidden {photo.key}")
                     else:
-                        assert resp.json() == {"detail": "photo not found"}
+                        assert resp.json() == {"error": "not-found", "message": "photo not found", "detail": "photo not found"}
     assert not leaks and not misses, "\n".join(leaks + misses)
 
 

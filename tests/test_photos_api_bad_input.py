@@ -127,7 +127,7 @@ def test_database_data_errors_are_400_without_sql(gw):
     with serving(app) as client:
         for path in ("/test/raise", "/test/store"):
             r = client.get(path)
-            assert r.status_code == 400 and r.json() == {"detail": BAD_VALUE}, r.text
+            assert r.status_code == 400 and r.json() == {"error": "bad-request", "message": BAD_VALUE, "detail": BAD_VALUE}, r.text
             assert "SELECT" not in r.text and "9449305552" not in r.text
 
 

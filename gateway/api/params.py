@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
-
 from gateway.core import patient_refs
+from gateway.http.errors import DoorError
 
 
 def parse_patient(text: str, what: str = "patient") -> tuple[str, str]:
@@ -12,7 +11,7 @@ def parse_patient(text: str, what: str = "patient") -> tuple[str, str]:
     try:
         return patient_refs.parse(text)
     except patient_refs.BadPatientRef as exc:
-        raise HTTPException(400, f"{what}: {exc}") from None
+        raise DoorError(400, f"{what}: {exc}", code="bad-request", field=what) from None
 
 
 def no_nul(value: str | None) -> str | None:

@@ -13,19 +13,24 @@ class _Out(BaseModel):
 
 
 class Problem(_Out):
-    """Every refusal of the REST door except the upload's: a sentence saying what is wrong and what to do."""
+    """Every refusal of the REST door: a stable code, a sentence saying what is wrong and what to do, and the
+    parameter or key it is about."""
 
-    detail: str | list[dict[str, Any]] = Field(description="What is wrong (a list of field errors for a malformed body)")
+    error: str = Field(description="Stable code: the refusal's kind (bad-request, not-authenticated, forbidden, "
+                       "insufficient-scope, not-found, gone, conflict, invalid, ...) or the upload's (corrupt, too-large, "
+                       "unknown-patient, bad-metadata, ...)")
+    message: str = Field(description="What is wrong, for people")
+    detail: str | list[dict[str, Any]] = Field(
+        description="The message again, or for a malformed request FastAPI's list of field errors (kept for clients "
+        "written against FastAPI's own bodies)")
+    field: str | None = Field(None, description="The parameter or metadata key at fault (camelCase, dotted)")
 
 
-class UploadProblem(_Out):
-    """A refused upload: a stable code, a sentence, and which file or field it is about."""
+class UploadProblem(Problem):
+    """A refused upload: the same body, and which file it is about."""
 
-    error: str = Field(description="Stable code, e.g. corrupt, too-large, unknown-patient, bad-metadata")
-    message: str
     item: int | None = Field(None, description="Index of the file in the request (0-based)")
     filename: str | None = None
-    field: str | None = Field(None, description="The metadata key at fault (camelCase, dotted)")
 
 
 class PatientLink(_Out):

@@ -38,7 +38,7 @@ from gateway.core.ingest.limits import mib
 from gateway.core.ingest.metadata import json_key, parse_metadata
 from gateway.core.ingest.pipeline import IngestResult, audit_refusal, ingest, uncovered, uploader
 from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
-from gateway.http.errors import challenge
+from gateway.http.errors import challenge, problem_response
 from gateway.http.security import gateway_of, require_subject
 from store.spool import Spool
 
@@ -73,9 +73,7 @@ MAX_METADATA_BYTES = 64 * 1024
 
 
 def _error(status: int, code: str, message: str, **extra) -> JSONResponse:
-    body = {"error": code, "message": message}
-    body.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse(body, status_code=status)
+    return problem_response(status, code, message, **extra)  # the REST door's one error body
 
 
 def _rejection(exc: IngestRejected, realm: str = "clinphoto") -> JSONResponse:

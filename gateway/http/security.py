@@ -13,8 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gateway.core import access, access_audit
 from gateway.core.context import Gateway
 from gateway.core.identity import AuthError, AuthUnavailable, Subject, TokenVerifier
-from gateway.core.refusals import Refused
-from gateway.http.errors import challenge, http_error
+from gateway.core.refusals import Kind, Refused
+from gateway.http.errors import DoorError, challenge, http_error
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def authenticate(request: Request) -> Subject:
         return verifier_for(request.app.state, settings).verify(token, address)
     except AuthUnavailable as exc:
         log.error("cannot check bearer tokens: %s", exc)
-        raise HTTPException(503, f"authentication is unavailable: {exc}") from None
+        raise DoorError(503, f"authentication is unavailable: {exc}", code=Kind.AUTH_UNAVAILABLE.value) from None
     except AuthError as exc:
         access_audit.record_auth_failure(gw, network=address, reason=str(exc), what=what(request))
         raise HTTPException(401, str(exc), headers=challenge(realm, "invalid_token", str(exc))) from None
