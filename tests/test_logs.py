@@ -16,11 +16,21 @@ def json_lines(monkeypatch):
     """Logging configured as `CLINPHOTO_LOG_FORMAT=json` does, into a buffer; the root logger restored after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # as in a fresh `clinphoto serve` (uvicorn run with log_config=None): a test earlier in this process may have run
+    # uvicorn with its own logging config, which gives its loggers handlers, levels and propagate=False
+    uvicorn_loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level, lg.disabled) for lg in uvicorn_loggers]
+    for logger in uvicorn_loggers:
+        logger.handlers[:], logger.propagate, logger.disabled = [], True, False
+        logger.setLevel(logging.NOTSET)  # setLevel: the loggers' cached levels are cleared too
     buffer = io.StringIO()
     monkeypatch.setattr("sys.stderr", buffer)
     configure_logging("json", "INFO")
     yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
     root.handlers[:], root.level = handlers, level
+    for logger, (old_handlers, propagate, old_level, disabled) in zip(uvicorn_loggers, saved):
+        logger.handlers[:], logger.propagate, logger.disabled = old_handlers, propagate, disabled
+        logger.setLevel(old_level)
 
 
 def test_uvicorns_color_message_is_not_a_field(json_lines):
