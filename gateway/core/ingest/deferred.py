@@ -16,7 +16,9 @@ A frame that does not decode (damage inside the entropy-coded data, which no hea
 `failed`: the DICOM object stays as the sender sent it (DICOM retrieves serve it, as any archive would), there
 is no preview or thumbnail, and the finding is audited (import, outcome serious failure) and logged without
 patient data. Two processes may make the same photo's renditions at once: the bytes are the same, the row is
-updated once (the update names the state it expects) and the loser's blobs are left to the winner.
+updated once (the update names the state it expects) and the loser's blobs are left to the winner. Every update
+after the decode also names the stored object it decoded: a resend that corrected the photo meanwhile (pipeline
+_replace: due again, with another object) is not given the verdict or the renditions of the object it superseded.
 
 Each attempt is counted in the row (rendition_tries) before the decode. An attempt that ends without an answer,
 because the process was killed during it (a native decoder crash, the OOM killer) or an unexpected error, stays
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 
 from gateway.core.context import Gateway
 from gateway.core.ingest import received
@@ -105,6 +107,11 @@ def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0) -> Made:
         mine.set()
 
 
+def _names(dicom_sha256: str | None) -> ColumnElement[bool]:
+    """The row still names the stored object this attempt read (not one a correction put in its place)."""
+    return Asset.dicom_sha256.is_(None) if dicom_sha256 is None else Asset.dicom_sha256 == dicom_sha256
+
+
 def _current(gw: Gateway, asset_id: str) -> Made:
     with gw.db.read() as session:
         row = session.execute(select(Asset.rendition_state, Asset.preview_sha256, Asset.thumbnail_sha256)
@@ -120,7 +127,8 @@ def _make(gw: Gateway, asset_id: str) -> Made:
                                      Asset.sop_instance_uid, Asset.study_uid).where(Asset.id == asset_id)).one_or_none()
     if row is None or row.rendition_state != DUE:
         return _current(gw, asset_id)
-    tries = _claim(gw, asset_id)
+    named = row.dicom_sha256
+    tries = _claim(gw, asset_id, named)
     if tries is None:
         return _current(gw, asset_id)
     if tries > MAX_ATTEMPTS:
@@ -136,8 +144,10 @@ def _make(gw: Gateway, asset_id: str) -> Made:
         return _failed(gw, asset_id, row, exc.code, exc.message)
     except OSError as exc:
         # the host's fault, not the photo's (the stored object missing from the blob store, the spool unusable): it
-        # stays due, the attempt uncounted, and the renderer takes the others until the pause is over
-        _release(gw, asset_id, HOST_FAULT_PAUSE)
+        # stays due, the attempt uncounted, and the renderer takes the others until the pause is over; unless a
+        # correction replaced the object meanwhile (and deleted the one this attempt read): nothing to say then
+        if not _release(gw, asset_id, named, HOST_FAULT_PAUSE):
+            return _current(gw, asset_id)
         if isinstance(exc, FileNotFoundError) and not gw.blobs.path(row.dicom_sha256 or "0" * 64).is_file():
             log.error("photo %s: its stored DICOM object is missing from the blob store; renditions wait for it (run "
                       "`clinphoto store check`)", asset_id)
@@ -146,7 +156,7 @@ def _make(gw: Gateway, asset_id: str) -> Made:
                       type(exc).__name__, HOST_FAULT_PAUSE)
         raise
     except Exception as exc:  # not a refusal of the photo nor the host's fault as far as we know: counted
-        _pause(gw, asset_id, RETRY_PAUSE * tries)
+        _pause(gw, asset_id, named, RETRY_PAUSE * tries)
         log.error("photo %s: making its renditions failed (%s), attempt %d of %d", asset_id, type(exc).__name__, tries,
                   MAX_ATTEMPTS)
         log.debug("rendition failure", exc_info=True)
@@ -156,7 +166,7 @@ def _make(gw: Gateway, asset_id: str) -> Made:
         preview, thumbnail = writer.put_bytes(rends.preview), writer.put_bytes(rends.thumbnail)
         with gw.db.write() as session:
             done = cast(CursorResult[Any], session.execute(
-                update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE).values(
+                update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, _names(named)).values(
                     preview_sha256=preview, thumbnail_sha256=thumbnail, preview_sha1=sha1_base64(rends.preview),
                     preview_size=len(rends.preview), rendition_state=None, updated_at=datetime.now(timezone.utc),
                 )
@@ -164,43 +174,49 @@ def _make(gw: Gateway, asset_id: str) -> Made:
     except BaseException:
         writer.remove_unreferenced()
         raise
-    if not done:  # another process made them first: the row names its blobs (the same bytes)
+    if not done:  # another process made them first (the row names its blobs, the same bytes), or a correction
+        # replaced the object these were made from
         writer.remove_unreferenced()
         return _current(gw, asset_id)
     writer.release()
     return Made(None, preview, thumbnail)
 
 
-def _claim(gw: Gateway, asset_id: str) -> int | None:
+def _claim(gw: Gateway, asset_id: str, named: str | None) -> int | None:
     """Count an attempt in the row, durably, before the decode (a process killed by it leaves it counted); the
-    attempts so far with this one, or None when the photo is no longer due."""
+    attempts so far with this one, or None when the photo is no longer due (or no longer names `named`)."""
     with gw.db.write() as session:
-        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, _names(named))
                         .values(rendition_tries=Asset.rendition_tries + 1))
-        tries = session.execute(select(Asset.rendition_tries).where(Asset.id == asset_id, Asset.rendition_state == DUE)
-                                ).scalar_one_or_none()
+        tries = session.execute(select(Asset.rendition_tries).where(Asset.id == asset_id, Asset.rendition_state == DUE,
+                                                                    _names(named))).scalar_one_or_none()
     return tries
 
 
-def _release(gw: Gateway, asset_id: str, pause: timedelta) -> None:
-    """An attempt that was not the photo's fault: uncounted, and the renderer leaves the photo for `pause`."""
+def _release(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> bool:
+    """An attempt that was not the photo's fault: uncounted, and the renderer leaves the photo for `pause`; False
+    when the photo no longer names the object the attempt read (a correction replaced it: nothing to undo)."""
     with gw.db.write() as session:
-        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, Asset.rendition_tries > 0)
+        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, Asset.rendition_tries > 0,
+                                            _names(named))
                         .values(rendition_tries=Asset.rendition_tries - 1))
-    _pause(gw, asset_id, pause)
+    return _pause(gw, asset_id, named, pause)
 
 
-def _pause(gw: Gateway, asset_id: str, pause: timedelta) -> None:
+def _pause(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> bool:
     with gw.db.write() as session:
-        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
-                        .values(rendition_after=datetime.now(timezone.utc) + pause))
+        done = cast(CursorResult[Any], session.execute(
+            update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, _names(named))
+            .values(rendition_after=datetime.now(timezone.utc) + pause))).rowcount
+    return bool(done)
 
 
 def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) -> Made:
     """The pixels did not decode: marked, audited in the same transaction, logged without patient data."""
     with gw.db.write() as session:
         done = cast(CursorResult[Any], session.execute(
-            update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE)
+            update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE,
+                                _names(getattr(row, "dicom_sha256", None)))
             .values(rendition_state=FAILED, updated_at=datetime.now(timezone.utc)))).rowcount
         if done:
             audit.append(session, audit.AuditEntry(

@@ -85,6 +85,7 @@ from gateway.core.ingest.request import (
     ReceivedObject,
     Source,
 )
+from gateway.core.ingest_settings import IngestSettings
 from gateway.core.objects import part10, vlphoto
 from gateway.core.objects.uids import stable_uid
 from gateway.core.policy.rules import scope_allows, uncovered_for_care
@@ -311,7 +312,8 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
 
 
 def _known_instances(session: Session, items: Sequence[_Item], existing: dict[str, StoredPhoto],
-                     blob_path: Callable[[str], Path], patient_id: int | None) -> dict[str, _Correction]:
+                     blob_path: Callable[[str], Path], patient_id: int | None,
+                     settings: IngestSettings) -> dict[str, _Correction]:
     """Items whose sender's SOP Instance UID is already stored: the same object again is 'existing' (added to
     `existing` under the item's hash); a correction of an asset whose pixels did not decode is returned under the
     item's hash (see _correction); other content under a known UID is DUPLICATE_INSTANCE."""
@@ -335,7 +337,7 @@ def _known_instances(session: Session, items: Sequence[_Item], existing: dict[st
         if entry.received is not None and _same_data_set(entry.received.path, blob_path(asset.sha256)):
             existing[entry.sha256] = _as_existing(asset)  # relayed by another sender: only the file meta differs
             continue
-        correction = _correction(asset, entry, patient_id)
+        correction = _correction(asset, entry, patient_id, blob_path, settings)
         if correction is None:
             raise IngestRejected(
                 DUPLICATE_INSTANCE, f"SOP Instance UID {asset.sop_instance_uid} is already stored with different content",
@@ -345,19 +347,33 @@ def _known_instances(session: Session, items: Sequence[_Item], existing: dict[st
     return corrections
 
 
-def _correction(asset: Asset, entry: _Item, patient_id: int | None) -> _Correction | None:
+def _correction(asset: Asset, entry: _Item, patient_id: int | None,
+                blob_path: Callable[[str], Path], settings: IngestSettings) -> _Correction | None:
     """The resend as a correction of `asset`, or None when it is not one. Only an asset whose pixels are known not to
     decode is replaced (one that decoded is what readers have seen: other content under its UID stays a duplicate),
     and only by an object of the same patient (a correction never moves a photo between patients), study, series and
-    SOP class (the row keeps those, and the new object must say the same as the row)."""
+    SOP class (the row keeps those, and the new object must say the same as the row), describing the same photo as
+    the superseded object's header did (_described: the row keeps what it took from there, so a resend saying
+    another side or time would be served as DICOM saying one thing and as FHIR or REST saying another)."""
     obj = entry.received
     if asset.rendition_state != FAILED or obj is None or patient_id is None or asset.patient_id != patient_id:
         return None
     if (obj.study_uid, obj.series_uid, obj.sop_class_uid) != (asset.study_uid, asset.series_uid, asset.sop_class_uid):
         return None
+    try:
+        old = received.read(blob_path(asset.dicom_sha256 or asset.sha256), settings, check_limits=False)
+    except (IngestRejected, OSError):  # the superseded header unreadable now: no telling it is the same photo
+        return None
+    if _described(obj) != _described(old):
+        return None
     superseded = {asset.sha256, asset.dicom_sha256, asset.preview_sha256, asset.thumbnail_sha256} - {None, entry.sha256}
     return _Correction(asset_id=asset.id, patient_id=asset.patient_id, sha256=asset.sha256,
                        superseded=tuple(sorted(s for s in superseded if s)), quarantined=asset.status == "quarantined")
+
+
+def _described(obj: received.Received) -> tuple[object, ...]:
+    """What a received object's header says of the photo that the row keeps (see _new_object_row, _OBJECT_COLUMNS)."""
+    return obj.taken_at, obj.body_site, obj.laterality, obj.instance_number, obj.device, obj.operator
 
 
 def _same_data_set(path: Path, stored: Path) -> bool:
@@ -515,7 +531,7 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
             if patient_id is not None:
                 rows = session.execute(select(Asset).where(Asset.patient_id == patient_id, Asset.sha256.in_(shas))).scalars()
                 existing = {a.sha256: _as_existing(a) for a in rows}
-            corrections = _known_instances(session, items, existing, gw.blobs.path, patient_id)
+            corrections = _known_instances(session, items, existing, gw.blobs.path, patient_id, gw.settings.ingest)
     except IngestRejected as exc:
         audit_refusal(gw, source, exc, patient_id)
         raise
