@@ -52,6 +52,10 @@ def frame(context_id: int, command: bytes, data: memoryview | bytes | Sequence[m
           max_pdu: int) -> Framed:
     """The message as P-DATA-TF PDUs, each no longer than `max_pdu` (0: no limit), as pynetdicom fragments it. The
     data set may come as several buffers, sent one after the other (a fragment spanning two holds a view of each)."""
+    if 0 < max_pdu <= 6:
+        # a peer's maximum PDU length with no room for a byte of a fragment (the PDV item's length, context id and
+        # control header take 6): nothing can be sent to it (the loop below would never advance)
+        raise ValueError(f"the peer's maximum PDU length ({max_pdu}) leaves no room for a fragment")
     framed = Framed()
     pieces: list[bytes | memoryview] = []
     data_parts = [data] if isinstance(data, (bytes, memoryview)) else list(data or ())

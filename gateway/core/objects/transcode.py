@@ -97,13 +97,18 @@ def uncompressed(served: Served, syntax: str = EXPLICIT_LE) -> Dataset:
     if syntax not in UNCOMPRESSED:
         raise CannotTranscode(f"transcoding only to uncompressed syntaxes, not {syntax}")
     ds = _parsed(served)
-    if ds.file_meta.TransferSyntaxUID in UNCOMPRESSED:
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
-        return ds
-    try:
-        # the same picture in another encoding keeps its SOP Instance UID (PS3.5 10: a transfer syntax change)
-        ds.decompress(generate_instance_uid=False)
-    except Exception as exc:  # pydicom's handlers raise several kinds for undecodable data
-        raise CannotTranscode(f"the stored pixel data ({served.transfer_syntax}) cannot be decoded: {type(exc).__name__}") from None
+    if ds.file_meta.TransferSyntaxUID not in UNCOMPRESSED:
+        try:
+            # the same picture in another encoding keeps its SOP Instance UID (PS3.5 10: a transfer syntax change)
+            ds.decompress(generate_instance_uid=False)
+        except Exception as exc:  # pydicom's handlers raise several kinds for undecodable data
+            raise CannotTranscode(f"the stored pixel data ({served.transfer_syntax}) cannot be decoded: "
+                                  f"{type(exc).__name__}") from None
     ds.file_meta.TransferSyntaxUID = UID(syntax)
+    # the encoding the data set is written in, not only the one its file meta names: pynetdicom refuses to send a
+    # data set read as Explicit VR under Implicit VR Little Endian (the syntax every peer takes). Every element is
+    # decoded first (iterall), so none is left raw, in the encoding it was read in, to be written as if in the other
+    for _ in ds.iterall():
+        pass
+    ds.set_original_encoding(syntax == IMPLICIT_LE, True, ds.original_character_set)
     return ds
