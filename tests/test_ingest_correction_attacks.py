@@ -37,6 +37,7 @@ from tests.test_ingest_deferred_attacks import (
     referenced,
     resend_of,
 )
+from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
 
 
 def _set_failed(gw: Gateway, asset_id: str) -> None:
@@ -265,3 +266,22 @@ def test_a_correction_reaches_a_destination_the_damaged_copy_was_routed_to(gw, f
         pending = s.scalars(select(OutboxItem).where(OutboxItem.asset_id == asset_id,
                                                      OutboxItem.status == "pending")).all()
     assert pending
+
+
+def test_a_download_resumed_across_a_correction_is_not_spliced_from_two_objects(gw, fx, tmp_path, api):  # noqa: F811
+    """FHIR Binary answers Range requests and If-Range against its ETag. Before corrections an original never changed
+    under its id, so `"<id>-original"` named one representation; a correction changes the bytes under the same id,
+    so a client resuming a download of the superseded object (If-Range with the old ETag) must get the whole new
+    object (200), not the new object's tail to append to the old one's head."""
+    from tests.auth_helpers import auth_headers
+
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    mi = {**auth_headers(gw, role="medical-illustration", sub="mi.jones"), "Accept": "application/dicom"}
+    head = api.get(f"/fhir/Binary/{before.id}", headers={**mi, "Range": "bytes=0-99"})
+    assert head.status_code == 206 and head.content == damaged.read_bytes()[:100]
+    intact = resend_of(damaged, tmp_path, fx)
+    assert receive(gw, intact).photos[0].status == "replaced"
+    rest = api.get(f"/fhir/Binary/{before.id}", headers={**mi, "Range": "bytes=100-", "If-Range": head.headers["etag"]})
+    assert rest.headers["etag"] != head.headers["etag"]
+    assert rest.status_code == 200 and rest.content == intact.read_bytes()

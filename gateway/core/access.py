@@ -126,6 +126,7 @@ class StoredImage:
     media_type: str
     rendition: Rendition
     asset: Asset
+    sha256: str = ""  # the blob's: what an ETag names (a correction replaces an original under the same photo id)
 
 
 def newest_first() -> tuple[ColumnElement[Any], ColumnElement[Any]]:
@@ -302,7 +303,7 @@ def image(gw: Gateway, ctx: AccessContext, photo_id: str, rendition: Rendition, 
         raise fault
     access_audit.record_read(gw, ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
                              detail=detail)
-    return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset)
+    return StoredImage(path=path, media_type=media_type, rendition=rendition, asset=asset, sha256=sha)
 
 
 def _served_nothing(gw: Gateway, ctx: AccessContext, asset: Asset, detail: dict[str, Any], why: str,

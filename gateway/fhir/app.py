@@ -194,7 +194,9 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
         ctx = await run_in_threadpool(access.photo_request, gw, subject, "read", what(request), "Binary")
         stored = await run_in_threadpool(access.image, gw, ctx, photo_id, rendition, what(request))
         accept = request.headers.get("accept", "")
-        etag = f'"{photo_id}-{rendition}"'
+        # the content's hash too: a correction (pipeline._replace) gives the photo another original under the same id,
+        # and a download resumed with If-Range against the old ETag must not be the new object's tail
+        etag = f'"{photo_id}-{rendition}-{stored.sha256[:16]}"'
         headers = {"Cache-Control": "private, no-store", "ETag": etag, "X-Content-Type-Options": "nosniff"}
         if FHIR_JSON in accept or "application/json" in accept:
             import base64
