@@ -285,3 +285,38 @@ def test_a_download_resumed_across_a_correction_is_not_spliced_from_two_objects(
     rest = api.get(f"/fhir/Binary/{before.id}", headers={**mi, "Range": "bytes=100-", "If-Range": head.headers["etag"]})
     assert rest.headers["etag"] != head.headers["etag"]
     assert rest.status_code == 200 and rest.content == intact.read_bytes()
+
+
+def test_a_resend_after_the_patient_was_merged_corrects_the_photo_under_the_survivor(gw, fx, tmp_path):
+    """An A40 moved the failed photo to the surviving record; the modality still sends the merged record's number.
+    Whatever the answer, the photo never moves, and is never left half-corrected."""
+    from store.models import Patient
+
+    first = add_patient(gw)
+    survivor = add_patient(gw, nhs="9434765919", mrn="M200", visit="V200")
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    with gw.db.write() as s:
+        s.get_one(Patient, first["id"]).merged_into_id = survivor["id"]
+        s.get_one(Asset, before.id).patient_id = survivor["id"]
+    again = receive(gw, resend_of(damaged, tmp_path, fx)).photos[0]
+    after = load(gw, before.id)
+    assert (again.status, again.asset_id) == ("replaced", before.id)
+    assert (after.patient_id, after.filed_patient_id, after.rendition_state) == (survivor["id"], before.filed_patient_id, DUE)
+    [update] = [e for e in events(gw, type_code=audit.IMPORT, action="U") if e.outcome == audit.SUCCESS]
+    assert update.patient_id == survivor["id"]
+    clean_store(gw)
+
+
+def test_a_photo_taken_out_of_the_record_is_not_corrected(gw, fx, tmp_path):
+    """A failed photo marked entered-in-error (filed in error, e.g. under the wrong patient) is out of the record:
+    a resend under its UID must not be answered 'replaced' (stored, as far as the sender knows) nor change it."""
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    with gw.db.write() as s:
+        s.get_one(Asset, before.id).status = "entered-in-error"
+    with pytest.raises(IngestRejected) as refused:
+        receive(gw, resend_of(damaged, tmp_path, fx))
+    assert refused.value.code == errors.DUPLICATE_INSTANCE
+    after = load(gw, before.id)
+    assert (after.sha256, after.rendition_state) == (before.sha256, FAILED)
+    clean_store(gw)

@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 CREATED = "created"
 EXISTING = "existing"
 REPLACED = "replaced"  # the object of a stored asset whose pixels did not decode, replaced by its resend
+_TAKEN_OUT = "entered-in-error"  # access.ENTERED_IN_ERROR (not imported here: access imports the pipeline's helpers)
 # the consent writer names its arguments; a refusal names the capture request's field
 _CONSENT_FIELDS = {"level": "consent.level", "given_by": "consent.given_by", "captured_by": "consent.captured_by",
                    "consent_date": "consent.date", "purpose_note": "consent.purpose"}
@@ -357,6 +358,8 @@ def _correction(asset: Asset, entry: _Item, patient_id: int | None,
     another side or time would be served as DICOM saying one thing and as FHIR or REST saying another)."""
     obj = entry.received
     if asset.rendition_state != FAILED or obj is None or patient_id is None or asset.patient_id != patient_id:
+        return None
+    if asset.status == _TAKEN_OUT:  # out of the record: its UID is not a way back in ('replaced' would say stored)
         return None
     if (obj.study_uid, obj.series_uid, obj.sop_class_uid) != (asset.study_uid, asset.series_uid, asset.sop_class_uid):
         return None
@@ -824,7 +827,8 @@ def _replace(session: Session, correction: _Correction, row: Asset, now: datetim
     values: dict[str, Any] = {name: getattr(row, name) for name in _OBJECT_COLUMNS}
     done = cast(CursorResult[Any], session.execute(
         update(Asset).where(Asset.id == correction.asset_id, Asset.rendition_state == FAILED,
-                            Asset.sha256 == correction.sha256, Asset.patient_id == correction.patient_id)
+                            Asset.sha256 == correction.sha256, Asset.patient_id == correction.patient_id,
+                            Asset.status != _TAKEN_OUT)
         .values(**values, rendition_tries=0, rendition_after=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )).rowcount
