@@ -34,7 +34,10 @@ from gateway.core.policy.settings import DicomPeer
 from tests import dicom_objects as objects
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient, dicom_tools_check
+from tests.net import free_port
 from tests.test_dicom_association import RunningListener
+from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
+from tests.test_dicom_retrieve import check_received, retrieving  # noqa: F401 (the fixture)
 from tests.test_ingest_dicom import served
 
 CAMERA = Source.dicom_peer("CAMERA", "127.0.0.1")
@@ -231,3 +234,78 @@ def test_framing_for_a_tiny_pdu_peer_does_not_multiply_memory():
         tracemalloc.stop()
     assert len(framed.pieces) > 1000
     assert peak < 10 * len(data), f"{peak / len(data):.0f} bytes held per byte sent"
+
+
+def test_movescu_to_a_destination_taking_only_implicit_vr_gets_the_photos_decoded(gw, retrieving, tmp_path):  # noqa: F811
+    """C-MOVE goes on pynetdicom's own requestor association (not ours: sent through dataset_for, never as stored
+    bytes). A destination that accepts only Implicit VR Little Endian, the syntax every DICOM application takes
+    (storescp +xi), gets each JPEG photo decoded (refused 0xA702 before: written as Explicit VR under an Implicit VR
+    file meta); the same path is the router's, so routing to such a PACS failed alike."""
+    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
+    out = tmp_path / "moved"
+    out.mkdir()
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    receiver = subprocess.Popen([storescp, "+xi", "-aet", "DEST", "-od", str(out), str(dest_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        with RunningListener(gw) as port:
+            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
+                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.1", "127.0.0.1",
+                                  str(port)], capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    check_received(out, retrieving, ["a1", "a2"], as_stored=False)
+    assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in out.iterdir()} == {ImplicitVRLittleEndian}
+
+
+def test_a_c_cancel_mid_get_stops_it_and_leaves_the_association_clean(viewer, tmp_path):
+    """The peer cancels after the first of six objects: the retrieve ends Cancel (0xFE00) with fewer objects sent,
+    each one received whole; FramingDIMSE.encoded is not left set (a C-GET on the same association afterwards
+    receives every object byte for byte)."""
+    series = pydicom.uid.generate_uid()
+    study = pydicom.uid.generate_uid()
+    expected: dict[str, bytes] = {}
+    for n in range(6):
+        path = native_rgb(tmp_path, f"s{n}.dcm", ExplicitVRLittleEndian, rows=64, columns=48)
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, n + 1
+        ds.save_as(path, enforce_file_format=True)
+        asset_id, sent = store(viewer, path)
+        expected[sent.SOPInstanceUID] = data_set_of(served(viewer, asset_id))
+    got: list[tuple[str, bytes]] = []
+    cancel: list[int] = []
+
+    def on_store(event):
+        ds = read_dataset(BytesIO(event.request.DataSet.getvalue()), is_implicit_VR=False, is_little_endian=True)
+        got.append((ds.SOPInstanceUID, event.request.DataSet.getvalue()))
+        if cancel:
+            event.assoc.send_c_cancel(1, cancel[0])
+            cancel.clear()
+        return 0x0000
+
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    ae.add_requested_context(VLPhotographicImageStorage, [ExplicitVRLittleEndian])
+    with RunningListener(viewer) as port:
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", max_pdu=4096,
+                             ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        try:
+            cancel.append(assoc._get_valid_context(STUDY_ROOT_GET, "", "scu").context_id)
+            first = [s.Status for s, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET, msg_id=1) if s]
+            cancelled = list(got)
+            got.clear()
+            second = [s.Status for s, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET, msg_id=2) if s]
+        finally:
+            assoc.release()
+    assert first[-1] == 0xFE00 and 1 <= len(cancelled) < 6, (first, len(cancelled))
+    assert all(data == expected[uid] for uid, data in cancelled)
+    assert second[-1] == 0x0000 and sorted(got) == sorted(expected.items())
