@@ -247,9 +247,10 @@ def test_a_quarantined_photo_whose_pixels_did_not_decode_is_corrected_by_its_res
 @pytest.mark.xfail(strict=True, reason=(
     "Routing: a failed photo whose damaged object was already delivered to a routed destination (outbox item done) "
     "is corrected in place, but routing.enqueue is only called for new rows (pipeline._store `rows`, not "
-    "`replacing`): the destination keeps the damaged copy and the correction is never forwarded. Whether to route "
-    "a correction again (the destination must accept other content under a known SOP Instance UID) is a design "
-    "decision."))
+    "`replacing`), and an item already delivered or committed stays so (one outbox row per asset and destination, "
+    "uq_outbox_asset_destination): the destination keeps the damaged copy and the correction is never forwarded. "
+    "Whether to route a correction again (setting that row pending; the destination must accept other content under "
+    "a known SOP Instance UID) is a design decision."))
 def test_a_correction_reaches_a_destination_the_damaged_copy_was_routed_to(gw, fx, tmp_path):
     from gateway.core.routing import Route
 
