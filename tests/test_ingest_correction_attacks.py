@@ -321,3 +321,24 @@ def test_a_photo_taken_out_of_the_record_is_not_corrected(gw, fx, tmp_path):
     after = load(gw, before.id)
     assert (after.sha256, after.rendition_state) == (before.sha256, FAILED)
     clean_store(gw)
+
+
+def test_a_correction_in_a_request_with_new_photos_and_itself_twice(gw, fx, tmp_path):
+    """One STOW-RS-like request: the correction, the same correction again, and a new photo. Each is answered for
+    itself (replaced, existing, created), the new photo is a new asset, and the trail has one update and one
+    creation."""
+    from gateway.core.ingest.pipeline import ingest
+    from gateway.core.ingest.request import CaptureRequest, ReceivedObject
+    from tests.test_ingest_deferred_attacks import PEER, good_object
+
+    add_patient(gw)
+    damaged, before = failed_photo(gw, tmp_path, fx)
+    intact = resend_of(damaged, tmp_path, fx)
+    other = good_object(tmp_path, fx, "new.dcm")
+    result = ingest(gw, CaptureRequest(source=PEER, items=[ReceivedObject(p, filename=p.name) for p in (intact, intact, other)]))
+    assert [p.status for p in result.photos] == ["replaced", "existing", "created"]
+    assert result.photos[0].asset_id == result.photos[1].asset_id == before.id != result.photos[2].asset_id
+    stored = [e for e in events(gw, type_code=audit.IMPORT) if e.outcome == audit.SUCCESS]
+    assert [e.entities[0]["id"] for e in stored if e.action == "U"] == [before.id]
+    assert result.photos[2].asset_id in [e.entities[0]["id"] for e in stored if e.action == "C"]
+    clean_store(gw)
