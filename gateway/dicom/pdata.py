@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from io import BytesIO
+from itertools import islice
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -42,10 +43,16 @@ COMMAND, COMMAND_LAST, DATA, DATA_LAST = 0x01, 0x03, 0x00, 0x02
 
 
 class Framed(bytes):
-    """The encoded PDUs of one message (`pieces`, in order), carried through pynetdicom's queue and state machine as
-    the value of the P-DATA primitive's only presentation data value (P_DATA_TF keeps the object as it is)."""
+    """The encoded PDUs of one message, carried through pynetdicom's queue and state machine as the value of the
+    P-DATA primitive's only presentation data value (P_DATA_TF keeps the object as it is). `pieces` makes them, in
+    order, as they are sent: a peer taking tiny PDUs (8 bytes: 2 data bytes a fragment) would otherwise have every
+    fragment's header and view held at once, ~60 bytes per byte of the object (300 MB for a 5 MB photo)."""
 
-    pieces: list[bytes | memoryview]
+    _make: Callable[[], Iterator[bytes | memoryview]]
+
+    @property
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        return self._make()
 
 
 def frame(context_id: int, command: bytes, data: memoryview | bytes | Sequence[memoryview | bytes] | None,
@@ -56,51 +63,61 @@ def frame(context_id: int, command: bytes, data: memoryview | bytes | Sequence[m
         # a peer's maximum PDU length with no room for a byte of a fragment (the PDV item's length, context id and
         # control header take 6): nothing can be sent to it (the loop below would never advance)
         raise ValueError(f"the peer's maximum PDU length ({max_pdu}) leaves no room for a fragment")
-    framed = Framed()
-    pieces: list[bytes | memoryview] = []
     data_parts = [data] if isinstance(data, (bytes, memoryview)) else list(data or ())
-    for parts, more, last in (([command], COMMAND, COMMAND_LAST), (data_parts, DATA, DATA_LAST)):
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        total = sum(len(v) for v in views)
-        if not total:
-            continue
-        size = total if max_pdu == 0 else max_pdu - 6
-        at, index, offset = 0, 0, 0  # the next fragment starts in views[index] at offset
-        while at < total:
-            length = min(size, total - at)
-            pieces.append(_HEADER.pack(P_DATA_TF, 0, length + 6, length + 2, context_id, last if at + length >= total else more))
-            want = length
-            while want:
-                view = views[index]
-                take = min(want, len(view) - offset)
-                pieces.append(view[offset:offset + take])
-                want -= take
-                offset += take
-                if offset == len(view):
-                    index, offset = index + 1, 0
-            at += length
-    framed.pieces = pieces
+    messages = [([memoryview(p).cast("B") for p in parts if len(p)], more, last)
+                for parts, more, last in (([command], COMMAND, COMMAND_LAST), (data_parts, DATA, DATA_LAST))]
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        for views, more, last in messages:
+            total = sum(len(v) for v in views)
+            size = total if max_pdu == 0 else max_pdu - 6
+            at, index, offset = 0, 0, 0  # the next fragment starts in views[index] at offset
+            while at < total:
+                length = min(size, total - at)
+                yield _HEADER.pack(P_DATA_TF, 0, length + 6, length + 2, context_id, last if at + length >= total else more)
+                want = length
+                while want:
+                    view = views[index]
+                    take = min(want, len(view) - offset)
+                    yield view[offset:offset + take]
+                    want -= take
+                    offset += take
+                    if offset == len(view):
+                        index, offset = index + 1, 0
+                at += length
+
+    framed = Framed()
+    framed._make = pieces
     return framed
 
 
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux)
 
 
-def send_all(sock: Any, pieces: list[bytes | memoryview]) -> None:
-    """Write every piece, in order: sendmsg() as many as it takes (a socket with a timeout writes partly)."""
-    if isinstance(sock, ssl.SSLSocket):  # TLS has no scatter-gather write
-        sock.sendall(b"".join(pieces))
+def send_all(sock: Any, pieces: Iterable[bytes | memoryview]) -> None:
+    """Write every piece, in order, taking them as they come: sendmsg() of up to IOV_MAX at a time, as many times as
+    it takes (a socket with a timeout writes partly)."""
+    source = iter(pieces)
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no scatter-gather write: joined a batch at a time
+        while batch := list(islice(source, IOV_MAX)):
+            sock.sendall(b"".join(batch))
         return
-    at = 0
-    while at < len(pieces):
-        sent = sock.sendmsg(pieces[at:at + IOV_MAX])
+    pending: list[bytes | memoryview] = []
+    while True:
+        if len(pending) < IOV_MAX:
+            pending.extend(islice(source, IOV_MAX - len(pending)))
+        if not pending:
+            return
+        sent = sock.sendmsg(pending)
+        done = 0
         while sent:
-            size = len(pieces[at])
+            size = len(pending[done])
             if sent < size:
-                pieces[at] = memoryview(pieces[at])[sent:]
+                pending[done] = memoryview(pending[done])[sent:]
                 break
             sent -= size
-            at += 1
+            done += 1
+        del pending[:done]
 
 
 def framed_of(pdu: Any) -> Framed | None:
