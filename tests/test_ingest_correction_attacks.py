@@ -46,6 +46,13 @@ def _set_failed(gw: Gateway, asset_id: str) -> None:
         s.get_one(Asset, asset_id).rendition_state = FAILED
 
 
+def _damaged_photo_and_its_resend(gw: Gateway, fx, tmp_path: Path) -> tuple[str, Path]:
+    """A received photo damaged inside (answered, its pixels not yet decoded) and the sender's intact resend of it."""
+    add_patient(gw)
+    damaged = damaged_inside(tmp_path, fx)
+    return receive(gw, damaged).photos[0].asset_id, resend_of(damaged, tmp_path, fx)
+
+
 def _correct_meanwhile(gw: Gateway, asset_id: str, intact: Path, done: list[str]) -> None:
     """While a stale maker decodes the damaged object: another process's maker fails it first, and the sender's
     resend corrects it (the photo is due again, with its new object)."""
@@ -59,10 +66,7 @@ def test_a_stale_decode_of_the_superseded_object_does_not_fail_the_correction(gw
     resends at once and the correction makes the photo due with its new object; then the other maker's decode of
     the *superseded* object fails. Its verdict is about an object the asset no longer names: it must not mark the
     corrected photo failed (nor audit a new 'did not decode'), and the new object's renditions are made."""
-    add_patient(gw)
-    damaged = damaged_inside(tmp_path, fx)
-    asset_id = receive(gw, damaged).photos[0].asset_id
-    intact = resend_of(damaged, tmp_path, fx)
+    asset_id, intact = _damaged_photo_and_its_resend(gw, fx, tmp_path)
     decode = received.renditions
     done: list[str] = []
 
@@ -119,10 +123,7 @@ def test_a_stale_maker_whose_object_was_superseded_and_deleted_does_not_hold_up_
         gw, fx, tmp_path, monkeypatch, caplog):
     """The stale maker opens the superseded object after the correction deleted it: that is not the host's fault
     (no 'missing from the blob store, run store check' error) and the corrected photo is not paused for a minute."""
-    add_patient(gw)
-    damaged = damaged_inside(tmp_path, fx)
-    asset_id = receive(gw, damaged).photos[0].asset_id
-    intact = resend_of(damaged, tmp_path, fx)
+    asset_id, intact = _damaged_photo_and_its_resend(gw, fx, tmp_path)
     decode = received.renditions
     done: list[str] = []
 
