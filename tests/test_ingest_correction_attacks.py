@@ -245,29 +245,27 @@ def test_a_quarantined_photo_whose_pixels_did_not_decode_is_corrected_by_its_res
     clean_store(gw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Routing: a failed photo whose damaged object was already delivered to a routed destination (outbox item done) "
-    "is corrected in place, but routing.enqueue is only called for new rows (pipeline._store `rows`, not "
-    "`replacing`), and an item already delivered or committed stays so (one outbox row per asset and destination, "
-    "uq_outbox_asset_destination): the destination keeps the damaged copy and the correction is never forwarded. "
-    "Whether to route a correction again (setting that row pending; the destination must accept other content under "
-    "a known SOP Instance UID) is a design decision."))
 def test_a_correction_reaches_a_destination_the_damaged_copy_was_routed_to(gw, fx, tmp_path):
-    from gateway.core.routing import Route
+    """A PACS that was sent the damaged copy (delivered, committed, or given up on after its tries) is sent the
+    corrected object: its outbox item is pending again, due now, its tries counted afresh, and says why. An item an
+    operator cancelled stays cancelled."""
+    from gateway.core.routing import CORRECTED, Route
 
     add_patient(gw)
-    gw.settings.routing.routes = [Route(destination="PACS1")]
+    destinations = {"PACS1": "delivered", "PACS2": "committed", "PACS3": "dead", "PACS4": "cancelled"}
+    gw.settings.routing.routes = [Route(destination=d) for d in destinations]
     damaged = damaged_inside(tmp_path, fx)
     asset_id = receive(gw, damaged).photos[0].asset_id
     with gw.db.write() as s:
         for item in s.scalars(select(OutboxItem).where(OutboxItem.asset_id == asset_id)):
-            item.status = "delivered"
+            item.status, item.attempts = destinations[item.destination], 3
     assert deferred.make(gw, asset_id).state == FAILED
     assert receive(gw, resend_of(damaged, tmp_path, fx)).photos[0].status == "replaced"
     with gw.db.read() as s:
-        pending = s.scalars(select(OutboxItem).where(OutboxItem.asset_id == asset_id,
-                                                     OutboxItem.status == "pending")).all()
-    assert pending
+        items = {i.destination: (i.status, i.attempts, i.last_error, i.delivered_at, i.commitment_uid)
+                 for i in s.scalars(select(OutboxItem).where(OutboxItem.asset_id == asset_id))}
+    again = ("pending", 0, CORRECTED, None, None)
+    assert items == {"PACS1": again, "PACS2": again, "PACS3": again, "PACS4": ("cancelled", 3, None, None, None)}
 
 
 def test_a_download_resumed_across_a_correction_is_not_spliced_from_two_objects(gw, fx, tmp_path, api):  # noqa: F811

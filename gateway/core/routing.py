@@ -10,6 +10,9 @@ on) under a row lock that skips rows another process holds (PostgreSQL SKIP LOCK
 gateway processes never send the same row at once, and a process killed mid-send leaves its rows to be taken again
 when the lease ends.
 
+A photo corrected in place (a resend replacing an object whose pixels did not decode: ingest/pipeline.py) is sent
+again to each destination that had, or gave up on, its superseded object (requeue_corrected).
+
 A destination routed with `storage_commitment` is also asked to commit what it received (Storage Commitment, push
 model): the items sent on an association are "delivered" under one Transaction UID, and "committed" only when the
 destination's report names them. A report that names an item as failed, or no report within the timeout, sends it
@@ -69,6 +72,26 @@ def enqueue(session: Session, routing: RoutingSettings, rows: Sequence[Asset], n
                                    updated_at=now))
             added += 1
     return added
+
+
+# what a correction puts back in the outbox: a destination that has (or gave up on) the superseded object
+_SENT_OR_GIVEN_UP = ("delivered", "committed", "dead")
+CORRECTED = "the stored object was corrected (a resend replaced one whose pixels did not decode): to be sent again"
+
+
+def requeue_corrected(session: Session, asset_ids: Sequence[str], now: datetime) -> int:
+    """A corrected photo goes again to each destination that was sent (or gave up on) its superseded object, in the
+    caller's transaction: a PACS holding a copy whose pixels do not decode is what the correction is for. Its items
+    are pending again, due now, tries counted afresh; a cancelled one stays cancelled (an operator's decision), a
+    pending one sends the corrected object anyway (the sender reads the photo when it sends). Returns how many."""
+    if not asset_ids:
+        return 0
+    done = session.execute(update(OutboxItem).where(OutboxItem.asset_id.in_(list(asset_ids)),
+                                                    OutboxItem.status.in_(_SENT_OR_GIVEN_UP))
+                           .values(status="pending", attempts=0, next_attempt_at=now, delivered_at=None, commitment_uid=None,
+                                   committed_at=None, last_error=CORRECTED, updated_at=now)
+                           .execution_options(synchronize_session=False))
+    return cast(CursorResult[Any], done).rowcount
 
 
 @dataclass(frozen=True)

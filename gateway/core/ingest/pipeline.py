@@ -778,6 +778,7 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
         session.add_all(rows)
         session.flush()
         routing.enqueue(session, gw.settings.routing, rows, now)  # forwarded only if stored: one transaction
+        routing.requeue_corrected(session, [c.asset_id for c, _ in replacing], now)
         if gov.consent is not None and rows:
             # the consent captured with the photos, recorded by the one writer in this transaction and
             # linked to them (a repeat of photos already stored does not record it a second time)
