@@ -325,30 +325,36 @@ def test_a_c_cancel_mid_get_stops_it_and_leaves_the_association_clean(viewer, tm
     assert second[-1] == 0x0000 and sorted(got) == sorted(expected.items())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "An element after Pixel Data with an odd value length (against PS3.5 7.1.1) is accepted at ingest (received.read "
-    "checks the header and the pixel description; nothing reads past Pixel Data) and stored as sent; every door then "
-    "serves it as sent: C-GET as stored (encoded_as_stored), and equally the pydicom path used before bd891f5 (the "
-    "raw element is copied, not padded) and WADO-RS. Not a regression of the C-GET change: refusing (or padding) such "
-    "objects at ingest is the fix, a decision on what 'kept as sent' allows."))
-def test_an_odd_length_value_after_pixel_data_is_not_sent_odd(viewer, tmp_path):
+def test_an_odd_length_value_after_pixel_data_is_refused_at_ingest(viewer, tmp_path):
     """A sender's object ending in an odd-length value (Data Set Trailing Padding of 3 bytes: against PS3.5 7.1.1,
-    which every value length must meet, but read by pydicom and dcmtk alike). Stored as sent, it must not go out as
-    sent: a C-GET data set with an odd value length is malformed for the peer (pydicom, which wrote the data set
-    before, padded it)."""
+    which every value length must meet, though pydicom and dcmtk read it). Stored as sent, every door would serve it
+    as sent (C-GET as stored, WADO-RS), malformed for the peer: it is refused at ingest, naming the element. The same
+    object with even-length trailing padding is stored and goes out byte for byte."""
     import struct
 
+    from gateway.core.ingest.errors import INVALID_OBJECT
+
     path = native_rgb(tmp_path, "odd.dcm", ExplicitVRLittleEndian)
-    path.write_bytes(path.read_bytes() + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 3) + b"\x01\x02\x03")
-    try:
-        _, sent = store(viewer, path)
-    except IngestRejected:  # refused at the door (the fix): nothing odd is stored, so nothing odd is sent
-        return
+    whole = path.read_bytes()
+    path.write_bytes(whole + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 3) + b"\x01\x02\x03")
+    with pytest.raises(IngestRejected) as refused:
+        store(viewer, path)
+    assert refused.value.code == INVALID_OBJECT and "(FFFC,FFFC)" in refused.value.message and "odd" in refused.value.message
+    path.write_bytes(whole + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 4) + b"\x01\x02\x03\x04")
+    _, sent = store(viewer, path)
     with RunningListener(viewer) as port:
         statuses, got = c_get(port, sent.SOPInstanceUID, [ExplicitVRLittleEndian])
     assert statuses[-1] == 0x0000 and len(got) == 1
-    data = got[0][1]
-    assert len(data) % 2 == 0, "the data set went out with an odd-length value"
+    assert got[0][1].endswith(b"\x01\x02\x03\x04") and len(got[0][1]) % 2 == 0
+
+
+def test_what_follows_pixel_data_must_be_whole_elements(viewer, tmp_path):
+    """Bytes after Pixel Data that are not data elements (a file with garbage appended) are refused at ingest."""
+    path = native_rgb(tmp_path, "tail.dcm", ExplicitVRLittleEndian)
+    path.write_bytes(path.read_bytes() + b"\xfc\xff\xfc\xffOB\x00\x00\x10\x00\x00\x00ab")  # 16 bytes promised, 2 there
+    with pytest.raises(IngestRejected) as refused:
+        store(viewer, path)
+    assert "after Pixel Data" in refused.value.message or "follows Pixel Data" in refused.value.message
 
 
 def _random_primitive(data, message_class):

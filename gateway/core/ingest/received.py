@@ -44,6 +44,7 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import pixel_array
@@ -202,6 +203,8 @@ def read(path: Path, settings: IngestSettings, *, check_limits: bool = True) -> 
     except part10.Part10Error as exc:
         raise _invalid(str(exc), "PixelData") from None
     _check_pixel_data(element, ts, rows, columns, samples)
+    if check_limits:  # an object already stored is read as it lies (the renderer, `store check`)
+        _check_after_pixels(path, element.element_end, size, head.implicit_vr)
     facts = described(ds)
     return Received(
         path=path, size=size, sop_class_uid=sop_class, sop_instance_uid=sop_uid, study_uid=_uid(ds, "StudyInstanceUID"),
@@ -264,6 +267,31 @@ def _pixel_description(ds: Dataset, ts: str) -> tuple[int, int, int, str, int]:
             raise _invalid(f"PlanarConfiguration {planar} is not allowed in a {SOP_CLASSES[sop_class]} (it must be 0, "
                            "colour by pixel; or send it as a Secondary Capture Image)", "PlanarConfiguration")
     return rows, columns, samples, photometric, planar
+
+
+def _check_after_pixels(path: Path, start: int, size: int, implicit: bool) -> None:
+    """Elements after Pixel Data (a digital signature, Data Set Trailing Padding) are kept and served byte for byte,
+    so each must be whole and of even length (PS3.5 7.1.1): an odd one would go out malformed to every peer."""
+    if start >= size:
+        return
+    with open(path, "rb") as f:
+        f.seek(start)
+        try:
+            for raw in data_element_generator(f, is_implicit_VR=implicit, is_little_endian=True, defer_size=1024):
+                length = getattr(raw, "length", 0)
+                if length != part10.UNDEFINED and length % 2:
+                    raise _invalid(f"the element {raw.tag} after Pixel Data has an odd value length ({length}): every "
+                                   "value length is even (PS3.5 7.1.1)", "PixelData")
+                value = getattr(raw, "value", None)
+                if length != part10.UNDEFINED and isinstance(value, bytes) and len(value) != length:
+                    raise _invalid(f"the element {raw.tag} after Pixel Data is cut short", "PixelData")
+        except IngestRejected:
+            raise
+        except Exception as exc:  # pydicom raises many kinds on garbage
+            raise _invalid(f"what follows Pixel Data is not a sequence of data elements ({type(exc).__name__})",
+                           "PixelData") from None
+        if f.tell() != size:
+            raise _invalid("what follows Pixel Data ends inside a data element", "PixelData")
 
 
 def _check_pixel_data(element: part10.PixelElement, ts: str, rows: int, columns: int, samples: int) -> None:
