@@ -56,10 +56,6 @@ class EncodedDataSet(Dataset):
 
     pieces: tuple[memoryview, ...]
 
-    @property
-    def size(self) -> int:
-        return sum(len(p) for p in self.pieces)
-
 
 # a deflated data set is one stream: the header's and the file's cannot be sent one after the other
 _NOT_SPLICEABLE = {"1.2.840.10008.1.2.1.99"}
