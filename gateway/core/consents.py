@@ -87,7 +87,9 @@ def check_consent(*, level: str, given_by: str, captured_by: str | None, consent
         # GMC: an adult lacking capacity is photographed for care only; other use needs their own consent later
         raise ConsentError("a best-interests decision covers the record only: level must be 'record'", "given_by")
     if level == "publication" and not (purpose_note or "").strip():
-        raise ConsentError("publication consent must name the specific use (purpose_note)", "purpose_note")
+        # the words every door shows: each names the value in its own terms (purposeNote, consent.purpose, ...)
+        raise ConsentError("publication consent must name the specific use it is given for (the journal, book or "
+                           "course)", "purpose_note")
     if not (captured_by or "").strip():
         raise ConsentError("captured_by is required", "captured_by")
     if len(captured_by or "") > 200:
