@@ -341,3 +341,30 @@ def test_a_correction_in_a_request_with_new_photos_and_itself_twice(gw, fx, tmp_
     assert [e.entities[0]["id"] for e in stored if e.action == "U"] == [before.id]
     assert result.photos[2].asset_id in [e.entities[0]["id"] for e in stored if e.action == "C"]
     clean_store(gw)
+
+
+def test_a_correction_committed_while_its_superseded_object_is_being_sent_is_sent_again(gw, fx, tmp_path):
+    """The router has claimed the photo's item and is sending the damaged object when the correction commits: its
+    'delivered' must not close the item (the destination got the superseded object), which stays pending, due at
+    once, for the corrected object to go next."""
+    from gateway.core import routing
+    from gateway.core.routing import CORRECTED, Route
+
+    add_patient(gw)
+    gw.settings.routing.routes = [Route(destination="PACS1")]
+    damaged = damaged_inside(tmp_path, fx)
+    asset_id = receive(gw, damaged).photos[0].asset_id
+    assert deferred.make(gw, asset_id).state == FAILED
+    [claimed] = routing.claim(gw, gw.settings.routing)
+    superseded = load(gw, asset_id).dicom_sha256
+    assert receive(gw, resend_of(damaged, tmp_path, fx)).photos[0].status == "replaced"  # while the send is under way
+    routing.delivered(gw, gw.settings.routing, {claimed.id: superseded})
+    with gw.db.read() as s:
+        item = s.get_one(OutboxItem, claimed.id)
+        assert (item.status, item.last_error, item.delivered_at) == ("pending", CORRECTED, None)
+    [again] = routing.claim(gw, gw.settings.routing)  # due at once, not after the first sender's lease
+    corrected = load(gw, asset_id).dicom_sha256
+    assert again.id == claimed.id and corrected != superseded
+    routing.delivered(gw, gw.settings.routing, {again.id: corrected})
+    with gw.db.read() as s:
+        assert s.get_one(OutboxItem, claimed.id).status == "delivered"

@@ -21,7 +21,7 @@ again (a counted try), since a PACS that will not commit to keeping a photo has 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -74,16 +74,18 @@ def enqueue(session: Session, routing: RoutingSettings, rows: Sequence[Asset], n
     return added
 
 
-# what a correction puts back in the outbox: a destination that has (or gave up on) the superseded object
-_SENT_OR_GIVEN_UP = ("delivered", "committed", "dead")
+# what a correction puts back in the outbox: a destination that has (or gave up on) the superseded object, or may be
+# being sent it now (pending: delivered() will not mark it done, and it is due again at once)
+_SENT_OR_GIVEN_UP = ("delivered", "committed", "dead", "pending")
 CORRECTED = "the stored object was corrected (a resend replaced one whose pixels did not decode): to be sent again"
 
 
 def requeue_corrected(session: Session, asset_ids: Sequence[str], now: datetime) -> int:
     """A corrected photo goes again to each destination that was sent (or gave up on) its superseded object, in the
     caller's transaction: a PACS holding a copy whose pixels do not decode is what the correction is for. Its items
-    are pending again, due now, tries counted afresh; a cancelled one stays cancelled (an operator's decision), a
-    pending one sends the corrected object anyway (the sender reads the photo when it sends). Returns how many."""
+    are pending again, due now, tries counted afresh; a cancelled one stays cancelled (an operator's decision). A
+    pending one may be in a sender's hands with the superseded object: due now, it is sent again once that sender's
+    delivered() has found the photo changed. Returns how many."""
     if not asset_ids:
         return 0
     done = session.execute(update(OutboxItem).where(OutboxItem.asset_id.in_(list(asset_ids)),
@@ -119,18 +121,24 @@ def claim(gw: Gateway, routing: RoutingSettings, limit: int = 20) -> list[Claime
         return [Claimed(i.id, i.asset_id, i.destination, i.attempts) for i in items]
 
 
-def delivered(gw: Gateway, routing: RoutingSettings, item_ids: Sequence[int], commitment_uid: str | None = None) -> None:
-    """C-STORE succeeded for these items. Without a commitment asked they are done; with one they wait (until
-    `commitment_timeout_seconds`) for the destination's report under `commitment_uid`. Committed before the
-    N-ACTION is sent, so a report, however quick, finds its items."""
-    if not item_ids:
+def delivered(gw: Gateway, routing: RoutingSettings, sent: Mapping[int, str], commitment_uid: str | None = None) -> None:
+    """C-STORE succeeded for these items (`sent`: item id -> the SHA-256 of the stored object that was sent). Without
+    a commitment asked they are done; with one they wait (until `commitment_timeout_seconds`) for the destination's
+    report under `commitment_uid`. Committed before the N-ACTION is sent, so a report, however quick, finds its items.
+    An item whose photo was corrected while it was being sent (the photo names another object now) is not done: it
+    stays pending, due again (requeue_corrected), and the corrected object goes next."""
+    if not sent:
         return
     now = datetime.now(timezone.utc)
     deadline = now + timedelta(seconds=routing.commitment_timeout_seconds)
     with gw.db.write() as session:
-        session.execute(update(OutboxItem).where(OutboxItem.id.in_(item_ids), OutboxItem.status == "pending").values(
-            status="delivered", delivered_at=now, attempts=OutboxItem.attempts + 1, last_error=None, updated_at=now,
-            commitment_uid=commitment_uid, next_attempt_at=deadline if commitment_uid else now))
+        for item_id, object_sha256 in sent.items():
+            still_that_object = select(Asset.id).where(Asset.id == OutboxItem.asset_id,
+                                                       Asset.dicom_sha256 == object_sha256).exists()
+            session.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.status == "pending",
+                                                     still_that_object).values(
+                status="delivered", delivered_at=now, attempts=OutboxItem.attempts + 1, last_error=None, updated_at=now,
+                commitment_uid=commitment_uid, next_attempt_at=deadline if commitment_uid else now))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -27,6 +28,16 @@ from store import audit
 log = logging.getLogger("clinphoto.dicom")
 
 WARNINGS = (0xB000, 0xB006, 0xB007)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a destination took: the instance, and which stored object of the photo it was (a correction may replace
+    it meanwhile: routing.delivered)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    object_sha256: str
 
 
 class Router:
@@ -93,23 +104,24 @@ class Router:
             sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sent = [(item, uids) for item in items if (uids := self._send_one(assoc, subject, destination, item))]
+            sent = [(item, took) for item in items if (took := self._send_one(assoc, subject, destination, item))]
             self._deliver(assoc, destination, sent)
         finally:
             assoc.release()
 
-    def _deliver(self, assoc: Association, destination: str, sent: list[tuple[routing.Claimed, tuple[str, str]]]) -> None:
+    def _deliver(self, assoc: Association, destination: str, sent: list[tuple[routing.Claimed, Sent]]) -> None:
         """Record what the destination accepted; for a committing destination, ask it (one N-ACTION) to commit."""
         settings = self.gw.settings.routing
         ids = [item.id for item, _ in sent]
+        objects = {item.id: took.object_sha256 for item, took in sent}
         if not settings.commits(destination) or not sent:
-            routing.delivered(self.gw, settings, ids)
+            routing.delivered(self.gw, settings, objects)
             return
         transaction = new_uid(self.gw.settings.uid_root)
-        routing.delivered(self.gw, settings, ids, commitment_uid=transaction)  # before asking: a quick report finds them
+        routing.delivered(self.gw, settings, objects, commitment_uid=transaction)  # before asking: a quick report finds them
         try:
-            status, _ = assoc.send_n_action(commitment_request(transaction, [uids for _, uids in sent]), 1, STORAGE_COMMITMENT,
-                                            STORAGE_COMMITMENT_INSTANCE)
+            status, _ = assoc.send_n_action(commitment_request(transaction, [(t.sop_class_uid, t.sop_instance_uid) for _, t in sent]),
+                                            1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
             code = int(getattr(status, "Status", -1)) if status else -1
         except Exception as exc:  # the destination did not accept Storage Commitment on this association
             code, why = -1, f"{type(exc).__name__}: {exc}"
@@ -120,9 +132,8 @@ class Router:
             log.warning("Storage Commitment request to %s refused (%s)", destination, why)
             routing.commitment_unasked(self.gw, ids, f"{destination} refused the Storage Commitment request ({why})")
 
-    def _send_one(self, assoc: Association, subject: Subject, destination: str, item: routing.Claimed) -> tuple[str, str] | None:
-        """C-STORE one item; its (SOP Class UID, SOP Instance UID) when the destination took it, else None (the
-        failure recorded)."""
+    def _send_one(self, assoc: Association, subject: Subject, destination: str, item: routing.Claimed) -> Sent | None:
+        """C-STORE one item; what was sent when the destination took it, else None (the failure recorded)."""
         settings = self.gw.settings.routing
         try:
             ctx = access.photo_request(self.gw, subject, "read", f"routing to {destination}")
@@ -145,7 +156,7 @@ class Router:
             return None
         code = int(getattr(status, "Status", -1)) if status else -1
         if code == 0x0000 or code in WARNINGS:
-            return obj.served.sop_class_uid, obj.served.sop_instance_uid
+            return Sent(obj.served.sop_class_uid, obj.served.sop_instance_uid, obj.asset.dicom_sha256 or "")
         routing.failed(self.gw, settings, item.id, f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}"
                        if code >= 0 else f"no answer from {destination}")
         return None
