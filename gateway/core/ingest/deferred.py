@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, case, or_, select, update
 
 from gateway.core.context import Gateway
 from gateway.core.ingest import received
@@ -196,11 +196,12 @@ def _claim(gw: Gateway, asset_id: str, named: str | None) -> int | None:
 def _release(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> bool:
     """An attempt that was not the photo's fault: uncounted, and the renderer leaves the photo for `pause`; False
     when the photo no longer names the object the attempt read (a correction replaced it: nothing to undo)."""
-    with gw.db.write() as session:
-        session.execute(update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, Asset.rendition_tries > 0,
-                                            _names(named))
-                        .values(rendition_tries=Asset.rendition_tries - 1))
-    return _pause(gw, asset_id, named, pause)
+    with gw.db.write() as session:  # one statement: the attempt uncounted and the pause set together
+        done = cast(CursorResult[Any], session.execute(
+            update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, _names(named))
+            .values(rendition_tries=case((Asset.rendition_tries > 0, Asset.rendition_tries - 1), else_=Asset.rendition_tries),
+                    rendition_after=datetime.now(timezone.utc) + pause))).rowcount
+    return bool(done)
 
 
 def _pause(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> bool:
