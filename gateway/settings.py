@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)
     mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
     dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM DIMSE listener port.")
+    dicom_pending_interval: float = Field(
+        1.0, ge=0, le=25,
+        description="Seconds between pending C-GET/C-MOVE responses during a retrieve (0: one after every "
+        "sub-operation). The final response always carries the counts.",
+    )
     ae_title: str = Field("CLINPHOTO", min_length=1, max_length=16, description="Our DICOM AE title.")
     uid_root: str = Field("2.25", description="Root for DICOM UIDs we make; 2.25 means UUID-derived UIDs.")
     log_format: Literal["text", "json"] = "text"

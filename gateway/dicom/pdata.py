@@ -35,6 +35,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.command import command_set
+from gateway.dicom.pending import PendingThrottle
 
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context id, control header
 P_DATA_TF = 0x04
@@ -133,11 +134,15 @@ class FramingDIMSE(DIMSEServiceProvider):
     pynetdicom streams, goes its way).
 
     `encoded`, set by the association around its own send_c_store() of an already encoded data set, stands in for the
-    data set of that C-STORE request (pynetdicom encoded only the UIDs naming the instance; reactor.py)."""
+    data set of that C-STORE request (pynetdicom encoded only the UIDs naming the instance; reactor.py). `pending`
+    holds back pending retrieve responses sent sooner than its interval after the last (pending.py)."""
 
     encoded: EncodedDataSet | None = None
+    pending: PendingThrottle = PendingThrottle(0)  # the association sets its own; this class default sends every one
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        if not self.pending.should_send(primitive):
+            return
         if getattr(primitive, "_dataset_path", None):
             super().send_msg(primitive, context_id)
             return

@@ -35,6 +35,7 @@ from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
+from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -181,6 +182,8 @@ class EventAssociation(Association):
         # the timeout setters set the DUL's ARTIM and idle timers: again, for this DUL
         adopted.acse_timeout, adopted.network_timeout = assoc.acse_timeout, assoc.network_timeout
         adopted.dimse.__class__ = FramingDIMSE  # each message framed and written in one piece
+        # the listener's AE carries the setting (gateway/dicom/listener.py)
+        cast(FramingDIMSE, adopted.dimse).pending = PendingThrottle(getattr(assoc.ae, "pending_interval", DEFAULT_INTERVAL))
         adopted.dimse.msg_queue = _WakingQueue(adopted.wake)
         dul.to_user_queue = _WakingQueue(adopted.wake)
         return adopted
@@ -233,6 +236,7 @@ class EventAssociation(Association):
                 return
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
+                cast(FramingDIMSE, self.dimse).pending.started(msg)
                 self._serve_request(msg, cast(int, context_id))
             if self._finished():
                 return
