@@ -34,7 +34,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.core.objects.transcode import EncodedDataSet
-from gateway.dicom.command import command_set
+from gateway.dicom.command import command_set, response_of
 from gateway.dicom.pending import PendingThrottle
 
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context id, control header
@@ -50,6 +50,7 @@ class Framed(bytes):
     fragment's header and view held at once, ~60 bytes per byte of the object (300 MB for a 5 MB photo)."""
 
     _make: Callable[[], Iterator[bytes | memoryview]]
+    after_send: Callable[[], None] | None = None  # called by the DUL once the message is written (or failed to be)
 
     @property
     def pieces(self) -> Iterator[bytes | memoryview]:
@@ -131,7 +132,8 @@ def framed_of(pdu: Any) -> Framed | None:
 
 class FramingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, sending each message framed in one piece (a data set read from a file, which
-    pynetdicom streams, goes its way).
+    pynetdicom streams, goes its way), and reading a response that comes whole in one fragment with no data set
+    straight into its primitive (command.py).
 
     `encoded`, set by the association around its own send_c_store() of an already encoded data set, stands in for the
     data set of that C-STORE request (pynetdicom encoded only the UIDs naming the instance; reactor.py). `pending`
@@ -169,6 +171,23 @@ class FramingDIMSE(DIMSEServiceProvider):
                 raise ValueError("the encoded data set is not of the instance being sent")
             data = encoded.pieces
         framed = frame(context_id, command, data if data else None, self.maximum_pdu_size)
+        if encoded is not None and data is encoded.pieces:
+            framed.after_send = encoded.after_send
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, framed))
         self.dul.send_pdu(pdata)
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        items = primitive.presentation_data_value_list
+        # a whole response command in one fragment, nothing of another message pending, and nobody listening for
+        # the message pynetdicom would build: read here
+        if self.message is None and len(items) == 1 and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            context_id, fragment = items[0]
+            if fragment and fragment[0] & COMMAND_LAST == COMMAND_LAST:
+                response = response_of(bytes(fragment[1:]))
+                if response is not None:
+                    response._context_id = context_id
+                    response._dataset_path = response._dataset_file = None
+                    self.msg_queue.put((context_id, response))
+                    return
+        super().receive_primitive(primitive)

@@ -25,11 +25,15 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any, cast
 
+from pydicom import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler
 
@@ -115,6 +119,17 @@ class EventDUL(DULServiceProvider):
         except OSError:  # drained (BlockingIOError)
             pass
 
+    def _process_recv_primitive(self) -> bool:
+        """pynetdicom's loop sends whatever is queued before it reads anything (a send and a read are each one turn,
+        the send first). A C-FIND streaming 3,000 matches, queued faster than they went, read the requestor's
+        C-CANCEL only once all were sent. Here, with the association established, a PDU waiting to be read is read
+        before the next send (False: the loop reads this turn instead)."""
+        if not self.to_provider_queue.empty() and self.state_machine.current_state == "Sta6":
+            sock = self.socket
+            if sock is not None and sock.ready:
+                return False
+        return cast(bool, super()._process_recv_primitive())
+
     def _send(self, pdu: Any) -> None:
         framed = framed_of(pdu)
         if framed is None:
@@ -130,6 +145,9 @@ class EventDUL(DULServiceProvider):
         except OSError:
             sock.event_queue.put("Evt17")  # as pynetdicom's send(): the transport connection closed
             return
+        finally:
+            if framed.after_send is not None:
+                framed.after_send()
         evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
 
     def run_reactor(self) -> None:
@@ -191,17 +209,42 @@ class EventAssociation(Association):
     def wake(self) -> None:
         self._work.set()
 
-    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        """pynetdicom's send_c_store(), also taking an EncodedDataSet (the C-GET SCP's objects as stored): pynetdicom
-        encodes it as the stub naming the instance that it is, and the DIMSE provider sends its bytes in its place."""
+    def send_c_store(self, dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+                     originator_id: int | None = None) -> Any:
+        """pynetdicom's send_c_store(), also taking an EncodedDataSet (the C-GET SCP's objects as stored), sent in the
+        presentation context of its stored transfer syntax: the request is built from the UIDs it carries, and the
+        DIMSE provider sends its bytes as the data set. pynetdicom's own would look each UID up in a pydicom Dataset
+        and write one of two elements to be thrown away: ~0.3 ms a photo traced, between a photo's response and the
+        next photo, while the peer waits."""
         if not isinstance(dataset, EncodedDataSet):
-            return super().send_c_store(dataset, *args, **kwargs)
+            return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
+        if not self.is_established:
+            raise RuntimeError("The association with a peer SCP must be established before sending a C-STORE request")
+        # only the stored syntax (no conversion: the bytes are sent as they lie); none accepted raises, as
+        # pynetdicom does, and its C-GET/C-MOVE SCP counts that sub-operation failed
+        context = self._get_valid_context(dataset.sop_class_uid, dataset.transfer_syntax, "scu", allow_conversion=False)
+        request = C_STORE()
+        request.MessageID, request.Priority = msg_id, priority
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = originator_aet, originator_id
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = dataset.sop_class_uid, dataset.sop_instance_uid
+        request.DataSet = BytesIO()  # says a data set follows; FramingDIMSE sends the encoded one in its place
         dimse = cast(FramingDIMSE, self.dimse)
+        # as pynetdicom's send_*(): the reactor paused (it is, when its own handler sends this) so it does not take
+        # the response
+        self._reactor_checkpoint.clear()
+        while not self._is_paused:
+            time.sleep(0.0001)
         dimse.encoded = dataset
         try:
-            return super().send_c_store(dataset, *args, **kwargs)  # pynetdicom encodes the two UIDs it holds
+            dimse.send_msg(request, cast(int, context.context_id))
         finally:
             dimse.encoded = None
+        _context_id, response = dimse.get_msg(block=True)
+        self._reactor_checkpoint.set()
+        if response is None:  # the DIMSE timeout, or the association ended
+            self._handle_no_response()
+            return Dataset()
+        return self._check_received_status(response)
 
     def close_gracefully(self) -> None:
         """The gateway is stopping: end this association once the request it may be serving is answered (an

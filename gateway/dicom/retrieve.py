@@ -9,6 +9,7 @@ counted as failed."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,7 +20,7 @@ from pynetdicom import evt
 from gateway.core import access
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_allows
-from gateway.core.objects.transcode import as_stored, encoded_as_stored
+from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Refused
 from gateway.dicom.find import BadIdentifier, query_of
 from gateway.dicom.reactor import EventAssociation
@@ -38,6 +39,7 @@ NOT_AUTHORIZED = 0x0124
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
+WRITE_WAIT = 60.0  # seconds the next object's read waits for this one to be written, at most
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -56,33 +58,50 @@ def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, wha
                                          type_code=audit.INSTANCES_TRANSFERRED)
 
 
+def _prepare(assoc: Any, obj: access.DicomObject) -> Dataset:
+    """The object as the association sending it can take it (as stored, or decoded when it accepted only
+    uncompressed pixels); one it cannot take goes as stored, for pynetdicom to count as a failed sub-operation
+    naming its SOP Instance UID."""
+    if isinstance(assoc, EventAssociation) and obj.served.transfer_syntax in accepted_syntaxes(assoc, obj.served.sop_class_uid):
+        encoded = encoded_as_stored(obj.served)  # sent as it lies (our own associations only: reactor.py)
+        if encoded is not None:
+            return encoded
+    ds = dataset_for(assoc, obj.served)
+    return ds if ds is not None else as_stored(obj.served)
+
+
+def _prepare_after(written: threading.Event, assoc: Any, obj: access.DicomObject) -> Dataset:
+    written.wait(WRITE_WAIT)
+    return _prepare(assoc, obj)
+
+
 def _send(objects: list[access.DicomObject], cancelled: Any,
           association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
-    """Each object as the association sending it can take it (as stored, or decoded when it accepted only
-    uncompressed pixels); one it cannot take goes as stored, for pynetdicom to count as a failed sub-operation
-    naming its SOP Instance UID. The next object is read (~4 ms for a 2.8 MB photo here) while the peer takes in this one
-    (~18 ms a photo to a pynetdicom peer, Orthanc's pace too), not between the two."""
-    def prepare(obj: access.DicomObject) -> Dataset:
-        if isinstance(assoc, EventAssociation) and obj.served.transfer_syntax in accepted_syntaxes(assoc, obj.served.sop_class_uid):
-            encoded = encoded_as_stored(obj.served)  # sent as it lies (our own associations only: reactor.py)
-            if encoded is not None:
-                return encoded
-        ds = dataset_for(assoc, obj.served)
-        return ds if ds is not None else as_stored(obj.served)
-
+    """Each object as _prepare() makes it, read on a thread of its own. The next object is read (~0.5 ms for the
+    bench's 2.8 MB photo, much of it holding the GIL) while the peer takes in this one (~8 ms a photo), not between
+    the two: once this one is written to the socket (on our own associations), or once it is handed over. Read as
+    soon as this one was handed over, it held up the writing of this one: 0.6-0.8 ms a photo traced."""
     if not objects:
         return
     assoc = association()  # C-MOVE: the association to the destination, open by the time the first object is asked for
     with ThreadPoolExecutor(1, thread_name_prefix="dicom-retrieve") as reader:
-        ahead = reader.submit(prepare, objects[0])
+        ahead = reader.submit(_prepare, assoc, objects[0])
         for following in [*objects[1:], None]:
             if cancelled():
                 yield CANCELLED, None
                 return
             ds = ahead.result()
+            written = threading.Event()
             if following is not None:
-                ahead = reader.submit(prepare, following)
-            yield PENDING, ds
+                ahead = reader.submit(_prepare_after, written, assoc, following)
+            if isinstance(ds, EncodedDataSet):
+                ds.after_send = written.set  # the DUL writes it (reactor.py)
+            else:
+                written.set()  # pynetdicom writes it its own way, piece by piece: read the next one now
+            try:
+                yield PENDING, ds
+            finally:
+                written.set()  # written, failed, or the retrieve ended: the reader never waits on it
 
 
 def _refuse(status: int, comment: str) -> Iterator[Any]:

@@ -9,6 +9,7 @@ Little Endian, colour as RGB. LossyImageCompression stays as stored (once lossy,
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
@@ -52,9 +53,14 @@ class EncodedDataSet(Dataset):
     """The served object's data set as the bytes to send in its stored transfer syntax (`pieces`: the served header
     after its file meta, then the stored file's bytes from Pixel Data on, read as they lie; nothing parsed or written
     again). As a data set it holds only what names it (SOP Class and Instance UIDs, the transfer syntax in its file
-    meta): what a sender needs to choose the presentation context and to report a failed sub-operation."""
+    meta): what a sender needs to choose the presentation context and to report a failed sub-operation. The same
+    three are kept as plain strings for a sender that need not look them up as elements."""
 
     pieces: tuple[memoryview, ...]
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    after_send: Callable[[], None] | None = None  # what its sender is to do once the bytes are written, if anything
 
 
 # a deflated data set is one stream: the header's and the file's cannot be sent one after the other
@@ -80,6 +86,8 @@ def encoded_as_stored(served: Served) -> EncodedDataSet | None:
     encoded.file_meta = FileMetaDataset()
     encoded.file_meta.TransferSyntaxUID = UID(served.transfer_syntax)
     encoded.pieces = (header[meta_end:], memoryview(tail))
+    encoded.sop_class_uid, encoded.sop_instance_uid = served.sop_class_uid, served.sop_instance_uid
+    encoded.transfer_syntax = served.transfer_syntax
     return encoded
 
 
