@@ -20,6 +20,7 @@ from pynetdicom import evt
 from gateway.core import access
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, dicom_peers, peer_allows
+from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Refused
 from gateway.dicom.find import BadIdentifier, query_of
@@ -61,7 +62,19 @@ def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, wha
 def _prepare(assoc: Any, obj: access.DicomObject) -> Dataset:
     """The object as the association sending it can take it (as stored, or decoded when it accepted only
     uncompressed pixels); one it cannot take goes as stored, for pynetdicom to count as a failed sub-operation
-    naming its SOP Instance UID."""
+    naming its SOP Instance UID. One whose stored file can no longer be read (gone, or cut short, since the query
+    read its header) goes as the UIDs naming it alone: that sub-operation fails the same way, where the exception
+    ended the whole retrieve (0xC411) and the objects after it were never sent."""
+    try:
+        return _readable(assoc, obj)
+    except (OSError, part10.Part10Error) as exc:
+        log.warning("object %s not sent: its stored file cannot be read (%s)", obj.served.sop_instance_uid, exc)
+        unsendable = Dataset()  # no file meta: pynetdicom's send_c_store() refuses it, the sub-operation fails
+        unsendable.SOPClassUID, unsendable.SOPInstanceUID = obj.served.sop_class_uid, obj.served.sop_instance_uid
+        return unsendable
+
+
+def _readable(assoc: Any, obj: access.DicomObject) -> Dataset:
     if isinstance(assoc, EventAssociation) and obj.served.transfer_syntax in accepted_syntaxes(assoc, obj.served.sop_class_uid):
         encoded = encoded_as_stored(obj.served)  # sent as it lies (our own associations only: reactor.py)
         if encoded is not None:
