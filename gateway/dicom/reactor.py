@@ -257,6 +257,10 @@ class EventAssociation(Association):
     def kill(self) -> None:
         self._kill = True
         self.wake()
+        # a send_*() waiting for its response (a C-GET's C-STORE, the reactor's own thread) gets none: it returns
+        # now, as when the peer aborts (pynetdicom queues the same), where a local abort (the gateway stopping mid-
+        # retrieve) left it waiting out its DIMSE timeout (30 s), the association's thread and the retrieve's with it
+        self.dimse.msg_queue.put((None, None))
         super().kill()
 
     def _run_reactor(self) -> None:
