@@ -6,7 +6,8 @@ What must hold: a peer's C-STORE responses are counted as it meant them (refused
 an Offending Element, a response in several PDUs); a peer ending its association mid-photo leaves no thread behind;
 a C-MOVE requestor still sees progress, request after request with the same Message ID; a stored file lost during
 a retrieve fails that sub-operation only (the objects after it still go); a gateway stopping mid-retrieve leaves no
-thread waiting on a response that cannot come.
+thread waiting on a response that cannot come; a peer sending requests without reading the responses cannot make
+the gateway queue them without bound (the DUL reading before it sends).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import pytest
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE
-from pynetdicom.sop_class import VLPhotographicImageStorage
+from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
 from sqlalchemy import select
 
 from gateway.core.policy.settings import DicomPeer
@@ -251,3 +255,48 @@ def test_a_gateway_stopping_mid_c_get_leaves_no_thread_waiting(viewer, tmp_path)
     finally:
         running.__exit__(None, None, None)
     assert wait_idle(running, accepted, 40) < 5, busy(running, accepted)
+
+
+def _echo_requests(context_id: int, n: int) -> bytes:
+    """n C-ECHO requests as pynetdicom encodes them, P-DATA-TF PDUs one after the other."""
+    out = []
+    for i in range(n):
+        request = C_ECHO()
+        request.MessageID, request.AffectedSOPClassUID = i % 65535 + 1, Verification
+        message = C_ECHO_RQ()
+        message.primitive_to_message(request)
+        for pdata in message.encode_msg(context_id, 0):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(pdata)
+            out.append(pdu.encode())
+    return b"".join(out)
+
+
+def test_a_peer_that_sends_without_reading_cannot_make_the_gateway_queue_without_bound(viewer):  # noqa: F811
+    """A peer pipelines C-ECHO requests for 6 s and reads nothing back. The DUL read whatever was waiting before
+    each send, so with requests always waiting it never sent: every response stayed queued in memory (16,000 after
+    8 s here, growing while the peer went on). One read before each send at most: the DUL sends, blocks on the
+    peer that does not read, and TCP holds the peer back."""
+    running = RunningListener(viewer)
+    with running as port:
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert assoc.is_established
+        [ours] = running.listener._server.active_associations
+        requests = _echo_requests(assoc._get_valid_context(Verification, "", "scu").context_id, 500)
+        assoc.dul._kill_thread = True  # the peer's DUL loop ends (nothing reads its socket), the connection stays
+        assoc.dul.join(5)
+        sock = assoc.dul.socket.socket
+        sock.settimeout(0.2)
+        peak, started = 0, time.monotonic()
+        try:
+            while time.monotonic() - started < 6:
+                try:
+                    sock.sendall(requests)
+                except TimeoutError:
+                    pass
+                peak = max(peak, ours.dul.to_provider_queue.qsize())
+        finally:
+            sock.close()
+    assert peak < 2000, f"{peak} responses queued"
