@@ -236,17 +236,19 @@ class EventAssociation(Association):
         request.DataSet = BytesIO()  # says a data set follows; FramingDIMSE sends the encoded one in its place
         dimse = cast(FramingDIMSE, self.dimse)
         # as pynetdicom's send_*(): the reactor paused (it is, when its own handler sends this) so it does not take
-        # the response
+        # the response; let go again whatever happens (a send that raises would have left it waiting for good)
         self._reactor_checkpoint.clear()
-        while not self._is_paused:
-            time.sleep(0.0001)
-        dimse.encoded = dataset
         try:
-            dimse.send_msg(request, cast(int, context.context_id))
+            while not self._is_paused:
+                time.sleep(0.0001)
+            dimse.encoded = dataset
+            try:
+                dimse.send_msg(request, cast(int, context.context_id))
+            finally:
+                dimse.encoded = None
+            _context_id, response = dimse.get_msg(block=True)
         finally:
-            dimse.encoded = None
-        _context_id, response = dimse.get_msg(block=True)
-        self._reactor_checkpoint.set()
+            self._reactor_checkpoint.set()
         if response is None:  # the DIMSE timeout, or the association ended
             self._handle_no_response()
             return Dataset()
