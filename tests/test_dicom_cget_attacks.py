@@ -33,25 +33,7 @@ from gateway.core.policy.settings import DicomPeer
 from store.models import Asset
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
-from tests.test_dicom_send_attacks import data_set_of, native_rgb, store, viewer  # noqa: F401 (the fixture)
-from tests.test_ingest_dicom import served
-
-
-def a_series(gw, tmp_path, n: int) -> tuple[pydicom.Dataset, dict[str, bytes]]:
-    """n native photos in one series: the identifier naming it, and each object's data set as served."""
-    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    expected: dict[str, bytes] = {}
-    for i in range(n):
-        path = native_rgb(tmp_path, f"s{i}.dcm", ExplicitVRLittleEndian, rows=64, columns=48)
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, i + 1
-        ds.save_as(path, enforce_file_format=True)
-        asset_id, sent = store(gw, path)
-        expected[sent.SOPInstanceUID] = data_set_of(served(gw, asset_id))
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
-    return identifier, expected
+from tests.test_dicom_send_attacks import a_series, viewer  # noqa: F401 (the fixture)
 
 
 def get_requestor(on_store) -> tuple[AE, dict]:

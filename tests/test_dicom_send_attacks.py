@@ -276,20 +276,29 @@ def test_movescu_to_a_destination_taking_only_implicit_vr_gets_the_photos_decode
     assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in out.iterdir()} == {ImplicitVRLittleEndian}
 
 
+def a_series(gw, tmp_path, n: int) -> tuple[pydicom.Dataset, dict[str, bytes]]:
+    """n native photos in one series: the identifier naming it, and each object's data set as served."""
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    expected: dict[str, bytes] = {}
+    for i in range(n):
+        path = native_rgb(tmp_path, f"s{i}.dcm", ExplicitVRLittleEndian, rows=64, columns=48)
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, i + 1
+        ds.save_as(path, enforce_file_format=True)
+        asset_id, sent = store(gw, path)
+        expected[sent.SOPInstanceUID] = data_set_of(served(gw, asset_id))
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
+    return identifier, expected
+
+
+
 def test_a_c_cancel_mid_get_stops_it_and_leaves_the_association_clean(viewer, tmp_path):
     """The peer cancels after the first of six objects: the retrieve ends Cancel (0xFE00) with fewer objects sent,
     each one received whole; FramingDIMSE.encoded is not left set (a C-GET on the same association afterwards
     receives every object byte for byte)."""
-    series = pydicom.uid.generate_uid()
-    study = pydicom.uid.generate_uid()
-    expected: dict[str, bytes] = {}
-    for n in range(6):
-        path = native_rgb(tmp_path, f"s{n}.dcm", ExplicitVRLittleEndian, rows=64, columns=48)
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, n + 1
-        ds.save_as(path, enforce_file_format=True)
-        asset_id, sent = store(viewer, path)
-        expected[sent.SOPInstanceUID] = data_set_of(served(viewer, asset_id))
+    identifier, expected = a_series(viewer, tmp_path, 6)
     got: list[tuple[str, bytes]] = []
     cancel: list[int] = []
 
@@ -301,9 +310,6 @@ def test_a_c_cancel_mid_get_stops_it_and_leaves_the_association_clean(viewer, tm
             cancel.clear()
         return 0x0000
 
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(STUDY_ROOT_GET)
     ae.add_requested_context(VLPhotographicImageStorage, [ExplicitVRLittleEndian])
