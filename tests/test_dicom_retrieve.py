@@ -212,3 +212,38 @@ def test_a_c_get_peer_receives_the_served_object_byte_for_byte(gw, retrieving):
     assert received[0] == expected
     ds = read_dataset(BytesIO(received[0]), is_implicit_VR=False, is_little_endian=True)
     assert "Bhriain" in str(ds.PatientName) and ds.PixelData == retrieving["a1"].PixelData
+
+
+def test_a_photo_whose_stored_object_is_gone_is_a_failed_sub_operation(gw, retrieving):
+    """A visible photo whose stored object cannot be read (gone from the blob store) is counted failed and named in
+    the final response (0xB000, Failed SOP Instance UID List); the others are sent. It used to be left out, the
+    peer told Success with fewer objects than the study holds."""
+    with gw.db.read() as s:
+        lost = s.scalars(select(Asset.dicom_sha256).where(Asset.sop_instance_uid == retrieving["a2"].SOPInstanceUID)).one()
+    gw.blobs.path(lost).unlink()
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    from pynetdicom import evt
+
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "1.2.826.0.1.1"
+    with RunningListener(gw) as port:
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(STUDY_ROOT_GET)
+        ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        try:
+            responses = list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
+        finally:
+            assoc.release()
+    final, failed = responses[-1]
+    assert final.Status == 0xB000 and final.NumberOfCompletedSuboperations == 1 and final.NumberOfFailedSuboperations == 1
+    assert failed.FailedSOPInstanceUIDList == retrieving["a2"].SOPInstanceUID
+    assert received == [retrieving["a1"].SOPInstanceUID]

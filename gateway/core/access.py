@@ -414,17 +414,24 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
 
 
 def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, *, query: str, channel: str,
-                           type_code: str = audit.INSTANCES_TRANSFERRED) -> list[DicomObject]:
+                           type_code: str = audit.INSTANCES_TRANSFERRED,
+                           unreadable: list[Asset] | None = None) -> list[DicomObject]:
     """The DICOM objects of the instances a query names (any level), for a retrieve by UIDs (WADO-RS): the query and
     the retrieve in one audit commit, before any object is sent. Each commit is an fsync (SQLite, full sync): find()
     then dicom_objects() took 42-52 ms for one 12-MP instance on a loaded 2-core machine, this 27-38 ms (A/B, same run).
-    The query's rows are the retrieve's (study_query.instances), read with today's patient modules in one session."""
+    The query's rows are the retrieve's (study_query.instances), read with today's patient modules in one session.
+
+    A visible photo whose stored object cannot be read is left out (logged); `unreadable`, if given, is told of
+    each, for a caller that reports what it could not send (C-GET and C-MOVE count it failed)."""
     with gw.db.read() as session:
         rows, results = study_query.instances(session, ctx, gw.settings.policy, replace(q, level="IMAGE"))
         with_object = [a for a, _ in rows if a.dicom_sha256]
         infos = _live_patient_infos(session, {a.patient_id: p for a, p in rows if a.dicom_sha256})
         session.expunge_all()
     served, entries = _coerced(gw, ctx, with_object, infos, type_code)
+    if unreadable is not None:
+        sent = {o.asset.id for o in served}
+        unreadable += [a for a in with_object if a.id not in sent]
     access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + entries)
     return served
 

@@ -27,6 +27,7 @@ from gateway.dicom.find import BadIdentifier, query_of
 from gateway.dicom.reactor import EventAssociation
 from gateway.dicom.transfer import accepted_syntaxes, dataset_for
 from store import audit
+from store.models import Asset
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -50,13 +51,26 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, what: str) -> list[access.DicomObject]:
+def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str,
+             what: str) -> tuple[list[access.DicomObject], list[Dataset]]:
     """The objects of the visible instances the identifier names, at any level: the query (the policy inside it) and
-    the transfer audited in one commit before any is sent (two commits, each an fsync on SQLite, before)."""
+    the transfer audited in one commit before any is sent (two commits, each an fsync on SQLite, before). Then, as
+    the UIDs naming them, those whose stored object cannot be read: each a sub-operation that fails, where they were
+    left out and the peer told Success with fewer objects than it asked for."""
     query = query_of(identifier, FIND_MODEL[model])
     ctx = access.photo_request(gw, subject, "read", what)
-    return access.dicom_objects_matching(gw, ctx, query, query=f"{what} {query}", channel="dimse",
-                                         type_code=audit.INSTANCES_TRANSFERRED)
+    unreadable: list[Asset] = []
+    objects = access.dicom_objects_matching(gw, ctx, query, query=f"{what} {query}", channel="dimse",
+                                            type_code=audit.INSTANCES_TRANSFERRED, unreadable=unreadable)
+    return objects, [_unsendable(a.sop_class_uid, a.sop_instance_uid) for a in unreadable]
+
+
+def _unsendable(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """An object that cannot be sent, as the UIDs naming it: with no file meta, pynetdicom's send_c_store() refuses
+    it, and its C-GET/C-MOVE SCP counts the sub-operation failed and names the instance in the final response."""
+    unsendable = Dataset()
+    unsendable.SOPClassUID, unsendable.SOPInstanceUID = sop_class_uid, sop_instance_uid
+    return unsendable
 
 
 def _prepare(assoc: Any, obj: access.DicomObject) -> Dataset:
@@ -69,9 +83,7 @@ def _prepare(assoc: Any, obj: access.DicomObject) -> Dataset:
         return _readable(assoc, obj)
     except (OSError, part10.Part10Error) as exc:
         log.warning("object %s not sent: its stored file cannot be read (%s)", obj.served.sop_instance_uid, exc)
-        unsendable = Dataset()  # no file meta: pynetdicom's send_c_store() refuses it, the sub-operation fails
-        unsendable.SOPClassUID, unsendable.SOPInstanceUID = obj.served.sop_class_uid, obj.served.sop_instance_uid
-        return unsendable
+        return _unsendable(obj.served.sop_class_uid, obj.served.sop_instance_uid)
 
 
 def _readable(assoc: Any, obj: access.DicomObject) -> Dataset:
@@ -88,9 +100,21 @@ def _prepare_after(written: threading.Event, assoc: Any, obj: access.DicomObject
     return _prepare(assoc, obj)
 
 
-def _send(objects: list[access.DicomObject], cancelled: Any,
+def _send(objects: list[access.DicomObject], unreadable: list[Dataset], cancelled: Any,
           association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
-    """Each object as _prepare() makes it, read on a thread of its own. The next object is read (~0.5 ms for the
+    """Each object as _prepare() makes it, read on a thread of its own, then the unreadable ones (each a failed
+    sub-operation)."""
+    yield from _send_objects(objects, cancelled, association)
+    for unsendable in unreadable:
+        if cancelled():
+            yield CANCELLED, None
+            return
+        yield PENDING, unsendable
+
+
+def _send_objects(objects: list[access.DicomObject], cancelled: Any,
+                  association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
+    """The objects, read on a thread of its own. The next object is read (~0.5 ms for the
     bench's 2.8 MB photo, much of it holding the GIL) while the peer takes in this one (~8 ms a photo), not between
     the two: once this one is written to the socket (on our own associations), or once it is handed over. Read as
     soon as this one was handed over, it held up the writing of this one: 0.6-0.8 ms a photo traced."""
@@ -125,15 +149,15 @@ def _refuse(status: int, comment: str) -> Iterator[Any]:
 
 def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association: Callable[[], Any]) -> Iterator[Any]:
     try:
-        objects = _objects(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
+        objects, unreadable = _objects(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what)
     except BadIdentifier as exc:
         yield from _refuse(IDENTIFIER_DOES_NOT_MATCH, str(exc))
         return
     except Refused as exc:
         yield from _refuse(NOT_AUTHORIZED, str(exc))
         return
-    yield len(objects)
-    yield from _send(objects, lambda: event.is_cancelled, association)
+    yield len(objects) + len(unreadable)
+    yield from _send(objects, unreadable, lambda: event.is_cancelled, association)
 
 
 def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
