@@ -8,15 +8,13 @@ import time
 
 import pydicom
 import pytest
-from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
-from pynetdicom.sop_class import VLPhotographicImageStorage
 
 from gateway.core.policy.settings import DicomPeer
 from gateway.dicom.pending import PENDING, PendingThrottle
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
+from tests.test_dicom_retrieve import c_get_study
 
 STUDY = "1.2.826.0.1.1"  # the archive's study of two photos
 
@@ -33,19 +31,7 @@ def _get_statuses(port: int, store_delay: float = 0.0) -> list[pydicom.Dataset]:
         time.sleep(store_delay)
         return 0x0000
 
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(STUDY_ROOT_GET)
-    ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = STUDY
-    try:
-        return [status for status, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET)]
-    finally:
-        assoc.release()
+    return [status for status, _ in c_get_study(port, STUDY, on_store)]
 
 
 def test_a_quick_c_get_is_answered_by_its_final_response_with_the_counts(gw, retrieving):

@@ -227,23 +227,29 @@ def test_a_photo_whose_stored_object_is_gone_is_a_failed_sub_operation(gw, retri
         received.append(event.dataset.SOPInstanceUID)
         return 0x0000
 
-    from pynetdicom import evt
-
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = "1.2.826.0.1.1"
     with RunningListener(gw) as port:
-        ae = AE(ae_title="VIEWER")
-        ae.add_requested_context(STUDY_ROOT_GET)
-        ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
-        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert assoc.is_established
-        try:
-            responses = list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
-        finally:
-            assoc.release()
+        responses = c_get_study(port, "1.2.826.0.1.1", on_store)
     final, failed = responses[-1]
     assert final.Status == 0xB000 and final.NumberOfCompletedSuboperations == 1 and final.NumberOfFailedSuboperations == 1
     assert failed.FailedSOPInstanceUIDList == retrieving["a2"].SOPInstanceUID
     assert received == [retrieving["a1"].SOPInstanceUID]
+
+
+def c_get_study(port: int, study: str, on_store) -> list[tuple[pydicom.Dataset, pydicom.Dataset | None]]:
+    """A C-GET of a study by VIEWER (pynetdicom, taking JPEG Baseline), each object handed to on_store: every
+    response (status, identifier)."""
+    from pynetdicom import evt
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    try:
+        return list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
+    finally:
+        assoc.release()
