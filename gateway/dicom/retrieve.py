@@ -24,6 +24,7 @@ from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Refused
 from gateway.dicom.find import BadIdentifier, query_of
+from gateway.dicom.pending import PENDING
 from gateway.dicom.reactor import EventAssociation
 from gateway.dicom.transfer import accepted_syntaxes, dataset_for
 from store import audit
@@ -36,7 +37,7 @@ PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.100
 # a retrieve model reads its identifier as the find model of the same root does
 FIND_MODEL = {PATIENT_ROOT_GET: "1.2.840.10008.5.1.4.1.2.1.1", PATIENT_ROOT_MOVE: "1.2.840.10008.5.1.4.1.2.1.1",
               STUDY_ROOT_GET: "1.2.840.10008.5.1.4.1.2.2.1", STUDY_ROOT_MOVE: "1.2.840.10008.5.1.4.1.2.2.1"}
-PENDING, CANCELLED = 0xFF00, 0xFE00
+CANCELLED = 0xFE00
 NOT_AUTHORIZED = 0x0124
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -114,10 +115,10 @@ def _send(objects: list[access.DicomObject], unreadable: list[Dataset], cancelle
 
 def _send_objects(objects: list[access.DicomObject], cancelled: Any,
                   association: Callable[[], Any]) -> Iterator[tuple[int | Dataset, Any]]:
-    """The objects, read on a thread of its own. The next object is read (~0.5 ms for the
-    bench's 2.8 MB photo, much of it holding the GIL) while the peer takes in this one (~8 ms a photo), not between
-    the two: once this one is written to the socket (on our own associations), or once it is handed over. Read as
-    soon as this one was handed over, it held up the writing of this one: 0.6-0.8 ms a photo traced."""
+    """The objects, read on a thread of its own. The next object is read (~0.5 ms for the bench's 2.8 MB photo, much
+    of it holding the GIL) while the peer takes in this one (~8 ms a photo), not between the two: once this one is
+    written to the socket (on our own associations), or once it is handed over. Read as soon as this one was handed
+    over, it held up the writing of this one: 0.6-0.8 ms a photo traced."""
     if not objects:
         return
     assoc = association()  # C-MOVE: the association to the destination, open by the time the first object is asked for
