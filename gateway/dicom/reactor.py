@@ -164,7 +164,7 @@ class EventDUL(DULServiceProvider):
                 # The connection ended before an A-ASSOCIATE-RQ came (a load balancer's or a monitor's TCP probe):
                 # the acceptor waiting for that request is told at once, as on its ACSE timeout (None), where
                 # pynetdicom left it waiting 30 s, a thread a probe, and a stopping gateway waited 15 s for it.
-                self.to_user_queue.put(None)
+                cast(Any, self.to_user_queue).put(None)  # pynetdicom's annotation leaves out the None it reads as a timeout
             self.assoc_wake()
             self._waker.close()
             self._wakee.close()
