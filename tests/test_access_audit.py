@@ -53,6 +53,29 @@ def test_search_read_export_and_refusal_entries(gw):
     assert denied.detail["reasons"][1].startswith("specialty: DENIED")
 
 
+def test_a_retrieve_is_one_instances_transferred_record_per_patient(gw):
+    """DICOM's Instances Transferred (PS3.15 A.5.3.2): one record per patient naming every photo sent; a single photo's
+    record names it alone, with its transfer syntax, as a read does; under break-glass the alert and override once."""
+    peer = Subject(sub="PACS1", role="system", scopes=("system/*.rs",), network_address="10.0.0.9", peer=PeerPermissions("PACS1"))
+    ctx = resolve(peer, gw.settings.policy)
+    jpeg, explicit = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"
+    access_audit.write(gw, access_audit.transfer_entries(ctx, sent={7: ["a1", "a2"], 3: ["b1"]}, type_code=audit.INSTANCES_TRANSFERRED,
+                                                         syntaxes={"a1": jpeg, "a2": explicit, "b1": jpeg}))
+    found = rows(gw)
+    assert [(e.patient_id, [x["id"] for x in e.entities if x["type"] == "asset"]) for e in found] == [(3, ["b1"]), (7, ["a1", "a2"])]
+    assert all(e.type_code == audit.INSTANCES_TRANSFERRED and e.action == "R" and e.subtype == "retrieve" for e in found)
+    assert all({"type": "patient", "id": e.patient_id} in e.entities and e.agent_network == "PACS1@10.0.0.9" for e in found)
+    assert found[0].detail == {"rendition": "dicom", "transfer_syntax": jpeg}
+    assert found[1].detail == {"rendition": "dicom", "transfer_syntaxes": sorted([jpeg, explicit]), "count": 2}
+
+    clin = Subject(sub="dr.ed", role="clinician", specialties=("180",), scopes=("user/Media.rs",), network_address="10.0.0.1")
+    urgent = resolve(clin, gw.settings.policy, purpose="ETREAT", break_glass="anaphylaxis, no history available")
+    entries = access_audit.transfer_entries(urgent, sent={5: ["c1", "c2"]}, type_code=audit.INSTANCES_TRANSFERRED,
+                                            syntaxes={"c1": jpeg, "c2": jpeg})
+    assert [e.type_code for e in entries] == [audit.INSTANCES_TRANSFERRED, audit.SECURITY_ALERT, audit.EMERGENCY_OVERRIDE]
+    assert all(e.patient_id == 5 for e in entries) and {"type": "request", "id": "retrieve c1, c2"} in entries[1].entities
+
+
 def test_break_glass_adds_alert_and_override_records(gw):
     clin = Subject(sub="dr.ed", role="clinician", specialties=("180",), scopes=("user/Media.rs",), network_address="10.0.0.1", name="Dr Ed")
     ctx = resolve(clin, gw.settings.policy, purpose="ETREAT", break_glass="anaphylaxis, no history available")

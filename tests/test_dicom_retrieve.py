@@ -64,12 +64,22 @@ def test_getscu_receives_a_study_as_stored(gw, retrieving, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     check_received(out, retrieving, ["a1", "a2"])
-    # DICOM's audit events: the query behind the retrieve, and each instance transferred, with the peer and its address
+    # DICOM's audit events: the query behind the retrieve, and the instances transferred (one record for the
+    # patient's study, naming both photos, as PS3.15's message does), with the peer and its address
     with gw.db.read() as s:
-        events = s.execute(select(AuditEvent.type_code, AuditEvent.agent_who, AuditEvent.agent_network)
+        events = s.execute(select(AuditEvent.type_code, AuditEvent.agent_network, AuditEvent.entities, AuditEvent.detail)
                            .where(AuditEvent.agent_who == "VIEWER")).all()
-    assert [e.type_code for e in events].count("110104") == 2 and "110112" in {e.type_code for e in events}
+    assert sorted(e.type_code for e in events) == ["110104", "110112"]
+    [transferred] = [e for e in events if e.type_code == "110104"]
+    sent = {e["id"] for e in transferred.entities if e["type"] == "asset"}
+    assert sent == {gw_asset_id(gw, retrieving["a1"]), gw_asset_id(gw, retrieving["a2"])}
+    assert transferred.detail["count"] == 2 and transferred.detail["transfer_syntax"] == retrieving["a1"].file_meta.TransferSyntaxUID
     assert all("127.0.0.1" in (e.agent_network or "") for e in events)
+
+
+def gw_asset_id(gw, ds) -> str:
+    with gw.db.read() as s:
+        return s.scalars(select(Asset.id).where(Asset.sop_instance_uid == ds.SOPInstanceUID)).one()
 
 
 def test_getscu_accepting_only_uncompressed_gets_the_study_decoded(gw, retrieving, tmp_path):

@@ -414,15 +414,18 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
 
 
 def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, *, query: str, channel: str,
-                           type_code: str = audit.INSTANCES_TRANSFERRED,
-                           unreadable: list[Asset] | None = None) -> list[DicomObject]:
+                           type_code: str = audit.INSTANCES_TRANSFERRED, unreadable: list[Asset] | None = None,
+                           prefetch: Callable[[list[DicomObject]], None] | None = None) -> list[DicomObject]:
     """The DICOM objects of the instances a query names (any level), for a retrieve by UIDs (WADO-RS): the query and
     the retrieve in one audit commit, before any object is sent. Each commit is an fsync (SQLite, full sync): find()
     then dicom_objects() took 42-52 ms for one 12-MP instance on a loaded 2-core machine, this 27-38 ms (A/B, same run).
     The query's rows are the retrieve's (study_query.instances), read with today's patient modules in one session.
 
     A visible photo whose stored object cannot be read is left out (logged); `unreadable`, if given, is told of
-    each, for a caller that reports what it could not send (C-GET and C-MOVE count it failed)."""
+    each, for a caller that reports what it could not send (C-GET and C-MOVE count it failed).
+
+    `prefetch`, if given, is handed the objects before the audit commits, for a caller to start reading them
+    meanwhile (the commit is an fsync): it must send nothing before this function returns."""
     with gw.db.read() as session:
         rows, results = study_query.instances(session, ctx, gw.settings.policy, replace(q, level="IMAGE"))
         with_object = [a for a, _ in rows if a.dicom_sha256]
@@ -432,6 +435,8 @@ def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.Study
     if unreadable is not None:
         sent = {o.asset.id for o in served}
         unreadable += [a for a in with_object if a.id not in sent]
+    if prefetch is not None:
+        prefetch(served)
     access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + entries)
     return served
 
@@ -456,10 +461,9 @@ def _live_patient_infos(session: Session, patients: dict[int, Patient]) -> dict[
 
 def _coerced(gw: Gateway, ctx: AccessContext, assets: list[Asset], infos: dict[int, PatientInfo],
              type_code: str) -> tuple[list[DicomObject], list[audit.AuditEntry]]:
-    """Each photo's object as served (a photo whose stored object cannot be read is left out, logged) and its
-    retrieve's audit records."""
+    """Each photo's object as served (a photo whose stored object cannot be read is left out, logged) and the
+    retrieve's audit records (access_audit.transfer_entries)."""
     served: list[DicomObject] = []
-    entries: list[audit.AuditEntry] = []
     for asset in assets:
         path = gw.blobs.path(asset.dicom_sha256 or "")
         try:
@@ -470,8 +474,11 @@ def _coerced(gw: Gateway, ctx: AccessContext, assets: list[Asset], infos: dict[i
             log.error("the DICOM object of photo %s cannot be served: %s", asset.id, exc)
             continue
         served.append(DicomObject(served=obj, asset=asset))
-        entries += access_audit.read_entries(ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=True, what="retrieve",
-                                             type_code=type_code, detail={"rendition": "dicom", "transfer_syntax": obj.transfer_syntax})
+    sent: dict[int, list[str]] = {}
+    for o in served:
+        sent.setdefault(o.asset.patient_id, []).append(o.asset.id)
+    entries = access_audit.transfer_entries(ctx, sent=sent, type_code=type_code,
+                                            syntaxes={o.asset.id: o.served.transfer_syntax for o in served})
     return served, entries
 
 

@@ -29,7 +29,7 @@ from gateway.core.ingest.request import NHS_SYSTEM, PatientRef
 from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.patient_refs import MAX_SYSTEM, MAX_VALUE
 from store.models import Patient, PatientIdentifier
-from store.patients import identifiers_of, identifiers_of_many, survivor
+from store.patients import identifier_rows, identifiers_of, survivor
 
 NHS_ISSUER = "NHS"
 # A quarantined object's placeholder identifier, when its issuer is not the NHS: a records officer reconciles
@@ -82,9 +82,11 @@ def patient_info(session: Session, patient: Patient) -> PatientInfo:
 
 
 def patient_infos(session: Session, patients: Iterable[Patient]) -> dict[int, PatientInfo]:
-    """patient_info of several patients, their identifiers read together (a query answer's patients)."""
+    """patient_info of several patients, their identifiers read together (a query answer's patients, a retrieve's):
+    as plain rows in one statement, as C-FIND reads them (two ORM statements cost ~0.5 ms more before the first
+    photo of a C-GET went out, traced)."""
     patients = list(patients)
-    idents = identifiers_of_many(session, [p.id for p in patients])
+    idents = identifier_rows(session, [p.id for p in patients])
     return {p.id: patient_module(p, idents[p.id]) for p in patients}
 
 
