@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset
+from pynetdicom.dsutils import encode_file_meta
 
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, peer_allows
@@ -75,18 +77,23 @@ class StoreAnswer:
         return ds
 
 
-def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: bytes) -> StoreAnswer:
-    """One C-STORE: the peer's permission, the object through the ingest, the answer after the commit."""
+def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Sequence[bytes | memoryview]) -> StoreAnswer:
+    """One C-STORE: the peer's permission, the object through the ingest, the answer after the commit. `encoded`: the
+    Part 10 object, its pieces one after the other (the file meta, then the data set as the association carried it)."""
     if subject is None or subject.peer is None or not peer_allows(subject, "store"):
         return StoreAnswer(NOT_AUTHORIZED, "this AE may not store here")
     source = Source.dicom_peer(subject.peer.ae_title, address, name=subject.name,
                                purpose_of_use=subject.purpose_of_use or "TREAT")
     fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
     try:
+        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
-            f.write(encoded)
+            for piece in encoded:
+                f.write(piece)
+        for piece in encoded:
+            digest.update(piece)
         # hashed from memory rather than read back; the spooled file becomes the blob (linked, not copied)
-        item = ReceivedObject(path, sha256=hashlib.sha256(encoded).hexdigest(), spooled=True)
+        item = ReceivedObject(path, sha256=digest.hexdigest(), spooled=True)
         result = ingest(gw, CaptureRequest(source=source, items=[item]))
     except IngestRejected as exc:  # audited by the core
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
@@ -111,6 +118,10 @@ def contexts() -> list[tuple[str, list[str]]]:
 
 
 def on_store(gw: Gateway, event: Any) -> Dataset:
-    """pynetdicom's EVT_C_STORE handler."""
+    """pynetdicom's EVT_C_STORE handler. The data set is written from the association's own buffer, behind the file
+    meta pynetdicom would put before it (its encoded_dataset(): the object joined, copied twice, ~1 ms of a 12-MP
+    photo's C-STORE, traced)."""
     subject = getattr(event.assoc, "clinphoto_subject", None)
-    return store(gw, subject, event.assoc.requestor.address, event.encoded_dataset(include_meta=True)).dataset()
+    head = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    with event.request.DataSet.getbuffer() as data_set:
+        return store(gw, subject, event.assoc.requestor.address, (head, data_set)).dataset()

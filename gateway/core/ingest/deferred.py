@@ -41,8 +41,8 @@ from sqlalchemy import ColumnElement, CursorResult, case, or_, select, update
 from gateway.core.context import Gateway
 from gateway.core.ingest import received
 from gateway.core.ingest.blob_writer import BlobWriter
+from gateway.core.ingest.digests import sha1_base64
 from gateway.core.ingest.errors import IngestRejected
-from gateway.core.ingest.pipeline import sha1_base64
 from gateway.core.ingest.renditions import DUE, FAILED
 from store import audit
 from store.models import Asset

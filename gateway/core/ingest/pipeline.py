@@ -30,7 +30,6 @@ Refusals raise IngestRejected (nothing stored) after writing a failure audit rec
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -59,6 +58,7 @@ from gateway.core.ingest.dicom_patients import (
     patient_info,
     placeholder_identifier,
 )
+from gateway.core.ingest.digests import Early, sha1_base64
 from gateway.core.ingest.errors import (
     BAD_METADATA,
     DUPLICATE_INSTANCE,
@@ -154,6 +154,7 @@ class _Item:
     item: ImageFile | ReceivedObject
     sha256: str
     received: received.Received | None = None
+    early: Early | None = None  # a spooled object's SHA-1 and write-back, under way (digests.py)
 
     @property
     def filename(self) -> str | None:
@@ -482,13 +483,14 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     """Every item with its hash; DICOM objects' headers checked (nothing is decoded)."""
     items: list[_Item] = []
     for index, item in enumerate(request.items):
+        early = Early(item.path) if isinstance(item, ReceivedObject) and item.spooled else None
         sha = item.sha256 or sha256_of(item.path)
         if isinstance(item, ReceivedObject):
             try:
                 header = received.read(item.path, gw.settings.ingest)
             except IngestRejected as exc:
                 raise exc.for_item(index, item.filename) from None
-            items.append(_Item(index, item, sha, header))
+            items.append(_Item(index, item, sha, header, early))
         else:
             items.append(_Item(index, item, sha))
     if request.patient is None and any(e.received is None for e in items):
@@ -569,18 +571,6 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
             and gw.settings.ingest.received_renditions == "after-answer":
         gw.renditions_wanted.set()  # the renderer (deferred.py) makes what this left due
     return result
-
-
-def sha1_base64(data: bytes | Path) -> str:
-    """FHIR Attachment.hash: the base64 of the SHA-1 of the bytes (of a file, read in 1 MiB chunks)."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    if isinstance(data, bytes):
-        digest.update(data)
-    else:
-        with open(data, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return base64.b64encode(digest.digest()).decode()
 
 
 def _instant(moment: datetime | None) -> datetime | None:
@@ -667,7 +657,7 @@ def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Con
             rends = None
     except IngestRejected as exc:
         raise exc.for_item(entry.index, entry.filename) from None
-    sha1 = sha1_base64(obj.path)
+    sha1 = entry.early.sha1() if entry.early is not None else sha1_base64(obj.path)
     # the received file is the original and the stored object at once: kept whatever keep_originals says
     item = entry.item
     if isinstance(item, ReceivedObject) and item.spooled:

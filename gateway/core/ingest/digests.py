@@ -1,0 +1,53 @@
+"""Digests of stored bytes, and the work a spooled object's later steps need from its file, begun early.
+
+A spooled received object (a C-STORE's or a STOW-RS part's) is hashed twice, SHA-256 (its blob's name) and SHA-1
+(FHIR Attachment.hash), and synced to disk before its row commits. Done in turn on the ingesting thread, the SHA-1
+(re-reading the file) and the fsync took ~4 ms of a 12-MP C-STORE's ~23 ms in the gateway (traced, 2.8 MB photo):
+both wait on nothing the pipeline decides, so they start on helper threads as soon as the pipeline has the file,
+and run while this thread hashes it, reads its header and finds its patient (hashlib and fsync let go of the GIL).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+# shared by every ingest: a task waits its turn when they are all busy, and its result is only asked for later
+_HELPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-early")
+
+
+def sha1_base64(data: bytes | Path) -> str:
+    """FHIR Attachment.hash: the base64 of the SHA-1 of the bytes (of a file, read in 1 MiB chunks)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    if isinstance(data, bytes):
+        digest.update(data)
+    else:
+        with open(data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _write_back(path: Path) -> None:
+    """The file's bytes to disk now. Only a head start: the blob store syncs the file again before any row names it
+    (store.blobs.FileBlobStore.adopt), which then finds nothing left to write."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Early:
+    """A spooled file's SHA-1 and its write-back to disk, under way on helper threads."""
+
+    def __init__(self, path: Path) -> None:
+        self._sha1: Future[str] = _HELPERS.submit(sha1_base64, path)
+        self._written: Future[None] = _HELPERS.submit(_write_back, path)
+
+    def sha1(self) -> str:
+        """The file's SHA-1 (base64); raises as reading the file would have."""
+        return self._sha1.result()
