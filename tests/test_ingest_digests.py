@@ -17,26 +17,31 @@ from tests import dicom_objects as objects
 from tests.ingest_helpers import add_patient
 
 
-def test_early_sha1_is_the_files_and_a_missing_file_raises_as_reading_it_would(tmp_path):
+def test_early_digests_are_the_files_and_a_missing_file_raises_as_reading_it_would(tmp_path):
     path = tmp_path / "object.dcm"
     data = bytes(range(256)) * 20_000  # several of sha1_base64's 1 MiB chunks
     path.write_bytes(data)
     expected = base64.b64encode(hashlib.sha1(data).digest()).decode()
-    assert Early(path).sha1() == expected == sha1_base64(path) == sha1_base64(data)
+    early = Early(path)
+    assert early.sha1() == expected == sha1_base64(path) == sha1_base64(data)
+    assert early.sha256() == hashlib.sha256(data).hexdigest()
+    assert Early(path, sha256="given").sha256() == "given"  # a door's own is taken as it is
+    gone = Early(tmp_path / "gone.dcm")
     with pytest.raises(FileNotFoundError):
-        Early(tmp_path / "gone.dcm").sha1()
+        gone.sha1()
+    with pytest.raises(FileNotFoundError):
+        gone.sha256()
 
 
-def test_a_spooled_object_keeps_the_sha1_of_its_stored_bytes(gw, fx):
-    """Through the pipeline as the C-STORE door hands it a spooled object: the row's SHA-1 is that of the blob it
-    names, and the door may delete its spooled name once answered."""
+def test_a_spooled_object_keeps_the_digests_of_its_stored_bytes(gw, fx):
+    """Through the pipeline as the C-STORE door hands it a spooled object (no digest given): the blob is named by
+    the file's SHA-256, the row's SHA-1 is the blob's, and the door may delete its spooled name once answered."""
     add_patient(gw)
     fd, spooled = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
     os.close(fd)
     objects.img2dcm(fx["baseline_420.jpg"], spooled, PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
     sha256 = hashlib.sha256(spooled.read_bytes()).hexdigest()
-    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"),
-                              items=[ReceivedObject(spooled, sha256=sha256, spooled=True)]))
+    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(spooled, spooled=True)]))
     spooled.unlink()
     with gw.db.read() as s:
         stored, sha1 = s.execute(select(Asset.dicom_sha256, Asset.sha1)).one()

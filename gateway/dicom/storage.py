@@ -8,7 +8,6 @@ refusal codes become C-STORE statuses (PS3.4 Annex B.2.3 and PS3.7 C) with an Er
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -86,14 +85,11 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
                                purpose_of_use=subject.purpose_of_use or "TREAT")
     fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
     try:
-        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
             for piece in encoded:
                 f.write(piece)
-        for piece in encoded:
-            digest.update(piece)
-        # hashed from memory rather than read back; the spooled file becomes the blob (linked, not copied)
-        item = ReceivedObject(path, sha256=digest.hexdigest(), spooled=True)
+        # the spooled file becomes the blob (linked, not copied); the pipeline hashes it while it reads its header
+        item = ReceivedObject(path, spooled=True)
         result = ingest(gw, CaptureRequest(source=source, items=[item]))
     except IngestRejected as exc:  # audited by the core
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)

@@ -174,12 +174,20 @@ class _Context:
 
     patient_id: int | None  # None: quarantine under a placeholder patient
     patient: PatientRef  # the reference the patient was found (or not found) by
-    patient_info: vlphoto.PatientInfo
     encounter_id: int | None
     visit_number: str | None
     encounter_specialty: str | None
     consent_id: str | None
-    # the study and series of image files (a DICOM object keeps its own)
+    files: _FileSeries | None  # None: no image files in the request (DICOM objects keep their own everything)
+
+
+@dataclass(frozen=True)
+class _FileSeries:
+    """Where a request's image files go, and the patient module their DICOM objects are written with. Read only for a
+    request with image files: for a C-STORE's object, three statements (~1.5 ms of its ~3 ms look-up, traced) whose
+    answers nothing used."""
+
+    patient_info: vlphoto.PatientInfo
     study_uid: str
     series_uid: str
     study_started: datetime | None
@@ -261,7 +269,7 @@ def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,
 
 
 def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Sequence[received.Received],
-             session_key: str) -> _Context:
+             session_key: str, files: bool) -> _Context:
     gov = request.governance
     ref, patient = _target_patient(session, gw, request, objects)
     label = ref.label()
@@ -286,7 +294,18 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
             raise IngestRejected(UNKNOWN_CONSENT, f"consent {gov.consent_id!r} is {consent.status}, not active",
                                  field="consent_id")
 
-    # image files: a study per encounter (or capture session), a series per capture session
+    return _Context(
+        patient_id=patient.id if patient is not None else None, patient=ref,
+        encounter_id=encounter.id if encounter else None, visit_number=encounter.visit_number if encounter else None,
+        encounter_specialty=encounter.specialty if encounter else None, consent_id=consent.id if consent else None,
+        files=_file_series(session, gw, request, patient, ref, encounter, session_key) if files else None,
+    )
+
+
+def _file_series(session: Session, gw: Gateway, request: CaptureRequest, patient: Patient | None, ref: PatientRef,
+                 encounter: Encounter | None, session_key: str) -> _FileSeries:
+    """Image files: a study per encounter (or capture session), a series per capture session."""
+    label = ref.label()
     root = gw.settings.uid_root
     started = encounter.admitted_at if encounter is not None else None
     if request.study_uid:
@@ -303,11 +322,8 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
     first_instance = (
         session.execute(select(func.max(Asset.instance_number)).where(Asset.series_uid == series_uid)).scalar() or 0
     ) + 1
-    return _Context(
-        patient_id=patient.id if patient is not None else None, patient=ref,
+    return _FileSeries(
         patient_info=patient_info(session, patient) if patient is not None else info_for_unregistered(ref),
-        encounter_id=encounter.id if encounter else None, visit_number=encounter.visit_number if encounter else None,
-        encounter_specialty=encounter.specialty if encounter else None, consent_id=consent.id if consent else None,
         study_uid=study_uid, series_uid=series_uid, study_started=started, series_number=series_number,
         first_instance=first_instance,
     )
@@ -387,20 +403,27 @@ def _same_data_set(path: Path, stored: Path) -> bool:
         return False
 
 
+def _files_of(ctx: _Context) -> _FileSeries:
+    if ctx.files is None:  # _resolve reads them for every request with an image file
+        raise RuntimeError("an image file in a request resolved without its study and series")
+    return ctx.files
+
+
 def _write_dicom(gw: Gateway, prepared: Prepared, ctx: _Context, gov: Governance, sop_uid: str, instance: int,
                  writer: BlobWriter) -> tuple[str, int, str]:
     facts = prepared.facts
+    series = _files_of(ctx)
     comments = "; ".join(x for x in (f"View: {gov.view}" if gov.view else None, gov.description) if x) or None
     site = gov.body_site
     ds = vlphoto.build_dataset(
         pixels=prepared.pixels,
-        patient=ctx.patient_info,
+        patient=series.patient_info,
         study=vlphoto.StudyInfo(
-            uid=ctx.study_uid, started=ctx.study_started,
+            uid=series.study_uid, started=series.study_started,
             study_id=(ctx.visit_number or "PHOTO")[:16],
             referring_physician="",
         ),
-        series=vlphoto.SeriesInfo(uid=ctx.series_uid, number=ctx.series_number, description="Clinical photographs",
+        series=vlphoto.SeriesInfo(uid=series.series_uid, number=series.series_number, description="Clinical photographs",
                                   operator=gov.photographer),
         image=vlphoto.ImageInfo(
             sop_instance_uid=sop_uid, instance_number=instance, taken_at=_instant(facts.taken_at or gov.taken_at),
@@ -483,16 +506,16 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     """Every item with its hash; DICOM objects' headers checked (nothing is decoded)."""
     items: list[_Item] = []
     for index, item in enumerate(request.items):
-        early = Early(item.path) if isinstance(item, ReceivedObject) and item.spooled else None
-        sha = item.sha256 or sha256_of(item.path)
         if isinstance(item, ReceivedObject):
+            early = Early(item.path, item.sha256) if item.spooled else None  # hashed while the header is read
             try:
                 header = received.read(item.path, gw.settings.ingest)
             except IngestRejected as exc:
                 raise exc.for_item(index, item.filename) from None
+            sha = early.sha256() if early is not None else item.sha256 or sha256_of(item.path)
             items.append(_Item(index, item, sha, header, early))
         else:
-            items.append(_Item(index, item, sha))
+            items.append(_Item(index, item, item.sha256 or sha256_of(item.path)))
     if request.patient is None and any(e.received is None for e in items):
         raise IngestRejected(BAD_METADATA, "image files need the request to name their patient (system|value)",
                              field="patient")
@@ -530,7 +553,8 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
                             field="Idempotency-Key",
                         )
                     return IngestResult.from_dict(seen.response, replayed=True)
-            ctx = _resolve(session, gw, request, [e.received for e in items if e.received is not None], session_key)
+            ctx = _resolve(session, gw, request, [e.received for e in items if e.received is not None], session_key,
+                           files=any(e.received is None for e in items))
             patient_id = ctx.patient_id
             existing: dict[str, StoredPhoto] = {}
             if patient_id is not None:
@@ -623,9 +647,10 @@ def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, ses
     preview_sha = writer.put_bytes(p.renditions.preview)
     thumb_sha = writer.put_bytes(p.renditions.thumbnail)
     site = gov.body_site
+    series = _files_of(ctx)
     row = Asset(
         sha1=sha1_base64(item.path), preview_sha1=sha1_base64(p.renditions.preview), preview_size=len(p.renditions.preview),
-        study_uid=ctx.study_uid, series_uid=ctx.series_uid, sop_instance_uid=sop_uid,
+        study_uid=series.study_uid, series_uid=series.series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=vlphoto.VL_PHOTOGRAPHIC_IMAGE, instance_number=number,
         sha256=entry.sha256, size=p.size, media_type=p.media_type, original_kept=settings.keep_originals,
         width=p.width, height=p.height, dicom_sha256=dicom_sha, dicom_size=dicom_size, dicom_transfer_syntax=ts,
@@ -635,8 +660,8 @@ def _new_file_row(gw: Gateway, entry: _Item, ctx: _Context, gov: Governance, ses
         device=gov.device or " ".join(x for x in (p.facts.make, p.facts.model) if x) or None,
     )
     photo = StoredPhoto(
-        asset_id="", status=CREATED, sha256=entry.sha256, media_type=p.media_type, study_uid=ctx.study_uid,
-        series_uid=ctx.series_uid, sop_instance_uid=sop_uid, width=p.width, height=p.height,
+        asset_id="", status=CREATED, sha256=entry.sha256, media_type=p.media_type, study_uid=series.study_uid,
+        series_uid=series.series_uid, sop_instance_uid=sop_uid, width=p.width, height=p.height,
         filename=entry.filename, transfer_syntax=ts, quarantined=ctx.patient_id is None,
     )
     p.close()
@@ -700,7 +725,7 @@ def _store(gw: Gateway, request: CaptureRequest, items: list[_Item], ctx: _Conte
     photos: list[StoredPhoto | None] = [None] * len(items)
     repeats: list[_Item] = []  # already stored, or the same content earlier in this request
     seen_in_request: set[str] = set()
-    instance = ctx.first_instance
+    instance = ctx.files.first_instance if ctx.files is not None else 1
     limits.check_request_pixels(
         [(e.item.path, e.filename, (e.received.columns, e.received.rows) if e.received is not None else None) for e in items],
         settings.max_pixels, settings.max_request_pixels)
