@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -604,21 +605,48 @@ def test_a_series_whose_first_instance_did_not_decode_still_has_a_thumbnail(gw, 
 CRASHES = 3
 
 
-def kill_while_open(proc: subprocess.Popen, path: Path, seconds: float = 60.0) -> None:
-    """SIGKILL the process the moment it has `path` open (the renderer reading a stored object's pixels)."""
-    target, fds = str(path), Path(f"/proc/{proc.pid}/fd")
+def family(pid: int) -> list[int]:
+    """`pid` and every process descended from it (the renderer's worker processes, under its forkserver)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def kill_while_open(proc: subprocess.Popen, path: Path, seconds: float = 60.0) -> list[int]:
+    """SIGKILL the gateway the moment it, or one of its renderer's worker processes, has `path` open (decoding a
+    stored object's pixels); the gateway's descendants at that moment."""
+    target = str(path)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert proc.poll() is None
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(fds):
-                with contextlib.suppress(OSError):
-                    if os.readlink(fds / fd) == target:
-                        proc.send_signal(signal.SIGKILL)
-                        proc.wait(30)
-                        return
+        pids = family(proc.pid)
+        for pid in pids:
+            fds = Path(f"/proc/{pid}/fd")
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(fds):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fds / fd) == target:
+                            proc.send_signal(signal.SIGKILL)
+                            proc.wait(30)
+                            return pids[1:]
         time.sleep(0.002)
     raise AssertionError(f"the process never opened {path}")
+
+
+def gone(pid: int) -> bool:
+    """Exited (or a zombie nobody waits for: its parent is gone too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, fx, tmp_path):
@@ -628,10 +656,15 @@ def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, f
     pixels = np.random.default_rng(7).integers(0, 255, size=(3000, 4000, 3), dtype=np.uint8)  # ~0.5 s to reduce
     asset_id = receive(gw, objects.native(tmp_path / "poison.dcm", pixels)).photos[0].asset_id
     blob = gw.blobs.path(load(gw, asset_id).dicom_sha256)
-    for attempt in range(CRASHES):  # the process dies while decoding this photo, as a decoder crash would kill it
+    for attempt in range(CRASHES):  # the gateway dies while this photo is decoded (the OOM killer, a kill -9)
         serve = Serve(gw, tmp_path, f"crash{attempt}", wait=False)
-        kill_while_open(serve.proc, blob)
+        workers = kill_while_open(serve.proc, blob)
         assert load(gw, asset_id).rendition_state == DUE
+        # its renderer's worker processes die with it, not left waiting for work for good
+        deadline = time.monotonic() + 10
+        while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(gone(pid) for pid in workers), [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in workers if not gone(p)]
     serve = Serve(gw, tmp_path, "after")
     try:
         time.sleep(8)  # more than a renderer round and a poll
@@ -639,6 +672,31 @@ def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, f
         serve.stop()
     assert load(gw, asset_id).rendition_state == FAILED  # given up on after CRASHES deaths, not a crash loop
     assert [e.entities[0]["id"] for e in events(gw, outcome=audit.SERIOUS_FAILURE)] == [asset_id]
+
+
+def test_a_decoder_crash_takes_its_worker_process_not_the_gateway(gw, fx, tmp_path, monkeypatch):
+    """The decode runs in the renderer's worker processes: one dying on a photo (as a native decoder crash would)
+    fails that attempt only. The photo is given up on after MAX_ATTEMPTS, audited; the renderer carries on with a
+    new pool and makes the next photo's renditions."""
+    from tests.crashing_decoder import POISON_ROWS, crash_on_poison
+
+    monkeypatch.setattr(deferred, "RETRY_PAUSE", timedelta(0))  # no pause between attempts: the test's time
+    add_patient(gw)
+    poison = receive(gw, objects.native(tmp_path / "poison.dcm", objects.gradient(POISON_ROWS, 120))).photos[0].asset_id
+    good = receive(gw, objects.native(tmp_path / "good.dcm", objects.gradient(96, 120))).photos[0].asset_id
+    renderer = deferred.Renderer(gw, poll_seconds=0.2, threads=1, worker=crash_on_poison)
+    renderer.start()
+    try:
+        deadline = time.monotonic() + 120
+        while deferred.due(gw, limit=10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert renderer.running
+    finally:
+        renderer.stop()
+    assert load(gw, poison).rendition_state == FAILED and load(gw, poison).rendition_tries == deferred.MAX_ATTEMPTS + 1
+    assert load(gw, good).rendition_state is None and load(gw, good).preview_sha256
+    assert [e.entities[0]["id"] for e in events(gw, outcome=audit.SERIOUS_FAILURE)] == [poison]
+    clean_store(gw)
 
 
 # --- a resend of a photo whose pixels did not decode --------------------------------------------------------

@@ -6,6 +6,8 @@ a row in the import's rejected.csv).
 
 from __future__ import annotations
 
+from typing import Any
+
 # codes
 UNSUPPORTED_TYPE = "unsupported-type"  # not an image format we accept (sniffed from content)
 CORRUPT = "corrupt"  # truncated or damaged image data
@@ -40,6 +42,11 @@ class IngestRejected(Exception):
         self.item = item
         self.filename = filename
         self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled whole (a refusal raised in the renderer's worker process comes back through a pipe): Exception's
+        # own pickling would call this class with the message alone
+        return type(self), (self.code, self.message), self.__dict__
 
     def to_dict(self) -> dict[str, str | int]:
         out: dict[str, str | int] = {"code": self.code, "message": self.message}
