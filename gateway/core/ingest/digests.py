@@ -41,7 +41,8 @@ def _write_back(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_hex(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB chunks: a blob's name."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +54,7 @@ class Early:
     """A spooled file's SHA-256 (unless the door gave it), SHA-1 and write-back to disk, under way on helper threads."""
 
     def __init__(self, path: Path, sha256: str | None = None) -> None:
-        self._sha256: str | Future[str] = _HELPERS.submit(sha256_hex, path) if sha256 is None else sha256
+        self._sha256: str | Future[str] = _HELPERS.submit(sha256_of, path) if sha256 is None else sha256
         self._sha1: Future[str] = _HELPERS.submit(sha1_base64, path)
         self._written: Future[None] = _HELPERS.submit(_write_back, path)
 

@@ -58,7 +58,7 @@ from gateway.core.ingest.dicom_patients import (
     patient_info,
     placeholder_identifier,
 )
-from gateway.core.ingest.digests import Early, sha1_base64
+from gateway.core.ingest.digests import Early, sha1_base64, sha256_of
 from gateway.core.ingest.errors import (
     BAD_METADATA,
     DUPLICATE_INSTANCE,
@@ -73,7 +73,7 @@ from gateway.core.ingest.errors import (
     UNKNOWN_PATIENT,
     IngestRejected,
 )
-from gateway.core.ingest.prepare import Prepared, prepare, sha256_of
+from gateway.core.ingest.prepare import Prepared, prepare
 from gateway.core.ingest.renditions import DUE, FAILED, Renditions
 from gateway.core.ingest.request import (
     NHS_SYSTEM,

@@ -22,7 +22,6 @@ lossless / hierarchical JPEG processes.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 import re
@@ -40,6 +39,7 @@ from PIL import Image
 
 from gateway.core.ingest import jpeg, limits
 from gateway.core.ingest.config import IngestSettings
+from gateway.core.ingest.digests import sha256_of
 from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
 from gateway.core.ingest.exif import ExifFacts, read_facts, upright, upright_size
 from gateway.core.ingest.renditions import Renditions, decode_target, from_image
@@ -85,14 +85,6 @@ class Prepared:
             except Exception:
                 pass
         self._closers.clear()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_image(path: Path) -> Image.Image:
