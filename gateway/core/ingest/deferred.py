@@ -252,8 +252,8 @@ class Renderer:
     One thread per CPU (at most `threads`), each handing the decode and the encoding to a worker process of its own
     pool (as many processes), at the lowest priority (nice 19), while the thread does the rest (the rows, the blobs).
     Decoded on the gateway's own threads, niced, a burst's renditions still took the GIL from answering senders:
-    C-STORE of 12-MP photos answered 20.6 files/s, against 24.5 with worker processes and 31.8 with no renditions
-    at all (A/B in one run). A decoder that crashes takes its worker with it, not the gateway: the attempt is counted
+    C-STORE of 12-MP photos answered 21.3 files/s, against 23.8 with worker processes (A/B in one run; 31.8 with no
+    renditions at all, in another). A decoder that crashes takes its worker with it, not the gateway: the attempt is counted
     (MAX_ATTEMPTS) and the pool started again."""
 
     def __init__(self, gw: Gateway, poll_seconds: float = 5.0, threads: int | None = None,
