@@ -56,7 +56,7 @@ class Early:
     def __init__(self, path: Path, sha256: str | None = None) -> None:
         self._sha256: str | Future[str] = _HELPERS.submit(sha256_of, path) if sha256 is None else sha256
         self._sha1: Future[str] = _HELPERS.submit(sha1_base64, path)
-        self._written: Future[None] = _HELPERS.submit(_write_back, path)
+        _HELPERS.submit(_write_back, path)  # nothing waits for it: the blob store's own fsync is the one that counts
 
     def sha256(self) -> str:
         """The file's SHA-256 (hex), as given or as read; raises as reading the file would have."""
