@@ -27,13 +27,12 @@ def rows(gw) -> list[AuditEvent]:
     return found
 
 
-def test_search_read_export_and_refusal_entries(gw):
+def test_search_read_and_refusal_entries(gw):
     policy = gw.settings.policy
     peer = Subject(sub="PACS1", role="system", scopes=("system/*.rs",), network_address="10.0.0.9", peer=PeerPermissions("PACS1"))
     ctx = resolve(peer, policy)
     access_audit.write(gw, access_audit.search_entries(ctx, query="C-FIND PatientID=123", results={7: ["a1", "a2"], 3: ["b1"]},
                                                        type_code=audit.QUERY, subtype="C-FIND", channel="dimse"))
-    access_audit.write(gw, access_audit.export_entries(ctx, results={7: ["a1"]}, destination="PACS1", channel="C-MOVE"))
     clin = Subject(sub="dr.ed", role="clinician", specialties=("180",), scopes=("user/Media.rs",), network_address="10.0.0.1")
     access_audit.record_refusal(gw, resolve(clin, policy, purpose="ETREAT"), "GET /api/v1/photos")
     access_audit.record_read(gw, resolve(clin, policy), asset_id="a1", patient_id=7, permitted=False,
@@ -44,8 +43,6 @@ def test_search_read_export_and_refusal_entries(gw):
     assert [(e.patient_id, [x["id"] for x in e.entities if x["type"] == "asset"]) for e in searches] == [(3, ["b1"]), (7, ["a1", "a2"])]
     assert all(e.type_code == audit.QUERY and e.action == "E" and e.agent_network == "PACS1@10.0.0.9" for e in searches)
     assert all(e.entities[0] == {"type": "query", "query": "C-FIND PatientID=123", "channel": "dimse"} for e in searches)
-    export = next(e for e in found if e.type_code == audit.EXPORT)
-    assert export.patient_id == 7 and {"type": "destination", "id": "PACS1"} in export.entities
     refusal = next(e for e in found if e.subtype == "refused")
     assert refusal.type_code == audit.SECURITY_ALERT and refusal.outcome == audit.MINOR_FAILURE and "reason" in refusal.outcome_desc
     denied = found[-1]

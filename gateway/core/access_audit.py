@@ -200,18 +200,6 @@ def transfer_entries(ctx: AccessContext, *, sent: Mapping[int, Sequence[str]], t
     return entries + break_glass_entries(ctx, f"retrieve {', '.join(a for ids in sent.values() for a in ids)}"[:500], sent.keys())
 
 
-def export_entries(ctx: AccessContext, *, results: Mapping[int, Sequence[str]], destination: str, channel: str) -> list[AuditEntry]:
-    """Photos sent out (C-MOVE/C-GET, exports): one record per patient."""
-    entries = [
-        make_entry(ctx, type_code=audit.EXPORT, action="R", subtype=channel, patient_id=patient_id,
-               entities=[{"type": "patient", "id": patient_id}, {"type": "destination", "id": destination},
-                         *({"type": "asset", "id": a, "role": "exported"} for a in asset_ids)],
-               detail={"count": len(asset_ids)})
-        for patient_id, asset_ids in sorted(results.items())
-    ]
-    return entries + break_glass_entries(ctx, f"export to {destination}", results.keys())
-
-
 def refusal_entries(ctx: AccessContext, what: str, *, reason: str | None = None, patient_id: int | None = None,
                     entities: Sequence[Entity] = ()) -> list[AuditEntry]:
     """A request refused (bad purpose, break-glass without reason or by a role not allowed, a role or
