@@ -1,7 +1,7 @@
 from datetime import date
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from store import patients as patient_lookup
@@ -233,3 +233,57 @@ def test_identifiers_of_many_patients_follow_their_merge_chains_in_a_few_stateme
     assert values == {ids[0]: ["A-OLD", "9990000026", "A1", "A2"], ids[1]: ["B1"], ids[2]: []}
     with db.read() as s:  # one at a time, the same answer
         assert {pid: [i.value for i in patient_lookup.identifiers_of(s, pid)] for pid in ids} == values
+
+
+def test_sqlite_writers_of_one_process_take_turns_without_polling(tmp_path):
+    """A writer waiting for another of the same process starts the moment that one commits (SQLite's busy handler
+    would sleep 1, 2, 5, 10 ms... between looks), and gives up as SQLite would after BUSY_TIMEOUT."""
+    import threading
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from store import db as db_module
+
+    db = Database(f"sqlite:///{tmp_path / 't.db'}")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+    first_in, committed_at, second_began = threading.Event(), [], []
+
+    def first() -> None:
+        with db.write() as s:
+            first_in.set()
+            s.execute(text("INSERT INTO t VALUES (1)"))
+            time.sleep(0.2)
+        committed_at.append(time.monotonic())
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(5)
+    with db.write() as s:
+        second_began.append(time.monotonic())
+        s.execute(text("INSERT INTO t VALUES (2)"))
+    thread.join()
+    assert second_began[0] >= committed_at[0] - 0.05  # after the first's commit (the two clocks read apart)
+    assert second_began[0] - committed_at[0] < 0.05  # and at once, not a busy handler's step later
+    with db.read() as s:
+        assert sorted(s.execute(text("SELECT n FROM t")).scalars()) == [1, 2]
+
+    db_module_timeout = db_module.BUSY_TIMEOUT
+    db_module.BUSY_TIMEOUT = 0.2
+    try:
+        assert db.turnstile is not None
+        with db.turnstile:  # another writer of this process that does not finish
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="database is locked"):
+                with db.write():
+                    pass
+            assert 0.15 < time.monotonic() - started < 5
+    finally:
+        db_module.BUSY_TIMEOUT = db_module_timeout
+        db.dispose()
+
+
+def test_only_sqlite_writers_take_turns_in_process(db):
+    # PostgreSQL: row locks decide, and two writers of one process run at once
+    assert (db.turnstile is not None) == (db.dialect == "sqlite")

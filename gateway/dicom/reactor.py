@@ -35,10 +35,12 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
+from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
 
 log = logging.getLogger("clinphoto.dicom")
@@ -119,6 +121,50 @@ class EventDUL(DULServiceProvider):
                 pass
         except OSError:  # drained (BlockingIOError)
             pass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's, with the PDU read in one go (pdu_in.py). A P-DATA-TF on an established association goes
+        straight to the DIMSE provider as views of what was read, as the state machine's DT-2 action takes it (Sta6
+        + Evt10 -> Sta6), unless a handler listens for the events that way fires; any other PDU goes pynetdicom's
+        way (decoded, its event queued for the state machine)."""
+        sock = self.socket
+        if sock is None or sock.socket is None:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, header, body = read_pdu(sock.socket)
+        except ConnectionEnded as exc:
+            log.debug("DICOM connection ended mid-PDU: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in PDU_TYPES:
+            log.error("unknown PDU type 0x%02X received: association aborted", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        if pdu_type == P_DATA_TF and self.state_machine.current_state == "Sta6" and not self._pdu_watched():
+            values = pdata_values(body)
+            if values is None:
+                log.error("a P-DATA-TF whose items do not add up to its length: association aborted")
+                self.event_queue.put("Evt19")
+                return
+            primitive = P_DATA()
+            primitive._presentation_data_value_list = values  # type: ignore[assignment]  # views, read as bytes are
+            self.assoc.dimse.receive_primitive(primitive)
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception:
+            log.error("a PDU that could not be decoded: association aborted")
+            log.debug("PDU decoding", exc_info=True)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _pdu_watched(self) -> bool:
+        assoc = self.assoc
+        return bool(assoc.get_handlers(evt.EVT_DATA_RECV) or assoc.get_handlers(evt.EVT_PDU_RECV)
+                    or assoc.get_handlers(evt.EVT_FSM_TRANSITION))
 
     def _process_recv_primitive(self) -> bool:
         """pynetdicom's loop sends whatever is queued before it reads anything (a send and a read are each one turn,
@@ -208,6 +254,7 @@ class EventAssociation(Association):
         adopted.dimse.__class__ = FramingDIMSE  # each message framed and written in one piece
         # the listener's AE carries the setting (gateway/dicom/listener.py)
         cast(FramingDIMSE, adopted.dimse).pending = PendingThrottle(getattr(assoc.ae, "pending_interval", DEFAULT_INTERVAL))
+        cast(FramingDIMSE, adopted.dimse).spool = getattr(assoc.ae, "data_set_spool", None)
         adopted.dimse.msg_queue = _WakingQueue(adopted.wake)
         dul.to_user_queue = _WakingQueue(adopted.wake)
         return adopted
@@ -270,6 +317,7 @@ class EventAssociation(Association):
         # retrieve) left it waiting out its DIMSE timeout (30 s), the association's thread and the retrieve's with it
         self.dimse.msg_queue.put((None, None))
         super().kill()
+        cast(FramingDIMSE, self.dimse).discard_partial()  # a C-STORE data set cut off: its spool file
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop, each turn started by work (or IDLE_WAIT) rather than a 1 ms sleep: serve a

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom.dsutils import encode_file_meta
@@ -24,6 +24,7 @@ from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
+from gateway.dicom.spooled import SpooledDataSet
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -76,20 +77,26 @@ class StoreAnswer:
         return ds
 
 
-def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Sequence[bytes | memoryview]) -> StoreAnswer:
+def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Sequence[bytes | memoryview] | SpooledDataSet) -> StoreAnswer:
     """One C-STORE: the peer's permission, the object through the ingest, the answer after the commit. `encoded`: the
-    Part 10 object, its pieces one after the other (the file meta, then the data set as the association carried it)."""
+    Part 10 object, already in the spool as it arrived (spooled.py), or its pieces one after the other (the file
+    meta, then the data set as the association carried it)."""
+    spooled = encoded if isinstance(encoded, SpooledDataSet) else None
     if subject is None or subject.peer is None or not peer_allows(subject, "store"):
+        if spooled is not None:
+            spooled.discard()
         return StoreAnswer(NOT_AUTHORIZED, "this AE may not store here")
     source = Source.dicom_peer(subject.peer.ae_title, address, name=subject.name,
                                purpose_of_use=subject.purpose_of_use or "TREAT")
-    fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+    path = spooled.path if spooled is not None else None
     try:
-        with os.fdopen(fd, "wb") as f:
-            for piece in encoded:
-                f.write(piece)
-        # the spooled file becomes the blob (linked, not copied); the pipeline hashes it while it reads its header
-        item = ReceivedObject(path, spooled=True)
+        if spooled is not None:
+            sha256, sha1 = spooled.finish()
+            item = ReceivedObject(spooled.path, spooled=True, sha256=sha256, sha1=sha1)
+        else:
+            item = _spool(gw, cast(Sequence[bytes | memoryview], encoded))
+            path = item.path
+        # the spooled file becomes the blob (linked, not copied)
         result = ingest(gw, CaptureRequest(source=source, items=[item]))
     except IngestRejected as exc:  # audited by the core
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
@@ -102,10 +109,24 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
         log.debug("C-STORE failure", exc_info=True)
         return StoreAnswer(OUT_OF_RESOURCES, f"not stored ({type(exc).__name__}); send again")
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
     photo = result.photos[0]
     log.info("C-STORE from %s: %s photo %s", subject.peer.ae_title, photo.status, photo.asset_id)
     return StoreAnswer(SUCCESS)
+
+
+def _spool(gw: Gateway, encoded: Sequence[bytes | memoryview]) -> ReceivedObject:
+    """The object's pieces written to a spool file (hashed by the ingest while it reads the header)."""
+    fd, path = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in encoded:
+                f.write(piece)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return ReceivedObject(path, spooled=True)
 
 
 def contexts() -> list[tuple[str, list[str]]]:
@@ -118,6 +139,10 @@ def on_store(gw: Gateway, event: Any) -> Dataset:
     meta pynetdicom would put before it (its encoded_dataset(): the object joined, copied twice, ~1 ms of a 12-MP
     photo's C-STORE, traced)."""
     subject = getattr(event.assoc, "clinphoto_subject", None)
+    address = event.assoc.requestor.address
+    data_set = event.request.DataSet
+    if isinstance(data_set, SpooledDataSet):  # written to the spool as it came (spooled.py)
+        return store(gw, subject, address, data_set).dataset()
     head = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-    with event.request.DataSet.getbuffer() as data_set:
-        return store(gw, subject, event.assoc.requestor.address, (head, data_set)).dataset()
+    with data_set.getbuffer() as view:
+        return store(gw, subject, address, (head, view)).dataset()

@@ -507,7 +507,7 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     items: list[_Item] = []
     for index, item in enumerate(request.items):
         if isinstance(item, ReceivedObject):
-            early = Early(item.path, item.sha256) if item.spooled else None  # hashed while the header is read
+            early = Early(item.path, item.sha256, item.sha1) if item.spooled else None  # hashed while the header is read
             try:
                 header = received.read(item.path, gw.settings.ingest)
             except IngestRejected as exc:

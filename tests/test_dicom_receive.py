@@ -1,0 +1,240 @@
+"""What a C-STORE's bytes go through on the way in: PDUs read in one go and a P-DATA-TF's values handed on as views
+(gateway/dicom/pdu_in.py, reactor.EventDUL._read_pdu_data), the data set written to the spool and hashed as it arrives
+(gateway/dicom/spooled.py). On real sockets with dcmtk and pynetdicom as the senders, both backends.
+
+What must hold: the object stored is the one sent, byte for byte, however it was cut into PDUs (many small ones, or
+the command and data set in one); its SHA-256 and SHA-1 are those of the stored file; an association that ends in the
+middle of a data set leaves no spool file; a P-DATA-TF whose items do not add up ends that association and no other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
+from sqlalchemy import func, select
+
+from gateway.core.policy.settings import DicomPeer
+from gateway.dicom.pdu_in import ConnectionEnded, pdata_values, read_exactly
+from gateway.dicom.spooled import CHUNK, SpooledDataSet, part10_head
+from store.models import Asset
+from tests import dicom_objects as objects
+from tests.conftest import require_tool
+from tests.ingest_helpers import add_patient
+from tests.test_dicom_association import RunningListener
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+@pytest.fixture
+def camera_gw(gw):
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="CAMERA", hosts=["127.0.0.1"], allow=["echo", "store"])]
+    add_patient(gw, nhs=objects.NHS_NUMBER)
+    return gw
+
+
+def big_photo(path: Path, width: int = 1200, height: int = 900) -> Path:
+    """A noisy JPEG (~1 MB: several spool chunks, ~250 PDUs of 4 kB) wrapped as a camera's VL Photographic object."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=95)
+    assert len(out.getvalue()) > 4 * CHUNK
+    return objects.jpeg_wrapped(path, out.getvalue(), width, height)
+
+
+def stored(gw) -> list[Asset]:
+    with gw.db.read() as s:
+        rows = list(s.scalars(select(Asset)))
+        s.expunge_all()
+        return rows
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def store_request_pdus(path: Path, context_id: int, max_pdu: int) -> list[bytes]:
+    """The C-STORE-RQ of the object as P-DATA-TF PDUs, as pynetdicom would send them."""
+    ds = pydicom.dcmread(path)
+    primitive = C_STORE()
+    primitive.MessageID, primitive.Priority = 1, 2
+    primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    primitive.DataSet = io.BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu)]
+
+
+def associate(port: int, syntax: str = JPEG_BASELINE):
+    ae = AE(ae_title="CAMERA")
+    ae.add_requested_context(VLPhotographicImageStorage, [syntax])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+    assert assoc.is_established
+    return assoc
+
+
+def test_a_photo_in_many_small_pdus_is_stored_byte_for_byte(camera_gw, tmp_path):
+    sent = big_photo(tmp_path / "photo.dcm")
+    tool = require_tool("storescu", "dcmtk")
+    with RunningListener(camera_gw) as port:
+        done = subprocess.run([tool, "-xy", "--max-send-pdu", "4096", "-aet", "CAMERA", "-aec", "CLINPHOTO",
+                               "127.0.0.1", str(port), str(sent)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    [asset] = stored(camera_gw)
+    kept = camera_gw.blobs.path(asset.sha256).read_bytes()
+    # the blob's names are its own digests, worked out as the fragments came
+    assert hashlib.sha256(kept).hexdigest() == asset.sha256 == asset.dicom_sha256
+    assert base64.b64encode(hashlib.sha1(kept).digest()).decode() == asset.sha1
+    sent_ds, kept_ds = pydicom.dcmread(sent), pydicom.dcmread(io.BytesIO(kept))
+    assert kept_ds.PixelData == sent_ds.PixelData and kept_ds.SOPInstanceUID == sent_ds.SOPInstanceUID
+    # the data set is kept as the association carried it, behind pynetdicom's file meta
+    data_set_at = 132 + 12 + kept_ds.file_meta.FileMetaInformationGroupLength
+    assert kept[data_set_at:] == encode(sent_ds, False, True)
+    assert not camera_gw.spool.files()
+
+
+def test_the_command_and_data_set_in_one_pdu_are_stored(camera_gw, fx, tmp_path):
+    """Two presentation data values in one P-DATA-TF: the command's last fragment and the whole data set."""
+    sent = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "vlp.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        try:
+            context_id = assoc.accepted_contexts[0].context_id
+            pdus = store_request_pdus(sent, context_id, 0)  # no limit: the command in one PDU, the data set in one
+            assert len(pdus) == 2
+            bodies = [pdu[6:] for pdu in pdus]
+            joined = b"".join(bodies)
+            assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(joined)) + joined)
+            assert wait_for(lambda: len(stored(camera_gw)) == 1)
+        finally:
+            assoc.release()
+    assert pydicom.dcmread(camera_gw.blobs.path(stored(camera_gw)[0].sha256)).PixelData == pydicom.dcmread(sent).PixelData
+
+
+def test_an_association_aborted_mid_data_set_leaves_no_spool_file(camera_gw, tmp_path):
+    sent = big_photo(tmp_path / "photo.dcm")
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        context_id = assoc.accepted_contexts[0].context_id
+        pdus = store_request_pdus(sent, context_id, 4096)
+        for pdu in pdus[: len(pdus) // 2]:  # the command, then half the data set
+            assoc.dul.socket.socket.sendall(pdu)
+        assert wait_for(lambda: len(camera_gw.spool.files()) == 1)  # written to the spool as it came
+        assoc.abort()
+        assert wait_for(lambda: not camera_gw.spool.files())
+        # the gateway serves on
+        assoc = associate(port)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    with camera_gw.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Asset)) == 0
+
+
+@pytest.mark.parametrize("body", [
+    struct.pack(">LB", 50, 1) + b"\x02" + b"x" * 10,  # an item longer than the PDU
+    struct.pack(">LB", 1, 1) + b"\x02",  # an item without room for its message control header
+    struct.pack(">LB", 3, 1) + b"\x02x" + b"\x00\x00",  # two bytes after the last item
+])
+def test_a_pdata_tf_whose_items_do_not_add_up_ends_that_association_only(camera_gw, body):
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+
+
+def test_a_spooled_data_set_is_its_head_and_fragments_with_their_digests(tmp_path):
+    fd, path = os.open(tmp_path / "a.dcm", os.O_WRONLY | os.O_CREAT), tmp_path / "a.dcm"
+    head = part10_head(objects.VL_PHOTO, "1.2.3.4", JPEG_BASELINE)
+    spooled = SpooledDataSet(fd, path, head)
+    data = os.urandom(3 * CHUNK + 12345)
+    pieces = [data[:1], memoryview(data)[1:CHUNK], bytearray(data[CHUNK:2 * CHUNK + 7]), data[2 * CHUNK + 7:]]
+    for piece in pieces:
+        assert spooled.write(piece) == len(piece)
+    sha256, sha1 = spooled.finish()
+    whole = head + data
+    assert path.read_bytes() == whole
+    assert sha256 == hashlib.sha256(whole).hexdigest()
+    assert sha1 == base64.b64encode(hashlib.sha1(whole).digest()).decode()
+    assert spooled.getvalue() == b""  # nothing held in memory
+    meta = pydicom.dcmread(io.BytesIO(head)).file_meta  # the file meta pynetdicom's event.file_meta gives
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (
+        objects.VL_PHOTO, "1.2.3.4", JPEG_BASELINE)
+
+
+def test_a_spooled_data_set_discarded_is_gone_and_cannot_be_finished(tmp_path):
+    path = tmp_path / "b.dcm"
+    spooled = SpooledDataSet(os.open(path, os.O_WRONLY | os.O_CREAT), path, b"head")
+    spooled.write(os.urandom(CHUNK + 1))
+    spooled.discard()
+    assert not path.exists()
+    spooled.write(b"late fragment")  # the DUL may still hand one over: it goes nowhere
+    spooled.discard()
+    with pytest.raises(OSError):
+        spooled.finish()
+
+
+def test_a_write_the_disk_refuses_fails_the_finish(tmp_path):
+    path = tmp_path / "c.dcm"
+    path.write_bytes(b"")
+    spooled = SpooledDataSet(os.open(path, os.O_RDONLY), path, b"head")  # every write fails (EBADF)
+    spooled.write(os.urandom(CHUNK))
+    spooled.write(b"more")
+    with pytest.raises(OSError):
+        spooled.finish()
+    spooled.discard()
+
+
+def test_a_pdata_tf_body_is_read_as_its_values():
+    body = bytearray(struct.pack(">LB", 5, 1) + b"\x03abc" + struct.pack(">LB", 3, 3) + b"\x02z")  # lengths count the context id
+    values = pdata_values(body)
+    assert [(cid, bytes(v)) for cid, v in values] == [(1, b"\x03abc"), (3, b"\x02z")]
+    assert pdata_values(bytearray()) is None
+
+
+def test_a_pdu_is_read_whole_however_the_kernel_hands_it_over():
+    ours, theirs = socket.socketpair()
+    try:
+        payload = os.urandom(100_000)
+
+        def dribble() -> None:
+            for at in range(0, len(payload), 7001):
+                theirs.sendall(payload[at:at + 7001])
+                time.sleep(0.001)
+            theirs.close()
+
+        sender = threading.Thread(target=dribble)
+        sender.start()
+        assert bytes(read_exactly(ours, len(payload))) == payload
+        sender.join()
+        with pytest.raises(ConnectionEnded):
+            read_exactly(ours, 1)  # closed: nothing more comes
+    finally:
+        ours.close()
