@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from store.blobs import BlobCorrupt, BlobNotFound
+from store.blobs import BlobCorrupt, BlobNotFound, FileBlobStore
 from store.integrity import check_store, collect_garbage
 from store.models import Asset, Patient
 
@@ -162,3 +162,26 @@ def test_stray_files_do_not_break_listing(blobs):
     (blobs.root / ref.sha256[:2] / ".DS_Store").write_bytes(b"finder")
     (blobs.root / "README").write_text("not a blob")
     assert [i.sha256 for i in blobs.iter_blobs()] == [ref.sha256]
+
+
+def test_a_new_fan_out_folder_is_synced_into_its_parent(tmp_path, monkeypatch):
+    """A blob in a folder made for it is only durable once that folder's own entry is: each parent given a new entry
+    is synced, and the blob's folder; a folder already there adds nothing."""
+    from store import blobs as blobs_module
+
+    synced: list[Path] = []
+    real = blobs_module._fsync_dir
+    monkeypatch.setattr(blobs_module, "_fsync_dir", lambda path: (synced.append(Path(path)), real(path)))
+    store = FileBlobStore(tmp_path / "blobs")
+    first = store.put_bytes(b"first")
+    root = tmp_path / "blobs"
+    folder = store.path(first.sha256).parent
+    assert synced == [root, folder.parent, folder]
+    synced.clear()
+    spooled = tmp_path / "spooled"
+    spooled.write_bytes(b"second")
+    sha = hashlib.sha256(b"second").hexdigest()
+    store.path(sha).parent.parent.mkdir(parents=True, exist_ok=True)  # its first level there already
+    store.adopt(spooled, sha)
+    assert synced == [store.path(sha).parent.parent, store.path(sha).parent]
+    assert store.read_bytes(sha) == b"second"
