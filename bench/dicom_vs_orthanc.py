@@ -11,9 +11,10 @@ Beside both, the floor: the same client against servers of the same Python libra
 (bench/python_floor.py), so the table shows how much of a gap is the stack's own cost here and how much clinphoto's work.
 
 - C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
-  associations: files/s, each server warmed first by three photos not counted. clinphoto checks each photo (everything but a decode) and stores it durably before
-  answering, then decodes it and makes its preview and thumbnail (ingest.received_renditions: after-answer); the
-  next row is the rate until the last of those renditions was made. Orthanc only writes the file.
+  associations: files/s, each server warmed first by three photos not counted. clinphoto checks each photo
+  (everything but a decode) and stores it durably before answering, then decodes it and makes its preview and
+  thumbnail (ingest.received_renditions: after-answer); the next row is the rate until the last of those renditions
+  was made. Orthanc only writes the file.
 - C-FIND STUDY by PatientID, p50/p95 ms, with the archive holding 2,000 and 10,000 studies (small objects, one per
   study, stored through each server's own C-STORE so both index them their own way).
 - C-GET of a 10-photo study (12-MP photos), ms: the median of --rounds C-GETs of each server, taken in turns.

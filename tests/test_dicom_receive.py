@@ -18,6 +18,7 @@ import struct
 import subprocess
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
 from sqlalchemy import func, select
 
 from gateway.core.policy.settings import DicomPeer
-from gateway.dicom.pdu_in import ConnectionEnded, pdata_values, read_exactly
+from gateway.dicom.pdu_in import MAX_PDU_LENGTH, ConnectionEnded, PduTooLong, pdata_values, read_exactly, read_pdu
 from gateway.dicom.spooled import CHUNK, SpooledDataSet, part10_head
 from store.models import Asset
 from tests import dicom_objects as objects
@@ -236,5 +237,43 @@ def test_a_pdu_is_read_whole_however_the_kernel_hands_it_over():
         sender.join()
         with pytest.raises(ConnectionEnded):
             read_exactly(ours, 1)  # closed: nothing more comes
+    finally:
+        ours.close()
+
+
+def test_a_pdu_longer_than_agreed_ends_that_association_only(camera_gw):
+    """The maximum PDU length the gateway gives is held to: a P-DATA-TF claiming more is refused before its body
+    is read (an A-ABORT), and memory is never set aside for a length only claimed."""
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        assert assoc.acceptor.maximum_length == MAX_PDU_LENGTH  # what the gateway gave in its A-ASSOCIATE-AC
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, MAX_PDU_LENGTH + 1) + b"\0" * 64)
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+
+
+def test_a_claimed_length_costs_no_memory_not_sent():
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF) + b"\0" * 100)
+        theirs.close()
+        with pytest.raises(PduTooLong):
+            read_pdu(ours, MAX_PDU_LENGTH)
+    finally:
+        ours.close()
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(struct.pack(">BBL", 0x07, 0, 0xFFFFFFF0) + b"\0" * 100)  # an A-ABORT claiming 4 GB, then closed
+        theirs.close()
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConnectionEnded):
+                read_pdu(ours, MAX_PDU_LENGTH)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * 1024 * 1024
     finally:
         ours.close()

@@ -8,6 +8,7 @@ from pydicom.uid import UID
 
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.dicom import commitment, find, retrieve
+from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 
 VERIFICATION = "1.2.840.10008.1.1"
 QUERY_MODELS = {
@@ -60,7 +61,8 @@ def statement(ae_title: str, port: int) -> str:
         "  Only configured peers (auth.dicom_peers): calling AE title and source address are both checked; an",
         "  unknown AE title or a known one from another address is rejected (A-ASSOCIATE-RJ, permanent, reason 3),",
         "  a wrong called AE title with reason 7. Each peer is allowed services (echo, store, find, get, move).",
-        "  TCP_NODELAY on every association. No limit on the PDU size the peer sends.",
+        f"  TCP_NODELAY on every association. Maximum PDU length received: {MAX_PDU_LENGTH} bytes (a longer",
+        "  P-DATA-TF is aborted).",
         "",
         "5 C-STORE SCP",
         "  Objects are filed under the patient PatientID + IssuerOfPatientID name in the patient index (an unknown",

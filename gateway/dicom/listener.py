@@ -30,6 +30,7 @@ from gateway.core.identity import (
     unserved_permissions,
 )
 from gateway.dicom import commitment, find, retrieve, storage
+from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 from gateway.dicom.reactor import EventAssociation, EventRequestHandler
 from gateway.dicom.router import Router
 from store import audit
@@ -75,7 +76,7 @@ class DicomListener:
         for sop_class, syntaxes in storage.contexts():
             for syntax in syntaxes:  # C-MOVE's association to the destination: one context per transfer syntax, so
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
-        self.ae.maximum_pdu_size = 0  # no limit on what a peer sends per PDU (photos are large)
+        self.ae.maximum_pdu_size = MAX_PDU_LENGTH  # a longer P-DATA-TF ends the association (reactor.py)
         self._server: ThreadedAssociationServer | None = None
         # the routing sender runs beside the listener when routes are configured
         self.router: Router | None = Router(gw) if gw.settings.routing.routes else None

@@ -24,30 +24,44 @@ class ConnectionEnded(Exception):
     """The peer closed the connection (or it failed, or timed out) before a whole PDU came."""
 
 
+# the longest P-DATA-TF our side takes, given in every association negotiation: a 12-MP photo in one or two PDUs
+# (per-PDU work is a small part of a C-STORE now), and one association's PDU never more than this in memory
+MAX_PDU_LENGTH = 4 * 1024 * 1024
+FIRST_READ = 1 << 20  # bytes made ready for a PDU's body before any has come: the rest as it comes
+
+
 def read_exactly(sock: socket.socket | ssl.SSLSocket, size: int) -> bytearray:
-    """`size` bytes from the socket, blocking until they have all come."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+    """`size` bytes from the socket, blocking until they have all come. The buffer grows (doubling) as bytes arrive,
+    so a length a peer only claims (a header saying 4 GB) costs no memory it has not sent."""
+    buffer = bytearray(min(size, FIRST_READ))
     got = 0
     try:
         while got < size:
-            n = sock.recv_into(view[got:], size - got)
+            if got == len(buffer):
+                buffer.extend(bytes(min(size - got, len(buffer))))
+            with memoryview(buffer) as view:
+                n = sock.recv_into(view[got:], len(buffer) - got)
             if n == 0:
                 raise ConnectionEnded(f"closed after {got} of {size} bytes")
             got += n
     except OSError as exc:  # TimeoutError included
         raise ConnectionEnded(type(exc).__name__) from exc
-    finally:
-        view.release()
     return buffer
 
 
-def read_pdu(sock: socket.socket | ssl.SSLSocket) -> tuple[int, bytearray, bytearray]:
-    """The next PDU: its type, its 6-byte header and its body."""
+class PduTooLong(Exception):
+    """A P-DATA-TF longer than the maximum length this side gave in its association negotiation."""
+
+
+def read_pdu(sock: socket.socket | ssl.SSLSocket, max_pdata: int = 0) -> tuple[int, bytearray, bytearray]:
+    """The next PDU: its type, its 6-byte header and its body. `max_pdata`: the longest P-DATA-TF taken (0: any);
+    a longer one raises PduTooLong before its body is read (PS3.8 9.3.1: the peer may send no more)."""
     header = read_exactly(sock, 6)
     pdu_type, _, length = _PDU_HEADER.unpack(header)
     if pdu_type not in PDU_TYPES:
         return pdu_type, header, bytearray()  # the caller refuses it before reading on (as pynetdicom does)
+    if pdu_type == P_DATA_TF and 0 < max_pdata < length:
+        raise PduTooLong(f"a P-DATA-TF of {length} bytes, over the {max_pdata} agreed")
     return pdu_type, header, read_exactly(sock, length)
 
 

@@ -40,7 +40,7 @@ from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
-from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, pdata_values, read_pdu
+from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, PduTooLong, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
 
 log = logging.getLogger("clinphoto.dicom")
@@ -132,10 +132,14 @@ class EventDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         try:
-            pdu_type, header, body = read_pdu(sock.socket)
+            pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0)
         except ConnectionEnded as exc:
             log.debug("DICOM connection ended mid-PDU: %s", exc)
             self.event_queue.put("Evt17")
+            return
+        except PduTooLong as exc:
+            log.error("%s from %s: association aborted", exc, self.assoc.requestor.address)
+            self.event_queue.put("Evt19")
             return
         if pdu_type not in PDU_TYPES:
             log.error("unknown PDU type 0x%02X received: association aborted", pdu_type)
