@@ -33,9 +33,10 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
 from sqlalchemy import func, select
 
+from gateway.core.ingest.incoming import CHUNK
 from gateway.core.policy.settings import DicomPeer
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH, ConnectionEnded, PduTooLong, pdata_values, read_exactly, read_pdu
-from gateway.dicom.spooled import CHUNK, SpooledDataSet, part10_head
+from gateway.dicom.spooled import SpooledDataSet, part10_head
 from store.models import Asset
 from tests import dicom_objects as objects
 from tests.conftest import require_tool

@@ -1,9 +1,8 @@
 """HTTP media of DICOMweb (PS3.18 8.7): the Accept header read as media ranges, multipart/related written as a
-stream and read from a spooled body. Protocol plumbing only: no DICOM decoding, no rule."""
+stream (read as it arrives: multipart_in.py). Protocol plumbing only: no DICOM decoding, no rule."""
 
 from __future__ import annotations
 
-import mmap
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -219,75 +218,3 @@ def _read(path: Path, start: int, size: int) -> bytes:
     if len(data) != size:  # the Content-Length promised more: the answer is cut off, not completed with other bytes
         raise OSError(f"{path.name}: {size - len(data)} bytes fewer than when the answer began")
     return data
-
-
-# -- reading --------------------------------------------------------------------------------------------
-
-
-class BadMultipart(ValueError):
-    """The body is not the multipart/related its Content-Type says."""
-
-
-@dataclass(frozen=True)
-class BodyPart:
-    """A received part: its headers (lower-case names) and where its content lies in the spooled body."""
-
-    headers: dict[str, str]
-    start: int
-    end: int
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("content-type", "").strip()
-
-
-class SpooledBody:
-    """A request body on disk (never whole in memory), its parts found by their boundaries."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        size = path.stat().st_size
-        self.view: mmap.mmap | bytes = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-
-    def close(self) -> None:
-        if isinstance(self.view, mmap.mmap):
-            self.view.close()
-        self._file.close()
-
-    def parts(self, boundary: str) -> list[BodyPart]:
-        view = self.view
-        delimiter = b"--" + boundary.encode("latin-1")
-        first = view.find(delimiter)
-        if first < 0:
-            raise BadMultipart(f"the body holds no part: boundary {boundary!r} not found")
-        pos = first + len(delimiter)
-        parts: list[BodyPart] = []
-        while True:
-            if view[pos:pos + 2] == b"--":
-                return parts  # the close delimiter
-            line_end = view.find(b"\r\n", pos)
-            if line_end < 0:
-                raise BadMultipart("the body ends inside a part's delimiter line")
-            head_end = view.find(b"\r\n\r\n", line_end)
-            if head_end < 0:
-                raise BadMultipart("a part has no end of headers")
-            headers = {}
-            for line in bytes(view[line_end + 2:head_end]).decode("latin-1").split("\r\n"):
-                name, sep, value = line.partition(":")
-                if sep:
-                    headers[name.strip().lower()] = value.strip()
-            start = head_end + 4
-            nxt = view.find(b"\r\n" + delimiter, start)
-            if nxt < 0:
-                raise BadMultipart("the body ends before its close delimiter (--boundary--)")
-            parts.append(BodyPart(headers, start, nxt))
-            pos = nxt + 2 + len(delimiter)
-
-    def write_part(self, part: BodyPart, out: Path, chunk: int = 1 << 20) -> None:
-        with open(out, "wb") as f:
-            for at in range(part.start, part.end, chunk):
-                f.write(self.view[at:min(at + chunk, part.end)])
-
-    def read_part(self, part: BodyPart) -> bytes:
-        return bytes(self.view[part.start:part.end])

@@ -1,6 +1,7 @@
 """STOW-RS (PS3.18 10.5): instances in, through the one core ingest, answered only after each is committed.
 
-Two forms of request body (multipart/related, chunked or not; spooled to disk as it arrives):
+Two forms of request body (multipart/related, chunked or not; each part to a spool file of its own as it arrives,
+hashed on the way: multipart_in.py):
 - `application/dicom` parts: each a Part 10 object, ingested as a received object (kept byte for byte);
 - `application/dicom+json` metadata with `image/jpeg` or `image/png` bulk data parts (IHE Web-based Image
   Capture): each data set names its PixelData part by BulkDataURI (the part's Content-Location or cid:
@@ -20,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,7 +36,8 @@ from gateway.core.ingest.pipeline import ingest, uploader
 from gateway.core.ingest.request import CaptureRequest, Channel, ImageFile, PatientRef, ReceivedObject, Source
 from gateway.core.objects.vlphoto import VL_PHOTOGRAPHIC_IMAGE
 from gateway.dicomweb.common import Caller, DicomwebError, base_url, dicom_json, gw_of
-from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, BadMultipart, BodyPart, SpooledBody, content_type_params, parse_accept
+from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_params, parse_accept
+from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver, ReceivedPart
 
 log = logging.getLogger("clinphoto.dicomweb")
 router = APIRouter()
@@ -104,15 +104,8 @@ def _ingest(gw: Gateway, out: Outcome, request: CaptureRequest, sop_class: str, 
         out.warnings[photo.sop_instance_uid] = f"this image is already stored as instance {photo.sop_instance_uid}, not {sop}"
 
 
-def _spool_part(gw: Gateway, body: SpooledBody, part: BodyPart, suffix: str) -> Path:
-    fd, path = gw.spool.new_file(prefix="stow-", suffix=suffix)
-    os.close(fd)
-    body.write_part(part, path)
-    return path
-
-
-def _dicom_part(gw: Gateway, source: Source, body: SpooledBody, part: BodyPart, study: str | None, out: Outcome) -> None:
-    path = _spool_part(gw, body, part, ".dcm")
+def _dicom_part(gw: Gateway, source: Source, part: ReceivedPart, study: str | None, out: Outcome) -> None:
+    path = part.path
     try:
         try:
             head = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
@@ -125,7 +118,9 @@ def _dicom_part(gw: Gateway, source: Source, body: SpooledBody, part: BodyPart, 
             out.fail(sop_class, sop, DOES_NOT_MATCH, f"the instance is of study {part_study or '(none)'}, not {study} as the URL says")
             out.mismatched += 1
             return
-        _ingest(gw, out, CaptureRequest(source=source, items=[ReceivedObject(path, spooled=True)]), sop_class, sop)
+        # the part's file becomes the blob (linked, not copied), its digests those worked out as it came
+        item = ReceivedObject(path, spooled=True, sha256=part.sha256, sha1=part.sha1)
+        _ingest(gw, out, CaptureRequest(source=source, items=[item]), sop_class, sop)
     finally:
         path.unlink(missing_ok=True)
 
@@ -135,7 +130,7 @@ def _value(data: dict[str, Any], tag: str) -> str | None:
     return str(values[0]).strip() or None if values else None
 
 
-def _bulk(parts: list[BodyPart], uri: str) -> BodyPart | None:
+def _bulk(parts: list[ReceivedPart], uri: str) -> ReceivedPart | None:
     """The bulk data part a BulkDataURI names: `cid:` and a part's Content-ID, else its Content-Location (the same,
     or one an absolute URL ending in the other, as senders write them either way)."""
     for part in parts:
@@ -149,7 +144,7 @@ def _bulk(parts: list[BodyPart], uri: str) -> BodyPart | None:
     return None
 
 
-def _json_instance(gw: Gateway, source: Source, body: SpooledBody, data: dict[str, Any], bulk: list[BodyPart], study: str | None,
+def _json_instance(gw: Gateway, source: Source, data: dict[str, Any], bulk: list[ReceivedPart], study: str | None,
                    out: Outcome) -> None:
     sop_class = _value(data, "00080016") or VL_PHOTOGRAPHIC_IMAGE
     sop = _value(data, "00080018") or ""
@@ -192,33 +187,26 @@ def _json_instance(gw: Gateway, source: Source, body: SpooledBody, data: dict[st
     except Exception as exc:  # pydicom raises many kinds on a malformed DICOM JSON value
         out.fail(sop_class, sop, CANNOT_UNDERSTAND, f"a DICOM JSON value cannot be read ({type(exc).__name__})", malformed=True)
         return
-    path = _spool_part(gw, body, part, ".jpg" if media == "image/jpeg" else ".png")
-    try:
-        request = CaptureRequest(source=source, items=[ImageFile(path, sop_instance_uid=sop)], patient=patient,
-                                 governance=gov, study_uid=part_study, series_uid=_value(data, "0020000E"))
-        _ingest(gw, out, request, sop_class, sop)
-    finally:
-        path.unlink(missing_ok=True)
+    # the part's own file, read by the ingest (another data set may name the same part: removed with the request)
+    request = CaptureRequest(source=source, items=[ImageFile(part.path, sha256=part.sha256, sop_instance_uid=sop)],
+                             patient=patient, governance=gov, study_uid=part_study, series_uid=_value(data, "0020000E"))
+    _ingest(gw, out, request, sop_class, sop)
 
 
-def _json_parts(gw: Gateway, source: Source, body: SpooledBody, json_parts: list[BodyPart], bulk: list[BodyPart],
+def _json_parts(gw: Gateway, source: Source, json_parts: list[ReceivedPart], bulk: list[ReceivedPart],
                 study: str | None, out: Outcome) -> None:
     for part in json_parts:
         try:
-            data = json.loads(body.read_part(part))
+            data = json.loads(part.path.read_bytes())
         except ValueError:
             raise DicomwebError(400, "an application/dicom+json part is not JSON") from None
         for item in data if isinstance(data, list) else [data]:
             if not isinstance(item, dict):
                 raise DicomwebError(400, "an application/dicom+json part must hold a DICOM JSON data set or an array of them")
-            _json_instance(gw, source, body, item, bulk, study, out)
+            _json_instance(gw, source, item, bulk, study, out)
 
 
-def store_all(gw: Gateway, source: Source, body: SpooledBody, part_type: str, boundary: str, study: str | None) -> Outcome:
-    try:
-        parts = body.parts(boundary)
-    except BadMultipart as exc:
-        raise DicomwebError(400, str(exc)) from None
+def store_all(gw: Gateway, source: Source, parts: list[ReceivedPart], part_type: str, study: str | None) -> Outcome:
     if not parts:
         raise DicomwebError(400, "the request holds no parts")
     out = Outcome()
@@ -226,12 +214,12 @@ def store_all(gw: Gateway, source: Source, body: SpooledBody, part_type: str, bo
     for part in parts:
         media = (part.content_type.split(";")[0].strip().lower()) or part_type
         if media == DICOM:
-            _dicom_part(gw, source, body, part, study, out)
+            _dicom_part(gw, source, part, study, out)
         elif media == DICOM_JSON:
             json_parts.append(part)
         else:
             bulk.append(part)
-    _json_parts(gw, source, body, json_parts, bulk, study, out)
+    _json_parts(gw, source, json_parts, bulk, study, out)
     if not out.stored and not out.failed:
         raise DicomwebError(400, "no instance in the request: send application/dicom parts, or application/dicom+json with bulk data parts")
     return out
@@ -272,25 +260,27 @@ def response(out: Outcome, base: str, study: str | None) -> Response:
     return dicom_json(ds.to_json_dict(), status)
 
 
-async def _spool_body(gw: Gateway, request: Request) -> Path:
-    """The body to a spool file as it arrives (chunked transfer coding too), refused over the limit."""
+async def _receive_parts(gw: Gateway, request: Request, boundary: str) -> list[ReceivedPart]:
+    """The body's parts, each to a spool file as it arrives (chunked transfer coding too), refused over the limit."""
     limit = gw.settings.ingest.max_bytes * MAX_BODY_FACTOR
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise DicomwebError(413, f"the body is over {limit // (1024 * 1024)} MiB: send fewer instances per request")
-    fd, path = gw.spool.new_file(prefix="stow-", suffix=".body")
+    receiver = PartsReceiver(boundary, lambda: gw.spool.new_file(prefix="stow-", suffix=".part"))
     size = 0
     try:
-        with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise DicomwebError(413, f"the body is over {limit // (1024 * 1024)} MiB: send fewer instances per request")
-                f.write(chunk)
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise DicomwebError(413, f"the body is over {limit // (1024 * 1024)} MiB: send fewer instances per request")
+            receiver.feed(chunk)
+        return receiver.close()
+    except BadMultipart as exc:
+        receiver.discard()
+        raise DicomwebError(400, str(exc)) from None
     except BaseException:
-        path.unlink(missing_ok=True)
+        receiver.discard()
         raise
-    return path
 
 
 async def _store(request: Request, subject: Caller, study: str | None) -> Response:
@@ -309,13 +299,12 @@ async def _store(request: Request, subject: Caller, study: str | None) -> Respon
         source = await run_in_threadpool(uploader, gw, subject, Channel.STOW)
     except IngestRejected as exc:  # audited by the core
         raise DicomwebError(403, exc.message) from None
-    path = await _spool_body(gw, request)
-    body = SpooledBody(path)
+    parts = await _receive_parts(gw, request, boundary)
     try:
-        out = await run_in_threadpool(store_all, gw, source, body, part_type, boundary, study)
+        out = await run_in_threadpool(store_all, gw, source, parts, part_type, study)
     finally:
-        body.close()
-        path.unlink(missing_ok=True)
+        for part in parts:
+            part.path.unlink(missing_ok=True)
     log.info("STOW-RS: %d stored, %d failed", len(out.stored), len(out.failed))
     return response(out, base_url(request), study)
 
