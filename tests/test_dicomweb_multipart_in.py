@@ -12,7 +12,7 @@ import uuid
 import pydicom
 import pytest
 
-from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver
+from gateway.dicomweb.multipart_in import MAX_PARTS, BadMultipart, PartsReceiver
 from tests import dicom_objects as objects
 from tests.ingest_helpers import add_patient
 from tests.test_dicomweb import mi, multipart_body, web  # noqa: F401 (the fixture)
@@ -101,4 +101,12 @@ def test_stow_takes_a_chunked_body_with_a_preamble_and_refuses_a_cut_one(gw, fx,
     assert stored.SOPInstanceUID == pydicom.dcmread(sent).SOPInstanceUID
     r = web.post("/dicomweb/studies", content=body[:-30], headers=headers)
     assert r.status_code == 400 and "close delimiter" in r.text
+    assert not gw.spool.files()
+
+
+def test_a_body_of_too_many_parts_is_refused_with_413_and_leaves_no_file(gw, web):  # noqa: F811
+    add_patient(gw)
+    body, ctype = multipart_body([("application/dicom", b"", {})] * (MAX_PARTS + 1), "application/dicom")
+    r = web.post("/dicomweb/studies", content=body, headers={**mi(gw), "Content-Type": ctype, "Accept": "application/dicom+json"})
+    assert r.status_code == 413 and f"more than {MAX_PARTS} parts" in r.text
     assert not gw.spool.files()

@@ -19,10 +19,16 @@ from python_multipart.multipart import MultipartParser
 from gateway.core.ingest.incoming import IncomingFile
 
 PREAMBLE_MAX = 64 * 1024  # bytes looked through for the first delimiter
+# parts one request may hold: each is a spool file, and a body of empty parts would otherwise make millions
+MAX_PARTS = 1000
 
 
 class BadMultipart(ValueError):
     """The body is not the multipart/related its Content-Type says."""
+
+
+class TooManyParts(ValueError):
+    """The body holds more than MAX_PARTS parts."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ class PartsReceiver:
     # python-multipart's callbacks
 
     def _part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise TooManyParts(f"the body holds more than {MAX_PARTS} parts: send fewer instances per request")
         fd, path = self._new_file()
         self._current, self._headers = IncomingFile(fd, path), {}
 

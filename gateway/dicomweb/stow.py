@@ -37,7 +37,7 @@ from gateway.core.ingest.request import CaptureRequest, Channel, ImageFile, Pati
 from gateway.core.objects.vlphoto import VL_PHOTOGRAPHIC_IMAGE
 from gateway.dicomweb.common import Caller, DicomwebError, base_url, dicom_json, gw_of
 from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_params, parse_accept
-from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver, ReceivedPart
+from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver, ReceivedPart, TooManyParts
 
 log = logging.getLogger("clinphoto.dicomweb")
 router = APIRouter()
@@ -278,6 +278,9 @@ async def _receive_parts(gw: Gateway, request: Request, boundary: str) -> list[R
     except BadMultipart as exc:
         receiver.discard()
         raise DicomwebError(400, str(exc)) from None
+    except TooManyParts as exc:
+        receiver.discard()
+        raise DicomwebError(413, str(exc)) from None
     except BaseException:
         receiver.discard()
         raise
