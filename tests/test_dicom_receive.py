@@ -25,9 +25,9 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
@@ -79,16 +79,30 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
     return condition()
 
 
-def store_request_pdus(path: Path, context_id: int, max_pdu: int) -> list[bytes]:
-    """The C-STORE-RQ of the object as P-DATA-TF PDUs, as pynetdicom would send them."""
+def store_request_pdus(path: Path, context_id: int, max_pdu: int, *, message_id: int = 1, drop: tuple[str, ...] = (),
+                       command_field: int | None = None) -> list[bytes]:
+    """The C-STORE-RQ of the object as P-DATA-TF PDUs, as pynetdicom would send them (`drop`: command elements
+    left out; `command_field`: another command field written in)."""
     ds = pydicom.dcmread(path)
     primitive = C_STORE()
-    primitive.MessageID, primitive.Priority = 1, 2
+    primitive.MessageID, primitive.Priority = message_id, 2
     primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     primitive.DataSet = io.BytesIO(encode(ds, False, True))
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
+    for keyword in drop:
+        delattr(message.command_set, keyword)
+    if command_field is not None:
+        message.command_set.CommandField = command_field
     return [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, max_pdu)]
+
+
+def echo_request_pdus(context_id: int, message_id: int) -> list[bytes]:
+    primitive = C_ECHO()
+    primitive.MessageID, primitive.AffectedSOPClassUID = message_id, Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 0)]
 
 
 def associate(port: int, syntax: str = JPEG_BASELINE):
@@ -278,3 +292,49 @@ def test_a_claimed_length_costs_no_memory_not_sent():
         assert peak < 4 * 1024 * 1024
     finally:
         ours.close()
+
+
+def test_a_store_request_pynetdicom_refuses_leaves_no_spool_file(camera_gw, tmp_path):
+    """A C-STORE-RQ without a Message ID: pynetdicom drops it without calling the handler, after its data set was
+    spooled; the file goes with it, and the association serves on."""
+    sent = big_photo(tmp_path / "photo.dcm")
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        for pdu in store_request_pdus(sent, assoc.accepted_contexts[0].context_id, 16384, drop=("MessageID",)):
+            assoc.dul.socket.socket.sendall(pdu)
+        assert wait_for(lambda: not camera_gw.spool.files() and assoc.is_established, 5)
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    assert not stored(camera_gw)
+
+
+def test_a_dul_failure_mid_data_set_leaves_no_spool_file(camera_gw, tmp_path):
+    """Half a data set, then a command of no known kind: pynetdicom's DUL aborts the association on its own (it
+    raises reading it) and the reactor ends without kill(); the half-written file goes all the same."""
+    sent = big_photo(tmp_path / "photo.dcm")
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        context_id = assoc.accepted_contexts[0].context_id
+        pdus = store_request_pdus(sent, context_id, 16384)
+        for pdu in pdus[: len(pdus) // 2]:
+            assoc.dul.socket.socket.sendall(pdu)
+        assert wait_for(lambda: len(camera_gw.spool.files()) == 1)
+        assoc.dul.socket.socket.sendall(store_request_pdus(sent, context_id, 16384, command_field=0x7777)[0])
+        assert wait_for(lambda: not camera_gw.spool.files())
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+
+
+def test_requests_packed_into_one_pdu_are_each_answered(camera_gw):
+    """PS3.8 lets a P-DATA-TF carry fragments of more than one message: the end of one request and the next."""
+    answered: list[int] = []
+    with RunningListener(camera_gw) as port:
+        ae = AE(ae_title="CAMERA")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", evt_handlers=[
+            (evt.EVT_DIMSE_RECV, lambda e: answered.append(e.message.command_set.MessageIDBeingRespondedTo))])
+        context_id = assoc.accepted_contexts[0].context_id
+        bodies = b"".join(pdu[6:] for pdu in echo_request_pdus(context_id, 1) + echo_request_pdus(context_id, 2))
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(bodies)) + bodies)
+        assert wait_for(lambda: len(answered) == 2, 5)
+        assoc.release()
+    assert answered == [1, 2]

@@ -42,9 +42,11 @@ from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
 from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, PduTooLong, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
+from gateway.dicom.spooled import SpooledDataSet
 
 log = logging.getLogger("clinphoto.dicom")
 
+LAST_FRAGMENT = 0x02  # message control header (PS3.8 E.2): the last fragment of a command or data set
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
 
 
@@ -151,9 +153,15 @@ class EventDUL(DULServiceProvider):
                 log.error("a P-DATA-TF whose items do not add up to its length: association aborted")
                 self.event_queue.put("Evt19")
                 return
-            primitive = P_DATA()
-            primitive._presentation_data_value_list = values  # type: ignore[assignment]  # views, read as bytes are
-            self.assoc.dimse.receive_primitive(primitive)
+            # one primitive per message a PDU ends (pynetdicom reads a primitive up to the first last fragment and
+            # drops the rest: a peer that packs the next request in with the end of one got no answer)
+            start = 0
+            for at, (_context_id, value) in enumerate(values):
+                if value[0] & LAST_FRAGMENT or at == len(values) - 1:
+                    primitive = P_DATA()
+                    primitive._presentation_data_value_list = values[start:at + 1]  # type: ignore[assignment]  # views
+                    self.assoc.dimse.receive_primitive(primitive)
+                    start = at + 1
             return
         try:
             pdu, event = self._decode_pdu(header + body)
@@ -325,7 +333,14 @@ class EventAssociation(Association):
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop, each turn started by work (or IDLE_WAIT) rather than a 1 ms sleep: serve a
-        DIMSE request, answer a release, end on an abort, a dead DUL or the network timeout."""
+        DIMSE request, answer a release, end on an abort, a dead DUL or the network timeout. However it ends (the DUL
+        may have stopped it on an exception of its own, without kill()), no spooled data set outlives it."""
+        try:
+            self._serve_until_ended()
+        finally:
+            self._discard_spooled()
+
+    def _serve_until_ended(self) -> None:
         self._is_paused = False
         while not self._kill:
             # paused while waiting, as pynetdicom's reactor is at its checkpoint: a send_*() from another thread
@@ -344,12 +359,28 @@ class EventAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 cast(FramingDIMSE, self.dimse).pending.started(msg)
-                self._serve_request(msg, cast(int, context_id))
+                try:
+                    self._serve_request(msg, cast(int, context_id))
+                finally:
+                    # the C-STORE handler took the file, or pynetdicom refused the request without calling it (no
+                    # Message ID, a context not accepted...): either way it goes now (done twice, nothing happens)
+                    _discard_if_spooled(msg)
             if self._finished():
                 return
             if self._closing:
                 self._close_for_stop()
                 return
+
+    def _discard_spooled(self) -> None:
+        """The data set still arriving, and those of requests received but never served, removed from the spool."""
+        dimse = cast(FramingDIMSE, self.dimse)
+        dimse.discard_partial()
+        while True:
+            try:
+                _context_id, msg = dimse.msg_queue.get_nowait()
+            except queue.Empty:
+                return
+            _discard_if_spooled(msg)
 
     def _close_for_stop(self) -> None:
         # A-ABORT, as archives do when they stop: the peer sees its association end, and a request it sent after
@@ -389,6 +420,12 @@ class EventAssociation(Association):
             self.kill()
             return True
         return False
+
+
+def _discard_if_spooled(msg: Any) -> None:
+    data_set = getattr(msg, "DataSet", None)
+    if isinstance(data_set, SpooledDataSet):
+        data_set.discard()
 
 
 class EventRequestHandler(RequestHandler):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -67,18 +68,25 @@ class PartsReceiver:
     def feed(self, chunk: bytes) -> None:
         if self._preamble is not None:
             self._preamble += chunk
-            at = self._preamble.find(self._delimiter)
+            at = self._first_delimiter()
             if at < 0:
                 if len(self._preamble) > PREAMBLE_MAX:
                     raise BadMultipart(f"the body holds no part: boundary {self._boundary!r} not found")
                 return
-            if at > 0 and self._preamble[at - 2:at] != b"\r\n":
-                raise BadMultipart("the first delimiter does not begin a line")
             chunk, self._preamble = bytes(self._preamble[at:]), None
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
             raise BadMultipart(f"the body is not multipart/related with boundary {self._boundary!r}: {exc}") from None
+
+    def _first_delimiter(self) -> int:
+        """Where the first delimiter begins (the body's start, or a line's), or -1: the boundary's text in the middle
+        of a preamble line is not one."""
+        preamble = cast(bytearray, self._preamble)
+        at = preamble.find(self._delimiter)
+        while at > 0 and preamble[at - 2:at] != b"\r\n":
+            at = preamble.find(self._delimiter, at + 1)
+        return at
 
     def close(self) -> list[ReceivedPart]:
         """The parts, once the body has ended; BadMultipart if it ended before its close delimiter."""
