@@ -20,7 +20,7 @@ Beside both, the floor: the same client against servers of the same Python libra
 - C-GET of a 10-photo study (12-MP photos), ms: the median of --rounds C-GETs of each server, taken in turns.
 - DICOMweb (clinphoto's /dicomweb, Orthanc's DICOMweb plugin at /dicom-web): QIDO-RS /studies?PatientID p50/p95 ms at
   the same archive sizes; WADO-RS of one 12-MP instance as stored (transfer-syntax=*), median ms (in turns, as C-GET); STOW-RS of 12-MP
-  photos, one instance per request, files/s (and, for clinphoto, until the last rendition was made). The client is httpx
+  photos, one instance per request, files/s after three uncounted (and, for clinphoto, until the last rendition was made). The client is httpx
   with keep-alive and no Accept-Encoding (Orthanc gzips JPEG when allowed: peers-measured.md).
 Both servers run as separate processes on 127.0.0.1; the client is pynetdicom in this process. clinphoto runs on
 SQLite in a temporary folder (synchronous=FULL). Orthanc measured here before (peers-measured.md): C-STORE 14.5 /
@@ -471,6 +471,10 @@ def main() -> None:
                         servers["clinphoto"].rendered_at()  # its renderer idle again: it would share the CPUs with what follows
                     held_study[name] = (study, series, study_photos[0].SOPInstanceUID)
                 if "web" in legs:
+                    # warmed alike, as for C-STORE: the first requests' one-time costs are not a rate
+                    stow_rate(webs[name], "", [photo(jpeg, generate_uid(), generate_uid()) for _ in range(3)])
+                    if name == "clinphoto":
+                        servers["clinphoto"].rendered_at()
                     stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(args.photos // 2, 10))]
                     start = time.perf_counter()
                     rows[name]["STOW-RS 12-MP, one per request (files/s)"] = rate = stow_rate(webs[name], "", stowed)
