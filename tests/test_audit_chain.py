@@ -216,3 +216,32 @@ def test_odd_values_are_recorded_and_verify(db):
         row = s.get(AuditEvent, 1)
         assert len(row.agent_who) == 200 and "\x00" not in row.outcome_desc
         assert row.entities == [{"type": "query", "query": "patient=a\ufffd|b"}] and row.detail == {"when": "2026-01-01"}
+
+
+def test_processes_starting_together_all_read_the_one_whole_audit_key(tmp_path):
+    """The key is made once, whole, by whichever starter comes first; the others read it, never a file still being
+    written (CI saw one of three concurrent `clinphoto db upgrade` fail with "audit key file ... is too short")."""
+    import stat
+    import threading
+
+    for round_ in range(40):
+        path = tmp_path / f"k{round_}" / "audit.key"
+        start = threading.Barrier(6)
+        keys: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            start.wait()
+            try:
+                keys.append(audit.load_or_create_key(path))
+            except BaseException as exc:  # collected: a thread's exception would not fail the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(set(keys)) == 1 and len(keys[0]) == 64
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert [p.name for p in path.parent.iterdir()] == ["audit.key"]  # no writer's own file left
