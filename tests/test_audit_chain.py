@@ -230,7 +230,8 @@ def test_processes_starting_together_all_read_the_one_whole_audit_key(tmp_path):
         keys: list[bytes] = []
         errors: list[BaseException] = []
 
-        def load() -> None:
+        def load(start: threading.Barrier = start, path: Path = path, keys: list[bytes] = keys,
+                 errors: list[BaseException] = errors) -> None:
             start.wait()
             try:
                 keys.append(audit.load_or_create_key(path))
