@@ -36,6 +36,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.command import command_set, response_of
+from gateway.dicom.pdu_in import P_DATA_TF
 from gateway.dicom.pending import PendingThrottle
 from gateway.dicom.spooled import SpooledDataSet, part10_head
 
@@ -45,9 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("clinphoto.dicom")
 
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV item length, context id, control header
-P_DATA_TF = 0x04
 # message control header (PS3.8 E.2): bit 0 command (1) or data set (0), bit 1 last fragment
 COMMAND, COMMAND_LAST, DATA, DATA_LAST = 0x01, 0x03, 0x00, 0x02
+LAST_FRAGMENT = DATA_LAST  # the bit alone, of a command's fragment or a data set's
 
 
 class Framed(bytes):

@@ -39,14 +39,13 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
-from gateway.dicom.pdata import FramingDIMSE, framed_of, send_all
+from gateway.dicom.pdata import LAST_FRAGMENT, FramingDIMSE, framed_of, send_all
 from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, PduTooLong, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
 from gateway.dicom.spooled import SpooledDataSet
 
 log = logging.getLogger("clinphoto.dicom")
 
-LAST_FRAGMENT = 0x02  # message control header (PS3.8 E.2): the last fragment of a command or data set
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
 
 
