@@ -234,3 +234,16 @@ def _made(gw) -> list[Asset]:
         rows = list(s.scalars(select(Asset).where(Asset.rendition_state.is_(None), Asset.preview_sha256.is_not(None))))
         s.expunge_all()
         return rows
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="scheduling policies are Linux's")
+def test_rendition_workers_run_at_the_idle_policy_as_children_of_the_gateway():
+    """The renderer's worker processes give way to answering senders at once (SCHED_IDLE, not nice 19), as the
+    renderer starts them (spawned, with its initializer)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=deferred._worker_start,
+                             initargs=(os.getpid(),)) as pool:
+        assert pool.submit(os.sched_getscheduler, 0).result(60) == os.SCHED_IDLE
+        assert pool.submit(os.getppid).result(60) == os.getpid()
