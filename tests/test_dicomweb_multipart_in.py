@@ -4,7 +4,6 @@ multipart it says refused (400 over HTTP) with nothing left in the spool. Real f
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import uuid
@@ -49,7 +48,7 @@ TRICKY = os.urandom(300_000) + f"x--{BOUNDARY}\r\n".encode() + os.urandom(1000) 
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 65536, 1 << 22])
-def test_parts_arrive_whole_with_their_digests_however_the_body_is_cut(tmp_path, chunk):
+def test_parts_arrive_whole_with_their_digest_however_the_body_is_cut(tmp_path, chunk):
     sent = [({"Content-Type": "application/dicom", "Content-Location": "a.dcm"}, TRICKY if chunk > 1 else TRICKY[-5000:]),
             ({"Content-Type": "application/dicom+json"}, b'{"00080018": {"vr": "UI"}}'),
             ({"Content-Type": "image/jpeg", "Content-ID": "<img1>"}, b"")]
@@ -60,7 +59,6 @@ def test_parts_arrive_whole_with_their_digests_however_the_body_is_cut(tmp_path,
     for part, (_, data) in zip(got, sent):
         assert part.path.read_bytes() == data and part.size == len(data)
         assert part.sha256 == hashlib.sha256(data).hexdigest()
-        assert part.sha1 == base64.b64encode(hashlib.sha1(data).digest()).decode()
 
 
 @pytest.mark.parametrize(("body", "says"), [

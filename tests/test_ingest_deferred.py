@@ -19,6 +19,7 @@ from sqlalchemy import select
 from gateway.core import access
 from gateway.core.identity import Subject
 from gateway.core.ingest import deferred, errors
+from gateway.core.ingest.digests import sha1_base64
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.renditions import DUE, FAILED
@@ -63,7 +64,7 @@ def test_the_answer_comes_before_the_renditions_and_the_first_reader_gets_them_m
     assert gw.settings.ingest.received_renditions == "after-answer"  # the default
     photo = receive(gw, good_object(tmp_path, fx)).photos[0]
     asset = load(gw, photo.asset_id)
-    assert photo.status == "created" and asset.rendition_state == DUE
+    assert photo.status == "created" and asset.rendition_state == DUE and asset.sha1 is None
     assert asset.preview_sha256 is None and asset.thumbnail_sha256 is None and asset.preview_size is None
     assert gw.renditions_wanted.is_set()  # the renderer is woken
     assert deferred.due(gw) == [asset.id]
@@ -74,6 +75,7 @@ def test_the_answer_comes_before_the_renditions_and_the_first_reader_gets_them_m
     asset = load(gw, asset.id)
     assert asset.rendition_state is None and stored.path == gw.blobs.path(asset.preview_sha256)
     assert asset.preview_size == stored.path.stat().st_size and asset.preview_sha1
+    assert asset.sha1 == sha1_base64(gw.blobs.path(asset.dicom_sha256))  # the object's, left to this moment
     assert Image.open(image_of(gw, asset.id, "thumbnail").path).size == (256, 192)
     assert deferred.due(gw) == []
     assert deferred.make(gw, asset.id).state is None  # made once: asking again changes nothing
@@ -113,6 +115,7 @@ def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx
     asset = load(gw, photo.asset_id)
     assert asset.rendition_state == FAILED and asset.preview_sha256 is None
     assert gw.blobs.read_bytes(asset.dicom_sha256) == sent.read_bytes()
+    assert asset.sha1 == sha1_base64(sent)  # served as sent, so described with its hash all the same
     assert not deferred.available(asset) and deferred.due(gw) == []
     with gw.db.read() as s:
         failed = s.execute(select(AuditEvent).where(AuditEvent.outcome == audit.SERIOUS_FAILURE)).scalars().one()
@@ -224,6 +227,7 @@ def test_serve_renders_what_a_stopped_process_left_and_what_storescu_sends(gw, f
         assert len(made) == 3 and set(left) <= {a.id for a in made}
         for asset in made:
             assert Image.open(gw.blobs.path(asset.preview_sha256)).size == (640, 480)
+            assert asset.sha1 == sha1_base64(gw.blobs.path(asset.dicom_sha256))  # hashed by a worker process
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:]

@@ -42,8 +42,8 @@ class SpooledDataSet(BytesIO):
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # BytesIO's takes any buffer
         return self.incoming.write(data)
 
-    def finish(self) -> tuple[str, str]:
-        """See IncomingFile.finish: the SHA-256 (hex) and SHA-1 (base64) of the Part 10 file."""
+    def finish(self) -> str:
+        """See IncomingFile.finish: the SHA-256 (hex) of the Part 10 file."""
         return self.incoming.finish()
 
     def discard(self) -> None:

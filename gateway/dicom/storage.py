@@ -91,8 +91,7 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
     path = spooled.path if spooled is not None else None
     try:
         if spooled is not None:
-            sha256, sha1 = spooled.finish()
-            item = ReceivedObject(spooled.path, spooled=True, sha256=sha256, sha1=sha1)
+            item = ReceivedObject(spooled.path, spooled=True, sha256=spooled.finish())
         else:
             item = _spool(gw, cast(Sequence[bytes | memoryview], encoded))
             path = item.path

@@ -34,13 +34,12 @@ class TooManyParts(ValueError):
 
 @dataclass(frozen=True)
 class ReceivedPart:
-    """A part as received: its headers (lower-case names) and its content in a spool file, with its digests."""
+    """A part as received: its headers (lower-case names) and its content in a spool file, with its SHA-256."""
 
     headers: dict[str, str]
     path: Path
     size: int
     sha256: str
-    sha1: str  # base64
 
     @property
     def content_type(self) -> str:
@@ -132,8 +131,8 @@ class PartsReceiver:
         incoming, self._current = self._current, None
         if incoming is None:
             return
-        sha256, sha1 = incoming.finish()
-        self.parts.append(ReceivedPart(self._headers, incoming.path, incoming.size, sha256, sha1))
+        sha256 = incoming.finish()
+        self.parts.append(ReceivedPart(self._headers, incoming.path, incoming.size, sha256))
 
     def _end(self) -> None:
         self._ended = True

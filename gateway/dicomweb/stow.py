@@ -118,8 +118,8 @@ def _dicom_part(gw: Gateway, source: Source, part: ReceivedPart, study: str | No
             out.fail(sop_class, sop, DOES_NOT_MATCH, f"the instance is of study {part_study or '(none)'}, not {study} as the URL says")
             out.mismatched += 1
             return
-        # the part's file becomes the blob (linked, not copied), its digests those worked out as it came
-        item = ReceivedObject(path, spooled=True, sha256=part.sha256, sha1=part.sha1)
+        # the part's file becomes the blob (linked, not copied), named by the SHA-256 worked out as it came
+        item = ReceivedObject(path, spooled=True, sha256=part.sha256)
         _ingest(gw, out, CaptureRequest(source=source, items=[item]), sop_class, sop)
     finally:
         path.unlink(missing_ok=True)

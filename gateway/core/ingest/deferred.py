@@ -97,12 +97,15 @@ def due(gw: Gateway, limit: int = 8, *, ready: bool = False) -> list[str]:
 
 
 Render = Callable[[received.Received, IngestSettings, Path], Renditions]  # received.renditions, here or elsewhere
+Digest = Callable[[Path], str]  # sha1_base64, here or elsewhere
 
 
-def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render | None = None) -> Made:
-    """Make a due photo's renditions (or learn they were made, or failed). One maker per photo in this
-    process: a second caller waits for the first rather than decoding the same pixels again. `render` decodes and
-    encodes (received.renditions on this thread unless given: the Renderer gives its worker processes)."""
+def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render | None = None,
+         digest: Digest | None = None) -> Made:
+    """Make a due photo's renditions (or learn they were made, or failed), and the SHA-1 of its stored object if the
+    ingest left it to be worked out here (FHIR Attachment.hash). One maker per photo in this process: a second caller
+    waits for the first rather than decoding the same pixels again. `render` decodes and encodes, `digest` hashes
+    (received.renditions and sha1_base64 on this thread unless given: the Renderer gives its worker processes)."""
     with _IN_FLIGHT_LOCK:
         running = _IN_FLIGHT.get(asset_id)
         if running is None:
@@ -111,7 +114,7 @@ def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render
         running.wait(wait_seconds)
         return _current(gw, asset_id)
     try:
-        return _make(gw, asset_id, render or received.renditions)
+        return _make(gw, asset_id, render or received.renditions, digest or sha1_base64)
     finally:
         with _IN_FLIGHT_LOCK:
             del _IN_FLIGHT[asset_id]
@@ -132,10 +135,11 @@ def _current(gw: Gateway, asset_id: str) -> Made:
     return Made(row.rendition_state, row.preview_sha256, row.thumbnail_sha256)
 
 
-def _make(gw: Gateway, asset_id: str, render: Render) -> Made:
+def _make(gw: Gateway, asset_id: str, render: Render, digest: Digest) -> Made:
     with gw.db.read() as session:
         row = session.execute(select(Asset.rendition_state, Asset.dicom_sha256, Asset.patient_id, Asset.source,
-                                     Asset.sop_instance_uid, Asset.study_uid).where(Asset.id == asset_id)).one_or_none()
+                                     Asset.sop_instance_uid, Asset.study_uid, Asset.sha1)
+                              .where(Asset.id == asset_id)).one_or_none()
     if row is None or row.rendition_state != DUE:
         return _current(gw, asset_id)
     named = row.dicom_sha256
@@ -151,6 +155,7 @@ def _make(gw: Gateway, asset_id: str, render: Render) -> Made:
             raise IngestRejected("invalid-object", "the photo has no stored DICOM object to render")
         obj = received.read(gw.blobs.path(row.dicom_sha256), settings, check_limits=False)
         rends = render(obj, settings, gw.spool.path)
+        sha1 = row.sha1 or digest(obj.path)
     except IngestRejected as exc:
         return _failed(gw, asset_id, row, exc.code, exc.message)
     except OSError as exc:
@@ -179,7 +184,7 @@ def _make(gw: Gateway, asset_id: str, render: Render) -> Made:
             done = cast(CursorResult[Any], session.execute(
                 update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE, _names(named)).values(
                     preview_sha256=preview, thumbnail_sha256=thumbnail, preview_sha1=sha1_base64(rends.preview),
-                    preview_size=len(rends.preview), rendition_state=None, updated_at=datetime.now(timezone.utc),
+                    preview_size=len(rends.preview), sha1=sha1, rendition_state=None, updated_at=datetime.now(timezone.utc),
                 )
             )).rowcount
     except BaseException:
@@ -223,13 +228,26 @@ def _pause(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> b
     return bool(done)
 
 
+def _object_sha1(gw: Gateway, row: object) -> dict[str, str]:
+    """The stored object's SHA-1 for the row, if the ingest left it to be worked out after the answer and the object
+    can be read (a photo whose pixels do not decode is still served as sent, hash and all)."""
+    stored = getattr(row, "dicom_sha256", None)
+    if getattr(row, "sha1", None) or not stored:
+        return {}
+    try:
+        return {"sha1": sha1_base64(gw.blobs.path(stored))}
+    except OSError:
+        return {}
+
+
 def _failed(gw: Gateway, asset_id: str, row: object, code: str, message: str) -> Made:
     """The pixels did not decode: marked, audited in the same transaction, logged without patient data."""
+    sha1 = _object_sha1(gw, row)
     with gw.db.write() as session:
         done = cast(CursorResult[Any], session.execute(
             update(Asset).where(Asset.id == asset_id, Asset.rendition_state == DUE,
                                 _names(getattr(row, "dicom_sha256", None)))
-            .values(rendition_state=FAILED, updated_at=datetime.now(timezone.utc)))).rowcount
+            .values(rendition_state=FAILED, updated_at=datetime.now(timezone.utc), **sha1))).rowcount
         if done:
             audit.append(session, audit.AuditEntry(
                 type_code=audit.IMPORT, action="U", subtype=getattr(row, "source", None), outcome=audit.SERIOUS_FAILURE,
@@ -287,8 +305,16 @@ class Renderer:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _render(self, obj: received.Received, settings: IngestSettings, tmp_dir: Path) -> Renditions:
-        """received.renditions in a worker process; a worker that died (a decoder crash, the OOM killer) breaks the
-        pool: this attempt fails (counted by make()) and the next one gets a new pool."""
+        """received.renditions in a worker process."""
+        return cast(Renditions, self._in_worker(self.worker, obj, settings, tmp_dir))
+
+    def _digest(self, path: Path) -> str:
+        """sha1_base64 in a worker process: at the idle policy, as the decode, not on the gateway's CPU time."""
+        return cast(str, self._in_worker(sha1_base64, path))
+
+    def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker process; a worker that died (a decoder crash, the OOM killer) breaks the pool: this
+        attempt fails (counted by make()) and the next one gets a new pool."""
         with self._pool_lock:
             if self._pool is None:
                 # spawn: workers are not forked from this process's threads (~0.5 s to start each, once), and are
@@ -297,7 +323,7 @@ class Renderer:
                                                  initializer=_worker_start, initargs=(os.getpid(),))
             pool = self._pool
         try:
-            return pool.submit(self.worker, obj, settings, tmp_dir).result()
+            return pool.submit(fn, *args).result()
         except BrokenProcessPool:
             with self._pool_lock:
                 if self._pool is pool:
@@ -340,7 +366,7 @@ class Renderer:
                 self.gw.renditions_wanted.wait(self.poll_seconds)
                 continue
             try:
-                make(self.gw, asset_id, render=self._render)
+                make(self.gw, asset_id, render=self._render, digest=self._digest)
             except Exception as exc:  # the decoder (counted in make()) or the database away: again after a pause
                 log.warning("photo %s: renditions not made this round (%s); trying again", asset_id, type(exc).__name__)
                 self._stop.wait(1.0)
