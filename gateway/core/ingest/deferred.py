@@ -101,11 +101,12 @@ Digest = Callable[[Path], str]  # sha1_base64, here or elsewhere
 Worker = Callable[[received.Received, IngestSettings, Path], Renditions]  # received.renditions, or a test's
 
 
-def read_and_render(stored: Path, settings: IngestSettings, tmp_dir: Path, worker: Worker = received.renditions) -> Renditions:
+def read_and_render(stored: Path, settings: IngestSettings, tmp_dir: Path, worker: Worker | None = None) -> Renditions:
     """The stored object's header read (received.read) and its renditions made by `worker`: both in the process
     that runs this. The Renderer runs it in its workers, so the header's parse is not Python on the gateway's own
     threads, beside the photos being received (see _claim for what that and the claim in one statement saved)."""
-    return worker(received.read(stored, settings, check_limits=False), settings, tmp_dir)
+    make_renditions = worker or received.renditions  # looked up at the call, not at import
+    return make_renditions(received.read(stored, settings, check_limits=False), settings, tmp_dir)
 
 
 def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render | None = None,
