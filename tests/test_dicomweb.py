@@ -291,6 +291,22 @@ def test_stow_part10_objects_answer_per_instance(gw, fx, web, tmp_path):
     assert web.post("/dicomweb/studies", content=body, headers={**viewer, "Content-Type": ctype}).status_code == 403
 
 
+def test_stow_reads_each_instances_header_once(gw, fx, web, tmp_path, monkeypatch):
+    """The door's study check and the ingest's checks read the same header: it is read once, not twice."""
+    from pydicom import filereader
+
+    add_patient(gw)
+    good = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "good.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS",
+                           StudyInstanceUID="1.2.826.0.9.2")
+    read_partial, read = filereader.read_partial, []  # what every pydicom read of a file goes through
+    monkeypatch.setattr(filereader, "read_partial", lambda *a, **k: read.append(1) or read_partial(*a, **k))
+    r = stow(web, gw, [("application/dicom", good.read_bytes(), {})], url="/dicomweb/studies/1.2.826.0.9.2")
+    assert r.status_code == 200, r.text
+    assert len(read) == 1
+    with gw.db.read() as s:
+        assert s.execute(select(Asset.study_uid)).scalar_one() == "1.2.826.0.9.2"
+
+
 def test_stow_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_replaces_it(gw, fx, web, tmp_path):
     """The damaged copy is stored (200), found not to decode after the answer; the intact resend under its SOP
     Instance UID is listed in ReferencedSOPSequence (200), not failed as a duplicate, and is the photo now."""

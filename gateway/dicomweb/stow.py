@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from gateway.core.context import Gateway
@@ -34,6 +34,7 @@ from gateway.core.ingest import errors, received
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest, uploader
 from gateway.core.ingest.request import CaptureRequest, Channel, ImageFile, PatientRef, ReceivedObject, Source
+from gateway.core.objects import part10
 from gateway.core.objects.vlphoto import VL_PHOTOGRAPHIC_IMAGE
 from gateway.dicomweb.common import Caller, DicomwebError, base_url, dicom_json, gw_of
 from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_params, parse_accept
@@ -108,18 +109,21 @@ def _dicom_part(gw: Gateway, source: Source, part: ReceivedPart, study: str | No
     path = part.path
     try:
         try:
-            head = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-            sop_class, sop = str(head.get("SOPClassUID", "")), str(head.get("SOPInstanceUID", ""))
-            part_study = str(head.get("StudyInstanceUID", ""))
-        except Exception as exc:  # pydicom raises many kinds on garbage
-            out.fail("", "", CANNOT_UNDERSTAND, f"a part is not a readable DICOM Part 10 object ({type(exc).__name__})", malformed=True)
+            # the header the ingest reads too, read once and handed on: the door's own read of three UIDs took 0.76 ms
+            # of a 12-MP instance, the door and the ingest's reads together 2.24 -> 1.99 ms (traced in the server)
+            head = part10.read_head(path)
+        except part10.Part10Error as exc:
+            out.fail("", "", CANNOT_UNDERSTAND, f"a part: {exc}", malformed=True)
             return
+        ds = head.dataset
+        sop_class, sop = str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+        part_study = str(ds.get("StudyInstanceUID", "") or "")
         if study is not None and part_study != study:
             out.fail(sop_class, sop, DOES_NOT_MATCH, f"the instance is of study {part_study or '(none)'}, not {study} as the URL says")
             out.mismatched += 1
             return
         # the part's file becomes the blob (linked, not copied), named by the SHA-256 worked out as it came
-        item = ReceivedObject(path, spooled=True, sha256=part.sha256)
+        item = ReceivedObject(path, spooled=True, sha256=part.sha256, head=head)
         _ingest(gw, out, CaptureRequest(source=source, items=[item]), sop_class, sop)
     finally:
         path.unlink(missing_ok=True)

@@ -512,7 +512,7 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
             # hashed while the header is read
             early = Early(item.path, item.sha256, item.sha1, want_sha1=want_sha1) if item.spooled else None
             try:
-                header = received.read(item.path, gw.settings.ingest)
+                header = received.read(item.path, gw.settings.ingest, head=item.head)
             except IngestRejected as exc:
                 raise exc.for_item(index, item.filename) from None
             sha = early.sha256() if early is not None else item.sha256 or sha256_of(item.path)

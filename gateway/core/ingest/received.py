@@ -163,14 +163,15 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def read(path: Path, settings: IngestSettings, *, check_limits: bool = True) -> Received:
+def read(path: Path, settings: IngestSettings, *, check_limits: bool = True, head: part10.Head | None = None) -> Received:
     """Every check of the header that needs no decoding; raises IngestRejected naming the rule broken.
-    `check_limits=False` reads an object already stored (the size limits of today do not apply to it)."""
+    `check_limits=False` reads an object already stored (the size limits of today do not apply to it); `head`: the
+    file's header as part10.read_head gave it to the caller already."""
     size = path.stat().st_size
     if check_limits:
         limits.check_size(size, settings.max_bytes)
     try:
-        head = part10.read_head(path)
+        head = head or part10.read_head(path)
     except part10.Part10Error as exc:
         raise _invalid(f"{exc}: send the object as a DICOM Part 10 file (preamble, DICM, file meta, data set)") from None
     ds = head.dataset

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.core import nhs
 from gateway.core.identity import Subject
 from gateway.core.ingest.errors import BAD_METADATA, IngestRejected
+from gateway.core.objects import part10
 from gateway.core.patient_refs import normalise_identifier
 from gateway.core.policy.rules import AE_PREFIX, access_list_name
 
@@ -328,6 +329,8 @@ class ReceivedObject:
     # the door wrote `path` into the gateway's spool for this request and will only delete it: the store may
     # link that file in as the blob instead of copying it (never set for a caller's own file, which could change)
     spooled: bool = False
+    # the file's header, when the door read it already (part10.read_head) for a check of its own: not read twice
+    head: part10.Head | None = field(default=None, compare=False, repr=False)
 
 
 Item = ImageFile | ReceivedObject
