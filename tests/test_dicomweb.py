@@ -9,6 +9,7 @@ import email.parser
 import hashlib
 import io
 import json
+import struct
 import uuid
 
 import httpx
@@ -305,6 +306,29 @@ def test_stow_reads_each_instances_header_once(gw, fx, web, tmp_path, monkeypatc
     assert len(read) == 1
     with gw.db.read() as s:
         assert s.execute(select(Asset.study_uid)).scalar_one() == "1.2.826.0.9.2"
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def test_stow_a_part_with_a_malformed_value_fails_alone(gw, fx, web, tmp_path):
+    """A Part 10 file whose header parses but whose SOP Class UID is a 3-byte US (pydicom raises only when the value
+    is read): that part fails (0xC000), the request is still answered, and the good instance before it is stored."""
+    add_patient(gw)
+    good = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "good.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    meta = (struct.pack("<HH", 2, 1) + b"OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01"
+            + _element(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.77.1.4\x00") + _element(2, 3, b"UI", b"1.2.3.4\x00")
+            + _element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1\x00"))
+    meta = _element(2, 0, b"UL", struct.pack("<I", len(meta))) + meta
+    bad = b"\x00" * 128 + b"DICM" + meta + _element(8, 0x16, b"US", b"\x01\x02\x03") + _element(8, 0x18, b"UI", b"1.2.3.4\x00")
+    r = stow(web, gw, [("application/dicom", good.read_bytes(), {}), ("application/dicom", bad, {})])
+    assert r.status_code == 202, r.text
+    answer = Dataset.from_json(r.json())
+    assert len(answer.ReferencedSOPSequence) == 1
+    assert [f.FailureReason for f in answer.FailedSOPSequence] == [0xC000]
+    with gw.db.read() as s:
+        assert len(s.execute(select(Asset.id)).all()) == 1
 
 
 def test_stow_an_intact_resend_of_an_instance_whose_pixels_did_not_decode_replaces_it(gw, fx, web, tmp_path):
