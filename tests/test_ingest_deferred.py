@@ -251,3 +251,18 @@ def test_rendition_workers_run_at_the_idle_policy_as_children_of_the_gateway():
                              initargs=(os.getpid(),)) as pool:
         assert pool.submit(os.sched_getscheduler, 0).result(60) == os.SCHED_IDLE
         assert pool.submit(os.getppid).result(60) == os.getpid()
+
+
+def test_renditions_are_made_where_the_database_has_no_update_returning(gw, fx, tmp_path, monkeypatch):
+    """SQLite before 3.35 has no UPDATE ... RETURNING (SQLAlchemy's dialect says so): the attempt is claimed, and the
+    row read back, in one write transaction instead."""
+    add_patient(gw)
+    photo = receive(gw, good_object(tmp_path, fx)).photos[0]
+    monkeypatch.setattr(gw.db.engine.dialect, "update_returning", False)
+    made = deferred.make(gw, photo.asset_id)
+    assert made.state is None and made.preview_sha256
+    asset = load(gw, photo.asset_id)
+    assert asset.rendition_state is None and asset.rendition_tries == 1
+    assert asset.sha1 == sha1_base64(gw.blobs.path(asset.dicom_sha256))
+    assert deferred.make(gw, photo.asset_id).preview_sha256 == made.preview_sha256  # not due: nothing claimed again
+    assert load(gw, photo.asset_id).rendition_tries == 1
