@@ -51,6 +51,10 @@ def test_serve_health_ready_and_graceful_stop(tmp_path):
         assert wait_healthy(base, proc) < 20
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+        # a request head of 1 MB is refused, not buffered however long it grows (uvicorn's h11, named in serve.py)
+        with socket.create_connection(("127.0.0.1", int(env["CLINPHOTO_HTTP_PORT"])), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 400")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
