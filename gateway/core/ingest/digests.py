@@ -51,12 +51,12 @@ def sha256_of(path: Path) -> str:
 
 
 class Early:
-    """A spooled file's SHA-256 and, when `want_sha1`, SHA-1 (unless the door gave them) and write-back to disk,
-    under way on helper threads."""
+    """A spooled file's SHA-256 (unless the door gave it), its SHA-1 when `want_sha1`, and write-back to disk, under
+    way on helper threads."""
 
-    def __init__(self, path: Path, sha256: str | None = None, sha1: str | None = None, *, want_sha1: bool = True) -> None:
+    def __init__(self, path: Path, sha256: str | None = None, *, want_sha1: bool = True) -> None:
         self._sha256: str | Future[str] = _HELPERS.submit(sha256_of, path) if sha256 is None else sha256
-        self._sha1: str | Future[str] | None = _HELPERS.submit(sha1_base64, path) if sha1 is None and want_sha1 else sha1
+        self._sha1: Future[str] | None = _HELPERS.submit(sha1_base64, path) if want_sha1 else None
         _HELPERS.submit(_write_back, path)  # nothing waits for it: the blob store's own fsync is the one that counts
 
     def sha256(self) -> str:
@@ -64,5 +64,5 @@ class Early:
         return self._sha256 if isinstance(self._sha256, str) else self._sha256.result()
 
     def sha1(self) -> str | None:
-        """The file's SHA-1 (base64), None when neither given nor wanted; raises as reading the file would have."""
-        return self._sha1.result() if isinstance(self._sha1, Future) else self._sha1
+        """The file's SHA-1 (base64), None when not wanted; raises as reading the file would have."""
+        return self._sha1.result() if self._sha1 is not None else None

@@ -510,7 +510,7 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     for index, item in enumerate(request.items):
         if isinstance(item, ReceivedObject):
             # hashed while the header is read
-            early = Early(item.path, item.sha256, item.sha1, want_sha1=want_sha1) if item.spooled else None
+            early = Early(item.path, item.sha256, want_sha1=want_sha1) if item.spooled else None
             try:
                 header = received.read(item.path, gw.settings.ingest, head=item.head)
             except IngestRejected as exc:
@@ -686,8 +686,7 @@ def _new_object_row(gw: Gateway, entry: _Item, obj: received.Received, ctx: _Con
     except IngestRejected as exc:
         raise exc.for_item(entry.index, entry.filename) from None
     # FHIR Attachment.hash of the object: after the answer, with its renditions (deferred.py), unless made now
-    given = entry.item.sha1 if isinstance(entry.item, ReceivedObject) else None
-    sha1 = entry.early.sha1() if entry.early is not None else (sha1_base64(obj.path) if now else given)
+    sha1 = entry.early.sha1() if entry.early is not None else (sha1_base64(obj.path) if now else None)
     # the received file is the original and the stored object at once: kept whatever keep_originals says
     item = entry.item
     if isinstance(item, ReceivedObject) and item.spooled:

@@ -324,8 +324,7 @@ class ReceivedObject:
 
     path: Path
     filename: str | None = None
-    sha256: str | None = None
-    sha1: str | None = None  # base64, FHIR Attachment.hash: given by a door that hashed the bytes as they came
+    sha256: str | None = None  # given by a door that hashed the bytes as they came
     # the door wrote `path` into the gateway's spool for this request and will only delete it: the store may
     # link that file in as the blob instead of copying it (never set for a caller's own file, which could change)
     spooled: bool = False
