@@ -127,10 +127,6 @@ class Received:
     device: str | None = None
     operator: str | None = None
 
-    @property
-    def sop_class_name(self) -> str:
-        return SOP_CLASSES[self.sop_class_uid]
-
 
 def _invalid(message: str, attribute: str | None = None) -> IngestRejected:
     return IngestRejected(INVALID_OBJECT, message, field=attribute)
