@@ -34,11 +34,12 @@ from pynetdicom.sop_class import Verification, VLPhotographicImageStorage
 from sqlalchemy import func, select
 
 from gateway.core.ingest import deferred
-from gateway.core.ingest.incoming import CHUNK
+from gateway.core.ingest.incoming import CHUNK, OverLimit
 from gateway.core.policy.settings import DicomPeer
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH, ConnectionEnded, PduTooLong, pdata_values, read_exactly, read_pdu
 from gateway.dicom.spooled import SpooledDataSet, part10_head
-from store.models import Asset
+from store import audit
+from store.models import Asset, AuditEvent
 from tests import dicom_objects as objects
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient
@@ -230,6 +231,61 @@ def test_a_write_the_disk_refuses_fails_the_finish(tmp_path):
     with pytest.raises(OSError):
         spooled.finish()
     spooled.discard()
+
+
+def test_a_spooled_data_set_past_its_limit_is_counted_not_kept(tmp_path):
+    path = tmp_path / "d.dcm"
+    spooled = SpooledDataSet(os.open(path, os.O_WRONLY | os.O_CREAT), path, b"head", limit=2 * CHUNK)
+    spooled.write(os.urandom(2 * CHUNK - 4))  # up to the limit, head included: kept
+    assert path.stat().st_size == 2 * CHUNK  # written, as ever
+    spooled.write(b"12345")  # one byte past it: what was kept goes
+    assert path.stat().st_size == 0
+    spooled.write(os.urandom(3 * CHUNK))  # the rest of what the sender sends, counted only
+    assert path.stat().st_size == 0
+    with pytest.raises(OverLimit) as over:
+        spooled.finish()
+    assert over.value.size == 4 + 2 * CHUNK - 4 + 5 + 3 * CHUNK
+    spooled.discard()
+    assert not path.exists()
+
+
+def test_a_c_store_over_the_size_limit_fills_no_disk_and_is_refused_for_its_size(camera_gw, tmp_path):
+    """ingest.max_bytes bounds what one C-STORE's data set may put in the spool while it arrives (sent here in 4 kB
+    PDUs, so the limit is crossed mid-data set): past it nothing of the object is kept, and the core refuses it for
+    its size, audited, as any file over the limit. The association and the gateway carry on."""
+    sent = big_photo(tmp_path / "photo.dcm")
+    camera_gw.settings.ingest.max_bytes = sent.stat().st_size // 2
+    tool = require_tool("storescu", "dcmtk")
+    with RunningListener(camera_gw) as port:
+        done = subprocess.run([tool, "-v", "-xy", "--max-send-pdu", "4096", "-aet", "CAMERA", "-aec", "CLINPHOTO",
+                               "127.0.0.1", str(port), str(sent)], capture_output=True, text=True, timeout=60)
+        said = (done.stdout + done.stderr).lower()
+        assert done.returncode != 0 and "refused: outofresources" in said, said
+        assoc = associate(port)
+        assoc._reactor_checkpoint.clear()  # paused, as its own send_*() do, so the answer is left for this test
+        try:
+            assert wait_for(lambda: assoc._is_paused)
+            # three quarters of it sent: the spool file was emptied when the limit was crossed, and stays so
+            pdus = store_request_pdus(sent, assoc.accepted_contexts[0].context_id, 4096)
+            for pdu in pdus[: len(pdus) * 3 // 4]:
+                assoc.dul.socket.socket.sendall(pdu)
+            assert wait_for(lambda: [f.stat().st_size for f in camera_gw.spool.files()] == [0])
+            for pdu in pdus[len(pdus) * 3 // 4:]:
+                assoc.dul.socket.socket.sendall(pdu)
+            _context_id, answer = assoc.dimse.get_msg(block=True)
+            assert answer.Status == 0xA700
+            assert answer.ErrorComment.startswith("file too large: over the ")
+            assoc._reactor_checkpoint.set()
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc._reactor_checkpoint.set()
+            assoc.release()
+    assert not stored(camera_gw)
+    assert not camera_gw.spool.files()
+    with camera_gw.db.read() as s:
+        refusals = s.execute(select(AuditEvent.agent_who, AuditEvent.detail).where(
+            AuditEvent.type_code == audit.IMPORT, AuditEvent.outcome == audit.MINOR_FAILURE)).all()
+    assert len(refusals) == 2 and all(who == "ae:CAMERA" and detail["code"] == "too-large" for who, detail in refusals)
 
 
 def test_a_pdata_tf_body_is_read_as_its_values():

@@ -64,6 +64,7 @@ class DicomListener:
         self.ae = AE(ae_title=gw.settings.ae_title)
         self.ae.pending_interval = gw.settings.dicom_pending_interval  # type: ignore[attr-defined]  # reactor.py reads it
         self.ae.data_set_spool = gw.spool  # type: ignore[attr-defined]  # C-STORE data sets written as they come (spooled.py)
+        self.ae.data_set_limit = gw.settings.ingest.max_bytes  # type: ignore[attr-defined]  # and kept up to this size
         self.ae.add_supported_context(VERIFICATION, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():
             # scp_role: a C-GET requestor stores what we send it on this association (SCP/SCU role selection)

@@ -149,6 +149,7 @@ class FramingDIMSE(DIMSEServiceProvider):
 
     encoded: EncodedDataSet | None = None
     spool: Spool | None = None  # where C-STORE data sets are written as they arrive (None: kept in memory)
+    data_set_limit: int | None = None  # bytes of a spooled Part 10 file kept (ingest.max_bytes): the rest only counted
     pending: PendingThrottle = PendingThrottle(0)  # the association sets its own; this class default sends every one
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
@@ -218,7 +219,7 @@ class FramingDIMSE(DIMSEServiceProvider):
             return
         head = part10_head(sop_class, sop_instance, context.transfer_syntax[0])
         fd, path = spool.new_file(prefix="cstore-", suffix=".dcm")
-        spooled = SpooledDataSet(fd, path, head)
+        spooled = SpooledDataSet(fd, path, head, self.data_set_limit)
         received = cast(BytesIO, message.data_set).getbuffer()
         try:
             spooled.write(received)  # a first data fragment that came in the command's PDU

@@ -266,6 +266,7 @@ class EventAssociation(Association):
         # the listener's AE carries the setting (gateway/dicom/listener.py)
         cast(FramingDIMSE, adopted.dimse).pending = PendingThrottle(getattr(assoc.ae, "pending_interval", DEFAULT_INTERVAL))
         cast(FramingDIMSE, adopted.dimse).spool = getattr(assoc.ae, "data_set_spool", None)
+        cast(FramingDIMSE, adopted.dimse).data_set_limit = getattr(assoc.ae, "data_set_limit", None)
         adopted.dimse.msg_queue = _WakingQueue(adopted.wake)
         dul.to_user_queue = _WakingQueue(adopted.wake)
         return adopted

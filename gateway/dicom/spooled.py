@@ -34,16 +34,16 @@ def part10_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str)
 class SpooledDataSet(BytesIO):
     """The data set of one C-STORE request, spooled to `path` (opened as `fd`) behind `head` as it is received."""
 
-    def __init__(self, fd: int, path: Path, head: bytes) -> None:
+    def __init__(self, fd: int, path: Path, head: bytes, limit: int | None = None) -> None:
         super().__init__()
-        self.incoming = IncomingFile(fd, path, head)
+        self.incoming = IncomingFile(fd, path, head, limit)
         self.path = path
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # BytesIO's takes any buffer
         return self.incoming.write(data)
 
     def finish(self) -> str:
-        """See IncomingFile.finish: the SHA-256 (hex) of the Part 10 file."""
+        """See IncomingFile.finish: the SHA-256 (hex) of the Part 10 file; OverLimit past the limit."""
         return self.incoming.finish()
 
     def discard(self) -> None:

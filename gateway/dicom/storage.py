@@ -21,6 +21,7 @@ from gateway.core.context import Gateway
 from gateway.core.identity import Subject, peer_allows
 from gateway.core.ingest import errors
 from gateway.core.ingest.errors import IngestRejected
+from gateway.core.ingest.incoming import OverLimit
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
@@ -91,7 +92,10 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
     path = spooled.path if spooled is not None else None
     try:
         if spooled is not None:
-            item = ReceivedObject(spooled.path, spooled=True, sha256=spooled.finish())
+            try:
+                item = ReceivedObject(spooled.path, spooled=True, sha256=spooled.finish())
+            except OverLimit as over:  # nothing of it kept: the ingest refuses it for its size
+                item = ReceivedObject(spooled.path, spooled=True, received_size=over.size)
         else:
             item = _spool(gw, cast(Sequence[bytes | memoryview], encoded))
             path = item.path

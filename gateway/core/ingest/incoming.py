@@ -18,12 +18,23 @@ from pathlib import Path
 CHUNK = 256 * 1024  # bytes gathered before a write and a digest update: ~13 of each for a 3 MB photo, not ~200
 
 
-class IncomingFile:
-    """The bytes written to `path` (opened as `fd`) in order, `head` first, hashed as they go."""
+class OverLimit(Exception):
+    """More bytes came than the file's limit: those past it were not kept, and the file was emptied."""
 
-    def __init__(self, fd: int, path: Path, head: bytes = b"") -> None:
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes received, over the limit")
+        self.size = size
+
+
+class IncomingFile:
+    """The bytes written to `path` (opened as `fd`) in order, `head` first, hashed as they go. With a `limit`, bytes
+    past it are counted, not kept: a sender cannot fill the spool's disk (and the stores beside it) with one object
+    before anything has looked at it; finish() then raises OverLimit."""
+
+    def __init__(self, fd: int, path: Path, head: bytes = b"", limit: int | None = None) -> None:
         self.path = path
         self.size = 0  # bytes given so far, head included
+        self.limit = limit
         self._fd: int | None = fd
         self._sha256 = hashlib.sha256()
         self._pending = bytearray()
@@ -33,8 +44,11 @@ class IncomingFile:
             self.write(head)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._pending += data
         self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            self._over_limit()
+            return len(data)
+        self._pending += data
         if len(self._pending) >= CHUNK:
             with self._lock:
                 self._flush()
@@ -56,18 +70,33 @@ class IncomingFile:
             self._sha256.update(pending)  # hashlib lets go of the GIL for a chunk this size
         pending.clear()
 
-    def finish(self) -> str:
-        """The rest written and the file closed: its SHA-256 (hex). Raises the OSError a write
-        met (the file is then incomplete), or one saying it was discarded."""
+    def _over_limit(self) -> None:
+        """The first byte past the limit: what was kept goes (the file emptied, its disk space freed at once)."""
         with self._lock:
-            self._flush()
+            self._pending.clear()
+            if self._fd is not None and self._error is None:
+                try:
+                    os.ftruncate(self._fd, 0)
+                except OSError as exc:
+                    self._error = exc
+
+    def finish(self) -> str:
+        """The rest written and the file closed: its SHA-256 (hex). Raises OverLimit when more than the limit came
+        (the file is then empty), the OSError a write met (the file is then incomplete), or one saying it was
+        discarded."""
+        with self._lock:
+            over = self.limit is not None and self.size > self.limit
+            if not over:
+                self._flush()
             fd, self._fd = self._fd, None
             if fd is not None:
                 os.close(fd)
-            if self._error is not None:
-                raise self._error
             if fd is None:
                 raise OSError(f"{self.path.name}: discarded before it was finished")
+            if over:
+                raise OverLimit(self.size)
+            if self._error is not None:
+                raise self._error
         return self._sha256.hexdigest()
 
     def discard(self) -> None:

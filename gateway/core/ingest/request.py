@@ -330,6 +330,9 @@ class ReceivedObject:
     spooled: bool = False
     # the file's header, when the door read it already (part10.read_head) for a check of its own: not read twice
     head: part10.Head | None = field(default=None, compare=False, repr=False)
+    # the bytes the sender sent, when the door kept none of them for being over ingest.max_bytes as they came
+    # (the file is then empty): refused as too large, and audited, as a file over the limit is
+    received_size: int | None = None
 
 
 Item = ImageFile | ReceivedObject
