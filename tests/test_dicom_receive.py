@@ -354,6 +354,74 @@ def test_a_claimed_length_costs_no_memory_not_sent():
         ours.close()
 
 
+def endless_fragments(context_id: int, control: int, total: int, pdu_body: int = 16384):
+    """P-DATA-TF PDUs of one message's fragments, none of them the last, `total` bytes of them in all."""
+    value = bytes([control]) + b"\x20" * (pdu_body - 6)
+    pdu = struct.pack(">BBLLB", 0x04, 0, pdu_body, pdu_body - 4, context_id) + value
+    for _ in range(total // (pdu_body - 6) + 1):
+        yield pdu
+
+
+@pytest.mark.parametrize("control", [0x01, 0x00], ids=["command", "identifier"])
+def test_a_message_gathered_in_memory_without_end_aborts_its_association_and_takes_no_memory(camera_gw, control):
+    """A command set that never ends, or a C-ECHO... data set (pynetdicom gathers any non-C-STORE data set in memory
+    until its last fragment): past pdata.MAX_COMMAND_BYTES / MAX_IN_MEMORY_DATA_SET the association is aborted,
+    where pynetdicom gathered all a peer sent (here 40 MB). The gateway serves on."""
+    from gateway.dicom.pdata import MAX_IN_MEMORY_DATA_SET
+
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        context_id = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+        if control == 0x00:  # a C-ECHO-RQ whose command says a data set follows, then that data set, without end
+            command = echo_request_pdus(context_id, 1)[0]
+            with_data_set = command.replace(struct.pack("<HHLH", 0x0000, 0x0800, 2, 0x0101),
+                                            struct.pack("<HHLH", 0x0000, 0x0800, 2, 0x0001))
+            assert with_data_set != command
+            assoc.dul.socket.socket.sendall(with_data_set)
+        tracemalloc.start()
+        try:
+            sock = assoc.dul.socket.socket
+            try:
+                for pdu in endless_fragments(context_id, control, 40 * 1024 * 1024):
+                    sock.sendall(pdu)
+            except OSError:  # the gateway aborted and closed while we sent
+                pass
+            assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < MAX_IN_MEMORY_DATA_SET + MAX_PDU_LENGTH + 4 * 1024 * 1024
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+
+
+def test_a_c_store_the_spool_has_no_room_for_is_answered_out_of_resources_and_not_kept(camera_gw, tmp_path, monkeypatch):
+    """The disk full when a C-STORE's data set starts: nothing of it is kept (in memory neither: pynetdicom's way
+    gathers it all), the answer is 0xA700 so the sender tries again later, and the next C-STORE, with room again,
+    is stored."""
+    import errno
+
+    sent = big_photo(tmp_path / "photo.dcm")
+    new_file = camera_gw.spool.new_file
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        try:
+            monkeypatch.setattr(camera_gw.spool, "new_file", full)
+            answer = assoc.send_c_store(pydicom.dcmread(sent))
+            assert answer.Status == 0xA700 and "send again" in answer.ErrorComment
+            monkeypatch.setattr(camera_gw.spool, "new_file", new_file)
+            assert not stored(camera_gw)
+            assert assoc.send_c_store(pydicom.dcmread(sent)).Status == 0x0000
+        finally:
+            assoc.release()
+    assert len(stored(camera_gw)) == 1 and not camera_gw.spool.files()
+
+
 def test_a_store_request_pynetdicom_refuses_leaves_no_spool_file(camera_gw, tmp_path):
     """A C-STORE-RQ without a Message ID: pynetdicom drops it without calling the handler, after its data set was
     spooled; the file goes with it, and the association serves on."""

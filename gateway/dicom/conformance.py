@@ -8,6 +8,7 @@ from pydicom.uid import UID
 
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.dicom import commitment, find, retrieve
+from gateway.dicom.pdata import MAX_COMMAND_BYTES, MAX_IN_MEMORY_DATA_SET
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -62,7 +63,8 @@ def statement(ae_title: str, port: int) -> str:
         "  unknown AE title or a known one from another address is rejected (A-ASSOCIATE-RJ, permanent, reason 3),",
         "  a wrong called AE title with reason 7. Each peer is allowed services (echo, store, find, get, move).",
         f"  TCP_NODELAY on every association. Maximum PDU length received: {MAX_PDU_LENGTH} bytes (a longer",
-        "  P-DATA-TF is aborted).",
+        f"  P-DATA-TF is aborted). A command set over {MAX_COMMAND_BYTES} bytes, or an identifier or other",
+        f"  non-image data set over {MAX_IN_MEMORY_DATA_SET} bytes, aborts the association.",
         "",
         "5 C-STORE SCP",
         "  Objects are filed under the patient PatientID + IssuerOfPatientID name in the patient index (an unknown",

@@ -38,7 +38,7 @@ from gateway.core.objects.transcode import EncodedDataSet
 from gateway.dicom.command import command_set, response_of
 from gateway.dicom.pdu_in import P_DATA_TF
 from gateway.dicom.pending import PendingThrottle
-from gateway.dicom.spooled import SpooledDataSet, part10_head
+from gateway.dicom.spooled import SpooledDataSet, Unkept, part10_head
 
 if TYPE_CHECKING:
     from store.spool import Spool
@@ -103,6 +103,13 @@ def frame(context_id: int, command: bytes, data: memoryview | bytes | Sequence[m
 
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux)
 
+# What pynetdicom gathers in memory, fragment by fragment, until a message is whole: past these the association is
+# aborted. Without them one peer could send a command or an identifier without end and take the gateway's memory.
+MAX_COMMAND_BYTES = 64 * 1024  # a command set is some hundred bytes (PS3.7 9.3, 10.3)
+# a C-FIND/C-GET/C-MOVE identifier (a UID list of thousands), a storage commitment report: a C-STORE's data set goes
+# to the spool instead (spooled.py), bounded by ingest.max_bytes
+MAX_IN_MEMORY_DATA_SET = 8 * 1024 * 1024
+
 
 def send_all(sock: Any, pieces: Iterable[bytes | memoryview]) -> None:
     """Write every piece, in order, taking them as they come: sendmsg() of up to IOV_MAX at a time, as many times as
@@ -151,6 +158,7 @@ class FramingDIMSE(DIMSEServiceProvider):
     spool: Spool | None = None  # where C-STORE data sets are written as they arrive (None: kept in memory)
     data_set_limit: int | None = None  # bytes of a spooled Part 10 file kept (ingest.max_bytes): the rest only counted
     pending: PendingThrottle = PendingThrottle(0)  # the association sets its own; this class default sends every one
+    _refused = False  # a message grew past the limits below: the association is being aborted
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if not self.pending.should_send(primitive):
@@ -200,13 +208,36 @@ class FramingDIMSE(DIMSEServiceProvider):
                     response._dataset_path = response._dataset_file = None
                     self.msg_queue.put((context_id, response))
                     return
+        if self._refused:
+            return  # the association is being aborted: nothing more is gathered
         super().receive_primitive(primitive)
         message, spool = self.message, self.spool
+        if message is None:
+            return
         if spool is not None and isinstance(message, C_STORE_RQ) and type(message.data_set) is BytesIO:
             try:
                 self._spool_data_set(message, spool)
-            except OSError as exc:  # no spool file to be had: this one is gathered in memory, as pynetdicom does
-                log.warning("C-STORE data set kept in memory: the spool refused a file (%s)", type(exc).__name__)
+            except OSError as exc:  # no spool file to be had (the disk full): counted, not kept; answered 0xA700
+                log.error("C-STORE data set not kept: the spool refused a file (%s)", type(exc).__name__)
+                message.data_set = Unkept()
+        self._check_gathered(message)
+
+    def _check_gathered(self, message: Any) -> None:
+        """A message still arriving whose command or in-memory data set has grown past what DIMSE needs: the
+        association is aborted (as on a PDU that cannot be decoded), what was gathered dropped."""
+        command = message.encoded_command_set.tell()
+        data_set = message.data_set.tell() if type(message.data_set) is BytesIO else 0
+        if command <= MAX_COMMAND_BYTES and data_set <= MAX_IN_MEMORY_DATA_SET:
+            return
+        what = "command set" if command > MAX_COMMAND_BYTES else "data set"
+        log.error("a DIMSE message's %s over %d bytes from %s (%s): association aborted", what,
+                  MAX_COMMAND_BYTES if command > MAX_COMMAND_BYTES else MAX_IN_MEMORY_DATA_SET,
+                  self.assoc.requestor.address, self.assoc.requestor.ae_title)
+        self._refused = True
+        if isinstance(message.data_set, SpooledDataSet):
+            message.data_set.discard()
+        self.message = None
+        self.dul.event_queue.put("Evt19")
 
     def _spool_data_set(self, message: C_STORE_RQ, spool: Spool) -> None:
         """A C-STORE request whose command has come and whose data set is coming: the rest of it to the spool as it

@@ -48,3 +48,16 @@ class SpooledDataSet(BytesIO):
 
     def discard(self) -> None:
         self.incoming.discard()
+
+
+class Unkept(BytesIO):
+    """The data set of a C-STORE request the spool had no file for: its fragments are counted, not kept in memory
+    (pynetdicom's way, unbounded); the handler answers Out of Resources."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # BytesIO's takes any buffer
+        self.size += len(data)
+        return len(data)

@@ -25,7 +25,7 @@ from gateway.core.ingest.incoming import OverLimit
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
-from gateway.dicom.spooled import SpooledDataSet
+from gateway.dicom.spooled import SpooledDataSet, Unkept
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -146,6 +146,8 @@ def on_store(gw: Gateway, event: Any) -> Dataset:
     data_set = event.request.DataSet
     if isinstance(data_set, SpooledDataSet):  # written to the spool as it came (spooled.py)
         return store(gw, subject, address, data_set).dataset()
+    if isinstance(data_set, Unkept):  # the spool had no file for it (pdata.py): the sender may try again later
+        return StoreAnswer(OUT_OF_RESOURCES, "not stored: no room to receive it; send again").dataset()
     head = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
     with data_set.getbuffer() as view:
         return store(gw, subject, address, (head, view)).dataset()
