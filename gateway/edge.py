@@ -1,7 +1,14 @@
 """What every HTTP request meets first, before any door: one plain ASGI layer.
 
 Plain ASGI, not FastAPI's @app.middleware("http"): each of those wraps the request in a BaseHTTPMiddleware, and
-three of them with the FHIR mount measured ~0.5 ms of a 2.2 ms round trip (bench/fhir_search.py's anchor)."""
+three of them with the FHIR mount measured ~0.5 ms of a 2.2 ms round trip (bench/fhir_search.py's anchor).
+
+Request bodies are bounded here. FastAPI reads a route's whole body into memory before any dependency runs, the
+token check included: a 300 MB chunked body to POST /api/v1/consents without a token took the gateway's memory from
+148 MB to 1 GB, with a token to 4.5 GB (pydantic's parse). The doors that stream a body to the spool as it comes
+(photo upload, STOW-RS) bound it themselves and are let through; every other body is cut off at its limit, as it
+arrives (chunked ones too), and answered 413.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,37 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.fhir.ingest import MAX_BODY as FHIR_INGEST_MAX_BODY
 from gateway.fhir.outcome import FHIR_JSON, operation_outcome
+from gateway.http.errors import BodyTooLarge
 
 NUL_IN_URL = "the request URL holds a NUL byte (%00); no identifier or parameter may contain one"
 DOCS_PAGES = ("/api/docs", "/api/redoc")
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
             "font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'self'")
+
+
+# the largest body of a JSON request (a consent, an access grant, a viewer launch, the console's): some kB
+MAX_BODY = 1024 * 1024
+# a FHIR resource other than a photo (a Consent, or a transaction without photos): room for one that carries a
+# document (a scanned consent form) inline as base64
+MAX_FHIR_BODY = 8 * 1024 * 1024
+
+
+def body_limit(method: str, path: str) -> int | None:
+    """The most body bytes a request may send; None: its door streams the body to the spool and bounds it itself."""
+    if method == "POST" and (path == "/api/v1/photos" or path.startswith("/dicomweb/studies")):
+        return None  # upload (ingest.max_bytes x max_files) and STOW-RS (MAX_BODY_FACTOR x ingest.max_bytes)
+    if path.startswith("/fhir/"):
+        return FHIR_INGEST_MAX_BODY if method == "POST" and path in ("/fhir/", "/fhir/Media") else MAX_FHIR_BODY
+    return MAX_BODY
+
+
+def _too_large(path: str, limit: int) -> JSONResponse:
+    text = f"the request body is over {limit // (1024 * 1024)} MiB, the most this endpoint takes"
+    if path.startswith("/fhir"):
+        return JSONResponse(operation_outcome([("error", "too-long", text)]), 413, media_type=FHIR_JSON)
+    return JSONResponse({"error": "too-large", "message": text, "detail": text}, 413)
 
 
 class Edge:
@@ -49,4 +81,46 @@ class Edge:
 
             await self.app(scope, receive, with_csp)
             return
-        await self.app(scope, receive, send)
+        limit = body_limit(scope["method"], scope["path"])
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        await self._bounded(scope, receive, send, limit)
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """The app, its body cut off at `limit`: a declared longer one is refused before the app runs; one that grows
+        past it (chunked, or longer than declared) raises BodyTooLarge in the app's read, whatever the app then sends
+        is held back, and the 413 goes instead (the connection then closes: the rest of the body is never read)."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _too_large(scope["path"], limit)(scope, receive, send)
+            return
+        received = 0
+        cut_off = False
+        started = False  # a response of the app's went out (before the cut: it stands)
+
+        async def bounded_receive() -> Message:
+            nonlocal received, cut_off
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    cut_off = True
+                    raise BodyTooLarge()
+            return message
+
+        async def held_send(message: Message) -> None:
+            nonlocal started
+            if cut_off and not started:
+                return  # the app's answer to a read that failed (a 400 or 500): the 413 goes instead
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, held_send)
+        except Exception:
+            if not cut_off or started:
+                raise
+        if cut_off and not started:
+            await _too_large(scope["path"], limit)(scope, receive, send)

@@ -26,6 +26,7 @@ from gateway.fhir import audit_events, capability, consents, ingest, render
 from gateway.fhir.common import Caller, JsonOnly, base_url, fhir_response, query, what
 from gateway.fhir.outcome import FHIR_JSON, FhirError, operation_outcome
 from gateway.fhir.params import Query, birth_date, count_of, date_range, reference_id, split_or, token
+from gateway.http.errors import BodyTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def create_fhir_app(gw: Gateway) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def failure(request: Request, exc: Exception) -> JSONResponse:
-        log.error("FHIR %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-        log.debug("FHIR failure", exc_info=True)
+        if not isinstance(exc, BodyTooLarge):  # the caller's body over its limit: the edge answers 413
+            log.error("FHIR %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+            log.debug("FHIR failure", exc_info=True)
         return fhir_response(operation_outcome([("fatal", "exception", f"the server failed ({type(exc).__name__}); "
                                                                        "the failure is logged")]), 500)
 

@@ -22,6 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.core.refusals import Kind, Refused
 
+
+class BodyTooLarge(Exception):
+    """Raised to a door reading a request body past its limit: the edge (gateway/edge.py) answers 413 in its place."""
+
 STATUS = {
     Kind.NOT_AUTHENTICATED: 401,
     Kind.AUTH_UNAVAILABLE: 503,

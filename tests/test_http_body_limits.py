@@ -1,0 +1,105 @@
+"""Request bodies are bounded at the edge (gateway/edge.py), on a real socket, both backends.
+
+FastAPI reads a route's whole body into memory before its token check runs: without a bound, one request without a
+token, its body sent chunked (no Content-Length to refuse it by), took the gateway's memory as far as the sender
+went. Past its endpoint's limit a body is cut off as it arrives and answered 413 in the door's own form (FHIR:
+OperationOutcome); the doors that stream a body to the spool (photo upload, STOW-RS) keep their own, larger, limits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.edge import MAX_BODY, MAX_FHIR_BODY, body_limit
+from gateway.fhir.ingest import MAX_BODY as FHIR_INGEST_MAX_BODY
+from tests.auth_helpers import auth_headers
+from tests.ingest_helpers import NHS, add_patient
+from tests.test_photos_api import api  # noqa: F401 (the live-server fixture)
+
+MiB = 1024 * 1024
+
+
+def chunked(total: int, head: bytes = b'{"resourceType": "Consent", "note": "'):
+    """A JSON-looking body of `total` bytes, sent in 1 MiB chunks (httpx: chunked transfer coding, no length)."""
+    yield head
+    sent = len(head)
+    while sent < total:
+        piece = min(MiB, total - sent)
+        yield b"a" * piece
+        sent += piece
+
+
+def declared_only(client, method: str, path: str, headers: dict[str, str], length: int) -> tuple[int, bytes]:
+    """A request whose head declares a body of `length` bytes, none of them sent: the status line and what follows."""
+    url = client.base_url
+    head = f"{method} {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Length: {length}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < 200:
+            got = sock.recv(65536)
+            if not got:
+                break
+            answer += got
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_a_chunked_body_without_a_token_is_cut_off_at_the_limit_and_takes_no_memory(gw, api):  # noqa: F811
+    tracemalloc.start()
+    try:
+        r = api.post("/api/v1/consents", content=chunked(100 * MiB), headers={"Content-Type": "application/json"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 413
+    assert r.json()["error"] == "too-large" and "1 MiB" in r.json()["message"]
+    assert peak < 16 * MiB  # in this process: the gateway's server thread and the client's (1 MiB chunks)
+
+
+@pytest.mark.parametrize("method, path, limit, fhir", [
+    ("POST", "/api/v1/consents", MAX_BODY, False),
+    ("POST", "/api/v1/viewer/launch", MAX_BODY, False),
+    ("PUT", "/fhir/Consent/1", MAX_FHIR_BODY, True),
+    ("POST", "/fhir/Consent", MAX_FHIR_BODY, True),
+    ("POST", "/fhir/Media", FHIR_INGEST_MAX_BODY, True),
+    ("POST", "/fhir", FHIR_INGEST_MAX_BODY, True),  # a transaction Bundle, posted to the base
+])
+def test_a_body_over_its_endpoints_limit_is_413_in_the_doors_form(gw, api, method, path, limit, fhir):  # noqa: F811
+    headers = {**auth_headers(gw, role="medical-illustration", sub="mi.jones"),
+               "Content-Type": "application/fhir+json" if fhir else "application/json"}
+    r = api.request(method, path, content=chunked(limit + 1), headers=headers)  # chunked: cut off as it came
+    assert r.status_code == 413, (path, r.text[:300])
+    if fhir:
+        issue = r.json()["issue"][0]
+        assert r.json()["resourceType"] == "OperationOutcome" and issue["code"] == "too-long"
+        assert f"{limit // MiB} MiB" in issue["diagnostics"]
+    else:
+        assert r.json()["error"] == "too-large" and f"{limit // MiB} MiB" in r.json()["message"]
+    # a length declared over the limit: refused before a byte of the body is read
+    status, answer = declared_only(api, method, path, headers, limit + 1)
+    assert status == 413 and b"too-" in answer, answer[:300]
+    # up to the limit is the endpoint's to judge: a body that is not JSON is its 400 or 422, not a 413
+    at = api.request(method, path, content=chunked(limit, head=b"{"), headers=headers)
+    assert at.status_code in (400, 422), (path, at.status_code, at.text[:300])
+
+
+def test_streamed_doors_keep_their_own_limits(gw, api):  # noqa: F811
+    """A photo upload well over the JSON limit is stored: the upload door streams it to the spool and bounds it."""
+    assert body_limit("POST", "/api/v1/photos") is None and body_limit("POST", "/dicomweb/studies/1.2.3") is None
+    patient = add_patient(gw)
+    rng = np.random.default_rng(3)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8), "RGB").save(out, "JPEG", quality=95)
+    assert len(out.getvalue()) > 2 * MAX_BODY
+    meta = {"patient": f"{NHS}|{patient['nhs']}", "consent": {"level": "record", "givenBy": "patient"}}
+    r = api.post("/api/v1/photos", files=[("files", ("big.jpg", out.getvalue(), "image/jpeg"))],
+                 data={"metadata": json.dumps(meta)}, headers=auth_headers(gw, role="medical-illustration", sub="mi.jones"))
+    assert r.status_code == 201, r.text
