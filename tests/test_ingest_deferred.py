@@ -266,3 +266,67 @@ def test_renditions_are_made_where_the_database_has_no_update_returning(gw, fx, 
     assert asset.sha1 == sha1_base64(gw.blobs.path(asset.dicom_sha256))
     assert deferred.make(gw, photo.asset_id).preview_sha256 == made.preview_sha256  # not due: nothing claimed again
     assert load(gw, photo.asset_id).rendition_tries == 1
+
+
+def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_the_renditions(gw, fx, tmp_path, monkeypatch):
+    """The renderer's workers run at the idle policy: with the CPUs kept busy by senders they may not run for a long
+    time. A reader (a viewer asking for a thumbnail) waits for the renderer's attempt READER_PATIENCE at most, then
+    makes the renditions itself; the readers that come meanwhile wait for that one instead of each counting an
+    attempt of its own (past MAX_ATTEMPTS the photo would be given up). The row is updated once: the renderer's
+    attempt, finishing later, changes nothing."""
+    import threading
+
+    monkeypatch.setattr(deferred, "READER_PATIENCE", 0.3)
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    started, release = threading.Event(), threading.Event()
+
+    def starved(stored, settings, tmp_dir):  # the renderer's worker, not given a CPU until released
+        started.set()
+        assert release.wait(30)
+        return deferred.read_and_render(stored, settings, tmp_dir)
+
+    background = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": starved, "background": True})
+    background.start()
+    try:
+        assert started.wait(10)
+        results: list[deferred.Made] = []
+        readers = [threading.Thread(target=lambda: results.append(deferred.make(gw, asset_id))) for _ in range(5)]
+        began = time.monotonic()
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(30)
+        waited = time.monotonic() - began
+    finally:
+        release.set()
+        background.join(30)
+    assert len(results) == 5 and all(r.state is None and r.preview_sha256 for r in results)
+    assert len({r.preview_sha256 for r in results}) == 1 and waited < 10
+    asset = load(gw, asset_id)
+    assert asset.rendition_state is None and asset.preview_sha256 == results[0].preview_sha256
+    assert asset.rendition_tries == 2  # the renderer's attempt and one reader's, however many readers came
+    assert gw.blobs.exists(asset.preview_sha256) and gw.blobs.exists(asset.thumbnail_sha256)
+
+
+def test_the_renderer_waits_for_a_readers_attempt_rather_than_overtaking_it(gw, fx, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(deferred, "READER_PATIENCE", 0.1)
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    started, release = threading.Event(), threading.Event()
+
+    def slow(stored, settings, tmp_dir):
+        started.set()
+        assert release.wait(30)
+        return deferred.read_and_render(stored, settings, tmp_dir)
+
+    reader = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": slow})
+    reader.start()
+    assert started.wait(10)
+    threading.Timer(0.5, release.set).start()
+    made = deferred.make(gw, asset_id, background=True)  # waits for the reader's, past READER_PATIENCE
+    reader.join(30)
+    assert made.state is None and made.preview_sha256
+    assert load(gw, asset_id).rendition_tries == 1

@@ -77,7 +77,22 @@ class Made:
     reason: str | None = None
 
 
-_IN_FLIGHT: dict[str, threading.Event] = {}
+# How long a reader waits for the renderer's own attempt at a photo before making its renditions itself. The
+# renderer's workers run at the idle policy: while senders keep both CPUs busy they may not run at all, and a viewer
+# asking for a thumbnail waited out the whole of wait_seconds (120 s) for them, then was told there was none.
+READER_PATIENCE = 2.0
+
+
+@dataclass
+class _Attempt:
+    done: threading.Event
+    background: bool  # the renderer's (its workers at the idle policy), or a reader's (on its own thread)
+    # set by the one reader that stopped waiting for this background attempt and makes the renditions itself: other
+    # readers wait for that one (each overtaking would count an attempt in the row, up to MAX_ATTEMPTS: given up)
+    overtaker: threading.Event | None = None
+
+
+_IN_FLIGHT: dict[str, _Attempt] = {}
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
@@ -110,24 +125,41 @@ def read_and_render(stored: Path, settings: IngestSettings, tmp_dir: Path, worke
 
 
 def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render | None = None,
-         digest: Digest | None = None) -> Made:
+         digest: Digest | None = None, *, background: bool = False) -> Made:
     """Make a due photo's renditions (or learn they were made, or failed), and the SHA-1 of its stored object if the
     ingest left it to be worked out here (FHIR Attachment.hash). One maker per photo in this process: a second caller
-    waits for the first rather than decoding the same pixels again. `render` reads, decodes and encodes, `digest`
-    hashes (read_and_render and sha1_base64 on this thread unless given: the Renderer gives its worker processes)."""
+    waits for the first rather than decoding the same pixels again; a reader (not `background`) waits for the
+    renderer's attempt READER_PATIENCE at most, then makes them itself beside it (the row is updated once, by the
+    first to finish; the bytes are the same). `render` reads, decodes and encodes, `digest` hashes (read_and_render
+    and sha1_base64 on this thread unless given: the Renderer gives its worker processes)."""
+    make_here = render or read_and_render, digest or sha1_base64
     with _IN_FLIGHT_LOCK:
         running = _IN_FLIGHT.get(asset_id)
         if running is None:
-            mine = _IN_FLIGHT[asset_id] = threading.Event()
+            mine = _IN_FLIGHT[asset_id] = _Attempt(threading.Event(), background)
     if running is not None:
-        running.wait(wait_seconds)
-        return _current(gw, asset_id)
+        if not running.background or background or running.done.wait(READER_PATIENCE):
+            running.done.wait(wait_seconds)
+            return _current(gw, asset_id)
+        with _IN_FLIGHT_LOCK:
+            overtaker, overtaking = running.overtaker, running.overtaker is None
+            if overtaker is None:
+                overtaker = running.overtaker = threading.Event()
+        if not overtaking:
+            overtaker.wait(wait_seconds)
+            return _current(gw, asset_id)
+        log.info("photo %s: its renditions made for a reader, the renderer's attempt not done in %.0f s", asset_id,
+                 READER_PATIENCE)
+        try:
+            return _make(gw, asset_id, *make_here)
+        finally:
+            overtaker.set()
     try:
-        return _make(gw, asset_id, render or read_and_render, digest or sha1_base64)
+        return _make(gw, asset_id, *make_here)
     finally:
         with _IN_FLIGHT_LOCK:
             del _IN_FLIGHT[asset_id]
-        mine.set()
+        mine.done.set()
 
 
 def _names(dicom_sha256: str | None) -> ColumnElement[bool]:
@@ -380,7 +412,7 @@ class Renderer:
                 self.gw.renditions_wanted.wait(self.poll_seconds)
                 continue
             try:
-                make(self.gw, asset_id, render=self._render, digest=self._digest)
+                make(self.gw, asset_id, render=self._render, digest=self._digest, background=True)
             except Exception as exc:  # the decoder (counted in make()) or the database away: again after a pause
                 log.warning("photo %s: renditions not made this round (%s); trying again", asset_id, type(exc).__name__)
                 self._stop.wait(1.0)
