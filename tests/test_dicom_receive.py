@@ -396,6 +396,39 @@ def test_a_message_gathered_in_memory_without_end_aborts_its_association_and_tak
         other.release()
 
 
+def test_a_command_fragment_once_the_command_was_whole_aborts_and_keeps_nothing(camera_gw, tmp_path):
+    """A C-STORE's command, part of its data set, then a C-ECHO's command: pynetdicom decoded the two commands as
+    one (a C-ECHO, answered Success) and dropped the C-STORE's spooled data set with its file open and on disk, once
+    per repetition. The association is aborted instead; no spool file is left, none is held open."""
+    sent = big_photo(tmp_path / "photo.dcm")
+
+    def spool_files_open() -> list[str]:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [n for n in names if "cstore-" in n]
+
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        store_context = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == VLPhotographicImageStorage)
+        echo_context = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+        pdus = store_request_pdus(sent, store_context, 16384)
+        sock = assoc.dul.socket.socket
+        for pdu in pdus[: len(pdus) // 2]:  # the command, then half the data set
+            sock.sendall(pdu)
+        assert wait_for(lambda: len(camera_gw.spool.files()) == 1)
+        sock.sendall(echo_request_pdus(echo_context, 2)[0])
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+        assert wait_for(lambda: not camera_gw.spool.files() and not spool_files_open())
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+    assert not stored(camera_gw)
+
+
 def test_a_c_store_the_spool_has_no_room_for_is_answered_out_of_resources_and_not_kept(camera_gw, tmp_path, monkeypatch):
     """The disk full when a C-STORE's data set starts: nothing of it is kept (in memory neither: pynetdicom's way
     gathers it all), the answer is 0xA700 so the sender tries again later, and the next C-STORE, with room again,

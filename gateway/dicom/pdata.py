@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider  # the base class's own message tables
-from pynetdicom.dimse_messages import _DATASET_KEYWORDS, C_STORE_RQ
+from pynetdicom.dimse_messages import _DATASET_KEYWORDS, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
@@ -210,6 +210,14 @@ class FramingDIMSE(DIMSEServiceProvider):
                     return
         if self._refused:
             return  # the association is being aborted: nothing more is gathered
+        gathering = self.message
+        if gathering is not None and type(gathering) is not DIMSEMessage and any(
+                value and value[0] & COMMAND for _context_id, value in items):
+            # a command fragment once a message's command was whole (PS3.8 E.2: the command comes first, then its data
+            # set): pynetdicom decoded both commands as one and dropped the data set gathered so far, a spooled one
+            # with its file open and on disk (a peer repeating it kept 200 MB of spool and 5,000 open files)
+            self._abort_gathering("command fragment after its command was complete")
+            return
         super().receive_primitive(primitive)
         message, spool = self.message, self.spool
         if message is None:
@@ -229,12 +237,19 @@ class FramingDIMSE(DIMSEServiceProvider):
         data_set = message.data_set.tell() if type(message.data_set) is BytesIO else 0
         if command <= MAX_COMMAND_BYTES and data_set <= MAX_IN_MEMORY_DATA_SET:
             return
-        what = "command set" if command > MAX_COMMAND_BYTES else "data set"
-        log.error("a DIMSE message's %s over %d bytes from %s (%s): association aborted", what,
-                  MAX_COMMAND_BYTES if command > MAX_COMMAND_BYTES else MAX_IN_MEMORY_DATA_SET,
-                  self.assoc.requestor.address, self.assoc.requestor.ae_title)
+        if command > MAX_COMMAND_BYTES:
+            self._abort_gathering(f"command set over {MAX_COMMAND_BYTES} bytes")
+        else:
+            self._abort_gathering(f"data set over {MAX_IN_MEMORY_DATA_SET} bytes")
+
+    def _abort_gathering(self, why: str) -> None:
+        """The message being gathered dropped (its spool file too) and the association aborted, as on a PDU that
+        cannot be decoded: nothing more of it is gathered meanwhile."""
+        log.error("a DIMSE message's %s from %s (%s): association aborted", why, self.assoc.requestor.address,
+                  self.assoc.requestor.ae_title)
         self._refused = True
-        if isinstance(message.data_set, SpooledDataSet):
+        message = self.message
+        if message is not None and isinstance(message.data_set, SpooledDataSet):
             message.data_set.discard()
         self.message = None
         self.dul.event_queue.put("Evt19")
