@@ -103,3 +103,45 @@ def test_streamed_doors_keep_their_own_limits(gw, api):  # noqa: F811
     r = api.post("/api/v1/photos", files=[("files", ("big.jpg", out.getvalue(), "image/jpeg"))],
                  data={"metadata": json.dumps(meta)}, headers=auth_headers(gw, role="medical-illustration", sub="mi.jones"))
     assert r.status_code == 201, r.text
+
+
+def test_an_upload_with_metadata_part_after_metadata_part_is_refused_at_the_second(gw, api):  # noqa: F811
+    """The upload door keeps its metadata part in memory (64 KiB at most): a second one is refused as it begins,
+    not counted once the body is over (a chunked body of 24,000 of them took the gateway to 1.8 GB)."""
+    headers = {**auth_headers(gw, role="medical-illustration", sub="mi.jones"),
+               "Content-Type": "multipart/form-data; boundary=b0undary"}
+    part = b'--b0undary\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n' + b"{" + b" " * 60_000 + b"}\r\n"
+
+    def body():
+        for _ in range(2000):  # 120 MB
+            yield part
+        yield b"--b0undary--\r\n"
+
+    tracemalloc.start()
+    try:
+        r = api.post("/api/v1/photos", content=body(), headers=headers)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 422 and "exactly one 'metadata' part" in r.json()["message"], r.text
+    assert peak < 16 * MiB
+
+
+@pytest.mark.parametrize("path", ["/fhir/Consent", "/fhir/Media", "/fhir"])
+def test_fhir_json_that_costs_more_than_it_says_is_refused_without_a_failure_of_ours(gw, api, caplog, path):  # noqa: F811
+    """Nested 200,000 deep, JSON raised RecursionError: a 500 and an ERROR line, as if the gateway had failed. And a
+    few MB of empty arrays parse into some hundred MB of objects: refused before the parse."""
+    import logging
+
+    headers = {**auth_headers(gw, role="medical-illustration", sub="mi.jones"), "Content-Type": "application/fhir+json"}
+    with caplog.at_level(logging.INFO):
+        deep = api.post(path, content=b'{"resourceType": "Consent", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+                        headers=headers)
+        many = api.post(path, content=b'{"resourceType": "Consent", "x": [' + b"[]," * 150_000 + b"[]]}", headers=headers)
+    assert deep.status_code == 413 and many.status_code == 413  # both are over MAX_CONTAINERS
+    assert "JSON objects and arrays" in many.json()["issue"][0]["diagnostics"]
+    shallow_but_deep = api.post(path, content=b'{"resourceType": "Consent", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                headers=headers)
+    assert shallow_but_deep.status_code == 400, shallow_but_deep.text  # under the count, too deep to parse: not JSON here
+    assert shallow_but_deep.json()["issue"][0]["diagnostics"] == "the body is not JSON"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -18,6 +18,7 @@ from gateway.core import consents
 from gateway.core.consents import ConsentView
 from gateway.core.patient_refs import PUBLIC_ID
 from gateway.core.refusals import Kind, Refused
+from gateway.fhir.body import json_body
 from gateway.fhir.common import Caller, base_url, fhir_response, gateway_of, query, what
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.params import reference_id, split_or
@@ -125,10 +126,7 @@ def parse_new(body: dict[str, Any]) -> dict[str, Any]:
 @router.post("/Consent")
 async def create(request: Request, subject: Caller) -> JSONResponse:
     gw = gateway_of(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise FhirError(400, "the body is not JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict):
         raise FhirError(400, "the body must be a Consent resource")
     args = parse_new(body)
@@ -151,10 +149,7 @@ async def update(request: Request, consent_id: str, subject: Caller) -> JSONResp
     """Only a withdrawal: the same consent with status inactive. If-Match (a version this server gave) guards
     against withdrawing a consent someone else has changed meanwhile."""
     gw = gateway_of(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise FhirError(400, "the body is not JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or body.get("resourceType") != "Consent" or body.get("id") != consent_id:
         raise FhirError(400, "the body must be the Consent with this id")
     who = await run_in_threadpool(consents.caller, gw, subject, "u", what(request))

@@ -32,6 +32,7 @@ from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import IngestResult, ingest, uncovered, uploader
 from gateway.core.ingest.request import CaptureRequest, Channel, Governance, ImageFile, PatientRef, governance
 from gateway.core.policy.rules import resolve
+from gateway.fhir.body import json_body
 from gateway.fhir.common import Caller, base_url, fhir_response, gateway_of
 from gateway.fhir.outcome import FhirError, operation_outcome
 from gateway.fhir.params import reference_id
@@ -68,10 +69,7 @@ async def _json(request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY:
         raise FhirError(413, f"the body is over {MAX_BODY // (1024 * 1024)} MiB")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise FhirError(400, "the body is not JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or "resourceType" not in body:
         raise FhirError(400, "the body is not a FHIR resource")
     return body
