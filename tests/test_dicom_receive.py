@@ -499,3 +499,48 @@ def test_requests_packed_into_one_pdu_are_each_answered(camera_gw):
         assert wait_for(lambda: len(answered) == 2, 5)
         assoc.release()
     assert answered == [1, 2]
+
+
+def test_requests_pipelined_past_the_one_outstanding_wait_in_tcp_not_in_memory(camera_gw, monkeypatch):
+    """A peer may have one request outstanding. Sent regardless, without reading the answers, every request waited in
+    the association's queue (60 C-FINDs of 6.9 MiB identifiers: 831 MB). Past MAX_QUEUED_REQUESTS waiting, the DUL
+    reads no more until one is taken up: the rest waits in TCP, at the peer. Each is still answered, in order."""
+    from gateway.dicom import listener as listener_module
+    from gateway.dicom.reactor import MAX_QUEUED_REQUESTS
+
+    serve_echo = listener_module.DicomListener._on_echo
+
+    def slow_echo(self, event):
+        time.sleep(0.05)
+        return serve_echo(self, event)
+
+    monkeypatch.setattr(listener_module.DicomListener, "_on_echo", slow_echo)
+    answered: list[int] = []
+    deepest = [0]
+    running = RunningListener(camera_gw)
+    with running as port:
+        ae = AE(ae_title="CAMERA")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", evt_handlers=[
+            (evt.EVT_DIMSE_RECV, lambda e: answered.append(e.message.command_set.MessageIDBeingRespondedTo))])
+        context_id = assoc.accepted_contexts[0].context_id
+        [ours] = running.listener.ae.active_associations
+        watching = threading.Event()
+
+        def watch():
+            while not watching.is_set():
+                deepest[0] = max(deepest[0], ours.dimse.msg_queue.qsize())
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for message_id in range(1, 41):  # 40 requests at once, each in its own PDU
+                assoc.dul.socket.socket.sendall(echo_request_pdus(context_id, message_id)[0])
+            assert wait_for(lambda: len(answered) == 40, 30)
+        finally:
+            watching.set()
+            watcher.join()
+        assoc.release()
+    assert answered == list(range(1, 41))
+    assert deepest[0] <= MAX_QUEUED_REQUESTS
