@@ -164,3 +164,24 @@ def test_a_received_object_with_the_same_bad_values_is_kept_as_sent(gw, web, tmp
     assert (a.body_site_code, a.laterality) == (None, None)
     local = dt.datetime(2024, 3, 5, 14, 22, 31).astimezone(dt.timezone.utc)  # the offset unread: the host's local time
     assert a.taken_at.replace(tzinfo=dt.timezone.utc) == local and a.device == "Acme DermCam 2"
+
+
+def test_a_metadata_part_that_would_cost_more_than_it_says_is_refused_unparsed(gw, web):  # noqa: F811
+    """A DICOM JSON part is read whole and parsed: bounded by its own size (the request's limit would let it be
+    800 MB) and by what it parses into, so a few MB of empty arrays cannot take the gateway's memory; nested too
+    deep for the parser it is a 400, not a failure of ours."""
+    from gateway.dicomweb.stow import MAX_JSON_PART
+    from gateway.http.json_body import MAX_CONTAINERS
+
+    add_patient(gw)
+    sop = f"{SERIES}.9"
+    image = [("image/jpeg", photo(9), {"Content-Location": f"photo-{sop}"})]
+    big = json.dumps([metadata(sop, **{"00081030": {"vr": "LO", "Value": ["x" * (MAX_JSON_PART + 1)]}})]).encode()
+    wide = json.dumps([metadata(sop, **{"00081030": {"vr": "LO", "Value": [[]] * (MAX_CONTAINERS + 1)}})]).encode()
+    deep = b"[" * 50_000 + b"]" * 50_000
+    answers = [stow(web, gw, [(JSON, body, {}), *image], part_type=JSON) for body in (big, wide, deep)]
+    assert [a.status_code for a in answers] == [413, 413, 400], [a.text[:200] for a in answers]
+    assert "over 8 MiB" in answers[0].text and "objects and arrays" in answers[1].text and "not JSON" in answers[2].text
+    with gw.db.read() as s:
+        assert s.scalars(select(Asset)).first() is None
+    assert post(web, gw, [metadata(sop)]).status_code == 200  # and the same instance, sent as it should be, is stored

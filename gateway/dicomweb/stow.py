@@ -19,7 +19,6 @@ warning: an image already stored as another instance is answered by that instanc
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from gateway.core.objects.vlphoto import VL_PHOTOGRAPHIC_IMAGE
 from gateway.dicomweb.common import Caller, DicomwebError, base_url, dicom_json, gw_of
 from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_params, parse_accept
 from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver, ReceivedPart, TooManyParts
+from gateway.http.json_body import TooComplex, loads_bounded
 
 log = logging.getLogger("clinphoto.dicomweb")
 router = APIRouter()
@@ -72,6 +72,9 @@ IMAGE_TYPES = ("image/jpeg", "image/png")
 REQUIRED_JSON = {"0020000D": "StudyInstanceUID", "0020000E": "SeriesInstanceUID", "00080018": "SOPInstanceUID",
                  "00100020": "PatientID"}
 MAX_BODY_FACTOR = 4  # a request may carry several photos: up to this many times ingest.max_bytes
+# a DICOM JSON metadata part is read whole and parsed: some kB an instance (MAX_PARTS of them fit), where the request's
+# own limit would let one part be 800 MB of JSON
+MAX_JSON_PART = 8 * 1024 * 1024
 
 
 @dataclass
@@ -205,9 +208,14 @@ def _json_instance(gw: Gateway, source: Source, data: dict[str, Any], bulk: list
 def _json_parts(gw: Gateway, source: Source, json_parts: list[ReceivedPart], bulk: list[ReceivedPart],
                 study: str | None, out: Outcome) -> None:
     for part in json_parts:
+        if part.size > MAX_JSON_PART:
+            raise DicomwebError(413, f"an application/dicom+json part is over {MAX_JSON_PART // (1024 * 1024)} MiB: "
+                                     "send fewer instances per request")
         try:
-            data = json.loads(part.path.read_bytes())
-        except ValueError:
+            data = loads_bounded(part.path.read_bytes())
+        except TooComplex as exc:
+            raise DicomwebError(413, f"an application/dicom+json part: {exc}: send fewer instances per request") from None
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise DicomwebError(400, "an application/dicom+json part is not JSON") from None
         for item in data if isinstance(data, list) else [data]:
             if not isinstance(item, dict):
