@@ -271,9 +271,8 @@ def test_renditions_are_made_where_the_database_has_no_update_returning(gw, fx, 
 def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_the_renditions(gw, fx, tmp_path, monkeypatch):
     """The renderer's workers run at the idle policy: with the CPUs kept busy by senders they may not run for a long
     time. A reader (a viewer asking for a thumbnail) waits for the renderer's attempt READER_PATIENCE at most, then
-    makes the renditions itself; the readers that come meanwhile wait for that one instead of each counting an
-    attempt of its own (past MAX_ATTEMPTS the photo would be given up). The row is updated once: the renderer's
-    attempt, finishing later, changes nothing."""
+    makes the renditions itself; the readers that come meanwhile wait for that one instead of each making them
+    again. The row is updated once: the renderer's attempt, finishing later, changes nothing."""
     import threading
 
     monkeypatch.setattr(deferred, "READER_PATIENCE", 0.3)
@@ -305,7 +304,7 @@ def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_t
     assert len({r.preview_sha256 for r in results}) == 1 and waited < 10
     asset = load(gw, asset_id)
     assert asset.rendition_state is None and asset.preview_sha256 == results[0].preview_sha256
-    assert asset.rendition_tries == 2  # the renderer's attempt and one reader's, however many readers came
+    assert asset.rendition_tries == 1  # the renderer's claim counted the round; the readers' attempt beside it is not
     assert gw.blobs.exists(asset.preview_sha256) and gw.blobs.exists(asset.thumbnail_sha256)
 
 
@@ -330,3 +329,38 @@ def test_the_renderer_waits_for_a_readers_attempt_rather_than_overtaking_it(gw, 
     reader.join(30)
     assert made.state is None and made.preview_sha256
     assert load(gw, asset_id).rendition_tries == 1
+
+
+def test_a_reader_overtaking_the_renderers_last_allowed_attempt_does_not_give_the_photo_up(gw, fx, tmp_path, monkeypatch):
+    """Two attempts ended without an answer (a restart during the decode); the renderer's third is under way when a
+    reader overtakes it. Counted as a fourth, the reader's attempt gave the photo up (failed, audited "ended without
+    an answer 3 times") while the renderer's went on to succeed and was thrown away (found by review)."""
+    import threading
+
+    from sqlalchemy import update
+
+    monkeypatch.setattr(deferred, "READER_PATIENCE", 0.2)
+    add_patient(gw)
+    asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
+    with gw.db.write() as s:
+        s.execute(update(Asset).where(Asset.id == asset_id).values(rendition_tries=2))
+    started, release = threading.Event(), threading.Event()
+
+    def starved(stored, settings, tmp_dir):
+        started.set()
+        assert release.wait(30)
+        return deferred.read_and_render(stored, settings, tmp_dir)
+
+    background = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": starved, "background": True})
+    background.start()
+    try:
+        assert started.wait(10)
+        made = deferred.make(gw, asset_id)
+    finally:
+        release.set()
+        background.join(30)
+    asset = load(gw, asset_id)
+    assert made.state is None and made.preview_sha256 == asset.preview_sha256
+    assert asset.rendition_state is None and asset.rendition_tries == 3
+    with gw.db.read() as s:
+        assert not s.scalars(select(AuditEvent).where(AuditEvent.outcome == audit.SERIOUS_FAILURE)).all()

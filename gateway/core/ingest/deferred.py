@@ -151,7 +151,9 @@ def make(gw: Gateway, asset_id: str, wait_seconds: float = 120.0, render: Render
         log.info("photo %s: its renditions made for a reader, the renderer's attempt not done in %.0f s", asset_id,
                  READER_PATIENCE)
         try:
-            return _make(gw, asset_id, *make_here)
+            # not counted: the renderer's claim counted this round (counted again, a photo with two attempts ended
+            # without an answer was given up by the reader while the renderer's third went on to succeed)
+            return _make(gw, asset_id, *make_here, counted=False)
         finally:
             overtaker.set()
     try:
@@ -176,12 +178,13 @@ def _current(gw: Gateway, asset_id: str) -> Made:
     return Made(row.rendition_state, row.preview_sha256, row.thumbnail_sha256)
 
 
-def _make(gw: Gateway, asset_id: str, render: Render, digest: Digest) -> Made:
-    row = _claim(gw, asset_id)
+def _make(gw: Gateway, asset_id: str, render: Render, digest: Digest, counted: bool = True) -> Made:
+    """One attempt; `counted=False`: beside the renderer's, whose claim counted it (the row only read here)."""
+    row = _claim(gw, asset_id) if counted else _due_row(gw, asset_id)
     if row is None:
         return _current(gw, asset_id)
     named, tries = row.dicom_sha256, row.rendition_tries
-    if tries > MAX_ATTEMPTS:
+    if counted and tries > MAX_ATTEMPTS:
         return _failed(gw, asset_id, row, GAVE_UP, f"making its renditions ended without an answer {tries - 1} times "
                                                     "(the process stopped, or an unexpected error); not tried again")
     settings = gw.settings.ingest
@@ -197,7 +200,7 @@ def _make(gw: Gateway, asset_id: str, render: Render, digest: Digest) -> Made:
         # the host's fault, not the photo's (the stored object missing from the blob store, the spool unusable): it
         # stays due, the attempt uncounted, and the renderer takes the others until the pause is over; unless a
         # correction replaced the object meanwhile (and deleted the one this attempt read): nothing to say then
-        if not _release(gw, asset_id, named, HOST_FAULT_PAUSE):
+        if not (_release if counted else _pause)(gw, asset_id, named, HOST_FAULT_PAUSE):
             return _current(gw, asset_id)
         if isinstance(exc, FileNotFoundError) and not gw.blobs.path(row.dicom_sha256 or "0" * 64).is_file():
             log.error("photo %s: its stored DICOM object is missing from the blob store; renditions wait for it (run "
@@ -253,6 +256,12 @@ def _claim(gw: Gateway, asset_id: str) -> Row[int, str | None, int, str, str, st
         if not cast(CursorResult[Any], session.execute(claim)).rowcount:
             return None
         return session.execute(select(*_CLAIMED).where(Asset.id == asset_id)).one()
+
+
+def _due_row(gw: Gateway, asset_id: str) -> Row[int, str | None, int, str, str, str, str | None] | None:
+    """What an attempt needs of the row, None when the photo is not due; nothing counted."""
+    with gw.db.read() as session:
+        return session.execute(select(*_CLAIMED).where(Asset.id == asset_id, Asset.rendition_state == DUE)).one_or_none()
 
 
 def _release(gw: Gateway, asset_id: str, named: str | None, pause: timedelta) -> bool:
