@@ -145,3 +145,30 @@ def test_fhir_json_that_costs_more_than_it_says_is_refused_without_a_failure_of_
     assert shallow_but_deep.status_code == 400, shallow_but_deep.text  # under the count, too deep to parse: not JSON here
     assert shallow_but_deep.json()["issue"][0]["diagnostics"] == "the body is not JSON"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_client_that_writes_its_whole_body_before_reading_gets_the_413(gw, api):  # noqa: F811
+    """Python's http.client (so requests and urllib3) writes the whole body, then reads. With the connection ended at
+    the 413 while the rest was still unread, it met a reset instead (found by review): a body of a declared length up
+    to DRAIN_MAX is read on and thrown away, the connection kept. A chunked one, of no declared end, is not."""
+    import http.client
+
+    from gateway.edge import DRAIN_MAX
+
+    url = api.base_url
+    for size in (2 * MiB, 16 * MiB):
+        for _ in range(3):
+            conn = http.client.HTTPConnection(url.host, url.port, timeout=30)
+            try:
+                conn.request("POST", "/api/v1/consents", body=b"{" + b" " * (size - 2) + b"}",
+                             headers={"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                assert answer.status == 413 and answer.getheader("Connection") != "close"
+                assert b"too-large" in answer.read()
+            finally:
+                conn.close()
+    assert DRAIN_MAX >= 2 * FHIR_INGEST_MAX_BODY
+    chunked_over = api.post("/api/v1/consents", content=chunked(2 * MiB), headers={"Content-Type": "application/json"})
+    assert chunked_over.status_code == 413 and chunked_over.headers.get("connection") == "close"
+    status, answer = declared_only(api, "POST", "/api/v1/consents", {"Content-Type": "application/json"}, DRAIN_MAX + 1)
+    assert status == 413 and b"connection: close" in answer.lower()
