@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -57,6 +60,27 @@ def damaged_inside(tmp_path, fx):
 
 def image_of(gw, asset_id: str, rendition: str = "preview") -> access.StoredImage:
     return access.image(gw, access.photo_request(gw, ILLUSTRATOR, "read", "test"), asset_id, rendition, "test")
+
+
+@contextmanager
+def attempt_held(gw, asset_id: str, *, background: bool) -> Iterator[threading.Event]:
+    """An attempt at the photo's renditions under way on another thread, its decode held until the block ends or the
+    event it yields is set (the renderer's worker given no CPU, or a slow reader)."""
+    started, release = threading.Event(), threading.Event()
+
+    def held(stored, settings, tmp_dir):
+        started.set()
+        assert release.wait(30)
+        return deferred.read_and_render(stored, settings, tmp_dir)
+
+    maker = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": held, "background": background})
+    maker.start()
+    try:
+        assert started.wait(10)
+        yield release
+    finally:
+        release.set()
+        maker.join(30)
 
 
 def test_the_answer_comes_before_the_renditions_and_the_first_reader_gets_them_made(gw, fx, tmp_path):
@@ -273,22 +297,10 @@ def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_t
     time. A reader (a viewer asking for a thumbnail) waits for the renderer's attempt READER_PATIENCE at most, then
     makes the renditions itself; the readers that come meanwhile wait for that one instead of each making them
     again. The row is updated once: the renderer's attempt, finishing later, changes nothing."""
-    import threading
-
     monkeypatch.setattr(deferred, "READER_PATIENCE", 0.3)
     add_patient(gw)
     asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
-    started, release = threading.Event(), threading.Event()
-
-    def starved(stored, settings, tmp_dir):  # the renderer's worker, not given a CPU until released
-        started.set()
-        assert release.wait(30)
-        return deferred.read_and_render(stored, settings, tmp_dir)
-
-    background = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": starved, "background": True})
-    background.start()
-    try:
-        assert started.wait(10)
+    with attempt_held(gw, asset_id, background=True):
         results: list[deferred.Made] = []
         readers = [threading.Thread(target=lambda: results.append(deferred.make(gw, asset_id))) for _ in range(5)]
         began = time.monotonic()
@@ -297,9 +309,6 @@ def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_t
         for reader in readers:
             reader.join(30)
         waited = time.monotonic() - began
-    finally:
-        release.set()
-        background.join(30)
     assert len(results) == 5 and all(r.state is None and r.preview_sha256 for r in results)
     assert len({r.preview_sha256 for r in results}) == 1 and waited < 10
     asset = load(gw, asset_id)
@@ -309,24 +318,12 @@ def test_readers_wait_briefly_for_the_renderers_attempt_then_one_of_them_makes_t
 
 
 def test_the_renderer_waits_for_a_readers_attempt_rather_than_overtaking_it(gw, fx, tmp_path, monkeypatch):
-    import threading
-
     monkeypatch.setattr(deferred, "READER_PATIENCE", 0.1)
     add_patient(gw)
     asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
-    started, release = threading.Event(), threading.Event()
-
-    def slow(stored, settings, tmp_dir):
-        started.set()
-        assert release.wait(30)
-        return deferred.read_and_render(stored, settings, tmp_dir)
-
-    reader = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": slow})
-    reader.start()
-    assert started.wait(10)
-    threading.Timer(0.5, release.set).start()
-    made = deferred.make(gw, asset_id, background=True)  # waits for the reader's, past READER_PATIENCE
-    reader.join(30)
+    with attempt_held(gw, asset_id, background=False) as release:  # a reader's
+        threading.Timer(0.5, release.set).start()
+        made = deferred.make(gw, asset_id, background=True)  # waits for the reader's, past READER_PATIENCE
     assert made.state is None and made.preview_sha256
     assert load(gw, asset_id).rendition_tries == 1
 
@@ -335,8 +332,6 @@ def test_a_reader_overtaking_the_renderers_last_allowed_attempt_does_not_give_th
     """Two attempts ended without an answer (a restart during the decode); the renderer's third is under way when a
     reader overtakes it. Counted as a fourth, the reader's attempt gave the photo up (failed, audited "ended without
     an answer 3 times") while the renderer's went on to succeed and was thrown away (found by review)."""
-    import threading
-
     from sqlalchemy import update
 
     monkeypatch.setattr(deferred, "READER_PATIENCE", 0.2)
@@ -344,21 +339,8 @@ def test_a_reader_overtaking_the_renderers_last_allowed_attempt_does_not_give_th
     asset_id = receive(gw, good_object(tmp_path, fx)).photos[0].asset_id
     with gw.db.write() as s:
         s.execute(update(Asset).where(Asset.id == asset_id).values(rendition_tries=2))
-    started, release = threading.Event(), threading.Event()
-
-    def starved(stored, settings, tmp_dir):
-        started.set()
-        assert release.wait(30)
-        return deferred.read_and_render(stored, settings, tmp_dir)
-
-    background = threading.Thread(target=deferred.make, args=(gw, asset_id), kwargs={"render": starved, "background": True})
-    background.start()
-    try:
-        assert started.wait(10)
+    with attempt_held(gw, asset_id, background=True):  # the renderer's third, its worker given no CPU
         made = deferred.make(gw, asset_id)
-    finally:
-        release.set()
-        background.join(30)
     asset = load(gw, asset_id)
     assert made.state is None and made.preview_sha256 == asset.preview_sha256
     assert asset.rendition_state is None and asset.rendition_tries == 3
