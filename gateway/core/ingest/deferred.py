@@ -88,7 +88,7 @@ class _Attempt:
     done: threading.Event
     background: bool  # the renderer's (its workers at the idle policy), or a reader's (on its own thread)
     # set by the one reader that stopped waiting for this background attempt and makes the renditions itself: other
-    # readers wait for that one (each overtaking would count an attempt in the row, up to MAX_ATTEMPTS: given up)
+    # readers wait for that one rather than each decoding the same pixels again
     overtaker: threading.Event | None = None
 
 

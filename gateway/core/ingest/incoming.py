@@ -44,9 +44,11 @@ class IncomingFile:
             self.write(head)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        over = self.limit is not None and self.size > self.limit
         self.size += len(data)
         if self.limit is not None and self.size > self.limit:
-            self._over_limit()
+            if not over:  # this write crossed it: the file is emptied once, the rest only counted
+                self._over_limit()
             return len(data)
         self._pending += data
         if len(self._pending) >= CHUNK:
