@@ -44,7 +44,7 @@ router = APIRouter()
 STATUS = {errors.UNSUPPORTED_TYPE: 415, errors.TOO_LARGE: 413, errors.FORBIDDEN: 403, errors.INSUFFICIENT_SCOPE: 403,
           errors.DUPLICATE_INSTANCE: 409, errors.PATIENT_MERGED: 409}
 SIDES = {code: side for side, (code, _display) in LATERALITY.items()}
-MAX_BODY = 64 * 1024 * 1024  # base64 of the upload door's largest photo, with room for the JSON around it
+MAX_BODY = 64 * 1024 * 1024  # base64 of the upload door's largest photo, with room for the JSON around it (the edge enforces it)
 
 
 @dataclass
@@ -66,10 +66,7 @@ def _refused(exc: IngestRejected) -> FhirError:
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise FhirError(413, f"the body is over {MAX_BODY // (1024 * 1024)} MiB")
-    body = await json_body(request)
+    body = await json_body(request)  # its size bounded by MAX_BODY at the edge (gateway/edge.py), before it is read
     if not isinstance(body, dict) or "resourceType" not in body:
         raise FhirError(400, "the body is not a FHIR resource")
     return body
