@@ -47,6 +47,16 @@ class Settings(BaseSettings):
         description="Seconds between pending C-GET/C-MOVE responses during a retrieve (0: one after every "
         "sub-operation). The final response always carries the counts.",
     )
+    dicom_idle_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description="Seconds a DICOM association may sit with neither side sending before it is aborted (a request "
+        "being served, however long, is not idle).",
+    )
+    dicom_max_associations: int = Field(
+        10, ge=1, le=1000,
+        description="DICOM associations served at once; one more is rejected as transient (local limit exceeded), "
+        "so the peer tries again later.",
+    )
     ae_title: str = Field("CLINPHOTO", min_length=1, max_length=16, description="Our DICOM AE title.")
     uid_root: str = Field("2.25", description="Root for DICOM UIDs we make; 2.25 means UUID-derived UIDs.")
     log_format: Literal["text", "json"] = "text"

@@ -114,3 +114,44 @@ def test_a_connection_closed_before_any_association_request_ends_at_once(peers_g
         assoc.release()
         started = time.monotonic()
     assert time.monotonic() - started < 5  # the stop did not wait for anything
+
+
+def test_associations_past_the_configured_maximum_are_rejected_as_transient(peers_gw):
+    """dicom_max_associations: the one too many is told to try later (transient, local limit exceeded), as PS3.8
+    has it, and a place freed is taken again."""
+    import time
+
+    peers_gw.settings.dicom_max_associations = 2
+    running = RunningListener(peers_gw)
+    with running as port:
+        client = AE(ae_title="PACS1")
+        client.add_requested_context(Verification)
+        held = [client.associate("127.0.0.1", port, ae_title="CLINPHOTO") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        refused = client.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert refused.is_rejected
+        rejection = refused.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x02, 0x03, 0x02)
+        held[0].release()
+        deadline = time.monotonic() + 5  # its thread ends just after the release is answered
+        while len(running.listener._server.active_associations) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        again = client.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert again.is_established and again.send_c_echo().Status == 0x0000
+        for assoc in (again, held[1]):
+            assoc.release()
+
+
+def test_an_association_idle_past_the_idle_timeout_is_aborted(peers_gw):
+    import time
+
+    peers_gw.settings.dicom_idle_timeout = 0.5
+    with RunningListener(peers_gw) as port:
+        client = AE(ae_title="PACS1")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted

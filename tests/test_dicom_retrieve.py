@@ -263,3 +263,42 @@ def c_get_study(port: int, study: str, on_store) -> list[tuple[pydicom.Dataset, 
         return list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
     finally:
         assoc.release()
+
+
+def test_a_c_move_longer_than_the_idle_timeout_leaves_its_association_serving(gw, retrieving):
+    """The requestor sends nothing while a slow destination takes the photos; the gateway is not idle then. It used
+    to answer the C-MOVE and abort at once: the idle timer ran from the request, restarted only on what came in."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE
+    from pynetdicom.sop_class import Verification
+
+    gw.settings.dicom_idle_timeout = 1.0
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="SLOWDEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    received = []
+
+    def slow_store(event):
+        time.sleep(1.6)  # past the idle timeout, with the requestor silent
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    destination = AE(ae_title="SLOWDEST")
+    destination.add_supported_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"])
+    server = destination.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    try:
+        with RunningListener(gw) as port:
+            requestor = AE(ae_title="VIEWER")
+            requestor.add_requested_context(STUDY_ROOT_MOVE)
+            requestor.add_requested_context(Verification)
+            assoc = requestor.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+            assert assoc.is_established
+            query = pydicom.Dataset()
+            query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", "1.2.826.0.1.3"
+            statuses = [status.Status for status, _ in assoc.send_c_move(query, "SLOWDEST", STUDY_ROOT_MOVE)]
+            assert statuses[-1] == 0x0000 and received == [retrieving["b1"].SOPInstanceUID]
+            time.sleep(0.3)  # an abort sent after the answer would have arrived by now
+            assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+            assert assoc.is_released
+    finally:
+        server.shutdown()

@@ -19,7 +19,8 @@ def conformance() -> None:
     from gateway.dicom.conformance import statement
 
     settings = settings_or_exit()
-    print(statement(settings.ae_title, settings.dicom_port), end="")
+    print(statement(settings.ae_title, settings.dicom_port, idle_timeout=settings.dicom_idle_timeout,
+                    max_associations=settings.dicom_max_associations), end="")
 
 
 outbox_app = typer.Typer(help="Photos waiting to be forwarded to DICOM destinations (routing).", no_args_is_help=True)

@@ -25,7 +25,7 @@ def _name(uid: str) -> str:
     return UID(uid).name if UID(uid).is_valid else uid
 
 
-def statement(ae_title: str, port: int) -> str:
+def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations: int) -> str:
     lines = [
         "DICOM Conformance Statement: clinphoto clinical photo gateway",
         "=" * 64,
@@ -65,6 +65,10 @@ def statement(ae_title: str, port: int) -> str:
         f"  TCP_NODELAY on every association. Maximum PDU length received: {MAX_PDU_LENGTH} bytes (a longer",
         f"  P-DATA-TF is aborted). A command set over {MAX_COMMAND_BYTES} bytes, or an identifier or other",
         f"  non-image data set over {MAX_IN_MEMORY_DATA_SET} bytes, aborts the association.",
+        f"  At most {max_associations} associations at once (CLINPHOTO_DICOM_MAX_ASSOCIATIONS); one more is rejected",
+        "  as transient, local limit exceeded (A-ASSOCIATE-RJ, result 2, source 3, reason 2). An association with",
+        f"  nothing received for {idle_timeout:g} s after the last answer (CLINPHOTO_DICOM_IDLE_TIMEOUT) is aborted;",
+        "  a request being served, however long (a C-MOVE to a slow destination), does not count as idle.",
         "",
         "5 C-STORE SCP",
         "  Objects are filed under the patient PatientID + IssuerOfPatientID name in the patient index (an unknown",

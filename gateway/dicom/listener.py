@@ -16,7 +16,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol, cast
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -55,16 +55,28 @@ REJECT_REASON = {
 }
 
 
+class DicomDoorSettings(Protocol):
+    """What this door reads beyond the core's settings (gateway.settings.Settings has them)."""
+
+    ae_title: str
+    dicom_pending_interval: float
+    dicom_idle_timeout: float
+    dicom_max_associations: int
+
+
 class DicomListener:
     name = "dicom"
 
     def __init__(self, gw: Gateway, host: str, port: int) -> None:
         self.gw = gw
         self.host, self._port = host, port
-        self.ae = AE(ae_title=gw.settings.ae_title)
-        self.ae.pending_interval = gw.settings.dicom_pending_interval  # type: ignore[attr-defined]  # reactor.py reads it
+        settings = cast(DicomDoorSettings, gw.settings)
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.pending_interval = settings.dicom_pending_interval  # type: ignore[attr-defined]  # reactor.py reads it
         self.ae.data_set_spool = gw.spool  # type: ignore[attr-defined]  # C-STORE data sets written as they come (spooled.py)
         self.ae.data_set_limit = gw.settings.ingest.max_bytes  # type: ignore[attr-defined]  # and kept up to this size
+        self.ae.network_timeout = settings.dicom_idle_timeout  # the idle timer (reactor.py restarts it after a request)
+        self.ae.maximum_associations = settings.dicom_max_associations
         self.ae.add_supported_context(VERIFICATION, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():
             # scp_role: a C-GET requestor stores what we send it on this association (SCP/SCU role selection)

@@ -388,6 +388,9 @@ class EventAssociation(Association):
                     # the C-STORE handler took the file, or pynetdicom refused the request without calling it (no
                     # Message ID, a context not accepted...): either way it goes now (done twice, nothing happens)
                     _discard_if_spooled(msg)
+                # idle from the answer on: the DUL restarts the timer only on what it receives, so a C-MOVE's
+                # requestor, silent while a slow destination took the photos, was aborted right after its answer
+                self.dul._idle_timer.restart()
             if self._finished():
                 return
             if self._closing:
