@@ -429,6 +429,36 @@ def test_a_command_fragment_once_the_command_was_whole_aborts_and_keeps_nothing(
     assert not stored(camera_gw)
 
 
+def data_fragment_pdu(context_id: int, value: bytes) -> bytes:
+    """A P-DATA-TF of one last data set fragment."""
+    item = struct.pack(">IBB", len(value) + 2, context_id, 0x02) + value
+    return struct.pack(">BBI", 4, 0, len(item)) + item
+
+
+@pytest.mark.parametrize("after_an_echo", [False, True])
+def test_a_data_set_fragment_before_any_command_aborts_as_the_peer_s_fault(camera_gw, caplog, after_an_echo):
+    """A data set's fragment with no command before it (or after a C-ECHO, which has no data set): pynetdicom took
+    it for a message, failed to read it, and logged that as an ERROR of its own with a traceback. It is the peer's
+    fault: the association is aborted, one WARNING says why, and the gateway serves on."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    with RunningListener(camera_gw) as port:
+        assoc = associate(port)
+        echo_context = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+        if after_an_echo:
+            assert assoc.send_c_echo().Status == 0x0000
+        assoc.dul.socket.socket.sendall(data_fragment_pdu(echo_context, bytes(8)))
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == [("WARNING", "a DIMSE message's data set fragment before its command from 127.0.0.1 (CAMERA): "
+                                "association aborted")], said
+    assert not any(r.exc_info for r in caplog.records)
+
+
 def test_a_c_store_the_spool_has_no_room_for_is_answered_out_of_resources_and_not_kept(camera_gw, tmp_path, monkeypatch):
     """The disk full when a C-STORE's data set starts: nothing of it is kept (in memory neither: pynetdicom's way
     gathers it all), the answer is 0xA700 so the sender tries again later, and the next C-STORE, with room again,

@@ -145,6 +145,27 @@ def framed_of(pdu: Any) -> Framed | None:
     return None
 
 
+def _out_of_order(gathering: Any, items: Sequence[tuple[int, Any]]) -> str | None:
+    """What breaks PS3.8 E.2's order (a message's command fragments, then its data set's) in these fragments, for
+    the message being gathered; None if nothing does."""
+    command_whole = gathering is not None and type(gathering) is not DIMSEMessage  # pynetdicom typed it on the command
+    for _context_id, value in items:
+        if not value:
+            continue
+        if value[0] & COMMAND:
+            if command_whole:
+                # pynetdicom decoded both commands as one and dropped the data set gathered so far, a spooled one
+                # with its file open and on disk (a peer repeating it kept 200 MB of spool and 5,000 open files)
+                return "command fragment after its command was complete"
+            command_whole = value[0] & LAST_FRAGMENT != 0
+        elif not command_whole:
+            # pynetdicom took it for a message, failed to read it and logged the failure as its own, with a traceback
+            return "data set fragment before its command"
+        elif value[0] & LAST_FRAGMENT:
+            command_whole = False  # that message is whole: what follows begins the next
+    return None
+
+
 class FramingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, sending each message framed in one piece (a data set read from a file, which
     pynetdicom streams, goes its way), and reading a response that comes whole in one fragment with no data set
@@ -210,13 +231,9 @@ class FramingDIMSE(DIMSEServiceProvider):
                     return
         if self._refused:
             return  # the association is being aborted: nothing more is gathered
-        gathering = self.message
-        if gathering is not None and type(gathering) is not DIMSEMessage and any(
-                value and value[0] & COMMAND for _context_id, value in items):
-            # a command fragment once a message's command was whole (PS3.8 E.2: the command comes first, then its data
-            # set): pynetdicom decoded both commands as one and dropped the data set gathered so far, a spooled one
-            # with its file open and on disk (a peer repeating it kept 200 MB of spool and 5,000 open files)
-            self._abort_gathering("command fragment after its command was complete")
+        out_of_order = _out_of_order(self.message, items)
+        if out_of_order:
+            self._abort_gathering(out_of_order)
             return
         super().receive_primitive(primitive)
         message, spool = self.message, self.spool
@@ -245,7 +262,7 @@ class FramingDIMSE(DIMSEServiceProvider):
     def _abort_gathering(self, why: str) -> None:
         """The message being gathered dropped (its spool file too) and the association aborted, as on a PDU that
         cannot be decoded: nothing more of it is gathered meanwhile."""
-        log.error("a DIMSE message's %s from %s (%s): association aborted", why, self.assoc.requestor.address,
+        log.warning("a DIMSE message's %s from %s (%s): association aborted", why, self.assoc.requestor.address,
                   self.assoc.requestor.ae_title)
         self._refused = True
         message = self.message

@@ -162,17 +162,17 @@ class EventDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         except PduTooLong as exc:
-            log.error("%s from %s: association aborted", exc, self.assoc.requestor.address)
+            log.warning("%s from %s: association aborted", exc, self.assoc.requestor.address)
             self.event_queue.put("Evt19")
             return
         if pdu_type not in PDU_TYPES:
-            log.error("unknown PDU type 0x%02X received: association aborted", pdu_type)
+            log.warning("unknown PDU type 0x%02X received: association aborted", pdu_type)
             self.event_queue.put("Evt19")
             return
         if pdu_type == P_DATA_TF and self.state_machine.current_state == "Sta6" and not self._pdu_watched():
             values = pdata_values(body)
             if values is None:
-                log.error("a P-DATA-TF whose items do not add up to its length: association aborted")
+                log.warning("a P-DATA-TF whose items do not add up to its length: association aborted")
                 self.event_queue.put("Evt19")
                 return
             # one primitive per message a PDU ends (pynetdicom reads a primitive up to the first last fragment and
@@ -188,7 +188,7 @@ class EventDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception:
-            log.error("a PDU that could not be decoded: association aborted")
+            log.warning("a PDU that could not be decoded: association aborted")
             log.debug("PDU decoding", exc_info=True)
             self.event_queue.put("Evt19")
             return
