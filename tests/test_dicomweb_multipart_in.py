@@ -26,7 +26,7 @@ def body_of(parts: list[tuple[dict[str, str], bytes]], preamble: bytes = b"", ep
     return out + f"--{BOUNDARY}--\r\n".encode() + epilogue
 
 
-def receiver(tmp_path) -> tuple[PartsReceiver, list]:
+def receiver(tmp_path, part_limit: int | None = None) -> tuple[PartsReceiver, list]:
     made = []
 
     def new_file():
@@ -34,7 +34,7 @@ def receiver(tmp_path) -> tuple[PartsReceiver, list]:
         made.append(path)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), path
 
-    return PartsReceiver(BOUNDARY, new_file), made
+    return PartsReceiver(BOUNDARY, new_file, part_limit), made
 
 
 def feed(r: PartsReceiver, body: bytes, chunk: int) -> list:
@@ -114,3 +114,22 @@ def test_a_body_of_too_many_parts_is_refused_with_413_and_leaves_no_file(gw, web
     r = web.post("/dicomweb/studies", content=body, headers={**mi(gw), "Content-Type": ctype, "Accept": "application/dicom+json"})
     assert r.status_code == 413 and f"more than {MAX_PARTS} parts" in r.text
     assert not gw.spool.files()
+
+
+def test_a_part_past_the_part_limit_is_counted_not_kept_while_it_arrives(tmp_path):
+    """A part longer than the receiver's limit: its file is emptied as the limit is crossed and stays so while the
+    rest arrives; the part is then reported with its size and not kept. The parts around it are kept whole."""
+    small, big = os.urandom(50_000), os.urandom(300_000)
+    r, made = receiver(tmp_path, part_limit=100_000)
+    body = body_of([({"Content-Type": "application/dicom"}, small), ({"Content-Type": "application/dicom"}, big),
+                    ({"Content-Type": "application/dicom"}, small)])
+    on_disk = []
+    for at in range(0, len(body), 7000):
+        r.feed(body[at:at + 7000])
+        if len(made) == 2:
+            on_disk.append(os.stat(made[1]).st_size)
+    got = r.close()
+    assert max(on_disk) <= 100_000 and on_disk[-1] == 0
+    assert [(p.kept, p.size) for p in got] == [(True, 50_000), (False, 300_000), (True, 50_000)]
+    assert got[1].path.read_bytes() == b"" and got[1].sha256 == ""
+    assert got[0].path.read_bytes() == small == got[2].path.read_bytes()

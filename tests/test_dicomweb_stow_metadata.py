@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 
 import numpy as np
 import pydicom
@@ -16,10 +17,11 @@ from PIL import Image
 from pydicom import Dataset
 from sqlalchemy import select
 
-from store.models import Asset
+from store import audit
+from store.models import Asset, AuditEvent
 from tests import dicom_objects as objects
 from tests.ingest_helpers import add_patient
-from tests.test_dicomweb import DICOM_TS_ANY, mi, parts, stow, web  # noqa: F401 (the fixture)
+from tests.test_dicomweb import DICOM_TS_ANY, mi, multipart_body, parts, stow, web  # noqa: F401 (the fixture)
 
 STUDY, SERIES = "1.2.826.0.8.1", "1.2.826.0.8.1.1"
 JSON = "application/dicom+json"
@@ -185,3 +187,32 @@ def test_a_metadata_part_that_would_cost_more_than_it_says_is_refused_unparsed(g
     with gw.db.read() as s:
         assert s.scalars(select(Asset)).first() is None
     assert post(web, gw, [metadata(sop)]).status_code == 200  # and the same instance, sent as it should be, is stored
+
+
+def test_an_image_part_over_the_size_limit_is_refused_for_its_size_having_filled_no_disk(gw, web, fx, tmp_path):  # noqa: F811
+    """ingest.max_bytes bounds a STOW-RS part as it arrives, as it does a C-STORE's data set: a Part 10 part and a
+    JPEG bulk data part over it (and over the 8 MiB a metadata part may be) are kept no further, and refused by the
+    core for their size, audited: 0xA700. The instances beside them are stored."""
+    add_patient(gw)
+    gw.settings.ingest.max_bytes = 3 * 1024 * 1024
+    huge = os.urandom(9 * 1024 * 1024)
+    sent = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "vlp.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+    body, ctype = multipart_body([("application/dicom", huge, {}), ("application/dicom", sent.read_bytes(), {})], "application/dicom")
+    r = web.post("/dicomweb/studies", content=body, headers={**mi(gw), "Content-Type": ctype, "Accept": "application/dicom+json"})
+    answer = Dataset.from_json(r.json())
+    assert r.status_code == 202, r.text
+    assert [item.FailureReason for item in answer.FailedSOPSequence] == [0xA700]
+    assert len(answer.ReferencedSOPSequence) == 1
+
+    sop = "1.2.826.0.1.3680043.10.1.77"
+    items = [metadata(sop)]
+    parts_ = [(JSON, json.dumps(items).encode(), {}), ("image/jpeg", huge, {"Content-Location": f"photo-{sop}"})]
+    r = stow(web, gw, parts_, part_type=JSON)
+    answer = Dataset.from_json(r.json())
+    assert r.status_code == 409, r.text
+    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in answer.FailedSOPSequence] == [(sop, 0xA700)]
+    with gw.db.read() as s:
+        refusals = s.scalars(select(AuditEvent.detail).where(AuditEvent.type_code == audit.IMPORT,
+                                                             AuditEvent.outcome == audit.MINOR_FAILURE)).all()
+    assert [d["code"] for d in refusals] == ["too-large", "too-large"]
+    assert not gw.spool.files()

@@ -17,7 +17,7 @@ from typing import cast
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
-from gateway.core.ingest.incoming import IncomingFile
+from gateway.core.ingest.incoming import IncomingFile, OverLimit
 
 PREAMBLE_MAX = 64 * 1024  # bytes looked through for the first delimiter
 # parts one request may hold: each is a spool file, and a body of empty parts would otherwise make millions
@@ -38,8 +38,9 @@ class ReceivedPart:
 
     headers: dict[str, str]
     path: Path
-    size: int
-    sha256: str
+    size: int  # bytes sent
+    sha256: str  # "" when not kept
+    kept: bool = True  # False: over the receiver's part limit, the file left empty
 
     @property
     def content_type(self) -> str:
@@ -49,8 +50,9 @@ class ReceivedPart:
 class PartsReceiver:
     """Feed it the body's chunks in order, then close() for the parts; discard() when the request fails."""
 
-    def __init__(self, boundary: str, new_file: Callable[[], tuple[int, Path]]) -> None:
+    def __init__(self, boundary: str, new_file: Callable[[], tuple[int, Path]], part_limit: int | None = None) -> None:
         self._boundary = boundary
+        self._part_limit = part_limit  # bytes of one part kept: the rest of a longer part is only counted
         self._new_file = new_file
         self._delimiter = b"--" + boundary.encode("latin-1")
         self._preamble: bytearray | None = bytearray()  # None once the first delimiter was found
@@ -109,7 +111,7 @@ class PartsReceiver:
         if len(self.parts) >= MAX_PARTS:
             raise TooManyParts(f"the body holds more than {MAX_PARTS} parts: send fewer instances per request")
         fd, path = self._new_file()
-        self._current, self._headers = IncomingFile(fd, path), {}
+        self._current, self._headers = IncomingFile(fd, path, limit=self._part_limit), {}
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -131,7 +133,11 @@ class PartsReceiver:
         incoming, self._current = self._current, None
         if incoming is None:
             return
-        sha256 = incoming.finish()
+        try:
+            sha256 = incoming.finish()
+        except OverLimit:
+            self.parts.append(ReceivedPart(self._headers, incoming.path, incoming.size, "", kept=False))
+            return
         self.parts.append(ReceivedPart(self._headers, incoming.path, incoming.size, sha256))
 
     def _end(self) -> None:

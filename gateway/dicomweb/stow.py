@@ -111,6 +111,9 @@ def _ingest(gw: Gateway, out: Outcome, request: CaptureRequest, sop_class: str, 
 def _dicom_part(gw: Gateway, source: Source, part: ReceivedPart, study: str | None, out: Outcome) -> None:
     path = part.path
     try:
+        if not part.kept:  # over ingest.max_bytes as it came: nothing to read, the core refuses it for its size
+            _ingest(gw, out, CaptureRequest(source=source, items=[ReceivedObject(path, received_size=part.size)]), "", "")
+            return
         try:
             # the header the ingest reads too, read once and handed on: the door's own read of three UIDs took 0.76 ms
             # of a 12-MP instance, the door and the ingest's reads together 2.24 -> 1.99 ms (traced in the server)
@@ -200,7 +203,8 @@ def _json_instance(gw: Gateway, source: Source, data: dict[str, Any], bulk: list
         out.fail(sop_class, sop, CANNOT_UNDERSTAND, f"a DICOM JSON value cannot be read ({type(exc).__name__})", malformed=True)
         return
     # the part's own file, read by the ingest (another data set may name the same part: removed with the request)
-    request = CaptureRequest(source=source, items=[ImageFile(part.path, sha256=part.sha256, sop_instance_uid=sop)],
+    image = ImageFile(part.path, sha256=part.sha256 or None, sop_instance_uid=sop, received_size=None if part.kept else part.size)
+    request = CaptureRequest(source=source, items=[image],
                              patient=patient, governance=gov, study_uid=part_study, series_uid=_value(data, "0020000E"))
     _ingest(gw, out, request, sop_class, sop)
 
@@ -283,7 +287,10 @@ async def _receive_parts(gw: Gateway, request: Request, boundary: str) -> list[R
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise DicomwebError(413, f"the body is over {limit // (1024 * 1024)} MiB: send fewer instances per request")
-    receiver = PartsReceiver(boundary, lambda: gw.spool.new_file(prefix="stow-", suffix=".part"))
+    # a part is kept up to the larger of the two limits parts have: one longer is refused for its size, having
+    # taken no more disk than that (it was spooled whole, up to the request's limit of four of them)
+    receiver = PartsReceiver(boundary, lambda: gw.spool.new_file(prefix="stow-", suffix=".part"),
+                             part_limit=max(gw.settings.ingest.max_bytes, MAX_JSON_PART))
     size = 0
     try:
         async for chunk in request.stream():

@@ -508,12 +508,12 @@ def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     # a received object rendered after the answer gets its SHA-1 then too (deferred.py): not worked out here
     want_sha1 = gw.settings.ingest.received_renditions == "before-answer"
     for index, item in enumerate(request.items):
+        if item.received_size is not None:  # nothing kept: refused for its size before anything reads the file
+            try:
+                limits.check_size(item.received_size, gw.settings.ingest.max_bytes)
+            except IngestRejected as exc:
+                raise exc.for_item(index, item.filename) from None
         if isinstance(item, ReceivedObject):
-            if item.received_size is not None:
-                try:
-                    limits.check_size(item.received_size, gw.settings.ingest.max_bytes)
-                except IngestRejected as exc:
-                    raise exc.for_item(index, item.filename) from None
             # hashed while the header is read
             early = Early(item.path, item.sha256, want_sha1=want_sha1) if item.spooled else None
             try:

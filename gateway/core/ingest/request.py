@@ -311,6 +311,8 @@ class ImageFile:
     instance_number: int | None = None  # a door that numbers its photos (the importer's manifest row)
     # a DICOMweb door given JPEG bulk data with the sender's DICOM JSON keeps its instance UID
     sop_instance_uid: str | None = None
+    # the bytes sent, when the door kept none of them for being over ingest.max_bytes as they came (as ReceivedObject)
+    received_size: int | None = None
 
 
 @dataclass(frozen=True)
