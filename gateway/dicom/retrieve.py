@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import evt
 
 from gateway.core import access
@@ -45,6 +46,24 @@ UNABLE_TO_PROCESS = 0xC000
 WRITE_WAIT = 60.0  # seconds the next object's read waits for this one to be written, at most
 
 
+# the Unique Key of each retrieve level (PS3.4 C.4.2.2.1, C.4.3.2.1): what a C-MOVE or C-GET names its instances by
+UNIQUE_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+
+def _check_unique_key(identifier: Dataset) -> None:
+    """A retrieve names what it retrieves by its level's Unique Key: a single value, or a list of UIDs (PS3.4 C.4.2.2.1,
+    C.4.3.2.1), never empty or a wildcard. Read as a query, an identifier without one matched everything the peer may
+    see (a C-MOVE of QueryRetrieveLevel=STUDY alone sent every study)."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    key = UNIQUE_KEY.get(level)
+    if key is None:
+        return  # query_of refuses the level itself
+    value = identifier.get(key)
+    text = "" if value is None else "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+    if not text.strip() or "*" in text or "?" in text:
+        raise BadIdentifier(f"a {level} retrieve needs {key}: a value or UID list, no wildcard")
+
+
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -58,6 +77,7 @@ def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, wha
     the transfer audited in one commit before any is sent (two commits, each an fsync on SQLite, before). Then, as
     the UIDs naming them, those whose stored object cannot be read: each a sub-operation that fails, where they were
     left out and the peer told Success with fewer objects than it asked for. `prefetch` as the core's."""
+    _check_unique_key(identifier)
     query = query_of(identifier, FIND_MODEL[model])
     ctx = access.photo_request(gw, subject, "read", what)
     unreadable: list[Asset] = []

@@ -1,0 +1,134 @@
+"""C-GET and C-MOVE against the PS3.4 rules a conformance review checked them by, with independent clients (dcmtk's
+movescu and storescp, pynetdicom as a plain SCU): a retrieve names what it retrieves by its level's unique key, and a
+destination's refusal is counted."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE
+from pynetdicom.sop_class import VLPhotographicImageStorage
+
+from gateway.core.policy.settings import DicomPeer
+from tests import dicom_objects as objects
+from tests.conftest import require_tool
+from tests.net import free_port
+from tests.test_dicom_association import RunningListener
+from tests.test_dicom_find import OTHER_NHS, archive, findscu  # noqa: F401 (the fixture)
+from tests.test_dicom_retrieve import retrieving  # noqa: F401 (the fixture)
+from tests.test_dicomweb import mi, value, web  # noqa: F401 (the fixture)
+
+SIOBHAN = "Ó Súilleabháin^Siobhán"  # the index's name of add_patient()'s patient (family^given)
+COUNTS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+          "NumberOfWarningSuboperations")
+
+
+def _get(port: int, identifier: Dataset) -> tuple[list[Dataset], set[str]]:
+    received: set[str] = set()
+
+    def on_store(event):
+        received.add(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        return [status for status, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET) if status], received
+    finally:
+        assoc.release()
+
+
+def _identifier(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_c_get_without_the_levels_unique_key_is_refused(gw, retrieving):  # noqa: F811
+    """PS3.4 C.4.3.2.1: a C-GET identifier names what it retrieves by the Unique Key of its level (a value or a UID
+    list). Read as a query, QueryRetrieveLevel=STUDY alone (or StudyInstanceUID=* or empty) retrieved every photo the
+    peer may see. Now 0xA900 (identifier does not match SOP class), nothing sent; a proper identifier still works."""
+    with RunningListener(gw) as port:
+        for identifier in (_identifier("STUDY"), _identifier("STUDY", StudyInstanceUID=""), _identifier("STUDY", StudyInstanceUID="*"),
+                           _identifier("STUDY", PatientID=objects.NHS_NUMBER), _identifier("SERIES", StudyInstanceUID="1.2.826.0.1.1"),
+                           _identifier("IMAGE", StudyInstanceUID="1.2.826.0.1.1", SeriesInstanceUID="1.2.826.0.1.1.1")):
+            statuses, received = _get(port, identifier)
+            assert statuses[-1].Status == 0xA900 and received == set(), (identifier, statuses[-1])
+            assert "needs" in statuses[-1].ErrorComment
+        statuses, received = _get(port, _identifier("STUDY", StudyInstanceUID=["1.2.826.0.1.1", "1.2.826.0.1.3"]))
+        assert statuses[-1].Status == 0x0000 and len(received) == 3
+        assert statuses[-1].NumberOfCompletedSuboperations == 3 and statuses[-1].NumberOfFailedSuboperations == 0
+
+
+def test_movescu_without_the_levels_unique_key_is_refused(gw, retrieving, tmp_path):  # noqa: F811
+    """PS3.4 C.4.2.2.1, with dcmtk's movescu: a C-MOVE of QueryRetrieveLevel=STUDY and a PatientID only (not a Study Root
+    unique key) sent every study of the patient to the destination; now refused (0xA900) and nothing is sent."""
+    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
+    out = tmp_path / "moved"
+    out.mkdir()
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    receiver = subprocess.Popen([storescp, "+xy", "-aet", "DEST", "-od", str(out), str(dest_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        with RunningListener(gw) as port:
+            run = subprocess.run([movescu, "-v", "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                                  "-k", f"PatientID={objects.NHS_NUMBER}", "127.0.0.1", str(port)],
+                                 capture_output=True, text=True, timeout=120)
+            assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in run.stdout + run.stderr, run.stderr  # dcmtk's 0xA900
+            moved = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                                    "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
+                                   capture_output=True, text=True, timeout=120)
+            assert moved.returncode == 0, moved.stderr
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    got = {pydicom.dcmread(p).SOPInstanceUID for p in Path(out).iterdir() if p.is_file()}
+    assert got == {retrieving["b1"].SOPInstanceUID}
+
+
+def test_c_move_counts_a_refused_sub_operation(gw, retrieving):  # noqa: F811
+    """PS3.4 C.4.2.1.3: a destination refusing one of two sub-operations: the final response is 0xB000 with 1 completed,
+    1 failed and the Failed SOP Instance UID List naming it (held up: pynetdicom's C-MOVE SCP does the counting)."""
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    dest = AE(ae_title="DEST")
+    dest.add_supported_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
+    stored: list[str] = []
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0xA700 if len(stored) == 1 else 0x0000
+
+    server = dest.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with RunningListener(gw) as port:
+            ae = AE(ae_title="VIEWER")
+            ae.add_requested_context(STUDY_ROOT_MOVE)
+            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+            try:
+                responses = [(s, i) for s, i in assoc.send_c_move(_identifier("STUDY", StudyInstanceUID="1.2.826.0.1.1"), "DEST",
+                                                                      STUDY_ROOT_MOVE) if s]
+                unknown = [s for s, _ in assoc.send_c_move(_identifier("STUDY", StudyInstanceUID="1.2.826.0.1.1"), "NOWHERE",
+                                                           STUDY_ROOT_MOVE) if s]
+            finally:
+                assoc.release()
+    finally:
+        server.shutdown()
+    final, failed = responses[-1]
+    assert final.Status == 0xB000 and [final.get(k) for k in COUNTS[1:]] == [1, 1, 0]
+    assert failed.FailedSOPInstanceUIDList == stored[0]
+    assert unknown[-1].Status == 0xA801
