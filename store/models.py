@@ -24,10 +24,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -71,6 +72,10 @@ class Patient(Base):
     family_name: Mapped[str | None] = mapped_column(String(200))
     given_names: Mapped[str | None] = mapped_column(String(200))
     name_prefix: Mapped[str | None] = mapped_column(String(50))
+    # "family^given" lower-cased by Python, set on every write (name_key_of): names are matched without regard to
+    # case against this. SQL's lower() folds only ASCII on SQLite (and on PostgreSQL under the C locale), so
+    # "Ó Súilleabháin" matched neither itself in capitals nor "ó*" (migration 0011)
+    name_key: Mapped[str | None] = mapped_column(String(401))
     birth_date: Mapped[date | None] = mapped_column(Date)
     # administrative sex as in HL7 table 0001 / FHIR: M F O U (A N stored as given)
     sex: Mapped[str | None] = mapped_column(String(1))
@@ -91,6 +96,17 @@ class Patient(Base):
     )
 
     __table_args__ = (Index("ix_patients_merged_into", "merged_into_id"), Index("uq_patients_public_id", "public_id", unique=True))
+
+
+def name_key_of(family: str | None, given: str | None) -> str:
+    """What a patient's name is matched by: the PN form family^given, folded to lower case (Unicode)."""
+    return f"{family or ''}^{given or ''}".lower()
+
+
+@event.listens_for(Patient, "before_insert")
+@event.listens_for(Patient, "before_update")
+def _keep_name_key(_mapper: Mapper[Patient], _connection: object, patient: Patient) -> None:
+    patient.name_key = name_key_of(patient.family_name, patient.given_names)
 
 
 class PatientIdentifier(Base):

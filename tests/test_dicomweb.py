@@ -25,7 +25,8 @@ from tests import dicom_objects as objects
 from tests.auth_helpers import auth_headers
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient, dicom_tools_check
-from tests.test_dicom_find import OTHER_NHS, archive  # noqa: F401 (the fixture)
+from tests.test_dicom_association import RunningListener
+from tests.test_dicom_find import OTHER_NHS, archive, findscu  # noqa: F401 (the fixture)
 from tests.test_photos_api import serving
 
 DICOM_TS_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -482,3 +483,23 @@ def test_qido_answers_are_what_pydicom_writes():
                 expected = qido._pydicom_answer(present, keys, level)
                 got = qido.answer(m, keys, level, "http://h/dicomweb")
                 assert json.dumps(got) == json.dumps(expected), (level, include, m.patient)
+
+
+
+SIOBHAN = "Ó Súilleabháin^Siobhán"  # the index's name of add_patient()'s patient (family^given)
+
+
+def test_c_find_and_qido_find_a_non_ascii_name_written_as_stored(gw, archive, web):  # noqa: F811
+    """PS3.4 C.2.2.2.1: a PN value matches the stored name (without regard to case, as the conformance statement
+    says), beyond ASCII too. The query was folded by Python and the stored name by SQL's lower(), which folds only
+    ASCII on SQLite (and on PostgreSQL under the C locale): 'Ó Súilleabháin^Siobhán', exactly as a universal C-FIND
+    returned it, matched nothing, nor did 'Ó*' (found by a conformance review). Names are matched against a key
+    Python folds on every write (store/models.py name_key)."""
+    with RunningListener(gw) as port:
+        everyone = findscu(port, "-P", "PATIENT", "PatientName", "PatientID")
+        assert SIOBHAN in {a["PatientName"] for a in everyone}
+        for name in (SIOBHAN, "Ó*", "ó súilleabháin^siobhán"):
+            found = findscu(port, "-P", "PATIENT", "SpecificCharacterSet=ISO_IR 192", f"PatientName={name}", "PatientID")
+            assert [a["PatientID"] for a in found] == [objects.NHS_NUMBER], name
+    r = web.get("/dicomweb/studies", params={"PatientName": SIOBHAN}, headers=mi(gw))
+    assert r.status_code == 200 and len(r.json()) == 2, r.text

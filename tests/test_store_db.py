@@ -151,8 +151,9 @@ def test_migrations_run_on_a_store_holding_data(database_url):
     upgrade(db, "0002")
     with db.engine.begin() as conn:
         for n in (1, 2):
-            conn.execute(text("INSERT INTO patients (id, family_name, created_at, updated_at) "
-                              "VALUES (:n, 'X', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"n": n})
+            conn.execute(text("INSERT INTO patients (id, family_name, given_names, created_at, updated_at) "
+                              "VALUES (:n, :family, 'Siobhán', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                         {"n": n, "family": "Ó SÚILLEABHÁIN" if n == 1 else None})
             conn.execute(text("INSERT INTO patient_identifiers (patient_id, system, value, created_at) "
                               "VALUES (:n, 'urn:s', :v, CURRENT_TIMESTAMP)"), {"n": n, "v": f"V{n}"})
             conn.execute(text("INSERT INTO encounters (patient_id, visit_system, visit_number, status, created_at, updated_at) "
@@ -162,6 +163,8 @@ def test_migrations_run_on_a_store_holding_data(database_url):
     with db.read() as s:
         ids = s.scalars(select(Patient.public_id).order_by(Patient.id)).all()
         assert len(ids) == 2 and len(set(ids)) == 2 and all(len(i) == 32 for i in ids)
+        # 0011 folded the names there were, beyond ASCII, as every later write does
+        assert s.scalars(select(Patient.name_key).order_by(Patient.id)).all() == ["ó súilleabháin^siobhán", "^siobhán"]
         assert s.scalar(select(func.count()).select_from(PatientIdentifier)) == 2
     with db.write() as s:  # foreign keys still enforced afterwards
         s.add(PatientIdentifier(patient_id=999, system="urn:s", value="orphan"))

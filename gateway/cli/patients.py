@@ -48,7 +48,7 @@ def list_command(
                     raise typer.BadParameter(str(exc), param_hint="--identifier") from None
                 query = query.join(PatientIdentifier).where(PatientIdentifier.system == system, PatientIdentifier.value == value)
             if family:
-                query = query.where(func.lower(Patient.family_name).startswith(family.lower()))
+                query = query.where(Patient.name_key.startswith(family.lower(), autoescape=True))  # folded by Python
             if merged:
                 query = query.where(Patient.merged_into_id.is_not(None))
             if quarantined:

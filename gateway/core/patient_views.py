@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from gateway.core import access_audit, patient_refs
@@ -178,10 +178,11 @@ def search(gw: Gateway, ctx: AccessContext, criteria: PatientCriteria, *, limit:
     where = [Patient.merged_into_id.is_(None), knows_patient(ctx, gw.settings.policy, Patient.id)]
     if criteria.public_ids is not None:
         where.append(Patient.public_id.in_(sorted(set(criteria.public_ids))))
+    # against the name folded by Python as the criteria are (store/models.py name_key: family^given)
     if criteria.family:
-        where.append(func.lower(Patient.family_name).startswith(criteria.family.lower(), autoescape=True))
+        where.append(Patient.name_key.startswith(criteria.family.lower(), autoescape=True))
     if criteria.given:
-        where.append(func.lower(Patient.given_names).startswith(criteria.given.lower(), autoescape=True))
+        where.append(Patient.name_key.contains("^" + criteria.given.lower(), autoescape=True))
     if criteria.birth_date is not None:
         where.append(Patient.birth_date == criteria.birth_date)
     if reach == "patient":

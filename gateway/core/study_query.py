@@ -87,13 +87,11 @@ def like_pattern(value: str) -> tuple[str, bool]:
     return escaped.replace("*", "%").replace("?", "_"), ("*" in value or "?" in value)
 
 
-def text_match(column: Any, value: str, *, fold_case: bool = False) -> ColumnElement[bool]:
+def text_match(column: SQLCoreOperations[str], value: str) -> ColumnElement[bool]:
     pattern, wild = like_pattern(value)
-    col = func.lower(column) if fold_case else column
-    pattern = pattern.lower() if fold_case else pattern
     if not wild:
-        return col == (value.lower() if fold_case else value)
-    return col.like(pattern, escape="\\")
+        return column == value
+    return column.like(pattern, escape="\\")
 
 
 def _taken() -> Any:
@@ -184,7 +182,7 @@ def _shape(q: StudyQuery) -> tuple[_Shape, dict[str, Any]]:
     return _Shape(q.level, **shape), values
 
 
-def _compare(column: SQLCoreOperations[str], how: _How, name: str) -> ColumnElement[bool]:
+def _compare(column: SQLCoreOperations[str] | SQLCoreOperations[str | None], how: _How, name: str) -> ColumnElement[bool]:
     value = bindparam(name, type_=String())
     return column.like(value, escape="\\") if how == "~" else column == value
 
@@ -201,8 +199,7 @@ def _criteria(shape: _Shape) -> list[ColumnElement[bool]]:
             ident = ident.where(or_(PatientIdentifier.assigner == issuer, PatientIdentifier.system == issuer))
         where.append(Asset.patient_id.in_(ident))
     if shape.patient_name:
-        name = func.coalesce(Patient.family_name, "") + "^" + func.coalesce(Patient.given_names, "")
-        where.append(_compare(func.lower(name), shape.patient_name, "patient_name"))
+        where.append(_compare(Patient.name_key, shape.patient_name, "patient_name"))  # folded as the value was
     if shape.birth_from:
         where.append(Patient.birth_date >= bindparam("birth_from"))
     if shape.birth_to:
