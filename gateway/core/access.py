@@ -20,7 +20,7 @@ the audit trail before the call returns:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -41,6 +41,7 @@ from gateway.core.objects.vlphoto import PatientInfo
 from gateway.core.policy.rules import (
     AccessContext,
     ConsentSummary,
+    access_list_name,
     care_only,
     consent_summary,
     decide_in,
@@ -50,6 +51,7 @@ from gateway.core.policy.rules import (
     resolve,
     scope_allows,
 )
+from gateway.core.policy.settings import PolicySettings
 from gateway.core.refusals import Kind, Refused
 from store import audit
 from store.models import Asset, AssetAccess, Consent, ConsentAsset, Encounter, Patient
@@ -78,6 +80,12 @@ def screen(gw: Gateway, subject: Subject, what: str) -> AccessContext:
     if ctx.refusal and ctx.refuse_request:
         raise access_audit.refuse(gw, ctx, what, Refused(ctx.refusal_kind or Kind.FORBIDDEN, ctx.refusal))
     return ctx
+
+
+def refuse(gw: Gateway, subject: Subject, what: str, refusal: Refused) -> Refused:
+    """A request a door refuses before any photo is looked up (a DICOM peer asking for a service its settings do not
+    allow, an identifier that cannot be read): on the trail like every other refusal; given back to raise or map."""
+    return access_audit.refuse(gw, resolve(subject, gw.settings.policy), what, refusal)
 
 
 def photo_request(gw: Gateway, subject: Subject, interaction: Literal["read", "search"], what: str,
@@ -415,7 +423,8 @@ def dicom_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_co
 
 def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.StudyQuery, *, query: str, channel: str,
                            type_code: str = audit.INSTANCES_TRANSFERRED, unreadable: list[Asset] | None = None,
-                           prefetch: Callable[[list[DicomObject]], None] | None = None) -> list[DicomObject]:
+                           prefetch: Callable[[list[DicomObject]], None] | None = None,
+                           recipient: AccessContext | None = None) -> list[DicomObject]:
     """The DICOM objects of the instances a query names (any level), for a retrieve by UIDs (WADO-RS): the query and
     the retrieve in one audit commit, before any object is sent. Each commit is an fsync (SQLite, full sync): find()
     then dicom_objects() took 42-52 ms for one 12-MP instance on a loaded 2-core machine, this 27-38 ms (A/B, same run).
@@ -425,13 +434,24 @@ def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.Study
     each, for a caller that reports what it could not send (C-GET and C-MOVE count it failed).
 
     `prefetch`, if given, is handed the objects before the audit commits, for a caller to start reading them
-    meanwhile (the commit is an fsync): it must send nothing before this function returns."""
+    meanwhile (the commit is an fsync): it must send nothing before this function returns.
+
+    `recipient` (recipient_context()): the party the objects are sent to when it is not the caller, a C-MOVE's
+    destination: only the instances its own identity may see as well are served, as routing sends a destination
+    only what its identity may see; the transfer's records name it."""
     with gw.db.read() as session:
-        rows, results = study_query.instances(session, ctx, gw.settings.policy, replace(q, level="IMAGE"))
+        rows, results = study_query.instances(session, ctx, gw.settings.policy, replace(q, level="IMAGE"), recipient=recipient)
         with_object = [a for a, _ in rows if a.dicom_sha256]
         infos = _live_patient_infos(session, {a.patient_id: p for a, p in rows if a.dicom_sha256})
+        denied = _named_but_hidden(session, ctx, recipient, gw.settings.policy, q.sop_uids, {a.sop_instance_uid for a, _ in rows},
+                                   type_code)
         session.expunge_all()
     served, entries = _coerced(gw, ctx, with_object, infos, type_code)
+    entries += denied
+    if recipient is not None:
+        for entry in entries:
+            if entry.type_code == type_code:
+                entry.detail = {**(entry.detail or {}), "destination": access_list_name(recipient.subject)}
     if unreadable is not None:
         sent = {o.asset.id for o in served}
         unreadable += [a for a in with_object if a.id not in sent]
@@ -439,6 +459,33 @@ def dicom_objects_matching(gw: Gateway, ctx: AccessContext, q: study_query.Study
         prefetch(served)
     access_audit.write(gw, study_query.query_entries(ctx, results, query=query, channel=channel) + entries)
     return served
+
+
+def _named_but_hidden(session: Session, ctx: AccessContext, recipient: AccessContext | None, policy: PolicySettings,
+                      named: Sequence[str] | None, answered: set[str], type_code: str) -> list[audit.AuditEntry]:
+    """A denied read, with the rules that denied it, of each stored instance the request named by its SOP Instance
+    UID and the policy left out: as the REST and FHIR doors record a hidden photo asked for by its id (the answer
+    stays that of an absent one). Without it a retrieve reaching for a patient's hidden photo by UID was on the trail
+    as a query that found nothing, against no patient. One indexed statement, only when some named were left out."""
+    missing = sorted(set(named or ()) - answered)
+    if not missing:
+        return []
+    entries: list[audit.AuditEntry] = []
+    for asset in session.scalars(select(Asset).where(Asset.sop_instance_uid.in_(missing))):
+        decision = decide_in(session, ctx, policy, asset)
+        reasons = decision.reasons
+        if decision.permit and recipient is not None:  # the caller may see it; the C-MOVE's destination may not
+            reasons = [f"the destination: {r}" for r in decide_in(session, recipient, policy, asset).reasons]
+        entries += access_audit.read_entries(ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=False,
+                                             reasons=reasons, what="retrieve", type_code=type_code)
+    return entries
+
+
+def recipient_context(gw: Gateway, subject: Subject) -> AccessContext:
+    """A party objects are sent to at another's request (a C-MOVE's destination peer), as the policy reads its own
+    identity (purpose, sensitivities, specialties, access lists): what it may see bounds what is sent to it. A
+    recipient whose role may not act for its purpose sees nothing, so nothing is sent."""
+    return resolve(subject, gw.settings.policy, interaction="read")
 
 
 def _served_objects(gw: Gateway, ctx: AccessContext, photo_ids: list[str], type_code: str) -> tuple[list[DicomObject], list[audit.AuditEntry]]:

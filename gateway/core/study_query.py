@@ -263,10 +263,27 @@ def find(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel:
     return matches
 
 
+def find_page(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, channel: str, limit: int,
+              offset: int = 0) -> tuple[list[Match], bool]:
+    """find() for one page of at most `limit` (QIDO-RS), and whether more matches follow: one row more is read to
+    tell, and neither answered nor audited. The door asked find() for limit + 1 and dropped the last: that match
+    was audited as returned (a photo, perhaps a patient, on the trail as seen by a caller never sent it)."""
+    rows, patients = _rows(gw, ctx, q, limit + 1, offset)
+    matches, results = _matches(q.level, rows[:limit], patients)
+    access_audit.write(gw, query_entries(ctx, results, query=query, channel=channel))
+    return matches, len(rows) > limit
+
+
 def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_000,
            offset: int = 0) -> tuple[list[Match], dict[int, list[str]]]:
     """find() without its audit: the matches and, by patient, the photos they cover, for a caller that writes the
     query's audit records together with its own (query_entries) in one commit."""
+    rows, patients = _rows(gw, ctx, q, limit, offset)
+    return _matches(q.level, rows, patients)
+
+
+def _rows(gw: Gateway, ctx: AccessContext, q: StudyQuery, limit: int, offset: int) -> tuple[Sequence[Row[Any]], dict[int, PatientInfo]]:
+    """The query's rows (the policy inside, paged in SQL) and the Patient Module of each patient in them."""
     shape, values = _shape(q)
     policy = filter_for(ctx, gw.settings.policy)
     key = (shape, id(policy))
@@ -276,18 +293,23 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
     with gw.db.read_connection() as conn:
         rows = conn.execute(statement, {**values, "limit": limit, "offset": offset}).all()
         patients = _patients(conn, rows)
-    return _matches(q.level, rows, patients)
+    return rows, patients
 
 
 def instances(session: Session, ctx: AccessContext, settings: PolicySettings, q: StudyQuery, *,
-              limit: int = 10_000) -> tuple[list[tuple[Asset, Patient]], dict[int, list[str]]]:
+              limit: int = 10_000, recipient: AccessContext | None = None) -> tuple[list[tuple[Asset, Patient]], dict[int, list[str]]]:
     """search() at IMAGE level for a retrieve: the visible instances as their rows (in the IMAGE order, the policy
     inside the query), and by patient the photos the answer covers, in the caller's session. The retrieve needs
     the rows (blob, laterality) where search() answers attributes: one query instead of search() and a second
     policy-filtered read of the same rows and patients (WADO-RS of one instance: 11 statements through SQLAlchemy
     before the audit's, 5 now). Each row comes with the patient record it names (where the retrieve's patient
-    module starts: reading it by itself was one statement more)."""
+    module starts: reading it by itself was one statement more).
+
+    `recipient`: the party the objects go to when it is not the caller (a C-MOVE's destination): only instances
+    both may see are answered, the recipient's own policy inside the same query."""
     statement, params = _instances_statement(filter_for(ctx, settings), q, limit)
+    if recipient is not None:
+        statement = statement.where(filter_for(recipient, settings))
     rows = [(asset, patient) for asset, patient in session.execute(statement, params)]
     results: dict[int, list[str]] = {}
     for asset, _ in rows:

@@ -14,7 +14,7 @@ from pydicom.multival import MultiValue
 from gateway.core import access, study_query, worklist
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, peer_allows
-from gateway.core.refusals import Refused
+from gateway.core.refusals import Kind, Refused
 from gateway.core.study_query import DateRange, Match, StudyQuery
 from gateway.core.worklist import WorklistItem, WorklistQuery
 
@@ -188,15 +188,20 @@ def _worklist(gw: Gateway, subject: Subject, identifier: Dataset, what: str) -> 
 def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """pynetdicom's EVT_C_FIND handler: pending answers, then success; a cancel is honoured between answers."""
     subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
-    if subject is None or subject.peer is None or not peer_allows(subject, "find"):
+    if subject is None or subject.peer is None:
+        yield NOT_AUTHORIZED, None
+        return
+    what = f"C-FIND {subject.peer.ae_title} {event.request.AffectedSOPClassUID}"
+    if not peer_allows(subject, "find"):
+        access.refuse(gw, subject, what, Refused(Kind.FORBIDDEN, "this AE may not query here (find is not among its services)"))
         yield NOT_AUTHORIZED, None
         return
     identifier = event.identifier
-    what = f"C-FIND {subject.peer.ae_title} {event.request.AffectedSOPClassUID}"
     if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
         try:
             yield from _worklist(gw, subject, identifier, what)
         except BadIdentifier as exc:
+            access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
             failure = Dataset()
             failure.Status = IDENTIFIER_DOES_NOT_MATCH
             failure.ErrorComment = str(exc)[:64]
@@ -209,6 +214,7 @@ def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | 
         ctx = access.photo_request(gw, subject, "search", what)
         matches = study_query.find(gw, ctx, query, query=f"{what} {query}", channel="dimse")
     except BadIdentifier as exc:
+        access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
         failure = Dataset()  # a status data set: the status with an ErrorComment saying why
         failure.Status = IDENTIFIER_DOES_NOT_MATCH
         failure.ErrorComment = str(exc)[:64]

@@ -46,6 +46,7 @@ _config.LOG_HANDLER_LEVEL = "none"
 
 VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 REJECTED_PERMANENT, SOURCE_SERVICE_USER = 0x01, 0x01
+MOVE_MODELS = (retrieve.PATIENT_ROOT_MOVE, retrieve.STUDY_ROOT_MOVE)
 STOP_GRACE = 10.0  # seconds a request being served may take to finish when the gateway stops
 # A-ASSOCIATE-RJ reasons for a service-user rejection (PS3.8 7.1.1.9)
 REJECT_REASON = {
@@ -116,6 +117,11 @@ class DicomListener:
             assoc.kill()
             return
         assoc.clinphoto_subject = subject  # handlers of later services act as this subject
+        if not peer_allows(subject, "move"):
+            # pynetdicom opens the association to a C-MOVE's destination before its handler may refuse the request:
+            # a peer not allowed move is not offered the service (its contexts rejected, abstract syntax not
+            # supported), so it cannot make the gateway connect to another peer
+            assoc.acceptor.supported_contexts = [c for c in assoc.acceptor.supported_contexts if c.abstract_syntax not in MOVE_MODELS]
 
     def _audit_refusal(self, calling_ae: str, address: str, reason: str) -> None:
         entry = audit.AuditEntry(

@@ -20,10 +20,10 @@ from pynetdicom import evt
 
 from gateway.core import access
 from gateway.core.context import Gateway
-from gateway.core.identity import Subject, dicom_peers, peer_allows
+from gateway.core.identity import Subject, dicom_peers, peer_allows, peer_subject
 from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
-from gateway.core.refusals import Refused
+from gateway.core.refusals import Kind, Refused
 from gateway.dicom.find import BadIdentifier, query_of
 from gateway.dicom.pending import PENDING
 from gateway.dicom.reactor import EventAssociation
@@ -72,17 +72,21 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 def _objects(gw: Gateway, subject: Subject, identifier: Dataset, model: str, what: str,
-             prefetch: Callable[[list[access.DicomObject]], None] | None) -> tuple[list[access.DicomObject], list[Dataset]]:
+             prefetch: Callable[[list[access.DicomObject]], None] | None,
+             destination: Subject | None = None) -> tuple[list[access.DicomObject], list[Dataset]]:
     """The objects of the visible instances the identifier names, at any level: the query (the policy inside it) and
     the transfer audited in one commit before any is sent (two commits, each an fsync on SQLite, before). Then, as
     the UIDs naming them, those whose stored object cannot be read: each a sub-operation that fails, where they were
-    left out and the peer told Success with fewer objects than it asked for. `prefetch` as the core's."""
+    left out and the peer told Success with fewer objects than it asked for. `prefetch` as the core's.
+    `destination`: a C-MOVE's destination peer, when the objects go to it: only what its own identity may see too."""
     _check_unique_key(identifier)
     query = query_of(identifier, FIND_MODEL[model])
     ctx = access.photo_request(gw, subject, "read", what)
+    recipient = access.recipient_context(gw, destination) if destination is not None else None
     unreadable: list[Asset] = []
     objects = access.dicom_objects_matching(gw, ctx, query, query=f"{what} {query}", channel="dimse",
-                                            type_code=audit.INSTANCES_TRANSFERRED, unreadable=unreadable, prefetch=prefetch)
+                                            type_code=audit.INSTANCES_TRANSFERRED, unreadable=unreadable, prefetch=prefetch,
+                                            recipient=recipient)
     return objects, [_unsendable(a.sop_class_uid, a.sop_instance_uid) for a in unreadable]
 
 
@@ -168,7 +172,7 @@ def _refuse(status: int, comment: str) -> Iterator[Any]:
 
 
 def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association: Callable[[], Any],
-              read_early: bool) -> Iterator[Any]:
+              read_early: bool, destination: Subject | None = None) -> Iterator[Any]:
     """The count, then each object. `read_early`: the association the objects go on is open already (C-GET: the
     requestor's own), so the first object is read while the transfer's audit commits (an fsync), not after: the
     first photo of a C-GET left ~1 ms sooner traced (the read and its hand-over to the reader's thread)."""
@@ -180,8 +184,10 @@ def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association:
                 first.append(reader.submit(_prepare, association(), objects[0]))
 
         try:
-            objects, unreadable = _objects(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what, prefetch)
+            objects, unreadable = _objects(gw, subject, event.identifier, str(event.request.AffectedSOPClassUID), what, prefetch,
+                                           destination)
         except BadIdentifier as exc:
+            access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
             yield from _refuse(IDENTIFIER_DOES_NOT_MATCH, str(exc))
             return
         except Refused as exc:
@@ -191,10 +197,18 @@ def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association:
         yield from _send(objects, unreadable, lambda: event.is_cancelled, association, reader, first[0] if first else None)
 
 
+def _refused_service(gw: Gateway, subject: Subject | None, service: str, to: str = "") -> None:
+    """A peer asking for a retrieve its settings do not allow: the refusal on the trail, naming the peer."""
+    if subject is not None and subject.peer is not None:
+        access.refuse(gw, subject, f"C-{service.upper()} {subject.peer.ae_title}{to}",
+                      Refused(Kind.FORBIDDEN, f"this AE may not retrieve here ({service} is not among its services)"))
+
+
 def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
     """pynetdicom's EVT_C_GET handler: the count of sub-operations, then each object."""
     subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
     if subject is None or subject.peer is None or not peer_allows(subject, "get"):
+        _refused_service(gw, subject, "get")
         yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
         return
     yield from _retrieve(gw, subject, event, f"C-GET {subject.peer.ae_title}", lambda: event.assoc, read_early=True)
@@ -212,8 +226,10 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
     opened: list[Any] = []
     yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc))]}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
+        _refused_service(gw, subject, "move", f" to {destination}")
         yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
         return
-    # the association to the destination opens after the count: the first object is read once it is open
+    # the association to the destination opens after the count: the first object is read once it is open. The objects
+    # go to the destination, so its own identity bounds them too (as routing sends it only what it may see)
     yield from _retrieve(gw, subject, event, f"C-MOVE {subject.peer.ae_title} to {destination}", lambda: opened[0],
-                         read_early=False)
+                         read_early=False, destination=peer_subject(peer, peer.hosts[0]))

@@ -14,9 +14,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.context import Gateway
 from gateway.core.refusals import Refused
@@ -30,6 +32,34 @@ log = logging.getLogger("clinphoto.dicomweb")
 # headers a browser client sends and may read (the Warning of a paged QIDO answer)
 CORS_REQUEST_HEADERS = ["Authorization", "Accept", "Content-Type", "X-Purpose-Of-Use", "X-Break-Glass"]
 CORS_EXPOSED_HEADERS = ["Warning", "Content-Type", "Content-Length"]
+
+
+NOT_FOR_CACHES = "private, no-store"
+
+
+class NotForCaches:
+    """Every answer of this door was decided by the policy for this caller at this moment (a consent withdrawn, a
+    sensitivity raised or an access list shortened changes it), so none is for a cache to serve again, without a
+    decision or an audit record: `Cache-Control: private, no-store`, as the REST and FHIR doors answer photos. The
+    stored thumbnail and rendered image went out as FileResponse with Last-Modified and no Cache-Control at all:
+    heuristically fresh for any cache. A route that sets its own Cache-Control keeps it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "cache-control" not in headers:
+                    headers["Cache-Control"] = NOT_FOR_CACHES
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -87,6 +117,7 @@ def create_dicomweb_app(gw: Gateway, settings: DicomwebSettings) -> FastAPI:
     app.include_router(wado.router)
     app.include_router(stow.router)
 
+    app.add_middleware(NotForCaches)
     origins = settings.cors_origins
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],

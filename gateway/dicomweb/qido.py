@@ -209,17 +209,16 @@ async def search(request: Request, subject: Caller, level: Level, fixed: dict[st
     s = parse(request, level, fixed)
     text = f"QIDO-RS {what(request)}?{request.url.query}"
 
-    def run() -> list[Match]:
+    def run() -> tuple[list[Match], bool]:
         ctx = access.photo_request(gw, subject, "search", text)
         access.require_scope(gw, ctx, "Media", access.SEARCH_SCOPE, text)
-        # one more than asked: whether to say there are more (the Warning header dicomweb-client logs)
-        return study_query.find(gw, ctx, s.query, query=text, channel=CHANNEL, limit=s.limit + 1, offset=s.offset)
+        # and whether there are more (the Warning header dicomweb-client logs)
+        return study_query.find_page(gw, ctx, s.query, query=text, channel=CHANNEL, limit=s.limit, offset=s.offset)
 
-    matches = await run_in_threadpool(run)
-    more = len(matches) > s.limit
+    matches, more = await run_in_threadpool(run)
     keys = _keys(level, "StudyInstanceUID" in fixed, s.include)
     base = base_url(request)
-    body = [answer(m, keys, level, base) for m in matches[:s.limit]]
+    body = [answer(m, keys, level, base) for m in matches]
     return data_sets(body, media, headers={"Warning": MORE_RESULTS} if more else None)
 
 
