@@ -110,6 +110,17 @@ def c_get(port: int, calling: str, identifier: pydicom.Dataset) -> tuple[list[in
         assoc.release()
 
 
+def c_store(port: int, calling: str, ds: pydicom.Dataset) -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VLPhotographicImageStorage, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
 def c_find(port: int, calling: str, identifier: pydicom.Dataset) -> list[int]:
     ae = AE(ae_title=calling)
     ae.add_requested_context(STUDY_ROOT_FIND)
@@ -212,7 +223,7 @@ def test_a_peer_not_allowed_c_move_makes_the_gateway_open_no_association(gw, arc
 # -- 2. DIMSE refusals are audited ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("service", ["find", "get"])
+@pytest.mark.parametrize("service", ["find", "get", "store"])
 def test_a_dimse_service_refused_to_a_peer_is_audited(gw, archive, service):  # noqa: F811
     """Every access, allowed or denied, is audited: a configured peer asking for a service its settings do not allow
     gets 0x0124, and the refusal must be on the trail naming the peer (a bad token on HTTP is). (C-MOVE is not
@@ -220,16 +231,20 @@ def test_a_dimse_service_refused_to_a_peer_is_audited(gw, archive, service):  # 
     with StorageSCP("DEST") as dest:
         gw.settings.auth.dicom_peers = [
             DicomPeer(ae_title="STOREONLY", hosts=["127.0.0.1"], allow=["echo", "store"]),
+            DicomPeer(ae_title="FINDONLY", hosts=["127.0.0.1"], allow=["echo", "find"]),
             DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest.port, allow=["echo"]),
         ]
         with RunningListener(gw) as port:
             if service == "find":
                 statuses = c_find(port, "STOREONLY", study(STUDY_1))
-            else:
+            elif service == "get":
                 statuses, _ = c_get(port, "STOREONLY", study(STUDY_1))
+            else:
+                statuses = [c_store(port, "FINDONLY", archive["a1"])]
     assert statuses[-1] == 0x0124
     with gw.db.read() as s:
-        outcomes = s.scalars(select(AuditEvent.outcome).where(AuditEvent.agent_who == "STOREONLY")).all()
+        who = "FINDONLY" if service == "store" else "STOREONLY"
+        outcomes = s.scalars(select(AuditEvent.outcome).where(AuditEvent.agent_who == who)).all()
     assert [o for o in outcomes if o != "0"], f"C-{service.upper()} refused to STOREONLY left no audit record"
 
 

@@ -17,6 +17,7 @@ from typing import Any, cast
 from pydicom import Dataset
 from pynetdicom.dsutils import encode_file_meta
 
+from gateway.core import access
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject, peer_allows
 from gateway.core.ingest import errors
@@ -25,6 +26,7 @@ from gateway.core.ingest.incoming import OverLimit
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
+from gateway.core.refusals import Kind, Refused
 from gateway.dicom.spooled import SpooledDataSet, Unkept
 
 log = logging.getLogger("clinphoto.dicom")
@@ -86,6 +88,9 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
     if subject is None or subject.peer is None or not peer_allows(subject, "store"):
         if spooled is not None:
             spooled.discard()
+        if subject is not None and subject.peer is not None:  # on the trail, naming the peer, as other refusals are
+            access.refuse(gw, subject, f"C-STORE {subject.peer.ae_title}",
+                          Refused(Kind.FORBIDDEN, "this AE may not store here (store is not among its services)"))
         return StoreAnswer(NOT_AUTHORIZED, "this AE may not store here")
     source = Source.dicom_peer(subject.peer.ae_title, address, name=subject.name,
                                purpose_of_use=subject.purpose_of_use or "TREAT")
