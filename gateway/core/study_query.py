@@ -87,7 +87,7 @@ def like_pattern(value: str) -> tuple[str, bool]:
     return escaped.replace("*", "%").replace("?", "_"), ("*" in value or "?" in value)
 
 
-def text_match(column: SQLCoreOperations[str], value: str) -> ColumnElement[bool]:
+def text_match(column: SQLCoreOperations[str] | SQLCoreOperations[str | None], value: str) -> ColumnElement[bool]:
     pattern, wild = like_pattern(value)
     if not wild:
         return column == value

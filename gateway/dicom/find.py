@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, time
 from typing import Any
 
 from pydicom import Dataset
@@ -125,6 +125,29 @@ def answer(identifier: Dataset, match: Match, ae_title: str) -> Dataset:
     return out
 
 
+def _time(text: str) -> time:
+    """A DICOM TM (HH, HHMM, HHMMSS, HHMMSS.FFFFFF)."""
+    whole, _, fraction = text.partition(".")
+    if len(whole) not in (2, 4, 6) or not whole.isdigit() or (fraction and not fraction.isdigit()):
+        raise ValueError(text)
+    hour, minute, second = int(whole[0:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
+    return time(hour, minute, second, int((fraction + "000000")[:6]) if fraction else 0)
+
+
+def _time_range(ds: Dataset, keyword: str) -> tuple[time | None, time | None] | None:
+    text = _text(ds, keyword)
+    if text is None:
+        return None
+    try:
+        if "-" not in text:
+            moment = _time(text)
+            return moment, moment
+        low, high = text.split("-", 1)
+        return _time(low) if low else None, _time(high) if high else None
+    except ValueError:
+        raise BadIdentifier(f"{keyword} {text!r} is not a DICOM time or time range (HHMMSS, A-B, -B, A-)") from None
+
+
 def worklist_query(ds: Dataset) -> WorklistQuery:
     step = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else Dataset()
     modality = _text(step, "Modality")
@@ -133,16 +156,27 @@ def worklist_query(ds: Dataset) -> WorklistQuery:
     return WorklistQuery(
         location=_text(step, "ScheduledProcedureStepLocation") or _text(ds, "CurrentPatientLocation"),
         admitted=_range(step, "ScheduledProcedureStepStartDate"),
+        admitted_times=_time_range(step, "ScheduledProcedureStepStartTime"),
         patient_id=_text(ds, "PatientID"), issuer=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"), attending=_text(step, "ScheduledPerformingPhysicianName"),
     )
+
+
+def _station(ds: Dataset, caller: str) -> str:
+    """The steps are for any station: answered as for the station asked about (a value, not a pattern), else for the
+    camera asking."""
+    step = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else Dataset()
+    asked = _text(step, "ScheduledStationAETitle")
+    return asked if asked and not any(c in asked for c in "*?\\") else caller
 
 
 class NoPhotography(Exception):
     """A worklist query for another modality: this worklist holds photography steps only (no match)."""
 
 
-def worklist_answer(identifier: Dataset, item: WorklistItem, ae_title: str) -> Dataset:
-    """A scheduled procedure step for photography per current encounter, with the keys the camera asked for."""
+def worklist_answer(identifier: Dataset, item: WorklistItem, station: str) -> Dataset:
+    """A scheduled procedure step for photography per current encounter, with the keys the camera asked for.
+    `station`: the AE title the step is answered as scheduled for (steps are for any station)."""
     p = item.patient
     admitted = item.admitted_at
     out = Dataset()
@@ -152,7 +186,7 @@ def worklist_answer(identifier: Dataset, item: WorklistItem, ae_title: str) -> D
         "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
         "PatientSex": p.sex if p.sex in ("M", "F", "O") else "",
         "AdmissionID": item.visit_number or "", "CurrentPatientLocation": item.location or "",
-        "AccessionNumber": "", "RequestedProcedureID": f"ENC{item.encounter_id}",
+        "AccessionNumber": "", "RequestedProcedureID": f"ENC{item.encounter_id}", "StudyInstanceUID": item.study_uid,
         "RequestedProcedureDescription": "Clinical photography",
     }
     for element in identifier:
@@ -162,7 +196,7 @@ def worklist_answer(identifier: Dataset, item: WorklistItem, ae_title: str) -> D
         setattr(out, keyword, values.get(keyword, ""))
     step = Dataset()
     step.Modality = "XC"
-    step.ScheduledStationAETitle = ""
+    step.ScheduledStationAETitle = station
     step.ScheduledProcedureStepStartDate = admitted.strftime("%Y%m%d") if admitted else ""
     step.ScheduledProcedureStepStartTime = admitted.strftime("%H%M%S") if admitted else ""
     step.ScheduledProcedureStepID = f"ENC{item.encounter_id}"
@@ -180,8 +214,13 @@ def _worklist(gw: Gateway, subject: Subject, identifier: Dataset, what: str) -> 
         yield SUCCESS, None
         return
     ctx = access.screen(gw, subject, what)
-    for item in worklist.current(gw, ctx, query, query=f"{what} {query}", channel="dimse"):
-        yield PENDING, worklist_answer(identifier, item, gw.settings.ae_title)
+    try:
+        items = worklist.current(gw, ctx, query, query=f"{what} {query}", channel="dimse")
+    except worklist.TimeWithoutDate:
+        raise BadIdentifier("ScheduledProcedureStepStartTime is matched with a ScheduledProcedureStepStartDate") from None
+    station = _station(identifier, subject.peer.ae_title if subject.peer is not None else "")
+    for item in items:
+        yield PENDING, worklist_answer(identifier, item, station)
     yield SUCCESS, None
 
 

@@ -302,6 +302,12 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
     )
 
 
+def encounter_study_uid(root: str, encounter: Encounter) -> str:
+    """The study an encounter's photos are filed in until the first is (then that photo's study): the same for an
+    upload and for a camera that took it from the worklist."""
+    return stable_uid(root, "study", "encounter", encounter.visit_system, encounter.visit_number)
+
+
 def _file_series(session: Session, gw: Gateway, request: CaptureRequest, patient: Patient | None, ref: PatientRef,
                  encounter: Encounter | None, session_key: str) -> _FileSeries:
     """Image files: a study per encounter (or capture session), a series per capture session."""
@@ -313,7 +319,7 @@ def _file_series(session: Session, gw: Gateway, request: CaptureRequest, patient
     elif encounter is not None:
         study_uid = session.execute(
             select(Asset.study_uid).where(Asset.encounter_id == encounter.id).order_by(Asset.created_at).limit(1)
-        ).scalar_one_or_none() or stable_uid(root, "study", "encounter", encounter.visit_system, encounter.visit_number)
+        ).scalar_one_or_none() or encounter_study_uid(root, encounter)
     else:
         study_uid = stable_uid(root, "study", "session", session_key, label)
     series_uid = request.series_uid or stable_uid(root, "series", session_key, label)
