@@ -174,3 +174,53 @@ def test_findscu_cancel_stops_the_answers(gw, archive):
         assert 1 <= answered < 3000  # stopped early (pending answers already on the wire still arrive)
         # the listener is still in order: the next query on a new association is answered in full
         assert len(findscu(port, "-S", "STUDY", f"PatientID={OTHER_NHS}", "StudyInstanceUID")) == 1
+
+
+@pytest.fixture
+def two_day_study(gw, archive, fx, tmp_path):  # noqa: F811
+    """Study 1.2.826.0.1.1 (two photos taken 2024-01-05) gets a second series of one photo taken 2024-01-07."""
+    path = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "a4.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS",
+                           StudyInstanceUID="1.2.826.0.1.1", SeriesInstanceUID="1.2.826.0.1.1.2", SOPInstanceUID="1.2.826.0.1.1.2.1",
+                           AcquisitionDateTime="20240107101500", ContentDate="20240107", ContentTime="101500")
+    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+    return archive
+
+
+def test_c_find_study_attributes_do_not_depend_on_lower_level_matches(gw, two_day_study):
+    """PS3.4 C.2.2.2 / C.6.2.1: StudyDate and the Number of Study Related Series/Instances are attributes of the study.
+    Photos were matched before being grouped into studies, so StudyDate=20240107 matched the study whose date is
+    20240105 and answered it with that date, 1 series and 1 instance instead of 2 and 3; at SERIES level each series
+    had a StudyDate of its own (found by a conformance review)."""
+    keys = ("StudyInstanceUID=1.2.826.0.1.1", "StudyDate", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+    with RunningListener(gw) as port:
+        [study] = findscu(port, "-S", "STUDY", *keys)
+        whole = (study["StudyDate"], study["NumberOfStudyRelatedSeries"], study["NumberOfStudyRelatedInstances"])
+        assert whole == ("20240105", "2", "3")
+        series = findscu(port, "-S", "SERIES", "StudyInstanceUID=1.2.826.0.1.1", "SeriesInstanceUID", "StudyDate")
+        assert {a["StudyDate"] for a in series} == {"20240105"}, series
+        # below STUDY level too, StudyDate is the study's: both its series on the 5th, none of them on the 7th
+        for date, expected in (("20240105", {"1.2.826.0.1.1.1", "1.2.826.0.1.1.2"}), ("20240107", set())):
+            got = findscu(port, "-S", "SERIES", "StudyInstanceUID=1.2.826.0.1.1", f"StudyDate={date}", "SeriesInstanceUID")
+            assert {a["SeriesInstanceUID"] for a in got} == expected, date
+        images = findscu(port, "-S", "IMAGE", "StudyInstanceUID=1.2.826.0.1.1", "SeriesInstanceUID=1.2.826.0.1.1.2",
+                         "StudyDate=20240105", "SOPInstanceUID")
+        assert [a["SOPInstanceUID"] for a in images] == ["1.2.826.0.1.1.2.1"]
+        for date in ("20240107", "20240105"):
+            for a in findscu(port, "-S", "STUDY", *keys[1:], f"StudyDate={date}", "StudyInstanceUID"):
+                if a["StudyInstanceUID"] == "1.2.826.0.1.1":
+                    assert (a["StudyDate"], a["NumberOfStudyRelatedSeries"], a["NumberOfStudyRelatedInstances"]) == whole, date
+
+
+def test_c_find_required_study_keys_are_matched(gw, archive):  # noqa: F811
+    """PS3.4 C.6.2.1.2 (Table C.6-5): AccessionNumber, StudyTime and StudyID are Required keys at STUDY level. They were
+    ignored: AccessionNumber=ACC-NOPE answered every study, StudyTime=120000-130000 a study started at 10:15. StudyTime
+    is matched with StudyDate as one date-time range; the keys this archive holds no value for match nothing."""
+    with RunningListener(gw) as port:
+        assert findscu(port, "-S", "STUDY", "AccessionNumber=ACC-NOPE", "StudyInstanceUID") == []
+        assert findscu(port, "-S", "STUDY", "StudyID=NOPE", "StudyInstanceUID") == []
+        at_noon = findscu(port, "-S", "STUDY", "StudyDate=20240105", "StudyTime=120000-130000", "StudyInstanceUID")
+        assert at_noon == []
+        at_ten = findscu(port, "-S", "STUDY", "StudyDate=20240105", "StudyTime=1000-1030", "StudyInstanceUID")
+        assert [a["StudyInstanceUID"] for a in at_ten] == ["1.2.826.0.1.1"]
+        assert [a["StudyInstanceUID"] for a in findscu(port, "-S", "STUDY", "AccessionNumber", "StudyID", "StudyDate=20240105",
+                                                       "StudyInstanceUID")] == ["1.2.826.0.1.1"]  # asked for, not matched

@@ -108,13 +108,21 @@ def test_qido_paging_includefield_and_clear_refusals(gw, archive, web):  # noqa:
     assert value(image, "00100020") == OTHER_NHS
     assert not {"00201200", "00201206", "00201208", "00201209"} & set(image), sorted(image)
     for params, words in (({"fuzzymatching": "true"}, "fuzzymatching=true is not supported"),
-                          ({"AccessionNumber": "A1"}, "AccessionNumber cannot be matched here"),
+                          ({"SeriesNumber": "1"}, "SeriesNumber cannot be matched here"),
+                          ({"StudyTime": "1000-1100"}, "StudyTime is matched with a StudyDate"),
                           ({"NoSuchThing": "x"}, "not a query parameter"),
                           ({"StudyDate": "2024"}, "YYYYMMDD"), ({"limit": "0"}, "limit"),
                           ({"includefield": "Nonsense"}, "neither a DICOM keyword")):
         r = web.get("/dicomweb/studies", params=params, headers=h)
         assert r.status_code == 400 and words in r.json()["detail"], (params, r.text)
     assert web.get("/dicomweb/studies", params={"fuzzymatching": "false", "AccessionNumber": ""}, headers=h).status_code == 200
+    # required keys (PS3.18 Table 10.6.1-5): those held by no study match nothing; StudyTime with StudyDate, as one range
+    for unheld in ("AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        r = web.get("/dicomweb/studies", params={unheld: "A1"}, headers=h)
+        assert r.status_code == 200 and r.json() == [], (unheld, r.text)
+    at = {t: [value(x, "0020000D") for x in web.get("/dicomweb/studies", params={"StudyDate": "20241120", "StudyTime": t},
+                                                     headers=h).json()] for t in ("1000-1030", "1200-")}
+    assert at == {"1000-1030": ["1.2.826.0.1.3"], "1200-": []}, at
     assert web.get("/dicomweb/studies").status_code == 401
     # XML only as PS3.18 sends it, multipart (tests/test_dicomweb_rendering.py); anything else is 406 naming both forms
     xml = web.get("/dicomweb/studies", headers={**h, "Accept": "text/xml"})

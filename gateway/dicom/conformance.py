@@ -87,7 +87,9 @@ def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations
         "",
         "6 C-FIND SCP: levels PATIENT (Patient Root), STUDY, SERIES, IMAGE. Matching keys:",
     ]
-    lines += [f"  {key:<22} {how}" for key, how in find.MATCHING.items()]
+    lines += [f"  {key:<22} {how}" for key, how in {**find.MATCHING, **find.MATCHING_UNHELD}.items()]
+    lines.append("  StudyDate is the study's at every level (when its first visible photo was taken), and at STUDY level")
+    lines.append("  ModalitiesInStudy and the counts are the whole study's, whatever the keys matched.")
     lines.append("  Return keys, by level (any other key asked for is returned empty):")
     lines += [f"  {level:<8} {', '.join(keys)}" for level, keys in find.RETURN_KEYS.items()]
     lines += [

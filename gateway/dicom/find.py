@@ -42,6 +42,10 @@ MATCHING = {
     "Modality": "single value, list",
     "SOPInstanceUID": "single value, UID list",
 }
+# Required study keys (PS3.4 Table C.6-5) this archive holds no value for: a value given matches nothing
+UNHELD = ("AccessionNumber", "StudyID")
+MATCHING_UNHELD = {"StudyTime": "with StudyDate, as one date-time range (the time the first photo was taken)",
+                   **{key: "held by no study here: a value matches nothing" for key in UNHELD}}
 # the keys answer() fills, by level (any other key asked for is returned empty)
 RETURN_KEYS = {
     "PATIENT": ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies"],
@@ -96,12 +100,16 @@ def query_of(ds: Dataset, sop_class: str) -> StudyQuery:
     if level not in LEVELS.get(sop_class, ()):
         raise BadIdentifier(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS.get(sop_class, ()))} for this model")
     modalities = _uids(ds, "ModalitiesInStudy") or _uids(ds, "Modality")
+    study_date, study_times = _range(ds, "StudyDate"), _time_range(ds, "StudyTime")
+    if study_times is not None and study_date is None:
+        raise BadIdentifier("StudyTime is matched with a StudyDate (as one date-time range)")
     return StudyQuery(
         level=level,  # type: ignore[arg-type]  # checked against LEVELS above
         patient_id=_text(ds, "PatientID"), issuer=_text(ds, "IssuerOfPatientID"), patient_name=_text(ds, "PatientName"),
         patient_birth_date=_range(ds, "PatientBirthDate"), study_uids=_uids(ds, "StudyInstanceUID"),
         series_uids=_uids(ds, "SeriesInstanceUID"), sop_uids=_uids(ds, "SOPInstanceUID"),
-        study_date=_range(ds, "StudyDate"), modalities=modalities,
+        study_date=study_date, study_times=study_times, modalities=modalities,
+        unheld=tuple(k for k in UNHELD if _text(ds, k) is not None),
     )
 
 
@@ -125,25 +133,12 @@ def answer(identifier: Dataset, match: Match, ae_title: str) -> Dataset:
     return out
 
 
-def _time(text: str) -> time:
-    """A DICOM TM (HH, HHMM, HHMMSS, HHMMSS.FFFFFF)."""
-    whole, _, fraction = text.partition(".")
-    if len(whole) not in (2, 4, 6) or not whole.isdigit() or (fraction and not fraction.isdigit()):
-        raise ValueError(text)
-    hour, minute, second = int(whole[0:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
-    return time(hour, minute, second, int((fraction + "000000")[:6]) if fraction else 0)
-
-
 def _time_range(ds: Dataset, keyword: str) -> tuple[time | None, time | None] | None:
     text = _text(ds, keyword)
     if text is None:
         return None
     try:
-        if "-" not in text:
-            moment = _time(text)
-            return moment, moment
-        low, high = text.split("-", 1)
-        return _time(low) if low else None, _time(high) if high else None
+        return study_query.parse_time_range(text)
     except ValueError:
         raise BadIdentifier(f"{keyword} {text!r} is not a DICOM time or time range (HHMMSS, A-B, -B, A-)") from None
 

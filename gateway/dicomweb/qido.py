@@ -24,8 +24,11 @@ router = APIRouter()
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MORE_RESULTS = '299 clinphoto "There are additional results that can be requested"'
 # the matching keys and how each feeds the query (PS3.18 8.3.4 as C-FIND's PS3.4 C.2.2.2; see gateway/dicom/find.py MATCHING)
-MATCH_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
-              "ModalitiesInStudy", "SeriesInstanceUID", "Modality", "SOPInstanceUID")
+MATCH_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime",
+              "ModalitiesInStudy", "SeriesInstanceUID", "Modality", "SOPInstanceUID", "AccessionNumber", "StudyID",
+              "ReferringPhysicianName")
+# required matching keys (PS3.18 Table 10.6.1-5) held by no study here: answered empty, and a value matches nothing
+UNHELD = ("AccessionNumber", "StudyID", "ReferringPhysicianName")
 # what each level returns by default (PS3.18 Table 10.6.3-3..5, the attributes held here); /series and /instances
 # outside a study also return the study's (10.6.3.3.1)
 PATIENT_STUDY = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex"]
@@ -104,6 +107,12 @@ def parse(request: Request, level: Level, fixed: dict[str, str]) -> Search:
         studied = study_query.parse_date_range(values["StudyDate"]) if "StudyDate" in values else None
     except ValueError:
         raise DicomwebError(400, "PatientBirthDate and StudyDate take a date or a range: YYYYMMDD, A-B, -B, A-") from None
+    try:
+        times = study_query.parse_time_range(values["StudyTime"]) if "StudyTime" in values else None
+    except ValueError:
+        raise DicomwebError(400, "StudyTime takes a time or a range: HHMMSS, A-B, -B, A-") from None
+    if times is not None and studied is None:
+        raise DicomwebError(400, "StudyTime is matched with a StudyDate (as one date-time range): give both")
     modalities = values.get("ModalitiesInStudy") or values.get("Modality")
     query = StudyQuery(
         level=level, patient_id=values.get("PatientID"), issuer=values.get("IssuerOfPatientID"),
@@ -111,7 +120,8 @@ def parse(request: Request, level: Level, fixed: dict[str, str]) -> Search:
         study_uids=_list(values["StudyInstanceUID"]) if "StudyInstanceUID" in values else None,
         series_uids=_list(values["SeriesInstanceUID"]) if "SeriesInstanceUID" in values else None,
         sop_uids=_list(values["SOPInstanceUID"]) if "SOPInstanceUID" in values else None,
-        study_date=studied, modalities=_list(modalities) if modalities else None,
+        study_date=studied, study_times=times, modalities=_list(modalities) if modalities else None,
+        unheld=tuple(k for k in UNHELD if k in values),
     )
     return Search(query=query, include=include, limit=limit, offset=offset)
 
