@@ -511,3 +511,14 @@ def test_c_find_and_qido_find_a_non_ascii_name_written_as_stored(gw, archive, we
             assert [a["PatientID"] for a in found] == [objects.NHS_NUMBER], name
     r = web.get("/dicomweb/studies", params={"PatientName": SIOBHAN}, headers=mi(gw))
     assert r.status_code == 200 and len(r.json()) == 2, r.text
+
+
+def test_c_find_answers_the_patient_id_it_matched(gw, archive, web):  # noqa: F811
+    """PS3.4 C.2.2.2.1: the answer's PatientID is the value matched. A PatientID matched against the patient's hospital
+    number (M200, issuer RXX) was answered with the NHS number and issuer NHS: an SCU that checks its key against the
+    answer saw another identifier than it asked for (found by a conformance review)."""
+    with RunningListener(gw) as port:
+        found = findscu(port, "-P", "PATIENT", "PatientID=M200", "IssuerOfPatientID=RXX", "PatientName")
+        assert [(a["PatientName"], a["PatientID"], a["IssuerOfPatientID"]) for a in found] == [("Jones^Ann", "M200", "RXX")]
+    r = web.get("/dicomweb/studies", params={"PatientID": "M200", "includefield": "IssuerOfPatientID"}, headers=mi(gw))
+    assert [(value(s, "00100020"), value(s, "00100021")) for s in r.json()] == [("M200", "RXX")]

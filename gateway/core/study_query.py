@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -310,7 +310,7 @@ def find_page(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, query: str, cha
     tell, and neither answered nor audited. The door asked find() for limit + 1 and dropped the last: that match
     was audited as returned (a photo, perhaps a patient, on the trail as seen by a caller never sent it)."""
     rows, patients, started = _rows(gw, ctx, q, limit + 1, offset)
-    matches, results = _matches(q.level, rows[:limit], patients, started)
+    matches, results = _matches(q.level, rows[:limit], _as_asked(patients, q), started)
     access_audit.write(gw, query_entries(ctx, results, query=query, channel=channel))
     return matches, len(rows) > limit
 
@@ -320,7 +320,25 @@ def search(gw: Gateway, ctx: AccessContext, q: StudyQuery, *, limit: int = 10_00
     """find() without its audit: the matches and, by patient, the photos they cover, for a caller that writes the
     query's audit records together with its own (query_entries) in one commit."""
     rows, patients, started = _rows(gw, ctx, q, limit, offset)
-    return _matches(q.level, rows, patients, started)
+    return _matches(q.level, rows, _as_asked(patients, q), started)
+
+
+def _as_asked(patients: dict[int, PatientInfo], q: StudyQuery) -> dict[int, PatientInfo]:
+    """Each patient's module with the identifier the query matched as its PatientID (PS3.4 C.2.2.2.1: the answer
+    carries the value matched), the index's own (the NHS number) then among the other ids: a PatientID matched
+    against the hospital number was answered with the NHS number and issuer NHS."""
+    asked = q.patient_id
+    if not asked or "*" in asked or "?" in asked:
+        return patients
+    out = {}
+    for key, p in patients.items():
+        named = [(v, i) for v, i in p.other_ids if v == asked and (not q.issuer or i == q.issuer)]
+        if p.patient_id == asked and (not q.issuer or p.issuer == q.issuer) or len(named) != 1:
+            out[key] = p
+            continue
+        others = [(p.patient_id, p.issuer), *[o for o in p.other_ids if o != named[0]]]
+        out[key] = replace(p, patient_id=named[0][0], issuer=named[0][1], other_ids=others)
+    return out
 
 
 def _rows(gw: Gateway, ctx: AccessContext, q: StudyQuery, limit: int,
