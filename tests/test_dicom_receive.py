@@ -574,3 +574,56 @@ def test_requests_pipelined_past_the_one_outstanding_wait_in_tcp_not_in_memory(c
         assoc.release()
     assert answered == list(range(1, 41))
     assert deepest[0] <= MAX_QUEUED_REQUESTS
+
+
+def test_event_reports_pipelined_past_a_few_at_once_abort_the_association(camera_gw, monkeypatch):
+    """pynetdicom serves each N-EVENT-REPORT on a thread of its own as it arrives, outside the queue that holds
+    pipelined requests back: a peer sending them without waiting for answers had a thread and a data set each.
+    Past MAX_REPORTS_AT_ONCE being served, the association is aborted; the gateway serves on."""
+    from pynetdicom import build_role
+    from pynetdicom.dimse_messages import N_EVENT_REPORT_RQ
+    from pynetdicom.dimse_primitives import N_EVENT_REPORT
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    from gateway.dicom import commitment
+    from gateway.dicom.reactor import MAX_REPORTS_AT_ONCE
+
+    at_once, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_report(gw, event):
+        with lock:
+            at_once[0] += 1
+            most[0] = max(most[0], at_once[0])
+        time.sleep(1.0)
+        with lock:
+            at_once[0] -= 1
+        return 0x0000, None
+
+    monkeypatch.setattr(commitment, "on_event_report", slow_report)
+    with RunningListener(camera_gw) as port:
+        ae = AE(ae_title="CAMERA")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        info = pydicom.Dataset()
+        info.TransactionUID = "1.2.3.4"
+        for message_id in range(1, 21):
+            primitive = N_EVENT_REPORT()
+            primitive.MessageID, primitive.EventTypeID = message_id, 1
+            primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+            primitive.EventInformation = io.BytesIO(encode(info, True, True))
+            message = N_EVENT_REPORT_RQ()
+            message.primitive_to_message(primitive)
+            for pdu in message.encode_msg(context_id, 16384):
+                try:
+                    assoc.dul.socket.socket.sendall(P_DATA_TF(pdu).encode())
+                except OSError:  # aborted under us
+                    break
+        assert wait_for(lambda: assoc.is_aborted or not assoc.is_established)
+        assert wait_for(lambda: at_once[0] == 0)
+        other = associate(port)
+        assert other.send_c_echo().Status == 0x0000
+        other.release()
+    assert 1 <= most[0] <= MAX_REPORTS_AT_ONCE

@@ -10,6 +10,7 @@ from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.dicom import commitment, find, retrieve
 from gateway.dicom.pdata import MAX_COMMAND_BYTES, MAX_IN_MEMORY_DATA_SET
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH
+from gateway.dicom.reactor import MAX_REPORTS_AT_ONCE
 
 VERIFICATION = "1.2.840.10008.1.1"
 QUERY_MODELS = {
@@ -67,7 +68,8 @@ def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations
         "  and audited.",
         f"  TCP_NODELAY on every association. Maximum PDU length received: {MAX_PDU_LENGTH} bytes (a longer",
         f"  P-DATA-TF is aborted). A command set over {MAX_COMMAND_BYTES} bytes, or an identifier or other",
-        f"  non-image data set over {MAX_IN_MEMORY_DATA_SET} bytes, aborts the association.",
+        f"  non-image data set over {MAX_IN_MEMORY_DATA_SET} bytes, aborts the association, as do more than",
+        f"  {MAX_REPORTS_AT_ONCE} N-EVENT-REPORTs pipelined (sent before the earlier are answered).",
         f"  At most {max_associations} associations at once (CLINPHOTO_DICOM_MAX_ASSOCIATIONS); one more is rejected",
         "  as transient, local limit exceeded (A-ASSOCIATE-RJ, result 2, source 3, reason 2). An association with",
         f"  nothing received for {idle_timeout:g} s after the last answer (CLINPHOTO_DICOM_IDLE_TIMEOUT) is aborted;",

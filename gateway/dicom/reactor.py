@@ -33,7 +33,7 @@ from typing import Any, cast
 from pydicom import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
@@ -46,6 +46,8 @@ from gateway.dicom.spooled import SpooledDataSet
 
 log = logging.getLogger("clinphoto.dicom")
 
+MAX_REPORTS_AT_ONCE = 4  # N-EVENT-REPORTs one association may have served at once (EventAssociation._serve_request)
+_REPORTS_LOCK = threading.Lock()
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
 # Requests received and not yet taken up by the association's thread, past which the DUL reads nothing more from the
 # peer until one is: TCP then holds the peer back. A peer may have one request outstanding (no asynchronous operations
@@ -271,6 +273,7 @@ class EventAssociation(Association):
     _work: threading.Event
     # set by close_gracefully(): the request being served is finished and answered, then the association aborted
     _closing: bool = False
+    _reports_served: int = 0  # N-EVENT-REPORTs being served (each on a thread of pynetdicom's)
 
     @classmethod
     def adopt(cls, assoc: Association) -> EventAssociation:
@@ -296,6 +299,29 @@ class EventAssociation(Association):
 
     def wake(self) -> None:
         self._work.set()
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom's, with the event reports served at once bounded: pynetdicom serves each N-EVENT-REPORT on a
+        thread of its own as it arrives (not through the one-at-a-time queue MAX_QUEUED_REQUESTS bounds), so a peer
+        pipelining them had a thread and a data set in memory each. Past MAX_REPORTS_AT_ONCE the association is
+        aborted: a Storage Commitment destination sends one report per transaction."""
+        if not isinstance(msg, N_EVENT_REPORT):
+            super()._serve_request(msg, context_id)
+            return
+        with _REPORTS_LOCK:
+            busy = self._reports_served
+            if busy < MAX_REPORTS_AT_ONCE:
+                self._reports_served = busy + 1
+        if busy >= MAX_REPORTS_AT_ONCE:
+            log.warning("DICOM association from %s (%s): more than %d event reports at once, aborted", self.requestor.address,
+                        self.requestor.ae_title, MAX_REPORTS_AT_ONCE)
+            self.abort()
+            return
+        try:
+            super()._serve_request(msg, context_id)
+        finally:
+            with _REPORTS_LOCK:
+                self._reports_served -= 1
 
     def send_c_store(self, dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
                      originator_id: int | None = None) -> Any:
