@@ -128,3 +128,21 @@ def test_worklist_answers_its_type_1_return_keys_and_a_camera_s_photos_join_the_
     ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], {"patient": f"nhs|{derm['nhs']}", "encounter": "V100", "specialty": "330"}))
     with gw.db.read() as s:
         assert s.scalars(select(Asset.study_uid)).all() == [study["V100"]]
+
+
+def test_patients_the_hl7_feed_registers_and_renames_are_found_by_name(gw):
+    """The ADT feed writes patients with plain statements (gateway/core/patients.py), past the ORM event that keeps
+    patients.name_key: a patient it registered had no key, so no PatientName matched it (C-FIND, QIDO-RS, the
+    worklist, FHIR/REST family and given), and a rename (A08) was still found by the old name."""
+    from tests.test_adt_events import Feed, build, msh
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="MEDILL", hosts=["127.0.0.1"], allow=["find"])]
+    feed = Feed(gw.db)
+    assert feed.fixture("adt_a01_admit.hl7").status == "applied"  # SMITH^JOHN^PAUL, visit V900001
+    with RunningListener(gw) as port:
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "PatientName=smith^john*")] == ["V900001"]
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "PatientName=SMITH")] == ["V900001"]
+        renamed = feed.send(build(msh("A08", "A08-N1", t="20240302101500"), "EVN|A08|20240302101500",
+                                  "PID|1||9449305552^^^NHS^NH||JONES^MARY"))
+        assert renamed.status == "applied"
+        assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "PatientName=jones^mary")] == ["V900001"]
+        assert worklist(port, "MEDILL", "PatientName=SMITH*") == []

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway.core.patients import (
     Actor,
@@ -236,3 +236,21 @@ def test_hl7_merged_policy_survivor(db):
         assert parse(r.ack).segment("MSA").get(1) == "AA"
     with db.read() as s:
         assert find_patient(s, MRN, "S").family_name == "RENAMED"
+
+
+def test_the_name_key_follows_every_name_the_index_writes(db):
+    """patients.name_key (what PatientName, family and given are matched against) on the index's plain-statement
+    writes: a registration, a change of both parts, of one part (the other as stored), a merge placeholder."""
+    def key(value):
+        with db.read() as s:
+            return s.scalar(select(Patient.name_key).where(Patient.id == live_id(db, MRN, value)))
+
+    apply(db, lambda ix: ix.upsert_patient(PatientData(identifiers=[ident("K1")], family_name="O'Brien_%", given_names="Siobhán"), T0))
+    assert key("K1") == "o'brien_%^siobhán"
+    apply(db, lambda ix: ix.upsert_patient(PatientData(identifiers=[ident("K1")], family_name="Ó SÚILLEABHÁIN"), T0 + timedelta(hours=1)))
+    assert key("K1") == "ó súilleabháin^siobhán"
+    apply(db, lambda ix: ix.upsert_patient(PatientData(identifiers=[ident("K1")], given_names=None), T0 + timedelta(hours=2)))
+    assert key("K1") == "ó súilleabháin^"
+    apply(db, lambda ix: ix.merge(PatientData(identifiers=[ident("K1")]), [ident("K0")], T0 + timedelta(hours=3)))
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Patient).where(Patient.name_key.is_(None))) == 0

@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy.orm import Session
 
 from store import audit
+from store.models import name_key_of
 from store.statements import IDS, IdPool, Params, Pending, Row, Statements, statements_of
 
 
@@ -506,7 +507,8 @@ class PatientIndex:
             if not create:
                 raise PatientIndexError(Problem.UNKNOWN, "no patient with these identifiers is known",
                                         Part.IDENTIFIERS, data.identifiers[0].location)
-            pid = self.sql.insert("patients", {**changes, "last_event_at": event_time, "created_at": now, "updated_at": now})
+            pid = self.sql.insert("patients", {**changes, "name_key": name_key_of(changes.get("family_name"), changes.get("given_names")),
+                                               "last_event_at": event_time, "created_at": now, "updated_at": now})
             self._add_identifiers(pid, data.identifiers, set())
             out.patient_id, out.changed = pid, True
             out.audit.append(self._audit("C", pid, "register", {"fields": sorted(changes)}))
@@ -524,7 +526,7 @@ class PatientIndex:
                 out.changed = True
                 out.audit.append(self._audit("U", pid, "identifiers", {"added": added}))
             return out
-        values = dict(changes)
+        values = {**changes, **self._name_key(pid, changes)}
         if event_time is not None:
             values["last_event_at"] = event_time
         values["updated_at"] = now
@@ -532,6 +534,18 @@ class PatientIndex:
         out.changed = True
         out.audit.append(self._audit("U", pid, "update", {"fields": sorted(changes), "identifiers_added": added}))
         return out
+
+    def _name_key(self, pid: int, changes: dict[str, Any]) -> dict[str, Any]:
+        """The name key (store.models.name_key_of) to write with a change of the name: these statements bypass the
+        ORM event that keeps it on other writes, and names are matched against it (C-FIND, QIDO-RS, the worklist,
+        FHIR and REST searches). The part of the name not changed is read only when the change holds one part."""
+        if "family_name" not in changes and "given_names" not in changes:
+            return {}
+        if "family_name" in changes and "given_names" in changes:
+            return {"name_key": name_key_of(changes["family_name"], changes["given_names"])}
+        row = self.sql.one("SELECT family_name, given_names FROM patients WHERE id = ?", (pid,))
+        family, given = (row[0], row[1]) if row is not None else (None, None)
+        return {"name_key": name_key_of(changes.get("family_name", family), changes.get("given_names", given))}
 
     def _add_identifiers(self, pid: int, identifiers: list[IdentifierData], known: set[Key]) -> list[str]:
         new: dict[Key, IdentifierData] = {}
@@ -601,7 +615,8 @@ class PatientIndex:
         now = datetime.now(timezone.utc)
         if not hits:
             # Unknown prior patient: keep its identifier on a merged placeholder so look-ups reach the survivor.
-            mid = self.sql.insert("patients", {"merged_into_id": sid, "merged_at": now, "last_event_at": utc(event_time),
+            mid = self.sql.insert("patients", {"merged_into_id": sid, "merged_at": now, "name_key": name_key_of(None, None),
+                                               "last_event_at": utc(event_time),
                                                "created_at": now, "updated_at": now})
             self._add_identifiers(mid, merged, set())
             out.notes.append("the merged patient was not known: its identifier now resolves to the survivor")
