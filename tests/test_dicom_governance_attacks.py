@@ -343,6 +343,11 @@ def test_a_wado_retrieve_of_a_hidden_instance_is_audited_as_a_denied_read_of_its
         denied = s.execute(select(AuditEvent.patient_id, AuditEvent.entities)
                            .where(AuditEvent.agent_who == "mi.jones", AuditEvent.outcome != "0")).all()
     assert any(p is not None and any(e.get("id") == hidden for e in entities) for p, entities in denied), denied
+    # a photo the caller may see, named under a study not its own: left out by the key, not by the policy, so no
+    # denied read (it was recorded as denied, with the reasons it was permitted)
+    r = web.get(f"/dicomweb/studies/{STUDY_2}/series/{STUDY_1}.1/instances/{sop(archive, 'a2')}",
+                headers={**mi(gw), "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert r.status_code == 404
     # an instance of no photo (a UID nobody stored) is no one's: nothing more than the query's own record
     r = web.get(f"/dicomweb/studies/{STUDY_1}/series/{STUDY_1}.1/instances/1.2.3.4.5.6.7",
                 headers={**mi(gw), "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})

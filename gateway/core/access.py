@@ -474,8 +474,13 @@ def _named_but_hidden(session: Session, ctx: AccessContext, recipient: AccessCon
     for asset in session.scalars(select(Asset).where(Asset.sop_instance_uid.in_(missing))):
         decision = decide_in(session, ctx, policy, asset)
         reasons = decision.reasons
-        if decision.permit and recipient is not None:  # the caller may see it; the C-MOVE's destination may not
-            reasons = [f"the destination: {r}" for r in decide_in(session, recipient, policy, asset).reasons]
+        if decision.permit:  # the caller may see it: another key left it out (a study UID not its own), or the
+            if recipient is None:  # C-MOVE's destination may not see it
+                continue
+            for_recipient = decide_in(session, recipient, policy, asset)
+            if for_recipient.permit:
+                continue
+            reasons = [f"the destination: {r}" for r in for_recipient.reasons]
         entries += access_audit.read_entries(ctx, asset_id=asset.id, patient_id=asset.patient_id, permitted=False,
                                              reasons=reasons, what="retrieve", type_code=type_code)
     return entries

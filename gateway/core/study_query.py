@@ -358,7 +358,7 @@ def _as_asked(patients: dict[int, PatientInfo], q: StudyQuery) -> dict[int, Pati
 
 
 def _rows(gw: Gateway, ctx: AccessContext, q: StudyQuery, limit: int,
-          offset: int) -> tuple[Sequence[Row[Any]], dict[int, PatientInfo], dict[str, datetime]]:
+          offset: int) -> tuple[Sequence[Row[Any]], dict[int, PatientInfo], dict[tuple[int, str], datetime]]:
     """The query's rows (the policy inside, paged in SQL), the Patient Module of each patient in them and, below
     STUDY level, each study's date (when its first visible photo was taken: a series' or an image's own was
     answered as its study's, so one study had as many dates as series)."""
@@ -371,11 +371,13 @@ def _rows(gw: Gateway, ctx: AccessContext, q: StudyQuery, limit: int,
     with gw.db.read_connection() as conn:
         rows = conn.execute(statement, {**values, "limit": limit, "offset": offset}).all()
         patients = _patients(conn, rows)
-        started: dict[str, datetime] = {}
+        started: dict[tuple[int, str], datetime] = {}
         if q.level in ("SERIES", "IMAGE") and rows:
             studies = sorted({r[_N_PATIENT + (0 if q.level == "SERIES" else 1)] for r in rows})
-            started = dict(conn.execute(select(Asset.study_uid, func.min(_taken())).where(policy, Asset.study_uid.in_(studies))
-                                        .group_by(Asset.study_uid)).tuples().all())
+            # by patient and study, as STUDY level groups them (a study UID two patients' photos carry is two studies)
+            started = {(patient, study): first for patient, study, first in conn.execute(
+                select(Asset.patient_id, Asset.study_uid, func.min(_taken())).where(policy, Asset.study_uid.in_(studies))
+                .group_by(Asset.patient_id, Asset.study_uid)).tuples()}
     return rows, patients, started
 
 
@@ -482,10 +484,10 @@ _N_PATIENT = len(_PATIENT_COLUMNS)
 
 
 def _matches(level: Level, rows: Sequence[Row[Any]], patients: dict[int, PatientInfo],
-             started: dict[str, datetime]) -> tuple[list[Match], dict[int, list[str]]]:
+             started: dict[tuple[int, str], datetime]) -> tuple[list[Match], dict[int, list[str]]]:
     n = _N_PATIENT
     if level == "IMAGE":
-        matches = [Match(patients[r[0]], study_uid=r[n + 1], study_started=started.get(r[n + 1], r[n + 6]), series_uid=r[n + 2],
+        matches = [Match(patients[r[0]], study_uid=r[n + 1], study_started=started.get((r[0], r[n + 1]), r[n + 6]), series_uid=r[n + 2],
                          sop_uid=r[n + 3],
                          sop_class_uid=r[n + 4], instance_number=r[n + 5], modalities=[MODALITY_OF.get(r[n + 4], "OT")],
                          asset_id=r[n]) for r in rows]
@@ -500,7 +502,7 @@ def _matches(level: Level, rows: Sequence[Row[Any]], patients: dict[int, Patient
         present = [MODALITY_OF[uid] for uid, flag in zip(MODALITY_OF, r[n + keys + 4:]) if flag]
         out.append(Match(
             patients[r[0]], study_uid=r[n] if keys > 0 else None, series_uid=r[n + 1] if keys > 1 else None,
-            study_started=started.get(r[n], first) if keys > 1 else first,
+            study_started=started.get((r[0], r[n]), first) if keys > 1 else first,
             modalities=sorted(set(present)), studies=studies, series=series, instances=instances))
     # audited by patient (the photos behind a grouped answer are not listed one by one)
     return out, {r[0]: [] for r in rows}

@@ -82,10 +82,10 @@ def current(gw: Gateway, ctx: AccessContext, q: WorklistQuery, *, query: str, ch
         if q.admitted.lower is not None:
             where.append(Encounter.admitted_at >= _at(q.admitted.lower, low_time or time.min))
         if q.admitted.upper is not None:
-            if high_time is None:
-                where.append(Encounter.admitted_at < _at(q.admitted.upper + timedelta(days=1), time.min))
-            else:
-                where.append(Encounter.admitted_at <= _at(q.admitted.upper, high_time))
+            # the end exclusive: the next day, or the second after the upper time (as C-FIND's StudyTime)
+            end = (_at(q.admitted.upper + timedelta(days=1), time.min) if high_time is None
+                   else _at(q.admitted.upper, high_time.replace(microsecond=0)) + timedelta(seconds=1))
+            where.append(Encounter.admitted_at < end)
     with gw.db.read() as session:
         rows = list(session.execute(select(Encounter, Patient).join(Patient, Patient.id == Encounter.patient_id).where(*where)
                                     .order_by(Encounter.location, Patient.family_name, Encounter.id).limit(limit)))
