@@ -20,15 +20,13 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as S
 from pynetdicom.sop_class import VLPhotographicImageStorage
 from sqlalchemy import select, update
 
-from gateway.app import create_app
 from gateway.core.consents import grant_access
 from gateway.core.policy.settings import DicomPeer
 from store.models import Asset, AuditEvent
-from tests.auth_helpers import auth_headers
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
-from tests.test_photos_api import serving
+from tests.test_dicomweb import mi, web  # noqa: F401 (the fixture)
 
 STUDY_1 = "1.2.826.0.1.1"  # a1 and a2 of the first patient (archive)
 STUDY_2 = "1.2.826.0.1.2"  # a3
@@ -271,16 +269,6 @@ def test_a_c_get_without_unique_keys_is_refused_not_a_whole_store_retrieve(gw, a
 
 
 # -- 4. DICOMweb: governed images are not for caches ---------------------------------------------------------------
-
-
-@pytest.fixture
-def web(gw):
-    with serving(create_app(gw)) as client:
-        yield client
-
-
-def mi(gw) -> dict[str, str]:
-    return auth_headers(gw, role="medical-illustration", sub="mi.jones")
 
 
 @pytest.mark.parametrize("suffix,accept", [

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -95,31 +97,43 @@ def test_getscu_accepting_only_uncompressed_gets_the_study_decoded(gw, retrievin
     check_received(out, retrieving, ["a1", "a2"], as_stored=False)
 
 
+@contextmanager
+def dcmtk_destination(gw, out: Path, accepts: str) -> Iterator[None]:
+    """A dcmtk storescp as DEST (a configured peer with a port), writing what it receives to `out`; `accepts` its
+    transfer syntax option (+xy: JPEG Baseline too, +xi: Implicit VR Little Endian only, "": its defaults)."""
+    storescp = require_tool("storescp", "dcmtk")
+    out.mkdir(exist_ok=True)
+    dest_port = free_port()
+    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
+    receiver = subprocess.Popen([storescp, *([accepts] if accepts else []), "-aet", "DEST", "-od", str(out), str(dest_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+
+
+def movescu(port: int, *keys: str, destination: str = "DEST", verbose: bool = False) -> subprocess.CompletedProcess[str]:
+    """dcmtk's movescu as VIEWER (Study Root), each key given with -k."""
+    tool = require_tool("movescu", "dcmtk")
+    args = [tool, *(["-v"] if verbose else []), "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", destination]
+    for key in keys:
+        args += ["-k", key]
+    return subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("jpeg", [True, False], ids=["takes-jpeg", "uncompressed-only"])
 def test_movescu_sends_a_study_to_a_configured_destination(gw, retrieving, tmp_path, jpeg):
     """To a storescp that accepts JPEG Baseline (+xy) the objects go as stored; to one that accepts only
     uncompressed syntaxes they go decoded."""
-    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
     out = tmp_path / "moved"
-    out.mkdir()
-    dest_port = free_port()
-    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
-    receiver = subprocess.Popen([storescp, *(["+xy"] if jpeg else []), "-aet", "DEST", "-od", str(out), str(dest_port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        time.sleep(0.5)
-        with RunningListener(gw) as port:
-            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
-                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
-                                 capture_output=True, text=True, timeout=120)
-            assert run.returncode == 0, run.stderr
-            unknown = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "NOWHERE",
-                                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
-                                     capture_output=True, text=True, timeout=120)
-            assert unknown.returncode != 0 and "MoveDestinationUnknown" in unknown.stderr
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
+    with dcmtk_destination(gw, out, "+xy" if jpeg else ""), RunningListener(gw) as port:
+        run = movescu(port, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.826.0.1.3")
+        assert run.returncode == 0, run.stderr
+        unknown = movescu(port, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.826.0.1.3", destination="NOWHERE")
+        assert unknown.returncode != 0 and "MoveDestinationUnknown" in unknown.stderr
     check_received(out, retrieving, ["b1"], as_stored=jpeg)
 
 
@@ -248,6 +262,14 @@ def test_a_photo_whose_stored_object_is_gone_is_a_failed_sub_operation(gw, retri
 def c_get_study(port: int, study: str, on_store) -> list[tuple[pydicom.Dataset, pydicom.Dataset | None]]:
     """A C-GET of a study by VIEWER (pynetdicom, taking JPEG Baseline), each object handed to on_store: every
     response (status, identifier)."""
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    return c_get(port, identifier, on_store)
+
+
+def c_get(port: int, identifier: pydicom.Dataset, on_store) -> list[tuple[pydicom.Dataset, pydicom.Dataset | None]]:
+    """A C-GET by VIEWER (pynetdicom, taking JPEG Baseline), each object handed to on_store: every response."""
     from pynetdicom import evt
 
     ae = AE(ae_title="VIEWER")
@@ -256,9 +278,6 @@ def c_get_study(port: int, study: str, on_store) -> list[tuple[pydicom.Dataset, 
     assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
-    identifier = pydicom.Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study
     try:
         return list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
     finally:

@@ -4,24 +4,20 @@ destination's refusal is counted."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE
 from pynetdicom.sop_class import VLPhotographicImageStorage
 
 from gateway.core.policy.settings import DicomPeer
 from tests import dicom_objects as objects
-from tests.conftest import require_tool
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_find import OTHER_NHS, archive, findscu  # noqa: F401 (the fixture)
-from tests.test_dicom_retrieve import retrieving  # noqa: F401 (the fixture)
+from tests.test_dicom_retrieve import c_get, dcmtk_destination, movescu, retrieving  # noqa: F401 (the fixture)
 from tests.test_dicomweb import mi, value, web  # noqa: F401 (the fixture)
 
 SIOBHAN = "Ó Súilleabháin^Siobhán"  # the index's name of add_patient()'s patient (family^given)
@@ -36,16 +32,7 @@ def _get(port: int, identifier: Dataset) -> tuple[list[Dataset], set[str]]:
         received.add(event.dataset.SOPInstanceUID)
         return 0x0000
 
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(STUDY_ROOT_GET)
-    ae.add_requested_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.4.50"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", ext_neg=[build_role(VLPhotographicImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        return [status for status, _ in assoc.send_c_get(identifier, STUDY_ROOT_GET) if status], received
-    finally:
-        assoc.release()
+    return [status for status, _ in c_get(port, identifier, on_store) if status], received
 
 
 def _identifier(level: str, **keys: object) -> Dataset:
@@ -75,27 +62,12 @@ def test_c_get_without_the_levels_unique_key_is_refused(gw, retrieving):  # noqa
 def test_movescu_without_the_levels_unique_key_is_refused(gw, retrieving, tmp_path):  # noqa: F811
     """PS3.4 C.4.2.2.1, with dcmtk's movescu: a C-MOVE of QueryRetrieveLevel=STUDY and a PatientID only (not a Study Root
     unique key) sent every study of the patient to the destination; now refused (0xA900) and nothing is sent."""
-    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
     out = tmp_path / "moved"
-    out.mkdir()
-    dest_port = free_port()
-    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
-    receiver = subprocess.Popen([storescp, "+xy", "-aet", "DEST", "-od", str(out), str(dest_port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        time.sleep(0.5)
-        with RunningListener(gw) as port:
-            run = subprocess.run([movescu, "-v", "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
-                                  "-k", f"PatientID={objects.NHS_NUMBER}", "127.0.0.1", str(port)],
-                                 capture_output=True, text=True, timeout=120)
-            assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in run.stdout + run.stderr, run.stderr  # dcmtk's 0xA900
-            moved = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
-                                    "-k", "StudyInstanceUID=1.2.826.0.1.3", "127.0.0.1", str(port)],
-                                   capture_output=True, text=True, timeout=120)
-            assert moved.returncode == 0, moved.stderr
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
+    with dcmtk_destination(gw, out, "+xy"), RunningListener(gw) as port:
+        run = movescu(port, "QueryRetrieveLevel=STUDY", f"PatientID={objects.NHS_NUMBER}", verbose=True)
+        assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in run.stdout + run.stderr, run.stderr  # dcmtk's 0xA900
+        moved = movescu(port, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.826.0.1.3")
+        assert moved.returncode == 0, moved.stderr
     got = {pydicom.dcmread(p).SOPInstanceUID for p in Path(out).iterdir() if p.is_file()}
     assert got == {retrieving["b1"].SOPInstanceUID}
 

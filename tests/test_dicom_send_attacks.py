@@ -36,10 +36,9 @@ from gateway.core.policy.settings import DicomPeer
 from tests import dicom_objects as objects
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient, dicom_tools_check
-from tests.net import free_port
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
-from tests.test_dicom_retrieve import check_received, retrieving  # noqa: F401 (the fixture)
+from tests.test_dicom_retrieve import check_received, dcmtk_destination, movescu, retrieving  # noqa: F401 (the fixture)
 from tests.test_ingest_dicom import served
 
 CAMERA = Source.dicom_peer("CAMERA", "127.0.0.1")
@@ -255,23 +254,10 @@ def test_movescu_to_a_destination_taking_only_implicit_vr_gets_the_photos_decode
     bytes). A destination that accepts only Implicit VR Little Endian, the syntax every DICOM application takes
     (storescp +xi), gets each JPEG photo decoded (refused 0xA702 before: written as Explicit VR under an Implicit VR
     file meta); the same path is the router's, so routing to such a PACS failed alike."""
-    storescp, movescu = require_tool("storescp", "dcmtk"), require_tool("movescu", "dcmtk")
     out = tmp_path / "moved"
-    out.mkdir()
-    dest_port = free_port()
-    gw.settings.auth.dicom_peers.append(DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=dest_port, allow=["echo"]))
-    receiver = subprocess.Popen([storescp, "+xi", "-aet", "DEST", "-od", str(out), str(dest_port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        time.sleep(0.5)
-        with RunningListener(gw) as port:
-            run = subprocess.run([movescu, "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-aem", "DEST",
-                                  "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.1", "127.0.0.1",
-                                  str(port)], capture_output=True, text=True, timeout=120)
-            assert run.returncode == 0, run.stderr
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
+    with dcmtk_destination(gw, out, "+xi"), RunningListener(gw) as port:
+        run = movescu(port, "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.826.0.1.1")
+        assert run.returncode == 0, run.stderr
     check_received(out, retrieving, ["a1", "a2"], as_stored=False)
     assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in out.iterdir()} == {ImplicitVRLittleEndian}
 
