@@ -431,8 +431,16 @@ def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_
 def test_405_with_allow_and_cors_off_by_default_on_when_configured(gw, archive):  # noqa: F811
     with serving(create_app(gw)) as web:
         r = web.delete("/dicomweb/studies", headers=mi(gw))
-        assert r.status_code == 405 and r.headers["allow"] == "GET, POST" and "DELETE" in r.json()["detail"]
-        assert web.put("/dicomweb/studies/1.2.3/metadata", headers=mi(gw)).headers["allow"] == "GET"
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST" and "DELETE" in r.json()["detail"]
+        assert web.put("/dicomweb/studies/1.2.3/metadata", headers=mi(gw)).headers["allow"] == "GET, HEAD"
+        # HEAD wherever GET (RFC 9110): the GET's status and headers, no body
+        url = f"/dicomweb/studies/1.2.826.0.1.3/series/1.2.826.0.1.3.1/instances/{archive['b1'].SOPInstanceUID}"
+        accept = {**mi(gw), "Accept": DICOM_TS_ANY}
+        got, head = web.get(url, headers=accept), web.head(url, headers=accept)
+        assert head.status_code == got.status_code == 200 and head.content == b""
+        assert head.headers["content-type"].split(";")[0] == got.headers["content-type"].split(";")[0] == "multipart/related"
+        assert web.head("/dicomweb/studies", headers=mi(gw)).status_code == 200
+        assert web.head("/dicomweb/studies/1.2.3.4/metadata", headers=mi(gw)).status_code == 404
         pre = web.options("/dicomweb/studies", headers={"Origin": "https://viewer.example", "Access-Control-Request-Method": "GET"})
         assert "access-control-allow-origin" not in pre.headers
     gw.settings.dicomweb.cors_origins = ["https://viewer.example"]

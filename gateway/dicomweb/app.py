@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -116,6 +117,10 @@ def create_dicomweb_app(gw: Gateway, settings: DicomwebSettings) -> FastAPI:
     app.include_router(qido.router)
     app.include_router(wado.router)
     app.include_router(stow.router)
+    # HEAD wherever GET (RFC 9110 9.3.2): answered, and audited, as the GET is; the server sends no body
+    for route in _leaves(app.router.routes):
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
+            route.methods.add("HEAD")
 
     app.add_middleware(NotForCaches)
     origins = settings.cors_origins
