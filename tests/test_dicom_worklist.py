@@ -146,3 +146,11 @@ def test_patients_the_hl7_feed_registers_and_renames_are_found_by_name(gw):
         assert renamed.status == "applied"
         assert [ds.AdmissionID for ds in worklist(port, "MEDILL", "PatientName=jones^mary")] == ["V900001"]
         assert worklist(port, "MEDILL", "PatientName=SMITH*") == []
+
+
+def test_the_worklist_modality_key_takes_a_wildcard(gw, two_encounters):
+    """Modality is matched as PS3.4 C.2.2.2 has it: a single value or a wildcard naming photography (XC) finds the
+    steps; one naming another modality finds none. 'X?' found nothing."""
+    with RunningListener(gw) as port:
+        for asked, found in (("X?", 2), ("*C", 2), ("XC", 2), ("CT", 0), ("D?", 0)):
+            assert len(worklist(port, "MEDILL", f"(0040,0100)[0].Modality={asked}")) == found, asked

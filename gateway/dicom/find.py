@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import date, time
+from fnmatch import fnmatchcase
 from typing import Any
 
 from pydicom import Dataset
@@ -146,8 +147,8 @@ def _time_range(ds: Dataset, keyword: str) -> tuple[time | None, time | None] | 
 def worklist_query(ds: Dataset) -> WorklistQuery:
     step = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else Dataset()
     modality = _text(step, "Modality")
-    if modality is not None and modality not in ("XC", "DMS"):
-        raise NoPhotography
+    if modality is not None and not any(fnmatchcase(ours, modality) for ours in PHOTOGRAPHY):
+        raise NoPhotography  # a single value or a wildcard (PS3.4 C.2.2.2) naming another modality
     return WorklistQuery(
         location=_text(step, "ScheduledProcedureStepLocation") or _text(ds, "CurrentPatientLocation"),
         admitted=_range(step, "ScheduledProcedureStepStartDate"),
@@ -163,6 +164,9 @@ def _station(ds: Dataset, caller: str) -> str:
     step = ds.ScheduledProcedureStepSequence[0] if ds.get("ScheduledProcedureStepSequence") else Dataset()
     asked = _text(step, "ScheduledStationAETitle")
     return asked if asked and not any(c in asked for c in "*?\\") else caller
+
+
+PHOTOGRAPHY = ("XC", "DMS")  # the modalities of the steps this worklist holds (DICOM's * and ? are fnmatch's)
 
 
 class NoPhotography(Exception):
