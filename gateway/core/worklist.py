@@ -36,7 +36,6 @@ class WorklistQuery:
     attending: str | None = None  # PN as the PAS sent it, may hold * and ?
 
 
-@dataclass(frozen=True)
 class TimeWithoutDate(ValueError):
     """A start time asked for without the start date it belongs to: not matched by itself."""
 
