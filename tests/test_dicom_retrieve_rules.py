@@ -4,6 +4,7 @@ destination's refusal is counted."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -14,13 +15,12 @@ from pynetdicom.sop_class import VLPhotographicImageStorage
 
 from gateway.core.policy.settings import DicomPeer
 from tests import dicom_objects as objects
+from tests.conftest import require_tool
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
-from tests.test_dicom_find import OTHER_NHS, archive, findscu  # noqa: F401 (the fixture)
+from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
 from tests.test_dicom_retrieve import c_get, dcmtk_destination, movescu, retrieving  # noqa: F401 (the fixture)
-from tests.test_dicomweb import mi, value, web  # noqa: F401 (the fixture)
 
-SIOBHAN = "Ó Súilleabháin^Siobhán"  # the index's name of add_patient()'s patient (family^given)
 COUNTS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
           "NumberOfWarningSuboperations")
 
@@ -104,3 +104,19 @@ def test_c_move_counts_a_refused_sub_operation(gw, retrieving):  # noqa: F811
     assert final.Status == 0xB000 and [final.get(k) for k in COUNTS[1:]] == [1, 1, 0]
     assert failed.FailedSOPInstanceUIDList == stored[0]
     assert unknown[-1].Status == 0xA801
+
+
+def test_getscu_refused_ends_its_association_cleanly_with_none_failed(gw, retrieving, tmp_path):  # noqa: F811
+    """A retrieve refused before any sub-operation was answered as one failed, with an identifier holding an empty
+    Failed SOP Instance UID List: dcmtk's getscu did not read it, met it during its release ("DUL P-Data PDU
+    arrived") and aborted. Now none failed and no identifier; the comment is cut at a word."""
+    tool = require_tool("getscu", "dcmtk")
+    with RunningListener(gw) as port:
+        run = subprocess.run([tool, "-v", "-S", "-aet", "VIEWER", "-aec", "CLINPHOTO", "-od", str(tmp_path), "-k", "QueryRetrieveLevel=STUDY",
+                              "-k", f"PatientID={objects.NHS_NUMBER}", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+        said = run.stdout + run.stderr
+        assert "DataSetDoesNotMatchSOPClass" in said and "Number of Failed Suboperations    : 0" in said, said
+        assert "Release Failed" not in said and "Aborting" not in said, said
+        statuses, _ = _get(port, _identifier("STUDY"))
+    comment = statuses[-1].ErrorComment
+    assert len(comment) <= 64 and (comment.endswith("...") or comment.endswith("list")), comment

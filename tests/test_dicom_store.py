@@ -93,6 +93,13 @@ def test_refusals_are_failure_statuses_with_a_comment_and_store_nothing(store_gw
         assert answer.Status == 0xC000 and "patient" in answer.ErrorComment.lower()
         answer = send(port, "MODALITY1", broken)
         assert answer.Status == 0xA900 and answer.ErrorComment
+        # the attribute at fault is named, in the comment and as OffendingElement (it was only in the audit record)
+        no_photometric = pydicom.dcmread(known)
+        del no_photometric.PhotometricInterpretation
+        no_photometric.save_as(tmp_path / "no-pi.dcm", enforce_file_format=True)
+        answer = send(port, "MODALITY1", tmp_path / "no-pi.dcm")
+        assert answer.Status == 0xA900 and "PhotometricInterpretation" in answer.ErrorComment, answer
+        assert answer.OffendingElement == 0x00280004
         answer = send(port, "VIEWER", known)  # a peer not allowed to store
         assert answer.Status == 0x0124
         # a SOP class the archive does not keep is not even negotiated

@@ -149,3 +149,13 @@ def response_of(command: bytes) -> Any | None:
             except (TypeError, ValueError):  # a value the primitive refuses: pynetdicom's decode reports it its way
                 return None
     return primitive
+
+
+COMMENT_MAX = 64  # ErrorComment is LO
+
+
+def error_comment(text: str) -> str:
+    """`text` as ErrorComment holds it: cut at a word, not in the middle of one ("...a value or UID list, no")."""
+    if len(text) <= COMMENT_MAX:
+        return text
+    return text[:COMMENT_MAX - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."

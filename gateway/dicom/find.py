@@ -18,6 +18,7 @@ from gateway.core.identity import Subject, peer_allows
 from gateway.core.refusals import Kind, Refused
 from gateway.core.study_query import DateRange, Match, StudyQuery
 from gateway.core.worklist import WorklistItem, WorklistQuery
+from gateway.dicom.command import error_comment
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -242,7 +243,7 @@ def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | 
             access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
             failure = Dataset()
             failure.Status = IDENTIFIER_DOES_NOT_MATCH
-            failure.ErrorComment = str(exc)[:64]
+            failure.ErrorComment = error_comment(str(exc))
             yield failure, None
         except Refused:
             yield NOT_AUTHORIZED, None
@@ -255,7 +256,7 @@ def on_find(gw: Gateway, event: Any) -> Iterator[tuple[int | Dataset, Dataset | 
         access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
         failure = Dataset()  # a status data set: the status with an ErrorComment saying why
         failure.Status = IDENTIFIER_DOES_NOT_MATCH
-        failure.ErrorComment = str(exc)[:64]
+        failure.ErrorComment = error_comment(str(exc))
         yield failure, None
         return
     except Refused:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom import evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider  # the base class's own message tables
 from pynetdicom.dimse_messages import _DATASET_KEYWORDS, C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -180,8 +180,15 @@ class FramingDIMSE(DIMSEServiceProvider):
     data_set_limit: int | None = None  # bytes of a spooled Part 10 file kept (ingest.max_bytes): the rest only counted
     pending: PendingThrottle = PendingThrottle(0)  # the association sets its own; this class default sends every one
     _refused = False  # a message grew past the limits below: the association is being aborted
+    # set by a retrieve refused before any sub-operation (retrieve.py): pynetdicom answers it as if the one it was
+    # told of had failed, with an identifier holding an empty Failed SOP Instance UID List. dcmtk's getscu does not
+    # read that data set, meets it during its release and aborts; the answer goes with none failed and no identifier
+    refusing = False
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
+        if self.refusing and isinstance(primitive, C_GET | C_MOVE) and primitive.MessageIDBeingRespondedTo is not None:
+            self.refusing = False
+            primitive.Identifier, primitive.NumberOfFailedSuboperations = None, 0
         if not self.pending.should_send(primitive):
             return
         if getattr(primitive, "_dataset_path", None):

@@ -24,7 +24,9 @@ from gateway.core.identity import Subject, dicom_peers, peer_allows, peer_subjec
 from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Kind, Refused
+from gateway.dicom.command import error_comment
 from gateway.dicom.find import BadIdentifier, query_of
+from gateway.dicom.pdata import FramingDIMSE
 from gateway.dicom.pending import PENDING
 from gateway.dicom.reactor import EventAssociation
 from gateway.dicom.transfer import accepted_syntaxes, dataset_for
@@ -67,7 +69,7 @@ def _check_unique_key(identifier: Dataset) -> None:
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = comment[:64]
+    ds.ErrorComment = error_comment(comment)
     return ds
 
 
@@ -165,9 +167,13 @@ def _send_objects(objects: list[access.DicomObject], cancelled: Any, association
             written.set()  # written, failed, or the retrieve ended: the reader never waits on it
 
 
-def _refuse(status: int, comment: str) -> Iterator[Any]:
-    """A refusal after the count: one sub-operation announced, answered by the failure status and its comment."""
+def _refuse(event: Any, status: int, comment: str) -> Iterator[Any]:
+    """A refusal after the count: one sub-operation announced (pynetdicom answers a count of none with Success),
+    answered by the failure status and its comment; the response then counts none failed and carries no
+    identifier (FramingDIMSE.refusing)."""
     yield 1
+    if isinstance(event.assoc.dimse, FramingDIMSE):
+        event.assoc.dimse.refusing = True
     yield _failure(status, comment), None
 
 
@@ -188,10 +194,10 @@ def _retrieve(gw: Gateway, subject: Subject, event: Any, what: str, association:
                                            destination)
         except BadIdentifier as exc:
             access.refuse(gw, subject, what, Refused(Kind.BAD_REQUEST, str(exc)))
-            yield from _refuse(IDENTIFIER_DOES_NOT_MATCH, str(exc))
+            yield from _refuse(event, IDENTIFIER_DOES_NOT_MATCH, str(exc))
             return
         except Refused as exc:
-            yield from _refuse(NOT_AUTHORIZED, str(exc))
+            yield from _refuse(event, NOT_AUTHORIZED, str(exc))
             return
         yield len(objects) + len(unreadable)
         yield from _send(objects, unreadable, lambda: event.is_cancelled, association, reader, first[0] if first else None)
@@ -209,7 +215,7 @@ def on_get(gw: Gateway, event: Any) -> Iterator[Any]:
     subject: Subject | None = getattr(event.assoc, "clinphoto_subject", None)
     if subject is None or subject.peer is None or not peer_allows(subject, "get"):
         _refused_service(gw, subject, "get")
-        yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
+        yield from _refuse(event, NOT_AUTHORIZED, "this AE may not retrieve here")
         return
     yield from _retrieve(gw, subject, event, f"C-GET {subject.peer.ae_title}", lambda: event.assoc, read_early=True)
 
@@ -227,7 +233,7 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
     yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc))]}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
         _refused_service(gw, subject, "move", f" to {destination}")
-        yield from _refuse(NOT_AUTHORIZED, "this AE may not retrieve here")
+        yield from _refuse(event, NOT_AUTHORIZED, "this AE may not retrieve here")
         return
     # the association to the destination opens after the count: the first object is read once it is open. The objects
     # go to the destination, so its own identity bounds them too (as routing sends it only what it may see)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from pynetdicom.dsutils import encode_file_meta
 
 from gateway.core import access
@@ -27,6 +28,7 @@ from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
 from gateway.core.refusals import Kind, Refused
+from gateway.dicom.command import COMMENT_MAX, error_comment
 from gateway.dicom.spooled import SpooledDataSet, Unkept
 
 log = logging.getLogger("clinphoto.dicom")
@@ -50,7 +52,6 @@ STATUS = {
     errors.INSUFFICIENT_SCOPE: NOT_AUTHORIZED,
     errors.PATIENT_MERGED: OUT_OF_RESOURCES,  # the patient changed while storing: the same object again will file right
 }
-COMMENT_MAX = 64  # ErrorComment is LO
 # what a refusal says in the 64 characters ErrorComment holds, when the core's own words are longer (they would be
 # cut mid-sentence: "SOP Instance UID 2.25.3466...0619 is a"); the core's words stay in the audit record
 SHORT = {
@@ -71,13 +72,27 @@ SHORT = {
 class StoreAnswer:
     status: int
     comment: str | None = None
+    offending: str | None = None  # the keyword of the attribute at fault, as OffendingElement (PS3.7 C.4.2)
 
     def dataset(self) -> Dataset:
         ds = Dataset()
         ds.Status = self.status
         if self.comment:
-            ds.ErrorComment = self.comment[:COMMENT_MAX]
+            ds.ErrorComment = error_comment(self.comment)
+        tag = tag_for_keyword(self.offending) if self.offending else None
+        if tag is not None:
+            ds.OffendingElement = [tag]
         return ds
+
+
+def _comment(exc: IngestRejected) -> str:
+    """What a refusal says in ErrorComment's 64 characters: the core's words when they fit, else its short form,
+    naming the attribute at fault when there is one (an invalid object's was only in the audit record)."""
+    if len(exc.message) <= COMMENT_MAX:
+        return exc.message
+    short = SHORT.get(exc.code, exc.message)
+    named = f"{short.split(' (')[0]}: {exc.field}" if exc.field else short
+    return named if len(named) <= COMMENT_MAX else short
 
 
 def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Sequence[bytes | memoryview] | SpooledDataSet) -> StoreAnswer:
@@ -110,8 +125,7 @@ def store(gw: Gateway, subject: Subject | None, address: str | None, encoded: Se
         status = STATUS.get(exc.code, CANNOT_UNDERSTAND)
         # the code, never the message: it may name the patient the object gives
         log.warning("C-STORE from %s refused: %s (0x%04X)", subject.peer.ae_title, exc.code, status)
-        comment = exc.message if len(exc.message) <= COMMENT_MAX else SHORT.get(exc.code, exc.message)
-        return StoreAnswer(status, comment)
+        return StoreAnswer(status, _comment(exc), exc.field if exc.code == errors.INVALID_OBJECT else None)
     except Exception as exc:  # our failure, not the sender's: it may send again
         log.error("C-STORE from %s could not be stored: %s", subject.peer.ae_title, type(exc).__name__)
         log.debug("C-STORE failure", exc_info=True)
