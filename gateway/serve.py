@@ -101,7 +101,7 @@ def build_listeners(gw: Gateway, settings: Settings) -> list[Listener]:
     if "mllp" in wanted:
         listeners.append(MllpListener(gw.db, settings.hl7, settings.hl7.host or settings.http_host, settings.mllp_port))
     if "dicom" in wanted:
-        listeners.append(DicomListener(gw, settings.http_host, settings.dicom_port))
+        listeners.append(DicomListener(gw, settings.dicom_host or settings.http_host, settings.dicom_port))
     return listeners
 
 

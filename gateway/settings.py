@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)
     mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
     dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM DIMSE listener port.")
+    dicom_host: str | None = Field(
+        None, description="Address the DICOM listener binds; default the HTTP address (use 0.0.0.0 for peers on other hosts).",
+    )
     dicom_pending_interval: float = Field(
         1.0, ge=0, le=25,
         description="Seconds between pending C-GET/C-MOVE responses during a retrieve (0: one after every "

@@ -282,3 +282,26 @@ def test_stopping_ends_open_dicom_associations_instead_of_waiting_for_their_time
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_dicom_listener_binds_its_own_address(tmp_path):
+    """CLINPHOTO_DICOM_HOST: DICOM peers on other hosts need the listener on another address than the HTTP API's
+    (it followed CLINPHOTO_HTTP_HOST, with no setting of its own: opening DICOM opened the API too)."""
+    from pynetdicom import AE
+
+    env = gateway_env(tmp_path, CLINPHOTO_DICOM_HOST="127.0.0.2")
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{env['CLINPHOTO_HTTP_PORT']}"
+    port = int(env["CLINPHOTO_DICOM_PORT"])
+    try:
+        wait_healthy(base, proc)
+        ae = AE(ae_title="DEMOPACS")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.2", port, ae_title="CLINPHOTO")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
