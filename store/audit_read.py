@@ -58,7 +58,8 @@ def find(session: Session, f: Filters) -> list[AuditEvent]:
     if f.patient_id is not None:
         query = query.where(AuditEvent.patient_id == f.patient_id)
     if f.agent:
-        query = query.where(AuditEvent.agent_who == f.agent)
+        # a DICOM peer's imports are recorded as "ae:TITLE", its queries and retrieves as "TITLE": either finds both
+        query = query.where(AuditEvent.agent_who.in_(sorted({f.agent, f.agent.removeprefix("ae:"), "ae:" + f.agent.removeprefix("ae:")})))
     if f.type_code:
         query = query.where(AuditEvent.type_code == f.type_code)
     if f.outcome == "success":

@@ -37,6 +37,9 @@ def trail(gw, database_url, tmp_path) -> tuple[dict[str, str], int]:
             AuditEntry(type_code=audit.SECURITY_ALERT, action="E", subtype="refused", outcome=audit.MINOR_FAILURE,
                        outcome_desc="no need to know\nthis patient", agent_who="dr.plastics", patient_id=patient.id),
             AuditEntry(type_code=audit.IMPORT, action="C", agent_who="mi.jones"),
+            # a DICOM peer: its imports recorded as ae:TITLE, its queries as TITLE
+            AuditEntry(type_code=audit.IMPORT, action="C", agent_who="ae:PACS1", agent_network="10.0.0.9"),
+            AuditEntry(type_code=audit.QUERY, action="E", subtype="search", agent_who="PACS1", agent_network="10.0.0.9"),
         ])
     return {"CLINPHOTO_DATA_DIR": str(tmp_path), "CLINPHOTO_DATABASE_URL": database_url}, patient.id
 
@@ -70,6 +73,10 @@ def test_audit_list_filters_newest_first_without_names(trail, gw):
     typed = cli(env, "audit", "list", "--type", "security alert", "--user", "dr.plastics", "--since", "1h", "--json")
     assert [json.loads(line)["type"] for line in typed.stdout.splitlines()] == ["110113"]
     assert "no audit records match" in cli(env, "audit", "list", "--user", "nobody").stdout
+    # a peer's AE title finds all it did, its C-STOREs (ae:PACS1) too, whichever form is given
+    for user in ("PACS1", "ae:PACS1"):
+        peer = [json.loads(line) for line in cli(env, "audit", "list", "--user", user, "--json").stdout.splitlines()]
+        assert sorted(r["type"] for r in peer) == ["110107", "110112"], user
     assert cli(env, "audit", "list", "--type", "nonsense").returncode == 2
     assert cli(env, "audit", "list", "--patient", "nhs|1234567890").returncode == 2  # a mistyped NHS number
     unknown = cli(env, "audit", "list", "--patient", "nhs|9990000026")
