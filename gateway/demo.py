@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from gateway.core.consents import record_consent
 from gateway.core.context import Gateway
+from gateway.core.identity import address_matches, dicom_peers
 from gateway.core.nhs import NHS_NUMBER_SYSTEM as NHS_SYSTEM
 from gateway.demo_photos import SOURCE, seed_demo_photos
 from gateway.settings import Settings
@@ -115,6 +116,10 @@ def welcome(gw: Gateway, settings: Settings, ports: dict[str, int]) -> str:
         lines.append(f'  Viewer: curl -s -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" '
                      f"-d '{{\"patient\":\"nhs|9990000018\"}}' http://{settings.http_host}:{http}/api/v1/viewer/launch  "
                      f"(open http://{settings.http_host}:{http} + the url it answers, once)")
-    if ports.get("dicom") and settings.auth.dev_demo_peer and not settings.auth.dicom_peers:
-        lines.append(f"  echoscu -aet DEMOPACS -aec {settings.ae_title} {settings.http_host} {ports['dicom']}")
+    # the first peer that may echo from this machine (the demo peer when none is configured)
+    peer = next((p for p in dicom_peers(settings) if "echo" in p.allow and address_matches("127.0.0.1", p.hosts)), None)
+    if ports.get("dicom") and peer is not None:
+        bound = settings.dicom_host or settings.http_host
+        host = "127.0.0.1" if bound in ("0.0.0.0", "::") else bound
+        lines.append(f"  echoscu -aet {peer.ae_title} -aec {settings.ae_title} {host} {ports['dicom']}")
     return "\n".join(lines) + "\n"

@@ -53,3 +53,20 @@ def test_the_mrn_shortcut_still_names_demo_patients_after_the_readmes_adt_exampl
         fed = patient_refs.find(s, *patient_refs.parse("mrn|RX10001"))
         assert demo is not None and demo.family_name == "Okafor"
         assert fed is not None and fed.family_name == "SMITH"
+
+
+def test_the_welcome_screen_names_a_configured_peer_to_echo_as(gw):
+    """With peers configured the demo peer is gone, and so was the echoscu line: it names the first peer that may
+    echo from this machine, on the address the DICOM listener binds; none when no peer may."""
+    from gateway.core.policy.settings import DicomPeer
+    from gateway.demo import welcome
+
+    seed_demo(gw)
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="REMOTE", hosts=["10.1.2.3"]),
+                                    DicomPeer(ae_title="FINDER", hosts=["127.0.0.1"], allow=["find"]),
+                                    DicomPeer(ae_title="PACS1", hosts=["127.0.0.0/8"])]
+    gw.settings.dicom_host = "0.0.0.0"
+    lines = [line.strip() for line in welcome(gw, gw.settings, {"http": 8080, "dicom": 11112}).splitlines()]
+    assert "echoscu -aet PACS1 -aec CLINPHOTO 127.0.0.1 11112" in lines
+    gw.settings.auth.dicom_peers = gw.settings.auth.dicom_peers[:2]
+    assert not any(line.startswith("echoscu") for line in welcome(gw, gw.settings, {"http": 8080, "dicom": 11112}).splitlines())
