@@ -47,6 +47,11 @@ class DateRange:
     upper: date | None = None
 
 
+# study keys no study here holds a value for (every door answers them empty): single value matching takes only
+# entities whose value matches (PS3.4 C.2.2.2.1), so a value given matches nothing (StudyQuery.unheld)
+UNHELD_KEYS = ("AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
 @dataclass(frozen=True)
 class StudyQuery:
     level: Level
@@ -62,9 +67,7 @@ class StudyQuery:
     # C.2.2.2.5.2); only with study_date
     study_times: tuple[time | None, time | None] | None = None
     modalities: Sequence[str] | None = None
-    # keys given a value that this archive holds none for (AccessionNumber, StudyID): single value matching takes
-    # only entities whose value matches (PS3.4 C.2.2.2.1), so nothing does
-    unheld: Sequence[str] = ()
+    unheld: Sequence[str] = ()  # keys of UNHELD_KEYS given a value: nothing matches
 
 
 @dataclass

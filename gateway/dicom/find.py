@@ -44,10 +44,8 @@ MATCHING = {
     "Modality": "single value, list",
     "SOPInstanceUID": "single value, UID list",
 }
-# Required study keys (PS3.4 Table C.6-5) this archive holds no value for: a value given matches nothing
-UNHELD = ("AccessionNumber", "StudyID")
 MATCHING_UNHELD = {"StudyTime": "with StudyDate, as one date-time range (the time the first photo was taken)",
-                   **{key: "held by no study here: a value matches nothing" for key in UNHELD}}
+                   **{key: "held by no study here: a value matches nothing" for key in study_query.UNHELD_KEYS}}
 # the keys answer() fills, by level (any other key asked for is returned empty)
 RETURN_KEYS = {
     "PATIENT": ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies"],
@@ -111,7 +109,7 @@ def query_of(ds: Dataset, sop_class: str) -> StudyQuery:
         patient_birth_date=_range(ds, "PatientBirthDate"), study_uids=_uids(ds, "StudyInstanceUID"),
         series_uids=_uids(ds, "SeriesInstanceUID"), sop_uids=_uids(ds, "SOPInstanceUID"),
         study_date=study_date, study_times=study_times, modalities=modalities,
-        unheld=tuple(k for k in UNHELD if _text(ds, k) is not None),
+        unheld=tuple(k for k in study_query.UNHELD_KEYS if _text(ds, k) is not None),
     )
 
 

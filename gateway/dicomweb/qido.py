@@ -25,10 +25,7 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MORE_RESULTS = '299 clinphoto "There are additional results that can be requested"'
 # the matching keys and how each feeds the query (PS3.18 8.3.4 as C-FIND's PS3.4 C.2.2.2; see gateway/dicom/find.py MATCHING)
 MATCH_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime",
-              "ModalitiesInStudy", "SeriesInstanceUID", "Modality", "SOPInstanceUID", "AccessionNumber", "StudyID",
-              "ReferringPhysicianName")
-# required matching keys (PS3.18 Table 10.6.1-5) held by no study here: answered empty, and a value matches nothing
-UNHELD = ("AccessionNumber", "StudyID", "ReferringPhysicianName")
+              "ModalitiesInStudy", "SeriesInstanceUID", "Modality", "SOPInstanceUID", *study_query.UNHELD_KEYS)
 # what each level returns by default (PS3.18 Table 10.6.3-3..5, the attributes held here); /series and /instances
 # outside a study also return the study's (10.6.3.3.1)
 PATIENT_STUDY = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex"]
@@ -121,7 +118,7 @@ def parse(request: Request, level: Level, fixed: dict[str, str]) -> Search:
         series_uids=_list(values["SeriesInstanceUID"]) if "SeriesInstanceUID" in values else None,
         sop_uids=_list(values["SOPInstanceUID"]) if "SOPInstanceUID" in values else None,
         study_date=studied, study_times=times, modalities=_list(modalities) if modalities else None,
-        unheld=tuple(k for k in UNHELD if k in values),
+        unheld=tuple(k for k in study_query.UNHELD_KEYS if k in values),
     )
     return Search(query=query, include=include, limit=limit, offset=offset)
 
