@@ -129,6 +129,77 @@ def test_the_renderer_thread_makes_what_is_due_soon_after_the_answer(gw, fx, tmp
     assert not renderer.running
 
 
+class Sender:
+    """A camera sending photos one after another, `gap` seconds apart, on a thread, until stopped."""
+
+    def __init__(self, gw, fx, tmp_path, gap: float = 0.1) -> None:
+        self.gw, self.fx, self.tmp_path, self.gap = gw, fx, tmp_path, gap
+        self.sent: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send)
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            path = good_object(self.tmp_path, self.fx, f"burst{len(self.sent)}.dcm")
+            self.sent.append(receive(self.gw, path).photos[0].asset_id)
+            self._stop.wait(self.gap)
+
+    def __enter__(self) -> Sender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _wait_made(gw, asset_ids: list[str], seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(load(gw, a).rendition_state is None for a in asset_ids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_renderer_gives_way_to_senders_and_makes_their_photos_once_they_pause(gw, fx, tmp_path):
+    """While photos keep arriving no rendition is started (they compete with the answers for this process); the
+    burst's photos are made once the senders have been quiet for `quiet_seconds`."""
+    add_patient(gw)
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.5, max_deferral=60)
+    renderer.start()
+    try:
+        with Sender(gw, fx, tmp_path) as sender:
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                assert all(load(gw, a).rendition_state == DUE for a in list(sender.sent))
+            assert len(sender.sent) >= 3
+        stopped = time.monotonic()
+        assert _wait_made(gw, sender.sent)
+        assert time.monotonic() - stopped >= 1.0  # not before the quiet spell (less what the last ingest took)
+        for asset_id in sender.sent:
+            assert gw.blobs.exists(load(gw, asset_id).preview_sha256)
+    finally:
+        renderer.stop()
+
+
+def test_the_renderer_gives_way_for_max_deferral_at_most_to_senders_that_never_pause(gw, fx, tmp_path):
+    add_patient(gw)
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.5, max_deferral=1.0)
+    renderer.start()
+    try:
+        with Sender(gw, fx, tmp_path) as sender:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (not sender.sent or load(gw, sender.sent[0]).rendition_state == DUE):
+                time.sleep(0.05)
+            first = load(gw, sender.sent[0])  # made while the photos kept coming
+            assert first.rendition_state is None and gw.blobs.exists(first.preview_sha256)
+        assert _wait_made(gw, sender.sent)
+    finally:
+        renderer.stop()
+
+
 def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
     add_patient(gw)
     sent = damaged_inside(tmp_path, fx)

@@ -55,6 +55,8 @@ class Gateway:
     spool: Spool = field(init=False, repr=False)
     # set when an ingest leaves renditions due: wakes this process's renderer (gateway/core/ingest/deferred.py)
     renditions_wanted: threading.Event = field(init=False, repr=False, default_factory=threading.Event)
+    # time.monotonic() of this process's last ingest begun or ended: the renderer gives way to senders meanwhile
+    ingest_seen_at: float = field(init=False, repr=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.spool = Spool(spool_root(self.settings))

@@ -58,6 +58,10 @@ log = logging.getLogger("clinphoto.ingest")
 
 RENDERER_NICE = 10
 MAX_THREADS = 4
+# the renderer starts no photo until senders have been quiet this long (an ingest begun or ended: a burst's photos
+# come tens of ms apart), unless it has given way for MAX_DEFERRAL already (a sender that never pauses)
+QUIET_SECONDS = 0.25
+MAX_DEFERRAL = 10.0
 # attempts that end without an answer (the process killed during the decode, or an error that is not the photo's
 # refusal nor the host's fault) before the photo is given up: counted in its row, so restarts do not reset them
 MAX_ATTEMPTS = 3
@@ -327,12 +331,22 @@ class Renderer:
     Decoded on the gateway's own threads, niced, a burst's renditions still took the GIL from answering senders:
     C-STORE of 12-MP photos answered 21.3 files/s, against 23.8 with worker processes (A/B in one run; 31.8 with no
     renditions at all, in another). A decoder that crashes takes its worker with it, not the gateway: the attempt is counted
-    (MAX_ATTEMPTS) and the pool started again."""
+    (MAX_ATTEMPTS) and the pool started again.
+
+    Senders first: while photos are arriving (an ingest in this process within `quiet_seconds`), no photo is started,
+    for `max_deferral` at most; what is in hand is finished. Workers at the idle policy still took a fifth of the
+    answering rate (SQLite's write lock and fsyncs for their rows and blobs, the CPU caches the decode fills): 12-MP
+    C-STORE on one association, 6 batches of 40 in turns, 49.4 files/s with the renderer at work, 60.8 without it.
+    A burst's renditions are made once it ends, on every CPU; a reader asking meanwhile gets them made there and then."""
 
     def __init__(self, gw: Gateway, poll_seconds: float = 5.0, threads: int | None = None,
-                 worker: Worker = received.renditions) -> None:
+                 worker: Worker = received.renditions, quiet_seconds: float = QUIET_SECONDS,
+                 max_deferral: float = MAX_DEFERRAL) -> None:
         self.gw = gw
         self.poll_seconds = poll_seconds
+        self.quiet_seconds = quiet_seconds
+        self.max_deferral = max_deferral
+        self._giving_way_since: float | None = None  # time.monotonic() this spell of giving way to senders began
         self.threads = max(1, threads or min(MAX_THREADS, os.cpu_count() or 1))
         self.worker = worker  # what the worker processes run: importable by name (they are started apart)
         self._stop = threading.Event()
@@ -390,6 +404,21 @@ class Renderer:
     def running(self) -> bool:
         return any(w.is_alive() for w in self._workers)
 
+    def _give_way(self) -> float:
+        """Seconds to wait before taking a photo: until senders have been quiet for `quiet_seconds`, unless this
+        spell of giving way has lasted `max_deferral` (then photos are taken as they come, until senders pause)."""
+        now = time.monotonic()
+        quiet_for = now - self.gw.ingest_seen_at
+        with self._lock:
+            if quiet_for >= self.quiet_seconds:
+                self._giving_way_since = None
+                return 0.0
+            if self._giving_way_since is None:
+                self._giving_way_since = now
+            if now - self._giving_way_since >= self.max_deferral:
+                return 0.0
+            return min(self.quiet_seconds - quiet_for, self.max_deferral - (now - self._giving_way_since))
+
     def _take(self) -> str | None:
         """The oldest due photo no other thread here has in hand; wakes another thread when more wait."""
         wanted = self.gw.renditions_wanted
@@ -411,6 +440,10 @@ class Renderer:
         except (AttributeError, OSError):  # not Linux, or not allowed: it runs at the process's priority
             pass
         while not self._stop.is_set():
+            wait = self._give_way()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
             try:
                 asset_id = self._take()
             except Exception as exc:  # the database away: try again after a pause
