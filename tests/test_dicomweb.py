@@ -406,6 +406,8 @@ def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_
     assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [sop + ".2"]
     [failed] = answer.FailedSOPSequence
     assert failed.ReferencedSOPInstanceUID == sop + ".3" and failed.FailureReason == 0x0110 and "unknown patient" in failed[0x00000902].value
+    comment = failed[0x00000902].value  # ErrorComment is LO: a longer reason is cut at a word, and says so
+    assert len(comment) <= 64 and comment.endswith("(IssuerOfPatientID..."), comment
     [(_, body)] = parts(web.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}.2", headers={**mi(gw), "Accept": DICOM_TS_ANY}))
     lossless = pydicom.dcmread(io.BytesIO(body))
     assert (lossless.Columns, lossless.Rows) == Image.open(fx["rgb.png"]).size  # the PNG's pixels, kept without loss
@@ -423,6 +425,7 @@ def test_stow_json_with_jpeg_bulk_data_web_capture(gw, fx, web, validate_stored_
     [ref] = Dataset.from_json(r.json()).ReferencedSOPSequence
     assert r.status_code == 202 and ref.ReferencedSOPInstanceUID == sop and ref.WarningReason == 0xB000
     assert "already stored" in ref[0x00000902].value
+    assert len(ref[0x00000902].value) <= 64 and ref[0x00000902].value.endswith("...")
 
 
 # -- HTTP behaviour -----------------------------------------------------------------------------------------

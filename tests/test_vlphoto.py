@@ -322,3 +322,13 @@ def test_upload_with_hostile_hl7_names_and_photographer_stores_valid_dicom(gw, f
     meaning = ds.AnatomicRegionSequence[0].CodeMeaning
     assert meaning.startswith("Upper/arm^left=") and len(meaning.encode("utf-8")) <= 64
     assert len(ds.ManufacturerModelName) <= 64 and "\\" not in ds.ManufacturerModelName
+
+
+def test_a_reason_too_long_for_an_lo_is_cut_at_a_word_and_says_so():
+    reason = "the identifier matches no study, series or instance: give a value or UID list, not a wildcard"
+    cut = dtext.words(reason)
+    assert cut == "the identifier matches no study, series or instance: give a..." and len(cut) <= 64
+    assert dtext.words("short\\reason\n") == "short/reason"  # one LO value: no separator, no control
+    accented = dtext.words("é" * 40)  # 80 bytes of UTF-8, one word: cut on a character, never inside one
+    assert accented.endswith("...") and len(accented.encode("utf-8")) <= 64
+    assert dtext.words(None) == ""

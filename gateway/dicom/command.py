@@ -27,6 +27,8 @@ from pynetdicom.dimse_messages import (  # pynetdicom's own tables
     _MSG_TO_PRIMITVE,
 )
 
+from gateway.core.objects.text import words
+
 _ELEMENT = struct.Struct("<HHI")  # group, element, value length (implicit VR)
 _COMPUTED = {"CommandGroupLength", "CommandField", "CommandDataSetType"}
 HAS_DATA_SET, NO_DATA_SET = 0x0001, 0x0101
@@ -155,7 +157,5 @@ COMMENT_MAX = 64  # ErrorComment is LO
 
 
 def error_comment(text: str) -> str:
-    """`text` as ErrorComment holds it: cut at a word, not in the middle of one ("...a value or UID list, no")."""
-    if len(text) <= COMMENT_MAX:
-        return text
-    return text[:COMMENT_MAX - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    """`text` as ErrorComment holds it: cut at a word, not in the middle of one (objects.text.words)."""
+    return words(text, COMMENT_MAX)

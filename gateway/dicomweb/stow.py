@@ -34,6 +34,7 @@ from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest, uploader
 from gateway.core.ingest.request import CaptureRequest, Channel, ImageFile, PatientRef, ReceivedObject, Source
 from gateway.core.objects import part10
+from gateway.core.objects.text import words
 from gateway.core.objects.vlphoto import VL_PHOTOGRAPHIC_IMAGE
 from gateway.dicomweb.common import Caller, DicomwebError, base_url, dicom_json, gw_of
 from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_params, parse_accept
@@ -257,14 +258,14 @@ def response(out: Outcome, base: str, study: str | None) -> Response:
         item.RetrieveURL = f"{base}/studies/{st}/series/{se}/instances/{sop}"
         if sop in out.warnings:
             item.WarningReason = COERCED
-            item.add_new(0x00000902, "LO", out.warnings[sop][:64])
+            item.add_new(0x00000902, "LO", words(out.warnings[sop]))
         referenced.append(item)
     failed = []
     for sop_class, sop, reason, why in out.failed:
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
         item.FailureReason = reason
-        item.add_new(0x00000902, "LO", why[:64])  # ErrorComment: why, in words
+        item.add_new(0x00000902, "LO", words(why))  # ErrorComment: why, in words
         failed.append(item)
     if referenced:
         ds.ReferencedSOPSequence = referenced

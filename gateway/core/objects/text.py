@@ -50,6 +50,15 @@ def string(text: object, limit: int = LO) -> str:
     return clip(" ".join(value.split()), limit).strip()
 
 
+def words(text: object, limit: int = LO) -> str:
+    """As string(), but a value too long is cut at a word and ends "...": an ErrorComment read by a person ("...a
+    value or UID list, no" said nothing)."""
+    value = string(text, 1 << 16)
+    if len(value.encode("utf-8")) <= limit:
+        return value
+    return clip(value, limit - 3).rsplit(" ", 1)[0].rstrip(",;:") + "..."
+
+
 def long_text(text: object, limit: int = LT) -> str:
     """ST/LT/UT value: backslash is allowed; only CR, LF and FF of the controls remain (TAB becomes a space)."""
     if text is None:
