@@ -13,8 +13,9 @@ Beside both, the floor: the same client against servers of the same Python libra
 - C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
   associations: files/s, each server warmed first by three photos not counted. clinphoto checks each photo
   (everything but a decode) and stores it durably before answering, then decodes it and makes its preview and
-  thumbnail (ingest.received_renditions: after-answer); the next row is the rate until the last of those renditions
-  was made. Orthanc only writes the file.
+  thumbnail (ingest.received_renditions: after-answer), once the photos stop coming (its renderer gives way to
+  senders: decodes beside a burst took a sixth of the answering rate on 2 cores); the next row is the rate until the
+  last of those renditions was made. Orthanc only writes the file.
 - C-FIND STUDY by PatientID, p50/p95 ms, with the archive holding 2,000 and 10,000 studies (small objects, one per
   study, stored through each server's own C-STORE so both index them their own way).
 - C-GET of a 10-photo study (12-MP photos), ms: the median of --rounds C-GETs of each server, taken in turns.

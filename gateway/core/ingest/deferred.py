@@ -335,9 +335,12 @@ class Renderer:
 
     Senders first: while photos are arriving (an ingest in this process within `quiet_seconds`), no photo is started,
     for `max_deferral` at most; what is in hand is finished. Workers at the idle policy still took a fifth of the
-    answering rate (SQLite's write lock and fsyncs for their rows and blobs, the CPU caches the decode fills): 12-MP
-    C-STORE on one association, 6 batches of 40 in turns, 49.4 files/s with the renderer at work, 60.8 without it.
-    A burst's renditions are made once it ends, on every CPU; a reader asking meanwhile gets them made there and then."""
+    answering rate: 12-MP C-STORE on one association, 6 batches of 40 in turns, 49.4 files/s with the renderer at
+    work, 60.8 without it. It is the decode's CPU, not the renderer's rows, blobs or GIL: two idle-policy processes
+    decoding the same JPEG in a loop took as much (62.0 -> 52.3 files/s, 5 batches each in turns), and the rows' and
+    blobs' writes moved into the workers took nothing back (40.4 against 39.4). A burst's renditions are made once it
+    ends, on every CPU (until the last was made: 24.4 -> 18.4 files/s, the price); a reader asking meanwhile gets them
+    made there and then."""
 
     def __init__(self, gw: Gateway, poll_seconds: float = 5.0, threads: int | None = None,
                  worker: Worker = received.renditions, quiet_seconds: float = QUIET_SECONDS,
