@@ -148,9 +148,23 @@ class Sender:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(60)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def renderer_running(gw, **settings) -> Iterator[deferred.Renderer]:
+    """`clinphoto serve`'s renderer on this gateway, woken by its ingests (not by its poll), stopped at the end."""
+    renderer = deferred.Renderer(gw, poll_seconds=30, **settings)
+    renderer.start()
+    try:
+        yield renderer
+    finally:
+        renderer.stop()
 
 
 def _wait_made(gw, asset_ids: list[str], seconds: float = 60) -> bool:
@@ -166,38 +180,30 @@ def test_the_renderer_gives_way_to_senders_and_makes_their_photos_once_they_paus
     """While photos keep arriving no rendition is started (they compete with the answers for this process); the
     burst's photos are made once the senders have been quiet for `quiet_seconds`."""
     add_patient(gw)
-    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.5, max_deferral=60)
-    renderer.start()
-    try:
-        with Sender(gw, fx, tmp_path) as sender:
-            deadline = time.monotonic() + 2.5
-            while time.monotonic() < deadline:
-                time.sleep(0.05)
-                assert all(load(gw, a).rendition_state == DUE for a in list(sender.sent))
-            assert len(sender.sent) >= 3
+    with renderer_running(gw, quiet_seconds=1.5, max_deferral=60), Sender(gw, fx, tmp_path) as sender:
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            assert all(load(gw, a).rendition_state == DUE for a in list(sender.sent))
+        assert len(sender.sent) >= 3
+        sender.stop()
         stopped = time.monotonic()
         assert _wait_made(gw, sender.sent)
         assert time.monotonic() - stopped >= 1.0  # not before the quiet spell (less what the last ingest took)
         for asset_id in sender.sent:
             assert gw.blobs.exists(load(gw, asset_id).preview_sha256)
-    finally:
-        renderer.stop()
 
 
 def test_the_renderer_gives_way_for_max_deferral_at_most_to_senders_that_never_pause(gw, fx, tmp_path):
     add_patient(gw)
-    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.5, max_deferral=1.0)
-    renderer.start()
-    try:
-        with Sender(gw, fx, tmp_path) as sender:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (not sender.sent or load(gw, sender.sent[0]).rendition_state == DUE):
-                time.sleep(0.05)
-            first = load(gw, sender.sent[0])  # made while the photos kept coming
-            assert first.rendition_state is None and gw.blobs.exists(first.preview_sha256)
+    with renderer_running(gw, quiet_seconds=1.5, max_deferral=1.0), Sender(gw, fx, tmp_path) as sender:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not sender.sent or load(gw, sender.sent[0]).rendition_state == DUE):
+            time.sleep(0.05)
+        first = load(gw, sender.sent[0])  # made while the photos kept coming
+        assert first.rendition_state is None and gw.blobs.exists(first.preview_sha256)
+        sender.stop()
         assert _wait_made(gw, sender.sent)
-    finally:
-        renderer.stop()
 
 
 def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
