@@ -206,6 +206,30 @@ def test_the_renderer_gives_way_for_max_deferral_at_most_to_senders_that_never_p
         assert _wait_made(gw, sender.sent)
 
 
+def _arrives(gw) -> None:
+    """An ingest begun and refused at once (no files): to the renderer, a sender waiting all the same."""
+    with pytest.raises(IngestRejected):
+        ingest(gw, CaptureRequest(source=PEER, items=[]))
+
+
+def test_a_pause_the_renderer_did_not_see_ends_its_giving_way(gw):
+    """A burst longer than max_deferral: the renderer takes photos as they come. The senders pause (longer than
+    quiet_seconds) while every renderer thread is rendering or waiting for work, so none looks; the next burst is
+    given way to again, as it would have been had one looked (its giving way does not date from the first burst)."""
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=0.2, max_deferral=0.4)
+    deadline = time.monotonic() + 30
+    while True:  # the first burst, the renderer looking between its photos, until past max_deferral
+        _arrives(gw)
+        if renderer._give_way() == 0.0:  # photos are taken as they come
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # the pause, unseen
+    _arrives(gw)  # the next burst
+    renderer._give_way()  # at most one photo (the pause counts as if seen: senders were quiet)
+    assert renderer._give_way() > 0  # then it gives way to the new burst
+
+
 def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
     add_patient(gw)
     sent = damaged_inside(tmp_path, fx)

@@ -7,6 +7,7 @@ holds every door's own settings, fits it without the core knowing about the door
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -57,11 +58,24 @@ class Gateway:
     renditions_wanted: threading.Event = field(init=False, repr=False, default_factory=threading.Event)
     # time.monotonic() of this process's last ingest begun or ended: the renderer gives way to senders meanwhile
     ingest_seen_at: float = field(init=False, repr=False, default=0.0)
+    # time.monotonic() of the last ingest begun or ended after senders were quiet `ingest_quiet_seconds` or more (the
+    # renderer's quiet_seconds, which it sets): a pause the renderer may not have seen, every thread of it busy
+    ingest_paused_at: float = field(init=False, repr=False, default=0.0)
+    ingest_quiet_seconds: float = field(init=False, repr=False, default=0.25)
+    _ingest_lock: threading.Lock = field(init=False, repr=False, compare=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.spool = Spool(spool_root(self.settings))
         # read by patient_refs.resolve wherever only a session is at hand (every door's `mrn|...`)
         self.db.shared[patient_refs.TRUST_MRN_SYSTEM] = self.settings.trust_mrn_system
+
+    def ingest_seen(self) -> None:
+        """An ingest begins or ends now: a sender waits (ingest_seen_at, ingest_paused_at)."""
+        with self._ingest_lock:
+            now = time.monotonic()
+            if now - self.ingest_seen_at >= self.ingest_quiet_seconds:
+                self.ingest_paused_at = now
+            self.ingest_seen_at = now
 
     @classmethod
     def open(cls, settings: CoreSettings, *, migrate: bool = True, tidy: bool = True) -> Gateway:

@@ -350,6 +350,7 @@ class Renderer:
         self.quiet_seconds = quiet_seconds
         self.max_deferral = max_deferral
         self._giving_way_since: float | None = None  # time.monotonic() this spell of giving way to senders began
+        gw.ingest_quiet_seconds = quiet_seconds  # what a pause is, to the ingests that mark one
         self.threads = max(1, threads or min(MAX_THREADS, os.cpu_count() or 1))
         self.worker = worker  # what the worker processes run: importable by name (they are started apart)
         self._stop = threading.Event()
@@ -409,11 +410,14 @@ class Renderer:
 
     def _give_way(self) -> float:
         """Seconds to wait before taking a photo: until senders have been quiet for `quiet_seconds`, unless this
-        spell of giving way has lasted `max_deferral` (then photos are taken as they come, until senders pause)."""
+        spell of giving way has lasted `max_deferral` (then photos are taken as they come, until senders pause).
+        A pause no thread saw (each rendering, or waiting for work) ends the spell as one seen does: kept, a spell
+        past max_deferral left every later burst without giving way."""
         now = time.monotonic()
         quiet_for = now - self.gw.ingest_seen_at
         with self._lock:
-            if quiet_for >= self.quiet_seconds:
+            since = self._giving_way_since
+            if quiet_for >= self.quiet_seconds or (since is not None and self.gw.ingest_paused_at > since):
                 self._giving_way_since = None
                 return 0.0
             if self._giving_way_since is None:

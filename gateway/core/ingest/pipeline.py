@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -547,7 +546,7 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     under settings.uid_root (or the request's study/series UIDs); a DICOM object keeps its own.
     """
     source = request.source
-    gw.ingest_seen_at = time.monotonic()  # a sender waits: the renderer gives way (deferred.Renderer)
+    gw.ingest_seen()  # a sender waits: the renderer gives way (deferred.Renderer)
     if not request.items:
         raise IngestRejected(NO_FILES, "no image files in the request", field="files")
     session_key = request.session_key or (request.idempotency_key and f"{source.who}|{request.idempotency_key}") \
@@ -607,7 +606,7 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     writer.release()
     writer.remove_superseded()
     _close_all(prepared)
-    gw.ingest_seen_at = time.monotonic()
+    gw.ingest_seen()
     if any(p.status in (CREATED, REPLACED) and p.media_type == received.MEDIA_TYPE for p in result.photos) \
             and gw.settings.ingest.received_renditions == "after-answer":
         gw.renditions_wanted.set()  # the renderer (deferred.py) makes what this left due
