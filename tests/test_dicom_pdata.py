@@ -195,6 +195,22 @@ def test_a_command_value_not_written_here_is_left_to_pynetdicom():
     assert command_set("C_FIND_RSP", found) is None
 
 
+def test_an_error_comment_is_ascii_as_the_command_set_holds_it():
+    """A command set has no Specific Character Set: ErrorComment is in the default repertoire (PS3.7 6.3.1). A
+    refusal may quote what the peer sent (a C-FIND's date read from UTF-8 bytes): pydicom wrote its accents as Latin-1
+    bytes, outside the repertoire; they become '?' here, within the 64 bytes, and the message is written here."""
+    from gateway.dicom.command import command_set, error_comment
+
+    comment = error_comment("StudyDate '20\u00c3\u00a9 1' is not a DICOM date or date range (YYYYMMDD, A-B, -B, A-)")
+    assert comment == "StudyDate '20?? 1' is not a DICOM date or date range...", comment
+    assert error_comment("clé inconnue") == "cl? inconnue"
+    assert error_comment("é" * 70).isascii() and len(error_comment("é" * 70)) <= 64
+    found = C_FIND()
+    found.MessageIDBeingRespondedTo, found.AffectedSOPClassUID, found.Status = 5, "1.2.840.10008.5.1.4.1.2.2.1", 0xA900
+    found.ErrorComment = comment
+    assert command_set("C_FIND_RSP", found) is not None
+
+
 def _decoded_by_pynetdicom(command: bytes):
     from pynetdicom.dimse_messages import DIMSEMessage
     from pynetdicom.pdu_primitives import P_DATA

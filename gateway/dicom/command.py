@@ -157,5 +157,6 @@ COMMENT_MAX = 64  # ErrorComment is LO
 
 
 def error_comment(text: str) -> str:
-    """`text` as ErrorComment holds it: cut at a word, not in the middle of one (objects.text.words)."""
-    return words(text, COMMENT_MAX)
+    """`text` as ErrorComment holds it: cut at a word, not in the middle of one (objects.text.words), and ASCII (a
+    command set has no Specific Character Set: the default repertoire, PS3.7 6.3.1); other characters become '?'."""
+    return words(text.encode("ascii", "replace").decode("ascii"), COMMENT_MAX)
