@@ -230,6 +230,56 @@ def test_a_pause_the_renderer_did_not_see_ends_its_giving_way(gw):
     assert renderer._give_way() > 0  # then it gives way to the new burst
 
 
+def test_the_renderer_gives_way_to_an_ingest_longer_than_quiet_seconds(gw, fx, tmp_path, monkeypatch):
+    """A request of many photos, each checked and stored before the answer, takes longer than quiet_seconds: its
+    sender waits all along, and the renderer gives way all along (not only near its start and its end)."""
+    from gateway.core.ingest import pipeline
+
+    add_patient(gw)
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=0.2, max_deferral=60)
+    waits: list[float] = []
+    store = pipeline._store
+
+    def slow_store(*args, **kwargs):
+        time.sleep(0.4)
+        waits.append(renderer._give_way())
+        return store(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_store", slow_store)
+    receive(gw, good_object(tmp_path, fx))
+    assert waits and waits[0] > 0
+
+
+def test_no_ingest_leaves_the_renderer_giving_way_once_it_ended(gw, fx, tmp_path, monkeypatch):
+    """Refused at once, refused in its checks, failed while storing, replayed by its Idempotency-Key, stored: once each
+    has ended and senders are quiet, the renderer takes photos again."""
+    from gateway.core.ingest import pipeline
+
+    add_patient(gw)
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=0.2, max_deferral=60)
+
+    def quiet_after(ingest_one) -> None:
+        ingest_one()
+        assert renderer._give_way() > 0  # just now: a sender waited
+        time.sleep(0.3)
+        assert renderer._give_way() == 0.0
+
+    quiet_after(lambda: _arrives(gw))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not DICOM at all")
+    quiet_after(lambda: pytest.raises(IngestRejected, receive, gw, junk))
+    path = good_object(tmp_path, fx)
+    keyed = CaptureRequest(source=PEER, items=[ReceivedObject(path, filename=path.name)], idempotency_key="k1")
+    quiet_after(lambda: ingest(gw, keyed))
+    quiet_after(lambda: ingest(gw, keyed).replayed or pytest.fail("not replayed"))
+
+    def failing_store(*args, **kwargs):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(pipeline, "_store", failing_store)
+    quiet_after(lambda: pytest.raises(RuntimeError, receive, gw, good_object(tmp_path, fx, "other.dcm")))
+
+
 def test_a_frame_damaged_inside_is_kept_as_sent_marked_failed_and_audited(gw, fx, tmp_path):
     add_patient(gw)
     sent = damaged_inside(tmp_path, fx)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -56,9 +58,11 @@ class Gateway:
     spool: Spool = field(init=False, repr=False)
     # set when an ingest leaves renditions due: wakes this process's renderer (gateway/core/ingest/deferred.py)
     renditions_wanted: threading.Event = field(init=False, repr=False, default_factory=threading.Event)
-    # time.monotonic() of this process's last ingest begun or ended: the renderer gives way to senders meanwhile
+    # time.monotonic() of this process's last ingest begun or ended, and how many are under way: the renderer gives
+    # way to senders meanwhile
     ingest_seen_at: float = field(init=False, repr=False, default=0.0)
-    # time.monotonic() of the last ingest begun or ended after senders were quiet `ingest_quiet_seconds` or more (the
+    ingests_running: int = field(init=False, repr=False, default=0)
+    # time.monotonic() of the last ingest begun after senders were quiet `ingest_quiet_seconds` or more (the
     # renderer's quiet_seconds, which it sets): a pause the renderer may not have seen, every thread of it busy
     ingest_paused_at: float = field(init=False, repr=False, default=0.0)
     ingest_quiet_seconds: float = field(init=False, repr=False, default=0.25)
@@ -69,12 +73,21 @@ class Gateway:
         # read by patient_refs.resolve wherever only a session is at hand (every door's `mrn|...`)
         self.db.shared[patient_refs.TRUST_MRN_SYSTEM] = self.settings.trust_mrn_system
 
-    def ingest_seen(self) -> None:
-        """An ingest begins or ends now: a sender waits (ingest_seen_at, ingest_paused_at)."""
+    @contextmanager
+    def ingesting(self) -> Iterator[None]:
+        """An ingest under way: a sender waits (ingest_seen_at, ingests_running, ingest_paused_at), however it ends."""
+        self._ingest_seen(1)
+        try:
+            yield
+        finally:
+            self._ingest_seen(-1)
+
+    def _ingest_seen(self, step: int) -> None:
         with self._ingest_lock:
             now = time.monotonic()
-            if now - self.ingest_seen_at >= self.ingest_quiet_seconds:
+            if step > 0 and not self.ingests_running and now - self.ingest_seen_at >= self.ingest_quiet_seconds:
                 self.ingest_paused_at = now
+            self.ingests_running += step
             self.ingest_seen_at = now
 
     @classmethod

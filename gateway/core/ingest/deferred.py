@@ -58,8 +58,8 @@ log = logging.getLogger("clinphoto.ingest")
 
 RENDERER_NICE = 10
 MAX_THREADS = 4
-# the renderer starts no photo until senders have been quiet this long (an ingest begun or ended: a burst's photos
-# come tens of ms apart), unless it has given way for MAX_DEFERRAL already (a sender that never pauses)
+# the renderer starts no photo until senders have been quiet this long (no ingest under way, none ended since: a
+# burst's photos come tens of ms apart), unless it has given way for MAX_DEFERRAL already (a sender that never pauses)
 QUIET_SECONDS = 0.25
 MAX_DEFERRAL = 10.0
 # attempts that end without an answer (the process killed during the decode, or an error that is not the photo's
@@ -333,8 +333,8 @@ class Renderer:
     renditions at all, in another). A decoder that crashes takes its worker with it, not the gateway: the attempt is counted
     (MAX_ATTEMPTS) and the pool started again.
 
-    Senders first: while photos are arriving (an ingest in this process within `quiet_seconds`), no photo is started,
-    for `max_deferral` at most; what is in hand is finished. Workers at the idle policy still took a fifth of the
+    Senders first: while photos are arriving (an ingest in this process under way, or ended within `quiet_seconds`),
+    no photo is started, for `max_deferral` at most; what is in hand is finished. Workers at the idle policy still took a fifth of the
     answering rate: 12-MP C-STORE on one association, 6 batches of 40 in turns, 49.4 files/s with the renderer at
     work, 60.8 without it. It is the decode's CPU, not the renderer's rows, blobs or GIL: two idle-policy processes
     decoding the same JPEG in a loop took as much (62.0 -> 52.3 files/s, 5 batches each in turns), and the rows' and
@@ -414,7 +414,7 @@ class Renderer:
         A pause no thread saw (each rendering, or waiting for work) ends the spell as one seen does: kept, a spell
         past max_deferral left every later burst without giving way."""
         now = time.monotonic()
-        quiet_for = now - self.gw.ingest_seen_at
+        quiet_for = 0.0 if self.gw.ingests_running else now - self.gw.ingest_seen_at
         with self._lock:
             since = self._giving_way_since
             if quiet_for >= self.quiet_seconds or (since is not None and self.gw.ingest_paused_at > since):

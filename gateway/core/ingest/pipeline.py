@@ -545,8 +545,12 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     Image files get a study per encounter or capture session and a series per capture session
     under settings.uid_root (or the request's study/series UIDs); a DICOM object keeps its own.
     """
+    with gw.ingesting():  # a sender waits: the renderer gives way (deferred.Renderer), however the ingest ends
+        return _ingest(gw, request, _retry=_retry)
+
+
+def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResult:
     source = request.source
-    gw.ingest_seen()  # a sender waits: the renderer gives way (deferred.Renderer)
     if not request.items:
         raise IngestRejected(NO_FILES, "no image files in the request", field="files")
     session_key = request.session_key or (request.idempotency_key and f"{source.who}|{request.idempotency_key}") \
@@ -606,7 +610,6 @@ def ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool = True) -> Inge
     writer.release()
     writer.remove_superseded()
     _close_all(prepared)
-    gw.ingest_seen()
     if any(p.status in (CREATED, REPLACED) and p.media_type == received.MEDIA_TYPE for p in result.photos) \
             and gw.settings.ingest.received_renditions == "after-answer":
         gw.renditions_wanted.set()  # the renderer (deferred.py) makes what this left due
