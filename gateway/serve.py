@@ -23,6 +23,7 @@ from gateway.core.context import Gateway
 from gateway.core.ingest.deferred import Renderer
 from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
+from gateway.http.bounded_head import BoundedHeadProtocol
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,8 @@ class HttpListener:
         config = uvicorn.Config(
             create_app(gw), host=s.http_host, port=s.http_port, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=30,
-            # h11, named rather than taken by default: uvicorn would parse with httptools wherever it is installed,
-            # and under uvicorn httptools takes request heads of any size (a probe's 64 x 1 MB headers were answered
-            # 200), where h11 keeps at most 16 KB of a head unparsed and answers a 1 MB header 400. httptools made a
-            # 12-MP STOW-RS ~9 % faster (36.0 -> 39.4 files/s, A/B): not worth a request head that can take the memory.
-            http="h11",
+            # httptools (HTTP parsed in C) with the request head bounded as h11 bounds it: see bounded_head.py
+            http=BoundedHeadProtocol,
         )
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() owns the signals

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from gateway.app import create_app
 from gateway.core.policy.rules import scope_allows
+from gateway.http.bounded_head import BoundedHeadProtocol
 from store import audit
 from store.models import AuditEvent
 from tests.access_matrix import PATIENTS, PHOTOS, ROLE_PURPOSES, USERS, build_access_matrix, expected_visible
@@ -31,7 +32,8 @@ def live_server(gw):
 @contextmanager
 def serving(app, port: int = 0):
     """An ASGI app on a free 127.0.0.1 port (or the one given), in a thread; yields an httpx client for it."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=BoundedHeadProtocol))  # as `clinphoto serve` parses HTTP
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -1,5 +1,6 @@
 """`clinphoto serve` as a real process: health, readiness, clean shutdown, bad settings."""
 
+import contextlib
 import json
 import os
 import signal
@@ -51,10 +52,23 @@ def test_serve_health_ready_and_graceful_stop(tmp_path):
         assert wait_healthy(base, proc) < 20
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ready"}
-        # a request head of 1 MB is refused, not buffered however long it grows (uvicorn's h11, named in serve.py)
-        with socket.create_connection(("127.0.0.1", int(env["CLINPHOTO_HTTP_PORT"])), timeout=10) as sock:
+        # a request head of 1 MB is refused, not buffered however long it grows (gateway/http/bounded_head.py)
+        port = int(env["CLINPHOTO_HTTP_PORT"])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
             assert sock.recv(64).startswith(b"HTTP/1.1 400")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # in pieces, slowly: refused all the same
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the answer comes before the head ends
+                for _ in range(6):
+                    time.sleep(0.05)
+                    sock.sendall(b"X-Part: " + b"a" * 4000 + b"\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 400")
+        # a head under the bound, a bearer token's size, is read; and a body sent with its head is not counted as head
+        assert httpx.get(f"{base}/healthz", headers={"X-Token": "t" * 12000}).status_code == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 262144\r\n\r\n" + b"b" * 262144)
+            assert sock.recv(64).startswith(b"HTTP/1.1 405")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from gateway.api.schemas import UploadOut
 from gateway.app import create_app
+from gateway.http.bounded_head import BoundedHeadProtocol
 from store.models import Asset, AuditEvent, Consent, Patient
 from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import NHS, add_patient
@@ -221,7 +222,7 @@ def live(gw):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=BoundedHeadProtocol))  # as `serve` parses
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
