@@ -4,7 +4,9 @@ httptools parses HTTP in C: a 12-MP STOW-RS went from 61.2 to 70.0 files/s again
 30 in turns). But under uvicorn it takes request heads of any size: a probe's 64 x 1 MB headers were buffered and
 answered 200, where h11 keeps at most 16 KiB of a head unparsed and answers 400. This keeps httptools' speed and h11's
 bound: bytes read while a request's head is still incomplete are counted, and past MAX_HEAD_BYTES the request is
-answered 400 and the connection closed. A read that completes the head is not counted (its body may follow in it).
+answered 400 and the connection closed. A read that completes the head is not counted (its body may follow in it);
+one that ends a request's body and begins the next request's head is counted whole (pipelined requests after a large
+body, which no client here sends, could be refused early).
 """
 
 from __future__ import annotations
