@@ -93,13 +93,15 @@ class HttpListener:
 def build_listeners(gw: Gateway, settings: Settings) -> list[Listener]:
     wanted = set(settings.listeners)
     listeners: list[Listener] = []
-    if "http" in wanted:
-        listeners.append(HttpListener(gw, settings))
     # -- listeners: one block each (keep this marker) --
     if "mllp" in wanted:
         listeners.append(MllpListener(gw.db, settings.hl7, settings.hl7.host or settings.http_host, settings.mllp_port))
     if "dicom" in wanted:
         listeners.append(DicomListener(gw, settings.dicom_host or settings.http_host, settings.dicom_port))
+    # HTTP opens last: health checks (and `make run`'s wait) poll it, so once it answers every other door listens;
+    # opened first, /healthz answered while the PAS's MLLP connections were still refused
+    if "http" in wanted:
+        listeners.append(HttpListener(gw, settings))
     return listeners
 
 

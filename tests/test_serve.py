@@ -83,6 +83,33 @@ def test_serve_health_ready_and_graceful_stop(tmp_path):
     assert sum(line["message"].startswith("auth mode dev") for line in log_lines) == 1, stderr
 
 
+def test_when_http_answers_every_other_door_already_listens(tmp_path):
+    # health checks and the tests poll HTTP: a gateway whose HTTP door opened before its MLLP door answered
+    # /healthz while the PAS's connections were refused (CI saw it twice in one run under load)
+    env = gateway_env(tmp_path)
+    ports = {door: int(env[f"CLINPHOTO_{door}_PORT"]) for door in ("HTTP", "MLLP", "DICOM")}
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # no sleep: the first moment HTTP accepts is the moment that matters
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", ports["HTTP"]), timeout=5).close()
+                break
+            except ConnectionRefusedError:
+                continue
+        refused = []
+        for door in ("MLLP", "DICOM"):
+            try:
+                socket.create_connection(("127.0.0.1", ports[door]), timeout=5).close()
+            except ConnectionRefusedError:
+                refused.append(door)
+        assert refused == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 def test_readyz_503_when_blob_store_unreachable(tmp_path):
     env = gateway_env(tmp_path)
     proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
