@@ -9,9 +9,8 @@ import os
 import pytest
 from sqlalchemy import select
 
-from gateway.core.ingest import deferred, errors
+from gateway.core.ingest import deferred
 from gateway.core.ingest.digests import Early, sha1_base64
-from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
 from store.models import Asset
@@ -53,66 +52,3 @@ def test_a_spooled_object_keeps_the_digests_of_its_stored_bytes(gw, fx):
     deferred.make(gw, asset_id)
     with gw.db.read() as s:
         assert s.execute(select(Asset.sha1)).scalar_one() == sha1_base64(gw.blobs.path(sha256))
-
-
-def _spooled(gw, fx, name: str = "baseline_420.jpg", **keys: str):
-    """A received object in the spool as the doors leave it, with the SHA-256 they worked out as it came."""
-    fd, spooled = gw.spool.new_file(prefix="cstore-", suffix=".dcm")
-    os.close(fd)
-    keys = {"PatientID": objects.NHS_NUMBER, "IssuerOfPatientID": "NHS", **keys}
-    objects.img2dcm(fx[name], spooled, **keys)
-    return ReceivedObject(spooled, spooled=True, sha256=hashlib.sha256(spooled.read_bytes()).hexdigest())
-
-
-def test_a_hashed_spooled_object_is_linked_in_while_its_header_is_read_and_kept_once(gw, fx):
-    """adopt_soon: the blob is the spooled file itself (a hard link, synced), there once the ingest answers; the door
-    may delete its name. The same object twice in one request is one blob and one photo."""
-    add_patient(gw)
-    item = _spooled(gw, fx)
-    twin = gw.spool.path / "cstore-twin.dcm"
-    twin.write_bytes(item.path.read_bytes())
-    result = ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"),
-                                       items=[item, ReceivedObject(twin, spooled=True, sha256=item.sha256)]))
-    assert os.stat(gw.blobs.path(item.sha256)).st_ino == os.stat(item.path).st_ino
-    item.path.unlink()
-    twin.unlink()
-    assert [b.sha256 for b in gw.blobs.iter_blobs()] == [item.sha256] and gw.blobs.check(item.sha256)
-    assert len({p.asset_id for p in result.photos}) == 1
-    with gw.db.read() as s:
-        assert s.execute(select(Asset.dicom_sha256)).scalars().all() == [item.sha256]
-
-
-@pytest.mark.parametrize(("stage", "expected"), [
-    ("unknown patient", errors.UNKNOWN_PATIENT), ("second item's header", errors.INVALID_OBJECT),
-    ("duplicate instance", errors.DUPLICATE_INSTANCE), ("corrupt frame", errors.CORRUPT)])
-def test_a_refused_object_linked_in_early_leaves_no_blob(gw, fx, stage, expected):
-    """Refused at any stage after adopt_soon began (the patient look-up, another item's header, the known instances,
-    the frame check): the blobs it linked in are removed again, and nothing names them."""
-    if stage != "unknown patient":
-        add_patient(gw)
-    source = Source.dicom_peer("CAMERA", "127.0.0.1")
-    before: set[str] = set()
-    if stage == "duplicate instance":
-        first = _spooled(gw, fx, SOPInstanceUID="2.25.1234567")
-        ingest(gw, CaptureRequest(source=source, items=[first]))
-        before = {b.sha256 for b in gw.blobs.iter_blobs()}
-        items = [_spooled(gw, fx, "baseline_444.jpg", SOPInstanceUID="2.25.1234567")]
-    elif stage == "second item's header":
-        bad = gw.spool.path / "cstore-bad.dcm"
-        bad.write_bytes(b"\0" * 128 + b"DICM" + b"not a file meta")
-        items = [_spooled(gw, fx), ReceivedObject(bad, spooled=True, sha256=hashlib.sha256(bad.read_bytes()).hexdigest())]
-    elif stage == "corrupt frame":  # cut short: seen without decoding, after the header was read
-        cut = gw.spool.path / "cstore-cut.dcm"
-        jpeg = fx["baseline_420.jpg"].read_bytes()
-        objects.jpeg_wrapped(cut, jpeg[: len(jpeg) // 2] + b"\x00" * (len(jpeg) // 2 % 2), 640, 480)
-        items = [ReceivedObject(cut, spooled=True, sha256=hashlib.sha256(cut.read_bytes()).hexdigest())]
-    else:
-        items = [_spooled(gw, fx)]
-    with pytest.raises(IngestRejected) as refused:
-        ingest(gw, CaptureRequest(source=source, items=items))
-    assert refused.value.code == expected
-    assert {b.sha256 for b in gw.blobs.iter_blobs()} == before
-    with gw.db.read() as s:
-        assert len(s.execute(select(Asset.id)).all()) == len(before)
-    for item in items:  # the door's own names are untouched: it deletes them itself
-        assert item.path.exists()

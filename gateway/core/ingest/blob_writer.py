@@ -7,13 +7,11 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
 from pathlib import Path
 
 from sqlalchemy import select
 
 from gateway.core.context import Gateway
-from gateway.core.ingest.digests import HELPERS
 from store.blobs import BlobRef
 from store.models import Asset
 
@@ -36,7 +34,6 @@ class BlobWriter:
         self.created: list[str] = []
         self.held: list[str] = []
         self.superseded: list[str] = []  # blobs a row this call updates stops naming (see remove_superseded)
-        self.adopting: dict[str, Future[object]] = {}  # adopt_soon's, by digest
 
     def _hold(self, sha: str) -> bool:
         """Hold `sha`; returns whether the blob already existed."""
@@ -54,34 +51,12 @@ class BlobWriter:
         return ref.sha256
 
     def adopt(self, path: Path, sha: str) -> str:
-        """A spooled file the door will only delete, linked in as the blob (see FileBlobStore.adopt); when
-        adopt_soon began it, its end waited for (and its failure raised)."""
-        pending = self.adopting.pop(sha, None)
-        if pending is not None:
-            pending.result()
-            return sha
+        """A spooled file the door will only delete, linked in as the blob (see FileBlobStore.adopt)."""
         existed = self._hold(sha)
         self.gw.blobs.adopt(path, sha)
         if not existed:
             self.created.append(sha)
         return sha
-
-    def adopt_soon(self, path: Path, sha: str) -> None:
-        """adopt() begun now on a helper thread: the file's fsync, its link and its folder's fsync run while the
-        pipeline reads the object's header and finds its patient, instead of after (traced, 12-MP C-STORE: ~0.9 ms of
-        the ~7 ms the sender waits for, after its last byte). Whatever ends the ingest first, release() or
-        remove_unreferenced() waits for it, so the caller never deletes its file under it."""
-        if sha in self.adopting:  # the same content twice in one request: one blob
-            return
-        if not self._hold(sha):
-            self.created.append(sha)  # before the link exists: a failure removes whatever part of it was made
-        self.adopting[sha] = HELPERS.submit(self.gw.blobs.adopt, path, sha)
-
-    def _settle(self) -> None:
-        """Every adoption begun and not yet waited for, ended (its failure is the ingest's, already raised or moot)."""
-        if self.adopting:
-            wait(list(self.adopting.values()))
-            self.adopting.clear()
 
     def put_new_stream(self, chunks: Iterable[bytes]) -> BlobRef:
         """For content that is new by construction (a DICOM object with a fresh instance UID and creation time)."""
@@ -98,7 +73,6 @@ class BlobWriter:
         return sha
 
     def release(self) -> None:
-        self._settle()
         with _HELD_LOCK:
             for sha in self.held:
                 _HELD[sha] -= 1

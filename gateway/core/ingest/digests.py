@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 # shared by every ingest: a task waits its turn when they are all busy, and its result is only asked for later
-HELPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-early")
+_HELPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-early")
 
 
 def sha1_base64(data: bytes | Path) -> str:
@@ -51,15 +51,13 @@ def sha256_of(path: Path) -> str:
 
 
 class Early:
-    """A spooled file's SHA-256 (unless the door gave it), its SHA-1 when `want_sha1`, and write-back to disk unless
-    `write_back` is off (the file is being adopted as a blob, which syncs it: BlobWriter.adopt_soon), under way on
-    helper threads."""
+    """A spooled file's SHA-256 (unless the door gave it), its SHA-1 when `want_sha1`, and write-back to disk, under
+    way on helper threads."""
 
-    def __init__(self, path: Path, sha256: str | None = None, *, want_sha1: bool = True, write_back: bool = True) -> None:
-        self._sha256: str | Future[str] = HELPERS.submit(sha256_of, path) if sha256 is None else sha256
-        self._sha1: Future[str] | None = HELPERS.submit(sha1_base64, path) if want_sha1 else None
-        if write_back:
-            HELPERS.submit(_write_back, path)  # nothing waits for it: the blob store's own fsync is the one that counts
+    def __init__(self, path: Path, sha256: str | None = None, *, want_sha1: bool = True) -> None:
+        self._sha256: str | Future[str] = _HELPERS.submit(sha256_of, path) if sha256 is None else sha256
+        self._sha1: Future[str] | None = _HELPERS.submit(sha1_base64, path) if want_sha1 else None
+        _HELPERS.submit(_write_back, path)  # nothing waits for it: the blob store's own fsync is the one that counts
 
     def sha256(self) -> str:
         """The file's SHA-256 (hex), as given or as read; raises as reading the file would have."""

@@ -10,34 +10,12 @@ photo's STOW-RS (A/B, 12-MP STOW-RS: 38.4 -> 43.4 files/s without it)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 256 * 1024  # bytes gathered before a write and a digest update: ~13 of each for a 3 MB photo, not ~200
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing the range back, wait for nothing
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2), which Python's os module does not offer; None elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range  # ctypes lets go of the GIL for the call
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
-
-
-# Each chunk's write-back is started as soon as it is written, while the rest is still coming: the blob store's
-# fsync before the row commits then finds little left to write. 3.5 MB written in 14 chunks as a peer sends them:
-# that fsync 1.7 -> 0.2 ms (median of 30, this machine), ~30 us per chunk to start.
-_start_write_back = _sync_file_range()
 
 
 class OverLimit(Exception):
@@ -58,7 +36,6 @@ class IncomingFile:
         self.size = 0  # bytes given so far, head included
         self.limit = limit
         self._fd: int | None = fd
-        self._written = 0  # bytes in the file: where the next chunk's write-back starts
         self._sha256 = hashlib.sha256()
         self._pending = bytearray()
         self._error: OSError | None = None
@@ -92,9 +69,6 @@ class IncomingFile:
         except OSError as exc:  # the disk full: the door answers that it could not store
             self._error = exc
         else:
-            if _start_write_back is not None:  # a failure here is only a lost head start: the fsync still syncs
-                _start_write_back(self._fd, self._written, written, SYNC_FILE_RANGE_WRITE)
-            self._written += written
             self._sha256.update(pending)  # hashlib lets go of the GIL for a chunk this size
         pending.clear()
 

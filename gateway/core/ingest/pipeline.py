@@ -508,9 +508,8 @@ def _check_consent(request: CaptureRequest) -> None:
         raise _consent_refusal(exc) from None
 
 
-def _read_items(gw: Gateway, request: CaptureRequest, writer: BlobWriter) -> list[_Item]:
-    """Every item with its hash; DICOM objects' headers checked (nothing is decoded). A spooled object the door
-    hashed is linked in as its blob meanwhile (BlobWriter.adopt_soon): the writer removes it if the ingest fails."""
+def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
+    """Every item with its hash; DICOM objects' headers checked (nothing is decoded)."""
     items: list[_Item] = []
     # a received object rendered after the answer gets its SHA-1 then too (deferred.py): not worked out here
     want_sha1 = gw.settings.ingest.received_renditions == "before-answer"
@@ -521,10 +520,8 @@ def _read_items(gw: Gateway, request: CaptureRequest, writer: BlobWriter) -> lis
             except IngestRejected as exc:
                 raise exc.for_item(index, item.filename) from None
         if isinstance(item, ReceivedObject):
-            # hashed while the header is read, and adopted as its blob if the door hashed it as it came
-            if item.spooled and item.sha256 is not None:
-                writer.adopt_soon(item.path, item.sha256)
-            early = Early(item.path, item.sha256, want_sha1=want_sha1, write_back=item.sha256 is None) if item.spooled else None
+            # hashed while the header is read
+            early = Early(item.path, item.sha256, want_sha1=want_sha1) if item.spooled else None
             try:
                 header = received.read(item.path, gw.settings.ingest, head=item.head)
             except IngestRejected as exc:
@@ -559,10 +556,9 @@ def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResu
     session_key = request.session_key or (request.idempotency_key and f"{source.who}|{request.idempotency_key}") \
         or uuid.uuid4().hex
     patient_id: int | None = None
-    writer = BlobWriter(gw)
     try:
         _check_consent(request)
-        items = _read_items(gw, request, writer)
+        items = _read_items(gw, request)
         shas = [e.sha256 for e in items]
         request_hash = _request_hash(request, shas)
         with gw.db.read() as session:
@@ -575,7 +571,6 @@ def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResu
                             f"Idempotency-Key {request.idempotency_key!r} was already used for a different request",
                             field="Idempotency-Key",
                         )
-                    writer.remove_unreferenced()
                     return IngestResult.from_dict(seen.response, replayed=True)
             ctx = _resolve(session, gw, request, [e.received for e in items if e.received is not None], session_key,
                            files=any(e.received is None for e in items))
@@ -586,13 +581,10 @@ def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResu
                 existing = {a.sha256: _as_existing(a) for a in rows}
             corrections = _known_instances(session, items, existing, gw.blobs.path, patient_id, gw.settings.ingest)
     except IngestRejected as exc:
-        writer.remove_unreferenced()  # what adopt_soon linked in
         audit_refusal(gw, source, exc, patient_id)
         raise
-    except BaseException:
-        writer.remove_unreferenced()
-        raise
 
+    writer = BlobWriter(gw)
     prepared: list[Prepared] = []
     try:
         result = _store(gw, request, items, ctx, existing, corrections, prepared, writer, session_key, request_hash)
