@@ -1,7 +1,7 @@
 """The DICOM door beside Orthanc: the same workload against `clinphoto serve` and a fresh Orthanc (Debian's package,
 SQLite index, TCP_NODELAY set) in one run, printed as a ratio table.
 
-    .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--studies 2000,10000] [--only find,get]
+    .venv/bin/python bench/dicom_vs_orthanc.py [--photos 50] [--batches 5] [--studies 2000,10000] [--only find,get]
 
 First, in this process: the CPU clinphoto's renditions of one of these photos take (received.renditions, as the
 renderer makes them). Orthanc makes none; where its whole C-STORE or STOW-RS of a photo takes less time than that, no
@@ -10,8 +10,9 @@ server making renditions keeps its pace on the same cores.
 Beside both, the floor: the same client against servers of the same Python libraries doing nothing
 (bench/python_floor.py), so the table shows how much of a gap is the stack's own cost here and how much clinphoto's work.
 
-- C-STORE of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
-  associations: files/s, each server warmed first by three photos not counted. clinphoto checks each photo
+- C-STORE of batches of N 12-MP JPEG photos (VL Photographic, JPEG Baseline, as a camera exports them) over 1 and 4
+  associations: files/s, the median of --batches batches of each server taken in turns, each server warmed first by
+  three photos not counted. clinphoto checks each photo
   (everything but a decode) and stores it durably before answering, then decodes it and makes its preview and
   thumbnail (ingest.received_renditions: after-answer), once the photos stop coming (its renderer gives way to
   senders: decodes beside a burst took a sixth of the answering rate on 2 cores); the next row is the rate until the
@@ -21,7 +22,8 @@ Beside both, the floor: the same client against servers of the same Python libra
 - C-GET of a 10-photo study (12-MP photos), ms: the median of --rounds C-GETs of each server, taken in turns.
 - DICOMweb (clinphoto's /dicomweb, Orthanc's DICOMweb plugin at /dicom-web): QIDO-RS /studies?PatientID p50/p95 ms at
   the same archive sizes; WADO-RS of one 12-MP instance as stored (transfer-syntax=*), median ms (in turns, as C-GET); STOW-RS of 12-MP
-  photos, one instance per request, files/s after three uncounted (and, for clinphoto, until the last rendition was made). The client is httpx
+  photos, one instance per request, files/s after three uncounted (and, for clinphoto, until the last rendition was made),
+  in batches in turns as C-STORE. The client is httpx
   with keep-alive and no Accept-Encoding (Orthanc gzips JPEG when allowed: peers-measured.md).
 Both servers run as separate processes on 127.0.0.1; the client is pynetdicom in this process. clinphoto runs on
 SQLite in a temporary folder (synchronous=FULL). Orthanc measured here before (peers-measured.md): C-STORE 14.5 /
@@ -209,14 +211,21 @@ def get_time(port: int, called: str, study: str, expected: int, runs: int = 5) -
 DICOM_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
-def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """The median of `rounds` runs of each measure, taken in turns (the first to go alternates)."""
-    times: dict[str, list[float]] = {name: [] for name in measures}
+def in_turns(measures: dict[str, Callable[[], tuple[float, ...]]], rounds: int) -> dict[str, tuple[float, ...]]:
+    """The medians of `rounds` runs of each measure (each run gives one or more figures), taken in turns (the first to
+    go alternates), so a slow spell of a shared machine falls on every server alike."""
+    runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in measures}
     names = list(measures)
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            times[name].append(measures[name]())
-    return {name: statistics.median(t) for name, t in times.items()}
+            runs[name].append(measures[name]())
+    return {name: tuple(statistics.median(figures) for figures in zip(*r)) for name, r in runs.items()}
+
+
+def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The median of `rounds` runs of each measure, taken in turns (the first to go alternates)."""
+    medians = in_turns({name: (lambda m=measure: (m(),)) for name, measure in measures.items()}, rounds)
+    return {name: figures[0] for name, figures in medians.items()}
 
 
 def part10(ds: Dataset) -> bytes:
@@ -409,7 +418,8 @@ class Measured(dict[str, float]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", type=int, default=50)
+    ap.add_argument("--photos", type=int, default=50, help="photos per C-STORE batch (STOW-RS: half as many)")
+    ap.add_argument("--batches", type=int, default=5, help="batches of each server, in turns, for each receiving rate (the median)")
     ap.add_argument("--studies", default="2000,10000")
     ap.add_argument("--rounds", type=int, default=15, help="C-GETs of each server, in turns (WADO-RS: four times as many)")
     ap.add_argument("--only", default="store,get,web,find",
@@ -450,20 +460,41 @@ def main() -> None:
         try:
             wait_for_ports(floor_ports)
             for name in ("clinphoto", "orthanc"):
+                # warmed alike, not measured: a first association's, request's and photo's one-time costs (imports,
+                # caches; clinphoto's renderer starting its worker processes, ~1 s of CPU) are not a rate
                 if "store" in legs:
-                    # warmed alike, not measured: a first association's and first photo's one-time costs (imports,
-                    # caches; clinphoto's renderer starting its worker processes, ~1 s of CPU) are not a rate
                     store_all(ports[name], called[name], [photo(jpeg, generate_uid(), generate_uid()) for _ in range(3)], 1)
-                    if name == "clinphoto":
-                        servers["clinphoto"].rendered_at()
-                for assocs in (1, 4) if "store" in legs else ():
-                    batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(args.photos)]
-                    start = time.perf_counter()
-                    rows[name][f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = rate = store_all(ports[name], called[name], batch, assocs)
-                    # clinphoto answers before it makes the renditions: also when the last one was made (Orthanc
-                    # makes none: answered is done)
-                    done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
-                    rows[name][f"C-STORE 12-MP, {assocs} assoc., until rendered (files/s)"] = len(batch) / (done - start) if done else rate
+                if "web" in legs:
+                    stow_rate(webs[name], "", [photo(jpeg, generate_uid(), generate_uid()) for _ in range(3)])
+                if name == "clinphoto":
+                    servers["clinphoto"].rendered_at()
+
+            def batch_rates(name: str, send: Callable[[list[Dataset]], float], count: int) -> tuple[float, float]:
+                """One batch: the rate answered and, for clinphoto, the rate until its last rendition was made (it
+                answers first; Orthanc makes none, so answered is done). clinphoto's renderer is idle again before
+                the other server's batch begins."""
+                batch = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(count)]
+                start = time.perf_counter()
+                rate = send(batch)
+                done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
+                return rate, (count / (done - start) if done else rate)
+
+            # the receiving rates, batch by batch in turns: measured one server after the other, the same code's
+            # C-STORE ratio moved 0.85-1.07 between runs
+            for assocs in (1, 4) if "store" in legs else ():
+                got = in_turns({name: (lambda n=name, a=assocs: batch_rates(
+                    n, lambda b: store_all(ports[n], called[n], b, a), args.photos)) for name in servers}, args.batches)
+                for name, (rate, until) in got.items():
+                    rows[name][f"C-STORE 12-MP, {assocs} assoc. (files/s)"] = rate
+                    rows[name][f"C-STORE 12-MP, {assocs} assoc., until rendered (files/s)"] = until
+            if "web" in legs:
+                got = in_turns({name: (lambda n=name: batch_rates(
+                    n, lambda b: stow_rate(webs[n], "", b), max(args.photos // 2, 10))) for name in servers}, args.batches)
+                for name, (rate, until) in got.items():
+                    rows[name]["STOW-RS 12-MP, one per request (files/s)"] = rate
+                    rows[name]["STOW-RS 12-MP, until rendered (files/s)"] = until
+
+            for name in ("clinphoto", "orthanc"):
                 if legs & {"get", "web"}:
                     study, series = generate_uid(), generate_uid()
                     study_photos = [photo(jpeg, study, series) for _ in range(10)]
@@ -471,16 +502,6 @@ def main() -> None:
                     if name == "clinphoto":
                         servers["clinphoto"].rendered_at()  # its renderer idle again: it would share the CPUs with what follows
                     held_study[name] = (study, series, study_photos[0].SOPInstanceUID)
-                if "web" in legs:
-                    # warmed alike, as for C-STORE: the first requests' one-time costs are not a rate
-                    stow_rate(webs[name], "", [photo(jpeg, generate_uid(), generate_uid()) for _ in range(3)])
-                    if name == "clinphoto":
-                        servers["clinphoto"].rendered_at()
-                    stowed = [photo(jpeg, generate_uid(), generate_uid()) for _ in range(max(args.photos // 2, 10))]
-                    start = time.perf_counter()
-                    rows[name]["STOW-RS 12-MP, one per request (files/s)"] = rate = stow_rate(webs[name], "", stowed)
-                    done = servers["clinphoto"].rendered_at() if name == "clinphoto" else None
-                    rows[name]["STOW-RS 12-MP, until rendered (files/s)"] = len(stowed) / (done - start) if done else rate
                 held = 0
                 for size in sizes if legs & {"find", "web"} else ():
                     extra = [small(patients[i], generate_uid()) for i in range(held, size)]
