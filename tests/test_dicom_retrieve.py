@@ -26,7 +26,7 @@ from tests import dicom_objects as objects
 from tests.access_matrix import PEERS, build_access_matrix, dicom_peers
 from tests.conftest import require_tool
 from tests.ingest_helpers import dicom_tools_check
-from tests.net import free_port
+from tests.net import free_port, wait_listening
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
 
@@ -108,7 +108,7 @@ def dcmtk_destination(gw, out: Path, accepts: str) -> Iterator[None]:
     receiver = subprocess.Popen([storescp, *([accepts] if accepts else []), "-aet", "DEST", "-od", str(out), str(dest_port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        wait_listening(dest_port, receiver)
         yield
     finally:
         receiver.terminate()

@@ -26,7 +26,7 @@ from store.models import OutboxItem
 from tests import dicom_objects as objects
 from tests.conftest import require_tool
 from tests.ingest_helpers import add_patient
-from tests.net import free_port
+from tests.net import free_port, wait_listening
 from tests.orthanc import Orthanc
 from tests.test_dicom_association import RunningListener
 
@@ -71,7 +71,7 @@ def test_a_routed_photo_waits_out_an_outage_and_arrives_intact(gw, routed, tmp_p
     pacs = subprocess.Popen([require_tool("storescp", "dcmtk"), "+xy", "-aet", "PACS1", "-od", str(out), str(routed["port"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        wait_listening(routed["port"], pacs)
         wait_due(gw)
         assert router.round()
     finally:
@@ -223,10 +223,11 @@ def test_a_failed_commitment_sends_again_and_a_silent_destination_times_out(gw, 
     gw.settings.routing.first_retry_seconds = 30  # the test drives the retries
     add_patient(gw)
     sent = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "photo.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
-    ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(sent)]))
     with RunningListener(gw) as port:
         pacs = CommitmentScp(pacs_port, port)
         try:
+            # stored once the destination listens: a first try before it would wait out first_retry_seconds
+            ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(sent)]))
             # the listener's router delivers, asks, and the destination reports failure: sent again, the try counted
             item = wait_for(gw, "pending", 10) if outbox(gw)[0].status != "pending" else outbox(gw)[0]
             deadline = time.monotonic() + 15
@@ -248,7 +249,7 @@ def test_a_failed_commitment_sends_again_and_a_silent_destination_times_out(gw, 
     pacs1 = subprocess.Popen([require_tool("storescp", "dcmtk"), "+xy", "+uf", "-aet", "PACS1", "-od", str(out),
                               str(gw.settings.auth.dicom_peers[1].port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        wait_listening(gw.settings.auth.dicom_peers[1].port, pacs1)
         assert Router(gw).round()
         item = outbox(gw)[0]
         assert item.status == "delivered" and item.commitment_uid and "refused the Storage Commitment request" in item.last_error
@@ -267,7 +268,7 @@ def test_a_destination_taking_only_uncompressed_pixels_gets_the_photo_decoded(gw
     pacs = subprocess.Popen([require_tool("storescp", "dcmtk"), "-aet", "PACS1", "-od", str(out), str(routed["port"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # no +xy: uncompressed syntaxes only
     try:
-        time.sleep(0.5)
+        wait_listening(routed["port"], pacs)
         assert Router(gw).round()
     finally:
         pacs.terminate()

@@ -126,7 +126,7 @@ def test_a_huge_message_leaves_http_and_other_mllp_connections_responsive(tmp_pa
         assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200
         other = Client(mllp, timeout=5)
         assert msa(other.call(build(msh("A28", "NORMAL"), "EVN|A28|20240301101500", PID))) == ("AA", "NORMAL")
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 3.0  # a loaded CI machine's scheduling, not a door held for the frame
         assert msa(big.recv())[0] == "AE"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -188,7 +188,9 @@ def test_connections_over_the_cap_are_closed_and_logged_once(db, caplog):
         assert msa(held[0].call(build(msh("A28", "C1"), "EVN|A28|20240301101500", PID))) == ("AA", "C1")
         for c in held:
             c.close()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while listener.connections and time.monotonic() < deadline:  # their closes seen by the listener
+            time.sleep(0.02)
         again = Client(listener.port)  # room again once they left
         assert msa(again.call(build(msh("A28", "C2"), "EVN|A28|20240301101500", PID))) == ("AA", "C2")
     limit_lines = [r for r in caplog.records if "connection limit reached" in r.getMessage()]
@@ -200,7 +202,7 @@ def test_at_the_cap_a_sender_stuck_inside_a_frame_makes_room_for_a_prompt_one(db
         stuck = [Client(listener.port, timeout=2) for _ in range(3)]
         for c in stuck:
             c.send_raw(b"\x0bMSH|^~")
-        time.sleep(1.3)  # longer than a PAS ever takes for one frame
+        time.sleep(2.5)  # longer than a PAS ever takes for one frame (SLOW_FRAME_SECONDS), from whenever it was read
         prompt = Client(listener.port)
         assert msa(prompt.call(build(msh("A28", "P1"), "EVN|A28|20240301101500", PID))) == ("AA", "P1")
         assert sum(c.closed() for c in stuck) == 1  # the slowest one, no more
@@ -231,13 +233,13 @@ def test_a_connection_flood_at_the_file_limit_starves_nothing_and_floods_no_log(
                     pass
             t = time.monotonic()
             assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200
-            assert time.monotonic() - t < 1.0
+            assert time.monotonic() - t < 3.0
             time.sleep(0.5)
         # past the frame deadline: the tricklers are gone and a prompt sender gets in at once
         t = time.monotonic()
         quick = Client(mllp, timeout=5)
         assert msa(quick.call(build(msh("A28", "F1"), "EVN|A28|20240301101500", PID)))[0] == "AA"
-        assert time.monotonic() - t < 1.0
+        assert time.monotonic() - t < 3.0
         quick.close()
     finally:
         for s in socks:

@@ -216,7 +216,8 @@ def test_a_pause_the_renderer_did_not_see_ends_its_giving_way(gw):
     """A burst longer than max_deferral: the renderer takes photos as they come. The senders pause (longer than
     quiet_seconds) while every renderer thread is rendering or waiting for work, so none looks; the next burst is
     given way to again, as it would have been had one looked (its giving way does not date from the first burst)."""
-    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=0.2, max_deferral=0.4)
+    # seconds, not tenths: a loaded machine's stall between two steps must not pass for the senders' pause
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.0, max_deferral=2.0)
     deadline = time.monotonic() + 30
     while True:  # the first burst, the renderer looking between its photos, until past max_deferral
         _arrives(gw)
@@ -224,7 +225,7 @@ def test_a_pause_the_renderer_did_not_see_ends_its_giving_way(gw):
             break
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    time.sleep(0.5)  # the pause, unseen
+    time.sleep(1.5)  # the pause, unseen
     _arrives(gw)  # the next burst
     renderer._give_way()  # at most one photo (the pause counts as if seen: senders were quiet)
     assert renderer._give_way() > 0  # then it gives way to the new burst
@@ -256,12 +257,12 @@ def test_no_ingest_leaves_the_renderer_giving_way_once_it_ended(gw, fx, tmp_path
     from gateway.core.ingest import pipeline
 
     add_patient(gw)
-    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=0.2, max_deferral=60)
+    renderer = deferred.Renderer(gw, poll_seconds=30, quiet_seconds=1.0, max_deferral=60)
 
     def quiet_after(ingest_one) -> None:
         ingest_one()
         assert renderer._give_way() > 0  # just now: a sender waited
-        time.sleep(0.3)
+        time.sleep(1.3)
         assert renderer._give_way() == 0.0
 
     quiet_after(lambda: _arrives(gw))

@@ -667,7 +667,10 @@ def test_a_photo_the_renderer_dies_on_is_not_taken_up_again_at_every_start(gw, f
         assert all(gone(pid) for pid in workers), [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in workers if not gone(p)]
     serve = Serve(gw, tmp_path, "after")
     try:
-        time.sleep(8)  # more than a renderer round and a poll
+        deadline = time.monotonic() + 60  # a renderer round and a poll, however loaded the machine
+        while load(gw, asset_id).rendition_state != FAILED and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # and a while after: nothing more is tried
     finally:
         serve.stop()
     assert load(gw, asset_id).rendition_state == FAILED  # given up on after CRASHES deaths, not a crash loop

@@ -31,7 +31,7 @@ def gateway_env(tmp_path, **extra) -> dict:
     return env
 
 
-def wait_healthy(base: str, proc, timeout=20.0) -> float:
+def wait_healthy(base: str, proc, timeout=60.0) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         assert proc.poll() is None, proc.stderr.read().decode()
