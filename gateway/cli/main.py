@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
@@ -27,8 +26,7 @@ def serve(welcome: Annotated[bool, typer.Option("--welcome", help="Once every do
     """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
     from gateway.demo import welcome as welcome_text
     from gateway.logs import configure_logging
-    from gateway.serve import StartupError
-    from gateway.serve import serve as run
+    from gateway.serve import StartupError, run
 
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
@@ -39,7 +37,7 @@ def serve(welcome: Annotated[bool, typer.Option("--welcome", help="Once every do
             print(welcome_text(gw, settings, ports), flush=True)
 
     try:
-        asyncio.run(run(gw, settings, on_ready=ready))
+        run(gw, settings, on_ready=ready)
     except StartupError as exc:
         console.print(f"clinphoto: cannot start {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -26,6 +26,7 @@ import ssl
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from gateway.core.logs import RateLimited
 from gateway.hl7.ack import AckError
@@ -101,9 +102,8 @@ class MllpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.listener.starting.discard(self)
-        if not isinstance(transport, asyncio.Transport):  # a stream socket's (plain or TLS) always is
-            raise TypeError(f"MLLP needs a stream transport, not {type(transport).__name__}")
-        self.transport = transport
+        # a stream socket's (plain or TLS): uvloop's TCPTransport has Transport's methods without subclassing it
+        self.transport = transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peername[0]}:{peername[1]}"
         sock = transport.get_extra_info("socket")
