@@ -192,12 +192,16 @@ def test_a_pdata_tf_whose_items_do_not_add_up_ends_that_association_only(camera_
         other.release()
 
 
-def test_a_spooled_data_set_is_its_head_and_fragments_with_their_digests(tmp_path):
+# fragments smaller than a chunk are gathered, larger ones written as they are: after what was gathered, or alone
+@pytest.mark.parametrize("cuts", [(1, CHUNK, 2 * CHUNK + 7), (10, 2 * CHUNK + 10, 2 * CHUNK + 20)],
+                         ids=["gathered-then-whole", "whole-after-a-remainder"])
+def test_a_spooled_data_set_is_its_head_and_fragments_with_their_digests(tmp_path, cuts):
     fd, path = os.open(tmp_path / "a.dcm", os.O_WRONLY | os.O_CREAT), tmp_path / "a.dcm"
     head = part10_head(objects.VL_PHOTO, "1.2.3.4", JPEG_BASELINE)
     spooled = SpooledDataSet(fd, path, head)
     data = os.urandom(3 * CHUNK + 12345)
-    pieces = [data[:1], memoryview(data)[1:CHUNK], bytearray(data[CHUNK:2 * CHUNK + 7]), data[2 * CHUNK + 7:]]
+    a, b, c = cuts
+    pieces = [data[:a], memoryview(data)[a:b], bytearray(data[b:c]), data[c:]]
     for piece in pieces:
         assert spooled.write(piece) == len(piece)
     sha256 = spooled.finish()
