@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from gateway.core.policy.settings import DicomPeer
 from gateway.dicom.listener import DicomListener
+from gateway.serve import new_event_loop
 from store.models import AuditEvent
 from tests.conftest import require_tool
 
@@ -20,7 +21,7 @@ class RunningListener:
 
     def __init__(self, gw):
         self.listener = DicomListener(gw, "127.0.0.1", 0)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self):

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from gateway.hl7.config import Hl7Settings
 from gateway.hl7.listener import MllpListener
 from gateway.hl7.mllp import START, FrameTooLarge, MllpDecoder, frame
+from gateway.serve import new_event_loop
 from mapping.message import parse
 from store.models import Hl7Message, Patient
 
@@ -71,7 +72,7 @@ def test_decoder_frame_limit():
 @contextmanager
 def running(db, **settings):
     """The listener in its own event loop thread, as `clinphoto serve` runs it."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     listener = MllpListener(db, Hl7Settings(**settings), "127.0.0.1", 0)
     started = threading.Event()
 
