@@ -6,7 +6,9 @@ A pynetdicom SCP as pynetdicom ships it (no policy, no store, no audit, nothing 
 memory) and a FastAPI app under uvicorn, configured as `clinphoto serve` configures it, answering DICOMweb's shapes
 from memory. Measured in the same run as clinphoto and Orthanc, it shows how much of a gap to Orthanc is the
 Python stack's own cost on this machine (a loopback receive of a 3 MB object, PDU handling, HTTP parsing) and how much
-is clinphoto's work: clinphoto can come close to this floor, never beat it.
+is clinphoto's work. Where clinphoto replaced a library's own path, it can beat the floor: its DICOM door reads
+PDUs and spools C-STORE data sets itself (gateway/dicom/pdu_in.py, reactor.py, spooled.py), and its C-STORE rate on
+four associations has measured above this pynetdicom SCP's.
 """
 
 from __future__ import annotations
