@@ -9,8 +9,6 @@ import sys
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
-from gateway.core.logs import RateLimitFilter
-
 # record attributes that are not fields of a JSON line: uvicorn's `color_message` is its message again with ANSI
 # colour codes, for its own coloured console formatter
 NOT_FIELDS = [*RESERVED_ATTRS, "color_message"]
@@ -34,5 +32,3 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # asyncio logs every failed accept() with a traceback: out of file descriptors, that was 2.3 million lines in 40 s
-    logging.getLogger("asyncio").addFilter(RateLimitFilter("socket.accept() out of system resource"))

@@ -346,3 +346,48 @@ def test_the_dicom_listener_binds_its_own_address(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_out_of_descriptors_http_connections_wait_and_one_line_says_why(tmp_path):
+    """Idle connections take every descriptor a 128-file gateway has: the HTTP door pauses accepting and logs it
+    once, and a request made meanwhile waits in the backlog and is answered once descriptors come free (libuv's
+    own accept closed such connections unanswered, and logged nothing: gateway/http/acceptor.py)."""
+    import resource
+    import threading
+
+    env = gateway_env(tmp_path, CLINPHOTO_LISTENERS='["http"]')
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    port = int(env["CLINPHOTO_HTTP_PORT"])
+    idle: list[socket.socket] = []
+    answer: dict[str, object] = {}
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        for _ in range(200):  # more than the gateway can hold open: the rest wait in the listen backlog
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(2)  # the door has met the limit by now
+
+        def ask() -> None:
+            try:
+                answer["status"] = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).status_code
+            except httpx.HTTPError as exc:
+                answer["status"] = repr(exc)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(2)
+        assert "status" not in answer, answer  # neither answered nor closed: waiting its turn
+        for sock in idle:
+            sock.close()
+        asking.join(60)
+        assert answer.get("status") == 200, answer
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "clinphoto ready: http (event loop: uvloop)" in out  # the loop whose accept this door replaces
+    paused = [line for line in out.splitlines() if "HTTP cannot accept connections (Too many open files); pausing 1 s" in line]
+    assert 1 <= len(paused) <= 3, out[-3000:]  # rate-limited: one line per 10 s
+    assert "Traceback" not in out, out[-3000:]

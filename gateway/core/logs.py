@@ -29,26 +29,3 @@ class RateLimited:
         if skipped:
             message += f" (and {skipped} more like this in the last {self.interval:.0f} s)"
         self.logger.warning(message, *args)
-
-
-class RateLimitFilter(logging.Filter):
-    """Lets through one record per `interval` seconds of those whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str, interval: float = 10.0) -> None:
-        super().__init__()
-        self.prefix, self.interval = prefix, interval
-        self._last = float("-inf")
-        self._skipped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._skipped += 1
-            return False
-        if self._skipped:
-            record.msg = f"{record.msg} (and {self._skipped} more in the last {self.interval:.0f} s)"
-        record.exc_info, record.exc_text = None, None  # the traceback is the same every time
-        self._last, self._skipped = now, 0
-        return True
