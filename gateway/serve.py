@@ -76,11 +76,15 @@ class HttpListener:
         # uvicorn serves no socket of its own (its accept, on uvloop, fails silently: acceptor.py); it is given each
         # connection our acceptor takes, through the protocol factory its own server would have used
         self._task = asyncio.create_task(self._server.serve(sockets=[]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.02)
+        try:
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise RuntimeError("HTTP server stopped during start-up")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            sock.close()  # no acceptor owns it yet
+            raise
         server = self._server
         self._acceptor = Acceptor(sock, partial(BoundedHeadProtocol, config=config, server_state=server.server_state,
                                                 app_state=server.lifespan.state))
