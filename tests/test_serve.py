@@ -365,7 +365,10 @@ def test_out_of_descriptors_http_connections_wait_and_one_line_says_why(tmp_path
         wait_healthy(f"http://127.0.0.1:{port}", proc)
         for _ in range(200):  # more than the gateway can hold open: the rest wait in the listen backlog
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        time.sleep(2)  # the door has met the limit by now
+        deadline = time.monotonic() + 30
+        while len(os.listdir(f"/proc/{proc.pid}/fd")) < 126:  # the door has taken all it can (a few kept spare)
+            assert time.monotonic() < deadline, len(os.listdir(f"/proc/{proc.pid}/fd"))
+            time.sleep(0.1)
 
         def ask() -> None:
             try:
