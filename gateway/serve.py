@@ -21,6 +21,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.core.context import Gateway
+from gateway.core.descriptors import fit_connection_limit
 from gateway.core.ingest.deferred import Renderer
 from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
@@ -56,6 +57,8 @@ class HttpListener:
             http=BoundedHeadProtocol,
         )
         self._server = uvicorn.Server(config)
+        self._read_timeout = s.http_read_timeout
+        self._max_connections = fit_connection_limit(s.http_max_connections, "http_max_connections", log)
         self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() owns the signals
         self._task: asyncio.Task | None = None
         self._acceptor: Acceptor | None = None
@@ -86,11 +89,12 @@ class HttpListener:
             sock.close()  # no acceptor owns it yet
             raise
         server = self._server
-        self._acceptor = Acceptor(sock, partial(BoundedHeadProtocol, config=config, server_state=server.server_state,
-                                                app_state=server.lifespan.state))
+        protocol = partial(BoundedHeadProtocol, config=config, server_state=server.server_state,
+                           app_state=server.lifespan.state, read_timeout=self._read_timeout)
+        self._acceptor = Acceptor(sock, lambda on_closed: protocol(on_closed=on_closed), self._max_connections)
         self._acceptor.start()
         self._port = sock.getsockname()[1]
-        log.info("HTTP listening on http://%s:%s", config.host, self.port)
+        log.info("HTTP listening on http://%s:%s (at most %d connections)", config.host, self.port, self._max_connections)
 
     @property
     def port(self) -> int:

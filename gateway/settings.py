@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API (REST, FHIR, DICOMweb, viewer) listens on.")
     http_port: int = Field(8080, ge=0, le=65535)
+    http_max_connections: int = Field(
+        1000, ge=1,
+        description="Most HTTP connections open at once; further ones wait in the listen backlog until one closes "
+        "(logged). Lowered at start-up if the process's open-file limit could not hold them beside the other doors.",
+    )
+    http_read_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description="Seconds a client may take to send a request head, and may leave a request body without a byte; "
+        "a slower one is answered 408 and closed (nginx's client_header_timeout and client_body_timeout), so idle or "
+        "trickling connections cannot hold the door's connections.",
+    )
     mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
     dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM DIMSE listener port.")
     dicom_host: str | None = Field(

@@ -3,10 +3,12 @@
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -348,36 +350,42 @@ def test_the_dicom_listener_binds_its_own_address(tmp_path):
         assert proc.wait(timeout=30) == 0
 
 
-def test_out_of_descriptors_http_connections_wait_and_one_line_says_why(tmp_path):
-    """Idle connections take every descriptor a 128-file gateway has: the HTTP door pauses accepting and logs it
-    once, and a request made meanwhile waits in the backlog and is answered once descriptors come free (libuv's
-    own accept closed such connections unanswered, and logged nothing: gateway/http/acceptor.py)."""
-    import resource
-    import threading
+def ask_in_background(url: str) -> tuple[threading.Thread, dict[str, object]]:
+    """GET `url` in a thread; the dict gets its status (or the error) once answered."""
+    answer: dict[str, object] = {}
 
+    def ask() -> None:
+        try:
+            answer["status"] = httpx.get(url, timeout=60).status_code
+        except httpx.HTTPError as exc:
+            answer["status"] = repr(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    return asking, answer
+
+
+def test_out_of_descriptors_http_connections_wait_and_one_line_says_why(tmp_path):
+    """Idle connections take every descriptor the gateway has left (its limit lowered while it runs, below what its
+    connection cap was fitted to): the HTTP door pauses accepting and logs it once, and a request made meanwhile
+    waits in the backlog and is answered once descriptors come free (libuv's own accept closed such connections
+    unanswered, and logged nothing: gateway/http/acceptor.py)."""
     env = gateway_env(tmp_path, CLINPHOTO_LISTENERS='["http"]')
-    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     port = int(env["CLINPHOTO_HTTP_PORT"])
     idle: list[socket.socket] = []
-    answer: dict[str, object] = {}
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
-        for _ in range(200):  # more than the gateway can hold open: the rest wait in the listen backlog
+        in_use = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        _soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (in_use + 20, hard))
+        for _ in range(60):  # more than the gateway can now hold open: the rest wait in the listen backlog
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         deadline = time.monotonic() + 30
-        while len(os.listdir(f"/proc/{proc.pid}/fd")) < 126:  # the door has taken all it can (a few kept spare)
+        while len(os.listdir(f"/proc/{proc.pid}/fd")) < in_use + 18:  # the door has taken all it can
             assert time.monotonic() < deadline, len(os.listdir(f"/proc/{proc.pid}/fd"))
             time.sleep(0.1)
-
-        def ask() -> None:
-            try:
-                answer["status"] = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).status_code
-            except httpx.HTTPError as exc:
-                answer["status"] = repr(exc)
-
-        asking = threading.Thread(target=ask)
-        asking.start()
+        asking, answer = ask_in_background(f"http://127.0.0.1:{port}/healthz")
         time.sleep(2)
         assert "status" not in answer, answer  # neither answered nor closed: waiting its turn
         for sock in idle:
@@ -393,4 +401,38 @@ def test_out_of_descriptors_http_connections_wait_and_one_line_says_why(tmp_path
     assert "clinphoto ready: http (event loop: uvloop)" in out  # the loop whose accept this door replaces
     paused = [line for line in out.splitlines() if "HTTP cannot accept connections (Too many open files); pausing 1 s" in line]
     assert 1 <= len(paused) <= 3, out[-3000:]  # rate-limited: one line per 10 s
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_at_its_connection_cap_the_http_door_lets_new_connections_wait_until_idle_ones_time_out(tmp_path):
+    """30 connections that send nothing against a cap of 20: the door holds 20, stops accepting and says so once;
+    a request made meanwhile waits in the backlog, and is answered when the read timeout (2 s) has closed the idle
+    ones, without their client doing anything."""
+    env = gateway_env(tmp_path, CLINPHOTO_LISTENERS='["http"]', CLINPHOTO_HTTP_MAX_CONNECTIONS="20",
+                      CLINPHOTO_HTTP_READ_TIMEOUT="2")
+    proc = subprocess.Popen([*CLI, "serve"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port = int(env["CLINPHOTO_HTTP_PORT"])
+    idle: list[socket.socket] = []
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        time.sleep(0.5)  # wait_healthy's own connection closed
+        for _ in range(30):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        start = time.monotonic()
+        asking, answer = ask_in_background(f"http://127.0.0.1:{port}/healthz")
+        asking.join(30)
+        waited = time.monotonic() - start
+        assert answer.get("status") == 200, answer
+        assert 1.0 < waited < 15, waited  # it waited for the idle ones' timeout, then was served
+        for sock in idle:  # every idle connection was closed by the gateway, none answered
+            assert sock.recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "HTTP listening on" in out and "(at most 20 connections)" in out, out[-3000:]
+    full = [line for line in out.splitlines() if "HTTP connection limit reached (20 open, setting http_max_connections)" in line]
+    assert 1 <= len(full) <= 2, out[-3000:]  # rate-limited: one line per 10 s
     assert "Traceback" not in out, out[-3000:]

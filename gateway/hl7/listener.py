@@ -20,7 +20,6 @@ import errno
 import gc
 import ipaddress
 import logging
-import resource
 import socket
 import ssl
 import time
@@ -28,6 +27,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
+from gateway.core.descriptors import fit_connection_limit
 from gateway.core.logs import RateLimited
 from gateway.hl7.ack import AckError
 from gateway.hl7.committer import GroupCommitter
@@ -45,8 +45,6 @@ MAX_IN_FLIGHT = 256
 # Messages up to this size are read on the event loop: a normal ADT (~1 KB) takes ~50 us, less than a hop to a
 # worker thread. Larger ones go to a worker, so one 300 KB message (37 s once) cannot hold up HTTP or DICOM.
 INLINE_PREPARE_BYTES = 32 * 1024
-# descriptors kept back for the database, blob files, logs, HTTP and DICOM when fitting max_connections
-RESERVED_DESCRIPTORS = 64
 # at the connection cap, a connection this long inside one frame may be closed for a new one (a PAS sends a
 # whole message in milliseconds)
 SLOW_FRAME_SECONDS = 1.0
@@ -191,19 +189,6 @@ class MllpConnection(asyncio.Protocol):
             (self.transport.abort if abort else self.transport.close)()
 
 
-def fit_connection_limit(wanted: int) -> int:
-    """max_connections, lowered when the open-file limit could not hold that many beside everything else."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    room = max(1, (soft - RESERVED_DESCRIPTORS) // 2)  # half of what is left: HTTP and DICOM need theirs
-    if wanted > room:
-        log.warning("hl7.max_connections %d lowered to %d: the open-file limit is %d (raise it with ulimit -n or "
-                    "LimitNOFILE=)", wanted, room, soft)
-        return room
-    return wanted
-
-
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for host:port (every address of a name, as asyncio binds them)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -268,7 +253,7 @@ class MllpListener:
         # collector's scans, which otherwise cost ~15% of the ADT hot path.
         gc.freeze()
         self._ssl = tls_context(self.settings)
-        self.max_connections = fit_connection_limit(self.settings.max_connections)
+        self.max_connections = fit_connection_limit(self.settings.max_connections, "hl7.max_connections", log)
         self._socks = listening_sockets(self.host, self._port)
         self.committer.start()
         for sock in self._socks:

@@ -1,0 +1,136 @@
+"""Slow and idle HTTP clients are timed out (gateway/http/bounded_head.py), on a real socket, both backends.
+
+uvicorn alone waits for ever on a connection that sends nothing, or sends its head or body a byte at a time; each
+such connection holds a descriptor of the limit every door shares. Here the read timeout is 1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from functools import partial
+
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+
+from gateway.app import create_app
+from gateway.http.bounded_head import BoundedHeadProtocol
+from store.models import Asset
+from tests.auth_helpers import auth_headers
+from tests.ingest_helpers import add_patient
+
+READ_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def port(gw):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(gw), log_level="warning", lifespan="off",
+                                           http=partial(BoundedHeadProtocol, read_timeout=READ_TIMEOUT)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def asset_count(gw) -> int:
+    with gw.db.read() as s:
+        return s.scalar(select(func.count()).select_from(Asset))
+
+
+def upload_head(gw, port: int, body_length: int, boundary: str) -> bytes:
+    headers = {**auth_headers(gw), "Content-Type": f"multipart/form-data; boundary={boundary}",
+               "Content-Length": str(body_length), "Host": f"127.0.0.1:{port}"}
+    return ("POST /api/v1/photos HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+def upload_body(patient: dict, photo: bytes, boundary: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n"
+            f"{json.dumps({'patient': 'nhs|' + patient['nhs']})}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"p.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        start = time.monotonic()
+        assert read_all(sock) == b""  # no 408 on a connection that never asked: a browser's unused preconnection
+        assert READ_TIMEOUT * 0.9 <= time.monotonic() - start < READ_TIMEOUT + 4
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_answered_408_at_its_deadline(port):
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        start = time.monotonic()
+        try:
+            for byte in head:  # one byte every 50 ms: each read comes well inside the timeout, the whole head does not
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"Request timeout." in answer
+        assert time.monotonic() - start < READ_TIMEOUT + 4
+
+
+def test_a_stalled_upload_body_is_answered_408_and_leaves_nothing(gw, port, fx):
+    patient = add_patient(gw)
+    boundary = "clinphotoboundary"
+    body = upload_body(patient, fx["baseline_420.jpg"].read_bytes(), boundary)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(upload_head(gw, port, len(body), boundary) + body[: len(body) // 2])  # then nothing more
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    deadline = time.monotonic() + 10
+    while gw.spool.files():  # the route ends on the disconnect and removes what it spooled
+        assert time.monotonic() < deadline, gw.spool.files()
+        time.sleep(0.05)
+    assert asset_count(gw) == 0
+
+
+def test_an_upload_body_that_keeps_coming_slowly_is_not_cut_off(gw, port, fx):
+    """The body's timeout runs from its last byte, not from its first: a slow link is not a stalled one."""
+    patient = add_patient(gw)
+    boundary = "clinphotoboundary"
+    body = upload_body(patient, fx["baseline_420.jpg"].read_bytes(), boundary)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(upload_head(gw, port, len(body), boundary))
+        pieces = 6
+        step = -(-len(body) // pieces)
+        start = time.monotonic()
+        for offset in range(0, len(body), step):  # 6 pieces 0.5 s apart: 2.5 s in all, more than the timeout
+            time.sleep(0.5)
+            sock.sendall(body[offset:offset + step])
+        assert time.monotonic() - start > READ_TIMEOUT * 2
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+    assert asset_count(gw) == 1
+
+
+def test_a_keep_alive_connection_serves_a_second_request_after_the_first(port):
+    """The timers stop with each request: a client that asks twice, promptly, is answered twice."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            time.sleep(READ_TIMEOUT * 1.5)  # longer than the read timeout, shorter than uvicorn's 5 s keep-alive
