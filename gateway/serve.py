@@ -55,6 +55,7 @@ class HttpListener:
             timeout_graceful_shutdown=30,
             # httptools (HTTP parsed in C) with the request head bounded as h11 bounds it: see bounded_head.py
             http=BoundedHeadProtocol,
+            ws="none",  # no door speaks WebSocket: an upgrade would hand the connection to a protocol without our timeouts
         )
         self._server = uvicorn.Server(config)
         self._read_timeout = s.http_read_timeout

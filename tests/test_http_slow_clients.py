@@ -6,10 +6,12 @@ such connection holds a descriptor of the limit every door shares. Here the read
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -23,13 +25,15 @@ from tests.auth_helpers import auth_headers
 from tests.ingest_helpers import add_patient
 
 READ_TIMEOUT = 1.0
+MiB = 1024 * 1024
 
 
-@pytest.fixture
-def port(gw):
+@contextmanager
+def serving(app):
+    """`app` behind the gateway's HTTP protocol with a 1 s read timeout, on a free port; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), log_level="warning", lifespan="off",
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                            http=partial(BoundedHeadProtocol, read_timeout=READ_TIMEOUT)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -37,10 +41,48 @@ def port(gw):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def port(gw):
+    with serving(create_app(gw)) as bound:
+        yield bound
+
+
+async def timing_app(scope, receive, send):
+    """/slow answers after 2.5 s; /wait-then-read waits 2.5 s before it reads the body; /big answers 64 MiB."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path in ("/slow", "/wait-then-read"):
+        await asyncio.sleep(2.5)
+    size = 0
+    if path == "/wait-then-read":
+        while (message := await receive())["type"] == "http.request":
+            size += len(message["body"])
+            if not message.get("more_body"):
+                break
+    body = path.encode() + b" " + str(size).encode()
+    if path == "/big":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(64 * MiB).encode())]})
+        for _ in range(64):
+            await send({"type": "http.response.body", "body": b"z" * MiB, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def timing_port():
+    with serving(timing_app) as bound:
+        yield bound
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -134,3 +176,68 @@ def test_a_keep_alive_connection_serves_a_second_request_after_the_first(port):
             answer = sock.recv(65536)
             assert answer.startswith(b"HTTP/1.1 200 "), answer
             time.sleep(READ_TIMEOUT * 1.5)  # longer than the read timeout, shorter than uvicorn's 5 s keep-alive
+
+
+def test_stray_bytes_after_an_answer_do_not_keep_the_connection_for_ever(port):
+    """A blank line after an answer stops uvicorn's keep-alive timer and begins no request: closed all the same."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"\r\n")
+        start = time.monotonic()
+        assert read_all(sock) == b""
+        assert time.monotonic() - start < READ_TIMEOUT + 4
+
+
+def test_a_body_sent_after_an_early_answer_does_not_keep_the_connection_for_ever(port):
+    """401 before the body is read; the client then sends its body and nothing more: closed after the timeout."""
+    body = b"x" * 5000
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/photos HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        sock.sendall(body)
+        start = time.monotonic()
+        assert read_all(sock) == b""
+        assert time.monotonic() - start < READ_TIMEOUT + 4
+
+
+def test_pipelined_requests_are_answered_in_order_while_a_late_head_waits_behind_them(timing_port):
+    """Two whole requests and the start of a third at once: the first takes 2.5 s, longer than the timeout. The
+    third head's clock does not run while the answers before it are being made, so no 408 is taken for the first
+    request's answer; the third is answered 408 only once it is its turn and it still is not whole."""
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /third HT")
+        answer = read_all(sock)
+    first, second, third = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and first.endswith(b"/slow 0"), answer
+    assert second.startswith(b"200 ") and second.endswith(b"/fast 0"), answer
+    assert third.startswith(b"408 "), answer
+
+
+def test_a_client_waiting_for_100_continue_gets_its_whole_timeout_after_it(timing_port):
+    """The app reads the body 2.5 s after the head: the client, waiting for 100 Continue meanwhile, is not cut off
+    when it then sends its body."""
+    body = b"y" * 1000
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.sendall(b"POST /wait-then-read HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        time.sleep(READ_TIMEOUT / 2)  # a client a little slow to react
+        sock.sendall(body)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"/wait-then-read 1000"), answer
+
+
+def test_a_client_that_reads_none_of_its_answer_is_cut_off(timing_port):
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(READ_TIMEOUT + 2)  # reads nothing: the gateway's write buffer fills and stays full
+        got = 0
+        try:
+            while chunk := sock.recv(MiB):
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert got < 16 * MiB, got  # what sat in the buffers, not the 64 MiB answer

@@ -9,8 +9,8 @@ backlog until descriptors come free, and one line says why (rate-limited).
 
 It also caps the connections open at once (setting http_max_connections, fitted to the open-file limit beside the
 other doors): at the cap it stops accepting, so new connections wait in the backlog, and starts again as soon as one
-closes. Idle and trickling connections are closed by the protocol's read timeout (bounded_head.py), so a cap filled
-by them empties within that time.
+closes. Connections that are idle, trickle a request or read none of their answer are closed by the protocol's
+timeouts (bounded_head.py), so a cap filled by them empties within that time.
 """
 
 from __future__ import annotations

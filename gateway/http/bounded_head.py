@@ -8,12 +8,18 @@ answered 400 and the connection closed. A read that completes the head is not co
 one that ends a request's body and begins the next request's head is counted whole (pipelined requests after a large
 body, which no client here sends, could be refused early).
 
-uvicorn also waits for ever on a connection that sends nothing, or a head or body a byte at a time (only an idle
-keep-alive connection is timed out): each holds a descriptor of the one limit every door shares. As nginx does
-(client_header_timeout, client_body_timeout), a head must be whole within `read_timeout` of its first byte (or of the
-connection, for the first request) and a body may not go `read_timeout` without a byte: a late head is answered 408,
-a connection that never sent a byte is closed without an answer (a browser's unused preconnection), and a stalled body
-ends the request as a client disconnect would (408 when nothing was answered yet).
+uvicorn also waits for ever on a connection that sends nothing, or a head or body a byte at a time, or reads nothing
+of its answer (only a keep-alive connection idle since its last answer is timed out, and stray bytes after that
+answer stop even that timer): each holds a descriptor of the limit every door shares and a place under the HTTP
+door's connection cap. As nginx does (client_header_timeout, client_body_timeout, send_timeout), within
+`read_timeout`:
+- a head must be whole from its first byte (or from the connection, or the last answer's stray bytes): else 408;
+- a connection that never began a request is closed without an answer (a browser's unused preconnection);
+- a body may not go without a byte, nor an answer wait on a client reading none of it: the request ends as a client
+  disconnect would (408 when nothing was answered yet).
+Time in which we hold the client back (reading paused while the app has not taken what came, 100-continue not yet
+sent, an earlier pipelined answer still being made) does not count: the clock starts again when it ends. A body sent
+a byte at a time, each within the timeout, is not cut off (nginx's rule too).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ slow_log = RateLimited(log)
 MAX_HEAD_BYTES = 16 * 1024  # h11's (uvicorn's h11_max_incomplete_event_size): a bearer token and cookies fit
 
 
+# what the connection waits for while its read timer runs: none for a request, or between requests (before the first,
+# or after stray bytes); a request's head; its body
+IDLE, HEAD, BODY = "idle", "head", "body"
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, read_timeout: float = 60.0, on_closed: Callable[[], None] | None = None,
                  **kwargs: Any) -> None:
@@ -42,15 +53,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._read_timeout = read_timeout
         self._on_closed = on_closed
         self._timer: asyncio.TimerHandle | None = None
-        self._waiting_for: str | None = None  # "first request", "head" or "body" while the timer runs
+        self._waiting_for: str | None = None  # IDLE, HEAD or BODY while the read timer runs
         self._last_read = 0.0
+        self._held_back = False  # at the timer's last check we were holding the client back
+        self._send_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._wait("first request")
+        self._wait(IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
         if self._on_closed is not None:
             on_closed, self._on_closed = self._on_closed, None
@@ -60,33 +76,51 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._waiting_for is not None:
             self._last_read = self.loop.time()
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._in_head = False
                 self.send_400_response("Request head too large.")
+                return
+        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
+            # bytes outside any request (a blank line, the rest of a body answered early) stopped uvicorn's
+            # keep-alive timer and began nothing: without this the connection would be held for ever
+            self._wait(IDLE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes = True, 0
-        if self._waiting_for == "first request":
-            self._waiting_for = "head"  # the first request's head is due within read_timeout of the connection
+        if self._waiting_for == IDLE:
+            self._waiting_for = HEAD  # the head is due within read_timeout of the connection or of the stray bytes
         else:
-            self._wait("head")
+            self._wait(HEAD)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
         if not self.transport.is_closing():
-            self._wait("body")  # stopped at once by on_message_complete when there is none
+            self._wait(BODY)  # stopped at once by on_message_complete when there is none
 
     def on_message_complete(self) -> None:
         self._stop_waiting()
         super().on_message_complete()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def _wait(self, what: str) -> None:
         self._stop_waiting()
-        self._waiting_for, self._last_read = what, self.loop.time()
+        self._waiting_for, self._last_read, self._held_back = what, self.loop.time(), False
         self._timer = self.loop.call_later(self._read_timeout, self._timed_out)
 
     def _stop_waiting(self) -> None:
@@ -95,34 +129,60 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._timer = None
         self._waiting_for = None
 
+    def _holding_back(self, what: str) -> bool:
+        """We, not the client, are why nothing comes: reading paused (the app has not taken what came, or an earlier
+        pipelined request is still being answered), or 100-continue not yet sent."""
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            return True
+        return what != BODY and cycle is not None and not cycle.response_complete
+
     def _timed_out(self) -> None:
         self._timer = None
         what = self._waiting_for
         if what is None or self.transport.is_closing():
             return
-        cycle = self.cycle
-        if what == "body":
-            # a body's timeout runs from its last byte, and not while we hold the client back: reading paused
-            # (the app has not taken what came) or 100-continue not yet sent
-            idle = self.loop.time() - self._last_read
-            if idle < self._read_timeout or self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
-                self._timer = self.loop.call_later(max(self._read_timeout - idle, 0.01), self._timed_out)
-                return
+        now = self.loop.time()
+        if self._holding_back(what) or self._held_back:
+            # the client gets a whole read_timeout from when we stop holding it back
+            self._held_back = self._holding_back(what)
+            self._last_read = now
+            self._timer = self.loop.call_later(self._read_timeout, self._timed_out)
+            return
+        if what == BODY and now - self._last_read < self._read_timeout:  # a body's timeout runs from its last byte
+            self._timer = self.loop.call_later(self._read_timeout - (now - self._last_read), self._timed_out)
+            return
         self._waiting_for = None
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-        if what == "first request":
-            log.debug("HTTP connection from %s sent nothing in %.0f s: closed", client, self._read_timeout)
+        if what == IDLE:
+            log.debug("HTTP connection from %s began no request in %.0f s: closed", client, self._read_timeout)
             self.transport.close()
             return
         slow_log.warning("HTTP client %s sent no whole request %s in %.0f s: answered 408 and closed", client,
-                         "body" if what == "body" else "head", self._read_timeout)
-        if what == "body" and cycle is not None:
+                         what, self._read_timeout)
+        cycle = self.cycle
+        if what == BODY and cycle is not None:
             answered = cycle.response_started
-            cycle.disconnected = True  # the app's receive() now gets http.disconnect; its send() writes nothing
-            cycle.message_event.set()
+            self._end_request(cycle)
             if answered:
                 self.transport.close()
                 return
         self.transport.write(b"".join([STATUS_LINE[408], b"content-type: text/plain; charset=utf-8\r\n",
                                        b"content-length: 16\r\nconnection: close\r\n\r\n", b"Request timeout."]))
         self.transport.close()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if not self.flow.write_paused or self.transport.is_closing():
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        slow_log.warning("HTTP client %s read nothing of its answer in %.0f s: closed", client, self._read_timeout)
+        if self.cycle is not None:
+            self._end_request(self.cycle)
+        self.transport.abort()  # close() would wait for the unread answer to drain
+
+    @staticmethod
+    def _end_request(cycle: Any) -> None:
+        """The app's receive() now gets http.disconnect, and its send() writes nothing."""
+        cycle.disconnected = True
+        cycle.message_event.set()
