@@ -29,9 +29,11 @@ MiB = 1024 * 1024
 
 
 @contextmanager
-def serving(app):
+def serving(app, sndbuf: int | None = None):
     """`app` behind the gateway's HTTP protocol with a 1 s read timeout, on a free port; yields the port."""
     sock = socket.socket()
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                            http=partial(BoundedHeadProtocol, read_timeout=READ_TIMEOUT)))
@@ -69,6 +71,11 @@ async def timing_app(scope, receive, send):
             if not message.get("more_body"):
                 break
     body = path.encode() + b" " + str(size).encode()
+    if path == "/sized":  # one write of ?bytes=N
+        size = int(scope["query_string"].decode().partition("=")[2])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]})
+        await send({"type": "http.response.body", "body": b"~" * size})
+        return
     if path == "/big":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(64 * MiB).encode())]})
         for _ in range(64):
@@ -82,6 +89,14 @@ async def timing_app(scope, receive, send):
 @pytest.fixture(scope="module")
 def timing_port():
     with serving(timing_app) as bound:
+        yield bound
+
+
+@pytest.fixture(scope="module")
+def small_buffer_port():
+    """timing_app on a socket whose kernel send buffer is small (accepted sockets inherit it), so an answer of some
+    tens of KiB stays partly in the protocol's own write buffer."""
+    with serving(timing_app, sndbuf=8192) as bound:
         yield bound
 
 
@@ -241,3 +256,53 @@ def test_a_client_that_reads_none_of_its_answer_is_cut_off(timing_port):
         except ConnectionResetError:
             pass
     assert got < 16 * MiB, got  # what sat in the buffers, not the 64 MiB answer
+
+
+def test_a_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it(timing_port):
+    """4 MiB written at once, taken at ~1.3 MB/s: longer than the timeout in all, but never a timeout without progress."""
+    size = 4 * MiB
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /sized?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        start, got = time.monotonic(), b""
+        while chunk := sock.recv(64 * 1024):
+            got += chunk
+            time.sleep(0.05)
+        assert time.monotonic() - start > READ_TIMEOUT * 2
+    assert got.endswith(b"~" * 1000) and got.count(b"~") >= size, len(got)
+
+
+@pytest.mark.parametrize("size", [80_000, 120_000])
+def test_an_answer_left_unsent_at_its_end_does_not_hold_the_connection(small_buffer_port, size):
+    """The whole answer handed to the transport without a pause (less than its high-water mark left over), the
+    client reading nothing: uvloop's close() would wait for ever for the rest to drain; it is aborted instead."""
+    with socket.create_connection(("127.0.0.1", small_buffer_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /sized?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        time.sleep(READ_TIMEOUT + 2)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    assert got.count(b"~") < size, len(got)  # what the kernels held, not the rest
+
+
+def test_a_pipelined_answer_the_client_does_not_read_ends_without_an_error(timing_port, caplog):
+    """The send timeout ends the request being answered, not only the newest one read."""
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(READ_TIMEOUT + 2)
+    time.sleep(0.5)
+    assert "Exception in ASGI application" not in caplog.text, caplog.text[-3000:]
+
+
+def test_a_pipelined_head_too_large_is_refused_after_the_answer_before_it(timing_port):
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nX-Big: " + b"a" * 20_000)
+        answer = read_all(sock)
+    first, second = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and first.endswith(b"/slow 0"), answer[:300]
+    assert second.startswith(b"400 ") and b"Request head too large." in second, answer[:300]

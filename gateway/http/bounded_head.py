@@ -15,8 +15,9 @@ door's connection cap. As nginx does (client_header_timeout, client_body_timeout
 `read_timeout`:
 - a head must be whole from its first byte (or from the connection, or the last answer's stray bytes): else 408;
 - a connection that never began a request is closed without an answer (a browser's unused preconnection);
-- a body may not go without a byte, nor an answer wait on a client reading none of it: the request ends as a client
-  disconnect would (408 when nothing was answered yet).
+- a body may not go without a byte: the request ends as a client disconnect would (408 when nothing was answered);
+- an answer waiting unsent may not go without the client taking some of it (its end too: uvloop's close() waits for
+  it to drain): the connection is aborted and the request ends as a client disconnect would.
 Time in which we hold the client back (reading paused while the app has not taken what came, 100-continue not yet
 sent, an earlier pipelined answer still being made) does not count: the clock starts again when it ends. A body sent
 a byte at a time, each within the timeout, is not cut off (nginx's rule too).
@@ -25,7 +26,10 @@ a byte at a time, each within the timeout, is not cut off (nginx's rule too).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -57,12 +61,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._last_read = 0.0
         self._held_back = False  # at the timer's last check we were holding the client back
         self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent_mark = 0  # bytes unsent when the send timer was set: fewer when it fires is progress
+        self._answering: Any = None  # the request whose answer is being made (self.cycle is the newest one read)
+        self._deferred_400: str | None = None  # a bad next head, answered once the answers before it are made
+        self._lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._wait(IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._stop_waiting()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -73,6 +82,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             on_closed()
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred_400 is not None:  # what follows a bad head is not read
+            return
         if self._waiting_for is not None:
             self._last_read = self.loop.time()
         super().data_received(data)
@@ -107,16 +118,48 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._stop_waiting()
         super().on_message_complete()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._answer_in_flight():
+            # written now it would be taken for the answer still being made to an earlier pipelined request
+            self._deferred_400 = msg
+            self.flow.pause_reading()
+            return
+        super().send_400_response(msg)
+        self._watch_sending()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred_400 is not None and not self.transport.is_closing() and not self._answer_in_flight():
+            msg, self._deferred_400 = self._deferred_400, None
+            super().send_400_response(msg)
+        self._watch_sending()  # an answer whose end is still unsent: close() waits for it to drain
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._watch_sending()
+
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
+        self._watch_sending()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._send_timer is not None:
+        if self._send_timer is not None:  # drained: the client reads
             self._send_timer.cancel()
             self._send_timer = None
+
+    def _answer_in_flight(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _watch_sending(self) -> None:
+        """While bytes wait unsent, the client must take some of them every read_timeout (nginx's send_timeout)."""
+        if self._send_timer is None and not self._lost and self.transport.get_write_buffer_size():
+            self._unsent_mark = self._unsent()
+            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
 
     def _wait(self, what: str) -> None:
         self._stop_waiting()
@@ -163,26 +206,47 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if what == BODY and cycle is not None:
             answered = cycle.response_started
-            self._end_request(cycle)
+            self._end_requests()
             if answered:
                 self.transport.close()
+                self._watch_sending()
                 return
         self.transport.write(b"".join([STATUS_LINE[408], b"content-type: text/plain; charset=utf-8\r\n",
                                        b"content-length: 16\r\nconnection: close\r\n\r\n", b"Request timeout."]))
         self.transport.close()
+        self._watch_sending()
+
+    def _unsent(self) -> int:
+        """Bytes of the answer the client has not taken: in the transport's buffer and in the kernel's send queue.
+        The kernel's counts too: with ~4 MiB queued there (loopback) a client reading 1.3 MB/s left the transport's
+        last 32 KiB unmoved for over a second, as the kernel wakes a writer only once a third of its queue is free."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if unsent and sock is not None and hasattr(termios, "TIOCOUTQ"):
+            try:
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return unsent
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
-        if not self.flow.write_paused or self.transport.is_closing():
+        unsent = self._unsent()
+        if not unsent or self._lost:
+            return
+        if unsent < self._unsent_mark:  # it took some: a slow link, not a stalled client
+            self._unsent_mark = unsent
+            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
-        slow_log.warning("HTTP client %s read nothing of its answer in %.0f s: closed", client, self._read_timeout)
-        if self.cycle is not None:
-            self._end_request(self.cycle)
+        slow_log.warning("HTTP client %s took none of its answer in %.0f s: closed", client, self._read_timeout)
+        self._end_requests()
         self.transport.abort()  # close() would wait for the unread answer to drain
 
-    @staticmethod
-    def _end_request(cycle: Any) -> None:
-        """The app's receive() now gets http.disconnect, and its send() writes nothing."""
-        cycle.disconnected = True
-        cycle.message_event.set()
+    def _end_requests(self) -> None:
+        """Every request of the connection's: the app's receive() now gets http.disconnect, and its send() writes
+        nothing (the one being answered may be older than self.cycle, the newest read, when requests are pipelined)."""
+        queued = [cycle for cycle, _app in self.pipeline]
+        for cycle in {id(c): c for c in (self._answering, self.cycle, *queued) if c is not None}.values():
+            cycle.disconnected = True
+            cycle.message_event.set()
