@@ -74,6 +74,8 @@ def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations
         "  as transient, local limit exceeded (A-ASSOCIATE-RJ, result 2, source 3, reason 2). An association with",
         f"  nothing received for {idle_timeout:g} s after the last answer (CLINPHOTO_DICOM_IDLE_TIMEOUT) is aborted;",
         "  a request being served, however long (a C-MOVE to a slow destination), does not count as idle.",
+        f"  A PDU must arrive whole within {idle_timeout:g} s of its first byte, and a peer must take some of what is",
+        f"  sent to it every {idle_timeout:g} s (a C-GET or C-MOVE destination too); else the connection is closed.",
         "",
         "5 C-STORE SCP",
         "  Objects are filed under the patient PatientID + IssuerOfPatientID name in the patient index (an unknown",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import socketserver
 import threading
 import time
@@ -29,7 +28,7 @@ from gateway.core.identity import (
     peer_allows,
     unserved_permissions,
 )
-from gateway.dicom import commitment, find, retrieve, storage
+from gateway.dicom import commitment, find, retrieve, sockets, storage
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 from gateway.dicom.reactor import EventAssociation, EventRequestHandler
 from gateway.dicom.router import Router
@@ -99,10 +98,6 @@ class DicomListener:
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server is not None else self._port
 
-    def _on_connection(self, event) -> None:
-        # Nagle's algorithm otherwise holds every DIMSE response ~40 ms (see peers-measured.md)
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         request = assoc.requestor.primitive
@@ -148,7 +143,7 @@ class DicomListener:
 
     async def start(self) -> None:
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_connection),
+            sockets.CONNECTION_OPEN,  # Nagle off, kernel timeouts on reads and writes
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, lambda event: storage.on_store(self.gw, event)),

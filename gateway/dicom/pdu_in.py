@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 
 _PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length
 _ITEM_HEADER = struct.Struct(">LB")  # PDV item length, presentation context id
@@ -34,9 +35,10 @@ MAX_PDU_LENGTH = 1024 * 1024
 FIRST_READ = 1 << 20  # bytes made ready for a PDU's body before any has come: the rest as it comes
 
 
-def read_exactly(sock: socket.socket | ssl.SSLSocket, size: int) -> bytearray:
-    """`size` bytes from the socket, blocking until they have all come. The buffer grows (doubling) as bytes arrive,
-    so a length a peer only claims (a header saying 4 GB) costs no memory it has not sent."""
+def read_exactly(sock: socket.socket | ssl.SSLSocket, size: int, deadline: float | None = None) -> bytearray:
+    """`size` bytes from the socket, blocking until they have all come, or ConnectionEnded once `deadline`
+    (time.monotonic()) has passed. The buffer grows (doubling) as bytes arrive, so a length a peer only claims (a
+    header saying 4 GB) costs no memory it has not sent."""
     buffer = bytearray(min(size, FIRST_READ))
     got = 0
     try:
@@ -48,6 +50,8 @@ def read_exactly(sock: socket.socket | ssl.SSLSocket, size: int) -> bytearray:
             if n == 0:
                 raise ConnectionEnded(f"closed after {got} of {size} bytes")
             got += n
+            if deadline is not None and got < size and time.monotonic() > deadline:
+                raise ConnectionEnded(f"{got} of {size} bytes in the time allowed")
     except OSError as exc:  # TimeoutError included
         raise ConnectionEnded(type(exc).__name__) from exc
     return buffer
@@ -57,16 +61,18 @@ class PduTooLong(Exception):
     """A P-DATA-TF longer than the maximum length this side gave in its association negotiation."""
 
 
-def read_pdu(sock: socket.socket | ssl.SSLSocket, max_pdata: int = 0) -> tuple[int, bytearray, bytearray]:
-    """The next PDU: its type, its 6-byte header and its body. `max_pdata`: the longest P-DATA-TF taken (0: any);
-    a longer one raises PduTooLong before its body is read (PS3.8 9.3.1: the peer may send no more)."""
-    header = read_exactly(sock, 6)
+def read_pdu(sock: socket.socket | ssl.SSLSocket, max_pdata: int = 0,
+             deadline: float | None = None) -> tuple[int, bytearray, bytearray]:
+    """The next PDU: its type, its 6-byte header and its body, whole by `deadline` (time.monotonic()). `max_pdata`:
+    the longest P-DATA-TF taken (0: any); a longer one raises PduTooLong before its body is read (PS3.8 9.3.1: the
+    peer may send no more)."""
+    header = read_exactly(sock, 6, deadline)
     pdu_type, _, length = _PDU_HEADER.unpack(header)
     if pdu_type not in PDU_TYPES:
         return pdu_type, header, bytearray()  # the caller refuses it before reading on (as pynetdicom does)
     if pdu_type == P_DATA_TF and 0 < max_pdata < length:
         raise PduTooLong(f"a P-DATA-TF of {length} bytes, over the {max_pdata} agreed")
-    return pdu_type, header, read_exactly(sock, length)
+    return pdu_type, header, read_exactly(sock, length, deadline)
 
 
 def pdata_values(body: bytearray) -> list[tuple[int, memoryview]] | None:

@@ -39,6 +39,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
+from gateway.dicom import sockets
 from gateway.dicom.pdata import LAST_FRAGMENT, FramingDIMSE, framed_of, send_all
 from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, PduTooLong, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
@@ -48,6 +49,8 @@ log = logging.getLogger("clinphoto.dicom")
 
 MAX_REPORTS_AT_ONCE = 4  # N-EVENT-REPORTs one association may have served at once (EventAssociation._serve_request)
 _REPORTS_LOCK = threading.Lock()
+# seconds a killed association waits for its DUL to stop before shutting the connection down under it
+KILL_GRACE = 1.0
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
 # Requests received and not yet taken up by the association's thread, past which the DUL reads nothing more from the
 # peer until one is: TCP then holds the peer back. A peer may have one request outstanding (no asynchronous operations
@@ -158,7 +161,11 @@ class EventDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         try:
-            pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0)
+            # a PDU is whole within the network timeout of its first byte: one trickled a byte at a time, each
+            # within the kernel's read timeout (sockets.py), would hold the DUL without end
+            timeout = self.assoc.network_timeout
+            deadline = time.monotonic() + timeout if timeout else None
+            pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0, deadline)
         except ConnectionEnded as exc:
             log.debug("DICOM connection ended mid-PDU: %s", exc)
             self.event_queue.put("Evt17")
@@ -330,6 +337,10 @@ class EventAssociation(Association):
         DIMSE provider sends its bytes as the data set. pynetdicom's own would look each UID up in a pydicom Dataset
         and write one of two elements to be thrown away: ~0.3 ms a photo traced, between a photo's response and the
         next photo, while the peer waits."""
+        if self.acse.is_aborted() or not self.dul.is_alive():
+            # the connection ended under a C-GET (the peer stopped reading, its sends timed out): each object left
+            # would be queued to a DUL that is gone and wait out the DIMSE timeout (30 s) for its response
+            raise ConnectionError("the association has ended")
         if not isinstance(dataset, EncodedDataSet):
             return super().send_c_store(dataset, msg_id, priority, originator_aet, originator_id)
         if not self.is_established:
@@ -377,7 +388,18 @@ class EventAssociation(Association):
         # now, as when the peer aborts (pynetdicom queues the same), where a local abort (the gateway stopping mid-
         # retrieve) left it waiting out its DIMSE timeout (30 s), the association's thread and the retrieve's with it
         self.dimse.msg_queue.put((None, None))
-        super().kill()
+        # pynetdicom's kill(), but its wait for the DUL bounded: a DUL blocked writing to a peer that reads nothing
+        # (or reading a PDU it never finishes) gets its connection shut down after KILL_GRACE, where the kernel
+        # timeouts (sockets.py) alone would leave it up to the network timeout more
+        self._reactor_checkpoint.set()
+        self._kill, self.is_established, self._is_paused = True, False, True
+        deadline = time.monotonic() + KILL_GRACE
+        cut = False
+        while self.dul.is_alive() and not self.dul.stop_dul():
+            if not cut and time.monotonic() > deadline and self.dul.socket is not None:
+                sockets.cut(self.dul.socket.socket)
+                cut = True
+            time.sleep(0.01)
         cast(FramingDIMSE, self.dimse).discard_partial()  # a C-STORE data set cut off: its spool file
 
     def _run_reactor(self) -> None:

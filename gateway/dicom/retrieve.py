@@ -24,6 +24,7 @@ from gateway.core.identity import Subject, dicom_peers, peer_allows, peer_subjec
 from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Kind, Refused
+from gateway.dicom import sockets
 from gateway.dicom.command import error_comment
 from gateway.dicom.find import BadIdentifier, query_of
 from gateway.dicom.pdata import FramingDIMSE
@@ -230,7 +231,9 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
         return
     # pynetdicom opens the association to the destination itself: its handler hands it to us, for what it accepted
     opened: list[Any] = []
-    yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc))]}
+    # (Nagle off on it, and a destination that stops reading times out: sockets.py)
+    yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc)),
+                                                      sockets.CONNECTION_OPEN]}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
         _refused_service(gw, subject, "move", f" to {destination}")
         yield from _refuse(event, NOT_AUTHORIZED, "this AE may not retrieve here")

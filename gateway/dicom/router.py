@@ -7,7 +7,6 @@ Commitment push model); the destination's N-EVENT-REPORT comes back to the liste
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from gateway.core.identity import Subject, dicom_peers, peer_subject
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.objects.uids import new_uid
 from gateway.core.refusals import Refused
+from gateway.dicom import sockets
 from gateway.dicom.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, commitment_request, on_event_report
 from gateway.dicom.transfer import dataset_for
 from store import audit
@@ -94,16 +94,13 @@ class Router:
         subject = peer_subject(peer, peer.hosts[0])
         # a destination may report its commitment on this association while it is still open
         assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination,
-                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event))])
+                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event)),
+                                                sockets.CONNECTION_OPEN])  # Nagle off; a PACS reading nothing times out
         if not assoc.is_established:
             for item in items:
                 routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")
             return
         try:
-            # Nagle's algorithm otherwise holds each C-STORE request's last segment ~40 ms
-            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sent = [(item, took) for item in items if (took := self._send_one(assoc, subject, destination, item))]
             self._deliver(assoc, destination, sent)
         finally:
