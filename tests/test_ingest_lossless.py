@@ -107,6 +107,18 @@ def test_lossless_sources_decode_to_exactly_the_stored_pixels(gw, fx, tmp_path, 
     assert asset.dicom_size < expect.nbytes  # smaller than the raw pixels
 
 
+def test_a_png_of_noise_that_codes_longer_than_its_pixels_is_stored_exactly(gw, tmp_path):
+    """JPEG-LS codes incompressible pixels longer than they are: CharLS's destination estimate (the raw size) was too
+    small, and the whole `clinphoto import` stopped at such a file ("CharLS error 3")."""
+    png = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (400, 600, 3), dtype=np.uint8)).save(png)
+    asset = store_one(gw, png)
+    assert asset.dicom_transfer_syntax == JPEG_LS_LOSSLESS
+    assert asset.dicom_size > 400 * 600 * 3  # longer than the raw pixels, as noise codes
+    ds = pydicom.dcmread(io.BytesIO(gw.blobs.read_bytes(asset.dicom_sha256)))
+    assert np.array_equal(ds.pixel_array, source_pixels(png))
+
+
 @pytest.fixture
 def client(gw):
     with TestClient(create_app(gw)) as c:

@@ -55,9 +55,12 @@ def _charls() -> ctypes.CDLL | None:
         return None
 
 
+_DESTINATION_TOO_SMALL = 3  # charls_jpegls_errc destination_buffer_too_small
+
+
 def _check(code: int, step: str) -> None:
     if code != 0:
-        raise JpegLsError(f"JPEG-LS encoder failed at {step} (CharLS error {code})")
+        raise JpegLsError(f"JPEG-LS encoder failed at {step} (CharLS error {code})", code)
 
 
 def encode(samples: np.ndarray, width: int, height: int, components: int) -> bytes:
@@ -70,6 +73,18 @@ def encode(samples: np.ndarray, width: int, height: int, components: int) -> byt
 
         return bytes(jpeg_ls.encode_buffer(samples.tobytes(), height, width, components, 8,
                                            interleave_mode=_INTERLEAVE_SAMPLE if components == 3 else None))
+    try:
+        return _encode_into(lib, samples, width, height, components, None)
+    except JpegLsError as exc:
+        if exc.args[1:] != (_DESTINATION_TOO_SMALL,):
+            raise
+    # CharLS's estimate is the raw size: pixels that do not compress (noise: a 3000 x 2000 noise PNG failed) code
+    # longer, at most 4 bytes a sample (ITU-T T.87: LIMIT = 32 bits for 8-bit samples)
+    return _encode_into(lib, samples, width, height, components, samples.size * 4 + 4096)
+
+
+def _encode_into(lib: ctypes.CDLL, samples: np.ndarray, width: int, height: int, components: int, room: int | None) -> bytes:
+    """Encoded into a destination of `room` bytes (None: CharLS's estimate)."""
     encoder = lib.charls_jpegls_encoder_create()
     if not encoder:
         raise MemoryError("JPEG-LS encoder could not be created")
@@ -79,13 +94,15 @@ def encode(samples: np.ndarray, width: int, height: int, components: int) -> byt
         _check(lib.charls_jpegls_encoder_set_near_lossless(encoder, 0), "near-lossless 0")
         _check(lib.charls_jpegls_encoder_set_interleave_mode(encoder, _INTERLEAVE_SAMPLE if components == 3 else _INTERLEAVE_NONE),
                "interleave mode")
-        size = ctypes.c_size_t()
-        _check(lib.charls_jpegls_encoder_get_estimated_destination_size(encoder, ctypes.byref(size)), "destination size")
+        if room is None:
+            estimate = ctypes.c_size_t()
+            _check(lib.charls_jpegls_encoder_get_estimated_destination_size(encoder, ctypes.byref(estimate)), "destination size")
+            room = estimate.value
         # anonymous mapping: only the pages CharLS writes become resident
-        with mmap.mmap(-1, size.value) as destination:
+        with mmap.mmap(-1, room) as destination:
             # the temporary c_char view is released at once (the mapping can close); its address stays valid
             address = ctypes.addressof(ctypes.c_char.from_buffer(destination))
-            _check(lib.charls_jpegls_encoder_set_destination_buffer(encoder, address, size.value), "destination")
+            _check(lib.charls_jpegls_encoder_set_destination_buffer(encoder, address, room), "destination")
             _check(lib.charls_jpegls_encoder_encode_from_buffer(
                 encoder, samples.ctypes.data, samples.size, width * components), "encoding")
             written = ctypes.c_size_t()
