@@ -3,7 +3,9 @@ tests/test_dicom_stalled_peers.py as `python tests/frozen_peer.py MODE PORT [STU
 
 MODE c-get: a C-GET of STUDY with a small receive buffer, frozen at the first P-DATA-TF it receives, so the objects
 the gateway goes on sending fill the sockets' buffers and its sends block;
-MODE half-pdu: an association, then the first 100 bytes of a P-DATA-TF that says it has 1,000, then frozen.
+MODE half-pdu: an association, then the first 100 bytes of a P-DATA-TF that says it has 1,000, then frozen;
+MODE store-scp: a storage SCP (AE DEST) listening on PORT with a small receive buffer, frozen at the first P-DATA-TF
+it receives (a C-MOVE destination that stops reading).
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ def main() -> None:
         identifier.StudyInstanceUID = sys.argv[3]
         for _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             pass
+    elif mode == "store-scp":
+        scp = AE(ae_title="DEST")
+        scp.add_supported_context(VLPhotographicImageStorage, "1.2.840.10008.1.2.4.50")
+        scp.start_server(("127.0.0.1", port), block=False,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, small_receive_buffer), (evt.EVT_DATA_RECV, freeze_at_first_pdata)])
+        print("listening", flush=True)
+        signal.pause()
     else:
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")

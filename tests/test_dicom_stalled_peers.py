@@ -14,15 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source
 from gateway.core.policy.settings import DicomPeer
 from tests import dicom_objects as objects
 from tests.ingest_helpers import add_patient
+from tests.net import free_port
 from tests.test_dicom_association import RunningListener
+from tests.test_dicom_find import archive, many_studies  # noqa: F401 (archive: the fixture)
 
 IDLE_TIMEOUT = 1.0
 PEER = Path(__file__).with_name("frozen_peer.py")
@@ -32,7 +39,8 @@ STUDY = "1.2.826.0.1.77.1"
 @pytest.fixture
 def stalling_gw(gw):
     gw.settings.dicom_idle_timeout = IDLE_TIMEOUT
-    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "get"], sensitivities=["N", "R"])]
+    gw.settings.auth.dicom_peers = [DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "find", "get"],
+                                              sensitivities=["N", "R"])]
     return gw
 
 
@@ -105,13 +113,17 @@ def noise_photo(path: Path, seed: int) -> Path:
     return path
 
 
-def test_a_c_get_peer_that_stops_reading_loses_its_association_and_the_gateway_stops_promptly(stalling_gw, tmp_path):
-    add_patient(stalling_gw)
+def store_noise_study(gw, folder: Path) -> None:
+    add_patient(gw)
     for n in range(2):
-        path = objects.img2dcm(noise_photo(tmp_path / f"noise{n}.jpg", n), tmp_path / f"noise{n}.dcm",
+        path = objects.img2dcm(noise_photo(folder / f"noise{n}.jpg", n), folder / f"noise{n}.dcm",
                                PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS", StudyInstanceUID=STUDY,
                                SeriesInstanceUID=f"{STUDY}.1", SOPInstanceUID=f"{STUDY}.1.{n}")
-        ingest(stalling_gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+        ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+
+
+def test_a_c_get_peer_that_stops_reading_loses_its_association_and_the_gateway_stops_promptly(stalling_gw, tmp_path):
+    store_noise_study(stalling_gw, tmp_path)
     running = RunningListener(stalling_gw)
     with running as port:
         peer = frozen("c-get", port, STUDY)
@@ -124,3 +136,78 @@ def test_a_c_get_peer_that_stops_reading_loses_its_association_and_the_gateway_s
             thaw_and_end(peer)
     assert time.monotonic() - stopping < 10
     assert waited < IDLE_TIMEOUT * 3 + 10
+
+
+def test_a_slow_but_steady_reader_gets_every_c_find_match_though_the_answering_took_longer_than_the_idle_timeout(
+        gw, archive):  # noqa: F811
+    """The handler has queued all its matches long before a slow link has taken them: sending them is not idle, and
+    the association is neither aborted nor cut under them (a review saw 693 of 1,500 matches arrive, and no final)."""
+    gw.settings.dicom_idle_timeout = IDLE_TIMEOUT
+    many_studies(gw, 3000)
+    running = RunningListener(gw)
+    with running as port:
+        # the gateway's kernel send buffer made small (this listener's sockets only), so the matches wait in the
+        # gateway rather than all in the kernel
+        running.listener._server.bind(evt.EVT_CONN_OPEN, lambda event: event.assoc.dul.socket.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+
+        def small_window(event) -> None:
+            event.assoc.dul.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+
+        def slow_link(event) -> None:
+            time.sleep(0.001)  # each PDU taken a little late: steady, never a pause near the idle timeout
+
+        assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO",
+                             evt_handlers=[(evt.EVT_CONN_OPEN, small_window), (evt.EVT_PDU_RECV, slow_link)])
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = objects.NHS_NUMBER
+        query.StudyInstanceUID = query.StudyDate = query.StudyDescription = query.AccessionNumber = ""
+        start = time.monotonic()
+        statuses = [int(status.Status) if status is not None and "Status" in status else None
+                    for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        took = time.monotonic() - start
+        if assoc.is_established:
+            assoc.release()
+    assert statuses.count(0xFF00) == 3002 and statuses[-1] == 0x0000, (len(statuses), statuses[-3:])
+    assert took > IDLE_TIMEOUT * 2, took  # the answering outlasted the idle timeout: what the test is about
+
+
+def test_a_c_move_to_a_destination_that_stops_reading_ends_with_its_failures_counted(stalling_gw, tmp_path):
+    """The destination freezes inside the first object: that C-STORE fails when its send makes no progress for the
+    idle timeout, the next fails at once (it waited out the DIMSE timeout, 30 s, longer than the requestor waits for
+    the final response), and the requestor is told both failed."""
+    store_noise_study(stalling_gw, tmp_path)
+    destination_port = free_port()
+    stalling_gw.settings.auth.dicom_peers = [
+        DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "move"], sensitivities=["N", "R"]),
+        DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=destination_port, allow=["echo"], sensitivities=["N", "R"])]
+    destination = subprocess.Popen([sys.executable, str(PEER), "store-scp", str(destination_port)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        assert destination.stdout is not None and destination.stdout.readline().strip() == b"listening"
+        running = RunningListener(stalling_gw)
+        with running as port:
+            ae = AE(ae_title="VIEWER")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
+            assert assoc.is_established
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = STUDY
+            start = time.monotonic()
+            answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
+                       if status is not None and "Status" in status]
+            took = time.monotonic() - start
+            if assoc.is_established:
+                assoc.release()
+            wait_for_no_association(running.listener, 10)
+    finally:
+        thaw_and_end(destination)
+    final = answers[-1]
+    assert final.Status in (0xA702, 0xB000), hex(final.Status)  # sub-operations failed (out of resources, or warning)
+    assert final.NumberOfFailedSuboperations == 2 and final.NumberOfCompletedSuboperations == 0, final
+    assert took < IDLE_TIMEOUT * 3 + 10, took

@@ -92,7 +92,8 @@ class DicomListener:
         self.ae.maximum_pdu_size = MAX_PDU_LENGTH  # a longer P-DATA-TF ends the association (reactor.py)
         self._server: ThreadedAssociationServer | None = None
         # the routing sender runs beside the listener when routes are configured
-        self.router: Router | None = Router(gw) if gw.settings.routing.routes else None
+        self.router: Router | None = (Router(gw, network_timeout=settings.dicom_idle_timeout) if gw.settings.routing.routes
+                                      else None)
 
     @property
     def port(self) -> int:

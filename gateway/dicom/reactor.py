@@ -49,7 +49,7 @@ log = logging.getLogger("clinphoto.dicom")
 
 MAX_REPORTS_AT_ONCE = 4  # N-EVENT-REPORTs one association may have served at once (EventAssociation._serve_request)
 _REPORTS_LOCK = threading.Lock()
-# seconds a killed association waits for its DUL to stop before shutting the connection down under it
+# seconds a killed association lets its DUL sit in one blocked read or write before shutting the connection down
 KILL_GRACE = 1.0
 IDLE_WAIT = 0.02  # seconds: how late the ARTIM and idle timers may be seen (their timeouts are tens of seconds)
 # Requests received and not yet taken up by the association's thread, past which the DUL reads nothing more from the
@@ -89,6 +89,7 @@ class EventDUL(DULServiceProvider):
         self._idle = False  # waiting in poll (or about to): only then is a wake-up byte needed
         self._read_before_send = False  # the last turn read what was waiting instead of sending: this one sends
         self.to_provider_queue = _WakingQueue(self.wake)
+        self.io_started: float | None = None  # when the read or write the DUL is in began (None: in none)
 
     def wake(self) -> None:
         # a syscall per queued primitive was 4% of a C-FIND's CPU (py-spy): skipped while the DUL is busy, which it
@@ -165,7 +166,11 @@ class EventDUL(DULServiceProvider):
             # within the kernel's read timeout (sockets.py), would hold the DUL without end
             timeout = self.assoc.network_timeout
             deadline = time.monotonic() + timeout if timeout else None
-            pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0, deadline)
+            self.io_started = time.monotonic()
+            try:
+                pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0, deadline)
+            finally:
+                self.io_started = None
         except ConnectionEnded as exc:
             log.debug("DICOM connection ended mid-PDU: %s", exc)
             self.event_queue.put("Evt17")
@@ -228,12 +233,17 @@ class EventDUL(DULServiceProvider):
     def _send(self, pdu: Any) -> None:
         framed = framed_of(pdu)
         if framed is None:
-            super()._send(pdu)
+            self.io_started = time.monotonic()
+            try:
+                super()._send(pdu)
+            finally:
+                self.io_started = None
             return
         sock = self.socket
         if sock is None:
             log.warning("a DIMSE message was to be sent over a closed connection")
             return
+        self.io_started = time.monotonic()
         try:
             # the whole message in as few writes as the kernel takes (gateway/dicom/pdata.py)
             send_all(sock.socket, framed.pieces)
@@ -241,8 +251,12 @@ class EventDUL(DULServiceProvider):
             sock.event_queue.put("Evt17")  # as pynetdicom's send(): the transport connection closed
             return
         finally:
+            self.io_started = None
             if framed.after_send is not None:
                 framed.after_send()
+        # sending is not idle: 1,500 C-FIND matches still going to a slow reader when the request's handler had
+        # finished were cut off at the idle timeout, the final response never sent
+        self._idle_timer.restart()
         evt.trigger(self.assoc, evt.EVT_PDU_SENT, {"pdu": pdu})
 
     def run_reactor(self) -> None:
@@ -388,16 +402,18 @@ class EventAssociation(Association):
         # now, as when the peer aborts (pynetdicom queues the same), where a local abort (the gateway stopping mid-
         # retrieve) left it waiting out its DIMSE timeout (30 s), the association's thread and the retrieve's with it
         self.dimse.msg_queue.put((None, None))
-        # pynetdicom's kill(), but its wait for the DUL bounded: a DUL blocked writing to a peer that reads nothing
-        # (or reading a PDU it never finishes) gets its connection shut down after KILL_GRACE, where the kernel
-        # timeouts (sockets.py) alone would leave it up to the network timeout more
+        # pynetdicom's kill(), but its wait for the DUL bounded: a DUL blocked in one write to a peer that reads
+        # nothing (or one read of a PDU it never finishes) for KILL_GRACE gets its connection shut down under it, where
+        # the kernel timeouts (sockets.py) alone would leave it up to the network timeout more. Only a blocked call:
+        # a DUL merely slow to run (a loaded machine) still sends the A-RELEASE-RP or A-ASSOCIATE-RJ queued before
         self._reactor_checkpoint.set()
         self._kill, self.is_established, self._is_paused = True, False, True
-        deadline = time.monotonic() + KILL_GRACE
+        dul = cast(EventDUL, self.dul)
         cut = False
-        while self.dul.is_alive() and not self.dul.stop_dul():
-            if not cut and time.monotonic() > deadline and self.dul.socket is not None:
-                sockets.cut(self.dul.socket.socket)
+        while dul.is_alive() and not dul.stop_dul():
+            started = dul.io_started
+            if not cut and started is not None and time.monotonic() - started > KILL_GRACE and dul.socket is not None:
+                sockets.cut(dul.socket.socket)
                 cut = True
             time.sleep(0.01)
         cast(FramingDIMSE, self.dimse).discard_partial()  # a C-STORE data set cut off: its spool file

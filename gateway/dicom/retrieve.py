@@ -231,9 +231,9 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
         return
     # pynetdicom opens the association to the destination itself: its handler hands it to us, for what it accepted
     opened: list[Any] = []
-    # (Nagle off on it, and a destination that stops reading times out: sockets.py)
-    yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(e.assoc)),
-                                                      sockets.CONNECTION_OPEN]}
+    # (Nagle off on it; a destination that stops reading times out, and its C-STOREs fail at once: sockets.py)
+    yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(sockets.fails_fast_once_closed(e.assoc))),
+                                                      sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE]}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
         _refused_service(gw, subject, "move", f" to {destination}")
         yield from _refuse(event, NOT_AUTHORIZED, "this AE may not retrieve here")

@@ -41,12 +41,15 @@ class Sent:
 
 
 class Router:
-    def __init__(self, gw: Gateway, poll_seconds: float = 1.0) -> None:
+    def __init__(self, gw: Gateway, poll_seconds: float = 1.0, network_timeout: float = 60.0) -> None:
         self.gw = gw
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ae = AE(ae_title=gw.settings.ae_title)
+        # a destination that stops reading (or answering) is given up after the door's idle timeout, as the
+        # listener's peers are (gateway/dicom/sockets.py), and the item retried later
+        self.ae.network_timeout = network_timeout
         for sop_class in SOP_CLASSES:
             for syntax in TRANSFER_SYNTAXES:  # one context per syntax: the destination accepts the stored one alone
                 self.ae.add_requested_context(sop_class, syntax)
@@ -95,7 +98,8 @@ class Router:
         # a destination may report its commitment on this association while it is still open
         assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination,
                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event)),
-                                                sockets.CONNECTION_OPEN])  # Nagle off; a PACS reading nothing times out
+                                                # Nagle off; a PACS reading nothing times out, its C-STOREs fail at once
+                                                sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE])
         if not assoc.is_established:
             for item in items:
                 routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")

@@ -44,4 +44,29 @@ def on_connection_open(event: Any) -> None:
         guard(transport.socket, assoc.network_timeout)
 
 
+def on_connection_close(event: Any) -> None:
+    """EVT_CONN_CLOSE handler for the associations we open (C-MOVE and routing destinations): a C-STORE waiting for
+    its response is told there will be none, as pynetdicom tells it on the peer's A-ABORT. Without it, a C-STORE sent
+    as the connection ended (its send timed out: the destination stopped reading) still looked established and waited
+    out the DIMSE timeout (30 s), longer than a C-MOVE requestor waits for the final response."""
+    event.assoc.dimse.msg_queue.put((None, None))
+
+
+def fails_fast_once_closed(assoc: Any) -> Any:
+    """`assoc` (one we opened to a C-MOVE destination), its send_c_store() raising at once when the connection has
+    ended: pynetdicom's still saw the association established for a moment after the destination stopped reading,
+    and its next C-STORE waited out the DIMSE timeout (30 s), longer than the C-MOVE requestor waited for the final
+    response (it got none)."""
+    send = assoc.send_c_store
+
+    def send_c_store(*args: Any, **kwargs: Any) -> Any:
+        if assoc.acse.is_aborted() or not assoc.dul.is_alive():
+            raise ConnectionError("the association with the destination has ended")
+        return send(*args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+    return assoc
+
+
 CONNECTION_OPEN = (evt.EVT_CONN_OPEN, on_connection_open)
+CONNECTION_CLOSE = (evt.EVT_CONN_CLOSE, on_connection_close)
