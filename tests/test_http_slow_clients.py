@@ -306,3 +306,39 @@ def test_a_pipelined_head_too_large_is_refused_after_the_answer_before_it(timing
     first, second = answer.split(b"HTTP/1.1 ")[1:]
     assert first.startswith(b"200 ") and first.endswith(b"/slow 0"), answer[:300]
     assert second.startswith(b"400 ") and b"Request head too large." in second, answer[:300]
+
+
+def test_a_bad_chunk_in_a_body_being_read_is_answered_400_at_once_and_leaves_nothing(gw, port):
+    """The app waits for the rest of a body the parser has given up on: it is ended, and the client told why (it was
+    held for ever, its place under the connection cap with it)."""
+    add_patient(gw)
+    head = upload_head(gw, port, 0, "b").replace(b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + b"5\r\n--b\r\n\r\n")
+        time.sleep(0.3)  # the app is reading the body
+        start = time.monotonic()
+        sock.sendall(b"ZZZ\r\n")
+        answer = read_all(sock)
+        assert time.monotonic() - start < READ_TIMEOUT  # at once, not at a timeout
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    deadline = time.monotonic() + 10
+    while gw.spool.files():
+        assert time.monotonic() < deadline, gw.spool.files()
+        time.sleep(0.05)
+    assert asset_count(gw) == 0
+
+
+def test_a_client_taking_its_answer_at_100_kb_a_second_is_not_cut_off(timing_port):
+    """Its TCP window reopens in steps a second or two apart: no progress is seen for more than the read timeout
+    (1 s) at a time now and then, but never for a whole timeout after progress last seen plus a look. 6 s of an
+    8 MiB answer, read at ~100 KB/s, come without the connection being closed."""
+    with socket.create_connection(("127.0.0.1", timing_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /sized?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (8 * MiB))
+        got, start = 0, time.monotonic()
+        while time.monotonic() - start < 6:
+            chunk = sock.recv(16 * 1024)
+            assert chunk, f"closed after {got} bytes, {time.monotonic() - start:.1f} s"
+            got += len(chunk)
+            time.sleep(0.16)  # ~100 KB/s
+    assert got > 300 * 1024, got

@@ -40,6 +40,10 @@ from gateway.core.logs import RateLimited
 log = logging.getLogger("clinphoto.http")
 slow_log = RateLimited(log)
 
+# the send timeout looks this often per read_timeout, and gives up a whole read_timeout after the last progress it
+# saw: a client taking 100 KB/s took it in steps ~1-2 s apart (its TCP window reopening), and one look a second
+# apart at read_timeout 1 s cut it off
+SEND_CHECKS = 4
 MAX_HEAD_BYTES = 16 * 1024  # h11's (uvicorn's h11_max_incomplete_event_size): a bearer token and cookies fit
 
 
@@ -63,7 +67,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._unsent_mark = 0  # bytes unsent when the send timer was set: fewer when it fires is progress
         self._answering: Any = None  # the request whose answer is being made (self.cycle is the newest one read)
-        self._deferred_400: str | None = None  # a bad next head, answered once the answers before it are made
+        self._deferred_400: str | None = None  # bad input after an answer in flight, answered 400 once that is made
+        self._deferred_after: Any = None  # with a queued request's bad body: the request whose answer comes first
+        self._in_body = False  # a request's head complete, its body not yet
+        self._last_progress = 0.0  # when the unsent bytes last went down (the send timer's)
         self._lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -102,7 +109,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._head_bytes = True, 0
+        self._in_head, self._head_bytes, self._in_body = True, 0, False
         if self._waiting_for == IDLE:
             self._waiting_for = HEAD  # the head is due within read_timeout of the connection or of the stray bytes
         else:
@@ -112,9 +119,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = False
         super().on_headers_complete()
         if not self.transport.is_closing():
+            self._in_body = True
             self._wait(BODY)  # stopped at once by on_message_complete when there is none
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._stop_waiting()
         super().on_message_complete()
 
@@ -123,15 +132,36 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
-        if self._answer_in_flight():
+        cycle, answering = self.cycle, self._answering
+        if self._in_body and cycle is not None and (answering is None or answering is cycle):
+            # the body of the request being answered is bad: it ends (its app would wait for the rest for ever),
+            # and the client is told why unless its answer has begun
+            answered = cycle.response_started
+            self._end_requests()
+            if answered:
+                self.transport.close()
+                self._watch_sending()
+                return
+        elif self._answer_in_flight():
             # written now it would be taken for the answer still being made to an earlier pipelined request
             self._deferred_400 = msg
+            if self._in_body:  # a queued request's body: that request is never answered, only the 400 after it
+                self._deferred_after = answering
             self.flow.pause_reading()
             return
         super().send_400_response(msg)
         self._watch_sending()
 
     def on_response_complete(self) -> None:
+        after = self._deferred_after
+        if self._deferred_400 is not None and after is not None and after.response_complete and not self.transport.is_closing():
+            # the request read after this answer's has a bad body: the 400 now, and nothing queued is started
+            msg, self._deferred_400, self._deferred_after = self._deferred_400, None, None
+            self._end_requests()
+            self.pipeline.clear()
+            super().send_400_response(msg)
+            self._watch_sending()
+            return
         super().on_response_complete()
         if self._deferred_400 is not None and not self.transport.is_closing() and not self._answer_in_flight():
             msg, self._deferred_400 = self._deferred_400, None
@@ -151,6 +181,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._send_timer is not None:  # drained: the client reads
             self._send_timer.cancel()
             self._send_timer = None
+        self._watch_sending()  # uvloop resumes with up to 16 bytes still unsent
 
     def _answer_in_flight(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -158,8 +189,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _watch_sending(self) -> None:
         """While bytes wait unsent, the client must take some of them every read_timeout (nginx's send_timeout)."""
         if self._send_timer is None and not self._lost and self.transport.get_write_buffer_size():
-            self._unsent_mark = self._unsent()
-            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
+            self._unsent_mark, self._last_progress = self._unsent(), self.loop.time()
+            self._send_timer = self.loop.call_later(self._read_timeout / SEND_CHECKS, self._send_timed_out)
 
     def _wait(self, what: str) -> None:
         self._stop_waiting()
@@ -234,9 +265,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         unsent = self._unsent()
         if not unsent or self._lost:
             return
+        now = self.loop.time()
         if unsent < self._unsent_mark:  # it took some: a slow link, not a stalled client
-            self._unsent_mark = unsent
-            self._send_timer = self.loop.call_later(self._read_timeout, self._send_timed_out)
+            self._unsent_mark, self._last_progress = unsent, now
+        if now - self._last_progress < self._read_timeout:
+            self._send_timer = self.loop.call_later(self._read_timeout / SEND_CHECKS, self._send_timed_out)
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         slow_log.warning("HTTP client %s took none of its answer in %.0f s: closed", client, self._read_timeout)
