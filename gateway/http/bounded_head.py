@@ -136,11 +136,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._in_body and cycle is not None and (answering is None or answering is cycle):
             # the body of the request being answered is bad: it ends (its app would wait for the rest for ever),
             # and the client is told why unless its answer has begun
-            answered = cycle.response_started
-            self._end_requests()
-            if answered:
-                self.transport.close()
-                self._watch_sending()
+            if self._end_read_request(cycle):
                 return
         elif self._answer_in_flight():
             # written now it would be taken for the answer still being made to an earlier pipelined request
@@ -234,14 +230,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         slow_log.warning("HTTP client %s sent no whole request %s in %.0f s: answered 408 and closed", client,
                          what, self._read_timeout)
-        cycle = self.cycle
-        if what == BODY and cycle is not None:
-            answered = cycle.response_started
-            self._end_requests()
-            if answered:
-                self.transport.close()
-                self._watch_sending()
-                return
+        if what == BODY and self.cycle is not None and self._end_read_request(self.cycle):
+            return
         self.transport.write(b"".join([STATUS_LINE[408], b"content-type: text/plain; charset=utf-8\r\n",
                                        b"content-length: 16\r\nconnection: close\r\n\r\n", b"Request timeout."]))
         self.transport.close()
@@ -275,6 +265,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         slow_log.warning("HTTP client %s took none of its answer in %.0f s: closed", client, self._read_timeout)
         self._end_requests()
         self.transport.abort()  # close() would wait for the unread answer to drain
+
+    def _end_read_request(self, cycle: Any) -> bool:
+        """End the requests, `cycle` (the one being read) with them; True when its answer had begun: the connection
+        is then closed, as no error can follow that answer (the caller writes it otherwise)."""
+        answered = bool(cycle.response_started)
+        self._end_requests()
+        if answered:
+            self.transport.close()
+            self._watch_sending()
+        return answered
 
     def _end_requests(self) -> None:
         """Every request of the connection's: the app's receive() now gets http.disconnect, and its send() writes
