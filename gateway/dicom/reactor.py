@@ -165,8 +165,8 @@ class EventDUL(DULServiceProvider):
             # a PDU is whole within the network timeout of its first byte: one trickled a byte at a time, each
             # within the kernel's read timeout (sockets.py), would hold the DUL without end
             timeout = self.assoc.network_timeout
-            deadline = time.monotonic() + timeout if timeout else None
-            self.io_started = time.monotonic()
+            self.io_started = now = time.monotonic()
+            deadline = now + timeout if timeout else None
             try:
                 pdu_type, header, body = read_pdu(sock.socket, self.assoc.acceptor.maximum_length or 0, deadline)
             finally:
@@ -351,7 +351,7 @@ class EventAssociation(Association):
         DIMSE provider sends its bytes as the data set. pynetdicom's own would look each UID up in a pydicom Dataset
         and write one of two elements to be thrown away: ~0.3 ms a photo traced, between a photo's response and the
         next photo, while the peer waits."""
-        if self.acse.is_aborted() or not self.dul.is_alive():
+        if sockets.connection_ended(self):
             # the connection ended under a C-GET (the peer stopped reading, its sends timed out): each object left
             # would be queued to a DUL that is gone and wait out the DIMSE timeout (30 s) for its response
             raise ConnectionError("the association has ended")

@@ -98,8 +98,9 @@ class Router:
         # a destination may report its commitment on this association while it is still open
         assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination,
                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event)),
-                                                # Nagle off; a PACS reading nothing times out, its C-STOREs fail at once
+                                                # Nagle off; a PACS reading nothing times out
                                                 sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE])
+        assoc = sockets.fails_fast_once_closed(assoc)  # then the items left fail at once, to be retried later
         if not assoc.is_established:
             for item in items:
                 routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")

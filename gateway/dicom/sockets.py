@@ -52,15 +52,20 @@ def on_connection_close(event: Any) -> None:
     event.assoc.dimse.msg_queue.put((None, None))
 
 
+def connection_ended(assoc: Any) -> bool:
+    """The association's connection is gone (aborted by either side, or its DUL stopped), though pynetdicom may still
+    call the association established for a moment: a C-STORE sent now would wait out the DIMSE timeout (30 s)."""
+    return bool(assoc.acse.is_aborted() or not assoc.dul.is_alive())
+
+
 def fails_fast_once_closed(assoc: Any) -> Any:
-    """`assoc` (one we opened to a C-MOVE destination), its send_c_store() raising at once when the connection has
-    ended: pynetdicom's still saw the association established for a moment after the destination stopped reading,
-    and its next C-STORE waited out the DIMSE timeout (30 s), longer than the C-MOVE requestor waited for the final
-    response (it got none)."""
+    """`assoc` (one we opened to a C-MOVE or routing destination), its send_c_store() raising at once when the
+    connection has ended: the next C-STORE after a destination stopped reading waited out the DIMSE timeout, longer
+    than the C-MOVE requestor waited for the final response (it got none)."""
     send = assoc.send_c_store
 
     def send_c_store(*args: Any, **kwargs: Any) -> Any:
-        if assoc.acse.is_aborted() or not assoc.dul.is_alive():
+        if connection_ended(assoc):
             raise ConnectionError("the association with the destination has ended")
         return send(*args, **kwargs)
 
