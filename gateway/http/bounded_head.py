@@ -65,7 +65,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._last_read = 0.0
         self._held_back = False  # at the timer's last check we were holding the client back
         self._send_timer: asyncio.TimerHandle | None = None
-        self._unsent_mark = 0  # bytes unsent when the send timer was set: fewer when it fires is progress
+        self._unsent_mark = 0  # the fewest bytes seen unsent since the send timer was set: fewer later is progress
         self._answering: Any = None  # the request whose answer is being made (self.cycle is the newest one read)
         self._deferred_400: str | None = None  # bad input after an answer in flight, answered 400 once that is made
         self._deferred_after: Any = None  # with a queued request's bad body: the request whose answer comes first
