@@ -33,9 +33,10 @@ import termios
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from gateway.core.logs import RateLimited
+from gateway.http.ignored_upgrade import IgnoresUpgrade
 
 log = logging.getLogger("clinphoto.http")
 slow_log = RateLimited(log)
@@ -52,7 +53,7 @@ MAX_HEAD_BYTES = 16 * 1024  # h11's (uvicorn's h11_max_incomplete_event_size): a
 IDLE, HEAD, BODY = "idle", "head", "body"
 
 
-class BoundedHeadProtocol(HttpToolsProtocol):
+class BoundedHeadProtocol(IgnoresUpgrade):
     def __init__(self, *args: Any, read_timeout: float = 60.0, on_closed: Callable[[], None] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +127,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_body = False
         self._stop_waiting()
         super().on_message_complete()
+
+    def body_resumed(self) -> None:
+        self._in_body = True
+        self._wait(BODY)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._answering = cycle
