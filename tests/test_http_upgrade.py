@@ -1,5 +1,5 @@
-"""A request that asks to upgrade the connection (`Upgrade: h2c`: curl --http2 and Java's HttpClient send it on
-http:// URLs) is answered as the HTTP/1.1 request it also is, with its body (uvicorn gave the app an empty one)."""
+"""A request that asks to upgrade the connection (`Upgrade: h2c`: curl --http2 sends it on http:// URLs, as HTTP/2
+clients may) is answered as the HTTP/1.1 request it also is, with its body (uvicorn gave the app an empty one)."""
 
 from __future__ import annotations
 

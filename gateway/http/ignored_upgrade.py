@@ -3,8 +3,8 @@ also is, body and all, as RFC 9110 7.8 lets a server do.
 
 httptools tells llhttp that a request with an upgrade has no body, and stops parsing at the end of its head; uvicorn
 then gave the app the request with an empty body, dropped the body's bytes, and logged two warnings. `curl --http2`
-on an http:// URL and Java's HttpClient (HTTP/2 by default) send `Upgrade: h2c` with their requests: a FHIR POST or
-an upload from either reached the app empty, and a chunked one waited for a body that never came. Here the body is
+on an http:// URL sends `Upgrade: h2c` with every request, as HTTP/2 clients may: a FHIR POST or an upload from it
+reached the app empty, and a chunked one waited for a body that never came. Here the body is
 read on by a new parser, told the body's framing in a head of its own making, whose callbacks that head does not
 reach the protocol."""
 
