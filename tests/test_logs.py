@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,33 @@ def test_uvicorns_color_message_is_not_a_field(json_lines):
     assert uvicorn_line["message"] == "Uvicorn running on http://127.0.0.1:8080" and "color_message" not in uvicorn_line
     assert {"time", "level", "name", "message"} <= set(uvicorn_line) and "\x1b" not in json.dumps(uvicorn_line)
     assert ours["asset_id"] == "a1"  # other extras are still fields
+
+
+def test_a_librarys_warning_keeps_its_kind_and_place_but_not_its_text():
+    """pydicom's warnings quote the value they refuse (a patient name sent with VR DA, seen from a STOW-RS), and its
+    logger logs it again. In a process of its own: pytest takes Python's warnings for itself."""
+    script = (
+        "from gateway.logs import configure_logging\n"
+        "configure_logging('json', 'INFO')\n"
+        "from pydicom import Dataset\n"
+        "from pydicom.dataelem import DataElement\n"
+        "for _ in range(3):\n"
+        "    Dataset().add(DataElement(0x00100010, 'DA', 'ZZSECRET^' + 'NAME', validation_mode=1))  # 1: WARN\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert "ZZSECRET" not in done.stderr, done.stderr
+    (warning,) = lines  # once a place, as Python's warnings are: not once a value
+    assert warning["name"] == "py.warnings" and warning["level"] == "WARNING", warning
+    assert warning["message"].startswith("UserWarning at ") and "pydicom" in warning["message"], warning
+
+
+def test_an_exceptions_message_is_left_out_at_error_and_its_traceback_kept(json_lines):
+    value = "ZZSECRET^NAME"
+    try:
+        int(value)
+    except ValueError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    (line,) = json_lines()
+    assert "ZZSECRET" not in json.dumps(line), line
+    assert line["message"] == "Exception in ASGI application"
+    assert "test_logs.py" in line["exc_info"] and line["exc_info"].endswith("ValueError (its message is logged at DEBUG only)")
