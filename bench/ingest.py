@@ -61,10 +61,9 @@ def make_photos(folder: Path, n: int) -> list[Path]:
 
 
 def bench_wrap(paths: list[Path], work: Path) -> dict:
-    from gateway.core.ingest import jpeg
     from gateway.core.ingest.config import IngestSettings
     from gateway.core.ingest.prepare import prepare
-    from gateway.core.objects import vlphoto
+    from gateway.core.objects import jpeg, vlphoto
     from gateway.core.objects.uids import new_uid
 
     ours, full, theirs = [], [], []

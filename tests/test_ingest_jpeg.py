@@ -8,7 +8,7 @@ import struct
 import pytest
 from PIL import Image, ImageCms
 
-from gateway.core.ingest import jpeg
+from gateway.core.objects import jpeg
 from tests.ingest_helpers import photo_fixtures
 
 

@@ -18,10 +18,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from gateway.core.ingest import jpeg
 from gateway.core.ingest.metadata import parse_metadata
 from gateway.core.ingest.pipeline import ingest
 from gateway.core.ingest.request import ImageFile
+from gateway.core.objects import jpeg
 from store.models import Asset
 from tests.conftest import require_tool
 from tests.ingest_helpers import UPLOADER, add_patient, capture, photo_fixtures

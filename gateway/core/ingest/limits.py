@@ -13,10 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from gateway.core.ingest import jpeg
 from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, TOO_LARGE, TOO_MANY_PIXELS, IngestRejected
 from gateway.core.ingest.sniff import HEAD_BYTES, sniff
-from gateway.core.objects import part10
+from gateway.core.objects import jpeg, part10
 
 # Our own (configurable) limit is checked from the header first; Pillow's global
 # bomb guard (2 x MAX_IMAGE_PIXELS) stays on as a second line.

@@ -37,13 +37,14 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from gateway.core.ingest import jpeg, limits
+from gateway.core.ingest import limits
 from gateway.core.ingest.config import IngestSettings
 from gateway.core.ingest.digests import sha256_of
 from gateway.core.ingest.errors import CORRUPT, NOT_FAITHFUL, UNSUPPORTED_TYPE, IngestRejected
 from gateway.core.ingest.exif import ExifFacts, read_facts, upright, upright_size
 from gateway.core.ingest.renditions import Renditions, decode_target, from_image
 from gateway.core.ingest.sniff import HEAD_BYTES, sniff
+from gateway.core.objects import jpeg
 from gateway.core.objects.vlphoto import EncapsulatedJpeg, jpeg_ls_lossless
 
 try:  # HEIC/HEIF support registers itself with Pillow

@@ -57,7 +57,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DA, DT, TM
 
-from gateway.core.ingest import jpeg, limits
+from gateway.core.ingest import limits
 from gateway.core.ingest.errors import (
     BAD_METADATA,
     CORRUPT,
@@ -71,7 +71,7 @@ from gateway.core.ingest.prepare import JOIN_LIMIT, preview_source
 from gateway.core.ingest.renditions import Renditions, decode_target, from_image
 from gateway.core.ingest.request import BodySite, Governance, PatientRef, governance, is_sctid
 from gateway.core.ingest_settings import IngestSettings
-from gateway.core.objects import part10
+from gateway.core.objects import jpeg, part10
 from gateway.core.objects.uids import is_valid_uid
 from gateway.core.objects.vlphoto import (
     DERMOSCOPIC_PHOTOGRAPHY_IMAGE,
