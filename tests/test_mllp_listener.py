@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.hl7.config import Hl7Settings
-from gateway.hl7.listener import MllpListener
+from gateway.hl7.listener import MAX_IN_FLIGHT, MllpListener
 from gateway.hl7.mllp import START, FrameTooLarge, MllpDecoder, frame
 from gateway.serve import new_event_loop
 from mapping.message import parse
@@ -95,8 +95,13 @@ def running(db, **settings):
 
 
 class Client:
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10, rcvbuf: int = 0, sndbuf: int = 0) -> None:
+        self.sock = socket.socket()
+        for option, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
+            if size:  # before connect(): the window scale is agreed then
+                self.sock.setsockopt(socket.SOL_SOCKET, option, size)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = MllpDecoder()
         self.pending: list[bytes] = []
@@ -438,3 +443,222 @@ def test_a_locked_database_never_blocks_the_event_loop(db, backend):
             holder.close()
             c.close()
     assert count(db) == 1
+
+
+# -- ACKs a sender does not read: its reading held, never its frame's time --------------------------------------
+
+
+def small_kernel_buffers(listener: MllpListener) -> None:
+    """8 KiB kernel buffers on the gateway's side of the connections accepted from now on (accepted sockets inherit
+    them), so ACKs a sender leaves unread reach the transport's own buffer within tens of KiB, not megabytes."""
+    for sock in listener._socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+
+
+def small_window_client(port: int, timeout: float) -> Client:
+    """A Client whose kernel takes in 4 KiB of ACKs at most while it reads none (and holds 8 KiB unsent)."""
+    return Client(port, timeout, rcvbuf=4096, sndbuf=8192)
+
+
+def wait_for(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def the_connection(listener: MllpListener):
+    wait_for(lambda: len(listener.connections) == 1)
+    return next(iter(listener.connections))
+
+
+class WriteBuffer:
+    """The transport buffer of the listener's one connection, sampled on its loop every 5 ms."""
+
+    def __init__(self) -> None:
+        self.most = 0  # the most bytes it held
+        self.waiting_since: float | None = None  # since when it has held some, without a break
+        self.ended: float | None = None  # when the connection was first seen gone
+
+
+@contextmanager
+def watching(listener: MllpListener):
+    buffer, stop = WriteBuffer(), threading.Event()
+
+    async def sample() -> None:
+        seen = False
+        while not stop.is_set() and buffer.ended is None:
+            now = time.monotonic()
+            for conn in list(listener.connections):
+                seen = True
+                size = conn.transport.get_write_buffer_size() if conn.transport is not None else 0
+                buffer.most = max(buffer.most, size)
+                if not size:
+                    buffer.waiting_since = None
+                elif buffer.waiting_since is None:
+                    buffer.waiting_since = now
+            if seen and not listener.connections:
+                buffer.ended = now
+            await asyncio.sleep(0.005)
+
+    done = asyncio.run_coroutine_threadsafe(sample(), listener.loop)
+    try:
+        yield buffer
+    finally:
+        stop.set()
+        done.result(5)
+
+
+@contextmanager
+def commits_held(listener: MllpListener):
+    """The writer thread waits before each commit until the yielded event is set (set at the end in any case)."""
+    release = threading.Event()
+    commit = listener.committer._commit
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return commit(*args, **kwargs)
+
+    listener.committer._commit = held
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+def wide_ack_adt(cid: str) -> bytes:
+    """An A28 whose ACK is ~830 bytes (MSH-3, -4, -6 and a 190-character MSH-10 echoed, each within its length):
+    200 of them fill the transport's 64 KiB high-water mark and the kernels' buffers, under MAX_IN_FLIGHT."""
+    pad = "X" * 180
+    return (f"MSH|^~\\&|PAS{pad}|RX1{pad}|CLINPHOTO|RX1{pad}|20240301101500||ADT^A28^ADT_A05|{cid:B>190}|P|2.4\r"
+            "EVN|A28|20240301101500\rPID|1||9449305552^^^NHS^NH~M1^^^RX1^MR||SMITH^ANN||19800101|F\r").encode()
+
+
+def test_a_sender_that_reads_none_of_its_acks_is_held_back_then_closed_after_the_idle_timeout(db, caplog):
+    """It sends 12,000 messages and reads nothing: the gateway stops reading from it once its ACKs pass the
+    transport's high-water mark (TCP then holds the sender back), instead of buffering them all (1.2 MB, and
+    without bound); every message read is committed; the sender, held back by us (mid-frame, as a rule), is not
+    taken for a trickler by the frame deadline (0.5 s) but is aborted once it has taken none of its ACKs for the idle
+    timeout (1.5 s)."""
+    caplog.set_level(logging.INFO, logger="clinphoto.hl7.mllp")
+    idle_timeout = 1.5
+    with running(db, idle_timeout=idle_timeout, frame_timeout=0.5) as listener:
+        small_kernel_buffers(listener)
+        data = b"".join(frame(adt(f"N{i}")) for i in range(12_000))
+        c = small_window_client(listener.port, timeout=idle_timeout + 10)
+        with watching(listener) as buffer:
+            sent, error = 0, None
+            try:
+                while sent < len(data):
+                    sent += c.sock.send(data[sent:sent + 16384])
+            except OSError as exc:  # ConnectionResetError when aborted; TimeoutError when never closed
+                error = exc
+                wait_for(lambda: buffer.ended is not None)
+        c.close()
+    assert buffer.most < 512 * 1024, buffer.most  # the high-water mark (64 KiB) and the ACKs of messages in flight
+    assert sent < len(data) and isinstance(error, ConnectionResetError | BrokenPipeError), (sent, error)
+    # from when its ACKs began to wait unread (while it still sent, and we read, at first; then held back)
+    assert buffer.waiting_since is not None and idle_timeout * 0.9 < buffer.ended - buffer.waiting_since < idle_timeout + 5
+    with db.read() as s:
+        stored = set(s.scalars(select(Hl7Message.control_id)))
+    assert stored and stored == {f"N{i}" for i in range(len(stored))}  # every message read, none lost between
+    assert len(stored) == listener.committer.messages
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "none of its ACKs taken in" in lines[0], lines
+
+
+@pytest.mark.parametrize("holding", ["in_flight", "unread_acks"])
+def test_a_sender_we_hold_back_mid_frame_is_not_cut_off_by_the_frame_deadline(db, holding):
+    """Reading from it held 3 s, with a frame begun, against a 1.5 s frame deadline: by MAX_IN_FLIGHT messages
+    unanswered (their commits held), or by ~170 KB of ACKs it has not read yet. Once we read again, it ends the
+    frame and is answered."""
+    frame_timeout = 1.5  # the ~170 KB of ACKs are written 0.07-0.13 s after the frame began (commits of 200)
+    with running(db, frame_timeout=frame_timeout, idle_timeout=60) as listener:
+        small_kernel_buffers(listener)
+        c = small_window_client(listener.port, timeout=30)
+        conn = the_connection(listener)
+        whole = MAX_IN_FLIGHT if holding == "in_flight" else 200
+        make = adt if holding == "in_flight" else wide_ack_adt
+        with commits_held(listener) as release:
+            c.send_raw(b"".join(frame(make(f"H{i}")) for i in range(whole - 1)))
+            wait_for(lambda: conn.in_flight == whole - 1)
+            last = frame(make("LAST"))
+            c.send_raw(frame(make(f"H{whole - 1}")) + last[:40])  # a whole message and a frame begun
+            wait_for(lambda: conn.in_flight == whole and conn.decoder.in_frame)
+            if holding == "unread_acks":
+                release.set()  # their ACKs pass the high-water mark: reading held until the sender takes them
+                wait_for(lambda: conn.transport.get_write_buffer_size() > 64 * 1024)
+            time.sleep(frame_timeout * 2)
+            release.set()
+            acks = [msa(c.recv()) for _ in range(whole)]
+        assert {code for code, _cid in acks} == {"AA"}
+        c.send_raw(last[40:])
+        assert msa(c.recv())[0] == "AA"
+        c.close()
+    assert count(db) == whole + 1
+
+
+def test_a_sender_reading_its_acks_slowly_but_steadily_is_not_cut_off(db):
+    """2,200 messages sent at once, their ACKs read ~40 KB/s (200 bytes every 5 ms): reading from it is held
+    again and again, and it takes longer than twice the idle timeout in all, but never goes an idle timeout
+    without taking some of its ACKs."""
+    idle_timeout = 2.5  # a reader thread held up a whole 1 s under a loaded CI machine would rightly be cut off
+    with running(db, idle_timeout=idle_timeout, frame_timeout=1.0) as listener:
+        small_kernel_buffers(listener)
+        c = small_window_client(listener.port, timeout=30)
+        data = b"".join(frame(adt(f"S{i}")) for i in range(2200))
+        sender = threading.Thread(target=c.sock.sendall, args=(data,), daemon=True)
+        start = time.monotonic()
+        sender.start()
+        acks: list[tuple[str, str]] = []
+        with watching(listener) as buffer:
+            while len(acks) < 2200:
+                while not c.pending:
+                    chunk = c.sock.recv(200)
+                    if not chunk:
+                        raise ConnectionError(f"closed after {len(acks)} ACKs")
+                    c.pending += c.decoder.feed(chunk)[0]
+                    time.sleep(0.005)
+                acks.append(msa(c.pending.pop(0)))
+        took = time.monotonic() - start
+        sender.join(10)
+        c.close()
+    assert acks == [("AA", f"S{i}") for i in range(2200)]
+    assert took > idle_timeout * 2, took
+    assert buffer.most > 64 * 1024  # the gateway had ACKs waiting: it held reading from the sender
+    assert count(db) == 2200
+
+
+def test_stop_does_not_leave_a_sender_that_reads_none_of_its_acks_waiting_for_them_to_drain(db):
+    with running(db, idle_timeout=60) as listener:
+        small_kernel_buffers(listener)
+        c = small_window_client(listener.port, timeout=2)
+        try:
+            c.send_raw(b"".join(frame(adt(f"N{i}")) for i in range(12_000)))
+        except TimeoutError:  # held back: the gateway stopped reading from it
+            pass
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
+    assert not listener.connections  # ended, not left open waiting for its ACKs to drain (uvloop's close() does)
+    c.close()
+
+
+def test_a_sender_that_half_closes_and_reads_none_of_its_acks_is_not_kept_open_for_ever(db, caplog):
+    """300 messages, then EOF: the connection stays open for their ACKs, then closes; ~36 KB of ACKs, under the
+    high-water mark, wait unread, and a plain close() would wait for them for ever."""
+    caplog.set_level(logging.WARNING, logger="clinphoto.hl7.mllp")
+    idle_timeout = 1.0
+    with running(db, idle_timeout=idle_timeout) as listener:
+        small_kernel_buffers(listener)
+        c = small_window_client(listener.port, timeout=10)
+        c.send_raw(b"".join(frame(adt(f"E{i}")) for i in range(300)))
+        c.sock.shutdown(socket.SHUT_WR)
+        conn = the_connection(listener)
+        wait_for(lambda: conn.transport is None or conn.transport.is_closing())  # its ACKs written, then close()
+        closing = time.monotonic()
+        wait_for(lambda: not listener.connections, idle_timeout + 10)
+        assert time.monotonic() - closing < idle_timeout + 5
+        c.close()
+    assert count(db) == 300
+    assert any("none of its ACKs taken" in r.getMessage() for r in caplog.records)

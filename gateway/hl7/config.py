@@ -45,11 +45,16 @@ class Hl7Settings(BaseModel):
     max_repetitions: int = Field(
         100, ge=1, description="Most repetitions of one field (e.g. PID-3 identifiers); more gets AE (102) naming the field."
     )
-    idle_timeout: float = Field(600.0, gt=0, description="Seconds a connection may stay silent before it is closed.")
+    idle_timeout: float = Field(
+        600.0, gt=0,
+        description="Seconds a connection may stay silent before it is closed, and may take none of the ACKs waiting "
+        "for it (reading from it is held meanwhile) before it is aborted.",
+    )
     frame_timeout: float = Field(
         60.0, gt=0,
         description="Seconds a connection may take to send one whole frame (from its first byte, or from stray bytes "
-        "outside a frame); a slower sender is closed, so a connection trickling a byte at a time cannot be held open.",
+        "outside a frame), not counting time the gateway holds it back; a slower sender is closed, so a connection "
+        "trickling a byte at a time cannot be held open.",
     )
     max_connections: int = Field(
         100, ge=1,

@@ -11,17 +11,25 @@ that share the loop; connections are capped, a frame has a deadline, and the
 accept loop is our own, so running out of file descriptors pauses accepting
 instead of spinning (asyncio's accept loop logs each failure and retries
 ~100-fold: 2.3 million log lines in 40 s here).
+
+Reading is held (the sender is then held back by TCP) while MAX_IN_FLIGHT messages are unanswered, and while the
+ACKs written exceed the transport's high-water mark: a sender that reads none of its ACKs would otherwise have them
+buffered here without bound. Time held does not count against the frame deadline; a peer that takes none of the ACKs
+waiting for it within the idle timeout is aborted (close() would wait for ever for them to drain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import gc
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +91,22 @@ class AllowList:
         return any(addr in net for net in self.networks)
 
 
+def unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes written that the peer has not taken: in the transport's buffer and in the kernel's send queue. The
+    kernel's counts too: it wakes a writer only once a third of its queue (up to 4 MiB on loopback) is free, so the
+    transport's buffer alone can stand still under a peer that is reading, slowly (as gateway/http/bounded_head.py).
+    Over TLS the ciphertext in the socket transport's own buffer is not seen: a one-off step of about its high-water
+    mark (64 KiB), where the TLS layer stops writing to it until the peer takes some."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if size and sock is not None and hasattr(termios, "TIOCOUTQ"):
+        try:
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            pass
+    return size
+
+
 class MllpConnection(asyncio.Protocol):
     def __init__(self, listener: MllpListener) -> None:
         self.listener = listener
@@ -96,7 +120,13 @@ class MllpConnection(asyncio.Protocol):
         # messages being read in a worker thread, with the ones behind them, in arrival order
         self.preparing: deque[asyncio.Future] = deque()
         self.closing = False
-        self.paused = False
+        # the two reasons to hold reading, kept apart so that the end of one does not resume what the other holds
+        self.in_flight_held = False  # MAX_IN_FLIGHT messages unanswered
+        self.write_paused = False  # ACKs past the transport's high-water mark (pause_writing)
+        self.held_since: float | None = None  # when reading was held, for either reason
+        self.written = 0  # bytes of ACKs handed to the transport
+        # while ACKs wait in our buffer: the most bytes the peer had taken so far (written - unsent), and when
+        self.send_progress: tuple[int, float] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.listener.starting.discard(self)
@@ -148,9 +178,9 @@ class MllpConnection(asyncio.Protocol):
             future = loop.run_in_executor(listener.workers, listener.prepare, raw, self.peer)
             self.preparing.append(future)
             future.add_done_callback(self._prepared)
-        if self.in_flight >= MAX_IN_FLIGHT and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if self.in_flight >= MAX_IN_FLIGHT and not self.in_flight_held:
+            self.in_flight_held = True
+            self._hold_or_read()
 
     def _prepared(self, _future: asyncio.Future) -> None:
         """Hand the messages read so far to the writer, in the order they arrived."""
@@ -162,12 +192,56 @@ class MllpConnection(asyncio.Protocol):
         self.in_flight -= 1
         self.last_active = time.monotonic()
         if result.ack is not None and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(result.ack))
-        if self.paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+            ack = frame(result.ack)
+            self.written += len(ack)
+            self.transport.write(ack)  # may call pause_writing
+        if self.in_flight_held and self.in_flight < MAX_IN_FLIGHT // 2:
+            self.in_flight_held = False
+            self._hold_or_read()
         if self.closing and self.in_flight == 0:
             self.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._hold_or_read()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._hold_or_read()
+
+    def _hold_or_read(self) -> None:
+        """Hold reading while either reason holds, read again once neither does."""
+        held = self.in_flight_held or self.write_paused
+        transport = self.transport
+        if held == (self.held_since is not None) or transport is None or self.closing:
+            return  # closing: nothing more is read (and after EOF, resume_reading would read the EOF again)
+        now = time.monotonic()
+        if held:
+            self.held_since = now
+            transport.pause_reading()
+            return
+        if self.frame_started is not None and self.held_since is not None:
+            self.frame_started += now - self.held_since  # we held the sender back: not its frame's time
+        self.held_since = None
+        transport.resume_reading()
+
+    def frame_age(self, now: float) -> float | None:
+        """How long the frame now arriving has taken, less the time we have held the sender back; None outside one."""
+        if self.frame_started is None:
+            return None
+        return (now if self.held_since is None else self.held_since) - self.frame_started
+
+    def send_stalled(self, now: float, timeout: float) -> bool:
+        """For `timeout` seconds ACKs have waited in our buffer and the peer has taken none of what we wrote (looked
+        at each sweep)."""
+        if self.transport is None or not self.transport.get_write_buffer_size():
+            self.send_progress = None
+            return False
+        taken = self.written - unsent(self.transport)
+        if self.send_progress is None or taken > self.send_progress[0]:
+            self.send_progress = (taken, now)
+            return False
+        return now - self.send_progress[1] > timeout
 
     def eof_received(self) -> bool | None:
         if self.decoder.pending:
@@ -185,8 +259,12 @@ class MllpConnection(asyncio.Protocol):
 
     def close(self, abort: bool = False) -> None:
         self.closing = True
-        if self.transport is not None and not self.transport.is_closing():
-            (self.transport.abort if abort else self.transport.close)()
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abort()  # also after close(), which waits for the write buffer to drain
+        elif not self.transport.is_closing():
+            self.transport.close()
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
@@ -235,6 +313,7 @@ class MllpListener:
         self._accept_log = RateLimited(log)
         self._timeout_log = RateLimited(log)
         self._evict_log = RateLimited(log)
+        self._stall_log = RateLimited(log)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -292,12 +371,13 @@ class MllpListener:
         """At the cap, close the connection stuck longest inside a frame (slower than SLOW_FRAME_SECONDS), so
         senders trickling bytes cannot keep a prompt PAS out until their frame deadline; False if none is."""
         now = time.monotonic()
-        stuck = [c for c in self.connections if c.frame_started is not None and now - c.frame_started > SLOW_FRAME_SECONDS]
+        ages = {c: c.frame_age(now) or 0.0 for c in self.connections}
+        stuck = [c for c, age in ages.items() if age > SLOW_FRAME_SECONDS]
         if not stuck:
             return False
-        slowest = min(stuck, key=lambda c: c.frame_started or now)
+        slowest = max(stuck, key=ages.__getitem__)
         self._evict_log.warning("MLLP connection limit reached: closed the connection from %s, inside one frame for "
-                                  "%.0f s, to make room", slowest.peer, now - (slowest.frame_started or now))
+                                  "%.0f s, to make room", slowest.peer, ages[slowest])
         self.connections.discard(slowest)
         slowest.close(abort=True)
         return True
@@ -324,11 +404,17 @@ class MllpListener:
         now = time.monotonic()
         s = self.settings
         for conn in list(self.connections):
-            if conn.frame_started is not None and now - conn.frame_started > s.frame_timeout:
+            if (conn.frame_age(now) or 0.0) > s.frame_timeout:
                 self._timeout_log.warning("MLLP connection from %s closed: no whole frame within %.0f s "
                                           "(setting hl7.frame_timeout)", conn.peer, s.frame_timeout)
                 conn.close(abort=True)
-            elif conn.in_flight == 0 and now - conn.last_active > s.idle_timeout:
+            elif conn.send_stalled(now, s.idle_timeout):
+                # also a connection already closing: uvloop's close() waits for the buffer to drain, for ever here
+                self._stall_log.warning("MLLP connection from %s closed: none of its ACKs taken in %.0f s "
+                                        "(setting hl7.idle_timeout)", conn.peer, s.idle_timeout)
+                conn.close(abort=True)
+            elif conn.in_flight == 0 and conn.send_progress is None and now - conn.last_active > s.idle_timeout:
+                # (ACKs still waiting unsent are send_stalled's to time out: a close() would wait on them)
                 log.info("MLLP connection from %s closed after %.0f s idle", conn.peer, s.idle_timeout)
                 conn.close()
         self._schedule_sweep()
@@ -345,8 +431,13 @@ class MllpListener:
         while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
-            conn.close()
-        await asyncio.sleep(0)  # let the transports flush and close
+            conn.close(abort=conn.write_paused)  # its peer is not reading: close() would wait on it for ever
+        # a peer that reads takes the last ACKs (< 64 KiB, the high-water mark) at once; one that does not is aborted
+        deadline = time.monotonic() + 1.0
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close(abort=True)
         await self.loop.run_in_executor(None, self.committer.stop)
         self.workers.shutdown(wait=False)
         log.info("MLLP listener stopped: %d message(s) in %d group commit(s)", self.committer.messages, self.committer.batches)
