@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import gc
 import ipaddress
 import logging
 import socket
 import ssl
-import struct
-import termios
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +34,7 @@ from typing import cast
 
 from gateway.core.descriptors import fit_connection_limit
 from gateway.core.logs import RateLimited
+from gateway.core.unsent import unsent
 from gateway.hl7.ack import AckError
 from gateway.hl7.committer import GroupCommitter
 from gateway.hl7.config import Hl7Settings
@@ -89,22 +87,6 @@ class AllowList:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks)
-
-
-def unsent(transport: asyncio.WriteTransport) -> int:
-    """Bytes written that the peer has not taken: in the transport's buffer and in the kernel's send queue. The
-    kernel's counts too: it wakes a writer only once a third of its queue (up to 4 MiB on loopback) is free, so the
-    transport's buffer alone can stand still under a peer that is reading, slowly (as gateway/http/bounded_head.py).
-    Over TLS the ciphertext in the socket transport's own buffer is not seen: a one-off step of about its high-water
-    mark (64 KiB), where the TLS layer stops writing to it until the peer takes some."""
-    size = transport.get_write_buffer_size()
-    sock = transport.get_extra_info("socket")
-    if size and sock is not None and hasattr(termios, "TIOCOUTQ"):
-        try:
-            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            pass
-    return size
 
 
 class MllpConnection(asyncio.Protocol):
