@@ -27,10 +27,10 @@ JPEG_2000 = "1.2.840.10008.1.2.4.90"
 NHS_NUMBER = "9449305552"  # tests.ingest_helpers.add_patient's default
 
 
-def img2dcm(jpeg: Path, out: Path, **keys: str) -> Path:
-    """dcmtk wraps the JPEG without decoding it: `img2dcm -vlp -k Key=value ... jpeg out`."""
+def img2dcm(jpeg: Path, out: Path, *options: str, **keys: str) -> Path:
+    """dcmtk wraps the JPEG without decoding it: `img2dcm -vlp [options] -k Key=value ... jpeg out`."""
     tool = require_tool("img2dcm", "dcmtk")
-    args = [tool, "-vlp"]
+    args = [tool, "-vlp", *options]
     for key, value in keys.items():
         args += ["-k", f"{key}={value}"]
     subprocess.run(args + [str(jpeg), str(out)], check=True, capture_output=True, timeout=60)

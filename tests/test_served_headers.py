@@ -37,11 +37,11 @@ def test_a_header_is_made_once_per_file_and_patient_module(tmp_path):
 def test_the_cache_keeps_to_its_byte_limit():
     cache = HeaderCache(16 * 100)
     served = [Served(bytes(100), source=Path("x"), offset=0, transfer_syntax="", sop_class_uid="",
-                     sop_instance_uid="", source_size=0) for _ in range(20)]
+                     sop_instance_uid="", source_size=0, tail=()) for _ in range(20)]
     for i, s in enumerate(served):
         cache.put(i, s)
     assert cache.get(0) is None and cache.get(19) is served[19]  # the oldest dropped, 16 headers of 100 bytes kept
     assert sum(cache.get(i) is not None for i in range(20)) == 16
     big = Served(bytes(101), source=Path("x"), offset=0, transfer_syntax="", sop_class_uid="", sop_instance_uid="",
-                 source_size=0)
+                 source_size=0, tail=())
     assert cache.put("big", big) is big and cache.get("big") is None  # over a sixteenth of the limit: not kept

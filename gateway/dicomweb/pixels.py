@@ -17,18 +17,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway.core.access import DicomObject
 from gateway.core.objects import part10
+from gateway.core.objects.served_pixels import served_frame
 
 
 def frame(obj: DicomObject) -> bytes:
-    """The single frame's bytes as stored: the JPEG (JPEG-LS, RLE) codestream of an encapsulated object, its
-    fragments joined; the native pixel bytes of an uncompressed one."""
+    """The single frame's bytes as served: the JPEG (JPEG-LS, RLE) codestream of an encapsulated object, its
+    fragments joined and its JPEG metadata left out; the native pixel bytes of an uncompressed one."""
     path = obj.served.source
-    head = part10.read_head(path)
-    with open(path, "rb") as f:
-        element = part10.pixel_element(f, head)
-        if not element.encapsulated:
-            return part10.read_range(f, element.value_offset, element.value_offset + (element.length or 0))
-        return b"".join(part10.read_range(f, a, b) for a, b in element.fragments)
+    return served_frame(path, part10.read_head(path))
 
 
 def decoded(obj: DicomObject) -> Any:

@@ -135,7 +135,8 @@ async def _retrieve(request: Request, target: Target) -> Response:
     if "*" in accepted or all(o.served.transfer_syntax in accepted for o in objects):
         # every object as stored: its new header, then the rest of the stored file, with a Content-Length
         parts = [SizedPart(f"{DICOM}; transfer-syntax={o.served.transfer_syntax}",
-                           (o.served.header, FileRange(o.served.source, o.served.offset, o.served.source_size))) for o in objects]
+                           (o.served.header, *[p if isinstance(p, bytes) else FileRange(o.served.source, *p) for p in o.served.tail]))
+                 for o in objects]
         return MultipartResponse(parts, boundary, multipart_type(DICOM, boundary))
     return StreamingResponse(multipart(_dicom_parts(objects, accepted), boundary), media_type=multipart_type(DICOM, boundary))
 

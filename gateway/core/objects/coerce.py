@@ -16,7 +16,9 @@ served with the Patient Module the index holds at that moment:
 - the file meta names clinphoto as the implementation that wrote the file; the
   transfer syntax is the stored one;
 - Pixel Data, and anything after it, copied byte for byte from the stored file, in
-  chunks: only the header is ever parsed (gateway/core/objects/part10.py).
+  chunks: only the header is ever parsed (gateway/core/objects/part10.py); but for a
+  JPEG frame's metadata (EXIF with GPS, XMP, comments, a phone's appended previews),
+  which is left out (served_pixels.py).
 
 A non-ASCII value (a name with accents) in an object whose character set cannot hold
 it switches the object to UTF-8 (ISO_IR 192), every text value re-encoded. A digital
@@ -35,7 +37,9 @@ from pathlib import Path
 from pydicom import dcmwrite
 from pydicom.uid import UID
 
-from gateway.core.objects import part10
+from gateway.core.objects import jpeg, part10
+from gateway.core.objects.jpeg import Piece
+from gateway.core.objects.served_pixels import served_tail
 from gateway.core.objects.uids import IMPLEMENTATION_VERSION_NAME, implementation_class_uid
 from gateway.core.objects.vlphoto import PatientInfo, patient_module, patient_values_ascii
 
@@ -49,7 +53,8 @@ _STALE_PATIENT = (0x00100024, 0x00101000)  # IssuerOfPatientIDQualifiersSequence
 
 @dataclass(frozen=True)
 class Served:
-    """A Part 10 object to send: a new header, then the stored file's bytes from `offset` on."""
+    """A Part 10 object to send: a new header, then `tail`: the stored file's bytes from `offset` on, as ranges of
+    it and bytes made here (one range, (offset, source_size), unless a JPEG frame's metadata is left out)."""
 
     header: bytes
     source: Path
@@ -58,20 +63,43 @@ class Served:
     sop_class_uid: str
     sop_instance_uid: str
     source_size: int  # the stored file's length when the header was made (it ends the bytes sent from it)
+    tail: tuple[Piece, ...]
 
     @property
     def size(self) -> int:
-        return len(self.header) + self.source_size - self.offset
+        return len(self.header) + self.tail_size
+
+    @property
+    def tail_size(self) -> int:
+        return sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in self.tail)
+
+    @property
+    def as_stored(self) -> bool:
+        """The stored file's bytes follow the header unchanged."""
+        return self.tail == ((self.offset, self.source_size),)
 
     def chunks(self, size: int = part10.CHUNK) -> Iterator[bytes]:
-        """The whole object: the header, then Pixel Data (and what follows it) as stored."""
+        """The whole object: the header, then Pixel Data (and what follows it) as served."""
         yield self.header
         with open(self.source, "rb") as f:
-            f.seek(self.offset)
-            left = self.source_size - self.offset
-            while left > 0 and (chunk := f.read(min(size, left))):
-                left -= len(chunk)
-                yield chunk
+            for piece in self.tail:
+                if isinstance(piece, bytes):
+                    yield piece
+                    continue
+                f.seek(piece[0])
+                left = piece[1] - piece[0]
+                while left > 0 and (chunk := f.read(min(size, left))):
+                    left -= len(chunk)
+                    yield chunk
+
+    def read_tail(self) -> bytes:
+        """The bytes after the header, in memory (raises part10.Part10Error if the file has shrunk)."""
+        with open(self.source, "rb") as f:
+            pieces = [p if isinstance(p, bytes) else part10.read_range(f, *p) for p in self.tail]
+        tail = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(tail) != self.tail_size:
+            raise part10.Part10Error("the stored file is shorter than when its header was made")
+        return tail
 
     def read(self) -> bytes:
         """The whole object in memory (small objects, tests); prefer chunks()."""
@@ -118,22 +146,26 @@ class HeaderCache:
             return found
 
     def put(self, key: Hashable, served: Served) -> Served:
-        size = len(served.header)
+        size = _cached_bytes(served)
         if size > self.limit // 16:
             return served  # a header this big (a large ICC profile, say) would push out many others
         with self._lock:
             old = self._entries.pop(key, None)
-            self._bytes += size - (len(old.header) if old is not None else 0)
+            self._bytes += size - (_cached_bytes(old) if old is not None else 0)
             self._entries[key] = served
             while self._bytes > self.limit:
                 _, dropped = self._entries.popitem(last=False)
-                self._bytes -= len(dropped.header)
+                self._bytes -= _cached_bytes(dropped)
         return served
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._bytes = 0
+
+
+def _cached_bytes(served: Served) -> int:
+    return len(served.header) + sum(len(p) for p in served.tail if isinstance(p, bytes))
 
 
 HEADERS = HeaderCache(16 << 20)
@@ -159,8 +191,13 @@ def _coerce(path: Path, patient: PatientInfo, laterality: str | None, uid_root: 
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     out = io.BytesIO()
     dcmwrite(out, ds, enforce_file_format=True)
+    offset = head.pixel_offset if head.pixel_offset is not None else head.size
+    try:
+        tail = served_tail(path, head) if head.pixel_offset is not None else ((offset, head.size),)
+    except jpeg.JpegError as exc:
+        raise part10.Part10Error(f"its JPEG frame cannot be read ({exc})") from None
     return Served(
-        header=out.getvalue(), source=path, offset=head.pixel_offset if head.pixel_offset is not None else head.size,
-        transfer_syntax=head.transfer_syntax, sop_class_uid=str(ds.get("SOPClassUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")), source_size=head.size,
+        header=out.getvalue(), source=path, offset=offset, transfer_syntax=head.transfer_syntax,
+        sop_class_uid=str(ds.get("SOPClassUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        source_size=head.size, tail=tail,
     )

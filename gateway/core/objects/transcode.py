@@ -37,6 +37,8 @@ def as_stored(served: Served) -> Dataset:
     size = served.source.stat().st_size
     if served.offset >= size:
         return ds  # no Pixel Data: the header is the whole object
+    if not served.as_stored:
+        return _parsed(served)  # a frame with its metadata left out
     head = part10.Head(dataset=ds, pixel_offset=served.offset, size=size)
     with open(served.source, "rb") as f:
         pixels = part10.pixel_element(f, head)
@@ -77,10 +79,7 @@ def encoded_as_stored(served: Served) -> EncodedDataSet | None:
         return None
     header = memoryview(served.header)
     meta_end = part10.META_START + part10.meta_length(served.header)
-    with open(served.source, "rb") as f:
-        tail = part10.read_range(f, served.offset, served.source_size)
-    if len(tail) != served.source_size - served.offset:
-        raise part10.Part10Error("the stored file is shorter than when its header was made")
+    tail = served.read_tail()
     encoded = EncodedDataSet()
     encoded.SOPClassUID, encoded.SOPInstanceUID = served.sop_class_uid, served.sop_instance_uid
     encoded.file_meta = FileMetaDataset()
