@@ -58,6 +58,7 @@ from gateway.core.ingest.dicom_patients import (
     patient_info,
     placeholder_identifier,
 )
+from gateway.core.ingest.dicom_values import sender_uid
 from gateway.core.ingest.digests import Early, sha1_base64, sha256_of
 from gateway.core.ingest.errors import (
     BAD_METADATA,
@@ -508,6 +509,20 @@ def _check_consent(request: CaptureRequest) -> None:
         raise _consent_refusal(exc) from None
 
 
+def _check_sender_uids(request: CaptureRequest) -> None:
+    """The UIDs a door keeps from its sender for image files, checked as a received object's own are (dicom_values)."""
+    if request.study_uid is not None:
+        sender_uid(request.study_uid, "StudyInstanceUID")
+    if request.series_uid is not None:
+        sender_uid(request.series_uid, "SeriesInstanceUID")
+    for index, item in enumerate(request.items):
+        if isinstance(item, ImageFile) and item.sop_instance_uid is not None:
+            try:
+                sender_uid(item.sop_instance_uid, "SOPInstanceUID")
+            except IngestRejected as exc:
+                raise exc.for_item(index, item.filename) from None
+
+
 def _read_items(gw: Gateway, request: CaptureRequest) -> list[_Item]:
     """Every item with its hash; DICOM objects' headers checked (nothing is decoded)."""
     items: list[_Item] = []
@@ -558,6 +573,7 @@ def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResu
     patient_id: int | None = None
     try:
         _check_consent(request)
+        _check_sender_uids(request)
         items = _read_items(gw, request)
         shas = [e.sha256 for e in items]
         request_hash = _request_hash(request, shas)

@@ -58,6 +58,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DA, DT, TM
 
 from gateway.core.ingest import limits
+from gateway.core.ingest.dicom_values import check_values, sender_uid
 from gateway.core.ingest.errors import (
     BAD_METADATA,
     CORRUPT,
@@ -72,7 +73,6 @@ from gateway.core.ingest.renditions import Renditions, decode_target, from_image
 from gateway.core.ingest.request import BodySite, Governance, PatientRef, governance, is_sctid
 from gateway.core.ingest_settings import IngestSettings
 from gateway.core.objects import jpeg, part10
-from gateway.core.objects.uids import is_valid_uid
 from gateway.core.objects.vlphoto import (
     DERMOSCOPIC_PHOTOGRAPHY_IMAGE,
     SECONDARY_CAPTURE_IMAGE,
@@ -153,10 +153,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    uid = _text(ds, keyword) or ""
-    if not is_valid_uid(uid):
-        raise _invalid(f"{keyword} is missing or not a valid UID ({uid[:70]!r})", keyword)
-    return uid
+    return sender_uid(_text(ds, keyword) or "", keyword)
 
 
 def read(path: Path, settings: IngestSettings, *, check_limits: bool = True, head: part10.Head | None = None) -> Received:
@@ -385,8 +382,9 @@ def described(ds: Dataset, *, strict: bool = False) -> Described:
 def governance_of(ds: Dataset) -> Governance:
     """The governance a DICOM data set gives the photo an image is stored as (STOW-RS: DICOM JSON metadata with JPEG
     or PNG bulk data, IHE Web-based Image Capture): described() strictly, so the object built from the image says what
-    the sender said, or the instance is refused naming the attribute at fault. A laterality with no body site has
-    nowhere to go in the record (it qualifies a site) and is left out."""
+    the sender said, or the instance is refused naming the attribute at fault (an invalid UID or a value over its VR's length too). A
+    laterality with no body site has nowhere to go in the record (it qualifies a site) and is left out."""
+    check_values(ds)
     facts = described(ds, strict=True)
     site = None
     if facts.body_site is not None:
