@@ -312,3 +312,23 @@ def test_a_photo_taken_out_of_the_record_is_gone_only_to_who_could_see_it(gw, ap
     # to a caller the policy hides it from anyway, it is simply not found, like a photo that never existed
     assert outcome(api.get(f"/fhir/Media/{ids[0]}", headers=plastics), 404) == "photo not found"
     assert api.get(f"/fhir/Media/{ids[1]}", headers=derm).status_code == 200
+
+
+def test_numbers_are_ascii_digits_within_int64_or_refused_as_such(gw, api):  # noqa: F811
+    """str.isdigit() took '²' (then int() refused it: a 500), and nothing bounded a number's size: an id past int64
+    overflowed SQLite (a 500), 5,000 digits passed int()'s guard (a 500)."""
+    derm = auth_headers(gw, role="clinician", sub="dr.derm", specialties=["330"])
+    privacy = auth_headers(gw, role="privacy-officer", sub="po.smith")
+    api.get("/fhir/Media", headers=derm)  # one event on the trail at least
+    for value in ("\u00b2", "9" * 5000, "\u0663", " 5"):
+        assert "_count" in outcome(api.get("/fhir/Media", params={"_count": value}, headers=derm), 400)
+        assert "_count" in outcome(api.get("/fhir/AuditEvent", params={"_count": value}, headers=privacy), 400)
+    assert valid(api.get("/fhir/Media", params={"_count": str(2**63 - 1)}, headers=derm).json())["resourceType"] == "Bundle"
+    for seq in ("\u00b2", "9223372036854775808", "9" * 5000, "\u0663"):
+        assert outcome(api.get(f"/fhir/AuditEvent/{seq}", headers=privacy), 404) == "audit event not found"
+        assert "cursor" in outcome(api.get("/fhir/AuditEvent", params={"_cursor": seq}, headers=privacy), 400)
+        # an _id that is no event's matches none (a non-number was ignored, and every event matched)
+        assert valid(api.get("/fhir/AuditEvent", params={"_id": seq}, headers=privacy).json())["total"] == 0
+    assert valid(api.get("/fhir/AuditEvent", params={"_id": "x"}, headers=privacy).json())["total"] == 0
+    # a date in another script's digits is not a FHIR date
+    assert "not a FHIR date" in outcome(api.get("/fhir/Media", params={"created": "\u0662\u0660\u0662\u0664"}, headers=derm), 400)

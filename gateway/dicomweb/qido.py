@@ -18,10 +18,15 @@ from starlette.concurrency import run_in_threadpool
 from gateway.core import access, study_query
 from gateway.core.study_query import Level, Match, StudyQuery
 from gateway.dicomweb.common import CHANNEL, Caller, DicomwebError, answer_format, base_url, data_sets, gw_of, what
+from gateway.http.numbers import INT64_MAX, NotANumber, whole_number
 
 router = APIRouter()
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+# a larger limit (up to int64) is answered with at most MAX_LIMIT matches and the Warning (PS3.18 8.3.4.4); the offset
+# is bounded far past any archive's count of matches: the SQL OFFSET is an int64 on both backends, and one past it
+# was a 500 (SQLite's OverflowError)
+MAX_OFFSET = 1_000_000_000
 MORE_RESULTS = '299 clinphoto "There are additional results that can be requested"'
 # the matching keys and how each feeds the query (PS3.18 8.3.4 as C-FIND's PS3.4 C.2.2.2; see gateway/dicom/find.py MATCHING)
 MATCH_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime",
@@ -52,10 +57,11 @@ def _keyword(name: str) -> str | None:
     return name if tag_for_keyword(name) is not None else None
 
 
-def _int(value: str, name: str, low: int) -> int:
-    if not value.isdigit() or int(value) < low:
-        raise DicomwebError(400, f"{name}={value!r}: must be a whole number >= {low}")
-    return int(value)
+def _int(value: str, name: str, low: int, high: int) -> int:
+    try:
+        return whole_number(value, name, low=low, high=high)
+    except NotANumber as exc:
+        raise DicomwebError(400, str(exc)) from None
 
 
 def _list(value: str) -> list[str]:
@@ -70,9 +76,9 @@ def parse(request: Request, level: Level, fixed: dict[str, str]) -> Search:
     limit, offset = DEFAULT_LIMIT, 0
     for name, value in request.query_params.multi_items():
         if name == "limit":
-            limit = min(_int(value, "limit", 1), MAX_LIMIT)
+            limit = min(_int(value, "limit", 1, INT64_MAX), MAX_LIMIT)
         elif name == "offset":
-            offset = _int(value, "offset", 0)
+            offset = _int(value, "offset", 0, MAX_OFFSET)
         elif name == "includefield":
             for field in _list(value):
                 keyword = "all" if field == "all" else _keyword(field)

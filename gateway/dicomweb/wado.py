@@ -43,6 +43,7 @@ from gateway.dicomweb.media import (
     new_boundary,
     parse_accept,
 )
+from gateway.http.numbers import NotANumber, shown, whole_number
 from gateway.http.security import require_subject
 from store import audit
 
@@ -230,15 +231,26 @@ def frame_choice(ranges: list[MediaRange], stored: str, single: bool = True) -> 
     return None
 
 
+# every instance here is one photo: one frame (the metadata's BulkDataURI names frames/1)
+FRAME_COUNT = 1
+
+
 def _frame_numbers(frames: str) -> list[int]:
-    try:
-        numbers = [int(n) for n in frames.split(",")]
-    except ValueError:
-        raise DicomwebError(400, f"frames {frames!r}: a comma-separated list of frame numbers from 1") from None
-    if not numbers or min(numbers) < 1:
-        raise DicomwebError(400, f"frames {frames!r}: frame numbers start at 1")
-    if max(numbers) > 1:
-        raise DicomwebError(404, f"frame {max(numbers)} does not exist: the instance has 1 frame")
+    """The URL's frame list: numbers from 1, each once (PS3.18's {frames}: "one or more non duplicate frame numbers"),
+    none past the instance's frames. So an answer holds at most the instance's frames: /frames/1,1,... (30,000 of them
+    in a 60 KB URL) was answered with the one frame 30,000 times, 3.66 GB from a 122 KB frame."""
+    numbers: list[int] = []
+    for text in frames.split(","):
+        try:
+            number = whole_number(text, "frame", low=1)
+        except NotANumber:
+            raise DicomwebError(400, f"frames {shown(frames)}: a comma-separated list of frame numbers from 1 "
+                                     f"(digits 0-9), not {shown(text)}") from None
+        if number in numbers:  # a short list: at most FRAME_COUNT numbers are kept
+            raise DicomwebError(400, f"frames {shown(frames)}: frame {number} is asked for more than once; name each frame once")
+        if number > FRAME_COUNT:
+            raise DicomwebError(404, f"frame {number} does not exist: the instance has {FRAME_COUNT} frame")
+        numbers.append(number)
     return numbers
 
 
@@ -292,6 +304,9 @@ class Rendering:
 
 
 RENDER_PARAMS = {"viewport", "quality", "window", "annotation", "iccprofile"}
+# a rendition is fitted into the viewport, never enlarged: past JPEG's largest side (65,535, a 16-bit field of the
+# frame header, ITU T.81 B.2.2) a viewport changes nothing
+MAX_VIEWPORT = 65535
 
 
 def _rendering(request: Request, known: set[str]) -> Rendering:
@@ -302,15 +317,19 @@ def _rendering(request: Request, known: set[str]) -> Rendering:
     viewport = None
     if "viewport" in params:
         parts = params["viewport"].split(",")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise DicomwebError(400, "viewport: give the width and height in pixels, e.g. viewport=512,512")
-        viewport = (int(parts[0]), int(parts[1]))
+        try:
+            if len(parts) != 2:
+                raise NotANumber(f"viewport={shown(params['viewport'])}: must be two whole numbers, width,height")
+            viewport = (whole_number(parts[0], "width", low=1, high=MAX_VIEWPORT),
+                        whole_number(parts[1], "height", low=1, high=MAX_VIEWPORT))
+        except NotANumber as exc:
+            raise DicomwebError(400, f"viewport: give the width and height in pixels, e.g. viewport=512,512 ({exc})") from None
     quality = None
     if "quality" in params:
-        q = params["quality"]
-        if not q.isdigit() or not 1 <= int(q) <= 100:
-            raise DicomwebError(400, "quality: a whole number from 1 to 100")
-        quality = int(q)
+        try:
+            quality = whole_number(params["quality"], "quality", low=1, high=100)
+        except NotANumber as exc:
+            raise DicomwebError(400, str(exc)) from None
     return Rendering(viewport, quality, _window(params.get("window")), _annotation(params.get("annotation")))
 
 

@@ -19,6 +19,7 @@ from gateway.fhir.common import Caller, base_url, fhir_response, gateway_of, que
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.params import count_of, date_range, reference_id, split_or, token
 from gateway.fhir.render import bundle, instant
+from gateway.http.numbers import NotANumber, whole_number
 
 router = APIRouter()
 
@@ -88,13 +89,25 @@ def _values(q: Any, name: str) -> list[str] | None:
     return got or None
 
 
+NO_EVENT = -1  # a sequence number no audit event has (they count up from 1)
+
+
+def _seq(text: str) -> int | None:
+    """An audit event's id (its sequence number, an int64 in the database), or None: no event has that id."""
+    try:
+        return whole_number(text, "id")
+    except NotANumber:
+        return None
+
+
 @router.get("/AuditEvent/{seq}")
 async def read(request: Request, seq: str, subject: Caller) -> JSONResponse:
     gw = gateway_of(request)
     ctx = await run_in_threadpool(audit_views.reader, gw, subject, what(request))
-    if not seq.isdigit():
+    number = _seq(seq)
+    if number is None:
         raise FhirError(404, "audit event not found")
-    _total, views = await run_in_threadpool(lambda: audit_views.search(gw, ctx, AuditCriteria(seq=int(seq)), count=1,
+    _total, views = await run_in_threadpool(lambda: audit_views.search(gw, ctx, AuditCriteria(seq=number), count=1,
                                                                        before_seq=None, query=what(request)))
     if not views:
         raise FhirError(404, "audit event not found")
@@ -110,8 +123,12 @@ async def search(request: Request, subject: Caller) -> JSONResponse:
     patients = _values(q, "patient")
     types = _values(q, "type")
     subtypes = _values(q, "subtype")
-    cursor = q.one("_cursor")
-    if cursor is not None and not cursor.isdigit():
+    id_text = q.one("_id")
+    # an _id that is no event's number matches none (it was ignored, and every event matched)
+    seq = None if id_text is None else NO_EVENT if (n := _seq(id_text)) is None else n
+    cursor_text = q.one("_cursor")
+    cursor = None if cursor_text is None else _seq(cursor_text)
+    if cursor_text is not None and cursor is None:
         raise FhirError(400, "the paging cursor is not one this server gave out")
     criteria = AuditCriteria(
         patient_public_ids=[reference_id(p, "Patient", "patient") for p in patients] if patients else None,
@@ -121,11 +138,11 @@ async def search(request: Request, subject: Caller) -> JSONResponse:
         type_codes=[token(t)[1] for t in types] if types else None,
         subtypes=[token(s)[1] for s in subtypes] if subtypes else None,
         outcomes=_values(q, "outcome"),
-        seq=int(i) if (i := q.one("_id")) and i.isdigit() else None,
+        seq=seq,
     )
     count = count_of(q)
     total, views = await run_in_threadpool(lambda: audit_views.search(
-        gw, ctx, criteria, count=count, before_seq=int(cursor) if cursor else None, query=what(request)))
+        gw, ctx, criteria, count=count, before_seq=cursor, query=what(request)))
     links = {"self": str(request.url)}
     if len(views) == count and views:
         items = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"] + [("_cursor", str(views[-1].event.seq))]

@@ -10,12 +10,14 @@ from datetime import date, datetime, timedelta, timezone
 
 from gateway.core.photo_search import TimeRange
 from gateway.fhir.outcome import FhirError
+from gateway.http.numbers import NotANumber, whole_number
 
 DEFAULT_COUNT, MAX_COUNT = 20, 200
 # the parameters every search takes, whatever the resource
 COMMON = {"_count", "_sort", "_include", "_summary", "_elements", "_format", "_cursor", "_total"}
+# re.ASCII: \d alone also takes other scripts' digits (٢٠٢٤), which int() reads as 2024
 _DATE = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?"
-                   r"(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+                   r"(Z|[+-]\d{2}:\d{2})?)?)?)?$", re.ASCII)
 
 
 @dataclass
@@ -55,9 +57,11 @@ def count_of(q: Query) -> int:
     text = q.one("_count")
     if text is None:
         return DEFAULT_COUNT
-    if not text.isdigit():
-        raise FhirError(400, f"_count must be a whole number, not {text!r}")
-    return max(0, min(int(text), MAX_COUNT))
+    try:
+        # a larger _count (up to int64) is answered with at most MAX_COUNT entries, as FHIR lets a server do
+        return min(whole_number(text, "_count"), MAX_COUNT)
+    except NotANumber as exc:
+        raise FhirError(400, str(exc)) from None
 
 
 def date_range(text: str, name: str) -> TimeRange:
