@@ -38,6 +38,7 @@ from gateway.core.ingest.limits import mib
 from gateway.core.ingest.metadata import json_key, parse_metadata
 from gateway.core.ingest.pipeline import IngestResult, audit_refusal, ingest, uncovered, uploader
 from gateway.core.ingest.request import CaptureRequest, ImageFile, Source
+from gateway.http.boundary import boundary_problem
 from gateway.http.errors import challenge, problem_response
 from gateway.http.security import gateway_of, require_subject
 from store.spool import Spool
@@ -286,6 +287,8 @@ async def upload_photos(request: Request, subject: Subject = Depends(require_sub
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in options:
         return _error(415, "unsupported-media-type", "send multipart/form-data with parts 'files' and 'metadata'")
+    if problem := boundary_problem(options[b"boundary"]):
+        return _error(400, "bad-request", f"multipart/form-data: {problem}")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_files * settings.max_bytes + MAX_METADATA_BYTES * 4:
         return _error(413, errors.TOO_LARGE, f"request too large: at most {settings.max_files} files of {mib(settings.max_bytes)}")

@@ -28,6 +28,7 @@ from gateway.dicomweb.media import DICOM, DICOM_JSON, MULTIPART, content_type_pa
 from gateway.dicomweb.multipart_in import BadMultipart, PartsReceiver, ReceivedPart, TooManyParts
 from gateway.dicomweb.stow_json import MAX_INSTANCES, MAX_JSON_PART
 from gateway.dicomweb.stow_outcome import CANNOT_UNDERSTAND, DOES_NOT_MATCH, Outcome, ingest_one, response
+from gateway.http.boundary import boundary_problem
 
 log = logging.getLogger("clinphoto.dicomweb")
 router = APIRouter()
@@ -128,9 +129,9 @@ async def _store(request: Request, subject: Caller, study: str | None) -> Respon
     if media != MULTIPART or part_type not in (DICOM, DICOM_JSON):
         raise DicomwebError(415, f'STOW-RS takes {MULTIPART}; type="{DICOM}" (Part 10 objects) or type="{DICOM_JSON}" '
                                  "(DICOM JSON metadata with image/jpeg or image/png bulk data)")
-    boundary = params.get("boundary")
-    if not boundary:
-        raise DicomwebError(400, f"the Content-Type {MULTIPART} has no boundary parameter")
+    boundary = params.get("boundary") or ""
+    if problem := boundary_problem(boundary):
+        raise DicomwebError(400, f"{MULTIPART}: {problem}")
     try:
         source = await run_in_threadpool(uploader, gw, subject, Channel.STOW)
     except IngestRejected as exc:  # audited by the core
