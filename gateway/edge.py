@@ -8,6 +8,11 @@ token check included: a 300 MB chunked body to POST /api/v1/consents without a t
 148 MB to 1 GB, with a token to 4.5 GB (pydantic's parse). The doors that stream a body to the spool as it comes
 (photo upload, STOW-RS) bound it themselves and are let through; every other body is cut off at its limit, as it
 arrives (chunked ones too), and answered 413.
+
+Whatever a door answers before it has read its whole body (a 401, 403, 406, 413 or 415 at once, a 400 part way), the
+connection ends with the answer when more is left unread than DRAIN_MAX (see there): uvicorn would read the rest and
+throw it away on the event loop, and an unauthenticated POST /dicomweb/studies declaring 50 GB was answered 401 and
+then sent ~35 GB in 8 s.
 """
 
 from __future__ import annotations
@@ -44,19 +49,48 @@ def body_limit(method: str, path: str) -> int | None:
     return MAX_BODY
 
 
-# After a 413, uvicorn reads the rest of the body and throws it away, on the event loop the other HTTP doors share (25
-# GB in 10 s of a declared 100 GB). Past this much, or when no length is declared, the connection ends with the 413
-# instead. Not always: a client that writes its whole body before it reads (Python's http.client, so requests and
-# urllib3) then meets a reset, not the 413 (5 of 5 with 16 MiB bodies over a 1 MiB limit).
+# After an answer sent before the body was read (a 413, a 401), uvicorn reads the rest of the body and throws it away,
+# on the event loop the other HTTP doors share (25 GB in 10 s of a declared 100 GB). Past this much left unread, or
+# when no length is declared, the connection ends with the answer instead (closing_unread). Not always: a client that
+# writes its whole body before it reads (Python's http.client, so requests and urllib3) then meets a reset, not the
+# answer (5 of 5 with 16 MiB bodies over a 1 MiB limit).
 DRAIN_MAX = 128 * 1024 * 1024
 
 
-def _too_large(path: str, limit: int, close: bool) -> JSONResponse:
+def _too_large(path: str, limit: int) -> JSONResponse:
     text = f"the request body is over {limit // (1024 * 1024)} MiB, the most this endpoint takes"
-    headers = {"Connection": "close"} if close else None
     if path.startswith("/fhir"):
-        return JSONResponse(operation_outcome([("error", "too-long", text)]), 413, headers, media_type=FHIR_JSON)
-    return JSONResponse({"error": "too-large", "message": text, "detail": text}, 413, headers)
+        return JSONResponse(operation_outcome([("error", "too-long", text)]), 413, media_type=FHIR_JSON)
+    return JSONResponse({"error": "too-large", "message": text, "detail": text}, 413)
+
+
+def closing_unread(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """receive and send for the app, such that an answer begun while more than DRAIN_MAX of the body is unread (or a
+    chunked body has not ended) says Connection: close, which makes uvicorn end the connection once it is sent instead
+    of reading on. Every door's early answer is covered this way, not a list of paths."""
+    headers = dict(scope["headers"])
+    declared = headers.get(b"content-length")
+    if b"transfer-encoding" not in headers and (declared is None or declared == b"0"):
+        return receive, send  # no body (a GET, most requests)
+    length = int(declared) if declared is not None and declared.isdigit() and b"transfer-encoding" not in headers else None
+    received, ended = 0, False
+
+    async def counting_receive() -> Message:
+        nonlocal received, ended
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            ended = not message.get("more_body", False)
+        else:
+            ended = True  # the client went: nothing more to read
+        return message
+
+    async def closing_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and not ended and (length is None or length - received > DRAIN_MAX):
+            MutableHeaders(scope=message)["Connection"] = "close"
+        await send(message)
+
+    return counting_receive, closing_send
 
 
 class Edge:
@@ -67,6 +101,7 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        receive, send = closing_unread(scope, receive, send)
         path: str = scope["path"]
         # PostgreSQL text cannot hold NUL: refused here for every door, with a message that says so
         if "\x00" in path or b"\x00" in unquote_to_bytes(scope.get("query_string", b"").decode("latin-1")):
@@ -98,11 +133,10 @@ class Edge:
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """The app, its body cut off at `limit`: a declared longer one is refused before the app runs; one that grows
         past it (chunked, or longer than declared) raises BodyTooLarge in the app's read, whatever the app then sends
-        is held back, and the 413 goes instead (see DRAIN_MAX for when the connection ends with it)."""
+        is held back, and the 413 goes instead (closing_unread ends the connection with it when much is left unread)."""
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        close = not declared.isdigit() or int(declared) > DRAIN_MAX
         if declared.isdigit() and int(declared) > limit:
-            await _too_large(scope["path"], limit, close)(scope, receive, send)
+            await _too_large(scope["path"], limit)(scope, receive, send)
             return
         received = 0
         cut_off = False
@@ -132,4 +166,4 @@ class Edge:
             if not cut_off or started:
                 raise
         if cut_off and not started:
-            await _too_large(scope["path"], limit, close)(scope, receive, send)
+            await _too_large(scope["path"], limit)(scope, receive, send)

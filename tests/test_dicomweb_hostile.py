@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 
 from gateway.http.numbers import NotANumber, whole_number
+from tests.auth_helpers import auth_headers
 from tests.test_dicom_find import archive  # noqa: F401 (the fixture)
 from tests.test_dicomweb import mi, parts, web  # noqa: F401 (the fixture)
+from tests.test_http_body_limits import PUSH_MAX, refused_then_pushed
 
 SUPERSCRIPT_TWO = "\u00b2"  # '²': str.isdigit() says True, int() refuses it
 ARABIC_THREE = "\u0663"  # '٣': int() reads it as 3
@@ -76,3 +78,21 @@ def test_a_stow_boundary_longer_than_rfc_2046_allows_is_400_saying_so(gw, web): 
             **mi(gw), "Accept": "application/dicom+json", "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
         assert r.status_code == 400 and words in r.json()["detail"], r.text
     assert gw.spool.files() == []
+
+
+def test_stow_refused_before_its_body_is_read_ends_the_connection(gw, web):  # noqa: F811
+    """An unauthenticated client declaring 50 GB was answered 401 and then pushed ~35 GB in 8 s, all read on the event
+    loop: the edge's rule for other paths did not cover /dicomweb/studies. Each early refusal now says Connection:
+    close and the server reads no more than its socket buffers hold (the client's writes fail long before 64 MiB)."""
+    stow_type = 'multipart/related; type="application/dicom"; boundary=b'
+    ok = {"Accept": "application/dicom+json", "Content-Type": stow_type}
+    viewer = auth_headers(gw, role="privacy-officer", sub="po.smith")  # may not upload
+    many = 50 * 1024**3
+    for url in ("/dicomweb/studies", "/dicomweb/studies/1.2.3"):
+        for headers, status in (({**ok}, 401), ({**viewer, **ok}, 403), ({**mi(gw), **ok, "Accept": "text/html"}, 406),
+                                ({**mi(gw), **ok, "Content-Type": "application/dicom"}, 415),
+                                ({**mi(gw), **ok, "Content-Type": stow_type.replace("=b", "=" + "b" * 300)}, 400),
+                                ({**mi(gw), **ok}, 413)):
+            got, head, pushed = refused_then_pushed(web, "POST", url, headers, many)
+            assert pushed < PUSH_MAX, (url, status, pushed)
+            assert got == status and b"connection: close" in head, (url, status, head)

@@ -52,6 +52,58 @@ def declared_only(client, method: str, path: str, headers: dict[str, str], lengt
     return int(answer.split(b" ", 2)[1]), answer
 
 
+PUSH_MAX = 64 * MiB  # what a refused client may push before the server has closed: a few socket buffers, not this
+
+
+def refused_then_pushed(client, method: str, path: str, headers: dict[str, str], length: int) -> tuple[int, bytes, int]:
+    """A request declaring `length` body bytes: its answer read first (sent before any of the body), then the body
+    pushed in 1 MiB writes until the server ends the connection. The status, the answer's head, the bytes pushed
+    (PUSH_MAX when the server was still reading them all)."""
+    url = client.base_url
+    head = f"{method} {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Length: {length}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            got = sock.recv(65536)
+            assert got, f"{path}: closed without an answer"
+            answer += got
+        pushed, chunk = 0, b"x" * MiB
+        try:
+            while pushed < PUSH_MAX:
+                sock.sendall(chunk)
+                pushed += len(chunk)
+        except OSError:  # reset or broken pipe: the server closed the connection
+            pass
+    return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[0].lower(), pushed
+
+
+def test_an_answer_sent_before_the_body_ends_the_connection_when_much_is_left(gw, api):  # noqa: F811
+    """An unauthenticated POST /dicomweb/studies declaring 50 GB was answered 401, then sent ~35 GB in 8 s, every byte
+    read on the event loop: the streamed doors (and every other) refuse early, and uvicorn read on. Now the answer
+    says Connection: close and the server reads no more than its socket buffers hold."""
+    from gateway.edge import DRAIN_MAX
+
+    bearer = auth_headers(gw)
+    many = 50 * 1024**3
+    for method, path, headers, status in (
+            ("POST", "/api/v1/photos", {"Content-Type": "multipart/form-data; boundary=b"}, 401),
+            ("POST", "/api/v1/photos", {**bearer, "Content-Type": "text/plain"}, 415),
+            ("POST", "/api/v1/photos", {**bearer, "Content-Type": "multipart/form-data; boundary=b"}, 413),
+            ("POST", "/fhir/Media", {"Content-Type": "application/fhir+json"}, 413),
+            ("POST", "/api/v1/consents", {"Content-Type": "application/json"}, 413),
+            ("PUT", "/api/v1/photos", {"Content-Type": "application/json"}, 413)):
+        got, head, pushed = refused_then_pushed(api, method, path, headers, many)
+        assert pushed < PUSH_MAX, (path, pushed)
+        assert got == status and b"connection: close" in head, (path, head)
+    # a body of a declared length up to DRAIN_MAX is still read and thrown away, the connection kept, so that a
+    # client that writes it all before reading gets the answer (see the http.client test below)
+    got, head, pushed = refused_then_pushed(api, "POST", "/api/v1/photos", {"Content-Type": "multipart/form-data; boundary=b"},
+                                            DRAIN_MAX)
+    assert got == 401 and b"connection: close" not in head and pushed == PUSH_MAX
+
+
 def test_a_chunked_body_without_a_token_is_cut_off_at_the_limit_and_takes_no_memory(gw, api):  # noqa: F811
     tracemalloc.start()
     try:
