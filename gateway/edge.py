@@ -114,6 +114,12 @@ class Edge:
         if path == "/fhir":
             # FHIR clients post transactions to the base URL itself, which the mounted FHIR app sees as /fhir/
             scope = {**scope, "path": "/fhir/", "raw_path": b"/fhir/"}
+        elif path.startswith("/dicomweb/") and path.endswith("/") and len(path) > len("/dicomweb/"):
+            # /dicomweb/studies/ names the resource /dicomweb/studies does (PS3.18's URLs have no trailing slash) and is
+            # answered as it: the app's redirect (307) made a STOW-RS client send its body again, which one that
+            # streams it cannot, and cost any client a round trip
+            raw = scope.get("raw_path") or b""
+            scope = {**scope, "path": path[:-1], "raw_path": raw[:-1] if raw.endswith(b"/") else path[:-1].encode()}
         if path in DOCS_PAGES:
             # Swagger UI and ReDoc come from the gateway; ReDoc's bundle still links its maker's logo on the web:
             # the policy keeps every request of the docs pages on this host

@@ -96,3 +96,18 @@ def test_stow_refused_before_its_body_is_read_ends_the_connection(gw, web):  # n
             got, head, pushed = refused_then_pushed(web, "POST", url, headers, many)
             assert pushed < PUSH_MAX, (url, status, pushed)
             assert got == status and b"connection: close" in head, (url, status, head)
+
+
+def test_a_trailing_slash_is_answered_as_the_url_without_it_not_redirected(gw, archive, web):  # noqa: F811
+    """POST /dicomweb/studies/ was a 307: the client had to send its body again (one that streams it cannot)."""
+    h = mi(gw)
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\nnot dicom\r\n--b--\r\n"
+    stow_headers = {**h, "Accept": "application/dicom+json", "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    for url in ("/dicomweb/studies/", "/dicomweb/studies/1.2.826.0.1.1/"):
+        slash = web.post(url, content=body, headers=stow_headers)
+        plain = web.post(url.rstrip("/"), content=body, headers=stow_headers)
+        assert slash.status_code == plain.status_code == 400 and slash.json().keys() == plain.json().keys(), (url, slash.text)
+    assert web.post("/dicomweb/studies/", content=body, headers={"Content-Type": stow_headers["Content-Type"]}).status_code == 401
+    for url in ("/dicomweb/studies/", "/dicomweb/studies/1.2.826.0.1.1/series/"):
+        slash = web.get(url, headers=h)
+        assert slash.status_code == 200 and slash.json() == web.get(url.rstrip("/"), headers=h).json(), (url, slash.status_code)
