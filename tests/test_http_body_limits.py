@@ -36,13 +36,19 @@ def chunked(total: int, head: bytes = b'{"resourceType": "Consent", "note": "'):
         sent += piece
 
 
-def declared_only(client, method: str, path: str, headers: dict[str, str], length: int) -> tuple[int, bytes]:
-    """A request whose head declares a body of `length` bytes, none of them sent: the status line and what follows."""
+def head_sent(client, method: str, path: str, headers: dict[str, str], length: int) -> socket.socket:
+    """A connection on which a request's head, declaring a body of `length` bytes, has been sent."""
     url = client.base_url
     head = f"{method} {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Length: {length}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    with socket.create_connection((url.host, url.port), timeout=10) as sock:
-        sock.sendall(head.encode())
+    sock = socket.create_connection((url.host, url.port), timeout=10)
+    sock.sendall(head.encode())
+    return sock
+
+
+def declared_only(client, method: str, path: str, headers: dict[str, str], length: int) -> tuple[int, bytes]:
+    """A request whose head declares a body of `length` bytes, none of them sent: the status line and what follows."""
+    with head_sent(client, method, path, headers, length) as sock:
         answer = b""
         while b"\r\n\r\n" not in answer or len(answer) < 200:
             got = sock.recv(65536)
@@ -59,11 +65,7 @@ def refused_then_pushed(client, method: str, path: str, headers: dict[str, str],
     """A request declaring `length` body bytes: its answer read first (sent before any of the body), then the body
     pushed in 1 MiB writes until the server ends the connection. The status, the answer's head, the bytes pushed
     (PUSH_MAX when the server was still reading them all)."""
-    url = client.base_url
-    head = f"{method} {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Length: {length}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    with socket.create_connection((url.host, url.port), timeout=10) as sock:
-        sock.sendall(head.encode())
+    with head_sent(client, method, path, headers, length) as sock:
         answer = b""
         while b"\r\n\r\n" not in answer:
             got = sock.recv(65536)
