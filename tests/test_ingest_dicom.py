@@ -298,7 +298,13 @@ def test_accepted_objects_are_kept_byte_for_byte_rendered_and_served(gw, fx, tmp
         assert r > 200 and g < 60 and b < 60
     data = served(gw, asset.id)
     out = as_dataset(data)
-    assert str(out.PatientName) == "Ó Súilleabháin^Siobhán" and out.PixelData == sent_ds.PixelData
+    assert str(out.PatientName) == "Ó Súilleabháin^Siobhán"
+    if "jpeg-baseline" in kind:
+        # the camera's EXIF in the frame is left out of what is served (served_pixels.py): the same pixels
+        assert b"Exif" in sent_ds.PixelData and b"Exif" not in out.PixelData
+        assert np.array_equal(np.asarray(out.pixel_array), np.asarray(sent_ds.pixel_array))
+    else:
+        assert out.PixelData == sent_ds.PixelData
     assert out.file_meta.TransferSyntaxUID == sent_ds.file_meta.TransferSyntaxUID
     if sent_ds.SOPClassUID == objects.VL_PHOTO:
         validate(tmp_path, data)

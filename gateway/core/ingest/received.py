@@ -566,8 +566,8 @@ def _jpeg_frame(obj: Received, tmp_dir: Path | None) -> Iterator[tuple[Encapsula
         if jpeg.EOI not in buf[max(0, length - 8) : length]:
             # a file cut short in transfer or on the camera's card: the commonest damage, seen without decoding
             # (a few bytes after EOI are let through, as decoders ignore them)
-            raise IngestRejected(CORRUPT, "the JPEG frame is truncated: it does not end with end-of-image (FFD9)",
-                                 field="PixelData")
+            raise IngestRejected(CORRUPT, "the JPEG frame does not end with end-of-image (FFD9): cut short, or with "
+                                 "data after it (a phone's appended previews: wrap the JPEG without them)", field="PixelData")
         if not info.baseline:
             raise _invalid(f"the frame is {info.process} JPEG, but the transfer syntax says JPEG Baseline", "PixelData")
         if (info.width, info.height, len(info.components)) != (obj.columns, obj.rows, obj.samples):
