@@ -143,8 +143,9 @@ def test_a_slow_but_steady_reader_gets_every_c_find_match_though_the_answering_t
     """The handler has queued all its matches long before a slow link has taken them: sending them is not idle, and
     the association is neither aborted nor cut under them (a review saw 693 of 1,500 matches arrive, and no final)."""
     # longer than the other cases' 1 s: the reader (a thread of this process, as the gateway's are) must never be held
-    # up for a whole idle timeout, or the gateway rightly gives up on it (a CI run under load saw that at 1 s)
-    idle_timeout = 2.5
+    # up for a whole idle timeout, or the gateway rightly gives up on it (CI runs under load saw that at 1 s, and once
+    # at 2.5 s: 2,877 of 3,002 matches, the gateway's write blocked for the whole timeout)
+    idle_timeout = 4.0
     gw.settings.dicom_idle_timeout = idle_timeout
     many_studies(gw, 3000)
     running = RunningListener(gw)
@@ -160,7 +161,7 @@ def test_a_slow_but_steady_reader_gets_every_c_find_match_though_the_answering_t
             event.assoc.dul.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
 
         def slow_link(event) -> None:
-            time.sleep(0.002)  # each PDU taken a little late: steady, never a pause near the idle timeout
+            time.sleep(0.003)  # each PDU taken a little late: steady, never a pause near the idle timeout
 
         assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO",
                              evt_handlers=[(evt.EVT_CONN_OPEN, small_window), (evt.EVT_PDU_RECV, slow_link)])
@@ -176,7 +177,7 @@ def test_a_slow_but_steady_reader_gets_every_c_find_match_though_the_answering_t
         if assoc.is_established:
             assoc.release()
     assert statuses.count(0xFF00) == 3002 and statuses[-1] == 0x0000, (len(statuses), statuses[-3:])
-    assert took > idle_timeout * 2, took  # the answering outlasted the idle timeout: what the test is about
+    assert took > idle_timeout * 1.5, took  # the answering outlasted the idle timeout: what the test is about
 
 
 def test_a_c_move_to_a_destination_that_stops_reading_ends_with_its_failures_counted(stalling_gw, tmp_path):
