@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gateway.logs import configure_logging
+from gateway.core.log_setup import configure_logging
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_librarys_warning_keeps_its_kind_and_place_but_not_its_text():
     """pydicom's warnings quote the value they refuse (a patient name sent with VR DA, seen from a STOW-RS), and its
     logger logs it again. In a process of its own: pytest takes Python's warnings for itself."""
     script = (
-        "from gateway.logs import configure_logging\n"
+        "from gateway.core.log_setup import configure_logging\n"
         "configure_logging('json', 'INFO')\n"
         "from pydicom import Dataset\n"
         "from pydicom.dataelem import DataElement\n"

@@ -24,8 +24,8 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Say w
 def serve(welcome: Annotated[bool, typer.Option("--welcome", help="Once every door listens, print the demo patients, a "
                                                 "dev token and lines to try (dev mode; what `make run` does).")] = False) -> None:
     """Run the gateway: HTTP API, MLLP and DICOM listeners in one process."""
+    from gateway.core.log_setup import configure_logging
     from gateway.demo import welcome as welcome_text
-    from gateway.logs import configure_logging
     from gateway.serve import StartupError, run
 
     settings = settings_or_exit()

@@ -36,7 +36,7 @@ from store import audit
 
 log = logging.getLogger("clinphoto.dicom")
 
-# pynetdicom logs at WARNING and above only (gateway/logs.py), yet by default it decodes each C-FIND/C-GET/C-MOVE
+# pynetdicom logs at WARNING and above only (gateway/core/log_setup.py), yet by default it decodes each C-FIND/C-GET/C-MOVE
 # identifier again to log it at INFO (a PatientID is an NHS number) and builds debug lines for every message and
 # PDU: ~3% of a C-FIND's CPU (py-spy), for nothing. Off for every association of this process.
 _config.LOG_REQUEST_IDENTIFIERS = False

@@ -51,6 +51,7 @@ from gateway.core.ingest.digests import sha1_base64
 from gateway.core.ingest.errors import IngestRejected
 from gateway.core.ingest.renditions import DUE, FAILED, Renditions
 from gateway.core.ingest_settings import IngestSettings
+from gateway.core.log_setup import configure_logging
 from store import audit
 from store.models import Asset
 
@@ -392,8 +393,10 @@ class Renderer:
             if self._pool is None:
                 # spawn: workers are not forked from this process's threads (~0.5 s to start each, once), and are
                 # its children, so they see it go (a forkserver's workers outlived a gateway killed -9)
+                # the workers log as the gateway does (a worker's pydicom warnings quoted a PatientID to stderr)
+                logs = (getattr(self.gw.settings, "log_format", "text"), getattr(self.gw.settings, "log_level", "INFO"))
                 self._pool = ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_worker_start, initargs=(os.getpid(),))
+                                                 initializer=_worker_start, initargs=(os.getpid(), *logs))
             pool = self._pool
         try:
             return pool.submit(fn, *args).result()
@@ -470,7 +473,7 @@ class Renderer:
                     self._taken.discard(asset_id)
 
 
-def _worker_start(gateway_pid: int) -> None:
+def _worker_start(gateway_pid: int, log_format: str = "text", log_level: str = "INFO") -> None:
     """A worker process's start: it runs when answering senders and readers leaves a CPU free, and ends once the
     gateway is gone (a gateway killed -9 left its workers waiting for work for good). It watches for that itself:
     a signal on its parent thread's exit (PR_SET_PDEATHSIG) also came when the renderer thread that started it
@@ -488,6 +491,7 @@ def _worker_start(gateway_pid: int) -> None:
         except OSError:
             pass
     threading.Thread(target=_end_with, args=(gateway_pid,), name="gateway-watch", daemon=True).start()
+    configure_logging(log_format, log_level)
 
 
 def _end_with(gateway_pid: int) -> None:

@@ -1,5 +1,5 @@
-"""Logging set-up. Patient names, NHS numbers and image bytes never go to INFO or above:
-log ids (asset id, patient row id, control id) instead."""
+"""Logging set-up, for the gateway's process and the renderer's worker processes alike. Patient names, NHS numbers and
+image bytes never go to INFO or above: log ids (asset id, patient row id, control id) instead."""
 
 from __future__ import annotations
 
