@@ -141,3 +141,58 @@ def test_a_preview_appended_after_end_of_image_is_left_out_too(fx, tmp_path):
     served = pydicom.dcmread(io.BytesIO(path.read_bytes()[: head.pixel_offset] + tail))
     [frame] = list(pydicom.encaps.generate_frames(served.PixelData))
     assert np.array_equal(pixels(frame), pixels(jpeg)) and served_frame(path, head) == frame
+
+
+def second_jpeg_after_eoi(base: bytes) -> bytes:
+    """A phone's appended preview: a whole second JPEG, its own EXIF with it, after the first one's end-of-image (the
+    frame still ends with FFD9)."""
+    preview = photo_fixtures.jpeg_bytes(photo_fixtures.photo_like(32, 24), exif=EXIF)
+    return base + preview[:2] + segment(0xFE, b"PLANTED-PREVIEW-COMMENT") + preview[2:]
+
+
+BYPASSES = {
+    # the four ways a re-attack got metadata past a check of the frame's head and last bytes
+    "second-jpeg-after-eoi": second_jpeg_after_eoi,
+    "adobe-segment-padded-with-text": lambda base: base[:2] + segment(
+        0xEE, b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 1) + b"PLANTED-ADOBE " * 300) + base[2:],
+    "comment-between-scan-and-eoi": lambda base: base[:-2] + segment(0xFE, b"PLANTED-COMMENT after the scan") + base[-2:],
+}
+
+
+def clean_jpeg() -> bytes:
+    """A 640 x 480 photo with a JFIF header and nothing else: what is planted is then all there is to find."""
+    base = photo_fixtures.jpeg_bytes(photo_fixtures.photo_like(640, 480), quality=90)
+    assert b"Exif" not in base and base[2:4] == b"\xff\xe0"
+    return base
+
+
+@pytest.mark.parametrize("name", list(BYPASSES))
+def test_metadata_anywhere_in_a_received_frame_is_left_out(gw, web, tmp_path, name):
+    add_patient(gw)
+    base = clean_jpeg()
+    jpeg = BYPASSES[name](base)
+    sent = objects.jpeg_wrapped(tmp_path / f"{name}.dcm", jpeg, 640, 480)
+    assert b"PLANTED" in sent.read_bytes()
+    ds = pydicom.dcmread(sent)
+    answer = stow(web, gw, [("application/dicom", sent.read_bytes(), {})])
+    assert answer.status_code == 200, answer.text
+    url = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    [(_head, body)] = parts(web.get(url, headers={**mi(gw), "Accept": ANY}))
+    [(_head, frame)] = parts(web.get(f"{url}/frames/1", headers={**mi(gw), "Accept": 'multipart/related; type="image/jpeg"'}))
+    for served in (body, frame):
+        assert b"PLANTED" not in served and b"Exif" not in served
+    assert np.array_equal(pixels(frame), pixels(base))
+
+
+def test_a_frame_with_a_marker_the_walk_cannot_read_is_not_served(gw, web, tmp_path):
+    """A JPGn (FFF0) segment before the frame header: ingest's header check let it through; its frame is not sent at all
+    rather than sent with what the walk could not judge."""
+    add_patient(gw)
+    base = clean_jpeg()
+    sent = objects.jpeg_wrapped(tmp_path / "jpg0.dcm", base[:2] + segment(0xF0, b"PLANTED-JPG0") + base[2:], 640, 480)
+    ds = pydicom.dcmread(sent)
+    assert stow(web, gw, [("application/dicom", sent.read_bytes(), {})]).status_code == 200  # (ingest reads no further)
+    url = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for path, accept in ((url, ANY), (f"{url}/frames/1", 'multipart/related; type="image/jpeg"')):
+        r = web.get(path, headers={**mi(gw), "Accept": accept})
+        assert r.status_code == 404 and b"PLANTED" not in r.content, (path, r.status_code)  # as an unreadable file is
