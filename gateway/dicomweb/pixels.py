@@ -24,7 +24,7 @@ def frame(obj: DicomObject) -> bytes:
     """The single frame's bytes as served: the JPEG (JPEG-LS, RLE) codestream of an encapsulated object, its
     fragments joined and its JPEG metadata left out; the native pixel bytes of an uncompressed one."""
     path = obj.served.source
-    return served_frame(path, part10.read_head(path))
+    return served_frame(path, part10.read_head(path), as_stored=obj.served.as_stored)
 
 
 def decoded(obj: DicomObject) -> Any:

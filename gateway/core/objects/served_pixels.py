@@ -51,15 +51,16 @@ def served_tail(path: Path, head: part10.Head) -> tuple[Piece, ...]:
             *[p for ranges in kept for p in ranges], *pad, (element.value_end, head.size))
 
 
-def served_frame(path: Path, head: part10.Head) -> bytes:
+def served_frame(path: Path, head: part10.Head, *, as_stored: bool = False) -> bytes:
     """The single frame's bytes as served: the codestream of an encapsulated object (its fragments joined, its JPEG
-    metadata left out), the native pixel bytes of an uncompressed one."""
+    metadata left out), the native pixel bytes of an uncompressed one. `as_stored`: served_tail found nothing to leave
+    out (coerce.Served.as_stored), so the frame is not walked again (1.4-2.0 ms a 12-MP photo, each /frames call)."""
     with open(path, "rb") as f:
         element = part10.pixel_element(f, head)
         if not element.encapsulated:
             return part10.read_range(f, element.value_offset, element.value_offset + (element.length or 0))
         frame = b"".join(part10.read_range(f, a, b) for a, b in element.fragments)
-    pieces = _cleaned(frame) if head.transfer_syntax in JPEG_SYNTAXES else None
+    pieces = _cleaned(frame) if head.transfer_syntax in JPEG_SYNTAXES and not as_stored else None
     if pieces is None:
         return frame
     cleaned = b"".join(frame[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
