@@ -101,6 +101,26 @@ def test_import_summary_rejected_csv_and_resume(gw, archive, tmp_path):
     assert again.resumed == 5 and again.imported == 0 and count_assets(gw) == 5
 
 
+def test_file_names_the_filesystem_cannot_follow_are_rejected_rows_not_the_end_of_the_import(gw, archive):
+    """A link pointing at itself, a name over the filesystem's 255 bytes and a NUL byte in the file column each stopped
+    the import with a traceback (Path.resolve's RuntimeError and ValueError, is_file's ENAMETOOLONG), and a resumed
+    import stopped at the same row again: now each is that row's rejection and the rows after it go in."""
+    folder, _ = archive
+    patient = add_patient(gw)
+    (folder / "photos" / "loop.jpg").symlink_to(folder / "photos" / "loop.jpg")
+    base = {"patient": f"nhs|{patient['nhs']}"}
+    odd = ["photos/loop.jpg", "photos/" + "a" * 300 + ".jpg", "photos/a\x00.jpg"]
+    manifest = write_manifest(folder / "m.csv", [*({"file": name, **base} for name in odd),
+                                                 {"file": "photos/baseline_420.jpg", **base}])
+    summary = run_import(gw, folder, manifest, ACTOR)
+    assert (summary.imported, summary.rejected) == (1, 3)
+    assert count_assets(gw) == 1
+    reasons = {row.values["file"]: (code, reason) for row, code, reason in summary.rejections}
+    assert reasons[odd[0]][0] == "missing-file" and "symbolic link loop" in reasons[odd[0]][1]
+    assert reasons[odd[1]][0] == "missing-file" and "File name too long" in reasons[odd[1]][1]
+    assert reasons[odd[2]] == ("bad-manifest", "the 'file' column holds a NUL byte")
+
+
 def test_photos_no_consent_covers_are_counted_and_listed(gw, archive):
     folder, _ = archive
     patient = add_patient(gw)

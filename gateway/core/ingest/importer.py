@@ -151,7 +151,16 @@ def default_state_path(data_dir: Path, folder: Path, manifest: Path) -> Path:
 
 
 def _inside(folder: Path, relative: str) -> Path | None:
-    candidate = (folder / relative).resolve()
+    """The row's file, if it lies inside the import folder (symbolic links followed); None if not. A name that cannot
+    be resolved (a NUL byte in it, a link that points at itself) is that row's rejection: Path.resolve's ValueError
+    or RuntimeError stopped the whole import there, and a resumed import at the same row again."""
+    if "\x00" in relative:
+        raise IngestRejected("bad-manifest", "the 'file' column holds a NUL byte")
+    try:
+        candidate = (folder / relative).resolve()
+    except (RuntimeError, OSError) as exc:  # a loop: RuntimeError (Python 3.11), OSError ELOOP (3.13)
+        raise IngestRejected("missing-file", f"{relative!r} cannot be followed to a file: a symbolic link loop? "
+                             f"({type(exc).__name__})") from None
     try:
         candidate.relative_to(folder.resolve())
     except ValueError:
@@ -230,13 +239,17 @@ def run_import(
 def _import_row(gw: Gateway, folder: Path, manifest: Path, row: Row, source: Source, state: StateFile,
                 summary: ImportSummary, lock: threading.Lock) -> str:
     relative = row.values.get("file", "")
-    path = _inside(folder, relative) if relative else None
     try:
         if not relative:
             raise IngestRejected("bad-manifest", "empty 'file' column")
+        path = _inside(folder, relative)
         if path is None:
             raise IngestRejected("bad-manifest", f"{relative!r} is outside the import folder")
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:  # a name over the filesystem's limit (ENAMETOOLONG) stopped the whole import here
+            raise IngestRejected("missing-file", f"{relative!r} cannot be looked up: {exc.strerror}") from None
+        if not found:
             raise IngestRejected("missing-file", f"no such file: {relative}")
         meta = parse_metadata(row_metadata(row))
         session = row.values.get("session") or f"import|{manifest.name}|{meta.patient}|{meta.encounter or ''}"
