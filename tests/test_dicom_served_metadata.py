@@ -185,14 +185,33 @@ def test_metadata_anywhere_in_a_received_frame_is_left_out(gw, web, tmp_path, na
 
 
 def test_a_frame_with_a_marker_the_walk_cannot_read_is_not_served(gw, web, tmp_path):
-    """A JPGn (FFF0) segment before the frame header: ingest's header check let it through; its frame is not sent at all
-    rather than sent with what the walk could not judge."""
+    """A JPGn (FFF0) segment between the scan and end-of-image: ingest reads the frame's header and last bytes only,
+    so it is stored (its renditions then fail); its frame is not sent at all rather than sent with what the walk could
+    not judge."""
     add_patient(gw)
     base = clean_jpeg()
-    sent = objects.jpeg_wrapped(tmp_path / "jpg0.dcm", base[:2] + segment(0xF0, b"PLANTED-JPG0") + base[2:], 640, 480)
+    end = base.rindex(b"\xff\xd9")
+    sent = objects.jpeg_wrapped(tmp_path / "jpg0.dcm", base[:end] + segment(0xF0, b"PLANTED-JPG0") + base[end:], 640, 480)
     ds = pydicom.dcmread(sent)
     assert stow(web, gw, [("application/dicom", sent.read_bytes(), {})]).status_code == 200  # (ingest reads no further)
     url = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
     for path, accept in ((url, ANY), (f"{url}/frames/1", 'multipart/related; type="image/jpeg"')):
         r = web.get(path, headers={**mi(gw), "Accept": accept})
         assert r.status_code == 404 and b"PLANTED" not in r.content, (path, r.status_code)  # as an unreadable file is
+
+
+def test_a_frame_whose_header_holds_a_marker_no_decoder_reads_is_refused_at_ingest(gw, web, tmp_path):
+    """A JPGn (FFF0) segment before the frame header: libjpeg-turbo does not decode such a stream and the walk cannot
+    clean it, so it could never be shown or sent. It was stored and answered as a success all the same (found only by
+    the renderer, after the answer); now the sender is told at once, and nothing is stored."""
+    add_patient(gw)
+    base = clean_jpeg()
+    sent = objects.jpeg_wrapped(tmp_path / "jpg0.dcm", base[:2] + segment(0xF0, b"PLANTED-JPG0") + base[2:], 640, 480)
+    ds = pydicom.dcmread(sent)
+    r = stow(web, gw, [("application/dicom", sent.read_bytes(), {})])
+    assert r.status_code == 409, r.text  # PS3.18: every instance failed
+    failed = r.json()["00081198"]["Value"]  # FailedSOPSequence
+    assert [f["00081155"]["Value"][0] for f in failed] == [ds.SOPInstanceUID]
+    assert failed[0]["00081197"]["Value"] == [0xC000]  # FailureReason: cannot understand
+    with gw.db.read() as s:
+        assert s.scalars(select(Asset).where(Asset.sop_instance_uid == ds.SOPInstanceUID)).first() is None

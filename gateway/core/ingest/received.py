@@ -568,6 +568,10 @@ def _jpeg_frame(obj: Received, tmp_dir: Path | None) -> Iterator[tuple[Encapsula
             # (a few bytes after EOI are let through, as decoders ignore them)
             raise IngestRejected(CORRUPT, "the JPEG frame does not end with end-of-image (FFD9): cut short, or with "
                                  "data after it (a phone's appended previews: wrap the JPEG without them)", field="PixelData")
+        if (odd := jpeg.unexpected_in_header(info)) is not None:
+            # stored, it was answered as a success but never decoded (its renditions failed after the answer) nor served
+            raise IngestRejected(CORRUPT, f"the JPEG frame holds a marker segment FF{odd.marker:02X} (at byte {odd.start}) "
+                                 "that is not part of a baseline JPEG: it cannot be decoded or sent on", field="PixelData")
         if not info.baseline:
             raise _invalid(f"the frame is {info.process} JPEG, but the transfer syntax says JPEG Baseline", "PixelData")
         if (info.width, info.height, len(info.components)) != (obj.columns, obj.rows, obj.samples):

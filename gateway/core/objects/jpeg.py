@@ -248,6 +248,12 @@ def _is_metadata(marker: int) -> bool:
     return 0xE0 <= marker <= 0xEF or marker == 0xFE  # APPn, COM
 
 
+def unexpected_in_header(info: JpegInfo) -> Segment | None:
+    """The first segment before the scan that is neither the decoder's nor metadata (a JPGn, FFF0-FFFD, say): a
+    stream holding one does not decode here (libjpeg-turbo: "broken data stream") and is not passed on cleaned."""
+    return next((seg for seg in info.segments if seg.marker not in _KEEP_IN_HEADER and not _is_metadata(seg.marker)), None)
+
+
 def clean_pieces(buf: ByteSource, info: JpegInfo, *, chunk: int = CHUNK) -> list[Piece]:
     """The stream without metadata: SOI, rebuilt JFIF/Adobe segments, then the decoder's segments and scans.
 
@@ -265,11 +271,9 @@ def clean_pieces(buf: ByteSource, info: JpegInfo, *, chunk: int = CHUNK) -> list
     if info.adobe_transform is not None:
         # version 100, no flags: decoders read only the colour transform
         pieces.append(_segment(0xEE, b"Adobe" + (100).to_bytes(2, "big") + bytes(4) + bytes((info.adobe_transform,))))
-    for seg in info.segments:
-        if seg.marker in _KEEP_IN_HEADER:
-            pieces.append((seg.start, seg.end))
-        elif not _is_metadata(seg.marker):
-            raise JpegError(f"corrupt JPEG: unexpected marker 0x{seg.marker:02X} at byte {seg.start}")
+    if (odd := unexpected_in_header(info)) is not None:
+        raise JpegError(f"corrupt JPEG: unexpected marker 0x{odd.marker:02X} at byte {odd.start}")
+    pieces.extend((seg.start, seg.end) for seg in info.segments if seg.marker in _KEEP_IN_HEADER)
     size = len(buf)
     pos = info.scan_start
     while True:
