@@ -182,3 +182,46 @@ def test_parallel_import_gives_the_same_result(gw, archive):
     with gw.db.read() as s:
         numbers = sorted(s.execute(select(Asset.instance_number)).scalars())
     assert numbers == [1, 2, 3, 4, 5]  # manifest rows number the instances, whatever finished first
+
+
+def test_manifests_in_other_encodings_or_over_csv_limits_are_one_line_refusals(gw, archive, database_url):
+    """A spreadsheet's Windows-1252 or UTF-16 save, a field over csv's 128 KiB limit: each was a traceback
+    (UnicodeDecodeError, _csv.Error). A column named twice let the last one win: a second 'file' column chose
+    which photo was stored. Now each is a ManifestError naming the line, before anything is imported."""
+    folder, _ = archive
+    cases = {
+        "cp1252.csv": "file,patient,description\nphotos/gray.jpg,nhs|9449305552,café\n".encode("cp1252"),
+        "utf16.csv": "file,patient\nphotos/gray.jpg,nhs|9449305552\n".encode("utf-16"),
+        "huge.csv": b"file,patient,description\nphotos/gray.jpg,nhs|9449305552," + b"x" * 200_000 + b"\n",
+        "twice.csv": b"file,patient,file\nphotos/gray.jpg,nhs|9449305552,photos/rgb.png\n",
+    }
+    expected = {"cp1252.csv": "not UTF-8 text (byte 0xe9 on line 2)", "utf16.csv": "not UTF-8 text (byte 0xff on line 1)",
+                "huge.csv": "line 2: field larger than field limit", "twice.csv": "names column(s) file more than once"}
+    for name, data in cases.items():
+        (folder / name).write_bytes(data)
+        with pytest.raises(ManifestError, match=re.escape(expected[name])):
+            read_manifest(folder / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINPHOTO_")}
+    env.update(CLINPHOTO_DATA_DIR=str(gw.settings.data_dir), CLINPHOTO_DATABASE_URL=database_url,
+               CLINPHOTO_BLOB_DIR=str(gw.settings.blob_dir), COLUMNS="80")
+    res = subprocess.run([sys.executable, "-m", "gateway.cli", "import", str(folder), "--manifest", str(folder / "cp1252.csv")],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "save it as CSV UTF-8" in res.stderr  # one line, even in 80 columns
+    assert count_assets(gw) == 0
+
+
+def test_a_row_shifted_by_an_unquoted_comma_is_refused_and_blank_spreadsheet_columns_are_fine(gw, archive):
+    """Cells beyond the header's names were dropped without a word (csv.DictReader's None key): 'red, raised' unquoted
+    stored the photo with the description cut. Now that row is rejected and the others go in; the empty trailing
+    columns a spreadsheet writes are still accepted."""
+    folder, _ = archive
+    patient = add_patient(gw)
+    nhs = f"nhs|{patient['nhs']}"
+    manifest = folder / "m.csv"
+    manifest.write_text(f"file,patient,description,,\r\nphotos/baseline_420.jpg,{nhs},red, raised\r\n"
+                        f"photos/rgb.png,{nhs},flat,,\r\n")
+    summary = run_import(gw, folder, manifest, ACTOR)
+    assert (summary.imported, summary.rejected) == (1, 1)
+    row, code, reason = summary.rejections[0]
+    assert (row.number, code) == (1, "bad-manifest") and "column 4" in reason

@@ -56,7 +56,7 @@ def import_command(
     try:
         total = len(read_manifest(manifest))
     except ManifestError as exc:
-        console.print(f"clinphoto import: {exc}", markup=False, highlight=False)
+        console.print(f"clinphoto import: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     gw = open_gateway()
     source = Source.importer(as_user or f"cli:{getpass.getuser()}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import threading
@@ -53,6 +54,7 @@ class ManifestError(ValueError):
 class Row:
     number: int  # 1-based data row number (header excluded)
     values: dict[str, str]
+    problem: str | None = None  # why this row cannot be read as the header says: that row's rejection
 
     @property
     def key(self) -> str:
@@ -77,21 +79,48 @@ class ImportSummary:
 def read_manifest(path: Path) -> list[Row]:
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # a spreadsheet's "CSV" (Windows-1252) or "Unicode text" (UTF-16) save: a traceback before, and guessing
+        # the encoding could put wrong letters into patient records
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"manifest {path.name} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                            "save it as CSV UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise ManifestError(f"manifest {path.name} lacks column(s) {', '.join(missing)} (header: {', '.join(header) or 'none'})")
-        unknown = [c for c in header if c not in KNOWN]
+        # a column named twice: the last one silently won (a second 'file' column chose which photo was stored)
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:
+            raise ManifestError(f"manifest {path.name} names column(s) {', '.join(twice)} more than once")
+        unknown = [c for c in header if c and c not in KNOWN]
         if unknown:
             raise ManifestError(f"manifest {path.name} has unknown column(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}")
         rows = []
-        for number, raw in enumerate(reader, start=1):
-            values = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            if any(values.values()):
-                rows.append(Row(number, values))
-        return rows
+        for number, cells in enumerate(reader, start=1):
+            values: dict[str, str] = {}
+            problem = None
+            for index, cell in enumerate(cells):
+                name = header[index] if index < len(header) else ""
+                if name:
+                    values[name] = cell.strip()
+                elif cell.strip() and problem is None:
+                    # the blank columns a spreadsheet leaves are fine while they stay empty; a value there (an
+                    # unquoted comma shifting the row) was dropped without a word: now that row is refused
+                    problem = f"a value in column {index + 1}, which has no name in the header (an unquoted comma?)"
+            if any(values.values()) or problem:
+                rows.append(Row(number, values, problem))
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit: a traceback before
+        raise ManifestError(f"manifest {path.name} line {reader.line_num}: {exc}") from None
+    return rows
 
 
 def row_metadata(row: Row) -> dict[str, Any]:
@@ -240,6 +269,8 @@ def _import_row(gw: Gateway, folder: Path, manifest: Path, row: Row, source: Sou
                 summary: ImportSummary, lock: threading.Lock) -> str:
     relative = row.values.get("file", "")
     try:
+        if row.problem:
+            raise IngestRejected("bad-manifest", row.problem)
         if not relative:
             raise IngestRejected("bad-manifest", "empty 'file' column")
         path = _inside(folder, relative)
