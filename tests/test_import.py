@@ -225,3 +225,25 @@ def test_a_row_shifted_by_an_unquoted_comma_is_refused_and_blank_spreadsheet_col
     assert (summary.imported, summary.rejected) == (1, 1)
     row, code, reason = summary.rejections[0]
     assert (row.number, code) == (1, "bad-manifest") and "column 4" in reason
+
+
+def test_reports_that_cannot_be_written_where_asked_are_written_beside_the_resume_file(gw, archive, tmp_path):
+    """--rejected naming a folder, or a manifest on a share the importer cannot write to: writing the report CSV was a
+    traceback after every row had been imported, and the summary and the reasons were lost. Now the report goes
+    beside the resume file and a note says where."""
+    folder, _ = archive
+    patient = add_patient(gw)
+    with gw.db.write() as s:  # no consent: the stored row is listed in the warnings CSV
+        s.execute(delete(Consent).where(Consent.patient_id == patient["id"]))
+    base = {"patient": f"nhs|{patient['nhs']}"}
+    manifest = write_manifest(folder / "m.csv", [{"file": "photos/baseline_420.jpg", **base},
+                                                 {"file": "photos/missing.jpg", **base}])
+    (folder / "m.warnings.csv").mkdir()  # where the warnings would go cannot take a file
+    state = tmp_path / "state" / "m.jsonl"
+    summary = run_import(gw, folder, manifest, ACTOR, rejected_csv=folder / "photos", state_path=state)
+    assert (summary.imported, summary.rejected, summary.uncovered) == (1, 1, 1)
+    assert summary.rejected_csv == state.with_suffix(".rejected.csv")
+    assert summary.warnings_csv == state.with_suffix(".warnings.csv")
+    assert "photos/missing.jpg" in summary.rejected_csv.read_text()
+    assert "photos/baseline_420.jpg" in summary.warnings_csv.read_text()
+    assert len(summary.notes) == 2 and all("Is a directory" in n and "instead" in n for n in summary.notes)

@@ -83,6 +83,11 @@ def import_command(
                          ("photos/s", f"{(summary.imported + summary.existing) / summary.seconds:.1f}" if summary.seconds else "-")):
         table.add_row(label, str(value))
     out.print(table)
+    for note in summary.notes:
+        console.print(f"clinphoto import: {note}", markup=False, highlight=False, soft_wrap=True)
+    if summary.rejections and summary.rejected_csv is None:  # no file could hold them: the reasons, here
+        for row, code, message in summary.rejections:
+            console.print(f"row {row.number}: {code}: {message}", markup=False, highlight=False, soft_wrap=True)
     if summary.rejected_csv:
         out.print(f"rejected rows with reasons: {summary.rejected_csv}")
     if summary.warnings_csv:

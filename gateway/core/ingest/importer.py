@@ -74,6 +74,7 @@ class ImportSummary:
     uncovered: int = 0  # stored, but no consent covers them for care: hidden until one is recorded
     warnings_csv: Path | None = None
     warnings: list[tuple[Row, str, str]] = field(default_factory=list)  # (row, code, message) of stored rows
+    notes: list[str] = field(default_factory=list)  # for the operator: a report written elsewhere than asked
 
 
 def read_manifest(path: Path) -> list[Row]:
@@ -255,14 +256,30 @@ def run_import(
     if summary.rejections:
         summary.rejections.sort(key=lambda r: r[0].number)
         target = rejected_csv or manifest.with_name(f"{manifest.stem}.rejected.csv")
-        write_rejected(target, summary.rejections)
-        summary.rejected_csv = target
+        summary.rejected_csv = _write_report(target, state.path.with_suffix(".rejected.csv"), summary.rejections, summary)
     if summary.warnings:
         summary.warnings.sort(key=lambda r: r[0].number)
         target = manifest.with_name(f"{manifest.stem}.warnings.csv")
-        write_rejected(target, summary.warnings)
-        summary.warnings_csv = target
+        summary.warnings_csv = _write_report(target, state.path.with_suffix(".warnings.csv"), summary.warnings, summary)
     return summary
+
+
+def _write_report(target: Path, fallback: Path, rows: list[tuple[Row, str, str]], summary: ImportSummary) -> Path | None:
+    """Write a report CSV; where it cannot be written (a manifest on a read-only share, --rejected naming a folder),
+    write it beside the resume file and say so. That was a traceback after every row had been imported: the
+    summary and the list of refused rows were lost."""
+    try:
+        write_rejected(target, rows)
+        return target
+    except OSError as exc:
+        problem = f"cannot write {target}: {exc.strerror or exc}"
+    try:
+        write_rejected(fallback, rows)
+    except OSError as exc:
+        summary.notes.append(f"{problem}; nor {fallback}: {exc.strerror or exc}")
+        return None
+    summary.notes.append(f"{problem}; written to {fallback} instead")
+    return fallback
 
 
 def _import_row(gw: Gateway, folder: Path, manifest: Path, row: Row, source: Source, state: StateFile,
