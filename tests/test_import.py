@@ -247,3 +247,22 @@ def test_reports_that_cannot_be_written_where_asked_are_written_beside_the_resum
     assert "photos/missing.jpg" in summary.rejected_csv.read_text()
     assert "photos/baseline_420.jpg" in summary.warnings_csv.read_text()
     assert len(summary.notes) == 2 and all("Is a directory" in n and "instead" in n for n in summary.notes)
+
+
+def test_a_resume_file_that_is_not_one_is_refused_before_anything_is_imported(gw, archive):
+    """--state naming a folder or a binary file was a traceback (IsADirectoryError, UnicodeDecodeError); naming the
+    manifest itself had the import append its JSON lines to the operator's manifest. Each is now a ManifestError
+    before any row is imported, and the file is left as it was; a crash's torn last line is still tolerated."""
+    folder, _ = archive
+    patient = add_patient(gw)
+    manifest = write_manifest(folder / "m.csv", [{"file": "photos/baseline_420.jpg", "patient": f"nhs|{patient['nhs']}"}])
+    before = manifest.read_bytes()
+    (folder / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    for state, says in ((folder / "photos", "Is a directory"), (folder / "binary.jsonl", "not UTF-8"),
+                        (manifest, "first line is not a record")):
+        with pytest.raises(ManifestError, match=says):
+            run_import(gw, folder, manifest, ACTOR, state_path=state)
+    assert manifest.read_bytes() == before and count_assets(gw) == 0
+    torn = folder / "torn.jsonl"
+    torn.write_text('{"row": "1:photos/baseline_420.jp')  # a crash mid-write of the first record
+    assert run_import(gw, folder, manifest, ACTOR, state_path=torn).imported == 1

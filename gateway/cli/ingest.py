@@ -73,6 +73,9 @@ def import_command(
 
             summary = run_import(gw, folder, manifest, source, state_path=state, rejected_csv=rejected, on_progress=tick,
                                  workers=workers)
+    except ManifestError as exc:  # the resume file (read before any row is imported)
+        console.print(f"clinphoto import: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     finally:
         gw.close()
     table = Table(title=f"import of {manifest.name}", show_header=False)

@@ -47,7 +47,7 @@ KNOWN = (
 
 
 class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (missing file, missing columns, unknown columns)."""
+    """The manifest as a whole cannot be used (missing file, missing columns, unknown columns), or the resume file."""
 
 
 @dataclass
@@ -158,13 +158,27 @@ class StateFile:
         self.path = path
         self.done: set[str] = set()
         self._lock = threading.Lock()
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    self.done.add(json.loads(line)["row"])
-                except (ValueError, KeyError):
-                    continue  # a torn last line from a crash: that row is simply tried again
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # --state naming a folder, another file, or a place that cannot be written: a traceback before (and a
+        # JSON line that is not an object a TypeError); now one line before anything is imported
+        try:
+            text = path.read_text(encoding="utf-8") if path.exists() else ""
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except UnicodeDecodeError:
+            raise ManifestError(f"resume file {path} is not one an import wrote (not UTF-8 text); name another with --state") from None
+        except OSError as exc:
+            raise ManifestError(f"cannot use resume file {path}: {exc.strerror or exc}") from None
+        lines = text.splitlines()
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+                self.done.add(record["row"])
+            except (ValueError, KeyError, TypeError):
+                # only a crash's torn last line may be unreadable; a first line that is a finished line but not a
+                # record is another file (--state naming the manifest had these lines appended to it)
+                if number == 0 and (len(lines) > 1 or text.endswith("\n")):
+                    raise ManifestError(f"resume file {path} is not one an import wrote (its first line is not a "
+                                        "record); name another with --state") from None
+                continue  # a torn last line from a crash: that row is simply tried again
 
     def record(self, row: Row, asset_ids: list[str], status: str) -> None:
         line = json.dumps({"row": row.key, "assets": asset_ids, "status": status}) + "\n"
