@@ -132,3 +132,26 @@ def test_patients_list_and_show_for_operators(trail):
     assert cli(env, "patients", "show", "nhs|9449305552").returncode == 1
     ops = json.loads(cli(env, "audit", "list", "--type", "application activity", "--json").stdout.splitlines()[0])
     assert ops["subtype"] == "patients-show" and ops["agent"].startswith("os:")
+
+
+HUGE = "99999999999999999999999"  # more than any row id (SQLite INTEGER, PostgreSQL bigint) holds
+
+
+@pytest.mark.parametrize("command, status", [
+    (("outbox", "retry", HUGE), 2), (("outbox", "cancel", HUGE), 2), (("audit", "show", HUGE), 2),
+    (("hl7", "reprocess", HUGE), 2), (("hl7", "list", "--limit", HUGE), 2), (("hl7", "reprocess", "--status", "error",
+                                                                              "--limit", "-1"), 2),
+    (("audit", "list", "--patient", HUGE), 1), (("audit", "list", "--since", "99999999999d"), 2),
+    (("store", "gc", "--dry-run", "--older-than", "99999999999d"), 2)])
+def test_numbers_out_of_range_are_refused_in_one_line(trail, command, status):
+    """Each was a traceback: the id passed to the driver (OverflowError: Python int too large to convert to SQLite
+    INTEGER), an age too long for a timedelta; hl7 reprocess --limit -1 was "no limit" to SQLite."""
+    env, _ = trail
+    res = cli(env, *command)
+    assert res.returncode == status and "Traceback" not in res.stderr, res.stderr
+
+
+def test_an_age_before_year_one_lists_every_record(trail):
+    env, _ = trail
+    res = cli(env, "audit", "list", "--since", "800000d")  # was OverflowError: date value out of range
+    assert res.returncode == 0 and len(res.stdout.splitlines()) > 3, res.stderr

@@ -16,6 +16,9 @@ console = Console(stderr=True)
 out = Console()
 # set by `clinphoto -v ...`: every command then says which data directory and database it used
 verbose = False
+# the largest id a row can have (SQLite INTEGER, PostgreSQL bigint): a larger number typed as an id was passed to the
+# driver and came back as a traceback (OverflowError: Python int too large to convert to SQLite INTEGER)
+MAX_ID = 2**63 - 1
 
 
 def say(text: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli.common import open_gateway, settings_or_exit
+from gateway.cli.common import MAX_ID, open_gateway, settings_or_exit
 
 app = typer.Typer(help="The DICOM door.", no_args_is_help=True)
 
@@ -44,7 +44,7 @@ def outbox_list(status: Annotated[str | None, typer.Option(help="Only items in t
 
 
 @outbox_app.command("retry")
-def outbox_retry(item: Annotated[int, typer.Argument(help="The item's ID (clinphoto outbox list).")]) -> None:
+def outbox_retry(item: Annotated[int, typer.Argument(max=MAX_ID, help="The item's ID (clinphoto outbox list).")]) -> None:
     """Try a dead or cancelled item again, now, with its tries counted afresh."""
     from gateway.core import routing
 
@@ -60,7 +60,7 @@ def outbox_retry(item: Annotated[int, typer.Argument(help="The item's ID (clinph
 
 
 @outbox_app.command("cancel")
-def outbox_cancel(item: Annotated[int, typer.Argument(help="The item's ID (clinphoto outbox list).")]) -> None:
+def outbox_cancel(item: Annotated[int, typer.Argument(max=MAX_ID, help="The item's ID (clinphoto outbox list).")]) -> None:
     """Stop trying to send an item (pending or dead)."""
     from gateway.core import routing
 

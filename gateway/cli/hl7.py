@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from gateway.cli.common import MAX_ID
+
 app = typer.Typer(help="HL7 v2 message store.", no_args_is_help=True)
 
 STATUSES = ("applied", "ignored", "error", "rejected")
@@ -23,7 +25,7 @@ def _one_line(text: str | None) -> str:
 def list_command(
     status: Annotated[str | None, typer.Option("--status", help="Only messages with this status: "
                                                + ", ".join(STATUSES) + ".")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many, newest first.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="At most this many, newest first.")] = 50,
 ) -> None:
     """List stored messages (newest first): id, received, sender, control id, type^event, status, error.
 
@@ -53,9 +55,9 @@ def list_command(
 
 @app.command("reprocess")
 def reprocess(
-    message_id: Annotated[int | None, typer.Argument(help="Id of one stored message (see `clinphoto hl7 list`).")] = None,
+    message_id: Annotated[int | None, typer.Argument(max=MAX_ID, help="Id of one stored message (see `clinphoto hl7 list`).")] = None,
     status: Annotated[str | None, typer.Option("--status", help="Every stored message with this status, e.g. error.")] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many (oldest first).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, max=MAX_ID, help="At most this many (oldest first).")] = None,
 ) -> None:
     """Apply stored messages again (e.g. after a mapping fix); each gets the new status and ACK."""
     from gateway.cli.common import open_gateway, settings_or_exit

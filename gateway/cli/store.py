@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from sqlalchemy import select
 
-from gateway.cli.common import console, open_gateway, out, print_table
+from gateway.cli.common import MAX_ID, console, open_gateway, out, print_table
 from gateway.core import patient_refs
 from store.models import Patient
 
@@ -48,7 +48,10 @@ def parse_age(text: str) -> timedelta:
     if not match:
         raise typer.BadParameter("use a number and a unit s, m, h or d, e.g. 24h")
     n, unit = int(match.group(1)), match.group(2)
-    return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+    try:
+        return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+    except OverflowError:  # was a traceback (99999999999d)
+        raise typer.BadParameter(f"{text.strip()} is longer than any age the store can hold") from None
 
 
 @store_app.command("gc")
@@ -101,7 +104,10 @@ def audit_verify() -> None:
 def _since(text: str) -> datetime:
     """An age (24h, 7d, 30m) before now, or a date or date-time (2026-12-01, 2026-12-01T08:00), in UTC."""
     if re.fullmatch(r"\d+[smhd]", text.strip()):
-        return datetime.now(timezone.utc) - parse_age(text)
+        try:
+            return datetime.now(timezone.utc) - parse_age(text)
+        except OverflowError:  # before year 1 (800000d): a traceback before; every record is later than that
+            return datetime.min.replace(tzinfo=timezone.utc)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -138,7 +144,7 @@ def audit_list(
     try:
         with gw.db.read() as session:
             if patient is not None:
-                if patient.strip().isdigit():
+                if patient.strip().isdigit() and int(patient) <= MAX_ID:
                     filters = replace(filters, patient_id=int(patient))
                 else:
                     try:
@@ -177,7 +183,7 @@ def audit_list(
 
 
 @audit_app.command("show")
-def audit_show(seq: Annotated[int, typer.Argument(help="The record's sequence number (see `clinphoto audit list`).")]) -> None:
+def audit_show(seq: Annotated[int, typer.Argument(max=MAX_ID, help="The record's sequence number (see `clinphoto audit list`).")]) -> None:
     """Print one audit record in full, as JSON."""
     from store import audit_read
 
