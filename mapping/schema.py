@@ -253,6 +253,8 @@ def load_mapping_text(text: str, file: str = "<mapping>") -> Mapping:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise MappingFileError(file, mark.line + 1 if mark else None, "", f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # thousands of nested brackets: PyYAML recurses per level (was a traceback)
+        raise MappingFileError(file, None, "", "not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise MappingFileError(file, 1, "", "a mapping file is a YAML mapping with name, identifiers, patient, encounter, tables")
     problems: list[tuple[tuple, str]] = []
@@ -288,9 +290,14 @@ def load_mapping_text(text: str, file: str = "<mapping>") -> Mapping:
 def load_mapping(path: str | Path) -> Mapping:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise MappingFileError(str(path), None, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a Windows-1252 save: a traceback before, from `mapping check` and at start-up
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MappingFileError(str(path), line, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
     return load_mapping_text(text, str(path))
 
 

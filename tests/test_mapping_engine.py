@@ -226,3 +226,19 @@ def test_compiled_field_specs_agree_with_the_generic_path():
                     compiled = outcome(m.value, message, spec, seg, name)
                     generic = outcome(m._value, message, spec, seg)
                     assert compiled == generic, (mapping_file.name, name, compiled, generic)
+
+
+def test_mapping_files_not_utf8_or_nested_too_deeply_are_mapping_errors(tmp_path):
+    """A Windows-1252 save and ten thousand nested brackets were tracebacks (UnicodeDecodeError, RecursionError) from
+    `mapping check` and from start-up; now each is a MappingFileError, the line named where there is one."""
+    cp1252 = tmp_path / "cp1252.yaml"
+    cp1252.write_bytes((FIX / "mappings" / "us-mrn.yaml").read_bytes() + "# café\n".encode("cp1252"))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 10000 + "]" * 10000 + "\n")
+    with pytest.raises(MappingFileError, match=r"cp1252.yaml:\d+: not UTF-8 text \(byte 0xe9\)"):
+        load_mapping(cp1252)
+    with pytest.raises(MappingFileError, match="nested too deeply"):
+        load_mapping(deep)
+    for path in (cp1252, deep):
+        res = run_cli("mapping", "check", str(path))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
