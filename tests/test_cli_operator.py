@@ -155,3 +155,17 @@ def test_an_age_before_year_one_lists_every_record(trail):
     env, _ = trail
     res = cli(env, "audit", "list", "--since", "800000d")  # was OverflowError: date value out of range
     assert res.returncode == 0 and len(res.stdout.splitlines()) > 3, res.stderr
+
+
+def test_token_with_an_unusable_signing_key_is_one_line(tmp_path):
+    """A key path that is a folder or a file that is not a PEM key (and a read-only data directory, where the key
+    cannot be made) were tracebacks from `clinphoto token`; now one line and exit 2."""
+    folder = tmp_path / "folder"
+    (folder / "auth" / "dev-signing-key.pem").mkdir(parents=True)
+    junk = tmp_path / "junk"
+    (junk / "auth").mkdir(parents=True)
+    (junk / "auth" / "dev-signing-key.pem").write_text("not a key\n")
+    for data_dir, says in ((folder, "Is a directory"), (junk, "not a PEM private key")):
+        res = cli({"CLINPHOTO_DATA_DIR": str(data_dir)}, "token", "--sub", "x", "--role", "clinician")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and says in res.stderr and "dev-signing-key.pem" in res.stderr

@@ -32,7 +32,7 @@ def token(
             patient=patient, purpose=purpose.upper() if purpose else None, minutes=minutes,
         )
     except AuthError as exc:
-        console.print(f"clinphoto: {exc}", markup=False, highlight=False)
+        console.print(f"clinphoto: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     print(text)
 

@@ -92,6 +92,16 @@ _dev_key_lock = threading.Lock()
 def dev_private_key(settings: CoreSettings) -> ec.EllipticCurvePrivateKey:
     """The dev signing key, made on first use (0600, written atomically so two processes agree on one key)."""
     path = dev_key_path(settings)
+    try:
+        return _dev_private_key(path)
+    except (OSError, ValueError) as exc:
+        # a read-only data directory, a key path that is a folder, a key file that is not PEM: a traceback from
+        # `clinphoto token` before; AuthUnavailable is one line there and a 503 over HTTP
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not a PEM private key"
+        raise AuthUnavailable(f"dev signing key {path}: {why}") from None
+
+
+def _dev_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     with _dev_key_lock:
         if not path.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
