@@ -169,3 +169,12 @@ def test_token_with_an_unusable_signing_key_is_one_line(tmp_path):
         res = cli({"CLINPHOTO_DATA_DIR": str(data_dir)}, "token", "--sub", "x", "--role", "clinician")
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.count("\n") == 1 and says in res.stderr and "dev-signing-key.pem" in res.stderr
+
+
+@pytest.mark.parametrize("command", [("hl7", "reprocess", "--status", "eror"), ("outbox", "list", "--status", "pendng")])
+def test_a_mistyped_status_is_refused_not_an_empty_success(trail, command):
+    """`hl7 reprocess --status eror` said "nothing to do" and `outbox list --status pendng` printed an empty outbox,
+    both with exit 0: a script after a mapping fix took the feed for clean. Now exit 2 naming the statuses."""
+    env, _ = trail
+    res = cli(env, *command)
+    assert res.returncode == 2 and "must be one of" in res.stderr, (res.stdout, res.stderr)

@@ -23,6 +23,7 @@ def conformance() -> None:
                     max_associations=settings.dicom_max_associations), end="")
 
 
+OUTBOX_STATUSES = ("pending", "delivered", "committed", "dead", "cancelled")
 outbox_app = typer.Typer(help="Photos waiting to be forwarded to DICOM destinations (routing).", no_args_is_help=True)
 
 
@@ -31,6 +32,10 @@ def outbox_list(status: Annotated[str | None, typer.Option(help="Only items in t
                 limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many, newest first.")] = 50) -> None:
     """What waits, what was delivered, what failed and why."""
     from gateway.core import routing
+
+    if status is not None and status not in OUTBOX_STATUSES:  # a typo listed an empty outbox with exit 0
+        print(f"clinphoto: --status must be one of {', '.join(OUTBOX_STATUSES)}", file=sys.stderr)
+        raise typer.Exit(2)
 
     gw = open_gateway()
     try:

@@ -68,6 +68,9 @@ def reprocess(
     if (message_id is None) == (status is None):
         typer.echo("give a message id or --status STATUS", err=True)
         raise typer.Exit(2)
+    if status is not None and status not in STATUSES:  # a typo reprocessed nothing and said so with exit 0
+        typer.echo(f"--status must be one of {', '.join(STATUSES)}", err=True)
+        raise typer.Exit(2)
     settings = settings_or_exit()
     gw = open_gateway(settings=settings)
     try:
