@@ -178,3 +178,11 @@ def test_a_mistyped_status_is_refused_not_an_empty_success(trail, command):
     env, _ = trail
     res = cli(env, *command)
     assert res.returncode == 2 and "must be one of" in res.stderr, (res.stdout, res.stderr)
+
+
+def test_a_family_name_longer_than_any_stored_is_a_usage_error(trail):
+    """A 60,000-character --family was a traceback (SQLite: LIKE or GLOB pattern too complex); now exit 2."""
+    env, _ = trail
+    res = cli(env, "patients", "list", "--family", "a" * 60_000)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "longer than any stored name" in res.stderr, res.stderr
+    assert cli(env, "patients", "list", "--family", "a" * 401).returncode == 0  # as long as a name can be: no match

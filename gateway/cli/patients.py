@@ -37,6 +37,10 @@ def list_command(
     from store import audit
     from store.models import Asset, Patient, PatientIdentifier
 
+    longest = Patient.name_key.type.length
+    if family and longest and len(family) > longest:
+        # longer than any stored name: SQLite refused the LIKE pattern (over 50,000 bytes) with a traceback
+        raise typer.BadParameter(f"longer than any stored name ({longest} characters)", param_hint="--family")
     gw = open_gateway()
     try:
         with gw.db.read() as session:
