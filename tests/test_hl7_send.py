@@ -67,3 +67,11 @@ def test_send_says_why_nothing_was_sent(tmp_path):
     assert nobody.returncode == 1 and b"127.0.0.1:" in nobody.stderr and b"refused" in nobody.stderr.lower(), nobody.stderr
     missing = send(str(tmp_path / "nothing.hl7"), port=free_port())
     assert missing.returncode == 2 and b"nothing.hl7" in missing.stderr
+
+
+def test_send_options_out_of_range_are_usage_errors():
+    """--timeout 1e308 was a traceback (socket.settimeout: OverflowError: timestamp out of range) and --port -1 a
+    resolver error; both are now usage errors (exit 2) before any connection is tried."""
+    for option in (("--timeout", "1e308"), ("--port", "-1"), ("--port", "70000")):
+        res = send(str(FIX / "adt_a01_admit.hl7"), *option, port=free_port())
+        assert res.returncode == 2 and b"Traceback" not in res.stderr, res.stderr

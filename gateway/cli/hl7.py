@@ -115,8 +115,9 @@ def send(
                                                 "segments on their own lines; several messages a file are fine); "
                                                 "- reads standard input.")],
     host: Annotated[str, typer.Option(help="The MLLP listener's address.")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Its port; default CLINPHOTO_MLLP_PORT (2575).")] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the connection and for each ACK.")] = 30.0,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Its port; default CLINPHOTO_MLLP_PORT (2575).")] = None,
+    # an upper bound: socket.settimeout(1e308) was a traceback (OverflowError: timestamp out of range)
+    timeout: Annotated[float, typer.Option(min=0.1, max=86400, help="Seconds to wait for the connection and for each ACK.")] = 30.0,
 ) -> None:
     """Send HL7 v2 messages over MLLP, in order over one connection, and print each ACK (a segment a line).
 
