@@ -150,6 +150,11 @@ def test_manifest_problems_are_reported(tmp_path):
         read_manifest(bad)
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.csv")
+    with pytest.raises(ManifestError, match="manifest is a folder"):
+        read_manifest(tmp_path)
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(ManifestError, match="manifest is not a regular file"):
+        read_manifest(tmp_path / "pipe.csv")
 
 
 def test_cli_import_as_a_real_process(gw, archive, database_url, tmp_path):

@@ -78,8 +78,9 @@ class ImportSummary:
 
 
 def read_manifest(path: Path) -> list[Row]:
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
+    if not path.is_file():  # a folder or a pipe was "not found" too, which sent the operator looking for a file
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise ManifestError(f"manifest {what}: {path}")
     try:
         data = path.read_bytes()
     except OSError as exc:
