@@ -4,6 +4,7 @@ type, pynetdicom for the access matrix (zero leaks, zero misses for peers of dif
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -47,19 +48,17 @@ def archive(gw, fx, tmp_path):
 def findscu(port: int, model: str, level: str, *keys: str) -> list[dict[str, str]]:
     """dcmtk's findscu; each answer as {keyword: value} from the responses it writes (-X)."""
     tool = require_tool("findscu", "dcmtk")
-    out = Path(f"/tmp/findscu-{port}-{level}")
-    out.mkdir(exist_ok=True)
-    for old in out.glob("*"):
-        old.unlink()
-    args = [tool, model, "-aet", "VIEWER", "-aec", "CLINPHOTO", "-X", "-od", str(out), "-k", f"QueryRetrieveLevel={level}"]
-    for key in keys:
-        args += ["-k", key]
-    run = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    answers = []
-    for path in sorted(out.glob("rsp*.dcm")):
-        ds = pydicom.dcmread(path)
-        answers.append({e.keyword: str(e.value) for e in ds if e.keyword})
+    with tempfile.TemporaryDirectory(prefix="findscu-") as folder:  # answers hold patient names: never left behind
+        out = Path(folder)
+        args = [tool, model, "-aet", "VIEWER", "-aec", "CLINPHOTO", "-X", "-od", str(out), "-k", f"QueryRetrieveLevel={level}"]
+        for key in keys:
+            args += ["-k", key]
+        run = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        answers = []
+        for path in sorted(out.glob("rsp*.dcm")):
+            ds = pydicom.dcmread(path)
+            answers.append({e.keyword: str(e.value) for e in ds if e.keyword})
     return answers
 
 

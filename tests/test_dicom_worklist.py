@@ -4,6 +4,7 @@ procedure steps, filtered by location and date, under the need-to-know rule for 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,18 +21,16 @@ from tests.test_dicom_association import RunningListener
 
 def worklist(port: int, calling: str, *keys: str) -> list[pydicom.Dataset]:
     tool = require_tool("findscu", "dcmtk")
-    out = Path(f"/tmp/mwl-{port}-{calling}")
-    out.mkdir(exist_ok=True)
-    for old in out.glob("*"):
-        old.unlink()
-    args = [tool, "-W", "-aet", calling, "-aec", "CLINPHOTO", "-X", "-od", str(out), "-k", "PatientName", "-k", "PatientID",
-            "-k", "IssuerOfPatientID", "-k", "AdmissionID", "-k", "(0040,0100)[0].Modality=XC",
-            "-k", "(0040,0100)[0].ScheduledProcedureStepStartDate", "-k", "(0040,0100)[0].ScheduledProcedureStepLocation"]
-    for key in keys:
-        args += ["-k", key]
-    run = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    with tempfile.TemporaryDirectory(prefix="mwl-") as folder:  # answers hold patient names: never left behind
+        out = Path(folder)
+        args = [tool, "-W", "-aet", calling, "-aec", "CLINPHOTO", "-X", "-od", str(out), "-k", "PatientName", "-k", "PatientID",
+                "-k", "IssuerOfPatientID", "-k", "AdmissionID", "-k", "(0040,0100)[0].Modality=XC",
+                "-k", "(0040,0100)[0].ScheduledProcedureStepStartDate", "-k", "(0040,0100)[0].ScheduledProcedureStepLocation"]
+        for key in keys:
+            args += ["-k", key]
+        run = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 def test_findscu_worklist_lists_current_encounters_by_need_to_know(gw):
