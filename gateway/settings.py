@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         "so the peer tries again later.",
     )
     ae_title: str = Field("CLINPHOTO", min_length=1, max_length=16, description="Our DICOM AE title.")
+    dicom_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) of the DICOM listener: with it the listener speaks TLS only (DICOM PS3.15 "
+        "B.9, BCP 195: TLS 1.2 or later), and it is the certificate presented to peers reached with `tls`.",
+    )
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of dicom_tls_cert (unless in the certificate's file).")
+    dicom_tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: peers connecting to the DICOM listener must present a certificate it signed.",
+    )
     uid_root: str = Field("2.25", description="Root for DICOM UIDs we make; 2.25 means UUID-derived UIDs.")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -132,6 +141,15 @@ class Settings(BaseSettings):
         if not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts) or len(value) > 40:
             raise ValueError("must be a dotted-number DICOM UID root of at most 40 characters, e.g. 1.2.826.0.1.3680043.10.xxx")
         return value
+
+    @model_validator(mode="after")
+    def _dicom_client_ca_needs_tls(self) -> Settings:
+        # asking peers for certificates on a listener that does not speak TLS would check nothing
+        if self.dicom_tls_client_ca is not None and self.dicom_tls_cert is None:
+            raise ValueError("dicom_tls_client_ca is set but dicom_tls_cert is not (the DICOM listener would not use TLS)")
+        if self.dicom_tls_key is not None and self.dicom_tls_cert is None:
+            raise ValueError("dicom_tls_key is set but dicom_tls_cert is not")
+        return self
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

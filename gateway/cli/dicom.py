@@ -20,7 +20,8 @@ def conformance() -> None:
 
     settings = settings_or_exit()
     print(statement(settings.ae_title, settings.dicom_port, idle_timeout=settings.dicom_idle_timeout,
-                    max_associations=settings.dicom_max_associations), end="")
+                    max_associations=settings.dicom_max_associations, tls=settings.dicom_tls_cert is not None,
+                    tls_client_ca=settings.dicom_tls_client_ca is not None), end="")
 
 
 OUTBOX_STATUSES = ("pending", "delivered", "committed", "dead", "cancelled")

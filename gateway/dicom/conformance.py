@@ -8,6 +8,7 @@ from pydicom.uid import UID
 
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.dicom import commitment, find, retrieve
+from gateway.dicom import tls as tls_module
 from gateway.dicom.pdata import MAX_COMMAND_BYTES, MAX_IN_MEMORY_DATA_SET
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 from gateway.dicom.reactor import MAX_REPORTS_AT_ONCE
@@ -26,7 +27,8 @@ def _name(uid: str) -> str:
     return UID(uid).name if UID(uid).is_valid else uid
 
 
-def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations: int) -> str:
+def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations: int, tls: bool = False,
+              tls_client_ca: bool = False) -> str:
     lines = [
         "DICOM Conformance Statement: clinphoto clinical photo gateway",
         "=" * 64,
@@ -132,5 +134,13 @@ def statement(ae_title: str, port: int, *, idle_timeout: float, max_associations
         "9 Security: every query and retrieve is filtered by the policy for the peer's configured purpose of use,",
         "  sensitivities and specialties, and audited (DCM 110112 Query, 110104 DICOM Instances Transferred, 110107",
         "  Import, 110113 Security Alert for rejected associations).",
+        "  Secure transport: the BCP 195 TLS Secure Transport Connection Profile (PS3.15 B.9: TLS 1.2 or later)",
+        "  when the listener has a certificate (CLINPHOTO_DICOM_TLS_CERT): TLS only on its port then, and with",
+        "  CLINPHOTO_DICOM_TLS_CLIENT_CA a peer must present a certificate that CA signed. Peers configured with tls",
+        "  are reached over TLS (C-MOVE, routing), their certificate checked against their tls_ca and host name,",
+        "  and shown this AE's certificate. A TLS handshake must be done within "
+        f"{tls_module.HANDSHAKE_TIMEOUT:g} s of connecting.",
+        f"  This AE, as configured: {'TLS' if tls else 'no TLS'}"
+        + (", peer certificates required." if tls and tls_client_ca else "."),
     ]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socketserver
+import ssl
 import threading
 import time
 from typing import Any, Protocol, cast
@@ -25,10 +26,11 @@ from gateway.core.identity import (
     DicomPeerRejected,
     PeerRefusal,
     authenticate_dicom_peer,
+    dicom_peers,
     peer_allows,
     unserved_permissions,
 )
-from gateway.dicom import commitment, find, retrieve, sockets, storage
+from gateway.dicom import commitment, find, retrieve, sockets, storage, tls
 from gateway.dicom.pdu_in import MAX_PDU_LENGTH
 from gateway.dicom.reactor import EventAssociation, EventRequestHandler
 from gateway.dicom.router import Router
@@ -91,6 +93,7 @@ class DicomListener:
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
         self.ae.maximum_pdu_size = MAX_PDU_LENGTH  # a longer P-DATA-TF ends the association (reactor.py)
         self._server: ThreadedAssociationServer | None = None
+        self._tls: ssl.SSLContext | None = None
         # the routing sender runs beside the listener when routes are configured
         self.router: Router | None = (Router(gw, network_timeout=settings.dicom_idle_timeout) if gw.settings.routing.routes
                                       else None)
@@ -134,10 +137,12 @@ class DicomListener:
             return 0x0124  # Refused: Not Authorized
         return 0x0000
 
-    def _start_server(self, handlers: list[Any]) -> ThreadedAssociationServer:
+    def _start_server(self, handlers: list[Any]) -> tls.TlsAssociationServer:
         """AE.start_server(block=False), with associations whose threads wait for work rather than poll (reactor.py)."""
-        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
-                                     request_handler=EventRequestHandler)
+        server = cast(tls.TlsAssociationServer, self.ae.make_server(
+            (self.host, self._port), evt_handlers=handlers, server_class=tls.TlsAssociationServer, request_handler=EventRequestHandler,
+            ssl_context=self._tls))
+        server.handshakes = threading.BoundedSemaphore(self.ae.maximum_associations)
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self.ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
         return server
@@ -153,8 +158,12 @@ class DicomListener:
             (evt.EVT_C_MOVE, lambda event: retrieve.on_move(self.gw, event)),
             (evt.EVT_N_EVENT_REPORT, lambda event: commitment.on_event_report(self.gw, event)),
         ]
+        settings = cast(tls.TlsSettings, self.gw.settings)
+        self._tls = tls.server_context(settings)
+        for peer in dicom_peers(self.gw.settings):  # each peer reached over TLS: its files load now, or start-up fails
+            tls.client_tls_args(settings, peer, peer.hosts[0])
         self._server = await asyncio.to_thread(self._start_server, handlers)
-        log.info("DICOM listening on %s:%s as %s", self.host, self.port, self.gw.settings.ae_title)
+        log.info("DICOM listening on %s:%s as %s%s", self.host, self.port, self.gw.settings.ae_title, " (TLS)" if self._tls else "")
         if self.router is not None:
             self.router.start()
         for line in unserved_permissions(self.gw.settings):

@@ -39,7 +39,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 from gateway.core.objects.transcode import EncodedDataSet
-from gateway.dicom import sockets
+from gateway.dicom import sockets, tls
 from gateway.dicom.pdata import LAST_FRAGMENT, FramingDIMSE, framed_of, send_all
 from gateway.dicom.pdu_in import P_DATA_TF, PDU_TYPES, ConnectionEnded, PduTooLong, pdata_values, read_pdu
 from gateway.dicom.pending import DEFAULT_INTERVAL, PendingThrottle
@@ -523,3 +523,7 @@ class EventRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         return EventAssociation.adopt(super()._create_association())
+
+    def handle(self) -> None:
+        if tls.handshake(self.request, self.client_address, getattr(self.server, "handshakes", None)):  # on this thread (tls.py)
+            super().handle()

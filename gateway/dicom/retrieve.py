@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -24,7 +24,7 @@ from gateway.core.identity import Subject, dicom_peers, peer_allows, peer_subjec
 from gateway.core.objects import part10
 from gateway.core.objects.transcode import EncodedDataSet, as_stored, encoded_as_stored
 from gateway.core.refusals import Kind, Refused
-from gateway.dicom import sockets
+from gateway.dicom import sockets, tls
 from gateway.dicom.command import error_comment
 from gateway.dicom.find import BadIdentifier, query_of
 from gateway.dicom.pdata import FramingDIMSE
@@ -229,11 +229,18 @@ def on_move(gw: Gateway, event: Any) -> Iterator[Any]:
     if peer is None:
         yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown: only configured peers with a port
         return
+    try:
+        tls_args = tls.client_tls_args(cast(tls.TlsSettings, gw.settings), peer, peer.hosts[0])
+    except tls.TlsSetupError as exc:  # a file changed since start-up, when each was loaded (listener.py)
+        log.error("C-MOVE to %s: %s", destination, exc)
+        yield None, None  # pynetdicom answers 0xA801: the destination cannot be reached
+        return
     # pynetdicom opens the association to the destination itself: its handler hands it to us, for what it accepted
     opened: list[Any] = []
     # (Nagle off on it; a destination that stops reading times out, and its C-STOREs fail at once: sockets.py)
     yield peer.hosts[0], peer.port, {"evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: opened.append(sockets.fails_fast_once_closed(e.assoc))),
-                                                      sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE]}
+                                                      sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE],
+                                     "tls_args": tls_args}
     if subject is None or subject.peer is None or not peer_allows(subject, "move"):
         _refused_service(gw, subject, "move", f" to {destination}")
         yield from _refuse(event, NOT_AUTHORIZED, "this AE may not retrieve here")

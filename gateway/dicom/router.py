@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -20,7 +21,7 @@ from gateway.core.identity import Subject, dicom_peers, peer_subject
 from gateway.core.ingest.received import SOP_CLASSES, TRANSFER_SYNTAXES
 from gateway.core.objects.uids import new_uid
 from gateway.core.refusals import Refused
-from gateway.dicom import sockets
+from gateway.dicom import sockets, tls
 from gateway.dicom.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, commitment_request, on_event_report
 from gateway.dicom.transfer import dataset_for
 from store import audit
@@ -95,15 +96,22 @@ class Router:
                 routing.failed(self.gw, settings, item.id, f"{destination} is not a configured DICOM peer with a port")
             return
         subject = peer_subject(peer, peer.hosts[0])
+        try:
+            tls_args = tls.client_tls_args(cast(tls.TlsSettings, self.gw.settings), peer, peer.hosts[0])
+        except tls.TlsSetupError as exc:  # a file changed since start-up, when each was loaded (listener.py)
+            for item in items:
+                routing.failed(self.gw, settings, item.id, f"cannot reach {destination} over TLS: {exc}")
+            return
         # a destination may report its commitment on this association while it is still open
-        assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination,
+        assoc = self.ae.associate(peer.hosts[0], peer.port, ae_title=destination, tls_args=tls_args,
                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: on_event_report(self.gw, event)),
                                                 # Nagle off; a PACS reading nothing times out
                                                 sockets.CONNECTION_OPEN, sockets.CONNECTION_CLOSE])
         assoc = sockets.fails_fast_once_closed(assoc)  # then the items left fail at once, to be retried later
         if not assoc.is_established:
             for item in items:
-                routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}")
+                routing.failed(self.gw, settings, item.id, f"no association with {destination} at {peer.hosts[0]}:{peer.port}"
+                               + (" over TLS (the log says why)" if tls_args else ""))
             return
         try:
             sent = [(item, took) for item in items if (took := self._send_one(assoc, subject, destination, item))]

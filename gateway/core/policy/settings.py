@@ -125,6 +125,19 @@ class DicomPeer(BaseModel):
         description="DIMSE services the peer may use.",
     )
     name: str | None = Field(None, description="Display name for the audit trail (e.g. 'Main PACS').")
+    tls: bool = Field(
+        False,
+        description="Connect to this peer's port (C-MOVE, routing) over TLS, its certificate checked against tls_ca and "
+        "its host name (hosts[0]); dicom_tls_cert is presented if it asks for one.",
+    )
+    tls_ca: Path | None = Field(None, description="PEM CA bundle that signed this peer's certificate; default the system's trusted CAs.")
+
+    @model_validator(mode="after")
+    def _tls_ca_only_with_tls(self) -> DicomPeer:
+        # a CA given for a peer left on plain DICOM reads as if its traffic were protected
+        if self.tls_ca is not None and not self.tls:
+            raise ValueError(f"DICOM peer {self.ae_title}: tls_ca is set but tls is not (it would be reached without TLS)")
+        return self
 
 
 class AuthSettings(BaseModel):

@@ -1,0 +1,117 @@
+"""DICOM over TLS (PS3.15 B.9, the BCP 195 TLS Secure Transport Connection Profile): TLS 1.2 or later, on the
+listener when it has a certificate, and to each peer configured with `tls` when we connect to it (C-MOVE and routing
+destinations), with the peer's certificate checked against its host name.
+
+The handshake of an accepted connection is made on that connection's own thread, not where pynetdicom makes it (on
+the thread accepting every connection, with no timeout): a peer that connected and sent nothing held the door shut
+to every other peer for as long as it kept the connection open."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from typing import Any, Protocol
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.core.policy.settings import DicomPeer
+
+log = logging.getLogger("clinphoto.dicom")
+
+HANDSHAKE_TIMEOUT = 30.0  # seconds a connecting peer may take over its TLS handshake (pynetdicom's ACSE timeout)
+
+
+class TlsSettings(Protocol):
+    dicom_tls_cert: Any
+    dicom_tls_key: Any
+    dicom_tls_client_ca: Any
+
+
+class TlsSetupError(Exception):
+    """A TLS certificate, key or CA bundle in the settings cannot be used; the message names the setting."""
+
+
+def _load(what: str, load: Any, *args: Any) -> None:
+    try:
+        load(*args)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise TlsSetupError(f"{what} {args[0]}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
+
+
+def _context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
+    return ctx
+
+
+def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    """The listener's context, or None when it has no certificate (plain DICOM)."""
+    if not settings.dicom_tls_cert:
+        return None
+    ctx = _context(ssl.Purpose.CLIENT_AUTH)
+    _load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
+    if settings.dicom_tls_client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        _load("dicom_tls_client_ca", ctx.load_verify_locations, settings.dicom_tls_client_ca)
+    return ctx
+
+
+def client_tls_args(settings: TlsSettings, peer: DicomPeer, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for connecting to `peer` at `host`, or None when it is not reached over TLS: its
+    certificate checked against `tls_ca` (else the system's trusted CAs) and `host`; ours presented when asked for."""
+    if not peer.tls:
+        return None
+    ctx = _context(ssl.Purpose.SERVER_AUTH)
+    if peer.tls_ca:
+        _load(f"the tls_ca of DICOM peer {peer.ae_title}:", ctx.load_verify_locations, peer.tls_ca)
+    if settings.dicom_tls_cert:
+        _load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
+    return ctx, host
+
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, wrapping each accepted connection without its handshake (made by handshake()
+    on the connection's own thread). `handshakes`: the handshakes under way at once, at most; set by the listener
+    (its association limit): a connection is no association until its handshake is done, so pynetdicom's limit
+    does not count it, and a peer opening connections it never shook hands on had a thread each."""
+
+    handshakes: threading.BoundedSemaphore | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+
+def handshake(sock: Any, address: Any, slots: threading.BoundedSemaphore | None = None) -> bool:
+    """The accepted connection's TLS handshake, if it is a TLS one, within HANDSHAKE_TIMEOUT and while one of
+    `slots` is free: False (logged, the connection closed) when it fails, so no association is made on it."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    host = address[0] if isinstance(address, tuple) else address
+    if slots is not None and not slots.acquire(blocking=False):
+        log.warning("DICOM TLS connection from %s closed: as many handshakes as associations allowed are under way", host)
+        _close(sock)
+        return False
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.do_handshake()
+        sock.settimeout(None)  # blocking again: the kernel's timeouts bound each read and write (sockets.py)
+        return True
+    except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, or the peer gone
+        log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "reason", None) or type(exc).__name__)
+        _close(sock)
+        return False
+    finally:
+        if slots is not None:
+            slots.release()
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
