@@ -27,6 +27,7 @@ from gateway.dicom.listener import DicomListener
 from gateway.hl7.listener import MllpListener
 from gateway.http.acceptor import Acceptor
 from gateway.http.bounded_head import BoundedHeadProtocol
+from gateway.http.tls import server_context
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class HttpListener:
         )
         self._server = uvicorn.Server(config)
         self._read_timeout = s.http_read_timeout
+        self._tls = server_context(s.http_tls_cert, s.http_tls_key, "http_tls_cert")  # unusable: no door starts
         self._max_connections = fit_connection_limit(s.http_max_connections, "http_max_connections", log)
         self._server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # serve() owns the signals
         self._task: asyncio.Task | None = None
@@ -69,6 +71,7 @@ class HttpListener:
         # We bind the socket ourselves: a bind error is then an OSError we report in one
         # line, where uvicorn would call sys.exit() from inside the event loop.
         config = self._server.config
+        tls = self._tls
         sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -92,10 +95,13 @@ class HttpListener:
         server = self._server
         protocol = partial(BoundedHeadProtocol, config=config, server_state=server.server_state,
                            app_state=server.lifespan.state, read_timeout=self._read_timeout)
-        self._acceptor = Acceptor(sock, lambda on_closed: protocol(on_closed=on_closed), self._max_connections)
+        # a TLS handshake is bounded as a request head is (http_read_timeout)
+        self._acceptor = Acceptor(sock, lambda on_closed: protocol(on_closed=on_closed), self._max_connections, tls=tls,
+                                  handshake_timeout=self._read_timeout)
         self._acceptor.start()
         self._port = sock.getsockname()[1]
-        log.info("HTTP listening on http://%s:%s (at most %d connections)", config.host, self.port, self._max_connections)
+        log.info("HTTP listening on %s://%s:%s (at most %d connections)", "https" if tls else "http", config.host, self.port,
+                 self._max_connections)
 
     @property
     def port(self) -> int:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         "a slower one is answered 408 and closed (nginx's client_header_timeout and client_body_timeout), so idle or "
         "trickling connections cannot hold the door's connections.",
     )
+    http_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain): with it the HTTP door (REST, FHIR, DICOMweb, viewer, capture, console) "
+        "speaks HTTPS only (TLS 1.2 or later). Without it, put a TLS-terminating proxy in front before it leaves the host.",
+    )
+    http_tls_key: Path | None = Field(None, description="PEM private key of http_tls_cert (unless in the certificate's file).")
     mllp_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP listener port.")
     dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM DIMSE listener port.")
     dicom_host: str | None = Field(
@@ -143,12 +149,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _dicom_client_ca_needs_tls(self) -> Settings:
+    def _tls_files_need_a_certificate(self) -> Settings:
         # asking peers for certificates on a listener that does not speak TLS would check nothing
         if self.dicom_tls_client_ca is not None and self.dicom_tls_cert is None:
             raise ValueError("dicom_tls_client_ca is set but dicom_tls_cert is not (the DICOM listener would not use TLS)")
         if self.dicom_tls_key is not None and self.dicom_tls_cert is None:
             raise ValueError("dicom_tls_key is set but dicom_tls_cert is not")
+        if self.http_tls_key is not None and self.http_tls_cert is None:
+            raise ValueError("http_tls_key is set but http_tls_cert is not")
         return self
 
     @model_validator(mode="after")

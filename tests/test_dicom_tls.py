@@ -6,7 +6,6 @@ did not sign."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import subprocess
@@ -238,8 +237,8 @@ def test_tls_settings_that_would_mislead_are_refused(pki, tmp_path):
 def test_a_certificate_or_ca_that_cannot_be_loaded_stops_the_start_naming_the_setting(gw, pki, tmp_path):
     gw.settings.dicom_tls_cert = tmp_path / "missing.crt"
     with pytest.raises(TlsSetupError, match="dicom_tls_cert .*missing.crt: No such file"):
-        asyncio.run(DicomListener(gw, "127.0.0.1", 0).start())
+        DicomListener(gw, "127.0.0.1", 0)
     gw.settings.dicom_tls_cert, gw.settings.dicom_tls_key = pki.server.cert, pki.server.key
     gw.settings.auth.dicom_peers = [DicomPeer(ae_title="PACS1", hosts=["127.0.0.1"], port=104, tls=True, tls_ca=pki.server.key)]
     with pytest.raises(TlsSetupError, match="tls_ca of DICOM peer PACS1"):  # a key where its CA should be
-        asyncio.run(DicomListener(gw, "127.0.0.1", 0).start())
+        DicomListener(gw, "127.0.0.1", 0)

@@ -93,7 +93,12 @@ class DicomListener:
                 self.ae.add_requested_context(sop_class, syntax)  # it can accept the stored one alone
         self.ae.maximum_pdu_size = MAX_PDU_LENGTH  # a longer P-DATA-TF ends the association (reactor.py)
         self._server: ThreadedAssociationServer | None = None
-        self._tls: ssl.SSLContext | None = None
+        # each file TLS needs is loaded now (the listener's, and each peer's reached over TLS): one that cannot be
+        # is a start-up error naming it, before any door opens
+        tls_settings = cast(tls.TlsSettings, gw.settings)
+        self._tls: ssl.SSLContext | None = tls.server_context(tls_settings)
+        for peer in dicom_peers(gw.settings):
+            tls.client_tls_args(tls_settings, peer, peer.hosts[0])
         # the routing sender runs beside the listener when routes are configured
         self.router: Router | None = (Router(gw, network_timeout=settings.dicom_idle_timeout) if gw.settings.routing.routes
                                       else None)
@@ -158,10 +163,6 @@ class DicomListener:
             (evt.EVT_C_MOVE, lambda event: retrieve.on_move(self.gw, event)),
             (evt.EVT_N_EVENT_REPORT, lambda event: commitment.on_event_report(self.gw, event)),
         ]
-        settings = cast(tls.TlsSettings, self.gw.settings)
-        self._tls = tls.server_context(settings)
-        for peer in dicom_peers(self.gw.settings):  # each peer reached over TLS: its files load now, or start-up fails
-            tls.client_tls_args(settings, peer, peer.hosts[0])
         self._server = await asyncio.to_thread(self._start_server, handlers)
         log.info("DICOM listening on %s:%s as %s%s", self.host, self.port, self.gw.settings.ae_title, " (TLS)" if self._tls else "")
         if self.router is not None:

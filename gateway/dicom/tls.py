@@ -17,6 +17,9 @@ from typing import Any, Protocol
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.core.policy.settings import DicomPeer
+from gateway.http.tls import TlsSetupError as TlsSetupError  # what router.py and retrieve.py catch
+from gateway.http.tls import context, load
+from gateway.http.tls import server_context as server_tls
 
 log = logging.getLogger("clinphoto.dicom")
 
@@ -29,32 +32,12 @@ class TlsSettings(Protocol):
     dicom_tls_client_ca: Any
 
 
-class TlsSetupError(Exception):
-    """A TLS certificate, key or CA bundle in the settings cannot be used; the message names the setting."""
-
-
-def _load(what: str, load: Any, *args: Any) -> None:
-    try:
-        load(*args)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise TlsSetupError(f"{what} {args[0]}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
-
-
-def _context(purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
-    return ctx
-
-
 def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
     """The listener's context, or None when it has no certificate (plain DICOM)."""
-    if not settings.dicom_tls_cert:
-        return None
-    ctx = _context(ssl.Purpose.CLIENT_AUTH)
-    _load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
-    if settings.dicom_tls_client_ca:
+    ctx = server_tls(settings.dicom_tls_cert, settings.dicom_tls_key, "dicom_tls_cert")
+    if ctx is not None and settings.dicom_tls_client_ca:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        _load("dicom_tls_client_ca", ctx.load_verify_locations, settings.dicom_tls_client_ca)
+        load("dicom_tls_client_ca", ctx.load_verify_locations, settings.dicom_tls_client_ca)
     return ctx
 
 
@@ -63,11 +46,11 @@ def client_tls_args(settings: TlsSettings, peer: DicomPeer, host: str) -> tuple[
     certificate checked against `tls_ca` (else the system's trusted CAs) and `host`; ours presented when asked for."""
     if not peer.tls:
         return None
-    ctx = _context(ssl.Purpose.SERVER_AUTH)
+    ctx = context(ssl.Purpose.SERVER_AUTH)
     if peer.tls_ca:
-        _load(f"the tls_ca of DICOM peer {peer.ae_title}:", ctx.load_verify_locations, peer.tls_ca)
+        load(f"the tls_ca of DICOM peer {peer.ae_title}:", ctx.load_verify_locations, peer.tls_ca)
     if settings.dicom_tls_cert:
-        _load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
+        load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
     return ctx, host
 
 

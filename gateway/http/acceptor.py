@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
 from gateway.core.logs import RateLimited
@@ -33,8 +34,10 @@ class Acceptor:
     protocol `protocol_factory(on_closed)` makes; the protocol calls on_closed once, when its connection is lost."""
 
     def __init__(self, sock: socket.socket, protocol_factory: Callable[[Callable[[], None]], asyncio.Protocol],
-                 max_connections: int) -> None:
+                 max_connections: int, tls: ssl.SSLContext | None = None, handshake_timeout: float = 60.0) -> None:
         self.sock = sock
+        self.tls = tls  # each connection's TLS handshake is made by the loop, within handshake_timeout (counted open)
+        self.handshake_timeout = handshake_timeout
         self.protocol_factory = protocol_factory
         self.max_connections = max_connections
         self.open = 0  # accepted and not yet closed
@@ -117,8 +120,9 @@ class Acceptor:
                 self._closed()
 
         try:
-            await loop.connect_accepted_socket(lambda: self.protocol_factory(closed_once), conn)
-        except Exception as exc:  # the peer gone already
-            log.info("HTTP connection could not start: %s", type(exc).__name__)
+            await loop.connect_accepted_socket(lambda: self.protocol_factory(closed_once), conn, ssl=self.tls,
+                                               ssl_handshake_timeout=self.handshake_timeout if self.tls else None)
+        except Exception as exc:  # the peer gone already, or its TLS handshake failed or took too long
+            log.info("HTTP connection could not start: %s", getattr(exc, "reason", None) or type(exc).__name__)
             conn.close()
             closed_once()  # connection_lost never comes for a connection never made

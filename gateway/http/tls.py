@@ -1,0 +1,37 @@
+"""TLS contexts from the PEM files the settings name, for the doors that speak TLS (HTTP here; DICOM: gateway/dicom/
+tls.py): TLS 1.2 or later (BCP 195), and a file that cannot be used is one line naming its setting, at start-up."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+
+class TlsSetupError(Exception):
+    """A TLS certificate, key or CA bundle in the settings cannot be used; the message names the setting."""
+
+
+def load(what: str, loader: Any, *args: Any) -> None:
+    """`loader(*args)` (an SSLContext's load_cert_chain or load_verify_locations), its failure a TlsSetupError
+    naming `what` (the setting) and the file."""
+    try:
+        loader(*args)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TlsSetupError(f"{what} {args[0]}: {why}") from None
+
+
+def context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
+    return ctx
+
+
+def server_context(cert: Path | None, key: Path | None, setting: str) -> ssl.SSLContext | None:
+    """A listener's context for the certificate `setting` names, or None without one (plain TCP)."""
+    if cert is None:
+        return None
+    ctx = context(ssl.Purpose.CLIENT_AUTH)
+    load(setting, ctx.load_cert_chain, cert, key)
+    return ctx
