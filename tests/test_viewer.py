@@ -182,6 +182,27 @@ def test_iid_study_request_and_bad_requests(gw, world, web):
         assert len(browser.get("/viewer/api/photos").json()["items"]) == 2
 
 
+def test_iid_names_the_patient_by_nhs_number(gw, world, web):
+    """The README's form, `9434765919^^^NHS`, and the OID form open the patient's photos, as the MRN does (the
+    issuer's `nhs` was handed on unexpanded and refused as an unknown system)."""
+    from store.models import PatientIdentifier
+
+    with gw.db.write() as s:
+        s.add(PatientIdentifier(patient_id=world.patient_ids["PA"], system="https://fhir.nhs.uk/Id/nhs-number",
+                                value="9434765919", type_code="NH", assigner="NHS"))
+    headers = world.headers(gw, next(u for u in USERS if u.key == "illustration"))
+    with opened(web, iid(web, headers, "PA")) as browser:
+        by_mrn = {p["id"] for p in browser.get("/viewer/api/photos").json()["items"]}
+    assert by_mrn
+    for issued in ("9434765919^^^NHS", "943 476 5919^^^&2.16.840.1.113883.2.1.4.1&ISO"):
+        launch = web.get("/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": issued}, headers=headers)
+        with opened(web, launch) as browser:
+            assert {p["id"] for p in browser.get("/viewer/api/photos").json()["items"]} == by_mrn, issued
+    # a mistyped NHS number is the caller's mistake to fix, said as such
+    bad = web.get("/IHEInvokeImageDisplay", params={"requestType": "PATIENT", "patientID": "9434765918^^^NHS"}, headers=headers)
+    assert bad.status_code == 400 and "not a valid NHS number" in bad.text
+
+
 def _audit(gw, *where) -> list[AuditEvent]:
     with gw.db.read() as s:
         rows = list(s.scalars(select(AuditEvent).where(*where).order_by(AuditEvent.seq)))

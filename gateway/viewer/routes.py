@@ -328,7 +328,11 @@ def _iid_patient(text: str) -> tuple[str, str]:
     oid = rest.partition("&")[0]
     if not value or not issuer:
         raise HTTPException(400, "patientID must be <id>^^^<issuer>, e.g. 9434765919^^^NHS")
-    return ("nhs", value) if (namespace or oid) in NHS_ISSUERS or oid in NHS_ISSUERS else ("mrn", value)
+    system = "nhs" if (namespace or oid) in NHS_ISSUERS or oid in NHS_ISSUERS else "mrn"
+    try:  # as every door reads `system|value`: the alias expanded, an NHS number checked and written as 10 digits
+        return patient_refs.normalise_identifier(system, value)
+    except patient_refs.BadPatientRef as exc:
+        raise HTTPException(400, f"patientID: {exc}") from None
 
 
 def _iid_time(text: str | None, name: str) -> datetime | None:
