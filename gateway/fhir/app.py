@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from gateway.core import access, patient_views
+from gateway.core import access, patient_refs, patient_views
 from gateway.core.access import PhotoView
 from gateway.core.context import Gateway
 from gateway.core.identity import Subject
@@ -227,7 +227,10 @@ def _identifier(text: str | None) -> tuple[str, str] | None:
     system, value = token(text)
     if not system or not value:
         raise FhirError(400, f"identifier: {text!r} needs system|value (e.g. {NHS_SYSTEM}|9990000018)")
-    return system, value
+    try:  # as every door reads it: the nhs alias expanded, an NHS number checked and written as 10 digits
+        return patient_refs.normalise_identifier(system, value)
+    except patient_refs.BadPatientRef as exc:
+        raise FhirError(400, f"identifier: {exc}") from None
 
 
 def _read(gw: Gateway, subject: Subject, photo_id: str, resource: str, asked: str) -> PhotoView:
