@@ -12,7 +12,8 @@ policy_app = typer.Typer(help="Access policy.", no_args_is_help=True)
 
 def token(
     sub: Annotated[str, typer.Option("--sub", help="Subject (user id).")],
-    role: Annotated[str, typer.Option("--role", help="clinician, medical-illustration, integration-engineer, admin, educator or researcher.")],
+    role: Annotated[str, typer.Option("--role", help="clinician, medical-illustration, integration-engineer, admin, "
+                                                     "privacy-officer, educator or researcher.")],
     specialty: Annotated[list[str], typer.Option("--specialty", help="NHS Treatment Function code; repeat for several.")] = [],  # noqa: B006
     scope: Annotated[list[str], typer.Option("--scope", help="SMART v2 scope, e.g. user/Media.rs; repeat for several. Default user/*.cruds.")] = [],  # noqa: B006
     patient: Annotated[str | None, typer.Option("--patient", help="Patient in context (clinphoto patient id) for patient/ scopes.")] = None,

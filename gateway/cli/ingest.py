@@ -21,7 +21,7 @@ def import_command(
     rejected: Annotated[
         Path | None, typer.Option("--rejected", help="Where to write the CSV of rejected rows (default: next to the manifest).")
     ] = None,
-    state: Annotated[Path | None, typer.Option("--state", help="Resume file (default: DATA_DIR/imports/ MANIFEST-ID.jsonl).")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Resume file (default: DATA_DIR/imports/MANIFEST-ID.jsonl).")] = None,
     as_user: Annotated[str | None, typer.Option("--as", help="Who the audit trail names as importer (default: the OS user).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=16, help="Photos processed at once (decoding uses a core each).")] = 2,
 ) -> None:

@@ -50,7 +50,7 @@ class IngestSettings(BaseModel):
     jpeg_444: Literal["decode", "wrap"] = Field(
         "decode",
         description="Non-subsampled (4:4:4) or RGB-coded JPEGs: the VL Image IOD (PS3.3 C.8.12.1) allows only YBR_FULL_422 "
-        "with JPEG lossy transfer syntaxes, so by default their decoded pixels are stored losslessly (uncompressed RGB, "
+        "with JPEG lossy transfer syntaxes, so by default their decoded pixels are stored losslessly (JPEG-LS Lossless, "
         "history recorded). 'wrap' encapsulates them as they are, labelled YBR_FULL / RGB per PS3.5 8.2.1 (dciodvfy flags this).",
     )
     spool_dir: Path | None = Field(None, description="Where uploads are streamed before checking; default DATA_DIR/spool.")
