@@ -186,3 +186,39 @@ def test_a_family_name_longer_than_any_stored_is_a_usage_error(trail):
     res = cli(env, "patients", "list", "--family", "a" * 60_000)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "longer than any stored name" in res.stderr, res.stderr
     assert cli(env, "patients", "list", "--family", "a" * 401).returncode == 0  # as long as a name can be: no match
+
+
+def test_every_command_names_its_operator_alike_and_outbox_changes_are_audited(trail, gw, fx):
+    """`audit list --user os:NAME` finds all of one operator's CLI actions: the commands once named the same OS
+    account root, os:root and cli:root. An outbox item that is not there is said to be missing, not 'not dead'."""
+    import getpass
+
+    from gateway.core import routing
+    from gateway.core.ingest.pipeline import ingest
+    from gateway.core.ingest.request import ImageFile
+    from gateway.core.routing import Route
+    from store.models import AuditEvent, OutboxItem
+    from tests.ingest_helpers import capture
+
+    env, _pid = trail
+    me = f"os:{getpass.getuser()}"
+    assert cli(env, "patients", "list").returncode == 0
+    gw.settings.routing.routes = [Route(destination="PACS1", specialties=["330"])]
+    stored = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], {"patient": f"{NHS}|9990000018", "specialty": "330"}))
+    assert stored.photos
+    with gw.db.read() as session:
+        item = session.scalar(select(OutboxItem.id))
+    assert routing.cancel(gw, item)
+    retried = cli(env, "outbox", "retry", str(item))
+    assert retried.returncode == 0 and "pending again" in retried.stdout, retried.stderr
+    again = cli(env, "outbox", "retry", str(item))
+    assert again.returncode == 1 and "it is pending; only dead or cancelled items can be" in again.stderr
+    missing = cli(env, "outbox", "cancel", "999999")
+    assert missing.returncode == 1 and "outbox item 999999: no such item" in missing.stderr
+    with gw.db.read() as session:
+        mine = session.execute(select(AuditEvent.subtype, AuditEvent.outcome).where(AuditEvent.agent_who == me)
+                               .order_by(AuditEvent.seq)).all()
+    assert [(s, o) for s, o in mine] == [("patients-list", audit.SUCCESS), ("outbox-retry", audit.SUCCESS),
+                                         ("outbox-retry", audit.MINOR_FAILURE), ("outbox-cancel", audit.MINOR_FAILURE)]
+    listed = cli(env, "audit", "list", "--user", me)
+    assert listed.returncode == 0 and listed.stdout.count("outbox-") == 3, listed.stdout

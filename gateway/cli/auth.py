@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated
 
 import typer
@@ -51,7 +50,7 @@ def explain(
     peer: Annotated[bool, typer.Option("--peer", help="Explain for the configured DICOM peer whose AE title is --sub.")] = False,
 ) -> None:
     """Print the decision on one photo for a subject and purpose, rule by rule. Exit 0 permit, 1 deny."""
-    from gateway.cli.common import console, open_gateway, out
+    from gateway.cli.common import console, open_gateway, operator_name, out
     from gateway.core import access_audit
     from gateway.core.identity import Subject, find_dicom_peer, peer_subject
     from gateway.core.policy.rules import decide
@@ -86,7 +85,7 @@ def explain(
         # see the photo, so the trail must not say they did (Application Activity, action E).
         access_audit.write(gw, [AuditEntry(
             type_code=audit.APPLICATION_ACTIVITY, action="E", subtype="policy-explain", outcome=audit.SUCCESS,
-            agent_who=_operator(), agent_role="operator", agent_network="local", patient_id=patient_id,
+            agent_who=operator_name(), agent_role="operator", agent_network="local", patient_id=patient_id,
             entities=[
                 {"type": "subject", "id": subject.sub, "role": subject.role, "specialties": list(subject.specialties)},
                 {"type": "asset", "id": asset},
@@ -104,16 +103,6 @@ def explain(
     for reason in decision.reasons:
         out.print(f"  - {reason}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if decision.permit else 1)
-
-
-def _operator() -> str:
-    """The OS account running the command (who asked for the explanation)."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        import os
-
-        return f"uid:{os.getuid()}"
 
 
 def register(app: typer.Typer) -> None:

@@ -72,3 +72,14 @@ def open_gateway(migrate: bool = True, tidy: bool = True, settings: Settings | N
         where = settings.database_url.split("@")[-1]  # never the password
         say(f"clinphoto: cannot open the store at {where}: {' '.join(str(exc).split())[:300]}")
         raise typer.Exit(2) from None
+
+
+def operator_name() -> str:
+    """The OS account running a command, as every CLI audit record names it (os:NAME), so `audit list --user os:NAME`
+    finds all of one operator's actions: the commands once named it three ways (root, os:root, cli:root)."""
+    import getpass
+
+    try:
+        return f"os:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return f"os:uid:{os.getuid()}"

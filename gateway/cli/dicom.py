@@ -52,30 +52,34 @@ def outbox_list(status: Annotated[str | None, typer.Option(help="Only items in t
 @outbox_app.command("retry")
 def outbox_retry(item: Annotated[int, typer.Argument(max=MAX_ID, help="The item's ID (clinphoto outbox list).")]) -> None:
     """Try a dead or cancelled item again, now, with its tries counted afresh."""
-    from gateway.core import routing
-
-    gw = open_gateway()
-    try:
-        done = routing.retry(gw, item)
-    finally:
-        gw.close()
-    if not done:
-        print(f"clinphoto: outbox item {item} is not dead or cancelled", file=sys.stderr)
-        raise typer.Exit(1)
-    print(f"outbox item {item}: pending again")
+    _outbox_change(item, "retry", ("dead", "cancelled"), "pending again")
 
 
 @outbox_app.command("cancel")
 def outbox_cancel(item: Annotated[int, typer.Argument(max=MAX_ID, help="The item's ID (clinphoto outbox list).")]) -> None:
     """Stop trying to send an item (pending or dead)."""
-    from gateway.core import routing
+    _outbox_change(item, "cancel", ("pending", "dead"), "cancelled")
+
+
+def _outbox_change(item: int, change: str, from_statuses: tuple[str, ...], done_text: str) -> None:
+    """Retry or cancel one item, on the audit trail as the console's are (the operator named as every CLI record
+    names them); an item that is not there, or not in a status the change applies to, is said as it is."""
+    from gateway.cli.common import operator_name
+    from gateway.core import access_audit, routing
+    from store import audit
 
     gw = open_gateway()
     try:
-        done = routing.cancel(gw, item)
+        done = (routing.retry if change == "retry" else routing.cancel)(gw, item)
+        status = None if done else routing.status(gw, item)
+        access_audit.write(gw, [audit.AuditEntry(
+            type_code=audit.APPLICATION_ACTIVITY, action="U", subtype=f"outbox-{change}",
+            outcome=audit.SUCCESS if done else audit.MINOR_FAILURE, agent_who=operator_name(), agent_role="operator",
+            agent_network="local", entities=[{"type": "outbox-item", "id": item}])])
     finally:
         gw.close()
     if not done:
-        print(f"clinphoto: outbox item {item} is not pending or dead", file=sys.stderr)
+        why = "no such item" if status is None else f"it is {status}; only {' or '.join(from_statuses)} items can be"
+        print(f"clinphoto: outbox item {item}: {why}", file=sys.stderr)
         raise typer.Exit(1)
-    print(f"outbox item {item}: cancelled")
+    print(f"outbox item {item}: {done_text}")

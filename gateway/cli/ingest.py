@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +48,7 @@ def import_command(
     recorded) are counted and listed in the warnings CSV. Exit status 1
     when any row was refused.
     """
-    from gateway.cli.common import open_gateway
+    from gateway.cli.common import open_gateway, operator_name
     from gateway.core.ingest.importer import ManifestError, read_manifest, run_import
     from gateway.core.ingest.request import Source
 
@@ -59,7 +58,7 @@ def import_command(
         console.print(f"clinphoto import: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     gw = open_gateway()
-    source = Source.importer(as_user or f"cli:{getpass.getuser()}")
+    source = Source.importer(as_user or operator_name())
     columns = (TextColumn("[bold]import"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     counts = {"created": 0, "existing": 0, "rejected": 0, "resumed": 0}

@@ -3,20 +3,12 @@ what the PAS feed made of a patient), without SQL. Each use is on the audit trai
 
 from __future__ import annotations
 
-import getpass
 import json
 from typing import Annotated
 
 import typer
 
 app = typer.Typer(help="The patient index (for operators).", no_args_is_help=True)
-
-
-def _operator() -> str:
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:  # no user name in some containers
-        return "os:unknown"
 
 
 @app.command("list")
@@ -32,7 +24,7 @@ def list_command(
     """List patients, newest first: id, identifiers, name, birth date, sex, merged into, photos."""
     from sqlalchemy import func, select
 
-    from gateway.cli.common import console, open_gateway, print_table
+    from gateway.cli.common import console, open_gateway, operator_name, print_table
     from gateway.core import patient_refs
     from store import audit
     from store.models import Asset, Patient, PatientIdentifier
@@ -73,7 +65,7 @@ def list_command(
                      survivors.get(p.merged_into_id or 0, "-"), str(photos.get(p.id, 0))) for p in patients]
         with gw.db.write() as session:
             audit.append(session, audit.AuditEntry(
-                type_code=audit.APPLICATION_ACTIVITY, action="R", subtype="patients-list", agent_who=_operator(),
+                type_code=audit.APPLICATION_ACTIVITY, action="R", subtype="patients-list", agent_who=operator_name(),
                 agent_role="operator", agent_network="local", entities=[{"type": "patient", "id": i} for i in ids[:500]],
                 detail={"filters": {"identifier": bool(identifier), "family": bool(family), "merged": merged,
                                     "quarantined": quarantined}, "returned": len(ids)}))
@@ -90,7 +82,7 @@ def show(patient: Annotated[str, typer.Argument(help="The patient's id (from `pa
     """Print one patient in full, as JSON: demographics, identifiers, merge, encounters, photos and consents counted."""
     from sqlalchemy import func, select
 
-    from gateway.cli.common import console, open_gateway
+    from gateway.cli.common import console, open_gateway, operator_name
     from gateway.core import patient_refs
     from store import audit
     from store.models import Asset, Consent, Encounter, Patient, PatientIdentifier
@@ -130,7 +122,7 @@ def show(patient: Annotated[str, typer.Argument(help="The patient's id (from `pa
             patient_id = row.id
         with gw.db.write() as session:
             audit.append(session, audit.AuditEntry(
-                type_code=audit.APPLICATION_ACTIVITY, action="R", subtype="patients-show", agent_who=_operator(),
+                type_code=audit.APPLICATION_ACTIVITY, action="R", subtype="patients-show", agent_who=operator_name(),
                 agent_role="operator", agent_network="local", patient_id=patient_id,
                 entities=[{"type": "patient", "id": patient_id}]))
     finally:

@@ -269,8 +269,7 @@ def outbox_change(gw: Gateway, ctx: AccessContext, item_id: int, change: str, *,
     """Retry (a dead or cancelled item, due now) or cancel (a pending or dead one); a refusal says why."""
     act = {"retry": routing.retry, "cancel": routing.cancel}[change]
     if not act(gw, item_id):
-        with gw.db.read() as session:
-            status = session.scalar(select(OutboxItem.status).where(OutboxItem.id == item_id))
+        status = routing.status(gw, item_id)
         refusal = (Refused(Kind.NOT_FOUND, f"no outbox item {item_id}") if status is None else
                    Refused(Kind.CONFLICT, f"outbox item {item_id} is {status}: only "
                            + ("dead or cancelled items are retried" if change == "retry" else "pending or dead items are cancelled")))

@@ -230,6 +230,12 @@ def items(gw: Gateway, status: str | None = None, limit: int = 100) -> list[Outb
         return rows
 
 
+def status(gw: Gateway, item_id: int) -> str | None:
+    """The item's status, or None when there is no such item."""
+    with gw.db.read() as session:
+        return session.scalar(select(OutboxItem.status).where(OutboxItem.id == item_id))
+
+
 def retry(gw: Gateway, item_id: int) -> bool:
     """A dead (or cancelled) item back to pending, due now, its tries counted afresh."""
     now = datetime.now(timezone.utc)

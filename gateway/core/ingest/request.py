@@ -63,7 +63,7 @@ class Source:
     """Who stores the photos and by which door, as the audit trail and the stored photo name them."""
 
     channel: Channel
-    who: str  # a user's token sub, "cli:<user>" for the importer, "ae:<AETITLE>" for a DICOM peer
+    who: str  # a user's token sub, "os:<user>" for the importer (or its --as), "ae:<AETITLE>" for a DICOM peer
     role: str | None = None
     network: str | None = None  # the caller's IP address (a DICOM peer's address)
     purpose_of_use: str | None = "TREAT"
