@@ -388,3 +388,28 @@ def test_each_image_of_a_set_is_annotated_with_its_own_patient(gw, archive, serv
     [b1] = previews(gw, archive["b1"].SOPInstanceUID)  # made by that first asking
     expected = pixels.rendered(b1, "image/png", None, None, None, ["JONES, Ann  born 03 Feb 1980", f"NHS {OTHER_NHS}"])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), np.asarray(Image.open(io.BytesIO(expected))))
+
+
+def test_metadata_of_an_object_with_a_value_its_vr_cannot_hold_leaves_that_attribute_out(gw, fx, tmp_path, caplog):
+    """A camera's DS written wrongly ("abcdef", a decimal comma), kept by ingest as received: DICOM JSON carries DS
+    as numbers, and pydicom's error made the study's /metadata a 500, so no viewer could open it. Now that
+    attribute alone is left out (logged by its tag, never its value), in JSON and XML."""
+    add_patient(gw)
+    path = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "odd.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS",
+                           SliceThickness="7.7777", PixelSpacing="0.5\\0.5", SpacingBetweenSlices="3.25")
+    raw = path.read_bytes()
+    assert raw.count(b"7.7777") == 1 and raw.count(b"3.25") == 1
+    path.write_bytes(raw.replace(b"7.7777", b"abcdef").replace(b"3.25", b"3,25"))
+    stored = ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(path)]))
+    [photo] = stored.photos
+    base = f"/dicomweb/studies/{photo.study_uid}/series/{photo.series_uid}/instances/{photo.sop_instance_uid}"
+    with serving(create_app(gw)) as web:
+        meta = web.get(f"{base}/metadata", headers=mi(gw))
+        assert meta.status_code == 200, meta.text
+        [instance] = meta.json()
+        assert "00180050" not in instance and "00180088" not in instance  # SliceThickness, SpacingBetweenSlices
+        assert instance["00280030"]["Value"] == [0.5, 0.5] and instance["00100020"]["Value"] == [objects.NHS_NUMBER]
+        study = web.get(f"/dicomweb/studies/{photo.study_uid}/metadata",
+                        headers={**mi(gw), "Accept": 'multipart/related; type="application/dicom+xml"'})
+        assert study.status_code == 200 and b"00180050" not in study.content and b"00280030" in study.content
+    assert "(0018,0050) left out" in caplog.text and "abcdef" not in caplog.text

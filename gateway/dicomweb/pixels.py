@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,12 +13,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway.core.access import DicomObject
 from gateway.core.objects import part10
 from gateway.core.objects.served_pixels import served_frame
+
+log = logging.getLogger("clinphoto.dicomweb")
 
 
 def frame(obj: DicomObject) -> bytes:
@@ -49,8 +52,25 @@ def decoded_frame(obj: DicomObject) -> bytes:
 
 def header_json(obj: DicomObject) -> dict[str, Any]:
     """The served object's attributes as DICOM JSON (PS3.18 F.2), Pixel Data left out (the caller points at it)."""
-    ds = dcmread(io.BytesIO(obj.served.header), stop_before_pixels=True)
-    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1 << 30)
+    return _json_of(dcmread(io.BytesIO(obj.served.header), stop_before_pixels=True))
+
+
+def _json_of(ds: Dataset) -> dict[str, Any]:
+    """Each element as pydicom's to_json_dict writes it, but one whose stored value cannot be written is left out
+    (logged by its tag alone), a sequence's items each written this way: JSON carries DS and IS as numbers (PS3.18
+    F.2.3), and a camera's "abc" or "1,5" in a DS that ingest kept made pydicom raise, and every /metadata answer
+    naming that object a 500: its study could not be opened in a viewer."""
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        key = f"{tag:08X}"
+        try:
+            element = ds[tag]
+            if element.VR == "SQ" and element.value:
+                out[key] = {"vr": "SQ", "Value": [_json_of(item) for item in element.value]}
+            else:
+                out[key] = element.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 30)
+        except Exception:  # pydicom raises several kinds for a value it cannot convert
+            log.warning("DICOM JSON: attribute (%04X,%04X) left out, its stored value is not valid for its VR", tag.group, tag.element)
     return out
 
 
