@@ -156,6 +156,17 @@ def test_unknown_patient_quarantined_when_configured(gw, fx):
     patient = load(gw, Patient, asset.patient_id)
     assert asset.status == "quarantined" and result.photos[0].quarantined
     assert patient.family_name is None
+    # a placeholder is no registered patient: the next photo naming it is held under it too, a repeat is the same photo
+    second = ingest(gw, capture([ImageFile(fx["gray.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR))
+    repeat = ingest(gw, capture([ImageFile(fx["baseline_420.jpg"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR))
+    held = load(gw, Asset, second.photos[0].asset_id)
+    assert (held.status, held.patient_id, second.photos[0].quarantined) == ("quarantined", asset.patient_id, True)
+    assert (repeat.photos[0].status, repeat.photos[0].asset_id) == ("existing", asset.id)
+    # and with quarantine off again it is refused as the unknown patient it is
+    gw.settings.ingest.quarantine_unknown_patients = False
+    with pytest.raises(IngestRejected) as refused:
+        ingest(gw, capture([ImageFile(fx["rgb.png"])], parse_metadata({"patient": "nhs|9999999999"}), ACTOR))
+    assert refused.value.code == errors.UNKNOWN_PATIENT
 
 
 def test_consent_object_creates_a_photos_consent_and_consent_id_links(gw, fx):

@@ -160,6 +160,15 @@ def find_by_dicom_id(session: Session, ref: PatientRef) -> Patient | None:
     return next(iter(live.values())) if live else None
 
 
+def is_placeholder(patient: Patient) -> bool:
+    """A quarantine placeholder: a record holding only the identifier a sender gave, that no feed has registered (no
+    name, birth date or sex, never updated by a PAS event). Photos filed under it are quarantined, however many
+    arrive, and no photo is released to it. A feed registering its identifier fills the row in: it is then the
+    patient's record (and its photos can be released to it where they are)."""
+    return (patient.family_name is None and patient.given_names is None and patient.birth_date is None
+            and patient.sex is None and patient.last_event_at is None)
+
+
 def placeholder_identifier(ref: PatientRef) -> PatientIdentifier:
     """The one identifier of a quarantine placeholder patient for an unknown patient."""
     if ref.kind == "dicom":

@@ -55,6 +55,7 @@ from gateway.core.ingest.dicom_patients import (
     NHS_ISSUER,
     find_by_dicom_id,
     info_for_unregistered,
+    is_placeholder,
     patient_info,
     placeholder_identifier,
 )
@@ -175,6 +176,7 @@ class _Context:
 
     patient_id: int | None  # None: quarantine under a placeholder patient
     patient: PatientRef  # the reference the patient was found (or not found) by
+    holder_id: int | None  # quarantine: the placeholder patient the photos go under, if one was made already
     encounter_id: int | None
     visit_number: str | None
     encounter_specialty: str | None
@@ -237,9 +239,11 @@ def _find(session: Session, ref: PatientRef) -> Patient | None:
 
 
 def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,
-                    objects: Sequence[received.Received]) -> tuple[PatientRef, Patient | None]:
+                    objects: Sequence[received.Received]) -> tuple[PatientRef, Patient | None, Patient | None]:
     """The one patient of the request: its own reference and every object's must agree. Unknown: refused,
-    or (ingest.quarantine_unknown_patients) None, to be filed under a placeholder."""
+    or (ingest.quarantine_unknown_patients) None, to be filed under a placeholder (the third value: the placeholder
+    an earlier photo of this unknown patient made, if any). A placeholder is not a registered patient: a second
+    photo naming its identifier is quarantined under it as the first was (it was stored active under it)."""
     by_key: dict[PatientRef, PatientRef] = {}  # one reference per patient named, as first given
     for ref in ([request.patient] if request.patient is not None else []) + [o.patient for o in objects]:
         by_key.setdefault(_same_patient_key(ref), ref)
@@ -257,22 +261,26 @@ def _target_patient(session: Session, gw: Gateway, request: CaptureRequest,
             f"{'; '.join(ref.label() for ref in refs)}: send each patient's photos separately",
             field="patient",
         )
+    holder = None
     if known:
         ref, patient = next((r, p) for r, p in found if p is not None)
-        return ref, patient
-    ref = unknown[0]
+        if not is_placeholder(patient):
+            return ref, patient, None
+        holder = patient
+    else:
+        ref = unknown[0]
     if not gw.settings.ingest.quarantine_unknown_patients or ref.kind == "internal":
         raise IngestRejected(
             UNKNOWN_PATIENT, f"unknown patient {ref.label()}: no patient with this identifier is registered",
             field="patient",
         )
-    return ref, None
+    return ref, None, holder
 
 
 def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Sequence[received.Received],
              session_key: str, files: bool) -> _Context:
     gov = request.governance
-    ref, patient = _target_patient(session, gw, request, objects)
+    ref, patient, holder = _target_patient(session, gw, request, objects)
     label = ref.label()
     encounter = None
     if gov.encounter:
@@ -297,6 +305,7 @@ def _resolve(session: Session, gw: Gateway, request: CaptureRequest, objects: Se
 
     return _Context(
         patient_id=patient.id if patient is not None else None, patient=ref,
+        holder_id=holder.id if holder is not None else None,
         encounter_id=encounter.id if encounter else None, visit_number=encounter.visit_number if encounter else None,
         encounter_specialty=encounter.specialty if encounter else None, consent_id=consent.id if consent else None,
         files=_file_series(session, gw, request, patient, ref, encounter, session_key) if files else None,
@@ -591,11 +600,12 @@ def _ingest(gw: Gateway, request: CaptureRequest, *, _retry: bool) -> IngestResu
             ctx = _resolve(session, gw, request, [e.received for e in items if e.received is not None], session_key,
                            files=any(e.received is None for e in items))
             patient_id = ctx.patient_id
+            filed_under = patient_id if patient_id is not None else ctx.holder_id  # a placeholder's repeats too
             existing: dict[str, StoredPhoto] = {}
-            if patient_id is not None:
-                rows = session.execute(select(Asset).where(Asset.patient_id == patient_id, Asset.sha256.in_(shas))).scalars()
+            if filed_under is not None:
+                rows = session.execute(select(Asset).where(Asset.patient_id == filed_under, Asset.sha256.in_(shas))).scalars()
                 existing = {a.sha256: _as_existing(a) for a in rows}
-            corrections = _known_instances(session, items, existing, gw.blobs.path, patient_id, gw.settings.ingest)
+            corrections = _known_instances(session, items, existing, gw.blobs.path, filed_under, gw.settings.ingest)
     except IngestRejected as exc:
         audit_refusal(gw, source, exc, patient_id)
         raise
