@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli import auth, common, dicom, hl7, ingest, mapping, patients, store
+from gateway.cli import auth, common, dicom, hl7, ingest, mapping, patients, quarantine, store
 from gateway.cli.common import console, open_gateway, out, settings_or_exit
 
 app = typer.Typer(help="clinphoto: clinical photo gateway", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -65,5 +65,6 @@ auth.register(app)
 app.add_typer(hl7.app, name="hl7")
 app.add_typer(mapping.app, name="mapping")
 app.add_typer(patients.app, name="patients")
+app.add_typer(quarantine.app, name="quarantine")
 app.add_typer(dicom.app, name="dicom")
 app.add_typer(dicom.outbox_app, name="outbox")
