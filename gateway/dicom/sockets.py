@@ -6,12 +6,14 @@ sendmsg() for as long as it kept the connection open; the idle timer then fired 
 stuck thread never sent, so the association, its threads and its place under dicom_max_associations stayed (a
 review held eleven places this way for 400 s, and a SIGTERM waited 113 s). A kernel timeout (SO_RCVTIMEO,
 SO_SNDTIMEO) of the network timeout ends each such call with an error the DUL takes for the connection closing, and
-costs nothing per call: Python's own socket timeout would poll() before every recv().
+costs nothing per call: Python's own socket timeout would poll() before every recv(). A TLS socket gets Python's
+own timeout instead (the kernel's do not end a call on it: guard()).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -21,7 +23,13 @@ from pynetdicom import evt
 def guard(sock: socket.socket, timeout: float | None) -> None:
     # Nagle's algorithm otherwise holds every DIMSE response, or a C-STORE request's last segment, ~40 ms
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if timeout:
+    if timeout and isinstance(sock, ssl.SSLSocket):
+        # Python's own timeout: on a blocking TLS socket the kernel's ends the recv() or send() under OpenSSL, which
+        # Python's ssl module takes for "try again" and calls again, for ever (a peer stalled mid-PDU, or a C-GET
+        # requestor that stopped reading, held its association past 40 s with a 1 s idle timeout, until it let go).
+        # It costs no poll() a call here: ssl reads and writes first, and waits only when OpenSSL wants more.
+        sock.settimeout(timeout)
+    elif timeout:
         whole = int(timeout)
         interval = struct.pack("ll", whole, int((timeout - whole) * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)

@@ -82,7 +82,7 @@ def handshake(sock: Any, address: Any, slots: threading.BoundedSemaphore | None 
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.do_handshake()
-        sock.settimeout(None)  # blocking again: the kernel's timeouts bound each read and write (sockets.py)
+        sock.settimeout(None)  # until the association's own timeout bounds each read and write (sockets.guard)
         return True
     except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, or the peer gone
         log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "reason", None) or type(exc).__name__)
