@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from gateway.core.policy.settings import DicomPeer
+from store.models import OutboxItem
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
 from tests.test_dicom_stalled_peers import IDLE_TIMEOUT, PEER, STUDY, store_noise_study, thaw_and_end, wait_for_no_association
@@ -143,4 +145,65 @@ def test_a_c_move_to_a_tls_destination_that_stops_reading_ends_with_its_failures
     final = answers[-1]
     assert final.Status in (0xA702, 0xB000), hex(final.Status)
     assert final.NumberOfFailedSuboperations == 2 and final.NumberOfCompletedSuboperations == 0, final
+    assert took < IDLE_TIMEOUT * 3 + 10, took
+
+
+def test_a_routing_destination_that_never_finishes_its_handshake_does_not_hold_the_router(gw, pki, fx, tmp_path):
+    import threading
+
+    from gateway.core.ingest.pipeline import ingest
+    from gateway.core.ingest.request import CaptureRequest, ReceivedObject, Source, governance
+    from gateway.core.routing import Route
+    from gateway.dicom.router import Router
+    from tests import dicom_objects as objects
+    from tests.ingest_helpers import add_patient
+
+    with socket.create_server(("127.0.0.1", 0)) as hanging:  # accepts (the kernel does), never answers a ClientHello
+        port = hanging.getsockname()[1]
+        gw.settings.auth.dicom_peers = [DicomPeer(ae_title="PACS1", hosts=["127.0.0.1"], port=port, allow=["echo"], tls=True, tls_ca=pki.ca)]
+        gw.settings.routing.routes = [Route(destination="PACS1")]
+        add_patient(gw)
+        photo = objects.img2dcm(fx["baseline_420.jpg"], tmp_path / "photo.dcm", PatientID=objects.NHS_NUMBER, IssuerOfPatientID="NHS")
+        ingest(gw, CaptureRequest(source=Source.dicom_peer("CAMERA", "127.0.0.1"), items=[ReceivedObject(photo)],
+                                  governance=governance(specialty="330")))
+        router = Router(gw, network_timeout=IDLE_TIMEOUT)
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (router.round(), done.set()), daemon=True)
+        start = time.monotonic()
+        thread.start()
+        assert done.wait(IDLE_TIMEOUT * 3 + 10), "the router is still in the destination's handshake"
+    assert time.monotonic() - start < IDLE_TIMEOUT * 3 + 10
+    with gw.db.read() as s:
+        [(status, error)] = s.execute(select(OutboxItem.status, OutboxItem.last_error)).all()
+    assert status == "pending" and "over TLS" in error  # tried again later
+
+
+def test_a_c_move_destination_that_never_finishes_its_handshake_fails_the_move_within_the_idle_timeout(tls_stalling_gw, pki, tmp_path):
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    store_noise_study(tls_stalling_gw, tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as hanging:
+        tls_stalling_gw.settings.auth.dicom_peers = [
+            DicomPeer(ae_title="VIEWER", hosts=["127.0.0.1"], allow=["echo", "move"], sensitivities=["N", "R"]),
+            DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=hanging.getsockname()[1], allow=["echo"], tls=True, tls_ca=pki.ca)]
+        running = RunningListener(tls_stalling_gw)
+        with running as port:
+            ae = AE(ae_title="VIEWER")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            ae.dimse_timeout = 60
+            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", tls_args=(client_context(pki), "127.0.0.1"))
+            assert assoc.is_established
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = STUDY
+            start = time.monotonic()
+            answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
+                       if status is not None and "Status" in status]
+            took = time.monotonic() - start
+            if assoc.is_established:
+                assoc.release()
+            wait_for_no_association(running.listener, 10)
+    assert answers and answers[-1].Status != 0x0000
     assert took < IDLE_TIMEOUT * 3 + 10, took

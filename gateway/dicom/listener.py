@@ -78,6 +78,9 @@ class DicomListener:
         self.ae.data_set_spool = gw.spool  # type: ignore[attr-defined]  # C-STORE data sets written as they come (spooled.py)
         self.ae.data_set_limit = gw.settings.ingest.max_bytes  # type: ignore[attr-defined]  # and kept up to this size
         self.ae.network_timeout = settings.dicom_idle_timeout  # the idle timer (reactor.py restarts it after a request)
+        # a C-MOVE destination's connection and TLS handshake (pynetdicom makes it inside connect(), bounded by this
+        # alone, None by default): one that never answered its ClientHello held the C-MOVE, and its association, for good
+        self.ae.connection_timeout = settings.dicom_idle_timeout
         self.ae.maximum_associations = settings.dicom_max_associations
         self.ae.add_supported_context(VERIFICATION, list(find.QUERY_SYNTAXES))
         for sop_class, syntaxes in storage.contexts():

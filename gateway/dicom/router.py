@@ -51,6 +51,9 @@ class Router:
         # a destination that stops reading (or answering) is given up after the door's idle timeout, as the
         # listener's peers are (gateway/dicom/sockets.py), and the item retried later
         self.ae.network_timeout = network_timeout
+        # and one whose TLS handshake never ends, too: pynetdicom makes it inside connect(), bounded by this alone
+        # (None by default), and the router's thread waited for it as long as the destination kept the connection
+        self.ae.connection_timeout = network_timeout
         for sop_class in SOP_CLASSES:
             for syntax in TRANSFER_SYNTAXES:  # one context per syntax: the destination accepts the stored one alone
                 self.ae.add_requested_context(sop_class, syntax)
