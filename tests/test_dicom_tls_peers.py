@@ -207,3 +207,19 @@ def test_a_c_move_destination_that_never_finishes_its_handshake_fails_the_move_w
             wait_for_no_association(running.listener, 10)
     assert answers and answers[-1].Status != 0x0000
     assert took < IDLE_TIMEOUT * 3 + 10, took
+
+
+def test_the_gateway_stops_promptly_with_connections_in_their_handshake(tls_stalling_gw, pki):
+    """The listener's stop joins every connection's thread: those still in their handshake held it for
+    HANDSHAKE_TIMEOUT (30 s)."""
+    running = RunningListener(tls_stalling_gw)
+    with running as port:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        hello = socket.create_connection(("127.0.0.1", port), timeout=10)
+        hello.sendall(bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]))  # a ClientHello's first bytes, the rest never sent
+        time.sleep(0.3)  # each accepted, its handshake under way
+        start = time.monotonic()
+    assert time.monotonic() - start < 5
+    for sock in [*silent, hello]:
+        with sock:
+            assert sock.recv(100) == b""  # closed by the gateway

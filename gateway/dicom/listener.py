@@ -150,7 +150,7 @@ class DicomListener:
         server = cast(tls.TlsAssociationServer, self.ae.make_server(
             (self.host, self._port), evt_handlers=handlers, server_class=tls.TlsAssociationServer, request_handler=EventRequestHandler,
             ssl_context=self._tls))
-        server.handshakes = threading.BoundedSemaphore(self.ae.maximum_associations)
+        server.handshakes = tls.Handshakes(self.ae.maximum_associations)
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self.ae._servers.append(server)  # as start_server does: AE.shutdown() stops it too
         return server
@@ -186,6 +186,9 @@ class DicomListener:
         then end it. Left alone, an idle association held the stopped process ~60 s (its network timeout) and a
         connection that never sent an A-ASSOCIATE-RQ ~30 s (the ACSE timeout): their threads are not daemons."""
         socketserver.BaseServer.shutdown(server)  # no new connection: serve_forever() returns (the socket closes after)
+        handshakes = getattr(server, "handshakes", None)
+        if handshakes is not None:  # connections still in their TLS handshake: closed now (tls.Handshakes)
+            handshakes.stop()
         open_ones = [a for a in server.active_associations if isinstance(a, EventAssociation)]
         for assoc in open_ones:
             assoc.close_gracefully()

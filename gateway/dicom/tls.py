@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.core.policy.settings import DicomPeer
+from gateway.dicom import sockets
 from gateway.http.tls import TlsSetupError as TlsSetupError  # what router.py and retrieve.py catch
 from gateway.http.tls import context, load
 from gateway.http.tls import server_context as server_tls
@@ -54,13 +55,47 @@ def client_tls_args(settings: TlsSettings, peer: DicomPeer, host: str) -> tuple[
     return ctx, host
 
 
+class Handshakes:
+    """The handshakes under way on a listener: at most `limit` at once (a connection is no association until its
+    handshake is done, so pynetdicom's limit does not count it, and a peer opening connections it never shook hands
+    on had a thread each), and all cut short when the listener stops: the stop otherwise waited for each, up to
+    HANDSHAKE_TIMEOUT (29.7 s with three connections that never began theirs), its threads being joined."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._socks: set[Any] = set()
+        self.stopped = False
+
+    def enter(self, sock: Any) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._lock:
+            if not self.stopped:
+                self._socks.add(sock)
+                return True
+        self._slots.release()
+        return False
+
+    def leave(self, sock: Any) -> None:
+        with self._lock:
+            self._socks.discard(sock)
+        self._slots.release()
+
+    def stop(self) -> None:
+        """No handshake begins from now on, and those under way fail at once (their connections shut down)."""
+        with self._lock:
+            self.stopped = True
+            under_way = list(self._socks)
+        for sock in under_way:
+            sockets.cut(sock)
+
+
 class TlsAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, wrapping each accepted connection without its handshake (made by handshake()
-    on the connection's own thread). `handshakes`: the handshakes under way at once, at most; set by the listener
-    (its association limit): a connection is no association until its handshake is done, so pynetdicom's limit
-    does not count it, and a peer opening connections it never shook hands on had a thread each."""
+    on the connection's own thread). `handshakes`: set by the listener (its association limit)."""
 
-    handshakes: threading.BoundedSemaphore | None = None
+    handshakes: Handshakes | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -69,28 +104,38 @@ class TlsAssociationServer(ThreadedAssociationServer):
         return client, address
 
 
-def handshake(sock: Any, address: Any, slots: threading.BoundedSemaphore | None = None) -> bool:
+def handshake(sock: Any, address: Any, slots: Handshakes | None = None) -> bool:
     """The accepted connection's TLS handshake, if it is a TLS one, within HANDSHAKE_TIMEOUT and while one of
-    `slots` is free: False (logged, the connection closed) when it fails, so no association is made on it."""
+    `slots` is free: False (logged, the connection closed) when it fails, or the listener is stopping, so no
+    association is made on it."""
     if not isinstance(sock, ssl.SSLSocket):
         return True
     host = address[0] if isinstance(address, tuple) else address
-    if slots is not None and not slots.acquire(blocking=False):
-        log.warning("DICOM TLS connection from %s closed: as many handshakes as associations allowed are under way", host)
+    if slots is not None and not slots.enter(sock):
+        if slots.stopped:
+            log.info("DICOM TLS connection from %s closed: the gateway is stopping", host)
+        else:
+            log.warning("DICOM TLS connection from %s closed: as many handshakes as associations allowed are under way", host)
         _close(sock)
         return False
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.do_handshake()
         sock.settimeout(None)  # until the association's own timeout bounds each read and write (sockets.guard)
-        return True
     except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, or the peer gone
-        log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "reason", None) or type(exc).__name__)
+        if slots is not None and slots.stopped:
+            log.info("DICOM TLS handshake with %s cut short: the gateway is stopping", host)
+        else:
+            log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "reason", None) or type(exc).__name__)
         _close(sock)
         return False
     finally:
         if slots is not None:
-            slots.release()
+            slots.leave(sock)
+    if slots is not None and slots.stopped:  # done as the listener stopped: it would not see the association
+        _close(sock)
+        return False
+    return True
 
 
 def _close(sock: Any) -> None:
