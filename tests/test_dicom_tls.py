@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -242,3 +243,22 @@ def test_a_certificate_or_ca_that_cannot_be_loaded_stops_the_start_naming_the_se
     gw.settings.auth.dicom_peers = [DicomPeer(ae_title="PACS1", hosts=["127.0.0.1"], port=104, tls=True, tls_ca=pki.server.key)]
     with pytest.raises(TlsSetupError, match="tls_ca of DICOM peer PACS1"):  # a key where its CA should be
         DicomListener(gw, "127.0.0.1", 0)
+
+
+
+def test_an_encrypted_key_is_refused_naming_it_not_asked_a_passphrase_for(pki, tmp_path):
+    """OpenSSL's own prompt read a passphrase from the process's terminal or stdin: at start-up, and again for each
+    routing or C-MOVE association presenting our certificate. A service with none got 'Invalid argument'."""
+    encrypted = tmp_path / "encrypted.key"
+    run = subprocess.run([require_tool("openssl", "openssl"), "pkey", "-in", str(pki.server.key), "-aes256", "-passout", "pass:secret",
+                          "-out", str(encrypted)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    script = ("import sys, types\nfrom gateway.dicom import tls\n"
+              f"settings = types.SimpleNamespace(dicom_tls_cert={str(pki.server.cert)!r}, dicom_tls_key={str(encrypted)!r},"
+              " dicom_tls_client_ca=None)\n"
+              "try:\n    tls.server_context(settings)\nexcept tls.TlsSetupError as exc:\n    print(exc)\nelse:\n    print('loaded')\n")
+    # the passphrase on stdin, as a terminal would give it
+    loaded = subprocess.run([sys.executable, "-c", script], input="secret\n", capture_output=True, text=True, timeout=30,
+                            cwd=Path(__file__).parent.parent)
+    assert "dicom_tls_cert" in loaded.stdout and "encrypted" in loaded.stdout, (loaded.stdout, loaded.stderr)
+    assert "pass phrase" not in loaded.stderr

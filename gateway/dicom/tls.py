@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.core.policy.settings import DicomPeer
 from gateway.dicom import sockets
 from gateway.http.tls import TlsSetupError as TlsSetupError  # what router.py and retrieve.py catch
-from gateway.http.tls import context, load
+from gateway.http.tls import context, load, load_chain
 from gateway.http.tls import server_context as server_tls
 
 log = logging.getLogger("clinphoto.dicom")
@@ -51,7 +51,7 @@ def client_tls_args(settings: TlsSettings, peer: DicomPeer, host: str) -> tuple[
     if peer.tls_ca:
         load(f"the tls_ca of DICOM peer {peer.ae_title}:", ctx.load_verify_locations, peer.tls_ca)
     if settings.dicom_tls_cert:
-        load("dicom_tls_cert", ctx.load_cert_chain, settings.dicom_tls_cert, settings.dicom_tls_key)
+        load_chain(ctx, settings.dicom_tls_cert, settings.dicom_tls_key, "dicom_tls_cert")
     return ctx, host
 
 

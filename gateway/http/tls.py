@@ -28,10 +28,22 @@ def context(purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
+def _no_passphrase() -> bytes:
+    # OpenSSL's own prompt otherwise: start-up read a passphrase from the terminal (or whatever its stdin was), and
+    # each routing or C-MOVE association loading our key again read it there too; with none, "Invalid argument"
+    raise ValueError("the private key is encrypted (a passphrase is asked for): give the gateway an unencrypted key "
+                     "that only it can read")
+
+
+def load_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None, setting: str) -> None:
+    """Our certificate and its key into `ctx`; an encrypted key is refused, never prompted for."""
+    load(setting, ctx.load_cert_chain, cert, key, _no_passphrase)
+
+
 def server_context(cert: Path | None, key: Path | None, setting: str) -> ssl.SSLContext | None:
     """A listener's context for the certificate `setting` names, or None without one (plain TCP)."""
     if cert is None:
         return None
     ctx = context(ssl.Purpose.CLIENT_AUTH)
-    load(setting, ctx.load_cert_chain, cert, key)
+    load_chain(ctx, cert, key, setting)
     return ctx
