@@ -262,3 +262,22 @@ def test_an_encrypted_key_is_refused_naming_it_not_asked_a_passphrase_for(pki, t
                             cwd=Path(__file__).parent.parent)
     assert "dicom_tls_cert" in loaded.stdout and "encrypted" in loaded.stdout, (loaded.stdout, loaded.stderr)
     assert "pass phrase" not in loaded.stderr
+
+
+def test_a_refused_client_certificate_is_logged_with_why(tls_gw, pki, tmp_path, caplog):
+    """A certificate for servers only, which the CA signed: refused, and the log says it is not for this purpose
+    (it said CERTIFICATE_VERIFY_FAILED, as for an expired one or an unknown CA's)."""
+    tls_gw.settings.dicom_tls_client_ca = pki.ca
+    server_only = Pair(tmp_path / "server-only.key", tmp_path / "server-only.crt")
+    csr, extensions = tmp_path / "server-only.csr", tmp_path / "server-only.ext"
+    extensions.write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n")
+    openssl = require_tool("openssl", "openssl")
+    for args in (["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=server-only", "-keyout", server_only.key, "-out", csr],
+                 ["x509", "-req", "-in", csr, "-CA", pki.ca, "-CAkey", pki.ca.with_suffix(".key"), "-CAcreateserial", "-days", "2",
+                  "-extfile", extensions, "-out", server_only.cert]):
+        run = subprocess.run([openssl, *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+    with RunningListener(tls_gw) as port:
+        refused = dcmtk("echoscu", *tls_options(pki, server_only), "-aet", "VIEWER", "-aec", "CLINPHOTO", "127.0.0.1", str(port))
+        assert refused.returncode != 0
+    assert any("handshake with 127.0.0.1 failed: unsuitable certificate purpose" in r.getMessage() for r in caplog.records)

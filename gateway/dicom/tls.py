@@ -126,7 +126,10 @@ def handshake(sock: Any, address: Any, slots: Handshakes | None = None) -> bool:
         if slots is not None and slots.stopped:
             log.info("DICOM TLS handshake with %s cut short: the gateway is stopping", host)
         else:
-            log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "reason", None) or type(exc).__name__)
+            # a certificate refused: why (expired, not for client use, unknown CA), where the reason alone said
+            # CERTIFICATE_VERIFY_FAILED for each and left the operator to guess
+            log.warning("DICOM TLS handshake with %s failed: %s", host, getattr(exc, "verify_message", None)
+                        or getattr(exc, "reason", None) or type(exc).__name__)
         _close(sock)
         return False
     finally:
