@@ -281,3 +281,15 @@ def test_a_refused_client_certificate_is_logged_with_why(tls_gw, pki, tmp_path, 
         refused = dcmtk("echoscu", *tls_options(pki, server_only), "-aet", "VIEWER", "-aec", "CLINPHOTO", "127.0.0.1", str(port))
         assert refused.returncode != 0
     assert any("handshake with 127.0.0.1 failed: unsuitable certificate purpose" in r.getMessage() for r in caplog.records)
+
+
+def test_a_key_or_certificate_file_that_is_not_what_it_should_be_is_said_in_words(gw, pki, tmp_path):
+    """OpenSSL says '[SSL] PEM lib' for each of these, and a key path that was a folder was blamed on the certificate."""
+    cases = [((pki.server.cert, None), "not a PEM certificate and its private key"),  # the key is in no file
+             ((pki.server.key, pki.server.key), "not a PEM certificate"),  # a key where the certificate should be
+             ((pki.server.cert, tmp_path), f"dicom_tls_key {tmp_path}: is not a file"),
+             ((pki.server.cert, tmp_path / "gone.key"), "dicom_tls_key .*gone.key: No such file")]
+    for (cert, key), message in cases:
+        gw.settings.dicom_tls_cert, gw.settings.dicom_tls_key = cert, key
+        with pytest.raises(TlsSetupError, match=message):
+            DicomListener(gw, "127.0.0.1", 0)

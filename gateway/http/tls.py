@@ -36,8 +36,21 @@ def _no_passphrase() -> bytes:
 
 
 def load_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None, setting: str) -> None:
-    """Our certificate and its key into `ctx`; an encrypted key is refused, never prompted for."""
-    load(setting, ctx.load_cert_chain, cert, key, _no_passphrase)
+    """Our certificate and its key into `ctx`; an encrypted key is refused, never prompted for. Each file is named
+    by its own setting when it is missing, and OpenSSL's "PEM lib" (a file that is not the certificate and key it
+    should be) is said in words."""
+    key_setting = setting.removesuffix("_cert") + "_key"
+    for path, name in ((cert, setting), (key, key_setting)):
+        if path is not None and not Path(path).is_file():
+            raise TlsSetupError(f"{name} {path}: " + ("is not a file" if Path(path).exists() else "No such file or directory"))
+    try:
+        load(setting, ctx.load_cert_chain, cert, key, _no_passphrase)
+    except TlsSetupError as exc:
+        if "PEM lib" not in str(exc):
+            raise
+        raise TlsSetupError(f"{setting} {cert}" + (f" with {key_setting} {key}" if key else "") + ": not a PEM certificate "
+                            "and its private key (the key in the certificate's file, or in the file " + key_setting
+                            + " names)") from None
 
 
 def server_context(cert: Path | None, key: Path | None, setting: str) -> ssl.SSLContext | None:
