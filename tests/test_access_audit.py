@@ -117,7 +117,7 @@ def test_policy_explain_prints_the_decision_and_why(gw):
 
     assert len(explained) == 5 and {e.outcome for e in explained} == {audit.SUCCESS}
     assert all(e.type_code == audit.APPLICATION_ACTIVITY and e.action == "E" for e in explained)
-    assert {e.agent_who for e in explained} == {getpass.getuser()}
+    assert {e.agent_who for e in explained} == {f"os:{getpass.getuser()}"}  # as every CLI command names its operator
     assert not [e for e in rows(gw) if e.agent_who in ("dr.derm", "dr.plastics", "ed.teacher", "dr.ed")]
     first = explained[0]
     assert {"type": "asset", "id": r_derm} in first.entities and first.patient_id == world.patient_ids["PA"]
