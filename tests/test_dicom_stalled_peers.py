@@ -52,6 +52,28 @@ def wait_for_no_association(listener, within: float) -> float:
         time.sleep(0.05)
     return time.monotonic() - start
 
+def c_move_timed(running, port: int, tls_args=None, dimse_timeout: float | None = None) -> tuple[list, float]:
+    """A Study Root C-MOVE of STUDY to DEST, as VIEWER: the responses with a status, and how long they took; the
+    association released after, and the listener left with none."""
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    if dimse_timeout is not None:
+        ae.dimse_timeout = dimse_timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", tls_args=tls_args)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = STUDY
+    start = time.monotonic()
+    answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
+               if status is not None and "Status" in status]
+    took = time.monotonic() - start
+    if assoc.is_established:
+        assoc.release()
+    wait_for_no_association(running.listener, 10)
+    return answers, took
+
+
 
 def echo_works(port: int) -> bool:
     ae = AE(ae_title="VIEWER")
@@ -195,20 +217,7 @@ def test_a_c_move_to_a_destination_that_stops_reading_ends_with_its_failures_cou
         assert destination.stdout is not None and destination.stdout.readline().strip() == b"listening"
         running = RunningListener(stalling_gw)
         with running as port:
-            ae = AE(ae_title="VIEWER")
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO")
-            assert assoc.is_established
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = STUDY
-            start = time.monotonic()
-            answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
-                       if status is not None and "Status" in status]
-            took = time.monotonic() - start
-            if assoc.is_established:
-                assoc.release()
-            wait_for_no_association(running.listener, 10)
+            answers, took = c_move_timed(running, port)
     finally:
         thaw_and_end(destination)
     final = answers[-1]

@@ -19,7 +19,7 @@ from gateway.core.policy.settings import DicomPeer
 from store.models import OutboxItem
 from tests.net import free_port
 from tests.test_dicom_association import RunningListener
-from tests.test_dicom_stalled_peers import IDLE_TIMEOUT, PEER, STUDY, store_noise_study, thaw_and_end, wait_for_no_association
+from tests.test_dicom_stalled_peers import IDLE_TIMEOUT, PEER, STUDY, c_move_timed, store_noise_study, thaw_and_end, wait_for_no_association
 from tests.tls_pki import Pki, make_pki
 
 
@@ -109,9 +109,6 @@ def test_a_tls_c_get_peer_that_stops_reading_loses_its_association_and_the_gatew
 
 
 def test_a_c_move_to_a_tls_destination_that_stops_reading_ends_with_its_failures_counted(tls_stalling_gw, pki, tmp_path):
-    from pydicom import Dataset
-    from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
     store_noise_study(tls_stalling_gw, tmp_path)
     destination_port = free_port()
@@ -126,20 +123,7 @@ def test_a_c_move_to_a_tls_destination_that_stops_reading_ends_with_its_failures
         assert destination.stdout is not None and destination.stdout.readline().strip() == b"listening"
         running = RunningListener(tls_stalling_gw)
         with running as port:
-            ae = AE(ae_title="VIEWER")
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", tls_args=(client_context(pki), "127.0.0.1"))
-            assert assoc.is_established
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = STUDY
-            start = time.monotonic()
-            answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
-                       if status is not None and "Status" in status]
-            took = time.monotonic() - start
-            if assoc.is_established:
-                assoc.release()
-            wait_for_no_association(running.listener, 10)
+            answers, took = c_move_timed(running, port, tls_args=(client_context(pki), "127.0.0.1"))
     finally:
         thaw_and_end(destination)
     final = answers[-1]
@@ -179,9 +163,6 @@ def test_a_routing_destination_that_never_finishes_its_handshake_does_not_hold_t
 
 
 def test_a_c_move_destination_that_never_finishes_its_handshake_fails_the_move_within_the_idle_timeout(tls_stalling_gw, pki, tmp_path):
-    from pydicom import Dataset
-    from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
     store_noise_study(tls_stalling_gw, tmp_path)
     with socket.create_server(("127.0.0.1", 0)) as hanging:
@@ -190,21 +171,7 @@ def test_a_c_move_destination_that_never_finishes_its_handshake_fails_the_move_w
             DicomPeer(ae_title="DEST", hosts=["127.0.0.1"], port=hanging.getsockname()[1], allow=["echo"], tls=True, tls_ca=pki.ca)]
         running = RunningListener(tls_stalling_gw)
         with running as port:
-            ae = AE(ae_title="VIEWER")
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            ae.dimse_timeout = 60
-            assoc = ae.associate("127.0.0.1", port, ae_title="CLINPHOTO", tls_args=(client_context(pki), "127.0.0.1"))
-            assert assoc.is_established
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = STUDY
-            start = time.monotonic()
-            answers = [status for status, _ in assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
-                       if status is not None and "Status" in status]
-            took = time.monotonic() - start
-            if assoc.is_established:
-                assoc.release()
-            wait_for_no_association(running.listener, 10)
+            answers, took = c_move_timed(running, port, tls_args=(client_context(pki), "127.0.0.1"), dimse_timeout=60)
     assert answers and answers[-1].Status != 0x0000
     assert took < IDLE_TIMEOUT * 3 + 10, took
 
