@@ -108,18 +108,23 @@ def welcome(gw: Gateway, settings: Settings, ports: dict[str, int]) -> str:
     http = ports.get("http")
     lines += ["", "A dermatology clinician's token (dev mode, 12 h) and a first call:", f"  TOKEN={token}"]
     if http:
-        lines.append(f'  curl -s -H "Authorization: Bearer $TOKEN" "http://{settings.http_host}:{http}/api/v1/photos?patient=nhs|9990000018"')
-        lines.append(f"  API docs: http://{settings.http_host}:{http}/api/docs")
-        lines.append(f"  Integration console: http://{settings.http_host}:{http}/console/ (sign in with the token of "
+        # https when the door has a certificate: curl then needs the CA that signed it (--cacert) unless it is a public one
+        base = f"{'https' if settings.http_tls_cert else 'http'}://{settings.http_host}:{http}"
+        lines.append(f'  curl -s -H "Authorization: Bearer $TOKEN" "{base}/api/v1/photos?patient=nhs|9990000018"')
+        lines.append(f"  API docs: {base}/api/docs")
+        lines.append(f"  Integration console: {base}/console/ (sign in with the token of "
                      "`.venv/bin/clinphoto token --sub ie.demo --role integration-engineer`)")
-        lines.append(f"  Bedside capture app (open on a phone or here; dev sign-in): http://{settings.http_host}:{http}/capture/")
+        lines.append(f"  Bedside capture app (open on a phone or here; dev sign-in): {base}/capture/")
         lines.append(f'  Viewer: curl -s -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" '
-                     f"-d '{{\"patient\":\"nhs|9990000018\"}}' http://{settings.http_host}:{http}/api/v1/viewer/launch  "
-                     f"(open http://{settings.http_host}:{http} + the url it answers, once)")
+                     f"-d '{{\"patient\":\"nhs|9990000018\"}}' {base}/api/v1/viewer/launch  "
+                     f"(open {base} + the url it answers, once)")
     # the first peer that may echo from this machine (the demo peer when none is configured)
     peer = next((p for p in dicom_peers(settings) if "echo" in p.allow and address_matches("127.0.0.1", p.hosts)), None)
     if ports.get("dicom") and peer is not None:
         bound = settings.dicom_host or settings.http_host
         host = "127.0.0.1" if bound in ("0.0.0.0", "::") else bound
-        lines.append(f"  echoscu -aet {peer.ae_title} -aec {settings.ae_title} {host} {ports['dicom']}")
+        # over TLS the peer needs its own key and certificate, and the CA that signed ours: named, not invented
+        tls = "+tls CLIENT.key CLIENT.crt +cf CA.pem " if settings.dicom_tls_cert else ""
+        lines.append(f"  echoscu {tls}-aet {peer.ae_title} -aec {settings.ae_title} {host} {ports['dicom']}"
+                     + ("  (your client's key and certificate, and the CA that signed the gateway's)" if tls else ""))
     return "\n".join(lines) + "\n"

@@ -70,3 +70,17 @@ def test_the_welcome_screen_names_a_configured_peer_to_echo_as(gw):
     assert "echoscu -aet PACS1 -aec CLINPHOTO 127.0.0.1 11112" in lines
     gw.settings.auth.dicom_peers = gw.settings.auth.dicom_peers[:2]
     assert not any(line.startswith("echoscu") for line in welcome(gw, gw.settings, {"http": 8080, "dicom": 11112}).splitlines())
+
+
+def test_the_welcome_screen_says_https_and_tls_when_the_doors_speak_them(gw, tmp_path):
+    """The lines `make run` prints to paste: with a certificate on a door they name https:// and echoscu's +tls
+    (with the client's own files named, not invented), where they printed http:// and plain echoscu."""
+    from gateway.demo import welcome
+
+    seed_demo(gw)
+    plain = welcome(gw, gw.settings, {"http": 8080, "dicom": 11112})
+    assert "http://127.0.0.1:8080/api/v1/photos" in plain and "+tls" not in plain
+    gw.settings.http_tls_cert = gw.settings.dicom_tls_cert = tmp_path / "node.pem"
+    secured = welcome(gw, gw.settings, {"http": 8080, "dicom": 11112})
+    assert "http://" not in secured and "https://127.0.0.1:8080/api/v1/photos" in secured
+    assert "echoscu +tls CLIENT.key CLIENT.crt +cf CA.pem -aet DEMOPACS -aec CLINPHOTO 127.0.0.1 11112" in secured
