@@ -22,6 +22,7 @@ from gateway.core.routing import Route
 from store.models import Asset, AuditEvent, Consent, OutboxItem, Patient
 from tests import dicom_objects as objects
 from tests.ingest_helpers import NHS, UPLOADER, add_patient, capture
+from tests.test_adt_events import Feed, ack_fields, build, msh
 from tests.test_cli_operator import cli
 
 pytestmark = pytest.mark.usefixtures("validate_stored_dicom")
@@ -229,3 +230,28 @@ def test_the_cli_lists_releases_rejects_and_refuses_with_exit_2(gw, held, databa
     verify = cli(env, "audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     json.dumps(release.detail)  # plain JSON on the trail
+
+
+def test_a_placeholder_merged_by_a40_keeps_its_photos_held_and_named_by_the_identifier_given(gw, held):
+    """An A40 merging the placeholder into a registered record moves its photos there, still held: the worklist and
+    the release's audit record name the identifier the sender gave (the placeholder's), not the survivor's."""
+    patient = held["patient"]
+    with gw.db.read() as s:
+        placeholder = s.scalar(select(Asset.patient_id).where(Asset.id == held["upload"]))
+    answer = Feed(gw.db).send(build(msh("A40", "MERGE-1"), "EVN|A40|20240301090000",
+                                    f"PID|1||{patient['nhs']}^^^NHS^NH||Ó SÚILLEABHÁIN^SIOBHÁN||19800203|F",
+                                    f"MRG|{UNKNOWN_NHS}^^^NHS^NH"))
+    assert ack_fields(answer.ack)["code"] == "AA"
+    with gw.db.read() as s:
+        assert s.get_one(Asset, held["upload"]).patient_id == patient["id"]
+    assert hidden(gw, held["upload"]) == Kind.NOT_FOUND  # still held
+    listed = {p.id: p for p in quarantine.held(gw, OFFICER)}
+    assert listed[held["upload"]].identifier == f"nhs|{UNKNOWN_NHS}"
+
+    done = quarantine.release(gw, OFFICER, [held["upload"]], f"nhs|{patient['nhs']}", "merged by the PAS")
+    assert done.photos[0].identifier == f"nhs|{UNKNOWN_NHS}"
+    (record,) = records(gw, "quarantine-release")
+    assert (record.detail["placeholder_identifier"], record.detail["placeholder_patient_id"]) == (
+        f"nhs|{UNKNOWN_NHS}", placeholder)
+    assert {"type": "patient", "id": placeholder, "role": "placeholder"} in record.entities
+    assert served(gw, held["upload"]).PatientID == patient["nhs"]

@@ -90,6 +90,9 @@ def identifier_text(ident: PatientIdentifier | None) -> str:
 
 
 def _first_identifiers(session: Session, patient_ids: Sequence[int]) -> dict[int, PatientIdentifier]:
+    """Each patient's first identifier. Of a held photo, read on the record it was filed under (filed_patient_id):
+    its placeholder, holding the identifier the sender gave, even after an A40 merged the placeholder into a
+    registered record and moved the photo there (still held), where the survivor's first identifier is not it."""
     found: dict[int, PatientIdentifier] = {}
     for ident in session.scalars(select(PatientIdentifier).where(PatientIdentifier.patient_id.in_(list(set(patient_ids))))
                                  .order_by(PatientIdentifier.id)):
@@ -103,9 +106,9 @@ def held(gw: Gateway, actor: Actor, limit: int = 200) -> list[HeldPhoto]:
         rows = list(session.execute(
             select(Asset, Patient.public_id).join(Patient, Patient.id == Asset.patient_id)
             .where(Asset.status == QUARANTINED).order_by(Asset.created_at, Asset.id).limit(limit)).tuples())
-        idents = _first_identifiers(session, [a.patient_id for a, _ in rows])
+        idents = _first_identifiers(session, [a.filed_patient_id for a, _ in rows])
         photos = [HeldPhoto(id=a.id, received_at=a.created_at, source=a.source, sender=a.uploaded_by,
-                            identifier=identifier_text(idents.get(a.patient_id)), placeholder=public_id,
+                            identifier=identifier_text(idents.get(a.filed_patient_id)), placeholder=public_id,
                             body_site=a.body_site_display or a.body_site_code, laterality=a.laterality,
                             specialty=a.specialty) for a, public_id in rows]
         patient_ids = sorted({a.patient_id for a, _ in rows})
@@ -195,7 +198,8 @@ def release(gw: Gateway, actor: Actor, photo_ids: Sequence[str], patient: str, r
             raise QuarantineError(f"patient {label} already holds the same image (photo {taken or 'named twice'}): "
                                   "reject the held copy instead")
         holders = {a.id: a.patient_id for a in photos}
-        idents = _first_identifiers(session, list(holders.values()))
+        given = {a.id: a.filed_patient_id for a in photos}  # the placeholder each was filed under (a merge moves it)
+        idents = _first_identifiers(session, list(given.values()))
         for asset in photos:
             asset.patient_id = target.id
             # filed under the patient as ingest would have filed it: the placeholder was a holding place
@@ -217,14 +221,14 @@ def release(gw: Gateway, actor: Actor, photo_ids: Sequence[str], patient: str, r
             entities=[{"type": "asset", "id": a.id, "role": "stored", "sop_instance_uid": a.sop_instance_uid,
                        "study_uid": a.study_uid},
                       {"type": "patient", "id": target.id},
-                      {"type": "patient", "id": holders[a.id], "role": "placeholder"}],
-            detail={"change": "released", "reason": why, "placeholder_patient_id": holders[a.id],
-                    "placeholder_identifier": identifier_text(idents.get(holders[a.id])), "patient_id": target.id,
+                      {"type": "patient", "id": given[a.id], "role": "placeholder"}],
+            detail={"change": "released", "reason": why, "placeholder_patient_id": given[a.id],
+                    "placeholder_identifier": identifier_text(idents.get(given[a.id])), "patient_id": target.id,
                     "patient_identifier": label, "status": ACTIVE, "routed": queued[a.id],
                     "consents_moved": moved.get(a.id, [])},
         )) for a in photos])
         result = Release(patient=target.public_id, patient_identifier=label,
-                         photos=[Released(a.id, identifier_text(idents.get(holders[a.id])), queued[a.id]) for a in photos])
+                         photos=[Released(a.id, identifier_text(idents.get(given[a.id])), queued[a.id]) for a in photos])
     log.info("released %d photo(s) from quarantine: %s", len(photos), ", ".join(p.id for p in result.photos))
     return result
 
@@ -267,7 +271,7 @@ def reject(gw: Gateway, actor: Actor, photo_ids: Sequence[str], reason: str) -> 
     now = datetime.now(timezone.utc)
     with gw.db.write() as session:
         photos = _held_photos(session, photo_ids)
-        idents = _first_identifiers(session, [a.patient_id for a in photos])
+        idents = _first_identifiers(session, [a.filed_patient_id for a in photos])
         for asset in photos:
             asset.status = ENTERED_IN_ERROR
             asset.updated_at = now
@@ -277,8 +281,8 @@ def reject(gw: Gateway, actor: Actor, photo_ids: Sequence[str], reason: str) -> 
             agent_who=actor.who, agent_role=actor.role, agent_network=actor.network, patient_id=a.patient_id,
             entities=[{"type": "asset", "id": a.id, "role": "stored", "sop_instance_uid": a.sop_instance_uid,
                        "study_uid": a.study_uid},
-                      {"type": "patient", "id": a.patient_id, "role": "placeholder"}],
-            detail={"change": "rejected", "reason": why, "placeholder_identifier": identifier_text(idents.get(a.patient_id)),
+                      {"type": "patient", "id": a.filed_patient_id, "role": "placeholder"}],
+            detail={"change": "rejected", "reason": why, "placeholder_identifier": identifier_text(idents.get(a.filed_patient_id)),
                     "status": ENTERED_IN_ERROR},
         )) for a in photos])
         ids = [a.id for a in photos]
