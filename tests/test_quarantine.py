@@ -19,7 +19,7 @@ from gateway.core.ingest.request import CaptureRequest, Governance, ImageFile, R
 from gateway.core.patients import Actor
 from gateway.core.refusals import Kind, Refused
 from gateway.core.routing import Route
-from store.models import Asset, AuditEvent, Consent, OutboxItem, Patient
+from store.models import Asset, AuditEvent, Consent, OutboxItem, Patient, PatientIdentifier
 from tests import dicom_objects as objects
 from tests.ingest_helpers import NHS, UPLOADER, add_patient, capture
 from tests.test_adt_events import Feed, ack_fields, build, msh
@@ -255,3 +255,59 @@ def test_a_placeholder_merged_by_a40_keeps_its_photos_held_and_named_by_the_iden
         f"nhs|{UNKNOWN_NHS}", placeholder)
     assert {"type": "patient", "id": placeholder, "role": "placeholder"} in record.entities
     assert served(gw, held["upload"]).PatientID == patient["nhs"]
+
+
+def test_the_pas_adding_a_placeholders_identifier_to_a_registered_patient_takes_the_placeholder_in(gw, fx, held):
+    """The PAS adds the NHS number a held upload named to the patient it belongs to (A31: hospital number and NHS
+    number): the placeholder holding it is merged into that patient, its photo moved there still held until
+    released, and a new photo naming the NHS number goes straight to the patient. Refused before ('the identifiers
+    belong to different patients'), for good: a release leaves the placeholder holding the identifier."""
+    feed = Feed(gw.db)
+    registered = feed.send(build(msh("A28", "ADD-1"), "EVN|A28|20240301090000",
+                                 "PID|1||RX10003^^^RX1^MR||NGUYEN^AN||20150607|F"))
+    assert ack_fields(registered.ack)["code"] == "AA"
+    with gw.db.read() as s:
+        placeholder = s.scalar(select(Asset.patient_id).where(Asset.id == held["upload"]))
+        pid = s.scalar(select(PatientIdentifier.patient_id).where(PatientIdentifier.value == "RX10003"))
+    update = feed.send(build(msh("A31", "UPD-1", t="20240302101500"), "EVN|A31|20240302090000",
+                             f"PID|1||RX10003^^^RX1^MR~{UNKNOWN_NHS}^^^NHS^NH||NGUYEN^AN||20150607|F"))
+    assert ack_fields(update.ack)["code"] == "AA", ack_fields(update.ack)["text"]
+    with gw.db.read() as s:
+        assert s.get_one(Patient, placeholder).merged_into_id == pid
+        asset = s.get_one(Asset, held["upload"])
+        assert (asset.patient_id, asset.status) == (pid, "quarantined")
+        assert s.get_one(Consent, held["upload_consent"]).patient_id == pid
+        merge = s.scalars(select(AuditEvent).where(AuditEvent.subtype == "merge+update")).one()  # one per patient
+        assert (merge.patient_id, merge.detail["merged_patient_id"], merge.detail["assets_moved"]) == (pid, placeholder, 1)
+        assert s.scalars(select(AuditEvent.patient_id).where(AuditEvent.subtype == "merged-into")).all() == [placeholder]
+    assert hidden(gw, held["upload"]) == Kind.NOT_FOUND  # held until released
+    assert held["upload"] in {p.id for p in quarantine.held(gw, OFFICER)}
+
+    new = ingest(gw, capture([ImageFile(fx["rgb.png"])], parse_metadata({"patient": f"nhs|{UNKNOWN_NHS}"}), UPLOADER))
+    assert (new.patient_id, new.photos[0].quarantined) == (pid, False)
+    # the identifier stays on the merged placeholder (as an A40 leaves it): the officer names the survivor
+    with pytest.raises(quarantine.QuarantineError, match="was merged into patient"):
+        quarantine.release(gw, OFFICER, [held["upload"]], f"nhs|{UNKNOWN_NHS}", "registered by the PAS")
+    done = quarantine.release(gw, OFFICER, [held["upload"]], "https://clinphoto.local/Id/mrn/RX1|RX10003",
+                              "registered by the PAS")
+    assert done.photos[0].identifier == f"nhs|{UNKNOWN_NHS}"
+    assert served(gw, held["upload"]).PatientID == UNKNOWN_NHS
+    ctx = access.photo_request(gw, READER, "search", "test")
+    found = access.search(gw, ctx, patient=(NHS, UNKNOWN_NHS), query="test")
+    # the released photo, covered by the consent captured with it (the new one has none: hidden by consent)
+    assert [v.asset.id for v in found.photos] == [held["upload"]]
+
+
+def test_the_pas_registering_a_placeholders_identifier_makes_it_the_patient_its_photos_held_until_released(gw, fx, held):
+    feed = Feed(gw.db)
+    answer = feed.send(build(msh("A04", "REG-1"), "EVN|A04|20240301090000",
+                             f"PID|1||{UNKNOWN_NHS}^^^NHS^NH||NGUYEN^AN||20150607|F", "PV1|1|O"))
+    assert ack_fields(answer.ack)["code"] == "AA"
+    with gw.db.read() as s:
+        placeholder = s.scalar(select(Asset.patient_id).where(Asset.id == held["upload"]))
+        assert s.get_one(Patient, placeholder).family_name == "NGUYEN"
+    assert hidden(gw, held["upload"]) == Kind.NOT_FOUND
+    new = ingest(gw, capture([ImageFile(fx["rgb.png"])], parse_metadata({"patient": f"nhs|{UNKNOWN_NHS}"}), UPLOADER))
+    assert (new.patient_id, new.photos[0].quarantined) == (placeholder, False)
+    quarantine.release(gw, OFFICER, [held["upload"]], f"nhs|{UNKNOWN_NHS}", "registered by the PAS")
+    assert served(gw, held["upload"]).PatientID == UNKNOWN_NHS

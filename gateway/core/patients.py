@@ -304,6 +304,14 @@ def _hits_sql(n: int) -> str:
     return sql
 
 
+def _placeholders_sql(n: int) -> str:
+    """Which of n patients are quarantine placeholders (gateway/core/ingest/dicom_patients.is_placeholder: no name,
+    birth date or sex, never updated by a feed), live ones."""
+    return (f"SELECT id FROM patients WHERE id IN ({', '.join(['?'] * n)}) AND merged_into_id IS NULL "
+            "AND family_name IS NULL AND given_names IS NULL AND birth_date IS NULL AND sex IS NULL "
+            "AND last_event_at IS NULL")
+
+
 _ENCOUNTER_SQL = "SELECT id, patient_id, last_event_at FROM encounters WHERE visit_system = ? AND visit_number = ?"
 _IDENTIFIER_INSERT: dict[int, str] = {}
 
@@ -500,6 +508,7 @@ class PatientIndex:
             raise PatientIndexError(Problem.MISSING, "no usable patient identifier", Part.IDENTIFIERS)
         event_time = utc(event_time)
         out = Outcome()
+        self._fold_placeholders(data.identifiers, out)
         pid = self.resolve(data.identifiers)
         changes = data.changes()
         now = datetime.now(timezone.utc)
@@ -534,6 +543,33 @@ class PatientIndex:
         out.changed = True
         out.audit.append(self._audit("U", pid, "update", {"fields": sorted(changes), "identifiers_added": added}))
         return out
+
+    def _fold_placeholders(self, identifiers: list[IdentifierData], out: Outcome) -> None:
+        """A message naming a quarantine placeholder's identifier beside a registered patient's: the placeholder is
+        merged into that patient, as an A40 would (its photos move there, still held for the records officer).
+
+        A photo naming an identifier no feed had registered made a placeholder holding it (ingest, with
+        quarantine_unknown_patients); the PAS then adding that identifier to the patient it belongs to (an A31 with
+        the NHS number beside the hospital number) named two records, and was refused 'merge them first' over and
+        over: the PAS knows nothing of the placeholder, and a release leaves it holding the identifier. Two
+        registered records named together are still refused (resolve)."""
+        hits = self._hits(identifiers)
+        direct = sorted({h.patient_id for h in hits if h.merged_into_id is None})
+        if len(direct) < 2:
+            return  # the usual message: nothing more read
+        held = {row[0] for row in self.sql.all(_placeholders_sql(len(direct)), direct)}
+        registered = [pid for pid in direct if pid not in held]
+        if not held or len(registered) > 1:
+            return
+        sid = registered[0] if registered else min(held)  # placeholders alone: the first, which this message fills in
+        now = datetime.now(timezone.utc)
+        for mid in sorted(held - {sid}):
+            moved = self._move_records(mid, sid)
+            self._update("patients", mid, {"merged_into_id": sid, "merged_at": now, "updated_at": now})
+            self._forget_patients(mid, sid)
+            out.audit.append(self._audit("U", sid, "merge", {"merged_patient_id": mid, "quarantine_placeholder": True,
+                                                             **moved}))
+            out.audit.append(self._audit("U", mid, "merged-into", {"survivor_patient_id": sid}))
 
     def _name_key(self, pid: int, changes: dict[str, Any]) -> dict[str, Any]:
         """The name key (store.models.name_key_of) to write with a change of the name: these statements bypass the

@@ -214,7 +214,8 @@ def release(gw: Gateway, actor: Actor, photo_ids: Sequence[str], patient: str, r
         # audit trail's earlier records name as these photos' patient: the identifier a sender gave. Deleting one
         # would leave those records naming a patient id that no longer resolves to it, and a wrong identifier
         # sent again would simply make a new one. If a feed registers the identifier later, the row becomes that
-        # patient's record, as it would have without the release.
+        # patient's record, as it would have without the release; if a feed adds it to a registered patient, the
+        # row is merged into theirs (PatientIndex._fold_placeholders).
         audit.append_many(session, [fit(audit.AuditEntry(
             type_code=audit.IMPORT, action="U", subtype="quarantine-release", outcome=audit.SUCCESS,
             agent_who=actor.who, agent_role=actor.role, agent_network=actor.network, patient_id=target.id,
