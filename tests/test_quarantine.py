@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from gateway.core import access, quarantine
+from gateway.core import access, patient_views, quarantine
 from gateway.core.identity import Subject
 from gateway.core.ingest.metadata import parse_metadata
 from gateway.core.ingest.pipeline import ingest
@@ -311,3 +311,25 @@ def test_the_pas_registering_a_placeholders_identifier_makes_it_the_patient_its_
     assert (new.patient_id, new.photos[0].quarantined) == (placeholder, False)
     quarantine.release(gw, OFFICER, [held["upload"]], f"nhs|{UNKNOWN_NHS}", "registered by the PAS")
     assert served(gw, held["upload"]).PatientID == UNKNOWN_NHS
+
+
+def test_a_placeholder_is_no_patient_to_any_reader_until_a_feed_registers_it(gw, held):
+    """The placeholder holding the identifier a sender gave is not shown as a patient (REST and FHIR Patient read,
+    search): an unregistered NHS number was on it as a Patient with no name, found by identifier, by id and in an
+    open search, while its photos were hidden."""
+    with gw.db.read() as s:
+        placeholder = s.scalar(select(Patient.public_id).join(Asset, Asset.patient_id == Patient.id)
+                               .where(Asset.id == held["upload"]))
+    ctx = access.photo_request(gw, READER, "search", "test")
+    everyone = patient_views.search(gw, ctx, patient_views.PatientCriteria(), limit=50, query="test")
+    assert [p.identifiers[0].value for p in everyone] == [held["patient"]["nhs"]]
+    assert patient_views.search(gw, ctx, patient_views.PatientCriteria(identifier=(NHS, UNKNOWN_NHS)), limit=50,
+                                query="test") == []
+    for look in (lambda: patient_views.by_identifier(gw, ctx, (NHS, UNKNOWN_NHS), "test"),
+                 lambda: patient_views.by_id(gw, ctx, placeholder, "test")):
+        with pytest.raises(Refused) as refused:
+            look()
+        assert refused.value.kind == Kind.NOT_FOUND
+    Feed(gw.db).send(build(msh("A04", "REG-2"), "EVN|A04|20240301090000",
+                           f"PID|1||{UNKNOWN_NHS}^^^NHS^NH||NGUYEN^AN||20150607|F", "PV1|1|O"))
+    assert patient_views.by_id(gw, ctx, placeholder, "test").family_name == "NGUYEN"

@@ -4,7 +4,9 @@ Under the need-to-know rule (policy.knows_patient, the specialty rule read per p
 who may not know a patient gets NOT_FOUND, exactly as for a patient nobody registered, and the real
 reason goes to the audit trail. A merged record reads as itself, naming the record it was merged
 into; the rule is read on the surviving record, which holds the care. Patients are named by their
-public id (an opaque string), never the row id.
+public id (an opaque string), never the row id. A quarantine placeholder (a record holding only the
+identifier a sender gave, ingest/dicom_patients.is_placeholder) is no registered patient: NOT_FOUND
+to everyone, as its photos are, until a feed registers it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import not_, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.core import access_audit, patient_refs
 from gateway.core.context import Gateway
+from gateway.core.ingest.dicom_patients import is_placeholder, placeholder_sql
 from gateway.core.policy.rules import CURRENT_ENCOUNTER_STATUS, AccessContext, knows_patient, scope_context, utc
 from gateway.core.refusals import Kind, Refused
 from store import audit
@@ -111,6 +114,8 @@ def _shown(gw: Gateway, ctx: AccessContext, session: Session, patient: Patient |
     live = survivor(session, patient) if patient is not None else None
     if patient is None or live is None:
         reason: str | None = "no such patient"
+    elif is_placeholder(live):
+        reason = "a quarantine placeholder: no feed has registered this patient"
     elif reach == "patient" and not _is_token_patient(ctx, live):
         reason = "the token's patient/ scope is for another patient"
     elif not session.scalar(select(knows_patient(ctx, gw.settings.policy, live.id))):
@@ -175,7 +180,7 @@ def search(gw: Gateway, ctx: AccessContext, criteria: PatientCriteria, *, limit:
     """The live patients matching the criteria that the caller may know (the need-to-know rule inside the query;
     a patient/ scope reaches the token's patient only), audited as a search with one entry per patient found."""
     reach = _reach(gw, ctx, "s", query)
-    where = [Patient.merged_into_id.is_(None), knows_patient(ctx, gw.settings.policy, Patient.id)]
+    where = [Patient.merged_into_id.is_(None), not_(placeholder_sql()), knows_patient(ctx, gw.settings.policy, Patient.id)]
     if criteria.public_ids is not None:
         where.append(Patient.public_id.in_(sorted(set(criteria.public_ids))))
     # against the name folded by Python as the criteria are (store/models.py name_key: family^given)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import Protocol
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.core import nhs
@@ -167,6 +167,12 @@ def is_placeholder(patient: Patient) -> bool:
     patient's record (and its photos can be released to it where they are)."""
     return (patient.family_name is None and patient.given_names is None and patient.birth_date is None
             and patient.sex is None and patient.last_event_at is None)
+
+
+def placeholder_sql(patient: type[Patient] = Patient) -> ColumnElement[bool]:
+    """is_placeholder in a query's WHERE (the patient exits leave placeholders out)."""
+    return and_(patient.family_name.is_(None), patient.given_names.is_(None), patient.birth_date.is_(None),
+                patient.sex.is_(None), patient.last_event_at.is_(None))
 
 
 def placeholder_identifier(ref: PatientRef) -> PatientIdentifier:
