@@ -212,7 +212,7 @@ def test_the_cli_lists_releases_rejects_and_refuses_with_exit_2(gw, held, databa
     assert refused.stderr.strip().splitlines() == [f"clinphoto: photo {held['active']} is not quarantined (it is active); "
                                                    "nothing was changed"]
     no_reason = cli(env, "quarantine", "reject", held["dicom"])
-    assert no_reason.returncode == 2
+    assert no_reason.returncode == 2 and no_reason.stderr.strip().count("\n") == 0 and "a reason is required" in no_reason.stderr
     assert state(gw)[:3] == before[:3]  # the refused commands changed nothing (the listing's audit record aside)
 
     released = cli(env, "quarantine", "release", held["dicom"], "--patient", f"nhs|{held['patient']['nhs']}",

@@ -62,7 +62,7 @@ def release(
     patient: Annotated[str, typer.Option("--patient", help="The registered patient to file them under: system|value "
                                          "(nhs|..., mrn|..., or a full system) or the patient's id from `clinphoto "
                                          "patients list`.")],
-    reason: Annotated[str, _REASON],
+    reason: Annotated[str, _REASON] = "",  # missing: the core's one-line refusal, not typer's usage text
 ) -> None:
     """File quarantined photos under a registered patient: active, visible as that patient's, routed as a new photo
     would be, and audited with the placeholder identifier they were held under."""
@@ -82,7 +82,7 @@ def release(
 
 
 @app.command("reject")
-def reject(photos: Annotated[list[str], _PHOTOS], reason: Annotated[str, _REASON]) -> None:
+def reject(photos: Annotated[list[str], _PHOTOS], reason: Annotated[str, _REASON] = "") -> None:
     """Mark quarantined photos entered-in-error: out of the record and hidden for good, audited."""
     from gateway.cli.common import open_gateway
     from gateway.core import quarantine
