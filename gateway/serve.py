@@ -71,7 +71,6 @@ class HttpListener:
         # We bind the socket ourselves: a bind error is then an OSError we report in one
         # line, where uvicorn would call sys.exit() from inside the event loop.
         config = self._server.config
-        tls = self._tls
         sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -96,11 +95,11 @@ class HttpListener:
         protocol = partial(BoundedHeadProtocol, config=config, server_state=server.server_state,
                            app_state=server.lifespan.state, read_timeout=self._read_timeout)
         # a TLS handshake is bounded as a request head is (http_read_timeout)
-        self._acceptor = Acceptor(sock, lambda on_closed: protocol(on_closed=on_closed), self._max_connections, tls=tls,
+        self._acceptor = Acceptor(sock, lambda on_closed: protocol(on_closed=on_closed), self._max_connections, tls=self._tls,
                                   handshake_timeout=self._read_timeout)
         self._acceptor.start()
         self._port = sock.getsockname()[1]
-        log.info("HTTP listening on %s://%s:%s (at most %d connections)", "https" if tls else "http", config.host, self.port,
+        log.info("HTTP listening on %s://%s:%s (at most %d connections)", "https" if self._tls else "http", config.host, self.port,
                  self._max_connections)
 
     @property
